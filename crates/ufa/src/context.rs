@@ -1,0 +1,133 @@
+//! The [`Context`]: backend state shared by every call, and the entry points.
+
+use crate::cpu::{CpuBackend, Isa};
+use crate::cuda::CudaBackend;
+use crate::device::Device;
+use crate::error::{invalid, Result};
+use crate::params::AttentionParams;
+use crate::problem::validate_forward;
+use crate::tensor::{TensorView, TensorViewMut};
+
+/// Environment variable that sets the CPU thread count of contexts built without one.
+pub const NUM_THREADS_ENV: &str = "UFA_NUM_THREADS";
+
+/// Owns the backends' state: the CPU thread pool (and, later, the CUDA module cache).
+/// `Send + Sync`: any number of threads may call [`Context::forward`] on one context at once.
+pub struct Context {
+    cpu: CpuBackend,
+    cuda: CudaBackend,
+}
+
+/// Options for [`Context`]; see [`Context::builder`].
+#[derive(Clone, Debug, Default)]
+pub struct ContextBuilder {
+    num_threads: Option<usize>,
+    cpu_isa: Option<Isa>,
+}
+
+impl ContextBuilder {
+    /// CPU threads; 0 or unset means `$UFA_NUM_THREADS`, else every available core.
+    pub fn num_threads(mut self, n: usize) -> Self {
+        self.num_threads = (n > 0).then_some(n);
+        self
+    }
+
+    /// Forces a CPU kernel family (for testing and comparison); unset means the best available.
+    pub fn cpu_isa(mut self, isa: Isa) -> Self {
+        self.cpu_isa = Some(isa);
+        self
+    }
+
+    pub fn build(self) -> Result<Context> {
+        let threads = match self.num_threads {
+            Some(n) => n,
+            None => threads_from_env()?,
+        };
+        Ok(Context {
+            cpu: CpuBackend::new(threads, self.cpu_isa.unwrap_or_else(Isa::detect))?,
+            cuda: CudaBackend::new(),
+        })
+    }
+}
+
+fn threads_from_env() -> Result<usize> {
+    match std::env::var(NUM_THREADS_ENV) {
+        Ok(s) if !s.trim().is_empty() => match s.trim().parse::<usize>() {
+            Ok(n) if (1..=4096).contains(&n) => Ok(n),
+            _ => invalid!("{NUM_THREADS_ENV}={s:?} must be a whole number from 1 to 4096"),
+        },
+        _ => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+impl Context {
+    /// A context with default options (see [`ContextBuilder`]).
+    pub fn new() -> Result<Context> {
+        Context::builder().build()
+    }
+
+    pub fn builder() -> ContextBuilder {
+        ContextBuilder::default()
+    }
+
+    /// CPU threads this context computes with.
+    pub fn num_threads(&self) -> usize {
+        self.cpu.num_threads()
+    }
+
+    /// The CPU kernel family in use.
+    pub fn cpu_isa(&self) -> Isa {
+        self.cpu.isa()
+    }
+
+    /// CUDA devices usable by this context, or the reason there are none.
+    pub fn cuda_devices(&self) -> std::result::Result<Vec<String>, String> {
+        self.cuda.devices()
+    }
+
+    /// `out = softmax(scale · q kᵀ + bias) v` with the masks of `params`; see [`AttentionParams`].
+    ///
+    /// Shapes: q `[batch, seqlen_q, heads_q, head_dim]`, k `[batch, seqlen_kv, heads_kv,
+    /// head_dim]`, v `[batch, seqlen_kv, heads_kv, head_dim_v]`, out `[batch, seqlen_q, heads_q,
+    /// head_dim_v]`. On error nothing is written.
+    pub fn forward(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &mut TensorViewMut<'_>,
+        params: &AttentionParams<'_>,
+    ) -> Result<()> {
+        self.forward_with_lse(q, k, v, out, None, params)
+    }
+
+    /// As [`Context::forward`], and writes the log-sum-exp of each row's scores (natural log,
+    /// `[batch, heads_q, seqlen_q]`, f32; -inf where a row sees no key) when `lse` is given.
+    pub fn forward_with_lse(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+        params: &AttentionParams<'_>,
+    ) -> Result<()> {
+        let problem = validate_forward(q, k, v, out, lse.as_deref(), params)?;
+        match problem.device {
+            Device::Cpu => self.cpu.forward(&problem),
+            Device::Cuda(_) => self.cuda.forward(&problem),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn context_is_send_and_sync() {
+        assert_send_sync::<Context>();
+    }
+}

@@ -1,0 +1,106 @@
+//! Instruction sets the CPU kernels are compiled for, and run-time detection of the best one.
+
+use std::fmt;
+
+/// A family of CPU kernels. All are built into every binary; one is chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// x86-64 AVX-512F (16-wide fp32 FMA).
+    Avx512,
+    /// x86-64 AVX2 + FMA (8-wide fp32 FMA).
+    Avx2,
+    /// Plain Rust that the compiler vectorises for the target's baseline (NEON on aarch64,
+    /// SSE2 on x86-64). Used everywhere else.
+    Portable,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable if cfg!(target_arch = "aarch64") => "portable (neon)",
+            Isa::Portable => "portable",
+        }
+    }
+
+    /// Whether this machine can run the kernels of `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            Isa::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The fastest kernel family this machine runs.
+    pub fn detect() -> Isa {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.is_supported())
+            .unwrap_or(Isa::Portable)
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "avx512" => Ok(Isa::Avx512),
+            "avx2" => Ok(Isa::Avx2),
+            "portable" => Ok(Isa::Portable),
+            other => Err(format!(
+                "unknown CPU kernel family '{other}' (avx512, avx2, portable)"
+            )),
+        }
+    }
+}
+
+/// The SIMD-relevant features of this CPU, for `ufa info`.
+pub fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            v.push("avx512f");
+        }
+        if has!("avx512bf16") {
+            v.push("avx512bf16");
+        }
+        if has!("avx2") {
+            v.push("avx2");
+        }
+        if has!("fma") {
+            v.push("fma");
+        }
+        if has!("f16c") {
+            v.push("f16c");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push("neon");
+        }
+    }
+    v
+}

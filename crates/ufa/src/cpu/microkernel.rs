@@ -1,0 +1,125 @@
+//! The two matrix products of a flash tile, register-blocked: `R` rows by `C` columns of fp32
+//! accumulators stay in vector registers across the reduction loop. Written once as plain Rust;
+//! each kernel family instantiates them with its own `C` inside a `#[target_feature]` function,
+//! where the compiler turns the `C`-wide loops into SIMD.
+
+use super::math::MulAdd;
+
+/// Keys per tile: the column count of S and the row count of the packed V tile.
+pub const BK: usize = 64;
+/// Query rows per register block; tiles are padded to a multiple of it.
+pub const R: usize = 4;
+
+/// `s[r][c] = Σ_e q[r][e] · kt[e][c]` for `rows` rows (a multiple of `R`) and `BK` columns.
+/// `q` is `rows × d` row-major, `kt` is `d × BK` (K transposed), `s` is `rows × BK`.
+#[inline(always)]
+pub fn scores<M: MulAdd, const C: usize>(
+    q: &[f32],
+    d: usize,
+    kt: &[f32],
+    s: &mut [f32],
+    rows: usize,
+) {
+    debug_assert!(rows % R == 0 && BK % C == 0);
+    let kt = &kt[..d * BK];
+    for r0 in (0..rows).step_by(R) {
+        let qr: [&[f32]; R] = std::array::from_fn(|i| &q[(r0 + i) * d..][..d]);
+        for c0 in (0..BK).step_by(C) {
+            let mut acc = [[0f32; C]; R];
+            for e in 0..d {
+                let kv: &[f32; C] = kt[e * BK + c0..][..C].try_into().unwrap();
+                for i in 0..R {
+                    let qv = qr[i][e];
+                    for c in 0..C {
+                        acc[i][c] = M::mul_add(qv, kv[c], acc[i][c]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                s[(r0 + i) * BK + c0..][..C].copy_from_slice(a);
+            }
+        }
+    }
+}
+
+/// `acc[r][c] += Σ_{k < nk} p[r][k] · v[k][c]` for `rows` rows (a multiple of `R`).
+/// `p` is `rows × BK`, `v` is `BK × dvp`, `acc` is `rows × dvp`; `dvp` is a multiple of 16.
+#[inline(always)]
+pub fn accumulate_pv<M: MulAdd, const C: usize>(
+    p: &[f32],
+    v: &[f32],
+    dvp: usize,
+    acc: &mut [f32],
+    rows: usize,
+    nk: usize,
+) {
+    debug_assert!(rows % R == 0 && dvp % 16 == 0 && nk <= BK);
+    for r0 in (0..rows).step_by(R) {
+        let mut c0 = 0;
+        while c0 + C <= dvp {
+            pv_block::<M, C>(p, v, dvp, acc, r0, c0, nk);
+            c0 += C;
+        }
+        while c0 < dvp {
+            pv_block::<M, 16>(p, v, dvp, acc, r0, c0, nk);
+            c0 += 16;
+        }
+    }
+}
+
+#[inline(always)]
+fn pv_block<M: MulAdd, const W: usize>(
+    p: &[f32],
+    v: &[f32],
+    dvp: usize,
+    acc: &mut [f32],
+    r0: usize,
+    c0: usize,
+    nk: usize,
+) {
+    let pr: [&[f32]; R] = std::array::from_fn(|i| &p[(r0 + i) * BK..][..nk]);
+    let mut a: [[f32; W]; R] =
+        std::array::from_fn(|i| acc[(r0 + i) * dvp + c0..][..W].try_into().unwrap());
+    for k in 0..nk {
+        let vv: &[f32; W] = v[k * dvp + c0..][..W].try_into().unwrap();
+        for i in 0..R {
+            let pk = pr[i][k];
+            for c in 0..W {
+                a[i][c] = M::mul_add(pk, vv[c], a[i][c]);
+            }
+        }
+    }
+    for (i, ai) in a.iter().enumerate() {
+        acc[(r0 + i) * dvp + c0..][..W].copy_from_slice(ai);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::math::Separate;
+    use super::*;
+
+    #[test]
+    fn products_match_naive_loops() {
+        let (rows, d, dvp, nk) = (8, 5, 48, 37);
+        let q: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let kt: Vec<f32> = (0..d * BK).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut s = vec![0f32; rows * BK];
+        scores::<Separate, 16>(&q, d, &kt, &mut s, rows);
+        for r in 0..rows {
+            for c in 0..BK {
+                let want: f32 = (0..d).map(|e| q[r * d + e] * kt[e * BK + c]).sum();
+                assert!((s[r * BK + c] - want).abs() < 1e-5);
+            }
+        }
+        let v: Vec<f32> = (0..BK * dvp).map(|i| (i as f32 * 0.07).sin()).collect();
+        let mut acc = vec![1f32; rows * dvp];
+        accumulate_pv::<Separate, 32>(&s, &v, dvp, &mut acc, rows, nk);
+        for r in 0..rows {
+            for c in 0..dvp {
+                let want: f32 = 1.0 + (0..nk).map(|k| s[r * BK + k] * v[k * dvp + c]).sum::<f32>();
+                assert!((acc[r * dvp + c] - want).abs() < 1e-4, "{r} {c}");
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The CPU backend: the flash algorithm on a private thread pool, with SIMD kernels chosen at
+//! run time. Results depend only on the problem, never on the thread count: every output row is
+//! computed by one work item in a fixed order, and the split-KV decision uses problem sizes alone.
+
+mod isa;
+mod math;
+mod microkernel;
+mod schedule;
+mod tile;
+
+pub use isa::{cpu_features, Isa};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::problem::Problem;
+use std::sync::{Arc, Mutex};
+
+/// Owns the CPU thread pool. The pool is rebuilt lazily in a forked child, whose copy of the
+/// parent's pool has no threads behind it.
+pub(crate) struct CpuBackend {
+    num_threads: usize,
+    isa: Isa,
+    pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
+}
+
+impl CpuBackend {
+    pub fn new(num_threads: usize, isa: Isa) -> Result<Self> {
+        if !isa.is_supported() {
+            return Err(Error::unsupported(format!(
+                "cpu_isa={isa} is not supported by this CPU (features: {})",
+                cpu_features().join(", ")
+            )));
+        }
+        Ok(CpuBackend {
+            num_threads,
+            isa,
+            pool: Mutex::new(None),
+        })
+    }
+
+    pub fn num_threads(&self) -> usize {
+        self.num_threads
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    fn pool(&self) -> Result<Arc<rayon::ThreadPool>> {
+        let pid = std::process::id();
+        let mut guard = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((owner, pool)) = guard.as_ref() {
+            if *owner == pid {
+                return Ok(pool.clone());
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.num_threads)
+            .thread_name(|i| format!("ufa-cpu-{i}"))
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Backend, format!("cannot start CPU threads: {e}"))
+            })?;
+        let pool = Arc::new(pool);
+        if let Some((_, old)) = guard.replace((pid, pool.clone())) {
+            // The parent's pool, inherited through fork(): its threads do not exist here, and
+            // dropping it would wait for them forever.
+            std::mem::forget(old);
+        }
+        Ok(pool)
+    }
+
+    pub fn forward(&self, p: &Problem) -> Result<()> {
+        let pool = self.pool()?;
+        pool.install(|| schedule::forward(p, self.isa))
+    }
+}

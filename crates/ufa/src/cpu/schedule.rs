@@ -1,0 +1,250 @@
+//! How a forward problem is cut into work items, and the split-KV merge.
+//!
+//! A work item is (batch, KV head, block of query rows[, KV split]). When there are too few
+//! items to keep a machine busy (decoding: one query row per head), each item's keys are split
+//! into parts whose partial results are merged with their log-sum-exp. The split count depends
+//! on the problem's sizes only, so results are the same for every thread count.
+
+use super::isa::Isa;
+use super::math::{Fused, MulAdd, Separate};
+use super::microkernel::BK;
+use super::tile::{attend, begin, round_up, Scratch, TileRows};
+use crate::dtype::store_row_f32;
+use crate::error::Result;
+use crate::problem::Problem;
+use rayon::prelude::*;
+
+/// Enough independent items for a large machine; fewer than this triggers KV splitting.
+const TARGET_ITEMS: usize = 128;
+/// Fewest key tiles a split may have, so merging stays cheap next to the work.
+const MIN_TILES_PER_SPLIT: usize = 4;
+
+struct Plan {
+    rows_per_head: usize,
+    block_rows: usize,
+    row_blocks: usize,
+    items: usize,
+    splits: usize,
+}
+
+fn plan(p: &Problem) -> Plan {
+    let rows_per_head = p.seqlen_q * p.group_size();
+    let max_block = if p.head_dim.max(p.head_dim_v) > 256 {
+        32
+    } else {
+        64
+    };
+    let block_rows = rows_per_head.min(max_block);
+    let row_blocks = rows_per_head.div_ceil(block_rows);
+    let items = p.batch * p.heads_kv * row_blocks;
+    let kv_tiles = p.seqlen_kv.div_ceil(BK);
+    let splits = if items >= TARGET_ITEMS {
+        1
+    } else {
+        TARGET_ITEMS
+            .div_ceil(items)
+            .min(kv_tiles / MIN_TILES_PER_SPLIT)
+            .max(1)
+    };
+    Plan {
+        rows_per_head,
+        block_rows,
+        row_blocks,
+        items,
+        splits,
+    }
+}
+
+impl Plan {
+    fn rows(&self, p: &Problem, item: usize) -> TileRows {
+        let block = item % self.row_blocks;
+        let hkv = (item / self.row_blocks) % p.heads_kv;
+        let batch = item / (self.row_blocks * p.heads_kv);
+        let row0 = block * self.block_rows;
+        TileRows {
+            batch,
+            hkv,
+            row0,
+            nrows: self.block_rows.min(self.rows_per_head - row0),
+        }
+    }
+}
+
+/// Keys of split `s` of `n` over the visible range, cut on tile boundaries.
+fn split_keys(range: (usize, usize), s: usize, n: usize) -> (usize, usize) {
+    let tiles = (range.1 - range.0).div_ceil(BK);
+    let key = |t: usize| (range.0 + t * BK).min(range.1);
+    (key(tiles * s / n), key(tiles * (s + 1) / n))
+}
+
+/// The per-instruction-set entry points. Each inlines the same generic code under its own
+/// target features, so the compiler vectorises it for that instruction set.
+trait Kernels {
+    /// Computes work item `t` over `keys` (or its visible range when None) into `sc`.
+    fn run(&self, p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch);
+}
+
+#[inline(always)]
+fn run_generic<M: MulAdd, const C: usize>(
+    p: &Problem,
+    t: &TileRows,
+    split: Option<(usize, usize)>,
+    sc: &mut Scratch,
+) {
+    let range = begin::<M>(p, t, sc);
+    let keys = match split {
+        Some((s, n)) => split_keys(range, s, n),
+        None => range,
+    };
+    attend::<M, C>(p, t, keys, sc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_avx512(p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
+    run_generic::<Fused, 64>(p, t, split, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2(p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
+    run_generic::<Fused, 16>(p, t, split, sc)
+}
+
+fn run_portable(p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
+    run_generic::<Separate, 16>(p, t, split, sc)
+}
+
+impl Kernels for Isa {
+    fn run(&self, p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
+        match self {
+            // SAFETY: the backend only selects an Isa that `is_supported()` on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { run_avx512(p, t, split, sc) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { run_avx2(p, t, split, sc) },
+            _ => run_portable(p, t, split, sc),
+        }
+    }
+}
+
+/// Writes rows of a finished item: `acc / l` to `out`, `m + ln l` to `lse`; zeros and -inf for
+/// rows that saw no key.
+fn write_rows(p: &Problem, t: &TileRows, sc: &Scratch, orow: &mut [f32]) {
+    let (dv, dvp) = (p.head_dim_v, sc.dvp);
+    for r in 0..t.nrows {
+        let (qpos, head) = (sc.qpos[r], sc.head[r]);
+        let l = sc.l[r];
+        let lse = if l > 0.0 {
+            let inv = 1.0 / l;
+            for (o, a) in orow.iter_mut().zip(&sc.acc[r * dvp..][..dv]) {
+                *o = a * inv;
+            }
+            sc.m[r] + l.ln()
+        } else {
+            orow.fill(0.0);
+            f32::NEG_INFINITY
+        };
+        // SAFETY: indices are within the validated out/lse views; this item owns these rows.
+        unsafe {
+            store_row_f32(p.out.dtype, orow, p.out.at([t.batch, qpos, head, 0]));
+            if let Some(l) = &p.lse {
+                *(l.at([t.batch, head, qpos, 0]) as *mut f32) = lse;
+            }
+        }
+    }
+}
+
+pub(super) fn forward(p: &Problem, isa: Isa) -> Result<()> {
+    let plan = plan(p);
+    let new_scratch = || (Scratch::new(p, plan.block_rows), vec![0f32; p.head_dim_v]);
+    if plan.splits == 1 {
+        (0..plan.items)
+            .into_par_iter()
+            .for_each_init(new_scratch, |(sc, orow), item| {
+                let t = plan.rows(p, item);
+                isa.run(p, &t, None, sc);
+                write_rows(p, &t, sc, orow);
+            });
+        return Ok(());
+    }
+
+    // Split-KV: each (item, split) leaves [m, l, acc row] per row in `partial`; then each item
+    // merges its splits in split order.
+    let dvp = round_up(p.head_dim_v, 16);
+    let row_len = dvp + 2;
+    let part_len = round_up(plan.block_rows, super::microkernel::R) * row_len;
+    let total = plan
+        .items
+        .checked_mul(plan.splits)
+        .and_then(|n| n.checked_mul(part_len))
+        .ok_or_else(|| crate::Error::invalid("problem too large to split"))?;
+    let mut partial = Vec::new();
+    partial.try_reserve_exact(total)?;
+    partial.resize(total, 0f32);
+    partial.par_chunks_mut(part_len).enumerate().for_each_init(
+        new_scratch,
+        |(sc, _), (job, part)| {
+            let (item, split) = (job / plan.splits, job % plan.splits);
+            let t = plan.rows(p, item);
+            isa.run(p, &t, Some((split, plan.splits)), sc);
+            for r in 0..t.nrows {
+                let dst = &mut part[r * row_len..][..row_len];
+                dst[0] = sc.m[r];
+                dst[1] = sc.l[r];
+                dst[2..].copy_from_slice(&sc.acc[r * dvp..][..dvp]);
+            }
+        },
+    );
+    let block_len = plan.splits * part_len;
+    partial.par_chunks(block_len).enumerate().for_each_init(
+        new_scratch,
+        |(sc, orow), (item, parts)| {
+            let t = plan.rows(p, item);
+            // Row bookkeeping (qpos/head) without running anything.
+            begin::<Separate>(p, &t, sc);
+            for r in 0..t.nrows {
+                let part = |s: usize| &parts[s * part_len + r * row_len..][..row_len];
+                let m = (0..plan.splits).fold(f32::NEG_INFINITY, |a, s| a.max(part(s)[0]));
+                let acc = &mut sc.acc[r * dvp..][..dvp];
+                acc.fill(0.0);
+                let mut l = 0.0;
+                if m > f32::NEG_INFINITY {
+                    for s in 0..plan.splits {
+                        let ps = part(s);
+                        let w = (ps[0] - m).exp();
+                        l += ps[1] * w;
+                        for (a, &x) in acc.iter_mut().zip(&ps[2..]) {
+                            *a += x * w;
+                        }
+                    }
+                }
+                sc.m[r] = m;
+                sc.l[r] = l;
+            }
+            write_rows(p, &t, sc, orow);
+        },
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_the_range_exactly() {
+        for range in [(0, 1), (3, 700), (0, 4096), (100, 165)] {
+            for n in 1..9 {
+                let mut next = range.0;
+                for s in 0..n {
+                    let (a, b) = split_keys(range, s, n);
+                    assert_eq!(a, next);
+                    assert!(b >= a);
+                    next = b;
+                }
+                assert_eq!(next, range.1);
+            }
+        }
+    }
+}

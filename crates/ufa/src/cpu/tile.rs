@@ -1,0 +1,236 @@
+//! One flash work item: a block of query rows (of one batch entry and one KV head) against a
+//! range of keys, with the online softmax. Leaves the running max `m`, sum `l` and unnormalised
+//! accumulator in [`Scratch`]; the scheduler writes them out or merges split results.
+
+use super::math::{exp, tanh, MulAdd};
+use super::microkernel::{accumulate_pv, scores, BK, R};
+use crate::dtype::{load_f64, load_row_f32, DType};
+use crate::problem::Problem;
+
+/// Rows of a work item: rows `row0..row0+nrows` of the (query position × group head) sequence of
+/// KV head `hkv`, so the query heads that share a KV head share its packed K/V tiles (GQA).
+#[derive(Clone, Copy, Debug)]
+pub struct TileRows {
+    pub batch: usize,
+    pub hkv: usize,
+    pub row0: usize,
+    pub nrows: usize,
+}
+
+/// Per-thread buffers, reused across work items.
+pub struct Scratch {
+    pub q: Vec<f32>,
+    kt: Vec<f32>,
+    row: Vec<f32>,
+    s: Vec<f32>,
+    v: Vec<f32>,
+    pub acc: Vec<f32>,
+    pub m: Vec<f32>,
+    pub l: Vec<f32>,
+    pub qpos: Vec<usize>,
+    pub head: Vec<usize>,
+    band: Vec<(usize, usize)>,
+    slope: Vec<f32>,
+    /// Padded width of V and acc rows (head_dim_v rounded up to 16).
+    pub dvp: usize,
+}
+
+pub fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+impl Scratch {
+    pub fn new(p: &Problem, max_rows: usize) -> Scratch {
+        let rows = round_up(max_rows, R);
+        let dvp = round_up(p.head_dim_v, 16);
+        Scratch {
+            q: vec![0.0; rows * p.head_dim],
+            kt: vec![0.0; p.head_dim * BK],
+            row: vec![0.0; p.head_dim.max(dvp)],
+            s: vec![0.0; rows * BK],
+            v: vec![0.0; BK * dvp],
+            acc: vec![0.0; rows * dvp],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+            qpos: vec![0; rows],
+            head: vec![0; rows],
+            band: vec![(0, 0); rows],
+            slope: vec![0.0; rows],
+            dvp,
+        }
+    }
+}
+
+/// Loads the tile's queries (pre-multiplied by the softmax scale), resets the accumulators and
+/// returns the union of the rows' visible key ranges.
+#[inline(always)]
+pub fn begin<M: MulAdd>(p: &Problem, t: &TileRows, sc: &mut Scratch) -> (usize, usize) {
+    let (d, g) = (p.head_dim, p.group_size());
+    let rows = round_up(t.nrows, R);
+    let (mut lo, mut hi) = (usize::MAX, 0);
+    for r in 0..rows {
+        let qrow = &mut sc.q[r * d..][..d];
+        if r >= t.nrows {
+            qrow.fill(0.0);
+            continue;
+        }
+        let (qpos, head) = ((t.row0 + r) / g, t.hkv * g + (t.row0 + r) % g);
+        sc.qpos[r] = qpos;
+        sc.head[r] = head;
+        // SAFETY: indices are in bounds of the validated q view.
+        unsafe { load_row_f32(p.q.dtype, p.q.at([t.batch, qpos, head, 0]), qrow) };
+        qrow.iter_mut().for_each(|x| *x *= p.scale);
+        let band = p.visible_keys(qpos);
+        sc.band[r] = band;
+        if band.0 < band.1 {
+            lo = lo.min(band.0);
+            hi = hi.max(band.1);
+        }
+        if let Some(a) = &p.alibi {
+            // SAFETY: alibi has one f32 per [batch, head] (validated).
+            sc.slope[r] = unsafe { *(a.at([t.batch, head, 0, 0]) as *const f32) };
+        }
+    }
+    sc.m[..rows].fill(f32::NEG_INFINITY);
+    sc.l[..rows].fill(0.0);
+    sc.acc[..rows * sc.dvp].fill(0.0);
+    if lo >= hi {
+        (0, 0)
+    } else {
+        (lo, hi)
+    }
+}
+
+/// Runs the online softmax over keys `keys.0..keys.1` for the rows loaded by [`begin`].
+/// `C` is the SIMD width (in f32 lanes) of the register blocks.
+#[inline(always)]
+pub fn attend<M: MulAdd, const C: usize>(
+    p: &Problem,
+    t: &TileRows,
+    keys: (usize, usize),
+    sc: &mut Scratch,
+) {
+    let (d, dv, dvp) = (p.head_dim, p.head_dim_v, sc.dvp);
+    let rows = round_up(t.nrows, R);
+    let mut j0 = keys.0;
+    while j0 < keys.1 {
+        let nk = (keys.1 - j0).min(BK);
+        // Pack K transposed (d × BK) in fp32; columns past nk are zero.
+        for jj in 0..BK {
+            if jj < nk {
+                let row = &mut sc.row[..d];
+                // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
+                unsafe { load_row_f32(p.k.dtype, p.k.at([t.batch, j0 + jj, t.hkv, 0]), row) };
+                for (e, &x) in row.iter().enumerate() {
+                    sc.kt[e * BK + jj] = x;
+                }
+            } else {
+                for e in 0..d {
+                    sc.kt[e * BK + jj] = 0.0;
+                }
+            }
+        }
+        scores::<M, C>(&sc.q, d, &sc.kt, &mut sc.s, rows);
+        for r in 0..rows {
+            let s = &mut sc.s[r * BK..][..BK];
+            if r >= t.nrows {
+                s.fill(0.0);
+                continue;
+            }
+            apply_score_mods::<M>(
+                p,
+                t,
+                sc.qpos[r],
+                sc.head[r],
+                sc.slope[r],
+                sc.band[r],
+                j0,
+                nk,
+                s,
+            );
+            let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let m_new = sc.m[r].max(mx);
+            if m_new == f32::NEG_INFINITY {
+                s.fill(0.0); // nothing visible yet: P = 0, state unchanged
+                continue;
+            }
+            let mut sum = 0.0;
+            for x in s.iter_mut() {
+                *x = exp::<M>(*x - m_new);
+                sum += *x;
+            }
+            let corr = exp::<M>(sc.m[r] - m_new);
+            sc.l[r] = M::mul_add(sc.l[r], corr, sum);
+            if corr != 1.0 {
+                sc.acc[r * dvp..][..dvp].iter_mut().for_each(|a| *a *= corr);
+            }
+            sc.m[r] = m_new;
+        }
+        for jj in 0..nk {
+            // SAFETY: as for K.
+            unsafe {
+                load_row_f32(
+                    p.v.dtype,
+                    p.v.at([t.batch, j0 + jj, t.hkv, 0]),
+                    &mut sc.v[jj * dvp..][..dv],
+                )
+            };
+        }
+        accumulate_pv::<M, C>(&sc.s, &sc.v, dvp, &mut sc.acc, rows, nk);
+        j0 += nk;
+    }
+}
+
+/// Softcap, ALiBi, the additive or boolean mask and the causal/window band, applied to one row
+/// of raw scores for keys `j0..j0+nk`; columns past `nk` become -inf.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn apply_score_mods<M: MulAdd>(
+    p: &Problem,
+    t: &TileRows,
+    qpos: usize,
+    head: usize,
+    slope: f32,
+    band: (usize, usize),
+    j0: usize,
+    nk: usize,
+    s: &mut [f32],
+) {
+    if p.softcap > 0.0 {
+        let (cap, inv) = (p.softcap, 1.0 / p.softcap);
+        s[..nk]
+            .iter_mut()
+            .for_each(|x| *x = cap * tanh::<M>(*x * inv));
+    }
+    if p.alibi.is_some() {
+        let c = qpos as i64 + p.diag_offset;
+        for (jj, x) in s[..nk].iter_mut().enumerate() {
+            *x -= slope * (c - (j0 + jj) as i64).unsigned_abs() as f32;
+        }
+    }
+    if let Some(mask) = &p.mask {
+        let base = mask.at([t.batch, head, qpos, j0]);
+        let step = mask.strides[3] * mask.dtype.size_in_bytes();
+        for (jj, x) in s[..nk].iter_mut().enumerate() {
+            // SAFETY: the mask view broadcasts over [batch, heads_q, seqlen_q, seqlen_kv].
+            let mv = unsafe { load_f64(mask.dtype, base.wrapping_add(jj * step)) };
+            if mask.dtype == DType::Bool {
+                if mv == 0.0 {
+                    *x = f32::NEG_INFINITY;
+                }
+            } else {
+                *x += mv as f32;
+            }
+        }
+    }
+    let (lo, hi) = band;
+    if j0 < lo || j0 + nk > hi {
+        for (jj, x) in s[..nk].iter_mut().enumerate() {
+            let j = j0 + jj;
+            if j < lo || j >= hi {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    s[nk..].fill(f32::NEG_INFINITY);
+}

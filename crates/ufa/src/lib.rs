@@ -1,0 +1,51 @@
+//! ufa — Universal Flash Attention.
+//!
+//! Exact attention (`softmax(scale · q kᵀ + bias) v`) computed tile by tile with an online
+//! softmax, so no `seqlen_q × seqlen_kv` matrix is ever stored. One [`Context`] serves every
+//! thread; tensors are borrowed [`TensorView`]s in any strided layout whose last dimension is
+//! contiguous.
+//!
+//! ```
+//! use ufa::{AttentionParams, Context, TensorView, TensorViewMut};
+//! let (b, s, h, d) = (1, 16, 2, 32);
+//! let q = vec![0.1f32; b * s * h * d];
+//! let (k, v) = (q.clone(), q.clone());
+//! let mut out = vec![0f32; b * s * h * d];
+//! let ctx = Context::new()?;
+//! ctx.forward(
+//!     &TensorView::new(&q, &[b, s, h, d])?,
+//!     &TensorView::new(&k, &[b, s, h, d])?,
+//!     &TensorView::new(&v, &[b, s, h, d])?,
+//!     &mut TensorViewMut::new(&mut out, &[b, s, h, d])?,
+//!     &AttentionParams::default().causal(true),
+//! )?;
+//! assert!((out[0] - 0.1).abs() < 1e-6);
+//! # Ok::<(), ufa::Error>(())
+//! ```
+
+mod context;
+mod cpu;
+mod cuda;
+mod device;
+mod dtype;
+mod error;
+mod params;
+mod problem;
+pub mod reference;
+mod tensor;
+pub mod testing;
+
+pub use context::{Context, ContextBuilder, NUM_THREADS_ENV};
+pub use cpu::{cpu_features, Isa};
+pub use device::Device;
+pub use dtype::{DType, Element};
+pub use error::{Error, ErrorKind, Result};
+pub use params::{AttentionParams, CausalAlignment};
+pub use problem::{forward_flops, MAX_HEAD_DIM};
+pub use tensor::{Layout, TensorView, TensorViewMut, MAX_DIMS};
+
+/// Re-exported so callers name the same f16/bf16 types as the library.
+pub use half;
+
+/// The library version, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,88 @@
+//! What an attention call computes besides Q, K and V: scale, masking, biases.
+
+use crate::tensor::TensorView;
+
+/// Where the causal diagonal (and the sliding window) sits when `seqlen_q != seqlen_kv`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CausalAlignment {
+    /// Query `i` is aligned with key `i + seqlen_kv - seqlen_q` (FlashAttention 2+, decoding with
+    /// a KV cache). The default.
+    #[default]
+    BottomRight,
+    /// Query `i` is aligned with key `i` (PyTorch's `scaled_dot_product_attention(is_causal=True)`).
+    TopLeft,
+}
+
+/// The parameters of an attention call. Build with [`AttentionParams::default`] and the builder
+/// methods; every field is public for bindings that fill it directly.
+///
+/// Scores are computed as `s = softmax_scale * q·k`, then `s = softcap * tanh(s / softcap)` if
+/// `softcap > 0`, then `s -= slope * |i + offset - j|` for ALiBi, then the additive mask is added;
+/// keys outside the causal/window band or where a boolean mask is false are excluded.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams<'a> {
+    /// Multiplies `q·k`; `None` means `1/sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+    /// Query `i` sees only keys at or before its aligned position.
+    pub causal: bool,
+    /// How the causal diagonal and the window are aligned.
+    pub causal_alignment: CausalAlignment,
+    /// Keys visible to the left of the aligned position; -1 = unbounded.
+    pub window_left: i64,
+    /// Keys visible to the right of the aligned position; -1 = unbounded (0 when causal).
+    pub window_right: i64,
+    /// Tanh soft-capping of the scores; 0 disables it.
+    pub softcap: f32,
+    /// ALiBi slopes, fp32, shape `[heads_q]` or `[batch, heads_q]`.
+    pub alibi_slopes: Option<TensorView<'a>>,
+    /// A boolean (true = attend) or additive (f16/bf16/f32) mask, broadcastable to
+    /// `[batch, heads_q, seqlen_q, seqlen_kv]` (NumPy rules: dims aligned on the right, each 1 or full).
+    pub mask: Option<TensorView<'a>>,
+}
+
+impl Default for AttentionParams<'_> {
+    fn default() -> Self {
+        AttentionParams {
+            softmax_scale: None,
+            causal: false,
+            causal_alignment: CausalAlignment::BottomRight,
+            window_left: -1,
+            window_right: -1,
+            softcap: 0.0,
+            alibi_slopes: None,
+            mask: None,
+        }
+    }
+}
+
+impl<'a> AttentionParams<'a> {
+    pub fn softmax_scale(mut self, scale: f32) -> Self {
+        self.softmax_scale = Some(scale);
+        self
+    }
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    pub fn causal_alignment(mut self, alignment: CausalAlignment) -> Self {
+        self.causal_alignment = alignment;
+        self
+    }
+    pub fn window(mut self, left: i64, right: i64) -> Self {
+        self.window_left = left;
+        self.window_right = right;
+        self
+    }
+    pub fn softcap(mut self, softcap: f32) -> Self {
+        self.softcap = softcap;
+        self
+    }
+    pub fn alibi_slopes(mut self, slopes: TensorView<'a>) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+    pub fn mask(mut self, mask: TensorView<'a>) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+}

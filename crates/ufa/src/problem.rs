@@ -1,0 +1,461 @@
+//! Validation: the one place that turns user-supplied views and parameters into a [`Problem`]
+//! every backend may trust. Each rule reports the argument and the values that broke it.
+
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{invalid, Error, Result};
+use crate::params::{AttentionParams, CausalAlignment};
+use crate::tensor::{Layout, TensorView, TensorViewMut};
+
+/// Largest head dimension (of Q/K and of V) the library accepts.
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// A strided operand after validation: base pointer, dtype and 4-d strides in elements.
+/// Broadcast dimensions have stride 0.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Operand {
+    pub ptr: *mut u8,
+    pub dtype: DType,
+    pub strides: [usize; 4],
+}
+
+// SAFETY: validation guarantees that outputs do not overlap themselves or the inputs, and the
+// backends write each output element from exactly one thread.
+unsafe impl Send for Operand {}
+unsafe impl Sync for Operand {}
+
+impl Operand {
+    /// Byte address of element `idx`.
+    #[inline]
+    pub fn at(&self, idx: [usize; 4]) -> *mut u8 {
+        let off: usize = (0..4).map(|i| idx[i] * self.strides[i]).sum();
+        // SAFETY (of later dereference): `off` is within the span checked at validation.
+        self.ptr.wrapping_add(off * self.dtype.size_in_bytes())
+    }
+}
+
+/// A validated attention problem. Sizes are all >= 1.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Problem {
+    pub device: Device,
+    pub batch: usize,
+    pub seqlen_q: usize,
+    pub seqlen_kv: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    pub head_dim_v: usize,
+    /// [batch, seqlen_q, heads_q, head_dim]
+    pub q: Operand,
+    /// [batch, seqlen_kv, heads_kv, head_dim]
+    pub k: Operand,
+    /// [batch, seqlen_kv, heads_kv, head_dim_v]
+    pub v: Operand,
+    /// [batch, seqlen_q, heads_q, head_dim_v]
+    pub out: Operand,
+    /// [batch, heads_q, seqlen_q, (unused)]
+    pub lse: Option<Operand>,
+    pub scale: f32,
+    /// 0 = off.
+    pub softcap: f32,
+    /// Query row `i` is aligned with key `i + diag_offset`.
+    pub diag_offset: i64,
+    /// Visible keys are `[c - left, c + right]` around the aligned position `c`; None = unbounded.
+    pub window_left: Option<usize>,
+    pub window_right: Option<usize>,
+    /// fp32 slopes indexed [batch, head] (batch stride 0 when shared).
+    pub alibi: Option<Operand>,
+    /// Broadcast to [batch, heads_q, seqlen_q, seqlen_kv]; bool = visibility, float = additive.
+    pub mask: Option<Operand>,
+}
+
+impl Problem {
+    pub fn group_size(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+
+    /// Half-open range of keys that query row `i` may see by causal/window rules alone.
+    #[inline]
+    pub fn visible_keys(&self, i: usize) -> (usize, usize) {
+        let c = i as i64 + self.diag_offset;
+        let lo = match self.window_left {
+            Some(l) => c.saturating_sub(l as i64).max(0),
+            None => 0,
+        };
+        let hi = match self.window_right {
+            Some(r) => c.saturating_add(r as i64).saturating_add(1),
+            None => self.seqlen_kv as i64,
+        }
+        .min(self.seqlen_kv as i64);
+        let lo = lo.min(self.seqlen_kv as i64) as usize;
+        (lo, (hi.max(lo as i64)) as usize)
+    }
+}
+
+/// Forward FLOPs: two matmuls, `2·Sq·Skv·D` for S = QKᵀ and `2·Sq·Skv·Dv` for O = PV, per head;
+/// halved for causal, as FlashAttention counts them.
+pub fn forward_flops(
+    batch: usize,
+    heads_q: usize,
+    seqlen_q: usize,
+    seqlen_kv: usize,
+    head_dim: usize,
+    head_dim_v: usize,
+    causal: bool,
+) -> f64 {
+    let per_pair = 2.0 * (head_dim + head_dim_v) as f64;
+    let f = batch as f64 * heads_q as f64 * seqlen_q as f64 * seqlen_kv as f64 * per_pair;
+    if causal {
+        f / 2.0
+    } else {
+        f
+    }
+}
+
+fn operand(ptr: *const u8, dtype: DType, layout: &Layout) -> Operand {
+    let mut strides = [0usize; 4];
+    strides[..layout.ndim()].copy_from_slice(layout.strides());
+    Operand {
+        ptr: ptr as *mut u8,
+        dtype,
+        strides,
+    }
+}
+
+/// Byte range [start, end) a view touches, for overlap checks.
+fn byte_range(ptr: *const u8, dtype: DType, layout: &Layout) -> (usize, usize) {
+    let span = layout.span().unwrap_or(0);
+    let start = ptr as usize;
+    (start, start.saturating_add(span * dtype.size_in_bytes()))
+}
+
+fn check_rank(name: &str, v: &Layout, want: usize, meaning: &str) -> Result<()> {
+    if v.ndim() != want {
+        invalid!(
+            "{name} must have {want} dimensions {meaning}, got {} (shape {:?})",
+            v.ndim(),
+            v.shape()
+        );
+    }
+    Ok(())
+}
+
+fn check_last_contiguous(name: &str, l: &Layout) -> Result<()> {
+    let n = l.ndim();
+    if l.shape()[n - 1] > 1 && l.strides()[n - 1] != 1 {
+        invalid!(
+            "{name}.strides[{}]={} but the last dimension must be contiguous (stride 1)",
+            n - 1,
+            l.strides()[n - 1]
+        );
+    }
+    Ok(())
+}
+
+fn check_dim(name: &str, l: &Layout, dim: usize, want: usize, what: &str) -> Result<()> {
+    let got = l.shape()[dim];
+    if got != want {
+        invalid!("{name}.shape[{dim}]={got} but must equal {what}={want}");
+    }
+    Ok(())
+}
+
+fn check_device(name: &str, got: Device, want: Device) -> Result<()> {
+    if got != want {
+        invalid!("{name} is on {got} but q is on {want}; all tensors must be on one device");
+    }
+    Ok(())
+}
+
+/// Checks every argument of a forward call and returns the problem the backends run.
+pub(crate) fn validate_forward(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    out: &TensorViewMut<'_>,
+    lse: Option<&TensorViewMut<'_>>,
+    params: &AttentionParams<'_>,
+) -> Result<Problem> {
+    check_rank(
+        "out",
+        out.layout(),
+        4,
+        "[batch, seqlen_q, heads_q, head_dim_v]",
+    )?;
+    let mut p = validate_inputs(q, k, v, params)?;
+    let [batch, seqlen_q, heads_q, head_dim_v] = [p.batch, p.seqlen_q, p.heads_q, p.head_dim_v];
+    check_device("out", out.device(), p.device)?;
+    if !out.dtype().is_float() {
+        invalid!("out.dtype={} but must be f16, bf16 or f32", out.dtype());
+    }
+    check_dim("out", out.layout(), 0, batch, "q.shape[0] (batch)")?;
+    check_dim("out", out.layout(), 1, seqlen_q, "q.shape[1] (seqlen_q)")?;
+    check_dim("out", out.layout(), 2, heads_q, "q.shape[2] (heads_q)")?;
+    check_dim(
+        "out",
+        out.layout(),
+        3,
+        head_dim_v,
+        "v.shape[3] (head_dim_v)",
+    )?;
+    check_last_contiguous("out", out.layout())?;
+    if out.layout().has_overlap() {
+        invalid!(
+            "out has strides {:?} for shape {:?}, so different elements share memory",
+            out.strides(),
+            out.shape()
+        );
+    }
+
+    let lse_op = match lse {
+        None => None,
+        Some(l) => {
+            check_device("lse", l.device(), p.device)?;
+            check_rank("lse", l.layout(), 3, "[batch, heads_q, seqlen_q]")?;
+            if l.dtype() != DType::F32 {
+                invalid!("lse.dtype={} but must be f32", l.dtype());
+            }
+            check_dim("lse", l.layout(), 0, batch, "q.shape[0] (batch)")?;
+            check_dim("lse", l.layout(), 1, heads_q, "q.shape[2] (heads_q)")?;
+            check_dim("lse", l.layout(), 2, seqlen_q, "q.shape[1] (seqlen_q)")?;
+            if l.layout().has_overlap() {
+                invalid!(
+                    "lse has strides {:?} for shape {:?}, so different elements share memory",
+                    l.strides(),
+                    l.shape()
+                );
+            }
+            let ptr = l.as_view().as_ptr();
+            Some(operand(ptr, DType::F32, l.layout()))
+        }
+    };
+
+    // Outputs must not share memory with any input (other threads read those while we write).
+    let mut outputs = vec![(
+        "out",
+        byte_range(out.as_view().as_ptr(), out.dtype(), out.layout()),
+    )];
+    if let Some(l) = lse {
+        outputs.push((
+            "lse",
+            byte_range(l.as_view().as_ptr(), DType::F32, l.layout()),
+        ));
+    }
+    let mut inputs = vec![
+        ("q", byte_range(q.as_ptr(), q.dtype(), q.layout())),
+        ("k", byte_range(k.as_ptr(), k.dtype(), k.layout())),
+        ("v", byte_range(v.as_ptr(), v.dtype(), v.layout())),
+    ];
+    if let Some(a) = &params.alibi_slopes {
+        inputs.push((
+            "alibi_slopes",
+            byte_range(a.as_ptr(), a.dtype(), a.layout()),
+        ));
+    }
+    if let Some(m) = &params.mask {
+        inputs.push(("mask", byte_range(m.as_ptr(), m.dtype(), m.layout())));
+    }
+    if let [(_, a), (_, b)] = outputs[..] {
+        if a.0 < b.1 && b.0 < a.1 {
+            invalid!("out and lse share memory; they must be separate buffers");
+        }
+    }
+    for (oname, o) in &outputs {
+        for (iname, i) in &inputs {
+            if o.0 < i.1 && i.0 < o.1 {
+                invalid!("{oname} shares memory with {iname}; outputs must not overlap inputs");
+            }
+        }
+    }
+    p.out = operand(out.as_view().as_ptr(), out.dtype(), out.layout());
+    p.lse = lse_op;
+    Ok(p)
+}
+
+/// Checks the inputs of a call (everything but the outputs); `out` is left null.
+pub(crate) fn validate_inputs(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    params: &AttentionParams<'_>,
+) -> Result<Problem> {
+    let device = q.device();
+    for (name, t) in [("q", q.layout()), ("k", k.layout()), ("v", v.layout())] {
+        check_rank(name, t, 4, "[batch, seqlen, heads, head_dim]")?;
+    }
+    check_device("k", k.device(), device)?;
+    check_device("v", v.device(), device)?;
+
+    if !q.dtype().is_float() {
+        invalid!("q.dtype={} but must be f16, bf16 or f32", q.dtype());
+    }
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.dtype() != q.dtype() {
+            invalid!(
+                "{name}.dtype={} but must equal q.dtype={}",
+                t.dtype(),
+                q.dtype()
+            );
+        }
+    }
+
+    let [batch, seqlen_q, heads_q, head_dim] = dims4(q.shape());
+    let [_, seqlen_kv, heads_kv, _] = dims4(k.shape());
+    let head_dim_v = v.shape()[3];
+    for (name, value) in [
+        ("q.shape[0] (batch)", batch),
+        ("q.shape[1] (seqlen_q)", seqlen_q),
+        ("q.shape[2] (heads_q)", heads_q),
+        ("q.shape[3] (head_dim)", head_dim),
+        ("k.shape[1] (seqlen_kv)", seqlen_kv),
+        ("k.shape[2] (heads_kv)", heads_kv),
+        ("v.shape[3] (head_dim_v)", head_dim_v),
+    ] {
+        if value == 0 {
+            invalid!("{name}=0 but every size must be at least 1");
+        }
+    }
+    for (name, value) in [
+        ("q.shape[3] (head_dim)", head_dim),
+        ("v.shape[3] (head_dim_v)", head_dim_v),
+    ] {
+        if value > MAX_HEAD_DIM {
+            invalid!("{name}={value} exceeds the largest supported head dimension {MAX_HEAD_DIM}");
+        }
+    }
+    check_dim("k", k.layout(), 0, batch, "q.shape[0] (batch)")?;
+    check_dim("k", k.layout(), 3, head_dim, "q.shape[3] (head_dim)")?;
+    check_dim("v", v.layout(), 0, batch, "q.shape[0] (batch)")?;
+    check_dim("v", v.layout(), 1, seqlen_kv, "k.shape[1] (seqlen_kv)")?;
+    check_dim("v", v.layout(), 2, heads_kv, "k.shape[2] (heads_kv)")?;
+    if heads_q % heads_kv != 0 {
+        invalid!("k.shape[2]={heads_kv} (heads_kv) does not divide q.shape[2]={heads_q} (heads_q)");
+    }
+    for (name, t) in [("q", q.layout()), ("k", k.layout()), ("v", v.layout())] {
+        check_last_contiguous(name, t)?;
+    }
+
+    let scale = params
+        .softmax_scale
+        .unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if !scale.is_finite() {
+        invalid!("softmax_scale={scale} must be finite");
+    }
+    if !(params.softcap.is_finite() && params.softcap >= 0.0) {
+        invalid!(
+            "softcap={} must be finite and >= 0 (0 disables it)",
+            params.softcap
+        );
+    }
+    for (name, w) in [
+        ("window_left", params.window_left),
+        ("window_right", params.window_right),
+    ] {
+        if w < -1 {
+            invalid!("{name}={w} must be >= 0, or -1 for unbounded");
+        }
+    }
+    let to_opt = |w: i64| (w >= 0).then_some(w as usize);
+    let window_left = to_opt(params.window_left);
+    let mut window_right = to_opt(params.window_right);
+    if params.causal {
+        window_right = Some(0);
+    }
+    let diag_offset = match params.causal_alignment {
+        CausalAlignment::BottomRight => seqlen_kv as i64 - seqlen_q as i64,
+        CausalAlignment::TopLeft => 0,
+    };
+
+    let alibi = match &params.alibi_slopes {
+        None => None,
+        Some(a) => {
+            check_device("alibi_slopes", a.device(), device)?;
+            if a.dtype() != DType::F32 {
+                invalid!("alibi_slopes.dtype={} but must be f32", a.dtype());
+            }
+            let l = a.layout();
+            let (bs, hs) = match l.shape() {
+                [h] if *h == heads_q => (0, l.strides()[0]),
+                [b, h] if *b == batch && *h == heads_q => (l.strides()[0], l.strides()[1]),
+                s => invalid!(
+                    "alibi_slopes.shape={s:?} but must be [heads_q]=[{heads_q}] or \
+                     [batch, heads_q]=[{batch}, {heads_q}]"
+                ),
+            };
+            Some(Operand {
+                ptr: a.as_ptr() as *mut u8,
+                dtype: DType::F32,
+                strides: [bs, hs, 0, 0],
+            })
+        }
+    };
+
+    let mask = match &params.mask {
+        None => None,
+        Some(m) => {
+            check_device("mask", m.device(), device)?;
+            let full = [batch, heads_q, seqlen_q, seqlen_kv];
+            let names = ["batch", "heads_q", "seqlen_q", "seqlen_kv"];
+            let l = m.layout();
+            let pad = 4 - l.ndim();
+            let mut strides = [0usize; 4];
+            for d in 0..l.ndim() {
+                let (size, want) = (l.shape()[d], full[pad + d]);
+                if size != want && size != 1 {
+                    invalid!(
+                        "mask.shape={:?} does not broadcast to [batch, heads_q, seqlen_q, \
+                         seqlen_kv]={full:?}: mask.shape[{d}]={size} must be 1 or {}={want}",
+                        l.shape(),
+                        names[pad + d]
+                    );
+                }
+                strides[pad + d] = if size == 1 { 0 } else { l.strides()[d] };
+            }
+            Some(Operand {
+                ptr: m.as_ptr() as *mut u8,
+                dtype: m.dtype(),
+                strides,
+            })
+        }
+    };
+
+    Ok(Problem {
+        device,
+        batch,
+        seqlen_q,
+        seqlen_kv,
+        heads_q,
+        heads_kv,
+        head_dim,
+        head_dim_v,
+        q: operand(q.as_ptr(), q.dtype(), q.layout()),
+        k: operand(k.as_ptr(), k.dtype(), k.layout()),
+        v: operand(v.as_ptr(), v.dtype(), v.layout()),
+        out: Operand {
+            ptr: std::ptr::null_mut(),
+            dtype: q.dtype(),
+            strides: [0; 4],
+        },
+        lse: None,
+        scale,
+        softcap: params.softcap,
+        diag_offset,
+        window_left,
+        window_right,
+        alibi,
+        mask,
+    })
+}
+
+fn dims4(s: &[usize]) -> [usize; 4] {
+    [s[0], s[1], s[2], s[3]]
+}
+
+impl From<std::collections::TryReserveError> for Error {
+    fn from(e: std::collections::TryReserveError) -> Self {
+        Error::new(
+            crate::error::ErrorKind::OutOfMemory,
+            format!("scratch allocation failed: {e}"),
+        )
+    }
+}

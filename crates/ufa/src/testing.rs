@@ -1,0 +1,597 @@
+//! Random problems and their comparison with the f64 reference: shared by the test suites, the
+//! bindings' tests and `ufa check`, so every caller judges accuracy the same way.
+
+use crate::reference::{reference_forward, ReferenceOutput};
+use crate::{AttentionParams, CausalAlignment, Context, DType, Result, TensorView, TensorViewMut};
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How a tensor sits in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Row-major `[batch, seq, heads, dim]`.
+    Contiguous,
+    /// Stored `[batch, heads, seq, dim]` (PyTorch's layout) and viewed permuted.
+    HeadsFirst,
+    /// Every row padded by a few elements and the view sliced (`x[..., :dim]`).
+    Padded,
+}
+
+/// Where ALiBi slopes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alibi {
+    PerHead,
+    PerBatchHead,
+}
+
+/// An optional mask: dtype (Bool, or a float for additive) and which of
+/// [batch, heads_q, seqlen_q, seqlen_kv] it spans (false = broadcast size 1), with `ndim`
+/// trailing dims kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskSpec {
+    pub dtype: DType,
+    pub full: [bool; 4],
+    pub ndim: usize,
+}
+
+/// One attention problem, fully described (inputs are drawn from `seed`).
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub batch: usize,
+    pub seqlen_q: usize,
+    pub seqlen_kv: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    pub head_dim_v: usize,
+    pub dtype: DType,
+    pub out_dtype: DType,
+    pub causal: bool,
+    pub alignment: CausalAlignment,
+    pub window: (i64, i64),
+    pub softcap: f32,
+    pub scale: Option<f32>,
+    pub alibi: Option<Alibi>,
+    pub mask: Option<MaskSpec>,
+    /// Placement of q, k, v and out.
+    pub placement: [Placement; 4],
+    pub with_lse: bool,
+}
+
+impl Case {
+    /// A plain problem: contiguous, no masking, output in the input dtype.
+    pub fn new(
+        batch: usize,
+        seqlen_q: usize,
+        seqlen_kv: usize,
+        heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Case {
+        Case {
+            batch,
+            seqlen_q,
+            seqlen_kv,
+            heads_q: heads,
+            heads_kv: heads,
+            head_dim,
+            head_dim_v: head_dim,
+            dtype,
+            out_dtype: dtype,
+            causal: false,
+            alignment: CausalAlignment::BottomRight,
+            window: (-1, -1),
+            softcap: 0.0,
+            scale: None,
+            alibi: None,
+            mask: None,
+            placement: [Placement::Contiguous; 4],
+            with_lse: true,
+        }
+    }
+
+    /// A short description for tables and failure messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "b{} sq{} skv{} h{}/{} d{}",
+            self.batch, self.seqlen_q, self.seqlen_kv, self.heads_q, self.heads_kv, self.head_dim
+        );
+        if self.head_dim_v != self.head_dim {
+            s += &format!(" dv{}", self.head_dim_v);
+        }
+        s += &format!(" {}", self.dtype);
+        if self.out_dtype != self.dtype {
+            s += &format!("->{}", self.out_dtype);
+        }
+        if self.causal {
+            s += if self.alignment == CausalAlignment::TopLeft {
+                " causal-tl"
+            } else {
+                " causal"
+            };
+        }
+        if self.window != (-1, -1) {
+            s += &format!(" win{:?}", self.window);
+        }
+        if self.softcap > 0.0 {
+            s += &format!(" cap{}", self.softcap);
+        }
+        if let Some(a) = self.alibi {
+            s += if a == Alibi::PerHead {
+                " alibi"
+            } else {
+                " alibi-bh"
+            };
+        }
+        if let Some(m) = self.mask {
+            let dims: String = m.full[4 - m.ndim..]
+                .iter()
+                .map(|&f| if f { 'F' } else { '1' })
+                .collect();
+            s += &format!(" mask-{}[{dims}]", m.dtype);
+        }
+        if self.placement.iter().any(|&p| p != Placement::Contiguous) {
+            s += " strided";
+        }
+        s
+    }
+
+    /// The error bound for this case's output (DESIGN.md: fp32 well under 1e-5, half types 1e-2).
+    pub fn tolerance(&self) -> f64 {
+        if self.dtype == DType::F32 && self.out_dtype == DType::F32 {
+            1e-5
+        } else {
+            1e-2
+        }
+    }
+}
+
+/// Owned storage of one tensor.
+enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    Bool(Vec<bool>),
+}
+
+impl Storage {
+    fn random(
+        dtype: DType,
+        n: usize,
+        rng: &mut ChaCha8Rng,
+        gen: &mut dyn FnMut(&mut ChaCha8Rng) -> f32,
+    ) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32((0..n).map(|_| gen(rng)).collect()),
+            DType::F16 => Storage::F16((0..n).map(|_| f16::from_f32(gen(rng))).collect()),
+            DType::BF16 => Storage::BF16((0..n).map(|_| bf16::from_f32(gen(rng))).collect()),
+            DType::Bool => Storage::Bool((0..n).map(|_| gen(rng) != 0.0).collect()),
+        }
+    }
+
+    fn poisoned(dtype: DType, n: usize) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32(vec![f32::NAN; n]),
+            DType::F16 => Storage::F16(vec![f16::NAN; n]),
+            DType::BF16 => Storage::BF16(vec![bf16::NAN; n]),
+            DType::Bool => Storage::Bool(vec![false; n]),
+        }
+    }
+
+    fn view(&self, shape: &[usize], strides: &[usize]) -> Result<TensorView<'_>> {
+        match self {
+            Storage::F32(v) => TensorView::with_strides(v, shape, strides),
+            Storage::F16(v) => TensorView::with_strides(v, shape, strides),
+            Storage::BF16(v) => TensorView::with_strides(v, shape, strides),
+            Storage::Bool(v) => TensorView::with_strides(v, shape, strides),
+        }
+    }
+
+    fn view_mut(&mut self, shape: &[usize], strides: &[usize]) -> Result<TensorViewMut<'_>> {
+        match self {
+            Storage::F32(v) => TensorViewMut::with_strides(v, shape, strides),
+            Storage::F16(v) => TensorViewMut::with_strides(v, shape, strides),
+            Storage::BF16(v) => TensorViewMut::with_strides(v, shape, strides),
+            Storage::Bool(v) => TensorViewMut::with_strides(v, shape, strides),
+        }
+    }
+
+    fn get(&self, i: usize) -> f64 {
+        match self {
+            Storage::F32(v) => v[i] as f64,
+            Storage::F16(v) => v[i].to_f64(),
+            Storage::BF16(v) => v[i].to_f64(),
+            Storage::Bool(v) => v[i] as u8 as f64,
+        }
+    }
+}
+
+/// A tensor with its storage and strided view geometry.
+struct Tensor {
+    storage: Storage,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+/// Memory size and strides of a [b, s, h, d] tensor stored with `placement`.
+fn geometry(shape: [usize; 4], placement: Placement) -> (usize, Vec<usize>) {
+    let [b, s, h, d] = shape;
+    match placement {
+        Placement::Contiguous => (b * s * h * d, vec![s * h * d, h * d, d, 1]),
+        Placement::HeadsFirst => (b * h * s * d, vec![h * s * d, d, s * d, 1]),
+        Placement::Padded => {
+            let dp = d + 3;
+            (b * s * h * dp, vec![s * h * dp, h * dp, dp, 1])
+        }
+    }
+}
+
+impl Tensor {
+    fn random4(
+        shape: [usize; 4],
+        placement: Placement,
+        dtype: DType,
+        rng: &mut ChaCha8Rng,
+        amp: f32,
+    ) -> Tensor {
+        let (n, strides) = geometry(shape, placement);
+        Tensor {
+            storage: Storage::random(dtype, n, rng, &mut |r| r.gen_range(-amp..amp)),
+            shape: shape.to_vec(),
+            strides,
+        }
+    }
+
+    fn poisoned4(shape: [usize; 4], placement: Placement, dtype: DType) -> Tensor {
+        let (n, strides) = geometry(shape, placement);
+        Tensor {
+            storage: Storage::poisoned(dtype, n),
+            shape: shape.to_vec(),
+            strides,
+        }
+    }
+
+    fn view(&self) -> Result<TensorView<'_>> {
+        self.storage.view(&self.shape, &self.strides)
+    }
+
+    fn view_mut(&mut self) -> Result<TensorViewMut<'_>> {
+        self.storage.view_mut(&self.shape, &self.strides)
+    }
+
+    /// Element at a logical index.
+    fn at(&self, idx: &[usize]) -> f64 {
+        self.storage
+            .get(idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum())
+    }
+}
+
+/// Inputs and (poisoned) outputs of a case.
+pub struct Instance {
+    pub case: Case,
+    pub seed: u64,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Option<Tensor>,
+    alibi: Option<Tensor>,
+    mask: Option<Tensor>,
+}
+
+impl Instance {
+    /// Draws the inputs of `case` from `seed`; outputs are filled with NaN.
+    pub fn new(case: &Case, seed: u64) -> Instance {
+        let c = case;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let q = Tensor::random4(
+            [c.batch, c.seqlen_q, c.heads_q, c.head_dim],
+            c.placement[0],
+            c.dtype,
+            &mut rng,
+            1.5,
+        );
+        let k = Tensor::random4(
+            [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim],
+            c.placement[1],
+            c.dtype,
+            &mut rng,
+            1.5,
+        );
+        let v = Tensor::random4(
+            [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim_v],
+            c.placement[2],
+            c.dtype,
+            &mut rng,
+            1.0,
+        );
+        let out = Tensor::poisoned4(
+            [c.batch, c.seqlen_q, c.heads_q, c.head_dim_v],
+            c.placement[3],
+            c.out_dtype,
+        );
+        let lse = c.with_lse.then(|| {
+            let shape = vec![c.batch, c.heads_q, c.seqlen_q];
+            Tensor {
+                storage: Storage::poisoned(DType::F32, c.batch * c.heads_q * c.seqlen_q),
+                strides: vec![c.heads_q * c.seqlen_q, c.seqlen_q, 1],
+                shape,
+            }
+        });
+        let alibi = c.alibi.map(|a| {
+            let shape = match a {
+                Alibi::PerHead => vec![c.heads_q],
+                Alibi::PerBatchHead => vec![c.batch, c.heads_q],
+            };
+            let n = shape.iter().product();
+            let strides = if shape.len() == 1 {
+                vec![1]
+            } else {
+                vec![c.heads_q, 1]
+            };
+            Tensor {
+                storage: Storage::random(DType::F32, n, &mut rng, &mut |r| r.gen_range(0.01..0.5)),
+                shape,
+                strides,
+            }
+        });
+        let mask = c.mask.map(|m| {
+            let full = [c.batch, c.heads_q, c.seqlen_q, c.seqlen_kv];
+            let shape: Vec<usize> = (4 - m.ndim..4)
+                .map(|d| if m.full[d] { full[d] } else { 1 })
+                .collect();
+            let mut strides = vec![0; shape.len()];
+            let mut acc = 1;
+            for d in (0..shape.len()).rev() {
+                strides[d] = acc;
+                acc *= shape[d];
+            }
+            let mut gen = |r: &mut ChaCha8Rng| -> f32 {
+                let u: f32 = r.gen();
+                match m.dtype {
+                    DType::Bool => (u < 0.8) as u8 as f32,
+                    _ if u < 0.05 => f32::NEG_INFINITY,
+                    _ => r.gen_range(-2.0..2.0),
+                }
+            };
+            Tensor {
+                storage: Storage::random(m.dtype, acc, &mut rng, &mut gen),
+                shape,
+                strides,
+            }
+        });
+        Instance {
+            case: case.clone(),
+            seed,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            alibi,
+            mask,
+        }
+    }
+
+    fn params(&self) -> Result<AttentionParams<'_>> {
+        params_of(&self.case, self.alibi.as_ref(), self.mask.as_ref())
+    }
+}
+
+fn params_of<'a>(
+    c: &Case,
+    alibi: Option<&'a Tensor>,
+    mask: Option<&'a Tensor>,
+) -> Result<AttentionParams<'a>> {
+    let mut p = AttentionParams::default()
+        .causal(c.causal)
+        .causal_alignment(c.alignment)
+        .window(c.window.0, c.window.1)
+        .softcap(c.softcap);
+    p.softmax_scale = c.scale;
+    if let Some(a) = alibi {
+        p = p.alibi_slopes(a.view()?);
+    }
+    if let Some(m) = mask {
+        p = p.mask(m.view()?);
+    }
+    Ok(p)
+}
+
+impl Instance {
+    /// Runs the case on `ctx`.
+    pub fn run(&mut self, ctx: &Context) -> Result<()> {
+        let params = params_of(&self.case, self.alibi.as_ref(), self.mask.as_ref())?;
+        let (q, k, v) = (self.q.view()?, self.k.view()?, self.v.view()?);
+        let mut out = self
+            .out
+            .storage
+            .view_mut(&self.out.shape, &self.out.strides)?;
+        let mut lse = match &mut self.lse {
+            Some(l) => Some(l.view_mut()?),
+            None => None,
+        };
+        ctx.forward_with_lse(&q, &k, &v, &mut out, lse.as_mut(), &params)
+    }
+
+    /// The f64 reference for this case.
+    pub fn reference(&self) -> Result<ReferenceOutput> {
+        reference_forward(
+            &self.q.view()?,
+            &self.k.view()?,
+            &self.v.view()?,
+            &self.params()?,
+        )
+    }
+
+    /// Compares the outputs with `reference`.
+    pub fn compare(&self, reference: &ReferenceOutput) -> Comparison {
+        let c = &self.case;
+        let (mut diff, mut norm) = (0.0, 0.0);
+        let mut unwritten = 0usize;
+        let mut i = 0;
+        for b in 0..c.batch {
+            for s in 0..c.seqlen_q {
+                for h in 0..c.heads_q {
+                    for e in 0..c.head_dim_v {
+                        let got = self.out.at(&[b, s, h, e]);
+                        let want = reference.out[i];
+                        i += 1;
+                        if got.is_nan() {
+                            unwritten += 1;
+                        }
+                        diff += (got - want) * (got - want);
+                        norm += want * want;
+                    }
+                }
+            }
+        }
+        let out_error = rel(diff, norm);
+        let lse_error = self.lse.as_ref().map(|l| {
+            let (mut diff, mut norm) = (0.0, 0.0);
+            let mut i = 0;
+            for b in 0..c.batch {
+                for h in 0..c.heads_q {
+                    for s in 0..c.seqlen_q {
+                        let got = l.at(&[b, h, s]);
+                        let want = reference.lse[i];
+                        i += 1;
+                        if want == f64::NEG_INFINITY {
+                            if got != f64::NEG_INFINITY {
+                                return f64::INFINITY;
+                            }
+                            continue;
+                        }
+                        diff += (got - want) * (got - want);
+                        norm += want * want;
+                    }
+                }
+            }
+            rel(diff, norm)
+        });
+        Comparison {
+            out_error,
+            lse_error,
+            unwritten,
+            tolerance: c.tolerance(),
+        }
+    }
+
+    /// Copies of the output as f64 in logical [b, s, h, d] order, and of the LSE.
+    pub fn outputs(&self) -> (Vec<f64>, Option<Vec<f64>>) {
+        let c = &self.case;
+        let mut out = Vec::with_capacity(c.batch * c.seqlen_q * c.heads_q * c.head_dim_v);
+        for b in 0..c.batch {
+            for s in 0..c.seqlen_q {
+                for h in 0..c.heads_q {
+                    for e in 0..c.head_dim_v {
+                        out.push(self.out.at(&[b, s, h, e]));
+                    }
+                }
+            }
+        }
+        let lse = self.lse.as_ref().map(|l| {
+            (0..c.batch * c.heads_q * c.seqlen_q)
+                .map(|i| l.storage.get(i))
+                .collect()
+        });
+        (out, lse)
+    }
+}
+
+/// ||a - b|| / ||b||, or the absolute norm when the reference is all zeros. NaN stays NaN.
+fn rel(diff: f64, norm: f64) -> f64 {
+    if norm > 0.0 {
+        (diff / norm).sqrt()
+    } else {
+        diff.sqrt()
+    }
+}
+
+/// Errors of one run against the reference.
+#[derive(Clone, Copy, Debug)]
+pub struct Comparison {
+    pub out_error: f64,
+    pub lse_error: Option<f64>,
+    /// Output elements still holding the NaN poison.
+    pub unwritten: usize,
+    pub tolerance: f64,
+}
+
+impl Comparison {
+    /// Within tolerance, every element written, no NaN (NaN compares false, so it fails).
+    pub fn passed(&self) -> bool {
+        self.unwritten == 0
+            && self.out_error <= self.tolerance
+            && self.lse_error.is_none_or(|e| e <= LSE_TOLERANCE)
+    }
+}
+
+/// The LSE is always fp32 computed from fp32 scores, whatever the input dtype.
+pub const LSE_TOLERANCE: f64 = 1e-5;
+
+/// Runs `case` with inputs from `seed` and compares it with the reference.
+pub fn check_case(ctx: &Context, case: &Case, seed: u64) -> Result<Comparison> {
+    let mut inst = Instance::new(case, seed);
+    inst.run(ctx)?;
+    Ok(inst.compare(&inst.reference()?))
+}
+
+/// The spread of problems `ufa check` runs: every feature, odd sizes, each dtype.
+pub fn standard_cases() -> Vec<Case> {
+    use DType::*;
+    let mut cases = Vec::new();
+    for dtype in [F32, BF16, F16] {
+        cases.push(Case::new(1, 1, 1, 1, 1, dtype));
+        cases.push(Case::new(2, 17, 129, 4, 64, dtype));
+        let mut c = Case::new(1, 129, 1000, 8, 128, dtype);
+        c.heads_kv = 2;
+        c.causal = true;
+        cases.push(c);
+    }
+    let mut c = Case::new(1, 1000, 17, 8, 96, BF16);
+    c.heads_kv = 1;
+    c.causal = true;
+    cases.push(c);
+    let mut c = Case::new(2, 200, 300, 4, 80, F32);
+    c.window = (32, 8);
+    cases.push(c);
+    let mut c = Case::new(1, 64, 96, 2, 160, F16);
+    c.softcap = 30.0;
+    c.alibi = Some(Alibi::PerHead);
+    cases.push(c);
+    let mut c = Case::new(2, 33, 70, 4, 192, BF16);
+    c.alibi = Some(Alibi::PerBatchHead);
+    c.causal = true;
+    c.alignment = CausalAlignment::TopLeft;
+    cases.push(c);
+    let mut c = Case::new(2, 45, 77, 4, 32, F32);
+    c.mask = Some(MaskSpec {
+        dtype: Bool,
+        full: [true, false, true, true],
+        ndim: 4,
+    });
+    cases.push(c);
+    let mut c = Case::new(1, 50, 61, 4, 256, BF16);
+    c.mask = Some(MaskSpec {
+        dtype: F32,
+        full: [false, true, true, true],
+        ndim: 3,
+    });
+    c.placement = [
+        Placement::HeadsFirst,
+        Placement::Padded,
+        Placement::HeadsFirst,
+        Placement::Padded,
+    ];
+    cases.push(c);
+    let mut c = Case::new(1, 1, 4096, 32, 128, BF16);
+    c.heads_kv = 8;
+    cases.push(c);
+    let mut c = Case::new(1, 31, 47, 2, 512, F32);
+    c.head_dim_v = 48;
+    c.out_dtype = BF16;
+    cases.push(c);
+    cases
+}
