@@ -1,1 +1,66 @@
-fn main() {}
+//! `ufa`: information, correctness checks and benchmarks for Universal Flash Attention.
+
+mod bench;
+mod check;
+mod info;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ufa",
+    version,
+    about = "Universal Flash Attention: info, check and bench"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand that computes shares.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ComputeOpts {
+    /// CPU threads (default: $UFA_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ComputeOpts {
+    fn context(&self, isa: Option<ufa::Isa>) -> ufa::Result<ufa::Context> {
+        let mut b = ufa::Context::builder();
+        if let Some(n) = self.threads {
+            b = b.num_threads(n);
+        }
+        if let Some(isa) = isa {
+            b = b.cpu_isa(isa);
+        }
+        b.build()
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Version, CPU features and kernel family, thread count, GPU backends.
+    Info(ComputeOpts),
+    /// Runs every available backend against the f64 reference on a spread of problems.
+    Check(check::Args),
+    /// Times the forward pass on standard shapes.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(opts) => info::run(&opts),
+        Command::Check(args) => check::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ufa: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

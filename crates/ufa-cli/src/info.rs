@@ -1,0 +1,23 @@
+//! `ufa info`.
+
+use crate::ComputeOpts;
+use std::process::ExitCode;
+
+pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
+    let ctx = opts.context(None)?;
+    println!("ufa {}", ufa::VERSION);
+    println!("cpu features:   {}", ufa::cpu_features().join(" "));
+    println!("cpu kernels:    {}", ctx.cpu_isa());
+    println!("cpu threads:    {}", ctx.num_threads());
+    match ctx.cuda_devices() {
+        Ok(devs) if !devs.is_empty() => {
+            println!("cuda:           {} device(s)", devs.len());
+            for (i, d) in devs.iter().enumerate() {
+                println!("  cuda:{i}  {d}");
+            }
+        }
+        Ok(_) => println!("cuda:           no devices found"),
+        Err(why) => println!("cuda:           unavailable ({why})"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

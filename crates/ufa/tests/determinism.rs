@@ -1,0 +1,77 @@
+//! Results must not depend on the thread count (bitwise), including split-KV decoding, and one
+//! context must serve many threads at once.
+
+use std::sync::Arc;
+use ufa::testing::{Alibi, Case, Instance};
+use ufa::{Context, DType};
+
+fn problems() -> Vec<Case> {
+    let mut v = vec![];
+    let mut c = Case::new(2, 129, 300, 8, 80, DType::F32);
+    c.heads_kv = 2;
+    c.causal = true;
+    c.alibi = Some(Alibi::PerHead);
+    v.push(c);
+    let mut c = Case::new(1, 1, 5000, 16, 128, DType::BF16); // split-KV path
+    c.heads_kv = 2;
+    v.push(c);
+    let mut c = Case::new(3, 17, 1000, 4, 64, DType::F16);
+    c.window = (100, 3);
+    v.push(c);
+    v
+}
+
+fn run(case: &Case, threads: usize, seed: u64) -> (Vec<f64>, Option<Vec<f64>>) {
+    let ctx = Context::builder().num_threads(threads).build().unwrap();
+    let mut inst = Instance::new(case, seed);
+    inst.run(&ctx).unwrap();
+    inst.outputs()
+}
+
+#[test]
+fn bitwise_identical_for_1_2_and_7_threads() {
+    for (i, case) in problems().iter().enumerate() {
+        let seed = 1000 + i as u64;
+        let one = run(case, 1, seed);
+        assert!(one.0.iter().all(|x| x.is_finite()), "{}", case.describe());
+        for threads in [2, 7] {
+            let other = run(case, threads, seed);
+            // Compare bit patterns: equal floats, and no -0.0/+0.0 or NaN slips.
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&one.0),
+                bits(&other.0),
+                "{} out, {threads} threads",
+                case.describe()
+            );
+            assert_eq!(
+                one.1.as_deref().map(bits),
+                other.1.as_deref().map(bits),
+                "{} lse, {threads} threads",
+                case.describe()
+            );
+        }
+    }
+}
+
+#[test]
+fn one_context_serves_many_threads() {
+    let ctx = Arc::new(Context::builder().num_threads(3).build().unwrap());
+    let case = problems().remove(0);
+    let expected = run(&case, 1, 7);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (ctx, case) = (ctx.clone(), case.clone());
+            std::thread::spawn(move || {
+                let mut inst = Instance::new(&case, 7);
+                for _ in 0..3 {
+                    inst.run(&ctx).unwrap();
+                }
+                inst.outputs()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().0, expected.0);
+    }
+}

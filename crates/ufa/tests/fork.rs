@@ -1,0 +1,45 @@
+//! A context used before fork() keeps working in the child (its thread pool is rebuilt there),
+//! instead of hanging on threads that fork() did not copy.
+
+#![cfg(unix)]
+
+use std::time::{Duration, Instant};
+use ufa::testing::{Case, Instance};
+use ufa::{Context, DType};
+
+#[test]
+fn forked_child_can_compute() {
+    let ctx = Context::builder().num_threads(2).build().unwrap();
+    let case = Case::new(1, 100, 300, 4, 64, DType::F32);
+    let mut inst = Instance::new(&case, 3);
+    inst.run(&ctx).unwrap(); // starts the pool in the parent
+    let expected = inst.outputs().0;
+
+    // SAFETY: the child only computes with ufa and exits without unwinding into the harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let mut child = Instance::new(&case, 3);
+        let ok = child.run(&ctx).is_ok() && child.outputs().0 == expected;
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let start = Instant::now();
+    let mut status = 0;
+    loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("forked child hung computing attention");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed: status {status}"
+    );
+    // The parent's pool still works after the fork.
+    inst.run(&ctx).unwrap();
+}
