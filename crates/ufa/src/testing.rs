@@ -589,6 +589,9 @@ pub fn standard_cases() -> Vec<Case> {
     let mut c = Case::new(1, 1, 4096, 32, 128, BF16);
     c.heads_kv = 8;
     cases.push(c);
+    let mut c = Case::new(2, 1, 3000, 16, 128, F32);
+    c.alibi = Some(Alibi::PerHead);
+    cases.push(c);
     let mut c = Case::new(1, 31, 47, 2, 512, F32);
     c.head_dim_v = 48;
     c.out_dtype = BF16;

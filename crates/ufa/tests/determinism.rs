@@ -15,6 +15,7 @@ fn problems() -> Vec<Case> {
     let mut c = Case::new(1, 1, 5000, 16, 128, DType::BF16); // split-KV path
     c.heads_kv = 2;
     v.push(c);
+    v.push(Case::new(2, 2, 3000, 3, 96, DType::F32)); // row-by-row decode path, split-KV
     let mut c = Case::new(3, 17, 1000, 4, 64, DType::F16);
     c.window = (100, 3);
     v.push(c);

@@ -26,28 +26,34 @@ impl MulAdd for Separate {
 }
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2: f32 = std::f32::consts::LN_2;
 
-/// e^x to about 1 ulp on [-inf, 88], returning exactly 0 for x <= -87.4 (and -inf).
-/// 2^t = 2^n · 2^f with n = round(t), |f| <= 1/2; 2^f by its Taylor series to degree 7
-/// (truncation error < 2e-9 relative); 2^n by building the exponent bits.
+/// e^x to a few ulp for x in [-87, 88], exactly 0 for x <= -88 (and -inf).
+/// e^x = 2^n · e^r with n = round(x·log2 e) and r = x − n·ln 2 computed in two parts
+/// (Cody–Waite, so r stays accurate for large |x|), |r| <= ln2/2; e^r by its Taylor series to
+/// degree 7 (truncation < 3e-9 relative); 2^n by building the exponent bits.
 #[inline(always)]
 pub fn exp<M: MulAdd>(x: f32) -> f32 {
-    let t = (x * LOG2E).clamp(-127.0, 127.0);
-    // Round to nearest with the 1.5·2^23 trick (vectorises, unlike f32::round).
+    // ln 2 split so that n·LN2_HI is exact for |n| <= 127.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-88.0, 88.0);
+    // Round to nearest with the 1.5·2^23 trick (vectorises, unlike f32::round): y's low
+    // mantissa bits then hold n as an integer, read without a float-to-int conversion.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (t + MAGIC) - MAGIC;
-    let f = (t - n) * LN2; // e^f = 2^(t-n)
+    let y = x * LOG2E + MAGIC;
+    let n = y - MAGIC;
+    let ni = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = M::mul_add(n, -LN2_LO, M::mul_add(n, -LN2_HI, x));
     let mut p = 1.0 / 5040.0;
-    p = M::mul_add(p, f, 1.0 / 720.0);
-    p = M::mul_add(p, f, 1.0 / 120.0);
-    p = M::mul_add(p, f, 1.0 / 24.0);
-    p = M::mul_add(p, f, 1.0 / 6.0);
-    p = M::mul_add(p, f, 0.5);
-    p = M::mul_add(p, f, 1.0);
-    p = M::mul_add(p, f, 1.0);
-    // n = -127 gives exponent bits 0, i.e. the scale 0: underflow flushes to exactly zero.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p = M::mul_add(p, r, 1.0 / 720.0);
+    p = M::mul_add(p, r, 1.0 / 120.0);
+    p = M::mul_add(p, r, 1.0 / 24.0);
+    p = M::mul_add(p, r, 1.0 / 6.0);
+    p = M::mul_add(p, r, 0.5);
+    p = M::mul_add(p, r, 1.0);
+    p = M::mul_add(p, r, 1.0);
+    // n = -127 (x <= -88) gives exponent bits 0, i.e. the scale 0: flushes to exactly zero.
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     p * scale
 }
 
@@ -69,16 +75,77 @@ pub fn tanh<M: MulAdd>(x: f32) -> f32 {
     r.copysign(x)
 }
 
+/// Lanes of the reductions below: independent partial results combined in a fixed order, so the
+/// compiler can vectorise them (a sequential float sum cannot be reordered) and results stay
+/// identical for every run.
+const LANES: usize = 16;
+
+/// Largest element of `x` (whose length is a multiple of 16); -inf for an empty slice.
+#[inline(always)]
+pub fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    for chunk in x.chunks_exact(LANES) {
+        for i in 0..LANES {
+            acc[i] = if chunk[i] > acc[i] { chunk[i] } else { acc[i] };
+        }
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Replaces each element by `exp(x - m)` and returns their sum (length a multiple of 16).
+#[inline(always)]
+pub fn exp_sub_sum<M: MulAdd>(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    for chunk in x.chunks_exact_mut(LANES) {
+        for i in 0..LANES {
+            chunk[i] = exp::<M>(chunk[i] - m);
+            acc[i] += chunk[i];
+        }
+    }
+    acc.iter().sum()
+}
+
+/// Σ a[i]·b[i] over equal-length slices, in 16 lanes combined in a fixed order.
+#[inline(always)]
+pub fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..LANES {
+            acc[i] = M::mul_add(x[i], y[i], acc[i]);
+        }
+    }
+    for (i, (x, y)) in ar.iter().zip(br).enumerate() {
+        acc[i] = M::mul_add(*x, *y, acc[i]);
+    }
+    acc.iter().sum()
+}
+
+/// y += a·x over equal-length slices.
+#[inline(always)]
+pub fn axpy<M: MulAdd>(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = M::mul_add(a, *xi, *yi);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn exp_matches_libm() {
+        exp_close::<Separate>();
+        exp_close::<Fused>();
+    }
+
+    fn exp_close<M: MulAdd>() {
         let mut worst = 0f64;
         let mut x = -87.0f32;
-        while x <= 0.0 {
-            let got = exp::<Separate>(x) as f64;
+        while x <= 88.0 {
+            let got = exp::<M>(x) as f64;
             let want = (x as f64).exp();
             worst = worst.max(((got - want) / want).abs());
             x += 0.001;

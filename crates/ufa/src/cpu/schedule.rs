@@ -16,6 +16,8 @@ use rayon::prelude::*;
 
 /// Enough independent items for a large machine; fewer than this triggers KV splitting.
 const TARGET_ITEMS: usize = 128;
+/// Items needed before blocks taller than 64 rows are used.
+const MIN_ITEMS_FOR_TALL_BLOCKS: usize = 32;
 /// Fewest key tiles a split may have, so merging stays cheap next to the work.
 const MIN_TILES_PER_SPLIT: usize = 4;
 
@@ -29,14 +31,20 @@ struct Plan {
 
 fn plan(p: &Problem) -> Plan {
     let rows_per_head = p.seqlen_q * p.group_size();
-    let max_block = if p.head_dim.max(p.head_dim_v) > 256 {
+    let heads = p.batch * p.heads_kv;
+    // Taller blocks share each packed K/V tile among more query rows; shorter ones give more
+    // items to spread over threads. Take the tallest that still leaves enough items.
+    let block_rows = if p.head_dim.max(p.head_dim_v) > 256 {
         32
     } else {
-        64
-    };
-    let block_rows = rows_per_head.min(max_block);
+        [256, 128]
+            .into_iter()
+            .find(|&b| heads * rows_per_head.div_ceil(b) >= MIN_ITEMS_FOR_TALL_BLOCKS)
+            .unwrap_or(64)
+    }
+    .min(rows_per_head);
     let row_blocks = rows_per_head.div_ceil(block_rows);
-    let items = p.batch * p.heads_kv * row_blocks;
+    let items = heads * row_blocks;
     let kv_tiles = p.seqlen_kv.div_ceil(BK);
     let splits = if items >= TARGET_ITEMS {
         1

@@ -2,7 +2,7 @@
 //! range of keys, with the online softmax. Leaves the running max `m`, sum `l` and unnormalised
 //! accumulator in [`Scratch`]; the scheduler writes them out or merges split results.
 
-use super::math::{exp, tanh, MulAdd};
+use super::math::{axpy, dot, exp, exp_sub_sum, max_of, tanh, MulAdd};
 use super::microkernel::{accumulate_pv, scores, BK, R};
 use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::Problem;
@@ -112,25 +112,30 @@ pub fn attend<M: MulAdd, const C: usize>(
 ) {
     let (d, dv, dvp) = (p.head_dim, p.head_dim_v, sc.dvp);
     let rows = round_up(t.nrows, R);
+    // With one or two rows (decoding without GQA) most of a register block would be padding:
+    // take dot products with K rows and add V rows in place instead.
+    let few_rows = t.nrows <= 2;
     let mut j0 = keys.0;
     while j0 < keys.1 {
         let nk = (keys.1 - j0).min(BK);
-        // Pack K transposed (d × BK) in fp32; columns past nk are zero.
-        for jj in 0..BK {
-            if jj < nk {
-                let row = &mut sc.row[..d];
+        if few_rows {
+            for jj in 0..nk {
                 // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
-                unsafe { load_row_f32(p.k.dtype, p.k.at([t.batch, j0 + jj, t.hkv, 0]), row) };
-                for (e, &x) in row.iter().enumerate() {
-                    sc.kt[e * BK + jj] = x;
-                }
-            } else {
-                for e in 0..d {
-                    sc.kt[e * BK + jj] = 0.0;
+                let k = unsafe {
+                    row_f32(
+                        p.k.dtype,
+                        p.k.at([t.batch, j0 + jj, t.hkv, 0]),
+                        &mut sc.row[..d],
+                    )
+                };
+                for r in 0..t.nrows {
+                    sc.s[r * BK + jj] = dot::<M>(&sc.q[r * d..][..d], k);
                 }
             }
+        } else {
+            pack_kt(p, t, j0, nk, sc);
+            scores::<M, C>(&sc.q, d, &sc.kt, &mut sc.s, rows);
         }
-        scores::<M, C>(&sc.q, d, &sc.kt, &mut sc.s, rows);
         for r in 0..rows {
             let s = &mut sc.s[r * BK..][..BK];
             if r >= t.nrows {
@@ -148,17 +153,12 @@ pub fn attend<M: MulAdd, const C: usize>(
                 nk,
                 s,
             );
-            let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let m_new = sc.m[r].max(mx);
+            let m_new = sc.m[r].max(max_of(s));
             if m_new == f32::NEG_INFINITY {
                 s.fill(0.0); // nothing visible yet: P = 0, state unchanged
                 continue;
             }
-            let mut sum = 0.0;
-            for x in s.iter_mut() {
-                *x = exp::<M>(*x - m_new);
-                sum += *x;
-            }
+            let sum = exp_sub_sum::<M>(s, m_new);
             let corr = exp::<M>(sc.m[r] - m_new);
             sc.l[r] = M::mul_add(sc.l[r], corr, sum);
             if corr != 1.0 {
@@ -166,18 +166,64 @@ pub fn attend<M: MulAdd, const C: usize>(
             }
             sc.m[r] = m_new;
         }
-        for jj in 0..nk {
-            // SAFETY: as for K.
-            unsafe {
-                load_row_f32(
-                    p.v.dtype,
-                    p.v.at([t.batch, j0 + jj, t.hkv, 0]),
-                    &mut sc.v[jj * dvp..][..dv],
-                )
-            };
+        if few_rows {
+            for jj in 0..nk {
+                // SAFETY: as for K.
+                let v = unsafe {
+                    row_f32(
+                        p.v.dtype,
+                        p.v.at([t.batch, j0 + jj, t.hkv, 0]),
+                        &mut sc.row[..dv],
+                    )
+                };
+                for r in 0..t.nrows {
+                    axpy::<M>(sc.s[r * BK + jj], v, &mut sc.acc[r * dvp..][..dv]);
+                }
+            }
+        } else {
+            for jj in 0..nk {
+                let dst = &mut sc.v[jj * dvp..][..dv];
+                // SAFETY: as for K.
+                unsafe { load_row_f32(p.v.dtype, p.v.at([t.batch, j0 + jj, t.hkv, 0]), dst) };
+            }
+            accumulate_pv::<M, C>(&sc.s, &sc.v, dvp, &mut sc.acc, rows, nk);
         }
-        accumulate_pv::<M, C>(&sc.s, &sc.v, dvp, &mut sc.acc, rows, nk);
         j0 += nk;
+    }
+}
+
+/// Packs keys `j0..j0+nk` of K transposed (d × BK) in fp32; columns past `nk` are zero.
+#[inline(always)]
+fn pack_kt(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch) {
+    let d = p.head_dim;
+    for jj in 0..BK {
+        if jj < nk {
+            let row = &mut sc.row[..d];
+            // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
+            unsafe { load_row_f32(p.k.dtype, p.k.at([t.batch, j0 + jj, t.hkv, 0]), row) };
+            for (e, &x) in row.iter().enumerate() {
+                sc.kt[e * BK + jj] = x;
+            }
+        } else {
+            for e in 0..d {
+                sc.kt[e * BK + jj] = 0.0;
+            }
+        }
+    }
+}
+
+/// Row `ptr` of `buf.len()` elements as fp32: read in place for f32 data, converted into `buf`
+/// otherwise.
+///
+/// # Safety
+/// `ptr` must address `buf.len()` readable, aligned elements of `dtype`.
+#[inline(always)]
+unsafe fn row_f32(dtype: DType, ptr: *const u8, buf: &mut [f32]) -> &[f32] {
+    if dtype == DType::F32 {
+        std::slice::from_raw_parts(ptr as *const f32, buf.len())
+    } else {
+        load_row_f32(dtype, ptr, buf);
+        buf
     }
 }
 
