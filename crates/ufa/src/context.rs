@@ -5,7 +5,7 @@ use crate::cuda::CudaBackend;
 use crate::device::Device;
 use crate::error::{invalid, Result};
 use crate::params::AttentionParams;
-use crate::problem::validate_forward;
+use crate::problem::{validate_backward, validate_forward, BackwardArgs};
 use crate::tensor::{TensorView, TensorViewMut};
 
 /// Environment variable that sets the CPU thread count of contexts built without one.
@@ -116,6 +116,62 @@ impl Context {
         match problem.device {
             Device::Cpu => self.cpu.forward(&problem),
             Device::Cuda(_) => self.cuda.forward(&problem),
+        }
+    }
+}
+
+/// What the backward pass reads: the forward's inputs and output, its log-sum-exp, and the
+/// gradient of the loss with respect to the output.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardInputs<'a> {
+    /// `[batch, seqlen_q, heads_q, head_dim]`
+    pub q: TensorView<'a>,
+    /// `[batch, seqlen_kv, heads_kv, head_dim]`
+    pub k: TensorView<'a>,
+    /// `[batch, seqlen_kv, heads_kv, head_dim_v]`
+    pub v: TensorView<'a>,
+    /// The forward's output, `[batch, seqlen_q, heads_q, head_dim_v]`.
+    pub out: TensorView<'a>,
+    /// Gradient of the loss with respect to `out`, same shape.
+    pub dout: TensorView<'a>,
+    /// The forward's log-sum-exp, f32 `[batch, heads_q, seqlen_q]`.
+    pub lse: TensorView<'a>,
+}
+
+/// Where the backward pass writes: gradients with the shapes of q, k and v (any float dtype).
+/// For GQA, dk and dv are summed over the query heads that share a KV head.
+#[derive(Debug)]
+pub struct Gradients<'a> {
+    pub dq: TensorViewMut<'a>,
+    pub dk: TensorViewMut<'a>,
+    pub dv: TensorViewMut<'a>,
+}
+
+impl Context {
+    /// Gradients of attention with respect to q, k and v, for the same `params` as the forward.
+    /// On error nothing is written. The CPU backend is always deterministic (bitwise-identical
+    /// results for every run and thread count), so `params.deterministic` changes nothing there.
+    pub fn backward(
+        &self,
+        inputs: &BackwardInputs<'_>,
+        grads: &mut Gradients<'_>,
+        params: &AttentionParams<'_>,
+    ) -> Result<()> {
+        let args = BackwardArgs {
+            q: &inputs.q,
+            k: &inputs.k,
+            v: &inputs.v,
+            out: &inputs.out,
+            dout: &inputs.dout,
+            lse: &inputs.lse,
+            dq: &grads.dq,
+            dk: &grads.dk,
+            dv: &grads.dv,
+        };
+        let problem = validate_backward(&args, params)?;
+        match problem.fwd.device {
+            Device::Cpu => self.cpu.backward(&problem),
+            Device::Cuda(_) => self.cuda.backward(&problem),
         }
     }
 }

@@ -35,7 +35,7 @@ pub mod reference;
 mod tensor;
 pub mod testing;
 
-pub use context::{Context, ContextBuilder, NUM_THREADS_ENV};
+pub use context::{BackwardInputs, Context, ContextBuilder, Gradients, NUM_THREADS_ENV};
 pub use cpu::{cpu_features, Isa};
 pub use device::Device;
 pub use dtype::{DType, Element};

@@ -38,6 +38,9 @@ pub struct AttentionParams<'a> {
     /// A boolean (true = attend) or additive (f16/bf16/f32) mask, broadcastable to
     /// `[batch, heads_q, seqlen_q, seqlen_kv]` (NumPy rules: dims aligned on the right, each 1 or full).
     pub mask: Option<TensorView<'a>>,
+    /// Backward only: bitwise-reproducible gradients run to run, at some cost in speed on GPUs
+    /// (no order-dependent atomics). The CPU backend is always deterministic.
+    pub deterministic: bool,
 }
 
 impl Default for AttentionParams<'_> {
@@ -51,6 +54,7 @@ impl Default for AttentionParams<'_> {
             softcap: 0.0,
             alibi_slopes: None,
             mask: None,
+            deterministic: false,
         }
     }
 }
@@ -83,6 +87,10 @@ impl<'a> AttentionParams<'a> {
     }
     pub fn mask(mut self, mask: TensorView<'a>) -> Self {
         self.mask = Some(mask);
+        self
+    }
+    pub fn deterministic(mut self, deterministic: bool) -> Self {
+        self.deterministic = deterministic;
         self
     }
 }

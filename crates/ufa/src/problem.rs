@@ -167,80 +167,99 @@ fn check_device(name: &str, got: Device, want: Device) -> Result<()> {
     Ok(())
 }
 
-/// Checks every argument of a forward call and returns the problem the backends run.
-pub(crate) fn validate_forward(
+/// What a tensor must look like: its dims with the name of what each must equal.
+type Expect<'n> = [(usize, &'n str)];
+
+/// Checks device, rank, dims and a contiguous last dim (rank-3 LSE tensors excepted).
+fn check_tensor(
+    name: &str,
+    l: &Layout,
+    device: Device,
+    want_device: Device,
+    want: &Expect<'_>,
+) -> Result<()> {
+    check_device(name, device, want_device)?;
+    if l.ndim() != want.len() {
+        let names: Vec<&str> = want.iter().map(|w| w.1).collect();
+        invalid!(
+            "{name} must have {} dimensions [{}], got {} (shape {:?})",
+            want.len(),
+            names.join(", "),
+            l.ndim(),
+            l.shape()
+        );
+    }
+    for (d, &(size, what)) in want.iter().enumerate() {
+        check_dim(name, l, d, size, what)?;
+    }
+    if want.len() == 4 {
+        check_last_contiguous(name, l)?;
+    }
+    Ok(())
+}
+
+fn check_float(name: &str, dtype: DType) -> Result<()> {
+    if !dtype.is_float() {
+        invalid!("{name}.dtype={dtype} but must be f16, bf16 or f32");
+    }
+    Ok(())
+}
+
+fn check_f32(name: &str, dtype: DType) -> Result<()> {
+    if dtype != DType::F32 {
+        invalid!("{name}.dtype={dtype} but must be f32");
+    }
+    Ok(())
+}
+
+/// An output must not address one element twice (threads would race on it).
+fn check_no_self_overlap(name: &str, l: &Layout) -> Result<()> {
+    if l.has_overlap() {
+        invalid!(
+            "{name} has strides {:?} for shape {:?}, so different elements share memory",
+            l.strides(),
+            l.shape()
+        );
+    }
+    Ok(())
+}
+
+/// Byte ranges of named tensors, for the aliasing rules.
+type Ranges<'n> = Vec<(&'n str, (usize, usize))>;
+
+fn range_of(name: &str, t: &TensorView<'_>) -> (String, (usize, usize)) {
+    (
+        name.to_string(),
+        byte_range(t.as_ptr(), t.dtype(), t.layout()),
+    )
+}
+
+/// Outputs must not share memory with each other or with any input: other threads read the
+/// inputs while outputs are written.
+fn check_no_alias(outputs: &Ranges<'_>, inputs: &Ranges<'_>) -> Result<()> {
+    let meets = |a: (usize, usize), b: (usize, usize)| a.0 < b.1 && b.0 < a.1;
+    for (i, (oname, o)) in outputs.iter().enumerate() {
+        for (other, r) in &outputs[i + 1..] {
+            if meets(*o, *r) {
+                invalid!("{oname} and {other} share memory; they must be separate buffers");
+            }
+        }
+        for (iname, r) in inputs {
+            if meets(*o, *r) {
+                invalid!("{oname} shares memory with {iname}; outputs must not overlap inputs");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Byte ranges of the inputs of `validate_inputs`.
+fn input_ranges<'a>(
     q: &TensorView<'_>,
     k: &TensorView<'_>,
     v: &TensorView<'_>,
-    out: &TensorViewMut<'_>,
-    lse: Option<&TensorViewMut<'_>>,
     params: &AttentionParams<'_>,
-) -> Result<Problem> {
-    check_rank(
-        "out",
-        out.layout(),
-        4,
-        "[batch, seqlen_q, heads_q, head_dim_v]",
-    )?;
-    let mut p = validate_inputs(q, k, v, params)?;
-    let [batch, seqlen_q, heads_q, head_dim_v] = [p.batch, p.seqlen_q, p.heads_q, p.head_dim_v];
-    check_device("out", out.device(), p.device)?;
-    if !out.dtype().is_float() {
-        invalid!("out.dtype={} but must be f16, bf16 or f32", out.dtype());
-    }
-    check_dim("out", out.layout(), 0, batch, "q.shape[0] (batch)")?;
-    check_dim("out", out.layout(), 1, seqlen_q, "q.shape[1] (seqlen_q)")?;
-    check_dim("out", out.layout(), 2, heads_q, "q.shape[2] (heads_q)")?;
-    check_dim(
-        "out",
-        out.layout(),
-        3,
-        head_dim_v,
-        "v.shape[3] (head_dim_v)",
-    )?;
-    check_last_contiguous("out", out.layout())?;
-    if out.layout().has_overlap() {
-        invalid!(
-            "out has strides {:?} for shape {:?}, so different elements share memory",
-            out.strides(),
-            out.shape()
-        );
-    }
-
-    let lse_op = match lse {
-        None => None,
-        Some(l) => {
-            check_device("lse", l.device(), p.device)?;
-            check_rank("lse", l.layout(), 3, "[batch, heads_q, seqlen_q]")?;
-            if l.dtype() != DType::F32 {
-                invalid!("lse.dtype={} but must be f32", l.dtype());
-            }
-            check_dim("lse", l.layout(), 0, batch, "q.shape[0] (batch)")?;
-            check_dim("lse", l.layout(), 1, heads_q, "q.shape[2] (heads_q)")?;
-            check_dim("lse", l.layout(), 2, seqlen_q, "q.shape[1] (seqlen_q)")?;
-            if l.layout().has_overlap() {
-                invalid!(
-                    "lse has strides {:?} for shape {:?}, so different elements share memory",
-                    l.strides(),
-                    l.shape()
-                );
-            }
-            let ptr = l.as_view().as_ptr();
-            Some(operand(ptr, DType::F32, l.layout()))
-        }
-    };
-
-    // Outputs must not share memory with any input (other threads read those while we write).
-    let mut outputs = vec![(
-        "out",
-        byte_range(out.as_view().as_ptr(), out.dtype(), out.layout()),
-    )];
-    if let Some(l) = lse {
-        outputs.push((
-            "lse",
-            byte_range(l.as_view().as_ptr(), DType::F32, l.layout()),
-        ));
-    }
+) -> Ranges<'a> {
     let mut inputs = vec![
         ("q", byte_range(q.as_ptr(), q.dtype(), q.layout())),
         ("k", byte_range(k.as_ptr(), k.dtype(), k.layout())),
@@ -255,21 +274,143 @@ pub(crate) fn validate_forward(
     if let Some(m) = &params.mask {
         inputs.push(("mask", byte_range(m.as_ptr(), m.dtype(), m.layout())));
     }
-    if let [(_, a), (_, b)] = outputs[..] {
-        if a.0 < b.1 && b.0 < a.1 {
-            invalid!("out and lse share memory; they must be separate buffers");
-        }
+    inputs
+}
+
+impl Problem {
+    fn q_shape(&self) -> [(usize, &'static str); 4] {
+        [
+            (self.batch, "q.shape[0] (batch)"),
+            (self.seqlen_q, "q.shape[1] (seqlen_q)"),
+            (self.heads_q, "q.shape[2] (heads_q)"),
+            (self.head_dim, "q.shape[3] (head_dim)"),
+        ]
     }
-    for (oname, o) in &outputs {
-        for (iname, i) in &inputs {
-            if o.0 < i.1 && i.0 < o.1 {
-                invalid!("{oname} shares memory with {iname}; outputs must not overlap inputs");
-            }
-        }
+    fn out_shape(&self) -> [(usize, &'static str); 4] {
+        let mut s = self.q_shape();
+        s[3] = (self.head_dim_v, "v.shape[3] (head_dim_v)");
+        s
     }
+    fn kv_shape(&self, head_dim: usize, what: &'static str) -> [(usize, &'static str); 4] {
+        [
+            (self.batch, "q.shape[0] (batch)"),
+            (self.seqlen_kv, "k.shape[1] (seqlen_kv)"),
+            (self.heads_kv, "k.shape[2] (heads_kv)"),
+            (head_dim, what),
+        ]
+    }
+    fn lse_shape(&self) -> [(usize, &'static str); 3] {
+        [
+            (self.batch, "q.shape[0] (batch)"),
+            (self.heads_q, "q.shape[2] (heads_q)"),
+            (self.seqlen_q, "q.shape[1] (seqlen_q)"),
+        ]
+    }
+}
+
+/// Checks every argument of a forward call and returns the problem the backends run.
+pub(crate) fn validate_forward(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    out: &TensorViewMut<'_>,
+    lse: Option<&TensorViewMut<'_>>,
+    params: &AttentionParams<'_>,
+) -> Result<Problem> {
+    let mut p = validate_inputs(q, k, v, params)?;
+    check_tensor("out", out.layout(), out.device(), p.device, &p.out_shape())?;
+    check_float("out", out.dtype())?;
+    check_no_self_overlap("out", out.layout())?;
+    let mut outputs: Ranges<'_> = vec![("out", range_of("out", &out.as_view()).1)];
+    if let Some(l) = lse {
+        check_tensor("lse", l.layout(), l.device(), p.device, &p.lse_shape())?;
+        check_f32("lse", l.dtype())?;
+        check_no_self_overlap("lse", l.layout())?;
+        outputs.push(("lse", range_of("lse", &l.as_view()).1));
+    }
+    check_no_alias(&outputs, &input_ranges(q, k, v, params))?;
     p.out = operand(out.as_view().as_ptr(), out.dtype(), out.layout());
-    p.lse = lse_op;
+    p.lse = lse.map(|l| operand(l.as_view().as_ptr(), DType::F32, l.layout()));
     Ok(p)
+}
+
+/// A validated backward problem: the forward's problem (with `out` and `lse` as inputs) plus
+/// the incoming gradient and the three outputs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BackwardProblem {
+    pub fwd: Problem,
+    /// [batch, seqlen_q, heads_q, head_dim_v]
+    pub dout: Operand,
+    /// [batch, seqlen_q, heads_q, head_dim]
+    pub dq: Operand,
+    /// [batch, seqlen_kv, heads_kv, head_dim]
+    pub dk: Operand,
+    /// [batch, seqlen_kv, heads_kv, head_dim_v]
+    pub dv: Operand,
+}
+
+/// The tensors of a backward call.
+pub(crate) struct BackwardArgs<'x, 'a> {
+    pub q: &'x TensorView<'a>,
+    pub k: &'x TensorView<'a>,
+    pub v: &'x TensorView<'a>,
+    pub out: &'x TensorView<'a>,
+    pub dout: &'x TensorView<'a>,
+    pub lse: &'x TensorView<'a>,
+    pub dq: &'x TensorViewMut<'a>,
+    pub dk: &'x TensorViewMut<'a>,
+    pub dv: &'x TensorViewMut<'a>,
+}
+
+/// Checks every argument of a backward call.
+pub(crate) fn validate_backward(
+    a: &BackwardArgs<'_, '_>,
+    params: &AttentionParams<'_>,
+) -> Result<BackwardProblem> {
+    let mut p = validate_inputs(a.q, a.k, a.v, params)?;
+    for (name, t) in [("out", a.out), ("dout", a.dout)] {
+        check_tensor(name, t.layout(), t.device(), p.device, &p.out_shape())?;
+        check_float(name, t.dtype())?;
+    }
+    check_tensor(
+        "lse",
+        a.lse.layout(),
+        a.lse.device(),
+        p.device,
+        &p.lse_shape(),
+    )?;
+    check_f32("lse", a.lse.dtype())?;
+    let grads = [
+        ("dq", a.dq, p.q_shape()),
+        ("dk", a.dk, p.kv_shape(p.head_dim, "q.shape[3] (head_dim)")),
+        (
+            "dv",
+            a.dv,
+            p.kv_shape(p.head_dim_v, "v.shape[3] (head_dim_v)"),
+        ),
+    ];
+    let mut outputs: Ranges<'_> = Vec::new();
+    for (name, t, shape) in &grads {
+        check_tensor(name, t.layout(), t.device(), p.device, shape)?;
+        check_float(name, t.dtype())?;
+        check_no_self_overlap(name, t.layout())?;
+        outputs.push((name, range_of(name, &t.as_view()).1));
+    }
+    let mut inputs = input_ranges(a.q, a.k, a.v, params);
+    inputs.push(("out", range_of("out", a.out).1));
+    inputs.push(("dout", range_of("dout", a.dout).1));
+    inputs.push(("lse", range_of("lse", a.lse).1));
+    check_no_alias(&outputs, &inputs)?;
+    p.out = operand(a.out.as_ptr(), a.out.dtype(), a.out.layout());
+    p.lse = Some(operand(a.lse.as_ptr(), DType::F32, a.lse.layout()));
+    let op = |t: &TensorViewMut<'_>| operand(t.as_view().as_ptr(), t.dtype(), t.layout());
+    Ok(BackwardProblem {
+        fwd: p,
+        dout: operand(a.dout.as_ptr(), a.dout.dtype(), a.dout.layout()),
+        dq: op(a.dq),
+        dk: op(a.dk),
+        dv: op(a.dv),
+    })
 }
 
 /// Checks the inputs of a call (everything but the outputs); `out` is left null.

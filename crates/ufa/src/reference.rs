@@ -39,13 +39,84 @@ fn mask_index(mask: &TensorView<'_>, full: [usize; 4]) -> Vec<usize> {
         .collect()
 }
 
-/// Computes attention in f64. Inputs are validated exactly as for the backends.
-pub fn reference_forward(
-    q: &TensorView<'_>,
-    k: &TensorView<'_>,
+/// The parameters as the reference uses them, and the score row of one query.
+struct RefScores<'x, 'a> {
+    q: &'x TensorView<'a>,
+    k: &'x TensorView<'a>,
+    params: &'x AttentionParams<'a>,
+    heads_q: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    scale: f64,
+    offset: i64,
+}
+
+impl RefScores<'_, '_> {
+    /// Scores of query `i` (batch `b`, head `h`) against every key (-inf where not visible), and
+    /// d(score)/d(scale·q·k) (the softcap's slope; 1 without softcap).
+    fn row(&self, b: usize, h: usize, i: usize, scores: &mut [f64], slope_of_cap: &mut [f64]) {
+        let params = self.params;
+        let hk = h / (self.heads_q / self.heads_kv);
+        let alibi = params.alibi_slopes.as_ref().map(|a| unsafe {
+            if a.ndim() == 1 {
+                read(a, &[h])
+            } else {
+                read(a, &[b, h])
+            }
+        });
+        let softcap = params.softcap as f64;
+        let c = i as i64 + self.offset; // the key this query is aligned with
+        for (j, s) in scores.iter_mut().enumerate() {
+            let jj = j as i64;
+            slope_of_cap[j] = 1.0;
+            let mut visible = true;
+            if params.causal && jj > c {
+                visible = false;
+            }
+            if params.window_left >= 0 && jj < c - params.window_left {
+                visible = false;
+            }
+            if params.window_right >= 0 && jj > c + params.window_right {
+                visible = false;
+            }
+            let mut bias = 0.0;
+            if let Some(m) = &params.mask {
+                let mv = unsafe { read(m, &mask_index(m, [b, h, i, j])) };
+                if m.dtype().is_float() {
+                    bias = mv;
+                } else if mv == 0.0 {
+                    visible = false;
+                }
+            }
+            if !visible {
+                *s = f64::NEG_INFINITY;
+                continue;
+            }
+            let mut dot = 0.0;
+            for e in 0..self.head_dim {
+                dot += unsafe { read(self.q, &[b, i, h, e]) * read(self.k, &[b, j, hk, e]) };
+            }
+            let mut x = self.scale * dot;
+            if softcap > 0.0 {
+                let t = (x / softcap).tanh();
+                x = softcap * t;
+                slope_of_cap[j] = 1.0 - t * t;
+            }
+            if let Some(sl) = alibi {
+                x -= sl * (c - jj).abs() as f64;
+            }
+            *s = x + bias;
+        }
+    }
+}
+
+/// Validates the inputs and prepares the score computation.
+fn ref_setup<'x, 'a>(
+    q: &'x TensorView<'a>,
+    k: &'x TensorView<'a>,
     v: &TensorView<'_>,
-    params: &AttentionParams<'_>,
-) -> Result<ReferenceOutput> {
+    params: &'x AttentionParams<'a>,
+) -> Result<(crate::problem::Problem, RefScores<'x, 'a>)> {
     let p = validate_inputs(q, k, v, params)?;
     if p.device != Device::Cpu {
         invalid!(
@@ -53,6 +124,91 @@ pub fn reference_forward(
             p.device
         );
     }
+    let scores = RefScores {
+        q,
+        k,
+        params,
+        heads_q: p.heads_q,
+        heads_kv: p.heads_kv,
+        head_dim: p.head_dim,
+        scale: params
+            .softmax_scale
+            .map_or(1.0 / (p.head_dim as f64).sqrt(), |s| s as f64),
+        offset: match params.causal_alignment {
+            CausalAlignment::BottomRight => p.seqlen_kv as i64 - p.seqlen_q as i64,
+            CausalAlignment::TopLeft => 0,
+        },
+    };
+    Ok((p, scores))
+}
+
+/// Turns a score row into probabilities in place; returns the log-sum-exp (-inf, and all
+/// probabilities 0, when no key is visible).
+fn softmax_row(scores: &mut [f64]) -> f64 {
+    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        scores.iter_mut().for_each(|s| *s = 0.0);
+        return f64::NEG_INFINITY;
+    }
+    let l: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+    let lse = m + l.ln();
+    scores.iter_mut().for_each(|s| *s = (*s - lse).exp());
+    lse
+}
+
+/// Computes attention in f64. Inputs are validated exactly as for the backends.
+pub fn reference_forward(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    params: &AttentionParams<'_>,
+) -> Result<ReferenceOutput> {
+    let (p, rs) = ref_setup(q, k, v, params)?;
+    let (b_n, sq, skv, hq, dv) = (p.batch, p.seqlen_q, p.seqlen_kv, p.heads_q, p.head_dim_v);
+    let mut out = vec![0.0; b_n * sq * hq * dv];
+    let mut lse = vec![f64::NEG_INFINITY; b_n * hq * sq];
+    let (mut probs, mut cap) = (vec![0.0; skv], vec![0.0; skv]);
+    for b in 0..b_n {
+        for h in 0..hq {
+            let hk = h / (hq / p.heads_kv);
+            for i in 0..sq {
+                rs.row(b, h, i, &mut probs, &mut cap);
+                lse[(b * hq + h) * sq + i] = softmax_row(&mut probs);
+                let o = &mut out[((b * sq + i) * hq + h) * dv..][..dv];
+                for (j, &w) in probs.iter().enumerate() {
+                    if w != 0.0 {
+                        for (e, oe) in o.iter_mut().enumerate() {
+                            *oe += w * unsafe { read(v, &[b, j, hk, e]) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(ReferenceOutput { out, lse })
+}
+
+/// Gradients from [`reference_backward`], contiguous f64, in the layouts of q, k and v.
+#[derive(Clone, Debug)]
+pub struct ReferenceGrads {
+    /// [batch, seqlen_q, heads_q, head_dim]
+    pub dq: Vec<f64>,
+    /// [batch, seqlen_kv, heads_kv, head_dim]
+    pub dk: Vec<f64>,
+    /// [batch, seqlen_kv, heads_kv, head_dim_v]
+    pub dv: Vec<f64>,
+}
+
+/// Gradients of `Σ out · dout` with respect to q, k and v, in f64 (the forward is recomputed
+/// here, so it needs neither `out` nor the log-sum-exp).
+pub fn reference_backward(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    dout: &TensorView<'_>,
+    params: &AttentionParams<'_>,
+) -> Result<ReferenceGrads> {
+    let (p, rs) = ref_setup(q, k, v, params)?;
     let (b_n, sq, skv, hq, hkv, d, dv) = (
         p.batch,
         p.seqlen_q,
@@ -62,87 +218,134 @@ pub fn reference_forward(
         p.head_dim,
         p.head_dim_v,
     );
-    let scale = params
-        .softmax_scale
-        .map_or(1.0 / (d as f64).sqrt(), |s| s as f64);
-    let softcap = params.softcap as f64;
-    let offset = match params.causal_alignment {
-        CausalAlignment::BottomRight => skv as i64 - sq as i64,
-        CausalAlignment::TopLeft => 0,
+    if dout.shape() != [b_n, sq, hq, dv] {
+        invalid!(
+            "dout.shape={:?} but must be [batch, seqlen_q, heads_q, head_dim_v]={:?}",
+            dout.shape(),
+            [b_n, sq, hq, dv]
+        );
+    }
+    let mut g = ReferenceGrads {
+        dq: vec![0.0; b_n * sq * hq * d],
+        dk: vec![0.0; b_n * skv * hkv * d],
+        dv: vec![0.0; b_n * skv * hkv * dv],
     };
-    let mut out = vec![0.0; b_n * sq * hq * dv];
-    let mut lse = vec![f64::NEG_INFINITY; b_n * hq * sq];
-    let mut scores = vec![f64::NEG_INFINITY; skv];
+    let (mut probs, mut cap, mut dp) = (vec![0.0; skv], vec![0.0; skv], vec![0.0; skv]);
     for b in 0..b_n {
         for h in 0..hq {
             let hk = h / (hq / hkv);
-            let slope = params.alibi_slopes.as_ref().map(|a| unsafe {
-                if a.ndim() == 1 {
-                    read(a, &[h])
-                } else {
-                    read(a, &[b, h])
-                }
-            });
             for i in 0..sq {
-                let c = i as i64 + offset; // the key this query is aligned with
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let jj = j as i64;
-                    let mut visible = true;
-                    if params.causal && jj > c {
-                        visible = false;
-                    }
-                    if params.window_left >= 0 && jj < c - params.window_left {
-                        visible = false;
-                    }
-                    if params.window_right >= 0 && jj > c + params.window_right {
-                        visible = false;
-                    }
-                    let mut bias = 0.0;
-                    if let Some(m) = &params.mask {
-                        let mv = unsafe { read(m, &mask_index(m, [b, h, i, j])) };
-                        if m.dtype().is_float() {
-                            bias = mv;
-                        } else if mv == 0.0 {
-                            visible = false;
-                        }
-                    }
-                    if !visible {
-                        *s = f64::NEG_INFINITY;
+                rs.row(b, h, i, &mut probs, &mut cap);
+                softmax_row(&mut probs);
+                let dout_i: Vec<f64> = (0..dv)
+                    .map(|e| unsafe { read(dout, &[b, i, h, e]) })
+                    .collect();
+                // dP = dO · Vᵀ; D = Σ P ∘ dP
+                let mut big_d = 0.0;
+                for j in 0..skv {
+                    dp[j] = (0..dv)
+                        .map(|e| dout_i[e] * unsafe { read(v, &[b, j, hk, e]) })
+                        .sum();
+                    big_d += probs[j] * dp[j];
+                }
+                for j in 0..skv {
+                    if probs[j] == 0.0 {
                         continue;
                     }
-                    let mut dot = 0.0;
+                    // dS with respect to scale·q·k, through the softmax and the softcap.
+                    let ds = probs[j] * (dp[j] - big_d) * cap[j];
                     for e in 0..d {
-                        dot += unsafe { read(q, &[b, i, h, e]) * read(k, &[b, j, hk, e]) };
+                        let (qe, ke) = unsafe { (read(q, &[b, i, h, e]), read(k, &[b, j, hk, e])) };
+                        g.dq[((b * sq + i) * hq + h) * d + e] += rs.scale * ds * ke;
+                        g.dk[((b * skv + j) * hkv + hk) * d + e] += rs.scale * ds * qe;
                     }
-                    let mut x = scale * dot;
-                    if softcap > 0.0 {
-                        x = softcap * (x / softcap).tanh();
-                    }
-                    if let Some(sl) = slope {
-                        x -= sl * (c - jj).abs() as f64;
-                    }
-                    *s = x + bias;
-                }
-                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                if m == f64::NEG_INFINITY {
-                    continue; // no visible key: zeros and -inf
-                }
-                let mut l = 0.0;
-                let o = &mut out[((b * sq + i) * hq + h) * dv..][..dv];
-                for (j, &s) in scores.iter().enumerate() {
-                    let w = (s - m).exp();
-                    if w == 0.0 {
-                        continue;
-                    }
-                    l += w;
-                    for (e, oe) in o.iter_mut().enumerate() {
-                        *oe += w * unsafe { read(v, &[b, j, hk, e]) };
+                    let dv_j = &mut g.dv[((b * skv + j) * hkv + hk) * dv..][..dv];
+                    for (acc, g_e) in dv_j.iter_mut().zip(&dout_i) {
+                        *acc += probs[j] * g_e;
                     }
                 }
-                o.iter_mut().for_each(|x| *x /= l);
-                lse[(b * hq + h) * sq + i] = m + l.ln();
             }
         }
     }
-    Ok(ReferenceOutput { out, lse })
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TensorView;
+
+    /// The analytic gradients of the reference match central finite differences of
+    /// `Σ out · dout` on a tiny problem with every score modifier on.
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (b, sq, skv, hq, hkv, d, dv) = (1, 3, 5, 2, 1, 4, 3);
+        let gen = |n: usize, f: f64| {
+            (0..n)
+                .map(|i| ((i as f64 + 1.0) * f).sin() as f32)
+                .collect::<Vec<f32>>()
+        };
+        let mut q = gen(b * sq * hq * d, 0.7);
+        let mut k = gen(b * skv * hkv * d, 1.3);
+        let mut v = gen(b * skv * hkv * dv, 0.4);
+        let dout = gen(b * sq * hq * dv, 2.1);
+        let slopes = [0.3f32, 0.1];
+        let mask: Vec<f32> = gen(sq * skv, 0.9);
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            let params = AttentionParams::default()
+                .causal(true)
+                .softcap(1.5)
+                .alibi_slopes(TensorView::new(&slopes, &[2]).unwrap())
+                .mask(TensorView::new(&mask, &[sq, skv]).unwrap());
+            let o = reference_forward(
+                &TensorView::new(q, &[b, sq, hq, d]).unwrap(),
+                &TensorView::new(k, &[b, skv, hkv, d]).unwrap(),
+                &TensorView::new(v, &[b, skv, hkv, dv]).unwrap(),
+                &params,
+            )
+            .unwrap();
+            o.out.iter().zip(&dout).map(|(o, g)| o * *g as f64).sum()
+        };
+        let params = AttentionParams::default()
+            .causal(true)
+            .softcap(1.5)
+            .alibi_slopes(TensorView::new(&slopes, &[2]).unwrap())
+            .mask(TensorView::new(&mask, &[sq, skv]).unwrap());
+        let g = reference_backward(
+            &TensorView::new(&q, &[b, sq, hq, d]).unwrap(),
+            &TensorView::new(&k, &[b, skv, hkv, d]).unwrap(),
+            &TensorView::new(&v, &[b, skv, hkv, dv]).unwrap(),
+            &TensorView::new(&dout, &[b, sq, hq, dv]).unwrap(),
+            &params,
+        )
+        .unwrap();
+        let mut worst = 0f64;
+        for (which, grad) in [(0, &g.dq), (1, &g.dk), (2, &g.dv)] {
+            for idx in 0..grad.len() {
+                let bufs: [&mut Vec<f32>; 3] = [&mut q, &mut k, &mut v];
+                let x0 = bufs[which][idx];
+                let h = 1e-2f32;
+                bufs[which][idx] = x0 + h;
+                let up = (x0 + h) as f64;
+                let fp = loss(&q, &k, &v);
+                let bufs: [&mut Vec<f32>; 3] = [&mut q, &mut k, &mut v];
+                bufs[which][idx] = x0 - h;
+                let down = (x0 - h) as f64;
+                let fm = loss(&q, &k, &v);
+                let bufs: [&mut Vec<f32>; 3] = [&mut q, &mut k, &mut v];
+                bufs[which][idx] = x0;
+                let fd = (fp - fm) / (up - down);
+                worst = worst.max((fd - grad[idx]).abs());
+            }
+        }
+        // Central differences with h = 1e-2 are exact to O(h²) ~ 1e-4 times the third derivative.
+        assert!(worst < 2e-4, "largest gradient difference {worst}");
+        assert!(
+            g.dq.iter()
+                .chain(&g.dk)
+                .chain(&g.dv)
+                .any(|&x| x.abs() > 1e-2),
+            "gradients are trivially zero"
+        );
+    }
 }

@@ -1,8 +1,11 @@
 //! Random problems and their comparison with the f64 reference: shared by the test suites, the
 //! bindings' tests and `ufa check`, so every caller judges accuracy the same way.
 
-use crate::reference::{reference_forward, ReferenceOutput};
-use crate::{AttentionParams, CausalAlignment, Context, DType, Result, TensorView, TensorViewMut};
+use crate::reference::{reference_backward, reference_forward, ReferenceGrads, ReferenceOutput};
+use crate::{
+    AttentionParams, BackwardInputs, CausalAlignment, Context, DType, Gradients, Result,
+    TensorView, TensorViewMut,
+};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -135,6 +138,16 @@ impl Case {
             s += " strided";
         }
         s
+    }
+
+    /// The error bound for this case's gradients: as for the output (the backward reads the
+    /// forward's output in the input dtype, as FlashAttention does).
+    pub fn grad_tolerance(&self) -> f64 {
+        if self.dtype == DType::F32 && self.out_dtype == DType::F32 {
+            1e-5
+        } else {
+            1e-2
+        }
     }
 
     /// The error bound for this case's output (DESIGN.md: fp32 well under 1e-5, half types 1e-2).
@@ -278,6 +291,15 @@ pub struct Instance {
     lse: Option<Tensor>,
     alibi: Option<Tensor>,
     mask: Option<Tensor>,
+    grads: Option<GradTensors>,
+}
+
+/// The backward pass's extra tensors: the incoming gradient and the (poisoned) outputs.
+struct GradTensors {
+    dout: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
 }
 
 impl Instance {
@@ -371,6 +393,7 @@ impl Instance {
             lse,
             alibi,
             mask,
+            grads: None,
         }
     }
 
@@ -498,6 +521,174 @@ impl Instance {
         });
         (out, lse)
     }
+}
+
+impl Instance {
+    /// Runs the backward pass on `ctx` after the forward (which must have produced the LSE):
+    /// dO is drawn from the instance's seed, the gradients start as NaN.
+    pub fn run_backward(&mut self, ctx: &Context) -> Result<()> {
+        let c = self.case.clone();
+        let grads = self.grads.get_or_insert_with(|| {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x9e37_79b9_7f4a_7c15);
+            GradTensors {
+                dout: Tensor::random4(
+                    [c.batch, c.seqlen_q, c.heads_q, c.head_dim_v],
+                    Placement::Contiguous,
+                    c.dtype,
+                    &mut rng,
+                    1.0,
+                ),
+                dq: Tensor::poisoned4(
+                    [c.batch, c.seqlen_q, c.heads_q, c.head_dim],
+                    c.placement[0],
+                    c.dtype,
+                ),
+                dk: Tensor::poisoned4(
+                    [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim],
+                    c.placement[1],
+                    c.dtype,
+                ),
+                dv: Tensor::poisoned4(
+                    [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim_v],
+                    c.placement[2],
+                    c.dtype,
+                ),
+            }
+        });
+        let lse = self
+            .lse
+            .as_ref()
+            .ok_or_else(|| crate::Error::invalid("run_backward needs a case with_lse"))?;
+        let params = params_of(&self.case, self.alibi.as_ref(), self.mask.as_ref())?;
+        let inputs = BackwardInputs {
+            q: self.q.view()?,
+            k: self.k.view()?,
+            v: self.v.view()?,
+            out: self.out.view()?,
+            dout: grads.dout.view()?,
+            lse: lse.view()?,
+        };
+        let mut out = Gradients {
+            dq: grads
+                .dq
+                .storage
+                .view_mut(&grads.dq.shape, &grads.dq.strides)?,
+            dk: grads
+                .dk
+                .storage
+                .view_mut(&grads.dk.shape, &grads.dk.strides)?,
+            dv: grads
+                .dv
+                .storage
+                .view_mut(&grads.dv.shape, &grads.dv.strides)?,
+        };
+        ctx.backward(&inputs, &mut out, &params)
+    }
+
+    /// The f64 reference gradients for this case and the dO of [`Instance::run_backward`].
+    pub fn reference_grads(&self) -> Result<ReferenceGrads> {
+        let g = self
+            .grads
+            .as_ref()
+            .ok_or_else(|| crate::Error::invalid("run_backward first"))?;
+        reference_backward(
+            &self.q.view()?,
+            &self.k.view()?,
+            &self.v.view()?,
+            &g.dout.view()?,
+            &self.params()?,
+        )
+    }
+
+    /// Relative errors of dq, dk and dv against `reference`.
+    pub fn compare_grads(&self, reference: &ReferenceGrads) -> GradComparison {
+        let g = self.grads.as_ref().expect("run_backward first");
+        let mut errors = [0.0; 3];
+        let mut unwritten = 0;
+        for (n, (t, want)) in [
+            (&g.dq, &reference.dq),
+            (&g.dk, &reference.dk),
+            (&g.dv, &reference.dv),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (mut diff, mut norm) = (0.0, 0.0);
+            let [d0, d1, d2, d3] = [t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
+            let mut i = 0;
+            for a in 0..d0 {
+                for b in 0..d1 {
+                    for c in 0..d2 {
+                        for e in 0..d3 {
+                            let got = t.at(&[a, b, c, e]);
+                            unwritten += got.is_nan() as usize;
+                            diff += (got - want[i]) * (got - want[i]);
+                            norm += want[i] * want[i];
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            errors[n] = rel(diff, norm);
+        }
+        GradComparison {
+            dq: errors[0],
+            dk: errors[1],
+            dv: errors[2],
+            unwritten,
+            tolerance: self.case.grad_tolerance(),
+        }
+    }
+
+    /// The gradients as f64 in logical order (for bitwise comparisons between runs).
+    pub fn grads(&self) -> Option<[Vec<f64>; 3]> {
+        self.grads.as_ref().map(|g| {
+            [&g.dq, &g.dk, &g.dv].map(|t| {
+                let [d0, d1, d2, d3] = [t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
+                let mut v = Vec::with_capacity(d0 * d1 * d2 * d3);
+                for a in 0..d0 {
+                    for b in 0..d1 {
+                        for c in 0..d2 {
+                            for e in 0..d3 {
+                                v.push(t.at(&[a, b, c, e]));
+                            }
+                        }
+                    }
+                }
+                v
+            })
+        })
+    }
+}
+
+/// Errors of one backward run against the reference.
+#[derive(Clone, Copy, Debug)]
+pub struct GradComparison {
+    pub dq: f64,
+    pub dk: f64,
+    pub dv: f64,
+    /// Gradient elements still holding the NaN poison.
+    pub unwritten: usize,
+    pub tolerance: f64,
+}
+
+impl GradComparison {
+    pub fn passed(&self) -> bool {
+        self.unwritten == 0
+            && [self.dq, self.dk, self.dv]
+                .iter()
+                .all(|&e| e <= self.tolerance)
+    }
+}
+
+/// Runs forward and backward of `case` (with the LSE) and compares the gradients.
+pub fn check_grads(ctx: &Context, case: &Case, seed: u64) -> Result<GradComparison> {
+    let mut case = case.clone();
+    case.with_lse = true;
+    let mut inst = Instance::new(&case, seed);
+    inst.run(ctx)?;
+    inst.run_backward(ctx)?;
+    Ok(inst.compare_grads(&inst.reference_grads()?))
 }
 
 /// ||a - b|| / ||b||, or the absolute norm when the reference is all zeros. NaN stays NaN.

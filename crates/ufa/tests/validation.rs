@@ -478,3 +478,107 @@ fn slice_too_small_for_view() {
         "{err}"
     );
 }
+
+/// Backward: a valid call, then one bad argument at a time; the gradients stay untouched.
+#[test]
+fn backward_rules() {
+    use ufa::{BackwardInputs, Gradients};
+    let ctx = Context::builder().num_threads(2).build().unwrap();
+    let b = bufs();
+    let dout = b.q.clone();
+    let lse = vec![0.5f32; 2 * 4 * 5];
+    let lse_bad = vec![bf16::ONE; 2 * 4 * 5];
+    type Mutate = fn(&mut BackwardInputs<'_>);
+    let cases: Vec<(&str, &str, Mutate)> = vec![
+        ("ok", "", |_| {}),
+        ("dout shape", "dout.shape[1]=4", |i| {
+            i.dout = TensorView::new(&DOUT_SHORT, &[2, 4, 4, 8]).unwrap()
+        }),
+        ("lse dtype", "lse.dtype=bf16", |_| {}),
+        ("out rank", "out must have 4 dimensions", |i| {
+            i.out = TensorView::new(&DOUT_SHORT, &[2, 4, 32]).unwrap()
+        }),
+    ];
+    for (what, needle, mutate) in cases {
+        let mut dq = vec![POISON; b.q.len()];
+        let mut dk = vec![POISON; b.k.len()];
+        let mut dv = vec![POISON; b.v.len()];
+        let mut inputs = BackwardInputs {
+            q: TensorView::new(&b.q, &Q).unwrap(),
+            k: TensorView::new(&b.k, &KV).unwrap(),
+            v: TensorView::new(&b.v, &KV).unwrap(),
+            out: TensorView::new(&b.q, &Q).unwrap(),
+            dout: TensorView::new(&dout, &Q).unwrap(),
+            lse: if what == "lse dtype" {
+                TensorView::new(&lse_bad, &[2, 4, 5]).unwrap()
+            } else {
+                TensorView::new(&lse, &[2, 4, 5]).unwrap()
+            },
+        };
+        mutate(&mut inputs);
+        let mut grads = Gradients {
+            dq: TensorViewMut::new(&mut dq, &Q).unwrap(),
+            dk: TensorViewMut::new(&mut dk, &KV).unwrap(),
+            dv: TensorViewMut::new(&mut dv, &KV).unwrap(),
+        };
+        let r = ctx.backward(&inputs, &mut grads, &AttentionParams::default());
+        if what == "ok" {
+            r.unwrap();
+            assert!(dq
+                .iter()
+                .chain(&dk)
+                .chain(&dv)
+                .all(|x| x.is_finite() && *x != POISON));
+            continue;
+        }
+        let err = r.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{what}: {err}");
+        assert!(err.message().contains(needle), "{what}: {err}");
+        assert!(
+            dq.iter().chain(&dk).chain(&dv).all(|&x| x == POISON),
+            "{what}: gradients written"
+        );
+    }
+}
+
+static DOUT_SHORT: [f32; 2 * 4 * 4 * 8] = [0.0; 2 * 4 * 4 * 8];
+
+#[test]
+fn backward_gradient_aliasing_an_input_is_rejected() {
+    use ufa::{BackwardInputs, Gradients};
+    let ctx = Context::builder().num_threads(2).build().unwrap();
+    let mut b = bufs();
+    let lse = vec![0.5f32; 40];
+    let dout = b.q.clone();
+    let (mut dq, mut dv) = (vec![POISON; b.q.len()], vec![POISON; b.v.len()]);
+    let kptr = b.k.as_mut_ptr();
+    // dk is k itself, through a raw pointer as a C caller could pass it.
+    let dk = unsafe {
+        TensorViewMut::from_raw_parts(kptr.cast(), DType::F32, Device::Cpu, &KV, &[112, 16, 8, 1])
+    }
+    .unwrap();
+    let k = unsafe {
+        TensorView::from_raw_parts(kptr.cast(), DType::F32, Device::Cpu, &KV, &[112, 16, 8, 1])
+    }
+    .unwrap();
+    let k_before = b.k.clone();
+    let inputs = BackwardInputs {
+        q: TensorView::new(&b.q, &Q).unwrap(),
+        k,
+        v: TensorView::new(&b.v, &KV).unwrap(),
+        out: TensorView::new(&b.q, &Q).unwrap(),
+        dout: TensorView::new(&dout, &Q).unwrap(),
+        lse: TensorView::new(&lse, &[2, 4, 5]).unwrap(),
+    };
+    let mut grads = Gradients {
+        dq: TensorViewMut::new(&mut dq, &Q).unwrap(),
+        dk,
+        dv: TensorViewMut::new(&mut dv, &KV).unwrap(),
+    };
+    let err = ctx
+        .backward(&inputs, &mut grads, &AttentionParams::default())
+        .unwrap_err();
+    assert!(err.message().contains("dk shares memory with k"), "{err}");
+    assert!(dq.iter().chain(&dv).all(|&x| x == POISON));
+    assert_eq!(b.k, k_before);
+}

@@ -1,6 +1,45 @@
 //! Instruction sets the CPU kernels are compiled for, and run-time detection of the best one.
 
+use super::math::{Fused, MulAdd, Separate};
 use std::fmt;
+
+/// A piece of kernel code written once, generic over how to multiply-add (`M`) and the SIMD
+/// width in f32 lanes (`C`). [`run_with`] instantiates it inside a function compiled for the
+/// chosen instruction set; everything `call` reaches must be `#[inline(always)]` to inherit
+/// those target features.
+pub trait KernelFn {
+    type Output;
+    fn call<M: MulAdd, const C: usize>(self) -> Self::Output;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_avx512<F: KernelFn>(f: F) -> F::Output {
+    f.call::<Fused, 64>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2<F: KernelFn>(f: F) -> F::Output {
+    f.call::<Fused, 16>()
+}
+
+fn run_portable<F: KernelFn>(f: F) -> F::Output {
+    f.call::<Separate, 16>()
+}
+
+/// Runs `f` compiled for `isa`, which must be supported by this CPU (the backend checks this
+/// when it is built).
+pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
+    match isa {
+        // SAFETY: CpuBackend::new only accepts an Isa that `is_supported()` on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { run_avx512(f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { run_avx2(f) },
+        _ => run_portable(f),
+    }
+}
 
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -2,6 +2,7 @@
 //! run time. Results depend only on the problem, never on the thread count: every output row is
 //! computed by one work item in a fixed order, and the split-KV decision uses problem sizes alone.
 
+mod backward;
 mod isa;
 mod math;
 mod microkernel;
@@ -11,7 +12,7 @@ mod tile;
 pub use isa::{cpu_features, Isa};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::problem::Problem;
+use crate::problem::{BackwardProblem, Problem};
 use std::sync::{Arc, Mutex};
 
 /// Owns the CPU thread pool. The pool is rebuilt lazily in a forked child, whose copy of the
@@ -72,5 +73,10 @@ impl CpuBackend {
     pub fn forward(&self, p: &Problem) -> Result<()> {
         let pool = self.pool()?;
         pool.install(|| schedule::forward(p, self.isa))
+    }
+
+    pub fn backward(&self, p: &BackwardProblem) -> Result<()> {
+        let pool = self.pool()?;
+        pool.install(|| backward::backward(p, self.isa))
     }
 }

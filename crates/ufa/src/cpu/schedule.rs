@@ -5,8 +5,8 @@
 //! into parts whose partial results are merged with their log-sum-exp. The split count depends
 //! on the problem's sizes only, so results are the same for every thread count.
 
-use super::isa::Isa;
-use super::math::{Fused, MulAdd, Separate};
+use super::isa::{run_with, Isa, KernelFn};
+use super::math::{MulAdd, Separate};
 use super::microkernel::BK;
 use super::tile::{attend, begin, round_up, Scratch, TileRows};
 use crate::dtype::store_row_f32;
@@ -85,54 +85,24 @@ fn split_keys(range: (usize, usize), s: usize, n: usize) -> (usize, usize) {
     (key(tiles * s / n), key(tiles * (s + 1) / n))
 }
 
-/// The per-instruction-set entry points. Each inlines the same generic code under its own
-/// target features, so the compiler vectorises it for that instruction set.
-trait Kernels {
-    /// Computes work item `t` over `keys` (or its visible range when None) into `sc`.
-    fn run(&self, p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch);
-}
-
-#[inline(always)]
-fn run_generic<M: MulAdd, const C: usize>(
-    p: &Problem,
-    t: &TileRows,
+/// One forward work item: rows `t` over their visible keys, or over split `s` of `n` of them.
+struct ForwardItem<'a> {
+    p: &'a Problem,
+    t: &'a TileRows,
     split: Option<(usize, usize)>,
-    sc: &mut Scratch,
-) {
-    let range = begin::<M>(p, t, sc);
-    let keys = match split {
-        Some((s, n)) => split_keys(range, s, n),
-        None => range,
-    };
-    attend::<M, C>(p, t, keys, sc);
+    sc: &'a mut Scratch,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn run_avx512(p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
-    run_generic::<Fused, 64>(p, t, split, sc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_avx2(p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
-    run_generic::<Fused, 16>(p, t, split, sc)
-}
-
-fn run_portable(p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
-    run_generic::<Separate, 16>(p, t, split, sc)
-}
-
-impl Kernels for Isa {
-    fn run(&self, p: &Problem, t: &TileRows, split: Option<(usize, usize)>, sc: &mut Scratch) {
-        match self {
-            // SAFETY: the backend only selects an Isa that `is_supported()` on this CPU.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { run_avx512(p, t, split, sc) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { run_avx2(p, t, split, sc) },
-            _ => run_portable(p, t, split, sc),
-        }
+impl KernelFn for ForwardItem<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn call<M: MulAdd, const C: usize>(self) {
+        let range = begin::<M>(self.p, self.t, self.sc);
+        let keys = match self.split {
+            Some((s, n)) => split_keys(range, s, n),
+            None => range,
+        };
+        attend::<M, C>(self.p, self.t, keys, self.sc);
     }
 }
 
@@ -171,7 +141,15 @@ pub(super) fn forward(p: &Problem, isa: Isa) -> Result<()> {
             .into_par_iter()
             .for_each_init(new_scratch, |(sc, orow), item| {
                 let t = plan.rows(p, item);
-                isa.run(p, &t, None, sc);
+                run_with(
+                    isa,
+                    ForwardItem {
+                        p,
+                        t: &t,
+                        split: None,
+                        sc,
+                    },
+                );
                 write_rows(p, &t, sc, orow);
             });
         return Ok(());
@@ -195,7 +173,15 @@ pub(super) fn forward(p: &Problem, isa: Isa) -> Result<()> {
         |(sc, _), (job, part)| {
             let (item, split) = (job / plan.splits, job % plan.splits);
             let t = plan.rows(p, item);
-            isa.run(p, &t, Some((split, plan.splits)), sc);
+            run_with(
+                isa,
+                ForwardItem {
+                    p,
+                    t: &t,
+                    split: Some((split, plan.splits)),
+                    sc,
+                },
+            );
             for r in 0..t.nrows {
                 let dst = &mut part[r * row_len..][..row_len];
                 dst[0] = sc.m[r];

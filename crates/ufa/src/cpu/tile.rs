@@ -152,6 +152,7 @@ pub fn attend<M: MulAdd, const C: usize>(
                 j0,
                 nk,
                 s,
+                None,
             );
             let m_new = sc.m[r].max(max_of(s));
             if m_new == f32::NEG_INFINITY {
@@ -231,7 +232,7 @@ unsafe fn row_f32(dtype: DType, ptr: *const u8, buf: &mut [f32]) -> &[f32] {
 /// of raw scores for keys `j0..j0+nk`; columns past `nk` become -inf.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn apply_score_mods<M: MulAdd>(
+pub(super) fn apply_score_mods<M: MulAdd>(
     p: &Problem,
     t: &TileRows,
     qpos: usize,
@@ -241,12 +242,23 @@ fn apply_score_mods<M: MulAdd>(
     j0: usize,
     nk: usize,
     s: &mut [f32],
+    cap_slope: Option<&mut [f32]>,
 ) {
     if p.softcap > 0.0 {
         let (cap, inv) = (p.softcap, 1.0 / p.softcap);
-        s[..nk]
-            .iter_mut()
-            .for_each(|x| *x = cap * tanh::<M>(*x * inv));
+        match cap_slope {
+            // The backward pass needs d(score)/d(raw score) = 1 - tanh².
+            Some(ds) => {
+                for (x, d) in s[..nk].iter_mut().zip(ds.iter_mut()) {
+                    let t = tanh::<M>(*x * inv);
+                    *x = cap * t;
+                    *d = 1.0 - t * t;
+                }
+            }
+            None => s[..nk]
+                .iter_mut()
+                .for_each(|x| *x = cap * tanh::<M>(*x * inv)),
+        }
     }
     if p.alibi.is_some() {
         let c = qpos as i64 + p.diag_offset;

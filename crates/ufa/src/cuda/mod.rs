@@ -2,7 +2,7 @@
 //! arrive with their own issue; until then a CUDA tensor gets a clear error instead of a crash.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::problem::Problem;
+use crate::problem::{BackwardProblem, Problem};
 
 /// Why CUDA cannot run in this build, for `ufa info` and errors.
 pub const UNAVAILABLE: &str =
@@ -25,5 +25,9 @@ impl CudaBackend {
             ErrorKind::DeviceUnavailable,
             format!("tensors are on {}: {UNAVAILABLE}", p.device),
         ))
+    }
+
+    pub fn backward(&self, p: &BackwardProblem) -> Result<()> {
+        self.forward(&p.fwd)
     }
 }
