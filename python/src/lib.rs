@@ -1,0 +1,529 @@
+//! `ufa._ufa`: the compiled core of the Python package.
+//!
+//! Arrays come in through DLPack and are read (or written) in place: no copies, any strides whose
+//! last dimension is contiguous. Producers that publish the DLPack C exchange API (PyTorch ≥ 2.9)
+//! are read through it without allocating a capsule, which also yields the producer's current
+//! stream; any other producer (NumPy, JAX, CuPy, ...) goes through `__dlpack__`. Allocation of
+//! outputs, autograd and the PyTorch-facing semantics live in the Python half of the package;
+//! this module only describes memory to the core and maps its errors onto Python exceptions.
+
+use dlpark::ffi::{DLDataTypeCode, DLDeviceType, DLTensor};
+use dlpark::python::consumer::exchange::ExchangeApi;
+use dlpark::python::{from_dlpack, ImportedDlpack};
+use dlpark::DlpackFlags;
+use pyo3::exceptions::{
+    PyMemoryError, PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use ufa::{
+    AttentionParams, BackwardInputs, CausalAlignment, Context, DType, Device, ErrorKind, Gradients,
+    TensorView, TensorViewMut, MAX_DIMS,
+};
+
+/// The one context of the process (its CPU thread pool is built on first use).
+fn context() -> PyResult<&'static Context> {
+    static CTX: OnceLock<Result<Context, ufa::Error>> = OnceLock::new();
+    CTX.get_or_init(Context::new)
+        .as_ref()
+        .map_err(|e| core_error(e.clone()))
+}
+
+/// Maps a core error onto the Python exception a caller expects. Messages already name the
+/// argument and the values that were wrong.
+fn core_error(e: ufa::Error) -> PyErr {
+    let msg = e.message().to_string();
+    match e.kind() {
+        ErrorKind::InvalidArgument if msg.contains(".dtype=") => PyTypeError::new_err(msg),
+        ErrorKind::InvalidArgument => PyValueError::new_err(msg),
+        ErrorKind::Unsupported => PyNotImplementedError::new_err(msg),
+        ErrorKind::OutOfMemory => PyMemoryError::new_err(msg),
+        _ => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// One array argument, described for the core. `_keep` holds a DLPack import alive (its deleter
+/// runs when the call is over); exchange-API views need nothing held beyond the Python object.
+struct Arg {
+    name: &'static str,
+    ptr: *mut c_void,
+    dtype: DType,
+    device: Device,
+    ndim: usize,
+    shape: [usize; MAX_DIMS],
+    strides: [usize; MAX_DIMS],
+    read_only: bool,
+    /// The producer's current work stream for this device (null on the CPU or when unknown).
+    stream: *mut c_void,
+    _keep: Option<ImportedDlpack>,
+}
+
+// SAFETY: an `Arg` only describes memory owned by a Python object that outlives the call; the
+// raw pointers are read by the core exactly as the views it builds from them allow.
+unsafe impl Send for Arg {}
+unsafe impl Sync for Arg {}
+
+fn dtype_name(code: DLDataTypeCode, bits: u8) -> String {
+    let kind = match code {
+        DLDataTypeCode::INT => "int",
+        DLDataTypeCode::UINT => "uint",
+        DLDataTypeCode::FLOAT => "float",
+        DLDataTypeCode::BFLOAT => "bfloat",
+        DLDataTypeCode::BOOL => "bool",
+        _ => "dlpack_code_",
+    };
+    if code == DLDataTypeCode::BOOL {
+        "bool".into()
+    } else if kind == "dlpack_code_" {
+        format!("{kind}{}_{bits}", code.0)
+    } else {
+        format!("{kind}{bits}")
+    }
+}
+
+/// Reads a DLTensor into an [`Arg`] (copying shape and strides, which the producer owns).
+///
+/// # Safety
+/// `t` must be a valid DLTensor whose shape/strides arrays hold `ndim` entries.
+unsafe fn describe(
+    name: &'static str,
+    t: &DLTensor,
+    read_only: bool,
+    stream: *mut c_void,
+) -> PyResult<Arg> {
+    let ndim = usize::try_from(t.ndim).unwrap_or(0);
+    if ndim == 0 || ndim > MAX_DIMS {
+        return Err(PyValueError::new_err(format!(
+            "{name} must have 1 to {MAX_DIMS} dimensions (4 for q, k, v and out), got {}",
+            t.ndim
+        )));
+    }
+    let dt = t.dtype;
+    let dtype = match (dt.code, dt.bits, dt.lanes) {
+        (DLDataTypeCode::FLOAT, 16, 1) => DType::F16,
+        (DLDataTypeCode::BFLOAT, 16, 1) => DType::BF16,
+        (DLDataTypeCode::FLOAT, 32, 1) => DType::F32,
+        (DLDataTypeCode::BOOL, 8, 1) => DType::Bool,
+        (code, bits, _) => {
+            return Err(PyTypeError::new_err(format!(
+                "{name}.dtype={} is not supported: ufa takes float16, bfloat16 or float32 \
+                 (and bool for masks)",
+                dtype_name(code, bits)
+            )))
+        }
+    };
+    let device = match t.device.device_type {
+        DLDeviceType::CPU | DLDeviceType::CUDAHOST => Device::Cpu,
+        DLDeviceType::CUDA => Device::Cuda(t.device.device_id.max(0) as u32),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "{name} lives on DLPack device type {} which ufa cannot use (CPU or CUDA only)",
+                other.0
+            )))
+        }
+    };
+    let mut shape = [1usize; MAX_DIMS];
+    let mut strides = [0usize; MAX_DIMS];
+    let dims = std::slice::from_raw_parts(t.shape, ndim);
+    let mut contiguous = 1i64;
+    for d in (0..ndim).rev() {
+        let size = dims[d];
+        // DLPack before 1.2 allows NULL strides for a row-major tensor.
+        let stride = if t.strides.is_null() {
+            contiguous
+        } else {
+            *t.strides.add(d)
+        };
+        contiguous = contiguous.saturating_mul(size.max(1));
+        if size < 0 {
+            return Err(PyValueError::new_err(format!(
+                "{name}.shape[{d}]={size} is negative"
+            )));
+        }
+        if stride < 0 {
+            return Err(PyValueError::new_err(format!(
+                "{name}.strides[{d}]={stride} is negative; ufa reads memory in place and needs \
+                 non-negative strides (pass a copy)"
+            )));
+        }
+        shape[d] = size as usize;
+        strides[d] = stride as usize;
+    }
+    let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize) as *mut c_void;
+    Ok(Arg {
+        name,
+        ptr,
+        dtype,
+        device,
+        ndim,
+        shape,
+        strides,
+        read_only,
+        stream,
+        _keep: None,
+    })
+}
+
+/// Describes a Python array in place, through the fastest DLPack route it offers.
+fn import(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Arg> {
+    if let Some(api) = ExchangeApi::from_object(obj.as_borrowed())? {
+        // SAFETY: the producer fills a valid DLTensor for the duration of the closure, and we
+        // copy everything out of it; the data stays alive with `obj`, which the caller holds.
+        return api
+            .with_tensor_view_no_sync(obj.as_borrowed(), |t, stream| unsafe {
+                describe(name, t, false, stream)
+            })
+            .map_err(|e| annotate(obj.py(), e, name))?;
+    }
+    if obj.hasattr(pyo3::intern!(obj.py(), "__dlpack__"))? {
+        let imported =
+            from_dlpack(obj.as_borrowed(), None, None).map_err(|e| annotate(obj.py(), e, name))?;
+        let read_only = imported.flags().contains(DlpackFlags::READ_ONLY);
+        // SAFETY: the managed tensor is valid until `imported` is dropped, and the Arg keeps it.
+        let t = unsafe {
+            match &imported {
+                ImportedDlpack::Legacy(m) => *m.tensor(),
+                ImportedDlpack::Versioned(m) => *m.tensor(),
+            }
+        };
+        let mut arg = unsafe { describe(name, &t, read_only, std::ptr::null_mut())? };
+        arg._keep = Some(imported);
+        return Ok(arg);
+    }
+    Err(PyTypeError::new_err(format!(
+        "{name} must be an array that supports DLPack (torch.Tensor, numpy.ndarray, ...), \
+         got {}",
+        obj.get_type().name()?
+    )))
+}
+
+/// Prefixes a producer's DLPack error with the argument's name.
+fn annotate(py: Python<'_>, e: PyErr, name: &str) -> PyErr {
+    if e.is_instance_of::<PyTypeError>(py) || e.is_instance_of::<PyValueError>(py) {
+        e
+    } else {
+        let msg = format!("{name}: {}", e.value(py));
+        if e.is_instance_of::<pyo3::exceptions::PyBufferError>(py) {
+            PyValueError::new_err(msg)
+        } else {
+            PyRuntimeError::new_err(msg)
+        }
+    }
+}
+
+fn import_opt(obj: Option<&Bound<'_, PyAny>>, name: &'static str) -> PyResult<Option<Arg>> {
+    match obj {
+        Some(o) if !o.is_none() => import(o, name).map(Some),
+        _ => Ok(None),
+    }
+}
+
+impl Arg {
+    fn view(&self) -> PyResult<TensorView<'_>> {
+        // SAFETY: the memory belongs to a live Python array that the call holds, and the core
+        // validates shapes/strides before reading; the producer promised these strides.
+        unsafe {
+            TensorView::from_raw_parts(
+                self.ptr,
+                self.dtype,
+                self.device,
+                &self.shape[..self.ndim],
+                &self.strides[..self.ndim],
+            )
+        }
+        .map_err(|e| name_error(self.name, e))
+    }
+
+    fn view_mut(&self) -> PyResult<TensorViewMut<'_>> {
+        if self.read_only {
+            return Err(PyValueError::new_err(format!(
+                "{} is read-only; outputs must be writable arrays",
+                self.name
+            )));
+        }
+        // SAFETY: as for `view`; the core checks that outputs overlap neither each other nor
+        // any input before it writes.
+        unsafe {
+            TensorViewMut::from_raw_parts(
+                self.ptr,
+                self.dtype,
+                self.device,
+                &self.shape[..self.ndim],
+                &self.strides[..self.ndim],
+            )
+        }
+        .map_err(|e| name_error(self.name, e))
+    }
+}
+
+/// Layout errors from a view constructor do not know which argument they were about.
+fn name_error(name: &str, e: ufa::Error) -> PyErr {
+    core_error(ufa::Error::new(
+        e.kind(),
+        format!("{name}: {}", e.message()),
+    ))
+}
+
+/// Debug hook: when on, each call records what it handed to the core (name, data pointer, shape,
+/// strides), so tests can prove that views were passed in place.
+static RECORD: AtomicBool = AtomicBool::new(false);
+type Record = Vec<(&'static str, usize, Vec<usize>, Vec<usize>)>;
+static LAST_CALL: Mutex<Record> = Mutex::new(Vec::new());
+
+fn record(args: &[&Arg]) {
+    if RECORD.load(Ordering::Relaxed) {
+        let rec = args
+            .iter()
+            .map(|a| {
+                (
+                    a.name,
+                    a.ptr as usize,
+                    a.shape[..a.ndim].to_vec(),
+                    a.strides[..a.ndim].to_vec(),
+                )
+            })
+            .collect();
+        *LAST_CALL.lock().unwrap_or_else(|p| p.into_inner()) = rec;
+    }
+}
+
+/// The parameters shared by forward and backward.
+struct Options<'a> {
+    params: AttentionParams<'a>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn options<'a>(
+    scale: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f64,
+    alibi: Option<&'a Arg>,
+    mask: Option<&'a Arg>,
+    deterministic: bool,
+) -> PyResult<Options<'a>> {
+    let mut params = AttentionParams::default()
+        .causal(causal)
+        .causal_alignment(if top_left {
+            CausalAlignment::TopLeft
+        } else {
+            CausalAlignment::BottomRight
+        })
+        .window(window_left, window_right)
+        .softcap(softcap as f32)
+        .deterministic(deterministic);
+    if let Some(s) = scale {
+        params = params.softmax_scale(s as f32);
+    }
+    if let Some(a) = alibi {
+        params = params.alibi_slopes(a.view()?);
+    }
+    if let Some(m) = mask {
+        params = params.mask(m.view()?);
+    }
+    Ok(Options { params })
+}
+
+/// Computes attention into `out` (and the log-sum-exp into `lse` when given), in place.
+///
+/// All arrays are DLPack producers in ufa's layout: q `[batch, seqlen_q, heads_q, head_dim]`,
+/// k/v `[batch, seqlen_kv, heads_kv, head_dim(_v)]`, out `[batch, seqlen_q, heads_q,
+/// head_dim_v]`, lse f32 `[batch, heads_q, seqlen_q]`. `top_left` aligns the causal diagonal
+/// and window to the top-left corner (PyTorch SDPA) instead of the bottom-right one.
+/// Releases the GIL while computing.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse=None, *, scale=None, causal=false, top_left=false,
+    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None))]
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    scale: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f64,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    mask: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let ctx = context()?;
+    let (q, k, v, out) = (
+        import(q, "q")?,
+        import(k, "k")?,
+        import(v, "v")?,
+        import(out, "out")?,
+    );
+    let lse = import_opt(lse, "lse")?;
+    let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
+    let mask = import_opt(mask, "mask")?;
+    let mut all = vec![&q, &k, &v, &out];
+    all.extend(lse.iter().chain(&alibi).chain(&mask));
+    record(&all);
+    let opts = options(
+        scale,
+        causal,
+        top_left,
+        window_left,
+        window_right,
+        softcap,
+        alibi.as_ref(),
+        mask.as_ref(),
+        false,
+    )?;
+    let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
+    let mut ov = out.view_mut()?;
+    let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
+    // The producer's stream (q.stream) is where CUDA work must run; the core runs CUDA work on
+    // the default stream until it takes a stream argument.
+    let _stream = q.stream;
+    py.detach(|| ctx.forward_with_lse(&qv, &kv, &vv, &mut ov, lv.as_mut(), &opts.params))
+        .map_err(core_error)
+}
+
+/// Gradients of attention, written in place into dq, dk and dv (shapes of q, k and v).
+///
+/// `out` and `lse` are the forward's output and log-sum-exp, `dout` the gradient of the loss
+/// with respect to `out`; the options must be those of the forward. Releases the GIL.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, dout, lse, dq, dk, dv, *, scale=None, causal=false,
+    top_left=false, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None,
+    deterministic=false))]
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    dout: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    scale: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f64,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    mask: Option<&Bound<'_, PyAny>>,
+    deterministic: bool,
+) -> PyResult<()> {
+    let ctx = context()?;
+    let args = [
+        import(q, "q")?,
+        import(k, "k")?,
+        import(v, "v")?,
+        import(out, "out")?,
+        import(dout, "dout")?,
+        import(lse, "lse")?,
+        import(dq, "dq")?,
+        import(dk, "dk")?,
+        import(dv, "dv")?,
+    ];
+    let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
+    let mask = import_opt(mask, "mask")?;
+    let mut all: Vec<&Arg> = args.iter().collect();
+    all.extend(alibi.iter().chain(&mask));
+    record(&all);
+    let opts = options(
+        scale,
+        causal,
+        top_left,
+        window_left,
+        window_right,
+        softcap,
+        alibi.as_ref(),
+        mask.as_ref(),
+        deterministic,
+    )?;
+    let inputs = BackwardInputs {
+        q: args[0].view()?,
+        k: args[1].view()?,
+        v: args[2].view()?,
+        out: args[3].view()?,
+        dout: args[4].view()?,
+        lse: args[5].view()?,
+    };
+    let mut grads = Gradients {
+        dq: args[6].view_mut()?,
+        dk: args[7].view_mut()?,
+        dv: args[8].view_mut()?,
+    };
+    py.detach(|| ctx.backward(&inputs, &mut grads, &opts.params))
+        .map_err(core_error)
+}
+
+/// Whether the core can compute on CUDA tensors in this build and on this machine.
+#[pyfunction]
+fn cuda_available() -> PyResult<bool> {
+    Ok(context()?.cuda_devices().is_ok_and(|d| !d.is_empty()))
+}
+
+/// Build and machine facts: version, CPU threads and kernel family, CUDA devices or why none.
+#[pyfunction]
+fn info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let ctx = context()?;
+    let d = PyDict::new(py);
+    d.set_item("version", ufa::VERSION)?;
+    d.set_item("num_threads", ctx.num_threads())?;
+    d.set_item("cpu_isa", format!("{:?}", ctx.cpu_isa()))?;
+    match ctx.cuda_devices() {
+        Ok(devs) => d.set_item("cuda_devices", devs)?,
+        Err(why) => {
+            d.set_item("cuda_devices", PyList::empty(py))?;
+            d.set_item("cuda_unavailable", why)?;
+        }
+    }
+    Ok(d)
+}
+
+/// Turns the pointer-recording debug hook on or off (tests only).
+#[pyfunction]
+fn _debug_record(on: bool) {
+    RECORD.store(on, Ordering::Relaxed);
+    LAST_CALL.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+/// What the last call handed to the core while recording: (name, data_ptr, shape, strides).
+#[pyfunction]
+fn _debug_last_call(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    let rec = LAST_CALL.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let list = PyList::empty(py);
+    for (name, ptr, shape, strides) in rec {
+        let t = PyTuple::new(
+            py,
+            [
+                name.into_pyobject(py)?.into_any(),
+                ptr.into_pyobject(py)?.into_any(),
+                PyTuple::new(py, shape)?.into_any(),
+                PyTuple::new(py, strides)?.into_any(),
+            ],
+        )?;
+        list.append(t)?;
+    }
+    Ok(list)
+}
+
+#[pymodule]
+fn _ufa(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", ufa::VERSION)?;
+    m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(info, m)?)?;
+    m.add_function(wrap_pyfunction!(_debug_record, m)?)?;
+    m.add_function(wrap_pyfunction!(_debug_last_call, m)?)?;
+    Ok(())
+}
