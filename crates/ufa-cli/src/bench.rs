@@ -18,12 +18,18 @@ pub struct Args {
     /// Timed runs per shape (the median is reported).
     #[arg(long, default_value_t = 5)]
     iters: usize,
-    /// Only shapes whose name contains this text (e.g. W3).
+    /// Only workloads whose name contains this text (e.g. W3 runs W3 and W3-causal).
     #[arg(long)]
     filter: Option<String>,
+    /// Only the workload with exactly this name (e.g. W3).
+    #[arg(long)]
+    workload: Option<String>,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time the backward pass (dQ, dK, dV from a saved forward) instead of the forward.
+    #[arg(long)]
+    backward: bool,
 }
 
 /// A named benchmark shape.
@@ -98,6 +104,7 @@ const WORKLOADS: &[Workload] = &[
 #[derive(Serialize)]
 struct Row {
     name: &'static str,
+    pass: &'static str,
     shape: String,
     dtype: String,
     causal: bool,
@@ -126,7 +133,15 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
                 .as_ref()
                 .is_none_or(|f| w.name.contains(f.as_str()))
         })
+        .filter(|w| args.workload.as_ref().is_none_or(|n| w.name == n))
         .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+        return Err(ufa::Error::invalid(format!(
+            "no workload matches --filter/--workload; workloads are {}",
+            names.join(", ")
+        )));
+    }
     let bar = ProgressBar::new((chosen.len() * (iters + 1)) as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}")
@@ -145,31 +160,43 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
             args.dtype,
         );
         case.causal = w.causal;
-        case.with_lse = false;
+        case.with_lse = args.backward;
         let mut inst = Instance::new(&case, 1);
-        inst.run(&ctx)?; // warm-up: page faults, thread start-up
+        // Warm-up (page faults, thread start-up); the backward needs the forward's outputs.
+        inst.run(&ctx)?;
+        if args.backward {
+            inst.run_backward(&ctx)?;
+        }
         bar.inc(1);
         let mut times: Vec<Duration> = Vec::with_capacity(iters);
         for _ in 0..iters {
             let t = Instant::now();
-            inst.run(&ctx)?;
+            if args.backward {
+                inst.run_backward(&ctx)?;
+            } else {
+                inst.run(&ctx)?;
+            }
             times.push(t.elapsed());
             bar.inc(1);
         }
         times.sort();
         let median = times[times.len() / 2].as_secs_f64();
-        let flops = ufa::forward_flops(
-            w.batch,
-            w.heads,
-            w.seqlen_q,
-            w.seqlen_kv,
-            w.head_dim,
-            w.head_dim,
-            w.causal,
-        );
+        // FlashAttention's convention: the backward counts 2.5 forwards.
+        let pass_factor = if args.backward { 2.5 } else { 1.0 };
+        let flops = pass_factor
+            * ufa::forward_flops(
+                w.batch,
+                w.heads,
+                w.seqlen_q,
+                w.seqlen_kv,
+                w.head_dim,
+                w.head_dim,
+                w.causal,
+            );
         let elems = w.batch * w.heads * (2 * w.seqlen_q + 2 * w.seqlen_kv) * w.head_dim;
         rows.push(Row {
             name: w.name,
+            pass: if args.backward { "backward" } else { "forward" },
             shape: format!(
                 "B{} H{} Sq{} Skv{} D{}",
                 w.batch, w.heads, w.seqlen_q, w.seqlen_kv, w.head_dim
@@ -192,13 +219,22 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
         );
     } else {
         println!(
-            "{:<10} {:<32} {:>5} {:>7} {:>11} {:>10} {:>9} {:>8}",
-            "workload", "shape", "dtype", "threads", "kernels", "median ms", "GFLOP/s", "GB/s"
+            "{:<10} {:<8} {:<32} {:>5} {:>7} {:>11} {:>10} {:>9} {:>8}",
+            "workload",
+            "pass",
+            "shape",
+            "dtype",
+            "threads",
+            "kernels",
+            "median ms",
+            "GFLOP/s",
+            "GB/s"
         );
         for r in &rows {
             println!(
-                "{:<10} {:<32} {:>5} {:>7} {:>11} {:>10.3} {:>9.1} {:>8.2}",
+                "{:<10} {:<8} {:<32} {:>5} {:>7} {:>11} {:>10.3} {:>9.1} {:>8.2}",
                 r.name,
+                r.pass,
                 r.shape,
                 r.dtype,
                 r.threads,

@@ -20,18 +20,26 @@ pub fn scores<M: MulAdd, const C: usize>(
     s: &mut [f32],
     rows: usize,
 ) {
-    debug_assert!(rows % R == 0 && BK % C == 0);
-    let kt = &kt[..d * BK];
+    assert!(
+        rows % R == 0
+            && BK % C == 0
+            && q.len() >= rows * d
+            && kt.len() >= d * BK
+            && s.len() >= rows * BK
+    );
     for r0 in (0..rows).step_by(R) {
-        let qr: [&[f32]; R] = std::array::from_fn(|i| &q[(r0 + i) * d..][..d]);
         for c0 in (0..BK).step_by(C) {
             let mut acc = [[0f32; C]; R];
             for e in 0..d {
-                let kv: &[f32; C] = kt[e * BK + c0..][..C].try_into().unwrap();
-                for i in 0..R {
-                    let qv = qr[i][e];
-                    for c in 0..C {
-                        acc[i][c] = M::mul_add(qv, kv[c], acc[i][c]);
+                // SAFETY: e < d, c0 + C <= BK and r0 + R <= rows, within the lengths asserted above;
+                // unchecked so the loop body is only loads and FMAs.
+                unsafe {
+                    let kv = kt.as_ptr().add(e * BK + c0);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let qv = *q.get_unchecked((r0 + i) * d + e);
+                        for (c, x) in a.iter_mut().enumerate() {
+                            *x = M::mul_add(qv, *kv.add(c), *x);
+                        }
                     }
                 }
             }
@@ -77,15 +85,19 @@ fn pv_block<M: MulAdd, const W: usize>(
     c0: usize,
     nk: usize,
 ) {
-    let pr: [&[f32]; R] = std::array::from_fn(|i| &p[(r0 + i) * BK..][..nk]);
+    assert!(p.len() >= (r0 + R) * BK && nk <= BK && c0 + W <= dvp && v.len() >= nk * dvp);
     let mut a: [[f32; W]; R] =
         std::array::from_fn(|i| acc[(r0 + i) * dvp + c0..][..W].try_into().unwrap());
     for k in 0..nk {
-        let vv: &[f32; W] = v[k * dvp + c0..][..W].try_into().unwrap();
-        for i in 0..R {
-            let pk = pr[i][k];
-            for c in 0..W {
-                a[i][c] = M::mul_add(pk, vv[c], a[i][c]);
+        // SAFETY: k < nk <= BK rows of p (asserted) and of v (k·dvp + c0 + W <= nk·dvp);
+        // unchecked so the loop body is only loads and FMAs.
+        unsafe {
+            let vv = v.as_ptr().add(k * dvp + c0);
+            for (i, ai) in a.iter_mut().enumerate() {
+                let pk = *p.get_unchecked((r0 + i) * BK + k);
+                for (c, x) in ai.iter_mut().enumerate() {
+                    *x = M::mul_add(pk, *vv.add(c), *x);
+                }
             }
         }
     }
