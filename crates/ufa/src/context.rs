@@ -112,11 +112,39 @@ impl Context {
         lse: Option<&mut TensorViewMut<'_>>,
         params: &AttentionParams<'_>,
     ) -> Result<()> {
+        // SAFETY: the null stream is CUDA's legacy default stream, always valid.
+        unsafe { self.forward_on_stream(q, k, v, out, lse, params, std::ptr::null_mut()) }
+    }
+
+    /// As [`Context::forward_with_lse`], with CUDA work queued on `stream` (a `CUstream`;
+    /// null = the legacy default stream) and not waited for: like any CUDA kernel launch, the
+    /// outputs are ready once the stream reaches this point. CPU tensors ignore `stream`.
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream of the tensors' device's primary context, and the
+    /// tensors' memory must stay valid until the stream has run the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_on_stream(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+        params: &AttentionParams<'_>,
+        stream: *mut std::ffi::c_void,
+    ) -> Result<()> {
         let problem = validate_forward(q, k, v, out, lse.as_deref(), params)?;
         match problem.device {
             Device::Cpu => self.cpu.forward(&problem),
-            Device::Cuda(_) => self.cuda.forward(&problem),
+            Device::Cuda(_) => self.cuda.forward(&problem, stream),
         }
+    }
+
+    /// How each CUDA kernel this context loaded was obtained (compiled or from the disk cache),
+    /// with the time it took and its register use.
+    pub fn cuda_module_reports(&self) -> Vec<crate::cuda::ModuleReport> {
+        self.cuda.module_reports()
     }
 }
 

@@ -789,3 +789,203 @@ pub fn standard_cases() -> Vec<Case> {
     cases.push(c);
     cases
 }
+
+/// The same cases on a CUDA device: inputs are uploaded, outputs (poisoned on the host first,
+/// so the poison travels) downloaded and compared exactly as on the CPU.
+pub mod cuda {
+    use super::{params_of, Case, Comparison, Instance, Storage, Tensor};
+    pub use crate::cuda::{
+        compile_all_variants, nvrtc_version, CompileReport, ModuleReport, CACHE_DIR_ENV,
+        NVRTC_PATH_ENV,
+    };
+    use crate::cuda::{synchronize, time_ms, DeviceBuffer};
+    use crate::{Context, Device, Result, TensorView, TensorViewMut};
+
+    fn bytes(s: &Storage) -> &[u8] {
+        fn raw<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain-old-data elements viewed as their bytes.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        match s {
+            Storage::F32(v) => raw(v),
+            Storage::F16(v) => raw(v),
+            Storage::BF16(v) => raw(v),
+            Storage::Bool(v) => raw(v),
+        }
+    }
+
+    fn bytes_mut(s: &mut Storage) -> &mut [u8] {
+        fn raw<T>(v: &mut [T]) -> &mut [u8] {
+            // SAFETY: as above; every bit pattern downloaded is a valid f16/bf16/f32.
+            unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v))
+            }
+        }
+        match s {
+            Storage::F32(v) => raw(v),
+            Storage::F16(v) => raw(v),
+            Storage::BF16(v) => raw(v),
+            Storage::Bool(v) => raw(v),
+        }
+    }
+
+    /// A tensor's storage copied to the device, with its host geometry.
+    struct OnDevice<'t> {
+        host: &'t Tensor,
+        buf: DeviceBuffer,
+        ordinal: u32,
+    }
+
+    impl<'t> OnDevice<'t> {
+        fn new(host: &'t Tensor, ordinal: u32) -> Result<Self> {
+            let data = bytes(&host.storage);
+            let buf = DeviceBuffer::new(ordinal, data.len())?;
+            buf.upload(data)?;
+            Ok(OnDevice { host, buf, ordinal })
+        }
+
+        fn view(&self) -> Result<TensorView<'_>> {
+            let dt = match self.host.storage {
+                Storage::F32(_) => crate::DType::F32,
+                Storage::F16(_) => crate::DType::F16,
+                Storage::BF16(_) => crate::DType::BF16,
+                Storage::Bool(_) => crate::DType::Bool,
+            };
+            // SAFETY: the buffer holds the whole host storage, so every strided index fits.
+            unsafe {
+                TensorView::from_raw_parts(
+                    self.buf.ptr as *const std::ffi::c_void,
+                    dt,
+                    Device::Cuda(self.ordinal),
+                    &self.host.shape,
+                    &self.host.strides,
+                )
+            }
+        }
+
+        fn view_mut(&self) -> Result<TensorViewMut<'_>> {
+            let v = self.view()?;
+            // SAFETY: as above; the buffer is this test's own.
+            unsafe {
+                TensorViewMut::from_raw_parts(
+                    self.buf.ptr as *mut std::ffi::c_void,
+                    v.dtype(),
+                    v.device(),
+                    v.shape(),
+                    v.strides(),
+                )
+            }
+        }
+    }
+
+    /// Device copies of an instance's tensors.
+    struct DeviceInstance<'i> {
+        q: OnDevice<'i>,
+        k: OnDevice<'i>,
+        v: OnDevice<'i>,
+        out: OnDevice<'i>,
+        lse: Option<OnDevice<'i>>,
+        alibi: Option<OnDevice<'i>>,
+        mask: Option<OnDevice<'i>>,
+    }
+
+    impl<'i> DeviceInstance<'i> {
+        fn new(inst: &'i Instance, ordinal: u32) -> Result<Self> {
+            let up = |t: &'i Tensor| OnDevice::new(t, ordinal);
+            Ok(DeviceInstance {
+                q: up(&inst.q)?,
+                k: up(&inst.k)?,
+                v: up(&inst.v)?,
+                out: up(&inst.out)?,
+                lse: inst.lse.as_ref().map(up).transpose()?,
+                alibi: inst.alibi.as_ref().map(up).transpose()?,
+                mask: inst.mask.as_ref().map(up).transpose()?,
+            })
+        }
+
+        /// Queues the forward pass on the legacy default stream.
+        fn launch(&self, ctx: &Context, case: &Case) -> Result<()> {
+            let mut params = params_of(case, None, None)?;
+            let alibi = self.alibi.as_ref().map(|a| a.view()).transpose()?;
+            let mask = self.mask.as_ref().map(|m| m.view()).transpose()?;
+            params.alibi_slopes = alibi;
+            params.mask = mask;
+            let mut out = self.out.view_mut()?;
+            let mut lse = self.lse.as_ref().map(|l| l.view_mut()).transpose()?;
+            // SAFETY: the null stream; the buffers live until after the synchronisation.
+            unsafe {
+                ctx.forward_on_stream(
+                    &self.q.view()?,
+                    &self.k.view()?,
+                    &self.v.view()?,
+                    &mut out,
+                    lse.as_mut(),
+                    &params,
+                    std::ptr::null_mut(),
+                )
+            }
+        }
+    }
+
+    impl Instance {
+        /// Runs the case on CUDA device `ordinal` and brings the outputs back to the host.
+        pub fn run_cuda(&mut self, ctx: &Context, ordinal: u32) -> Result<()> {
+            let (out, lse) = {
+                let dev = DeviceInstance::new(self, ordinal)?;
+                dev.launch(ctx, &self.case)?;
+                synchronize(ordinal)?;
+                let mut out = vec![0u8; dev.out.buf.bytes];
+                dev.out.buf.download(&mut out)?;
+                let lse = match &dev.lse {
+                    Some(l) => {
+                        let mut b = vec![0u8; l.buf.bytes];
+                        l.buf.download(&mut b)?;
+                        Some(b)
+                    }
+                    None => None,
+                };
+                (out, lse)
+            };
+            bytes_mut(&mut self.out.storage).copy_from_slice(&out);
+            if let (Some(l), Some(b)) = (self.lse.as_mut(), lse) {
+                bytes_mut(&mut l.storage).copy_from_slice(&b);
+            }
+            Ok(())
+        }
+
+        /// Median GPU milliseconds of one forward call over `iters` timed calls (after
+        /// `warmup` untimed ones, which also compile or load the kernel).
+        pub fn time_cuda(
+            &self,
+            ctx: &Context,
+            ordinal: u32,
+            warmup: usize,
+            iters: usize,
+        ) -> Result<f64> {
+            let dev = DeviceInstance::new(self, ordinal)?;
+            for _ in 0..warmup {
+                dev.launch(ctx, &self.case)?;
+            }
+            synchronize(ordinal)?;
+            let mut times = Vec::with_capacity(iters);
+            for _ in 0..iters.max(1) {
+                times.push(time_ms(ordinal, || dev.launch(ctx, &self.case))? as f64);
+            }
+            times.sort_by(f64::total_cmp);
+            Ok(times[times.len() / 2])
+        }
+    }
+
+    /// Runs `case` on CUDA device `ordinal` with inputs from `seed` and compares it with the
+    /// f64 reference.
+    pub fn check_case_cuda(
+        ctx: &Context,
+        case: &Case,
+        seed: u64,
+        ordinal: u32,
+    ) -> Result<Comparison> {
+        let mut inst = Instance::new(case, seed);
+        inst.run_cuda(ctx, ordinal)?;
+        Ok(inst.compare(&inst.reference()?))
+    }
+}

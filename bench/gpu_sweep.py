@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""ufa's CUDA forward pass beside PyTorch's scaled_dot_product_attention with each of its
+backends (flash, cuDNN, efficient), in one run on one card: DESIGN.md's standard sweep (bf16,
+16k tokens in total, hidden 2048, heads = 2048 / head_dim, seqlen 512..16k, head_dim 64/128/256,
+causal and not). Writes gpu_sweep_<date>.{md,csv,png} into --out.
+
+ufa is timed by its Rust bench binary (bench/gpu_bench.rs, built as the `gpu_bench` example),
+PyTorch here, both with CUDA events and the median of --iters calls after warm-up.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+
+
+def flops(batch, heads, seqlen, head_dim, causal):
+    # Two matmuls per head (S = QKᵀ and O = PV), each 2·Sq·Skv·D; half of them when causal.
+    f = 4 * batch * heads * seqlen * seqlen * head_dim
+    return f / 2 if causal else f
+
+
+def time_torch(backend, batch, seqlen, heads, head_dim, causal, iters):
+    shape = (batch, heads, seqlen, head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel([BACKENDS[backend]]):
+        try:
+            for _ in range(3):
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            return None, str(e).splitlines()[0][:80]
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times), ""
+
+
+def time_ufa(binary, batch, seqlen, heads, head_dim, causal, iters):
+    r = subprocess.run(
+        [binary, str(batch), str(seqlen), str(heads), str(head_dim), str(int(causal)), "bf16", str(iters)],
+        capture_output=True, text=True)
+    if r.returncode != 0:
+        return None, r.stderr.strip().splitlines()[-1][:80] if r.stderr.strip() else "failed"
+    return json.loads(r.stdout.strip().splitlines()[-1])["ms"], ""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ufa-bench", required=True, help="path of the gpu_bench binary")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--head-dims", default="64,128,256")
+    args = ap.parse_args()
+
+    card = torch.cuda.get_device_name(0)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    rows = []
+    for head_dim in [int(x) for x in args.head_dims.split(",")]:
+        heads = 2048 // head_dim
+        for causal in (False, True):
+            for seqlen in [int(x) for x in args.seqlens.split(",")]:
+                batch = max(1, 16384 // seqlen)
+                fl = flops(batch, heads, seqlen, head_dim, causal)
+                row = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch, "heads": heads}
+                ms, note = time_ufa(args.ufa_bench, batch, seqlen, heads, head_dim, causal, args.iters)
+                row["ufa"] = fl / (ms * 1e-3) / 1e12 if ms else None
+                notes = [f"ufa: {note}"] if note else []
+                for name in BACKENDS:
+                    ms_t, note = time_torch(name, batch, seqlen, heads, head_dim, causal, args.iters)
+                    row[name] = fl / (ms_t * 1e-3) / 1e12 if ms_t else None
+                    if note:
+                        notes.append(f"{name}: {note}")
+                row["notes"] = "; ".join(notes)
+                rows.append(row)
+                fmt = lambda x: f"{x:6.1f}" if x else "   n/a"
+                print(f"d{head_dim:<3} {'causal' if causal else 'full  '} s{seqlen:<6} ufa {fmt(row['ufa'])}  "
+                      + "  ".join(f"{n} {fmt(row[n])}" for n in BACKENDS), flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"gpu_sweep_{now:%Y-%m-%d}")
+    fields = ["head_dim", "causal", "seqlen", "batch", "heads", "ufa", *BACKENDS, "notes"]
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.2f}" if isinstance(r[k], float) else r[k]) for k in fields})
+
+    ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"
+    fmt = lambda x: f"{x:.1f}" if x else "n/a"
+    with open(stem + ".md", "w") as f:
+        f.write(f"# ufa CUDA forward vs PyTorch SDPA (TFLOP/s, bf16)\n\n")
+        f.write(f"- date: {now:%Y-%m-%d %H:%M} UTC\n- card: {card}\n- torch: {torch.__version__}\n")
+        f.write(f"- command: `{command}`\n- 16k tokens in total, hidden 2048; median of {args.iters} calls\n\n")
+        f.write("| head_dim | causal | seqlen | batch | ufa | flash | cudnn | efficient | ufa/flash | ufa/cudnn | ufa/efficient |\n")
+        f.write("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        for r in rows:
+            f.write(f"| {r['head_dim']} | {r['causal']} | {r['seqlen']} | {r['batch']} | {fmt(r['ufa'])} | "
+                    f"{fmt(r['flash'])} | {fmt(r['cudnn'])} | {fmt(r['efficient'])} | {ratio(r['ufa'], r['flash'])} | "
+                    f"{ratio(r['ufa'], r['cudnn'])} | {ratio(r['ufa'], r['efficient'])} |\n")
+        notes = [f"- d{r['head_dim']} {'causal' if r['causal'] else 'full'} s{r['seqlen']}: {r['notes']}" for r in rows if r["notes"]]
+        if notes:
+            f.write("\nNotes:\n" + "\n".join(notes) + "\n")
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        dims = sorted({r["head_dim"] for r in rows})
+        fig, axes = plt.subplots(2, len(dims), figsize=(5 * len(dims), 8), squeeze=False)
+        for col, d in enumerate(dims):
+            for row_i, causal in enumerate((False, True)):
+                ax = axes[row_i][col]
+                sel = [r for r in rows if r["head_dim"] == d and r["causal"] == causal]
+                xs = [r["seqlen"] for r in sel]
+                for name in ["ufa", *BACKENDS]:
+                    ax.plot(xs, [r[name] or float("nan") for r in sel], marker="o", label=name)
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"head_dim {d}, {'causal' if causal else 'non-causal'}")
+                ax.set_xlabel("seqlen")
+                ax.set_ylabel("TFLOP/s")
+                ax.grid(True, alpha=0.3)
+                ax.legend()
+        fig.suptitle(f"ufa vs PyTorch SDPA, bf16 forward, {card}, {now:%Y-%m-%d}")
+        fig.tight_layout()
+        fig.savefig(stem + ".png", dpi=80)
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+    print(f"wrote {stem}.md/.csv/.png")
+
+
+if __name__ == "__main__":
+    main()

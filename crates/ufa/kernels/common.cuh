@@ -1,0 +1,164 @@
+// Shared by every ufa kernel: fixed-width types, the parameter block, element conversions and
+// the few PTX instructions the kernels use. Self-contained on purpose: NVRTC compiles it with no
+// CUDA headers, so ufa needs no toolkit on the machine, only libnvrtc.
+
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+
+#define UFA_INF __int_as_float(0x7f800000)
+#define UFA_LOG2E 1.4426950408889634f
+#define UFA_LN2 0.6931471805599453f
+
+// Mirrors `FwdParams` in crates/ufa/src/cuda/kernels.rs (#[repr(C)]); change both together.
+// Strides are in elements of each tensor's dtype.
+struct FwdParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    float* lse;          // null: not requested
+    const float* alibi;  // null: no ALiBi
+    const void* mask;    // null: no mask
+    int64_t q_stride[3];  // batch, seq, head
+    int64_t k_stride[3];
+    int64_t v_stride[3];
+    int64_t o_stride[3];
+    int64_t lse_stride[3];    // batch, head, seq
+    int64_t alibi_stride[2];  // batch, head
+    int64_t mask_stride[4];   // batch, head, query, key (0 where broadcast)
+    int32_t batch, seqlen_q, seqlen_kv, heads_q, group;  // group = heads_q / heads_kv
+    int32_t head_dim, head_dim_v;
+    int32_t diag_offset;   // query i is aligned with key i + diag_offset
+    int32_t window_left;   // keys visible: [i + off - left, i + off + right]; large = unbounded
+    int32_t window_right;
+    float scale;
+    float scale_log2;      // scale * log2(e): scores live in the log2 domain so exp2 is one MUFU op
+    float softcap;         // 0 = off
+    int32_t mask_kind;     // MaskKind
+    int32_t aligned16;     // every tile row of q, k, v, out starts on a 16-byte boundary
+    int32_t num_m_blocks;
+};
+
+static_assert(sizeof(FwdParams) == 288, "FwdParams must match its Rust mirror");
+
+enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_F16 = 2, MASK_BF16 = 3, MASK_F32 = 4 };
+
+// Element types are tags: storage is raw 16-bit patterns, converted with PTX, so no cuda_fp16.h.
+struct Half { typedef uint16_t storage; static constexpr bool is_bf16 = false; };
+struct BFloat16 { typedef uint16_t storage; static constexpr bool is_bf16 = true; };
+struct Float32 { typedef float storage; };
+
+__device__ __forceinline__ float half_to_float(uint16_t h) {
+    float f;
+    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float bf16_to_float(uint16_t h) {
+    return __uint_as_float(((uint32_t)h) << 16);
+}
+__device__ __forceinline__ uint16_t float_to_half(float f) {
+    uint16_t h;
+    asm("{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ uint16_t float_to_bf16(float f) {
+    uint16_t h;
+    asm("{ .reg .b16 t; cvt.rn.bf16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f));
+    return h;
+}
+
+template <typename T> struct Convert;
+template <> struct Convert<Half> {
+    static __device__ __forceinline__ float load(const void* p, int64_t i) {
+        return half_to_float(((const uint16_t*)p)[i]);
+    }
+    static __device__ __forceinline__ void store(void* p, int64_t i, float x) {
+        ((uint16_t*)p)[i] = float_to_half(x);
+    }
+    // Two floats as one register of two halves, `lo` in the low 16 bits (mma operand order).
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        uint32_t r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+template <> struct Convert<BFloat16> {
+    static __device__ __forceinline__ float load(const void* p, int64_t i) {
+        return bf16_to_float(((const uint16_t*)p)[i]);
+    }
+    static __device__ __forceinline__ void store(void* p, int64_t i, float x) {
+        ((uint16_t*)p)[i] = float_to_bf16(x);
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        uint32_t r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+template <> struct Convert<Float32> {
+    static __device__ __forceinline__ float load(const void* p, int64_t i) {
+        return ((const float*)p)[i];
+    }
+    static __device__ __forceinline__ void store(void* p, int64_t i, float x) {
+        ((float*)p)[i] = x;
+    }
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// The score transformations beyond scale (softcap, ALiBi, mask), in the order the reference
+// applies them; returns the score in the log2 domain, or -inf for a hidden key.
+__device__ __forceinline__ float modify_score(const FwdParams& p, float dot, int b, int h, int i,
+                                              int j, float slope) {
+    float x = dot * p.scale;
+    if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+    if (p.alibi != nullptr) x -= slope * fabsf((float)(i + p.diag_offset - j));
+    if (p.mask_kind != MASK_NONE) {
+        const int64_t at = b * p.mask_stride[0] + h * p.mask_stride[1] +
+                           i * p.mask_stride[2] + j * p.mask_stride[3];
+        switch (p.mask_kind) {
+            case MASK_BOOL:
+                if (((const uint8_t*)p.mask)[at] == 0) return -UFA_INF;
+                break;
+            case MASK_F16: x += half_to_float(((const uint16_t*)p.mask)[at]); break;
+            case MASK_BF16: x += bf16_to_float(((const uint16_t*)p.mask)[at]); break;
+            default: x += ((const float*)p.mask)[at]; break;
+        }
+    }
+    return x * UFA_LOG2E;
+}
+
+__device__ __forceinline__ float alibi_slope(const FwdParams& p, int b, int h) {
+    return p.alibi != nullptr ? p.alibi[b * p.alibi_stride[0] + h * p.alibi_stride[1]] : 0.f;
+}
+
+// Keys [lo, hi) that some query row of [row0, row_last] may see by the causal/window band.
+__device__ __forceinline__ void band_of_rows(const FwdParams& p, int row0, int row_last, int& lo,
+                                             int& hi) {
+    lo = max(0, row0 + p.diag_offset - p.window_left);
+    hi = min(p.seqlen_kv, row_last + p.diag_offset + p.window_right + 1);
+}
+
+__device__ __forceinline__ bool in_band(const FwdParams& p, int i, int j) {
+    const int c = i + p.diag_offset;
+    return j < p.seqlen_kv && j >= c - p.window_left && j <= c + p.window_right;
+}

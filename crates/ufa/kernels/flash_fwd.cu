@@ -1,0 +1,297 @@
+// Forward attention on tensor cores (mma.sync m16n8k16, sm_80+), FlashAttention-2 style.
+//
+// One thread block owns BLOCK_M query rows of one (batch, head); each warp owns 16 of them.
+// K and V tiles of BLOCK_N keys stream through shared memory; S = Q Kᵀ and O += P V run on
+// tensor cores with fp32 accumulators, and the softmax is online (running max and sum per row)
+// in the log2 domain. Loads overlap compute the FA2 way: V[n] is fetched while S = Q K[n]ᵀ runs,
+// and K[n-1] while O += P V[n] runs, so one buffer of each suffices.
+//
+// Needs common.cuh before it; the instantiations (dtype, head dim, tile sizes) are appended at
+// run time by the host (crates/ufa/src/cuda/kernels.rs), one module per variant.
+
+// One tile configuration. The host picks the numbers (one table, with reasons, in kernels.rs);
+// the asserts reject combinations the code below cannot run.
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool Q_IN_REGS>
+struct TileConfig {
+    static_assert(BLOCK_M == 16 * WARPS, "each warp owns exactly 16 query rows");
+    static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16");
+    static_assert(BLOCK_N % 16 == 0, "key tiles are whole mma k-steps");
+    static constexpr int kHeadDim = HEAD_DIM;
+    static constexpr int kBlockM = BLOCK_M;
+    static constexpr int kBlockN = BLOCK_N;
+    static constexpr int kThreads = WARPS * 32;
+    static constexpr bool kQInRegs = Q_IN_REGS;
+    // 16 bytes of padding per row put the 8 rows an ldmatrix phase reads on 8 different
+    // 16-byte bank groups for every head dim (row pitch mod 128 bytes is an odd multiple of 16).
+    static constexpr int kRowPitch = HEAD_DIM + 8;
+    static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte pieces of one row
+    static constexpr int kSTiles = BLOCK_N / 8;         // n8 tiles of S per warp
+    static constexpr int kOTiles = HEAD_DIM / 8;        // n8 tiles of O per warp
+    static constexpr int kSmemElems = (BLOCK_M + 2 * BLOCK_N) * kRowPitch;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    uint32_t a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros (rows past the end).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// d += a · b for one 16x8x16 tile; fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+    if constexpr (T::is_bf16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Copies rows [row0, row0 + ROWS) of one head (rows `row_stride` elements apart) into a padded
+// shared tile; rows at or past `rows_total` become zeros, so padded keys contribute nothing.
+template <typename Cfg, int ROWS>
+__device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* head_base,
+                                          int64_t row_stride, int row0, int rows_total,
+                                          bool aligned16) {
+    constexpr int kChunks = ROWS * Cfg::kChunksPerRow;
+    static_assert(kChunks % Cfg::kThreads == 0, "every thread copies the same number of chunks");
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int c = tid; c < kChunks; c += Cfg::kThreads) {
+        const int r = c / Cfg::kChunksPerRow;
+        const int col = (c % Cfg::kChunksPerRow) * 8;
+        const int row = row0 + r;
+        const bool valid = row < rows_total;
+        uint16_t* dst = tile + r * Cfg::kRowPitch + col;
+        const uint16_t* src = head_base + (valid ? (int64_t)row * row_stride + col : 0);
+        if (aligned16) {
+            cp_async_16(dst, src, valid ? 16 : 0);
+        } else {
+            // Rows not 16-byte aligned (odd strides): plain 2-byte loads, slower but exact.
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dst[e] = valid ? src[e] : (uint16_t)0;
+        }
+    }
+}
+
+template <typename T, typename Cfg, bool SCORE_MOD>
+__device__ __forceinline__ void flash_fwd(const FwdParams& p) {
+    constexpr int D = Cfg::kHeadDim;
+    constexpr int BM = Cfg::kBlockM;
+    constexpr int BN = Cfg::kBlockN;
+    constexpr int PITCH = Cfg::kRowPitch;
+    extern __shared__ __align__(16) uint16_t smem[];
+    uint16_t* sQ = smem;
+    uint16_t* sK = sQ + BM * PITCH;
+    uint16_t* sV = sK + BN * PITCH;
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int group = lane / 4;  // mma fragment row within 8
+    const int quad = lane % 4;   // mma fragment column pair
+    // Heaviest causal blocks (last query rows) first, so the tail of the grid is short.
+    const int m_block = p.num_m_blocks - 1 - blockIdx.x;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const int hk = h / p.group;
+    const int m0 = m_block * BM;
+    const int m_last = min(m0 + BM, p.seqlen_q) - 1;
+
+    const uint16_t* q_head = (const uint16_t*)p.q + b * p.q_stride[0] + h * p.q_stride[2];
+    const uint16_t* k_head = (const uint16_t*)p.k + b * p.k_stride[0] + hk * p.k_stride[2];
+    const uint16_t* v_head = (const uint16_t*)p.v + b * p.v_stride[0] + hk * p.v_stride[2];
+    const bool aligned16 = p.aligned16 != 0;
+
+    int key_lo, key_hi;
+    band_of_rows(p, m0, m_last, key_lo, key_hi);
+    // Tiles wholly outside the causal/window band are never loaded.
+    const int n_first = key_lo / BN;
+    const int n_last = key_hi > key_lo ? (key_hi - 1) / BN : n_first - 1;
+
+    // Rows this thread accumulates: `group` and `group + 8` of the warp's 16.
+    const int row_a = m0 + warp * 16 + group;
+    float o[Cfg::kOTiles][4];
+#pragma unroll
+    for (int t = 0; t < Cfg::kOTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+    float row_max[2] = {-UFA_INF, -UFA_INF};  // log2 domain
+    float row_sum[2] = {0.f, 0.f};            // this thread's columns only until the epilogue
+    const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
+
+    if (n_first <= n_last) {
+        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, p.seqlen_q, aligned16);
+        cp_async_commit();
+        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n_last * BN, p.seqlen_kv, aligned16);
+        cp_async_commit();
+
+        uint32_t q_frag[Cfg::kQInRegs ? D / 16 : 1][4];
+        const uint16_t* q_warp = sQ + (warp * 16 + lane % 16) * PITCH + (lane / 16) * 8;
+        if constexpr (Cfg::kQInRegs) {
+            cp_async_wait<1>();
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], q_warp + kk * 16);
+        }
+
+        for (int n = n_last; n >= n_first; --n) {
+            const int n0 = n * BN;
+            cp_async_wait<0>();
+            __syncthreads();  // K[n] landed; every warp is done with V[n+1]
+            load_tile<Cfg, BN>(sV, v_head, p.v_stride[1], n0, p.seqlen_kv, aligned16);
+            cp_async_commit();
+
+            // S = Q K[n]ᵀ
+            float s[Cfg::kSTiles][4];
+#pragma unroll
+            for (int t = 0; t < Cfg::kSTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t a_reg[4];
+                if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) a_reg[r] = q_frag[kk][r];
+                } else {
+                    ldmatrix_x4(a_reg, q_warp + kk * 16);
+                }
+#pragma unroll
+                for (int t = 0; t < Cfg::kSTiles; t += 2) {
+                    uint32_t k_reg[4];
+                    ldmatrix_x4(k_reg, sK + (t * 8 + lane % 8 + (lane / 16) * 8) * PITCH +
+                                           kk * 16 + ((lane / 8) % 2) * 8);
+                    mma_16816<T>(s[t], a_reg, k_reg[0], k_reg[1]);
+                    mma_16816<T>(s[t + 1], a_reg, k_reg[2], k_reg[3]);
+                }
+            }
+
+            // Scores to the log2 domain; hide keys outside the band, past the end, or masked.
+            const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
+                                            n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
+                                            n0 + BN <= p.seqlen_kv;
+#pragma unroll
+            for (int t = 0; t < Cfg::kSTiles; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = row_a + (e / 2) * 8;
+                    const int j = n0 + t * 8 + quad * 2 + (e % 2);
+                    if (SCORE_MOD) {
+                        s[t][e] = in_band(p, i, j) && i < p.seqlen_q
+                                      ? modify_score(p, s[t][e], b, h, i, j, slope)
+                                      : -UFA_INF;
+                    } else {
+                        s[t][e] *= p.scale_log2;
+                        if (!whole_tile_visible && !in_band(p, i, j)) s[t][e] = -UFA_INF;
+                    }
+                }
+            }
+
+            // Online softmax: new running max, rescale what was accumulated, P = exp2(S - max).
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[r];
+#pragma unroll
+                for (int t = 0; t < Cfg::kSTiles; ++t)
+                    mx = fmaxf(mx, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // A row that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0s.
+                const float base = mx == -UFA_INF ? 0.f : mx;
+                const float correction = fast_exp2(row_max[r] - base);
+                row_max[r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int t = 0; t < Cfg::kSTiles; ++t) {
+                    s[t][2 * r] = fast_exp2(s[t][2 * r] - base);
+                    s[t][2 * r + 1] = fast_exp2(s[t][2 * r + 1] - base);
+                    sum += s[t][2 * r] + s[t][2 * r + 1];
+                }
+                row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+                for (int t = 0; t < Cfg::kOTiles; ++t) {
+                    o[t][2 * r] *= correction;
+                    o[t][2 * r + 1] *= correction;
+                }
+            }
+
+            cp_async_wait<0>();
+            __syncthreads();  // V[n] landed; every warp is done with K[n]
+            if (n > n_first) {
+                load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n0 - BN, p.seqlen_kv, aligned16);
+                cp_async_commit();
+            }
+
+            // O += P V[n]; the S accumulators of two n8 tiles are exactly one A fragment.
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                uint32_t p_reg[4];
+                p_reg[0] = Convert<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+                p_reg[1] = Convert<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+                p_reg[2] = Convert<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                p_reg[3] = Convert<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                for (int t = 0; t < Cfg::kOTiles; t += 2) {
+                    uint32_t v_reg[4];
+                    ldmatrix_x4_trans(v_reg, sV + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) *
+                                                      PITCH + t * 8 + (lane / 16) * 8);
+                    mma_16816<T>(o[t], p_reg, v_reg[0], v_reg[1]);
+                    mma_16816<T>(o[t + 1], p_reg, v_reg[2], v_reg[3]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: O /= rowsum, LSE = ln(sum) + max; rows that saw no key give 0 and -inf.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int i = row_a + r * 8;
+        if (i >= p.seqlen_q) continue;
+        uint16_t* out_row = (uint16_t*)p.out + b * p.o_stride[0] + (int64_t)i * p.o_stride[1] +
+                            h * p.o_stride[2];
+#pragma unroll
+        for (int t = 0; t < Cfg::kOTiles; ++t) {
+            const int col = t * 8 + quad * 2;
+            const uint32_t packed = Convert<T>::pack(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
+            if (aligned16) {
+                *(uint32_t*)(out_row + col) = packed;
+            } else {
+                out_row[col] = (uint16_t)(packed & 0xffffu);
+                out_row[col + 1] = (uint16_t)(packed >> 16);
+            }
+        }
+        if (p.lse != nullptr && quad == 0) {
+            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]] =
+                sum > 0.f ? (row_max[r] + log2f(sum)) * UFA_LN2 : -UFA_INF;
+        }
+    }
+}

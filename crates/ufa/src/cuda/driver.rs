@@ -1,0 +1,358 @@
+//! The CUDA driver API as ufa uses it: devices, the primary context, pointer checks, modules
+//! and launches, plus the few memory calls the tests and benchmarks need. Each call goes
+//! through cudarc's `result` layer and comes back as a ufa [`Error`].
+
+use crate::error::{Error, ErrorKind, Result};
+use cudarc::driver::{result as cu, sys};
+use std::ffi::{c_void, CString};
+use std::sync::OnceLock;
+
+pub(crate) use sys::{CUdeviceptr, CUfunction, CUstream};
+
+fn driver_error(what: &str, e: cu::DriverError) -> Error {
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Error::new(
+        ErrorKind::Backend,
+        format!("{what} failed: {:?} ({text})", e.0),
+    )
+}
+
+/// One CUDA device as the driver describes it.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceInfo {
+    pub ordinal: u32,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: i32,
+    /// Shared memory one block may use after opting in.
+    pub max_smem_per_block: u32,
+    pub total_memory: usize,
+    handle: sys::CUdevice,
+}
+
+impl DeviceInfo {
+    /// The NVRTC target: the exact architecture, with Hopper's `a` features (wgmma, setmaxnreg).
+    pub fn arch(&self) -> String {
+        arch_name(self.compute_capability)
+    }
+}
+
+pub(crate) fn arch_name((major, minor): (i32, i32)) -> String {
+    let a = if (major, minor) == (9, 0) { "a" } else { "" };
+    format!("sm_{major}{minor}{a}")
+}
+
+/// The driver, initialised once per process.
+pub(crate) struct Driver {
+    pub version: (i32, i32),
+    pub devices: Vec<DeviceInfo>,
+    contexts: Vec<OnceLock<std::result::Result<usize, Error>>>,
+}
+
+/// Loads and initialises the driver once; later calls return the same result.
+pub(crate) fn driver() -> Result<&'static Driver> {
+    static DRIVER: OnceLock<std::result::Result<Driver, Error>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| super::no_panic("loading the CUDA driver", init))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn init() -> Result<Driver> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::new(
+            ErrorKind::DeviceUnavailable,
+            "no CUDA driver found (libcuda.so.1 is not on this machine); CUDA tensors need an \
+             NVIDIA GPU and its driver",
+        ));
+    }
+    cu::init().map_err(|e| {
+        Error::new(
+            ErrorKind::DeviceUnavailable,
+            format!("the CUDA driver is installed but cuInit failed: {e} (no usable GPU?)"),
+        )
+    })?;
+    let mut v = 0;
+    // SAFETY: an out-pointer to a live integer.
+    unsafe { sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(|e| driver_error("cuDriverGetVersion", e))?;
+    let count = cu::device::get_count().map_err(|e| driver_error("cuDeviceGetCount", e))?;
+    let mut devices = Vec::new();
+    for ordinal in 0..count {
+        let handle = cu::device::get(ordinal).map_err(|e| driver_error("cuDeviceGet", e))?;
+        let attr = |a| {
+            // SAFETY: `handle` came from cuDeviceGet.
+            unsafe { cu::device::get_attribute(handle, a) }
+                .map_err(|e| driver_error("cuDeviceGetAttribute", e))
+        };
+        use sys::CUdevice_attribute::*;
+        devices.push(DeviceInfo {
+            ordinal: ordinal as u32,
+            name: cu::device::get_name(handle).map_err(|e| driver_error("cuDeviceGetName", e))?,
+            compute_capability: (
+                attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ),
+            multiprocessors: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            max_smem_per_block: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32,
+            // SAFETY: as above.
+            total_memory: unsafe { cu::device::total_mem(handle) }
+                .map_err(|e| driver_error("cuDeviceTotalMem", e))?,
+            handle,
+        });
+    }
+    Ok(Driver {
+        version: (v / 1000, (v % 1000) / 10),
+        contexts: devices.iter().map(|_| OnceLock::new()).collect(),
+        devices,
+    })
+}
+
+impl Driver {
+    pub fn device(&self, ordinal: u32) -> Result<&DeviceInfo> {
+        self.devices.get(ordinal as usize).ok_or_else(|| {
+            Error::new(
+                ErrorKind::DeviceUnavailable,
+                format!(
+                    "cuda:{ordinal} does not exist: this machine has {} CUDA device(s)",
+                    self.devices.len()
+                ),
+            )
+        })
+    }
+
+    /// Makes `ordinal`'s primary context (the one PyTorch and the runtime API share) current
+    /// on this thread until the guard drops, restoring whatever the caller had current.
+    pub fn enter(&self, ordinal: u32) -> Result<ContextGuard> {
+        let dev = self.device(ordinal)?;
+        let ctx = self.contexts[ordinal as usize]
+            .get_or_init(|| {
+                // SAFETY: a device handle from cuDeviceGet; retained for the process lifetime.
+                unsafe { cu::primary_ctx::retain(dev.handle) }
+                    .map(|c| c as usize)
+                    .map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))
+            })
+            .clone()?;
+        // SAFETY: a retained context.
+        unsafe { sys::cuCtxPushCurrent_v2(ctx as sys::CUcontext) }
+            .result()
+            .map_err(|e| driver_error("cuCtxPushCurrent", e))?;
+        Ok(ContextGuard(()))
+    }
+}
+
+/// Pops the context pushed by [`Driver::enter`].
+pub(crate) struct ContextGuard(());
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        let mut old = std::ptr::null_mut();
+        // SAFETY: pops exactly the context this guard pushed. Never panics.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut old) };
+    }
+}
+
+/// Checks that `ptr` (named `name` in messages) is device memory of `ordinal`. A host pointer
+/// handed over as a CUDA tensor is the caller's bug, so it is an invalid argument, not a crash.
+pub(crate) fn check_device_pointer(name: &str, ptr: *const u8, ordinal: u32) -> Result<()> {
+    use sys::CUpointer_attribute::*;
+    let addr = ptr as CUdeviceptr;
+    let mut mem_type: u32 = 0;
+    // SAFETY: the attribute is a 32-bit integer written to a live u32.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            &mut mem_type as *mut u32 as *mut c_void,
+            CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            addr,
+        )
+    };
+    let device_memory = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
+    let unified = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32;
+    if r.result().is_err() || !(mem_type == device_memory || mem_type == unified) {
+        return Err(Error::invalid(format!(
+            "{name} is on cuda:{ordinal} but its data pointer {ptr:p} is not CUDA device memory \
+             (a host pointer passed as a device tensor?)"
+        )));
+    }
+    let mut dev: i32 = -1;
+    // SAFETY: as above; the ordinal is a 32-bit integer.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            &mut dev as *mut i32 as *mut c_void,
+            CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            addr,
+        )
+    };
+    if r.result().is_ok() && dev >= 0 && dev as u32 != ordinal {
+        return Err(Error::invalid(format!(
+            "{name} is declared on cuda:{ordinal} but its memory belongs to cuda:{dev}"
+        )));
+    }
+    Ok(())
+}
+
+/// A loaded module and its kernel; kept for the process lifetime (modules are never unloaded,
+/// so a function handle stays valid while other threads launch it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kernel {
+    pub function: usize,
+    pub registers: i32,
+    pub local_bytes: i32,
+}
+
+/// Loads `cubin` in the current context and prepares `name` to take `smem` bytes of dynamic
+/// shared memory.
+pub(crate) fn load_kernel(cubin: &[u8], name: &str, smem: u32) -> Result<Kernel> {
+    // SAFETY: a cubin image from NVRTC (or the cache, which checks the ELF magic); the driver
+    // copies it during the call.
+    let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }
+        .map_err(|e| driver_error(&format!("cuModuleLoadData({name})"), e))?;
+    let cname = CString::new(name).expect("kernel names have no NUL");
+    // SAFETY: a live module.
+    let f = unsafe { cu::module::get_function(module, cname) }
+        .map_err(|e| driver_error(&format!("cuModuleGetFunction({name})"), e))?;
+    use sys::CUfunction_attribute::*;
+    if smem > 48 * 1024 {
+        // SAFETY: a live function.
+        unsafe {
+            cu::function::set_function_attribute(
+                f,
+                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+        }
+        .map_err(|e| driver_error(&format!("cuFuncSetAttribute({name}, {smem} B smem)"), e))?;
+    }
+    let attr = |a| {
+        let mut v = 0;
+        // SAFETY: a live function and an out-pointer.
+        let _ = unsafe { sys::cuFuncGetAttribute(&mut v, a, f) };
+        v
+    };
+    Ok(Kernel {
+        function: f as usize,
+        registers: attr(CU_FUNC_ATTRIBUTE_NUM_REGS),
+        local_bytes: attr(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES),
+    })
+}
+
+/// Launches `kernel` with one by-value parameter block on `stream` (no synchronisation).
+///
+/// # Safety
+/// `params` must be the struct the kernel expects, and every pointer in it valid on the device
+/// for as long as the launch runs; the kernel's context must be current.
+pub(crate) unsafe fn launch<P>(
+    kernel: &Kernel,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: u32,
+    stream: CUstream,
+    params: &P,
+) -> Result<()> {
+    let mut args = [params as *const P as *mut c_void];
+    cu::launch_kernel(
+        kernel.function as CUfunction,
+        grid,
+        (threads, 1, 1),
+        smem,
+        stream,
+        &mut args,
+    )
+    .map_err(|e| driver_error("cuLaunchKernel", e))
+}
+
+/// Device memory owned by ufa's tests and benchmarks (the library itself never allocates).
+pub(crate) struct DeviceBuffer {
+    pub ptr: CUdeviceptr,
+    pub bytes: usize,
+    ordinal: u32,
+}
+
+impl DeviceBuffer {
+    pub fn new(ordinal: u32, bytes: usize) -> Result<DeviceBuffer> {
+        let _ctx = driver()?.enter(ordinal)?;
+        // SAFETY: a current context; at least one byte so the pointer is distinct.
+        let ptr =
+            unsafe { cu::malloc_sync(bytes.max(1)) }.map_err(|e| driver_error("cuMemAlloc", e))?;
+        Ok(DeviceBuffer {
+            ptr,
+            bytes,
+            ordinal,
+        })
+    }
+
+    pub fn upload(&self, data: &[u8]) -> Result<()> {
+        assert!(data.len() <= self.bytes);
+        let _ctx = driver()?.enter(self.ordinal)?;
+        // SAFETY: the buffer holds at least `data.len()` bytes.
+        unsafe { cu::memcpy_htod_sync(self.ptr, data) }.map_err(|e| driver_error("cuMemcpyHtoD", e))
+    }
+
+    pub fn download(&self, data: &mut [u8]) -> Result<()> {
+        assert!(data.len() <= self.bytes);
+        let _ctx = driver()?.enter(self.ordinal)?;
+        // SAFETY: as above; the copy is synchronous, so earlier work on the default stream is done.
+        unsafe { cu::memcpy_dtoh_sync(data, self.ptr) }.map_err(|e| driver_error("cuMemcpyDtoH", e))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if let Ok(d) = driver() {
+            if let Ok(_ctx) = d.enter(self.ordinal) {
+                // SAFETY: allocated by cuMemAlloc and freed once. Errors are ignored: Drop must not panic.
+                let _ = unsafe { cu::free_sync(self.ptr) };
+            }
+        }
+    }
+}
+
+/// Waits for all work of `ordinal`'s primary context.
+pub(crate) fn synchronize(ordinal: u32) -> Result<()> {
+    let _ctx = driver()?.enter(ordinal)?;
+    cu::ctx::synchronize().map_err(|e| driver_error("cuCtxSynchronize (a kernel failed?)", e))
+}
+
+/// Milliseconds `f` takes on the GPU, measured with events on the legacy default stream.
+pub(crate) fn time_ms(ordinal: u32, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+    let _ctx = driver()?.enter(ordinal)?;
+    let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let start = cu::event::create(flags).map_err(|e| driver_error("cuEventCreate", e))?;
+    let end = cu::event::create(flags).map_err(|e| driver_error("cuEventCreate", e))?;
+    // SAFETY: live events on the current context; destroyed below on every path.
+    let r = (|| unsafe {
+        cu::event::record(start, std::ptr::null_mut())
+            .map_err(|e| driver_error("cuEventRecord", e))?;
+        f()?;
+        cu::event::record(end, std::ptr::null_mut())
+            .map_err(|e| driver_error("cuEventRecord", e))?;
+        cu::event::synchronize(end)
+            .map_err(|e| driver_error("cuEventSynchronize (a kernel failed?)", e))?;
+        cu::event::elapsed(start, end).map_err(|e| driver_error("cuEventElapsedTime", e))
+    })();
+    // SAFETY: created above, destroyed once.
+    unsafe {
+        let _ = cu::event::destroy(start);
+        let _ = cu::event::destroy(end);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_names() {
+        assert_eq!(arch_name((8, 0)), "sm_80");
+        assert_eq!(arch_name((8, 6)), "sm_86");
+        assert_eq!(arch_name((8, 9)), "sm_89");
+        assert_eq!(arch_name((9, 0)), "sm_90a");
+        assert_eq!(arch_name((12, 0)), "sm_120");
+    }
+}

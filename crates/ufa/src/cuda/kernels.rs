@@ -1,0 +1,412 @@
+//! Which kernel runs a problem, with which tiles, and the text NVRTC compiles for it.
+//!
+//! Every kernel variant is a template instance; its `extern "C"` wrapper is generated here at
+//! run time (one module per variant), so the repository holds only the templates.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::problem::Problem;
+use std::ffi::c_void;
+
+pub(crate) const COMMON_SOURCE: &str = include_str!("../../kernels/common.cuh");
+pub(crate) const MMA_SOURCE: &str = include_str!("../../kernels/flash_fwd.cu");
+pub(crate) const SIMPLE_SOURCE: &str = include_str!("../../kernels/attention_simple.cu");
+
+/// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
+pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
+
+/// Warps (each 16 query rows) of the CUDA-core kernel's blocks; `kSimpleWarps` in the source.
+const SIMPLE_WARPS: u32 = 4;
+
+/// Sequence lengths must stay below this so that band arithmetic (`i + offset ± window`) fits
+/// in the kernels' 32-bit integers; windows are clamped to `UNBOUNDED`.
+pub(crate) const MAX_SEQLEN: usize = 1 << 28;
+const UNBOUNDED: i32 = 1 << 29;
+
+/// Tile sizes of one tensor-core variant; see [`tile_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Tile {
+    pub head_dim: u32,
+    pub block_m: u32,
+    pub block_n: u32,
+    pub warps: u32,
+    pub q_in_regs: bool,
+}
+
+impl Tile {
+    /// Dynamic shared memory: the Q tile and one K and one V tile, rows padded by 8 elements.
+    pub fn smem_bytes(&self) -> u32 {
+        (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * 2
+    }
+}
+
+/// The tile table. Each warp owns 16 query rows, so block_m = 16 · warps.
+/// - 128 query rows (8 warps) per block: each K/V tile read from shared memory serves 128 rows,
+///   and 8 warps hide the latency of the ldmatrix → mma chains.
+/// - 64 keys per tile: S is 32 fp32 registers per thread, leaving room for O (head_dim / 2).
+/// - Q stays in registers up to head_dim 128 (head_dim / 4 registers); above, its fragments
+///   plus O would spill, so they are re-read from shared memory each k-step (as FA2 does).
+/// - Devices with less shared memory (sm_86/89: 99 KB a block) halve block_m, then block_n.
+pub(crate) fn tile_for(head_dim: usize, max_smem: u32) -> Option<Tile> {
+    if !MMA_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let mut tile = Tile {
+        head_dim: head_dim as u32,
+        block_m: 128,
+        block_n: 64,
+        warps: 8,
+        q_in_regs: head_dim <= 128,
+    };
+    while tile.smem_bytes() > max_smem {
+        if tile.block_m > 64 {
+            tile.block_m = 64;
+            tile.warps = 4;
+        } else if tile.block_n > 32 {
+            tile.block_n = 32;
+        } else {
+            return None;
+        }
+    }
+    Some(tile)
+}
+
+/// A kernel variant: what gets compiled into one module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Variant {
+    /// Tensor cores; `score_mod` adds softcap, ALiBi and masks to the inner loop.
+    Mma {
+        dtype: DType,
+        tile: Tile,
+        score_mod: bool,
+    },
+    /// CUDA cores, any head dims up to 512, any output dtype.
+    Simple { input: DType, output: DType },
+}
+
+fn type_tag(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "Half",
+        DType::BF16 => "BFloat16",
+        DType::F32 | DType::Bool => "Float32",
+    }
+}
+
+impl Variant {
+    /// Chooses the kernel for `p` on a device with `max_smem` bytes of shared memory a block.
+    pub fn select(p: &Problem, max_smem: u32) -> Variant {
+        let dtype = p.q.dtype;
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let tile = (half && p.out.dtype == dtype && p.head_dim == p.head_dim_v)
+            .then(|| tile_for(p.head_dim, max_smem))
+            .flatten();
+        match tile {
+            Some(tile) => Variant::Mma {
+                dtype,
+                tile,
+                score_mod: p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some(),
+            },
+            None => Variant::Simple {
+                input: dtype,
+                output: p.out.dtype,
+            },
+        }
+    }
+
+    /// The `extern "C"` name of the variant's kernel; unique per variant.
+    pub fn kernel_name(&self) -> String {
+        match *self {
+            Variant::Mma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => format!(
+                "ufa_fwd_{dtype}_d{}_m{}_n{}_w{}{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.warps,
+                if t.q_in_regs { "_qreg" } else { "" },
+                if score_mod { "_mod" } else { "" }
+            ),
+            Variant::Simple { input, output } => format!("ufa_simple_{input}_{output}"),
+        }
+    }
+
+    pub fn threads(&self) -> u32 {
+        match self {
+            Variant::Mma { tile, .. } => tile.warps * 32,
+            Variant::Simple { .. } => SIMPLE_WARPS * 32,
+        }
+    }
+
+    pub fn dynamic_smem(&self) -> u32 {
+        match self {
+            Variant::Mma { tile, .. } => tile.smem_bytes(),
+            Variant::Simple { .. } => 0,
+        }
+    }
+
+    /// Query rows one block computes.
+    pub fn rows_per_block(&self) -> u32 {
+        match self {
+            Variant::Mma { tile, .. } => tile.block_m,
+            Variant::Simple { .. } => SIMPLE_WARPS,
+        }
+    }
+
+    /// The full source of the variant's module: the shared prelude, the kernel template and
+    /// the generated entry point.
+    pub fn source(&self) -> String {
+        let name = self.kernel_name();
+        let (body, entry) = match *self {
+            Variant::Mma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => (
+                MMA_SOURCE,
+                format!(
+                    "extern \"C\" __global__ void __launch_bounds__({threads}) {name}(const FwdParams p) {{\n  \
+                     flash_fwd<{ty}, TileConfig<{d}, {m}, {n}, {w}, {qr}>, {sm}>(p);\n}}\n",
+                    threads = t.warps * 32,
+                    ty = type_tag(dtype),
+                    d = t.head_dim,
+                    m = t.block_m,
+                    n = t.block_n,
+                    w = t.warps,
+                    qr = t.q_in_regs,
+                    sm = score_mod,
+                ),
+            ),
+            Variant::Simple { input, output } => (
+                SIMPLE_SOURCE,
+                format!(
+                    "extern \"C\" __global__ void __launch_bounds__({threads}) {name}(const FwdParams p) {{\n  \
+                     attention_simple<{ti}, {to}>(p);\n}}\n",
+                    threads = SIMPLE_WARPS * 32,
+                    ti = type_tag(input),
+                    to = type_tag(output),
+                ),
+            ),
+        };
+        format!("{COMMON_SOURCE}\n{body}\n// generated entry point\n{entry}")
+    }
+
+    /// Every variant the library can launch on a device with `max_smem` bytes a block.
+    pub fn all(max_smem: u32) -> Vec<Variant> {
+        let mut v = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            for d in MMA_HEAD_DIMS {
+                for score_mod in [false, true] {
+                    if let Some(tile) = tile_for(d, max_smem) {
+                        v.push(Variant::Mma {
+                            dtype,
+                            tile,
+                            score_mod,
+                        });
+                    }
+                }
+            }
+        }
+        for input in [DType::F32, DType::F16, DType::BF16] {
+            for output in [DType::F32, DType::F16, DType::BF16] {
+                v.push(Variant::Simple { input, output });
+            }
+        }
+        v
+    }
+
+    /// Grid (query-row blocks, heads, batch) for `p`.
+    pub fn grid(&self, p: &Problem) -> Result<(u32, u32, u32)> {
+        let rows = self.rows_per_block() as usize;
+        let blocks = p.seqlen_q.div_ceil(rows);
+        if p.heads_q > 65535 || p.batch > 65535 {
+            return Err(Error::unsupported(format!(
+                "the CUDA backend launches one block row per head and batch entry, at most 65535 \
+                 each; got heads_q={} and batch={}",
+                p.heads_q, p.batch
+            )));
+        }
+        Ok((blocks as u32, p.heads_q as u32, p.batch as u32))
+    }
+}
+
+/// The kernels' parameter block; mirrors `struct FwdParams` in kernels/common.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FwdParams {
+    pub q: *const c_void,
+    pub k: *const c_void,
+    pub v: *const c_void,
+    pub out: *mut c_void,
+    pub lse: *mut f32,
+    pub alibi: *const f32,
+    pub mask: *const c_void,
+    pub q_stride: [i64; 3],
+    pub k_stride: [i64; 3],
+    pub v_stride: [i64; 3],
+    pub o_stride: [i64; 3],
+    pub lse_stride: [i64; 3],
+    pub alibi_stride: [i64; 2],
+    pub mask_stride: [i64; 4],
+    pub batch: i32,
+    pub seqlen_q: i32,
+    pub seqlen_kv: i32,
+    pub heads_q: i32,
+    pub group: i32,
+    pub head_dim: i32,
+    pub head_dim_v: i32,
+    pub diag_offset: i32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub scale: f32,
+    pub scale_log2: f32,
+    pub softcap: f32,
+    pub mask_kind: i32,
+    pub aligned16: i32,
+    pub num_m_blocks: i32,
+}
+
+fn mask_kind(d: DType) -> i32 {
+    match d {
+        DType::Bool => 1,
+        DType::F16 => 2,
+        DType::BF16 => 3,
+        DType::F32 => 4,
+    }
+}
+
+/// Strides (batch, seq, head) of a [b, s, h, d] operand, as the kernels index them.
+fn bsh(s: [usize; 4]) -> [i64; 3] {
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+/// Whether every row a tile load or store touches starts 16 bytes after the previous: base
+/// pointers aligned, and each stride that matters (its dimension has more than one index) a
+/// multiple of 8 two-byte elements.
+fn rows_aligned16(p: &Problem) -> bool {
+    let dims_q = [p.batch, p.seqlen_q, p.heads_q];
+    let dims_kv = [p.batch, p.seqlen_kv, p.heads_kv];
+    let ok = |ptr: *mut u8, strides: [usize; 4], dims: [usize; 3]| {
+        ptr as usize % 16 == 0 && (0..3).all(|i| dims[i] == 1 || strides[i] % 8 == 0)
+    };
+    ok(p.q.ptr, p.q.strides, dims_q)
+        && ok(p.k.ptr, p.k.strides, dims_kv)
+        && ok(p.v.ptr, p.v.strides, dims_kv)
+        && ok(p.out.ptr, p.out.strides, dims_q)
+}
+
+impl FwdParams {
+    pub fn new(p: &Problem, variant: &Variant) -> Result<FwdParams> {
+        if p.seqlen_q >= MAX_SEQLEN || p.seqlen_kv >= MAX_SEQLEN {
+            return Err(Error::unsupported(format!(
+                "seqlen_q={} / seqlen_kv={}: the CUDA backend handles sequences shorter than {MAX_SEQLEN}",
+                p.seqlen_q, p.seqlen_kv
+            )));
+        }
+        let window = |w: Option<usize>| w.map_or(UNBOUNDED, |w| w.min(UNBOUNDED as usize) as i32);
+        let (lse, lse_stride) = match &p.lse {
+            Some(l) => (l.ptr as *mut f32, bsh(l.strides)),
+            None => (std::ptr::null_mut(), [0; 3]),
+        };
+        let (alibi, alibi_stride) = match &p.alibi {
+            Some(a) => (
+                a.ptr as *const f32,
+                [a.strides[0] as i64, a.strides[1] as i64],
+            ),
+            None => (std::ptr::null(), [0; 2]),
+        };
+        let (mask, mask_stride, kind) = match &p.mask {
+            Some(m) => (
+                m.ptr as *const c_void,
+                m.strides.map(|s| s as i64),
+                mask_kind(m.dtype),
+            ),
+            None => (std::ptr::null(), [0; 4], 0),
+        };
+        let rows = variant.rows_per_block() as usize;
+        Ok(FwdParams {
+            q: p.q.ptr as *const c_void,
+            k: p.k.ptr as *const c_void,
+            v: p.v.ptr as *const c_void,
+            out: p.out.ptr as *mut c_void,
+            lse,
+            alibi,
+            mask,
+            q_stride: bsh(p.q.strides),
+            k_stride: bsh(p.k.strides),
+            v_stride: bsh(p.v.strides),
+            o_stride: bsh(p.out.strides),
+            lse_stride,
+            alibi_stride,
+            mask_stride,
+            batch: p.batch as i32,
+            seqlen_q: p.seqlen_q as i32,
+            seqlen_kv: p.seqlen_kv as i32,
+            heads_q: p.heads_q as i32,
+            group: p.group_size() as i32,
+            head_dim: p.head_dim as i32,
+            head_dim_v: p.head_dim_v as i32,
+            diag_offset: p.diag_offset as i32,
+            window_left: window(p.window_left),
+            window_right: window(p.window_right),
+            scale: p.scale,
+            scale_log2: p.scale * std::f32::consts::LOG2_E,
+            softcap: p.softcap,
+            mask_kind: kind,
+            aligned16: rows_aligned16(p) as i32,
+            num_m_blocks: p.seqlen_q.div_ceil(rows) as i32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_block_matches_the_kernel_struct() {
+        // common.cuh static_asserts the same size; offsets follow from C layout rules.
+        assert_eq!(std::mem::size_of::<FwdParams>(), 288);
+        assert!(COMMON_SOURCE.contains("sizeof(FwdParams) == 288"));
+    }
+
+    #[test]
+    fn tile_table_fits_the_shared_memory_it_is_given() {
+        for d in MMA_HEAD_DIMS {
+            for smem in [101_376, 166_912, 232_448] {
+                let t = tile_for(d, smem).expect("every listed head dim has a tile");
+                assert!(
+                    t.smem_bytes() <= smem,
+                    "d{d}: {t:?} needs {}",
+                    t.smem_bytes()
+                );
+                assert_eq!(t.block_m, 16 * t.warps);
+            }
+        }
+        // Hopper and A100 get the full 128-row tiles everywhere.
+        assert!(MMA_HEAD_DIMS
+            .iter()
+            .all(|&d| tile_for(d, 166_912).unwrap().block_m == 128));
+        assert_eq!(tile_for(80, 232_448), None);
+        assert_eq!(tile_for(256, 40_000), None);
+    }
+
+    #[test]
+    fn kernel_names_are_unique_and_appear_in_their_source() {
+        let all = Variant::all(232_448);
+        let mut names: Vec<String> = all.iter().map(|v| v.kernel_name()).collect();
+        for v in &all {
+            assert!(v.source().contains(&format!(
+                "void __launch_bounds__({}) {}(",
+                v.threads(),
+                v.kernel_name()
+            )));
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        assert_eq!(all.len(), 2 * 7 * 2 + 9);
+    }
+}

@@ -1,0 +1,381 @@
+//! The CUDA forward pass against the f64 reference: every feature and dtype, odd sizes, GQA,
+//! causal with seqlen_q != seqlen_kv, strided views, outputs poisoned first. On a machine with
+//! no GPU these tests check the "no CUDA" error and pass; `UFA_REQUIRE_GPU=1` (set by
+//! scripts/gpu-check) makes a missing GPU a failure instead.
+
+use ufa::testing::cuda::check_case_cuda;
+use ufa::testing::{standard_cases, Alibi, Case, MaskSpec, Placement};
+use ufa::{
+    AttentionParams, CausalAlignment, Context, DType, Device, ErrorKind, TensorView, TensorViewMut,
+};
+
+/// Whether a GPU is here; without one, checks the error a CUDA call gets and says so.
+fn gpu(ctx: &Context) -> bool {
+    match ctx.cuda_devices() {
+        Ok(d) if !d.is_empty() => {
+            println!("{}", d.join("\n"));
+            true
+        }
+        other => {
+            assert!(
+                std::env::var("UFA_REQUIRE_GPU").map_or(true, |v| v != "1"),
+                "UFA_REQUIRE_GPU=1 but no CUDA device: {other:?}"
+            );
+            println!("no CUDA device ({other:?}); GPU checks skipped");
+            false
+        }
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("UFA_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
+/// Runs every case, prints one line each, and fails listing every case that missed.
+fn run_cases(cases: &[Case]) {
+    let ctx = Context::new().unwrap();
+    if !gpu(&ctx) {
+        return;
+    }
+    let seed = seed();
+    println!("seed {seed} (UFA_SEED={seed} replays)");
+    let mut failed = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let s = seed.wrapping_add(i as u64);
+        match check_case_cuda(&ctx, c, s, 0) {
+            Ok(r) => {
+                let ok = r.passed();
+                println!(
+                    "{} {:<60} err {:.2e} lse {:.2e} unwritten {}",
+                    if ok { "ok  " } else { "FAIL" },
+                    c.describe(),
+                    r.out_error,
+                    r.lse_error.unwrap_or(0.0),
+                    r.unwritten
+                );
+                if !ok {
+                    failed.push(format!("{} (seed {s}): {r:?}", c.describe()));
+                }
+            }
+            Err(e) => {
+                println!("ERR  {:<60} {e}", c.describe());
+                failed.push(format!("{} (seed {s}): {e}", c.describe()));
+            }
+        }
+    }
+    for r in ctx.cuda_module_reports() {
+        println!(
+            "module {:<44} {} compile {:.2}s load {:.1}ms cached {} regs {} spill {}B",
+            r.kernel,
+            r.arch,
+            r.compile_s,
+            r.load_s * 1e3,
+            r.from_cache,
+            r.registers,
+            r.spill_bytes
+        );
+    }
+    assert!(
+        failed.is_empty(),
+        "{} case(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn standard_cases_match_the_reference() {
+    run_cases(&standard_cases());
+}
+
+/// Each tensor-core head dim and dtype, plain and with every feature, at sizes that are not
+/// multiples of any tile.
+#[test]
+fn tensor_core_variants_match_the_reference() {
+    let mut cases = Vec::new();
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, d) in [32, 64, 96, 128, 160, 192, 256].into_iter().enumerate() {
+            let mut c = Case::new(2, 129 + 7 * i, 257 - 11 * i, 4, d, dtype);
+            c.heads_kv = [1, 2, 4][i % 3];
+            cases.push(c.clone());
+            c.causal = true;
+            cases.push(c.clone());
+            c.seqlen_q = 300;
+            c.seqlen_kv = 77;
+            cases.push(c.clone());
+            let mut m = Case::new(1, 70, 150, 4, d, dtype);
+            m.softcap = 20.0;
+            m.alibi = Some(Alibi::PerHead);
+            m.window = (40, 9);
+            cases.push(m);
+        }
+    }
+    run_cases(&cases);
+}
+
+#[test]
+fn features_and_layouts_match_the_reference() {
+    use DType::*;
+    let mut cases = Vec::new();
+    for (sq, skv) in [(1, 1), (1, 1000), (17, 17), (1000, 129), (129, 1000)] {
+        let mut c = Case::new(1, sq, skv, 8, 128, BF16);
+        c.heads_kv = 1; // MQA
+        c.causal = true;
+        cases.push(c.clone());
+        c.alignment = CausalAlignment::TopLeft;
+        c.heads_kv = 2; // GQA 4
+        cases.push(c);
+    }
+    let mut c = Case::new(2, 200, 300, 8, 64, F16);
+    c.window = (32, 8);
+    cases.push(c.clone());
+    c.window = (0, 0);
+    cases.push(c.clone());
+    c.window = (-1, 5);
+    c.causal = false;
+    cases.push(c);
+    for mask in [
+        MaskSpec {
+            dtype: Bool,
+            full: [true, false, true, true],
+            ndim: 4,
+        },
+        MaskSpec {
+            dtype: F32,
+            full: [false, true, true, true],
+            ndim: 3,
+        },
+        MaskSpec {
+            dtype: BF16,
+            full: [false, false, false, true],
+            ndim: 1,
+        },
+        MaskSpec {
+            dtype: F16,
+            full: [true, true, true, true],
+            ndim: 4,
+        },
+    ] {
+        let mut c = Case::new(2, 45, 77, 4, 64, BF16);
+        c.mask = Some(mask);
+        cases.push(c.clone());
+        c.causal = true;
+        c.dtype = F16;
+        c.out_dtype = F16;
+        cases.push(c);
+    }
+    let mut c = Case::new(2, 33, 70, 4, 128, F16);
+    c.alibi = Some(Alibi::PerBatchHead);
+    c.causal = true;
+    cases.push(c);
+    for placement in [Placement::HeadsFirst, Placement::Padded] {
+        let mut c = Case::new(2, 100, 130, 4, 128, BF16);
+        c.placement = [placement; 4];
+        cases.push(c.clone());
+        c.placement = [
+            Placement::Contiguous,
+            placement,
+            Placement::HeadsFirst,
+            placement,
+        ];
+        c.causal = true;
+        cases.push(c);
+    }
+    // The CUDA-core path: fp32, head dims off the tensor-core list, mixed output dtype.
+    for (d, dv, dtype, out) in [
+        (80, 80, F32, F32),
+        (48, 48, BF16, BF16),
+        (512, 48, F32, BF16),
+        (64, 32, F16, F32),
+        (128, 128, BF16, F32),
+    ] {
+        let mut c = Case::new(2, 37, 300, 4, d, dtype);
+        c.head_dim_v = dv;
+        c.out_dtype = out;
+        c.heads_kv = 2;
+        c.causal = true;
+        c.softcap = 10.0;
+        cases.push(c);
+    }
+    // Long enough that many key tiles are skipped by the causal band, and rows see thousands of keys.
+    let mut c = Case::new(1, 2048, 2048, 4, 128, BF16);
+    c.causal = true;
+    cases.push(c);
+    let mut c = Case::new(1, 1024, 4096, 2, 64, F16);
+    c.window = (256, 0);
+    cases.push(c);
+    run_cases(&cases);
+}
+
+/// A host pointer passed as a CUDA tensor is an error naming the tensor, never a crash; on a
+/// machine without CUDA every CUDA call says so.
+#[test]
+fn bad_cuda_inputs_are_errors() {
+    let ctx = Context::new().unwrap();
+    let host = vec![half::bf16::from_f32(0.5); 2 * 16 * 2 * 64];
+    let shape = [2, 16, 2, 64];
+    let strides = [2048, 128, 64, 1];
+    let view = |dev| unsafe {
+        TensorView::from_raw_parts(
+            host.as_ptr() as *const _,
+            DType::BF16,
+            dev,
+            &shape,
+            &strides,
+        )
+        .unwrap()
+    };
+    let mut out_host = host.clone();
+    let mut out = unsafe {
+        TensorViewMut::from_raw_parts(
+            out_host.as_mut_ptr() as *mut _,
+            DType::BF16,
+            Device::Cuda(0),
+            &shape,
+            &strides,
+        )
+        .unwrap()
+    };
+    let q = view(Device::Cuda(0));
+    let e = ctx
+        .forward(&q, &q, &q, &mut out, &AttentionParams::default())
+        .unwrap_err();
+    if gpu(&ctx) {
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(
+            e.message().starts_with("q is on cuda:0")
+                && e.message().contains("not CUDA device memory"),
+            "{e}"
+        );
+        let q9 = view(Device::Cuda(99));
+        let mut out9 = unsafe {
+            TensorViewMut::from_raw_parts(
+                out_host.as_mut_ptr() as *mut _,
+                DType::BF16,
+                Device::Cuda(99),
+                &shape,
+                &strides,
+            )
+            .unwrap()
+        };
+        let e = ctx
+            .forward(&q9, &q9, &q9, &mut out9, &AttentionParams::default())
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{e}");
+        assert!(e.message().contains("cuda:99 does not exist"), "{e}");
+    } else {
+        assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{e}");
+        assert!(
+            e.message().contains("no CUDA driver found") || e.message().contains("cuInit"),
+            "{e}"
+        );
+        // The CPU path is unaffected.
+        let c = ufa::testing::check_case(&ctx, &Case::new(1, 5, 7, 2, 32, DType::F32), 1).unwrap();
+        assert!(c.passed());
+    }
+    assert!(
+        out_host.iter().all(|x| x.to_f32() == 0.5),
+        "nothing is written on error"
+    );
+}
+
+/// A second process finds the cubins the first one compiled and loads them without NVRTC.
+#[test]
+fn second_process_loads_from_the_disk_cache() {
+    let ctx = Context::new().unwrap();
+    if !gpu(&ctx) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ufa-cache-{}", std::process::id()));
+    let case = Case::new(1, 100, 100, 2, 96, DType::F16);
+    let run_child = || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "cache_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ufa::testing::cuda::CACHE_DIR_ENV, &dir)
+            .output()
+            .unwrap()
+    };
+    let first = run_child();
+    let second = run_child();
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    println!(
+        "first process:\n{}second process:\n{}",
+        text(&first),
+        text(&second)
+    );
+    assert!(first.status.success() && second.status.success());
+    assert!(
+        text(&first).contains("cached false"),
+        "the first process compiles"
+    );
+    assert!(
+        text(&second).contains("cached true"),
+        "the second process loads from disk"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = case;
+}
+
+#[test]
+#[ignore = "run by second_process_loads_from_the_disk_cache in a child process"]
+fn cache_child() {
+    let ctx = Context::new().unwrap();
+    let case = Case::new(1, 100, 100, 2, 96, DType::F16);
+    let r = check_case_cuda(&ctx, &case, 7, 0).unwrap();
+    assert!(r.passed(), "{r:?}");
+    for m in ctx.cuda_module_reports() {
+        println!(
+            "module {} compile {:.3}s load {:.2}ms cached {}",
+            m.kernel,
+            m.compile_s,
+            m.load_s * 1e3,
+            m.from_cache
+        );
+        if m.from_cache {
+            assert!(m.load_s < 0.05, "cached load took {:.1} ms", m.load_s * 1e3);
+        } else {
+            assert!(
+                m.compile_s < 5.0,
+                "first-use compile took {:.2} s",
+                m.compile_s
+            );
+        }
+    }
+}
+
+/// A small problem for compute-sanitizer (memcheck, racecheck): every feature on, odd sizes,
+/// the tensor-core kernel and the CUDA-core one.
+#[test]
+#[ignore = "run under compute-sanitizer by scripts/gpu-check"]
+fn sanitizer_case() {
+    let mut a = Case::new(1, 70, 99, 4, 64, DType::BF16);
+    a.heads_kv = 2;
+    a.causal = true;
+    let mut b = a.clone();
+    b.alibi = Some(Alibi::PerHead);
+    b.softcap = 5.0;
+    b.mask = Some(MaskSpec {
+        dtype: DType::Bool,
+        full: [false, true, true, true],
+        ndim: 3,
+    });
+    let mut c = a.clone();
+    c.placement = [Placement::Padded; 4];
+    let mut d = Case::new(1, 9, 40, 2, 80, DType::F32);
+    d.causal = true;
+    run_cases(&[a, b, c, d]);
+}
