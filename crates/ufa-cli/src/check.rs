@@ -26,10 +26,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
     let isas: Vec<Isa> = if args.best_only {
         vec![Isa::detect()]
     } else {
-        [Isa::Avx512, Isa::Avx2, Isa::Portable]
-            .into_iter()
-            .filter(|i| i.is_supported())
-            .collect()
+        Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
     };
     let mut backends = Vec::new();
     for isa in isas {

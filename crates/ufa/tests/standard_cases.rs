@@ -20,10 +20,7 @@ fn standard_cases_match_reference_on_every_isa() {
     let seed = seed();
     println!("seed {seed} (replay with UFA_TEST_SEED={seed})");
     let mut failures = Vec::new();
-    for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable]
-        .into_iter()
-        .filter(|i| i.is_supported())
-    {
+    for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
         let ctx = Context::builder()
             .cpu_isa(isa)
             .num_threads(2)

@@ -216,7 +216,7 @@ struct KeyBlock<'a> {
 impl KernelFn for KeyBlock<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize>(self) {
+    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
         let KeyBlock {
             bp,
             delta,
@@ -289,7 +289,7 @@ struct QueryBlock<'a> {
 impl KernelFn for QueryBlock<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize>(self) {
+    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
         let QueryBlock { bp, delta, t, sc } = self;
         let p = &bp.fwd;
         let dp = sc.dp;

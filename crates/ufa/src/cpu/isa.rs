@@ -3,29 +3,35 @@
 use super::math::{Fused, MulAdd, Separate};
 use std::fmt;
 
-/// A piece of kernel code written once, generic over how to multiply-add (`M`) and the SIMD
-/// width in f32 lanes (`C`). [`run_with`] instantiates it inside a function compiled for the
+/// A piece of kernel code written once, generic over how to multiply-add (`M`), the SIMD
+/// width in f32 lanes (`C`) and whether the bf16 dot-product instructions may be used (`BF16`). [`run_with`] instantiates it inside a function compiled for the
 /// chosen instruction set; everything `call` reaches must be `#[inline(always)]` to inherit
 /// those target features.
 pub trait KernelFn {
     type Output;
-    fn call<M: MulAdd, const C: usize>(self) -> Self::Output;
+    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) -> Self::Output;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma,f16c")]
+unsafe fn run_avx512bf16<F: KernelFn>(f: F) -> F::Output {
+    f.call::<Fused, 64, true>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn run_avx512<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 64>()
+    f.call::<Fused, 64, false>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 16>()
+    f.call::<Fused, 16, false>()
 }
 
 fn run_portable<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Separate, 16>()
+    f.call::<Separate, 16, false>()
 }
 
 /// Runs `f` compiled for `isa`, which must be supported by this CPU (the backend checks this
@@ -33,6 +39,8 @@ fn run_portable<F: KernelFn>(f: F) -> F::Output {
 pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
     match isa {
         // SAFETY: CpuBackend::new only accepts an Isa that `is_supported()` on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => unsafe { run_avx512bf16(f) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { run_avx512(f) },
         #[cfg(target_arch = "x86_64")]
@@ -44,6 +52,8 @@ pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
+    /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
+    Avx512Bf16,
     /// x86-64 AVX-512F (16-wide fp32 FMA).
     Avx512,
     /// x86-64 AVX2 + FMA (8-wide fp32 FMA).
@@ -54,8 +64,12 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every kernel family, fastest first.
+    pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable if cfg!(target_arch = "aarch64") => "portable (neon)",
@@ -66,6 +80,10 @@ impl Isa {
     /// Whether this machine can run the kernels of `self`.
     pub fn is_supported(self) -> bool {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => {
+                Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512bf16")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
@@ -85,7 +103,7 @@ impl Isa {
 
     /// The fastest kernel family this machine runs.
     pub fn detect() -> Isa {
-        [Isa::Avx512, Isa::Avx2]
+        Isa::ALL
             .into_iter()
             .find(|i| i.is_supported())
             .unwrap_or(Isa::Portable)
@@ -102,6 +120,7 @@ impl std::str::FromStr for Isa {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
+            "avx512bf16" => Ok(Isa::Avx512Bf16),
             "avx512" => Ok(Isa::Avx512),
             "avx2" => Ok(Isa::Avx2),
             "portable" => Ok(Isa::Portable),

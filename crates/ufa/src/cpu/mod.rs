@@ -3,6 +3,8 @@
 //! computed by one work item in a fixed order, and the split-KV decision uses problem sizes alone.
 
 mod backward;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 mod isa;
 mod math;
 mod microkernel;

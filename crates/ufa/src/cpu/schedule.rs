@@ -96,13 +96,13 @@ struct ForwardItem<'a> {
 impl KernelFn for ForwardItem<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize>(self) {
-        let range = begin::<M>(self.p, self.t, self.sc);
+    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
+        let range = begin::<M, BF16>(self.p, self.t, self.sc);
         let keys = match self.split {
             Some((s, n)) => split_keys(range, s, n),
             None => range,
         };
-        attend::<M, C>(self.p, self.t, keys, self.sc);
+        attend::<M, C, BF16>(self.p, self.t, keys, self.sc);
     }
 }
 
@@ -196,7 +196,7 @@ pub(super) fn forward(p: &Problem, isa: Isa) -> Result<()> {
         |(sc, orow), (item, parts)| {
             let t = plan.rows(p, item);
             // Row bookkeeping (qpos/head) without running anything.
-            begin::<Separate>(p, &t, sc);
+            begin::<Separate, false>(p, &t, sc);
             for r in 0..t.nrows {
                 let part = |s: usize| &parts[s * part_len + r * row_len..][..row_len];
                 let m = (0..plan.splits).fold(f32::NEG_INFINITY, |a, s| a.max(part(s)[0]));

@@ -33,6 +33,12 @@ pub struct Scratch {
     slope: Vec<f32>,
     /// Padded width of V and acc rows (head_dim_v rounded up to 16).
     pub dvp: usize,
+    /// bf16 pair-packed operands of the AVX-512 BF16 path: Q (rows × d2), K (d2 × BK),
+    /// P (rows × BK/2) and V (BK/2 × dvp).
+    qp: Vec<u32>,
+    kp: Vec<u32>,
+    pp: Vec<u32>,
+    vp: Vec<u32>,
 }
 
 pub fn round_up(x: usize, m: usize) -> usize {
@@ -57,14 +63,32 @@ impl Scratch {
             band: vec![(0, 0); rows],
             slope: vec![0.0; rows],
             dvp,
+            qp: vec![0; rows * p.head_dim.div_ceil(2)],
+            kp: vec![0; p.head_dim.div_ceil(2) * BK],
+            pp: vec![0; rows * BK / 2],
+            vp: vec![0; BK / 2 * dvp],
         }
     }
 }
 
-/// Loads the tile's queries (pre-multiplied by the softmax scale), resets the accumulators and
-/// returns the union of the rows' visible key ranges.
+/// Whether a tile takes the bf16 dot-product path: bf16 inputs, a kernel family that has the
+/// instructions, and enough rows to fill register blocks.
 #[inline(always)]
-pub fn begin<M: MulAdd>(p: &Problem, t: &TileRows, sc: &mut Scratch) -> (usize, usize) {
+fn bf16_path<const BF16: bool>(p: &Problem, t: &TileRows) -> bool {
+    BF16 && cfg!(target_arch = "x86_64") && p.k.dtype == DType::BF16 && t.nrows > FEW_ROWS
+}
+
+/// Up to this many rows, a tile uses dot products with K rows instead of register blocks.
+const FEW_ROWS: usize = 2;
+
+/// Loads the tile's queries (pre-multiplied by the softmax scale; raw bf16 pairs on the bf16
+/// path), resets the accumulators and returns the union of the rows' visible key ranges.
+#[inline(always)]
+pub fn begin<M: MulAdd, const BF16: bool>(
+    p: &Problem,
+    t: &TileRows,
+    sc: &mut Scratch,
+) -> (usize, usize) {
     let (d, g) = (p.head_dim, p.group_size());
     let rows = round_up(t.nrows, R);
     let (mut lo, mut hi) = (usize::MAX, 0);
@@ -72,6 +96,8 @@ pub fn begin<M: MulAdd>(p: &Problem, t: &TileRows, sc: &mut Scratch) -> (usize, 
         let qrow = &mut sc.q[r * d..][..d];
         if r >= t.nrows {
             qrow.fill(0.0);
+            let d2 = d.div_ceil(2);
+            sc.qp[r * d2..][..d2].fill(0);
             continue;
         }
         let (qpos, head) = ((t.row0 + r) / g, t.hkv * g + (t.row0 + r) % g);
@@ -80,6 +106,18 @@ pub fn begin<M: MulAdd>(p: &Problem, t: &TileRows, sc: &mut Scratch) -> (usize, 
         // SAFETY: indices are in bounds of the validated q view.
         unsafe { load_row_f32(p.q.dtype, p.q.at([t.batch, qpos, head, 0]), qrow) };
         qrow.iter_mut().for_each(|x| *x *= p.scale);
+        #[cfg(target_arch = "x86_64")]
+        if bf16_path::<BF16>(p, t) {
+            let d2 = d.div_ceil(2);
+            // SAFETY: as above; bf16 elements.
+            unsafe {
+                super::bf16::pack_row_pairs(
+                    p.q.at([t.batch, qpos, head, 0]) as *const u16,
+                    d,
+                    &mut sc.qp[r * d2..][..d2],
+                )
+            };
+        }
         let band = p.visible_keys(qpos);
         sc.band[r] = band;
         if band.0 < band.1 {
@@ -104,7 +142,7 @@ pub fn begin<M: MulAdd>(p: &Problem, t: &TileRows, sc: &mut Scratch) -> (usize, 
 /// Runs the online softmax over keys `keys.0..keys.1` for the rows loaded by [`begin`].
 /// `C` is the SIMD width (in f32 lanes) of the register blocks.
 #[inline(always)]
-pub fn attend<M: MulAdd, const C: usize>(
+pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
     p: &Problem,
     t: &TileRows,
     keys: (usize, usize),
@@ -114,7 +152,8 @@ pub fn attend<M: MulAdd, const C: usize>(
     let rows = round_up(t.nrows, R);
     // With one or two rows (decoding without GQA) most of a register block would be padding:
     // take dot products with K rows and add V rows in place instead.
-    let few_rows = t.nrows <= 2;
+    let few_rows = t.nrows <= FEW_ROWS;
+    let bf16 = bf16_path::<BF16>(p, t);
     let mut j0 = keys.0;
     while j0 < keys.1 {
         let nk = (keys.1 - j0).min(BK);
@@ -131,6 +170,13 @@ pub fn attend<M: MulAdd, const C: usize>(
                 for r in 0..t.nrows {
                     sc.s[r * BK + jj] = dot::<M>(&sc.q[r * d..][..d], k);
                 }
+            }
+        } else if bf16 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
+            unsafe {
+                pack_k_pairs(p, t, j0, nk, sc);
+                super::bf16::scores(&sc.qp, d.div_ceil(2), &sc.kp, &mut sc.s, rows, p.scale);
             }
         } else {
             pack_kt(p, t, j0, nk, sc);
@@ -181,6 +227,24 @@ pub fn attend<M: MulAdd, const C: usize>(
                     axpy::<M>(sc.s[r * BK + jj], v, &mut sc.acc[r * dvp..][..dv]);
                 }
             }
+        } else if bf16 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; rows j0..j0+nk of the validated v view hold bf16.
+            unsafe {
+                super::bf16::pack_probabilities(&sc.s, &mut sc.pp, rows);
+                let nk2 = nk.div_ceil(2);
+                let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
+                for k2 in 0..nk2 {
+                    let second = (2 * k2 + 1 < nk).then(|| row(2 * k2 + 1));
+                    super::bf16::pack_v_pairs(
+                        row(2 * k2),
+                        second,
+                        dv,
+                        &mut sc.vp[k2 * dvp..][..dv],
+                    );
+                }
+                super::bf16::accumulate_pv(&sc.pp, &sc.vp, dvp, &mut sc.acc, rows, nk2);
+            }
         } else {
             for jj in 0..nk {
                 let dst = &mut sc.v[jj * dvp..][..dv];
@@ -190,6 +254,33 @@ pub fn attend<M: MulAdd, const C: usize>(
             accumulate_pv::<M, C>(&sc.s, &sc.v, dvp, &mut sc.acc, rows, nk);
         }
         j0 += nk;
+    }
+}
+
+/// Packs keys `j0..j0+nk` of bf16 K transposed by pairs (d2 × BK); columns past `nk` are zero.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn pack_k_pairs(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch) {
+    let (d, d2) = (p.head_dim, p.head_dim.div_ceil(2));
+    let mut pairs = [0u32; crate::problem::MAX_HEAD_DIM / 2];
+    for jj in 0..BK {
+        if jj < nk {
+            // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view (bf16).
+            unsafe {
+                super::bf16::pack_row_pairs(
+                    p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16,
+                    d,
+                    &mut pairs[..d2],
+                )
+            };
+            for (e2, &x) in pairs[..d2].iter().enumerate() {
+                sc.kp[e2 * BK + jj] = x;
+            }
+        } else {
+            for e2 in 0..d2 {
+                sc.kp[e2 * BK + jj] = 0;
+            }
+        }
     }
 }
 
