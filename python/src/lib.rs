@@ -222,6 +222,15 @@ fn import_opt(obj: Option<&Bound<'_, PyAny>>, name: &'static str) -> PyResult<Op
 }
 
 impl Arg {
+    /// Swaps dims 1 and 2 of a 4-d array (`[b, h, s, d]` <-> `[b, s, h, d]`) when `swap`.
+    fn bhsd(mut self, swap: bool) -> Self {
+        if swap && self.ndim == 4 {
+            self.shape.swap(1, 2);
+            self.strides.swap(1, 2);
+        }
+        self
+    }
+
     fn view(&self) -> PyResult<TensorView<'_>> {
         // SAFETY: the memory belongs to a live Python array that the call holds, and the core
         // validates shapes/strides before reading; the producer promised these strides.
@@ -334,11 +343,13 @@ fn options<'a>(
 /// All arrays are DLPack producers in ufa's layout: q `[batch, seqlen_q, heads_q, head_dim]`,
 /// k/v `[batch, seqlen_kv, heads_kv, head_dim(_v)]`, out `[batch, seqlen_q, heads_q,
 /// head_dim_v]`, lse f32 `[batch, heads_q, seqlen_q]`. `top_left` aligns the causal diagonal
-/// and window to the top-left corner (PyTorch SDPA) instead of the bottom-right one.
-/// Releases the GIL while computing.
+/// and window to the top-left corner (PyTorch SDPA) instead of the bottom-right one. With
+/// `bhsd`, q, k, v and out are given as `[batch, heads, seqlen, dim]` (PyTorch SDPA's layout)
+/// and are described to the core with dims 1 and 2 swapped: still no copy. Releases the GIL
+/// while computing.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse=None, *, scale=None, causal=false, top_left=false,
-    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None))]
+    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None, bhsd=false))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -355,13 +366,14 @@ fn forward(
     softcap: f64,
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     mask: Option<&Bound<'_, PyAny>>,
+    bhsd: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
     let (q, k, v, out) = (
-        import(q, "q")?,
-        import(k, "k")?,
-        import(v, "v")?,
-        import(out, "out")?,
+        import(q, "q")?.bhsd(bhsd),
+        import(k, "k")?.bhsd(bhsd),
+        import(v, "v")?.bhsd(bhsd),
+        import(out, "out")?.bhsd(bhsd),
     );
     let lse = import_opt(lse, "lse")?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
@@ -465,6 +477,47 @@ fn backward(
         .map_err(core_error)
 }
 
+/// Benchmark hook: seconds per `Context::forward` call on already-imported arrays, timed in
+/// Rust over `iters` calls (the core's own per-call cost, without the Python layer).
+#[pyfunction]
+fn _bench_core(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    iters: u32,
+) -> PyResult<f64> {
+    let ctx = context()?;
+    let (q, k, v, out) = (
+        import(q, "q")?,
+        import(k, "k")?,
+        import(v, "v")?,
+        import(out, "out")?,
+    );
+    let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
+    let mut ov = out.view_mut()?;
+    let params = AttentionParams::default();
+    py.detach(|| {
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            ctx.forward(&qv, &kv, &vv, &mut ov, &params)?;
+        }
+        Ok(t0.elapsed().as_secs_f64() / f64::from(iters.max(1)))
+    })
+    .map_err(core_error)
+}
+
+/// Benchmark hook: seconds per DLPack import of `x` (what each array argument costs).
+#[pyfunction]
+fn _bench_import(x: &Bound<'_, PyAny>, iters: u32) -> PyResult<f64> {
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        std::hint::black_box(import(x, "x")?);
+    }
+    Ok(t0.elapsed().as_secs_f64() / f64::from(iters.max(1)))
+}
+
 /// Whether the core can compute on CUDA tensors in this build and on this machine.
 #[pyfunction]
 fn cuda_available() -> PyResult<bool> {
@@ -525,5 +578,7 @@ fn _ufa(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_record, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_last_call, m)?)?;
+    m.add_function(wrap_pyfunction!(_bench_core, m)?)?;
+    m.add_function(wrap_pyfunction!(_bench_import, m)?)?;
     Ok(())
 }

@@ -100,6 +100,12 @@ def attention_forward(
     deterministic: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Attention in ufa's layout; returns (out [B, Sq, Hq, Dv], lse f32 [B, Hq, Sq])."""
+    return _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
+                         window_right, softcap)
+
+
+def _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
+                  window_right, softcap):
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     b, sq, hq, _ = q.shape
     out = q.new_empty((b, sq, hq, v.shape[-1]))
@@ -136,6 +142,12 @@ def attention_backward(
     deterministic: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attention_forward, contiguous in ufa's layout."""
+    return _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left,
+                          window_left, window_right, softcap, deterministic)
+
+
+def _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left,
+                   window_left, window_right, softcap, deterministic):
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     dout, out = _last_contiguous(dout), _last_contiguous(out)
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -170,23 +182,44 @@ def _backward(ctx, dout, _dlse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _needs_graph(*tensors: Optional[Tensor]) -> bool:
-    """Whether the call must go through the custom op (autograd or torch.compile tracing)."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+class _Attention(torch.autograd.Function):
+    """Eager autograd: the same forward and backward as the custom ops, without the dispatcher
+    round trips of ``torch.library`` (which cost several times the attention itself on small
+    problems). ``torch.compile`` traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
+                window_right, softcap, deterministic):
+        out, lse = _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left,
+                                 window_left, window_right, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes)
+        ctx.params = (scale, causal, top_left, window_left, window_right, softcap, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask, alibi = ctx.saved_tensors
+        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, mask, alibi, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def _attention(q, k, v, scale, causal, top_left, window_left, window_right, softcap,
                alibi_slopes, mask, deterministic, return_lse, out=None):
     """ufa-layout attention on torch tensors: the custom op when autograd or compile needs it,
     else a direct call (fewer layers, lower overhead)."""
-    if _needs_graph(q, k, v):
+    compiling = torch.compiler.is_compiling()
+    if compiling or _needs_grad(q, k, v):
         if out is not None:
-            raise ValueError("out= cannot be used when q, k or v requires grad (autograd "
-                             "needs a fresh output); pass out=None")
-        o, lse = attention_forward(q, k, v, mask, alibi_slopes, scale, causal, top_left,
-                                   window_left, window_right, softcap, deterministic)
+            raise ValueError("out= cannot be used when q, k or v requires grad or under "
+                             "torch.compile (autograd needs a fresh output); pass out=None")
+        args = (q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
+                window_right, softcap, deterministic)
+        o, lse = attention_forward(*args) if compiling else _Attention.apply(*args)
         return (o, lse) if return_lse else o
     if q.dim() != 4:
         raise ValueError(f"q must have 4 dimensions [batch, seqlen, heads, head_dim], got "
@@ -262,7 +295,8 @@ _fallbacks: Dict[str, int] = {}
 def fallback_stats() -> Dict[str, int]:
     """Counts of :func:`scaled_dot_product_attention` calls that went to PyTorch's own function,
     by reason, plus ``"ufa"``: the calls ufa served. Calls made while ``torch.compile`` traces are
-    not counted (the decision is then made once per compiled graph)."""
+    not counted (the decision is then made once per compiled graph, and compiled code does not
+    run this Python function again)."""
     with _stats_lock:
         return dict(_fallbacks)
 
@@ -288,36 +322,38 @@ def _autocast_on(device_type: str) -> bool:
 
 def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
                  enable_gqa) -> Optional[str]:
-    """Why ufa cannot serve this SDPA call exactly as PyTorch would (None: it can)."""
+    """Why ufa cannot serve this SDPA call exactly as PyTorch would (None: it can). Ordered so
+    that the common case costs as few tensor attribute reads as possible."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return "not a tensor"
     if dropout_p != 0.0:
         return "dropout"
-    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+    dt = query.dtype
+    if dt not in _DTYPES or key.dtype != dt or value.dtype != dt:
         return "dtype"
     dev = query.device
+    dev_type = dev.type
+    if dev_type != "cpu" and not (dev_type == "cuda" and _CUDA_OK):
+        return "device"
     if key.device != dev or value.device != dev:
         return "device mismatch"
-    if not (dev.type == "cpu" or (dev.type == "cuda" and _CUDA_OK)):
-        return "device"
     if query.is_nested or key.is_nested or value.is_nested:
         return "nested tensor"
-    if _autocast_on(dev.type):
+    if _autocast_on(dev_type):
         return "autocast"
-    nd = query.dim()
-    if nd not in (3, 4) or key.dim() != nd or value.dim() != nd:
+    qs, ks, vs = query.shape, key.shape, value.shape
+    nd = len(qs)
+    if nd != 4 and nd != 3 or len(ks) != nd or len(vs) != nd:
         return "rank"
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
+    if qs[:-3] != ks[:-3] or ks[:-1] != vs[:-1]:
         return "shape"
-    d, dv = query.shape[-1], value.shape[-1]
-    if key.shape[-1] != d or d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
+    d, dv = qs[-1], vs[-1]
+    if ks[-1] != d or d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
         return "head_dim"
-    if min(query.shape) == 0 or min(key.shape) == 0 or dv == 0:
+    if 0 in qs or 0 in ks or dv == 0:
         return "empty"
-    if nd == 4:
-        hq, hkv = query.shape[1], key.shape[1]
-        if hq != hkv and not (enable_gqa and hq % hkv == 0):
-            return "heads"
+    if nd == 4 and qs[1] != ks[1] and not (enable_gqa and qs[1] % ks[1] == 0):
+        return "heads"
     if scale is not None and not isinstance(scale, (int, float)):
         return "scale"
     if attn_mask is not None:
@@ -325,15 +361,16 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
             return "mask with is_causal"
         if not isinstance(attn_mask, Tensor) or attn_mask.device != dev:
             return "mask device"
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != dt:
             return "mask dtype"
         if attn_mask.requires_grad and torch.is_grad_enabled():
             return "mask requires grad"
-        full = (query.shape[0], query.shape[1] if nd == 4 else 1, query.shape[-2], key.shape[-2])
-        if attn_mask.dim() > 4 or attn_mask.dim() == 0:
+        full = (qs[0], qs[1] if nd == 4 else 1, qs[-2], ks[-2])
+        ms = attn_mask.shape
+        if len(ms) > 4 or len(ms) == 0:
             return "mask shape"
-        for size, want in zip(reversed(attn_mask.shape), reversed(full)):
-            if size not in (1, want):
+        for size, want in zip(reversed(ms), reversed(full)):
+            if size != 1 and size != want:
                 return "mask shape"
     return None
 
@@ -353,9 +390,8 @@ def scaled_dot_product_attention(
     Same signature and semantics: ``[batch, heads, seq, dim]`` (or ``[batch, seq, dim]``)
     tensors, ``is_causal`` aligned to the top-left corner, bool masks (True = attend) and float
     masks (added to the scores) broadcast to ``[batch, heads, seq_q, seq_kv]`` and read in place,
-    grouped-query attention only with ``enable_gqa``. The inputs reach the core as permuted
-    views (no copy); the output is a ``[batch, heads, seq, dim]`` view of a
-    ``[batch, seq, heads, dim]`` buffer, as PyTorch's own flash kernel returns it.
+    grouped-query attention only with ``enable_gqa``. The inputs reach the core in place, with
+    their dims described in ufa's ``[batch, seq, heads, dim]`` order (no copy).
 
     Calls ufa cannot serve identically go to PyTorch's own function and are counted in
     :func:`fallback_stats`: dropout, dtypes other than float16/bfloat16/float32, devices without
@@ -371,14 +407,24 @@ def scaled_dot_product_attention(
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                            is_causal=is_causal, scale=scale)
     _count("ufa")
+    if scale is not None:
+        scale = float(scale)
+    causal = bool(is_causal)
+    if query.dim() == 4 and not torch.compiler.is_compiling() and not _needs_grad(query, key,
+                                                                               value):
+        # Fast path: no autograd, no views; the core reads [B, H, S, D] with dims 1 and 2
+        # swapped, and writes a [B, H, Sq, Dv] output the same way.
+        b, h, sq, _ = query.shape
+        out = query.new_empty((b, h, sq, value.shape[-1]))
+        _ufa.forward(query, key, value, out, None, scale=scale, causal=causal, top_left=True,
+                     mask=attn_mask, bhsd=True)
+        return out
     three_d = query.dim() == 3
     if three_d:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-    # [batch, heads, seq, dim] -> [batch, seq, heads, dim]: a view with permuted strides.
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    scale = None if scale is None else float(scale)
-    out = _attention(q, k, v, scale, bool(is_causal), True, -1, -1, 0.0, None, attn_mask,
-                     False, False)
+    # [batch, heads, seq, dim] -> [batch, seq, heads, dim]: views with permuted strides.
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    out = _attention(q, k, v, scale, causal, True, -1, -1, 0.0, None, attn_mask, False, False)
     out = out.transpose(1, 2)
     return out.squeeze(1) if three_d else out
 

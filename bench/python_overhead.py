@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Per-call overhead of ufa's Python layer on a tiny problem, against PyTorch's SDPA.
+
+The problem (batch 1, heads 1, seqlen 16, head_dim 64, float32, CPU) is so small that the
+attention itself costs well under a microsecond per row block: what is measured is the cost of a
+call — argument checks, DLPack import, output allocation, releasing the GIL, dispatch — next to
+calling torch.nn.functional.scaled_dot_product_attention on the same tensors. The issue's aim:
+ufa's SDPA within 1.5x of PyTorch's time.
+
+Each variant is timed as the median over --repeats of the mean of --calls back-to-back calls;
+the variants are interleaved round by round so that machine noise hits them alike.
+
+Usage: python bench/python_overhead.py [--calls 2000] [--repeats 15] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ufa
+import ufa.torch as ut
+from ufa import _ufa
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", default=None, help="write a markdown table here")
+    args = ap.parse_args()
+
+    b, h, s, d = 1, 1, 16, 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))  # SDPA layout [B, H, S, D]
+    qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))  # ufa layout views [B, S, H, D]
+    qn, kn, vn = (t.contiguous().numpy() for t in (qb, kb, vb))
+    out_t = torch.empty(b, s, h, d)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    variants = {
+        "torch F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(q, k, v),
+        "ufa.torch.scaled_dot_product_attention": lambda: ut.scaled_dot_product_attention(q, k, v),
+        "ufa.torch.flash_attn_func": lambda: ut.flash_attn_func(qb, kb, vb),
+        "ufa.attention (torch)": lambda: ufa.attention(qb, kb, vb),
+        "ufa.attention (torch, out=)": lambda: ufa.attention(qb, kb, vb, out=out_t),
+        "ufa.attention (NumPy)": lambda: ufa.attention(qn, kn, vn),
+        "ufa._ufa.forward (raw, out given)": lambda: _ufa.forward(qb, kb, vb, out_t),
+        "torch SDPA, inputs require grad": lambda: F.scaled_dot_product_attention(qg, kg, vg),
+        "ufa SDPA, inputs require grad (custom op)":
+            lambda: ut.scaled_dot_product_attention(qg, kg, vg),
+    }
+    for fn in variants.values():  # warm up (thread pools, op registration, caches)
+        for _ in range(200):
+            fn()
+
+    samples = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / args.calls)
+    med = {name: statistics.median(x) for name, x in samples.items()}
+    base = med["torch F.scaled_dot_product_attention"]
+    base_grad = med["torch SDPA, inputs require grad"]
+
+    info = ufa.info()
+    lines = [
+        "# Python per-call overhead: ufa vs PyTorch SDPA",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs; {platform.system()} "
+        f"{platform.machine()}",
+        f"- software: Python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads), numpy {np.__version__}, ufa "
+        f"{ufa.__version__} (CPU kernels {info['cpu_isa']}, {info['num_threads']} threads)",
+        f"- problem: batch {b}, heads {h}, seqlen {s}, head_dim {d}, float32, CPU, not causal",
+        f"- command: `python bench/python_overhead.py --calls {args.calls} --repeats "
+        f"{args.repeats}`",
+        f"- method: median over {args.repeats} rounds of the mean time of {args.calls} "
+        "back-to-back calls; variants interleaved",
+        "",
+        "| call | µs per call | vs torch SDPA |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, t in med.items():
+        ref = base_grad if "require grad" in name else base
+        lines.append(f"| {name} | {t * 1e6:.2f} | {t / ref:.2f}x |")
+    lines += [
+        "",
+        "Rows with inputs that require grad compare against PyTorch's SDPA with inputs that "
+        "require grad (autograd graph recording on both sides; ufa goes through its "
+        "`torch.library` custom op there).",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    ratio = med["ufa.torch.scaled_dot_product_attention"] / base
+    print(f"ufa SDPA / torch SDPA = {ratio:.2f}x (aim: <= 1.5x)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

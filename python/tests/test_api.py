@@ -1,0 +1,171 @@
+"""Bad input raises ValueError/TypeError naming the argument; SDPA falls back (and counts) or
+raises exactly as PyTorch; patching; CUDA plumbing without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ufa
+import ufa.torch as ut
+from conftest import FakeCudaArray
+
+
+@pytest.fixture(params=["attention", "flash_attn_func"])
+def fn(request):
+    return ufa.attention if request.param == "attention" else ut.flash_attn_func
+
+
+def test_wrong_rank(fn):
+    with pytest.raises(ValueError, match=r"\bq\b.*4 dimensions"):
+        fn(torch.randn(2, 8, 16), torch.randn(2, 8, 1, 16), torch.randn(2, 8, 1, 16))
+
+
+def test_mismatched_heads(fn):
+    q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 3, 16)
+    with pytest.raises(ValueError, match=r"k\.shape\[2\]=3"):
+        fn(q, k, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_unsupported_dtype(fn, dtype):
+    q = torch.ones(1, 8, 2, 16, dtype=dtype)
+    with pytest.raises(TypeError, match=r"q\.dtype"):
+        fn(q, q, q)
+
+
+def test_mixed_dtypes(fn):
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(TypeError, match=r"k\.dtype"):
+        fn(q, q.half(), q)
+
+
+def test_non_contiguous_last_dim(fn):
+    q = torch.randn(1, 8, 2, 32)[..., ::2]
+    k = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"q\.strides\[3\]=2"):
+        fn(q, k, k)
+
+
+def test_not_an_array():
+    with pytest.raises(TypeError, match=r"\bq\b"):
+        ufa.attention([[1.0]], np.zeros((1, 1, 1, 1), np.float32), None)
+
+
+def test_bad_window_and_softcap():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="window_left"):
+        ufa.attention(q, q, q, window=(-3, 0))
+    with pytest.raises(ValueError, match="softcap"):
+        ufa.attention(q, q, q, softcap=-1.0)
+
+
+def test_out_with_wrong_shape():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"out\.shape"):
+        ufa.attention(q, q, q, out=torch.empty(1, 8, 2, 8))
+
+
+def test_out_aliasing_input():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="out shares memory with q"):
+        ufa.attention(q, q, q, out=q)
+
+
+def test_device_mismatch_without_a_gpu():
+    """A DLPack producer that claims CUDA: the core rejects the mix before touching memory."""
+    q = np.random.randn(1, 8, 2, 16).astype(np.float32)
+    with pytest.raises(ValueError, match=r"k is on cuda:0 but q is on cpu"):
+        ufa.attention(q, FakeCudaArray(q.copy()), q)
+
+
+@pytest.mark.skipif(ufa.cuda_available(), reason="ufa has a CUDA backend here")
+def test_cuda_tensors_reach_the_core():
+    """CUDA-labelled arrays flow through the same path and get the core's clear error."""
+    q = FakeCudaArray(np.random.randn(1, 8, 2, 16).astype(np.float32))
+    out = FakeCudaArray(np.zeros((1, 8, 2, 16), np.float32))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ufa.attention(q, q, q, out=out)
+
+
+def test_device_mismatch_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    q = torch.randn(1, 8, 2, 16, device="cuda")
+    with pytest.raises(ValueError, match=r"k is on cpu"):
+        ufa.attention(q, q.cpu(), q)
+
+
+# --- SDPA: fallbacks and PyTorch's own errors ----------------------------------------------
+
+def _qkv(h_kv=4):
+    return torch.randn(2, 4, 8, 16), torch.randn(2, h_kv, 8, 16), torch.randn(2, h_kv, 8, 16)
+
+
+def test_sdpa_falls_back_and_counts():
+    q, k, v = _qkv()
+    ut.reset_fallback_stats()
+    torch.manual_seed(0)
+    got = ut.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(0)
+    want = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(got, want)
+    ut.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    m = torch.zeros(8, 8, requires_grad=True)
+    ut.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    ut.scaled_dot_product_attention(q, k, v)
+    assert ut.fallback_stats() == {"dropout": 1, "dtype": 1, "mask requires grad": 1, "ufa": 1}
+
+
+def test_sdpa_mismatched_heads_raise_like_pytorch():
+    q, k, v = _qkv(h_kv=2)
+    with pytest.raises(Exception) as theirs:
+        F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(type(theirs.value)):
+        ut.scaled_dot_product_attention(q, k, v)
+    out = ut.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_sdpa_mask_with_causal_raises_like_pytorch():
+    q, k, v = _qkv()
+    m = torch.ones(8, 8, dtype=torch.bool)
+    with pytest.raises(Exception) as theirs:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
+    with pytest.raises(type(theirs.value)):
+        ut.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
+
+
+def test_patch_unpatch_and_context_manager():
+    original = F.scaled_dot_product_attention
+    with ut.patched():
+        assert F.scaled_dot_product_attention is ut.scaled_dot_product_attention
+        assert torch.nn.functional.scaled_dot_product_attention is ut.scaled_dot_product_attention
+    assert F.scaled_dot_product_attention is original
+    ut.patch()
+    ut.patch()
+    ut.unpatch()
+    assert F.scaled_dot_product_attention is ut.scaled_dot_product_attention
+    ut.unpatch()
+    assert F.scaled_dot_product_attention is original
+
+
+def test_gil_released_threads():
+    """Calls from several Python threads run concurrently and agree with a serial run."""
+    import concurrent.futures
+
+    q = torch.randn(1, 64, 2, 32)
+    want = ufa.attention(q, q, q, causal=True)
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda _: ufa.attention(q, q, q, causal=True), range(8)))
+    for o in outs:
+        assert torch.equal(o, want)
+
+
+def test_info_and_version():
+    info = ufa.info()
+    assert info["version"] == ufa.__version__
+    assert info["num_threads"] >= 1
