@@ -21,8 +21,8 @@ pub fn scores<M: MulAdd, const C: usize>(
     rows: usize,
 ) {
     assert!(
-        rows % R == 0
-            && BK % C == 0
+        rows.is_multiple_of(R)
+            && BK.is_multiple_of(C)
             && q.len() >= rows * d
             && kt.len() >= d * BK
             && s.len() >= rows * BK
@@ -61,7 +61,7 @@ pub fn accumulate_pv<M: MulAdd, const C: usize>(
     rows: usize,
     nk: usize,
 ) {
-    debug_assert!(rows % R == 0 && dvp % 16 == 0 && nk <= BK);
+    debug_assert!(rows.is_multiple_of(R) && dvp.is_multiple_of(16) && nk <= BK);
     for r0 in (0..rows).step_by(R) {
         let mut c0 = 0;
         while c0 + C <= dvp {
