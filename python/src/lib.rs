@@ -395,11 +395,26 @@ fn forward(
     let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
     let mut ov = out.view_mut()?;
     let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
-    // The producer's stream (q.stream) is where CUDA work must run; the core runs CUDA work on
-    // the default stream until it takes a stream argument.
-    let _stream = q.stream;
-    py.detach(|| ctx.forward_with_lse(&qv, &kv, &vv, &mut ov, lv.as_mut(), &opts.params))
-        .map_err(core_error)
+    // CUDA work goes on the producer's current stream (PyTorch's `current_stream()` through the
+    // DLPack exchange API; null, the legacy default stream, for producers without it, which is
+    // what `__dlpack__()` without a stream argument synchronises with). Nothing waits for it.
+    let stream = q.stream as usize;
+    py.detach(|| {
+        // SAFETY: the stream is the producer's live current stream of the tensors' device (or
+        // null), and the producer keeps the memory valid in that stream's order.
+        unsafe {
+            ctx.forward_on_stream(
+                &qv,
+                &kv,
+                &vv,
+                &mut ov,
+                lv.as_mut(),
+                &opts.params,
+                stream as *mut c_void,
+            )
+        }
+    })
+    .map_err(core_error)
 }
 
 /// Gradients of attention, written in place into dq, dk and dv (shapes of q, k and v).
@@ -473,6 +488,8 @@ fn backward(
         dk: args[7].view_mut()?,
         dv: args[8].view_mut()?,
     };
+    // The core's backward takes no stream yet: CUDA backward work would go on the legacy default
+    // stream (the CUDA backward pass itself is not implemented in the core yet).
     py.detach(|| ctx.backward(&inputs, &mut grads, &opts.params))
         .map_err(core_error)
 }
