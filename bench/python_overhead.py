@@ -67,7 +67,7 @@ def main() -> None:
         "ufa.attention (NumPy)": lambda: ufa.attention(qn, kn, vn),
         "ufa._ufa.forward (raw, out given)": lambda: _ufa.forward(qb, kb, vb, out_t),
         "torch SDPA, inputs require grad": lambda: F.scaled_dot_product_attention(qg, kg, vg),
-        "ufa SDPA, inputs require grad (custom op)":
+        "ufa SDPA, inputs require grad (autograd.Function)":
             lambda: ut.scaled_dot_product_attention(qg, kg, vg),
     }
     for fn in variants.values():  # warm up (thread pools, op registration, caches)
@@ -82,6 +82,10 @@ def main() -> None:
                 fn()
             samples[name].append((time.perf_counter() - t0) / args.calls)
     med = {name: statistics.median(x) for name, x in samples.items()}
+    core = statistics.median(_ufa._bench_core(qb, kb, vb, out_t, args.calls)
+                             for _ in range(args.repeats))
+    imp_t = statistics.median(_ufa._bench_import(q, args.calls * 10) for _ in range(5))
+    imp_n = statistics.median(_ufa._bench_import(qn, args.calls * 10) for _ in range(5))
     base = med["torch F.scaled_dot_product_attention"]
     base_grad = med["torch SDPA, inputs require grad"]
 
@@ -100,6 +104,8 @@ def main() -> None:
         f"{args.repeats}`",
         f"- method: median over {args.repeats} rounds of the mean time of {args.calls} "
         "back-to-back calls; variants interleaved",
+        f"- load: {os.getloadavg()[0]:.1f} (1-minute load average at the end; the machine is "
+        "shared, so absolute times are noisy, ratios less so)",
         "",
         "| call | µs per call | vs torch SDPA |",
         "| --- | ---: | ---: |",
@@ -111,7 +117,16 @@ def main() -> None:
         "",
         "Rows with inputs that require grad compare against PyTorch's SDPA with inputs that "
         "require grad (autograd graph recording on both sides; ufa goes through its "
-        "`torch.library` custom op there).",
+        "autograd.Function in eager mode; the `torch.library` custom ops are what torch.compile "
+        "traces).",
+        "",
+        "Where the time goes (timed inside the extension, no Python in the loop):",
+        "",
+        "| part | µs per call |",
+        "| --- | ---: |",
+        f"| core alone: `Context::forward` on imported views | {core * 1e6:.2f} |",
+        f"| DLPack import of one torch tensor (C exchange API) | {imp_t * 1e6:.3f} |",
+        f"| DLPack import of one NumPy array (`__dlpack__` capsule) | {imp_n * 1e6:.3f} |",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -46,9 +46,22 @@ __all__ = [
 _TORCH_SDPA = F.scaled_dot_product_attention
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Whether the core can compute on CUDA tensors (decided once: the answer cannot change while the
-# process runs, and a constant keeps torch.compile's tracing free of calls into the extension).
-_CUDA_OK = bool(_ufa.cuda_available())
+# Whether the core can compute on CUDA tensors: probed on the first CUDA call, not at import
+# (the probe initialises the CUDA driver, which must not happen before a fork), then constant.
+_cuda_ok: Optional[bool] = None
+
+
+def _probe_cuda() -> bool:
+    global _cuda_ok
+    if _cuda_ok is None:
+        _cuda_ok = bool(_ufa.cuda_available())
+    return _cuda_ok
+
+
+# torch.compile evaluates the probe once while tracing and bakes the answer into the graph.
+_assume_constant = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
+if _assume_constant is not None:
+    _probe_cuda = _assume_constant(_probe_cuda)
 _MAX_HEAD_DIM = 512
 # Whether the core has a CUDA backward pass. Until it does, SDPA calls on CUDA tensors that need
 # gradients go to PyTorch (counted as "cuda backward"), so patched training keeps working;
@@ -337,7 +350,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
         return "dtype"
     dev = query.device
     dev_type = dev.type
-    if dev_type != "cpu" and not (dev_type == "cuda" and _CUDA_OK):
+    if dev_type != "cpu" and not (dev_type == "cuda" and _probe_cuda()):
         return "device"
     if key.device != dev or value.device != dev:
         return "device mismatch"
@@ -420,8 +433,11 @@ def scaled_dot_product_attention(
                                                                                value):
         # Fast path: no autograd, no views; the core reads [B, H, S, D] with dims 1 and 2
         # swapped, and writes a [B, H, Sq, Dv] output the same way.
-        b, h, sq, _ = query.shape
-        out = query.new_empty((b, h, sq, value.shape[-1]))
+        qs = query.shape
+        dv = value.shape[-1]
+        # empty_like keeps q's memory order (often a [B, S, H, D] buffer seen transposed), so
+        # the caller's usual `out.transpose(1, 2).reshape(...)` stays free.
+        out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
         _ufa.forward(query, key, value, out, None, scale=scale, causal=causal, top_left=True,
                      mask=attn_mask, bhsd=True)
         return out
