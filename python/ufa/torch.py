@@ -79,6 +79,18 @@ def _last_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 
+# PyTorch >= 2.9 hands tensors to ufa through DLPack's C exchange API (no capsule, and the
+# current CUDA stream with them). Older versions go through `Tensor.__dlpack__`, which refuses
+# tensors that require grad: those are detached first (a view, no copy).
+_HAS_EXCHANGE_API = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+
+
+def _plain(*tensors: Optional[Tensor]):
+    if _HAS_EXCHANGE_API:
+        return tensors
+    return tuple(t.detach() if t is not None and t.requires_grad else t for t in tensors)
+
+
 def _forward_into(
     q: Tensor,
     k: Tensor,
@@ -94,6 +106,7 @@ def _forward_into(
     window_right: int,
     softcap: float,
 ) -> None:
+    q, k, v, mask, alibi_slopes = _plain(q, k, v, mask, alibi_slopes)
     _ufa.forward(
         q, k, v, out, lse, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
@@ -168,6 +181,7 @@ def _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal, t
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     dout, out = _last_contiguous(dout), _last_contiguous(out)
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    q, k, v, out, dout, mask, alibi_slopes = _plain(q, k, v, out, dout, mask, alibi_slopes)
     _ufa.backward(
         q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
@@ -438,8 +452,8 @@ def scaled_dot_product_attention(
         # empty_like keeps q's memory order (often a [B, S, H, D] buffer seen transposed), so
         # the caller's usual `out.transpose(1, 2).reshape(...)` stays free.
         out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
-        _ufa.forward(query, key, value, out, None, scale=scale, causal=causal, top_left=True,
-                     mask=attn_mask, bhsd=True)
+        _ufa.forward(*_plain(query, key, value), out, None, scale=scale, causal=causal,
+                     top_left=True, mask=attn_mask, bhsd=True)
         return out
     three_d = query.dim() == 3
     if three_d:
