@@ -36,6 +36,10 @@ def _empty_like_kind(like: Any, shape: Tuple[int, ...], dtype: Any = None) -> An
     np = sys.modules.get("numpy")
     if np is not None and isinstance(like, np.ndarray):
         return np.empty(shape, dtype=like.dtype if dtype is None else dtype)
+    if type(like).__module__.split(".")[0] in ("jax", "jaxlib"):
+        raise TypeError("q is a JAX array, which is immutable: pass out= a writable array "
+                        "(NumPy, PyTorch, CuPy, ...) of shape [batch, seqlen_q, heads_q, "
+                        "head_dim_v]")
     space = getattr(like, "__array_namespace__", None)
     if space is not None:
         xp = space()
@@ -114,7 +118,8 @@ def attention(
     dv = _shape4(v, "v")[3]
     if out is None:
         out = _empty_like_kind(q, (b, sq, hq, dv))
-    lse = _empty_like_kind(q, (b, hq, sq), "float32") if return_lse else None
+    # The LSE is allocated like `out` (so a caller-given writable array decides its kind).
+    lse = _empty_like_kind(out, (b, hq, sq), "float32") if return_lse else None
     _ufa.forward(
         q, k, v, out, lse, scale=scale, causal=causal, window_left=left, window_right=right,
         softcap=float(softcap), alibi_slopes=alibi_slopes, mask=mask,
