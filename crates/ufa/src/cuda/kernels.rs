@@ -289,7 +289,8 @@ fn rows_aligned16(p: &Problem) -> bool {
     let dims_q = [p.batch, p.seqlen_q, p.heads_q];
     let dims_kv = [p.batch, p.seqlen_kv, p.heads_kv];
     let ok = |ptr: *mut u8, strides: [usize; 4], dims: [usize; 3]| {
-        ptr as usize % 16 == 0 && (0..3).all(|i| dims[i] == 1 || strides[i] % 8 == 0)
+        (ptr as usize).is_multiple_of(16)
+            && (0..3).all(|i| dims[i] == 1 || strides[i].is_multiple_of(8))
     };
     ok(p.q.ptr, p.q.strides, dims_q)
         && ok(p.k.ptr, p.k.strides, dims_kv)
