@@ -284,7 +284,7 @@ static LAST_CALL: Mutex<Record> = Mutex::new(Vec::new());
 
 fn record(args: &[&Arg]) {
     if RECORD.load(Ordering::Relaxed) {
-        let rec = args
+        let mut rec: Record = args
             .iter()
             .map(|a| {
                 (
@@ -295,6 +295,8 @@ fn record(args: &[&Arg]) {
                 )
             })
             .collect();
+        // The stream the call's CUDA work goes on (q's producer stream; 0 = default stream).
+        rec.push(("stream", args[0].stream as usize, Vec::new(), Vec::new()));
         *LAST_CALL.lock().unwrap_or_else(|p| p.into_inner()) = rec;
     }
 }
