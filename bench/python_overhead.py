@@ -10,7 +10,12 @@ ufa's SDPA within 1.5x of PyTorch's time.
 Each variant is timed as the median over --repeats of the mean of --calls back-to-back calls;
 the variants are interleaved round by round so that machine noise hits them alike.
 
-Usage: python bench/python_overhead.py [--calls 2000] [--repeats 15] [--out FILE.md]
+With --device cuda the same calls run on CUDA tensors (float16, the GPU kernels' dtype); the
+problem is launch-bound there, so the table shows the host-side cost of each call; each round
+ends with a synchronisation so queued work is counted.
+
+Usage: python bench/python_overhead.py [--calls 2000] [--repeats 15] [--device cpu|cuda]
+                                       [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -43,19 +48,30 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _timed_core(q, k, v, out, calls, sync) -> float:
+    t0 = time.perf_counter()
+    _ufa._bench_core(q, k, v, out, calls)
+    sync()
+    return (time.perf_counter() - t0) / calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=None, help="write a markdown table here")
     args = ap.parse_args()
 
     b, h, s, d = 1, 1, 16, 64
+    dev = args.device
+    dtype = torch.float32 if dev == "cpu" else torch.float16
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))  # SDPA layout [B, H, S, D]
+    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype) for _ in range(3))  # [B,H,S,D]
     qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))  # ufa layout views [B, S, H, D]
-    qn, kn, vn = (t.contiguous().numpy() for t in (qb, kb, vb))
-    out_t = torch.empty(b, s, h, d)
+    qn, kn, vn = (t.contiguous().cpu().numpy() for t in (qb, kb, vb))
+    out_t = torch.empty(b, s, h, d, device=dev, dtype=dtype)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
 
     variants = {
@@ -64,12 +80,13 @@ def main() -> None:
         "ufa.torch.flash_attn_func": lambda: ut.flash_attn_func(qb, kb, vb),
         "ufa.attention (torch)": lambda: ufa.attention(qb, kb, vb),
         "ufa.attention (torch, out=)": lambda: ufa.attention(qb, kb, vb, out=out_t),
-        "ufa.attention (NumPy)": lambda: ufa.attention(qn, kn, vn),
         "ufa._ufa.forward (raw, out given)": lambda: _ufa.forward(qb, kb, vb, out_t),
         "torch SDPA, inputs require grad": lambda: F.scaled_dot_product_attention(qg, kg, vg),
         "ufa SDPA, inputs require grad (autograd.Function)":
             lambda: ut.scaled_dot_product_attention(qg, kg, vg),
     }
+    if dev == "cpu":
+        variants["ufa.attention (NumPy)"] = lambda: ufa.attention(qn, kn, vn)
     for fn in variants.values():  # warm up (thread pools, op registration, caches)
         for _ in range(200):
             fn()
@@ -80,12 +97,14 @@ def main() -> None:
             t0 = time.perf_counter()
             for _ in range(args.calls):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t0) / args.calls)
     med = {name: statistics.median(x) for name, x in samples.items()}
-    core = statistics.median(_ufa._bench_core(qb, kb, vb, out_t, args.calls)
+    core = statistics.median(_timed_core(qb, kb, vb, out_t, args.calls, sync)
                              for _ in range(args.repeats))
     imp_t = statistics.median(_ufa._bench_import(q, args.calls * 10) for _ in range(5))
     imp_n = statistics.median(_ufa._bench_import(qn, args.calls * 10) for _ in range(5))
+    sync()
     base = med["torch F.scaled_dot_product_attention"]
     base_grad = med["torch SDPA, inputs require grad"]
 
@@ -99,9 +118,11 @@ def main() -> None:
         f"- software: Python {platform.python_version()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads), numpy {np.__version__}, ufa "
         f"{ufa.__version__} (CPU kernels {info['cpu_isa']}, {info['num_threads']} threads)",
-        f"- problem: batch {b}, heads {h}, seqlen {s}, head_dim {d}, float32, CPU, not causal",
+        f"- problem: batch {b}, heads {h}, seqlen {s}, head_dim {d}, {str(dtype)[6:]}, "
+        f"{dev.upper()}{' (' + torch.cuda.get_device_name() + ')' if dev == 'cuda' else ''}, "
+        "not causal",
         f"- command: `python bench/python_overhead.py --calls {args.calls} --repeats "
-        f"{args.repeats}`",
+        f"{args.repeats} --device {dev}`",
         f"- method: median over {args.repeats} rounds of the mean time of {args.calls} "
         "back-to-back calls; variants interleaved",
         f"- load: {os.getloadavg()[0]:.1f} (1-minute load average at the end; the machine is "
@@ -124,7 +145,7 @@ def main() -> None:
         "",
         "| part | µs per call |",
         "| --- | ---: |",
-        f"| core alone: `Context::forward` on imported views | {core * 1e6:.2f} |",
+        f"| core alone: `Context::forward` on imported views (default stream) | {core * 1e6:.2f} |",
         f"| DLPack import of one torch tensor (C exchange API) | {imp_t * 1e6:.3f} |",
         f"| DLPack import of one NumPy array (`__dlpack__` capsule) | {imp_n * 1e6:.3f} |",
     ]
