@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use ufa::testing::{Case, Instance};
+use ufa::testing::{Case, Instance, Placement};
 use ufa::DType;
 
 #[derive(clap::Args, Debug)]
@@ -30,6 +30,16 @@ pub struct Args {
     /// Time the backward pass (dQ, dK, dV from a saved forward) instead of the forward.
     #[arg(long)]
     backward: bool,
+    /// Memory layout of q, k, v and out: bshd ([batch, seq, heads, dim], FlashAttention's) or
+    /// bhsd ([batch, heads, seq, dim], PyTorch's), read in place either way.
+    #[arg(long, default_value = "bshd")]
+    layout: Layout,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    Bshd,
+    Bhsd,
 }
 
 /// A named benchmark shape.
@@ -105,6 +115,7 @@ const WORKLOADS: &[Workload] = &[
 struct Row {
     name: &'static str,
     pass: &'static str,
+    layout: String,
     shape: String,
     dtype: String,
     causal: bool,
@@ -161,6 +172,9 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
         );
         case.causal = w.causal;
         case.with_lse = args.backward;
+        if args.layout == Layout::Bhsd {
+            case.placement = [Placement::HeadsFirst; 4];
+        }
         let mut inst = Instance::new(&case, 1);
         // Warm-up (page faults, thread start-up); the backward needs the forward's outputs.
         inst.run(&ctx)?;
@@ -197,6 +211,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
         rows.push(Row {
             name: w.name,
             pass: if args.backward { "backward" } else { "forward" },
+            layout: format!("{:?}", args.layout).to_lowercase(),
             shape: format!(
                 "B{} H{} Sq{} Skv{} D{}",
                 w.batch, w.heads, w.seqlen_q, w.seqlen_kv, w.head_dim

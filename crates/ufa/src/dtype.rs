@@ -85,13 +85,21 @@ mod sealed {
 ///
 /// # Safety
 /// `src` must point to `dst.len()` readable elements of `dtype`, suitably aligned.
+#[inline(always)]
 pub(crate) unsafe fn load_row_f32(dtype: DType, src: *const u8, dst: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     let n = dst.len();
     match dtype {
         DType::F32 => dst.copy_from_slice(std::slice::from_raw_parts(src as *const f32, n)),
         DType::F16 => std::slice::from_raw_parts(src as *const f16, n).convert_to_f32_slice(dst),
-        DType::BF16 => std::slice::from_raw_parts(src as *const bf16, n).convert_to_f32_slice(dst),
+        // bf16 is the top half of an f32: a shift the caller's SIMD width vectorises (inlined
+        // into the kernels, unlike the library call).
+        DType::BF16 => {
+            let s = std::slice::from_raw_parts(src as *const u16, n);
+            for (d, &x) in dst.iter_mut().zip(s) {
+                *d = f32::from_bits((x as u32) << 16);
+            }
+        }
         DType::Bool => {
             for (i, d) in dst.iter_mut().enumerate() {
                 *d = if *src.add(i) != 0 { 1.0 } else { 0.0 };

@@ -59,17 +59,32 @@ fn spread_matches_reference() {
     for (i, case) in spread().iter().enumerate() {
         let cmp = check_grads(&ctx, case, 77 + i as u64).unwrap();
         println!(
-            "{:<55} dq {:.2e} dk {:.2e} dv {:.2e}",
+            "{:<55} dq {:.2e} dk {:.2e} dv {:.2e} (bounds {:.1e} {:.1e} {:.1e})",
             case.describe(),
             cmp.dq,
             cmp.dk,
-            cmp.dv
+            cmp.dv,
+            cmp.tolerance[0],
+            cmp.tolerance[1],
+            cmp.tolerance[2]
         );
         if !cmp.passed() {
             failures.push(format!("{}: {cmp:?}", case.describe()));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Found by the property test: three keys and head_dim 1 in bf16, where dP ≈ D in many rows and
+/// the bf16 output's rounding dominates dK (the bound follows what that output allows).
+#[test]
+fn ill_conditioned_bf16_case() {
+    let ctx = Context::builder().num_threads(2).build().unwrap();
+    let case = Case::new(1, 65, 3, 1, 1, DType::BF16);
+    let cmp = check_grads(&ctx, &case, 10676387656116981263).unwrap();
+    assert!(cmp.passed(), "{cmp:?}");
+    // The bound really did come from the rounded-output reference here, and we are inside it.
+    assert!(cmp.tolerance[1] > 1e-2, "{cmp:?}");
 }
 
 prop_compose! {

@@ -80,6 +80,19 @@ pub fn tanh<M: MulAdd>(x: f32) -> f32 {
 /// identical for every run.
 const LANES: usize = 16;
 
+/// Sum of the lanes as a fixed pairwise tree (short dependency chains, same order every time).
+#[inline(always)]
+fn sum_lanes(mut w: [f32; LANES]) -> f32 {
+    let mut half = LANES / 2;
+    while half > 0 {
+        for i in 0..half {
+            w[i] += w[i + half];
+        }
+        half /= 2;
+    }
+    w[0]
+}
+
 /// Largest element of `x` (whose length is a multiple of 16); -inf for an empty slice.
 #[inline(always)]
 pub fn max_of(x: &[f32]) -> f32 {
@@ -103,7 +116,7 @@ pub fn exp_sub_sum<M: MulAdd>(x: &mut [f32], m: f32) -> f32 {
             acc[i] += chunk[i];
         }
     }
-    acc.iter().sum()
+    sum_lanes(acc)
 }
 
 /// Σ a[i]·b[i] over equal-length slices, in 16 lanes combined in a fixed order.
@@ -120,7 +133,7 @@ pub fn dot<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
     for (i, (x, y)) in ar.iter().zip(br).enumerate() {
         acc[i] = M::mul_add(*x, *y, acc[i]);
     }
-    acc.iter().sum()
+    sum_lanes(acc)
 }
 
 /// y += a·x over equal-length slices.

@@ -159,6 +159,9 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         let nk = (keys.1 - j0).min(BK);
         if few_rows {
             for jj in 0..nk {
+                // V rows of this tile are needed after the softmax: ask for them now.
+                prefetch_row(p, &p.k, t, j0 + jj + PREFETCH_KEYS, d);
+                prefetch_row(p, &p.v, t, j0 + jj, dv);
                 // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
                 let k = unsafe {
                     row_f32(
@@ -215,6 +218,8 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         }
         if few_rows {
             for jj in 0..nk {
+                // And K rows of the next tile while V is consumed.
+                prefetch_row(p, &p.k, t, j0 + nk + jj, d);
                 // SAFETY: as for K.
                 let v = unsafe {
                     row_f32(
@@ -281,6 +286,32 @@ fn pack_k_pairs(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratc
                 sc.kp[e2 * BK + jj] = 0;
             }
         }
+    }
+}
+
+/// How far ahead the row-by-row path asks for K and V rows. Decoding streams K and V once, and
+/// in [batch, seq, heads, dim] layouts consecutive keys of one head are a page apart, which the
+/// hardware prefetchers do not follow.
+const PREFETCH_KEYS: usize = 8;
+
+/// Hints the cache to load row `key` of `x` (K or V) for this tile's KV head.
+#[inline(always)]
+fn prefetch_row(p: &Problem, x: &crate::problem::Operand, t: &TileRows, key: usize, len: usize) {
+    if key >= p.seqlen_kv {
+        return;
+    }
+    let base = x.at([t.batch, key, t.hkv, 0]);
+    let bytes = len * x.dtype.size_in_bytes();
+    for off in (0..bytes).step_by(64) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch never faults; the address is inside the validated view anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                base.wrapping_add(off) as *const i8,
+            )
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = off;
     }
 }
 
