@@ -470,7 +470,7 @@ impl Instance {
                 }
             }
         }
-        let out_error = rel(diff, norm);
+        let out_error = rel(diff, norm, reference.out.len());
         let lse_error = self.lse.as_ref().map(|l| {
             let (mut diff, mut norm) = (0.0, 0.0);
             let mut i = 0;
@@ -491,7 +491,7 @@ impl Instance {
                     }
                 }
             }
-            rel(diff, norm)
+            rel(diff, norm, reference.lse.len())
         });
         Comparison {
             out_error,
@@ -638,8 +638,8 @@ impl Instance {
                     }
                 }
             }
-            errors[n] = rel(diff, norm);
-            floor[n] = 2.0 * rel(base_diff, norm);
+            errors[n] = rel(diff, norm, want.len());
+            floor[n] = 2.0 * rel(base_diff, norm, want.len());
         }
         let tol = self.case.grad_tolerance();
         GradComparison {
@@ -704,12 +704,14 @@ pub fn check_grads(ctx: &Context, case: &Case, seed: u64) -> Result<GradComparis
     Ok(inst.compare_grads(&inst.reference_grads()?))
 }
 
-/// ||a - b|| / ||b||, or the absolute norm when the reference is all zeros. NaN stays NaN.
-fn rel(diff: f64, norm: f64) -> f64 {
+/// ||a - b|| / ||b|| from the squared sums, or the root-mean-square error when the reference is
+/// all zeros (a gradient that cancels exactly, e.g. every row seeing a single key): there is no
+/// scale to be relative to, and the inputs are of unit size. NaN stays NaN.
+fn rel(diff: f64, norm: f64, count: usize) -> f64 {
     if norm > 0.0 {
         (diff / norm).sqrt()
     } else {
-        diff.sqrt()
+        (diff / count.max(1) as f64).sqrt()
     }
 }
 

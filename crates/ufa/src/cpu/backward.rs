@@ -14,11 +14,11 @@
 use super::isa::{run_with, Isa, KernelFn};
 use super::math::{exp, MulAdd};
 use super::microkernel::{accumulate_pv, scores, BK, R};
+use super::parallel::{for_each, for_each_chunk_mut, Exec};
 use super::tile::{apply_score_mods, round_up, TileRows};
 use crate::dtype::{load_row_f32, store_row_f32};
 use crate::error::Result;
 use crate::problem::{BackwardProblem, Problem};
-use rayon::prelude::*;
 
 /// Query rows per block; at most BK, because Pᵀ and dSᵀ use BK as their row stride.
 const BQ: usize = BK;
@@ -321,16 +321,19 @@ impl KernelFn for QueryBlock<'_> {
 }
 
 /// `delta[b, h, i] = Σ_e dO[b, i, h, e] · O[b, i, h, e]`.
-fn row_deltas(bp: &BackwardProblem) -> Result<Vec<f32>> {
+fn row_deltas(bp: &BackwardProblem, exec: Exec) -> Result<Vec<f32>> {
     let p = &bp.fwd;
     let n = p.batch * p.heads_q * p.seqlen_q;
     let mut delta = Vec::new();
     delta.try_reserve_exact(n)?;
     delta.resize(n, 0f32);
     let dv = p.head_dim_v;
-    delta.par_chunks_mut(p.seqlen_q).enumerate().for_each_init(
+    for_each_chunk_mut(
+        exec,
+        &mut delta,
+        p.seqlen_q,
         || (vec![0f32; dv], vec![0f32; dv]),
-        |(o, g), (bh, chunk)| {
+        |(o, g), bh, chunk| {
             let (b, h) = (bh / p.heads_q, bh % p.heads_q);
             for (i, d) in chunk.iter_mut().enumerate() {
                 // SAFETY: within the validated out and dout views.
@@ -345,55 +348,55 @@ fn row_deltas(bp: &BackwardProblem) -> Result<Vec<f32>> {
     Ok(delta)
 }
 
-pub(super) fn backward(bp: &BackwardProblem, isa: Isa) -> Result<()> {
+pub(super) fn backward(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<()> {
     let p = &bp.fwd;
-    let delta = row_deltas(bp)?;
+    let delta = row_deltas(bp, exec)?;
     let key_blocks = p.seqlen_kv.div_ceil(BK);
-    (0..p.batch * p.heads_kv * key_blocks)
-        .into_par_iter()
-        .for_each_init(
-            || Scratch::new(p),
-            |sc, item| {
-                let (bh, kb) = (item / key_blocks, item % key_blocks);
-                let (batch, hkv) = (bh / p.heads_kv, bh % p.heads_kv);
-                run_with(
-                    isa,
-                    KeyBlock {
-                        bp,
-                        delta: &delta,
-                        batch,
-                        hkv,
-                        j0: kb * BK,
-                        sc,
-                    },
-                );
-            },
-        );
+    for_each(
+        exec,
+        p.batch * p.heads_kv * key_blocks,
+        || Scratch::new(p),
+        |sc, item| {
+            let (bh, kb) = (item / key_blocks, item % key_blocks);
+            let (batch, hkv) = (bh / p.heads_kv, bh % p.heads_kv);
+            run_with(
+                isa,
+                KeyBlock {
+                    bp,
+                    delta: &delta,
+                    batch,
+                    hkv,
+                    j0: kb * BK,
+                    sc,
+                },
+            );
+        },
+    );
     let rows_per_head = p.seqlen_q * p.group_size();
     let row_blocks = rows_per_head.div_ceil(BQ);
-    (0..p.batch * p.heads_kv * row_blocks)
-        .into_par_iter()
-        .for_each_init(
-            || Scratch::new(p),
-            |sc, item| {
-                let (bh, rb) = (item / row_blocks, item % row_blocks);
-                let row0 = rb * BQ;
-                let t = TileRows {
-                    batch: bh / p.heads_kv,
-                    hkv: bh % p.heads_kv,
-                    row0,
-                    nrows: BQ.min(rows_per_head - row0),
-                };
-                run_with(
-                    isa,
-                    QueryBlock {
-                        bp,
-                        delta: &delta,
-                        t,
-                        sc,
-                    },
-                );
-            },
-        );
+    for_each(
+        exec,
+        p.batch * p.heads_kv * row_blocks,
+        || Scratch::new(p),
+        |sc, item| {
+            let (bh, rb) = (item / row_blocks, item % row_blocks);
+            let row0 = rb * BQ;
+            let t = TileRows {
+                batch: bh / p.heads_kv,
+                hkv: bh % p.heads_kv,
+                row0,
+                nrows: BQ.min(rows_per_head - row0),
+            };
+            run_with(
+                isa,
+                QueryBlock {
+                    bp,
+                    delta: &delta,
+                    t,
+                    sc,
+                },
+            );
+        },
+    );
     Ok(())
 }

@@ -8,6 +8,7 @@ mod bf16;
 mod isa;
 mod math;
 mod microkernel;
+mod parallel;
 mod schedule;
 mod tile;
 
@@ -15,7 +16,21 @@ pub use isa::{cpu_features, Isa};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::problem::{BackwardProblem, Problem};
+use parallel::{Exec, INLINE_WORK};
 use std::sync::{Arc, Mutex};
+
+/// Whether a problem is small enough to compute on the calling thread.
+fn is_tiny(p: &Problem) -> bool {
+    [
+        p.heads_q,
+        p.seqlen_q,
+        p.seqlen_kv,
+        p.head_dim + p.head_dim_v,
+    ]
+    .iter()
+    .try_fold(p.batch, |acc, &x| acc.checked_mul(x))
+    .is_some_and(|work| work < INLINE_WORK)
+}
 
 /// Owns the CPU thread pool. The pool is rebuilt lazily in a forked child, whose copy of the
 /// parent's pool has no threads behind it.
@@ -73,12 +88,18 @@ impl CpuBackend {
     }
 
     pub fn forward(&self, p: &Problem) -> Result<()> {
+        if is_tiny(p) {
+            return schedule::forward(p, self.isa, Exec::Inline);
+        }
         let pool = self.pool()?;
-        pool.install(|| schedule::forward(p, self.isa))
+        pool.install(|| schedule::forward(p, self.isa, Exec::Pool))
     }
 
     pub fn backward(&self, p: &BackwardProblem) -> Result<()> {
+        if is_tiny(&p.fwd) {
+            return backward::backward(p, self.isa, Exec::Inline);
+        }
         let pool = self.pool()?;
-        pool.install(|| backward::backward(p, self.isa))
+        pool.install(|| backward::backward(p, self.isa, Exec::Pool))
     }
 }

@@ -8,11 +8,11 @@
 use super::isa::{run_with, Isa, KernelFn};
 use super::math::{MulAdd, Separate};
 use super::microkernel::BK;
+use super::parallel::{for_each, for_each_chunk, for_each_chunk_mut, Exec};
 use super::tile::{attend, begin, round_up, Scratch, TileRows};
 use crate::dtype::store_row_f32;
 use crate::error::Result;
 use crate::problem::Problem;
-use rayon::prelude::*;
 
 /// Enough independent items for a large machine; fewer than this triggers KV splitting.
 const TARGET_ITEMS: usize = 128;
@@ -133,25 +133,23 @@ fn write_rows(p: &Problem, t: &TileRows, sc: &Scratch, orow: &mut [f32]) {
     }
 }
 
-pub(super) fn forward(p: &Problem, isa: Isa) -> Result<()> {
+pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec) -> Result<()> {
     let plan = plan(p);
     let new_scratch = || (Scratch::new(p, plan.block_rows), vec![0f32; p.head_dim_v]);
     if plan.splits == 1 {
-        (0..plan.items)
-            .into_par_iter()
-            .for_each_init(new_scratch, |(sc, orow), item| {
-                let t = plan.rows(p, item);
-                run_with(
-                    isa,
-                    ForwardItem {
-                        p,
-                        t: &t,
-                        split: None,
-                        sc,
-                    },
-                );
-                write_rows(p, &t, sc, orow);
-            });
+        for_each(exec, plan.items, new_scratch, |(sc, orow), item| {
+            let t = plan.rows(p, item);
+            run_with(
+                isa,
+                ForwardItem {
+                    p,
+                    t: &t,
+                    split: None,
+                    sc,
+                },
+            );
+            write_rows(p, &t, sc, orow);
+        });
         return Ok(());
     }
 
@@ -168,9 +166,12 @@ pub(super) fn forward(p: &Problem, isa: Isa) -> Result<()> {
     let mut partial = Vec::new();
     partial.try_reserve_exact(total)?;
     partial.resize(total, 0f32);
-    partial.par_chunks_mut(part_len).enumerate().for_each_init(
+    for_each_chunk_mut(
+        exec,
+        &mut partial,
+        part_len,
         new_scratch,
-        |(sc, _), (job, part)| {
+        |(sc, _), job, part| {
             let (item, split) = (job / plan.splits, job % plan.splits);
             let t = plan.rows(p, item);
             run_with(
@@ -191,9 +192,12 @@ pub(super) fn forward(p: &Problem, isa: Isa) -> Result<()> {
         },
     );
     let block_len = plan.splits * part_len;
-    partial.par_chunks(block_len).enumerate().for_each_init(
+    for_each_chunk(
+        exec,
+        &partial,
+        block_len,
         new_scratch,
-        |(sc, orow), (item, parts)| {
+        |(sc, orow), item, parts| {
             let t = plan.rows(p, item);
             // Row bookkeeping (qpos/head) without running anything.
             begin::<Separate, false>(p, &t, sc);
