@@ -1,0 +1,163 @@
+package ufa
+
+/*
+#include <stdlib.h>
+#include <ufa.h>
+*/
+import "C"
+
+import (
+	"runtime"
+	"unsafe"
+)
+
+// Options configure NewContext; the zero value (or nil) means the library's defaults.
+type Options struct {
+	// NumThreads is the number of CPU threads; 0 = $UFA_NUM_THREADS if set, else every core.
+	NumThreads int
+	// CPUISA names the CPU kernel family ("avx512bf16", "avx512", "avx2", "portable");
+	// "" = the best this CPU supports.
+	CPUISA string
+}
+
+// Context holds the library's thread pool and kernel caches. It is safe for concurrent use by
+// many goroutines. Close frees it; a Context that is never closed is freed by the garbage collector.
+type Context struct {
+	ptr *C.ufa_context
+}
+
+// NewContext creates a context; opts may be nil.
+func NewContext(opts *Options) (*Context, error) {
+	o := C.ufa_context_options_default()
+	if opts != nil {
+		o.num_threads = C.uint32_t(opts.NumThreads)
+		if opts.CPUISA != "" {
+			isa := C.CString(opts.CPUISA)
+			defer C.free(unsafe.Pointer(isa))
+			o.cpu_isa = isa
+		}
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var ptr *C.ufa_context
+	if err := check(C.ufa_context_create(&o, &ptr)); err != nil {
+		return nil, err
+	}
+	c := &Context{ptr: ptr}
+	runtime.SetFinalizer(c, (*Context).Close)
+	return c, nil
+}
+
+// Close frees the context. No call may be using it; closing twice is harmless.
+func (c *Context) Close() error {
+	if c.ptr != nil {
+		C.ufa_context_destroy(c.ptr)
+		c.ptr = nil
+		runtime.SetFinalizer(c, nil)
+	}
+	return nil
+}
+
+// NumThreads is the number of CPU threads the context computes with.
+func (c *Context) NumThreads() (int, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var n C.uint32_t
+	err := check(C.ufa_context_num_threads(c.ptr, &n))
+	runtime.KeepAlive(c)
+	return int(n), err
+}
+
+// CPUISA is the name of the CPU kernel family the context uses.
+func (c *Context) CPUISA() (string, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var name *C.char
+	if err := check(C.ufa_context_cpu_isa(c.ptr, &name)); err != nil {
+		return "", err
+	}
+	runtime.KeepAlive(c)
+	return C.GoString(name), nil
+}
+
+// Window is a sliding attention window around each query's aligned position; -1 = unbounded.
+type Window struct {
+	Left, Right int
+}
+
+// Params say what a Forward call computes besides softmax(q k^T) v; the zero value (or nil)
+// means the library's defaults: no masking, scale 1/sqrt(head_dim), no log-sum-exp.
+type Params struct {
+	// Causal: query i sees keys at or before its aligned position.
+	Causal bool
+	// CausalTopLeft aligns query i with key i (PyTorch's is_causal); the default aligns the
+	// last query with the last key (FlashAttention 2+).
+	CausalTopLeft bool
+	// SoftmaxScale multiplies q.k; 0 = 1/sqrt(head_dim).
+	SoftmaxScale float32
+	// Softcap: scores become Softcap * tanh(scores / Softcap); 0 disables it.
+	Softcap float32
+	// Window limits the keys each query sees; nil = no window.
+	Window *Window
+	// ALiBi slopes, f32, [heads_q] or [batch, heads_q]; nil = none.
+	ALiBiSlopes *Tensor
+	// Mask broadcastable to [batch, heads_q, seqlen_q, seqlen_kv]: Bool (true = attend) or a
+	// float dtype (added to the scores); nil = none.
+	Mask *Tensor
+	// LSE, if set, receives each score row's log-sum-exp (f32, [batch, heads_q, seqlen_q]).
+	LSE *Tensor
+}
+
+// Forward computes out = softmax(scale * q k^T + bias) v into out, with the masks of p (nil =
+// defaults). On failure nothing is written and the error is an *Error from the library, or
+// ErrViewOutOfBounds (wrapped) when a view does not fit its slice.
+func (c *Context) Forward(q, k, v, out Tensor, p *Params) error {
+	var d descriptors
+	defer d.free()
+	cq, err := d.tensor("q", &q)
+	if err != nil {
+		return err
+	}
+	ck, err := d.tensor("k", &k)
+	if err != nil {
+		return err
+	}
+	cv, err := d.tensor("v", &v)
+	if err != nil {
+		return err
+	}
+	co, err := d.tensor("out", &out)
+	if err != nil {
+		return err
+	}
+	cp := (*C.ufa_attention_params)(d.alloc(C.sizeof_ufa_attention_params))
+	*cp = C.ufa_attention_params_default()
+	if p != nil {
+		if p.Causal {
+			cp.causal = 1
+		}
+		if p.CausalTopLeft {
+			cp.causal_alignment = C.UFA_CAUSAL_TOP_LEFT
+		}
+		cp.softmax_scale = C.float(p.SoftmaxScale)
+		cp.softcap = C.float(p.Softcap)
+		if p.Window != nil {
+			cp.window_left = C.int64_t(p.Window.Left)
+			cp.window_right = C.int64_t(p.Window.Right)
+		}
+		if cp.alibi_slopes, err = d.tensor("alibi_slopes", p.ALiBiSlopes); err != nil {
+			return err
+		}
+		if cp.mask, err = d.tensor("mask", p.Mask); err != nil {
+			return err
+		}
+		if cp.lse, err = d.tensor("lse", p.LSE); err != nil {
+			return err
+		}
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	err = check(C.ufa_attention_forward(c.ptr, cq, ck, cv, co, cp, nil))
+	runtime.KeepAlive(c)
+	return err
+}

@@ -1,0 +1,3 @@
+module example.invalid/ufa/bindings/go
+
+go 1.21

@@ -1,0 +1,402 @@
+package ufa_test
+
+import (
+	"errors"
+	"math"
+	"math/rand"
+	"strings"
+	"testing"
+	"time"
+
+	ufa "example.invalid/ufa/bindings/go"
+)
+
+// layout is a 4-d view: shape [b, s, h, d] and its strides.
+type layout struct {
+	shape, strides [4]int
+}
+
+func rowMajor(b, s, h, d int) layout {
+	return layout{[4]int{b, s, h, d}, [4]int{s * h * d, h * d, d, 1}}
+}
+
+// headsFirst lays [b, s, h, d] out as a [b, h, s, d] buffer whose rows are padded to pad elements.
+func headsFirst(b, s, h, d, pad int) layout {
+	return layout{[4]int{b, s, h, d}, [4]int{h * s * pad, pad, s * pad, 1}}
+}
+
+func (l layout) size() int {
+	n := 1
+	for i := range l.shape {
+		n += (l.shape[i] - 1) * l.strides[i]
+	}
+	return n
+}
+
+func (l layout) at(b, s, h, d int) int {
+	return b*l.strides[0] + s*l.strides[1] + h*l.strides[2] + d*l.strides[3]
+}
+
+// reference computes attention in float64 from the values the library actually sees.
+func reference(q, k, v []float64, lq, lk, lo layout, causal bool) []float64 {
+	B, SQ, HQ, D := lq.shape[0], lq.shape[1], lq.shape[2], lq.shape[3]
+	SK, HK := lk.shape[1], lk.shape[2]
+	out := make([]float64, lo.size())
+	scale := 1 / math.Sqrt(float64(D))
+	scores := make([]float64, SK)
+	for b := 0; b < B; b++ {
+		for h := 0; h < HQ; h++ {
+			kh := h / (HQ / HK)
+			for i := 0; i < SQ; i++ {
+				best := math.Inf(-1)
+				for j := 0; j < SK; j++ {
+					scores[j] = math.Inf(-1)
+					if causal && j > i+SK-SQ {
+						continue
+					}
+					dot := 0.0
+					for x := 0; x < D; x++ {
+						dot += q[lq.at(b, i, h, x)] * k[lk.at(b, j, kh, x)]
+					}
+					scores[j] = dot * scale
+					best = math.Max(best, scores[j])
+				}
+				if math.IsInf(best, -1) {
+					continue // no visible key: zeros
+				}
+				sum := 0.0
+				for j := range scores {
+					scores[j] = math.Exp(scores[j] - best)
+					sum += scores[j]
+				}
+				for x := 0; x < D; x++ {
+					acc := 0.0
+					for j := 0; j < SK; j++ {
+						acc += scores[j] * v[lk.at(b, j, kh, x)]
+					}
+					out[lo.at(b, i, h, x)] = acc / sum
+				}
+			}
+		}
+	}
+	return out
+}
+
+// operand holds one tensor's data in every form a test needs.
+type operand struct {
+	values []float64 // what the library sees, as float64
+	f32    []float32
+	bits   []uint16
+}
+
+func randomOperand(rng *rand.Rand, dtype ufa.DType, n int) operand {
+	o := operand{values: make([]float64, n)}
+	switch dtype {
+	case ufa.F32:
+		o.f32 = make([]float32, n)
+	default:
+		o.bits = make([]uint16, n)
+	}
+	for i := range o.values {
+		x := float32(rng.NormFloat64())
+		switch dtype {
+		case ufa.F32:
+			o.f32[i] = x
+			o.values[i] = float64(x)
+		case ufa.F16:
+			o.bits[i] = ufa.F16FromFloat32(x)
+			o.values[i] = float64(ufa.F16ToFloat32(o.bits[i]))
+		case ufa.BF16:
+			o.bits[i] = ufa.BF16FromFloat32(x)
+			o.values[i] = float64(ufa.BF16ToFloat32(o.bits[i]))
+		}
+	}
+	return o
+}
+
+// poisoned returns an output buffer full of NaN (f32) or 0xffff (a NaN in f16 and bf16).
+func poisoned(dtype ufa.DType, n int) operand {
+	o := operand{}
+	if dtype == ufa.F32 {
+		o.f32 = make([]float32, n)
+		for i := range o.f32 {
+			o.f32[i] = float32(math.NaN())
+		}
+	} else {
+		o.bits = make([]uint16, n)
+		for i := range o.bits {
+			o.bits[i] = 0xffff
+		}
+	}
+	return o
+}
+
+func (o operand) tensor(dtype ufa.DType, l layout) ufa.Tensor {
+	var t ufa.Tensor
+	switch dtype {
+	case ufa.F32:
+		t = ufa.NewF32(o.f32, l.shape[:]...)
+	case ufa.F16:
+		t = ufa.NewF16(o.bits, l.shape[:]...)
+	case ufa.BF16:
+		t = ufa.NewBF16(o.bits, l.shape[:]...)
+	}
+	return t.WithStrides(l.strides[:]...)
+}
+
+func (o operand) float(dtype ufa.DType, i int) float64 {
+	switch dtype {
+	case ufa.F32:
+		return float64(o.f32[i])
+	case ufa.F16:
+		return float64(ufa.F16ToFloat32(o.bits[i]))
+	}
+	return float64(ufa.BF16ToFloat32(o.bits[i]))
+}
+
+type testCase struct {
+	dtype                     ufa.DType
+	batch, seqQ, seqKV, heads int
+	headsKV, headDim          int
+	causal, strided           bool
+}
+
+func newContext(t *testing.T) *ufa.Context {
+	t.Helper()
+	ctx, err := ufa.NewContext(&ufa.Options{NumThreads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ctx.Close() })
+	return ctx
+}
+
+func seeded(t *testing.T) *rand.Rand {
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	return rand.New(rand.NewSource(seed))
+}
+
+func run(t *testing.T, c testCase) {
+	t.Helper()
+	ctx := newContext(t)
+	rng := seeded(t)
+	lq := rowMajor(c.batch, c.seqQ, c.heads, c.headDim)
+	lk := rowMajor(c.batch, c.seqKV, c.headsKV, c.headDim)
+	if c.strided {
+		lq = headsFirst(c.batch, c.seqQ, c.heads, c.headDim, c.headDim+3)
+		lk = headsFirst(c.batch, c.seqKV, c.headsKV, c.headDim, c.headDim+5)
+	}
+	lo := lq
+	q := randomOperand(rng, c.dtype, lq.size())
+	k := randomOperand(rng, c.dtype, lk.size())
+	v := randomOperand(rng, c.dtype, lk.size())
+	out := poisoned(c.dtype, lo.size())
+	err := ctx.Forward(q.tensor(c.dtype, lq), k.tensor(c.dtype, lk), v.tensor(c.dtype, lk),
+		out.tensor(c.dtype, lo), &ufa.Params{Causal: c.causal})
+	if err != nil {
+		t.Fatalf("%+v: %v", c, err)
+	}
+	ref := reference(q.values, k.values, v.values, lq, lk, lo, c.causal)
+	var num, den float64
+	for b := 0; b < c.batch; b++ {
+		for s := 0; s < c.seqQ; s++ {
+			for h := 0; h < c.heads; h++ {
+				for x := 0; x < c.headDim; x++ {
+					i := lo.at(b, s, h, x)
+					got := out.float(c.dtype, i)
+					if math.IsNaN(got) {
+						t.Fatalf("%+v: out[%d,%d,%d,%d] not written (or NaN)", c, b, s, h, x)
+					}
+					num += (got - ref[i]) * (got - ref[i])
+					den += ref[i] * ref[i]
+				}
+			}
+		}
+	}
+	rel := math.Sqrt(num / den)
+	tol := 1e-2
+	if c.dtype == ufa.F32 {
+		tol = 1e-5
+	}
+	if !(rel < tol) {
+		t.Fatalf("%+v: relative error %.3g, tolerance %.0g", c, rel, tol)
+	}
+	t.Logf("%v: relative error %.3g", c.dtype, rel)
+}
+
+func TestForwardF32(t *testing.T) {
+	run(t, testCase{dtype: ufa.F32, batch: 2, seqQ: 17, seqKV: 17, heads: 2, headsKV: 2, headDim: 32})
+}
+
+func TestForwardF16(t *testing.T) {
+	run(t, testCase{dtype: ufa.F16, batch: 1, seqQ: 9, seqKV: 33, heads: 3, headsKV: 3, headDim: 64})
+}
+
+func TestForwardBF16(t *testing.T) {
+	run(t, testCase{dtype: ufa.BF16, batch: 2, seqQ: 16, seqKV: 5, heads: 2, headsKV: 1, headDim: 80})
+}
+
+func TestGQACausal(t *testing.T) {
+	for _, dt := range []ufa.DType{ufa.F32, ufa.F16, ufa.BF16} {
+		t.Run(dt.String(), func(t *testing.T) {
+			// GQA 4, causal with seqlen_q < seqlen_kv (bottom-right alignment)
+			run(t, testCase{dtype: dt, batch: 1, seqQ: 7, seqKV: 19, heads: 8, headsKV: 2, headDim: 32, causal: true})
+		})
+	}
+}
+
+func TestStrided(t *testing.T) {
+	// q, k, v and out stored as [batch, heads, seq, dim] with padded rows, passed by strides
+	for _, dt := range []ufa.DType{ufa.F32, ufa.BF16} {
+		t.Run(dt.String(), func(t *testing.T) {
+			run(t, testCase{dtype: dt, batch: 2, seqQ: 13, seqKV: 21, heads: 4, headsKV: 2, headDim: 48, causal: true, strided: true})
+		})
+	}
+}
+
+func TestLSE(t *testing.T) {
+	ctx := newContext(t)
+	q := []float32{1, 0, 0, 1} // [1, 2, 1, 2]
+	k := []float32{1, 0, 0, 1} // [1, 2, 1, 2]
+	v := []float32{1, 2, 3, 4} // [1, 2, 1, 2]
+	out := make([]float32, 4)
+	lse := []float32{0, 0} // [1, 1, 2]
+	err := ctx.Forward(ufa.NewF32(q, 1, 2, 1, 2), ufa.NewF32(k, 1, 2, 1, 2), ufa.NewF32(v, 1, 2, 1, 2),
+		ufa.NewF32(out, 1, 2, 1, 2), &ufa.Params{SoftmaxScale: 1, LSE: &ufa.Tensor{}})
+	if err == nil {
+		t.Fatal("a zero Tensor as LSE was accepted")
+	}
+	err = ctx.Forward(ufa.NewF32(q, 1, 2, 1, 2), ufa.NewF32(k, 1, 2, 1, 2), ufa.NewF32(v, 1, 2, 1, 2),
+		ufa.NewF32(out, 1, 2, 1, 2), &ufa.Params{SoftmaxScale: 1, LSE: ptr(ufa.NewF32(lse, 1, 1, 2))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := math.Log(math.E + 1) // each row: scores {1, 0} in some order
+	for i, l := range lse {
+		if math.Abs(float64(l)-want) > 1e-5 {
+			t.Errorf("lse[%d] = %v, want %v", i, l, want)
+		}
+	}
+}
+
+func ptr[T any](x T) *T { return &x }
+
+func TestBadInputMessage(t *testing.T) {
+	ctx := newContext(t)
+	q := make([]float32, 1*4*8*32)
+	kv := make([]float32, 1*4*3*32)
+	out := make([]float32, len(q))
+	for i := range out {
+		out[i] = 42
+	}
+	err := ctx.Forward(ufa.NewF32(q, 1, 4, 8, 32), ufa.NewF32(kv, 1, 4, 3, 32), ufa.NewF32(kv, 1, 4, 3, 32),
+		ufa.NewF32(out, 1, 4, 8, 32), nil)
+	var e *ufa.Error
+	if !errors.As(err, &e) {
+		t.Fatalf("want a *ufa.Error, got %v", err)
+	}
+	if e.Status != ufa.StatusInvalidArgument || !errors.Is(err, ufa.ErrInvalidArgument) {
+		t.Errorf("status %v, want invalid argument", e.Status)
+	}
+	if !strings.Contains(e.Message, "k.shape[2]=3") || !strings.Contains(e.Message, "q.shape[2]=8") {
+		t.Errorf("message %q does not name the heads", e.Message)
+	}
+	for i, x := range out {
+		if x != 42 {
+			t.Fatalf("out[%d] written on failure", i)
+		}
+	}
+	t.Logf("error: %v", err)
+
+	// A zero size: the library's message, not the binding's.
+	err = ctx.Forward(ufa.NewF32(q, 1, 0, 8, 32), ufa.NewF32(kv, 1, 4, 8, 4), ufa.NewF32(kv, 1, 4, 8, 4),
+		ufa.NewF32(out, 1, 0, 8, 32), nil)
+	if !errors.Is(err, ufa.ErrInvalidArgument) || !strings.Contains(err.Error(), "at least 1") {
+		t.Errorf("zero size: got %v", err)
+	}
+	// Strides whose last dimension is not contiguous.
+	err = ctx.Forward(ufa.NewF32(q, 1, 4, 8, 16).WithStrides(1024, 256, 32, 2), ufa.NewF32(q, 1, 4, 8, 16),
+		ufa.NewF32(q, 1, 4, 8, 16), ufa.NewF32(out, 1, 4, 8, 16), nil)
+	if !errors.Is(err, ufa.ErrInvalidArgument) || !strings.Contains(err.Error(), "contiguous") {
+		t.Errorf("strided last dimension: got %v", err)
+	}
+}
+
+func TestViewOutOfBounds(t *testing.T) {
+	ctx := newContext(t)
+	q := make([]float32, 2*3*4-1) // one element short of [1, 2, 3, 4]
+	full := make([]float32, 2*3*4)
+	err := ctx.Forward(ufa.NewF32(q, 1, 2, 3, 4), ufa.NewF32(full, 1, 2, 3, 4), ufa.NewF32(full, 1, 2, 3, 4),
+		ufa.NewF32(full, 1, 2, 3, 4), nil)
+	if !errors.Is(err, ufa.ErrViewOutOfBounds) {
+		t.Fatalf("got %v, want ErrViewOutOfBounds", err)
+	}
+	// Strides that reach past the end.
+	err = ctx.Forward(ufa.NewF32(full, 1, 2, 3, 4).WithStrides(24, 12, 5, 1), ufa.NewF32(full, 1, 2, 3, 4),
+		ufa.NewF32(full, 1, 2, 3, 4), ufa.NewF32(make([]float32, 24), 1, 2, 3, 4), nil)
+	if !errors.Is(err, ufa.ErrViewOutOfBounds) {
+		t.Fatalf("got %v, want ErrViewOutOfBounds", err)
+	}
+}
+
+func TestContext(t *testing.T) {
+	ctx := newContext(t)
+	if n, err := ctx.NumThreads(); err != nil || n != 2 {
+		t.Errorf("NumThreads() = %d, %v", n, err)
+	}
+	if isa, err := ctx.CPUISA(); err != nil || isa == "" {
+		t.Errorf("CPUISA() = %q, %v", isa, err)
+	}
+	_, err := ufa.NewContext(&ufa.Options{CPUISA: "no-such-isa"})
+	var e *ufa.Error
+	if !errors.As(err, &e) || e.Message == "" {
+		t.Errorf("unknown ISA: got %v", err)
+	}
+	if ufa.Version() == "" {
+		t.Error("empty version")
+	}
+}
+
+func TestHalfConversions(t *testing.T) {
+	cases := []struct {
+		x        float32
+		f16, b16 uint16
+	}{
+		{0, 0, 0},
+		{1, 0x3c00, 0x3f80},
+		{-2, 0xc000, 0xc000},
+		{65504, 0x7bff, 0x4780},
+		{1e6, 0x7c00, 0x4974},
+		{float32(math.Inf(-1)), 0xfc00, 0xff80},
+		{5.960464477539063e-08, 0x0001, 0x3380}, // smallest f16 subnormal
+		{2.98e-08, 0x0000, 0x3300},              // just under half of it: rounds to 0
+		{1.0009765625, 0x3c01, 0x3f80},          // 1 + 2^-10
+		{1.00048828125, 0x3c00, 0x3f80},         // tie in f16: rounds to even
+		{1.0078125, 0x3c08, 0x3f81},             // 1 + 2^-7
+	}
+	for _, c := range cases {
+		if got := ufa.F16FromFloat32(c.x); got != c.f16 {
+			t.Errorf("F16FromFloat32(%g) = %#04x, want %#04x", c.x, got, c.f16)
+		}
+		if got := ufa.BF16FromFloat32(c.x); got != c.b16 {
+			t.Errorf("BF16FromFloat32(%g) = %#04x, want %#04x", c.x, got, c.b16)
+		}
+	}
+	// Every finite f16 survives a round trip through float32.
+	for h := 0; h < 1<<16; h++ {
+		x := ufa.F16ToFloat32(uint16(h))
+		if x != x || math.IsInf(float64(x), 0) {
+			continue
+		}
+		if back := ufa.F16FromFloat32(x); back != uint16(h) {
+			t.Fatalf("f16 %#04x -> %g -> %#04x", h, x, back)
+		}
+	}
+	if !math.IsNaN(float64(ufa.F16ToFloat32(ufa.F16FromFloat32(float32(math.NaN()))))) {
+		t.Error("f16 NaN lost")
+	}
+	if !math.IsNaN(float64(ufa.BF16ToFloat32(ufa.BF16FromFloat32(float32(math.NaN()))))) {
+		t.Error("bf16 NaN lost")
+	}
+}
