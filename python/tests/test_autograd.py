@@ -165,3 +165,24 @@ def test_custom_op_autograd_matches_eager_function():
     assert torch.equal(out, out2)
     for a, b in zip(grads_op, grads_fn):
         assert torch.equal(a, b)
+
+
+def test_torch_compile_inference(device):
+    """Forward-only compiled graph (no gradients needed, so it also runs where the core has no
+    backward pass): fullgraph, ufa's custom op inside, same result as eager PyTorch."""
+    torch._dynamo.reset()
+    model = Block().to(device).eval()
+    x = torch.randn(2, 12, 32, device=device)
+    with torch.no_grad():
+        want = model(x)
+        with ut.patched():
+            compiled = torch.compile(model, fullgraph=True)
+            ufa._ufa._debug_record(True)
+            try:
+                got = compiled(x)
+                rec = [name for name, *_ in ufa._ufa._debug_last_call()]
+            finally:
+                ufa._ufa._debug_record(False)
+    assert "q" in rec, "the compiled graph did not call ufa"
+    assert rel_err(got, want) < 1e-5
+    torch._dynamo.reset()
