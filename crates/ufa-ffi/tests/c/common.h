@@ -1,4 +1,4 @@
-/* Shared by the C tests: a tiny check framework, seeded random inputs, fp16/bf16 rounding, and a
+/* Shared by the C tests and the C++ test: a tiny check framework, seeded random inputs, fp16/bf16 rounding, and a
  * float64 reference of attention written from the definition (one query row at a time). */
 #ifndef UFA_TEST_COMMON_H
 #define UFA_TEST_COMMON_H
@@ -24,7 +24,7 @@ static int g_checks = 0;
         }                                                                       \
     } while (0)
 
-static int finish(const char* name) {
+static inline int finish(const char* name) {
     printf("%s: %d checks, %d failures\n", name, g_checks, g_failures);
     return g_failures == 0 ? 0 : 1;
 }
@@ -33,14 +33,14 @@ static int finish(const char* name) {
  * UFA_TEST_SEED. */
 static uint64_t g_rng;
 
-static void seed_rng(const char* name) {
+static inline void seed_rng(const char* name) {
     const char* s = getenv("UFA_TEST_SEED");
     g_rng = s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)&g_rng;
     if (g_rng == 0) g_rng = 1;
     printf("%s: seed %llu (UFA_TEST_SEED to replay)\n", name, (unsigned long long)g_rng);
 }
 
-static float uniform(void) {
+static inline float uniform(void) {
     g_rng ^= g_rng >> 12;
     g_rng ^= g_rng << 25;
     g_rng ^= g_rng >> 27;
@@ -50,15 +50,15 @@ static float uniform(void) {
 
 enum elem { E_F32, E_F16, E_BF16 };
 
-static size_t elem_size(enum elem t) { return t == E_F32 ? 4 : 2; }
+static inline size_t elem_size(enum elem t) { return t == E_F32 ? 4 : 2; }
 
-static uint16_t f32_to_bf16(float f) {
+static inline uint16_t f32_to_bf16(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);
     return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16); /* round to nearest even */
 }
 
-static uint16_t f32_to_f16(float f) {
+static inline uint16_t f32_to_f16(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000u, mant = x & 0x7fffffu;
@@ -79,7 +79,7 @@ static uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | half);
 }
 
-static double load(const void* p, enum elem t, size_t i) {
+static inline double load(const void* p, enum elem t, size_t i) {
     if (t == E_F32) return ((const float*)p)[i];
     uint16_t h = ((const uint16_t*)p)[i];
     if (t == E_BF16) {
@@ -93,26 +93,26 @@ static double load(const void* p, enum elem t, size_t i) {
     return (h & 0x8000) ? -v : v;
 }
 
-static void store(void* p, enum elem t, size_t i, float f) {
+static inline void store(void* p, enum elem t, size_t i, float f) {
     if (t == E_F32) ((float*)p)[i] = f;
     else ((uint16_t*)p)[i] = t == E_F16 ? f32_to_f16(f) : f32_to_bf16(f);
 }
 
 /* n random elements (never all zero). */
-static void* random_tensor(size_t n, enum elem t) {
+static inline void* random_tensor(size_t n, enum elem t) {
     void* p = malloc(n * elem_size(t));
     for (size_t i = 0; i < n; i++) store(p, t, i, uniform());
     return p;
 }
 
 /* A poison pattern (0xFF bytes: NaN in every float type), and whether any of it survived. */
-static void* poisoned(size_t bytes) {
+static inline void* poisoned(size_t bytes) {
     void* p = malloc(bytes);
     memset(p, 0xff, bytes);
     return p;
 }
 
-static int all_written(const void* p, size_t bytes, size_t elem_bytes) {
+static inline int all_written(const void* p, size_t bytes, size_t elem_bytes) {
     const unsigned char* c = (const unsigned char*)p;
     for (size_t i = 0; i < bytes; i += elem_bytes) {
         size_t j = 0;
@@ -129,12 +129,12 @@ struct operand {
     int64_t st[4];
 };
 
-static double at(const struct operand* o, int64_t b, int64_t s, int64_t h, int64_t d) {
+static inline double at(const struct operand* o, int64_t b, int64_t s, int64_t h, int64_t d) {
     return load(o->data, o->type, (size_t)(b * o->st[0] + s * o->st[1] + h * o->st[2] + d * o->st[3]));
 }
 
 /* Strides of a [b, s, h, d] operand stored as [b, h, s, d] (heads_first) or [b, s, h, d]. */
-static void strides_of(int64_t s, int64_t h, int64_t d, int heads_first, int64_t st[4]) {
+static inline void strides_of(int64_t s, int64_t h, int64_t d, int heads_first, int64_t st[4]) {
     if (heads_first) { st[0] = h * s * d; st[1] = d; st[2] = s * d; st[3] = 1; }
     else { st[0] = s * h * d; st[1] = h * d; st[2] = d; st[3] = 1; }
 }
@@ -148,10 +148,10 @@ struct problem {
 };
 
 /* out: contiguous [b, sq, hq, dv]; lse: contiguous [b, hq, sq]. */
-static void reference(const struct problem* p, const struct operand* q, const struct operand* k,
+static inline void reference(const struct problem* p, const struct operand* q, const struct operand* k,
                       const struct operand* v, double* out, double* lse) {
     double scale = p->scale != 0 ? p->scale : 1.0 / sqrt((double)p->head_dim);
-    double* s = malloc((size_t)p->seq_kv * sizeof(double));
+    double* s = (double*)malloc((size_t)p->seq_kv * sizeof(double));
     int64_t group = p->heads_q / p->heads_kv;
     for (int64_t b = 0; b < p->batch; b++)
         for (int64_t h = 0; h < p->heads_q; h++)
@@ -189,7 +189,7 @@ static void reference(const struct problem* p, const struct operand* q, const st
 
 /* ||got - want|| / ||want|| over a [b, sq, hq, dv] output read through `got`'s strides; NaN
  * propagates (and so never passes a `<` check). */
-static double rel_error(const struct operand* got, const struct problem* p, const double* want) {
+static inline double rel_error(const struct operand* got, const struct problem* p, const double* want) {
     double num = 0, den = 0;
     for (int64_t b = 0; b < p->batch; b++)
         for (int64_t i = 0; i < p->seq_q; i++)
@@ -203,10 +203,10 @@ static double rel_error(const struct operand* got, const struct problem* p, cons
     return sqrt(num) / (den > 0 ? sqrt(den) : 1);
 }
 
-static double tolerance(enum elem in, enum elem out) {
+static inline double tolerance(enum elem in, enum elem out) {
     return (in == E_F32 && out == E_F32) ? 1e-5 : 1e-2;
 }
 
-static const char* elem_name(enum elem t) { return t == E_F32 ? "f32" : t == E_F16 ? "f16" : "bf16"; }
+static inline const char* elem_name(enum elem t) { return t == E_F32 ? "f32" : t == E_F16 ? "f16" : "bf16"; }
 
 #endif

@@ -1,0 +1,291 @@
+/* The native API (ufa.h): results against the float64 reference (every dtype, GQA, causal with
+ * seq_q != seq_kv, strided layouts, LSE), and every status code, NULL argument and bad size
+ * returning a status and a message without writing. */
+#include "common.h"
+#include "ufa.h"
+
+static ufa_context* ctx;
+
+static int dtype_code(enum elem t) {
+    return t == E_F32 ? UFA_DTYPE_F32 : t == E_F16 ? UFA_DTYPE_F16 : UFA_DTYPE_BF16;
+}
+
+/* A CPU tensor descriptor over `shape` (kept by the caller) with optional strides. */
+static ufa_tensor desc(void* data, int dtype, int ndim, const int64_t* shape, const int64_t* strides) {
+    ufa_tensor t = {data, dtype, UFA_DEVICE_CPU, 0, ndim, shape, strides};
+    return t;
+}
+
+struct native_case {
+    int64_t batch, seq_q, seq_kv, heads_q, heads_kv, head_dim;
+    int causal;
+    enum elem type;
+    int heads_first; /* q, k, v, out stored as [b, h, s, d] and passed with permuted strides */
+};
+
+static void run_case(const struct native_case* c) {
+    int64_t B = c->batch, SQ = c->seq_q, SK = c->seq_kv, HQ = c->heads_q, HK = c->heads_kv, D = c->head_dim;
+    size_t nq = (size_t)(B * SQ * HQ * D), nk = (size_t)(B * SK * HK * D), es = elem_size(c->type);
+    void *q = random_tensor(nq, c->type), *k = random_tensor(nk, c->type), *v = random_tensor(nk, c->type);
+    void* out = poisoned(nq * es);
+    float* lse = poisoned((size_t)(B * HQ * SQ) * 4);
+    int64_t sq_shape[4] = {B, SQ, HQ, D}, sk_shape[4] = {B, SK, HK, D}, lse_shape[3] = {B, HQ, SQ};
+    int64_t st_q[4], st_k[4];
+    strides_of(SQ, HQ, D, c->heads_first, st_q);
+    strides_of(SK, HK, D, c->heads_first, st_k);
+    int dt = dtype_code(c->type);
+    ufa_tensor tq = desc(q, dt, 4, sq_shape, st_q), tk = desc(k, dt, 4, sk_shape, st_k);
+    ufa_tensor tv = desc(v, dt, 4, sk_shape, st_k), to = desc(out, dt, 4, sq_shape, st_q);
+    ufa_tensor tl = desc(lse, UFA_DTYPE_F32, 3, lse_shape, NULL);
+    ufa_attention_params p = ufa_attention_params_default();
+    p.causal = c->causal;
+    p.lse = &tl;
+    ufa_status s = ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &p, NULL);
+    char what[160];
+    snprintf(what, sizeof what, "b%lld sq%lld skv%lld hq%lld hkv%lld d%lld causal%d %s %s", (long long)B,
+             (long long)SQ, (long long)SK, (long long)HQ, (long long)HK, (long long)D, c->causal,
+             elem_name(c->type), c->heads_first ? "bhsd" : "bshd");
+    CHECK(s == UFA_STATUS_SUCCESS, "%s: %s", what, ufa_last_error_message());
+    if (s == UFA_STATUS_SUCCESS) {
+        struct problem pr = {B, SQ, SK, HQ, HK, D, D, 0, c->causal, NULL};
+        struct operand oq = {q, c->type, {0}}, ok = {k, c->type, {0}}, ov = {v, c->type, {0}};
+        struct operand oo = {out, c->type, {0}};
+        memcpy(oq.st, st_q, sizeof st_q);
+        memcpy(oo.st, st_q, sizeof st_q);
+        memcpy(ok.st, st_k, sizeof st_k);
+        memcpy(ov.st, st_k, sizeof st_k);
+        double *ref = malloc(nq * sizeof(double)), *ref_lse = malloc((size_t)(B * HQ * SQ) * sizeof(double));
+        reference(&pr, &oq, &ok, &ov, ref, ref_lse);
+        CHECK(all_written(out, nq * es, es), "%s: output not fully written", what);
+        double err = rel_error(&oo, &pr, ref);
+        CHECK(err < tolerance(c->type, c->type), "%s: relative error %.3g", what, err);
+        double worst = 0;
+        for (int64_t i = 0; i < B * HQ * SQ; i++) worst = fmax(worst, fabs(lse[i] - ref_lse[i]));
+        CHECK(worst < 1e-3, "%s: lse error %.3g", what, worst);
+        free(ref);
+        free(ref_lse);
+    }
+    free(q); free(k); free(v); free(out); free(lse);
+}
+
+static void test_correctness(void) {
+    const struct native_case cases[] = {
+        {1, 1, 1, 1, 1, 32, 0, E_F32, 0},
+        {2, 17, 17, 4, 1, 64, 1, E_F32, 0},    /* MQA */
+        {1, 33, 129, 8, 2, 80, 1, E_F32, 1},   /* GQA 4, causal bottom-right, [b, h, s, d] */
+        {1, 129, 17, 2, 2, 96, 0, E_F16, 0},
+        {2, 40, 40, 8, 1, 128, 1, E_BF16, 1},  /* GQA 8 */
+        {1, 24, 50, 2, 2, 192, 0, E_F16, 1},
+        {1, 16, 16, 1, 1, 256, 1, E_BF16, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+}
+
+/* Runs the forward on one tiny valid problem with one descriptor swapped, expecting `want`. */
+struct tiny {
+    float q[64], k[64], v[64], out[64];
+    int64_t shape[4];
+    ufa_tensor tq, tk, tv, to;
+};
+
+static void tiny_init(struct tiny* t) {
+    for (int i = 0; i < 64; i++) t->q[i] = t->k[i] = t->v[i] = uniform();
+    memset(t->out, 0xff, sizeof t->out);
+    int64_t shape[4] = {1, 4, 1, 16};
+    memcpy(t->shape, shape, sizeof shape);
+    t->tq = desc(t->q, UFA_DTYPE_F32, 4, t->shape, NULL);
+    t->tk = desc(t->k, UFA_DTYPE_F32, 4, t->shape, NULL);
+    t->tv = desc(t->v, UFA_DTYPE_F32, 4, t->shape, NULL);
+    t->to = desc(t->out, UFA_DTYPE_F32, 4, t->shape, NULL);
+}
+
+static void expect(ufa_status want, ufa_status got, const char* what, const char* needle) {
+    CHECK(got == want, "%s: want %d (%s), got %d: %s", what, want, ufa_status_string(want), got,
+          ufa_last_error_message());
+    if (needle) CHECK(strstr(ufa_last_error_message(), needle) != NULL, "%s: message '%s' lacks '%s'", what,
+                      ufa_last_error_message(), needle);
+}
+
+static void test_errors(void) {
+    struct tiny t;
+    tiny_init(&t);
+    const ufa_status INVALID = UFA_STATUS_INVALID_ARGUMENT;
+    /* NULL for every pointer argument. */
+    expect(INVALID, ufa_attention_forward(NULL, &t.tq, &t.tk, &t.tv, &t.to, NULL, NULL), "ctx NULL", "ctx");
+    expect(INVALID, ufa_attention_forward(ctx, NULL, &t.tk, &t.tv, &t.to, NULL, NULL), "q NULL", "q is NULL");
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, NULL, &t.tv, &t.to, NULL, NULL), "k NULL", "k is NULL");
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, NULL, &t.to, NULL, NULL), "v NULL", "v is NULL");
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, NULL, NULL, NULL), "out NULL", "out is NULL");
+    ufa_tensor bad = t.tq;
+    bad.data = NULL;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "data NULL", "q.data");
+    bad = t.tk;
+    bad.shape = NULL;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &bad, &t.tv, &t.to, NULL, NULL), "shape NULL", "k.shape");
+    ufa_context* c = NULL;
+    expect(INVALID, ufa_context_create(NULL, NULL), "create out NULL", "out");
+    uint32_t n = 7;
+    expect(INVALID, ufa_context_num_threads(NULL, &n), "num_threads ctx NULL", "ctx");
+    expect(INVALID, ufa_context_num_threads(ctx, NULL), "num_threads out NULL", "out");
+    expect(INVALID, ufa_device_count(NULL, UFA_DEVICE_CPU, &n), "device_count ctx NULL", "ctx");
+    expect(INVALID, ufa_device_count(ctx, UFA_DEVICE_CPU, NULL), "device_count out NULL", "out");
+    expect(INVALID, ufa_device_count(ctx, 9, &n), "device_count type 9", "device_type=9");
+    expect(INVALID, ufa_context_cpu_isa(NULL, NULL), "cpu_isa NULL", NULL);
+    CHECK(n == 7, "out-parameter written on failure");
+    expect(INVALID, ufa_attention_backward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &t.to, NULL, &t.tq, &t.tk, &t.tv,
+                                           NULL), "backward lse NULL", "lse is NULL");
+
+    /* Dimensions: count, negative, zero, overflowing, mismatched. */
+    bad = t.tq;
+    bad.ndim = 0;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "ndim 0", "q.ndim=0");
+    bad.ndim = 5;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "ndim 5", "q.ndim=5");
+    bad.ndim = 3;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "ndim 3", "dimensions");
+    int64_t neg[4] = {1, -4, 1, 16}, zero[4] = {1, 0, 1, 16}, huge[4] = {INT64_MAX, INT64_MAX, 1, 16};
+    int64_t heads3[4] = {1, 4, 3, 16}, big[4] = {1, 4, 1, 16}, neg_st[4] = {64, 16, 16, -1};
+    bad = t.tq;
+    bad.shape = neg;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "negative", "q.shape[1]=-4");
+    bad.shape = zero;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "zero", "=0");
+    bad.shape = huge;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "overflow", "memory");
+    bad.shape = big;
+    bad.strides = neg_st;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "negative stride",
+           "q.strides[3]=-1");
+    /* heads_q=1 with k's heads=3: k.shape[2] must divide q.shape[2]. */
+    bad = t.tk;
+    bad.shape = heads3;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &bad, &t.tv, &t.to, NULL, NULL), "mismatched heads", "k");
+    /* dtype and device. */
+    bad = t.tv;
+    bad.dtype = UFA_DTYPE_F16;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &bad, &t.to, NULL, NULL), "dtype mismatch",
+           "v.dtype=f16");
+    bad.dtype = 0;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &bad, &t.to, NULL, NULL), "dtype 0", "v.dtype=0");
+    bad = t.tv;
+    bad.device_type = 5;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &bad, &t.to, NULL, NULL), "device 5",
+           "v.device_type=5");
+    /* Parameters. */
+    ufa_attention_params p = ufa_attention_params_default();
+    p.struct_size = 12;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "struct_size", "struct_size");
+    p = ufa_attention_params_default();
+    p.window_left = -5;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "window", "window_left=-5");
+    p = ufa_attention_params_default();
+    p.causal_alignment = 3;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "alignment",
+           "causal_alignment=3");
+    p = ufa_attention_params_default();
+    p.lse = &t.tq; /* wrong shape and aliases q */
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "bad lse", "lse");
+    CHECK(!all_written(t.out, sizeof t.out, 4), "a failed call wrote the output");
+
+    /* Options. */
+    ufa_context_options o = ufa_context_options_default();
+    o.cpu_isa = "bogus";
+    expect(INVALID, ufa_context_create(&o, &c), "cpu_isa bogus", "bogus");
+    o = ufa_context_options_default();
+    o.struct_size = 3;
+    expect(INVALID, ufa_context_create(&o, &c), "options struct_size", "struct_size");
+    CHECK(c == NULL, "context written on failure");
+
+    /* Device unavailable: a CUDA tensor where no CUDA device can be used (skipped where one can). */
+    uint32_t gpus = 0;
+    expect(UFA_STATUS_SUCCESS, ufa_device_count(ctx, UFA_DEVICE_CUDA, &gpus), "cuda count", NULL);
+    if (gpus == 0) {
+        ufa_tensor g[4] = {t.tq, t.tk, t.tv, t.to};
+        for (int i = 0; i < 4; i++) g[i].device_type = UFA_DEVICE_CUDA;
+        expect(UFA_STATUS_DEVICE_UNAVAILABLE, ufa_attention_forward(ctx, &g[0], &g[1], &g[2], &g[3], NULL, NULL),
+               "cuda tensors", NULL);
+        o = ufa_context_options_default();
+        o.device_ordinal = 0;
+        expect(UFA_STATUS_DEVICE_UNAVAILABLE, ufa_context_create(&o, &c), "device_ordinal 0", NULL);
+    }
+#ifdef UFA_TEST_HOOKS
+    /* The rest of the codes (no machine here runs out of memory or has a failing driver on cue). */
+    for (ufa_status s = UFA_STATUS_INVALID_ARGUMENT; s <= UFA_STATUS_INTERNAL; s++)
+        expect(s, ufa_debug_fail_with(s), "debug_fail_with", NULL);
+    expect(UFA_STATUS_INTERNAL, ufa_debug_trigger_panic(), "panic", "deliberate panic");
+    expect(UFA_STATUS_SUCCESS, ufa_debug_fail_with(0), "debug_fail_with(0)", NULL);
+#endif
+    /* A valid call after all that still works. */
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, NULL, NULL), "valid", NULL);
+    CHECK(all_written(t.out, sizeof t.out, 4), "output written");
+}
+
+static void test_backward(void) {
+    struct tiny t;
+    tiny_init(&t);
+    float lse[4], dout[64], dq[64], dk[64], dv[64];
+    for (int i = 0; i < 64; i++) dout[i] = uniform();
+    int64_t lse_shape[3] = {1, 1, 4};
+    ufa_tensor tl = desc(lse, UFA_DTYPE_F32, 3, lse_shape, NULL), tdo = desc(dout, UFA_DTYPE_F32, 4, t.shape, NULL);
+    ufa_tensor tdq = desc(dq, UFA_DTYPE_F32, 4, t.shape, NULL), tdk = desc(dk, UFA_DTYPE_F32, 4, t.shape, NULL);
+    ufa_tensor tdv = desc(dv, UFA_DTYPE_F32, 4, t.shape, NULL);
+    ufa_attention_params p = ufa_attention_params_default();
+    p.lse = &tl;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "fwd", NULL);
+    memset(dq, 0xff, sizeof dq); memset(dk, 0xff, sizeof dk); memset(dv, 0xff, sizeof dv);
+    expect(UFA_STATUS_INVALID_ARGUMENT, ufa_attention_backward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &tdo,
+                                                                          &tl, &tdq, &tdk, &tdv, &p),
+           "backward with params->lse", "params->lse");
+    expect(UFA_STATUS_SUCCESS, ufa_attention_backward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &tdo, &tl, &tdq, &tdk,
+                                                      &tdv, NULL), "backward", NULL);
+    CHECK(all_written(dq, sizeof dq, 4) && all_written(dk, sizeof dk, 4) && all_written(dv, sizeof dv, 4),
+          "gradients written");
+    /* Without masking every query sees every key and each row of P sums to 1, so the columns of dV = P^T dO sum to those of dO. */
+    for (int e = 0; e < 16; e++) {
+        double a = 0, b = 0;
+        for (int j = 0; j < 4; j++) a += dv[j * 16 + e], b += dout[j * 16 + e];
+        CHECK(fabs(a - b) < 1e-5, "sum of dV column %d: %g vs %g", e, a, b);
+    }
+}
+
+static void test_queries_and_lifetimes(void) {
+    CHECK(strcmp(ufa_status_string(UFA_STATUS_SUCCESS), "success") == 0, "status string");
+    for (ufa_status s = -1; s <= 7; s++) CHECK(ufa_status_string(s) && *ufa_status_string(s), "string %d", s);
+    uint32_t major = 99, minor = 99, patch = 99;
+    ufa_version_numbers(&major, &minor, &patch);
+    ufa_version_numbers(NULL, NULL, NULL);
+    char v[64];
+    snprintf(v, sizeof v, "%u.%u.%u", major, minor, patch);
+    CHECK(strcmp(v, ufa_version()) == 0, "version %s vs %s", v, ufa_version());
+    uint32_t n = 0;
+    expect(UFA_STATUS_SUCCESS, ufa_device_count(ctx, UFA_DEVICE_CPU, &n), "cpu count", NULL);
+    CHECK(n == 1, "one CPU device");
+    const char* isa = NULL;
+    expect(UFA_STATUS_SUCCESS, ufa_context_cpu_isa(ctx, &isa), "isa", NULL);
+    CHECK(isa && *isa, "isa name");
+    ufa_context_destroy(NULL);
+    for (int i = 0; i < 20; i++) {
+        ufa_context_options o = ufa_context_options_default();
+        o.num_threads = (uint32_t)(i % 3 + 1);
+        o.cpu_isa = i % 2 ? "portable" : NULL;
+        ufa_context* c = NULL;
+        expect(UFA_STATUS_SUCCESS, ufa_context_create(&o, &c), "create", NULL);
+        uint32_t threads = 0;
+        expect(UFA_STATUS_SUCCESS, ufa_context_num_threads(c, &threads), "threads", NULL);
+        CHECK(threads == o.num_threads, "threads %u vs %u", threads, o.num_threads);
+        ufa_context_destroy(c);
+    }
+}
+
+int main(void) {
+    seed_rng("test_ufa");
+    ufa_context_options o = ufa_context_options_default();
+    o.num_threads = 2;
+    CHECK(ufa_context_create(&o, &ctx) == UFA_STATUS_SUCCESS, "%s", ufa_last_error_message());
+    test_correctness();
+    test_errors();
+    test_backward();
+    test_queries_and_lifetimes();
+    ufa_context_destroy(ctx);
+    return finish("test_ufa");
+}
