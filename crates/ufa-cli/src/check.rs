@@ -2,7 +2,7 @@
 
 use crate::ComputeOpts;
 use std::process::ExitCode;
-use ufa::testing::{standard_cases, Instance};
+use ufa::testing::{check_grads, standard_cases, standard_grad_cases, Instance};
 use ufa::Isa;
 
 #[derive(clap::Args, Debug)]
@@ -72,6 +72,34 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
                 err,
                 lse,
                 case.tolerance(),
+                if ok { "pass" } else { "FAIL" }
+            );
+        }
+    }
+    println!();
+    println!(
+        "{:<52} {:<13} {:>10} {:>10} {:>10}  result",
+        "backward case", "backend", "dq err", "dk err", "dv err"
+    );
+    for (i, case) in standard_grad_cases().iter().enumerate() {
+        for (name, ctx) in &backends {
+            let (errs, ok) = match check_grads(ctx, case, seed.wrapping_add(1000 + i as u64)) {
+                Ok(c) => (
+                    format!("{:>10.2e} {:>10.2e} {:>10.2e}", c.dq, c.dk, c.dv),
+                    c.passed(),
+                ),
+                Err(e) => (format!("error: {e}"), false),
+            };
+            if ok {
+                passed += 1;
+            } else {
+                failed += 1;
+            }
+            println!(
+                "{:<52} {:<13} {}  {}",
+                case.describe(),
+                name,
+                errs,
                 if ok { "pass" } else { "FAIL" }
             );
         }

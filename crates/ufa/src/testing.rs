@@ -1004,3 +1004,51 @@ pub mod cuda {
         Ok(inst.compare(&inst.reference()?))
     }
 }
+
+/// The spread of backward problems `ufa check` and the tests run: every feature, odd sizes,
+/// each dtype, rows that see nothing.
+pub fn standard_grad_cases() -> Vec<Case> {
+    use DType::*;
+    let mut v = vec![
+        Case::new(1, 1, 1, 1, 1, F32),
+        Case::new(2, 17, 129, 4, 64, F32),
+        Case::new(1, 70, 70, 2, 128, BF16),
+    ];
+    let mut c = Case::new(2, 129, 65, 8, 80, F32);
+    c.heads_kv = 2;
+    c.causal = true;
+    v.push(c);
+    let mut c = Case::new(1, 33, 200, 4, 96, F16);
+    c.heads_kv = 1;
+    c.window = (40, 5);
+    c.softcap = 20.0;
+    v.push(c);
+    let mut c = Case::new(2, 45, 77, 4, 32, F32);
+    c.alibi = Some(Alibi::PerBatchHead);
+    c.mask = Some(MaskSpec {
+        dtype: Bool,
+        full: [true, false, true, true],
+        ndim: 4,
+    });
+    c.causal = true;
+    c.alignment = CausalAlignment::TopLeft;
+    v.push(c);
+    let mut c = Case::new(1, 50, 61, 2, 160, F32);
+    c.head_dim_v = 48;
+    c.mask = Some(MaskSpec {
+        dtype: F32,
+        full: [false, false, true, true],
+        ndim: 2,
+    });
+    c.placement = [
+        Placement::HeadsFirst,
+        Placement::Padded,
+        Placement::HeadsFirst,
+        Placement::Contiguous,
+    ];
+    v.push(c);
+    let mut c = Case::new(1, 200, 1, 2, 256, BF16);
+    c.causal = true; // most rows see nothing: zero gradients, never NaN
+    v.push(c);
+    v
+}
