@@ -228,13 +228,13 @@ impl ufa_context {
                 .map_err(|e: String| Error::invalid(format!("options->cpu_isa: {e}")))?;
             builder = builder.cpu_isa(isa);
         }
-        let inner = builder.build()?;
         if options.device_ordinal < -1 {
             return Err(Error::invalid(format!(
                 "options->device_ordinal={} must be -1 (none) or a CUDA device ordinal",
                 options.device_ordinal
             )));
         }
+        let inner = builder.build()?;
         if options.device_ordinal >= 0 {
             let n = cuda_device_count(&inner)?;
             if options.device_ordinal as usize >= n {

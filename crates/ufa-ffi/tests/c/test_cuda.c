@@ -1,0 +1,108 @@
+/* The native API on CUDA tensors: device memory from the driver API, work queued on the
+ * caller's stream, results against the float64 reference. Exits 0 with "skipped" where no
+ * CUDA device can be used. The driver is loaded with dlopen, so this builds without CUDA. */
+#define _POSIX_C_SOURCE 200809L
+#include <dlfcn.h>
+
+#include "common.h"
+#include "ufa.h"
+
+static int (*cuInit)(unsigned);
+static int (*cuDeviceGet)(int*, int);
+static int (*cuDevicePrimaryCtxRetain)(void**, int);
+static int (*cuCtxSetCurrent)(void*);
+static int (*cuMemAlloc)(uint64_t*, size_t);
+static int (*cuMemFree)(uint64_t);
+static int (*cuMemcpyHtoD)(uint64_t, const void*, size_t);
+static int (*cuMemcpyDtoH)(void*, uint64_t, size_t);
+static int (*cuStreamCreate)(void**, unsigned);
+static int (*cuStreamSynchronize)(void*);
+static int (*cuStreamDestroy)(void*);
+
+/* POSIX's way to turn dlsym's object pointer into a function pointer without a cast ISO C
+ * forbids. */
+#define LOAD(lib, var, name) (*(void**)(&var) = dlsym(lib, name))
+
+static int load_driver(void) {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW);
+    if (!lib) return 0;
+    return LOAD(lib, cuInit, "cuInit") && LOAD(lib, cuDeviceGet, "cuDeviceGet") &&
+           LOAD(lib, cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain") &&
+           LOAD(lib, cuCtxSetCurrent, "cuCtxSetCurrent") && LOAD(lib, cuMemAlloc, "cuMemAlloc_v2") &&
+           LOAD(lib, cuMemFree, "cuMemFree_v2") && LOAD(lib, cuMemcpyHtoD, "cuMemcpyHtoD_v2") &&
+           LOAD(lib, cuMemcpyDtoH, "cuMemcpyDtoH_v2") && LOAD(lib, cuStreamCreate, "cuStreamCreate") &&
+           LOAD(lib, cuStreamSynchronize, "cuStreamSynchronize") &&
+           LOAD(lib, cuStreamDestroy, "cuStreamDestroy_v2");
+}
+
+static uint64_t upload(const void* host, size_t bytes) {
+    uint64_t d = 0;
+    CHECK(cuMemAlloc(&d, bytes) == 0, "cuMemAlloc");
+    CHECK(cuMemcpyHtoD(d, host, bytes) == 0, "cuMemcpyHtoD");
+    return d;
+}
+
+static void run(ufa_context* ctx, void* stream, enum elem type, int64_t S, int64_t HQ, int64_t HK, int64_t D,
+                int causal) {
+    size_t nq = (size_t)(S * HQ * D), nk = (size_t)(S * HK * D), es = elem_size(type);
+    void *q = random_tensor(nq, type), *k = random_tensor(nk, type), *v = random_tensor(nk, type);
+    void* out = poisoned(nq * es);
+    uint64_t dq = upload(q, nq * es), dk = upload(k, nk * es), dv = upload(v, nk * es), dout = upload(out, nq * es);
+    int64_t qs[4] = {1, S, HQ, D}, ks[4] = {1, S, HK, D};
+    int dt = type == E_F32 ? UFA_DTYPE_F32 : type == E_F16 ? UFA_DTYPE_F16 : UFA_DTYPE_BF16;
+    ufa_tensor tq = {(void*)(uintptr_t)dq, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
+    ufa_tensor tk = {(void*)(uintptr_t)dk, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
+    ufa_tensor tv = {(void*)(uintptr_t)dv, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
+    ufa_tensor to = {(void*)(uintptr_t)dout, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
+    ufa_attention_params p = ufa_attention_params_default();
+    p.causal = causal;
+    ufa_status s = ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &p, stream);
+    CHECK(s == UFA_STATUS_SUCCESS, "cuda %s: %s", elem_name(type), ufa_last_error_message());
+    CHECK(cuStreamSynchronize(stream) == 0, "sync");
+    CHECK(cuMemcpyDtoH(out, dout, nq * es) == 0, "download");
+    struct problem pr = {1, S, S, HQ, HK, D, D, 0, causal, NULL};
+    struct operand oq = {q, type, {0}}, ok = {k, type, {0}}, ov = {v, type, {0}}, oo = {out, type, {0}};
+    strides_of(S, HQ, D, 0, oq.st);
+    strides_of(S, HQ, D, 0, oo.st);
+    strides_of(S, HK, D, 0, ok.st);
+    strides_of(S, HK, D, 0, ov.st);
+    double *ref = malloc(nq * sizeof(double)), *lse = malloc((size_t)(HQ * S) * sizeof(double));
+    reference(&pr, &oq, &ok, &ov, ref, lse);
+    double err = rel_error(&oo, &pr, ref);
+    printf("cuda %s S%lld HQ%lld HK%lld D%lld causal%d: relative error %.2e\n", elem_name(type), (long long)S,
+           (long long)HQ, (long long)HK, (long long)D, causal, err);
+    CHECK(all_written(out, nq * es, es) && err < tolerance(type, type), "cuda %s: error %.3g", elem_name(type), err);
+    /* A CPU pointer described as a CUDA tensor is an error, not a crash. */
+    ufa_tensor host = tq;
+    host.data = q;
+    s = ufa_attention_forward(ctx, &host, &tk, &tv, &to, &p, stream);
+    CHECK(s != UFA_STATUS_SUCCESS, "host pointer as a CUDA tensor was accepted");
+    cuMemFree(dq); cuMemFree(dk); cuMemFree(dv); cuMemFree(dout);
+    free(q); free(k); free(v); free(out); free(ref); free(lse);
+}
+
+int main(void) {
+    seed_rng("test_cuda");
+    ufa_context* ctx = NULL;
+    uint32_t gpus = 0;
+    if (ufa_context_create(NULL, &ctx) != UFA_STATUS_SUCCESS) return 1;
+    ufa_device_count(ctx, UFA_DEVICE_CUDA, &gpus);
+    if (gpus == 0 || !load_driver()) {
+        printf("test_cuda: no CUDA device: skipped\n");
+        ufa_context_destroy(ctx);
+        return 0;
+    }
+    void* cu_ctx = NULL;
+    void* stream = NULL;
+    int dev = 0;
+    CHECK(cuInit(0) == 0 && cuDeviceGet(&dev, 0) == 0, "init");
+    CHECK(cuDevicePrimaryCtxRetain(&cu_ctx, dev) == 0 && cuCtxSetCurrent(cu_ctx) == 0, "context");
+    CHECK(cuStreamCreate(&stream, 1) == 0, "stream");
+    run(ctx, stream, E_BF16, 257, 8, 2, 128, 1);
+    run(ctx, stream, E_F16, 100, 4, 4, 64, 0);
+    run(ctx, stream, E_F32, 33, 2, 1, 80, 1);
+    run(ctx, NULL, E_BF16, 64, 2, 2, 256, 0); /* the legacy default stream */
+    cuStreamDestroy(stream);
+    ufa_context_destroy(ctx);
+    return finish("test_cuda");
+}
