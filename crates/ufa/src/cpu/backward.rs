@@ -15,7 +15,7 @@ use super::isa::{run_with, Isa, KernelFn};
 use super::math::{exp, MulAdd};
 use super::microkernel::{accumulate_pv, scores, BK, R};
 use super::parallel::{for_each, for_each_chunk_mut, Exec};
-use super::tile::{apply_score_mods, round_up, TileRows};
+use super::tile::{apply_score_mods, round_up, row_f32, TileRows};
 use crate::dtype::{load_row_f32, store_row_f32};
 use crate::error::Result;
 use crate::problem::{BackwardProblem, Problem};
@@ -142,18 +142,28 @@ fn load_keys(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch, 
         sc.krows.fill(0.0);
     }
     for jj in 0..nk {
-        let row = &mut sc.row[..d];
         // SAFETY: key j0+jj < seqlen_kv, within the validated views.
-        unsafe { load_row_f32(p.k.dtype, p.k.at([t.batch, j0 + jj, t.hkv, 0]), row) };
+        let row = unsafe {
+            row_f32(
+                p.k.dtype,
+                p.k.at([t.batch, j0 + jj, t.hkv, 0]),
+                &mut sc.row[..d],
+            )
+        };
         for (e, &x) in row.iter().enumerate() {
             sc.kt[e * BK + jj] = x;
         }
         if with_rows {
             sc.krows[jj * dp..][..d].copy_from_slice(row);
         }
-        let row = &mut sc.row[..dv];
         // SAFETY: as above.
-        unsafe { load_row_f32(p.v.dtype, p.v.at([t.batch, j0 + jj, t.hkv, 0]), row) };
+        let row = unsafe {
+            row_f32(
+                p.v.dtype,
+                p.v.at([t.batch, j0 + jj, t.hkv, 0]),
+                &mut sc.row[..dv],
+            )
+        };
         for (e, &x) in row.iter().enumerate() {
             sc.vt[e * BK + jj] = x;
         }

@@ -321,9 +321,14 @@ fn pack_kt(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch) {
     let d = p.head_dim;
     for jj in 0..BK {
         if jj < nk {
-            let row = &mut sc.row[..d];
             // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
-            unsafe { load_row_f32(p.k.dtype, p.k.at([t.batch, j0 + jj, t.hkv, 0]), row) };
+            let row = unsafe {
+                row_f32(
+                    p.k.dtype,
+                    p.k.at([t.batch, j0 + jj, t.hkv, 0]),
+                    &mut sc.row[..d],
+                )
+            };
             for (e, &x) in row.iter().enumerate() {
                 sc.kt[e * BK + jj] = x;
             }
@@ -341,7 +346,7 @@ fn pack_kt(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch) {
 /// # Safety
 /// `ptr` must address `buf.len()` readable, aligned elements of `dtype`.
 #[inline(always)]
-unsafe fn row_f32(dtype: DType, ptr: *const u8, buf: &mut [f32]) -> &[f32] {
+pub(super) unsafe fn row_f32(dtype: DType, ptr: *const u8, buf: &mut [f32]) -> &[f32] {
     if dtype == DType::F32 {
         std::slice::from_raw_parts(ptr as *const f32, buf.len())
     } else {
