@@ -238,8 +238,14 @@ static void test_errors(void) {
     }
     CHECK(mfa_attention_forward_with_lse(ctx, bq, bk, bv, bo, NULL, 1, 4, 4, 1, 16, 0.0f, false, F, F, false,
                                          false, false, false) == MFA_ERROR_INVALID_ARGS, "lse NULL");
-    CHECK(mfa_attention_backward(NULL, bq, bq, bk, bv, bo, bo, bo, bo, bo, NULL, 1, 4, 4, 1, 16, 0.0f, false, F, F,
-                                 false, false, false, false) == MFA_ERROR_INVALID_ARGS, "backward ctx NULL");
+    for (int i = 0; i < 10; i++) { /* context, dout, q, k, v, out, softmax_lse, dq, dk, dv */
+        void* a[10] = {ctx, bq, bq, bk, bv, bo, bo, bo, bo, bo};
+        a[i] = NULL;
+        mfa_error_t e = mfa_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], NULL, 1, 4,
+                                               4, 1, 16, 0.0f, false, F, F, false, false, false, false);
+        CHECK(e == MFA_ERROR_INVALID_ARGS && strstr(ufa_last_error_message(), "NULL"),
+              "backward with argument %d NULL gave %d: %s", i, e, ufa_last_error_message());
+    }
 
     /* Zero and overflowing sizes. */
     CHECK(mfa_create_buffer(ctx, 0, &b) == MFA_ERROR_INVALID_ARGS, "create_buffer size 0");

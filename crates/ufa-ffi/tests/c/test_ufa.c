@@ -81,6 +81,55 @@ static void test_correctness(void) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
 }
 
+/* Every score modifier the parameter struct carries (window, ALiBi, an additive and a boolean
+ * mask) on one head, folded into the reference's bias. */
+static void test_params(void) {
+    enum { SQ = 13, SK = 29, D = 48 };
+    const int64_t off = SK - SQ, left = 5;
+    const float slope = 0.3f;
+    float *q = random_tensor(SQ * D, E_F32), *k = random_tensor(SK * D, E_F32), *v = random_tensor(SK * D, E_F32);
+    float *out = poisoned(SQ * D * 4), *add = random_tensor(SQ * SK, E_F32);
+    unsigned char keep[SK];
+    double bias[SQ * SK];
+    for (int j = 0; j < SK; j++) keep[j] = j % 4 != 1;
+    int64_t qs[4] = {1, SQ, 1, D}, ks[4] = {1, SK, 1, D}, one = 1, ms[2] = {SQ, SK}, bs[1] = {SK};
+    ufa_tensor tq = desc(q, UFA_DTYPE_F32, 4, qs, NULL), tk = desc(k, UFA_DTYPE_F32, 4, ks, NULL);
+    ufa_tensor tv = desc(v, UFA_DTYPE_F32, 4, ks, NULL), to = desc(out, UFA_DTYPE_F32, 4, qs, NULL);
+    float slopes[1] = {slope};
+    ufa_tensor ta = desc(slopes, UFA_DTYPE_F32, 1, &one, NULL), tm = desc(add, UFA_DTYPE_F32, 2, ms, NULL);
+    ufa_tensor tb = desc(keep, UFA_DTYPE_BOOL, 1, bs, NULL); /* broadcast over query rows */
+    ufa_attention_params p = ufa_attention_params_default();
+    p.causal = 1;
+    p.window_left = left;
+    p.alibi_slopes = &ta;
+    p.mask = &tm;
+    /* The core takes one mask; run the boolean one as a second call and compare both. */
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) p.mask = &tb;
+        for (int64_t i = 0; i < SQ; i++)
+            for (int64_t j = 0; j < SK; j++) {
+                int64_t c = i + off; /* the key query i is aligned with */
+                int visible = j <= c && j >= c - left && (pass == 0 || keep[j]);
+                double mask = pass == 0 ? add[i * SK + j] : 0;
+                bias[i * SK + j] = visible ? mask - slope * (double)llabs(c - j) : -INFINITY;
+            }
+        ufa_status s = ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &p, NULL);
+        CHECK(s == UFA_STATUS_SUCCESS, "params pass %d: %s", pass, ufa_last_error_message());
+        struct problem pr = {1, SQ, SK, 1, 1, D, D, 0, 0, bias};
+        struct operand oq = {q, E_F32, {0}}, ok = {k, E_F32, {0}}, ov = {v, E_F32, {0}}, oo = {out, E_F32, {0}};
+        strides_of(SQ, 1, D, 0, oq.st);
+        strides_of(SQ, 1, D, 0, oo.st);
+        strides_of(SK, 1, D, 0, ok.st);
+        strides_of(SK, 1, D, 0, ov.st);
+        double ref[SQ * D], lse[SQ];
+        reference(&pr, &oq, &ok, &ov, ref, lse);
+        double err = rel_error(&oo, &pr, ref);
+        CHECK(err < 1e-5, "params pass %d (window, ALiBi, %s mask): relative error %.3g", pass,
+              pass ? "boolean" : "additive", err);
+    }
+    free(q); free(k); free(v); free(out); free(add);
+}
+
 /* Runs the forward on one tiny valid problem with one descriptor swapped, expecting `want`. */
 struct tiny {
     float q[64], k[64], v[64], out[64];
@@ -132,8 +181,14 @@ static void test_errors(void) {
     expect(INVALID, ufa_device_count(ctx, 9, &n), "device_count type 9", "device_type=9");
     expect(INVALID, ufa_context_cpu_isa(NULL, NULL), "cpu_isa NULL", NULL);
     CHECK(n == 7, "out-parameter written on failure");
-    expect(INVALID, ufa_attention_backward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &t.to, NULL, &t.tq, &t.tk, &t.tv,
-                                           NULL), "backward lse NULL", "lse is NULL");
+    for (int i = 0; i < 9; i++) {
+        const ufa_tensor* a[9] = {&t.tq, &t.tk, &t.tv, &t.to, &t.to, &t.tq, &t.tq, &t.tk, &t.tv};
+        a[i] = NULL;
+        expect(INVALID, ufa_attention_backward(ctx, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], NULL),
+               "backward argument NULL", "is NULL");
+    }
+    expect(INVALID, ufa_attention_backward(NULL, &t.tq, &t.tk, &t.tv, &t.to, &t.to, &t.tq, &t.tq, &t.tk, &t.tv,
+                                           NULL), "backward ctx NULL", "ctx is NULL");
 
     /* Dimensions: count, negative, zero, overflowing, mismatched. */
     bad = t.tq;
@@ -283,6 +338,7 @@ int main(void) {
     o.num_threads = 2;
     CHECK(ufa_context_create(&o, &ctx) == UFA_STATUS_SUCCESS, "%s", ufa_last_error_message());
     test_correctness();
+    test_params();
     test_errors();
     test_backward();
     test_queries_and_lifetimes();
