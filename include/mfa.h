@@ -182,6 +182,19 @@ mfa_error_t mfa_buffer_from_ptr_with_strides(mfa_context_t context,
                                              mfa_buffer_t *buffer);
 
 /**
+ * A ufa extension (UMFA had `mfa_buffer_from_mtl_buffer` instead): wraps `size_bytes` of memory
+ * of CUDA device `device_ordinal` without copying, owned by the caller. Attention calls on such
+ * buffers (all of one call's buffers, and its mask, must be on that device) run there, queued on
+ * the legacy default stream: later work on that stream, such as a `cudaMemcpy`, sees the
+ * results, and `mfa_get_gpu_latency` then measures only the launch.
+ */
+mfa_error_t mfa_buffer_from_cuda_ptr(mfa_context_t context,
+                                     void *device_ptr,
+                                     size_t size_bytes,
+                                     int device_ordinal,
+                                     mfa_buffer_t *buffer);
+
+/**
  * The buffer's memory (what `mfa_buffer_from_ptr` was given, or what `mfa_create_buffer`
  * allocated); NULL for a NULL buffer.
  */
@@ -204,7 +217,8 @@ void mfa_destroy_buffer(mfa_buffer_t buffer);
  * `seq_len_q != seq_len_kv` (query i sees keys j <= i + seq_len_kv - seq_len_q).
  * `input_precision` is the dtype of q, k, v; `output_precision` that of out (honoured, unlike
  * UMFA); `intermediate_precision` is a ceiling: softmax and accumulation always run in fp32.
- * Every head is computed. Buffers are host memory; the call is complete when it returns.
+ * Every head is computed. On host buffers the call is complete when it returns; on CUDA buffers
+ * (`mfa_buffer_from_cuda_ptr`) it is queued on the legacy default stream.
  */
 mfa_error_t mfa_attention_forward(mfa_context_t context,
                                   mfa_buffer_t q,
@@ -341,7 +355,8 @@ void mfa_get_version(int *major, int *minor, int *patch);
 /**
  * Seconds the last successful attention call on `context` took, measured on the host around
  * the whole call; 0 before any call and for a NULL context. (UMFA timed the GPU command
- * buffer; ufa's mfa calls complete before returning, so the two agree.)
+ * buffer; on host buffers ufa's calls complete before returning, so the two agree; on CUDA
+ * buffers this is the time to validate and launch.)
  */
 double mfa_get_gpu_latency(mfa_context_t context);
 

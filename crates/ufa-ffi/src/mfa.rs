@@ -90,6 +90,8 @@ struct Buffer {
     owned: Option<AllocLayout>,
     /// Shape and strides given with `mfa_buffer_from_ptr_with_strides`.
     layout: Option<Layout>,
+    /// Host memory, or CUDA memory wrapped with `mfa_buffer_from_cuda_ptr`.
+    device: Device,
 }
 
 impl Drop for Buffer {
@@ -172,6 +174,7 @@ pub unsafe extern "C" fn mfa_create_buffer(
                 size: size_bytes,
                 owned: Some(layout),
                 layout: None,
+                device: Device::Cpu,
             },
         )
     })
@@ -189,7 +192,7 @@ pub unsafe extern "C" fn mfa_buffer_from_ptr(
     size_bytes: usize,
     buffer: *mut mfa_buffer_t,
 ) -> mfa_error_t {
-    mfa_call(|| wrap(context, data_ptr, size_bytes, None, buffer))
+    mfa_call(|| wrap(context, data_ptr, size_bytes, None, Device::Cpu, buffer))
 }
 
 /// As `mfa_buffer_from_ptr`, and records a shape and strides (in elements, each >= 0; NULL
@@ -209,7 +212,41 @@ pub unsafe extern "C" fn mfa_buffer_from_ptr_with_strides(
 ) -> mfa_error_t {
     mfa_call(|| {
         let layout = layout_of(ndim as i64, shape, strides, "buffer")?;
-        wrap(context, data_ptr, size_bytes, Some(layout), buffer)
+        wrap(
+            context,
+            data_ptr,
+            size_bytes,
+            Some(layout),
+            Device::Cpu,
+            buffer,
+        )
+    })
+}
+
+/// A ufa extension (UMFA had `mfa_buffer_from_mtl_buffer` instead): wraps `size_bytes` of memory
+/// of CUDA device `device_ordinal` without copying, owned by the caller. Attention calls on such
+/// buffers (all of one call's buffers, and its mask, must be on that device) run there, queued on
+/// the legacy default stream: later work on that stream, such as a `cudaMemcpy`, sees the
+/// results, and `mfa_get_gpu_latency` then measures only the launch.
+#[no_mangle]
+pub unsafe extern "C" fn mfa_buffer_from_cuda_ptr(
+    context: mfa_context_t,
+    device_ptr: *mut c_void,
+    size_bytes: usize,
+    device_ordinal: c_int,
+    buffer: *mut mfa_buffer_t,
+) -> mfa_error_t {
+    mfa_call(|| {
+        let ordinal = u32::try_from(device_ordinal)
+            .map_err(|_| Error::invalid(format!("device_ordinal={device_ordinal} must be >= 0")))?;
+        wrap(
+            context,
+            device_ptr,
+            size_bytes,
+            None,
+            Device::Cuda(ordinal),
+            buffer,
+        )
     })
 }
 
@@ -218,6 +255,7 @@ unsafe fn wrap(
     data_ptr: *mut c_void,
     size_bytes: usize,
     layout: Option<Layout>,
+    device: Device,
     buffer: *mut mfa_buffer_t,
 ) -> Result<()> {
     context_ref(context)?;
@@ -231,6 +269,7 @@ unsafe fn wrap(
             size: size_bytes,
             owned: None,
             layout,
+            device,
         },
     )
 }
@@ -332,7 +371,7 @@ unsafe fn mapped(
     dtype: DType,
     logical: &[usize],
     perm: &[usize],
-) -> Result<(*mut c_void, Layout)> {
+) -> Result<Mapped> {
     if buffer.is_null() {
         return Err(Error::invalid(format!("{name} buffer is NULL")));
     }
@@ -359,7 +398,29 @@ unsafe fn mapped(
     }
     let shape: Vec<usize> = perm.iter().map(|&p| layout.shape()[p]).collect();
     let strides: Vec<usize> = perm.iter().map(|&p| layout.strides()[p]).collect();
-    Ok((b.data.cast(), Layout::new(&shape, &strides)?))
+    Ok(Mapped {
+        ptr: b.data.cast(),
+        device: b.device,
+        layout: Layout::new(&shape, &strides)?,
+    })
+}
+
+/// A buffer's memory described in the core's dimension order.
+struct Mapped {
+    ptr: *mut c_void,
+    device: Device,
+    layout: Layout,
+}
+
+impl Mapped {
+    unsafe fn view<'a>(&self, dtype: DType) -> Result<TensorView<'a>> {
+        let l = &self.layout;
+        TensorView::from_raw_parts(self.ptr, dtype, self.device, l.shape(), l.strides())
+    }
+    unsafe fn view_mut<'a>(&self, dtype: DType) -> Result<TensorViewMut<'a>> {
+        let l = &self.layout;
+        TensorViewMut::from_raw_parts(self.ptr, dtype, self.device, l.shape(), l.strides())
+    }
 }
 
 unsafe fn operand<'a>(
@@ -370,8 +431,7 @@ unsafe fn operand<'a>(
     role: Role,
 ) -> Result<TensorView<'a>> {
     let (logical, perm) = dims.logical(role);
-    let (ptr, l) = mapped(buffer, name, dtype, &logical, &perm)?;
-    TensorView::from_raw_parts(ptr, dtype, Device::Cpu, l.shape(), l.strides())
+    mapped(buffer, name, dtype, &logical, &perm)?.view(dtype)
 }
 
 unsafe fn operand_mut<'a>(
@@ -382,12 +442,11 @@ unsafe fn operand_mut<'a>(
     role: Role,
 ) -> Result<TensorViewMut<'a>> {
     let (logical, perm) = dims.logical(role);
-    let (ptr, l) = mapped(buffer, name, dtype, &logical, &perm)?;
-    TensorViewMut::from_raw_parts(ptr, dtype, Device::Cpu, l.shape(), l.strides())
+    mapped(buffer, name, dtype, &logical, &perm)?.view_mut(dtype)
 }
 
 /// The log-sum-exp buffer: f32 [batch, heads, seq_q].
-unsafe fn lse_layout(buffer: mfa_buffer_t, dims: &Dims) -> Result<(*mut c_void, Layout)> {
+unsafe fn lse_layout(buffer: mfa_buffer_t, dims: &Dims) -> Result<Mapped> {
     let logical = [dims.batch, dims.heads, dims.seq_q];
     mapped(buffer, "softmax_lse", DType::F32, &logical, &[0, 1, 2])
 }
@@ -411,7 +470,8 @@ struct MaskArgs {
     scalar: mfa_mask_scalar_t,
 }
 
-unsafe fn mask_view<'a>(m: &MaskArgs) -> Result<Option<TensorView<'a>>> {
+/// The mask lives on `device`, the device of the call's buffers.
+unsafe fn mask_view<'a>(m: &MaskArgs, device: Device) -> Result<Option<TensorView<'a>>> {
     let dtype = match (m.kind, m.scalar) {
         (MFA_MASK_TYPE_NONE, _) => return Ok(None),
         (MFA_MASK_TYPE_BOOL, MFA_MASK_SCALAR_BYTE) => DType::Bool,
@@ -436,7 +496,7 @@ unsafe fn mask_view<'a>(m: &MaskArgs) -> Result<Option<TensorView<'a>>> {
             l.strides()
         )));
     }
-    TensorView::from_raw_parts(m.ptr, dtype, Device::Cpu, l.shape(), l.strides()).map(Some)
+    TensorView::from_raw_parts(m.ptr, dtype, device, l.shape(), l.strides()).map(Some)
 }
 
 /// The forward calls, all of which end here.
@@ -469,20 +529,11 @@ impl Forward<'_> {
         let mut out = operand_mut(bufs[3], "out", output, d, Role::O)?;
         let mut lse = match lse.is_null() {
             true => None,
-            false => {
-                let (ptr, l) = lse_layout(lse, d)?;
-                Some(TensorViewMut::from_raw_parts(
-                    ptr,
-                    DType::F32,
-                    Device::Cpu,
-                    l.shape(),
-                    l.strides(),
-                )?)
-            }
+            false => Some(lse_layout(lse, d)?.view_mut(DType::F32)?),
         };
         let mut p = params(self.softmax_scale, self.causal);
         if let Some(m) = self.mask {
-            p.mask = mask_view(m)?;
+            p.mask = mask_view(m, q.device())?;
         }
         ctx.timed(|c| c.forward_with_lse(&q, &k, &v, &mut out, lse.as_mut(), &p))
     }
@@ -498,7 +549,8 @@ impl Forward<'_> {
 /// `seq_len_q != seq_len_kv` (query i sees keys j <= i + seq_len_kv - seq_len_q).
 /// `input_precision` is the dtype of q, k, v; `output_precision` that of out (honoured, unlike
 /// UMFA); `intermediate_precision` is a ceiling: softmax and accumulation always run in fp32.
-/// Every head is computed. Buffers are host memory; the call is complete when it returns.
+/// Every head is computed. On host buffers the call is complete when it returns; on CUDA buffers
+/// (`mfa_buffer_from_cuda_ptr`) it is queued on the legacy default stream.
 #[no_mangle]
 pub unsafe extern "C" fn mfa_attention_forward(
     context: mfa_context_t,
@@ -691,20 +743,13 @@ pub unsafe extern "C" fn mfa_attention_backward(
             head_dim,
             [transpose_q, transpose_k, transpose_v, transpose_o],
         );
-        let (lse_ptr, l) = lse_layout(softmax_lse, &d)?;
         let inputs = BackwardInputs {
             q: operand(q, "q", t, &d, Role::Q)?,
             k: operand(k, "k", t, &d, Role::K)?,
             v: operand(v, "v", t, &d, Role::V)?,
             out: operand(out, "out", t, &d, Role::O)?,
             dout: operand(dout, "dout", t, &d, Role::O)?,
-            lse: TensorView::from_raw_parts(
-                lse_ptr,
-                DType::F32,
-                Device::Cpu,
-                l.shape(),
-                l.strides(),
-            )?,
+            lse: lse_layout(softmax_lse, &d)?.view(DType::F32)?,
         };
         let mut grads = Gradients {
             dq: operand_mut(dq, "dq", t, &d, Role::Q)?,
@@ -749,7 +794,8 @@ pub unsafe extern "C" fn mfa_get_version(major: *mut c_int, minor: *mut c_int, p
 
 /// Seconds the last successful attention call on `context` took, measured on the host around
 /// the whole call; 0 before any call and for a NULL context. (UMFA timed the GPU command
-/// buffer; ufa's mfa calls complete before returning, so the two agree.)
+/// buffer; on host buffers ufa's calls complete before returning, so the two agree; on CUDA
+/// buffers this is the time to validate and launch.)
 #[no_mangle]
 pub unsafe extern "C" fn mfa_get_gpu_latency(context: mfa_context_t) -> f64 {
     query(0.0, || {

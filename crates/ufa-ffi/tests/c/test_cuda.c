@@ -5,6 +5,7 @@
 #include <dlfcn.h>
 
 #include "common.h"
+#include "mfa.h"
 #include "ufa.h"
 
 static int (*cuInit)(unsigned);
@@ -81,6 +82,49 @@ static void run(ufa_context* ctx, void* stream, enum elem type, int64_t S, int64
     free(q); free(k); free(v); free(out); free(ref); free(lse);
 }
 
+/* UMFA's API on device memory: buffers wrapping device pointers, the README's 19-argument call,
+ * default [batch, heads, seq, dim] layout, fp16 in and fp32 out. */
+static void run_mfa(ufa_context* ctx) {
+    const uint32_t B = 2, S = 77, H = 4;
+    const uint16_t D = 64;
+    size_t n = (size_t)B * S * H * D;
+    void *q = random_tensor(n, E_F16), *k = random_tensor(n, E_F16), *v = random_tensor(n, E_F16);
+    float* out = poisoned(n * 4);
+    uint64_t d[4] = {upload(q, n * 2), upload(k, n * 2), upload(v, n * 2), upload(out, n * 4)};
+    mfa_buffer_t b[4];
+    for (int i = 0; i < 4; i++)
+        CHECK(mfa_buffer_from_cuda_ptr(ctx, (void*)(uintptr_t)d[i], n * (i == 3 ? 4 : 2), 0, &b[i]) == MFA_SUCCESS,
+              "wrap: %s", ufa_last_error_message());
+    mfa_error_t e = mfa_attention_forward(ctx, b[0], b[1], b[2], b[3], B, S, S, H, D, 0.0f, true, MFA_PRECISION_FP16,
+                                          MFA_PRECISION_FP32, MFA_PRECISION_FP32, false, false, false, false);
+    CHECK(e == MFA_SUCCESS, "mfa on cuda: %s", ufa_last_error_message());
+    /* Synchronous copies on the legacy default stream come after the attention kernel. */
+    CHECK(cuMemcpyDtoH(out, d[3], n * 4) == 0, "download");
+    struct problem pr = {B, S, S, H, H, D, D, 0, 1, NULL};
+    struct operand oq = {q, E_F16, {0}}, ok = {k, E_F16, {0}}, ov = {v, E_F16, {0}}, oo = {out, E_F32, {0}};
+    strides_of(S, H, D, 1, oq.st);
+    strides_of(S, H, D, 1, ok.st);
+    strides_of(S, H, D, 1, ov.st);
+    strides_of(S, H, D, 1, oo.st);
+    double *ref = malloc(n * sizeof(double)), *lse = malloc((size_t)B * H * S * sizeof(double));
+    reference(&pr, &oq, &ok, &ov, ref, lse);
+    double err = rel_error(&oo, &pr, ref);
+    printf("mfa on cuda f16->f32 B%u S%u H%u D%u causal: relative error %.2e\n", B, S, H, D, err);
+    CHECK(all_written(out, n * 4, 4) && err < 1e-2, "mfa cuda: error %.3g", err);
+    /* A host buffer among device ones is refused by the core's device check. */
+    mfa_buffer_t host = NULL;
+    CHECK(mfa_buffer_from_ptr(ctx, q, n * 2, &host) == MFA_SUCCESS, "wrap host");
+    e = mfa_attention_forward(ctx, host, b[1], b[2], b[3], B, S, S, H, D, 0.0f, true, MFA_PRECISION_FP16,
+                              MFA_PRECISION_FP32, MFA_PRECISION_FP32, false, false, false, false);
+    CHECK(e == MFA_ERROR_INVALID_ARGS, "mixed devices gave %d", e);
+    mfa_destroy_buffer(host);
+    for (int i = 0; i < 4; i++) {
+        mfa_destroy_buffer(b[i]);
+        cuMemFree(d[i]);
+    }
+    free(q); free(k); free(v); free(out); free(ref); free(lse);
+}
+
 int main(void) {
     seed_rng("test_cuda");
     ufa_context* ctx = NULL;
@@ -102,6 +146,7 @@ int main(void) {
     run(ctx, stream, E_F16, 100, 4, 4, 64, 0);
     run(ctx, stream, E_F32, 33, 2, 1, 80, 1);
     run(ctx, NULL, E_BF16, 64, 2, 2, 256, 0); /* the legacy default stream */
+    run_mfa(ctx); /* an mfa_context_t is a ufa_context* */
     cuStreamDestroy(stream);
     ufa_context_destroy(ctx);
     return finish("test_cuda");
