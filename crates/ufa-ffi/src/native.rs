@@ -134,6 +134,15 @@ pub struct ufa_attention_params {
     pub lse: *const ufa_tensor,
 }
 
+// The released layouts (LP64): a change here breaks every compiled caller, so it must be a
+// deliberate one (append fields, add the new size to `Versioned::SIZES`).
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(std::mem::size_of::<ufa_tensor>() == 40);
+    assert!(std::mem::size_of::<ufa_context_options>() == 24);
+    assert!(std::mem::size_of::<ufa_attention_params>() == 64);
+};
+
 /// Query i is aligned with key i + seqlen_kv - seqlen_q (FlashAttention 2+, KV-cache decoding).
 pub const UFA_CAUSAL_BOTTOM_RIGHT: i32 = 0;
 /// Query i is aligned with key i (PyTorch's `is_causal=True`).
