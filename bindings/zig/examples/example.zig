@@ -2,7 +2,11 @@
 const std = @import("std");
 const ufa = @import("ufa");
 
-pub fn main() !void {
+pub fn main(init: std.process.Init) !void {
+    var buffer: [1024]u8 = undefined;
+    var stdout_writer: std.Io.File.Writer = .init(.stdout(), init.io, &buffer);
+    const stdout = &stdout_writer.interface;
+
     const ctx = try ufa.Context.init(.{});
     defer ctx.deinit();
 
@@ -17,7 +21,7 @@ pub fn main() !void {
         ufa.Tensor.init(&out, &.{ 1, 1, 1, 2 }),
         .{ .softmax_scale = 1 },
     );
-    std.debug.print("out = {any}\n", .{out});
+    try stdout.print("out = {any}\n", .{out});
 
     // Errors are error unions; the library's message says what was wrong.
     ctx.forward(
@@ -26,5 +30,6 @@ pub fn main() !void {
         ufa.Tensor.init(&v, &.{ 1, 1, 3, 2 }),
         ufa.Tensor.init(&out, &.{ 1, 1, 1, 2 }),
         .{},
-    ) catch |err| std.debug.print("{s}: {s}\n", .{ @errorName(err), ufa.lastErrorMessage() });
+    ) catch |err| try stdout.print("error.{s}: {s}\n", .{ @errorName(err), ufa.lastErrorMessage() });
+    try stdout.flush();
 }

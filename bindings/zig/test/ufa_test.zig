@@ -102,11 +102,10 @@ fn isNan(x: anytype) bool {
     return std.math.isNan(toF64(x));
 }
 
-fn newRng() std.Random.DefaultPrng {
+fn newSeed() u64 {
     var seed: u64 = undefined;
     std.testing.io.random(std.mem.asBytes(&seed));
-    std.debug.print("seed {d}\n", .{seed});
-    return std.Random.DefaultPrng.init(seed);
+    return seed;
 }
 
 const Case = struct {
@@ -142,8 +141,11 @@ fn Operand(comptime T: type) type {
     };
 }
 
+/// Checks one case with fresh random inputs; a failure prints the case and its seed.
 fn run(comptime T: type, c: Case) !void {
-    var prng = newRng();
+    const seed = newSeed();
+    errdefer std.debug.print("failed: {s} {any}, seed {d}\n", .{ @typeName(T), c, seed });
+    var prng = std.Random.DefaultPrng.init(seed);
     const rng = prng.random();
     const ctx = try ufa.Context.init(.{ .num_threads = 2 });
     defer ctx.deinit();
@@ -183,8 +185,10 @@ fn run(comptime T: type, c: Case) !void {
     };
     const rel = @sqrt(num / den);
     const tol: f64 = if (T == f32) 1e-5 else 1e-2;
-    std.debug.print("{s} {any}: relative error {e:.3}\n", .{ @typeName(T), c, rel });
-    if (!(rel < tol)) return error.TestUnexpectedResult;
+    if (!(rel < tol)) {
+        std.debug.print("relative error {e:.3}, tolerance {e:.0}\n", .{ rel, tol });
+        return error.TestUnexpectedResult;
+    }
 }
 
 test "f32 matches the float64 reference" {
@@ -249,7 +253,7 @@ test "bad input: an error with the library's message, nothing written" {
     );
     try std.testing.expectError(error.InvalidArgument, result);
     const msg = ufa.lastErrorMessage();
-    std.debug.print("message: {s}\n", .{msg});
+    errdefer std.debug.print("message: {s}\n", .{msg});
     try std.testing.expect(std.mem.indexOf(u8, msg, "k.shape[2]=3") != null);
     try std.testing.expect(std.mem.indexOf(u8, msg, "q.shape[2]=8") != null);
     for (out) |x| try std.testing.expectEqual(@as(f32, 42), x);
