@@ -70,7 +70,9 @@ fn set_last_error(message: &str) {
 /// until the next failing call on this thread; copy it to keep it.
 #[no_mangle]
 pub extern "C" fn ufa_last_error_message() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    // `with` panics on a thread whose thread-locals are already destroyed (a call from a TLS
+    // destructor); such a caller gets "".
+    query(c"".as_ptr(), || LAST_ERROR.with(|e| e.borrow().as_ptr()))
 }
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {

@@ -785,11 +785,13 @@ pub extern "C" fn mfa_is_device_supported() -> bool {
 /// Writes ufa's version numbers (each pointer may be NULL).
 #[no_mangle]
 pub unsafe extern "C" fn mfa_get_version(major: *mut c_int, minor: *mut c_int, patch: *mut c_int) {
-    for (out, n) in [major, minor, patch].into_iter().zip(version_numbers()) {
-        if !out.is_null() {
-            out.write(n as c_int);
+    query((), || {
+        for (out, n) in [major, minor, patch].into_iter().zip(version_numbers()) {
+            if !out.is_null() {
+                out.write(n as c_int);
+            }
         }
-    }
+    })
 }
 
 /// Seconds the last successful attention call on `context` took, measured on the host around

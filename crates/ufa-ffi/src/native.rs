@@ -27,12 +27,13 @@ pub(crate) fn version_numbers() -> [u32; 3] {
 /// Writes the library version's major, minor and patch numbers (each pointer may be NULL).
 #[no_mangle]
 pub unsafe extern "C" fn ufa_version_numbers(major: *mut u32, minor: *mut u32, patch: *mut u32) {
-    let v = version_numbers();
-    for (out, n) in [major, minor, patch].into_iter().zip(v) {
-        if !out.is_null() {
-            out.write(n);
+    query((), || {
+        for (out, n) in [major, minor, patch].into_iter().zip(version_numbers()) {
+            if !out.is_null() {
+                out.write(n);
+            }
         }
-    }
+    })
 }
 
 /// Element type of a tensor. 0 is deliberately no type, so a descriptor left zeroed is caught.
