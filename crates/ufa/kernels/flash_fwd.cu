@@ -1,6 +1,7 @@
 // Forward attention on tensor cores (mma.sync m16n8k16, sm_80+), FlashAttention-2 style.
 //
-// One thread block owns BLOCK_M query rows of one (batch, head); each warp owns 16 of them.
+// One thread block owns BLOCK_M query rows of one (batch, head); each warp owns one or two
+// 16-row mma tiles of them.
 // K and V tiles of BLOCK_N keys stream through shared memory; S = Q Kᵀ and O += P V run on
 // tensor cores with fp32 accumulators, and the softmax is online (running max and sum per row)
 // in the log2 domain. Loads overlap compute the FA2 way: V[n] is fetched while S = Q K[n]ᵀ runs,
@@ -13,20 +14,23 @@
 // the asserts reject combinations the code below cannot run.
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool Q_IN_REGS>
 struct TileConfig {
-    static_assert(BLOCK_M == 16 * WARPS, "each warp owns exactly 16 query rows");
+    static_assert(BLOCK_M % (16 * WARPS) == 0, "each warp owns whole 16-row mma tiles");
     static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16");
     static_assert(BLOCK_N % 16 == 0, "key tiles are whole mma k-steps");
     static constexpr int kHeadDim = HEAD_DIM;
     static constexpr int kBlockM = BLOCK_M;
     static constexpr int kBlockN = BLOCK_N;
     static constexpr int kThreads = WARPS * 32;
+    // 16-row tiles per warp: every K/V fragment read from shared memory feeds this many mmas,
+    // so two halve the shared-memory traffic per flop (at the price of twice the accumulators).
+    static constexpr int kMTiles = BLOCK_M / (16 * WARPS);
     static constexpr bool kQInRegs = Q_IN_REGS;
     // 16 bytes of padding per row put the 8 rows an ldmatrix phase reads on 8 different
     // 16-byte bank groups for every head dim (row pitch mod 128 bytes is an odd multiple of 16).
     static constexpr int kRowPitch = HEAD_DIM + 8;
     static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte pieces of one row
-    static constexpr int kSTiles = BLOCK_N / 8;         // n8 tiles of S per warp
-    static constexpr int kOTiles = HEAD_DIM / 8;        // n8 tiles of O per warp
+    static constexpr int kSTiles = BLOCK_N / 8;         // n8 tiles of S per m-tile
+    static constexpr int kOTiles = HEAD_DIM / 8;        // n8 tiles of O per m-tile
     static constexpr int kSmemElems = (BLOCK_M + 2 * BLOCK_N) * kRowPitch;
 };
 
@@ -46,15 +50,17 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+// `addr` is a shared-state-space address (smem_addr): kept as one 32-bit base per thread plus
+// compile-time offsets, so each ldmatrix is one instruction with an immediate offset.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
 
 // d += a · b for one 16x8x16 tile; fp32 accumulators.
@@ -78,25 +84,56 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 // Copies rows [row0, row0 + ROWS) of one head (rows `row_stride` elements apart) into a padded
 // shared tile; rows at or past `rows_total` become zeros, so padded keys contribute nothing.
+// Fully unrolled with compile-time chunk positions: a run-time loop here cost more instructions
+// than the tile's mma work (seen in SASS, 2026-11-25).
 template <typename Cfg, int ROWS>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* head_base,
                                           int64_t row_stride, int row0, int rows_total,
                                           bool aligned16) {
     constexpr int kChunks = ROWS * Cfg::kChunksPerRow;
-    static_assert(kChunks % Cfg::kThreads == 0, "every thread copies the same number of chunks");
+    constexpr int kIters = (kChunks + Cfg::kThreads - 1) / Cfg::kThreads;
     const int tid = threadIdx.x;
+    if (aligned16) {
+        if constexpr (Cfg::kThreads % Cfg::kChunksPerRow == 0) {
+            // Each thread keeps one column and walks down the rows: one pointer, one add a chunk.
+            constexpr int kRowsPerIter = Cfg::kThreads / Cfg::kChunksPerRow;
+            const int r0 = tid / Cfg::kChunksPerRow;
+            const int col = (tid % Cfg::kChunksPerRow) * 8;
+            const uint16_t* src = head_base + (int64_t)(row0 + r0) * row_stride + col;
+            const int64_t step = (int64_t)kRowsPerIter * row_stride;
+            uint16_t* dst = tile + r0 * Cfg::kRowPitch + col;
 #pragma unroll
-    for (int c = tid; c < kChunks; c += Cfg::kThreads) {
-        const int r = c / Cfg::kChunksPerRow;
-        const int col = (c % Cfg::kChunksPerRow) * 8;
-        const int row = row0 + r;
-        const bool valid = row < rows_total;
-        uint16_t* dst = tile + r * Cfg::kRowPitch + col;
-        const uint16_t* src = head_base + (valid ? (int64_t)row * row_stride + col : 0);
-        if (aligned16) {
-            cp_async_16(dst, src, valid ? 16 : 0);
+            for (int it = 0; it < kIters; ++it) {
+                if (ROWS % kRowsPerIter != 0 && r0 + it * kRowsPerIter >= ROWS) break;
+                const bool valid = row0 + r0 + it * kRowsPerIter < rows_total;
+                cp_async_16(dst + it * kRowsPerIter * Cfg::kRowPitch, valid ? src : head_base,
+                            valid ? 16 : 0);
+                src += step;
+            }
         } else {
-            // Rows not 16-byte aligned (odd strides): plain 2-byte loads, slower but exact.
+#pragma unroll
+            for (int it = 0; it < kIters; ++it) {
+                const int c = tid + it * Cfg::kThreads;
+                if (kChunks % Cfg::kThreads != 0 && c >= kChunks) break;
+                const int r = c / Cfg::kChunksPerRow;
+                const int col = (c % Cfg::kChunksPerRow) * 8;
+                const bool valid = row0 + r < rows_total;
+                const uint16_t* src =
+                    head_base + (valid ? (int64_t)(row0 + r) * row_stride + col : 0);
+                cp_async_16(tile + r * Cfg::kRowPitch + col, src, valid ? 16 : 0);
+            }
+        }
+    } else {
+        // Rows not 16-byte aligned (odd strides): plain 2-byte loads, slower but exact.
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const int c = tid + it * Cfg::kThreads;
+            if (kChunks % Cfg::kThreads != 0 && c >= kChunks) break;
+            const int r = c / Cfg::kChunksPerRow;
+            const int col = (c % Cfg::kChunksPerRow) * 8;
+            const bool valid = row0 + r < rows_total;
+            const uint16_t* src = head_base + (int64_t)(row0 + r) * row_stride + col;
+            uint16_t* dst = tile + r * Cfg::kRowPitch + col;
 #pragma unroll
             for (int e = 0; e < 8; ++e) dst[e] = valid ? src[e] : (uint16_t)0;
         }
@@ -137,13 +174,22 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
     const int n_first = key_lo / BN;
     const int n_last = key_hi > key_lo ? (key_hi - 1) / BN : n_first - 1;
 
-    // Rows this thread accumulates: `group` and `group + 8` of the warp's 16.
-    const int row_a = m0 + warp * 16 + group;
-    float o[Cfg::kOTiles][4];
+    // Rows this thread accumulates: `group` and `group + 8` of each of the warp's m-tiles.
+    constexpr int MT = Cfg::kMTiles;
+    const int warp_row0 = warp * 16 * MT;
+    const int row_a = m0 + warp_row0 + group;  // + 16 * mt + 8 * r
+    float o[MT][Cfg::kOTiles][4];
 #pragma unroll
-    for (int t = 0; t < Cfg::kOTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-    float row_max[2] = {-UFA_INF, -UFA_INF};  // log2 domain
-    float row_sum[2] = {0.f, 0.f};            // this thread's columns only until the epilogue
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < Cfg::kOTiles; ++t) o[mt][t][0] = o[mt][t][1] = o[mt][t][2] = o[mt][t][3] = 0.f;
+    float row_max[MT][2];  // log2 domain
+    float row_sum[MT][2];  // this thread's columns only until the epilogue
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        row_max[mt][0] = row_max[mt][1] = -UFA_INF;
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
     const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
 
     if (n_first <= n_last) {
@@ -152,13 +198,21 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
         load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n_last * BN, p.seqlen_kv, aligned16);
         cp_async_commit();
 
-        uint32_t q_frag[Cfg::kQInRegs ? D / 16 : 1][4];
-        const uint16_t* q_warp = sQ + (warp * 16 + lane % 16) * PITCH + (lane / 16) * 8;
+        uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
+        // Per-lane ldmatrix bases (bytes, shared space); the tile loops add constants.
+        const uint32_t q_lane = smem_addr(sQ) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8) * 2;
+        const uint32_t k_lane =
+            smem_addr(sK) + ((lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
+        const uint32_t v_lane =
+            smem_addr(sV) + ((lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 8) * 2;
         if constexpr (Cfg::kQInRegs) {
             cp_async_wait<1>();
             __syncthreads();
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], q_warp + kk * 16);
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk)
+                    ldmatrix_x4(q_frag[mt][kk], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
         }
 
         for (int n = n_last; n >= n_first; --n) {
@@ -169,76 +223,103 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
             cp_async_commit();
 
             // S = Q K[n]ᵀ
-            float s[Cfg::kSTiles][4];
+            float s[MT][Cfg::kSTiles][4];
 #pragma unroll
-            for (int t = 0; t < Cfg::kSTiles; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int t = 0; t < Cfg::kSTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t a_reg[4];
-                if constexpr (Cfg::kQInRegs) {
+                uint32_t a_reg[MT][4];
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) a_reg[r] = q_frag[kk][r];
-                } else {
-                    ldmatrix_x4(a_reg, q_warp + kk * 16);
+                for (int mt = 0; mt < MT; ++mt) {
+                    if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) a_reg[mt][r] = q_frag[mt][kk][r];
+                    } else {
+                        ldmatrix_x4(a_reg[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+                    }
                 }
 #pragma unroll
                 for (int t = 0; t < Cfg::kSTiles; t += 2) {
                     uint32_t k_reg[4];
-                    ldmatrix_x4(k_reg, sK + (t * 8 + lane % 8 + (lane / 16) * 8) * PITCH +
-                                           kk * 16 + ((lane / 8) % 2) * 8);
-                    mma_16816<T>(s[t], a_reg, k_reg[0], k_reg[1]);
-                    mma_16816<T>(s[t + 1], a_reg, k_reg[2], k_reg[3]);
+                    ldmatrix_x4(k_reg, k_lane + (t * 8 * PITCH + kk * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16816<T>(s[mt][t], a_reg[mt], k_reg[0], k_reg[1]);
+                        mma_16816<T>(s[mt][t + 1], a_reg[mt], k_reg[2], k_reg[3]);
+                    }
                 }
             }
 
             // Scores to the log2 domain; hide keys outside the band, past the end, or masked.
-            const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
-                                            n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
-                                            n0 + BN <= p.seqlen_kv;
+            if (SCORE_MOD) {
 #pragma unroll
-            for (int t = 0; t < Cfg::kSTiles; ++t) {
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = row_a + (e / 2) * 8;
-                    const int j = n0 + t * 8 + quad * 2 + (e % 2);
-                    if (SCORE_MOD) {
-                        s[t][e] = in_band(p, i, j) && i < p.seqlen_q
-                                      ? modify_score(p, s[t][e], b, h, i, j, slope)
-                                      : -UFA_INF;
-                    } else {
-                        s[t][e] *= p.scale_log2;
-                        if (!whole_tile_visible && !in_band(p, i, j)) s[t][e] = -UFA_INF;
-                    }
+                    for (int t = 0; t < Cfg::kSTiles; ++t)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = row_a + mt * 16 + (e / 2) * 8;
+                            const int j = n0 + t * 8 + quad * 2 + (e % 2);
+                            s[mt][t][e] = in_band(p, i, j) && i < p.seqlen_q
+                                              ? modify_score(p, s[mt][t][e], b, h, i, j, slope)
+                                              : -UFA_INF;
+                        }
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int t = 0; t < Cfg::kSTiles; ++t)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[mt][t][e] *= p.scale_log2;
+                // Only tiles on the band's edges or past the last key need the per-element test.
+                const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
+                                                n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
+                                                n0 + BN <= p.seqlen_kv;
+                if (!whole_tile_visible) {
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                        for (int t = 0; t < Cfg::kSTiles; ++t)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const int i = row_a + mt * 16 + (e / 2) * 8;
+                                const int j = n0 + t * 8 + quad * 2 + (e % 2);
+                                if (!in_band(p, i, j)) s[mt][t][e] = -UFA_INF;
+                            }
                 }
             }
 
             // Online softmax: new running max, rescale what was accumulated, P = exp2(S - max).
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = row_max[r];
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int t = 0; t < Cfg::kSTiles; ++t)
-                    mx = fmaxf(mx, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0s.
-                const float base = mx == -UFA_INF ? 0.f : mx;
-                const float correction = fast_exp2(row_max[r] - base);
-                row_max[r] = mx;
-                float sum = 0.f;
+                for (int r = 0; r < 2; ++r) {
+                    float mx = row_max[mt][r];
 #pragma unroll
-                for (int t = 0; t < Cfg::kSTiles; ++t) {
-                    s[t][2 * r] = fast_exp2(s[t][2 * r] - base);
-                    s[t][2 * r + 1] = fast_exp2(s[t][2 * r + 1] - base);
-                    sum += s[t][2 * r] + s[t][2 * r + 1];
+                    for (int t = 0; t < Cfg::kSTiles; ++t)
+                        mx = fmaxf(mx, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    // A row that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0s.
+                    const float base = mx == -UFA_INF ? 0.f : mx;
+                    const float correction = fast_exp2(row_max[mt][r] - base);
+                    row_max[mt][r] = mx;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int t = 0; t < Cfg::kSTiles; ++t) {
+                        s[mt][t][2 * r] = fast_exp2(s[mt][t][2 * r] - base);
+                        s[mt][t][2 * r + 1] = fast_exp2(s[mt][t][2 * r + 1] - base);
+                        sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
+                    }
+                    row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+#pragma unroll
+                    for (int t = 0; t < Cfg::kOTiles; ++t) {
+                        o[mt][t][2 * r] *= correction;
+                        o[mt][t][2 * r + 1] *= correction;
+                    }
                 }
-                row_sum[r] = row_sum[r] * correction + sum;
-#pragma unroll
-                for (int t = 0; t < Cfg::kOTiles; ++t) {
-                    o[t][2 * r] *= correction;
-                    o[t][2 * r + 1] *= correction;
-                }
-            }
 
             cp_async_wait<0>();
             __syncthreads();  // V[n] landed; every warp is done with K[n]
@@ -250,18 +331,23 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
             // O += P V[n]; the S accumulators of two n8 tiles are exactly one A fragment.
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
-                uint32_t p_reg[4];
-                p_reg[0] = Convert<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-                p_reg[1] = Convert<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-                p_reg[2] = Convert<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                p_reg[3] = Convert<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                uint32_t p_reg[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    p_reg[mt][0] = Convert<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    p_reg[mt][1] = Convert<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    p_reg[mt][2] = Convert<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    p_reg[mt][3] = Convert<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int t = 0; t < Cfg::kOTiles; t += 2) {
                     uint32_t v_reg[4];
-                    ldmatrix_x4_trans(v_reg, sV + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) *
-                                                      PITCH + t * 8 + (lane / 16) * 8);
-                    mma_16816<T>(o[t], p_reg, v_reg[0], v_reg[1]);
-                    mma_16816<T>(o[t + 1], p_reg, v_reg[2], v_reg[3]);
+                    ldmatrix_x4_trans(v_reg, v_lane + (kk * 16 * PITCH + t * 8) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16816<T>(o[mt][t], p_reg[mt], v_reg[0], v_reg[1]);
+                        mma_16816<T>(o[mt][t + 1], p_reg[mt], v_reg[2], v_reg[3]);
+                    }
                 }
             }
         }
@@ -269,29 +355,32 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
 
     // Epilogue: O /= rowsum, LSE = ln(sum) + max; rows that saw no key give 0 and -inf.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        const int i = row_a + r * 8;
-        if (i >= p.seqlen_q) continue;
-        uint16_t* out_row = (uint16_t*)p.out + b * p.o_stride[0] + (int64_t)i * p.o_stride[1] +
-                            h * p.o_stride[2];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int t = 0; t < Cfg::kOTiles; ++t) {
-            const int col = t * 8 + quad * 2;
-            const uint32_t packed = Convert<T>::pack(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
-            if (aligned16) {
-                *(uint32_t*)(out_row + col) = packed;
-            } else {
-                out_row[col] = (uint16_t)(packed & 0xffffu);
-                out_row[col + 1] = (uint16_t)(packed >> 16);
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[mt][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int i = row_a + mt * 16 + r * 8;
+            if (i >= p.seqlen_q) continue;
+            uint16_t* out_row = (uint16_t*)p.out + b * p.o_stride[0] + (int64_t)i * p.o_stride[1] +
+                                h * p.o_stride[2];
+#pragma unroll
+            for (int t = 0; t < Cfg::kOTiles; ++t) {
+                const int col = t * 8 + quad * 2;
+                const uint32_t packed =
+                    Convert<T>::pack(o[mt][t][2 * r] * inv, o[mt][t][2 * r + 1] * inv);
+                if (aligned16) {
+                    *(uint32_t*)(out_row + col) = packed;
+                } else {
+                    out_row[col] = (uint16_t)(packed & 0xffffu);
+                    out_row[col + 1] = (uint16_t)(packed >> 16);
+                }
+            }
+            if (p.lse != nullptr && quad == 0) {
+                p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]] =
+                    sum > 0.f ? (row_max[mt][r] + log2f(sum)) * UFA_LN2 : -UFA_INF;
             }
         }
-        if (p.lse != nullptr && quad == 0) {
-            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]] =
-                sum > 0.f ? (row_max[r] + log2f(sum)) * UFA_LN2 : -UFA_INF;
-        }
-    }
 }

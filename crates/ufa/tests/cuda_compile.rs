@@ -11,9 +11,17 @@ fn compile_for(arch: &str) {
     for r in &reports {
         println!(
             "  {:<44} {:>5.2}s {:>7} B  {}",
-            r.kernel, r.seconds, r.cubin_bytes, r.resources
+            r.kernel,
+            r.seconds,
+            r.cubin.len(),
+            r.resources
         );
-        assert!(r.cubin_bytes > 0);
+        assert!(r.cubin.starts_with(b"\x7fELF"));
+        // For reading the SASS (cuobjdump -sass) without a GPU.
+        if let Ok(dir) = std::env::var("UFA_CUBIN_DUMP") {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(format!("{dir}/{}-{arch}.cubin", r.kernel), &r.cubin).unwrap();
+        }
     }
 }
 

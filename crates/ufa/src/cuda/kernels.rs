@@ -31,6 +31,8 @@ pub(crate) struct Tile {
     pub block_n: u32,
     pub warps: u32,
     pub q_in_regs: bool,
+    /// Blocks the compiler should fit on one SM (`__launch_bounds__`), which caps registers.
+    pub min_blocks: u32,
 }
 
 impl Tile {
@@ -40,28 +42,48 @@ impl Tile {
     }
 }
 
-/// The tile table. Each warp owns 16 query rows, so block_m = 16 · warps.
-/// - 128 query rows (8 warps) per block: each K/V tile read from shared memory serves 128 rows,
-///   and 8 warps hide the latency of the ldmatrix → mma chains.
-/// - 64 keys per tile: S is 32 fp32 registers per thread, leaving room for O (head_dim / 2).
-/// - Q stays in registers up to head_dim 128 (head_dim / 4 registers); above, its fragments
-///   plus O would spill, so they are re-read from shared memory each k-step (as FA2 does).
+/// Environment variable overriding the tile table for tuning experiments:
+/// `block_m,block_n,warps,q_in_regs(0|1),min_blocks`, applied to every tensor-core head dim.
+pub const TILE_ENV: &str = "UFA_CUDA_TILE";
+
+/// The tile table (measured on an H100, bf16, seqlen 4096, 2026-11-25; bench/results/gpu_*).
+/// - 128 query rows per block: each K/V tile brought into shared memory serves 128 rows.
+/// - Head dims up to 128, plain scores: 4 warps of two 16-row m-tiles each, so every K/V
+///   fragment read from shared memory feeds two mmas (half the ldmatrix traffic of one m-tile),
+///   two blocks an SM. Q stays in registers at 32/64 (+4% there); at 96/128 it would spill.
+///   d128: 315 TFLOP/s against 246 with 8 warps of one m-tile.
+/// - Larger head dims, and every variant with softcap/ALiBi/mask: 8 warps of one m-tile, one
+///   block an SM; two m-tiles of O would not fit in registers (d256 fell to 97 TFLOP/s), and the
+///   score-modifying variants would take over 10 s to compile.
+/// - 64 keys per tile: S is 32 fp32 registers per m-tile, leaving room for O.
 /// - Devices with less shared memory (sm_86/89: 99 KB a block) halve block_m, then block_n.
-pub(crate) fn tile_for(head_dim: usize, max_smem: u32) -> Option<Tile> {
+pub(crate) fn tile_for(head_dim: usize, score_mod: bool, max_smem: u32) -> Option<Tile> {
     if !MMA_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
-    let mut tile = Tile {
-        head_dim: head_dim as u32,
-        block_m: 128,
-        block_n: 64,
-        warps: 8,
-        q_in_regs: head_dim <= 128,
+    let two_m_tiles = head_dim <= 128 && !score_mod;
+    let mut tile = match tile_override() {
+        Some(t) => Tile {
+            head_dim: head_dim as u32,
+            ..t
+        },
+        None => Tile {
+            head_dim: head_dim as u32,
+            block_m: 128,
+            block_n: 64,
+            warps: if two_m_tiles { 4 } else { 8 },
+            q_in_regs: if two_m_tiles {
+                head_dim <= 64
+            } else {
+                head_dim <= 128
+            },
+            min_blocks: if two_m_tiles { 2 } else { 1 },
+        },
     };
     while tile.smem_bytes() > max_smem {
         if tile.block_m > 64 {
-            tile.block_m = 64;
-            tile.warps = 4;
+            tile.block_m /= 2;
+            tile.warps = (tile.warps / 2).max(1);
         } else if tile.block_n > 32 {
             tile.block_n = 32;
         } else {
@@ -69,6 +91,37 @@ pub(crate) fn tile_for(head_dim: usize, max_smem: u32) -> Option<Tile> {
         }
     }
     Some(tile)
+}
+
+fn tile_override() -> Option<Tile> {
+    static OVERRIDE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| parse_tile(&std::env::var(TILE_ENV).ok()?))
+}
+
+/// Parses `block_m,block_n,warps,q_in_regs,min_blocks` (head_dim left 0); None if malformed or
+/// not a shape the kernel template accepts.
+pub(crate) fn parse_tile(s: &str) -> Option<Tile> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|x| x.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    let [block_m, block_n, warps, q, min_blocks] = v[..] else {
+        return None;
+    };
+    let mt = block_m.checked_div(16 * warps)?;
+    let ok = warps > 0
+        && (1..=2).contains(&mt)
+        && block_m == 16 * warps * mt
+        && block_n % 16 == 0
+        && block_n > 0;
+    ok.then_some(Tile {
+        head_dim: 0,
+        block_m,
+        block_n,
+        warps,
+        q_in_regs: q != 0,
+        min_blocks: min_blocks.max(1),
+    })
 }
 
 /// A kernel variant: what gets compiled into one module.
@@ -97,14 +150,15 @@ impl Variant {
     pub fn select(p: &Problem, max_smem: u32) -> Variant {
         let dtype = p.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
+        let score_mod = p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some();
         let tile = (half && p.out.dtype == dtype && p.head_dim == p.head_dim_v)
-            .then(|| tile_for(p.head_dim, max_smem))
+            .then(|| tile_for(p.head_dim, score_mod, max_smem))
             .flatten();
         match tile {
             Some(tile) => Variant::Mma {
                 dtype,
                 tile,
-                score_mod: p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some(),
+                score_mod,
             },
             None => Variant::Simple {
                 input: dtype,
@@ -121,11 +175,12 @@ impl Variant {
                 tile: t,
                 score_mod,
             } => format!(
-                "ufa_fwd_{dtype}_d{}_m{}_n{}_w{}{}{}",
+                "ufa_fwd_{dtype}_d{}_m{}_n{}_w{}_b{}{}{}",
                 t.head_dim,
                 t.block_m,
                 t.block_n,
                 t.warps,
+                t.min_blocks,
                 if t.q_in_regs { "_qreg" } else { "" },
                 if score_mod { "_mod" } else { "" }
             ),
@@ -167,9 +222,10 @@ impl Variant {
             } => (
                 MMA_SOURCE,
                 format!(
-                    "extern \"C\" __global__ void __launch_bounds__({threads}) {name}(const FwdParams p) {{\n  \
+                    "extern \"C\" __global__ void __launch_bounds__({threads}, {mb}) {name}(const FwdParams p) {{\n  \
                      flash_fwd<{ty}, TileConfig<{d}, {m}, {n}, {w}, {qr}>, {sm}>(p);\n}}\n",
                     threads = t.warps * 32,
+                    mb = t.min_blocks,
                     ty = type_tag(dtype),
                     d = t.head_dim,
                     m = t.block_m,
@@ -199,7 +255,7 @@ impl Variant {
         for dtype in [DType::F16, DType::BF16] {
             for d in MMA_HEAD_DIMS {
                 for score_mod in [false, true] {
-                    if let Some(tile) = tile_for(d, max_smem) {
+                    if let Some(tile) = tile_for(d, score_mod, max_smem) {
                         v.push(Variant::Mma {
                             dtype,
                             tile,
@@ -376,22 +432,39 @@ mod tests {
     #[test]
     fn tile_table_fits_the_shared_memory_it_is_given() {
         for d in MMA_HEAD_DIMS {
-            for smem in [101_376, 166_912, 232_448] {
-                let t = tile_for(d, smem).expect("every listed head dim has a tile");
-                assert!(
-                    t.smem_bytes() <= smem,
-                    "d{d}: {t:?} needs {}",
-                    t.smem_bytes()
-                );
-                assert_eq!(t.block_m, 16 * t.warps);
+            for score_mod in [false, true] {
+                for smem in [101_376, 166_912, 232_448] {
+                    let t = tile_for(d, score_mod, smem).expect("every listed head dim has a tile");
+                    assert!(
+                        t.smem_bytes() <= smem,
+                        "d{d}: {t:?} needs {}",
+                        t.smem_bytes()
+                    );
+                    let m_tiles = t.block_m / (16 * t.warps);
+                    assert!(t.block_m == 16 * t.warps * m_tiles && (1..=2).contains(&m_tiles));
+                }
+                // Hopper and A100 get the full 128-row tiles everywhere.
+                assert_eq!(tile_for(d, score_mod, 166_912).unwrap().block_m, 128);
             }
         }
-        // Hopper and A100 get the full 128-row tiles everywhere.
-        assert!(MMA_HEAD_DIMS
-            .iter()
-            .all(|&d| tile_for(d, 166_912).unwrap().block_m == 128));
-        assert_eq!(tile_for(80, 232_448), None);
-        assert_eq!(tile_for(256, 40_000), None);
+        assert_eq!(tile_for(80, false, 232_448), None);
+        assert_eq!(tile_for(256, false, 40_000), None);
+    }
+
+    #[test]
+    fn tile_override_parsing() {
+        let t = parse_tile("128,64,4,0,2").unwrap();
+        assert_eq!(
+            (t.block_m, t.block_n, t.warps, t.q_in_regs, t.min_blocks),
+            (128, 64, 4, false, 2)
+        );
+        assert!(
+            parse_tile("128,64,2,0,1").is_none(),
+            "four m-tiles a warp is not instantiable"
+        );
+        assert!(parse_tile("128,60,8,0,1").is_none());
+        assert!(parse_tile("128,64,8").is_none());
+        assert!(parse_tile("x,64,8,0,1").is_none());
     }
 
     #[test]
@@ -399,11 +472,12 @@ mod tests {
         let all = Variant::all(232_448);
         let mut names: Vec<String> = all.iter().map(|v| v.kernel_name()).collect();
         for v in &all {
-            assert!(v.source().contains(&format!(
-                "void __launch_bounds__({}) {}(",
-                v.threads(),
-                v.kernel_name()
-            )));
+            assert!(v
+                .source()
+                .contains(&format!("void __launch_bounds__({}", v.threads())));
+            assert!(v
+                .source()
+                .contains(&format!(") {}(const FwdParams p)", v.kernel_name())));
         }
         names.sort();
         names.dedup();

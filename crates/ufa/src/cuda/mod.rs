@@ -225,7 +225,7 @@ pub struct CompileReport {
     pub kernel: String,
     pub arch: String,
     pub seconds: f64,
-    pub cubin_bytes: usize,
+    pub cubin: Vec<u8>,
     /// ptxas's resource line(s): registers, spills, shared memory.
     pub resources: String,
 }
@@ -258,7 +258,7 @@ pub fn compile_all_variants(arch: &str) -> Result<Vec<CompileReport>> {
                                 kernel: v.kernel_name(),
                                 arch: arch.to_string(),
                                 seconds: t.elapsed().as_secs_f64(),
-                                cubin_bytes: c.cubin.len(),
+                                cubin: c.cubin,
                                 resources: c
                                     .log
                                     .lines()
