@@ -267,12 +267,7 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
                                               : -UFA_INF;
                         }
             } else {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int t = 0; t < Cfg::kSTiles; ++t)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) s[mt][t][e] *= p.scale_log2;
+                // Raw scores stay unscaled: the scale is fused into exp2's argument below.
                 // Only tiles on the band's edges or past the last key need the per-element test.
                 const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
                                                 n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
@@ -292,16 +287,20 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
             }
 
             // Online softmax: new running max, rescale what was accumulated, P = exp2(S - max).
+            // Without score modifiers S is raw q·k and `score_scale` (> 0, the host's rule for
+            // these variants, so the max commutes with it) is applied in one FFMA per element.
+            const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    float mx = row_max[mt][r];
+                    float tile_max = -UFA_INF;
 #pragma unroll
                     for (int t = 0; t < Cfg::kSTiles; ++t)
-                        mx = fmaxf(mx, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                        tile_max = fmaxf(tile_max, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
+                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                    const float mx = fmaxf(row_max[mt][r], tile_max * score_scale);
                     // A row that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0s.
                     const float base = mx == -UFA_INF ? 0.f : mx;
                     const float correction = fast_exp2(row_max[mt][r] - base);
@@ -309,8 +308,8 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
                     float sum = 0.f;
 #pragma unroll
                     for (int t = 0; t < Cfg::kSTiles; ++t) {
-                        s[mt][t][2 * r] = fast_exp2(s[mt][t][2 * r] - base);
-                        s[mt][t][2 * r + 1] = fast_exp2(s[mt][t][2 * r + 1] - base);
+                        s[mt][t][2 * r] = fast_exp2(fmaf(s[mt][t][2 * r], score_scale, -base));
+                        s[mt][t][2 * r + 1] = fast_exp2(fmaf(s[mt][t][2 * r + 1], score_scale, -base));
                         sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
                     }
                     row_sum[mt][r] = row_sum[mt][r] * correction + sum;

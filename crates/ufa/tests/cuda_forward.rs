@@ -189,6 +189,13 @@ fn features_and_layouts_match_the_reference() {
         c.causal = true;
         cases.push(c);
     }
+    // Zero and negative scales leave the fused-scale fast path.
+    for scale in [-0.2, 0.0] {
+        let mut c = Case::new(1, 40, 50, 2, 64, BF16);
+        c.scale = Some(scale);
+        c.causal = true;
+        cases.push(c);
+    }
     // The CUDA-core path: fp32, head dims off the tensor-core list, mixed output dtype.
     for (d, dv, dtype, out) in [
         (80, 80, F32, F32),

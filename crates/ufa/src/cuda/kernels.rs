@@ -127,7 +127,8 @@ pub(crate) fn parse_tile(s: &str) -> Option<Tile> {
 /// A kernel variant: what gets compiled into one module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Variant {
-    /// Tensor cores; `score_mod` adds softcap, ALiBi and masks to the inner loop.
+    /// Tensor cores; `score_mod` adds softcap, ALiBi, masks and non-positive scales to the
+    /// inner loop.
     Mma {
         dtype: DType,
         tile: Tile,
@@ -150,7 +151,9 @@ impl Variant {
     pub fn select(p: &Problem, max_smem: u32) -> Variant {
         let dtype = p.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
-        let score_mod = p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some();
+        // The plain variants fuse a positive scale into exp2 (max(s)·scale = max(s·scale) only
+        // for scale > 0); zero or negative scales take the general path.
+        let score_mod = p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some() || p.scale <= 0.0;
         let tile = (half && p.out.dtype == dtype && p.head_dim == p.head_dim_v)
             .then(|| tile_for(p.head_dim, score_mod, max_smem))
             .flatten();
