@@ -6,35 +6,29 @@ pub fn build(b: *std.Build) void {
     const target = b.standardTargetOptions(.{});
     const optimize = b.standardOptimizeOption(.{});
 
-    // ufa.h, translated to Zig; the package's module imports it as "c".
-    const header = b.addTranslateC(.{
-        .root_source_file = b.path("src/c.h"),
-        .target = target,
-        .optimize = optimize,
-    });
-    header.linkSystemLibrary("ufa", .{});
-
     const mod = b.addModule("ufa", .{
         .root_source_file = b.path("src/ufa.zig"),
         .target = target,
         .optimize = optimize,
         .link_libc = true,
-        .imports = &.{.{ .name = "c", .module = header.createModule() }},
     });
     mod.linkSystemLibrary("ufa", .{});
 
-    const tests = b.addTest(.{
-        .root_module = b.createModule(.{
-            .root_source_file = b.path("test/ufa_test.zig"),
+    const test_step = b.step("test", "Run the binding's tests against libufa");
+    inline for (.{ "test/ufa_test.zig", "test/abi_test.zig" }) |file| {
+        const test_mod = b.createModule(.{
+            .root_source_file = b.path(file),
             .target = target,
             .optimize = optimize,
+            .link_libc = true,
             .imports = &.{.{ .name = "ufa", .module = mod }},
-        }),
-    });
-    const test_step = b.step("test", "Run the binding's tests against libufa");
-    test_step.dependOn(&b.addRunArtifact(tests).step);
-    const unit = b.addTest(.{ .root_module = mod });
-    test_step.dependOn(&b.addRunArtifact(unit).step);
+        });
+        // test/abi.c: the real ufa.h's layout, which abi_test.zig compares with src/c.zig
+        test_mod.addCSourceFile(.{ .file = b.path("test/abi.c"), .flags = &.{"-std=c11"} });
+        test_mod.linkSystemLibrary("ufa", .{});
+        addTestRun(b, test_step, test_mod);
+    }
+    addTestRun(b, test_step, mod);
 
     const example = b.addExecutable(.{
         .name = "ufa-example",
@@ -45,7 +39,15 @@ pub fn build(b: *std.Build) void {
             .imports = &.{.{ .name = "ufa", .module = mod }},
         }),
     });
-    const run_example = b.step("example", "Run the example");
-    run_example.dependOn(&b.addRunArtifact(example).step);
-    test_step.dependOn(&b.addRunArtifact(example).step);
+    const run_example = b.addRunArtifact(example);
+    b.step("example", "Run examples/example.zig").dependOn(&run_example.step);
+    test_step.dependOn(&run_example.step);
+}
+
+/// Runs the tests of `module` on every `zig build test`: they draw fresh random inputs each time,
+/// so a passing result is never reused from the cache.
+fn addTestRun(b: *std.Build, test_step: *std.Build.Step, module: *std.Build.Module) void {
+    const run = b.addRunArtifact(b.addTest(.{ .root_module = module }));
+    run.has_side_effects = true;
+    test_step.dependOn(&run.step);
 }

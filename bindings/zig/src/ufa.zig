@@ -9,7 +9,8 @@
 //! library's message in `lastErrorMessage()`. The binding checks one thing itself, what the C API
 //! cannot know: that each view fits in its slice (`error.ViewOutOfBounds`).
 const std = @import("std");
-pub const c = @import("c");
+/// The C declarations (ufa.h), for calls this binding does not wrap.
+pub const c = @import("c.zig");
 
 /// Every failure a ufa call can report: one error per `ufa_status`, plus ViewOutOfBounds from
 /// the binding itself.
@@ -204,9 +205,9 @@ pub const Context = struct {
     }
 
     pub fn cpuIsa(self: Context) Error![:0]const u8 {
-        var name: [*c]const u8 = null;
+        var name: ?[*:0]const u8 = null;
         try check(c.ufa_context_cpu_isa(self.ptr, &name));
-        return std.mem.span(name);
+        return std.mem.span(name.?);
     }
 
     /// out = softmax(scale * q k^T + bias) v, with the masks of `params`. On failure nothing is

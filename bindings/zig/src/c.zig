@@ -1,0 +1,75 @@
+//! The declarations of ufa.h that this package uses, written out (translating the header at build
+//! time would compile Zig's translate-c first: a minute on a fresh machine). test/abi.c compiles
+//! the real header and `zig build test` checks every size, offset and constant below against it.
+pub const ufa_status = i32;
+pub const ufa_dtype = i32;
+pub const ufa_device_type = i32;
+
+pub const UFA_MAX_DIMS = 4;
+pub const UFA_CAUSAL_BOTTOM_RIGHT: i32 = 0;
+pub const UFA_CAUSAL_TOP_LEFT: i32 = 1;
+pub const UFA_STATUS_SUCCESS: ufa_status = 0;
+pub const UFA_STATUS_INVALID_ARGUMENT: ufa_status = 1;
+pub const UFA_STATUS_UNSUPPORTED: ufa_status = 2;
+pub const UFA_STATUS_DEVICE_UNAVAILABLE: ufa_status = 3;
+pub const UFA_STATUS_OUT_OF_MEMORY: ufa_status = 4;
+pub const UFA_STATUS_BACKEND_FAILURE: ufa_status = 5;
+pub const UFA_STATUS_INTERNAL: ufa_status = 6;
+pub const UFA_DTYPE_F16: ufa_dtype = 1;
+pub const UFA_DTYPE_BF16: ufa_dtype = 2;
+pub const UFA_DTYPE_F32: ufa_dtype = 3;
+pub const UFA_DTYPE_BOOL: ufa_dtype = 4;
+pub const UFA_DEVICE_CPU: ufa_device_type = 0;
+pub const UFA_DEVICE_CUDA: ufa_device_type = 1;
+
+pub const ufa_context = opaque {};
+
+pub const ufa_context_options = extern struct {
+    struct_size: u32,
+    num_threads: u32,
+    device_ordinal: i32,
+    cpu_isa: ?[*:0]const u8,
+};
+
+pub const ufa_tensor = extern struct {
+    data: ?*anyopaque,
+    dtype: ufa_dtype,
+    device_type: ufa_device_type,
+    device_ordinal: i32,
+    ndim: i32,
+    shape: ?[*]const i64,
+    strides: ?[*]const i64,
+};
+
+pub const ufa_attention_params = extern struct {
+    struct_size: u32,
+    causal: i32,
+    softmax_scale: f32,
+    softcap: f32,
+    causal_alignment: i32,
+    deterministic: i32,
+    window_left: i64,
+    window_right: i64,
+    alibi_slopes: ?*const ufa_tensor,
+    mask: ?*const ufa_tensor,
+    lse: ?*const ufa_tensor,
+};
+
+pub extern fn ufa_status_string(status: ufa_status) [*:0]const u8;
+pub extern fn ufa_last_error_message() [*:0]const u8;
+pub extern fn ufa_version() [*:0]const u8;
+pub extern fn ufa_context_options_default() ufa_context_options;
+pub extern fn ufa_attention_params_default() ufa_attention_params;
+pub extern fn ufa_context_create(options: ?*const ufa_context_options, out: *?*ufa_context) ufa_status;
+pub extern fn ufa_context_destroy(ctx: ?*ufa_context) void;
+pub extern fn ufa_context_num_threads(ctx: ?*const ufa_context, out: *u32) ufa_status;
+pub extern fn ufa_context_cpu_isa(ctx: ?*const ufa_context, out: *?[*:0]const u8) ufa_status;
+pub extern fn ufa_attention_forward(
+    ctx: ?*const ufa_context,
+    q: *const ufa_tensor,
+    k: *const ufa_tensor,
+    v: *const ufa_tensor,
+    out: *const ufa_tensor,
+    params: ?*const ufa_attention_params,
+    stream: ?*anyopaque,
+) ufa_status;
