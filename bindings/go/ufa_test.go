@@ -400,3 +400,36 @@ func TestHalfConversions(t *testing.T) {
 		t.Error("bf16 NaN lost")
 	}
 }
+
+// A boolean mask ([]bool, broadcast over batch and heads) that spells out causal masking gives
+// the causal result; so does a window of (-1, 0).
+func TestMaskAndWindow(t *testing.T) {
+	ctx := newContext(t)
+	rng := seeded(t)
+	const sq, skv, h, d = 5, 9, 2, 16
+	q := randomOperand(rng, ufa.F32, sq*h*d).f32
+	k := randomOperand(rng, ufa.F32, skv*h*d).f32
+	v := randomOperand(rng, ufa.F32, skv*h*d).f32
+	mask := make([]bool, sq*skv)
+	for i := 0; i < sq; i++ {
+		for j := 0; j < skv; j++ {
+			mask[i*skv+j] = j <= i+skv-sq
+		}
+	}
+	forward := func(p *ufa.Params) []float32 {
+		out := make([]float32, sq*h*d)
+		if err := ctx.Forward(ufa.NewF32(q, 1, sq, h, d), ufa.NewF32(k, 1, skv, h, d), ufa.NewF32(v, 1, skv, h, d),
+			ufa.NewF32(out, 1, sq, h, d), p); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	causal := forward(&ufa.Params{Causal: true})
+	masked := forward(&ufa.Params{Mask: ptr(ufa.NewBool(mask, 1, 1, sq, skv))})
+	windowed := forward(&ufa.Params{Window: &ufa.Window{Left: -1, Right: 0}})
+	for i := range causal {
+		if math.Abs(float64(causal[i]-masked[i])) > 1e-6 || math.Abs(float64(causal[i]-windowed[i])) > 1e-6 {
+			t.Fatalf("element %d: causal %v, mask %v, window %v", i, causal[i], masked[i], windowed[i])
+		}
+	}
+}

@@ -310,3 +310,41 @@ test "context queries and a bad option" {
     try std.testing.expectError(error.InvalidArgument, ufa.Context.init(.{ .cpu_isa = "no-such-isa" }));
     try std.testing.expect(ufa.lastErrorMessage().len > 0);
 }
+
+test "a bool mask spelling out causal masking, and a (-1, 0) window, give the causal result" {
+    const ctx = try ufa.Context.init(.{ .num_threads = 2 });
+    defer ctx.deinit();
+    const sq = 5;
+    const skv = 9;
+    const h = 2;
+    const d = 16;
+    var prng = std.Random.DefaultPrng.init(newSeed());
+    const rng = prng.random();
+    var q: [sq * h * d]f32 = undefined;
+    var k: [skv * h * d]f32 = undefined;
+    var v: [skv * h * d]f32 = undefined;
+    for (&q) |*x| x.* = rng.floatNorm(f32);
+    for (&k) |*x| x.* = rng.floatNorm(f32);
+    for (&v) |*x| x.* = rng.floatNorm(f32);
+    var mask: [sq * skv]bool = undefined;
+    for (0..sq) |i| for (0..skv) |j| {
+        mask[i * skv + j] = j <= i + skv - sq;
+    };
+    var outs: [3][sq * h * d]f32 = undefined;
+    const params = [_]ufa.Params{
+        .{ .causal = true },
+        .{ .mask = ufa.Tensor.init(&mask, &.{ 1, 1, sq, skv }) },
+        .{ .window_left = -1, .window_right = 0 },
+    };
+    for (params, &outs) |p, *out| try ctx.forward(
+        ufa.Tensor.init(&q, &.{ 1, sq, h, d }),
+        ufa.Tensor.init(&k, &.{ 1, skv, h, d }),
+        ufa.Tensor.init(&v, &.{ 1, skv, h, d }),
+        ufa.Tensor.init(out, &.{ 1, sq, h, d }),
+        p,
+    );
+    for (outs[0], outs[1], outs[2]) |causal, masked, windowed| {
+        try std.testing.expectApproxEqAbs(causal, masked, 1e-6);
+        try std.testing.expectApproxEqAbs(causal, windowed, 1e-6);
+    }
+}

@@ -77,6 +77,14 @@ const ctx = Context(num_threads = 2)
         @test relerr(out2, reference(permutedims(qh, (1, 3, 2, 4)), k, v)) < tolerance(T)
     end
 
+    @testset "a Bool mask spelling out causal masking, and a (-1, 0) window, give the causal result" begin
+        q, k, v = randn(Float32, 16, 2, 5, 1), randn(Float32, 16, 2, 9, 1), randn(Float32, 16, 2, 9, 1)
+        mask = [j <= i + 9 - 5 for j in 1:9, i in 1:5]    # (seqlen_kv, seqlen_q, 1, 1): broadcast over heads, batch
+        causal = attention(ctx, q, k, v; causal = true)
+        @test attention(ctx, q, k, v; mask = reshape(mask, 9, 5, 1, 1)) ≈ causal atol = 1e-6
+        @test attention(ctx, q, k, v; window = (-1, 0)) ≈ causal atol = 1e-6
+    end
+
     @testset "log-sum-exp" begin
         q = Float32[1 0; 0 1]            # (head_dim=2, seq=2): queries e1, e2
         q = reshape(q, 2, 1, 2, 1)
