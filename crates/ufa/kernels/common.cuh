@@ -39,7 +39,6 @@ struct FwdParams {
     float scale_log2;      // scale * log2(e): scores live in the log2 domain so exp2 is one MUFU op
     float softcap;         // 0 = off
     int32_t mask_kind;     // MaskKind
-    int32_t aligned16;     // every tile row of q, k, v, out starts on a 16-byte boundary
     int32_t num_m_blocks;
 };
 

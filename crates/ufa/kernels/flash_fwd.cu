@@ -84,47 +84,32 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 // Copies rows [row0, row0 + ROWS) of one head (rows `row_stride` elements apart) into a padded
 // shared tile; rows at or past `rows_total` become zeros, so padded keys contribute nothing.
-// Fully unrolled with compile-time chunk positions: a run-time loop here cost more instructions
-// than the tile's mma work (seen in SASS, 2026-11-25).
+// Every row starts on a 16-byte boundary (the host sends other layouts to the CUDA-core
+// kernel). Fully unrolled with compile-time chunk positions: a run-time loop here cost more
+// instructions than the tile's mma work (seen in SASS, 2026-11-25).
 template <typename Cfg, int ROWS>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* head_base,
-                                          int64_t row_stride, int row0, int rows_total,
-                                          bool aligned16) {
+                                          int64_t row_stride, int row0, int rows_total) {
     constexpr int kChunks = ROWS * Cfg::kChunksPerRow;
     constexpr int kIters = (kChunks + Cfg::kThreads - 1) / Cfg::kThreads;
     const int tid = threadIdx.x;
-    if (aligned16) {
-        if constexpr (Cfg::kThreads % Cfg::kChunksPerRow == 0) {
-            // Each thread keeps one column and walks down the rows: one pointer, one add a chunk.
-            constexpr int kRowsPerIter = Cfg::kThreads / Cfg::kChunksPerRow;
-            const int r0 = tid / Cfg::kChunksPerRow;
-            const int col = (tid % Cfg::kChunksPerRow) * 8;
-            const uint16_t* src = head_base + (int64_t)(row0 + r0) * row_stride + col;
-            const int64_t step = (int64_t)kRowsPerIter * row_stride;
-            uint16_t* dst = tile + r0 * Cfg::kRowPitch + col;
+    if constexpr (Cfg::kThreads % Cfg::kChunksPerRow == 0) {
+        // Each thread keeps one column and walks down the rows: one pointer, one add a chunk.
+        constexpr int kRowsPerIter = Cfg::kThreads / Cfg::kChunksPerRow;
+        const int r0 = tid / Cfg::kChunksPerRow;
+        const int col = (tid % Cfg::kChunksPerRow) * 8;
+        const uint16_t* src = head_base + (int64_t)(row0 + r0) * row_stride + col;
+        const int64_t step = (int64_t)kRowsPerIter * row_stride;
+        uint16_t* dst = tile + r0 * Cfg::kRowPitch + col;
 #pragma unroll
-            for (int it = 0; it < kIters; ++it) {
-                if (ROWS % kRowsPerIter != 0 && r0 + it * kRowsPerIter >= ROWS) break;
-                const bool valid = row0 + r0 + it * kRowsPerIter < rows_total;
-                cp_async_16(dst + it * kRowsPerIter * Cfg::kRowPitch, valid ? src : head_base,
-                            valid ? 16 : 0);
-                src += step;
-            }
-        } else {
-#pragma unroll
-            for (int it = 0; it < kIters; ++it) {
-                const int c = tid + it * Cfg::kThreads;
-                if (kChunks % Cfg::kThreads != 0 && c >= kChunks) break;
-                const int r = c / Cfg::kChunksPerRow;
-                const int col = (c % Cfg::kChunksPerRow) * 8;
-                const bool valid = row0 + r < rows_total;
-                const uint16_t* src =
-                    head_base + (valid ? (int64_t)(row0 + r) * row_stride + col : 0);
-                cp_async_16(tile + r * Cfg::kRowPitch + col, src, valid ? 16 : 0);
-            }
+        for (int it = 0; it < kIters; ++it) {
+            if (ROWS % kRowsPerIter != 0 && r0 + it * kRowsPerIter >= ROWS) break;
+            const bool valid = row0 + r0 + it * kRowsPerIter < rows_total;
+            cp_async_16(dst + it * kRowsPerIter * Cfg::kRowPitch, valid ? src : head_base,
+                        valid ? 16 : 0);
+            src += step;
         }
     } else {
-        // Rows not 16-byte aligned (odd strides): plain 2-byte loads, slower but exact.
 #pragma unroll
         for (int it = 0; it < kIters; ++it) {
             const int c = tid + it * Cfg::kThreads;
@@ -132,10 +117,8 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* head_b
             const int r = c / Cfg::kChunksPerRow;
             const int col = (c % Cfg::kChunksPerRow) * 8;
             const bool valid = row0 + r < rows_total;
-            const uint16_t* src = head_base + (int64_t)(row0 + r) * row_stride + col;
-            uint16_t* dst = tile + r * Cfg::kRowPitch + col;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) dst[e] = valid ? src[e] : (uint16_t)0;
+            const uint16_t* src = head_base + (valid ? (int64_t)(row0 + r) * row_stride + col : 0);
+            cp_async_16(tile + r * Cfg::kRowPitch + col, src, valid ? 16 : 0);
         }
     }
 }
@@ -166,7 +149,6 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
     const uint16_t* q_head = (const uint16_t*)p.q + b * p.q_stride[0] + h * p.q_stride[2];
     const uint16_t* k_head = (const uint16_t*)p.k + b * p.k_stride[0] + hk * p.k_stride[2];
     const uint16_t* v_head = (const uint16_t*)p.v + b * p.v_stride[0] + hk * p.v_stride[2];
-    const bool aligned16 = p.aligned16 != 0;
 
     int key_lo, key_hi;
     band_of_rows(p, m0, m_last, key_lo, key_hi);
@@ -193,9 +175,9 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
     const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
 
     if (n_first <= n_last) {
-        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, p.seqlen_q, aligned16);
+        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, p.seqlen_q);
         cp_async_commit();
-        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n_last * BN, p.seqlen_kv, aligned16);
+        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n_last * BN, p.seqlen_kv);
         cp_async_commit();
 
         uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
@@ -219,7 +201,7 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
             const int n0 = n * BN;
             cp_async_wait<0>();
             __syncthreads();  // K[n] landed; every warp is done with V[n+1]
-            load_tile<Cfg, BN>(sV, v_head, p.v_stride[1], n0, p.seqlen_kv, aligned16);
+            load_tile<Cfg, BN>(sV, v_head, p.v_stride[1], n0, p.seqlen_kv);
             cp_async_commit();
 
             // S = Q K[n]ᵀ
@@ -323,7 +305,7 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
             cp_async_wait<0>();
             __syncthreads();  // V[n] landed; every warp is done with K[n]
             if (n > n_first) {
-                load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n0 - BN, p.seqlen_kv, aligned16);
+                load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n0 - BN, p.seqlen_kv);
                 cp_async_commit();
             }
 
@@ -370,12 +352,7 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
                 const int col = t * 8 + quad * 2;
                 const uint32_t packed =
                     Convert<T>::pack(o[mt][t][2 * r] * inv, o[mt][t][2 * r + 1] * inv);
-                if (aligned16) {
-                    *(uint32_t*)(out_row + col) = packed;
-                } else {
-                    out_row[col] = (uint16_t)(packed & 0xffffu);
-                    out_row[col + 1] = (uint16_t)(packed >> 16);
-                }
+                *(uint32_t*)(out_row + col) = packed;
             }
             if (p.lse != nullptr && quad == 0) {
                 p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]] =

@@ -134,7 +134,7 @@ pub(crate) enum Variant {
         tile: Tile,
         score_mod: bool,
     },
-    /// CUDA cores, any head dims up to 512, any output dtype.
+    /// CUDA cores, any head dims up to 512, any output dtype, any strides.
     Simple { input: DType, output: DType },
 }
 
@@ -154,9 +154,12 @@ impl Variant {
         // The plain variants fuse a positive scale into exp2 (max(s)·scale = max(s·scale) only
         // for scale > 0); zero or negative scales take the general path.
         let score_mod = p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some() || p.scale <= 0.0;
-        let tile = (half && p.out.dtype == dtype && p.head_dim == p.head_dim_v)
-            .then(|| tile_for(p.head_dim, score_mod, max_smem))
-            .flatten();
+        // The tensor-core kernel copies 16-byte pieces of rows; other layouts (odd strides,
+        // unaligned views) are rare and take the CUDA-core kernel.
+        let tile =
+            (half && p.out.dtype == dtype && p.head_dim == p.head_dim_v && rows_aligned16(p))
+                .then(|| tile_for(p.head_dim, score_mod, max_smem))
+                .flatten();
         match tile {
             Some(tile) => Variant::Mma {
                 dtype,
@@ -323,7 +326,6 @@ pub(crate) struct FwdParams {
     pub scale_log2: f32,
     pub softcap: f32,
     pub mask_kind: i32,
-    pub aligned16: i32,
     pub num_m_blocks: i32,
 }
 
@@ -415,7 +417,6 @@ impl FwdParams {
             scale_log2: p.scale * std::f32::consts::LOG2_E,
             softcap: p.softcap,
             mask_kind: kind,
-            aligned16: rows_aligned16(p) as i32,
             num_m_blocks: p.seqlen_q.div_ceil(rows) as i32,
         })
     }
