@@ -49,8 +49,9 @@ def flops(w, backward):
 
 
 def time_ufa(name, dtype, threads, iters, backward):
+    # Same memory layout as the PyTorch side: [batch, heads, seq, dim], read in place.
     cmd = [UFA, "bench", "--workload", name, "--dtype", dtype, "--threads", str(threads),
-           "--iters", str(iters), "--json"] + (["--backward"] if backward else [])
+           "--iters", str(iters), "--layout", "bhsd", "--json"] + (["--backward"] if backward else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)[0]["median_ms"]
 
