@@ -9,7 +9,7 @@ use ufa::Isa;
 pub struct Args {
     #[command(flatten)]
     compute: ComputeOpts,
-    /// Seed of the random inputs (default: drawn from the clock and printed).
+    /// Seed of the random inputs (default: $UFA_TEST_SEED, else drawn from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
     /// Only the best CPU kernel family instead of every one this CPU runs.
@@ -18,11 +18,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> ufa::Result<ExitCode> {
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
+    let seed = args.seed.unwrap_or_else(ufa::testing::seed);
     let isas: Vec<Isa> = if args.best_only {
         vec![Isa::detect()]
     } else {

@@ -737,6 +737,22 @@ impl Comparison {
 /// The LSE is always fp32 computed from fp32 scores, whatever the input dtype.
 pub const LSE_TOLERANCE: f64 = 1e-5;
 
+/// Environment variable that fixes the seed of [`seed`] (to replay a failure).
+pub const SEED_ENV: &str = "UFA_TEST_SEED";
+
+/// A seed for random inputs: `$UFA_TEST_SEED` if set, else fresh from the clock. Callers print
+/// it so that a failure can be replayed.
+pub fn seed() -> u64 {
+    std::env::var(SEED_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        })
+}
+
 /// Runs `case` with inputs from `seed` and compares it with the reference.
 pub fn check_case(ctx: &Context, case: &Case, seed: u64) -> Result<Comparison> {
     let mut inst = Instance::new(case, seed);

@@ -27,26 +27,14 @@ fn gpu(ctx: &Context) -> bool {
     }
 }
 
-fn seed() -> u64 {
-    std::env::var("UFA_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
-
 /// Runs every case, prints one line each, and fails listing every case that missed.
 fn run_cases(cases: &[Case]) {
     let ctx = Context::new().unwrap();
     if !gpu(&ctx) {
         return;
     }
-    let seed = seed();
-    println!("seed {seed} (UFA_SEED={seed} replays)");
+    let seed = ufa::testing::seed();
+    println!("seed {seed} (UFA_TEST_SEED={seed} replays)");
     let mut failed = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let s = seed.wrapping_add(i as u64);

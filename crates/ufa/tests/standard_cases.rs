@@ -3,21 +3,9 @@
 use ufa::testing::{check_case, standard_cases};
 use ufa::{Context, Isa};
 
-fn seed() -> u64 {
-    std::env::var("UFA_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
-
 #[test]
 fn standard_cases_match_reference_on_every_isa() {
-    let seed = seed();
+    let seed = ufa::testing::seed();
     println!("seed {seed} (replay with UFA_TEST_SEED={seed})");
     let mut failures = Vec::new();
     for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {

@@ -15,7 +15,7 @@ use super::isa::{run_with, Isa, KernelFn};
 use super::math::{exp, MulAdd};
 use super::microkernel::{accumulate_pv, scores, BK, R};
 use super::parallel::{for_each, for_each_chunk_mut, Exec};
-use super::tile::{apply_score_mods, round_up, row_f32, TileRows};
+use super::tile::{apply_score_mods, round_up, row_f32, set_column, TileRows};
 use crate::dtype::{load_row_f32, store_row_f32};
 use crate::error::Result;
 use crate::problem::{BackwardProblem, Problem};
@@ -150,9 +150,7 @@ fn load_keys(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch, 
                 &mut sc.row[..d],
             )
         };
-        for (e, &x) in row.iter().enumerate() {
-            sc.kt[e * BK + jj] = x;
-        }
+        set_column(&mut sc.kt, jj, row);
         if with_rows {
             sc.krows[jj * dp..][..d].copy_from_slice(row);
         }
@@ -164,9 +162,7 @@ fn load_keys(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch, 
                 &mut sc.row[..dv],
             )
         };
-        for (e, &x) in row.iter().enumerate() {
-            sc.vt[e * BK + jj] = x;
-        }
+        set_column(&mut sc.vt, jj, row);
     }
 }
 

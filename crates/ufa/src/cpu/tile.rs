@@ -329,14 +329,20 @@ fn pack_kt(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch) {
                     &mut sc.row[..d],
                 )
             };
-            for (e, &x) in row.iter().enumerate() {
-                sc.kt[e * BK + jj] = x;
-            }
+            set_column(&mut sc.kt, jj, row);
         } else {
             for e in 0..d {
                 sc.kt[e * BK + jj] = 0.0;
             }
         }
+    }
+}
+
+/// Writes `row` as column `col` of a transposed tile (row stride BK).
+#[inline(always)]
+pub(super) fn set_column(tile: &mut [f32], col: usize, row: &[f32]) {
+    for (e, &x) in row.iter().enumerate() {
+        tile[e * BK + col] = x;
     }
 }
 
