@@ -15,7 +15,7 @@ use super::isa::{run_with, Isa, KernelFn};
 use super::math::{exp, MulAdd};
 use super::microkernel::{accumulate_pv, scores, BK, R};
 use super::parallel::{for_each, for_each_chunk_mut, Exec};
-use super::tile::{apply_score_mods, round_up, row_f32, set_column, TileRows};
+use super::tile::{apply_score_mods, round_up, row_f32, set_column, widen, RowInfo, TileRows};
 use crate::dtype::{load_row_f32, store_row_f32};
 use crate::error::Result;
 use crate::problem::{BackwardProblem, Problem};
@@ -30,10 +30,7 @@ struct Scratch {
     dout: Vec<f32>,
     lse: Vec<f32>,
     delta: Vec<f32>,
-    qpos: Vec<usize>,
-    head: Vec<usize>,
-    band: Vec<(usize, usize)>,
-    slope: Vec<f32>,
+    rows: Vec<RowInfo>,
     /// dp × BK: K transposed; dvp × BK: V transposed; BK × dp: K rows.
     kt: Vec<f32>,
     vt: Vec<f32>,
@@ -62,10 +59,7 @@ impl Scratch {
             dout: vec![0.0; BQ * dvp],
             lse: vec![0.0; BQ],
             delta: vec![0.0; BQ],
-            qpos: vec![0; BQ],
-            head: vec![0; BQ],
-            band: vec![(0, 0); BQ],
-            slope: vec![0.0; BQ],
+            rows: vec![RowInfo::default(); BQ],
             kt: vec![0.0; dp * BK],
             vt: vec![0.0; dvp * BK],
             krows: vec![0.0; BK * dp],
@@ -93,18 +87,19 @@ fn load_rows(
     sc: &mut Scratch,
 ) -> (usize, usize) {
     let p = &bp.fwd;
-    let (d, dv, g) = (p.head_dim, p.head_dim_v, p.group_size());
+    let (d, dv) = (p.head_dim, p.head_dim_v);
     let lse = p
         .lse
         .as_ref()
         .expect("validated backward problems carry the lse");
-    let (mut lo, mut hi) = (usize::MAX, 0);
+    let mut keys = (0, 0);
     sc.q.fill(0.0);
     sc.dout.fill(0.0);
     for r in 0..t.nrows {
-        let (qpos, head) = ((t.row0 + r) / g, t.hkv * g + (t.row0 + r) % g);
-        sc.qpos[r] = qpos;
-        sc.head[r] = head;
+        let info = t.row(p, r);
+        let (qpos, head) = (info.qpos, info.head);
+        sc.rows[r] = info;
+        keys = widen(keys, info.band);
         let q = &mut sc.q[r * sc.dp..][..d];
         // SAFETY: indices are within the validated views.
         unsafe {
@@ -118,18 +113,8 @@ fn load_rows(
         }
         q.iter_mut().for_each(|x| *x *= p.scale);
         sc.delta[r] = delta[(t.batch * p.heads_q + head) * p.seqlen_q + qpos];
-        if let Some(a) = &p.alibi {
-            // SAFETY: one f32 slope per [batch, head] (validated).
-            sc.slope[r] = unsafe { *(a.at([t.batch, head, 0, 0]) as *const f32) };
-        }
-        let band = p.visible_keys(qpos);
-        sc.band[r] = band;
-        if band.0 < band.1 {
-            lo = lo.min(band.0);
-            hi = hi.max(band.1);
-        }
     }
-    (lo, hi)
+    keys
 }
 
 /// Packs keys `j0..j0+nk` of K (transposed and as rows) and V (transposed), zero-padded.
@@ -188,18 +173,7 @@ fn probabilities_and_ds<M: MulAdd, const C: usize>(
         }
         let cap = &mut sc.cap[r * BK..][..BK];
         let cap_slope = (p.softcap > 0.0).then_some(&mut cap[..]);
-        apply_score_mods::<M>(
-            p,
-            t,
-            sc.qpos[r],
-            sc.head[r],
-            sc.slope[r],
-            sc.band[r],
-            j0,
-            nk,
-            s,
-            cap_slope,
-        );
+        apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, cap_slope);
         let (lse, delta) = (sc.lse[r], sc.delta[r]);
         for c in 0..BK {
             s[c] = exp::<M>(s[c] - lse);
@@ -319,7 +293,7 @@ impl KernelFn for QueryBlock<'_> {
                 store_row_f32(
                     bp.dq.dtype,
                     row,
-                    bp.dq.at([t.batch, sc.qpos[r], sc.head[r], 0]),
+                    bp.dq.at([t.batch, sc.rows[r].qpos, sc.rows[r].head, 0]),
                 )
             };
         }

@@ -6,7 +6,7 @@
 //! on the problem's sizes only, so results are the same for every thread count.
 
 use super::isa::{run_with, Isa, KernelFn};
-use super::math::{MulAdd, Separate};
+use super::math::MulAdd;
 use super::microkernel::BK;
 use super::parallel::{for_each, for_each_chunk, for_each_chunk_mut, Exec};
 use super::tile::{attend, begin, round_up, Scratch, TileRows};
@@ -111,7 +111,7 @@ impl KernelFn for ForwardItem<'_> {
 fn write_rows(p: &Problem, t: &TileRows, sc: &Scratch, orow: &mut [f32]) {
     let (dv, dvp) = (p.head_dim_v, sc.dvp);
     for r in 0..t.nrows {
-        let (qpos, head) = (sc.qpos[r], sc.head[r]);
+        let (qpos, head) = t.position(p, r);
         let l = sc.l[r];
         let lse = if l > 0.0 {
             let inv = 1.0 / l;
@@ -199,8 +199,6 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec) -> Result<()> {
         new_scratch,
         |(sc, orow), item, parts| {
             let t = plan.rows(p, item);
-            // Row bookkeeping (qpos/head) without running anything.
-            begin::<Separate, false>(p, &t, sc);
             for r in 0..t.nrows {
                 let part = |s: usize| &parts[s * part_len + r * row_len..][..row_len];
                 let m = (0..plan.splits).fold(f32::NEG_INFINITY, |a, s| a.max(part(s)[0]));

@@ -17,6 +17,50 @@ pub struct TileRows {
     pub nrows: usize,
 }
 
+impl TileRows {
+    /// Query position and query head of row `r`.
+    #[inline(always)]
+    pub fn position(&self, p: &Problem, r: usize) -> (usize, usize) {
+        let (g, i) = (p.group_size(), self.row0 + r);
+        (i / g, self.hkv * g + i % g)
+    }
+
+    /// What the score modifiers need to know about row `r`.
+    #[inline(always)]
+    pub fn row(&self, p: &Problem, r: usize) -> RowInfo {
+        let (qpos, head) = self.position(p, r);
+        RowInfo {
+            qpos,
+            head,
+            // SAFETY: alibi has one f32 per [batch, head] (validated).
+            slope: p.alibi.as_ref().map_or(0.0, |a| unsafe {
+                *(a.at([self.batch, head, 0, 0]) as *const f32)
+            }),
+            band: p.visible_keys(qpos),
+        }
+    }
+}
+
+/// One query row of a tile: position, head, ALiBi slope and the keys its causal/window band
+/// lets it see.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RowInfo {
+    pub qpos: usize,
+    pub head: usize,
+    pub slope: f32,
+    pub band: (usize, usize),
+}
+
+/// Widens the key range `keys` by `band` (empty bands change nothing).
+#[inline(always)]
+pub fn widen(keys: (usize, usize), band: (usize, usize)) -> (usize, usize) {
+    match (band.0 < band.1, keys.0 < keys.1) {
+        (false, _) => keys,
+        (true, false) => band,
+        (true, true) => (keys.0.min(band.0), keys.1.max(band.1)),
+    }
+}
+
 /// Per-thread buffers, reused across work items.
 pub struct Scratch {
     pub q: Vec<f32>,
@@ -27,10 +71,7 @@ pub struct Scratch {
     pub acc: Vec<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
-    pub qpos: Vec<usize>,
-    pub head: Vec<usize>,
-    band: Vec<(usize, usize)>,
-    slope: Vec<f32>,
+    rows: Vec<RowInfo>,
     /// Padded width of V and acc rows (head_dim_v rounded up to 16).
     pub dvp: usize,
     /// bf16 pair-packed operands of the AVX-512 BF16 path: Q (rows × d2), K (d2 × BK),
@@ -58,10 +99,7 @@ impl Scratch {
             acc: vec![0.0; rows * dvp],
             m: vec![0.0; rows],
             l: vec![0.0; rows],
-            qpos: vec![0; rows],
-            head: vec![0; rows],
-            band: vec![(0, 0); rows],
-            slope: vec![0.0; rows],
+            rows: vec![RowInfo::default(); rows],
             dvp,
             qp: vec![0; rows * p.head_dim.div_ceil(2)],
             kp: vec![0; p.head_dim.div_ceil(2) * BK],
@@ -89,9 +127,9 @@ pub fn begin<M: MulAdd, const BF16: bool>(
     t: &TileRows,
     sc: &mut Scratch,
 ) -> (usize, usize) {
-    let (d, g) = (p.head_dim, p.group_size());
+    let d = p.head_dim;
     let rows = round_up(t.nrows, R);
-    let (mut lo, mut hi) = (usize::MAX, 0);
+    let mut keys = (0, 0);
     for r in 0..rows {
         let qrow = &mut sc.q[r * d..][..d];
         if r >= t.nrows {
@@ -100,9 +138,10 @@ pub fn begin<M: MulAdd, const BF16: bool>(
             sc.qp[r * d2..][..d2].fill(0);
             continue;
         }
-        let (qpos, head) = ((t.row0 + r) / g, t.hkv * g + (t.row0 + r) % g);
-        sc.qpos[r] = qpos;
-        sc.head[r] = head;
+        let info = t.row(p, r);
+        let (qpos, head) = (info.qpos, info.head);
+        sc.rows[r] = info;
+        keys = widen(keys, info.band);
         // SAFETY: indices are in bounds of the validated q view.
         unsafe { load_row_f32(p.q.dtype, p.q.at([t.batch, qpos, head, 0]), qrow) };
         qrow.iter_mut().for_each(|x| *x *= p.scale);
@@ -118,25 +157,11 @@ pub fn begin<M: MulAdd, const BF16: bool>(
                 )
             };
         }
-        let band = p.visible_keys(qpos);
-        sc.band[r] = band;
-        if band.0 < band.1 {
-            lo = lo.min(band.0);
-            hi = hi.max(band.1);
-        }
-        if let Some(a) = &p.alibi {
-            // SAFETY: alibi has one f32 per [batch, head] (validated).
-            sc.slope[r] = unsafe { *(a.at([t.batch, head, 0, 0]) as *const f32) };
-        }
     }
     sc.m[..rows].fill(f32::NEG_INFINITY);
     sc.l[..rows].fill(0.0);
     sc.acc[..rows * sc.dvp].fill(0.0);
-    if lo >= hi {
-        (0, 0)
-    } else {
-        (lo, hi)
-    }
+    keys
 }
 
 /// Runs the online softmax over keys `keys.0..keys.1` for the rows loaded by [`begin`].
@@ -191,18 +216,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
                 s.fill(0.0);
                 continue;
             }
-            apply_score_mods::<M>(
-                p,
-                t,
-                sc.qpos[r],
-                sc.head[r],
-                sc.slope[r],
-                sc.band[r],
-                j0,
-                nk,
-                s,
-                None,
-            );
+            apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, None);
             let m_new = sc.m[r].max(max_of(s));
             if m_new == f32::NEG_INFINITY {
                 s.fill(0.0); // nothing visible yet: P = 0, state unchanged
@@ -363,20 +377,22 @@ pub(super) unsafe fn row_f32(dtype: DType, ptr: *const u8, buf: &mut [f32]) -> &
 
 /// Softcap, ALiBi, the additive or boolean mask and the causal/window band, applied to one row
 /// of raw scores for keys `j0..j0+nk`; columns past `nk` become -inf.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(super) fn apply_score_mods<M: MulAdd>(
     p: &Problem,
     t: &TileRows,
-    qpos: usize,
-    head: usize,
-    slope: f32,
-    band: (usize, usize),
+    row: &RowInfo,
     j0: usize,
     nk: usize,
     s: &mut [f32],
     cap_slope: Option<&mut [f32]>,
 ) {
+    let RowInfo {
+        qpos,
+        head,
+        slope,
+        band,
+    } = *row;
     if p.softcap > 0.0 {
         let (cap, inv) = (p.softcap, 1.0 / p.softcap);
         match cap_slope {
