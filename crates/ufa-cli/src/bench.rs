@@ -1,24 +1,30 @@
 //! `ufa bench`: forward-pass timings on standard shapes.
 
+use crate::device::{cuda_ordinals, DeviceArg};
 use crate::ComputeOpts;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use ufa::testing::{Case, Instance, Placement};
-use ufa::DType;
+use ufa::{Context, DType};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     compute: ComputeOpts,
-    /// Input and output dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: DType,
-    /// Timed runs per shape (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    iters: usize,
-    /// Only workloads whose name contains this text (e.g. W3 runs W3 and W3-causal).
+    /// Where to run: cpu, cuda (cuda:0) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
+    /// Input and output dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long)]
+    dtype: Option<DType>,
+    /// Timed runs per shape; the median is reported (default: 5 on the CPU, 20 on CUDA).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Only workloads whose name contains this text (e.g. W3 runs W3 and W3-causal). On CUDA the
+    /// workloads also include DESIGN.md's GPU sweep, S-d64-s512 to S-d256-s16384-causal
+    /// (e.g. S-d128 runs its head_dim 128 shapes, causal and not).
     #[arg(long)]
     filter: Option<String>,
     /// Only the workload with exactly this name (e.g. W3).
@@ -44,7 +50,7 @@ enum Layout {
 
 /// A named benchmark shape.
 struct Workload {
-    name: &'static str,
+    name: String,
     batch: usize,
     heads: usize,
     seqlen_q: usize,
@@ -53,148 +59,207 @@ struct Workload {
     causal: bool,
 }
 
-/// DESIGN.md's CPU workloads W1-W4 (W3 causal and not).
-const WORKLOADS: &[Workload] = &[
-    Workload {
-        name: "W1",
-        batch: 1,
-        heads: 8,
-        seqlen_q: 1024,
-        seqlen_kv: 1024,
-        head_dim: 64,
-        causal: false,
-    },
-    Workload {
-        name: "W2",
-        batch: 1,
-        heads: 8,
-        seqlen_q: 4096,
-        seqlen_kv: 4096,
-        head_dim: 64,
-        causal: false,
-    },
-    Workload {
-        name: "W2-causal",
-        batch: 1,
-        heads: 8,
-        seqlen_q: 4096,
-        seqlen_kv: 4096,
-        head_dim: 64,
-        causal: true,
-    },
-    Workload {
-        name: "W3",
-        batch: 1,
-        heads: 16,
-        seqlen_q: 2048,
-        seqlen_kv: 2048,
-        head_dim: 128,
-        causal: false,
-    },
-    Workload {
-        name: "W3-causal",
-        batch: 1,
-        heads: 16,
-        seqlen_q: 2048,
-        seqlen_kv: 2048,
-        head_dim: 128,
-        causal: true,
-    },
-    Workload {
-        name: "W4-decode",
-        batch: 1,
-        heads: 32,
-        seqlen_q: 1,
-        seqlen_kv: 4096,
-        head_dim: 128,
-        causal: false,
-    },
-];
+/// DESIGN.md's CPU workloads W1-W4 (W2 and W3 causal and not), and on CUDA also its standard GPU
+/// sweep: 16k tokens in total, hidden 2048 (heads = 2048 / head_dim), named like
+/// `S-d128-s4096` and `S-d128-s4096-causal`, in bench/gpu_sweep.py's order.
+fn workloads(target: Target) -> Vec<Workload> {
+    let w = |name: String, batch, heads, seqlen_q, seqlen_kv, head_dim, causal| Workload {
+        name,
+        batch,
+        heads,
+        seqlen_q,
+        seqlen_kv,
+        head_dim,
+        causal,
+    };
+    let mut v = vec![
+        w("W1".into(), 1, 8, 1024, 1024, 64, false),
+        w("W2".into(), 1, 8, 4096, 4096, 64, false),
+        w("W2-causal".into(), 1, 8, 4096, 4096, 64, true),
+        w("W3".into(), 1, 16, 2048, 2048, 128, false),
+        w("W3-causal".into(), 1, 16, 2048, 2048, 128, true),
+        w("W4-decode".into(), 1, 32, 1, 4096, 128, false),
+    ];
+    if let Target::Cuda(_) = target {
+        for head_dim in [64, 128, 256] {
+            for causal in [false, true] {
+                for seqlen in [512, 1024, 2048, 4096, 8192, 16384] {
+                    let name = format!(
+                        "S-d{head_dim}-s{seqlen}{}",
+                        if causal { "-causal" } else { "" }
+                    );
+                    let batch = 16384 / seqlen;
+                    v.push(w(
+                        name,
+                        batch,
+                        2048 / head_dim,
+                        seqlen,
+                        seqlen,
+                        head_dim,
+                        causal,
+                    ));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Where the timed calls run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Cpu,
+    Cuda(u32),
+}
+
+impl Target {
+    /// What each device is usually run at: f32 is the CPU's reference dtype, bf16 the GPU's
+    /// (DESIGN.md's sweep).
+    fn default_dtype(self) -> DType {
+        match self {
+            Target::Cpu => DType::F32,
+            Target::Cuda(_) => DType::BF16,
+        }
+    }
+
+    /// GPU calls are short and their timer noisier per call, so it takes more of them.
+    fn default_iters(self) -> usize {
+        match self {
+            Target::Cpu => 5,
+            Target::Cuda(_) => 20,
+        }
+    }
+
+    /// Median and, where the timer keeps it, fastest milliseconds of `iters` timed calls of the
+    /// forward (or the backward, from a saved forward), after untimed warm-up calls.
+    fn time(
+        self,
+        ctx: &Context,
+        inst: &mut Instance,
+        backward: bool,
+        iters: usize,
+        bar: &ProgressBar,
+    ) -> ufa::Result<(f64, Option<f64>)> {
+        match (self, backward) {
+            (Target::Cpu, false) => wall_ms(iters, bar, || inst.run(ctx)),
+            (Target::Cpu, true) => {
+                inst.run(ctx)?;
+                wall_ms(iters, bar, || inst.run_backward(ctx))
+            }
+            (Target::Cuda(n), false) => {
+                // Several warm-up calls: the first also compiles or loads the kernel.
+                let ms = inst.time_cuda(ctx, n, 3, iters)?;
+                bar.inc(iters as u64 + 1);
+                Ok((ms, None))
+            }
+            // The CUDA backward timing plugs in here, beside time_cuda.
+            (Target::Cuda(n), true) => Err(ufa::Error::unsupported(format!(
+                "--backward --device cuda:{n}: timing the CUDA backward pass is not available \
+                 yet; time it on the CPU (--device cpu)"
+            ))),
+        }
+    }
+}
+
+/// Wall-clock median and minimum milliseconds of `iters` calls of `f`, after one warm-up call
+/// (page faults, thread start-up).
+fn wall_ms(
+    iters: usize,
+    bar: &ProgressBar,
+    mut f: impl FnMut() -> ufa::Result<()>,
+) -> ufa::Result<(f64, Option<f64>)> {
+    f()?;
+    bar.inc(1);
+    let mut times: Vec<Duration> = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+        bar.inc(1);
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok((ms(times[times.len() / 2]), Some(ms(times[0]))))
+}
 
 #[derive(Serialize)]
 struct Row {
-    name: &'static str,
+    name: String,
     pass: &'static str,
     layout: String,
     shape: String,
     dtype: String,
     causal: bool,
-    threads: usize,
+    /// CPU threads; null on CUDA.
+    threads: Option<usize>,
     kernels: String,
     median_ms: f64,
-    min_ms: f64,
+    /// Null on CUDA, whose timer reports the median only.
+    min_ms: Option<f64>,
     gflops: f64,
     /// Bytes of Q, K, V and O moved per second at the median (what bounds decoding).
     gbytes_per_s: f64,
 }
 
+/// The device `--device` names; a CUDA device that is not there is an error naming the option.
+fn target(ctx: &Context, device: DeviceArg) -> ufa::Result<Target> {
+    match device {
+        DeviceArg::Cpu => Ok(Target::Cpu),
+        DeviceArg::All => Err(ufa::Error::invalid(
+            "--device all: ufa bench times one device; use cpu, cuda or cuda:N",
+        )),
+        DeviceArg::Cuda(_) => Ok(Target::Cuda(cuda_ordinals(ctx, device)?.ordinals[0])),
+    }
+}
+
 pub fn run(args: &Args) -> ufa::Result<ExitCode> {
-    if !args.dtype.is_float() {
+    let ctx = args.compute.context(None)?;
+    let target = target(&ctx, args.device)?;
+    let dtype = args.dtype.unwrap_or(target.default_dtype());
+    if !dtype.is_float() {
         return Err(ufa::Error::invalid(format!(
-            "--dtype {} must be f32, bf16 or f16",
-            args.dtype
+            "--dtype {dtype} must be f32, bf16 or f16"
         )));
     }
-    let iters = args.iters.max(1);
-    let ctx = args.compute.context(None)?;
-    let chosen: Vec<&Workload> = WORKLOADS
+    let iters = args.iters.unwrap_or(target.default_iters()).max(1);
+    let all = workloads(target);
+    let chosen: Vec<&Workload> = all
         .iter()
         .filter(|w| {
             args.filter
                 .as_ref()
                 .is_none_or(|f| w.name.contains(f.as_str()))
         })
-        .filter(|w| args.workload.as_ref().is_none_or(|n| w.name == n))
+        .filter(|w| args.workload.as_ref().is_none_or(|n| &w.name == n))
         .collect();
     if chosen.is_empty() {
-        let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+        let names: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
         return Err(ufa::Error::invalid(format!(
             "no workload matches --filter/--workload; workloads are {}",
             names.join(", ")
         )));
     }
+    let kernels = match target {
+        Target::Cpu => format!("cpu/{}", ctx.cpu_isa()),
+        Target::Cuda(n) => format!("cuda:{n}"),
+    };
     let bar = ProgressBar::new((chosen.len() * (iters + 1)) as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}")
             .expect("static template")
             .progress_chars("=> "),
     );
-    let mut rows = Vec::new();
-    for w in chosen {
-        bar.set_message(w.name);
-        let mut case = Case::new(
-            w.batch,
-            w.seqlen_q,
-            w.seqlen_kv,
-            w.heads,
-            w.head_dim,
-            args.dtype,
-        );
+    let mut measure = |w: &Workload| -> ufa::Result<Row> {
+        bar.set_message(w.name.clone());
+        let mut case = Case::new(w.batch, w.seqlen_q, w.seqlen_kv, w.heads, w.head_dim, dtype);
         case.causal = w.causal;
         case.with_lse = args.backward;
         if args.layout == Layout::Bhsd {
             case.placement = [Placement::HeadsFirst; 4];
         }
         let mut inst = Instance::new(&case, 1);
-        // Warm-up (page faults, thread start-up); the backward needs the forward's outputs.
-        inst.run(&ctx)?;
-        if args.backward {
-            inst.run_backward(&ctx)?;
-        }
-        bar.inc(1);
-        let mut times: Vec<Duration> = Vec::with_capacity(iters);
-        for _ in 0..iters {
-            let t = Instant::now();
-            if args.backward {
-                inst.run_backward(&ctx)?;
-            } else {
-                inst.run(&ctx)?;
-            }
-            times.push(t.elapsed());
-            bar.inc(1);
-        }
-        times.sort();
-        let median = times[times.len() / 2].as_secs_f64();
+        let (median_ms, min_ms) = target.time(&ctx, &mut inst, args.backward, iters, &bar)?;
+        let median = median_ms / 1e3;
         // FlashAttention's convention: the backward counts 2.5 forwards.
         let pass_factor = if args.backward { 2.5 } else { 1.0 };
         let flops = pass_factor
@@ -208,57 +273,121 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
                 w.causal,
             );
         let elems = w.batch * w.heads * (2 * w.seqlen_q + 2 * w.seqlen_kv) * w.head_dim;
-        rows.push(Row {
-            name: w.name,
+        Ok(Row {
+            name: w.name.clone(),
             pass: if args.backward { "backward" } else { "forward" },
             layout: format!("{:?}", args.layout).to_lowercase(),
             shape: format!(
                 "B{} H{} Sq{} Skv{} D{}",
                 w.batch, w.heads, w.seqlen_q, w.seqlen_kv, w.head_dim
             ),
-            dtype: args.dtype.to_string(),
+            dtype: dtype.to_string(),
             causal: w.causal,
-            threads: ctx.num_threads(),
-            kernels: format!("cpu/{}", ctx.cpu_isa()),
-            median_ms: median * 1e3,
-            min_ms: times[0].as_secs_f64() * 1e3,
+            threads: (target == Target::Cpu).then(|| ctx.num_threads()),
+            kernels: kernels.clone(),
+            median_ms,
+            min_ms,
             gflops: flops / median / 1e9,
-            gbytes_per_s: (elems * args.dtype.size_in_bytes()) as f64 / median / 1e9,
-        });
-    }
+            gbytes_per_s: (elems * dtype.size_in_bytes()) as f64 / median / 1e9,
+        })
+    };
+    let rows: ufa::Result<Vec<Row>> = chosen.into_iter().map(&mut measure).collect();
+    // Cleared before any error is printed, so the message is not drawn over.
     bar.finish_and_clear();
+    let rows = rows?;
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&rows).expect("rows serialise")
         );
-    } else {
-        println!(
-            "{:<10} {:<8} {:<32} {:>5} {:>7} {:>11} {:>10} {:>9} {:>8}",
-            "workload",
-            "pass",
-            "shape",
-            "dtype",
-            "threads",
-            "kernels",
-            "median ms",
-            "GFLOP/s",
-            "GB/s"
-        );
-        for r in &rows {
-            println!(
-                "{:<10} {:<8} {:<32} {:>5} {:>7} {:>11} {:>10.3} {:>9.1} {:>8.2}",
-                r.name,
-                r.pass,
-                r.shape,
-                r.dtype,
-                r.threads,
-                r.kernels,
-                r.median_ms,
-                r.gflops,
-                r.gbytes_per_s
-            );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Target::Cuda(n) = target {
+        if let Some(name) = ctx
+            .cuda_devices()
+            .ok()
+            .and_then(|d| d.get(n as usize).cloned())
+        {
+            println!("cuda:{n}  {name}");
         }
     }
+    // GPU rates read best in TFLOP/s, CPU ones in GFLOP/s.
+    let (rate, scale) = match target {
+        Target::Cpu => ("GFLOP/s", 1.0),
+        Target::Cuda(_) => ("TFLOP/s", 1e-3),
+    };
+    println!(
+        "{:<20} {:<8} {:<34} {:>5} {:>7} {:>14} {:>10} {:>9} {:>8}",
+        "workload", "pass", "shape", "dtype", "threads", "kernels", "median ms", rate, "GB/s"
+    );
+    for r in &rows {
+        println!(
+            "{:<20} {:<8} {:<34} {:>5} {:>7} {:>14} {:>10.3} {:>9.1} {:>8.2}",
+            r.name,
+            r.pass,
+            r.shape,
+            r.dtype,
+            r.threads.map_or("-".into(), |t| t.to_string()),
+            r.kernels,
+            r.median_ms,
+            r.gflops * scale,
+            r.gbytes_per_s
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_adds_the_standard_gpu_sweep() {
+        let cpu = workloads(Target::Cpu);
+        let cuda = workloads(Target::Cuda(0));
+        assert_eq!(cpu.len(), 6);
+        assert_eq!(cuda.len(), 6 + 3 * 2 * 6);
+        for (a, b) in cpu.iter().zip(&cuda) {
+            assert_eq!(a.name, b.name);
+        }
+        for w in &cuda[6..] {
+            assert_eq!(w.batch * w.seqlen_q, 16384, "{}", w.name);
+            assert_eq!(w.heads * w.head_dim, 2048, "{}", w.name);
+            assert_eq!(w.seqlen_q, w.seqlen_kv);
+            assert_eq!(w.causal, w.name.ends_with("-causal"));
+            assert!(w
+                .name
+                .starts_with(&format!("S-d{}-s{}", w.head_dim, w.seqlen_q)));
+        }
+        let mut names: Vec<&str> = cuda.iter().map(|w| w.name.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), cuda.len(), "workload names are unique");
+    }
+
+    #[test]
+    fn defaults_follow_the_device() {
+        assert_eq!(Target::Cpu.default_dtype(), DType::F32);
+        assert_eq!(Target::Cuda(1).default_dtype(), DType::BF16);
+        assert!(Target::Cuda(0).default_iters() > Target::Cpu.default_iters());
+    }
+
+    #[test]
+    fn bench_times_one_device() {
+        let ctx = Context::new().unwrap();
+        assert_eq!(target(&ctx, DeviceArg::Cpu).unwrap(), Target::Cpu);
+        let e = target(&ctx, DeviceArg::All).unwrap_err();
+        assert!(e.message().contains("--device all"), "{e}");
+    }
+
+    #[test]
+    fn cuda_backward_is_refused_before_touching_the_gpu() {
+        let ctx = Context::new().unwrap();
+        let mut inst = Instance::new(&Case::new(1, 4, 4, 1, 8, DType::F32), 1);
+        let e = Target::Cuda(0)
+            .time(&ctx, &mut inst, true, 1, &ProgressBar::hidden())
+            .unwrap_err();
+        assert_eq!(e.kind(), ufa::ErrorKind::Unsupported);
+        assert!(e.message().contains("not available yet"), "{e}");
+    }
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod device;
 mod info;
 
 use clap::{Parser, Subcommand};
@@ -61,6 +62,36 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ufa: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn device_option_reaches_check_and_bench() {
+        for argv in [
+            &["ufa", "check", "--device", "cuda:1"][..],
+            &["ufa", "check"],
+            &["ufa", "bench", "--device", "cuda", "--dtype", "f16"],
+            &["ufa", "bench"],
+        ] {
+            Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        }
+        for argv in [
+            &["ufa", "check", "--device", "tpu"][..],
+            &["ufa", "bench", "--device", "cuda:x"],
+        ] {
+            let e = Cli::try_parse_from(argv).err().expect("rejected");
+            assert!(e.to_string().contains("--device"), "{argv:?}: {e}");
         }
     }
 }
