@@ -1,6 +1,9 @@
-//! Times ufa's CUDA forward pass on one problem and prints one JSON line; bench/gpu_sweep.py
-//! runs it beside PyTorch. Usage:
-//!   gpu_bench BATCH SEQLEN HEADS HEAD_DIM CAUSAL(0|1) [DTYPE=bf16] [ITERS=20]
+//! Times ufa's CUDA forward or backward pass on one problem and prints one JSON line;
+//! bench/gpu_sweep.py runs it beside PyTorch. Usage:
+//!   gpu_bench BATCH SEQLEN HEADS HEAD_DIM CAUSAL(0|1) [DTYPE=bf16] [ITERS=20] [PASS=fwd|bwd|bwd-det]
+//! `bwd` times the backward call alone (dQ, dK, dV from a saved forward); its TFLOP/s count
+//! 2.5 times the forward's flops (five matrix products to the forward's two), as
+//! FlashAttention reports them.
 
 use ufa::testing::Case;
 use ufa::{forward_flops, Context, DType};
@@ -8,7 +11,9 @@ use ufa::{forward_flops, Context, DType};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 5 {
-        eprintln!("usage: gpu_bench BATCH SEQLEN HEADS HEAD_DIM CAUSAL(0|1) [DTYPE] [ITERS]");
+        eprintln!(
+            "usage: gpu_bench BATCH SEQLEN HEADS HEAD_DIM CAUSAL(0|1) [DTYPE] [ITERS] [PASS]"
+        );
         std::process::exit(2);
     }
     let n = |i: usize| -> usize {
@@ -24,18 +29,37 @@ fn main() {
     let iters = args
         .get(6)
         .map_or(20, |s| s.parse().expect("ITERS must be a number"));
+    let pass = args.get(7).map_or("fwd", |s| s.as_str());
+    let backward = match pass {
+        "fwd" => false,
+        "bwd" | "bwd-det" => true,
+        other => {
+            eprintln!("PASS must be fwd, bwd or bwd-det, not {other}");
+            std::process::exit(2);
+        }
+    };
     let mut case = Case::new(batch, seqlen, seqlen, heads, head_dim, dtype);
     case.causal = causal;
-    case.with_lse = false;
+    case.with_lse = backward;
+    case.deterministic = pass == "bwd-det";
     let ctx = Context::new().expect("context");
-    let inst = ufa::testing::Instance::new(&case, 1);
-    match inst.time_cuda(&ctx, 0, 3, iters) {
+    let mut inst = ufa::testing::Instance::new(&case, 1);
+    let timed = if backward {
+        inst.time_cuda_backward(&ctx, 0, 3, iters)
+    } else {
+        inst.time_cuda(&ctx, 0, 3, iters)
+    };
+    match timed {
         Ok(ms) => {
-            let flops = forward_flops(batch, heads, seqlen, seqlen, head_dim, head_dim, causal);
+            let fwd = forward_flops(batch, heads, seqlen, seqlen, head_dim, head_dim, causal);
+            let flops = if backward { 2.5 * fwd } else { fwd };
+            // The main kernel: the forward's, or the backward's largest (not a row kernel).
             let kernel = ctx
                 .cuda_module_reports()
-                .first()
+                .iter()
                 .map(|r| r.kernel.clone())
+                .find(|k| k.starts_with(if backward { "ufa_bwd_" } else { "ufa_fwd_" }))
+                .or_else(|| ctx.cuda_module_reports().last().map(|r| r.kernel.clone()))
                 .unwrap_or_default();
             println!(
                 "{{\"batch\":{batch},\"seqlen\":{seqlen},\"heads\":{heads},\"head_dim\":{head_dim},\"causal\":{causal},\

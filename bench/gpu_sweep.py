@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""ufa's CUDA forward pass beside PyTorch's scaled_dot_product_attention with each of its
-backends (flash, cuDNN, efficient), in one run on one card: DESIGN.md's standard sweep (bf16,
-16k tokens in total, hidden 2048, heads = 2048 / head_dim, seqlen 512..16k, head_dim 64/128/256,
-causal and not). Writes gpu_sweep_<date>.{md,csv,png} into --out.
+"""ufa's CUDA forward (or backward) pass beside PyTorch's scaled_dot_product_attention with
+each of its backends (flash, cuDNN, efficient), in one run on one card: DESIGN.md's standard
+sweep (bf16, 16k tokens in total, hidden 2048, heads = 2048 / head_dim, seqlen 512..16k,
+head_dim 64/128/256, causal and not). Writes gpu_sweep_<date>.{md,csv,png} (forward) or
+gpu_sweep_bwd_<date>.* (--pass backward) into --out.
 
 ufa is timed by its Rust bench binary (bench/gpu_bench.rs, built as the `gpu_bench` example),
-PyTorch here, both with CUDA events and the median of --iters calls after warm-up.
+PyTorch here, both with CUDA events and the median of --iters calls after warm-up. The backward
+times the gradient call alone (PyTorch: torch.autograd.grad on a saved graph) and counts 2.5x
+the forward's flops, as FlashAttention does; ufa's deterministic mode gets its own column.
 """
 
 import argparse
@@ -34,13 +37,20 @@ def flops(batch, heads, seqlen, head_dim, causal):
     return f / 2 if causal else f
 
 
-def time_torch(backend, batch, seqlen, heads, head_dim, causal, iters):
+def time_torch(backend, batch, seqlen, heads, head_dim, causal, iters, backward):
     shape = (batch, heads, seqlen, head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+               for _ in range(3))
     with sdpa_kernel([BACKENDS[backend]]):
         try:
+            if backward:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                grad = torch.randn_like(out)
+                call = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+            else:
+                call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             for _ in range(3):
-                F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                call()
             torch.cuda.synchronize()
         except RuntimeError as e:
             return None, str(e).splitlines()[0][:80]
@@ -48,16 +58,16 @@ def time_torch(backend, batch, seqlen, heads, head_dim, causal, iters):
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            call()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
     return statistics.median(times), ""
 
 
-def time_ufa(binary, batch, seqlen, heads, head_dim, causal, iters):
+def time_ufa(binary, batch, seqlen, heads, head_dim, causal, iters, mode):
     r = subprocess.run(
-        [binary, str(batch), str(seqlen), str(heads), str(head_dim), str(int(causal)), "bf16", str(iters)],
+        [binary, str(batch), str(seqlen), str(heads), str(head_dim), str(int(causal)), "bf16", str(iters), mode],
         capture_output=True, text=True)
     if r.returncode != 0:
         return None, r.stderr.strip().splitlines()[-1][:80] if r.stderr.strip() else "failed"
@@ -71,7 +81,11 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--head-dims", default="64,128,256")
+    ap.add_argument("--pass", dest="which", choices=["forward", "backward"], default="forward")
     args = ap.parse_args()
+    backward = args.which == "backward"
+    # ufa's columns: mode passed to gpu_bench.
+    ufa_modes = {"ufa": "bwd", "ufa_det": "bwd-det"} if backward else {"ufa": "fwd"}
 
     card = torch.cuda.get_device_name(0)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -82,25 +96,28 @@ def main():
         for causal in (False, True):
             for seqlen in [int(x) for x in args.seqlens.split(",")]:
                 batch = max(1, 16384 // seqlen)
-                fl = flops(batch, heads, seqlen, head_dim, causal)
+                fl = flops(batch, heads, seqlen, head_dim, causal) * (2.5 if backward else 1.0)
                 row = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch, "heads": heads}
-                ms, note = time_ufa(args.ufa_bench, batch, seqlen, heads, head_dim, causal, args.iters)
-                row["ufa"] = fl / (ms * 1e-3) / 1e12 if ms else None
-                notes = [f"ufa: {note}"] if note else []
+                notes = []
+                for col, mode in ufa_modes.items():
+                    ms, note = time_ufa(args.ufa_bench, batch, seqlen, heads, head_dim, causal, args.iters, mode)
+                    row[col] = fl / (ms * 1e-3) / 1e12 if ms else None
+                    if note:
+                        notes.append(f"{col}: {note}")
                 for name in BACKENDS:
-                    ms_t, note = time_torch(name, batch, seqlen, heads, head_dim, causal, args.iters)
+                    ms_t, note = time_torch(name, batch, seqlen, heads, head_dim, causal, args.iters, backward)
                     row[name] = fl / (ms_t * 1e-3) / 1e12 if ms_t else None
                     if note:
                         notes.append(f"{name}: {note}")
                 row["notes"] = "; ".join(notes)
                 rows.append(row)
                 fmt = lambda x: f"{x:6.1f}" if x else "   n/a"
-                print(f"d{head_dim:<3} {'causal' if causal else 'full  '} s{seqlen:<6} ufa {fmt(row['ufa'])}  "
-                      + "  ".join(f"{n} {fmt(row[n])}" for n in BACKENDS), flush=True)
+                print(f"d{head_dim:<3} {'causal' if causal else 'full  '} s{seqlen:<6} "
+                      + "  ".join(f"{n} {fmt(row[n])}" for n in [*ufa_modes, *BACKENDS]), flush=True)
 
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"gpu_sweep_{now:%Y-%m-%d}")
-    fields = ["head_dim", "causal", "seqlen", "batch", "heads", "ufa", *BACKENDS, "notes"]
+    stem = os.path.join(args.out, f"gpu_sweep_{'bwd_' if backward else ''}{now:%Y-%m-%d}")
+    fields = ["head_dim", "causal", "seqlen", "batch", "heads", *ufa_modes, *BACKENDS, "notes"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -110,15 +127,22 @@ def main():
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"
     fmt = lambda x: f"{x:.1f}" if x else "n/a"
     with open(stem + ".md", "w") as f:
-        f.write(f"# ufa CUDA forward vs PyTorch SDPA (TFLOP/s, bf16)\n\n")
+        f.write(f"# ufa CUDA {args.which} vs PyTorch SDPA (TFLOP/s, bf16)\n\n")
         f.write(f"- date: {now:%Y-%m-%d %H:%M} UTC\n- card: {card}\n- torch: {torch.__version__}\n")
-        f.write(f"- command: `{command}`\n- 16k tokens in total, hidden 2048; median of {args.iters} calls\n\n")
-        f.write("| head_dim | causal | seqlen | batch | ufa | flash | cudnn | efficient | ufa/flash | ufa/cudnn | ufa/efficient |\n")
-        f.write("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+        f.write(f"- command: `{command}`\n- 16k tokens in total, hidden 2048; median of {args.iters} calls\n")
+        if backward:
+            f.write("- backward: the gradient call alone, 2.5x the forward's flops; ufa_det = deterministic mode\n")
+        f.write("\n")
+        cols = [*ufa_modes, *BACKENDS]
+        ratios = [*(["ufa_det/ufa"] if backward else []), "ufa/flash", "ufa/cudnn", "ufa/efficient"]
+        f.write("| head_dim | causal | seqlen | batch | " + " | ".join(cols + ratios) + " |\n")
+        f.write("|" + " --- |" * (4 + len(cols) + len(ratios)) + "\n")
         for r in rows:
-            f.write(f"| {r['head_dim']} | {r['causal']} | {r['seqlen']} | {r['batch']} | {fmt(r['ufa'])} | "
-                    f"{fmt(r['flash'])} | {fmt(r['cudnn'])} | {fmt(r['efficient'])} | {ratio(r['ufa'], r['flash'])} | "
-                    f"{ratio(r['ufa'], r['cudnn'])} | {ratio(r['ufa'], r['efficient'])} |\n")
+            vals = [fmt(r[c]) for c in cols]
+            if backward:
+                vals.append(ratio(r["ufa_det"], r["ufa"]))
+            vals += [ratio(r["ufa"], r[b]) for b in BACKENDS]
+            f.write(f"| {r['head_dim']} | {r['causal']} | {r['seqlen']} | {r['batch']} | " + " | ".join(vals) + " |\n")
         notes = [f"- d{r['head_dim']} {'causal' if r['causal'] else 'full'} s{r['seqlen']}: {r['notes']}" for r in rows if r["notes"]]
         if notes:
             f.write("\nNotes:\n" + "\n".join(notes) + "\n")
@@ -134,7 +158,7 @@ def main():
                 ax = axes[row_i][col]
                 sel = [r for r in rows if r["head_dim"] == d and r["causal"] == causal]
                 xs = [r["seqlen"] for r in sel]
-                for name in ["ufa", *BACKENDS]:
+                for name in [*ufa_modes, *BACKENDS]:
                     ax.plot(xs, [r[name] or float("nan") for r in sel], marker="o", label=name)
                 ax.set_xscale("log", base=2)
                 ax.set_title(f"head_dim {d}, {'causal' if causal else 'non-causal'}")
@@ -142,7 +166,7 @@ def main():
                 ax.set_ylabel("TFLOP/s")
                 ax.grid(True, alpha=0.3)
                 ax.legend()
-        fig.suptitle(f"ufa vs PyTorch SDPA, bf16 forward, {card}, {now:%Y-%m-%d}")
+        fig.suptitle(f"ufa vs PyTorch SDPA, bf16 {args.which}, {card}, {now:%Y-%m-%d}")
         fig.tight_layout()
         fig.savefig(stem + ".png", dpi=80)
     except ImportError:

@@ -152,11 +152,11 @@ impl Target {
                 bar.inc(iters as u64 + 1);
                 Ok((ms, None))
             }
-            // The CUDA backward timing plugs in here, beside time_cuda.
-            (Target::Cuda(n), true) => Err(ufa::Error::unsupported(format!(
-                "--backward --device cuda:{n}: timing the CUDA backward pass is not available \
-                 yet; time it on the CPU (--device cpu)"
-            ))),
+            (Target::Cuda(n), true) => {
+                let ms = inst.time_cuda_backward(ctx, n, 3, iters)?;
+                bar.inc(iters as u64 + 1);
+                Ok((ms, None))
+            }
         }
     }
 }
@@ -378,16 +378,5 @@ mod tests {
         assert_eq!(target(&ctx, DeviceArg::Cpu).unwrap(), Target::Cpu);
         let e = target(&ctx, DeviceArg::All).unwrap_err();
         assert!(e.message().contains("--device all"), "{e}");
-    }
-
-    #[test]
-    fn cuda_backward_is_refused_before_touching_the_gpu() {
-        let ctx = Context::new().unwrap();
-        let mut inst = Instance::new(&Case::new(1, 4, 4, 1, 8, DType::F32), 1);
-        let e = Target::Cuda(0)
-            .time(&ctx, &mut inst, true, 1, &ProgressBar::hidden())
-            .unwrap_err();
-        assert_eq!(e.kind(), ufa::ErrorKind::Unsupported);
-        assert!(e.message().contains("not available yet"), "{e}");
     }
 }

@@ -44,6 +44,37 @@ struct FwdParams {
 
 static_assert(sizeof(FwdParams) == 288, "FwdParams must match its Rust mirror");
 
+// Mirrors `BwdParams` in crates/ufa/src/cuda/backward.rs. `f` describes the forward (its `out`
+// and `lse` are inputs here); the workspace arrays are ufa's own, allocated per call on the
+// caller's stream.
+struct BwdParams {
+    FwdParams f;
+    const void* dout;
+    void* dq;
+    void* dk;
+    void* dv;
+    float* lse2;      // [batch, heads_q, seqlen_q_pad]: LSE in the log2 domain, +inf for rows
+                      // that see no key (so exp2(s - lse2) = 0), +inf past the end
+    float* delta;     // same shape: rowsum(dO * O), 0 past the end
+    float* dq_accum;  // [batch, heads_q, seqlen_q, head_dim] fp32, tensor-core path only
+    int32_t* order;   // [batch, heads_q, num_m_blocks] turn counters, deterministic mode only
+    int64_t do_stride[3];  // batch, seq, head
+    int64_t dq_stride[3];
+    int64_t dk_stride[3];
+    int64_t dv_stride[3];
+    int32_t seqlen_q_pad;  // multiple of 128
+    int32_t block_m;       // query rows per tensor-core m-block (order counters are per block)
+    int32_t num_m_blocks;
+    int32_t deterministic;
+    int32_t dtype_out, dtype_dout, dtype_dq, dtype_dk, dtype_dv, dtype_in;  // DTypeKind
+};
+
+static_assert(sizeof(BwdParams) == 288 + 8 * 8 + 4 * 3 * 8 + 4 * 4 + 6 * 4, "BwdParams must match its Rust mirror");
+
+// Element types chosen at run time, for the memory-bound row kernels where a template per
+// combination of input, output and gradient dtypes would buy nothing.
+enum DTypeKind { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+
 enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_F16 = 2, MASK_BF16 = 3, MASK_F32 = 4 };
 
 // Element types are tags: storage is raw 16-bit patterns, converted with PTX, so no cuda_fp16.h.
@@ -107,6 +138,21 @@ template <> struct Convert<Float32> {
     }
 };
 
+__device__ __forceinline__ float load_as(const void* p, int64_t i, int kind) {
+    switch (kind) {
+        case DT_F16: return half_to_float(((const uint16_t*)p)[i]);
+        case DT_BF16: return bf16_to_float(((const uint16_t*)p)[i]);
+        default: return ((const float*)p)[i];
+    }
+}
+__device__ __forceinline__ void store_as(void* p, int64_t i, int kind, float x) {
+    switch (kind) {
+        case DT_F16: ((uint16_t*)p)[i] = float_to_half(x); break;
+        case DT_BF16: ((uint16_t*)p)[i] = float_to_bf16(x); break;
+        default: ((float*)p)[i] = x; break;
+    }
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -125,11 +171,19 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 // The score transformations beyond scale (softcap, ALiBi, mask), in the order the reference
-// applies them; returns the score in the log2 domain, or -inf for a hidden key.
+// applies them; returns the score in the log2 domain, or -inf for a hidden key. The backward
+// also needs d(score)/d(scale * dot), which only softcap changes: with GRAD it goes to `dfac`.
+template <bool GRAD = false>
 __device__ __forceinline__ float modify_score(const FwdParams& p, float dot, int b, int h, int i,
-                                              int j, float slope) {
+                                              int j, float slope, float* dfac = nullptr) {
     float x = dot * p.scale;
-    if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+    if (p.softcap > 0.f) {
+        const float t = tanhf(x / p.softcap);
+        x = p.softcap * t;
+        if constexpr (GRAD) *dfac = 1.f - t * t;
+    } else if constexpr (GRAD) {
+        *dfac = 1.f;
+    }
     if (p.alibi != nullptr) x -= slope * fabsf((float)(i + p.diag_offset - j));
     if (p.mask_kind != MASK_NONE) {
         const int64_t at = b * p.mask_stride[0] + h * p.mask_stride[1] +

@@ -178,12 +178,31 @@ pub struct Gradients<'a> {
 impl Context {
     /// Gradients of attention with respect to q, k and v, for the same `params` as the forward.
     /// On error nothing is written. The CPU backend is always deterministic (bitwise-identical
-    /// results for every run and thread count), so `params.deterministic` changes nothing there.
+    /// results for every run and thread count), so `params.deterministic` changes nothing there;
+    /// on CUDA it orders the dQ accumulation so that repeated runs are bitwise equal.
     pub fn backward(
         &self,
         inputs: &BackwardInputs<'_>,
         grads: &mut Gradients<'_>,
         params: &AttentionParams<'_>,
+    ) -> Result<()> {
+        // SAFETY: the null stream is CUDA's legacy default stream, always valid.
+        unsafe { self.backward_on_stream(inputs, grads, params, std::ptr::null_mut()) }
+    }
+
+    /// As [`Context::backward`], with CUDA work queued on `stream` (a `CUstream`; null = the
+    /// legacy default stream) and not waited for. The call's workspace is allocated and freed
+    /// in stream order on `stream`. CPU tensors ignore `stream`.
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream of the tensors' device's primary context, and the
+    /// tensors' memory must stay valid until the stream has run the call.
+    pub unsafe fn backward_on_stream(
+        &self,
+        inputs: &BackwardInputs<'_>,
+        grads: &mut Gradients<'_>,
+        params: &AttentionParams<'_>,
+        stream: *mut std::ffi::c_void,
     ) -> Result<()> {
         let args = BackwardArgs {
             q: &inputs.q,
@@ -199,7 +218,7 @@ impl Context {
         let problem = validate_backward(&args, params)?;
         match problem.fwd.device {
             Device::Cpu => self.cpu.backward(&problem),
-            Device::Cuda(_) => self.cuda.backward(&problem),
+            Device::Cuda(_) => self.cuda.backward(&problem, stream),
         }
     }
 }

@@ -347,6 +347,8 @@ pub(crate) struct BackwardProblem {
     pub dk: Operand,
     /// [batch, seqlen_kv, heads_kv, head_dim_v]
     pub dv: Operand,
+    /// Bitwise-reproducible results wanted (AttentionParams::deterministic).
+    pub deterministic: bool,
 }
 
 /// The tensors of a backward call.
@@ -410,6 +412,7 @@ pub(crate) fn validate_backward(
         dq: op(a.dq),
         dk: op(a.dk),
         dv: op(a.dv),
+        deterministic: params.deterministic,
     })
 }
 

@@ -60,6 +60,8 @@ pub struct Case {
     /// Placement of q, k, v and out.
     pub placement: [Placement; 4],
     pub with_lse: bool,
+    /// AttentionParams::deterministic (only the CUDA backward reads it).
+    pub deterministic: bool,
 }
 
 impl Case {
@@ -91,6 +93,7 @@ impl Case {
             mask: None,
             placement: [Placement::Contiguous; 4],
             with_lse: true,
+            deterministic: false,
         }
     }
 
@@ -411,7 +414,8 @@ fn params_of<'a>(
         .causal(c.causal)
         .causal_alignment(c.alignment)
         .window(c.window.0, c.window.1)
-        .softcap(c.softcap);
+        .softcap(c.softcap)
+        .deterministic(c.deterministic);
     p.softmax_scale = c.scale;
     if let Some(a) = alibi {
         p = p.alibi_slopes(a.view()?);
@@ -527,34 +531,8 @@ impl Instance {
     /// Runs the backward pass on `ctx` after the forward (which must have produced the LSE):
     /// dO is drawn from the instance's seed, the gradients start as NaN.
     pub fn run_backward(&mut self, ctx: &Context) -> Result<()> {
-        let c = self.case.clone();
-        let grads = self.grads.get_or_insert_with(|| {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x9e37_79b9_7f4a_7c15);
-            GradTensors {
-                dout: Tensor::random4(
-                    [c.batch, c.seqlen_q, c.heads_q, c.head_dim_v],
-                    Placement::Contiguous,
-                    c.dtype,
-                    &mut rng,
-                    1.0,
-                ),
-                dq: Tensor::poisoned4(
-                    [c.batch, c.seqlen_q, c.heads_q, c.head_dim],
-                    c.placement[0],
-                    c.dtype,
-                ),
-                dk: Tensor::poisoned4(
-                    [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim],
-                    c.placement[1],
-                    c.dtype,
-                ),
-                dv: Tensor::poisoned4(
-                    [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim_v],
-                    c.placement[2],
-                    c.dtype,
-                ),
-            }
-        });
+        self.grad_tensors();
+        let grads = self.grads.as_mut().expect("created above");
         let lse = self
             .lse
             .as_ref()
@@ -583,6 +561,39 @@ impl Instance {
                 .view_mut(&grads.dv.shape, &grads.dv.strides)?,
         };
         ctx.backward(&inputs, &mut out, &params)
+    }
+
+    /// dO (random, from the seed) and the NaN-poisoned gradient tensors, made on first use.
+    fn grad_tensors(&mut self) -> &mut GradTensors {
+        let c = &self.case;
+        let seed = self.seed;
+        self.grads.get_or_insert_with(|| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
+            GradTensors {
+                dout: Tensor::random4(
+                    [c.batch, c.seqlen_q, c.heads_q, c.head_dim_v],
+                    Placement::Contiguous,
+                    c.dtype,
+                    &mut rng,
+                    1.0,
+                ),
+                dq: Tensor::poisoned4(
+                    [c.batch, c.seqlen_q, c.heads_q, c.head_dim],
+                    c.placement[0],
+                    c.dtype,
+                ),
+                dk: Tensor::poisoned4(
+                    [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim],
+                    c.placement[1],
+                    c.dtype,
+                ),
+                dv: Tensor::poisoned4(
+                    [c.batch, c.seqlen_kv, c.heads_kv, c.head_dim_v],
+                    c.placement[2],
+                    c.dtype,
+                ),
+            }
+        })
     }
 
     /// The f64 reference gradients for this case and the dO of [`Instance::run_backward`]:
@@ -824,13 +835,18 @@ pub fn standard_cases() -> Vec<Case> {
 /// The same cases on a CUDA device: inputs are uploaded, outputs (poisoned on the host first,
 /// so the poison travels) downloaded and compared exactly as on the CPU.
 pub mod cuda {
-    use super::{params_of, Case, Comparison, Instance, Storage, Tensor};
+    use super::{
+        params_of, Case, Comparison, GradComparison, GradTensors, Instance, Storage, Tensor,
+    };
     pub use crate::cuda::{
         compile_all_variants, nvrtc_version, CompileReport, ModuleReport, CACHE_DIR_ENV,
         NVRTC_PATH_ENV,
     };
     use crate::cuda::{synchronize, time_ms, DeviceBuffer};
-    use crate::{Context, Device, Result, TensorView, TensorViewMut};
+    use crate::{
+        AttentionParams, BackwardInputs, Context, Device, Gradients, Result, TensorView,
+        TensorViewMut,
+    };
 
     fn bytes(s: &Storage) -> &[u8] {
         fn raw<T>(v: &[T]) -> &[u8] {
@@ -894,6 +910,12 @@ pub mod cuda {
             }
         }
 
+        fn download(&self) -> Result<Vec<u8>> {
+            let mut b = vec![0u8; self.buf.bytes];
+            self.buf.download(&mut b)?;
+            Ok(b)
+        }
+
         fn view_mut(&self) -> Result<TensorViewMut<'_>> {
             let v = self.view()?;
             // SAFETY: as above; the buffer is this test's own.
@@ -934,13 +956,17 @@ pub mod cuda {
             })
         }
 
+        /// The case's parameters with the device copies of its ALiBi slopes and mask.
+        fn params(&self, case: &Case) -> Result<AttentionParams<'_>> {
+            let mut params = params_of(case, None, None)?;
+            params.alibi_slopes = self.alibi.as_ref().map(|a| a.view()).transpose()?;
+            params.mask = self.mask.as_ref().map(|m| m.view()).transpose()?;
+            Ok(params)
+        }
+
         /// Queues the forward pass on the legacy default stream.
         fn launch(&self, ctx: &Context, case: &Case) -> Result<()> {
-            let mut params = params_of(case, None, None)?;
-            let alibi = self.alibi.as_ref().map(|a| a.view()).transpose()?;
-            let mask = self.mask.as_ref().map(|m| m.view()).transpose()?;
-            params.alibi_slopes = alibi;
-            params.mask = mask;
+            let params = self.params(case)?;
             let mut out = self.out.view_mut()?;
             let mut lse = self.lse.as_ref().map(|l| l.view_mut()).transpose()?;
             // SAFETY: the null stream; the buffers live until after the synchronisation.
@@ -955,6 +981,49 @@ pub mod cuda {
                     std::ptr::null_mut(),
                 )
             }
+        }
+
+        /// Queues the backward pass on the legacy default stream.
+        fn launch_backward(&self, ctx: &Context, case: &Case, g: &DeviceGrads<'_>) -> Result<()> {
+            let params = self.params(case)?;
+            let lse = self
+                .lse
+                .as_ref()
+                .ok_or_else(|| crate::Error::invalid("the backward needs a case with_lse"))?;
+            let inputs = BackwardInputs {
+                q: self.q.view()?,
+                k: self.k.view()?,
+                v: self.v.view()?,
+                out: self.out.view()?,
+                dout: g.dout.view()?,
+                lse: lse.view()?,
+            };
+            let mut grads = Gradients {
+                dq: g.dq.view_mut()?,
+                dk: g.dk.view_mut()?,
+                dv: g.dv.view_mut()?,
+            };
+            // SAFETY: as above.
+            unsafe { ctx.backward_on_stream(&inputs, &mut grads, &params, std::ptr::null_mut()) }
+        }
+    }
+
+    /// Device copies of the backward's dO and of its (poisoned) gradient tensors.
+    struct DeviceGrads<'g> {
+        dout: OnDevice<'g>,
+        dq: OnDevice<'g>,
+        dk: OnDevice<'g>,
+        dv: OnDevice<'g>,
+    }
+
+    impl<'g> DeviceGrads<'g> {
+        fn new(g: &'g GradTensors, ordinal: u32) -> Result<Self> {
+            Ok(DeviceGrads {
+                dout: OnDevice::new(&g.dout, ordinal)?,
+                dq: OnDevice::new(&g.dq, ordinal)?,
+                dk: OnDevice::new(&g.dk, ordinal)?,
+                dv: OnDevice::new(&g.dv, ordinal)?,
+            })
         }
     }
 
@@ -984,6 +1053,25 @@ pub mod cuda {
             Ok(())
         }
 
+        /// Runs the forward and then the backward on CUDA device `ordinal` and brings the
+        /// outputs and gradients back to the host.
+        pub fn run_backward_cuda(&mut self, ctx: &Context, ordinal: u32) -> Result<()> {
+            self.run_cuda(ctx, ordinal)?;
+            self.grad_tensors();
+            let grads = {
+                let dev = DeviceInstance::new(self, ordinal)?;
+                let g = DeviceGrads::new(self.grads.as_ref().expect("made above"), ordinal)?;
+                dev.launch_backward(ctx, &self.case, &g)?;
+                synchronize(ordinal)?;
+                [g.dq.download()?, g.dk.download()?, g.dv.download()?]
+            };
+            let g = self.grads.as_mut().expect("made above");
+            for (t, b) in [&mut g.dq, &mut g.dk, &mut g.dv].into_iter().zip(grads) {
+                bytes_mut(&mut t.storage).copy_from_slice(&b);
+            }
+            Ok(())
+        }
+
         /// Median GPU milliseconds of one forward call over `iters` timed calls (after
         /// `warmup` untimed ones, which also compile or load the kernel).
         pub fn time_cuda(
@@ -994,16 +1082,62 @@ pub mod cuda {
             iters: usize,
         ) -> Result<f64> {
             let dev = DeviceInstance::new(self, ordinal)?;
-            for _ in 0..warmup {
-                dev.launch(ctx, &self.case)?;
+            median_ms(ordinal, warmup, iters, || dev.launch(ctx, &self.case))
+        }
+
+        /// As [`Instance::time_cuda`] for the backward call (dQ, dK, dV from the forward's
+        /// output and LSE, which run once first).
+        pub fn time_cuda_backward(
+            &mut self,
+            ctx: &Context,
+            ordinal: u32,
+            warmup: usize,
+            iters: usize,
+        ) -> Result<f64> {
+            self.run_cuda(ctx, ordinal)?;
+            self.grad_tensors();
+            let dev = DeviceInstance::new(self, ordinal)?;
+            let g = DeviceGrads::new(self.grads.as_ref().expect("made above"), ordinal)?;
+            median_ms(ordinal, warmup, iters, || {
+                dev.launch_backward(ctx, &self.case, &g)
+            })
+        }
+    }
+
+    fn median_ms(
+        ordinal: u32,
+        warmup: usize,
+        iters: usize,
+        mut launch: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        for _ in 0..warmup {
+            launch()?;
+        }
+        synchronize(ordinal)?;
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters.max(1) {
+            times.push(time_ms(ordinal, &mut launch)? as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    /// Whether a CUDA device is here (listing them); without one, says so and returns false,
+    /// unless `UFA_REQUIRE_GPU=1` (set by scripts/gpu-check), which makes that a panic.
+    pub fn gpu_present(ctx: &Context) -> bool {
+        match ctx.cuda_devices() {
+            Ok(d) if !d.is_empty() => {
+                println!("{}", d.join("\n"));
+                true
             }
-            synchronize(ordinal)?;
-            let mut times = Vec::with_capacity(iters);
-            for _ in 0..iters.max(1) {
-                times.push(time_ms(ordinal, || dev.launch(ctx, &self.case))? as f64);
+            other => {
+                assert!(
+                    std::env::var("UFA_REQUIRE_GPU").map_or(true, |v| v != "1"),
+                    "UFA_REQUIRE_GPU=1 but no CUDA device: {other:?}"
+                );
+                println!("no CUDA device ({other:?}); GPU checks skipped");
+                false
             }
-            times.sort_by(f64::total_cmp);
-            Ok(times[times.len() / 2])
         }
     }
 
@@ -1018,6 +1152,21 @@ pub mod cuda {
         let mut inst = Instance::new(case, seed);
         inst.run_cuda(ctx, ordinal)?;
         Ok(inst.compare(&inst.reference()?))
+    }
+
+    /// Runs forward and backward of `case` (with the LSE) on CUDA device `ordinal` and
+    /// compares the gradients with the f64 reference, as [`super::check_grads`] does on CPU.
+    pub fn check_grads_cuda(
+        ctx: &Context,
+        case: &Case,
+        seed: u64,
+        ordinal: u32,
+    ) -> Result<GradComparison> {
+        let mut case = case.clone();
+        case.with_lse = true;
+        let mut inst = Instance::new(&case, seed);
+        inst.run_backward_cuda(ctx, ordinal)?;
+        Ok(inst.compare_grads(&inst.reference_grads()?))
     }
 }
 

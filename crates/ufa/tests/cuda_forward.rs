@@ -11,20 +11,7 @@ use ufa::{
 
 /// Whether a GPU is here; without one, checks the error a CUDA call gets and says so.
 fn gpu(ctx: &Context) -> bool {
-    match ctx.cuda_devices() {
-        Ok(d) if !d.is_empty() => {
-            println!("{}", d.join("\n"));
-            true
-        }
-        other => {
-            assert!(
-                std::env::var("UFA_REQUIRE_GPU").map_or(true, |v| v != "1"),
-                "UFA_REQUIRE_GPU=1 but no CUDA device: {other:?}"
-            );
-            println!("no CUDA device ({other:?}); GPU checks skipped");
-            false
-        }
-    }
+    ufa::testing::cuda::gpu_present(ctx)
 }
 
 /// Runs every case, prints one line each, and fails listing every case that missed.

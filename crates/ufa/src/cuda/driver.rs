@@ -312,6 +312,32 @@ impl Drop for DeviceBuffer {
     }
 }
 
+/// Scratch memory for one call, allocated and freed in stream order on the caller's stream, so
+/// that neither waits for the GPU (the driver's pool recycles it between calls).
+pub(crate) struct StreamBuffer {
+    pub ptr: CUdeviceptr,
+    stream: CUstream,
+}
+
+impl StreamBuffer {
+    /// # Safety
+    /// `stream` is null or a live stream of the current context, which stays current until the
+    /// buffer is dropped.
+    pub unsafe fn new(bytes: usize, stream: CUstream) -> Result<StreamBuffer> {
+        let ptr = cu::malloc_async(stream, bytes.max(1))
+            .map_err(|e| driver_error("cuMemAllocAsync (backward workspace)", e))?;
+        Ok(StreamBuffer { ptr, stream })
+    }
+}
+
+impl Drop for StreamBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated on this stream and freed once, after the work queued on it. Errors
+        // are ignored: Drop must not panic.
+        let _ = unsafe { cu::free_async(self.ptr, self.stream) };
+    }
+}
+
 /// Waits for all work of `ordinal`'s primary context.
 pub(crate) fn synchronize(ordinal: u32) -> Result<()> {
     let _ctx = driver()?.enter(ordinal)?;

@@ -5,12 +5,15 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::problem::Problem;
+use crate::problem::{Operand, Problem};
 use std::ffi::c_void;
 
 pub(crate) const COMMON_SOURCE: &str = include_str!("../../kernels/common.cuh");
+pub(crate) const MMA_COMMON_SOURCE: &str = include_str!("../../kernels/mma.cuh");
 pub(crate) const MMA_SOURCE: &str = include_str!("../../kernels/flash_fwd.cu");
 pub(crate) const SIMPLE_SOURCE: &str = include_str!("../../kernels/attention_simple.cu");
+pub(crate) const BWD_MMA_SOURCE: &str = include_str!("../../kernels/flash_bwd.cu");
+pub(crate) const BWD_ROWS_SOURCE: &str = include_str!("../../kernels/backward_rows.cu");
 
 /// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
 pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
@@ -136,6 +139,123 @@ pub(crate) enum Variant {
     },
     /// CUDA cores, any head dims up to 512, any output dtype, any strides.
     Simple { input: DType, output: DType },
+    /// The backward on tensor cores: dK/dV per key block, dQ into an fp32 buffer.
+    BwdMma {
+        dtype: DType,
+        tile: BwdTile,
+        score_mod: bool,
+    },
+    /// One of the backward's row kernels (dtypes read at run time).
+    BwdRows(RowKernel),
+}
+
+/// The backward's row kernels (kernels/backward_rows.cu), each one warp per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum RowKernel {
+    /// D = rowsum(dO ∘ O), LSE in log2, workspace zeroing.
+    Preprocess,
+    /// The fp32 dQ buffer to dQ.
+    ConvertDq,
+    /// CUDA-core dQ, one warp per query row.
+    Dq,
+    /// CUDA-core dK and dV, one warp per key row.
+    DkDv,
+}
+
+impl RowKernel {
+    pub const ALL: [RowKernel; 4] = [
+        RowKernel::Preprocess,
+        RowKernel::ConvertDq,
+        RowKernel::Dq,
+        RowKernel::DkDv,
+    ];
+
+    fn function(self) -> &'static str {
+        match self {
+            RowKernel::Preprocess => "bwd_preprocess",
+            RowKernel::ConvertDq => "bwd_convert_dq",
+            RowKernel::Dq => "bwd_rows_dq",
+            RowKernel::DkDv => "bwd_rows_dkdv",
+        }
+    }
+}
+
+/// Warps of the row kernels' blocks; `kRowWarps` in backward_rows.cu.
+pub(crate) const ROW_WARPS: u32 = 4;
+
+/// Tile sizes of one tensor-core backward variant; see [`bwd_tile_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct BwdTile {
+    pub head_dim: u32,
+    /// Query rows per step.
+    pub block_m: u32,
+    /// Keys per thread block.
+    pub block_n: u32,
+    pub warps: u32,
+    /// Q/dO buffers: 2 overlaps the next query block's loads with this one's math.
+    pub stages: u32,
+    pub min_blocks: u32,
+}
+
+impl BwdTile {
+    /// Dynamic shared memory: K, V, `stages` × (Q, dO), Pᵀ and dSᵀ (16-bit, rows padded by 8
+    /// elements), then fp32 LSE and D per stage; `BwdTileConfig::kSmemElems` in flash_bwd.cu.
+    pub fn smem_bytes(&self) -> u32 {
+        let pitch = self.head_dim + 8;
+        let elems = 2 * self.block_n * pitch
+            + self.stages * 2 * self.block_m * pitch
+            + 2 * self.block_n * (self.block_m + 8);
+        elems * 2 + self.stages * 2 * self.block_m * 4
+    }
+
+    /// Whether the kernel template's static_asserts accept this shape.
+    pub fn is_valid(&self) -> bool {
+        let (m, n, w, d) = (self.block_m, self.block_n, self.warps, self.head_dim);
+        let key_tiles = n / 16;
+        let row_tiles = m / 16;
+        if n == 0 || m == 0 || n % 16 != 0 || m % 16 != 0 || w % key_tiles != 0 {
+            return false;
+        }
+        if w % row_tiles != 0 || !(1..=2).contains(&self.stages) || m > 128 || 32 * w < m / 2 {
+            return false;
+        }
+        let warps_m = w / key_tiles;
+        let warps_d = w / row_tiles;
+        (m / warps_m) % 16 == 0 && (d / warps_m) % 16 == 0 && (d / warps_d) % 16 == 0
+    }
+}
+
+/// The backward tile table (first cut, H100, 2026-11-26; bench/results/gpu_*):
+/// - head dims up to 128: 128 keys a block (8 warps of 16 key rows), 64 query rows a step: each
+///   warp keeps 16 × head_dim of dK and of dV in registers, the FlashAttention-2 shape.
+/// - larger head dims: 64 keys, the 8 warps split the head dim in two for dK/dV (registers).
+/// - two Q/dO stages where shared memory allows; devices with less (sm_86/89) drop to one,
+///   then halve the blocks.
+pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
+    if !MMA_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let small = head_dim <= 128;
+    let mut tile = BwdTile {
+        head_dim: head_dim as u32,
+        block_m: 64,
+        block_n: if small { 128 } else { 64 },
+        warps: 8,
+        stages: 2,
+        min_blocks: 1,
+    };
+    while tile.smem_bytes() > max_smem {
+        if tile.stages == 2 {
+            tile.stages = 1;
+        } else if tile.block_n > 64 {
+            tile.block_n = 64;
+        } else if tile.block_m > 32 {
+            tile.block_m = 32;
+        } else {
+            return None;
+        }
+    }
+    tile.is_valid().then_some(tile)
 }
 
 fn type_tag(d: DType) -> &'static str {
@@ -191,6 +311,21 @@ impl Variant {
                 if score_mod { "_mod" } else { "" }
             ),
             Variant::Simple { input, output } => format!("ufa_simple_{input}_{output}"),
+            Variant::BwdMma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => format!(
+                "ufa_bwd_{dtype}_d{}_m{}_n{}_w{}_s{}_b{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.warps,
+                t.stages,
+                t.min_blocks,
+                if score_mod { "_mod" } else { "" }
+            ),
+            Variant::BwdRows(k) => format!("ufa_{}", k.function()),
         }
     }
 
@@ -198,21 +333,35 @@ impl Variant {
         match self {
             Variant::Mma { tile, .. } => tile.warps * 32,
             Variant::Simple { .. } => SIMPLE_WARPS * 32,
+            Variant::BwdMma { tile, .. } => tile.warps * 32,
+            Variant::BwdRows(_) => ROW_WARPS * 32,
         }
     }
 
     pub fn dynamic_smem(&self) -> u32 {
         match self {
             Variant::Mma { tile, .. } => tile.smem_bytes(),
-            Variant::Simple { .. } => 0,
+            Variant::BwdMma { tile, .. } => tile.smem_bytes(),
+            Variant::Simple { .. } | Variant::BwdRows(_) => 0,
         }
     }
 
-    /// Query rows one block computes.
+    /// Rows (query rows for the forward, keys for the backward's tensor-core kernel, query
+    /// or key rows for the row kernels) one block computes.
     pub fn rows_per_block(&self) -> u32 {
         match self {
             Variant::Mma { tile, .. } => tile.block_m,
             Variant::Simple { .. } => SIMPLE_WARPS,
+            Variant::BwdMma { tile, .. } => tile.block_n,
+            Variant::BwdRows(_) => ROW_WARPS,
+        }
+    }
+
+    /// The C type of the kernel's one parameter.
+    pub fn params_type(&self) -> &'static str {
+        match self {
+            Variant::Mma { .. } | Variant::Simple { .. } => "FwdParams",
+            Variant::BwdMma { .. } | Variant::BwdRows(_) => "BwdParams",
         }
     }
 
@@ -220,39 +369,59 @@ impl Variant {
     /// the generated entry point.
     pub fn source(&self) -> String {
         let name = self.kernel_name();
-        let (body, entry) = match *self {
+        let threads = self.threads();
+        let (bodies, min_blocks, call): (&[&str], u32, String) = match *self {
             Variant::Mma {
                 dtype,
                 tile: t,
                 score_mod,
             } => (
-                MMA_SOURCE,
+                &[MMA_COMMON_SOURCE, MMA_SOURCE],
+                t.min_blocks,
                 format!(
-                    "extern \"C\" __global__ void __launch_bounds__({threads}, {mb}) {name}(const FwdParams p) {{\n  \
-                     flash_fwd<{ty}, TileConfig<{d}, {m}, {n}, {w}, {qr}>, {sm}>(p);\n}}\n",
-                    threads = t.warps * 32,
-                    mb = t.min_blocks,
-                    ty = type_tag(dtype),
-                    d = t.head_dim,
-                    m = t.block_m,
-                    n = t.block_n,
-                    w = t.warps,
-                    qr = t.q_in_regs,
-                    sm = score_mod,
+                    "flash_fwd<{}, TileConfig<{}, {}, {}, {}, {}>, {score_mod}>(p)",
+                    type_tag(dtype),
+                    t.head_dim,
+                    t.block_m,
+                    t.block_n,
+                    t.warps,
+                    t.q_in_regs
                 ),
             ),
             Variant::Simple { input, output } => (
-                SIMPLE_SOURCE,
+                &[SIMPLE_SOURCE],
+                1,
                 format!(
-                    "extern \"C\" __global__ void __launch_bounds__({threads}) {name}(const FwdParams p) {{\n  \
-                     attention_simple<{ti}, {to}>(p);\n}}\n",
-                    threads = SIMPLE_WARPS * 32,
-                    ti = type_tag(input),
-                    to = type_tag(output),
+                    "attention_simple<{}, {}>(p)",
+                    type_tag(input),
+                    type_tag(output)
                 ),
             ),
+            Variant::BwdMma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => (
+                &[MMA_COMMON_SOURCE, BWD_MMA_SOURCE],
+                t.min_blocks,
+                format!(
+                    "flash_bwd<{}, BwdTileConfig<{}, {}, {}, {}, {}>, {score_mod}>(p)",
+                    type_tag(dtype),
+                    t.head_dim,
+                    t.block_m,
+                    t.block_n,
+                    t.warps,
+                    t.stages
+                ),
+            ),
+            Variant::BwdRows(k) => (&[BWD_ROWS_SOURCE], 1, format!("{}(p)", k.function())),
         };
-        format!("{COMMON_SOURCE}\n{body}\n// generated entry point\n{entry}")
+        let params = self.params_type();
+        format!(
+            "{COMMON_SOURCE}\n{}\n// generated entry point\nextern \"C\" __global__ void \
+             __launch_bounds__({threads}, {min_blocks}) {name}(const {params} p) {{\n  {call};\n}}\n",
+            bodies.join("\n")
+        )
     }
 
     /// Every variant the library can launch on a device with `max_smem` bytes a block.
@@ -276,22 +445,44 @@ impl Variant {
                 v.push(Variant::Simple { input, output });
             }
         }
+        for dtype in [DType::F16, DType::BF16] {
+            for d in MMA_HEAD_DIMS {
+                for score_mod in [false, true] {
+                    if let Some(tile) = bwd_tile_for(d, max_smem) {
+                        v.push(Variant::BwdMma {
+                            dtype,
+                            tile,
+                            score_mod,
+                        });
+                    }
+                }
+            }
+        }
+        v.extend(RowKernel::ALL.map(Variant::BwdRows));
         v
     }
 
-    /// Grid (query-row blocks, heads, batch) for `p`.
+    /// Grid (query-row blocks, heads, batch) of the forward kernels for `p`.
     pub fn grid(&self, p: &Problem) -> Result<(u32, u32, u32)> {
-        let rows = self.rows_per_block() as usize;
-        let blocks = p.seqlen_q.div_ceil(rows);
-        if p.heads_q > 65535 || p.batch > 65535 {
-            return Err(Error::unsupported(format!(
-                "the CUDA backend launches one block row per head and batch entry, at most 65535 \
-                 each; got heads_q={} and batch={}",
-                p.heads_q, p.batch
-            )));
-        }
-        Ok((blocks as u32, p.heads_q as u32, p.batch as u32))
+        grid(p.seqlen_q, self.rows_per_block(), p.heads_q, p.batch)
     }
+}
+
+/// Grid of blocks of `rows_per_block` rows over `rows`, one block row per head and batch entry.
+pub(crate) fn grid(
+    rows: usize,
+    rows_per_block: u32,
+    heads: usize,
+    batch: usize,
+) -> Result<(u32, u32, u32)> {
+    if heads > 65535 || batch > 65535 {
+        return Err(Error::unsupported(format!(
+            "the CUDA backend launches one block row per head and batch entry, at most 65535 \
+             each; got heads={heads} and batch={batch}"
+        )));
+    }
+    let blocks = rows.div_ceil(rows_per_block as usize);
+    Ok((blocks as u32, heads as u32, batch as u32))
 }
 
 /// The kernels' parameter block; mirrors `struct FwdParams` in kernels/common.cuh.
@@ -339,7 +530,7 @@ fn mask_kind(d: DType) -> i32 {
 }
 
 /// Strides (batch, seq, head) of a [b, s, h, d] operand, as the kernels index them.
-fn bsh(s: [usize; 4]) -> [i64; 3] {
+pub(crate) fn bsh(s: [usize; 4]) -> [i64; 3] {
     [s[0] as i64, s[1] as i64, s[2] as i64]
 }
 
@@ -347,20 +538,29 @@ fn bsh(s: [usize; 4]) -> [i64; 3] {
 /// pointers aligned, and each stride that matters (its dimension has more than one index) a
 /// multiple of 8 two-byte elements.
 fn rows_aligned16(p: &Problem) -> bool {
-    let dims_q = [p.batch, p.seqlen_q, p.heads_q];
-    let dims_kv = [p.batch, p.seqlen_kv, p.heads_kv];
-    let ok = |ptr: *mut u8, strides: [usize; 4], dims: [usize; 3]| {
-        (ptr as usize).is_multiple_of(16)
-            && (0..3).all(|i| dims[i] == 1 || strides[i].is_multiple_of(8))
-    };
-    ok(p.q.ptr, p.q.strides, dims_q)
-        && ok(p.k.ptr, p.k.strides, dims_kv)
-        && ok(p.v.ptr, p.v.strides, dims_kv)
-        && ok(p.out.ptr, p.out.strides, dims_q)
+    let (q, kv) = query_and_key_dims(p);
+    operands_aligned16(&[(&p.q, q), (&p.k, kv), (&p.v, kv), (&p.out, q)])
+}
+
+/// (batch, seqlen, heads) of the query-side and the key-side operands.
+pub(crate) fn query_and_key_dims(p: &Problem) -> ([usize; 3], [usize; 3]) {
+    (
+        [p.batch, p.seqlen_q, p.heads_q],
+        [p.batch, p.seqlen_kv, p.heads_kv],
+    )
+}
+
+/// [`rows_aligned16`] for a list of operands with their (batch, seqlen, heads).
+pub(crate) fn operands_aligned16(ops: &[(&Operand, [usize; 3])]) -> bool {
+    ops.iter().all(|(o, dims)| {
+        (o.ptr as usize).is_multiple_of(16)
+            && (0..3).all(|i| dims[i] == 1 || o.strides[i].is_multiple_of(8))
+    })
 }
 
 impl FwdParams {
-    pub fn new(p: &Problem, variant: &Variant) -> Result<FwdParams> {
+    /// The parameter block of `p`, for kernels whose blocks cover `rows_per_block` query rows.
+    pub fn new(p: &Problem, rows_per_block: u32) -> Result<FwdParams> {
         if p.seqlen_q >= MAX_SEQLEN || p.seqlen_kv >= MAX_SEQLEN {
             return Err(Error::unsupported(format!(
                 "seqlen_q={} / seqlen_kv={}: the CUDA backend handles sequences shorter than {MAX_SEQLEN}",
@@ -387,7 +587,7 @@ impl FwdParams {
             ),
             None => (std::ptr::null(), [0; 4], 0),
         };
-        let rows = variant.rows_per_block() as usize;
+        let rows = rows_per_block as usize;
         Ok(FwdParams {
             q: p.q.ptr as *const c_void,
             k: p.k.ptr as *const c_void,
@@ -479,13 +679,15 @@ mod tests {
             assert!(v
                 .source()
                 .contains(&format!("void __launch_bounds__({}", v.threads())));
-            assert!(v
-                .source()
-                .contains(&format!(") {}(const FwdParams p)", v.kernel_name())));
+            assert!(v.source().contains(&format!(
+                ") {}(const {} p)",
+                v.kernel_name(),
+                v.params_type()
+            )));
         }
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
-        assert_eq!(all.len(), 2 * 7 * 2 + 9);
+        assert_eq!(all.len(), 2 * 7 * 2 + 9 + 2 * 7 * 2 + 4);
     }
 }

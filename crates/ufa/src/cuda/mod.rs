@@ -3,6 +3,7 @@
 //! memory. CUDA's libraries are loaded at run time (cudarc), so this module builds everywhere;
 //! where they are missing every call returns a clear error and the CPU path is untouched.
 
+mod backward;
 mod cache;
 mod driver;
 mod kernels;
@@ -141,12 +142,50 @@ impl CudaBackend {
         Ok(k)
     }
 
-    pub fn backward(&self, p: &BackwardProblem) -> Result<()> {
-        Err(Error::unsupported(format!(
-            "tensors are on {}: the CUDA backward pass is not implemented yet; run the backward \
-             on CPU tensors",
-            p.fwd.device
-        )))
+    pub fn backward(&self, p: &BackwardProblem, stream: *mut c_void) -> Result<()> {
+        no_panic("running the backward on CUDA", || {
+            self.backward_inner(p, stream)
+        })
+    }
+
+    fn backward_inner(&self, p: &BackwardProblem, stream: *mut c_void) -> Result<()> {
+        let (ordinal, dev) = usable_device(&p.fwd)?;
+        let _ctx = driver::driver()?.enter(ordinal)?;
+        let mut tensors = tensors_of(&p.fwd);
+        tensors.extend([
+            ("dout", p.dout.ptr),
+            ("dq", p.dq.ptr),
+            ("dk", p.dk.ptr),
+            ("dv", p.dv.ptr),
+        ]);
+        check_pointers(&tensors, ordinal)?;
+        let plan = backward::Plan::select(p, dev.max_smem_per_block);
+        let launches = backward::launches(p, &plan)?;
+        let kernels = launches
+            .iter()
+            .map(|l| self.kernel(ordinal, &dev.arch(), l.variant))
+            .collect::<Result<Vec<_>>>()?;
+        let stream = stream as driver::CUstream;
+        // SAFETY: `stream` is the caller's (null or live on this context, per the API's
+        // contract); the buffer is dropped while the context is still current.
+        let workspace = unsafe { driver::StreamBuffer::new(plan.workspace(p).bytes, stream)? };
+        let params = backward::BwdParams::new(p, &plan, workspace.ptr)?;
+        for (l, k) in launches.iter().zip(&kernels) {
+            // SAFETY: the parameter block mirrors the kernels'; every tensor pointer was
+            // checked to be device memory of this device, the workspace holds the layout
+            // `params` describes, and validation bounds every index by the views' spans.
+            unsafe {
+                driver::launch(
+                    k,
+                    l.grid,
+                    l.variant.threads(),
+                    l.variant.dynamic_smem(),
+                    stream,
+                    &params,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     pub fn forward(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
@@ -154,36 +193,15 @@ impl CudaBackend {
     }
 
     fn forward_inner(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
-        let crate::device::Device::Cuda(ordinal) = p.device else {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                "CUDA backend given a CPU problem",
-            ));
-        };
-        let d = driver::driver()?;
-        let dev = d.device(ordinal)?;
-        if dev.compute_capability.0 < 8 {
-            return Err(Error::unsupported(format!(
-                "cuda:{ordinal} ({}) has compute capability {}.{}; ufa's kernels need 8.0 or newer",
-                dev.name, dev.compute_capability.0, dev.compute_capability.1
-            )));
-        }
-        let _ctx = d.enter(ordinal)?;
-        let mut tensors = vec![
-            ("q", p.q.ptr),
-            ("k", p.k.ptr),
-            ("v", p.v.ptr),
-            ("out", p.out.ptr),
-        ];
-        tensors.extend(p.lse.map(|o| ("lse", o.ptr)));
-        tensors.extend(p.alibi.map(|o| ("alibi_slopes", o.ptr)));
-        tensors.extend(p.mask.map(|o| ("mask", o.ptr)));
-        for (name, ptr) in tensors {
-            driver::check_device_pointer(name, ptr, ordinal)?;
-        }
+        let (ordinal, dev) = usable_device(p)?;
+        let _ctx = driver::driver()?.enter(ordinal)?;
+        check_pointers(&tensors_of(p), ordinal)?;
         let variant = Variant::select(p, dev.max_smem_per_block);
-        let params = FwdParams::new(p, &variant)?;
+        let params = FwdParams::new(p, variant.rows_per_block())?;
         let grid = variant.grid(p)?;
+        if grid.0 == 0 {
+            return Ok(());
+        }
         let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
         // SAFETY: the parameter block mirrors the kernel's; every pointer was checked to be
         // device memory of this device, and validation bounds every index by the views' spans.
@@ -198,6 +216,45 @@ impl CudaBackend {
             )
         }
     }
+}
+
+/// The CUDA device of `p`, if ufa's kernels can run on it.
+fn usable_device(p: &Problem) -> Result<(u32, &'static driver::DeviceInfo)> {
+    let crate::device::Device::Cuda(ordinal) = p.device else {
+        return Err(Error::new(
+            ErrorKind::Internal,
+            "CUDA backend given a CPU problem",
+        ));
+    };
+    let dev = driver::driver()?.device(ordinal)?;
+    if dev.compute_capability.0 < 8 {
+        return Err(Error::unsupported(format!(
+            "cuda:{ordinal} ({}) has compute capability {}.{}; ufa's kernels need 8.0 or newer",
+            dev.name, dev.compute_capability.0, dev.compute_capability.1
+        )));
+    }
+    Ok((ordinal, dev))
+}
+
+/// The forward problem's tensors by argument name.
+fn tensors_of(p: &Problem) -> Vec<(&'static str, *mut u8)> {
+    let mut tensors = vec![
+        ("q", p.q.ptr),
+        ("k", p.k.ptr),
+        ("v", p.v.ptr),
+        ("out", p.out.ptr),
+    ];
+    tensors.extend(p.lse.map(|o| ("lse", o.ptr)));
+    tensors.extend(p.alibi.map(|o| ("alibi_slopes", o.ptr)));
+    tensors.extend(p.mask.map(|o| ("mask", o.ptr)));
+    tensors
+}
+
+fn check_pointers(tensors: &[(&'static str, *mut u8)], ordinal: u32) -> Result<()> {
+    for &(name, ptr) in tensors {
+        driver::check_device_pointer(name, ptr, ordinal)?;
+    }
+    Ok(())
 }
 
 /// The cubin of `variant` for `arch`: from the disk cache, else compiled (and cached).
@@ -234,10 +291,13 @@ pub struct CompileReport {
 /// is returned with its log.
 pub fn compile_all_variants(arch: &str) -> Result<Vec<CompileReport>> {
     let nv = nvrtc::nvrtc()?;
-    let smem = if arch.starts_with("sm_8") && arch != "sm_80" && arch != "sm_87" {
-        101_376
-    } else {
-        166_912
+    // Each architecture's largest opt-in shared memory a block, so that the variants compiled
+    // are the ones its devices select.
+    let smem = match arch {
+        "sm_80" | "sm_87" => 166_912,
+        a if a.starts_with("sm_8") => 101_376,
+        a if a.starts_with("sm_90") => 232_448,
+        _ => 101_376,
     };
     let variants = Variant::all(smem);
     let results: Vec<Result<CompileReport>> = std::thread::scope(|s| {

@@ -1,0 +1,261 @@
+//! The CUDA backward pass: which kernels run a problem, their parameter block and workspace.
+//!
+//! Every call runs the row preprocessing (D = rowsum(dO ∘ O), the LSE in log2), then either the
+//! tensor-core kernel (dK/dV per key block, dQ into an fp32 buffer) and the dQ conversion, or
+//! the two CUDA-core row kernels. The workspace is allocated on the caller's stream and freed on
+//! it after the last kernel, so nothing waits.
+
+use super::kernels::{
+    bsh, bwd_tile_for, grid, operands_aligned16, query_and_key_dims, BwdTile, FwdParams, RowKernel,
+    Variant, ROW_WARPS,
+};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::problem::BackwardProblem;
+use std::ffi::c_void;
+
+/// LSE and D rows are padded to this many so that every query block's loads stay in bounds.
+pub(crate) const SEQLEN_Q_PAD: usize = 128;
+
+/// The kernels' parameter block; mirrors `struct BwdParams` in kernels/common.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BwdParams {
+    pub f: FwdParams,
+    pub dout: *const c_void,
+    pub dq: *mut c_void,
+    pub dk: *mut c_void,
+    pub dv: *mut c_void,
+    pub lse2: *mut f32,
+    pub delta: *mut f32,
+    pub dq_accum: *mut f32,
+    pub order: *mut i32,
+    pub do_stride: [i64; 3],
+    pub dq_stride: [i64; 3],
+    pub dk_stride: [i64; 3],
+    pub dv_stride: [i64; 3],
+    pub seqlen_q_pad: i32,
+    pub block_m: i32,
+    pub num_m_blocks: i32,
+    pub deterministic: i32,
+    pub dtype_out: i32,
+    pub dtype_dout: i32,
+    pub dtype_dq: i32,
+    pub dtype_dk: i32,
+    pub dtype_dv: i32,
+    pub dtype_in: i32,
+}
+
+/// `DTypeKind` in common.cuh.
+fn dtype_kind(d: DType) -> i32 {
+    match d {
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::F32 | DType::Bool => 0,
+    }
+}
+
+/// How one backward call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// The tensor-core kernel with this variant, then the dQ conversion.
+    Mma(Variant),
+    /// The CUDA-core row kernels.
+    Rows,
+}
+
+impl Plan {
+    /// The tensor-core kernel takes 16-bit inputs with gradients in the same dtype, equal head
+    /// dims of a size it is built for, and rows that start on 16-byte boundaries (the out and dq
+    /// tensors are read and written by the row kernels, so they may be anything).
+    pub fn select(p: &BackwardProblem, max_smem: u32) -> Plan {
+        let f = &p.fwd;
+        let dtype = f.q.dtype;
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let same = [f.k.dtype, f.v.dtype, p.dout.dtype, p.dk.dtype, p.dv.dtype]
+            .iter()
+            .all(|&d| d == dtype);
+        let (q, kv) = query_and_key_dims(f);
+        let aligned = operands_aligned16(&[
+            (&f.q, q),
+            (&f.k, kv),
+            (&f.v, kv),
+            (&p.dout, q),
+            (&p.dk, kv),
+            (&p.dv, kv),
+        ]);
+        let tile = (half && same && aligned && f.head_dim == f.head_dim_v)
+            .then(|| bwd_tile_for(f.head_dim, max_smem))
+            .flatten();
+        match tile {
+            Some(tile) => Plan::Mma(Variant::BwdMma {
+                dtype,
+                tile,
+                score_mod: f.softcap > 0.0 || f.alibi.is_some() || f.mask.is_some(),
+            }),
+            None => Plan::Rows,
+        }
+    }
+
+    fn tile(&self) -> Option<BwdTile> {
+        match self {
+            Plan::Mma(Variant::BwdMma { tile, .. }) => Some(*tile),
+            _ => None,
+        }
+    }
+
+    /// Query blocks of the tensor-core kernel (0 for the row kernels).
+    fn num_m_blocks(&self, p: &BackwardProblem) -> usize {
+        self.tile()
+            .map_or(0, |t| p.fwd.seqlen_q.div_ceil(t.block_m as usize))
+    }
+
+    /// Workspace layout in bytes: LSE2, D, then (tensor cores) the fp32 dQ buffer and (also
+    /// deterministic) the turn counters; each part 256-byte aligned.
+    pub fn workspace(&self, p: &BackwardProblem) -> Workspace {
+        let f = &p.fwd;
+        let rows = f.batch * f.heads_q;
+        let stat =
+            (rows * f.seqlen_q.div_ceil(SEQLEN_Q_PAD) * SEQLEN_Q_PAD * 4).next_multiple_of(256);
+        let (accum, order) = match self {
+            Plan::Mma(_) => (
+                (rows * f.seqlen_q * f.head_dim * 4).next_multiple_of(256),
+                if p.deterministic {
+                    (rows * self.num_m_blocks(p) * 4).next_multiple_of(256)
+                } else {
+                    0
+                },
+            ),
+            Plan::Rows => (0, 0),
+        };
+        Workspace {
+            delta: stat,
+            accum: 2 * stat,
+            order: 2 * stat + accum,
+            bytes: 2 * stat + accum + order,
+            has_accum: accum > 0,
+            has_order: order > 0,
+        }
+    }
+}
+
+/// Offsets of the workspace's parts (LSE2 at 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Workspace {
+    pub delta: usize,
+    pub accum: usize,
+    pub order: usize,
+    pub bytes: usize,
+    pub has_accum: bool,
+    pub has_order: bool,
+}
+
+impl BwdParams {
+    /// The parameter block for `p` run by `plan`, with the workspace at device address `ws`.
+    pub fn new(p: &BackwardProblem, plan: &Plan, ws: u64) -> Result<BwdParams> {
+        let f = &p.fwd;
+        let tile = plan.tile();
+        let layout = plan.workspace(p);
+        let at = |offset: usize| (ws + offset as u64) as *mut f32;
+        Ok(BwdParams {
+            f: FwdParams::new(f, tile.map_or(1, |t| t.block_m))?,
+            dout: p.dout.ptr as *const c_void,
+            dq: p.dq.ptr as *mut c_void,
+            dk: p.dk.ptr as *mut c_void,
+            dv: p.dv.ptr as *mut c_void,
+            lse2: at(0),
+            delta: at(layout.delta),
+            dq_accum: if layout.has_accum {
+                at(layout.accum)
+            } else {
+                std::ptr::null_mut()
+            },
+            order: if layout.has_order {
+                at(layout.order) as *mut i32
+            } else {
+                std::ptr::null_mut()
+            },
+            do_stride: bsh(p.dout.strides),
+            dq_stride: bsh(p.dq.strides),
+            dk_stride: bsh(p.dk.strides),
+            dv_stride: bsh(p.dv.strides),
+            seqlen_q_pad: f.seqlen_q.div_ceil(SEQLEN_Q_PAD) as i32 * SEQLEN_Q_PAD as i32,
+            block_m: tile.map_or(1, |t| t.block_m as i32),
+            num_m_blocks: plan.num_m_blocks(p) as i32,
+            deterministic: p.deterministic as i32,
+            dtype_out: dtype_kind(f.out.dtype),
+            dtype_dout: dtype_kind(p.dout.dtype),
+            dtype_dq: dtype_kind(p.dq.dtype),
+            dtype_dk: dtype_kind(p.dk.dtype),
+            dtype_dv: dtype_kind(p.dv.dtype),
+            dtype_in: dtype_kind(f.q.dtype),
+        })
+    }
+}
+
+/// One kernel launch of a backward call: the variant and its grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Launch {
+    pub variant: Variant,
+    pub grid: (u32, u32, u32),
+}
+
+/// The launches of `plan` for `p`, in order; empty grids are left out (a zero-length sequence
+/// still gets its other gradients written: zeros for dK/dV when no query sees a key, and dQ
+/// from the zeroed buffer).
+pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> {
+    let f = &p.fwd;
+    let rows = |k: RowKernel, n: usize, heads: usize| -> Result<Launch> {
+        Ok(Launch {
+            variant: Variant::BwdRows(k),
+            grid: grid(n, ROW_WARPS, heads, f.batch)?,
+        })
+    };
+    let padded = f.seqlen_q.div_ceil(SEQLEN_Q_PAD) * SEQLEN_Q_PAD;
+    let mut v = vec![rows(RowKernel::Preprocess, padded, f.heads_q)?];
+    match plan {
+        Plan::Mma(variant) => {
+            v.push(Launch {
+                variant: *variant,
+                grid: grid(f.seqlen_kv, variant.rows_per_block(), f.heads_kv, f.batch)?,
+            });
+            v.push(rows(RowKernel::ConvertDq, f.seqlen_q, f.heads_q)?);
+        }
+        Plan::Rows => {
+            v.push(rows(RowKernel::Dq, f.seqlen_q, f.heads_q)?);
+            v.push(rows(RowKernel::DkDv, f.seqlen_kv, f.heads_kv)?);
+        }
+    }
+    v.retain(|l| l.grid.0 > 0 && l.grid.1 > 0 && l.grid.2 > 0);
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::kernels::COMMON_SOURCE;
+
+    #[test]
+    fn params_block_matches_the_kernel_struct() {
+        assert_eq!(std::mem::size_of::<BwdParams>(), 488);
+        assert!(
+            COMMON_SOURCE.contains("sizeof(BwdParams) == 288 + 8 * 8 + 4 * 3 * 8 + 4 * 4 + 6 * 4")
+        );
+    }
+
+    #[test]
+    fn backward_tiles_fit_and_satisfy_the_template() {
+        for d in crate::cuda::kernels::MMA_HEAD_DIMS {
+            for smem in [101_376, 166_912, 232_448] {
+                if let Some(t) = bwd_tile_for(d, smem) {
+                    assert!(t.smem_bytes() <= smem, "{t:?} in {smem}");
+                    assert!(t.is_valid(), "{t:?}");
+                }
+            }
+            // An H100 runs every head dim with two stages.
+            let t = bwd_tile_for(d, 232_448).unwrap();
+            assert_eq!(t.stages, 2, "{t:?}");
+        }
+        assert!(bwd_tile_for(80, 232_448).is_none());
+    }
+}
