@@ -1,33 +1,89 @@
 //! The CPU backward pass: FlashAttention-2's recomputation (P from the saved log-sum-exp, tile
-//! by tile, no attention matrix stored), arranged so that every gradient element is written by
-//! exactly one work item — deterministic for any thread count, with no atomics:
+//! by tile, no attention matrix stored) with its five products per tile, arranged so that the
+//! gradients are bitwise the same for any thread count, with no atomics:
 //!
 //! 1. `delta[i] = rowsum(dO_i ∘ O_i)`.
-//! 2. One item per (batch, KV head, block of keys): loops over the query rows of its GQA group
-//!    and accumulates `dV = Pᵀ dO` and `dK = dSᵀ Q·scale`.
-//! 3. One item per (batch, KV head, block of query rows): loops over keys and accumulates
-//!    `dQ = dS K·scale`.
+//! 2. One item per (batch, KV head, chunk of keys): for each block of its keys, loops over the
+//!    query rows of the GQA group and accumulates `dV = Pᵀ dO` and `dK = dSᵀ Q·scale`, which it
+//!    alone writes, and `dS K` into the chunk's own fp32 partial dQ.
+//! 3. One item per (batch, KV head, block of query rows): sums the chunks' partial dQ in chunk
+//!    order and writes `dQ = scale · Σ dS K`.
 //!
-//! with `P = exp(S − lse)`, `dP = dO Vᵀ`, `dS = P ∘ (dP − delta) ∘ softcap'`.
-//! Step 3 recomputes S and dP, trading two extra products for determinism.
+//! with `S = scale · Q Kᵀ`, `P = exp(S − lse)`, `dP = dO Vᵀ`, `dS = P ∘ (dP − delta) ∘ softcap'`.
+//! The chunking depends on the problem's sizes only. bf16 inputs take the bf16 dot products,
+//! with P and dS rounded to bf16 for the products that consume them (as FlashAttention does on
+//! GPUs); every sum stays fp32.
 
 use super::isa::{run_with, Isa, KernelFn};
 use super::math::{exp, MulAdd};
-use super::microkernel::{accumulate_pv, scores, BK, R};
-use super::parallel::{for_each, for_each_chunk_mut, Exec};
+use super::microkernel::{gemm, Strided, BK, R};
+use super::parallel::{for_each_chunk, for_each_chunk_mut, Exec};
 use super::tile::{apply_score_mods, round_up, row_f32, set_column, widen, RowInfo, TileRows};
-use crate::dtype::{load_row_f32, store_row_f32};
-use crate::error::Result;
+use crate::dtype::{load_row_f32, store_row_f32, DType};
+use crate::error::{Error, Result};
 use crate::problem::{BackwardProblem, Problem};
 
-/// Query rows per block; at most BK, because Pᵀ and dSᵀ use BK as their row stride.
-const BQ: usize = BK;
+/// Query rows per block.
+const BQ: usize = 64;
+/// Key-pass items wanted; problems with fewer (batch × KV head) pairs split their keys into
+/// chunks, each with its own partial dQ.
+const TARGET_ITEMS: usize = 32;
+/// Fewest key blocks per chunk, so that a chunk's partial dQ stays cheap next to its work.
+const MIN_BLOCKS_PER_CHUNK: usize = 4;
+/// Most fp32 elements of partial dQ beyond one chunk per head (which is dQ in fp32).
+const PARTIAL_BUDGET: usize = 32 << 20;
 
+/// How the key pass is cut: chunks of `blocks_per_chunk` key blocks per (batch, KV head).
+struct Plan {
+    rows_per_head: usize,
+    key_blocks: usize,
+    chunks: usize,
+    blocks_per_chunk: usize,
+    /// Elements of one chunk's partial dQ: rows (padded to R) × dp.
+    part_len: usize,
+}
+
+fn plan(p: &Problem, dp: usize) -> Plan {
+    let heads = p.batch * p.heads_kv;
+    let rows_per_head = p.seqlen_q * p.group_size();
+    let key_blocks = p.seqlen_kv.div_ceil(BK);
+    let part_len = round_up(rows_per_head, R) * dp;
+    let affordable = 1 + PARTIAL_BUDGET / heads.saturating_mul(part_len).max(1);
+    let wanted = TARGET_ITEMS
+        .div_ceil(heads)
+        .min(key_blocks / MIN_BLOCKS_PER_CHUNK)
+        .min(affordable)
+        .max(1);
+    let blocks_per_chunk = key_blocks.div_ceil(wanted);
+    Plan {
+        rows_per_head,
+        key_blocks,
+        chunks: key_blocks.div_ceil(blocks_per_chunk),
+        blocks_per_chunk,
+        part_len,
+    }
+}
+
+/// Whether the products take the bf16 dot products: bf16 inputs and gradients of the output,
+/// and a kernel family that has the instructions.
+#[inline(always)]
+fn bf16_path<const BF16: bool>(bp: &BackwardProblem) -> bool {
+    BF16 && cfg!(target_arch = "x86_64")
+        && bp.fwd.q.dtype == DType::BF16
+        && bp.dout.dtype == DType::BF16
+}
+
+/// Per-thread buffers. The fp32 path keeps rows of Q and dO, K and V transposed, and K rows;
+/// the bf16 path keeps the same operands pair-packed (see `bf16.rs`): `*p` packs pairs along
+/// the head dimension, `*i` interleaves pairs of rows.
 struct Scratch {
-    /// Query rows × dp: Q·scale, zero-padded to dp columns.
+    /// Query rows × dp: Q; query rows × dvp: dO.
     q: Vec<f32>,
-    /// Query rows × dvp: dO.
     dout: Vec<f32>,
+    qp: Vec<u32>,
+    dop: Vec<u32>,
+    qi: Vec<u32>,
+    doi: Vec<u32>,
     lse: Vec<f32>,
     delta: Vec<f32>,
     rows: Vec<RowInfo>,
@@ -35,18 +91,21 @@ struct Scratch {
     kt: Vec<f32>,
     vt: Vec<f32>,
     krows: Vec<f32>,
+    kp: Vec<u32>,
+    vp: Vec<u32>,
+    ki: Vec<u32>,
     row: Vec<f32>,
     /// Rows × BK: S then P; dP then dS; the softcap's slope.
     p: Vec<f32>,
     ds: Vec<f32>,
     cap: Vec<f32>,
-    /// BK × BK transposes of P and dS (keys × rows).
-    pt: Vec<f32>,
-    dst: Vec<f32>,
-    /// Gradient accumulators: dK (BK × dp), dV (BK × dvp), dQ (rows × dp).
+    /// bf16 P and dS in row pairs (rows/2 × BK), and dS in key pairs (rows × BK/2).
+    p_rows: Vec<u32>,
+    ds_rows: Vec<u32>,
+    ds_keys: Vec<u32>,
+    /// dK (BK × dp) and dV (BK × dvp) of the current key block.
     acc_k: Vec<f32>,
     acc_v: Vec<f32>,
-    acc_q: Vec<f32>,
     dp: usize,
     dvp: usize,
 }
@@ -54,117 +113,134 @@ struct Scratch {
 impl Scratch {
     fn new(p: &Problem) -> Scratch {
         let (dp, dvp) = (round_up(p.head_dim, 16), round_up(p.head_dim_v, 16));
+        let (d2, dv2) = (p.head_dim.div_ceil(2), p.head_dim_v.div_ceil(2));
         Scratch {
             q: vec![0.0; BQ * dp],
             dout: vec![0.0; BQ * dvp],
+            qp: vec![0; BQ * d2],
+            dop: vec![0; BQ * dv2],
+            qi: vec![0; BQ / 2 * dp],
+            doi: vec![0; BQ / 2 * dvp],
             lse: vec![0.0; BQ],
             delta: vec![0.0; BQ],
             rows: vec![RowInfo::default(); BQ],
             kt: vec![0.0; dp * BK],
             vt: vec![0.0; dvp * BK],
             krows: vec![0.0; BK * dp],
+            kp: vec![0; d2 * BK],
+            vp: vec![0; dv2 * BK],
+            ki: vec![0; BK / 2 * dp],
             row: vec![0.0; dp.max(dvp)],
             p: vec![0.0; BQ * BK],
             ds: vec![0.0; BQ * BK],
             cap: vec![1.0; BQ * BK],
-            pt: vec![0.0; BK * BK],
-            dst: vec![0.0; BK * BK],
+            p_rows: vec![0; BQ / 2 * BK],
+            ds_rows: vec![0; BQ / 2 * BK],
+            ds_keys: vec![0; BQ * BK / 2],
             acc_k: vec![0.0; BK * dp],
             acc_v: vec![0.0; BK * dvp],
-            acc_q: vec![0.0; BQ * dp],
             dp,
             dvp,
         }
     }
 }
 
-/// Loads rows `t` (Q·scale, dO, lse, delta and bookkeeping); returns the union of their bands.
+/// The union of the keys that rows `t` may see by causal/window rules (no memory is read).
 #[inline(always)]
-fn load_rows(
-    bp: &BackwardProblem,
-    delta: &[f32],
-    t: &TileRows,
-    sc: &mut Scratch,
-) -> (usize, usize) {
+fn rows_band(p: &Problem, t: &TileRows) -> (usize, usize) {
+    let g = p.group_size();
+    let (first, last) = (t.row0 / g, (t.row0 + t.nrows - 1) / g);
+    (first..=last).fold((0, 0), |keys, qpos| widen(keys, p.visible_keys(qpos)))
+}
+
+/// Loads rows `t`: Q and dO (fp32, or bf16 pair-packed), lse, delta and bookkeeping.
+#[inline(always)]
+fn load_rows(bp: &BackwardProblem, delta: &[f32], t: &TileRows, sc: &mut Scratch, bf16: bool) {
     let p = &bp.fwd;
     let (d, dv) = (p.head_dim, p.head_dim_v);
     let lse = p
         .lse
         .as_ref()
         .expect("validated backward problems carry the lse");
-    let mut keys = (0, 0);
-    sc.q.fill(0.0);
-    sc.dout.fill(0.0);
+    let q_at = |r: usize| p.q.at([t.batch, t.position(p, r).0, t.position(p, r).1, 0]);
+    let do_at = |r: usize| {
+        bp.dout
+            .at([t.batch, t.position(p, r).0, t.position(p, r).1, 0])
+    };
     for r in 0..t.nrows {
         let info = t.row(p, r);
         let (qpos, head) = (info.qpos, info.head);
         sc.rows[r] = info;
-        keys = widen(keys, info.band);
-        let q = &mut sc.q[r * sc.dp..][..d];
         // SAFETY: indices are within the validated views.
         unsafe {
-            load_row_f32(p.q.dtype, p.q.at([t.batch, qpos, head, 0]), q);
-            load_row_f32(
-                bp.dout.dtype,
-                bp.dout.at([t.batch, qpos, head, 0]),
-                &mut sc.dout[r * sc.dvp..][..dv],
-            );
             sc.lse[r] = *(lse.at([t.batch, head, qpos, 0]) as *const f32);
+            if !bf16 {
+                load_row_f32(p.q.dtype, q_at(r), &mut sc.q[r * sc.dp..][..d]);
+                load_row_f32(bp.dout.dtype, do_at(r), &mut sc.dout[r * sc.dvp..][..dv]);
+            }
         }
-        q.iter_mut().for_each(|x| *x *= p.scale);
         sc.delta[r] = delta[(t.batch * p.heads_q + head) * p.seqlen_q + qpos];
     }
-    keys
+    if bf16 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the bf16 path runs only for bf16 q and dout, within the validated views.
+        unsafe {
+            use super::bf16::{pack_interleaved, pack_row_pairs};
+            let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
+            for r in 0..t.nrows {
+                pack_row_pairs(q_at(r) as *const u16, d, &mut sc.qp[r * d2..][..d2]);
+                pack_row_pairs(do_at(r) as *const u16, dv, &mut sc.dop[r * dv2..][..dv2]);
+            }
+            let q_row = |r: usize| q_at(r) as *const u16;
+            let do_row = |r: usize| do_at(r) as *const u16;
+            pack_interleaved(q_row, t.nrows, d, &mut sc.qi, sc.dp);
+            pack_interleaved(do_row, t.nrows, dv, &mut sc.doi, sc.dvp);
+        }
+    }
 }
 
-/// Packs keys `j0..j0+nk` of K (transposed and as rows) and V (transposed), zero-padded.
+/// Packs keys `j0..j0+nk` of K and V as the products need them, zero-padded to BK keys.
 #[inline(always)]
-fn load_keys(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch, with_rows: bool) {
+fn load_keys(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch, bf16: bool) {
     let (d, dv, dp) = (p.head_dim, p.head_dim_v, sc.dp);
+    let k_at = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]);
+    let v_at = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]);
+    if bf16 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the bf16 path runs only for bf16 k and v; keys j0+jj < seqlen_kv.
+        unsafe {
+            use super::bf16::{pack_interleaved, pack_transposed_pairs};
+            let (k_row, v_row) = (|jj| k_at(jj) as *const u16, |jj| v_at(jj) as *const u16);
+            pack_transposed_pairs(k_row, nk, d, &mut sc.kp);
+            pack_transposed_pairs(v_row, nk, dv, &mut sc.vp);
+            pack_interleaved(k_row, nk, d, &mut sc.ki, dp);
+        }
+        return;
+    }
     sc.kt.fill(0.0);
     sc.vt.fill(0.0);
-    if with_rows {
-        sc.krows.fill(0.0);
-    }
     for jj in 0..nk {
         // SAFETY: key j0+jj < seqlen_kv, within the validated views.
-        let row = unsafe {
-            row_f32(
-                p.k.dtype,
-                p.k.at([t.batch, j0 + jj, t.hkv, 0]),
-                &mut sc.row[..d],
-            )
-        };
+        let row = unsafe { row_f32(p.k.dtype, k_at(jj), &mut sc.row[..d]) };
         set_column(&mut sc.kt, jj, row);
-        if with_rows {
-            sc.krows[jj * dp..][..d].copy_from_slice(row);
-        }
+        sc.krows[jj * dp..][..d].copy_from_slice(row);
         // SAFETY: as above.
-        let row = unsafe {
-            row_f32(
-                p.v.dtype,
-                p.v.at([t.batch, j0 + jj, t.hkv, 0]),
-                &mut sc.row[..dv],
-            )
-        };
+        let row = unsafe { row_f32(p.v.dtype, v_at(jj), &mut sc.row[..dv]) };
         set_column(&mut sc.vt, jj, row);
     }
 }
 
-/// For the loaded rows and keys: P in `sc.p` and dS in `sc.ds` (zero for padding and for keys
-/// a row does not see).
+/// Turns S in `sc.p` and dP in `sc.ds` into P and dS (zero for padding and for keys a row does
+/// not see).
 #[inline(always)]
-fn probabilities_and_ds<M: MulAdd, const C: usize>(
+fn probabilities_and_ds<M: MulAdd>(
     p: &Problem,
     t: &TileRows,
     j0: usize,
     nk: usize,
     sc: &mut Scratch,
 ) {
-    let rows = round_up(t.nrows, R);
-    scores::<M, C>(&sc.q, sc.dp, &sc.kt, &mut sc.p, rows);
-    scores::<M, C>(&sc.dout, sc.dvp, &sc.vt, &mut sc.ds, rows);
-    for r in 0..rows {
+    for r in 0..round_up(t.nrows, R) {
         let (s, ds) = (&mut sc.p[r * BK..][..BK], &mut sc.ds[r * BK..][..BK]);
         if r >= t.nrows || sc.lse[r] == f32::NEG_INFINITY {
             s.fill(0.0); // padding, or a row that sees no key: no gradient flows
@@ -183,119 +259,141 @@ fn probabilities_and_ds<M: MulAdd, const C: usize>(
     }
 }
 
-/// Step 2: dK and dV of one block of keys.
-struct KeyBlock<'a> {
-    bp: &'a BackwardProblem,
-    delta: &'a [f32],
-    batch: usize,
-    hkv: usize,
-    j0: usize,
-    sc: &'a mut Scratch,
-}
-
-impl KernelFn for KeyBlock<'_> {
-    type Output = ();
-    #[inline(always)]
-    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
-        let KeyBlock {
-            bp,
-            delta,
-            batch,
-            hkv,
-            j0,
-            sc,
-        } = self;
-        let p = &bp.fwd;
-        let nk = (p.seqlen_kv - j0).min(BK);
-        let (dp, dvp) = (sc.dp, sc.dvp);
-        sc.acc_k.fill(0.0);
-        sc.acc_v.fill(0.0);
-        let probe = TileRows {
-            batch,
-            hkv,
-            row0: 0,
-            nrows: 0,
-        };
-        load_keys(p, &probe, j0, nk, sc, false);
-        let rows_per_head = p.seqlen_q * p.group_size();
-        for row0 in (0..rows_per_head).step_by(BQ) {
-            let t = TileRows {
-                batch,
-                hkv,
-                row0,
-                nrows: BQ.min(rows_per_head - row0),
-            };
-            let (lo, hi) = load_rows(bp, delta, &t, sc);
-            if lo >= hi || hi <= j0 || lo >= j0 + nk {
-                continue; // no row of this block sees these keys
-            }
-            probabilities_and_ds::<M, C>(p, &t, j0, nk, sc);
-            for r in 0..t.nrows {
-                for c in 0..BK {
-                    sc.pt[c * BK + r] = sc.p[r * BK + c];
-                    sc.dst[c * BK + r] = sc.ds[r * BK + c];
-                }
-            }
-            // dV += Pᵀ dO; dK += dSᵀ (Q·scale)
-            accumulate_pv::<M, C>(&sc.pt, &sc.dout, dvp, &mut sc.acc_v, BK, t.nrows);
-            accumulate_pv::<M, C>(&sc.dst, &sc.q, dp, &mut sc.acc_k, BK, t.nrows);
+/// The five products of one tile (rows `t` against keys `j0..j0+nk`, both loaded): dV and dK
+/// of the keys accumulate in `sc.acc_v` and `sc.acc_k`, `dS K` of the rows in `dq`.
+#[inline(always)]
+fn tile<M: MulAdd, const C: usize>(
+    p: &Problem,
+    t: &TileRows,
+    (j0, nk): (usize, usize),
+    sc: &mut Scratch,
+    dq: &mut [f32],
+    bf16: bool,
+) {
+    let (d, dv, dp, dvp) = (p.head_dim, p.head_dim_v, sc.dp, sc.dvp);
+    let rows = round_up(t.nrows, R);
+    if bf16 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
+        unsafe {
+            let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
+            let (qp, kp) = (Strided::rows(&sc.qp, d2), Strided::rows(&sc.kp, BK));
+            super::bf16::gemm::<false>(qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
+            let (dop, vp) = (Strided::rows(&sc.dop, dv2), Strided::rows(&sc.vp, BK));
+            super::bf16::gemm::<false>(dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
         }
-        for jj in 0..nk {
-            // SAFETY: this item alone owns rows j0..j0+nk of dK and dV for this head.
-            unsafe {
-                store_row_f32(
-                    bp.dk.dtype,
-                    &sc.acc_k[jj * dp..][..p.head_dim],
-                    bp.dk.at([batch, j0 + jj, hkv, 0]),
-                );
-                store_row_f32(
-                    bp.dv.dtype,
-                    &sc.acc_v[jj * dvp..][..p.head_dim_v],
-                    bp.dv.at([batch, j0 + jj, hkv, 0]),
-                );
-            }
+    } else {
+        let (q, kt) = (Strided::rows(&sc.q, dp), Strided::rows(&sc.kt, BK));
+        gemm::<M, C, false>(q, kt, &mut sc.p, BK, [rows, BK, d], p.scale);
+        let (dout, vt) = (Strided::rows(&sc.dout, dvp), Strided::rows(&sc.vt, BK));
+        gemm::<M, C, false>(dout, vt, &mut sc.ds, BK, [rows, BK, dv], 1.0);
+    }
+    probabilities_and_ds::<M>(p, t, j0, nk, sc);
+    if bf16 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        unsafe {
+            use super::bf16::{gemm, pack_probabilities, pack_row_pairs_f32};
+            pack_row_pairs_f32(&sc.p, rows, &mut sc.p_rows);
+            pack_row_pairs_f32(&sc.ds, rows, &mut sc.ds_rows);
+            pack_probabilities(&sc.ds, &mut sc.ds_keys, rows);
+            let n2 = t.nrows.div_ceil(2);
+            // dV += Pᵀ dO; dK += dSᵀ Q
+            let (pt, doi) = (
+                Strided::transposed(&sc.p_rows, BK),
+                Strided::rows(&sc.doi, dvp),
+            );
+            gemm::<true>(pt, doi, &mut sc.acc_v, dvp, [BK, dvp, n2], 1.0);
+            let (dst, qi) = (
+                Strided::transposed(&sc.ds_rows, BK),
+                Strided::rows(&sc.qi, dp),
+            );
+            gemm::<true>(dst, qi, &mut sc.acc_k, dp, [BK, dp, n2], 1.0);
+            // dQ += dS K
+            let (ds, ki) = (
+                Strided::rows(&sc.ds_keys, BK / 2),
+                Strided::rows(&sc.ki, dp),
+            );
+            gemm::<true>(ds, ki, dq, dp, [rows, dp, nk.div_ceil(2)], 1.0);
         }
+    } else {
+        let n = t.nrows;
+        let (q, dout) = (Strided::rows(&sc.q, dp), Strided::rows(&sc.dout, dvp));
+        // dV += Pᵀ dO; dK += dSᵀ Q
+        let pt = Strided::transposed(&sc.p, BK);
+        gemm::<M, C, true>(pt, dout, &mut sc.acc_v, dvp, [BK, dvp, n], 1.0);
+        let dst = Strided::transposed(&sc.ds, BK);
+        gemm::<M, C, true>(dst, q, &mut sc.acc_k, dp, [BK, dp, n], 1.0);
+        // dQ += dS K
+        let (ds, k) = (Strided::rows(&sc.ds, BK), Strided::rows(&sc.krows, dp));
+        gemm::<M, C, true>(ds, k, dq, dp, [rows, dp, nk], 1.0);
     }
 }
 
-/// Step 3: dQ of one block of query rows.
-struct QueryBlock<'a> {
+/// Step 2: one chunk of keys of one (batch, KV head); `part` is its partial dQ, zero on entry.
+struct KeyChunk<'a> {
     bp: &'a BackwardProblem,
     delta: &'a [f32],
-    t: TileRows,
+    plan: &'a Plan,
+    head: TileRows,
+    chunk: usize,
+    part: &'a mut [f32],
     sc: &'a mut Scratch,
 }
 
-impl KernelFn for QueryBlock<'_> {
+impl KernelFn for KeyChunk<'_> {
     type Output = ();
     #[inline(always)]
     fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
-        let QueryBlock { bp, delta, t, sc } = self;
+        let KeyChunk {
+            bp,
+            delta,
+            plan,
+            head,
+            chunk,
+            part,
+            sc,
+        } = self;
         let p = &bp.fwd;
-        let dp = sc.dp;
-        let rows = round_up(t.nrows, R);
-        sc.acc_q.fill(0.0);
-        let (lo, hi) = load_rows(bp, delta, &t, sc);
-        let mut j0 = lo;
-        while j0 < hi {
-            let nk = (hi - j0).min(BK);
-            load_keys(p, &t, j0, nk, sc, true);
-            probabilities_and_ds::<M, C>(p, &t, j0, nk, sc);
-            // dQ += dS K (scale applied at the end)
-            accumulate_pv::<M, C>(&sc.ds, &sc.krows, dp, &mut sc.acc_q, rows, nk);
-            j0 += nk;
-        }
-        for r in 0..t.nrows {
-            let row = &mut sc.acc_q[r * dp..][..p.head_dim];
-            row.iter_mut().for_each(|x| *x *= p.scale);
-            // SAFETY: this item alone owns these rows of dQ.
-            unsafe {
-                store_row_f32(
-                    bp.dq.dtype,
-                    row,
-                    bp.dq.at([t.batch, sc.rows[r].qpos, sc.rows[r].head, 0]),
-                )
-            };
+        let bf16 = bf16_path::<BF16>(bp);
+        let (dp, dvp) = (sc.dp, sc.dvp);
+        let first = chunk * plan.blocks_per_chunk;
+        for kb in first..(first + plan.blocks_per_chunk).min(plan.key_blocks) {
+            let j0 = kb * BK;
+            let nk = (p.seqlen_kv - j0).min(BK);
+            sc.acc_k.fill(0.0);
+            sc.acc_v.fill(0.0);
+            load_keys(p, &head, j0, nk, sc, bf16);
+            for row0 in (0..plan.rows_per_head).step_by(BQ) {
+                let t = TileRows {
+                    row0,
+                    nrows: BQ.min(plan.rows_per_head - row0),
+                    ..head
+                };
+                let (lo, hi) = rows_band(p, &t);
+                if lo >= hi || hi <= j0 || lo >= j0 + nk {
+                    continue; // no row of this block sees these keys
+                }
+                load_rows(bp, delta, &t, sc, bf16);
+                tile::<M, C>(p, &t, (j0, nk), sc, &mut part[row0 * dp..], bf16);
+            }
+            for jj in 0..nk {
+                let dk = &mut sc.acc_k[jj * dp..][..p.head_dim];
+                dk.iter_mut().for_each(|x| *x *= p.scale);
+                // SAFETY: this item alone owns rows j0..j0+nk of dK and dV for this head.
+                unsafe {
+                    store_row_f32(
+                        bp.dk.dtype,
+                        dk,
+                        bp.dk.at([head.batch, j0 + jj, head.hkv, 0]),
+                    );
+                    store_row_f32(
+                        bp.dv.dtype,
+                        &sc.acc_v[jj * dvp..][..p.head_dim_v],
+                        bp.dv.at([head.batch, j0 + jj, head.hkv, 0]),
+                    );
+                }
+            }
         }
     }
 }
@@ -331,52 +429,114 @@ fn row_deltas(bp: &BackwardProblem, exec: Exec) -> Result<Vec<f32>> {
 pub(super) fn backward(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<()> {
     let p = &bp.fwd;
     let delta = row_deltas(bp, exec)?;
-    let key_blocks = p.seqlen_kv.div_ceil(BK);
-    for_each(
+    let dp = round_up(p.head_dim, 16);
+    let plan = plan(p, dp);
+    let heads = p.batch * p.heads_kv;
+    let total = heads
+        .checked_mul(plan.chunks)
+        .and_then(|n| n.checked_mul(plan.part_len))
+        .ok_or_else(|| Error::invalid("problem too large for the backward pass"))?;
+    let mut partial = Vec::new();
+    partial.try_reserve_exact(total)?;
+    partial.resize(total, 0f32);
+    let head_rows = |bh: usize| TileRows {
+        batch: bh / p.heads_kv,
+        hkv: bh % p.heads_kv,
+        row0: 0,
+        nrows: plan.rows_per_head,
+    };
+    for_each_chunk_mut(
         exec,
-        p.batch * p.heads_kv * key_blocks,
+        &mut partial,
+        plan.part_len,
         || Scratch::new(p),
-        |sc, item| {
-            let (bh, kb) = (item / key_blocks, item % key_blocks);
-            let (batch, hkv) = (bh / p.heads_kv, bh % p.heads_kv);
-            run_with(
-                isa,
-                KeyBlock {
-                    bp,
-                    delta: &delta,
-                    batch,
-                    hkv,
-                    j0: kb * BK,
-                    sc,
-                },
-            );
+        |sc, item, part| {
+            let chunk = KeyChunk {
+                bp,
+                delta: &delta,
+                plan: &plan,
+                head: head_rows(item / plan.chunks),
+                chunk: item % plan.chunks,
+                part,
+                sc,
+            };
+            run_with(isa, chunk);
         },
     );
-    let rows_per_head = p.seqlen_q * p.group_size();
-    let row_blocks = rows_per_head.div_ceil(BQ);
-    for_each(
+    // Step 3, one item per (batch, KV head): dQ = scale · Σ over chunks in chunk order.
+    for_each_chunk(
         exec,
-        p.batch * p.heads_kv * row_blocks,
-        || Scratch::new(p),
-        |sc, item| {
-            let (bh, rb) = (item / row_blocks, item % row_blocks);
-            let row0 = rb * BQ;
-            let t = TileRows {
-                batch: bh / p.heads_kv,
-                hkv: bh % p.heads_kv,
-                row0,
-                nrows: BQ.min(rows_per_head - row0),
-            };
-            run_with(
-                isa,
-                QueryBlock {
-                    bp,
-                    delta: &delta,
-                    t,
-                    sc,
-                },
-            );
+        &partial,
+        plan.chunks * plan.part_len,
+        || vec![0f32; p.head_dim],
+        |row, bh, parts| {
+            let t = head_rows(bh);
+            for r in 0..t.nrows {
+                let part = |c: usize| &parts[c * plan.part_len + r * dp..][..p.head_dim];
+                row.copy_from_slice(part(0));
+                for c in 1..plan.chunks {
+                    row.iter_mut().zip(part(c)).for_each(|(a, x)| *a += x);
+                }
+                row.iter_mut().for_each(|x| *x *= p.scale);
+                let (qpos, head) = t.position(p, r);
+                // SAFETY: this item alone owns the dQ rows of this (batch, KV head).
+                unsafe { store_row_f32(bp.dq.dtype, row, bp.dq.at([t.batch, qpos, head, 0])) };
+            }
         },
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{check_grads, standard_grad_cases, Case, Instance};
+    use crate::{Context, DType, Isa};
+
+    /// Long enough for the key pass to split keys into chunks (10 key blocks, 2 KV heads: two
+    /// chunks), so partial dQ is summed across chunks.
+    fn chunked(dtype: DType) -> Case {
+        let mut c = Case::new(1, 150, 600, 4, 64, dtype);
+        c.heads_kv = 2;
+        c.causal = true;
+        c
+    }
+
+    #[test]
+    fn gradients_match_reference_on_every_isa() {
+        let seed = crate::testing::seed();
+        println!("seed {seed} (replay with UFA_TEST_SEED={seed})");
+        let mut cases = standard_grad_cases();
+        cases.extend([DType::F32, DType::BF16].map(chunked));
+        let mut failures = Vec::new();
+        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let ctx = Context::builder()
+                .cpu_isa(isa)
+                .num_threads(2)
+                .build()
+                .unwrap();
+            for (i, case) in cases.iter().enumerate() {
+                let cmp = check_grads(&ctx, case, seed.wrapping_add(i as u64)).unwrap();
+                if !cmp.passed() {
+                    failures.push(format!("{isa} {}: {cmp:?}", case.describe()));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
+    }
+
+    #[test]
+    fn chunked_gradients_are_bitwise_identical_for_1_and_3_threads() {
+        for dtype in [DType::F32, DType::BF16] {
+            let run = |threads: usize| {
+                let ctx = Context::builder().num_threads(threads).build().unwrap();
+                let mut inst = Instance::new(&chunked(dtype), 9);
+                inst.run(&ctx).unwrap();
+                inst.run_backward(&ctx).unwrap();
+                inst.grads()
+                    .unwrap()
+                    .map(|g| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            };
+            assert_eq!(run(1), run(3), "{dtype}");
+        }
+    }
 }

@@ -9,7 +9,7 @@
 //! Everything here runs only inside functions compiled with `avx512f,avx512bf16` (see
 //! `Isa::Avx512Bf16`).
 
-use super::microkernel::{BK, R};
+use super::microkernel::{holds, Strided, BK, R};
 use std::arch::x86_64::*;
 
 /// Two bf16 values as one u32: `lo` in the low half (little-endian pair order).
@@ -32,39 +32,83 @@ pub unsafe fn pack_row_pairs(src: *const u16, d: usize, dst: &mut [u32]) {
     }
 }
 
-/// `s[r][c] = scale · Σ_e q[r][e] k[c][e]` with `qp` rows × d2 pairs and `kp` d2 × BK pairs
-/// (K transposed by pairs). `rows` is a multiple of `R`.
+/// The bf16 twin of [`super::microkernel::gemm`] over pair-packed operands: `a` (i, k2) and
+/// `b` rows `k2` hold the pairs of reduction indices 2·k2 and 2·k2+1, so `kn2` counts pairs.
+/// `out[i][c] = scale · Σ a·b`, or with `ACC` `out[i][c] += Σ a·b`; `m` is a multiple of `R`,
+/// `n` of 16.
 ///
 /// # Safety
-/// Needs avx512f+avx512bf16; slices must hold `rows·d2`, `d2·BK` and `rows·BK` elements.
+/// Needs avx512f+avx512bf16.
 #[inline(always)]
-pub unsafe fn scores(qp: &[u32], d2: usize, kp: &[u32], s: &mut [f32], rows: usize, scale: f32) {
-    debug_assert!(qp.len() >= rows * d2 && kp.len() >= d2 * BK && s.len() >= rows * BK);
-    const V: usize = BK / 16;
-    for r0 in (0..rows).step_by(R) {
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for e in 0..d2 {
-            let kb = kp.as_ptr().add(e * BK);
-            let kv: [__m512bh; V] = std::array::from_fn(|v| {
-                std::mem::transmute(_mm512_loadu_si512(kb.add(16 * v) as *const _))
-            });
-            for (i, a) in acc.iter_mut().enumerate() {
-                let q: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                    *qp.get_unchecked((r0 + i) * d2 + e) as i32,
-                ));
-                for v in 0..V {
-                    a[v] = _mm512_dpbf16_ps(a[v], q, kv[v]);
-                }
+pub unsafe fn gemm<const ACC: bool>(
+    a: Strided<u32>,
+    b: Strided<u32>,
+    out: &mut [f32],
+    ldo: usize,
+    [m, n, kn2]: [usize; 3],
+    scale: f32,
+) {
+    assert!(
+        m.is_multiple_of(R)
+            && n.is_multiple_of(16)
+            && b.col == 1
+            && a.covers(m, kn2)
+            && holds(b.data.len(), b.row, kn2, n)
+            && holds(out.len(), ldo, m, n)
+    );
+    for r0 in (0..m).step_by(R) {
+        let mut c0 = 0;
+        while c0 + 64 <= n {
+            block::<4, ACC>(a, b, out, ldo, (r0, c0), kn2, scale);
+            c0 += 64;
+        }
+        while c0 < n {
+            block::<1, ACC>(a, b, out, ldo, (r0, c0), kn2, scale);
+            c0 += 16;
+        }
+    }
+}
+
+/// Rows `r0..r0+R`, columns `c0..c0+16·V` of [`gemm`], whose assertions cover every access.
+#[inline(always)]
+unsafe fn block<const V: usize, const ACC: bool>(
+    a: Strided<u32>,
+    b: Strided<u32>,
+    out: &mut [f32],
+    ldo: usize,
+    (r0, c0): (usize, usize),
+    kn2: usize,
+    scale: f32,
+) {
+    let op = out.as_mut_ptr();
+    let mut acc: [[__m512; V]; R] = std::array::from_fn(|i| {
+        std::array::from_fn(|v| {
+            if ACC {
+                _mm512_loadu_ps(op.add((r0 + i) * ldo + c0 + 16 * v))
+            } else {
+                _mm512_setzero_ps()
+            }
+        })
+    });
+    for k2 in 0..kn2 {
+        let bb = b.data.as_ptr().add(k2 * b.row + c0);
+        let bv: [__m512bh; V] = std::array::from_fn(|v| {
+            std::mem::transmute(_mm512_loadu_si512(bb.add(16 * v) as *const _))
+        });
+        for (i, ai) in acc.iter_mut().enumerate() {
+            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                *a.data.get_unchecked((r0 + i) * a.row + k2 * a.col) as i32,
+            ));
+            for v in 0..V {
+                ai[v] = _mm512_dpbf16_ps(ai[v], x, bv[v]);
             }
         }
-        let sc = _mm512_set1_ps(scale);
-        for (i, a) in acc.iter().enumerate() {
-            for (v, x) in a.iter().enumerate() {
-                _mm512_storeu_ps(
-                    s.as_mut_ptr().add((r0 + i) * BK + 16 * v),
-                    _mm512_mul_ps(*x, sc),
-                );
-            }
+    }
+    let sc = _mm512_set1_ps(scale);
+    for (i, ai) in acc.iter().enumerate() {
+        for (v, x) in ai.iter().enumerate() {
+            let x = if ACC { *x } else { _mm512_mul_ps(*x, sc) };
+            _mm512_storeu_ps(op.add((r0 + i) * ldo + c0 + 16 * v), x);
         }
     }
 }
@@ -87,81 +131,13 @@ pub unsafe fn pack_probabilities(p: &[f32], pp: &mut [u32], rows: usize) {
     }
 }
 
-/// `acc[r][c] += Σ_k p[r][k] v[k][c]` over `nk2` key pairs: `pp` rows × BK/2 pairs, `vp`
-/// BK/2 × dvp pairs (rows of V interleaved two by two), `acc` rows × dvp (dvp a multiple of 16).
-///
-/// # Safety
-/// Needs avx512f+avx512bf16; slices sized as described, `nk2 <= BK/2`.
-#[inline(always)]
-pub unsafe fn accumulate_pv(
-    pp: &[u32],
-    vp: &[u32],
-    dvp: usize,
-    acc: &mut [f32],
-    rows: usize,
-    nk2: usize,
-) {
-    debug_assert!(pp.len() >= rows * BK / 2 && vp.len() >= nk2 * dvp && acc.len() >= rows * dvp);
-    for r0 in (0..rows).step_by(R) {
-        let mut c0 = 0;
-        while c0 + 64 <= dvp {
-            pv_block::<4>(pp, vp, dvp, acc, r0, c0, nk2);
-            c0 += 64;
-        }
-        while c0 < dvp {
-            pv_block::<1>(pp, vp, dvp, acc, r0, c0, nk2);
-            c0 += 16;
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn pv_block<const V: usize>(
-    pp: &[u32],
-    vp: &[u32],
-    dvp: usize,
-    acc: &mut [f32],
-    r0: usize,
-    c0: usize,
-    nk2: usize,
-) {
-    let ap = acc.as_mut_ptr();
-    let mut a: [[__m512; V]; R] = std::array::from_fn(|i| {
-        std::array::from_fn(|v| _mm512_loadu_ps(ap.add((r0 + i) * dvp + c0 + 16 * v)))
-    });
-    for k2 in 0..nk2 {
-        let vb = vp.as_ptr().add(k2 * dvp + c0);
-        let vv: [__m512bh; V] = std::array::from_fn(|v| {
-            std::mem::transmute(_mm512_loadu_si512(vb.add(16 * v) as *const _))
-        });
-        for (i, ai) in a.iter_mut().enumerate() {
-            let p: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                *pp.get_unchecked((r0 + i) * (BK / 2) + k2) as i32,
-            ));
-            for v in 0..V {
-                ai[v] = _mm512_dpbf16_ps(ai[v], p, vv[v]);
-            }
-        }
-    }
-    for (i, ai) in a.iter().enumerate() {
-        for (v, x) in ai.iter().enumerate() {
-            _mm512_storeu_ps(ap.add((r0 + i) * dvp + c0 + 16 * v), *x);
-        }
-    }
-}
-
-/// Interleaves two bf16 rows of V (keys 2k2 and 2k2+1; `second` None past the last key) into
-/// pairs: `dst[c] = (first[c], second[c])`.
+/// Interleaves two bf16 rows (`second` None past the last row) into pairs:
+/// `dst[c] = (first[c], second[c])`.
 ///
 /// # Safety
 /// `first` (and `second`) must address `dv` readable bf16 values.
 #[inline(always)]
-pub unsafe fn pack_v_pairs(
-    first: *const u16,
-    second: Option<*const u16>,
-    dv: usize,
-    dst: &mut [u32],
-) {
+unsafe fn interleave(first: *const u16, second: Option<*const u16>, dv: usize, dst: &mut [u32]) {
     let a = std::slice::from_raw_parts(first, dv);
     match second {
         Some(b) => {
@@ -174,6 +150,79 @@ pub unsafe fn pack_v_pairs(
             for (o, &x) in dst.iter_mut().zip(a) {
                 *o = pair(x, 0);
             }
+        }
+    }
+}
+
+/// Packs rows `0..n` (bf16, `len` elements each, `row(i)` addressing row i) interleaved two by
+/// two: `dst[k2·ld + c] = (row 2·k2 [c], row 2·k2+1 [c])`, the right operand of a product that
+/// reduces over those rows. An odd last row is paired with zero.
+///
+/// # Safety
+/// `row(i)` must address `len` readable bf16 values for every i < n.
+#[inline(always)]
+pub unsafe fn pack_interleaved(
+    row: impl Fn(usize) -> *const u16,
+    n: usize,
+    len: usize,
+    dst: &mut [u32],
+    ld: usize,
+) {
+    for k2 in 0..n.div_ceil(2) {
+        let second = (2 * k2 + 1 < n).then(|| row(2 * k2 + 1));
+        interleave(row(2 * k2), second, len, &mut dst[k2 * ld..][..len]);
+    }
+}
+
+/// Packs rows `0..nk` (bf16, `d` elements each) transposed by pairs: `dst[e2·BK + j]` holds
+/// elements 2·e2 and 2·e2+1 of row j, the right operand of a product that reduces over the
+/// head dimension. Columns past `nk` are zero.
+///
+/// # Safety
+/// `row(j)` must address `d` readable bf16 values for every j < nk; `d <= MAX_HEAD_DIM`.
+#[inline(always)]
+pub unsafe fn pack_transposed_pairs(
+    row: impl Fn(usize) -> *const u16,
+    nk: usize,
+    d: usize,
+    dst: &mut [u32],
+) {
+    let d2 = d.div_ceil(2);
+    let mut pairs = [0u32; crate::problem::MAX_HEAD_DIM / 2];
+    for jj in 0..BK {
+        if jj < nk {
+            pack_row_pairs(row(jj), d, &mut pairs[..d2]);
+            for (e2, &x) in pairs[..d2].iter().enumerate() {
+                dst[e2 * BK + jj] = x;
+            }
+        } else {
+            for e2 in 0..d2 {
+                dst[e2 * BK + jj] = 0;
+            }
+        }
+    }
+}
+
+/// Rounds fp32 rows (`rows × BK`, rows a multiple of 2) to bf16 pairs of consecutive rows:
+/// `dst[r2·BK + c] = (x[2·r2][c], x[2·r2+1][c])`, the left operand of a product that reduces
+/// over rows (Pᵀ·dO, dSᵀ·Q), read transposed.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16; `x` holds `rows·BK` and `dst` `rows/2·BK` elements.
+#[inline(always)]
+pub unsafe fn pack_row_pairs_f32(x: &[f32], rows: usize, dst: &mut [u32]) {
+    assert!(rows.is_multiple_of(2) && x.len() >= rows * BK && dst.len() >= rows / 2 * BK);
+    for r2 in 0..rows / 2 {
+        for c in (0..BK).step_by(16) {
+            let lo = _mm512_loadu_ps(x.as_ptr().add(2 * r2 * BK + c));
+            let hi = _mm512_loadu_ps(x.as_ptr().add((2 * r2 + 1) * BK + c));
+            let widen = |x| {
+                let b: __m256i = std::mem::transmute::<__m256bh, _>(_mm512_cvtneps_pbh(x));
+                _mm512_cvtepu16_epi32(b)
+            };
+            let (lo, hi) = (widen(lo), widen(hi));
+            let both = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(r2 * BK + c) as *mut _, both);
         }
     }
 }

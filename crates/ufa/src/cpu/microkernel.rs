@@ -1,4 +1,4 @@
-//! The two matrix products of a flash tile, register-blocked: `R` rows by `C` columns of fp32
+//! The matrix products of the flash tiles, register-blocked: `R` rows by `C` columns of fp32
 //! accumulators stay in vector registers across the reduction loop. Written once as plain Rust;
 //! each kernel family instantiates them with its own `C` inside a `#[target_feature]` function,
 //! where the compiler turns the `C`-wide loops into SIMD.
@@ -7,102 +7,125 @@ use super::math::MulAdd;
 
 /// Keys per tile: the column count of S and the row count of the packed V tile.
 pub const BK: usize = 64;
-/// Query rows per register block; tiles are padded to a multiple of it.
+/// Rows per register block; the row counts of products are padded to a multiple of it.
 pub const R: usize = 4;
 
-/// `s[r][c] = Σ_e q[r][e] · kt[e][c]` for `rows` rows (a multiple of `R`) and `BK` columns.
-/// `q` is `rows × d` row-major, `kt` is `d × BK` (K transposed), `s` is `rows × BK`.
-#[inline(always)]
-pub fn scores<M: MulAdd, const C: usize>(
-    q: &[f32],
-    d: usize,
-    kt: &[f32],
-    s: &mut [f32],
-    rows: usize,
-) {
-    assert!(
-        rows.is_multiple_of(R)
-            && BK.is_multiple_of(C)
-            && q.len() >= rows * d
-            && kt.len() >= d * BK
-            && s.len() >= rows * BK
-    );
-    for r0 in (0..rows).step_by(R) {
-        for c0 in (0..BK).step_by(C) {
-            let mut acc = [[0f32; C]; R];
-            for e in 0..d {
-                // SAFETY: e < d, c0 + C <= BK and r0 + R <= rows, within the lengths asserted above;
-                // unchecked so the loop body is only loads and FMAs.
-                unsafe {
-                    let kv = kt.as_ptr().add(e * BK + c0);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let qv = *q.get_unchecked((r0 + i) * d + e);
-                        for (c, x) in a.iter_mut().enumerate() {
-                            *x = M::mul_add(qv, *kv.add(c), *x);
-                        }
-                    }
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                s[(r0 + i) * BK + c0..][..C].copy_from_slice(a);
-            }
+/// A read-only matrix: element (i, k) at `data[i·row + k·col]`. The left operand of a product
+/// is only ever broadcast one element at a time, so it may be read transposed (`col` > 1) at no
+/// cost, which spares the backward pass from transposing P and dS.
+#[derive(Clone, Copy)]
+pub struct Strided<'a, T> {
+    pub data: &'a [T],
+    pub row: usize,
+    pub col: usize,
+}
+
+impl<'a, T> Strided<'a, T> {
+    /// Row-major with `ld` elements per row.
+    #[inline(always)]
+    pub fn rows(data: &'a [T], ld: usize) -> Self {
+        Strided {
+            data,
+            row: ld,
+            col: 1,
         }
+    }
+
+    /// The transpose of a row-major matrix with `ld` elements per row.
+    #[inline(always)]
+    pub fn transposed(data: &'a [T], ld: usize) -> Self {
+        Strided {
+            data,
+            row: 1,
+            col: ld,
+        }
+    }
+
+    /// Whether elements (i, k) for i < m, k < kn lie inside `data`.
+    #[inline(always)]
+    pub fn covers(&self, m: usize, kn: usize) -> bool {
+        m == 0 || kn == 0 || (m - 1) * self.row + (kn - 1) * self.col < self.data.len()
     }
 }
 
-/// `acc[r][c] += Σ_{k < nk} p[r][k] · v[k][c]` for `rows` rows (a multiple of `R`).
-/// `p` is `rows × BK`, `v` is `BK × dvp`, `acc` is `rows × dvp`; `dvp` is a multiple of 16.
+/// Whether a row-major `ld`-wide matrix of `len` elements holds rows `0..m` of `n` columns.
 #[inline(always)]
-pub fn accumulate_pv<M: MulAdd, const C: usize>(
-    p: &[f32],
-    v: &[f32],
-    dvp: usize,
-    acc: &mut [f32],
-    rows: usize,
-    nk: usize,
+pub fn holds(len: usize, ld: usize, m: usize, n: usize) -> bool {
+    n <= ld && (m == 0 || (m - 1) * ld + n <= len)
+}
+
+/// `out[i][c] = scale · Σ_k a(i, k) · b[k][c]`, or with `ACC` `out[i][c] += Σ_k a(i, k) · b[k][c]`,
+/// for `[m, n, kn]` = rows (a multiple of `R`), columns (a multiple of 16) and reduction length.
+/// `b` is row-major (`b.col` = 1); `out` is row-major with `ldo` elements per row. Each output
+/// element sums its terms in `k` order, so results do not depend on how callers split the work.
+#[inline(always)]
+pub fn gemm<M: MulAdd, const C: usize, const ACC: bool>(
+    a: Strided<f32>,
+    b: Strided<f32>,
+    out: &mut [f32],
+    ldo: usize,
+    [m, n, kn]: [usize; 3],
+    scale: f32,
 ) {
-    debug_assert!(rows.is_multiple_of(R) && dvp.is_multiple_of(16) && nk <= BK);
-    for r0 in (0..rows).step_by(R) {
+    assert!(
+        m.is_multiple_of(R)
+            && n.is_multiple_of(16)
+            && b.col == 1
+            && a.covers(m, kn)
+            && holds(b.data.len(), b.row, kn, n)
+            && holds(out.len(), ldo, m, n)
+    );
+    for r0 in (0..m).step_by(R) {
         let mut c0 = 0;
-        while c0 + C <= dvp {
-            pv_block::<M, C>(p, v, dvp, acc, r0, c0, nk);
+        while c0 + C <= n {
+            block::<M, C, ACC>(a, b, out, ldo, (r0, c0), kn, scale);
             c0 += C;
         }
-        while c0 < dvp {
-            pv_block::<M, 16>(p, v, dvp, acc, r0, c0, nk);
+        while c0 < n {
+            block::<M, 16, ACC>(a, b, out, ldo, (r0, c0), kn, scale);
             c0 += 16;
         }
     }
 }
 
+/// Rows `r0..r0+R`, columns `c0..c0+W` of [`gemm`], whose assertions cover every access.
 #[inline(always)]
-fn pv_block<M: MulAdd, const W: usize>(
-    p: &[f32],
-    v: &[f32],
-    dvp: usize,
-    acc: &mut [f32],
-    r0: usize,
-    c0: usize,
-    nk: usize,
+fn block<M: MulAdd, const W: usize, const ACC: bool>(
+    a: Strided<f32>,
+    b: Strided<f32>,
+    out: &mut [f32],
+    ldo: usize,
+    (r0, c0): (usize, usize),
+    kn: usize,
+    scale: f32,
 ) {
-    assert!(p.len() >= (r0 + R) * BK && nk <= BK && c0 + W <= dvp && v.len() >= nk * dvp);
-    let mut a: [[f32; W]; R] =
-        std::array::from_fn(|i| acc[(r0 + i) * dvp + c0..][..W].try_into().unwrap());
-    for k in 0..nk {
-        // SAFETY: k < nk <= BK rows of p (asserted) and of v (k·dvp + c0 + W <= nk·dvp);
-        // unchecked so the loop body is only loads and FMAs.
+    let mut acc: [[f32; W]; R] = if ACC {
+        std::array::from_fn(|i| out[(r0 + i) * ldo + c0..][..W].try_into().unwrap())
+    } else {
+        [[0.0; W]; R]
+    };
+    for k in 0..kn {
+        // SAFETY: k < kn, r0 + R <= m and c0 + W <= n, within the bounds `gemm` asserted;
+        // unchecked so the loop body is only loads, broadcasts and FMAs.
         unsafe {
-            let vv = v.as_ptr().add(k * dvp + c0);
-            for (i, ai) in a.iter_mut().enumerate() {
-                let pk = *p.get_unchecked((r0 + i) * BK + k);
-                for (c, x) in ai.iter_mut().enumerate() {
-                    *x = M::mul_add(pk, *vv.add(c), *x);
+            let bv = b.data.as_ptr().add(k * b.row + c0);
+            for (i, ai) in acc.iter_mut().enumerate() {
+                let x = *a.data.get_unchecked((r0 + i) * a.row + k * a.col);
+                for (c, y) in ai.iter_mut().enumerate() {
+                    *y = M::mul_add(x, *bv.add(c), *y);
                 }
             }
         }
     }
-    for (i, ai) in a.iter().enumerate() {
-        acc[(r0 + i) * dvp + c0..][..W].copy_from_slice(ai);
+    for (i, ai) in acc.iter().enumerate() {
+        let dst = &mut out[(r0 + i) * ldo + c0..][..W];
+        if ACC {
+            dst.copy_from_slice(ai);
+        } else {
+            for (d, &x) in dst.iter_mut().zip(ai) {
+                *d = x * scale;
+            }
+        }
     }
 }
 
@@ -117,20 +140,57 @@ mod tests {
         let q: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.37).sin()).collect();
         let kt: Vec<f32> = (0..d * BK).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut s = vec![0f32; rows * BK];
-        scores::<Separate, 16>(&q, d, &kt, &mut s, rows);
+        let dims = [rows, BK, d];
+        gemm::<Separate, 16, false>(
+            Strided::rows(&q, d),
+            Strided::rows(&kt, BK),
+            &mut s,
+            BK,
+            dims,
+            0.5,
+        );
         for r in 0..rows {
             for c in 0..BK {
-                let want: f32 = (0..d).map(|e| q[r * d + e] * kt[e * BK + c]).sum();
+                let want: f32 = (0..d).map(|e| q[r * d + e] * kt[e * BK + c]).sum::<f32>() * 0.5;
                 assert!((s[r * BK + c] - want).abs() < 1e-5);
             }
         }
         let v: Vec<f32> = (0..BK * dvp).map(|i| (i as f32 * 0.07).sin()).collect();
         let mut acc = vec![1f32; rows * dvp];
-        accumulate_pv::<Separate, 32>(&s, &v, dvp, &mut acc, rows, nk);
+        let dims = [rows, dvp, nk];
+        gemm::<Separate, 32, true>(
+            Strided::rows(&s, BK),
+            Strided::rows(&v, dvp),
+            &mut acc,
+            dvp,
+            dims,
+            1.0,
+        );
         for r in 0..rows {
             for c in 0..dvp {
                 let want: f32 = 1.0 + (0..nk).map(|k| s[r * BK + k] * v[k * dvp + c]).sum::<f32>();
                 assert!((acc[r * dvp + c] - want).abs() < 1e-4, "{r} {c}");
+            }
+        }
+        // Sᵀ as the left operand, read in place.
+        let mut acc = vec![0f32; BK * d.next_multiple_of(16)];
+        let w = d.next_multiple_of(16);
+        let qp: Vec<f32> = (0..rows * w)
+            .map(|i| if i % w < d { q[i / w * d + i % w] } else { 0.0 })
+            .collect();
+        let dims = [BK, w, rows];
+        gemm::<Separate, 16, true>(
+            Strided::transposed(&s, BK),
+            Strided::rows(&qp, w),
+            &mut acc,
+            w,
+            dims,
+            1.0,
+        );
+        for c in 0..BK {
+            for e in 0..d {
+                let want: f32 = (0..rows).map(|r| s[r * BK + c] * q[r * d + e]).sum();
+                assert!((acc[c * w + e] - want).abs() < 1e-4, "{c} {e}");
             }
         }
     }

@@ -3,7 +3,7 @@
 //! accumulator in [`Scratch`]; the scheduler writes them out or merges split results.
 
 use super::math::{axpy, dot, exp, exp_sub_sum, max_of, tanh, MulAdd};
-use super::microkernel::{accumulate_pv, scores, BK, R};
+use super::microkernel::{gemm, Strided, BK, R};
 use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::Problem;
 
@@ -203,12 +203,22 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
             unsafe {
-                pack_k_pairs(p, t, j0, nk, sc);
-                super::bf16::scores(&sc.qp, d.div_ceil(2), &sc.kp, &mut sc.s, rows, p.scale);
+                let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
+                super::bf16::pack_transposed_pairs(row, nk, d, &mut sc.kp);
+                let d2 = d.div_ceil(2);
+                super::bf16::gemm::<false>(
+                    Strided::rows(&sc.qp, d2),
+                    Strided::rows(&sc.kp, BK),
+                    &mut sc.s,
+                    BK,
+                    [rows, BK, d2],
+                    p.scale,
+                );
             }
         } else {
             pack_kt(p, t, j0, nk, sc);
-            scores::<M, C>(&sc.q, d, &sc.kt, &mut sc.s, rows);
+            let (q, kt) = (Strided::rows(&sc.q, d), Strided::rows(&sc.kt, BK));
+            gemm::<M, C, false>(q, kt, &mut sc.s, BK, [rows, BK, d], 1.0);
         }
         for r in 0..rows {
             let s = &mut sc.s[r * BK..][..BK];
@@ -253,16 +263,15 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
                 super::bf16::pack_probabilities(&sc.s, &mut sc.pp, rows);
                 let nk2 = nk.div_ceil(2);
                 let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-                for k2 in 0..nk2 {
-                    let second = (2 * k2 + 1 < nk).then(|| row(2 * k2 + 1));
-                    super::bf16::pack_v_pairs(
-                        row(2 * k2),
-                        second,
-                        dv,
-                        &mut sc.vp[k2 * dvp..][..dv],
-                    );
-                }
-                super::bf16::accumulate_pv(&sc.pp, &sc.vp, dvp, &mut sc.acc, rows, nk2);
+                super::bf16::pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
+                super::bf16::gemm::<true>(
+                    Strided::rows(&sc.pp, BK / 2),
+                    Strided::rows(&sc.vp, dvp),
+                    &mut sc.acc,
+                    dvp,
+                    [rows, dvp, nk2],
+                    1.0,
+                );
             }
         } else {
             for jj in 0..nk {
@@ -270,36 +279,10 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
                 // SAFETY: as for K.
                 unsafe { load_row_f32(p.v.dtype, p.v.at([t.batch, j0 + jj, t.hkv, 0]), dst) };
             }
-            accumulate_pv::<M, C>(&sc.s, &sc.v, dvp, &mut sc.acc, rows, nk);
+            let (s, v) = (Strided::rows(&sc.s, BK), Strided::rows(&sc.v, dvp));
+            gemm::<M, C, true>(s, v, &mut sc.acc, dvp, [rows, dvp, nk], 1.0);
         }
         j0 += nk;
-    }
-}
-
-/// Packs keys `j0..j0+nk` of bf16 K transposed by pairs (d2 × BK); columns past `nk` are zero.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn pack_k_pairs(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch) {
-    let (d, d2) = (p.head_dim, p.head_dim.div_ceil(2));
-    let mut pairs = [0u32; crate::problem::MAX_HEAD_DIM / 2];
-    for jj in 0..BK {
-        if jj < nk {
-            // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view (bf16).
-            unsafe {
-                super::bf16::pack_row_pairs(
-                    p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16,
-                    d,
-                    &mut pairs[..d2],
-                )
-            };
-            for (e2, &x) in pairs[..d2].iter().enumerate() {
-                sc.kp[e2 * BK + jj] = x;
-            }
-        } else {
-            for e2 in 0..d2 {
-                sc.kp[e2 * BK + jj] = 0;
-            }
-        }
     }
 }
 
