@@ -3,11 +3,12 @@
 //! gradients are bitwise the same for any thread count, with no atomics:
 //!
 //! 1. `delta[i] = rowsum(dO_i ∘ O_i)`.
-//! 2. One item per (batch, KV head, chunk of keys): for each block of its keys, loops over the
-//!    query rows of the GQA group and accumulates `dV = Pᵀ dO` and `dK = dSᵀ Q·scale`, which it
-//!    alone writes, and `dS K` into the chunk's own fp32 partial dQ.
-//! 3. One item per (batch, KV head, block of query rows): sums the chunks' partial dQ in chunk
-//!    order and writes `dQ = scale · Σ dS K`.
+//! 2. One item per (batch, KV head, chunk of keys): for each group of key blocks (sized to stay
+//!    in cache), loops over the query rows of the GQA group, loading each block of rows once,
+//!    and accumulates `dV = Pᵀ dO` and `dK = dSᵀ Q·scale`, which it alone writes, and `dS K`
+//!    into the chunk's own fp32 partial dQ.
+//! 3. One item per (batch, KV head): sums the chunks' partial dQ in chunk order and writes
+//!    `dQ = scale · Σ dS K`.
 //!
 //! with `S = scale · Q Kᵀ`, `P = exp(S − lse)`, `dP = dO Vᵀ`, `dS = P ∘ (dP − delta) ∘ softcap'`.
 //! The chunking depends on the problem's sizes only. bf16 inputs take the bf16 dot products,
@@ -22,14 +23,17 @@ use super::tile::{apply_score_mods, round_up, row_f32, set_column, widen, RowInf
 use crate::dtype::{load_row_f32, store_row_f32, DType};
 use crate::error::{Error, Result};
 use crate::problem::{BackwardProblem, Problem};
+use std::sync::Mutex;
 
 /// Query rows per block.
 const BQ: usize = 64;
 /// Key-pass items wanted; problems with fewer (batch × KV head) pairs split their keys into
 /// chunks, each with its own partial dQ.
-const TARGET_ITEMS: usize = 32;
+const TARGET_ITEMS: usize = 16;
 /// Fewest key blocks per chunk, so that a chunk's partial dQ stays cheap next to its work.
 const MIN_BLOCKS_PER_CHUNK: usize = 4;
+/// Cache budget of a group of key blocks (their packed K, V and dK, dV accumulators).
+const GROUP_BYTES: usize = 512 << 10;
 /// Most fp32 elements of partial dQ beyond one chunk per head (which is dQ in fp32).
 const PARTIAL_BUDGET: usize = 32 << 20;
 
@@ -39,6 +43,8 @@ struct Plan {
     key_blocks: usize,
     chunks: usize,
     blocks_per_chunk: usize,
+    /// Key blocks loaded together (see [`KeyChunk`]).
+    group: usize,
     /// Elements of one chunk's partial dQ: rows (padded to R) × dp.
     part_len: usize,
 }
@@ -55,11 +61,13 @@ fn plan(p: &Problem, dp: usize) -> Plan {
         .min(affordable)
         .max(1);
     let blocks_per_chunk = key_blocks.div_ceil(wanted);
+    let group = (GROUP_BYTES / KeyBlock::bytes(p)).clamp(1, blocks_per_chunk);
     Plan {
         rows_per_head,
         key_blocks,
         chunks: key_blocks.div_ceil(blocks_per_chunk),
         blocks_per_chunk,
+        group,
         part_len,
     }
 }
@@ -67,15 +75,22 @@ fn plan(p: &Problem, dp: usize) -> Plan {
 /// Whether the products take the bf16 dot products: bf16 inputs and gradients of the output,
 /// and a kernel family that has the instructions.
 #[inline(always)]
-fn bf16_path<const BF16: bool>(bp: &BackwardProblem) -> bool {
-    BF16 && cfg!(target_arch = "x86_64")
+fn uses_bf16(bp: &BackwardProblem, has_instructions: bool) -> bool {
+    has_instructions
+        && cfg!(target_arch = "x86_64")
         && bp.fwd.q.dtype == DType::BF16
         && bp.dout.dtype == DType::BF16
 }
 
-/// Per-thread buffers. The fp32 path keeps rows of Q and dO, K and V transposed, and K rows;
-/// the bf16 path keeps the same operands pair-packed (see `bf16.rs`): `*p` packs pairs along
-/// the head dimension, `*i` interleaves pairs of rows.
+/// [`uses_bf16`] inside a kernel family, where `BF16` says whether it has the instructions.
+#[inline(always)]
+fn bf16_path<const BF16: bool>(bp: &BackwardProblem) -> bool {
+    uses_bf16(bp, BF16)
+}
+
+/// Per-thread buffers of the rows and the tile. The fp32 path keeps rows of Q and dO; the bf16
+/// path keeps them pair-packed (see `bf16.rs`): `*p` packs pairs along the head dimension, `*i`
+/// interleaves pairs of rows.
 struct Scratch {
     /// Query rows × dp: Q; query rows × dvp: dO.
     q: Vec<f32>,
@@ -87,13 +102,6 @@ struct Scratch {
     lse: Vec<f32>,
     delta: Vec<f32>,
     rows: Vec<RowInfo>,
-    /// dp × BK: K transposed; dvp × BK: V transposed; BK × dp: K rows.
-    kt: Vec<f32>,
-    vt: Vec<f32>,
-    krows: Vec<f32>,
-    kp: Vec<u32>,
-    vp: Vec<u32>,
-    ki: Vec<u32>,
     row: Vec<f32>,
     /// Rows × BK: S then P; dP then dS; the softcap's slope.
     p: Vec<f32>,
@@ -103,45 +111,81 @@ struct Scratch {
     p_rows: Vec<u32>,
     ds_rows: Vec<u32>,
     ds_keys: Vec<u32>,
-    /// dK (BK × dp) and dV (BK × dvp) of the current key block.
-    acc_k: Vec<f32>,
-    acc_v: Vec<f32>,
     dp: usize,
     dvp: usize,
 }
 
+/// Allocates `n` zeros where `used`, nothing otherwise (buffers of the path not taken).
+fn zeros<T: Clone + Default>(used: bool, n: usize) -> Vec<T> {
+    vec![T::default(); if used { n } else { 0 }]
+}
+
 impl Scratch {
-    fn new(p: &Problem) -> Scratch {
+    fn new(p: &Problem, bf16: bool) -> Scratch {
         let (dp, dvp) = (round_up(p.head_dim, 16), round_up(p.head_dim_v, 16));
         let (d2, dv2) = (p.head_dim.div_ceil(2), p.head_dim_v.div_ceil(2));
         Scratch {
-            q: vec![0.0; BQ * dp],
-            dout: vec![0.0; BQ * dvp],
-            qp: vec![0; BQ * d2],
-            dop: vec![0; BQ * dv2],
-            qi: vec![0; BQ / 2 * dp],
-            doi: vec![0; BQ / 2 * dvp],
+            q: zeros(!bf16, BQ * dp),
+            dout: zeros(!bf16, BQ * dvp),
+            qp: zeros(bf16, BQ * d2),
+            dop: zeros(bf16, BQ * dv2),
+            qi: zeros(bf16, BQ / 2 * dp),
+            doi: zeros(bf16, BQ / 2 * dvp),
             lse: vec![0.0; BQ],
             delta: vec![0.0; BQ],
             rows: vec![RowInfo::default(); BQ],
-            kt: vec![0.0; dp * BK],
-            vt: vec![0.0; dvp * BK],
-            krows: vec![0.0; BK * dp],
-            kp: vec![0; d2 * BK],
-            vp: vec![0; dv2 * BK],
-            ki: vec![0; BK / 2 * dp],
             row: vec![0.0; dp.max(dvp)],
             p: vec![0.0; BQ * BK],
             ds: vec![0.0; BQ * BK],
             cap: vec![1.0; BQ * BK],
-            p_rows: vec![0; BQ / 2 * BK],
-            ds_rows: vec![0; BQ / 2 * BK],
-            ds_keys: vec![0; BQ * BK / 2],
-            acc_k: vec![0.0; BK * dp],
-            acc_v: vec![0.0; BK * dvp],
+            p_rows: zeros(bf16, BQ / 2 * BK),
+            ds_rows: zeros(bf16, BQ / 2 * BK),
+            ds_keys: zeros(bf16, BQ * BK / 2),
             dp,
             dvp,
         }
+    }
+}
+
+/// One block of keys: K and V packed as the products need them, and its dK, dV accumulators.
+struct KeyBlock {
+    j0: usize,
+    nk: usize,
+    /// fp32: dp × BK K transposed, dvp × BK V transposed, BK × dp K rows.
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    krows: Vec<f32>,
+    /// bf16: K and V transposed by pairs, K rows interleaved.
+    kp: Vec<u32>,
+    vp: Vec<u32>,
+    ki: Vec<u32>,
+    /// dK (BK × dp) and dV (BK × dvp).
+    acc_k: Vec<f32>,
+    acc_v: Vec<f32>,
+}
+
+impl KeyBlock {
+    fn new(p: &Problem, bf16: bool) -> KeyBlock {
+        let (dp, dvp) = (round_up(p.head_dim, 16), round_up(p.head_dim_v, 16));
+        let (d2, dv2) = (p.head_dim.div_ceil(2), p.head_dim_v.div_ceil(2));
+        KeyBlock {
+            j0: 0,
+            nk: 0,
+            kt: zeros(!bf16, dp * BK),
+            vt: zeros(!bf16, dvp * BK),
+            krows: zeros(!bf16, BK * dp),
+            kp: zeros(bf16, d2 * BK),
+            vp: zeros(bf16, dv2 * BK),
+            ki: zeros(bf16, BK / 2 * dp),
+            acc_k: vec![0.0; BK * dp],
+            acc_v: vec![0.0; BK * dvp],
+        }
+    }
+
+    /// Bytes of one block's buffers, to size groups of blocks for the cache.
+    fn bytes(p: &Problem) -> usize {
+        let (dp, dvp) = (round_up(p.head_dim, 16), round_up(p.head_dim_v, 16));
+        4 * BK * (3 * dp + 2 * dvp)
     }
 }
 
@@ -199,10 +243,21 @@ fn load_rows(bp: &BackwardProblem, delta: &[f32], t: &TileRows, sc: &mut Scratch
     }
 }
 
-/// Packs keys `j0..j0+nk` of K and V as the products need them, zero-padded to BK keys.
+/// Packs keys `j0..j0+nk` of K and V into `kb`, zero-padded to BK keys, and clears its
+/// accumulators.
 #[inline(always)]
-fn load_keys(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch, bf16: bool) {
-    let (d, dv, dp) = (p.head_dim, p.head_dim_v, sc.dp);
+fn load_keys(
+    p: &Problem,
+    t: &TileRows,
+    (j0, nk): (usize, usize),
+    kb: &mut KeyBlock,
+    row: &mut [f32],
+    bf16: bool,
+) {
+    let (d, dv, dp) = (p.head_dim, p.head_dim_v, round_up(p.head_dim, 16));
+    (kb.j0, kb.nk) = (j0, nk);
+    kb.acc_k.fill(0.0);
+    kb.acc_v.fill(0.0);
     let k_at = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]);
     let v_at = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]);
     if bf16 {
@@ -211,22 +266,22 @@ fn load_keys(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch, 
         unsafe {
             use super::bf16::{pack_interleaved, pack_transposed_pairs};
             let (k_row, v_row) = (|jj| k_at(jj) as *const u16, |jj| v_at(jj) as *const u16);
-            pack_transposed_pairs(k_row, nk, d, &mut sc.kp);
-            pack_transposed_pairs(v_row, nk, dv, &mut sc.vp);
-            pack_interleaved(k_row, nk, d, &mut sc.ki, dp);
+            pack_transposed_pairs(k_row, nk, d, &mut kb.kp);
+            pack_transposed_pairs(v_row, nk, dv, &mut kb.vp);
+            pack_interleaved(k_row, nk, d, &mut kb.ki, dp);
         }
         return;
     }
-    sc.kt.fill(0.0);
-    sc.vt.fill(0.0);
+    kb.kt.fill(0.0);
+    kb.vt.fill(0.0);
     for jj in 0..nk {
         // SAFETY: key j0+jj < seqlen_kv, within the validated views.
-        let row = unsafe { row_f32(p.k.dtype, k_at(jj), &mut sc.row[..d]) };
-        set_column(&mut sc.kt, jj, row);
-        sc.krows[jj * dp..][..d].copy_from_slice(row);
+        let k = unsafe { row_f32(p.k.dtype, k_at(jj), &mut row[..d]) };
+        set_column(&mut kb.kt, jj, k);
+        kb.krows[jj * dp..][..d].copy_from_slice(k);
         // SAFETY: as above.
-        let row = unsafe { row_f32(p.v.dtype, v_at(jj), &mut sc.row[..dv]) };
-        set_column(&mut sc.vt, jj, row);
+        let v = unsafe { row_f32(p.v.dtype, v_at(jj), &mut row[..dv]) };
+        set_column(&mut kb.vt, jj, v);
     }
 }
 
@@ -259,17 +314,18 @@ fn probabilities_and_ds<M: MulAdd>(
     }
 }
 
-/// The five products of one tile (rows `t` against keys `j0..j0+nk`, both loaded): dV and dK
-/// of the keys accumulate in `sc.acc_v` and `sc.acc_k`, `dS K` of the rows in `dq`.
+/// The five products of one tile (rows `t` against the keys of `kb`, both loaded): dV and dK
+/// of the keys accumulate in `kb`, `dS K` of the rows in `dq`.
 #[inline(always)]
 fn tile<M: MulAdd, const C: usize>(
     p: &Problem,
     t: &TileRows,
-    (j0, nk): (usize, usize),
+    kb: &mut KeyBlock,
     sc: &mut Scratch,
     dq: &mut [f32],
     bf16: bool,
 ) {
+    let (j0, nk) = (kb.j0, kb.nk);
     let (d, dv, dp, dvp) = (p.head_dim, p.head_dim_v, sc.dp, sc.dvp);
     let rows = round_up(t.nrows, R);
     if bf16 {
@@ -277,15 +333,15 @@ fn tile<M: MulAdd, const C: usize>(
         // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
         unsafe {
             let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
-            let (qp, kp) = (Strided::rows(&sc.qp, d2), Strided::rows(&sc.kp, BK));
+            let (qp, kp) = (Strided::rows(&sc.qp, d2), Strided::rows(&kb.kp, BK));
             super::bf16::gemm::<false>(qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
-            let (dop, vp) = (Strided::rows(&sc.dop, dv2), Strided::rows(&sc.vp, BK));
+            let (dop, vp) = (Strided::rows(&sc.dop, dv2), Strided::rows(&kb.vp, BK));
             super::bf16::gemm::<false>(dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
         }
     } else {
-        let (q, kt) = (Strided::rows(&sc.q, dp), Strided::rows(&sc.kt, BK));
+        let (q, kt) = (Strided::rows(&sc.q, dp), Strided::rows(&kb.kt, BK));
         gemm::<M, C, false>(q, kt, &mut sc.p, BK, [rows, BK, d], p.scale);
-        let (dout, vt) = (Strided::rows(&sc.dout, dvp), Strided::rows(&sc.vt, BK));
+        let (dout, vt) = (Strided::rows(&sc.dout, dvp), Strided::rows(&kb.vt, BK));
         gemm::<M, C, false>(dout, vt, &mut sc.ds, BK, [rows, BK, dv], 1.0);
     }
     probabilities_and_ds::<M>(p, t, j0, nk, sc);
@@ -303,16 +359,16 @@ fn tile<M: MulAdd, const C: usize>(
                 Strided::transposed(&sc.p_rows, BK),
                 Strided::rows(&sc.doi, dvp),
             );
-            gemm::<true>(pt, doi, &mut sc.acc_v, dvp, [BK, dvp, n2], 1.0);
+            gemm::<true>(pt, doi, &mut kb.acc_v, dvp, [BK, dvp, n2], 1.0);
             let (dst, qi) = (
                 Strided::transposed(&sc.ds_rows, BK),
                 Strided::rows(&sc.qi, dp),
             );
-            gemm::<true>(dst, qi, &mut sc.acc_k, dp, [BK, dp, n2], 1.0);
+            gemm::<true>(dst, qi, &mut kb.acc_k, dp, [BK, dp, n2], 1.0);
             // dQ += dS K
             let (ds, ki) = (
                 Strided::rows(&sc.ds_keys, BK / 2),
-                Strided::rows(&sc.ki, dp),
+                Strided::rows(&kb.ki, dp),
             );
             gemm::<true>(ds, ki, dq, dp, [rows, dp, nk.div_ceil(2)], 1.0);
         }
@@ -321,16 +377,18 @@ fn tile<M: MulAdd, const C: usize>(
         let (q, dout) = (Strided::rows(&sc.q, dp), Strided::rows(&sc.dout, dvp));
         // dV += Pᵀ dO; dK += dSᵀ Q
         let pt = Strided::transposed(&sc.p, BK);
-        gemm::<M, C, true>(pt, dout, &mut sc.acc_v, dvp, [BK, dvp, n], 1.0);
+        gemm::<M, C, true>(pt, dout, &mut kb.acc_v, dvp, [BK, dvp, n], 1.0);
         let dst = Strided::transposed(&sc.ds, BK);
-        gemm::<M, C, true>(dst, q, &mut sc.acc_k, dp, [BK, dp, n], 1.0);
+        gemm::<M, C, true>(dst, q, &mut kb.acc_k, dp, [BK, dp, n], 1.0);
         // dQ += dS K
-        let (ds, k) = (Strided::rows(&sc.ds, BK), Strided::rows(&sc.krows, dp));
+        let (ds, k) = (Strided::rows(&sc.ds, BK), Strided::rows(&kb.krows, dp));
         gemm::<M, C, true>(ds, k, dq, dp, [rows, dp, nk], 1.0);
     }
 }
 
-/// Step 2: one chunk of keys of one (batch, KV head); `part` is its partial dQ, zero on entry.
+/// Step 2: one chunk of keys of one (batch, KV head); `part` is its partial dQ.
+/// Keys are taken in groups of blocks that stay in cache while every block of query rows is
+/// loaded once per group.
 struct KeyChunk<'a> {
     bp: &'a BackwardProblem,
     delta: &'a [f32],
@@ -338,7 +396,7 @@ struct KeyChunk<'a> {
     head: TileRows,
     chunk: usize,
     part: &'a mut [f32],
-    sc: &'a mut Scratch,
+    sc: &'a mut (Scratch, Vec<KeyBlock>),
 }
 
 impl KernelFn for KeyChunk<'_> {
@@ -352,18 +410,28 @@ impl KernelFn for KeyChunk<'_> {
             head,
             chunk,
             part,
-            sc,
+            sc: (sc, blocks),
         } = self;
         let p = &bp.fwd;
         let bf16 = bf16_path::<BF16>(bp);
-        let (dp, dvp) = (sc.dp, sc.dvp);
+        let dp = sc.dp;
+        part.fill(0.0);
         let first = chunk * plan.blocks_per_chunk;
-        for kb in first..(first + plan.blocks_per_chunk).min(plan.key_blocks) {
-            let j0 = kb * BK;
-            let nk = (p.seqlen_kv - j0).min(BK);
-            sc.acc_k.fill(0.0);
-            sc.acc_v.fill(0.0);
-            load_keys(p, &head, j0, nk, sc, bf16);
+        let last = (first + plan.blocks_per_chunk).min(plan.key_blocks);
+        for group in (first..last).step_by(plan.group) {
+            let n = plan.group.min(last - group);
+            for (g, kb) in blocks[..n].iter_mut().enumerate() {
+                let j0 = (group + g) * BK;
+                load_keys(
+                    p,
+                    &head,
+                    (j0, (p.seqlen_kv - j0).min(BK)),
+                    kb,
+                    &mut sc.row,
+                    bf16,
+                );
+            }
+            let keys = (group * BK, ((group + n) * BK).min(p.seqlen_kv));
             for row0 in (0..plan.rows_per_head).step_by(BQ) {
                 let t = TileRows {
                     row0,
@@ -371,29 +439,39 @@ impl KernelFn for KeyChunk<'_> {
                     ..head
                 };
                 let (lo, hi) = rows_band(p, &t);
-                if lo >= hi || hi <= j0 || lo >= j0 + nk {
+                if lo >= hi || hi <= keys.0 || lo >= keys.1 {
                     continue; // no row of this block sees these keys
                 }
                 load_rows(bp, delta, &t, sc, bf16);
-                tile::<M, C>(p, &t, (j0, nk), sc, &mut part[row0 * dp..], bf16);
-            }
-            for jj in 0..nk {
-                let dk = &mut sc.acc_k[jj * dp..][..p.head_dim];
-                dk.iter_mut().for_each(|x| *x *= p.scale);
-                // SAFETY: this item alone owns rows j0..j0+nk of dK and dV for this head.
-                unsafe {
-                    store_row_f32(
-                        bp.dk.dtype,
-                        dk,
-                        bp.dk.at([head.batch, j0 + jj, head.hkv, 0]),
-                    );
-                    store_row_f32(
-                        bp.dv.dtype,
-                        &sc.acc_v[jj * dvp..][..p.head_dim_v],
-                        bp.dv.at([head.batch, j0 + jj, head.hkv, 0]),
-                    );
+                for kb in &mut blocks[..n] {
+                    if hi > kb.j0 && lo < kb.j0 + kb.nk {
+                        tile::<M, C>(p, &t, kb, sc, &mut part[row0 * dp..], bf16);
+                    }
                 }
             }
+            for kb in &mut blocks[..n] {
+                store_key_grads(bp, &head, kb);
+            }
+        }
+    }
+}
+
+/// Writes dK·scale and dV of one key block; its item alone owns those rows.
+fn store_key_grads(bp: &BackwardProblem, head: &TileRows, kb: &mut KeyBlock) {
+    let p = &bp.fwd;
+    let (dp, dvp) = (round_up(p.head_dim, 16), round_up(p.head_dim_v, 16));
+    for jj in 0..kb.nk {
+        let dk = &mut kb.acc_k[jj * dp..][..p.head_dim];
+        dk.iter_mut().for_each(|x| *x *= p.scale);
+        let key = kb.j0 + jj;
+        // SAFETY: key < seqlen_kv, within the validated dk and dv views.
+        unsafe {
+            store_row_f32(bp.dk.dtype, dk, bp.dk.at([head.batch, key, head.hkv, 0]));
+            store_row_f32(
+                bp.dv.dtype,
+                &kb.acc_v[jj * dvp..][..p.head_dim_v],
+                bp.dv.at([head.batch, key, head.hkv, 0]),
+            );
         }
     }
 }
@@ -426,19 +504,48 @@ fn row_deltas(bp: &BackwardProblem, exec: Exec) -> Result<Vec<f32>> {
     Ok(delta)
 }
 
-pub(super) fn backward(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<()> {
+/// Memory for partial dQ, kept between calls when it is small: fresh pages cost a fault each,
+/// which for a short problem rivals the arithmetic.
+#[derive(Default)]
+pub(super) struct Workspace(Mutex<Vec<f32>>);
+
+/// Largest workspace kept for the next call, in elements.
+const KEEP_WORKSPACE: usize = 16 << 20;
+
+impl Workspace {
+    /// A buffer of `n` elements (contents unspecified); concurrent callers get their own.
+    fn take(&self, n: usize) -> Result<Vec<f32>> {
+        let mut v = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        v.truncate(n);
+        v.try_reserve_exact(n - v.len())?;
+        v.resize(n, 0.0);
+        Ok(v)
+    }
+
+    fn give_back(&self, v: Vec<f32>) {
+        if v.capacity() <= KEEP_WORKSPACE {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
+        }
+    }
+}
+
+pub(super) fn backward(
+    bp: &BackwardProblem,
+    isa: Isa,
+    exec: Exec,
+    workspace: &Workspace,
+) -> Result<()> {
     let p = &bp.fwd;
     let delta = row_deltas(bp, exec)?;
     let dp = round_up(p.head_dim, 16);
     let plan = plan(p, dp);
+    let bf16 = uses_bf16(bp, isa == Isa::Avx512Bf16);
     let heads = p.batch * p.heads_kv;
     let total = heads
         .checked_mul(plan.chunks)
         .and_then(|n| n.checked_mul(plan.part_len))
         .ok_or_else(|| Error::invalid("problem too large for the backward pass"))?;
-    let mut partial = Vec::new();
-    partial.try_reserve_exact(total)?;
-    partial.resize(total, 0f32);
+    let mut partial = workspace.take(total)?;
     let head_rows = |bh: usize| TileRows {
         batch: bh / p.heads_kv,
         hkv: bh % p.heads_kv,
@@ -449,7 +556,10 @@ pub(super) fn backward(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<()>
         exec,
         &mut partial,
         plan.part_len,
-        || Scratch::new(p),
+        || {
+            let blocks = (0..plan.group).map(|_| KeyBlock::new(p, bf16)).collect();
+            (Scratch::new(p, bf16), blocks)
+        },
         |sc, item, part| {
             let chunk = KeyChunk {
                 bp,
@@ -484,6 +594,7 @@ pub(super) fn backward(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<()>
             }
         },
     );
+    workspace.give_back(partial);
     Ok(())
 }
 

@@ -81,15 +81,8 @@ unsafe fn block<const V: usize, const ACC: bool>(
     scale: f32,
 ) {
     let op = out.as_mut_ptr();
-    let mut acc: [[__m512; V]; R] = std::array::from_fn(|i| {
-        std::array::from_fn(|v| {
-            if ACC {
-                _mm512_loadu_ps(op.add((r0 + i) * ldo + c0 + 16 * v))
-            } else {
-                _mm512_setzero_ps()
-            }
-        })
-    });
+    // As in the fp32 kernel: sums start from zero and are added to `out` at the end.
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
     for k2 in 0..kn2 {
         let bb = b.data.as_ptr().add(k2 * b.row + c0);
         let bv: [__m512bh; V] = std::array::from_fn(|v| {
@@ -107,8 +100,13 @@ unsafe fn block<const V: usize, const ACC: bool>(
     let sc = _mm512_set1_ps(scale);
     for (i, ai) in acc.iter().enumerate() {
         for (v, x) in ai.iter().enumerate() {
-            let x = if ACC { *x } else { _mm512_mul_ps(*x, sc) };
-            _mm512_storeu_ps(op.add((r0 + i) * ldo + c0 + 16 * v), x);
+            let dst = op.add((r0 + i) * ldo + c0 + 16 * v);
+            let x = if ACC {
+                _mm512_add_ps(_mm512_loadu_ps(dst), *x)
+            } else {
+                _mm512_mul_ps(*x, sc)
+            };
+            _mm512_storeu_ps(dst, x);
         }
     }
 }

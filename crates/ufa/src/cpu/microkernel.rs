@@ -54,7 +54,8 @@ pub fn holds(len: usize, ld: usize, m: usize, n: usize) -> bool {
     n <= ld && (m == 0 || (m - 1) * ld + n <= len)
 }
 
-/// `out[i][c] = scale · Σ_k a(i, k) · b[k][c]`, or with `ACC` `out[i][c] += Σ_k a(i, k) · b[k][c]`,
+/// `out[i][c] = scale · Σ_k a(i, k) · b[k][c]`, or with `ACC` `out[i][c] += Σ_k a(i, k) · b[k][c]`
+/// (the sum formed first),
 /// for `[m, n, kn]` = rows (a multiple of `R`), columns (a multiple of 16) and reduction length.
 /// `b` is row-major (`b.col` = 1); `out` is row-major with `ldo` elements per row. Each output
 /// element sums its terms in `k` order, so results do not depend on how callers split the work.
@@ -99,11 +100,9 @@ fn block<M: MulAdd, const W: usize, const ACC: bool>(
     kn: usize,
     scale: f32,
 ) {
-    let mut acc: [[f32; W]; R] = if ACC {
-        std::array::from_fn(|i| out[(r0 + i) * ldo + c0..][..W].try_into().unwrap())
-    } else {
-        [[0.0; W]; R]
-    };
+    // Sums start from zero and are added to `out` at the end: reading `out` first would copy
+    // the block through the stack (a memcpy call per row).
+    let mut acc = [[0f32; W]; R];
     for k in 0..kn {
         // SAFETY: k < kn, r0 + R <= m and c0 + W <= n, within the bounds `gemm` asserted;
         // unchecked so the loop body is only loads, broadcasts and FMAs.
@@ -120,7 +119,9 @@ fn block<M: MulAdd, const W: usize, const ACC: bool>(
     for (i, ai) in acc.iter().enumerate() {
         let dst = &mut out[(r0 + i) * ldo + c0..][..W];
         if ACC {
-            dst.copy_from_slice(ai);
+            for (d, &x) in dst.iter_mut().zip(ai) {
+                *d += x;
+            }
         } else {
             for (d, &x) in dst.iter_mut().zip(ai) {
                 *d = x * scale;

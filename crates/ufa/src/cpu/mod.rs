@@ -38,6 +38,8 @@ pub(crate) struct CpuBackend {
     num_threads: usize,
     isa: Isa,
     pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
+    /// The backward pass's partial dQ, kept between calls (see `backward::Workspace`).
+    workspace: backward::Workspace,
 }
 
 impl CpuBackend {
@@ -52,6 +54,7 @@ impl CpuBackend {
             num_threads,
             isa,
             pool: Mutex::new(None),
+            workspace: backward::Workspace::default(),
         })
     }
 
@@ -97,9 +100,9 @@ impl CpuBackend {
 
     pub fn backward(&self, p: &BackwardProblem) -> Result<()> {
         if is_tiny(&p.fwd) {
-            return backward::backward(p, self.isa, Exec::Inline);
+            return backward::backward(p, self.isa, Exec::Inline, &self.workspace);
         }
         let pool = self.pool()?;
-        pool.install(|| backward::backward(p, self.isa, Exec::Pool))
+        pool.install(|| backward::backward(p, self.isa, Exec::Pool, &self.workspace))
     }
 }
