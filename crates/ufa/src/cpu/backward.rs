@@ -19,7 +19,9 @@ use super::isa::{run_with, Isa, KernelFn};
 use super::math::{exp, MulAdd};
 use super::microkernel::{gemm, Strided, BK, R};
 use super::parallel::{for_each_chunk, for_each_chunk_mut, Exec};
-use super::tile::{apply_score_mods, round_up, row_f32, set_column, widen, RowInfo, TileRows};
+use super::tile::{
+    apply_score_mods, prefetch, round_up, row_f32, set_column, widen, RowInfo, TileRows,
+};
 use crate::dtype::{load_row_f32, store_row_f32, DType};
 use crate::error::{Error, Result};
 use crate::problem::{BackwardProblem, Problem};
@@ -49,7 +51,7 @@ struct Plan {
     part_len: usize,
 }
 
-fn plan(p: &Problem, dp: usize) -> Plan {
+fn plan(p: &Problem, dp: usize, bf16: bool) -> Plan {
     let heads = p.batch * p.heads_kv;
     let rows_per_head = p.seqlen_q * p.group_size();
     let key_blocks = p.seqlen_kv.div_ceil(BK);
@@ -61,7 +63,7 @@ fn plan(p: &Problem, dp: usize) -> Plan {
         .min(affordable)
         .max(1);
     let blocks_per_chunk = key_blocks.div_ceil(wanted);
-    let group = (GROUP_BYTES / KeyBlock::bytes(p)).clamp(1, blocks_per_chunk);
+    let group = (GROUP_BYTES / KeyBlock::bytes(p, bf16)).clamp(1, blocks_per_chunk);
     Plan {
         rows_per_head,
         key_blocks,
@@ -183,9 +185,14 @@ impl KeyBlock {
     }
 
     /// Bytes of one block's buffers, to size groups of blocks for the cache.
-    fn bytes(p: &Problem) -> usize {
+    fn bytes(p: &Problem, bf16: bool) -> usize {
         let (dp, dvp) = (round_up(p.head_dim, 16), round_up(p.head_dim_v, 16));
-        4 * BK * (3 * dp + 2 * dvp)
+        let packed = if bf16 {
+            (p.head_dim.div_ceil(2) + p.head_dim_v.div_ceil(2)) * BK + BK / 2 * dp
+        } else {
+            (2 * dp + dvp) * BK
+        };
+        4 * (packed + BK * (dp + dvp))
     }
 }
 
@@ -240,6 +247,21 @@ fn load_rows(bp: &BackwardProblem, delta: &[f32], t: &TileRows, sc: &mut Scratch
             pack_interleaved(q_row, t.nrows, d, &mut sc.qi, sc.dp);
             pack_interleaved(do_row, t.nrows, dv, &mut sc.doi, sc.dvp);
         }
+    }
+}
+
+/// Asks for the Q and dO rows of the block after `t` while `t` is computed: the loads of a
+/// block's rows stall on memory otherwise (each group of keys streams them all again).
+#[inline(always)]
+fn prefetch_rows(bp: &BackwardProblem, t: &TileRows, rows_per_head: usize) {
+    let p = &bp.fwd;
+    let next = t.row0 + t.nrows;
+    let q_bytes = p.head_dim * p.q.dtype.size_in_bytes();
+    let do_bytes = p.head_dim_v * bp.dout.dtype.size_in_bytes();
+    for r in next..(next + BQ).min(rows_per_head) {
+        let (qpos, head) = TileRows { row0: 0, ..*t }.position(p, r);
+        prefetch(p.q.at([t.batch, qpos, head, 0]), q_bytes);
+        prefetch(bp.dout.at([t.batch, qpos, head, 0]), do_bytes);
     }
 }
 
@@ -443,6 +465,7 @@ impl KernelFn for KeyChunk<'_> {
                     continue; // no row of this block sees these keys
                 }
                 load_rows(bp, delta, &t, sc, bf16);
+                prefetch_rows(bp, &t, plan.rows_per_head);
                 for kb in &mut blocks[..n] {
                     if hi > kb.j0 && lo < kb.j0 + kb.nk {
                         tile::<M, C>(p, &t, kb, sc, &mut part[row0 * dp..], bf16);
@@ -538,8 +561,8 @@ pub(super) fn backward(
     let p = &bp.fwd;
     let delta = row_deltas(bp, exec)?;
     let dp = round_up(p.head_dim, 16);
-    let plan = plan(p, dp);
     let bf16 = uses_bf16(bp, isa == Isa::Avx512Bf16);
+    let plan = plan(p, dp, bf16);
     let heads = p.batch * p.heads_kv;
     let total = heads
         .checked_mul(plan.chunks)

@@ -25,8 +25,16 @@ fn pair(lo: u16, hi: u16) -> u32 {
 /// `src` must address `d` readable bf16 values.
 #[inline(always)]
 pub unsafe fn pack_row_pairs(src: *const u16, d: usize, dst: &mut [u32]) {
+    assert!(dst.len() >= d.div_ceil(2));
+    // Little-endian pairs of consecutive elements are the row's own bytes, 16 pairs at a time.
+    let mut e2 = 0;
+    while 2 * (e2 + 16) <= d {
+        let x = _mm512_loadu_si512(src.add(2 * e2) as *const _);
+        _mm512_storeu_si512(dst.as_mut_ptr().add(e2) as *mut _, x);
+        e2 += 16;
+    }
     let row = std::slice::from_raw_parts(src, d);
-    for (e2, out) in dst.iter_mut().enumerate().take(d.div_ceil(2)) {
+    for (e2, out) in dst.iter_mut().enumerate().take(d.div_ceil(2)).skip(e2) {
         let hi = if 2 * e2 + 1 < d { row[2 * e2 + 1] } else { 0 };
         *out = pair(row[2 * e2], hi);
     }
@@ -136,6 +144,21 @@ pub unsafe fn pack_probabilities(p: &[f32], pp: &mut [u32], rows: usize) {
 /// `first` (and `second`) must address `dv` readable bf16 values.
 #[inline(always)]
 unsafe fn interleave(first: *const u16, second: Option<*const u16>, dv: usize, dst: &mut [u32]) {
+    assert!(dst.len() >= dv);
+    // 16 pairs at a time: each row widened to u32 lanes, the second shifted into the high half.
+    let widen = |p: *const u16| _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+    let mut c = 0;
+    while c + 16 <= dv {
+        let hi = match second {
+            Some(b) => _mm512_slli_epi32::<16>(widen(b.add(c))),
+            None => _mm512_setzero_si512(),
+        };
+        let x = _mm512_or_si512(widen(first.add(c)), hi);
+        _mm512_storeu_si512(dst.as_mut_ptr().add(c) as *mut _, x);
+        c += 16;
+    }
+    let (first, second, dst) = (first.add(c), second.map(|b| b.add(c)), &mut dst[c..]);
+    let dv = dv - c;
     let a = std::slice::from_raw_parts(first, dv);
     match second {
         Some(b) => {

@@ -297,11 +297,18 @@ fn prefetch_row(p: &Problem, x: &crate::problem::Operand, t: &TileRows, key: usi
     if key >= p.seqlen_kv {
         return;
     }
-    let base = x.at([t.batch, key, t.hkv, 0]);
-    let bytes = len * x.dtype.size_in_bytes();
+    prefetch(
+        x.at([t.batch, key, t.hkv, 0]),
+        len * x.dtype.size_in_bytes(),
+    );
+}
+
+/// Hints the cache to load `bytes` bytes at `base`.
+#[inline(always)]
+pub(super) fn prefetch(base: *const u8, bytes: usize) {
     for off in (0..bytes).step_by(64) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch never faults; the address is inside the validated view anyway.
+        // SAFETY: a prefetch never faults.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                 base.wrapping_add(off) as *const i8,
