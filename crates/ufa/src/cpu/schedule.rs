@@ -8,7 +8,7 @@
 use super::isa::{run_with, Isa, KernelFn};
 use super::math::MulAdd;
 use super::microkernel::BK;
-use super::parallel::{for_each, for_each_chunk, for_each_chunk_mut, Exec};
+use super::parallel::{for_each, for_each_chunk_mut, Exec};
 use super::tile::{attend, begin, round_up, Scratch, TileRows};
 use crate::dtype::store_row_f32;
 use crate::error::Result;
@@ -27,6 +27,30 @@ struct Plan {
     row_blocks: usize,
     items: usize,
     splits: usize,
+    /// Items computed together by one job, key tile by key tile (see [`heads_per_job`]).
+    group: usize,
+}
+
+/// Most KV heads a job interleaves.
+const MAX_GROUP: usize = 8;
+
+/// KV heads whose items one job interleaves tile by tile. Where one head's keys are far apart
+/// in memory ([batch, seq, heads, dim] layouts put a row of every head between two keys of
+/// one), a job that runs heads one after another meets every key on a new page, with no
+/// hardware prefetch and a TLB miss; interleaved, neighbouring heads read the same pages
+/// together. Needs one block of rows per head, so that a job's items are consecutive KV heads
+/// with the same rows and keys. Each item's arithmetic is unchanged, so results are too.
+fn heads_per_job(p: &Problem, row_blocks: usize) -> usize {
+    let scattered = [p.k, p.v]
+        .iter()
+        .any(|x| x.strides[1] > p.head_dim.max(p.head_dim_v));
+    if row_blocks > 1 || !scattered {
+        return 1;
+    }
+    (1..=MAX_GROUP)
+        .rev()
+        .find(|g| p.heads_kv.is_multiple_of(*g))
+        .unwrap_or(1)
 }
 
 fn plan(p: &Problem) -> Plan {
@@ -60,6 +84,7 @@ fn plan(p: &Problem) -> Plan {
         row_blocks,
         items,
         splits,
+        group: heads_per_job(p, row_blocks),
     }
 }
 
@@ -85,24 +110,38 @@ fn split_keys(range: (usize, usize), s: usize, n: usize) -> (usize, usize) {
     (key(tiles * s / n), key(tiles * (s + 1) / n))
 }
 
-/// One forward work item: rows `t` over their visible keys, or over split `s` of `n` of them.
-struct ForwardItem<'a> {
+/// One forward job: items `ts` (one scratch each) over their visible keys, or over split `s` of
+/// `n` of them; several items are interleaved key tile by key tile.
+struct ForwardJob<'a> {
     p: &'a Problem,
-    t: &'a TileRows,
+    ts: &'a [TileRows],
     split: Option<(usize, usize)>,
-    sc: &'a mut Scratch,
+    scs: &'a mut [Scratch],
 }
 
-impl KernelFn for ForwardItem<'_> {
+impl KernelFn for ForwardJob<'_> {
     type Output = ();
     #[inline(always)]
     fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
-        let range = begin::<M, BF16>(self.p, self.t, self.sc);
+        let mut range = (0, 0);
+        for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
+            // The same for every item of a job: their rows are the same query positions.
+            range = begin::<M, BF16>(self.p, t, sc);
+        }
         let keys = match self.split {
             Some((s, n)) => split_keys(range, s, n),
             None => range,
         };
-        attend::<M, C, BF16>(self.p, self.t, keys, self.sc);
+        if let [t] = self.ts {
+            return attend::<M, C, BF16>(self.p, t, keys, &mut self.scs[0]);
+        }
+        // Tile by tile, the same tiles `attend` takes over the whole range.
+        for j0 in (keys.0..keys.1).step_by(BK) {
+            let tile = (j0, (j0 + BK).min(keys.1));
+            for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
+                attend::<M, C, BF16>(self.p, t, tile, sc);
+            }
+        }
     }
 }
 
@@ -135,26 +174,35 @@ fn write_rows(p: &Problem, t: &TileRows, sc: &Scratch, orow: &mut [f32]) {
 
 pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec) -> Result<()> {
     let plan = plan(p);
-    let new_scratch = || (Scratch::new(p, plan.block_rows), vec![0f32; p.head_dim_v]);
+    let g = plan.group;
+    let new_scratch = || {
+        let scs: Vec<Scratch> = (0..g).map(|_| Scratch::new(p, plan.block_rows)).collect();
+        (scs, vec![0f32; p.head_dim_v])
+    };
+    let rows_of =
+        |job: usize| -> Vec<TileRows> { (0..g).map(|i| plan.rows(p, job * g + i)).collect() };
+    let jobs = plan.items / g;
     if plan.splits == 1 {
-        for_each(exec, plan.items, new_scratch, |(sc, orow), item| {
-            let t = plan.rows(p, item);
+        for_each(exec, jobs, new_scratch, |(scs, orow), job| {
+            let ts = rows_of(job);
             run_with(
                 isa,
-                ForwardItem {
+                ForwardJob {
                     p,
-                    t: &t,
+                    ts: &ts,
                     split: None,
-                    sc,
+                    scs,
                 },
             );
-            write_rows(p, &t, sc, orow);
+            for (t, sc) in ts.iter().zip(scs.iter()) {
+                write_rows(p, t, sc, orow);
+            }
         });
         return Ok(());
     }
 
-    // Split-KV: each (item, split) leaves [m, l, acc row] per row in `partial`; then each item
-    // merges its splits in split order.
+    // Split-KV: each (item, split) leaves [m, l, acc row] per row in `partial`, the items of a
+    // job side by side for each split; then each item merges its splits in split order.
     let dvp = round_up(p.head_dim_v, 16);
     let row_len = dvp + 2;
     let part_len = round_up(plan.block_rows, super::microkernel::R) * row_len;
@@ -169,58 +217,56 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec) -> Result<()> {
     for_each_chunk_mut(
         exec,
         &mut partial,
-        part_len,
+        g * part_len,
         new_scratch,
-        |(sc, _), job, part| {
-            let (item, split) = (job / plan.splits, job % plan.splits);
-            let t = plan.rows(p, item);
+        |(scs, _), chunk, parts| {
+            let (job, split) = (chunk / plan.splits, chunk % plan.splits);
+            let ts = rows_of(job);
+            let split = Some((split, plan.splits));
             run_with(
                 isa,
-                ForwardItem {
+                ForwardJob {
                     p,
-                    t: &t,
-                    split: Some((split, plan.splits)),
-                    sc,
+                    ts: &ts,
+                    split,
+                    scs,
                 },
             );
-            for r in 0..t.nrows {
-                let dst = &mut part[r * row_len..][..row_len];
-                dst[0] = sc.m[r];
-                dst[1] = sc.l[r];
-                dst[2..].copy_from_slice(&sc.acc[r * dvp..][..dvp]);
+            for ((t, sc), part) in ts.iter().zip(scs.iter()).zip(parts.chunks_mut(part_len)) {
+                for r in 0..t.nrows {
+                    let dst = &mut part[r * row_len..][..row_len];
+                    dst[0] = sc.m[r];
+                    dst[1] = sc.l[r];
+                    dst[2..].copy_from_slice(&sc.acc[r * dvp..][..dvp]);
+                }
             }
         },
     );
-    let block_len = plan.splits * part_len;
-    for_each_chunk(
-        exec,
-        &partial,
-        block_len,
-        new_scratch,
-        |(sc, orow), item, parts| {
-            let t = plan.rows(p, item);
-            for r in 0..t.nrows {
-                let part = |s: usize| &parts[s * part_len + r * row_len..][..row_len];
-                let m = (0..plan.splits).fold(f32::NEG_INFINITY, |a, s| a.max(part(s)[0]));
-                let acc = &mut sc.acc[r * dvp..][..dvp];
-                acc.fill(0.0);
-                let mut l = 0.0;
-                if m > f32::NEG_INFINITY {
-                    for s in 0..plan.splits {
-                        let ps = part(s);
-                        let w = (ps[0] - m).exp();
-                        l += ps[1] * w;
-                        for (a, &x) in acc.iter_mut().zip(&ps[2..]) {
-                            *a += x * w;
-                        }
+    let partial = &partial;
+    for_each(exec, plan.items, new_scratch, |(scs, orow), item| {
+        let (t, sc) = (plan.rows(p, item), &mut scs[0]);
+        let at = |s: usize| ((item / g * plan.splits + s) * g + item % g) * part_len;
+        for r in 0..t.nrows {
+            let part = |s: usize| &partial[at(s) + r * row_len..][..row_len];
+            let m = (0..plan.splits).fold(f32::NEG_INFINITY, |a, s| a.max(part(s)[0]));
+            let acc = &mut sc.acc[r * dvp..][..dvp];
+            acc.fill(0.0);
+            let mut l = 0.0;
+            if m > f32::NEG_INFINITY {
+                for s in 0..plan.splits {
+                    let ps = part(s);
+                    let w = (ps[0] - m).exp();
+                    l += ps[1] * w;
+                    for (a, &x) in acc.iter_mut().zip(&ps[2..]) {
+                        *a += x * w;
                     }
                 }
-                sc.m[r] = m;
-                sc.l[r] = l;
             }
-            write_rows(p, &t, sc, orow);
-        },
-    );
+            sc.m[r] = m;
+            sc.l[r] = l;
+        }
+        write_rows(p, &t, sc, orow);
+    });
     Ok(())
 }
 
