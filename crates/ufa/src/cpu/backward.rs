@@ -16,11 +16,11 @@
 //! GPUs); every sum stays fp32.
 
 use super::isa::{run_with, Isa, KernelFn};
-use super::math::{exp, MulAdd};
-use super::microkernel::{gemm, Strided, BK, R};
+use super::math::{dot, exp, MulAdd};
+use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
 use super::parallel::{for_each_chunk, for_each_chunk_mut, Exec};
 use super::tile::{
-    apply_score_mods, prefetch, round_up, row_f32, set_column, widen, RowInfo, TileRows,
+    apply_score_mods, pack_transposed, prefetch, round_up, widen, RowInfo, TileRows,
 };
 use crate::dtype::{load_row_f32, store_row_f32, DType};
 use crate::error::{Error, Result};
@@ -104,7 +104,8 @@ struct Scratch {
     lse: Vec<f32>,
     delta: Vec<f32>,
     rows: Vec<RowInfo>,
-    row: Vec<f32>,
+    /// BK × dv: V rows converted to fp32 before they are transposed (non-f32 V only).
+    stage: Vec<f32>,
     /// Rows × BK: S then P; dP then dS; the softcap's slope.
     p: Vec<f32>,
     ds: Vec<f32>,
@@ -136,7 +137,7 @@ impl Scratch {
             lse: vec![0.0; BQ],
             delta: vec![0.0; BQ],
             rows: vec![RowInfo::default(); BQ],
-            row: vec![0.0; dp.max(dvp)],
+            stage: zeros(!bf16 && p.v.dtype != DType::F32, BK * p.head_dim_v),
             p: vec![0.0; BQ * BK],
             ds: vec![0.0; BQ * BK],
             cap: vec![1.0; BQ * BK],
@@ -268,12 +269,12 @@ fn prefetch_rows(bp: &BackwardProblem, t: &TileRows, rows_per_head: usize) {
 /// Packs keys `j0..j0+nk` of K and V into `kb`, zero-padded to BK keys, and clears its
 /// accumulators.
 #[inline(always)]
-fn load_keys(
+fn load_keys<const C: usize>(
     p: &Problem,
     t: &TileRows,
     (j0, nk): (usize, usize),
     kb: &mut KeyBlock,
-    row: &mut [f32],
+    stage: &mut [f32],
     bf16: bool,
 ) {
     let (d, dv, dp) = (p.head_dim, p.head_dim_v, round_up(p.head_dim, 16));
@@ -294,17 +295,14 @@ fn load_keys(
         }
         return;
     }
-    kb.kt.fill(0.0);
-    kb.vt.fill(0.0);
     for jj in 0..nk {
-        // SAFETY: key j0+jj < seqlen_kv, within the validated views.
-        let k = unsafe { row_f32(p.k.dtype, k_at(jj), &mut row[..d]) };
-        set_column(&mut kb.kt, jj, k);
-        kb.krows[jj * dp..][..d].copy_from_slice(k);
-        // SAFETY: as above.
-        let v = unsafe { row_f32(p.v.dtype, v_at(jj), &mut row[..dv]) };
-        set_column(&mut kb.vt, jj, v);
+        // SAFETY: key j0+jj < seqlen_kv, within the validated view.
+        unsafe { load_row_f32(p.k.dtype, k_at(jj), &mut kb.krows[jj * dp..][..d]) };
     }
+    let krows = kb.krows.as_ptr();
+    // SAFETY: rows jj < nk of `krows` hold d values.
+    unsafe { transpose_rows::<C>(|jj| krows.add(jj * dp), nk, d, &mut kb.kt) };
+    pack_transposed::<C>(&p.v, t, (j0, nk), dv, stage, &mut kb.vt);
 }
 
 /// Turns S in `sc.p` and dP in `sc.ds` into P and dS (zero for padding and for keys a row does
@@ -444,14 +442,8 @@ impl KernelFn for KeyChunk<'_> {
             let n = plan.group.min(last - group);
             for (g, kb) in blocks[..n].iter_mut().enumerate() {
                 let j0 = (group + g) * BK;
-                load_keys(
-                    p,
-                    &head,
-                    (j0, (p.seqlen_kv - j0).min(BK)),
-                    kb,
-                    &mut sc.row,
-                    bf16,
-                );
+                let keys = (j0, (p.seqlen_kv - j0).min(BK));
+                load_keys::<C>(p, &head, keys, kb, &mut sc.stage, bf16);
             }
             let keys = (group * BK, ((group + n) * BK).min(p.seqlen_kv));
             for row0 in (0..plan.rows_per_head).step_by(BQ) {
@@ -499,8 +491,39 @@ fn store_key_grads(bp: &BackwardProblem, head: &TileRows, kb: &mut KeyBlock) {
     }
 }
 
-/// `delta[b, h, i] = Σ_e dO[b, i, h, e] · O[b, i, h, e]`.
-fn row_deltas(bp: &BackwardProblem, exec: Exec) -> Result<Vec<f32>> {
+/// Step 1 for one (batch, query head): `delta[i] = Σ_e dO[b, i, h, e] · O[b, i, h, e]`, in the
+/// kernel family's vectors.
+struct RowDeltas<'a> {
+    bp: &'a BackwardProblem,
+    bh: usize,
+    delta: &'a mut [f32],
+    rows: &'a mut (Vec<f32>, Vec<f32>),
+}
+
+impl KernelFn for RowDeltas<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
+        let RowDeltas {
+            bp,
+            bh,
+            delta,
+            rows: (o, g),
+        } = self;
+        let p = &bp.fwd;
+        let (b, h) = (bh / p.heads_q, bh % p.heads_q);
+        for (i, d) in delta.iter_mut().enumerate() {
+            // SAFETY: within the validated out and dout views.
+            unsafe {
+                load_row_f32(p.out.dtype, p.out.at([b, i, h, 0]), o);
+                load_row_f32(bp.dout.dtype, bp.dout.at([b, i, h, 0]), g);
+            }
+            *d = dot::<M>(o, g);
+        }
+    }
+}
+
+fn row_deltas(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<Vec<f32>> {
     let p = &bp.fwd;
     let n = p.batch * p.heads_q * p.seqlen_q;
     let mut delta = Vec::new();
@@ -512,16 +535,16 @@ fn row_deltas(bp: &BackwardProblem, exec: Exec) -> Result<Vec<f32>> {
         &mut delta,
         p.seqlen_q,
         || (vec![0f32; dv], vec![0f32; dv]),
-        |(o, g), bh, chunk| {
-            let (b, h) = (bh / p.heads_q, bh % p.heads_q);
-            for (i, d) in chunk.iter_mut().enumerate() {
-                // SAFETY: within the validated out and dout views.
-                unsafe {
-                    load_row_f32(p.out.dtype, p.out.at([b, i, h, 0]), o);
-                    load_row_f32(bp.dout.dtype, bp.dout.at([b, i, h, 0]), g);
-                }
-                *d = o.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
-            }
+        |rows, bh, delta| {
+            run_with(
+                isa,
+                RowDeltas {
+                    bp,
+                    bh,
+                    delta,
+                    rows,
+                },
+            )
         },
     );
     Ok(delta)
@@ -559,7 +582,7 @@ pub(super) fn backward(
     workspace: &Workspace,
 ) -> Result<()> {
     let p = &bp.fwd;
-    let delta = row_deltas(bp, exec)?;
+    let delta = row_deltas(bp, isa, exec)?;
     let dp = round_up(p.head_dim, 16);
     let bf16 = uses_bf16(bp, isa == Isa::Avx512Bf16);
     let plan = plan(p, dp, bf16);

@@ -3,9 +3,9 @@
 //! accumulator in [`Scratch`]; the scheduler writes them out or merges split results.
 
 use super::math::{axpy, dot, exp, exp_sub_sum, max_of, tanh, MulAdd};
-use super::microkernel::{gemm, Strided, BK, R};
+use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
 use crate::dtype::{load_f64, load_row_f32, DType};
-use crate::problem::Problem;
+use crate::problem::{Operand, Problem};
 
 /// Rows of a work item: rows `row0..row0+nrows` of the (query position × group head) sequence of
 /// KV head `hkv`, so the query heads that share a KV head share its packed K/V tiles (GQA).
@@ -66,6 +66,8 @@ pub struct Scratch {
     pub q: Vec<f32>,
     kt: Vec<f32>,
     row: Vec<f32>,
+    /// BK × head_dim: K rows converted to fp32 before they are transposed (non-f32 K only).
+    stage: Vec<f32>,
     s: Vec<f32>,
     v: Vec<f32>,
     pub acc: Vec<f32>,
@@ -94,6 +96,14 @@ impl Scratch {
             q: vec![0.0; rows * p.head_dim],
             kt: vec![0.0; p.head_dim * BK],
             row: vec![0.0; p.head_dim.max(dvp)],
+            stage: vec![
+                0.0;
+                if p.k.dtype == DType::F32 {
+                    0
+                } else {
+                    BK * p.head_dim
+                }
+            ],
             s: vec![0.0; rows * BK],
             v: vec![0.0; BK * dvp],
             acc: vec![0.0; rows * dvp],
@@ -216,7 +226,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
                 );
             }
         } else {
-            pack_kt(p, t, j0, nk, sc);
+            pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, &mut sc.kt);
             let (q, kt) = (Strided::rows(&sc.q, d), Strided::rows(&sc.kt, BK));
             gemm::<M, C, false>(q, kt, &mut sc.s, BK, [rows, BK, d], 1.0);
         }
@@ -319,34 +329,30 @@ pub(super) fn prefetch(base: *const u8, bytes: usize) {
     }
 }
 
-/// Packs keys `j0..j0+nk` of K transposed (d × BK) in fp32; columns past `nk` are zero.
+/// Packs keys `j0..j0+nk` of `x` (K or V, `len` elements a row) transposed (`len` × BK) into
+/// `dst`; columns past `nk` are zero. Rows that are not f32 are converted into `stage`
+/// (BK × `len`) first.
 #[inline(always)]
-fn pack_kt(p: &Problem, t: &TileRows, j0: usize, nk: usize, sc: &mut Scratch) {
-    let d = p.head_dim;
-    for jj in 0..BK {
-        if jj < nk {
-            // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
-            let row = unsafe {
-                row_f32(
-                    p.k.dtype,
-                    p.k.at([t.batch, j0 + jj, t.hkv, 0]),
-                    &mut sc.row[..d],
-                )
-            };
-            set_column(&mut sc.kt, jj, row);
+pub(super) fn pack_transposed<const C: usize>(
+    x: &Operand,
+    t: &TileRows,
+    (j0, nk): (usize, usize),
+    len: usize,
+    stage: &mut [f32],
+    dst: &mut [f32],
+) {
+    let at = |jj: usize| x.at([t.batch, j0 + jj, t.hkv, 0]);
+    // SAFETY: keys j0+jj < seqlen_kv lie in the validated view; staged rows hold `len` values.
+    unsafe {
+        if x.dtype == DType::F32 {
+            transpose_rows::<C>(|jj| at(jj) as *const f32, nk, len, dst);
         } else {
-            for e in 0..d {
-                sc.kt[e * BK + jj] = 0.0;
+            for jj in 0..nk {
+                load_row_f32(x.dtype, at(jj), &mut stage[jj * len..][..len]);
             }
+            let rows = stage.as_ptr();
+            transpose_rows::<C>(|jj| rows.add(jj * len), nk, len, dst);
         }
-    }
-}
-
-/// Writes `row` as column `col` of a transposed tile (row stride BK).
-#[inline(always)]
-pub(super) fn set_column(tile: &mut [f32], col: usize, row: &[f32]) {
-    for (e, &x) in row.iter().enumerate() {
-        tile[e * BK + col] = x;
     }
 }
 
@@ -356,7 +362,7 @@ pub(super) fn set_column(tile: &mut [f32], col: usize, row: &[f32]) {
 /// # Safety
 /// `ptr` must address `buf.len()` readable, aligned elements of `dtype`.
 #[inline(always)]
-pub(super) unsafe fn row_f32(dtype: DType, ptr: *const u8, buf: &mut [f32]) -> &[f32] {
+unsafe fn row_f32(dtype: DType, ptr: *const u8, buf: &mut [f32]) -> &[f32] {
     if dtype == DType::F32 {
         std::slice::from_raw_parts(ptr as *const f32, buf.len())
     } else {
