@@ -72,6 +72,9 @@ pub struct Scratch {
     v: Vec<f32>,
     pub acc: Vec<f32>,
     pub m: Vec<f32>,
+    /// Per row of a tile: the new running maximum and the factor that rescales the old state.
+    m_new: Vec<f32>,
+    corr: Vec<f32>,
     pub l: Vec<f32>,
     rows: Vec<RowInfo>,
     /// Padded width of V and acc rows (head_dim_v rounded up to 16).
@@ -108,6 +111,8 @@ impl Scratch {
             v: vec![0.0; BK * dvp],
             acc: vec![0.0; rows * dvp],
             m: vec![0.0; rows],
+            m_new: vec![0.0; rows],
+            corr: vec![0.0; rows],
             l: vec![0.0; rows],
             rows: vec![RowInfo::default(); rows],
             dvp,
@@ -230,26 +235,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             let (q, kt) = (Strided::rows(&sc.q, d), Strided::rows(&sc.kt, BK));
             gemm::<M, C, false>(q, kt, &mut sc.s, BK, [rows, BK, d], 1.0);
         }
-        for r in 0..rows {
-            let s = &mut sc.s[r * BK..][..BK];
-            if r >= t.nrows {
-                s.fill(0.0);
-                continue;
-            }
-            apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, None);
-            let m_new = sc.m[r].max(max_of(s));
-            if m_new == f32::NEG_INFINITY {
-                s.fill(0.0); // nothing visible yet: P = 0, state unchanged
-                continue;
-            }
-            let sum = exp_sub_sum::<M>(s, m_new);
-            let corr = exp::<M>(sc.m[r] - m_new);
-            sc.l[r] = M::mul_add(sc.l[r], corr, sum);
-            if corr != 1.0 {
-                sc.acc[r * dvp..][..dvp].iter_mut().for_each(|a| *a *= corr);
-            }
-            sc.m[r] = m_new;
-        }
+        softmax_tile::<M>(p, t, (j0, nk), sc);
         if few_rows {
             for jj in 0..nk {
                 // And K rows of the next tile while V is consumed.
@@ -326,6 +312,47 @@ pub(super) fn prefetch(base: *const u8, bytes: usize) {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = off;
+    }
+}
+
+/// The online softmax over one tile of scores (`sc.s`, keys `j0..j0+nk`): P in place of S,
+/// the running maxima and sums updated, the accumulators rescaled.
+#[inline(always)]
+fn softmax_tile<M: MulAdd>(p: &Problem, t: &TileRows, (j0, nk): (usize, usize), sc: &mut Scratch) {
+    let rows = round_up(t.nrows, R);
+    // The maxima of all rows first, so that their rescaling factors come from one vectorised
+    // pass rather than a scalar exponential per row.
+    for r in 0..rows {
+        let s = &mut sc.s[r * BK..][..BK];
+        sc.m_new[r] = if r < t.nrows {
+            apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, None);
+            sc.m[r].max(max_of(s))
+        } else {
+            f32::NEG_INFINITY
+        };
+    }
+    for r in 0..rows {
+        let (m, m_new) = (sc.m[r], sc.m_new[r]);
+        // A row that has seen nothing keeps its state (and -inf - -inf would be NaN).
+        sc.corr[r] = if m_new == f32::NEG_INFINITY {
+            1.0
+        } else {
+            exp::<M>(m - m_new)
+        };
+    }
+    let dvp = sc.dvp;
+    for r in 0..rows {
+        let s = &mut sc.s[r * BK..][..BK];
+        let (m_new, corr) = (sc.m_new[r], sc.corr[r]);
+        if m_new == f32::NEG_INFINITY {
+            s.fill(0.0); // padding, or nothing visible yet: P = 0, state unchanged
+            continue;
+        }
+        let sum = exp_sub_sum::<M>(s, m_new);
+        sc.l[r] = M::mul_add(sc.l[r], corr, sum);
+        // Unconditionally: a branch on `corr` would mispredict whenever a row's maximum moves.
+        sc.acc[r * dvp..][..dvp].iter_mut().for_each(|a| *a *= corr);
+        sc.m[r] = m_new;
     }
 }
 
