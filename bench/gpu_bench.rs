@@ -53,13 +53,14 @@ fn main() {
         Ok(ms) => {
             let fwd = forward_flops(batch, heads, seqlen, seqlen, head_dim, head_dim, causal);
             let flops = if backward { 2.5 * fwd } else { fwd };
-            // The main kernel: the forward's, or the backward's largest (not a row kernel).
-            let kernel = ctx
-                .cuda_module_reports()
+            // The main kernel: the forward's, or the backward's tensor-core (or first) kernel.
+            let main = format!("ufa_{}_{dtype}_", if backward { "bwd" } else { "fwd" });
+            let reports = ctx.cuda_module_reports();
+            let kernel = reports
                 .iter()
+                .find(|r| r.kernel.starts_with(&main))
+                .or(reports.first())
                 .map(|r| r.kernel.clone())
-                .find(|k| k.starts_with(if backward { "ufa_bwd_" } else { "ufa_fwd_" }))
-                .or_else(|| ctx.cuda_module_reports().last().map(|r| r.kernel.clone()))
                 .unwrap_or_default();
             println!(
                 "{{\"batch\":{batch},\"seqlen\":{seqlen},\"heads\":{heads},\"head_dim\":{head_dim},\"causal\":{causal},\

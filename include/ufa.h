@@ -316,11 +316,13 @@ ufa_status ufa_attention_forward(const ufa_context *ctx,
                                  void *stream);
 
 /**
- * Attention backward on the CPU: from the forward's inputs, its output `out`, its log-sum-exp
- * `lse` (f32, [batch, heads_q, seqlen_q]) and the output gradient `dout`, writes `dq`, `dk`,
- * `dv` (shapes of q, k, v; for GQA, dk/dv are summed over the query heads sharing a KV head).
- * `params` must be the forward's (NULL = defaults); its `lse` field must be NULL here. On
- * failure nothing is written.
+ * Attention backward: from the forward's inputs, its output `out`, its log-sum-exp `lse` (f32,
+ * [batch, heads_q, seqlen_q]) and the output gradient `dout`, writes `dq`, `dk`, `dv` (shapes
+ * of q, k, v; for GQA, dk/dv are summed over the query heads sharing a KV head). `params` must
+ * be the forward's (NULL = defaults); its `lse` field must be NULL here, and its
+ * `deterministic` flag makes CUDA gradients bitwise reproducible. CUDA tensors: queued on
+ * `stream` like the forward (its scratch memory too, allocated and freed in stream order).
+ * On failure nothing is written.
  */
 ufa_status ufa_attention_backward(const ufa_context *ctx,
                                   const ufa_tensor *q,
@@ -332,7 +334,8 @@ ufa_status ufa_attention_backward(const ufa_context *ctx,
                                   const ufa_tensor *dq,
                                   const ufa_tensor *dk,
                                   const ufa_tensor *dv,
-                                  const ufa_attention_params *params);
+                                  const ufa_attention_params *params,
+                                  void *stream);
 
 #if defined(UFA_TEST_HOOKS)
 /**

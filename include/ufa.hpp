@@ -115,9 +115,9 @@ public:
     /// Gradients dq, dk, dv; see ufa_attention_backward.
     void backward(const tensor& q, const tensor& k, const tensor& v, const tensor& out, const tensor& dout,
                   const tensor& lse, const tensor& dq, const tensor& dk, const tensor& dv,
-                  const ufa_attention_params& params = default_params()) const {
+                  const ufa_attention_params& params = default_params(), void* stream = nullptr) const {
         check(ufa_attention_backward(ctx_, q.get(), k.get(), v.get(), out.get(), dout.get(), lse.get(), dq.get(),
-                                     dk.get(), dv.get(), &params));
+                                     dk.get(), dv.get(), &params, stream));
     }
 
 private:

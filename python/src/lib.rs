@@ -490,10 +490,14 @@ fn backward(
         dk: args[7].view_mut()?,
         dv: args[8].view_mut()?,
     };
-    // The core's backward takes no stream yet: CUDA backward work would go on the legacy default
-    // stream (the CUDA backward pass itself is not implemented in the core yet).
-    py.detach(|| ctx.backward(&inputs, &mut grads, &opts.params))
-        .map_err(core_error)
+    // As the forward: CUDA work on q's producer stream, not waited for.
+    let stream = args[0].stream as usize;
+    py.detach(|| {
+        // SAFETY: as in `attention`: the producer's live current stream (or null), and the
+        // producer keeps the memory valid in that stream's order.
+        unsafe { ctx.backward_on_stream(&inputs, &mut grads, &opts.params, stream as *mut c_void) }
+    })
+    .map_err(core_error)
 }
 
 /// Benchmark hook: seconds per `Context::forward` call on already-imported arrays, timed in

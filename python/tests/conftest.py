@@ -44,14 +44,6 @@ def device(request):
     return request.param
 
 
-def skip_without_backward(device):
-    """The core's CUDA backward pass is not written yet; skip gradient tests there until it is."""
-    import ufa.torch as ut
-
-    if device == "cuda" and not ut._CUDA_BACKWARD:
-        pytest.skip("the core has no CUDA backward pass yet")
-
-
 def rel_err(got, want) -> float:
     got = torch.as_tensor(got).detach().to("cpu", torch.float64)
     want = torch.as_tensor(want).detach().to("cpu", torch.float64)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import ufa
 import ufa.torch as ut
-from conftest import reference, rel_err, skip_without_backward
+from conftest import reference, rel_err
 
 CASES = {
     "plain": {},
@@ -27,7 +27,6 @@ def _leaves(shapes, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_flash_attn_gradients(device, dtype, case):
-    skip_without_backward(device)
     b, sq, skv, hq, hkv, d = 2, 11, 19, 4, 2, 32
     q, k, v = _leaves([(b, sq, hq, d), (b, skv, hkv, d), (b, skv, hkv, d)], dtype, device)
     kw = dict(CASES[case])
@@ -53,7 +52,6 @@ def test_flash_attn_gradients(device, dtype, case):
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 @pytest.mark.parametrize("gqa", [False, True])
 def test_sdpa_gradients_vs_math(device, mask, gqa):
-    skip_without_backward(device)
     """Both sides through SDPA: ufa's against PyTorch's math backend in float64."""
     b, hq, sq, skv, d = 2, 4, 9, 14, 16
     hkv = 2 if gqa else hq
@@ -112,7 +110,6 @@ class Block(nn.Module):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(device, backend):
-    skip_without_backward(device)
     torch._dynamo.reset()
     model = Block().to(device)
     x = torch.randn(2, 12, 32, device=device)

@@ -63,10 +63,6 @@ _assume_constant = getattr(getattr(torch, "_dynamo", None), "assume_constant_res
 if _assume_constant is not None:
     _probe_cuda = _assume_constant(_probe_cuda)
 _MAX_HEAD_DIM = 512
-# Whether the core has a CUDA backward pass. Until it does, SDPA calls on CUDA tensors that need
-# gradients go to PyTorch (counted as "cuda backward"), so patched training keeps working;
-# ufa.attention / flash_attn_func raise NotImplementedError from the backward instead.
-_CUDA_BACKWARD = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,8 +364,6 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
         return "device"
     if key.device != dev or value.device != dev:
         return "device mismatch"
-    if dev_type == "cuda" and not _CUDA_BACKWARD and _needs_grad(query, key, value):
-        return "cuda backward"
     if query.is_nested or key.is_nested or value.is_nested:
         return "nested tensor"
     if _autocast_on(dev_type):

@@ -557,11 +557,13 @@ pub unsafe extern "C" fn ufa_attention_forward(
     })
 }
 
-/// Attention backward on the CPU: from the forward's inputs, its output `out`, its log-sum-exp
-/// `lse` (f32, [batch, heads_q, seqlen_q]) and the output gradient `dout`, writes `dq`, `dk`,
-/// `dv` (shapes of q, k, v; for GQA, dk/dv are summed over the query heads sharing a KV head).
-/// `params` must be the forward's (NULL = defaults); its `lse` field must be NULL here. On
-/// failure nothing is written.
+/// Attention backward: from the forward's inputs, its output `out`, its log-sum-exp `lse` (f32,
+/// [batch, heads_q, seqlen_q]) and the output gradient `dout`, writes `dq`, `dk`, `dv` (shapes
+/// of q, k, v; for GQA, dk/dv are summed over the query heads sharing a KV head). `params` must
+/// be the forward's (NULL = defaults); its `lse` field must be NULL here, and its
+/// `deterministic` flag makes CUDA gradients bitwise reproducible. CUDA tensors: queued on
+/// `stream` like the forward (its scratch memory too, allocated and freed in stream order).
+/// On failure nothing is written.
 #[no_mangle]
 pub unsafe extern "C" fn ufa_attention_backward(
     ctx: *const ufa_context,
@@ -575,6 +577,7 @@ pub unsafe extern "C" fn ufa_attention_backward(
     dk: *const ufa_tensor,
     dv: *const ufa_tensor,
     params: *const ufa_attention_params,
+    stream: *mut c_void,
 ) -> ufa_status {
     ufa_call(|| {
         require!(ctx, "ctx");
@@ -597,6 +600,6 @@ pub unsafe extern "C" fn ufa_attention_backward(
                 "params->lse must be NULL for the backward pass; pass the forward's LSE as lse",
             ));
         }
-        (*ctx).timed(|c| c.backward(&inputs, &mut grads, &params))
+        (*ctx).timed(|c| c.backward_on_stream(&inputs, &mut grads, &params, stream))
     })
 }

@@ -10,14 +10,15 @@
 //   3. dQ(block) = dS K, added into an fp32 buffer with red.global.add. Deterministic mode
 //      serialises those adds per query block in key-block order with a turn counter, so the
 //      sums are bitwise the same on every run.
-// Scores are computed transposed (keys are the rows) so that each warp's Pᵀ and dSᵀ rows are
-// the rows of the dK/dV tile the same warp accumulates. The next query block's Q, dO, LSE and
-// D load while this one computes (two stages where shared memory allows).
+// Scores are computed transposed (keys are the rows), so that Pᵀ and dSᵀ are stored as the
+// row-major A operands of phase 2. Each phase spreads its output over the warps as its own grid
+// (BwdTileConfig). The next query block's Q, dO, LSE and D load while this one computes (two
+// stages where shared memory allows).
 //
 // Needs common.cuh and mma.cuh before it; the instantiations are appended at run time by the
 // host (crates/ufa/src/cuda/backward.rs).
 
-template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int STAGES>
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int STAGES, int WN1, int WN2, int WQ3>
 struct BwdTileConfig {
     static constexpr int kHeadDim = HEAD_DIM;
     static constexpr int kBlockM = BLOCK_M;
@@ -27,28 +28,79 @@ struct BwdTileConfig {
     static constexpr int kRowPitch = HEAD_DIM + 8;  // see TileConfig: conflict-free ldmatrix
     static constexpr int kChunksPerRow = HEAD_DIM / 8;
     static constexpr int kPPitch = BLOCK_M + 8;     // Pᵀ and dSᵀ rows
-    // Phases 1 and 2: warps tile the keys by 16 rows, then split the query columns of Sᵀ
-    // (phase 1) and the head-dim columns of dK/dV (phase 2) kWarpsM ways.
-    static constexpr int kKeyTiles = BLOCK_N / 16;
-    static constexpr int kWarpsM = WARPS / kKeyTiles;
-    static constexpr int kColsS = BLOCK_M / kWarpsM;
-    static constexpr int kColsKV = HEAD_DIM / kWarpsM;
-    // Phase 3: warps tile the query rows of dQ by 16, then split its head-dim columns.
-    static constexpr int kRowTilesQ = BLOCK_M / 16;
-    static constexpr int kWarpsD = WARPS / kRowTilesQ;
-    static constexpr int kColsQ = HEAD_DIM / kWarpsD;
-    static_assert(BLOCK_N % 16 == 0 && WARPS % kKeyTiles == 0, "warps tile the keys by 16");
-    static_assert(kColsS % 16 == 0 && kColsKV % 16 == 0, "column splits are pairs of n8 tiles");
-    static_assert(BLOCK_M % 16 == 0 && WARPS % kRowTilesQ == 0 && kColsQ % 16 == 0,
-                  "warps tile dQ by 16 rows and pairs of n8 tiles");
+    // Each phase tiles its output over the warps as a grid (rows x columns); a warp's share is
+    // a block of whole 16-row m-tiles and 16-column pairs of n8 tiles. Square-ish shares read
+    // fewer fragments from shared memory per mma.
+    // Phase 1, Sᵀ and dPᵀ [BLOCK_N x BLOCK_M]: WN1 x (WARPS / WN1).
+    static constexpr int kMT1 = BLOCK_N / WN1 / 16;
+    static constexpr int kCols1 = BLOCK_M / (WARPS / WN1);
+    // Phase 2, dK and dV [BLOCK_N x HEAD_DIM]: WN2 x (WARPS / WN2).
+    static constexpr int kMT2 = BLOCK_N / WN2 / 16;
+    static constexpr int kCols2 = HEAD_DIM / (WARPS / WN2);
+    // Phase 3, dQ [BLOCK_M x HEAD_DIM]: WQ3 x (WARPS / WQ3).
+    static constexpr int kMT3 = BLOCK_M / WQ3 / 16;
+    static constexpr int kCols3 = HEAD_DIM / (WARPS / WQ3);
+    static_assert(WARPS % WN1 == 0 && WARPS % WN2 == 0 && WARPS % WQ3 == 0, "warp grids");
+    static_assert(kMT1 * WN1 * 16 == BLOCK_N && kMT2 * WN2 * 16 == BLOCK_N &&
+                      kMT3 * WQ3 * 16 == BLOCK_M && kMT1 > 0 && kMT2 > 0 && kMT3 > 0,
+                  "warp rows are whole m-tiles");
+    static_assert(kCols1 % 16 == 0 && kCols2 % 16 == 0 && kCols3 % 16 == 0 &&
+                      kCols1 * (WARPS / WN1) == BLOCK_M && kCols2 * (WARPS / WN2) == HEAD_DIM &&
+                      kCols3 * (WARPS / WQ3) == HEAD_DIM,
+                  "warp columns are pairs of n8 tiles");
     static_assert(STAGES == 1 || STAGES == 2, "one or two Q/dO buffers");
+    static_assert(BLOCK_M / 2 <= kThreads, "the LSE and D loads take a thread per 16 bytes");
     // Elements of the 16-bit part of shared memory; fp32 LSE and D follow.
     static constexpr int kSmemElems =
         2 * BLOCK_N * kRowPitch + STAGES * 2 * BLOCK_M * kRowPitch + 2 * BLOCK_N * kPPitch;
 };
 
+// Adds one mma accumulator tile (rows `row` and `row + 8`, columns 2·quad and 2·quad + 1 of
+// an n8 tile starting at `p`, rows `pitch` floats apart) into global memory without returning
+// the old values. On sm_90, lanes pair up (quad ^ 1) so that each adds four consecutive floats
+// of one row with one vector reduction: a quarter of the L2 requests of scalar adds, which
+// bounded the backward (179 -> 214 TFLOP/s with pairs alone at d128, H100).
 __device__ __forceinline__ void red_add_f32(float* p, float x) {
     asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(x) : "memory");
+}
+__device__ __forceinline__ void red_add_tile(float* p, int64_t pitch, const float (&c)[4], int group,
+                                             int quad, bool row_ok, bool row8_ok) {
+#if __CUDA_ARCH__ >= 900
+    const bool odd = quad & 1;
+    // Even lanes keep row `group` and take the partner's two columns of it; odd lanes keep
+    // row `group + 8` and take the partner's two columns before their own.
+    const float x = __shfl_xor_sync(0xffffffffu, odd ? c[0] : c[2], 1);
+    const float y = __shfl_xor_sync(0xffffffffu, odd ? c[1] : c[3], 1);
+    const int row = group + (odd ? 8 : 0);
+    const int col = (quad & ~1) * 2;
+    const float v0 = odd ? x : c[0], v1 = odd ? y : c[1];
+    const float v2 = odd ? c[2] : x, v3 = odd ? c[3] : y;
+    if (odd ? row8_ok : row_ok)
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + row * pitch + col),
+                     "f"(v0), "f"(v1), "f"(v2), "f"(v3)
+                     : "memory");
+#else
+    const int col = quad * 2;
+    if (row_ok) {
+        red_add_f32(p + group * pitch + col, c[0]);
+        red_add_f32(p + group * pitch + col + 1, c[1]);
+    }
+    if (row8_ok) {
+        red_add_f32(p + (group + 8) * pitch + col, c[2]);
+        red_add_f32(p + (group + 8) * pitch + col + 1, c[3]);
+    }
+#endif
+}
+
+// The deterministic turn counters: a gpu-scope acquire load and release store, so that the
+// dQ adds of the block that hands over the turn are visible to the one that takes it.
+__device__ __forceinline__ int32_t load_acquire(const int32_t* p) {
+    int32_t v;
+    asm volatile("ld.global.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void store_release(int32_t* p, int32_t v) {
+    asm volatile("st.global.release.gpu.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 template <typename T, typename Cfg, bool SCORE_MOD>
@@ -72,7 +124,11 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     const int lane = tid % 32;
     const int group = lane / 4;
     const int quad = lane % 4;
-    const int n_block = blockIdx.x;
+    // Deterministic mode adds into each dQ block in descending key-block order and launches the
+    // key blocks in that order too, so a block only ever waits for one launched before it. With
+    // a causal band the wait then points to a block that started on the same query block at
+    // the same time; ascending order would chain every block to the first one (2x slower).
+    const int n_block = bp.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int hk = blockIdx.y;
     const int b = blockIdx.z;
     const int n0 = n_block * BN;
@@ -90,23 +146,25 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     const uint16_t* k_head = (const uint16_t*)p.k + b * p.k_stride[0] + hk * p.k_stride[2];
     const uint16_t* v_head = (const uint16_t*)p.v + b * p.v_stride[0] + hk * p.v_stride[2];
 
-    // Phase 1/2 warp roles: 16 key rows, a slice of query columns (1) or head-dim columns (2).
-    const int kr0 = (warp % Cfg::kKeyTiles) * 16;
-    const int wm = warp / Cfg::kKeyTiles;
-    const int qc0 = wm * Cfg::kColsS;
-    const int dc0 = wm * Cfg::kColsKV;
-    // Phase 3 warp roles: 16 query rows, a slice of head-dim columns.
-    const int q0 = (warp % Cfg::kRowTilesQ) * 16;
-    const int dq0 = (warp / Cfg::kRowTilesQ) * Cfg::kColsQ;
+    // Warp roles (first row, first column) in each phase's grid.
+    constexpr int W1 = Cfg::kThreads / 32 / (Cfg::kBlockN / Cfg::kMT1 / 16);  // columns of grid 1
+    constexpr int W2 = Cfg::kThreads / 32 / (Cfg::kBlockN / Cfg::kMT2 / 16);
+    constexpr int W3 = Cfg::kThreads / 32 / (Cfg::kBlockM / Cfg::kMT3 / 16);
+    const int kr1 = (warp / W1) * Cfg::kMT1 * 16, qc1 = (warp % W1) * Cfg::kCols1;
+    const int kr2 = (warp / W2) * Cfg::kMT2 * 16, dc2 = (warp % W2) * Cfg::kCols2;
+    const int qr3 = (warp / W3) * Cfg::kMT3 * 16, dc3 = (warp % W3) * Cfg::kCols3;
 
-    constexpr int NT1 = Cfg::kColsS / 8;
-    constexpr int NT2 = Cfg::kColsKV / 8;
-    constexpr int NT3 = Cfg::kColsQ / 8;
-    float dk[NT2][4], dv[NT2][4];
+    constexpr int MT1 = Cfg::kMT1, MT2 = Cfg::kMT2, MT3 = Cfg::kMT3;
+    constexpr int NT1 = Cfg::kCols1 / 8;
+    constexpr int NT2 = Cfg::kCols2 / 8;
+    constexpr int NT3 = Cfg::kCols3 / 8;
+    float dk[MT2][NT2][4], dv[MT2][NT2][4];
 #pragma unroll
-    for (int t = 0; t < NT2; ++t)
+    for (int mt = 0; mt < MT2; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
+        for (int t = 0; t < NT2; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dk[mt][t][e] = dv[mt][t][e] = 0.f;
 
     // Per-lane ldmatrix offsets (bytes): A from a row-major [m][k] tile; B from an [n][k] tile;
     // B from a [k][n] tile (transposing load); A from a [k][m] tile (transposing load).
@@ -170,26 +228,34 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
         const float* lse2 = sStat + stage * 2 * BM;
         const float* delta = lse2 + BM;
 
-        // Phase 1: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 keys and query columns.
-        float s[NT1][4], dp[NT1][4];
+        // Phase 1: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's keys and query columns.
+        float s[MT1][NT1][4], dp[MT1][NT1][4];
 #pragma unroll
-        for (int t = 0; t < NT1; ++t)
+        for (int mt = 0; mt < MT1; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+            for (int t = 0; t < NT1; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][t][e] = dp[mt][t][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t a[4], av[4];
-            ldmatrix_x4(a, k_base + a_rows + (kr0 * PITCH + kk * 16) * 2);
-            ldmatrix_x4(av, v_base + a_rows + (kr0 * PITCH + kk * 16) * 2);
+            uint32_t a[MT1][4], av[MT1][4];
+#pragma unroll
+            for (int mt = 0; mt < MT1; ++mt) {
+                ldmatrix_x4(a[mt], k_base + a_rows + ((kr1 + mt * 16) * PITCH + kk * 16) * 2);
+                ldmatrix_x4(av[mt], v_base + a_rows + ((kr1 + mt * 16) * PITCH + kk * 16) * 2);
+            }
 #pragma unroll
             for (int t = 0; t < NT1; t += 2) {
                 uint32_t bq[4], bo[4];
-                ldmatrix_x4(bq, q_base + b_nk + ((qc0 + t * 8) * PITCH + kk * 16) * 2);
-                mma_16816<T>(s[t], a, bq[0], bq[1]);
-                mma_16816<T>(s[t + 1], a, bq[2], bq[3]);
-                ldmatrix_x4(bo, do_base + b_nk + ((qc0 + t * 8) * PITCH + kk * 16) * 2);
-                mma_16816<T>(dp[t], av, bo[0], bo[1]);
-                mma_16816<T>(dp[t + 1], av, bo[2], bo[3]);
+                ldmatrix_x4(bq, q_base + b_nk + ((qc1 + t * 8) * PITCH + kk * 16) * 2);
+                ldmatrix_x4(bo, do_base + b_nk + ((qc1 + t * 8) * PITCH + kk * 16) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT1; ++mt) {
+                    mma_16816<T>(s[mt][t], a[mt], bq[0], bq[1]);
+                    mma_16816<T>(s[mt][t + 1], a[mt], bq[2], bq[3]);
+                    mma_16816<T>(dp[mt][t], av[mt], bo[0], bo[1]);
+                    mma_16816<T>(dp[mt][t + 1], av[mt], bo[2], bo[3]);
+                }
             }
         }
 
@@ -200,101 +266,115 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
                                         n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
                                         n0 + BN <= p.seqlen_kv;
 #pragma unroll
-        for (int t = 0; t < NT1; ++t) {
+        for (int mt = 0; mt < MT1; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int jr = kr0 + group + (e / 2) * 8;
-                const int ic = qc0 + t * 8 + quad * 2 + (e % 2);
-                const int i = m0 + ic;
-                const int j = n0 + jr;
-                float x, dfac = 1.f;
-                if (SCORE_MOD) {
-                    x = in_band(p, i, j) && i < p.seqlen_q
-                            ? modify_score<true>(p, s[t][e], b, h, i, j, slope, &dfac)
-                            : -UFA_INF;
-                } else {
-                    x = whole_tile_visible || in_band(p, i, j) ? s[t][e] * p.scale_log2 : -UFA_INF;
+            for (int t = 0; t < NT1; ++t) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int jr = kr1 + mt * 16 + group + (e / 2) * 8;
+                    const int ic = qc1 + t * 8 + quad * 2 + (e % 2);
+                    const int i = m0 + ic;
+                    const int j = n0 + jr;
+                    float x, dfac = 1.f;
+                    if (SCORE_MOD) {
+                        x = in_band(p, i, j) && i < p.seqlen_q
+                                ? modify_score<true>(p, s[mt][t][e], b, h, i, j, slope, &dfac)
+                                : -UFA_INF;
+                    } else {
+                        x = whole_tile_visible || in_band(p, i, j) ? s[mt][t][e] * p.scale_log2
+                                                                   : -UFA_INF;
+                    }
+                    const float pv = fast_exp2(x - lse2[ic]);
+                    s[mt][t][e] = pv;
+                    dp[mt][t][e] = pv * (dp[mt][t][e] - delta[ic]) * dfac;
                 }
-                const float pv = fast_exp2(x - lse2[ic]);
-                s[t][e] = pv;
-                dp[t][e] = pv * (dp[t][e] - delta[ic]) * dfac;
+                const int r = kr1 + mt * 16 + group;
+                const int c = qc1 + t * 8 + quad * 2;
+                *(uint32_t*)(sP + r * PP + c) = Convert<T>::pack(s[mt][t][0], s[mt][t][1]);
+                *(uint32_t*)(sP + (r + 8) * PP + c) = Convert<T>::pack(s[mt][t][2], s[mt][t][3]);
+                *(uint32_t*)(sdS + r * PP + c) = Convert<T>::pack(dp[mt][t][0], dp[mt][t][1]);
+                *(uint32_t*)(sdS + (r + 8) * PP + c) = Convert<T>::pack(dp[mt][t][2], dp[mt][t][3]);
             }
-            const int c = qc0 + t * 8 + quad * 2;
-            *(uint32_t*)(sP + (kr0 + group) * PP + c) = Convert<T>::pack(s[t][0], s[t][1]);
-            *(uint32_t*)(sP + (kr0 + group + 8) * PP + c) = Convert<T>::pack(s[t][2], s[t][3]);
-            *(uint32_t*)(sdS + (kr0 + group) * PP + c) = Convert<T>::pack(dp[t][0], dp[t][1]);
-            *(uint32_t*)(sdS + (kr0 + group + 8) * PP + c) = Convert<T>::pack(dp[t][2], dp[t][3]);
-        }
         __syncthreads();  // Pᵀ and dSᵀ complete
 
         // Phase 2: dV += Pᵀ dO and dK += dSᵀ Q over this block's query rows.
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk) {
-            uint32_t ap[4], as[4];
-            ldmatrix_x4(ap, p_base + a_rows_p + (kr0 * PP + kk * 16) * 2);
-            ldmatrix_x4(as, ds_base + a_rows_p + (kr0 * PP + kk * 16) * 2);
+            uint32_t ap[MT2][4], as[MT2][4];
+#pragma unroll
+            for (int mt = 0; mt < MT2; ++mt) {
+                ldmatrix_x4(ap[mt], p_base + a_rows_p + ((kr2 + mt * 16) * PP + kk * 16) * 2);
+                ldmatrix_x4(as[mt], ds_base + a_rows_p + ((kr2 + mt * 16) * PP + kk * 16) * 2);
+            }
 #pragma unroll
             for (int t = 0; t < NT2; t += 2) {
                 uint32_t bo[4], bq[4];
-                ldmatrix_x4_trans(bo, do_base + b_kn + (kk * 16 * PITCH + dc0 + t * 8) * 2);
-                mma_16816<T>(dv[t], ap, bo[0], bo[1]);
-                mma_16816<T>(dv[t + 1], ap, bo[2], bo[3]);
-                ldmatrix_x4_trans(bq, q_base + b_kn + (kk * 16 * PITCH + dc0 + t * 8) * 2);
-                mma_16816<T>(dk[t], as, bq[0], bq[1]);
-                mma_16816<T>(dk[t + 1], as, bq[2], bq[3]);
+                ldmatrix_x4_trans(bo, do_base + b_kn + (kk * 16 * PITCH + dc2 + t * 8) * 2);
+                ldmatrix_x4_trans(bq, q_base + b_kn + (kk * 16 * PITCH + dc2 + t * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT2; ++mt) {
+                    mma_16816<T>(dv[mt][t], ap[mt], bo[0], bo[1]);
+                    mma_16816<T>(dv[mt][t + 1], ap[mt], bo[2], bo[3]);
+                    mma_16816<T>(dk[mt][t], as[mt], bq[0], bq[1]);
+                    mma_16816<T>(dk[mt][t + 1], as[mt], bq[2], bq[3]);
+                }
             }
         }
 
         // Phase 3: this key block's share of dQ = dS K, into the fp32 buffer.
-        float acc[NT3][4];
+        float acc[MT3][NT3][4];
 #pragma unroll
-        for (int t = 0; t < NT3; ++t)
+        for (int mt = 0; mt < MT3; ++mt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+            for (int t = 0; t < NT3; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][t][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            uint32_t a[4];
-            ldmatrix_x4_trans(a, ds_base + a_km_p + (kk * 16 * PP + q0) * 2);
+            uint32_t a[MT3][4];
+#pragma unroll
+            for (int mt = 0; mt < MT3; ++mt)
+                ldmatrix_x4_trans(a[mt], ds_base + a_km_p + (kk * 16 * PP + qr3 + mt * 16) * 2);
 #pragma unroll
             for (int t = 0; t < NT3; t += 2) {
                 uint32_t bk[4];
-                ldmatrix_x4_trans(bk, k_base + b_kn + (kk * 16 * PITCH + dq0 + t * 8) * 2);
-                mma_16816<T>(acc[t], a, bk[0], bk[1]);
-                mma_16816<T>(acc[t + 1], a, bk[2], bk[3]);
+                ldmatrix_x4_trans(bk, k_base + b_kn + (kk * 16 * PITCH + dc3 + t * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT3; ++mt) {
+                    mma_16816<T>(acc[mt][t], a[mt], bk[0], bk[1]);
+                    mma_16816<T>(acc[mt][t + 1], a[mt], bk[2], bk[3]);
+                }
             }
         }
         int32_t* turn = nullptr;
+        int my_turn = 0;
         if (bp.deterministic) {
-            // Key blocks add into a query block in ascending order: wait for the previous one.
-            // The first block that sees these rows has turn 0; lower blocks are scheduled first,
-            // so the wait always ends.
+            // Key blocks add into a query block in descending order: wait for the next one.
             int key_lo, key_hi;
             band_of_rows(p, m0, m_last, key_lo, key_hi);
-            const int my_turn = n_block - key_lo / BN;
+            my_turn = (key_hi - 1) / BN - n_block;
             turn = bp.order + ((int64_t)b * p.heads_q + h) * bp.num_m_blocks + m_block;
             if (tid == 0) {
-                while (*(volatile int32_t*)turn != my_turn) {
+                while (load_acquire(turn) != my_turn) {
                 }
-                __threadfence();
             }
             __syncthreads();
         }
         float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
 #pragma unroll
-        for (int t = 0; t < NT3; ++t)
+        for (int mt = 0; mt < MT3; ++mt) {
+            const int i = m0 + qr3 + mt * 16;  // first row of the m-tile
+            const bool row_ok = i + group < p.seqlen_q, row8_ok = i + group + 8 < p.seqlen_q;
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = m0 + q0 + group + r * 8;
-                if (i < p.seqlen_q) {
-                    float* row = dq_rows + (int64_t)i * D + dq0 + t * 8 + quad * 2;
-                    red_add_f32(row, acc[t][2 * r]);
-                    red_add_f32(row + 1, acc[t][2 * r + 1]);
-                }
-            }
+            for (int t = 0; t < NT3; ++t)
+                red_add_tile(dq_rows + (int64_t)i * D + dc3 + t * 8, D, acc[mt][t], group, quad,
+                             row_ok, row8_ok);
+        }
         if (bp.deterministic) {
-            __threadfence();
+            // Every thread's adds precede the barrier, and the release store follows it, so the
+            // next block sees them all (the pattern of CUTLASS's semaphore).
             __syncthreads();
-            if (tid == 0) *(volatile int32_t*)turn = *(volatile int32_t*)turn + 1;
+            if (tid == 0) store_release(turn, my_turn + 1);
         } else if (Cfg::kStages == 1) {
             __syncthreads();  // the next iteration's load overwrites this stage
         }
@@ -303,18 +383,20 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     // Epilogue: dK (times the softmax scale, which the scores carried) and dV, summed over the
     // GQA group already. Keys of blocks no query sees get zeros.
 #pragma unroll
-    for (int t = 0; t < NT2; ++t)
+    for (int mt = 0; mt < MT2; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int j = n0 + kr0 + group + r * 8;
-            if (j >= p.seqlen_kv) continue;
-            const int col = dc0 + t * 8 + quad * 2;
-            uint16_t* dk_row = (uint16_t*)bp.dk + b * bp.dk_stride[0] + (int64_t)j * bp.dk_stride[1] +
-                               hk * bp.dk_stride[2];
-            uint16_t* dv_row = (uint16_t*)bp.dv + b * bp.dv_stride[0] + (int64_t)j * bp.dv_stride[1] +
-                               hk * bp.dv_stride[2];
-            *(uint32_t*)(dk_row + col) =
-                Convert<T>::pack(dk[t][2 * r] * p.scale, dk[t][2 * r + 1] * p.scale);
-            *(uint32_t*)(dv_row + col) = Convert<T>::pack(dv[t][2 * r], dv[t][2 * r + 1]);
-        }
+        for (int t = 0; t < NT2; ++t)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int j = n0 + kr2 + mt * 16 + group + r * 8;
+                if (j >= p.seqlen_kv) continue;
+                const int col = dc2 + t * 8 + quad * 2;
+                uint16_t* dk_row = (uint16_t*)bp.dk + b * bp.dk_stride[0] +
+                                   (int64_t)j * bp.dk_stride[1] + hk * bp.dk_stride[2];
+                uint16_t* dv_row = (uint16_t*)bp.dv + b * bp.dv_stride[0] +
+                                   (int64_t)j * bp.dv_stride[1] + hk * bp.dv_stride[2];
+                *(uint32_t*)(dk_row + col) =
+                    Convert<T>::pack(dk[mt][t][2 * r] * p.scale, dk[mt][t][2 * r + 1] * p.scale);
+                *(uint32_t*)(dv_row + col) = Convert<T>::pack(dv[mt][t][2 * r], dv[mt][t][2 * r + 1]);
+            }
 }

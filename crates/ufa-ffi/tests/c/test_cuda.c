@@ -43,6 +43,78 @@ static uint64_t upload(const void* host, size_t bytes) {
     return d;
 }
 
+/* ||a - b|| / ||b|| over n elements of type t. */
+static double rel_diff(const void* a, const void* b, size_t n, enum elem t) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < n; i++) {
+        double x = load(a, t, i), y = load(b, t, i);
+        diff += (x - y) * (x - y);
+        norm += y * y;
+    }
+    return norm > 0 ? sqrt(diff / norm) : sqrt(diff / (double)n);
+}
+
+/* The backward on the GPU (queued on `stream`, deterministic mode) against the CPU backward from
+ * the same saved forward (q, k, v, out, lse, dout); the CPU's gradients are checked against the
+ * float64 reference by the Rust tests, so agreement within the dtype's bound checks the GPU's. */
+static void run_backward(ufa_context* ctx, void* stream, enum elem type, int dt, int64_t S, int64_t HQ,
+                         int64_t HK, int64_t D, const ufa_attention_params* p, const void* q, const void* k,
+                         const void* v, const void* out, uint64_t gq, uint64_t gk, uint64_t gv, uint64_t gout) {
+    size_t nq = (size_t)(S * HQ * D), nk = (size_t)(S * HK * D), es = elem_size(type), nl = (size_t)(HQ * S);
+    int64_t qs[4] = {1, S, HQ, D}, ks[4] = {1, S, HK, D}, ls[3] = {1, HQ, S};
+    void *dout = random_tensor(nq, type), *lse = poisoned(nl * 4);
+    void *gpu[3] = {poisoned(nq * es), poisoned(nk * es), poisoned(nk * es)};
+    void *cpu[3] = {poisoned(nq * es), poisoned(nk * es), poisoned(nk * es)};
+    /* The forward again, with its LSE, on the stream. */
+    uint64_t glse = upload(lse, nl * 4), gdo = upload(dout, nq * es);
+    uint64_t gg[3] = {upload(gpu[0], nq * es), upload(gpu[1], nk * es), upload(gpu[2], nk * es)};
+    ufa_tensor tq = {(void*)(uintptr_t)gq, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
+    ufa_tensor tk = {(void*)(uintptr_t)gk, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
+    ufa_tensor tv = {(void*)(uintptr_t)gv, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
+    ufa_tensor to = {(void*)(uintptr_t)gout, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
+    ufa_tensor tl = {(void*)(uintptr_t)glse, UFA_DTYPE_F32, UFA_DEVICE_CUDA, 0, 3, ls, NULL};
+    ufa_tensor tdo = {(void*)(uintptr_t)gdo, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
+    ufa_tensor tg[3] = {{(void*)(uintptr_t)gg[0], dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL},
+                        {(void*)(uintptr_t)gg[1], dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL},
+                        {(void*)(uintptr_t)gg[2], dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL}};
+    ufa_attention_params pf = *p;
+    pf.lse = &tl;
+    CHECK(ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &pf, stream) == UFA_STATUS_SUCCESS, "fwd+lse: %s",
+          ufa_last_error_message());
+    ufa_attention_params pb = *p;
+    pb.deterministic = true;
+    ufa_status s = ufa_attention_backward(ctx, &tq, &tk, &tv, &to, &tdo, &tl, &tg[0], &tg[1], &tg[2], &pb, stream);
+    CHECK(s == UFA_STATUS_SUCCESS, "cuda backward %s: %s", elem_name(type), ufa_last_error_message());
+    CHECK(cuStreamSynchronize(stream) == 0, "sync");
+    CHECK(cuMemcpyDtoH(lse, glse, nl * 4) == 0, "download lse");
+    for (int i = 0; i < 3; i++) CHECK(cuMemcpyDtoH(gpu[i], gg[i], (i ? nk : nq) * es) == 0, "download grad");
+    /* The same backward on the CPU from the GPU's saved forward (out was downloaded by the caller). */
+    ufa_tensor hq = {(void*)q, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL}, hk = {(void*)k, dt, UFA_DEVICE_CPU, 0, 4, ks, NULL};
+    ufa_tensor hv = {(void*)v, dt, UFA_DEVICE_CPU, 0, 4, ks, NULL}, ho = {(void*)out, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL};
+    ufa_tensor hl = {lse, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 3, ls, NULL}, hdo = {dout, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL};
+    ufa_tensor hg[3] = {{cpu[0], dt, UFA_DEVICE_CPU, 0, 4, qs, NULL},
+                        {cpu[1], dt, UFA_DEVICE_CPU, 0, 4, ks, NULL},
+                        {cpu[2], dt, UFA_DEVICE_CPU, 0, 4, ks, NULL}};
+    CHECK(ufa_attention_backward(ctx, &hq, &hk, &hv, &ho, &hdo, &hl, &hg[0], &hg[1], &hg[2], p, NULL) ==
+              UFA_STATUS_SUCCESS, "cpu backward: %s", ufa_last_error_message());
+    const char* names[3] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3; i++) {
+        size_t n = i ? nk : nq;
+        double err = rel_diff(gpu[i], cpu[i], n, type);
+        printf("cuda backward %s S%lld HQ%lld HK%lld D%lld causal%d: %s differs from the CPU's by %.2e\n",
+               elem_name(type), (long long)S, (long long)HQ, (long long)HK, (long long)D, p->causal, names[i], err);
+        CHECK(all_written(gpu[i], n * es, es) && err < tolerance(type, type), "cuda backward %s: %s error %.3g",
+              elem_name(type), names[i], err);
+    }
+    cuMemFree(glse); cuMemFree(gdo);
+    for (int i = 0; i < 3; i++) {
+        cuMemFree(gg[i]);
+        free(gpu[i]);
+        free(cpu[i]);
+    }
+    free(dout); free(lse);
+}
+
 static void run(ufa_context* ctx, void* stream, enum elem type, int64_t S, int64_t HQ, int64_t HK, int64_t D,
                 int causal) {
     size_t nq = (size_t)(S * HQ * D), nk = (size_t)(S * HK * D), es = elem_size(type);
@@ -73,6 +145,7 @@ static void run(ufa_context* ctx, void* stream, enum elem type, int64_t S, int64
     printf("cuda %s S%lld HQ%lld HK%lld D%lld causal%d: relative error %.2e\n", elem_name(type), (long long)S,
            (long long)HQ, (long long)HK, (long long)D, causal, err);
     CHECK(all_written(out, nq * es, es) && err < tolerance(type, type), "cuda %s: error %.3g", elem_name(type), err);
+    run_backward(ctx, stream, type, dt, S, HQ, HK, D, &p, q, k, v, out, dq, dk, dv, dout);
     /* A CPU pointer described as a CUDA tensor is an error, not a crash. */
     ufa_tensor host = tq;
     host.data = q;

@@ -184,11 +184,11 @@ static void test_errors(void) {
     for (int i = 0; i < 9; i++) {
         const ufa_tensor* a[9] = {&t.tq, &t.tk, &t.tv, &t.to, &t.to, &t.tq, &t.tq, &t.tk, &t.tv};
         a[i] = NULL;
-        expect(INVALID, ufa_attention_backward(ctx, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], NULL),
+        expect(INVALID, ufa_attention_backward(ctx, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], NULL, NULL),
                "backward argument NULL", "is NULL");
     }
     expect(INVALID, ufa_attention_backward(NULL, &t.tq, &t.tk, &t.tv, &t.to, &t.to, &t.tq, &t.tq, &t.tk, &t.tv,
-                                           NULL), "backward ctx NULL", "ctx is NULL");
+                                           NULL, NULL), "backward ctx NULL", "ctx is NULL");
 
     /* Dimensions: count, negative, zero, overflowing, mismatched. */
     bad = t.tq;
@@ -289,10 +289,10 @@ static void test_backward(void) {
     expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "fwd", NULL);
     memset(dq, 0xff, sizeof dq); memset(dk, 0xff, sizeof dk); memset(dv, 0xff, sizeof dv);
     expect(UFA_STATUS_INVALID_ARGUMENT, ufa_attention_backward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &tdo,
-                                                                          &tl, &tdq, &tdk, &tdv, &p),
+                                                                          &tl, &tdq, &tdk, &tdv, &p, NULL),
            "backward with params->lse", "params->lse");
     expect(UFA_STATUS_SUCCESS, ufa_attention_backward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &tdo, &tl, &tdq, &tdk,
-                                                      &tdv, NULL), "backward", NULL);
+                                                      &tdv, NULL, NULL), "backward", NULL);
     CHECK(all_written(dq, sizeof dq, 4) && all_written(dk, sizeof dk, 4) && all_written(dv, sizeof dv, 4),
           "gradients written");
     /* Without masking every query sees every key and each row of P sums to 1, so the columns of dV = P^T dO sum to those of dO. */

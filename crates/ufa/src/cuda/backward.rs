@@ -200,9 +200,7 @@ pub(crate) struct Launch {
     pub grid: (u32, u32, u32),
 }
 
-/// The launches of `plan` for `p`, in order; empty grids are left out (a zero-length sequence
-/// still gets its other gradients written: zeros for dK/dV when no query sees a key, and dQ
-/// from the zeroed buffer).
+/// The launches of `plan` for `p`, in order (validation guarantees every size is at least 1).
 pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> {
     let f = &p.fwd;
     let rows = |k: RowKernel, n: usize, heads: usize| -> Result<Launch> {
@@ -226,14 +224,132 @@ pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> 
             v.push(rows(RowKernel::DkDv, f.seqlen_kv, f.heads_kv)?);
         }
     }
-    v.retain(|l| l.grid.0 > 0 && l.grid.1 > 0 && l.grid.2 > 0);
     Ok(v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::{BackwardInputs, Gradients};
     use crate::cuda::kernels::COMMON_SOURCE;
+    use crate::problem::{validate_backward, BackwardArgs};
+    use crate::{AttentionParams, TensorView, TensorViewMut};
+    use half::bf16;
+
+    /// Runs `f` on the validated backward problem of bf16 tensors [b, s, h, d] (host memory:
+    /// only sizes, dtypes and strides matter to the plan), with `grad` the dtype of dq/dk/dv.
+    fn with_problem<T: crate::dtype::Element + Default + Copy>(
+        (b, sq, skv, hq, hk, d): (usize, usize, usize, usize, usize, usize),
+        params: &AttentionParams<'_>,
+        f: impl FnOnce(&BackwardProblem),
+    ) {
+        let qn = vec![bf16::ZERO; b * sq * hq * d];
+        let kn = vec![bf16::ZERO; b * skv * hk * d];
+        let lse = vec![0f32; b * hq * sq];
+        let (mut dq, mut dk, mut dv) = (
+            vec![T::default(); qn.len()],
+            vec![T::default(); kn.len()],
+            vec![T::default(); kn.len()],
+        );
+        let q = TensorView::new(&qn, &[b, sq, hq, d]).unwrap();
+        let k = TensorView::new(&kn, &[b, skv, hk, d]).unwrap();
+        let lse = TensorView::new(&lse, &[b, hq, sq]).unwrap();
+        let inputs = BackwardInputs {
+            q,
+            k,
+            v: k,
+            out: q,
+            dout: q,
+            lse,
+        };
+        let grads = Gradients {
+            dq: TensorViewMut::new(&mut dq, &[b, sq, hq, d]).unwrap(),
+            dk: TensorViewMut::new(&mut dk, &[b, skv, hk, d]).unwrap(),
+            dv: TensorViewMut::new(&mut dv, &[b, skv, hk, d]).unwrap(),
+        };
+        let args = BackwardArgs {
+            q: &inputs.q,
+            k: &inputs.k,
+            v: &inputs.v,
+            out: &inputs.out,
+            dout: &inputs.dout,
+            lse: &inputs.lse,
+            dq: &grads.dq,
+            dk: &grads.dk,
+            dv: &grads.dv,
+        };
+        f(&validate_backward(&args, params).unwrap());
+    }
+
+    #[test]
+    fn launch_geometry_covers_every_row_once() {
+        let params = AttentionParams::default();
+        with_problem::<bf16>((2, 300, 1000, 8, 2, 128), &params, |p| {
+            let plan = Plan::select(p, 232_448);
+            let Plan::Mma(Variant::BwdMma { tile, .. }) = plan else {
+                panic!("bf16 d128 takes the tensor-core kernel: {plan:?}");
+            };
+            let l = launches(p, &plan).unwrap();
+            let names: Vec<_> = l.iter().map(|l| l.variant.kernel_name()).collect();
+            assert!(names[0].ends_with("bwd_preprocess") && names[2].ends_with("convert_dq"));
+            // Preprocessing covers the padded LSE rows, 4 rows a block, per query head.
+            assert_eq!(l[0].grid, (384 / 4, 8, 2));
+            // One block per key block and KV head (the GQA group is looped inside).
+            assert_eq!(l[1].grid, (1000u32.div_ceil(tile.block_n), 2, 2));
+            assert_eq!(l[2].grid, (300 / 4, 8, 2));
+            let ws = plan.workspace(p);
+            assert!(ws.has_accum && !ws.has_order);
+            assert!(
+                ws.accum >= 2 * 2 * 8 * 384 * 4 && ws.bytes >= ws.accum + 2 * 300 * 8 * 128 * 4
+            );
+        });
+        // Deterministic mode adds the turn counters, one per query block and head.
+        let det = AttentionParams::default().deterministic(true);
+        with_problem::<bf16>((1, 70, 33, 4, 4, 64), &det, |p| {
+            let plan = Plan::select(p, 232_448);
+            let ws = plan.workspace(p);
+            assert!(ws.has_order && ws.bytes - ws.order >= 4 * 2 * 4);
+            assert_eq!(launches(p, &plan).unwrap().len(), 3);
+        });
+    }
+
+    #[test]
+    fn plans_fall_back_to_the_row_kernels() {
+        let params = AttentionParams::default();
+        // f32 gradients of bf16 inputs, and a head dim off the tensor-core list.
+        with_problem::<f32>((1, 10, 10, 2, 2, 64), &params, |p| {
+            assert_eq!(Plan::select(p, 232_448), Plan::Rows);
+            let l = launches(p, &Plan::Rows).unwrap();
+            assert_eq!(l.len(), 3);
+            assert_eq!(
+                l[2].grid,
+                (3, 2, 1),
+                "dK/dV: one warp per key row, 4 a block"
+            );
+            assert!(!Plan::Rows.workspace(p).has_accum);
+        });
+        with_problem::<bf16>((1, 10, 10, 2, 2, 80), &params, |p| {
+            assert_eq!(Plan::select(p, 232_448), Plan::Rows);
+        });
+        // Too little shared memory for any tile.
+        with_problem::<bf16>((1, 10, 10, 2, 2, 256), &params, |p| {
+            assert_eq!(Plan::select(p, 48 * 1024), Plan::Rows);
+        });
+    }
+
+    #[test]
+    fn tile_override_parses_seven_numbers() {
+        let t = crate::cuda::kernels::parse_bwd_tile("64,128,8,2,4,4,2").unwrap();
+        assert_eq!((t.block_m, t.block_n, t.warps, t.stages), (64, 128, 8, 2));
+        assert_eq!(t.grid_rows, [4, 4, 2]);
+        assert!(crate::cuda::kernels::parse_bwd_tile("64,128,8").is_none());
+        let bad = BwdTile {
+            head_dim: 128,
+            grid_rows: [3, 4, 2],
+            ..t
+        };
+        assert!(!bad.is_valid(), "3 warp rows do not divide 8 warps");
+    }
 
     #[test]
     fn params_block_matches_the_kernel_struct() {
@@ -257,5 +373,9 @@ mod tests {
             assert_eq!(t.stages, 2, "{t:?}");
         }
         assert!(bwd_tile_for(80, 232_448).is_none());
+        // sm_86/89 (99 KB a block) still run head dims up to 128 on tensor cores.
+        for d in [32, 64, 96, 128] {
+            assert!(bwd_tile_for(d, 101_376).is_some(), "d{d}");
+        }
     }
 }

@@ -194,6 +194,9 @@ pub(crate) struct BwdTile {
     pub warps: u32,
     /// Q/dO buffers: 2 overlaps the next query block's loads with this one's math.
     pub stages: u32,
+    /// Warp rows of the grids that tile Sᵀ/dPᵀ (keys), dK/dV (keys) and dQ (queries); the
+    /// columns are `warps / rows` each (`WN1`, `WN2`, `WQ3` in flash_bwd.cu).
+    pub grid_rows: [u32; 3],
     pub min_blocks: u32,
 }
 
@@ -211,24 +214,34 @@ impl BwdTile {
     /// Whether the kernel template's static_asserts accept this shape.
     pub fn is_valid(&self) -> bool {
         let (m, n, w, d) = (self.block_m, self.block_n, self.warps, self.head_dim);
-        let key_tiles = n / 16;
-        let row_tiles = m / 16;
-        if n == 0 || m == 0 || n % 16 != 0 || m % 16 != 0 || w % key_tiles != 0 {
-            return false;
-        }
-        if w % row_tiles != 0 || !(1..=2).contains(&self.stages) || m > 128 || 32 * w < m / 2 {
-            return false;
-        }
-        let warps_m = w / key_tiles;
-        let warps_d = w / row_tiles;
-        (m / warps_m) % 16 == 0 && (d / warps_m) % 16 == 0 && (d / warps_d) % 16 == 0
+        // (rows of the output, columns, warp rows of its grid) per phase.
+        let grids = [
+            (n, m, self.grid_rows[0]),
+            (n, d, self.grid_rows[1]),
+            (m, d, self.grid_rows[2]),
+        ];
+        let fits = |(rows, cols, wr): (u32, u32, u32)| {
+            wr > 0
+                && w % wr == 0
+                && rows % (wr * 16) == 0
+                && cols % (w / wr) == 0
+                && (cols / (w / wr)) % 16 == 0
+        };
+        w > 0 && (1..=2).contains(&self.stages) && m / 2 <= 32 * w && grids.into_iter().all(fits)
     }
 }
 
-/// The backward tile table (first cut, H100, 2026-11-26; bench/results/gpu_*):
-/// - head dims up to 128: 128 keys a block (8 warps of 16 key rows), 64 query rows a step: each
-///   warp keeps 16 × head_dim of dK and of dV in registers, the FlashAttention-2 shape.
-/// - larger head dims: 64 keys, the 8 warps split the head dim in two for dK/dV (registers).
+/// Environment variable overriding the backward tile table for tuning experiments:
+/// `block_m,block_n,warps,stages,wn1,wn2,wq3`, applied to every head dim where it is valid.
+pub const BWD_TILE_ENV: &str = "UFA_CUDA_BWD_TILE";
+
+/// The backward tile table (H100, bf16, 2026-11-26; bench/results/gpu_sweep_bwd_*):
+/// - head dims up to 128: 128 keys a block, 64 query rows a step, 8 warps. Phase grids
+///   4 × 2 (Sᵀ: 32 keys × 32 queries a warp), 4 × 2 (dK/dV: 32 keys × 64 columns) and 2 × 4
+///   (dQ: 32 rows × 32 columns): squarer shares read fewer fragments per mma than strips.
+/// - larger head dims: 64 keys, grids 2 × 4 (dK/dV: 32 keys × head_dim/4 columns).
+/// - head dims whose column split would not be whole n8 pairs (32, 96, 160) take the next grid
+///   that fits (fewer column groups).
 /// - two Q/dO stages where shared memory allows; devices with less (sm_86/89) drop to one,
 ///   then halve the blocks.
 pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
@@ -236,26 +249,72 @@ pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
         return None;
     }
     let small = head_dim <= 128;
-    let mut tile = BwdTile {
+    let grids: &[[u32; 3]] = &[[4, 4, 2], [4, 4, 4], [2, 2, 2], [2, 4, 4], [2, 2, 1]];
+    // The first warp grid (in the table's order of preference) whose splits are whole m-tiles
+    // and n8 pairs for this shape.
+    let with_grid = |t: BwdTile| {
+        let preferred: &[[u32; 3]] = if t.block_n == 128 { grids } else { &grids[2..] };
+        preferred
+            .iter()
+            .map(|&grid_rows| BwdTile { grid_rows, ..t })
+            .find(BwdTile::is_valid)
+    };
+    let default = with_grid(BwdTile {
         head_dim: head_dim as u32,
         block_m: 64,
         block_n: if small { 128 } else { 64 },
         warps: 8,
         stages: 2,
+        grid_rows: [0; 3],
         min_blocks: 1,
-    };
+    })?;
+    let mut tile = bwd_tile_override()
+        .map(|t| BwdTile {
+            head_dim: head_dim as u32,
+            ..t
+        })
+        .filter(BwdTile::is_valid)
+        .unwrap_or(default);
     while tile.smem_bytes() > max_smem {
         if tile.stages == 2 {
             tile.stages = 1;
-        } else if tile.block_n > 64 {
+            continue;
+        }
+        if tile.block_n > 64 {
             tile.block_n = 64;
         } else if tile.block_m > 32 {
             tile.block_m = 32;
         } else {
             return None;
         }
+        tile = with_grid(tile)?;
     }
-    tile.is_valid().then_some(tile)
+    Some(tile)
+}
+
+fn bwd_tile_override() -> Option<BwdTile> {
+    static OVERRIDE: std::sync::OnceLock<Option<BwdTile>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| parse_bwd_tile(&std::env::var(BWD_TILE_ENV).ok()?))
+}
+
+/// Parses `block_m,block_n,warps,stages,wn1,wn2,wq3` (head_dim left 0, not validated).
+pub(crate) fn parse_bwd_tile(s: &str) -> Option<BwdTile> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|x| x.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    let [block_m, block_n, warps, stages, wn1, wn2, wq3] = v[..] else {
+        return None;
+    };
+    Some(BwdTile {
+        head_dim: 0,
+        block_m,
+        block_n,
+        warps,
+        stages,
+        grid_rows: [wn1, wn2, wq3],
+        min_blocks: 1,
+    })
 }
 
 fn type_tag(d: DType) -> &'static str {
@@ -316,12 +375,15 @@ impl Variant {
                 tile: t,
                 score_mod,
             } => format!(
-                "ufa_bwd_{dtype}_d{}_m{}_n{}_w{}_s{}_b{}{}",
+                "ufa_bwd_{dtype}_d{}_m{}_n{}_w{}_s{}_g{}{}{}_b{}{}",
                 t.head_dim,
                 t.block_m,
                 t.block_n,
                 t.warps,
                 t.stages,
+                t.grid_rows[0],
+                t.grid_rows[1],
+                t.grid_rows[2],
                 t.min_blocks,
                 if score_mod { "_mod" } else { "" }
             ),
@@ -405,13 +467,16 @@ impl Variant {
                 &[MMA_COMMON_SOURCE, BWD_MMA_SOURCE],
                 t.min_blocks,
                 format!(
-                    "flash_bwd<{}, BwdTileConfig<{}, {}, {}, {}, {}>, {score_mod}>(p)",
+                    "flash_bwd<{}, BwdTileConfig<{}, {}, {}, {}, {}, {}, {}, {}>, {score_mod}>(p)",
                     type_tag(dtype),
                     t.head_dim,
                     t.block_m,
                     t.block_n,
                     t.warps,
-                    t.stages
+                    t.stages,
+                    t.grid_rows[0],
+                    t.grid_rows[1],
+                    t.grid_rows[2]
                 ),
             ),
             Variant::BwdRows(k) => (&[BWD_ROWS_SOURCE], 1, format!("{}(p)", k.function())),
