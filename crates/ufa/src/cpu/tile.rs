@@ -199,9 +199,14 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         let nk = (keys.1 - j0).min(BK);
         if few_rows {
             for jj in 0..nk {
-                // V rows of this tile are needed after the softmax: ask for them now.
-                prefetch_row(p, &p.k, t, j0 + jj + PREFETCH_KEYS, d);
-                prefetch_row(p, &p.v, t, j0 + jj, dv);
+                // The rows are read as one stream, K then V of each tile: ask for the row
+                // PREFETCH_KEYS places ahead in it.
+                let ahead = jj + PREFETCH_KEYS;
+                if ahead < nk {
+                    prefetch_row(p, &p.k, t, j0 + ahead, d);
+                } else {
+                    prefetch_row(p, &p.v, t, j0 + ahead - nk, dv);
+                }
                 // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
                 let k = unsafe {
                     row_f32(
@@ -238,8 +243,12 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         softmax_tile::<M>(p, t, (j0, nk), sc);
         if few_rows {
             for jj in 0..nk {
-                // And K rows of the next tile while V is consumed.
-                prefetch_row(p, &p.k, t, j0 + nk + jj, d);
+                let ahead = jj + PREFETCH_KEYS;
+                if ahead < nk {
+                    prefetch_row(p, &p.v, t, j0 + ahead, dv);
+                } else {
+                    prefetch_row(p, &p.k, t, j0 + ahead, d);
+                }
                 // SAFETY: as for K.
                 let v = unsafe {
                     row_f32(
@@ -284,13 +293,16 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
 
 /// How far ahead the row-by-row path asks for K and V rows. Decoding streams K and V once, and
 /// in [batch, seq, heads, dim] layouts consecutive keys of one head are a page apart, which the
-/// hardware prefetchers do not follow.
+/// hardware prefetchers do not follow. Not much further: rows asked for too early (a whole
+/// tile of V during the pass over K) evict each other from L1 before they are read.
 const PREFETCH_KEYS: usize = 8;
 
-/// Hints the cache to load row `key` of `x` (K or V) for this tile's KV head.
+/// Hints the cache to load row `key` of `x` (K or V) for this tile's KV head, where one head's
+/// rows are apart: adjacent rows are a stream the hardware prefetchers follow, and explicit
+/// hints for them only compete for the same miss buffers (fp32 decoding ran 1.4x slower).
 #[inline(always)]
-fn prefetch_row(p: &Problem, x: &crate::problem::Operand, t: &TileRows, key: usize, len: usize) {
-    if key >= p.seqlen_kv {
+fn prefetch_row(p: &Problem, x: &Operand, t: &TileRows, key: usize, len: usize) {
+    if key >= p.seqlen_kv || x.strides[1] <= len {
         return;
     }
     prefetch(
