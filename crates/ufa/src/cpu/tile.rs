@@ -199,14 +199,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         let nk = (keys.1 - j0).min(BK);
         if few_rows {
             for jj in 0..nk {
-                // The rows are read as one stream, K then V of each tile: ask for the row
-                // PREFETCH_KEYS places ahead in it.
-                let ahead = jj + PREFETCH_KEYS;
-                if ahead < nk {
-                    prefetch_row(p, &p.k, t, j0 + ahead, d);
-                } else {
-                    prefetch_row(p, &p.v, t, j0 + ahead - nk, dv);
-                }
+                prefetch_ahead(p, t, jj, nk, (&p.k, j0, d), (&p.v, j0, dv));
                 // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
                 let k = unsafe {
                     row_f32(
@@ -243,12 +236,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         softmax_tile::<M>(p, t, (j0, nk), sc);
         if few_rows {
             for jj in 0..nk {
-                let ahead = jj + PREFETCH_KEYS;
-                if ahead < nk {
-                    prefetch_row(p, &p.v, t, j0 + ahead, dv);
-                } else {
-                    prefetch_row(p, &p.k, t, j0 + ahead, d);
-                }
+                prefetch_ahead(p, t, jj, nk, (&p.v, j0, dv), (&p.k, j0 + nk, d));
                 // SAFETY: as for K.
                 let v = unsafe {
                     row_f32(
@@ -296,6 +284,27 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
 /// hardware prefetchers do not follow. Not much further: rows asked for too early (a whole
 /// tile of V during the pass over K) evict each other from L1 before they are read.
 const PREFETCH_KEYS: usize = 8;
+
+/// The row-by-row path reads one stream of rows: K of a tile, V of the tile, K of the next.
+/// While it reads row `jj` of the `nk` rows of `now` (operand, first key, row length), this
+/// asks for the row PREFETCH_KEYS places ahead, which may be one of `then`.
+#[inline(always)]
+fn prefetch_ahead(
+    p: &Problem,
+    t: &TileRows,
+    jj: usize,
+    nk: usize,
+    now: (&Operand, usize, usize),
+    then: (&Operand, usize, usize),
+) {
+    let ahead = jj + PREFETCH_KEYS;
+    let ((x, j0, len), k) = if ahead < nk {
+        (now, ahead)
+    } else {
+        (then, ahead - nk)
+    };
+    prefetch_row(p, x, t, j0 + k, len);
+}
 
 /// Hints the cache to load row `key` of `x` (K or V) for this tile's KV head, where one head's
 /// rows are apart: adjacent rows are a stream the hardware prefetchers follow, and explicit
