@@ -33,8 +33,8 @@ __device__ __forceinline__ void bwd_preprocess(const BwdParams& bp) {
         }
         return;
     }
-    const int64_t o_at = b * p.o_stride[0] + (int64_t)i * p.o_stride[1] + h * p.o_stride[2];
-    const int64_t do_at = b * bp.do_stride[0] + (int64_t)i * bp.do_stride[1] + h * bp.do_stride[2];
+    const int64_t o_at = row_offset(p.o_stride, b, i, h);
+    const int64_t do_at = row_offset(bp.do_stride, b, i, h);
     float acc = 0.f;
     for (int d = lane; d < p.head_dim_v; d += 32)
         acc += load_as(bp.dout, do_at + d, bp.dtype_dout) * load_as(p.out, o_at + d, bp.dtype_out);
@@ -63,7 +63,7 @@ __device__ __forceinline__ void bwd_convert_dq(const BwdParams& bp) {
     const int b = blockIdx.z;
     if (i >= p.seqlen_q) return;
     const float* row = bp.dq_accum + (((int64_t)b * p.heads_q + h) * p.seqlen_q + i) * p.head_dim;
-    const int64_t at = b * bp.dq_stride[0] + (int64_t)i * bp.dq_stride[1] + h * bp.dq_stride[2];
+    const int64_t at = row_offset(bp.dq_stride, b, i, h);
     for (int d = lane; d < p.head_dim; d += 32) store_as(bp.dq, at + d, bp.dtype_dq, row[d] * p.scale);
 }
 
@@ -92,8 +92,8 @@ __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
     const int b = blockIdx.z;
     if (i >= p.seqlen_q) return;  // whole warp leaves together
     const int hk = h / p.group;
-    const int64_t q_at = b * p.q_stride[0] + (int64_t)i * p.q_stride[1] + h * p.q_stride[2];
-    const int64_t do_at = b * bp.do_stride[0] + (int64_t)i * bp.do_stride[1] + h * bp.do_stride[2];
+    const int64_t q_at = row_offset(p.q_stride, b, i, h);
+    const int64_t do_at = row_offset(bp.do_stride, b, i, h);
     for (int d = lane; d < p.head_dim; d += 32) q_row[warp][d] = load_as(p.q, q_at + d, bp.dtype_in);
     for (int d = lane; d < p.head_dim_v; d += 32)
         do_row[warp][d] = load_as(bp.dout, do_at + d, bp.dtype_dout);
@@ -113,8 +113,8 @@ __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
         const int j = j0 + lane;
         float ds = 0.f;
         if (j < hi) {
-            const int64_t k_at = b * p.k_stride[0] + (int64_t)j * p.k_stride[1] + hk * p.k_stride[2];
-            const int64_t v_at = b * p.v_stride[0] + (int64_t)j * p.v_stride[1] + hk * p.v_stride[2];
+            const int64_t k_at = row_offset(p.k_stride, b, j, hk);
+            const int64_t v_at = row_offset(p.v_stride, b, j, hk);
             float dot = 0.f, dpv = 0.f;
             for (int d = 0; d < p.head_dim; ++d) dot += q_row[warp][d] * load_as(p.k, k_at + d, bp.dtype_in);
             for (int d = 0; d < p.head_dim_v; ++d) dpv += do_row[warp][d] * load_as(p.v, v_at + d, bp.dtype_in);
@@ -124,8 +124,7 @@ __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
         const int n = min(32, hi - j0);
         for (int jj = 0; jj < n; ++jj) {
             const float w = __shfl_sync(0xffffffffu, ds, jj);
-            const int64_t k_at =
-                b * p.k_stride[0] + (int64_t)(j0 + jj) * p.k_stride[1] + hk * p.k_stride[2];
+            const int64_t k_at = row_offset(p.k_stride, b, j0 + jj, hk);
 #pragma unroll
             for (int c = 0; c < kRowCols; ++c) {
                 const int e = c * 32 + lane;
@@ -133,7 +132,7 @@ __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
             }
         }
     }
-    const int64_t dq_at = b * bp.dq_stride[0] + (int64_t)i * bp.dq_stride[1] + h * bp.dq_stride[2];
+    const int64_t dq_at = row_offset(bp.dq_stride, b, i, h);
 #pragma unroll
     for (int c = 0; c < kRowCols; ++c) {
         const int e = c * 32 + lane;
@@ -153,8 +152,8 @@ __device__ __forceinline__ void bwd_rows_dkdv(const BwdParams& bp) {
     const int hk = blockIdx.y;
     const int b = blockIdx.z;
     if (j >= p.seqlen_kv) return;
-    const int64_t k_at = b * p.k_stride[0] + (int64_t)j * p.k_stride[1] + hk * p.k_stride[2];
-    const int64_t v_at = b * p.v_stride[0] + (int64_t)j * p.v_stride[1] + hk * p.v_stride[2];
+    const int64_t k_at = row_offset(p.k_stride, b, j, hk);
+    const int64_t v_at = row_offset(p.v_stride, b, j, hk);
     for (int d = lane; d < p.head_dim; d += 32) k_row[warp][d] = load_as(p.k, k_at + d, bp.dtype_in);
     for (int d = lane; d < p.head_dim_v; d += 32) v_row[warp][d] = load_as(p.v, v_at + d, bp.dtype_in);
     __syncwarp();
@@ -173,9 +172,8 @@ __device__ __forceinline__ void bwd_rows_dkdv(const BwdParams& bp) {
             const int i = i0 + lane;
             float pv = 0.f, ds = 0.f;
             if (i < hi) {
-                const int64_t q_at = b * p.q_stride[0] + (int64_t)i * p.q_stride[1] + h * p.q_stride[2];
-                const int64_t do_at =
-                    b * bp.do_stride[0] + (int64_t)i * bp.do_stride[1] + h * bp.do_stride[2];
+                const int64_t q_at = row_offset(p.q_stride, b, i, h);
+                const int64_t do_at = row_offset(bp.do_stride, b, i, h);
                 float dot = 0.f, dpv = 0.f;
                 for (int d = 0; d < p.head_dim; ++d) dot += k_row[warp][d] * load_as(p.q, q_at + d, bp.dtype_in);
                 for (int d = 0; d < p.head_dim_v; ++d)
@@ -187,10 +185,8 @@ __device__ __forceinline__ void bwd_rows_dkdv(const BwdParams& bp) {
             for (int ii = 0; ii < n; ++ii) {
                 const float wp = __shfl_sync(0xffffffffu, pv, ii);
                 const float ws = __shfl_sync(0xffffffffu, ds, ii);
-                const int64_t q_at =
-                    b * p.q_stride[0] + (int64_t)(i0 + ii) * p.q_stride[1] + h * p.q_stride[2];
-                const int64_t do_at =
-                    b * bp.do_stride[0] + (int64_t)(i0 + ii) * bp.do_stride[1] + h * bp.do_stride[2];
+                const int64_t q_at = row_offset(p.q_stride, b, i0 + ii, h);
+                const int64_t do_at = row_offset(bp.do_stride, b, i0 + ii, h);
 #pragma unroll
                 for (int c = 0; c < kRowCols; ++c) {
                     const int e = c * 32 + lane;
@@ -200,8 +196,8 @@ __device__ __forceinline__ void bwd_rows_dkdv(const BwdParams& bp) {
             }
         }
     }
-    const int64_t dk_at = b * bp.dk_stride[0] + (int64_t)j * bp.dk_stride[1] + hk * bp.dk_stride[2];
-    const int64_t dv_at = b * bp.dv_stride[0] + (int64_t)j * bp.dv_stride[1] + hk * bp.dv_stride[2];
+    const int64_t dk_at = row_offset(bp.dk_stride, b, j, hk);
+    const int64_t dv_at = row_offset(bp.dv_stride, b, j, hk);
 #pragma unroll
     for (int c = 0; c < kRowCols; ++c) {
         const int e = c * 32 + lane;

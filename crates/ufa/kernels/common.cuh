@@ -153,6 +153,12 @@ __device__ __forceinline__ void store_as(void* p, int64_t i, int kind, float x) 
     }
 }
 
+// Offset of row `i` of head `h` of batch entry `b` in a [b, s, h, d] tensor with (batch, seq,
+// head) strides `st`.
+__device__ __forceinline__ int64_t row_offset(const int64_t (&st)[3], int b, int i, int h) {
+    return b * st[0] + (int64_t)i * st[1] + h * st[2];
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

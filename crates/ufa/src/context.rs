@@ -204,18 +204,7 @@ impl Context {
         params: &AttentionParams<'_>,
         stream: *mut std::ffi::c_void,
     ) -> Result<()> {
-        let args = BackwardArgs {
-            q: &inputs.q,
-            k: &inputs.k,
-            v: &inputs.v,
-            out: &inputs.out,
-            dout: &inputs.dout,
-            lse: &inputs.lse,
-            dq: &grads.dq,
-            dk: &grads.dk,
-            dv: &grads.dv,
-        };
-        let problem = validate_backward(&args, params)?;
+        let problem = validate_backward(&BackwardArgs::new(inputs, grads), params)?;
         match problem.fwd.device {
             Device::Cpu => self.cpu.backward(&problem),
             Device::Cuda(_) => self.cuda.backward(&problem, stream),

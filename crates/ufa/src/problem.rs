@@ -364,6 +364,25 @@ pub(crate) struct BackwardArgs<'x, 'a> {
     pub dv: &'x TensorViewMut<'a>,
 }
 
+impl<'x, 'a> BackwardArgs<'x, 'a> {
+    pub fn new(
+        inputs: &'x crate::context::BackwardInputs<'a>,
+        grads: &'x crate::context::Gradients<'a>,
+    ) -> Self {
+        BackwardArgs {
+            q: &inputs.q,
+            k: &inputs.k,
+            v: &inputs.v,
+            out: &inputs.out,
+            dout: &inputs.dout,
+            lse: &inputs.lse,
+            dq: &grads.dq,
+            dk: &grads.dk,
+            dv: &grads.dv,
+        }
+    }
+}
+
 /// Checks every argument of a backward call.
 pub(crate) fn validate_backward(
     a: &BackwardArgs<'_, '_>,

@@ -1122,6 +1122,29 @@ pub mod cuda {
         Ok(times[times.len() / 2])
     }
 
+    /// The end of a GPU suite: one line per kernel module loaded (compile or cache-load time,
+    /// registers, spills), then a panic listing every failed case, if any.
+    pub fn report_and_assert(ctx: &Context, failed: &[String]) {
+        for r in ctx.cuda_module_reports() {
+            println!(
+                "module {:<44} {} compile {:.2}s load {:.1}ms cached {} regs {} spill {}B",
+                r.kernel,
+                r.arch,
+                r.compile_s,
+                r.load_s * 1e3,
+                r.from_cache,
+                r.registers,
+                r.spill_bytes
+            );
+        }
+        assert!(
+            failed.is_empty(),
+            "{} case(s) failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
+
     /// Whether a CUDA device is here (listing them); without one, says so and returns false,
     /// unless `UFA_REQUIRE_GPU=1` (set by scripts/gpu-check), which makes that a panic.
     pub fn gpu_present(ctx: &Context) -> bool {
@@ -1168,6 +1191,110 @@ pub mod cuda {
         inst.run_backward_cuda(ctx, ordinal)?;
         Ok(inst.compare_grads(&inst.reference_grads()?))
     }
+}
+
+/// The GPU suites' spread of features and layouts (forward and backward): MQA/GQA with causal
+/// in both alignments and seqlen_q != seqlen_kv, windows, every mask kind, ALiBi, strided views,
+/// zero and negative scales, the CUDA-core path's dtypes and head dims, and long sequences
+/// where the band skips many tiles.
+pub fn feature_cases() -> Vec<Case> {
+    use DType::*;
+    let mut cases = Vec::new();
+    for (sq, skv) in [(1, 1), (1, 1000), (17, 17), (1000, 129), (129, 1000)] {
+        let mut c = Case::new(1, sq, skv, 8, 128, BF16);
+        c.heads_kv = 1; // MQA
+        c.causal = true;
+        cases.push(c.clone());
+        c.alignment = CausalAlignment::TopLeft;
+        c.heads_kv = 2; // GQA 4
+        cases.push(c);
+    }
+    let mut c = Case::new(2, 200, 300, 8, 64, F16);
+    c.window = (32, 8);
+    cases.push(c.clone());
+    c.window = (0, 0);
+    cases.push(c.clone());
+    c.window = (-1, 5);
+    c.causal = false;
+    cases.push(c);
+    for mask in [
+        MaskSpec {
+            dtype: Bool,
+            full: [true, false, true, true],
+            ndim: 4,
+        },
+        MaskSpec {
+            dtype: F32,
+            full: [false, true, true, true],
+            ndim: 3,
+        },
+        MaskSpec {
+            dtype: BF16,
+            full: [false, false, false, true],
+            ndim: 1,
+        },
+        MaskSpec {
+            dtype: F16,
+            full: [true, true, true, true],
+            ndim: 4,
+        },
+    ] {
+        let mut c = Case::new(2, 45, 77, 4, 64, BF16);
+        c.mask = Some(mask);
+        cases.push(c.clone());
+        c.causal = true;
+        c.dtype = F16;
+        c.out_dtype = F16;
+        cases.push(c);
+    }
+    let mut c = Case::new(2, 33, 70, 4, 128, F16);
+    c.alibi = Some(Alibi::PerBatchHead);
+    c.causal = true;
+    cases.push(c);
+    for placement in [Placement::HeadsFirst, Placement::Padded] {
+        let mut c = Case::new(2, 100, 130, 4, 128, BF16);
+        c.placement = [placement; 4];
+        cases.push(c.clone());
+        c.placement = [
+            Placement::Contiguous,
+            placement,
+            Placement::HeadsFirst,
+            placement,
+        ];
+        c.causal = true;
+        cases.push(c);
+    }
+    // Zero and negative scales leave the fused-scale fast path.
+    for scale in [-0.2, 0.0] {
+        let mut c = Case::new(1, 40, 50, 2, 64, BF16);
+        c.scale = Some(scale);
+        c.causal = true;
+        cases.push(c);
+    }
+    // The CUDA-core path: fp32, head dims off the tensor-core list, mixed output dtype.
+    for (d, dv, dtype, out) in [
+        (80, 80, F32, F32),
+        (48, 48, BF16, BF16),
+        (512, 48, F32, BF16),
+        (64, 32, F16, F32),
+        (128, 128, BF16, F32),
+    ] {
+        let mut c = Case::new(2, 37, 300, 4, d, dtype);
+        c.head_dim_v = dv;
+        c.out_dtype = out;
+        c.heads_kv = 2;
+        c.causal = true;
+        c.softcap = 10.0;
+        cases.push(c);
+    }
+    // Long enough that many key tiles are skipped by the causal band, and rows see thousands of keys.
+    let mut c = Case::new(1, 2048, 2048, 4, 128, BF16);
+    c.causal = true;
+    cases.push(c);
+    let mut c = Case::new(1, 1024, 4096, 2, 64, F16);
+    c.window = (256, 0);
+    cases.push(c);
+    cases
 }
 
 /// The spread of backward problems `ufa check` and the tests run: every feature, odd sizes,

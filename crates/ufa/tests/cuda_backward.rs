@@ -5,8 +5,8 @@
 //! `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
 
 use ufa::testing::cuda::{check_grads_cuda, gpu_present};
-use ufa::testing::{standard_grad_cases, Alibi, Case, Instance, MaskSpec, Placement};
-use ufa::{CausalAlignment, Context, DType};
+use ufa::testing::{feature_cases, standard_grad_cases, Alibi, Case, Instance};
+use ufa::{Context, DType};
 
 /// Runs every case's forward and backward on the GPU, prints one line each, and fails listing
 /// every case that missed.
@@ -45,24 +45,7 @@ fn run_grad_cases(cases: &[Case]) {
             }
         }
     }
-    for r in ctx.cuda_module_reports() {
-        println!(
-            "module {:<44} {} compile {:.2}s load {:.1}ms cached {} regs {} spill {}B",
-            r.kernel,
-            r.arch,
-            r.compile_s,
-            r.load_s * 1e3,
-            r.from_cache,
-            r.registers,
-            r.spill_bytes
-        );
-    }
-    assert!(
-        failed.is_empty(),
-        "{} case(s) failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    ufa::testing::cuda::report_and_assert(&ctx, &failed);
 }
 
 fn describe(c: &Case) -> String {
@@ -110,100 +93,17 @@ fn tensor_core_backward_matches_the_reference() {
     run_grad_cases(&cases);
 }
 
+/// The forward suite's features and layouts, every other case in deterministic mode.
 #[test]
 fn features_and_layouts_backward_match_the_reference() {
-    use DType::*;
-    let mut cases = Vec::new();
-    for (sq, skv) in [(1, 1), (1, 700), (17, 17), (700, 129), (129, 700)] {
-        let mut c = Case::new(1, sq, skv, 8, 128, BF16);
-        c.heads_kv = 1; // MQA
-        c.causal = true;
-        cases.push(c.clone());
-        c.alignment = CausalAlignment::TopLeft;
-        c.heads_kv = 2; // GQA 4
-        c.deterministic = true;
-        cases.push(c);
-    }
-    let mut c = Case::new(2, 200, 300, 8, 64, F16);
-    c.window = (32, 8);
-    cases.push(c.clone());
-    c.window = (0, 0);
-    cases.push(c.clone());
-    c.window = (-1, 5);
-    cases.push(c);
-    for mask in [
-        MaskSpec {
-            dtype: Bool,
-            full: [true, false, true, true],
-            ndim: 4,
-        },
-        MaskSpec {
-            dtype: F32,
-            full: [false, true, true, true],
-            ndim: 3,
-        },
-        MaskSpec {
-            dtype: BF16,
-            full: [false, false, false, true],
-            ndim: 1,
-        },
-    ] {
-        let mut c = Case::new(2, 45, 77, 4, 64, BF16);
-        c.mask = Some(mask);
-        cases.push(c.clone());
-        c.causal = true;
-        c.dtype = F16;
-        c.out_dtype = F16;
-        cases.push(c);
-    }
-    let mut c = Case::new(2, 33, 70, 4, 128, F16);
-    c.alibi = Some(Alibi::PerBatchHead);
-    c.causal = true;
-    cases.push(c);
-    for placement in [Placement::HeadsFirst, Placement::Padded] {
-        let mut c = Case::new(2, 100, 130, 4, 128, BF16);
-        c.placement = [placement; 4];
-        cases.push(c.clone());
-        c.placement = [
-            Placement::Contiguous,
-            placement,
-            Placement::HeadsFirst,
-            placement,
-        ];
-        c.causal = true;
-        cases.push(c);
-    }
-    for scale in [-0.2, 0.0] {
-        let mut c = Case::new(1, 40, 50, 2, 64, BF16);
-        c.scale = Some(scale);
-        c.causal = true;
-        cases.push(c);
-    }
-    // The CUDA-core path: fp32, head dims off the tensor-core list, mixed dtypes.
-    for (d, dv, dtype, out) in [
-        (80, 80, F32, F32),
-        (48, 48, BF16, BF16),
-        (512, 48, F32, BF16),
-        (64, 32, F16, F32),
-        (128, 128, BF16, F32),
-    ] {
-        let mut c = Case::new(2, 37, 300, 4, d, dtype);
-        c.head_dim_v = dv;
-        c.out_dtype = out;
-        c.heads_kv = 2;
-        c.causal = true;
-        c.softcap = 10.0;
-        cases.push(c);
-    }
-    // Many key blocks skipped by the band, rows that see hundreds of keys.
-    let mut c = Case::new(1, 1024, 1024, 4, 128, BF16);
-    c.causal = true;
-    cases.push(c.clone());
-    c.deterministic = true;
-    cases.push(c);
-    let mut c = Case::new(1, 512, 1536, 2, 64, F16);
-    c.window = (256, 0);
-    cases.push(c);
+    let cases: Vec<Case> = feature_cases()
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            c.deterministic = i % 2 == 1;
+            c
+        })
+        .collect();
     run_grad_cases(&cases);
 }
 

@@ -5,9 +5,7 @@
 
 use ufa::testing::cuda::check_case_cuda;
 use ufa::testing::{standard_cases, Alibi, Case, MaskSpec, Placement};
-use ufa::{
-    AttentionParams, CausalAlignment, Context, DType, Device, ErrorKind, TensorView, TensorViewMut,
-};
+use ufa::{AttentionParams, Context, DType, Device, ErrorKind, TensorView, TensorViewMut};
 
 /// Whether a GPU is here; without one, checks the error a CUDA call gets and says so.
 fn gpu(ctx: &Context) -> bool {
@@ -46,24 +44,7 @@ fn run_cases(cases: &[Case]) {
             }
         }
     }
-    for r in ctx.cuda_module_reports() {
-        println!(
-            "module {:<44} {} compile {:.2}s load {:.1}ms cached {} regs {} spill {}B",
-            r.kernel,
-            r.arch,
-            r.compile_s,
-            r.load_s * 1e3,
-            r.from_cache,
-            r.registers,
-            r.spill_bytes
-        );
-    }
-    assert!(
-        failed.is_empty(),
-        "{} case(s) failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    ufa::testing::cuda::report_and_assert(&ctx, &failed);
 }
 
 #[test]
@@ -98,103 +79,7 @@ fn tensor_core_variants_match_the_reference() {
 
 #[test]
 fn features_and_layouts_match_the_reference() {
-    use DType::*;
-    let mut cases = Vec::new();
-    for (sq, skv) in [(1, 1), (1, 1000), (17, 17), (1000, 129), (129, 1000)] {
-        let mut c = Case::new(1, sq, skv, 8, 128, BF16);
-        c.heads_kv = 1; // MQA
-        c.causal = true;
-        cases.push(c.clone());
-        c.alignment = CausalAlignment::TopLeft;
-        c.heads_kv = 2; // GQA 4
-        cases.push(c);
-    }
-    let mut c = Case::new(2, 200, 300, 8, 64, F16);
-    c.window = (32, 8);
-    cases.push(c.clone());
-    c.window = (0, 0);
-    cases.push(c.clone());
-    c.window = (-1, 5);
-    c.causal = false;
-    cases.push(c);
-    for mask in [
-        MaskSpec {
-            dtype: Bool,
-            full: [true, false, true, true],
-            ndim: 4,
-        },
-        MaskSpec {
-            dtype: F32,
-            full: [false, true, true, true],
-            ndim: 3,
-        },
-        MaskSpec {
-            dtype: BF16,
-            full: [false, false, false, true],
-            ndim: 1,
-        },
-        MaskSpec {
-            dtype: F16,
-            full: [true, true, true, true],
-            ndim: 4,
-        },
-    ] {
-        let mut c = Case::new(2, 45, 77, 4, 64, BF16);
-        c.mask = Some(mask);
-        cases.push(c.clone());
-        c.causal = true;
-        c.dtype = F16;
-        c.out_dtype = F16;
-        cases.push(c);
-    }
-    let mut c = Case::new(2, 33, 70, 4, 128, F16);
-    c.alibi = Some(Alibi::PerBatchHead);
-    c.causal = true;
-    cases.push(c);
-    for placement in [Placement::HeadsFirst, Placement::Padded] {
-        let mut c = Case::new(2, 100, 130, 4, 128, BF16);
-        c.placement = [placement; 4];
-        cases.push(c.clone());
-        c.placement = [
-            Placement::Contiguous,
-            placement,
-            Placement::HeadsFirst,
-            placement,
-        ];
-        c.causal = true;
-        cases.push(c);
-    }
-    // Zero and negative scales leave the fused-scale fast path.
-    for scale in [-0.2, 0.0] {
-        let mut c = Case::new(1, 40, 50, 2, 64, BF16);
-        c.scale = Some(scale);
-        c.causal = true;
-        cases.push(c);
-    }
-    // The CUDA-core path: fp32, head dims off the tensor-core list, mixed output dtype.
-    for (d, dv, dtype, out) in [
-        (80, 80, F32, F32),
-        (48, 48, BF16, BF16),
-        (512, 48, F32, BF16),
-        (64, 32, F16, F32),
-        (128, 128, BF16, F32),
-    ] {
-        let mut c = Case::new(2, 37, 300, 4, d, dtype);
-        c.head_dim_v = dv;
-        c.out_dtype = out;
-        c.heads_kv = 2;
-        c.causal = true;
-        c.softcap = 10.0;
-        cases.push(c);
-    }
-    // Long enough that many key tiles are skipped by the causal band, and rows see thousands of keys.
-    let mut c = Case::new(1, 2048, 2048, 4, 128, BF16);
-    c.causal = true;
-    cases.push(c);
-    let mut c = Case::new(1, 1024, 4096, 2, 64, F16);
-    c.window = (256, 0);
-    cases.push(c);
-    run_cases(&cases);
+    run_cases(&ufa::testing::feature_cases());
 }
 
 /// A host pointer passed as a CUDA tensor is an error naming the tensor, never a crash; on a

@@ -267,18 +267,7 @@ mod tests {
             dk: TensorViewMut::new(&mut dk, &[b, skv, hk, d]).unwrap(),
             dv: TensorViewMut::new(&mut dv, &[b, skv, hk, d]).unwrap(),
         };
-        let args = BackwardArgs {
-            q: &inputs.q,
-            k: &inputs.k,
-            v: &inputs.v,
-            out: &inputs.out,
-            dout: &inputs.dout,
-            lse: &inputs.lse,
-            dq: &grads.dq,
-            dk: &grads.dk,
-            dv: &grads.dv,
-        };
-        f(&validate_backward(&args, params).unwrap());
+        f(&validate_backward(&BackwardArgs::new(&inputs, &grads), params).unwrap());
     }
 
     #[test]

@@ -101,16 +101,19 @@ fn tile_override() -> Option<Tile> {
     *OVERRIDE.get_or_init(|| parse_tile(&std::env::var(TILE_ENV).ok()?))
 }
 
-/// Parses `block_m,block_n,warps,q_in_regs,min_blocks` (head_dim left 0); None if malformed or
-/// not a shape the kernel template accepts.
-pub(crate) fn parse_tile(s: &str) -> Option<Tile> {
+/// Exactly `N` comma-separated unsigned numbers (the tile overrides' format).
+fn parse_numbers<const N: usize>(s: &str) -> Option<[u32; N]> {
     let v: Vec<u32> = s
         .split(',')
         .map(|x| x.trim().parse().ok())
         .collect::<Option<_>>()?;
-    let [block_m, block_n, warps, q, min_blocks] = v[..] else {
-        return None;
-    };
+    v.try_into().ok()
+}
+
+/// Parses `block_m,block_n,warps,q_in_regs,min_blocks` (head_dim left 0); None if malformed or
+/// not a shape the kernel template accepts.
+pub(crate) fn parse_tile(s: &str) -> Option<Tile> {
+    let [block_m, block_n, warps, q, min_blocks] = parse_numbers(s)?;
     let mt = block_m.checked_div(16 * warps)?;
     let ok = warps > 0
         && (1..=2).contains(&mt)
@@ -299,13 +302,7 @@ fn bwd_tile_override() -> Option<BwdTile> {
 
 /// Parses `block_m,block_n,warps,stages,wn1,wn2,wq3` (head_dim left 0, not validated).
 pub(crate) fn parse_bwd_tile(s: &str) -> Option<BwdTile> {
-    let v: Vec<u32> = s
-        .split(',')
-        .map(|x| x.trim().parse().ok())
-        .collect::<Option<_>>()?;
-    let [block_m, block_n, warps, stages, wn1, wn2, wq3] = v[..] else {
-        return None;
-    };
+    let [block_m, block_n, warps, stages, wn1, wn2, wq3] = parse_numbers(s)?;
     Some(BwdTile {
         head_dim: 0,
         block_m,
