@@ -80,30 +80,39 @@ pub fn tanh<M: MulAdd>(x: f32) -> f32 {
 /// identical for every run.
 const LANES: usize = 16;
 
-/// Sum of the lanes as a fixed pairwise tree (short dependency chains, same order every time).
+/// The lanes combined by `op` as a fixed pairwise tree (short dependency chains, same order
+/// every time).
 #[inline(always)]
-fn sum_lanes(mut w: [f32; LANES]) -> f32 {
+fn reduce_lanes(mut w: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
     let mut half = LANES / 2;
     while half > 0 {
         for i in 0..half {
-            w[i] += w[i + half];
+            w[i] = op(w[i], w[i + half]);
         }
         half /= 2;
     }
     w[0]
 }
 
+#[inline(always)]
+fn sum_lanes(w: [f32; LANES]) -> f32 {
+    reduce_lanes(w, |a, b| a + b)
+}
+
 /// Largest element of `x` (whose length is a multiple of 16); -inf for an empty slice.
 #[inline(always)]
 pub fn max_of(x: &[f32]) -> f32 {
+    let max = |a: f32, b: f32| if b > a { b } else { a };
     let mut acc = [f32::NEG_INFINITY; LANES];
-    for chunk in x.chunks_exact(LANES) {
+    // A length the compiler cannot see keeps this a loop of full-width vector maxima: unrolled
+    // over a tile's constant width, it became a chain of two-lane pieces.
+    let n = std::hint::black_box(x.len());
+    for chunk in x[..n].chunks_exact(LANES) {
         for i in 0..LANES {
-            acc[i] = if chunk[i] > acc[i] { chunk[i] } else { acc[i] };
+            acc[i] = max(acc[i], chunk[i]);
         }
     }
-    acc.iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    reduce_lanes(acc, max)
 }
 
 /// Replaces each element by `exp(x - m)` and returns their sum (length a multiple of 16).
