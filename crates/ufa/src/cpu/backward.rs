@@ -282,12 +282,12 @@ fn load_keys<const C: usize>(
     kb.acc_k.fill(0.0);
     kb.acc_v.fill(0.0);
     let k_at = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]);
-    let v_at = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]);
     if bf16 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the bf16 path runs only for bf16 k and v; keys j0+jj < seqlen_kv.
         unsafe {
             use super::bf16::{pack_interleaved, pack_transposed_pairs};
+            let v_at = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]);
             let (k_row, v_row) = (|jj| k_at(jj) as *const u16, |jj| v_at(jj) as *const u16);
             pack_transposed_pairs(k_row, nk, d, &mut kb.kp);
             pack_transposed_pairs(v_row, nk, dv, &mut kb.vp);

@@ -145,21 +145,23 @@ pub unsafe fn transpose_rows<const C: usize>(
     dst: &mut [f32],
 ) {
     assert!(n <= BK && dst.len() >= d * BK);
-    let mut e0 = 0;
+    // Columns 0..e0 in 16 × 16 blocks, the rest element by element.
+    let e0 = if C == 64 && cfg!(target_arch = "x86_64") {
+        d / 16 * 16
+    } else {
+        0
+    };
     #[cfg(target_arch = "x86_64")]
-    if C == 64 {
-        while e0 + 16 <= d {
-            let mut j0 = 0;
-            while j0 + 16 <= n {
-                x86::transpose16(|i| row(j0 + i).add(e0), dst.as_mut_ptr().add(e0 * BK + j0));
-                j0 += 16;
+    for e0 in (0..e0).step_by(16) {
+        let mut j0 = 0;
+        while j0 + 16 <= n {
+            x86::transpose16(|i| row(j0 + i).add(e0), dst.as_mut_ptr().add(e0 * BK + j0));
+            j0 += 16;
+        }
+        for j in j0..n {
+            for e in e0..e0 + 16 {
+                dst[e * BK + j] = *row(j).add(e);
             }
-            for j in j0..n {
-                for e in e0..e0 + 16 {
-                    dst[e * BK + j] = *row(j).add(e);
-                }
-            }
-            e0 += 16;
         }
     }
     for j in 0..n {
