@@ -40,9 +40,10 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
     // Round to nearest with the 1.5·2^23 trick (vectorises, unlike f32::round): y's low
     // mantissa bits then hold n as an integer, read without a float-to-int conversion.
     const MAGIC: f32 = 12_582_912.0;
-    let y = x * LOG2E + MAGIC;
+    let y = M::mul_add(x, LOG2E, MAGIC);
     let n = y - MAGIC;
-    let ni = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    // n + 127, the biased exponent of 2^n, straight from y's bits.
+    let biased = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32 - 127);
     let r = M::mul_add(n, -LN2_LO, M::mul_add(n, -LN2_HI, x));
     let mut p = 1.0 / 5040.0;
     p = M::mul_add(p, r, 1.0 / 720.0);
@@ -53,7 +54,7 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
     p = M::mul_add(p, r, 1.0);
     p = M::mul_add(p, r, 1.0);
     // n = -127 (x <= -88) gives exponent bits 0, i.e. the scale 0: flushes to exactly zero.
-    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    let scale = f32::from_bits((biased as u32) << 23);
     p * scale
 }
 
