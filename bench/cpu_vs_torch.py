@@ -93,6 +93,7 @@ def main():
         subprocess.run(["cargo", "build", "--release", "-p", "ufa-cli"], cwd=ROOT, check=True)
     torch.set_num_threads(args.threads)
 
+    load_start = os.getloadavg()[0]
     rows = []
     for backward in [p == "backward" for p in args.passes.split(",")]:
         for dtype in args.dtypes.split(","):
@@ -123,7 +124,12 @@ def main():
               f"- torch {torch.__version__} (capability {torch.backends.cpu.get_cpu_capability()}), "
               f"ufa kernels: {json.loads(subprocess.run([UFA, 'bench', '--workload', 'W1', '--iters', '1', '--json', '--threads', str(args.threads)], capture_output=True, text=True).stdout)[0]['kernels']}\n"
               f"- command: `{command}` (medians of {args.rounds} interleaved rounds of {args.iters} runs)\n"
-              f"- speedup = PyTorch time / ufa time (>1: ufa is faster)\n\n")
+              f"- speedup = PyTorch time / ufa time (>1: ufa is faster)\n"
+              f"- load: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at "
+              f"the end (a shared VM: jobs of others come and go, so one ratio can move by a fifth between "
+              f"runs; rounds interleave the two sides to share what they meet)\n"
+              f"- both sides use the [batch, heads, seq, dim] layout (ufa reads it in place through "
+              f"strides)\n\n")
     cols = list(rows[0])
     with open(args.out + ".md", "w") as f:
         f.write(header + "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
