@@ -301,7 +301,7 @@ fn load_keys<const C: usize>(
     }
     let krows = kb.krows.as_ptr();
     // SAFETY: rows jj < nk of `krows` hold d values.
-    unsafe { transpose_rows::<C>(|jj| krows.add(jj * dp), nk, d, &mut kb.kt) };
+    unsafe { transpose_rows::<C, f32>(|jj| krows.add(jj * dp), nk, d, &mut kb.kt) };
     pack_transposed::<C>(&p.v, t, (j0, nk), dv, stage, &mut kb.vt);
 }
 

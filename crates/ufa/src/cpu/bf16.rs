@@ -9,7 +9,7 @@
 //! Everything here runs only inside functions compiled with `avx512f,avx512bf16` (see
 //! `Isa::Avx512Bf16`).
 
-use super::microkernel::{holds, Strided, BK, R};
+use super::microkernel::{holds, transpose_rows, Strided, BK, R};
 use std::arch::x86_64::*;
 
 /// Two bf16 values as one u32: `lo` in the low half (little-endian pair order).
@@ -209,6 +209,10 @@ pub unsafe fn pack_transposed_pairs(
     dst: &mut [u32],
 ) {
     let d2 = d.div_ceil(2);
+    if d.is_multiple_of(2) {
+        // Pairs of consecutive elements are the row's own bytes: a plain transposition.
+        return transpose_rows::<64, u32>(|jj| row(jj) as *const u32, nk, d2, dst);
+    }
     let mut pairs = [0u32; crate::problem::MAX_HEAD_DIM / 2];
     for jj in 0..BK {
         if jj < nk {

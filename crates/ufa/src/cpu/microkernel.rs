@@ -130,21 +130,21 @@ fn block<M: MulAdd, const W: usize, const ACC: bool>(
     }
 }
 
-/// Writes `n` rows of `d` elements (row `j` at `row(j)`) as the columns of `dst` (`d` × BK):
-/// `dst[e·BK + j] = row(j)[e]`, with columns `n..BK` zero. The AVX-512 families (`C` = 64)
+/// Writes `n` rows of `d` elements (row `j` at `row(j)`, 4-byte elements, any alignment) as the
+/// columns of `dst` (`d` × BK): `dst[e·BK + j] = row(j)[e]`, with columns `n..BK` zero. The AVX-512 families (`C` = 64)
 /// move 16 × 16 blocks through registers; element by element, the scattered stores cost as
 /// much as a tenth of a forward tile's products.
 ///
 /// # Safety
 /// `row(j)` must address `d` readable f32 values for every `j < n`.
 #[inline(always)]
-pub unsafe fn transpose_rows<const C: usize>(
-    row: impl Fn(usize) -> *const f32,
+pub unsafe fn transpose_rows<const C: usize, T: Copy + Default>(
+    row: impl Fn(usize) -> *const T,
     n: usize,
     d: usize,
-    dst: &mut [f32],
+    dst: &mut [T],
 ) {
-    assert!(n <= BK && dst.len() >= d * BK);
+    assert!(n <= BK && dst.len() >= d * BK && std::mem::size_of::<T>() == 4);
     // Columns 0..e0 in 16 × 16 blocks, the rest element by element.
     let e0 = if C == 64 && cfg!(target_arch = "x86_64") {
         d / 16 * 16
@@ -155,23 +155,24 @@ pub unsafe fn transpose_rows<const C: usize>(
     for e0 in (0..e0).step_by(16) {
         let mut j0 = 0;
         while j0 + 16 <= n {
-            x86::transpose16(|i| row(j0 + i).add(e0), dst.as_mut_ptr().add(e0 * BK + j0));
+            let at = |i: usize| row(j0 + i).add(e0) as *const f32;
+            x86::transpose16(at, dst.as_mut_ptr().add(e0 * BK + j0) as *mut f32);
             j0 += 16;
         }
         for j in j0..n {
             for e in e0..e0 + 16 {
-                dst[e * BK + j] = *row(j).add(e);
+                dst[e * BK + j] = row(j).add(e).read_unaligned();
             }
         }
     }
     for j in 0..n {
         let r = row(j);
         for e in e0..d {
-            dst[e * BK + j] = *r.add(e);
+            dst[e * BK + j] = r.add(e).read_unaligned();
         }
     }
     for e in 0..d {
-        dst[e * BK + n..][..BK - n].fill(0.0);
+        dst[e * BK + n..][..BK - n].fill(T::default());
     }
 }
 
@@ -182,6 +183,7 @@ mod x86 {
 
     /// Rows `src(0..16)` (16 elements each) as the columns of the 16 × 16 block at `dst` (row
     /// stride BK): interleave pairs of rows, then pairs of pairs, then 128-bit lanes twice.
+    /// Only moves bits, so any 4-byte elements may pass as f32.
     ///
     /// # Safety
     /// Needs avx512f; every `src(i)` must address 16 readable f32, `dst` 16 rows of 16.
@@ -235,10 +237,10 @@ mod tests {
             let mut got = want.clone();
             // SAFETY: rows j < n of `src` hold d elements.
             unsafe {
-                transpose_rows::<16>(|j| src.as_ptr().add(j * d), n, d, &mut want);
+                transpose_rows::<16, f32>(|j| src.as_ptr().add(j * d), n, d, &mut want);
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx512f") {
-                    transpose_rows::<64>(|j| src.as_ptr().add(j * d), n, d, &mut got);
+                    transpose_rows::<64, f32>(|j| src.as_ptr().add(j * d), n, d, &mut got);
                     assert_eq!(got, want);
                 }
             }

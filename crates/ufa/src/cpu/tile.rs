@@ -393,13 +393,13 @@ pub(super) fn pack_transposed<const C: usize>(
     // SAFETY: keys j0+jj < seqlen_kv lie in the validated view; staged rows hold `len` values.
     unsafe {
         if x.dtype == DType::F32 {
-            transpose_rows::<C>(|jj| at(jj) as *const f32, nk, len, dst);
+            transpose_rows::<C, f32>(|jj| at(jj) as *const f32, nk, len, dst);
         } else {
             for jj in 0..nk {
                 load_row_f32(x.dtype, at(jj), &mut stage[jj * len..][..len]);
             }
             let rows = stage.as_ptr();
-            transpose_rows::<C>(|jj| rows.add(jj * len), nk, len, dst);
+            transpose_rows::<C, f32>(|jj| rows.add(jj * len), nk, len, dst);
         }
     }
 }
