@@ -22,10 +22,10 @@ use super::parallel::{for_each_chunk, for_each_chunk_mut, Exec};
 use super::tile::{
     apply_score_mods, pack_transposed, prefetch, round_up, widen, RowInfo, TileRows,
 };
+use super::Workspace;
 use crate::dtype::{load_row_f32, store_row_f32, DType};
 use crate::error::{Error, Result};
 use crate::problem::{BackwardProblem, Problem};
-use std::sync::Mutex;
 
 /// Query rows per block.
 const BQ: usize = 64;
@@ -548,31 +548,6 @@ fn row_deltas(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<Vec<f32>> {
         },
     );
     Ok(delta)
-}
-
-/// Memory for partial dQ, kept between calls when it is small: fresh pages cost a fault each,
-/// which for a short problem rivals the arithmetic.
-#[derive(Default)]
-pub(super) struct Workspace(Mutex<Vec<f32>>);
-
-/// Largest workspace kept for the next call, in elements.
-const KEEP_WORKSPACE: usize = 16 << 20;
-
-impl Workspace {
-    /// A buffer of `n` elements (contents unspecified); concurrent callers get their own.
-    fn take(&self, n: usize) -> Result<Vec<f32>> {
-        let mut v = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        v.truncate(n);
-        v.try_reserve_exact(n - v.len())?;
-        v.resize(n, 0.0);
-        Ok(v)
-    }
-
-    fn give_back(&self, v: Vec<f32>) {
-        if v.capacity() <= KEEP_WORKSPACE {
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
-        }
-    }
 }
 
 pub(super) fn backward(

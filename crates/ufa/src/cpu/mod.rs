@@ -32,14 +32,39 @@ fn is_tiny(p: &Problem) -> bool {
     .is_some_and(|work| work < INLINE_WORK)
 }
 
+/// Memory for partial results (the backward's partial dQ, the forward's split-KV parts), kept
+/// between calls when it is small: fresh pages cost a fault each, which for a short problem
+/// rivals the arithmetic.
+#[derive(Default)]
+struct Workspace(Mutex<Vec<f32>>);
+
+/// Largest workspace kept for the next call, in elements.
+const KEEP_WORKSPACE: usize = 16 << 20;
+
+impl Workspace {
+    /// A buffer of `n` elements (contents unspecified); concurrent callers get their own.
+    fn take(&self, n: usize) -> Result<Vec<f32>> {
+        let mut v = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        v.truncate(n);
+        v.try_reserve_exact(n - v.len())?;
+        v.resize(n, 0.0);
+        Ok(v)
+    }
+
+    fn give_back(&self, v: Vec<f32>) {
+        if v.capacity() <= KEEP_WORKSPACE {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
+        }
+    }
+}
+
 /// Owns the CPU thread pool. The pool is rebuilt lazily in a forked child, whose copy of the
 /// parent's pool has no threads behind it.
 pub(crate) struct CpuBackend {
     num_threads: usize,
     isa: Isa,
     pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
-    /// The backward pass's partial dQ, kept between calls (see `backward::Workspace`).
-    workspace: backward::Workspace,
+    workspace: Workspace,
 }
 
 impl CpuBackend {
@@ -54,7 +79,7 @@ impl CpuBackend {
             num_threads,
             isa,
             pool: Mutex::new(None),
-            workspace: backward::Workspace::default(),
+            workspace: Workspace::default(),
         })
     }
 
@@ -92,10 +117,10 @@ impl CpuBackend {
 
     pub fn forward(&self, p: &Problem) -> Result<()> {
         if is_tiny(p) {
-            return schedule::forward(p, self.isa, Exec::Inline);
+            return schedule::forward(p, self.isa, Exec::Inline, &self.workspace);
         }
         let pool = self.pool()?;
-        pool.install(|| schedule::forward(p, self.isa, Exec::Pool))
+        pool.install(|| schedule::forward(p, self.isa, Exec::Pool, &self.workspace))
     }
 
     pub fn backward(&self, p: &BackwardProblem) -> Result<()> {
