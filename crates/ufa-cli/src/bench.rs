@@ -13,9 +13,10 @@ use ufa::{Context, DType};
 pub struct Args {
     #[command(flatten)]
     compute: ComputeOpts,
-    /// Where to run: cpu, cuda (cuda:0) or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceArg,
+    /// Where to run: cpu, cuda (cuda:0) or cuda:N (default: the best backend here, cuda:0 when
+    /// a CUDA device is usable, else cpu).
+    #[arg(long)]
+    device: Option<DeviceArg>,
     /// Input and output dtype: f32, bf16 or f16 (default: f32 on the CPU, bf16 on CUDA).
     #[arg(long)]
     dtype: Option<DType>,
@@ -201,8 +202,13 @@ struct Row {
     gbytes_per_s: f64,
 }
 
-/// The device `--device` names; a CUDA device that is not there is an error naming the option.
-fn target(ctx: &Context, device: DeviceArg) -> ufa::Result<Target> {
+/// The device `--device` names (None: the best one here); a CUDA device that is not there is
+/// an error naming the option.
+fn target(ctx: &Context, device: Option<DeviceArg>) -> ufa::Result<Target> {
+    let Some(device) = device else {
+        let gpu = ctx.cuda_devices().is_ok_and(|d| !d.is_empty());
+        return Ok(if gpu { Target::Cuda(0) } else { Target::Cpu });
+    };
     match device {
         DeviceArg::Cpu => Ok(Target::Cpu),
         DeviceArg::All => Err(ufa::Error::invalid(
@@ -375,8 +381,15 @@ mod tests {
     #[test]
     fn bench_times_one_device() {
         let ctx = Context::new().unwrap();
-        assert_eq!(target(&ctx, DeviceArg::Cpu).unwrap(), Target::Cpu);
-        let e = target(&ctx, DeviceArg::All).unwrap_err();
+        assert_eq!(target(&ctx, Some(DeviceArg::Cpu)).unwrap(), Target::Cpu);
+        // The default is the best backend here: CUDA where a device is usable.
+        let best = if ctx.cuda_devices().is_ok_and(|d| !d.is_empty()) {
+            Target::Cuda(0)
+        } else {
+            Target::Cpu
+        };
+        assert_eq!(target(&ctx, None).unwrap(), best);
+        let e = target(&ctx, Some(DeviceArg::All)).unwrap_err();
         assert!(e.message().contains("--device all"), "{e}");
     }
 }
