@@ -140,6 +140,9 @@ impl Case {
         if self.placement.iter().any(|&p| p != Placement::Contiguous) {
             s += " strided";
         }
+        if self.deterministic {
+            s += " det";
+        }
         s
     }
 
@@ -1122,9 +1125,46 @@ pub mod cuda {
         Ok(times[times.len() / 2])
     }
 
+    /// Runs `check` on every case on CUDA device 0 (seed: `$UFA_TEST_SEED` or fresh, plus the
+    /// case's index), printing one line each with `summary`; then the kernel modules loaded, and
+    /// a panic listing every case that failed `passed` or returned an error. Without a GPU it
+    /// says so and returns (see [`gpu_present`]).
+    pub fn run_suite<R: std::fmt::Debug>(
+        cases: &[Case],
+        check: impl Fn(&Context, &Case, u64) -> Result<R>,
+        passed: impl Fn(&R) -> bool,
+        summary: impl Fn(&R) -> String,
+    ) {
+        let ctx = Context::new().expect("a context");
+        if !gpu_present(&ctx) {
+            return;
+        }
+        let seed = super::seed();
+        println!("seed {seed} (UFA_TEST_SEED={seed} replays)");
+        let mut failed = Vec::new();
+        for (i, c) in cases.iter().enumerate() {
+            let s = seed.wrapping_add(i as u64);
+            match check(&ctx, c, s) {
+                Ok(r) => {
+                    let ok = passed(&r);
+                    let tag = if ok { "ok  " } else { "FAIL" };
+                    println!("{tag} {:<64} {}", c.describe(), summary(&r));
+                    if !ok {
+                        failed.push(format!("{} (seed {s}): {r:?}", c.describe()));
+                    }
+                }
+                Err(e) => {
+                    println!("ERR  {:<64} {e}", c.describe());
+                    failed.push(format!("{} (seed {s}): {e}", c.describe()));
+                }
+            }
+        }
+        report_and_assert(&ctx, &failed);
+    }
+
     /// The end of a GPU suite: one line per kernel module loaded (compile or cache-load time,
     /// registers, spills), then a panic listing every failed case, if any.
-    pub fn report_and_assert(ctx: &Context, failed: &[String]) {
+    fn report_and_assert(ctx: &Context, failed: &[String]) {
         for r in ctx.cuda_module_reports() {
             println!(
                 "module {:<44} {} compile {:.2}s load {:.1}ms cached {} regs {} spill {}B",

@@ -4,56 +4,24 @@
 //! bitwise reproducibility. Without a GPU these tests say so and pass, unless
 //! `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
 
-use ufa::testing::cuda::{check_grads_cuda, gpu_present};
+use ufa::testing::cuda::{check_grads_cuda, gpu_present, run_suite};
 use ufa::testing::{feature_cases, standard_grad_cases, Alibi, Case, Instance};
 use ufa::{Context, DType};
 
-/// Runs every case's forward and backward on the GPU, prints one line each, and fails listing
-/// every case that missed.
+/// Runs every case's forward and backward on the GPU against the f64 reference gradients
+/// (see `run_suite`).
 fn run_grad_cases(cases: &[Case]) {
-    let ctx = Context::new().unwrap();
-    if !gpu_present(&ctx) {
-        return;
-    }
-    let seed = ufa::testing::seed();
-    println!("seed {seed} (UFA_TEST_SEED={seed} replays)");
-    let mut failed = Vec::new();
-    for (i, c) in cases.iter().enumerate() {
-        let s = seed.wrapping_add(i as u64);
-        match check_grads_cuda(&ctx, c, s, 0) {
-            Ok(r) => {
-                let ok = r.passed();
-                println!(
-                    "{} {:<64} dq {:.2e} dk {:.2e} dv {:.2e} (bounds {:.0e} {:.0e} {:.0e}) unwritten {}",
-                    if ok { "ok  " } else { "FAIL" },
-                    describe(c),
-                    r.dq,
-                    r.dk,
-                    r.dv,
-                    r.tolerance[0],
-                    r.tolerance[1],
-                    r.tolerance[2],
-                    r.unwritten
-                );
-                if !ok {
-                    failed.push(format!("{} (seed {s}): {r:?}", describe(c)));
-                }
-            }
-            Err(e) => {
-                println!("ERR  {:<64} {e}", describe(c));
-                failed.push(format!("{} (seed {s}): {e}", describe(c)));
-            }
-        }
-    }
-    ufa::testing::cuda::report_and_assert(&ctx, &failed);
-}
-
-fn describe(c: &Case) -> String {
-    format!(
-        "{}{}",
-        c.describe(),
-        if c.deterministic { " det" } else { "" }
-    )
+    run_suite(
+        cases,
+        |ctx, c, seed| check_grads_cuda(ctx, c, seed, 0),
+        |r| r.passed(),
+        |r| {
+            format!(
+                "dq {:.2e} dk {:.2e} dv {:.2e} (bounds {:.0e} {:.0e} {:.0e}) unwritten {}",
+                r.dq, r.dk, r.dv, r.tolerance[0], r.tolerance[1], r.tolerance[2], r.unwritten
+            )
+        },
+    );
 }
 
 #[test]

@@ -3,48 +3,25 @@
 //! no GPU these tests check the "no CUDA" error and pass; `UFA_REQUIRE_GPU=1` (set by
 //! scripts/gpu-check) makes a missing GPU a failure instead.
 
-use ufa::testing::cuda::check_case_cuda;
+use ufa::testing::cuda::{check_case_cuda, gpu_present, run_suite};
 use ufa::testing::{standard_cases, Alibi, Case, MaskSpec, Placement};
 use ufa::{AttentionParams, Context, DType, Device, ErrorKind, TensorView, TensorViewMut};
 
-/// Whether a GPU is here; without one, checks the error a CUDA call gets and says so.
-fn gpu(ctx: &Context) -> bool {
-    ufa::testing::cuda::gpu_present(ctx)
-}
-
-/// Runs every case, prints one line each, and fails listing every case that missed.
+/// Runs every case's forward on the GPU against the f64 reference (see `run_suite`).
 fn run_cases(cases: &[Case]) {
-    let ctx = Context::new().unwrap();
-    if !gpu(&ctx) {
-        return;
-    }
-    let seed = ufa::testing::seed();
-    println!("seed {seed} (UFA_TEST_SEED={seed} replays)");
-    let mut failed = Vec::new();
-    for (i, c) in cases.iter().enumerate() {
-        let s = seed.wrapping_add(i as u64);
-        match check_case_cuda(&ctx, c, s, 0) {
-            Ok(r) => {
-                let ok = r.passed();
-                println!(
-                    "{} {:<60} err {:.2e} lse {:.2e} unwritten {}",
-                    if ok { "ok  " } else { "FAIL" },
-                    c.describe(),
-                    r.out_error,
-                    r.lse_error.unwrap_or(0.0),
-                    r.unwritten
-                );
-                if !ok {
-                    failed.push(format!("{} (seed {s}): {r:?}", c.describe()));
-                }
-            }
-            Err(e) => {
-                println!("ERR  {:<60} {e}", c.describe());
-                failed.push(format!("{} (seed {s}): {e}", c.describe()));
-            }
-        }
-    }
-    ufa::testing::cuda::report_and_assert(&ctx, &failed);
+    run_suite(
+        cases,
+        |ctx, c, seed| check_case_cuda(ctx, c, seed, 0),
+        |r| r.passed(),
+        |r| {
+            format!(
+                "err {:.2e} lse {:.2e} unwritten {}",
+                r.out_error,
+                r.lse_error.unwrap_or(0.0),
+                r.unwritten
+            )
+        },
+    );
 }
 
 #[test]
@@ -115,7 +92,7 @@ fn bad_cuda_inputs_are_errors() {
     let e = ctx
         .forward(&q, &q, &q, &mut out, &AttentionParams::default())
         .unwrap_err();
-    if gpu(&ctx) {
+    if gpu_present(&ctx) {
         assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
         assert!(
             e.message().starts_with("q is on cuda:0")
@@ -158,7 +135,7 @@ fn bad_cuda_inputs_are_errors() {
 #[test]
 fn second_process_loads_from_the_disk_cache() {
     let ctx = Context::new().unwrap();
-    if !gpu(&ctx) {
+    if !gpu_present(&ctx) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("ufa-cache-{}", std::process::id()));
