@@ -65,10 +65,10 @@ def time_torch(backend, batch, seqlen, heads, head_dim, causal, iters, backward)
     return statistics.median(times), ""
 
 
-def time_ufa(binary, batch, seqlen, heads, head_dim, causal, iters, mode):
+def time_ufa(binary, batch, seqlen, heads, head_dim, causal, iters, mode, env):
     r = subprocess.run(
         [binary, str(batch), str(seqlen), str(heads), str(head_dim), str(int(causal)), "bf16", str(iters), mode],
-        capture_output=True, text=True)
+        capture_output=True, text=True, env={**os.environ, **env})
     if r.returncode != 0:
         return None, r.stderr.strip().splitlines()[-1][:80] if r.stderr.strip() else "failed"
     return json.loads(r.stdout.strip().splitlines()[-1])["ms"], ""
@@ -84,8 +84,10 @@ def main():
     ap.add_argument("--pass", dest="which", choices=["forward", "backward"], default="forward")
     args = ap.parse_args()
     backward = args.which == "backward"
-    # ufa's columns: mode passed to gpu_bench.
-    ufa_modes = {"ufa": "bwd", "ufa_det": "bwd-det"} if backward else {"ufa": "fwd"}
+    # ufa's columns: mode passed to gpu_bench, and its environment. ufa_sm80 is the sm_80
+    # kernel on the same card (the same as ufa on cards before Hopper).
+    ufa_modes = ({"ufa": ("bwd", {}), "ufa_det": ("bwd-det", {})} if backward
+                 else {"ufa": ("fwd", {}), "ufa_sm80": ("fwd", {"UFA_CUDA_WGMMA": "0"})})
 
     card = torch.cuda.get_device_name(0)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -99,8 +101,8 @@ def main():
                 fl = flops(batch, heads, seqlen, head_dim, causal) * (2.5 if backward else 1.0)
                 row = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "batch": batch, "heads": heads}
                 notes = []
-                for col, mode in ufa_modes.items():
-                    ms, note = time_ufa(args.ufa_bench, batch, seqlen, heads, head_dim, causal, args.iters, mode)
+                for col, (mode, env) in ufa_modes.items():
+                    ms, note = time_ufa(args.ufa_bench, batch, seqlen, heads, head_dim, causal, args.iters, mode, env)
                     row[col] = fl / (ms * 1e-3) / 1e12 if ms else None
                     if note:
                         notes.append(f"{col}: {note}")
@@ -132,6 +134,8 @@ def main():
         f.write(f"- command: `{command}`\n- 16k tokens in total, hidden 2048; median of {args.iters} calls\n")
         if backward:
             f.write("- backward: the gradient call alone, 2.5x the forward's flops; ufa_det = deterministic mode\n")
+        else:
+            f.write("- ufa_sm80: ufa's mma.sync (sm_80) kernel on the same card (UFA_CUDA_WGMMA=0)\n")
         f.write("\n")
         cols = [*ufa_modes, *BACKENDS]
         ratios = [*(["ufa_det/ufa"] if backward else []), "ufa/flash", "ufa/cudnn", "ufa/efficient"]

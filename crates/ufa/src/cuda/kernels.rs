@@ -3,9 +3,11 @@
 //! Every kernel variant is a template instance; its `extern "C"` wrapper is generated here at
 //! run time (one module per variant), so the repository holds only the templates.
 
+use super::wgmma::{self, WgmmaTile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::problem::{Operand, Problem};
+use std::borrow::Cow;
 use std::ffi::c_void;
 
 pub(crate) const COMMON_SOURCE: &str = include_str!("../../kernels/common.cuh");
@@ -14,6 +16,7 @@ pub(crate) const MMA_SOURCE: &str = include_str!("../../kernels/flash_fwd.cu");
 pub(crate) const SIMPLE_SOURCE: &str = include_str!("../../kernels/attention_simple.cu");
 pub(crate) const BWD_MMA_SOURCE: &str = include_str!("../../kernels/flash_bwd.cu");
 pub(crate) const BWD_ROWS_SOURCE: &str = include_str!("../../kernels/backward_rows.cu");
+pub(crate) const SM90_SOURCE: &str = include_str!("../../kernels/flash_fwd_sm90.cu");
 
 /// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
 pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
@@ -102,7 +105,7 @@ fn tile_override() -> Option<Tile> {
 }
 
 /// Exactly `N` comma-separated unsigned numbers (the tile overrides' format).
-fn parse_numbers<const N: usize>(s: &str) -> Option<[u32; N]> {
+pub(crate) fn parse_numbers<const N: usize>(s: &str) -> Option<[u32; N]> {
     let v: Vec<u32> = s
         .split(',')
         .map(|x| x.trim().parse().ok())
@@ -138,6 +141,12 @@ pub(crate) enum Variant {
     Mma {
         dtype: DType,
         tile: Tile,
+        score_mod: bool,
+    },
+    /// Hopper tensor cores (wgmma, sm_90a); `score_mod` as for `Mma`.
+    Wgmma {
+        dtype: DType,
+        tile: WgmmaTile,
         score_mod: bool,
     },
     /// CUDA cores, any head dims up to 512, any output dtype, any strides.
@@ -323,8 +332,9 @@ fn type_tag(d: DType) -> &'static str {
 }
 
 impl Variant {
-    /// Chooses the kernel for `p` on a device with `max_smem` bytes of shared memory a block.
-    pub fn select(p: &Problem, max_smem: u32) -> Variant {
+    /// Chooses the kernel for `p` on a device with `max_smem` bytes of shared memory a block;
+    /// `hopper`: the device runs sm_90a code (wgmma).
+    pub fn select(p: &Problem, max_smem: u32, hopper: bool) -> Variant {
         let dtype = p.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
         // The plain variants fuse a positive scale into exp2 (max(s)·scale = max(s·scale) only
@@ -332,10 +342,20 @@ impl Variant {
         let score_mod = p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some() || p.scale <= 0.0;
         // The tensor-core kernel copies 16-byte pieces of rows; other layouts (odd strides,
         // unaligned views) are rare and take the CUDA-core kernel.
-        let tile =
-            (half && p.out.dtype == dtype && p.head_dim == p.head_dim_v && rows_aligned16(p))
-                .then(|| tile_for(p.head_dim, score_mod, max_smem))
-                .flatten();
+        let tensor_cores =
+            half && p.out.dtype == dtype && p.head_dim == p.head_dim_v && rows_aligned16(p);
+        if tensor_cores && hopper && wgmma::wgmma_enabled() {
+            if let Some(tile) = wgmma::wgmma_tile_for(p.head_dim, score_mod, max_smem) {
+                return Variant::Wgmma {
+                    dtype,
+                    tile,
+                    score_mod,
+                };
+            }
+        }
+        let tile = tensor_cores
+            .then(|| tile_for(p.head_dim, score_mod, max_smem))
+            .flatten();
         match tile {
             Some(tile) => Variant::Mma {
                 dtype,
@@ -366,6 +386,19 @@ impl Variant {
                 if t.q_in_regs { "_qreg" } else { "" },
                 if score_mod { "_mod" } else { "" }
             ),
+            Variant::Wgmma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => format!(
+                "ufa_fwd90_{dtype}_d{}_m{}_n{}_s{}_b{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.stages,
+                t.min_blocks,
+                if score_mod { "_mod" } else { "" }
+            ),
             Variant::Simple { input, output } => format!("ufa_simple_{input}_{output}"),
             Variant::BwdMma {
                 dtype,
@@ -391,6 +424,7 @@ impl Variant {
     pub fn threads(&self) -> u32 {
         match self {
             Variant::Mma { tile, .. } => tile.warps * 32,
+            Variant::Wgmma { tile, .. } => tile.threads(),
             Variant::Simple { .. } => SIMPLE_WARPS * 32,
             Variant::BwdMma { tile, .. } => tile.warps * 32,
             Variant::BwdRows(_) => ROW_WARPS * 32,
@@ -400,6 +434,7 @@ impl Variant {
     pub fn dynamic_smem(&self) -> u32 {
         match self {
             Variant::Mma { tile, .. } => tile.smem_bytes(),
+            Variant::Wgmma { tile, .. } => tile.smem_bytes(),
             Variant::BwdMma { tile, .. } => tile.smem_bytes(),
             Variant::Simple { .. } | Variant::BwdRows(_) => 0,
         }
@@ -410,6 +445,7 @@ impl Variant {
     pub fn rows_per_block(&self) -> u32 {
         match self {
             Variant::Mma { tile, .. } => tile.block_m,
+            Variant::Wgmma { tile, .. } => tile.block_m,
             Variant::Simple { .. } => SIMPLE_WARPS,
             Variant::BwdMma { tile, .. } => tile.block_n,
             Variant::BwdRows(_) => ROW_WARPS,
@@ -419,7 +455,7 @@ impl Variant {
     /// The C type of the kernel's one parameter.
     pub fn params_type(&self) -> &'static str {
         match self {
-            Variant::Mma { .. } | Variant::Simple { .. } => "FwdParams",
+            Variant::Mma { .. } | Variant::Wgmma { .. } | Variant::Simple { .. } => "FwdParams",
             Variant::BwdMma { .. } | Variant::BwdRows(_) => "BwdParams",
         }
     }
@@ -429,13 +465,13 @@ impl Variant {
     pub fn source(&self) -> String {
         let name = self.kernel_name();
         let threads = self.threads();
-        let (bodies, min_blocks, call): (&[&str], u32, String) = match *self {
+        let (bodies, min_blocks, call): (Vec<Cow<'static, str>>, u32, String) = match *self {
             Variant::Mma {
                 dtype,
                 tile: t,
                 score_mod,
             } => (
-                &[MMA_COMMON_SOURCE, MMA_SOURCE],
+                vec![MMA_COMMON_SOURCE.into(), MMA_SOURCE.into()],
                 t.min_blocks,
                 format!(
                     "flash_fwd<{}, TileConfig<{}, {}, {}, {}, {}>, {score_mod}>(p)",
@@ -447,8 +483,21 @@ impl Variant {
                     t.q_in_regs
                 ),
             ),
+            Variant::Wgmma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => (
+                vec![
+                    MMA_COMMON_SOURCE.into(),
+                    wgmma::wrappers(&t).into(),
+                    SM90_SOURCE.into(),
+                ],
+                t.min_blocks,
+                wgmma::call(dtype, &t, score_mod, type_tag(dtype)),
+            ),
             Variant::Simple { input, output } => (
-                &[SIMPLE_SOURCE],
+                vec![SIMPLE_SOURCE.into()],
                 1,
                 format!(
                     "attention_simple<{}, {}>(p)",
@@ -461,7 +510,7 @@ impl Variant {
                 tile: t,
                 score_mod,
             } => (
-                &[MMA_COMMON_SOURCE, BWD_MMA_SOURCE],
+                vec![MMA_COMMON_SOURCE.into(), BWD_MMA_SOURCE.into()],
                 t.min_blocks,
                 format!(
                     "flash_bwd<{}, BwdTileConfig<{}, {}, {}, {}, {}, {}, {}, {}>, {score_mod}>(p)",
@@ -476,7 +525,11 @@ impl Variant {
                     t.grid_rows[2]
                 ),
             ),
-            Variant::BwdRows(k) => (&[BWD_ROWS_SOURCE], 1, format!("{}(p)", k.function())),
+            Variant::BwdRows(k) => (
+                vec![BWD_ROWS_SOURCE.into()],
+                1,
+                format!("{}(p)", k.function()),
+            ),
         };
         let params = self.params_type();
         format!(
@@ -486,9 +539,25 @@ impl Variant {
         )
     }
 
-    /// Every variant the library can launch on a device with `max_smem` bytes a block.
-    pub fn all(max_smem: u32) -> Vec<Variant> {
+    /// Every variant the library can launch on a device with `max_smem` bytes a block
+    /// (`hopper`: with the sm_90a kernels).
+    pub fn all(max_smem: u32, hopper: bool) -> Vec<Variant> {
         let mut v = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            for d in wgmma::WGMMA_HEAD_DIMS {
+                for score_mod in [false, true] {
+                    if let Some(tile) =
+                        wgmma::wgmma_tile_for(d, score_mod, max_smem).filter(|_| hopper)
+                    {
+                        v.push(Variant::Wgmma {
+                            dtype,
+                            tile,
+                            score_mod,
+                        });
+                    }
+                }
+            }
+        }
         for dtype in [DType::F16, DType::BF16] {
             for d in MMA_HEAD_DIMS {
                 for score_mod in [false, true] {
@@ -735,7 +804,7 @@ mod tests {
 
     #[test]
     fn kernel_names_are_unique_and_appear_in_their_source() {
-        let all = Variant::all(232_448);
+        let all = Variant::all(232_448, true);
         let mut names: Vec<String> = all.iter().map(|v| v.kernel_name()).collect();
         for v in &all {
             assert!(v
@@ -750,6 +819,7 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
-        assert_eq!(all.len(), 2 * 7 * 2 + 9 + 2 * 7 * 2 + 4);
+        assert_eq!(all.len(), 2 * 4 * 2 + 2 * 7 * 2 + 9 + 2 * 7 * 2 + 4);
+        assert_eq!(Variant::all(232_448, false).len(), all.len() - 2 * 4 * 2);
     }
 }

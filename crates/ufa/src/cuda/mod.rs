@@ -8,6 +8,7 @@ mod cache;
 mod driver;
 mod kernels;
 mod nvrtc;
+mod wgmma;
 
 pub use cache::CACHE_DIR_ENV;
 pub use nvrtc::NVRTC_PATH_ENV;
@@ -196,7 +197,7 @@ impl CudaBackend {
         let (ordinal, dev) = usable_device(p)?;
         let _ctx = driver::driver()?.enter(ordinal)?;
         check_pointers(&tensors_of(p), ordinal)?;
-        let variant = Variant::select(p, dev.max_smem_per_block);
+        let variant = Variant::select(p, dev.max_smem_per_block, dev.arch() == "sm_90a");
         let params = FwdParams::new(p, variant.rows_per_block())?;
         let grid = variant.grid(p)?;
         if grid.0 == 0 {
@@ -299,7 +300,13 @@ pub fn compile_all_variants(arch: &str) -> Result<Vec<CompileReport>> {
         a if a.starts_with("sm_90") => 232_448,
         _ => 101_376,
     };
-    let variants = Variant::all(smem);
+    // UFA_COMPILE_ONLY=text keeps the variants whose kernel name contains it (while editing
+    // one kernel).
+    let only = std::env::var("UFA_COMPILE_ONLY").unwrap_or_default();
+    let variants: Vec<Variant> = Variant::all(smem, arch == "sm_90a")
+        .into_iter()
+        .filter(|v| v.kernel_name().contains(&only))
+        .collect();
     let results: Vec<Result<CompileReport>> = std::thread::scope(|s| {
         let chunks: Vec<_> = variants
             .chunks(
@@ -322,7 +329,11 @@ pub fn compile_all_variants(arch: &str) -> Result<Vec<CompileReport>> {
                                 resources: c
                                     .log
                                     .lines()
-                                    .filter(|l| l.contains("registers") || l.contains("spill"))
+                                    .filter(|l| {
+                                        l.contains("registers")
+                                            || l.contains("spill")
+                                            || l.contains("arning")
+                                    })
                                     .map(str::trim)
                                     .collect::<Vec<_>>()
                                     .join("; "),

@@ -1,0 +1,289 @@
+// Forward attention on Hopper tensor cores (wgmma, sm_90a).
+//
+// Same algorithm and parameter block as flash_fwd.cu (online softmax in the log2 domain, tiles
+// outside the causal/window band skipped, heaviest blocks first), with the two products issued
+// as warpgroup MMAs: each warpgroup (4 warps, 128 threads) owns 64 query rows, S = Q Kᵀ reads
+// both operands straight from shared memory, and O += P V takes P from registers (the S
+// accumulators repacked, no shared-memory round trip) and V from shared memory.
+//
+// Shared memory holds Q once and K/V in STAGES buffers, each tile stored as 64-element
+// (128-byte) column blocks of all its rows, with the 128-byte swizzle (16-byte chunk c of row
+// r stored at chunk c ^ (r % 8)) that the wgmma descriptors name. The same bytes serve as a
+// K-major operand (Q, K) and as an MN-major one (V, transposed by the descriptor), so every
+// tile is loaded the same way, by cp.async from all threads, one tile pair ahead.
+//
+// Needs common.cuh and mma.cuh before it, and `wgmma_qk<T>` / `wgmma_pv<T>`, the inline-PTX
+// wrappers for this variant's N (BLOCK_N and HEAD_DIM), which the host generates
+// (crates/ufa/src/cuda/wgmma.rs) because PTX needs one operand list per shape.
+
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES>
+struct WgmmaConfig {
+    static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 256, "rows are whole 128-byte swizzle atoms");
+    static_assert(BLOCK_M % 64 == 0, "each warpgroup owns 64 query rows");
+    static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N is at most 256");
+    static_assert(STAGES >= 2, "the next K/V pair loads while this one is used");
+    static constexpr int kHeadDim = HEAD_DIM;
+    static constexpr int kBlockM = BLOCK_M;
+    static constexpr int kBlockN = BLOCK_N;
+    static constexpr int kStages = STAGES;
+    static constexpr int kThreads = BLOCK_M / 64 * 128;
+    static constexpr int kQBytes = BLOCK_M * HEAD_DIM * 2;
+    static constexpr int kKvBytes = BLOCK_N * HEAD_DIM * 2;
+    // The host adds 1024 bytes so the tiles can start on a 1024-byte boundary (the swizzle
+    // pattern repeats every 8 rows of 128 bytes and descriptors assume it starts aligned).
+    static constexpr int kSmemBytes = kQBytes + 2 * STAGES * kKvBytes + 1024;
+};
+
+// Byte offset of 16-byte chunk `chunk` (of HEAD_DIM / 8) of row `row` in a swizzled tile of
+// ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ uint32_t sw128_offset(int row, int chunk) {
+    return (chunk / 8) * (ROWS * 128) + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+}
+
+// Copies rows [row0, row0 + ROWS) of one head into a swizzled tile at shared address `tile`;
+// rows at or past `rows_total` become zeros. Consecutive threads take consecutive chunks of a
+// row, so global reads are coalesced.
+template <typename Cfg, int ROWS>
+__device__ __forceinline__ void load_tile_sw128(uint32_t tile, const uint16_t* head_base,
+                                                int64_t row_stride, int row0, int rows_total) {
+    constexpr int kChunksPerRow = Cfg::kHeadDim / 8;
+    constexpr int kThreads = Cfg::kThreads;
+    if constexpr (kThreads % kChunksPerRow == 0) {
+        // Each thread keeps one chunk column and walks down the rows.
+        constexpr int kRowsPerIter = kThreads / kChunksPerRow;
+        constexpr int kIters = (ROWS + kRowsPerIter - 1) / kRowsPerIter;
+        const int r0 = threadIdx.x / kChunksPerRow;
+        const int chunk = threadIdx.x % kChunksPerRow;
+        const uint16_t* src = head_base + (int64_t)(row0 + r0) * row_stride + chunk * 8;
+        const int64_t step = (int64_t)kRowsPerIter * row_stride;
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const int r = r0 + it * kRowsPerIter;
+            if (ROWS % kRowsPerIter != 0 && r >= ROWS) break;
+            const bool valid = row0 + r < rows_total;
+            cp_async_16_to(tile + sw128_offset<ROWS>(r, chunk), valid ? src : head_base,
+                           valid ? 16 : 0);
+            src += step;
+        }
+    } else {
+        constexpr int kChunks = ROWS * kChunksPerRow;
+#pragma unroll
+        for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
+            const int c = threadIdx.x + it * kThreads;
+            if (kChunks % kThreads != 0 && c >= kChunks) break;
+            const int r = c / kChunksPerRow;
+            const int chunk = c % kChunksPerRow;
+            const bool valid = row0 + r < rows_total;
+            const uint16_t* src =
+                head_base + (valid ? (int64_t)(row0 + r) * row_stride + chunk * 8 : 0);
+            cp_async_16_to(tile + sw128_offset<ROWS>(r, chunk), src, valid ? 16 : 0);
+        }
+    }
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle. `lbo` is the distance between 64-element
+// column blocks for MN-major operands (V); K-major ones (Q, K) span one block per k-step and
+// pass 16, the customary placeholder. 8-row groups are 1024 bytes apart.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across the asynchronous
+// MMA's issue and wait.
+template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+template <typename T, typename Cfg, bool SCORE_MOD>
+__device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
+    constexpr int D = Cfg::kHeadDim;
+    constexpr int BM = Cfg::kBlockM;
+    constexpr int BN = Cfg::kBlockN;
+    constexpr int STAGES = Cfg::kStages;
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const uint32_t sQ = (smem_addr(smem_raw) + 1023) & ~1023u;
+    const uint32_t sK0 = sQ + Cfg::kQBytes;
+    const uint32_t sV0 = sK0 + STAGES * Cfg::kKvBytes;
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int wg = warp / 4;  // warpgroup: query rows [64 wg, 64 wg + 64) of the block
+    const int group = lane / 4;
+    const int quad = lane % 4;
+    const int m_block = p.num_m_blocks - 1 - blockIdx.x;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const int hk = h / p.group;
+    const int m0 = m_block * BM;
+    const int m_last = min(m0 + BM, p.seqlen_q) - 1;
+
+    const uint16_t* q_head = (const uint16_t*)p.q + b * p.q_stride[0] + h * p.q_stride[2];
+    const uint16_t* k_head = (const uint16_t*)p.k + b * p.k_stride[0] + hk * p.k_stride[2];
+    const uint16_t* v_head = (const uint16_t*)p.v + b * p.v_stride[0] + hk * p.v_stride[2];
+
+    int key_lo, key_hi;
+    band_of_rows(p, m0, m_last, key_lo, key_hi);
+    const int n_first = key_lo / BN;
+    const int n_last = key_hi > key_lo ? (key_hi - 1) / BN : n_first - 1;
+
+    // This thread's rows: `group` and `group + 8` of its warp's 16 (the wgmma accumulator
+    // layout is mma.sync's m16n8 fragment, repeated over N in n8 tiles).
+    const int row_a = m0 + wg * 64 + (warp % 4) * 16 + group;
+    constexpr int kSTiles = BN / 8;
+    constexpr int kOTiles = D / 8;
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float row_max[2] = {-UFA_INF, -UFA_INF};  // log2 domain
+    float row_sum[2] = {0.f, 0.f};            // this thread's columns until the epilogue
+    const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
+
+    if (n_first <= n_last) {
+        load_tile_sw128<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, p.seqlen_q);
+        load_tile_sw128<Cfg, BN>(sK0, k_head, p.k_stride[1], n_last * BN, p.seqlen_kv);
+        load_tile_sw128<Cfg, BN>(sV0, v_head, p.v_stride[1], n_last * BN, p.seqlen_kv);
+        cp_async_commit();
+
+        int stage = 0;
+        for (int n = n_last; n >= n_first; --n) {
+            const int n0 = n * BN;
+            const uint32_t sK = sK0 + stage * Cfg::kKvBytes;
+            const uint32_t sV = sV0 + stage * Cfg::kKvBytes;
+            if (n > n_first) {
+                // The buffer the previous iteration used: free since its closing barrier.
+                const int next = stage + 1 == STAGES ? 0 : stage + 1;
+                load_tile_sw128<Cfg, BN>(sK0 + next * Cfg::kKvBytes, k_head, p.k_stride[1],
+                                         n0 - BN, p.seqlen_kv);
+                load_tile_sw128<Cfg, BN>(sV0 + next * Cfg::kKvBytes, v_head, p.v_stride[1],
+                                         n0 - BN, p.seqlen_kv);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            // cp.async wrote through the generic proxy; wgmma reads through the async one.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncthreads();
+
+            // S = Q K[n]ᵀ, k-steps of 16 along the head dim (4 per 128-byte column block).
+            float s[BN / 2];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const uint32_t col = (kk % 4) * 32;  // bytes into the column block
+                const uint64_t da = sw128_desc(sQ + (kk / 4) * (BM * 128) + wg * 64 * 128 + col, 16);
+                const uint64_t db = sw128_desc(sK + (kk / 4) * (BN * 128) + col, 16);
+                wgmma_qk<T>(s, da, db, kk > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(s);
+
+            if (SCORE_MOD) {
+#pragma unroll
+                for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = row_a + (e / 2) * 8;
+                        const int j = n0 + t * 8 + quad * 2 + (e % 2);
+                        s[4 * t + e] = in_band(p, i, j) && i < p.seqlen_q
+                                           ? modify_score(p, s[4 * t + e], b, h, i, j, slope)
+                                           : -UFA_INF;
+                    }
+            } else {
+                const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
+                                                n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
+                                                n0 + BN <= p.seqlen_kv;
+                if (!whole_tile_visible) {
+#pragma unroll
+                    for (int t = 0; t < kSTiles; ++t)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int i = row_a + (e / 2) * 8;
+                            const int j = n0 + t * 8 + quad * 2 + (e % 2);
+                            if (!in_band(p, i, j)) s[4 * t + e] = -UFA_INF;
+                        }
+                }
+            }
+
+            // Online softmax, as in flash_fwd.cu (scale fused into exp2 for plain scores).
+            const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float tile_max = -UFA_INF;
+#pragma unroll
+                for (int t = 0; t < kSTiles; ++t)
+                    tile_max = fmaxf(tile_max, fmaxf(s[4 * t + 2 * r], s[4 * t + 2 * r + 1]));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                const float mx = fmaxf(row_max[r], tile_max * score_scale);
+                const float base = mx == -UFA_INF ? 0.f : mx;
+                const float correction = fast_exp2(row_max[r] - base);
+                row_max[r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int t = 0; t < kSTiles; ++t) {
+                    s[4 * t + 2 * r] = fast_exp2(fmaf(s[4 * t + 2 * r], score_scale, -base));
+                    s[4 * t + 2 * r + 1] = fast_exp2(fmaf(s[4 * t + 2 * r + 1], score_scale, -base));
+                    sum += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
+                }
+                row_sum[r] = row_sum[r] * correction + sum;
+#pragma unroll
+                for (int t = 0; t < kOTiles; ++t) {
+                    o[4 * t + 2 * r] *= correction;
+                    o[4 * t + 2 * r + 1] *= correction;
+                }
+            }
+
+            // O += P V[n]: two n8 tiles of S are one k16 A fragment; V is MN-major.
+            uint32_t pa[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                pa[kk][0] = Convert<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+                pa[kk][1] = Convert<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+                pa[kk][2] = Convert<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+                pa[kk][3] = Convert<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+                wgmma_pv<T>(o, pa[kk], sw128_desc(sV + kk * 16 * 128, BN * 128), 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(o);
+            __syncthreads();  // every warpgroup is done with this stage before it is refilled
+            stage = stage + 1 == STAGES ? 0 : stage + 1;
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int i = row_a + r * 8;
+        if (i >= p.seqlen_q) continue;
+        uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, i, h);
+#pragma unroll
+        for (int t = 0; t < kOTiles; ++t) {
+            const int col = t * 8 + quad * 2;
+            *(uint32_t*)(out_row + col) =
+                Convert<T>::pack(o[4 * t + 2 * r] * inv, o[4 * t + 2 * r + 1] * inv);
+        }
+        if (p.lse != nullptr && quad == 0) {
+            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]] =
+                sum > 0.f ? (row_max[r] + log2f(sum)) * UFA_LN2 : -UFA_INF;
+        }
+    }
+}

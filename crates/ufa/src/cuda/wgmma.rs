@@ -1,0 +1,250 @@
+//! The Hopper forward (kernels/flash_fwd_sm90.cu): its tile table and the inline-PTX wgmma
+//! wrappers each variant needs.
+//!
+//! A wgmma names every accumulator register in its operand list, so each shape (m64nNk16) needs
+//! its own asm statement; they are generated here for the two N a variant uses instead of
+//! keeping a hand-written list of 64- to 128-operand statements in the repository.
+
+use crate::dtype::DType;
+
+/// Head dims the Hopper kernel handles: whole 64-element (128-byte) swizzle atoms.
+pub(crate) const WGMMA_HEAD_DIMS: [usize; 4] = [64, 128, 192, 256];
+
+/// Tile sizes of one Hopper forward variant; see [`wgmma_tile_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct WgmmaTile {
+    pub head_dim: u32,
+    /// Query rows a block: 64 per warpgroup.
+    pub block_m: u32,
+    /// Keys a tile: the N of S = Q Kᵀ.
+    pub block_n: u32,
+    /// K/V buffers in shared memory.
+    pub stages: u32,
+    pub min_blocks: u32,
+}
+
+impl WgmmaTile {
+    pub fn threads(&self) -> u32 {
+        self.block_m / 64 * 128
+    }
+
+    /// `WgmmaConfig::kSmemBytes`: Q, `stages` K and V tiles, and 1024 bytes to align them.
+    pub fn smem_bytes(&self) -> u32 {
+        (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * 2 + 1024
+    }
+
+    /// Whether the kernel template's static_asserts accept this shape.
+    pub fn is_valid(&self) -> bool {
+        self.block_m >= 64
+            && self.block_m.is_multiple_of(64)
+            && self.block_m <= 256
+            && self.block_n >= 16
+            && self.block_n.is_multiple_of(16)
+            && self.block_n <= 256
+            && self.stages >= 2
+            && WGMMA_HEAD_DIMS.contains(&(self.head_dim as usize))
+    }
+}
+
+/// Environment variable overriding the Hopper tile table for tuning experiments:
+/// `block_m,block_n,stages,min_blocks`, applied to every head dim where it is valid.
+pub const WGMMA_TILE_ENV: &str = "UFA_CUDA_WGMMA_TILE";
+
+/// `UFA_CUDA_WGMMA=0` sends Hopper problems to the sm_80 kernel (to test and time it there).
+pub const WGMMA_ENV: &str = "UFA_CUDA_WGMMA";
+
+/// Whether the Hopper kernel may be used (not switched off by [`WGMMA_ENV`]).
+pub(crate) fn wgmma_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(WGMMA_ENV).map_or(true, |v| v.trim() != "0"))
+}
+
+/// The tile table (H200, bf16, seqlen 4096, 2026-11-26; `scripts/gpu-tune fwd`):
+/// - two warpgroups (128 query rows) a block: while one runs its softmax the other's MMAs
+///   keep the tensor cores busy. Three (192 rows) gained 5% at d64/d128 without causal
+///   masking and lost as much with it;
+/// - head dims 64 and 128: two blocks an SM (four warpgroups to interleave), which caps
+///   registers at 128 a thread: 128 keys a tile at d64 (431 TFLOP/s against 304 with one
+///   block), 64 at d128 (489 against 408 with 128 keys and one block; 128 keys and two blocks
+///   make ptxas serialise the wgmmas for lack of registers);
+/// - larger head dims: one block of 64 keys a tile (O alone takes 96 or 128 registers);
+///   80 keys measured the same at d256;
+/// - score-modifying variants (softcap, ALiBi, masks): one block an SM, since under the
+///   two-block register cap their per-element work spilled 300 bytes;
+/// - two K/V stages: the next pair loads during the whole of this one's math.
+pub(crate) fn wgmma_tile_for(head_dim: usize, score_mod: bool, max_smem: u32) -> Option<WgmmaTile> {
+    if !WGMMA_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let default = WgmmaTile {
+        head_dim: head_dim as u32,
+        block_m: 128,
+        block_n: if head_dim <= 64 { 128 } else { 64 },
+        stages: 2,
+        min_blocks: if head_dim <= 128 && !score_mod { 2 } else { 1 },
+    };
+    let fits = |t: &WgmmaTile| t.is_valid() && t.smem_bytes() <= max_smem;
+    let over = tile_override().map(|t| WgmmaTile {
+        head_dim: head_dim as u32,
+        ..t
+    });
+    over.into_iter().chain([default]).find(fits)
+}
+
+fn tile_override() -> Option<WgmmaTile> {
+    static OVERRIDE: std::sync::OnceLock<Option<WgmmaTile>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| parse_wgmma_tile(&std::env::var(WGMMA_TILE_ENV).ok()?))
+}
+
+/// Parses `block_m,block_n,stages,min_blocks` (head_dim left 0, not validated).
+pub(crate) fn parse_wgmma_tile(s: &str) -> Option<WgmmaTile> {
+    let [block_m, block_n, stages, min_blocks] = super::kernels::parse_numbers(s)?;
+    Some(WgmmaTile {
+        head_dim: 0,
+        block_m,
+        block_n,
+        stages,
+        min_blocks: min_blocks.max(1),
+    })
+}
+
+/// How a wrapper takes its A operand.
+#[derive(Clone, Copy)]
+enum AOperand {
+    /// A shared-memory descriptor (`uint64_t desc_a`).
+    Shared,
+    /// Four registers of packed 16-bit pairs (`const uint32_t (&a)[4]`), the mma.sync A
+    /// fragment layout.
+    Registers,
+}
+
+/// `template <typename T> void NAME(float (&d)[n/2], A, uint64_t desc_b, int accumulate)`:
+/// one m64nNk16 wgmma with fp32 accumulators; `accumulate == 0` overwrites `d`. B is K-major
+/// for a shared A and MN-major (transposed) for a register A, as the forward uses them.
+fn wrapper(name: &str, n: u32, a: AOperand) -> String {
+    let acc = n / 2;
+    let regs = (0..acc)
+        .map(|i| format!("%{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let outputs = (0..acc)
+        .map(|i| format!("\"+f\"(d[{i}])"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (a_param, a_text, a_inputs, next) = match a {
+        AOperand::Shared => (
+            "uint64_t desc_a",
+            format!("%{acc}"),
+            "\"l\"(desc_a)".to_string(),
+            acc + 1,
+        ),
+        AOperand::Registers => (
+            "const uint32_t (&a)[4]",
+            format!("{{%{}, %{}, %{}, %{}}}", acc, acc + 1, acc + 2, acc + 3),
+            "\"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3])".to_string(),
+            acc + 4,
+        ),
+    };
+    // Scale and transpose immediates: A and B unscaled; A never transposed (the register form
+    // has no such immediate); B transposed when it is V.
+    let imms = match a {
+        AOperand::Shared => "1, 1, 0, 0",
+        AOperand::Registers => "1, 1, 1",
+    };
+    let statement = |ty: &str| {
+        format!(
+            "asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc_flag}, 0;\\n\"\n\
+             \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{regs}}}, {a_text}, \
+             %{desc_b}, p, {imms};\\n}}\\n\"\n        : {outputs}\n        : {a_inputs}, \
+             \"l\"(desc_b), \"r\"(accumulate));",
+            acc_flag = next + 1,
+            desc_b = next,
+        )
+    };
+    format!(
+        "template <typename T>\n__device__ __forceinline__ void {name}(float (&d)[{acc}], \
+         {a_param}, uint64_t desc_b, int accumulate) {{\n    if constexpr (T::is_bf16) {{\n        \
+         {}\n    }} else {{\n        {}\n    }}\n}}\n",
+        statement("bf16"),
+        statement("f16"),
+    )
+}
+
+/// The wrappers `flash_fwd_sm90` calls for `tile`: `wgmma_qk` (N = block_n, both operands in
+/// shared memory) and `wgmma_pv` (N = head_dim, P in registers).
+pub(crate) fn wrappers(tile: &WgmmaTile) -> String {
+    format!(
+        "{}\n{}",
+        wrapper("wgmma_qk", tile.block_n, AOperand::Shared),
+        wrapper("wgmma_pv", tile.head_dim, AOperand::Registers)
+    )
+}
+
+/// The call the generated entry point makes.
+pub(crate) fn call(dtype: DType, tile: &WgmmaTile, score_mod: bool, type_tag: &str) -> String {
+    debug_assert!(matches!(dtype, DType::F16 | DType::BF16));
+    format!(
+        "flash_fwd_sm90<{type_tag}, WgmmaConfig<{}, {}, {}, {}>, {score_mod}>(p)",
+        tile.head_dim, tile.block_m, tile.block_n, tile.stages
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrappers_number_their_operands_in_order() {
+        let t = WgmmaTile {
+            head_dim: 64,
+            block_m: 128,
+            block_n: 128,
+            stages: 2,
+            min_blocks: 1,
+        };
+        let src = wrappers(&t);
+        // qk: 64 accumulators %0..%63, desc_a %64, desc_b %65, flag %66.
+        assert!(src.contains("m64n128k16.f32.bf16.bf16 {%0, %1,"));
+        assert!(src.contains("%62, %63}, %64, %65, p, 1, 1, 0, 0;"));
+        assert!(src.contains("setp.ne.b32 p, %66, 0;"));
+        assert!(src.contains("float (&d)[64], uint64_t desc_a"));
+        // pv: 32 accumulators, A registers %32..%35, desc_b %36, flag %37, B transposed.
+        assert!(src.contains("m64n64k16.f32.f16.f16 {%0,"));
+        assert!(src.contains("%31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;"));
+        assert!(src.contains("setp.ne.b32 p, %37, 0;"));
+        assert_eq!(src.matches("asm volatile").count(), 4);
+    }
+
+    #[test]
+    fn tile_table_covers_the_head_dims_within_hopper_shared_memory() {
+        for d in WGMMA_HEAD_DIMS {
+            for score_mod in [false, true] {
+                let t = wgmma_tile_for(d, score_mod, 232_448).expect("a Hopper tile");
+                assert!(t.is_valid(), "{t:?}");
+                assert!(t.smem_bytes() * t.min_blocks <= 232_448, "{t:?}");
+            }
+        }
+        assert_eq!(wgmma_tile_for(96, false, 232_448), None);
+        assert_eq!(wgmma_tile_for(256, false, 101_376), None);
+    }
+
+    #[test]
+    fn tile_override_parsing() {
+        let t = parse_wgmma_tile("192, 128, 2, 1").unwrap();
+        assert_eq!((t.block_m, t.block_n, t.stages), (192, 128, 2));
+        assert!(WgmmaTile { head_dim: 128, ..t }.is_valid());
+        assert!(parse_wgmma_tile("128,128,2").is_none());
+        assert!(!WgmmaTile {
+            head_dim: 128,
+            block_m: 96,
+            ..t
+        }
+        .is_valid());
+        assert!(!WgmmaTile {
+            head_dim: 128,
+            stages: 1,
+            ..t
+        }
+        .is_valid());
+    }
+}
