@@ -86,8 +86,9 @@ def main():
     backward = args.which == "backward"
     # ufa's columns: mode passed to gpu_bench, and its environment. ufa_sm80 is the sm_80
     # kernel on the same card (the same as ufa on cards before Hopper).
-    ufa_modes = ({"ufa": ("bwd", {}), "ufa_det": ("bwd-det", {})} if backward
-                 else {"ufa": ("fwd", {}), "ufa_sm80": ("fwd", {"UFA_CUDA_WGMMA": "0"})})
+    sm80 = {"UFA_CUDA_WGMMA": "0"}
+    ufa_modes = ({"ufa": ("bwd", {}), "ufa_det": ("bwd-det", {}), "ufa_sm80": ("bwd", sm80)} if backward
+                 else {"ufa": ("fwd", {}), "ufa_sm80": ("fwd", sm80)})
 
     card = torch.cuda.get_device_name(0)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -134,8 +135,7 @@ def main():
         f.write(f"- command: `{command}`\n- 16k tokens in total, hidden 2048; median of {args.iters} calls\n")
         if backward:
             f.write("- backward: the gradient call alone, 2.5x the forward's flops; ufa_det = deterministic mode\n")
-        else:
-            f.write("- ufa_sm80: ufa's mma.sync (sm_80) kernel on the same card (UFA_CUDA_WGMMA=0)\n")
+        f.write("- ufa_sm80: ufa's mma.sync (sm_80) kernels on the same card (UFA_CUDA_WGMMA=0)\n")
         f.write("\n")
         cols = [*ufa_modes, *BACKENDS]
         ratios = [*(["ufa_det/ufa"] if backward else []), "ufa/flash", "ufa/cudnn", "ufa/efficient"]

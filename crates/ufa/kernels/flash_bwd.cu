@@ -55,54 +55,6 @@ struct BwdTileConfig {
         2 * BLOCK_N * kRowPitch + STAGES * 2 * BLOCK_M * kRowPitch + 2 * BLOCK_N * kPPitch;
 };
 
-// Adds one mma accumulator tile (rows `row` and `row + 8`, columns 2·quad and 2·quad + 1 of
-// an n8 tile starting at `p`, rows `pitch` floats apart) into global memory without returning
-// the old values. On sm_90, lanes pair up (quad ^ 1) so that each adds four consecutive floats
-// of one row with one vector reduction: a quarter of the L2 requests of scalar adds, which
-// bounded the backward (179 -> 214 TFLOP/s with pairs alone at d128, H100).
-__device__ __forceinline__ void red_add_f32(float* p, float x) {
-    asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(x) : "memory");
-}
-__device__ __forceinline__ void red_add_tile(float* p, int64_t pitch, const float (&c)[4], int group,
-                                             int quad, bool row_ok, bool row8_ok) {
-#if __CUDA_ARCH__ >= 900
-    const bool odd = quad & 1;
-    // Even lanes keep row `group` and take the partner's two columns of it; odd lanes keep
-    // row `group + 8` and take the partner's two columns before their own.
-    const float x = __shfl_xor_sync(0xffffffffu, odd ? c[0] : c[2], 1);
-    const float y = __shfl_xor_sync(0xffffffffu, odd ? c[1] : c[3], 1);
-    const int row = group + (odd ? 8 : 0);
-    const int col = (quad & ~1) * 2;
-    const float v0 = odd ? x : c[0], v1 = odd ? y : c[1];
-    const float v2 = odd ? c[2] : x, v3 = odd ? c[3] : y;
-    if (odd ? row8_ok : row_ok)
-        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + row * pitch + col),
-                     "f"(v0), "f"(v1), "f"(v2), "f"(v3)
-                     : "memory");
-#else
-    const int col = quad * 2;
-    if (row_ok) {
-        red_add_f32(p + group * pitch + col, c[0]);
-        red_add_f32(p + group * pitch + col + 1, c[1]);
-    }
-    if (row8_ok) {
-        red_add_f32(p + (group + 8) * pitch + col, c[2]);
-        red_add_f32(p + (group + 8) * pitch + col + 1, c[3]);
-    }
-#endif
-}
-
-// The deterministic turn counters: a gpu-scope acquire load and release store, so that the
-// dQ adds of the block that hands over the turn are visible to the one that takes it.
-__device__ __forceinline__ int32_t load_acquire(const int32_t* p) {
-    int32_t v;
-    asm volatile("ld.global.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ void store_release(int32_t* p, int32_t v) {
-    asm volatile("st.global.release.gpu.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 template <typename T, typename Cfg, bool SCORE_MOD>
 __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     const FwdParams& p = bp.f;

@@ -12,8 +12,8 @@
 // K-major operand (Q, K) and as an MN-major one (V, transposed by the descriptor), so every
 // tile is loaded the same way, by cp.async from all threads, one tile pair ahead.
 //
-// Needs common.cuh and mma.cuh before it, and `wgmma_qk<T>` / `wgmma_pv<T>`, the inline-PTX
-// wrappers for this variant's N (BLOCK_N and HEAD_DIM), which the host generates
+// Needs common.cuh, mma.cuh and wgmma.cuh before it, and `wgmma_qk<T>` / `wgmma_pv<T>`, the
+// inline-PTX wrappers for this variant's N (BLOCK_N and HEAD_DIM), which the host generates
 // (crates/ufa/src/cuda/wgmma.rs) because PTX needs one operand list per shape.
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES>
@@ -33,76 +33,6 @@ struct WgmmaConfig {
     // pattern repeats every 8 rows of 128 bytes and descriptors assume it starts aligned).
     static constexpr int kSmemBytes = kQBytes + 2 * STAGES * kKvBytes + 1024;
 };
-
-// Byte offset of 16-byte chunk `chunk` (of HEAD_DIM / 8) of row `row` in a swizzled tile of
-// ROWS rows.
-template <int ROWS>
-__device__ __forceinline__ uint32_t sw128_offset(int row, int chunk) {
-    return (chunk / 8) * (ROWS * 128) + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
-}
-
-// Copies rows [row0, row0 + ROWS) of one head into a swizzled tile at shared address `tile`;
-// rows at or past `rows_total` become zeros. Consecutive threads take consecutive chunks of a
-// row, so global reads are coalesced.
-template <typename Cfg, int ROWS>
-__device__ __forceinline__ void load_tile_sw128(uint32_t tile, const uint16_t* head_base,
-                                                int64_t row_stride, int row0, int rows_total) {
-    constexpr int kChunksPerRow = Cfg::kHeadDim / 8;
-    constexpr int kThreads = Cfg::kThreads;
-    if constexpr (kThreads % kChunksPerRow == 0) {
-        // Each thread keeps one chunk column and walks down the rows.
-        constexpr int kRowsPerIter = kThreads / kChunksPerRow;
-        constexpr int kIters = (ROWS + kRowsPerIter - 1) / kRowsPerIter;
-        const int r0 = threadIdx.x / kChunksPerRow;
-        const int chunk = threadIdx.x % kChunksPerRow;
-        const uint16_t* src = head_base + (int64_t)(row0 + r0) * row_stride + chunk * 8;
-        const int64_t step = (int64_t)kRowsPerIter * row_stride;
-#pragma unroll
-        for (int it = 0; it < kIters; ++it) {
-            const int r = r0 + it * kRowsPerIter;
-            if (ROWS % kRowsPerIter != 0 && r >= ROWS) break;
-            const bool valid = row0 + r < rows_total;
-            cp_async_16_to(tile + sw128_offset<ROWS>(r, chunk), valid ? src : head_base,
-                           valid ? 16 : 0);
-            src += step;
-        }
-    } else {
-        constexpr int kChunks = ROWS * kChunksPerRow;
-#pragma unroll
-        for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
-            const int c = threadIdx.x + it * kThreads;
-            if (kChunks % kThreads != 0 && c >= kChunks) break;
-            const int r = c / kChunksPerRow;
-            const int chunk = c % kChunksPerRow;
-            const bool valid = row0 + r < rows_total;
-            const uint16_t* src =
-                head_base + (valid ? (int64_t)(row0 + r) * row_stride + chunk * 8 : 0);
-            cp_async_16_to(tile + sw128_offset<ROWS>(r, chunk), src, valid ? 16 : 0);
-        }
-    }
-}
-
-// Shared-memory matrix descriptor, 128-byte swizzle. `lbo` is the distance between 64-element
-// column blocks for MN-major operands (V); K-major ones (Q, K) span one block per k-step and
-// pass 16, the customary placeholder. 8-row groups are 1024 bytes apart.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
-           ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-// Keeps the compiler from moving accesses of accumulator registers across the asynchronous
-// MMA's issue and wait.
-template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
 
 template <typename T, typename Cfg, bool SCORE_MOD>
 __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {

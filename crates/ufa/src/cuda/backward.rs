@@ -6,9 +6,10 @@
 //! it after the last kernel, so nothing waits.
 
 use super::kernels::{
-    bsh, bwd_tile_for, grid, operands_aligned16, query_and_key_dims, BwdTile, FwdParams, RowKernel,
-    Variant, ROW_WARPS,
+    bsh, bwd_tile_for, grid, operands_aligned16, query_and_key_dims, FwdParams, RowKernel, Variant,
+    ROW_WARPS,
 };
+use super::wgmma;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::problem::BackwardProblem;
@@ -68,7 +69,8 @@ impl Plan {
     /// The tensor-core kernel takes 16-bit inputs with gradients in the same dtype, equal head
     /// dims of a size it is built for, and rows that start on 16-byte boundaries (the out and dq
     /// tensors are read and written by the row kernels, so they may be anything).
-    pub fn select(p: &BackwardProblem, max_smem: u32) -> Plan {
+    /// `hopper`: the device runs sm_90a code (the wgmma kernel, head dims 64 and 128).
+    pub fn select(p: &BackwardProblem, max_smem: u32, hopper: bool) -> Plan {
         let f = &p.fwd;
         let dtype = f.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
@@ -84,30 +86,43 @@ impl Plan {
             (&p.dk, kv),
             (&p.dv, kv),
         ]);
-        let tile = (half && same && aligned && f.head_dim == f.head_dim_v)
+        let tensor_cores = half && same && aligned && f.head_dim == f.head_dim_v;
+        let score_mod = f.softcap > 0.0 || f.alibi.is_some() || f.mask.is_some();
+        if tensor_cores && hopper && wgmma::wgmma_enabled() {
+            if let Some(tile) = wgmma::bwd_tile_for(f.head_dim, max_smem) {
+                return Plan::Mma(Variant::BwdWgmma {
+                    dtype,
+                    tile,
+                    score_mod,
+                });
+            }
+        }
+        let tile = tensor_cores
             .then(|| bwd_tile_for(f.head_dim, max_smem))
             .flatten();
         match tile {
             Some(tile) => Plan::Mma(Variant::BwdMma {
                 dtype,
                 tile,
-                score_mod: f.softcap > 0.0 || f.alibi.is_some() || f.mask.is_some(),
+                score_mod,
             }),
             None => Plan::Rows,
         }
     }
 
-    fn tile(&self) -> Option<BwdTile> {
+    /// Query rows a step of the tensor-core kernel.
+    fn block_m(&self) -> Option<u32> {
         match self {
-            Plan::Mma(Variant::BwdMma { tile, .. }) => Some(*tile),
+            Plan::Mma(Variant::BwdMma { tile, .. }) => Some(tile.block_m),
+            Plan::Mma(Variant::BwdWgmma { tile, .. }) => Some(tile.block_m),
             _ => None,
         }
     }
 
     /// Query blocks of the tensor-core kernel (0 for the row kernels).
     fn num_m_blocks(&self, p: &BackwardProblem) -> usize {
-        self.tile()
-            .map_or(0, |t| p.fwd.seqlen_q.div_ceil(t.block_m as usize))
+        self.block_m()
+            .map_or(0, |m| p.fwd.seqlen_q.div_ceil(m as usize))
     }
 
     /// Workspace layout in bytes: LSE2, D, then (tensor cores) the fp32 dQ buffer and (also
@@ -154,11 +169,11 @@ impl BwdParams {
     /// The parameter block for `p` run by `plan`, with the workspace at device address `ws`.
     pub fn new(p: &BackwardProblem, plan: &Plan, ws: u64) -> Result<BwdParams> {
         let f = &p.fwd;
-        let tile = plan.tile();
+        let block_m = plan.block_m();
         let layout = plan.workspace(p);
         let at = |offset: usize| (ws + offset as u64) as *mut f32;
         Ok(BwdParams {
-            f: FwdParams::new(f, tile.map_or(1, |t| t.block_m))?,
+            f: FwdParams::new(f, block_m.unwrap_or(1))?,
             dout: p.dout.ptr as *const c_void,
             dq: p.dq.ptr as *mut c_void,
             dk: p.dk.ptr as *mut c_void,
@@ -180,7 +195,7 @@ impl BwdParams {
             dk_stride: bsh(p.dk.strides),
             dv_stride: bsh(p.dv.strides),
             seqlen_q_pad: f.seqlen_q.div_ceil(SEQLEN_Q_PAD) as i32 * SEQLEN_Q_PAD as i32,
-            block_m: tile.map_or(1, |t| t.block_m as i32),
+            block_m: block_m.unwrap_or(1) as i32,
             num_m_blocks: plan.num_m_blocks(p) as i32,
             deterministic: p.deterministic as i32,
             dtype_out: dtype_kind(f.out.dtype),
@@ -231,7 +246,7 @@ pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> 
 mod tests {
     use super::*;
     use crate::context::{BackwardInputs, Gradients};
-    use crate::cuda::kernels::COMMON_SOURCE;
+    use crate::cuda::kernels::{BwdTile, COMMON_SOURCE};
     use crate::problem::{validate_backward, BackwardArgs};
     use crate::{AttentionParams, TensorView, TensorViewMut};
     use half::bf16;
@@ -271,10 +286,31 @@ mod tests {
     }
 
     #[test]
+    fn hopper_takes_the_wgmma_kernel_at_head_dims_64_and_128() {
+        let params = AttentionParams::default();
+        for (d, wgmma) in [(64, true), (128, true), (256, false), (96, false)] {
+            with_problem::<bf16>((1, 200, 300, 4, 2, d), &params, |p| {
+                let plan = Plan::select(p, 232_448, true);
+                let l = launches(p, &plan).unwrap();
+                match plan {
+                    Plan::Mma(Variant::BwdWgmma { tile, .. }) if wgmma => {
+                        assert_eq!(l[1].grid, (300u32.div_ceil(tile.block_n), 2, 1));
+                        let params = BwdParams::new(p, &plan, 0).unwrap();
+                        assert_eq!(params.block_m as u32, tile.block_m);
+                        assert_eq!(params.f.num_m_blocks as u32, 200u32.div_ceil(tile.block_m));
+                    }
+                    Plan::Mma(Variant::BwdMma { .. }) if !wgmma => {}
+                    other => panic!("d{d}: {other:?}"),
+                }
+            });
+        }
+    }
+
+    #[test]
     fn launch_geometry_covers_every_row_once() {
         let params = AttentionParams::default();
         with_problem::<bf16>((2, 300, 1000, 8, 2, 128), &params, |p| {
-            let plan = Plan::select(p, 232_448);
+            let plan = Plan::select(p, 232_448, false);
             let Plan::Mma(Variant::BwdMma { tile, .. }) = plan else {
                 panic!("bf16 d128 takes the tensor-core kernel: {plan:?}");
             };
@@ -295,7 +331,7 @@ mod tests {
         // Deterministic mode adds the turn counters, one per query block and head.
         let det = AttentionParams::default().deterministic(true);
         with_problem::<bf16>((1, 70, 33, 4, 4, 64), &det, |p| {
-            let plan = Plan::select(p, 232_448);
+            let plan = Plan::select(p, 232_448, false);
             let ws = plan.workspace(p);
             assert!(ws.has_order && ws.bytes - ws.order >= 4 * 2 * 4);
             assert_eq!(launches(p, &plan).unwrap().len(), 3);
@@ -307,7 +343,7 @@ mod tests {
         let params = AttentionParams::default();
         // f32 gradients of bf16 inputs, and a head dim off the tensor-core list.
         with_problem::<f32>((1, 10, 10, 2, 2, 64), &params, |p| {
-            assert_eq!(Plan::select(p, 232_448), Plan::Rows);
+            assert_eq!(Plan::select(p, 232_448, false), Plan::Rows);
             let l = launches(p, &Plan::Rows).unwrap();
             assert_eq!(l.len(), 3);
             assert_eq!(
@@ -318,11 +354,11 @@ mod tests {
             assert!(!Plan::Rows.workspace(p).has_accum);
         });
         with_problem::<bf16>((1, 10, 10, 2, 2, 80), &params, |p| {
-            assert_eq!(Plan::select(p, 232_448), Plan::Rows);
+            assert_eq!(Plan::select(p, 232_448, false), Plan::Rows);
         });
         // Too little shared memory for any tile.
         with_problem::<bf16>((1, 10, 10, 2, 2, 256), &params, |p| {
-            assert_eq!(Plan::select(p, 48 * 1024), Plan::Rows);
+            assert_eq!(Plan::select(p, 48 * 1024, false), Plan::Rows);
         });
     }
 

@@ -3,7 +3,7 @@
 //! Every kernel variant is a template instance; its `extern "C"` wrapper is generated here at
 //! run time (one module per variant), so the repository holds only the templates.
 
-use super::wgmma::{self, WgmmaTile};
+use super::wgmma::{self, WgmmaBwdTile, WgmmaTile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::problem::{Operand, Problem};
@@ -16,7 +16,9 @@ pub(crate) const MMA_SOURCE: &str = include_str!("../../kernels/flash_fwd.cu");
 pub(crate) const SIMPLE_SOURCE: &str = include_str!("../../kernels/attention_simple.cu");
 pub(crate) const BWD_MMA_SOURCE: &str = include_str!("../../kernels/flash_bwd.cu");
 pub(crate) const BWD_ROWS_SOURCE: &str = include_str!("../../kernels/backward_rows.cu");
+pub(crate) const WGMMA_COMMON_SOURCE: &str = include_str!("../../kernels/wgmma.cuh");
 pub(crate) const SM90_SOURCE: &str = include_str!("../../kernels/flash_fwd_sm90.cu");
+pub(crate) const SM90_BWD_SOURCE: &str = include_str!("../../kernels/flash_bwd_sm90.cu");
 
 /// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
 pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
@@ -155,6 +157,12 @@ pub(crate) enum Variant {
     BwdMma {
         dtype: DType,
         tile: BwdTile,
+        score_mod: bool,
+    },
+    /// The backward on Hopper tensor cores (wgmma, sm_90a), same plan as `BwdMma`.
+    BwdWgmma {
+        dtype: DType,
+        tile: WgmmaBwdTile,
         score_mod: bool,
     },
     /// One of the backward's row kernels (dtypes read at run time).
@@ -417,6 +425,18 @@ impl Variant {
                 t.min_blocks,
                 if score_mod { "_mod" } else { "" }
             ),
+            Variant::BwdWgmma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => format!(
+                "ufa_bwd90_{dtype}_d{}_m{}_n{}_b{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.min_blocks,
+                if score_mod { "_mod" } else { "" }
+            ),
             Variant::BwdRows(k) => format!("ufa_{}", k.function()),
         }
     }
@@ -427,6 +447,7 @@ impl Variant {
             Variant::Wgmma { tile, .. } => tile.threads(),
             Variant::Simple { .. } => SIMPLE_WARPS * 32,
             Variant::BwdMma { tile, .. } => tile.warps * 32,
+            Variant::BwdWgmma { tile, .. } => tile.threads(),
             Variant::BwdRows(_) => ROW_WARPS * 32,
         }
     }
@@ -436,6 +457,7 @@ impl Variant {
             Variant::Mma { tile, .. } => tile.smem_bytes(),
             Variant::Wgmma { tile, .. } => tile.smem_bytes(),
             Variant::BwdMma { tile, .. } => tile.smem_bytes(),
+            Variant::BwdWgmma { tile, .. } => tile.smem_bytes(),
             Variant::Simple { .. } | Variant::BwdRows(_) => 0,
         }
     }
@@ -448,6 +470,7 @@ impl Variant {
             Variant::Wgmma { tile, .. } => tile.block_m,
             Variant::Simple { .. } => SIMPLE_WARPS,
             Variant::BwdMma { tile, .. } => tile.block_n,
+            Variant::BwdWgmma { tile, .. } => tile.block_n,
             Variant::BwdRows(_) => ROW_WARPS,
         }
     }
@@ -456,7 +479,7 @@ impl Variant {
     pub fn params_type(&self) -> &'static str {
         match self {
             Variant::Mma { .. } | Variant::Wgmma { .. } | Variant::Simple { .. } => "FwdParams",
-            Variant::BwdMma { .. } | Variant::BwdRows(_) => "BwdParams",
+            Variant::BwdMma { .. } | Variant::BwdWgmma { .. } | Variant::BwdRows(_) => "BwdParams",
         }
     }
 
@@ -490,11 +513,26 @@ impl Variant {
             } => (
                 vec![
                     MMA_COMMON_SOURCE.into(),
+                    WGMMA_COMMON_SOURCE.into(),
                     wgmma::wrappers(&t).into(),
                     SM90_SOURCE.into(),
                 ],
                 t.min_blocks,
-                wgmma::call(dtype, &t, score_mod, type_tag(dtype)),
+                wgmma::call(&t, score_mod, type_tag(dtype)),
+            ),
+            Variant::BwdWgmma {
+                dtype,
+                tile: t,
+                score_mod,
+            } => (
+                vec![
+                    MMA_COMMON_SOURCE.into(),
+                    WGMMA_COMMON_SOURCE.into(),
+                    wgmma::bwd_wrappers(&t).into(),
+                    SM90_BWD_SOURCE.into(),
+                ],
+                t.min_blocks,
+                wgmma::bwd_call(&t, score_mod, type_tag(dtype)),
             ),
             Variant::Simple { input, output } => (
                 vec![SIMPLE_SOURCE.into()],
@@ -581,6 +619,19 @@ impl Variant {
                 for score_mod in [false, true] {
                     if let Some(tile) = bwd_tile_for(d, max_smem) {
                         v.push(Variant::BwdMma {
+                            dtype,
+                            tile,
+                            score_mod,
+                        });
+                    }
+                }
+            }
+        }
+        for dtype in [DType::F16, DType::BF16] {
+            for d in [64, 128] {
+                for score_mod in [false, true] {
+                    if let Some(tile) = wgmma::bwd_tile_for(d, max_smem).filter(|_| hopper) {
+                        v.push(Variant::BwdWgmma {
                             dtype,
                             tile,
                             score_mod,
@@ -819,7 +870,13 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
-        assert_eq!(all.len(), 2 * 4 * 2 + 2 * 7 * 2 + 9 + 2 * 7 * 2 + 4);
-        assert_eq!(Variant::all(232_448, false).len(), all.len() - 2 * 4 * 2);
+        assert_eq!(
+            all.len(),
+            2 * 4 * 2 + 2 * 7 * 2 + 9 + 2 * 7 * 2 + 2 * 2 * 2 + 4
+        );
+        assert_eq!(
+            Variant::all(232_448, false).len(),
+            all.len() - 2 * 4 * 2 - 2 * 2 * 2
+        );
     }
 }

@@ -160,7 +160,7 @@ impl CudaBackend {
             ("dv", p.dv.ptr),
         ]);
         check_pointers(&tensors, ordinal)?;
-        let plan = backward::Plan::select(p, dev.max_smem_per_block);
+        let plan = backward::Plan::select(p, dev.max_smem_per_block, dev.arch() == "sm_90a");
         let launches = backward::launches(p, &plan)?;
         let kernels = launches
             .iter()

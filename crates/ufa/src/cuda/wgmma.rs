@@ -1,11 +1,9 @@
-//! The Hopper forward (kernels/flash_fwd_sm90.cu): its tile table and the inline-PTX wgmma
-//! wrappers each variant needs.
+//! The Hopper kernels (kernels/flash_fwd_sm90.cu, flash_bwd_sm90.cu): their tile tables and
+//! the inline-PTX wgmma wrappers each variant needs.
 //!
 //! A wgmma names every accumulator register in its operand list, so each shape (m64nNk16) needs
 //! its own asm statement; they are generated here for the two N a variant uses instead of
 //! keeping a hand-written list of 64- to 128-operand statements in the repository.
-
-use crate::dtype::DType;
 
 /// Head dims the Hopper kernel handles: whole 64-element (128-byte) swizzle atoms.
 pub(crate) const WGMMA_HEAD_DIMS: [usize; 4] = [64, 128, 192, 256];
@@ -119,9 +117,9 @@ enum AOperand {
 }
 
 /// `template <typename T> void NAME(float (&d)[n/2], A, uint64_t desc_b, int accumulate)`:
-/// one m64nNk16 wgmma with fp32 accumulators; `accumulate == 0` overwrites `d`. B is K-major
-/// for a shared A and MN-major (transposed) for a register A, as the forward uses them.
-fn wrapper(name: &str, n: u32, a: AOperand) -> String {
+/// one m64nNk16 wgmma with fp32 accumulators; `accumulate == 0` overwrites `d`.
+/// `trans_a`/`trans_b`: the shared operand is MN-major (read transposed); a register A never is.
+fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> String {
     let acc = n / 2;
     let regs = (0..acc)
         .map(|i| format!("%{i}"))
@@ -145,11 +143,13 @@ fn wrapper(name: &str, n: u32, a: AOperand) -> String {
             acc + 4,
         ),
     };
-    // Scale and transpose immediates: A and B unscaled; A never transposed (the register form
-    // has no such immediate); B transposed when it is V.
+    // Scale and transpose immediates (A and B unscaled); the register form has no A transpose.
     let imms = match a {
-        AOperand::Shared => "1, 1, 0, 0",
-        AOperand::Registers => "1, 1, 1",
+        AOperand::Shared => format!("1, 1, {}, {}", trans_a as u8, trans_b as u8),
+        AOperand::Registers => {
+            debug_assert!(!trans_a);
+            format!("1, 1, {}", trans_b as u8)
+        }
     };
     let statement = |ty: &str| {
         format!(
@@ -171,18 +171,108 @@ fn wrapper(name: &str, n: u32, a: AOperand) -> String {
 }
 
 /// The wrappers `flash_fwd_sm90` calls for `tile`: `wgmma_qk` (N = block_n, both operands in
-/// shared memory) and `wgmma_pv` (N = head_dim, P in registers).
+/// shared memory) and `wgmma_pv` (N = head_dim, P in registers, V transposed).
 pub(crate) fn wrappers(tile: &WgmmaTile) -> String {
     format!(
         "{}\n{}",
-        wrapper("wgmma_qk", tile.block_n, AOperand::Shared),
-        wrapper("wgmma_pv", tile.head_dim, AOperand::Registers)
+        wrapper("wgmma_qk", tile.block_n, AOperand::Shared, false, false),
+        wrapper("wgmma_pv", tile.head_dim, AOperand::Registers, false, true)
+    )
+}
+
+/// Tile sizes of one Hopper backward variant; see [`bwd_tile_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct WgmmaBwdTile {
+    pub head_dim: u32,
+    /// Query rows a step.
+    pub block_m: u32,
+    /// Keys a block: 64 per warpgroup.
+    pub block_n: u32,
+    pub min_blocks: u32,
+}
+
+impl WgmmaBwdTile {
+    pub fn warpgroups(&self) -> u32 {
+        self.block_n / 64
+    }
+
+    pub fn threads(&self) -> u32 {
+        self.warpgroups() * 128
+    }
+
+    /// `BwdWgmmaConfig::kSmemBytes`: K and V, two stages of Q and dO, dSᵀ, two stages of LSE
+    /// and D, and 1024 bytes to align the tiles.
+    pub fn smem_bytes(&self) -> u32 {
+        let (d, m, n) = (self.head_dim, self.block_m, self.block_n);
+        2 * n * d * 2 + 4 * m * d * 2 + n * m * 2 + 4 * m * 4 + 1024
+    }
+}
+
+/// Environment variable overriding the Hopper backward's tiles for tuning experiments:
+/// `block_n,min_blocks`.
+pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
+
+/// The Hopper backward's tiles (H100/H200, bf16): 128 keys a block (two warpgroups, whose dK
+/// and dV accumulators take 64 or 128 registers a thread), 64 query rows a step. Head dims
+/// above 128 would need more registers than a thread has for dK and dV of 64 keys and keep
+/// the sm_80 kernel.
+pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<WgmmaBwdTile> {
+    if !matches!(head_dim, 64 | 128) {
+        return None;
+    }
+    let default = WgmmaBwdTile {
+        head_dim: head_dim as u32,
+        block_m: 64,
+        block_n: 128,
+        min_blocks: 1,
+    };
+    let over = bwd_tile_override().map(|[block_n, min_blocks]| WgmmaBwdTile {
+        block_n,
+        min_blocks: min_blocks.max(1),
+        ..default
+    });
+    let fits = |t: &WgmmaBwdTile| {
+        t.block_n.is_multiple_of(64)
+            && (64..=128).contains(&t.block_n)
+            && t.smem_bytes() <= max_smem
+    };
+    over.into_iter().chain([default]).find(fits)
+}
+
+fn bwd_tile_override() -> Option<[u32; 2]> {
+    static OVERRIDE: std::sync::OnceLock<Option<[u32; 2]>> = std::sync::OnceLock::new();
+    *OVERRIDE
+        .get_or_init(|| super::kernels::parse_numbers(&std::env::var(WGMMA_BWD_TILE_ENV).ok()?))
+}
+
+/// The wrappers `flash_bwd_sm90` calls: `wgmma_sdp` (Sᵀ, dPᵀ: N = block_m, K-major operands),
+/// `wgmma_dkv` (dK, dV: N = head_dim, register A, Q/dO transposed) and `wgmma_dq` (N = the
+/// warpgroup's share of head_dim, dSᵀ and K both transposed).
+pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
+    format!(
+        "{}\n{}\n{}",
+        wrapper("wgmma_sdp", tile.block_m, AOperand::Shared, false, false),
+        wrapper("wgmma_dkv", tile.head_dim, AOperand::Registers, false, true),
+        wrapper(
+            "wgmma_dq",
+            tile.head_dim / tile.warpgroups(),
+            AOperand::Shared,
+            true,
+            true
+        )
+    )
+}
+
+/// The backward's entry-point call.
+pub(crate) fn bwd_call(tile: &WgmmaBwdTile, score_mod: bool, type_tag: &str) -> String {
+    format!(
+        "flash_bwd_sm90<{type_tag}, BwdWgmmaConfig<{}, {}, {}>, {score_mod}>(p)",
+        tile.head_dim, tile.block_m, tile.block_n
     )
 }
 
 /// The call the generated entry point makes.
-pub(crate) fn call(dtype: DType, tile: &WgmmaTile, score_mod: bool, type_tag: &str) -> String {
-    debug_assert!(matches!(dtype, DType::F16 | DType::BF16));
+pub(crate) fn call(tile: &WgmmaTile, score_mod: bool, type_tag: &str) -> String {
     format!(
         "flash_fwd_sm90<{type_tag}, WgmmaConfig<{}, {}, {}, {}>, {score_mod}>(p)",
         tile.head_dim, tile.block_m, tile.block_n, tile.stages
@@ -213,6 +303,25 @@ mod tests {
         assert!(src.contains("%31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;"));
         assert!(src.contains("setp.ne.b32 p, %37, 0;"));
         assert_eq!(src.matches("asm volatile").count(), 4);
+
+        let b = bwd_wrappers(&bwd_tile_for(128, 232_448).unwrap());
+        // dq: N = 64 (half of d128), both operands transposed.
+        assert!(b.contains("void wgmma_dq(float (&d)[32], uint64_t desc_a"));
+        assert!(b.contains("%31}, %32, %33, p, 1, 1, 1, 1;"));
+        assert!(b.contains("void wgmma_dkv(float (&d)[64], const uint32_t (&a)[4]"));
+        assert!(b.contains("void wgmma_sdp(float (&d)[32], uint64_t desc_a"));
+        assert!(b.contains("%31}, %32, %33, p, 1, 1, 0, 0;"));
+    }
+
+    #[test]
+    fn backward_tiles_cover_64_and_128_within_hopper_shared_memory() {
+        for d in [64, 128] {
+            let t = bwd_tile_for(d, 232_448).unwrap();
+            assert_eq!(t.threads(), 256);
+            assert!(t.smem_bytes() <= 232_448);
+        }
+        assert_eq!(bwd_tile_for(128, 232_448).unwrap().smem_bytes(), 149_504);
+        assert!(bwd_tile_for(256, 232_448).is_none() && bwd_tile_for(96, 232_448).is_none());
     }
 
     #[test]
