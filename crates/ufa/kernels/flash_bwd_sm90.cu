@@ -12,8 +12,8 @@
 //      between the warpgroups (dS read transposed), added into the fp32 buffer.
 // Needs common.cuh, mma.cuh (red_add_tile, the turn counters) and wgmma.cuh (the swizzled
 // tiles) before it, and the host-generated wrappers wgmma_sdp (N = BLOCK_M), wgmma_dkv
-// (N = HEAD_DIM, register A, B transposed) and wgmma_dq (N = HEAD_DIM / warpgroups, A and B
-// transposed).
+// (N = HEAD_DIM, register A, B transposed) and wgmma_dq (N = HEAD_DIM / warpgroups, at most 64;
+// A and B transposed).
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N>
 struct BwdWgmmaConfig {
@@ -215,23 +215,8 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();  // every warpgroup's dSᵀ is in place
 
-        // dQ(block)[:, columns of this warpgroup] = dS K over the block's keys.
-        constexpr int DQ_N = D / Cfg::kWarpgroups;
-        float acc[DQ_N / 2];
-        // This warpgroup's first column of K: a column block, plus 64 bytes into it at d64
-        // (the swizzle is applied to the whole address, so a start inside a row is exact).
-        const uint32_t kcol = (wg * DQ_N / 64) * (BN * 128) + (wg * DQ_N % 64) * 2;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-            wgmma_dq<T>(acc, sw128_desc(sdS + kk * 16 * 128, BN * 128),
-                        sw128_desc(sK + kcol + kk * 16 * 128, BN * 128), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(acc);
-        fence_regs(dk);
-        fence_regs(dv);
-
+        // dQ(block)[:, columns of this warpgroup] = dS K over the block's keys, in passes of at
+        // most 64 columns (32 accumulator registers) added into the fp32 buffer one by one.
         int32_t* turn = nullptr;
         int my_turn = 0;
         if (bp.deterministic) {
@@ -245,15 +230,36 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
             }
             __syncthreads();
         }
+        constexpr int DQ_COLS = D / Cfg::kWarpgroups;
+        constexpr int DQ_N = DQ_COLS > 64 ? 64 : DQ_COLS;
         float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
         const int i = m0 + (warp % 4) * 16;  // first row of this warp's 16
         const bool row_ok = i + group < p.seqlen_q, row8_ok = i + group + 8 < p.seqlen_q;
 #pragma unroll
-        for (int t = 0; t < DQ_N / 8; ++t) {
-            const float c[4] = {acc[4 * t], acc[4 * t + 1], acc[4 * t + 2], acc[4 * t + 3]};
-            red_add_tile(dq_rows + (int64_t)i * D + wg * DQ_N + t * 8, D, c, group, quad, row_ok,
-                         row8_ok);
+        for (int pass = 0; pass < DQ_COLS / DQ_N; ++pass) {
+            const int col0 = wg * DQ_COLS + pass * DQ_N;
+            // K's column `col0`: a column block, plus 64 bytes into it when two warpgroups
+            // split d64 (the swizzle is applied to the whole address, so a start inside a row
+            // is exact).
+            const uint32_t kcol = (col0 / 64) * (BN * 128) + (col0 % 64) * 2;
+            float acc[DQ_N / 2];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+                wgmma_dq<T>(acc, sw128_desc(sdS + kk * 16 * 128, BN * 128),
+                            sw128_desc(sK + kcol + kk * 16 * 128, BN * 128), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(acc);
+#pragma unroll
+            for (int t = 0; t < DQ_N / 8; ++t) {
+                const float c[4] = {acc[4 * t], acc[4 * t + 1], acc[4 * t + 2], acc[4 * t + 3]};
+                red_add_tile(dq_rows + (int64_t)i * D + col0 + t * 8, D, c, group, quad, row_ok,
+                             row8_ok);
+            }
         }
+        fence_regs(dk);
+        fence_regs(dv);
         if (bp.deterministic) {
             __syncthreads();
             if (tid == 0) store_release(turn, my_turn + 1);

@@ -59,10 +59,12 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t tile, const uint16_t* h
 
 // Shared-memory matrix descriptor, 128-byte swizzle. `lbo` is the distance between 64-element
 // column blocks for MN-major operands (V); K-major ones (Q, K) span one block per k-step and
-// pass 16, the customary placeholder. 8-row groups are 1024 bytes apart.
+// pass 16, the customary placeholder. 8-row groups are 1024 bytes apart. `addr` (a shared
+// address, below 2^18, a multiple of 16) goes in unmasked, so that the descriptor of base +
+// constant is the base's plus a constant: one add in the loops instead of a recomputation.
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
-           ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+    return (uint64_t)((addr >> 4) | ((lbo >> 4) << 16)) | ((uint64_t)(1024 >> 4) << 32) |
+           (1ull << 62);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }

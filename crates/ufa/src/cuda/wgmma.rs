@@ -212,10 +212,14 @@ impl WgmmaBwdTile {
 /// `block_n,min_blocks`.
 pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
 
-/// The Hopper backward's tiles (H100/H200, bf16): 128 keys a block (two warpgroups, whose dK
-/// and dV accumulators take 64 or 128 registers a thread), 64 query rows a step. Head dims
-/// above 128 would need more registers than a thread has for dK and dV of 64 keys and keep
-/// the sm_80 kernel.
+/// The Hopper backward's tiles (H100, bf16, seqlen 4096, 2026-11-26; `scripts/gpu-tune bwd`),
+/// 64 query rows a step:
+/// - d64: blocks of one warpgroup (64 keys), three an SM under a 168-register cap: 222 TFLOP/s
+///   against 194 with one block of two warpgroups (201 registers), 202 against 174 causal;
+/// - d128: one block of two warpgroups (128 keys; dK and dV take 128 registers a thread):
+///   272 TFLOP/s against 236 with two one-warpgroup blocks an SM.
+/// Head dims above 128 would need more registers than a thread has for dK and dV of 64 keys
+/// and keep the sm_80 kernel.
 pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<WgmmaBwdTile> {
     if !matches!(head_dim, 64 | 128) {
         return None;
@@ -223,8 +227,8 @@ pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<WgmmaBwdTil
     let default = WgmmaBwdTile {
         head_dim: head_dim as u32,
         block_m: 64,
-        block_n: 128,
-        min_blocks: 1,
+        block_n: if head_dim == 64 { 64 } else { 128 },
+        min_blocks: if head_dim == 64 { 3 } else { 1 },
     };
     let over = bwd_tile_override().map(|[block_n, min_blocks]| WgmmaBwdTile {
         block_n,
@@ -247,7 +251,7 @@ fn bwd_tile_override() -> Option<[u32; 2]> {
 
 /// The wrappers `flash_bwd_sm90` calls: `wgmma_sdp` (Sᵀ, dPᵀ: N = block_m, K-major operands),
 /// `wgmma_dkv` (dK, dV: N = head_dim, register A, Q/dO transposed) and `wgmma_dq` (N = the
-/// warpgroup's share of head_dim, dSᵀ and K both transposed).
+/// warpgroup's share of head_dim, in passes of at most 64; dSᵀ and K both transposed).
 pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
     format!(
         "{}\n{}\n{}",
@@ -255,7 +259,7 @@ pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
         wrapper("wgmma_dkv", tile.head_dim, AOperand::Registers, false, true),
         wrapper(
             "wgmma_dq",
-            tile.head_dim / tile.warpgroups(),
+            (tile.head_dim / tile.warpgroups()).min(64),
             AOperand::Shared,
             true,
             true
@@ -317,8 +321,8 @@ mod tests {
     fn backward_tiles_cover_64_and_128_within_hopper_shared_memory() {
         for d in [64, 128] {
             let t = bwd_tile_for(d, 232_448).unwrap();
-            assert_eq!(t.threads(), 256);
-            assert!(t.smem_bytes() <= 232_448);
+            assert_eq!(t.threads(), t.block_n * 2);
+            assert!(t.smem_bytes() * t.min_blocks <= 232_448);
         }
         assert_eq!(bwd_tile_for(128, 232_448).unwrap().smem_bytes(), 149_504);
         assert!(bwd_tile_for(256, 232_448).is_none() && bwd_tile_for(96, 232_448).is_none());
