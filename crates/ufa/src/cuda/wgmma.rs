@@ -218,6 +218,7 @@ pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
 ///   against 194 with one block of two warpgroups (201 registers), 202 against 174 causal;
 /// - d128: one block of two warpgroups (128 keys; dK and dV take 128 registers a thread):
 ///   272 TFLOP/s against 236 with two one-warpgroup blocks an SM.
+///
 /// Head dims above 128 would need more registers than a thread has for dK and dV of 64 keys
 /// and keep the sm_80 kernel.
 pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<WgmmaBwdTile> {
