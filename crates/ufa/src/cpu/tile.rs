@@ -99,6 +99,9 @@ pub fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
+/// Rows of scores computed and turned into probabilities together (16 KiB of scores).
+const SOFTMAX_ROWS: usize = 16;
+
 /// Most bytes of transposed K tiles a thread keeps (one KV head's at most; see
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
 const KT_CACHE_BYTES: usize = 1 << 20;
@@ -253,23 +256,35 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
                 );
             }
         } else {
+            // Scores and their softmax a few rows at a time, while the rows are in L1 (a
+            // whole tile of scores is larger).
             let slot = j0 / BK;
-            let kt = if j0.is_multiple_of(BK) && slot < sc.kt_tags.len() {
+            let cached = j0.is_multiple_of(BK) && slot < sc.kt_tags.len();
+            let tag = Some((t.batch, t.hkv, nk));
+            if cached && sc.kt_tags[slot] != tag {
                 let tile = &mut sc.kt_cache[slot * d * BK..][..d * BK];
-                let tag = Some((t.batch, t.hkv, nk));
-                if sc.kt_tags[slot] != tag {
-                    pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, tile);
-                    sc.kt_tags[slot] = tag;
-                }
-                &*tile
-            } else {
+                pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, tile);
+                sc.kt_tags[slot] = tag;
+            } else if !cached {
                 pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, &mut sc.kt);
-                &sc.kt
-            };
-            let (q, kt) = (Strided::rows(&sc.q, d), Strided::rows(kt, BK));
-            gemm::<M, C, false>(q, kt, &mut sc.s, BK, [rows, BK, d], 1.0);
+            }
+            // Taken out of `sc` while softmax_rows borrows it (a move, not a copy).
+            let store = std::mem::take(if cached { &mut sc.kt_cache } else { &mut sc.kt });
+            let kt = Strided::rows(
+                &store[if cached { slot * d * BK } else { 0 }..][..d * BK],
+                BK,
+            );
+            for r0 in (0..rows).step_by(SOFTMAX_ROWS) {
+                let n = SOFTMAX_ROWS.min(rows - r0);
+                let q = Strided::rows(&sc.q[r0 * d..], d);
+                gemm::<M, C, false>(q, kt, &mut sc.s[r0 * BK..], BK, [n, BK, d], 1.0);
+                softmax_rows::<M, C>(p, t, (j0, nk), (r0, r0 + n), sc);
+            }
+            *(if cached { &mut sc.kt_cache } else { &mut sc.kt }) = store;
         }
-        softmax_tile::<M, C>(p, t, (j0, nk), sc);
+        if few_rows || bf16 {
+            softmax_rows::<M, C>(p, t, (j0, nk), (0, rows), sc);
+        }
         if few_rows {
             for jj in 0..nk {
                 prefetch_ahead(p, t, jj, nk, (&p.v, j0, dv), (&p.k, j0 + nk, d));
@@ -395,8 +410,8 @@ pub(super) fn prefetch(base: *const u8, bytes: usize) {
     }
 }
 
-/// The online softmax over one tile of scores (`sc.s`, keys `j0..j0+nk`): P in place of S,
-/// the running maxima and sums updated, the accumulators rescaled.
+/// The online softmax over rows `r0..r1` of a tile of scores (`sc.s`, keys `j0..j0+nk`): P in
+/// place of S, the running maxima and sums updated, the accumulators rescaled.
 ///
 /// A row whose scores all stay at or below its running maximum keeps that maximum, so its
 /// rescaling factor would be exactly 1 (exp(0) = 1 here, and l·1 + sum = l + sum): the
@@ -404,15 +419,15 @@ pub(super) fn prefetch(base: *const u8, bytes: usize) {
 /// maximum moves, with the same results as computing them always. On most tiles past the
 /// first few, few rows move.
 #[inline(always)]
-fn softmax_tile<M: MulAdd, const C: usize>(
+fn softmax_rows<M: MulAdd, const C: usize>(
     p: &Problem,
     t: &TileRows,
     (j0, nk): (usize, usize),
+    (r0, r1): (usize, usize),
     sc: &mut Scratch,
 ) {
-    let rows = round_up(t.nrows, R);
     let dvp = sc.dvp;
-    for r in 0..rows {
+    for r in r0..r1 {
         let s = &mut sc.s[r * BK..][..BK];
         if r >= t.nrows {
             s.fill(0.0); // padding: P = 0
