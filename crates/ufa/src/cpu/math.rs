@@ -79,7 +79,7 @@ pub fn tanh<M: MulAdd>(x: f32) -> f32 {
 /// Lanes of the reductions below: independent partial results combined in a fixed order, so the
 /// compiler can vectorise them (a sequential float sum cannot be reordered) and results stay
 /// identical for every run.
-const LANES: usize = 16;
+pub const LANES: usize = 16;
 
 /// The lanes combined by `op` as a fixed pairwise tree (short dependency chains, same order
 /// every time).
@@ -100,25 +100,54 @@ fn sum_lanes(w: [f32; LANES]) -> f32 {
     reduce_lanes(w, |a, b| a + b)
 }
 
-/// Largest element of `x` (whose length is a multiple of 16); -inf for an empty slice.
 #[inline(always)]
-pub fn max_of(x: &[f32]) -> f32 {
-    let max = |a: f32, b: f32| if b > a { b } else { a };
+fn max2(a: f32, b: f32) -> f32 {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+/// Lane-wise maxima of `x` (whose length is a multiple of 16), in 16 lanes: [`max_of_lanes`]
+/// turns them into the largest element. Split so that a caller can first ask
+/// [`any_lane_above`], which needs no reduction across lanes.
+#[inline(always)]
+pub fn lane_max(x: &[f32]) -> [f32; LANES] {
     let mut acc = [f32::NEG_INFINITY; LANES];
     // A length the compiler cannot see keeps this a loop of full-width vector maxima: unrolled
     // over a tile's constant width, it became a chain of two-lane pieces.
     let n = std::hint::black_box(x.len());
     for chunk in x[..n].chunks_exact(LANES) {
         for i in 0..LANES {
-            acc[i] = max(acc[i], chunk[i]);
+            acc[i] = max2(acc[i], chunk[i]);
         }
     }
-    reduce_lanes(acc, max)
+    acc
 }
 
-/// Replaces each element by `exp(x - m)` and returns their sum (length a multiple of 16).
+/// The largest of the lanes (-inf if all are -inf).
 #[inline(always)]
-pub fn exp_sub_sum<M: MulAdd>(x: &mut [f32], m: f32) -> f32 {
+pub fn max_of_lanes(lanes: [f32; LANES]) -> f32 {
+    reduce_lanes(lanes, max2)
+}
+
+/// Whether some lane is greater than `m` (NaN lanes are not).
+#[inline(always)]
+pub fn any_lane_above(lanes: &[f32; LANES], m: f32) -> bool {
+    lanes.iter().fold(false, |a, &x| a | (x > m))
+}
+
+/// Replaces each element by `exp(x - m)` (length a multiple of 16) and returns
+/// `lanes · scale + (their sum in 16 lanes)`, lane by lane: a running sum kept in lanes, whose
+/// total [`sum_of_lanes`] forms once at the end rather than once a tile.
+#[inline(always)]
+pub fn exp_sub_sum_lanes<M: MulAdd>(
+    x: &mut [f32],
+    m: f32,
+    lanes: &[f32; LANES],
+    scale: f32,
+) -> [f32; LANES] {
     let mut acc = [0f32; LANES];
     for chunk in x.chunks_exact_mut(LANES) {
         for i in 0..LANES {
@@ -126,7 +155,13 @@ pub fn exp_sub_sum<M: MulAdd>(x: &mut [f32], m: f32) -> f32 {
             acc[i] += chunk[i];
         }
     }
-    sum_lanes(acc)
+    std::array::from_fn(|i| M::mul_add(lanes[i], scale, acc[i]))
+}
+
+/// The total of 16 lanes, in a fixed order.
+#[inline(always)]
+pub fn sum_of_lanes(lanes: &[f32]) -> f32 {
+    sum_lanes(std::array::from_fn(|i| lanes[i]))
 }
 
 /// Σ a[i]·b[i] over equal-length slices, in 16 lanes combined in a fixed order.

@@ -9,7 +9,7 @@ use super::isa::{run_with, Isa, KernelFn};
 use super::math::MulAdd;
 use super::microkernel::BK;
 use super::parallel::{for_each, for_each_chunk_mut, Exec};
-use super::tile::{attend, begin, round_up, Scratch, TileRows};
+use super::tile::{attend, begin, finish, round_up, Scratch, TileRows};
 use super::Workspace;
 use crate::dtype::store_row_f32;
 use crate::error::Result;
@@ -136,14 +136,18 @@ impl KernelFn for ForwardJob<'_> {
             None => range,
         };
         if let [t] = self.ts {
-            return attend::<M, C, BF16>(self.p, t, keys, &mut self.scs[0]);
-        }
-        // Tile by tile, the same tiles `attend` takes over the whole range.
-        for j0 in (keys.0..keys.1).step_by(BK) {
-            let tile = (j0, (j0 + BK).min(keys.1));
-            for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
-                attend::<M, C, BF16>(self.p, t, tile, sc);
+            attend::<M, C, BF16>(self.p, t, keys, &mut self.scs[0]);
+        } else {
+            // Tile by tile, the same tiles `attend` takes over the whole range.
+            for j0 in (keys.0..keys.1).step_by(BK) {
+                let tile = (j0, (j0 + BK).min(keys.1));
+                for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
+                    attend::<M, C, BF16>(self.p, t, tile, sc);
+                }
             }
+        }
+        for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
+            finish(t, sc);
         }
     }
 }

@@ -2,7 +2,10 @@
 //! range of keys, with the online softmax. Leaves the running max `m`, sum `l` and unnormalised
 //! accumulator in [`Scratch`]; the scheduler writes them out or merges split results.
 
-use super::math::{axpy, dot, exp, exp_sub_sum, max_of, tanh, MulAdd};
+use super::math::{
+    any_lane_above, axpy, dot, exp, exp_sub_sum_lanes, lane_max, max_of_lanes, sum_of_lanes, tanh,
+    MulAdd, LANES,
+};
 use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
 use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::{Operand, Problem};
@@ -65,6 +68,12 @@ pub fn widen(keys: (usize, usize), band: (usize, usize)) -> (usize, usize) {
 pub struct Scratch {
     pub q: Vec<f32>,
     kt: Vec<f32>,
+    /// Transposed K tiles of one KV head, kept for the thread's next items of the same head
+    /// (a head's rows are cut into several items, taken one after another): slot `j0 / BK`
+    /// holds keys `j0..j0+nk` as `kt` would, tagged (batch, KV head, nk). Empty when a head
+    /// has one item, K is not f32, or the head's tiles exceed [`KT_CACHE_BYTES`].
+    kt_cache: Vec<f32>,
+    kt_tags: Vec<Option<(usize, usize, usize)>>,
     row: Vec<f32>,
     /// BK × head_dim: K rows converted to fp32 before they are transposed (non-f32 K only).
     stage: Vec<f32>,
@@ -72,10 +81,9 @@ pub struct Scratch {
     v: Vec<f32>,
     pub acc: Vec<f32>,
     pub m: Vec<f32>,
-    /// Per row of a tile: the new running maximum and the factor that rescales the old state.
-    m_new: Vec<f32>,
-    corr: Vec<f32>,
     pub l: Vec<f32>,
+    /// The running sums of [`attend`], 16 lanes a row; [`finish`] adds them up into `l`.
+    l_lanes: Vec<f32>,
     rows: Vec<RowInfo>,
     /// Padded width of V and acc rows (head_dim_v rounded up to 16).
     pub dvp: usize,
@@ -91,13 +99,32 @@ pub fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
+/// Rows of scores computed and turned into probabilities together (16 KiB of scores).
+const SOFTMAX_ROWS: usize = 16;
+
+/// Most bytes of transposed K tiles a thread keeps (one KV head's at most; see
+/// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
+const KT_CACHE_BYTES: usize = 1 << 20;
+
 impl Scratch {
     pub fn new(p: &Problem, max_rows: usize) -> Scratch {
         let rows = round_up(max_rows, R);
         let dvp = round_up(p.head_dim_v, 16);
+        let tiles = p.seqlen_kv.div_ceil(BK);
+        let tile_len = p.head_dim * BK;
+        let cached_tiles = if p.k.dtype == DType::F32
+            && p.seqlen_q * p.group_size() > max_rows
+            && tiles * tile_len * 4 <= KT_CACHE_BYTES
+        {
+            tiles
+        } else {
+            0
+        };
         Scratch {
             q: vec![0.0; rows * p.head_dim],
-            kt: vec![0.0; p.head_dim * BK],
+            kt: vec![0.0; tile_len],
+            kt_cache: vec![0.0; cached_tiles * tile_len],
+            kt_tags: vec![None; cached_tiles],
             row: vec![0.0; p.head_dim.max(dvp)],
             stage: vec![
                 0.0;
@@ -111,9 +138,8 @@ impl Scratch {
             v: vec![0.0; BK * dvp],
             acc: vec![0.0; rows * dvp],
             m: vec![0.0; rows],
-            m_new: vec![0.0; rows],
-            corr: vec![0.0; rows],
             l: vec![0.0; rows],
+            l_lanes: vec![0.0; rows * LANES],
             rows: vec![RowInfo::default(); rows],
             dvp,
             qp: vec![0; rows * p.head_dim.div_ceil(2)],
@@ -175,6 +201,7 @@ pub fn begin<M: MulAdd, const BF16: bool>(
     }
     sc.m[..rows].fill(f32::NEG_INFINITY);
     sc.l[..rows].fill(0.0);
+    sc.l_lanes[..rows * LANES].fill(0.0);
     sc.acc[..rows * sc.dvp].fill(0.0);
     keys
 }
@@ -229,11 +256,35 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
                 );
             }
         } else {
-            pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, &mut sc.kt);
-            let (q, kt) = (Strided::rows(&sc.q, d), Strided::rows(&sc.kt, BK));
-            gemm::<M, C, false>(q, kt, &mut sc.s, BK, [rows, BK, d], 1.0);
+            // Scores and their softmax a few rows at a time, while the rows are in L1 (a
+            // whole tile of scores is larger).
+            let slot = j0 / BK;
+            let cached = j0.is_multiple_of(BK) && slot < sc.kt_tags.len();
+            let tag = Some((t.batch, t.hkv, nk));
+            if cached && sc.kt_tags[slot] != tag {
+                let tile = &mut sc.kt_cache[slot * d * BK..][..d * BK];
+                pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, tile);
+                sc.kt_tags[slot] = tag;
+            } else if !cached {
+                pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, &mut sc.kt);
+            }
+            // Taken out of `sc` while softmax_rows borrows it (a move, not a copy).
+            let store = std::mem::take(if cached { &mut sc.kt_cache } else { &mut sc.kt });
+            let kt = Strided::rows(
+                &store[if cached { slot * d * BK } else { 0 }..][..d * BK],
+                BK,
+            );
+            for r0 in (0..rows).step_by(SOFTMAX_ROWS) {
+                let n = SOFTMAX_ROWS.min(rows - r0);
+                let q = Strided::rows(&sc.q[r0 * d..], d);
+                gemm::<M, C, false>(q, kt, &mut sc.s[r0 * BK..], BK, [n, BK, d], 1.0);
+                softmax_rows::<M, C>(p, t, (j0, nk), (r0, r0 + n), sc);
+            }
+            *(if cached { &mut sc.kt_cache } else { &mut sc.kt }) = store;
         }
-        softmax_tile::<M>(p, t, (j0, nk), sc);
+        if few_rows || bf16 {
+            softmax_rows::<M, C>(p, t, (j0, nk), (0, rows), sc);
+        }
         if few_rows {
             for jj in 0..nk {
                 prefetch_ahead(p, t, jj, nk, (&p.v, j0, dv), (&p.k, j0 + nk, d));
@@ -267,13 +318,36 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
                 );
             }
         } else {
-            for jj in 0..nk {
-                let dst = &mut sc.v[jj * dvp..][..dv];
-                // SAFETY: as for K.
-                unsafe { load_row_f32(p.v.dtype, p.v.at([t.batch, j0 + jj, t.hkv, 0]), dst) };
+            let s = Strided::rows(&sc.s, BK);
+            // f32 V rows whose width needs no padding are read in place (a copy cost ~3% of an
+            // f32 forward); others are converted or padded into `sc.v`.
+            let ld = p.v.strides[1];
+            if p.v.dtype == DType::F32 && p.v.strides[3] == 1 && dv == dvp && ld >= dvp {
+                // SAFETY: keys j0..j0+nk of this head lie in the validated v view: row jj's dv
+                // f32 values start ld·jj elements after row 0's.
+                let v = unsafe {
+                    std::slice::from_raw_parts(
+                        p.v.at([t.batch, j0, t.hkv, 0]) as *const f32,
+                        (nk - 1) * ld + dv,
+                    )
+                };
+                gemm::<M, C, true>(
+                    s,
+                    Strided::rows(v, ld),
+                    &mut sc.acc,
+                    dvp,
+                    [rows, dvp, nk],
+                    1.0,
+                );
+            } else {
+                for jj in 0..nk {
+                    let dst = &mut sc.v[jj * dvp..][..dv];
+                    // SAFETY: as for K.
+                    unsafe { load_row_f32(p.v.dtype, p.v.at([t.batch, j0 + jj, t.hkv, 0]), dst) };
+                }
+                let v = Strided::rows(&sc.v, dvp);
+                gemm::<M, C, true>(s, v, &mut sc.acc, dvp, [rows, dvp, nk], 1.0);
             }
-            let (s, v) = (Strided::rows(&sc.s, BK), Strided::rows(&sc.v, dvp));
-            gemm::<M, C, true>(s, v, &mut sc.acc, dvp, [rows, dvp, nk], 1.0);
         }
         j0 += nk;
     }
@@ -336,44 +410,87 @@ pub(super) fn prefetch(base: *const u8, bytes: usize) {
     }
 }
 
-/// The online softmax over one tile of scores (`sc.s`, keys `j0..j0+nk`): P in place of S,
-/// the running maxima and sums updated, the accumulators rescaled.
+/// The online softmax over rows `r0..r1` of a tile of scores (`sc.s`, keys `j0..j0+nk`): P in
+/// place of S, the running maxima and sums updated, the accumulators rescaled.
+///
+/// A row whose scores all stay at or below its running maximum keeps that maximum, so its
+/// rescaling factor would be exactly 1 (exp(0) = 1 here, and l·1 + sum = l + sum): the
+/// maximum across lanes, the factor and the rescaling are computed only for rows whose
+/// maximum moves, with the same results as computing them always. On most tiles past the
+/// first few, few rows move.
 #[inline(always)]
-fn softmax_tile<M: MulAdd>(p: &Problem, t: &TileRows, (j0, nk): (usize, usize), sc: &mut Scratch) {
-    let rows = round_up(t.nrows, R);
-    // The maxima of all rows first, so that their rescaling factors come from one vectorised
-    // pass rather than a scalar exponential per row.
-    for r in 0..rows {
-        let s = &mut sc.s[r * BK..][..BK];
-        sc.m_new[r] = if r < t.nrows {
-            apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, None);
-            sc.m[r].max(max_of(s))
-        } else {
-            f32::NEG_INFINITY
-        };
-    }
-    for r in 0..rows {
-        let (m, m_new) = (sc.m[r], sc.m_new[r]);
-        // A row that has seen nothing keeps its state (and -inf - -inf would be NaN).
-        sc.corr[r] = if m_new == f32::NEG_INFINITY {
-            1.0
-        } else {
-            exp::<M>(m - m_new)
-        };
-    }
+fn softmax_rows<M: MulAdd, const C: usize>(
+    p: &Problem,
+    t: &TileRows,
+    (j0, nk): (usize, usize),
+    (r0, r1): (usize, usize),
+    sc: &mut Scratch,
+) {
     let dvp = sc.dvp;
-    for r in 0..rows {
+    for r in r0..r1 {
         let s = &mut sc.s[r * BK..][..BK];
-        let (m_new, corr) = (sc.m_new[r], sc.corr[r]);
-        if m_new == f32::NEG_INFINITY {
-            s.fill(0.0); // padding, or nothing visible yet: P = 0, state unchanged
+        if r >= t.nrows {
+            s.fill(0.0); // padding: P = 0
             continue;
         }
-        let sum = exp_sub_sum::<M>(s, m_new);
-        sc.l[r] = M::mul_add(sc.l[r], corr, sum);
-        // Unconditionally: a branch on `corr` would mispredict whenever a row's maximum moves.
-        sc.acc[r * dvp..][..dvp].iter_mut().for_each(|a| *a *= corr);
-        sc.m[r] = m_new;
+        apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, None);
+        let m = sc.m[r];
+        let lanes = lane_max_of::<C>(s);
+        let (m_new, corr) = if any_lane_above(&lanes, m) {
+            let m_new = m.max(max_of_lanes(lanes));
+            // m_new > m, so m - m_new is never NaN (m = -inf gives exactly 0).
+            let corr = exp::<M>(m - m_new);
+            sc.acc[r * dvp..][..dvp].iter_mut().for_each(|a| *a *= corr);
+            sc.m[r] = m_new;
+            (m_new, corr)
+        } else if m == f32::NEG_INFINITY {
+            s.fill(0.0); // nothing visible yet: P = 0, state unchanged
+            continue;
+        } else {
+            (m, 1.0)
+        };
+        let l: &mut [f32; LANES] = (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
+        *l = exp_sub_sum_lanes::<M>(s, m_new, l, corr);
+    }
+}
+
+/// [`lane_max`] of a row of scores; the AVX-512 families (`C` = 64) take it in 512-bit
+/// registers (the compiler's own version of the loop moved two lanes at a time).
+#[inline(always)]
+fn lane_max_of<const C: usize>(s: &[f32]) -> [f32; LANES] {
+    #[cfg(target_arch = "x86_64")]
+    if C == 64 {
+        // SAFETY: C = 64 only in functions compiled with avx512f; `s` is read in bounds.
+        return unsafe { x86::lane_max(s) };
+    }
+    lane_max(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// Lane-wise maxima of `s` (length a multiple of 16), as [`super::lane_max`] takes them.
+    ///
+    /// # Safety
+    /// Needs avx512f.
+    #[inline(always)]
+    pub unsafe fn lane_max(s: &[f32]) -> [f32; LANES] {
+        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+        for chunk in s.chunks_exact(LANES) {
+            // max(x, acc) is x where x > acc, else acc (also where x is NaN), as lane_max.
+            acc = _mm512_max_ps(_mm512_loadu_ps(chunk.as_ptr()), acc);
+        }
+        std::mem::transmute::<__m512, [f32; LANES]>(acc)
+    }
+}
+
+/// Forms the sums `l` of the rows [`attend`] ran over, once it has seen all their keys.
+#[inline(always)]
+pub fn finish(t: &TileRows, sc: &mut Scratch) {
+    for r in 0..t.nrows {
+        sc.l[r] = sum_of_lanes(&sc.l_lanes[r * LANES..][..LANES]);
     }
 }
 

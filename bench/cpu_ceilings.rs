@@ -1,0 +1,362 @@
+//! What this machine's cores can do at most: the ceilings the CPU attention is measured against.
+//!
+//! - fp32 FMA peak: `vfmadd231ps` on 12 independent accumulators (zmm and ymm), no memory
+//!   operands, so nothing but the FMA units limits it;
+//! - bf16 dot-product peak: `vdpbf16ps` (zmm) the same way, where the CPU has AVX-512 BF16;
+//! - clock: a chain of dependent integer adds (one cycle each) gives the core clock while the
+//!   FMA loops would run (an estimate: turbo and the hypervisor can move it);
+//! - read bandwidth: sums of f32 with 512-bit loads over a buffer far larger than the L3
+//!   (1 GiB by default), each thread over its own half, first touched by the thread that reads it.
+//!
+//! Each measurement runs on 1 and on `--threads` threads (pinned to CPUs 0..n when the OS lets
+//! it), `--rounds` times; the table gives the median and the best round. x86-64 with AVX-512F
+//! only.
+//!
+//! Usage: cargo run --release -p ufa --example cpu_ceilings -- [--threads 2] [--rounds 7]
+//!        [--mib 1024]
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
+}
+
+/// Pins the calling thread to `cpu` (best effort).
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET on an index < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_secs() -> f64 {
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    }
+}
+
+/// A round in which some thread ran on its CPU for less than this share of its time, or the
+/// threads' starts lay further apart than (1 - this) of the round, was disturbed (another
+/// process took a core, or a thread ran alone for a while) and is not counted.
+const MIN_ON_CPU: f64 = 0.97;
+
+/// Runs `work(thread)` on `n` pinned threads started together; returns the seconds from the
+/// first thread's start to the last thread's end, whether every thread stayed on its CPU for
+/// that time, and the threads' results. The threads time themselves: the calling
+/// thread, a third one on a two-core machine, may not run at once.
+fn on_threads<T: Send + 'static>(
+    n: usize,
+    work: impl Fn(usize) -> T + Send + Sync + 'static,
+) -> (f64, bool, Vec<T>) {
+    let work = Arc::new(work);
+    let go = Arc::new(Barrier::new(n));
+    let origin = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (work, go) = (work.clone(), go.clone());
+            std::thread::spawn(move || {
+                pin(i);
+                go.wait();
+                let (t0, c0) = (origin.elapsed().as_secs_f64(), thread_cpu_secs());
+                let out = work(i);
+                let (t1, c1) = (origin.elapsed().as_secs_f64(), thread_cpu_secs());
+                (t0, t1, c1 - c0, out)
+            })
+        })
+        .collect();
+    let done: Vec<(f64, f64, f64, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let start = done.iter().map(|d| d.0).fold(f64::INFINITY, f64::min);
+    let end = done.iter().map(|d| d.1).fold(0.0, f64::max);
+    let wall = end - start;
+    let last_start = done.iter().map(|d| d.0).fold(0.0, f64::max);
+    let on_cpu = done.iter().all(|d| d.2 >= MIN_ON_CPU * (d.1 - d.0))
+        && last_start - start <= (1.0 - MIN_ON_CPU) * wall;
+    (wall, on_cpu, done.into_iter().map(|d| d.3).collect())
+}
+
+/// Rates of `rounds` undisturbed rounds of `round` (at most 10 × `rounds` tries), and how many
+/// tries were disturbed.
+fn undisturbed(rounds: usize, mut round: impl FnMut() -> Option<f64>) -> (Vec<f64>, usize) {
+    let (mut rates, mut dropped) = (Vec::new(), 0);
+    while rates.len() < rounds && dropped < 10 * rounds {
+        match round() {
+            Some(r) => rates.push(r),
+            None => dropped += 1,
+        }
+    }
+    (rates, dropped)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+
+    /// 12 × `iters` independent 512-bit FMAs (16 lanes × 2 flops each).
+    pub fn fma_zmm(iters: u64) {
+        // SAFETY: register-only AVX-512F instructions; the caller checked for avx512f.
+        unsafe {
+            asm!(
+                "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1", "vxorps xmm2, xmm2, xmm2",
+                "vxorps xmm3, xmm3, xmm3", "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
+                "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7", "vxorps xmm8, xmm8, xmm8",
+                "vxorps xmm9, xmm9, xmm9", "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
+                "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
+                "2:",
+                "vfmadd231ps zmm0, zmm12, zmm13", "vfmadd231ps zmm1, zmm12, zmm13",
+                "vfmadd231ps zmm2, zmm12, zmm13", "vfmadd231ps zmm3, zmm12, zmm13",
+                "vfmadd231ps zmm4, zmm12, zmm13", "vfmadd231ps zmm5, zmm12, zmm13",
+                "vfmadd231ps zmm6, zmm12, zmm13", "vfmadd231ps zmm7, zmm12, zmm13",
+                "vfmadd231ps zmm8, zmm12, zmm13", "vfmadd231ps zmm9, zmm12, zmm13",
+                "vfmadd231ps zmm10, zmm12, zmm13", "vfmadd231ps zmm11, zmm12, zmm13",
+                "dec {n}",
+                "jnz 2b",
+                "vzeroupper",
+                n = inout(reg) iters => _,
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
+                out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
+                out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
+                options(nostack, nomem),
+            );
+        }
+    }
+
+    /// 12 × `iters` independent 256-bit FMAs (8 lanes × 2 flops each).
+    pub fn fma_ymm(iters: u64) {
+        // SAFETY: register-only AVX2/FMA instructions; the caller checked for avx512f.
+        unsafe {
+            asm!(
+                "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1", "vxorps xmm2, xmm2, xmm2",
+                "vxorps xmm3, xmm3, xmm3", "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
+                "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7", "vxorps xmm8, xmm8, xmm8",
+                "vxorps xmm9, xmm9, xmm9", "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
+                "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
+                "2:",
+                "vfmadd231ps ymm0, ymm12, ymm13", "vfmadd231ps ymm1, ymm12, ymm13",
+                "vfmadd231ps ymm2, ymm12, ymm13", "vfmadd231ps ymm3, ymm12, ymm13",
+                "vfmadd231ps ymm4, ymm12, ymm13", "vfmadd231ps ymm5, ymm12, ymm13",
+                "vfmadd231ps ymm6, ymm12, ymm13", "vfmadd231ps ymm7, ymm12, ymm13",
+                "vfmadd231ps ymm8, ymm12, ymm13", "vfmadd231ps ymm9, ymm12, ymm13",
+                "vfmadd231ps ymm10, ymm12, ymm13", "vfmadd231ps ymm11, ymm12, ymm13",
+                "dec {n}",
+                "jnz 2b",
+                "vzeroupper",
+                n = inout(reg) iters => _,
+                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
+                out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _,
+                out("ymm10") _, out("ymm11") _, out("ymm12") _, out("ymm13") _,
+                options(nostack, nomem),
+            );
+        }
+    }
+
+    /// 12 × `iters` independent 512-bit bf16 dot products (16 lanes × 2 pairs × 2 flops each).
+    pub fn dpbf16_zmm(iters: u64) {
+        // SAFETY: register-only AVX-512 BF16 instructions; the caller checked for avx512bf16.
+        unsafe {
+            asm!(
+                "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1", "vxorps xmm2, xmm2, xmm2",
+                "vxorps xmm3, xmm3, xmm3", "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
+                "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7", "vxorps xmm8, xmm8, xmm8",
+                "vxorps xmm9, xmm9, xmm9", "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
+                "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
+                "2:",
+                "vdpbf16ps zmm0, zmm12, zmm13", "vdpbf16ps zmm1, zmm12, zmm13",
+                "vdpbf16ps zmm2, zmm12, zmm13", "vdpbf16ps zmm3, zmm12, zmm13",
+                "vdpbf16ps zmm4, zmm12, zmm13", "vdpbf16ps zmm5, zmm12, zmm13",
+                "vdpbf16ps zmm6, zmm12, zmm13", "vdpbf16ps zmm7, zmm12, zmm13",
+                "vdpbf16ps zmm8, zmm12, zmm13", "vdpbf16ps zmm9, zmm12, zmm13",
+                "vdpbf16ps zmm10, zmm12, zmm13", "vdpbf16ps zmm11, zmm12, zmm13",
+                "dec {n}",
+                "jnz 2b",
+                "vzeroupper",
+                n = inout(reg) iters => _,
+                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
+                out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
+                out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
+                options(nostack, nomem),
+            );
+        }
+    }
+
+    /// 8 × `iters` dependent one-cycle integer adds: the time per add is one clock cycle.
+    pub fn add_chain(iters: u64) {
+        // SAFETY: register-only integer instructions.
+        unsafe {
+            asm!(
+                "xor {x}, {x}",
+                "2:",
+                "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) iters => _,
+                x = out(reg) _,
+                options(nostack, nomem),
+            );
+        }
+    }
+
+    /// Σ of `x` (a multiple of 128 × `streams` elements), read as `streams` equal parts side by
+    /// side (each a sequential stream for the hardware prefetchers).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum_streams(x: &[f32], streams: usize) -> f32 {
+        let part = x.len() / streams;
+        let mut total = 0.0;
+        for i in (0..part).step_by(1024) {
+            for s in 0..streams {
+                total += sum(&x[s * part + i..][..1024.min(part - i)]);
+            }
+        }
+        total
+    }
+
+    /// Σ of `x` (a multiple of 128 elements) with 512-bit loads into 8 independent sums.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum(x: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let p = x.as_ptr();
+        for i in (0..x.len()).step_by(128) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_add_ps(*a, _mm512_loadu_ps(p.add(i + 16 * j)));
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for a in acc {
+            s = _mm512_add_ps(s, a);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+}
+
+/// A compute loop: name, body (run `iters` times), units of work an iteration, unit.
+type Loop = (&'static str, fn(u64), f64, &'static str);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn best(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+fn report(name: &str, n: usize, rates: &[f64], dropped: usize, unit: &str) {
+    if rates.is_empty() {
+        println!("| {name} | {n} | - | - | {unit} | 0 of {dropped} |");
+        return;
+    }
+    println!(
+        "| {name} | {n} | {:.1} | {:.1} | {unit} | {} of {} |",
+        median(rates.to_vec()),
+        best(rates),
+        rates.len(),
+        rates.len() + dropped
+    );
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn main() {
+    let threads = arg("--threads", 2);
+    let rounds = arg("--rounds", 7);
+    let mib = arg("--mib", 1024);
+    if !std::arch::is_x86_feature_detected!("avx512f") {
+        eprintln!("cpu_ceilings needs AVX-512F");
+        std::process::exit(1);
+    }
+    let bf16 = std::arch::is_x86_feature_detected!("avx512bf16");
+    println!("load average at start: {}", loadavg());
+    println!(
+        "| measure | threads | median | best | unit | rounds kept |\n|---|---|---|---|---|---|"
+    );
+
+    // Compute loops: 2.4e8 instructions a thread, ~0.1 s a round at one FMA a cycle.
+    const ITERS: u64 = 20_000_000;
+    let compute: Vec<Loop> = {
+        let mut v: Vec<Loop> = vec![
+            ("clock (dependent adds)", x86::add_chain, 8.0 / 1e9, "GHz"),
+            ("fp32 FMA, zmm", x86::fma_zmm, 12.0 * 32.0 / 1e9, "GFLOP/s"),
+            ("fp32 FMA, ymm", x86::fma_ymm, 12.0 * 16.0 / 1e9, "GFLOP/s"),
+        ];
+        if bf16 {
+            v.push((
+                "bf16 dot (vdpbf16ps), zmm",
+                x86::dpbf16_zmm,
+                12.0 * 64.0 / 1e9,
+                "GFLOP/s",
+            ));
+        }
+        v
+    };
+    for (name, f, per_iter, unit) in compute {
+        for n in [1, threads] {
+            f(ITERS / 10); // warm up (clock ramp, AVX-512 power state)
+            let (rates, dropped) = undisturbed(rounds, || {
+                let (secs, on_cpu, _) = on_threads(n, move |_| f(ITERS));
+                on_cpu.then_some(())?;
+                // The clock is per core: report it per thread, not summed.
+                let total = if unit == "GHz" { 1.0 } else { n as f64 };
+                Some(ITERS as f64 * per_iter * total / secs)
+            });
+            report(name, n, &rates, dropped, unit);
+        }
+    }
+
+    // Read bandwidth: each thread owns (and first touches) 1/n of the buffer, so its pages are
+    // its own; a round is one pass over the whole buffer, each thread's part read as one
+    // sequential stream or as 4 side by side.
+    for streams in [1, 4] {
+        for n in [1, threads] {
+            let per = (mib << 20) / 4 / n / (1024 * streams) * (1024 * streams);
+            let (_, _, bufs) = on_threads(n, move |i| {
+                (0..per).map(|j| (j % 7 + i) as f32).collect::<Vec<f32>>()
+            });
+            let bufs: Arc<Vec<Vec<f32>>> = Arc::new(bufs);
+            let pass = |bufs: &Arc<Vec<Vec<f32>>>| {
+                let bufs = bufs.clone();
+                // SAFETY: avx512f was detected above.
+                on_threads(n, move |i| unsafe { x86::sum_streams(&bufs[i], streams) })
+            };
+            pass(&bufs); // warm up
+            let (rates, dropped) = undisturbed(rounds, || {
+                let (secs, on_cpu, sums) = pass(&bufs);
+                std::hint::black_box(sums);
+                on_cpu.then_some(())?;
+                Some((n * per * 4) as f64 / secs / 1e9)
+            });
+            let name = format!(
+                "read {} MiB, f32 sum, zmm loads, {streams} stream(s) a thread",
+                (n * per * 4) >> 20
+            );
+            report(&name, n, &rates, dropped, "GB/s");
+        }
+    }
+    println!("load average at end: {}", loadavg());
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn main() {
+    eprintln!("cpu_ceilings measures x86-64 AVX-512 ceilings only");
+}
