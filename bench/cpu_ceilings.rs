@@ -102,92 +102,65 @@ fn undisturbed(rounds: usize, mut round: impl FnMut() -> Option<f64>) -> (Vec<f6
 mod x86 {
     use std::arch::asm;
 
-    /// 12 × `iters` independent 512-bit FMAs (16 lanes × 2 flops each).
-    pub fn fma_zmm(iters: u64) {
-        // SAFETY: register-only AVX-512F instructions; the caller checked for avx512f.
-        unsafe {
-            asm!(
-                "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1", "vxorps xmm2, xmm2, xmm2",
-                "vxorps xmm3, xmm3, xmm3", "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
-                "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7", "vxorps xmm8, xmm8, xmm8",
-                "vxorps xmm9, xmm9, xmm9", "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
-                "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
-                "2:",
-                "vfmadd231ps zmm0, zmm12, zmm13", "vfmadd231ps zmm1, zmm12, zmm13",
-                "vfmadd231ps zmm2, zmm12, zmm13", "vfmadd231ps zmm3, zmm12, zmm13",
-                "vfmadd231ps zmm4, zmm12, zmm13", "vfmadd231ps zmm5, zmm12, zmm13",
-                "vfmadd231ps zmm6, zmm12, zmm13", "vfmadd231ps zmm7, zmm12, zmm13",
-                "vfmadd231ps zmm8, zmm12, zmm13", "vfmadd231ps zmm9, zmm12, zmm13",
-                "vfmadd231ps zmm10, zmm12, zmm13", "vfmadd231ps zmm11, zmm12, zmm13",
-                "dec {n}",
-                "jnz 2b",
-                "vzeroupper",
-                n = inout(reg) iters => _,
-                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-                out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-                out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
-                options(nostack, nomem),
-            );
-        }
+    /// `pub fn $name(iters: u64)`: 12 × `iters` independent `$op`s, each into its own
+    /// accumulator `$r`0..11 from `$r`12 and `$r`13 (all zeroed first), so that only the
+    /// instruction's throughput limits the loop.
+    macro_rules! throughput_loop {
+        ($(#[$doc:meta])* $name:ident, $op:literal, $r:literal) => {
+            $(#[$doc])*
+            pub fn $name(iters: u64) {
+                // SAFETY: register-only instructions of an ISA the caller checked for; every
+                // register written is declared clobbered (zmm covers ymm).
+                unsafe {
+                    asm!(
+                        "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1",
+                        "vxorps xmm2, xmm2, xmm2", "vxorps xmm3, xmm3, xmm3",
+                        "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
+                        "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7",
+                        "vxorps xmm8, xmm8, xmm8", "vxorps xmm9, xmm9, xmm9",
+                        "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
+                        "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
+                        "2:",
+                        concat!($op, " ", $r, "0, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "1, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "2, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "3, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "4, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "5, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "6, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "7, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "8, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "9, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "10, ", $r, "12, ", $r, "13"),
+                        concat!($op, " ", $r, "11, ", $r, "12, ", $r, "13"),
+                        "dec {n}",
+                        "jnz 2b",
+                        "vzeroupper",
+                        n = inout(reg) iters => _,
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                        out("zmm12") _, out("zmm13") _,
+                        options(nostack, nomem),
+                    );
+                }
+            }
+        };
     }
 
-    /// 12 × `iters` independent 256-bit FMAs (8 lanes × 2 flops each).
-    pub fn fma_ymm(iters: u64) {
-        // SAFETY: register-only AVX2/FMA instructions; the caller checked for avx512f.
-        unsafe {
-            asm!(
-                "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1", "vxorps xmm2, xmm2, xmm2",
-                "vxorps xmm3, xmm3, xmm3", "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
-                "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7", "vxorps xmm8, xmm8, xmm8",
-                "vxorps xmm9, xmm9, xmm9", "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
-                "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
-                "2:",
-                "vfmadd231ps ymm0, ymm12, ymm13", "vfmadd231ps ymm1, ymm12, ymm13",
-                "vfmadd231ps ymm2, ymm12, ymm13", "vfmadd231ps ymm3, ymm12, ymm13",
-                "vfmadd231ps ymm4, ymm12, ymm13", "vfmadd231ps ymm5, ymm12, ymm13",
-                "vfmadd231ps ymm6, ymm12, ymm13", "vfmadd231ps ymm7, ymm12, ymm13",
-                "vfmadd231ps ymm8, ymm12, ymm13", "vfmadd231ps ymm9, ymm12, ymm13",
-                "vfmadd231ps ymm10, ymm12, ymm13", "vfmadd231ps ymm11, ymm12, ymm13",
-                "dec {n}",
-                "jnz 2b",
-                "vzeroupper",
-                n = inout(reg) iters => _,
-                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _,
-                out("ymm5") _, out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _,
-                out("ymm10") _, out("ymm11") _, out("ymm12") _, out("ymm13") _,
-                options(nostack, nomem),
-            );
-        }
-    }
-
-    /// 12 × `iters` independent 512-bit bf16 dot products (16 lanes × 2 pairs × 2 flops each).
-    pub fn dpbf16_zmm(iters: u64) {
-        // SAFETY: register-only AVX-512 BF16 instructions; the caller checked for avx512bf16.
-        unsafe {
-            asm!(
-                "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1", "vxorps xmm2, xmm2, xmm2",
-                "vxorps xmm3, xmm3, xmm3", "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
-                "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7", "vxorps xmm8, xmm8, xmm8",
-                "vxorps xmm9, xmm9, xmm9", "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
-                "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
-                "2:",
-                "vdpbf16ps zmm0, zmm12, zmm13", "vdpbf16ps zmm1, zmm12, zmm13",
-                "vdpbf16ps zmm2, zmm12, zmm13", "vdpbf16ps zmm3, zmm12, zmm13",
-                "vdpbf16ps zmm4, zmm12, zmm13", "vdpbf16ps zmm5, zmm12, zmm13",
-                "vdpbf16ps zmm6, zmm12, zmm13", "vdpbf16ps zmm7, zmm12, zmm13",
-                "vdpbf16ps zmm8, zmm12, zmm13", "vdpbf16ps zmm9, zmm12, zmm13",
-                "vdpbf16ps zmm10, zmm12, zmm13", "vdpbf16ps zmm11, zmm12, zmm13",
-                "dec {n}",
-                "jnz 2b",
-                "vzeroupper",
-                n = inout(reg) iters => _,
-                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
-                out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
-                out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
-                options(nostack, nomem),
-            );
-        }
-    }
+    throughput_loop!(
+        /// 12 × `iters` independent 512-bit FMAs (16 lanes × 2 flops each); needs avx512f.
+        fma_zmm, "vfmadd231ps", "zmm"
+    );
+    throughput_loop!(
+        /// 12 × `iters` independent 256-bit FMAs (8 lanes × 2 flops each); needs AVX2/FMA.
+        fma_ymm, "vfmadd231ps", "ymm"
+    );
+    throughput_loop!(
+        /// 12 × `iters` independent 512-bit bf16 dot products (16 lanes × 2 pairs × 2 flops
+        /// each); needs avx512bf16.
+        dpbf16_zmm, "vdpbf16ps", "zmm"
+    );
 
     /// 8 × `iters` dependent one-cycle integer adds: the time per add is one clock cycle.
     pub fn add_chain(iters: u64) {

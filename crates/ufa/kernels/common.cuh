@@ -221,3 +221,54 @@ __device__ __forceinline__ bool in_band(const FwdParams& p, int i, int j) {
     const int c = i + p.diag_offset;
     return j < p.seqlen_kv && j >= c - p.window_left && j <= c + p.window_right;
 }
+
+// What a tensor-core forward block works on: query rows [m0, m_last] of head h of batch
+// entry b (blocks run heaviest first: the last query blocks have the most causal keys), and
+// the key tiles of `block_n` its band reaches, [n_first, n_last] (empty if n_last < n_first).
+// Head pointers are for 16-bit inputs.
+struct FwdBlock {
+    int b, h, hk, m0, m_last, n_first, n_last;
+    const uint16_t *q, *k, *v;
+};
+
+__device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, int block_n) {
+    FwdBlock w;
+    w.h = blockIdx.y;
+    w.b = blockIdx.z;
+    w.hk = w.h / p.group;
+    w.m0 = (p.num_m_blocks - 1 - blockIdx.x) * block_m;
+    w.m_last = min(w.m0 + block_m, p.seqlen_q) - 1;
+    w.q = (const uint16_t*)p.q + w.b * p.q_stride[0] + w.h * p.q_stride[2];
+    w.k = (const uint16_t*)p.k + w.b * p.k_stride[0] + w.hk * p.k_stride[2];
+    w.v = (const uint16_t*)p.v + w.b * p.v_stride[0] + w.hk * p.v_stride[2];
+    int key_lo, key_hi;
+    band_of_rows(p, w.m0, w.m_last, key_lo, key_hi);
+    // Tiles wholly outside the causal/window band are never loaded.
+    w.n_first = key_lo / block_n;
+    w.n_last = key_hi > key_lo ? (key_hi - 1) / block_n : w.n_first - 1;
+    return w;
+}
+
+// The forward's epilogue for query row i, from the mma accumulator layout (each lane of a quad
+// holds columns 8 t + 2 quad, +1 of every n8 tile t): adds up the quad's partial row sums,
+// writes O / sum (`pair(t, x, y)` gives the unnormalised pair of tile t) and the LSE. Rows that
+// saw no key get 0 and -inf. Every lane must call it (the sum is shuffled across the quad).
+template <typename T, int O_TILES, typename Pair>
+__device__ __forceinline__ void store_fwd_row(const FwdParams& p, int b, int h, int i, int quad,
+                                              float sum, float row_max, Pair pair) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (i >= p.seqlen_q) return;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, i, h);
+#pragma unroll
+    for (int t = 0; t < O_TILES; ++t) {
+        float x, y;
+        pair(t, x, y);
+        *(uint32_t*)(out_row + t * 8 + quad * 2) = Convert<T>::pack(x * inv, y * inv);
+    }
+    if (p.lse != nullptr && quad == 0) {
+        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]] =
+            sum > 0.f ? (row_max + log2f(sum)) * UFA_LN2 : -UFA_INF;
+    }
+}

@@ -77,26 +77,14 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     const int group = lane / 4;
     const int quad = lane % 4;
     // Deterministic mode adds into each dQ block in descending key-block order and launches the
-    // key blocks in that order too, so a block only ever waits for one launched before it. With
-    // a causal band the wait then points to a block that started on the same query block at
-    // the same time; ascending order would chain every block to the first one (2x slower).
-    const int n_block = bp.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int hk = blockIdx.y;
-    const int b = blockIdx.z;
-    const int n0 = n_block * BN;
-    const int n_end = min(n0 + BN, p.seqlen_kv) - 1;
-
-    // Query rows that see some key of this block: the band inverted, [n0 - off - right,
-    // n_end - off + left]. It selects exactly the query blocks whose band (band_of_rows) meets
-    // these keys, which the deterministic turn order relies on.
-    const int row_lo = max(0, n0 - p.diag_offset - p.window_right);
-    const int row_hi = min(p.seqlen_q - 1, n_end - p.diag_offset + p.window_left);
-    const int m_first = row_lo / BM;
-    const int m_count = row_hi >= row_lo ? row_hi / BM - m_first + 1 : 0;
-    const int total = m_count * p.group;
-
-    const uint16_t* k_head = (const uint16_t*)p.k + b * p.k_stride[0] + hk * p.k_stride[2];
-    const uint16_t* v_head = (const uint16_t*)p.v + b * p.v_stride[0] + hk * p.v_stride[2];
+    // key blocks in that order too (key_block), so a block only ever waits for one launched
+    // before it. With a causal band the wait then points to a block that started on the same
+    // query block at the same time; ascending order would chain every block to the first one
+    // (2x slower).
+    const KeyBlock w = key_block(bp, BM, BN);
+    const int b = w.b, hk = w.hk, n0 = w.n0;
+    const int m_first = w.m_first, m_count = w.m_count, total = w.total;
+    const uint16_t *k_head = w.k, *v_head = w.v;
 
     // Warp roles (first row, first column) in each phase's grid.
     constexpr int W1 = Cfg::kThreads / 32 / (Cfg::kBlockN / Cfg::kMT1 / 16);  // columns of grid 1
@@ -298,20 +286,8 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
                 }
             }
         }
-        int32_t* turn = nullptr;
         int my_turn = 0;
-        if (bp.deterministic) {
-            // Key blocks add into a query block in descending order: wait for the next one.
-            int key_lo, key_hi;
-            band_of_rows(p, m0, m_last, key_lo, key_hi);
-            my_turn = (key_hi - 1) / BN - n_block;
-            turn = bp.order + ((int64_t)b * p.heads_q + h) * bp.num_m_blocks + m_block;
-            if (tid == 0) {
-                while (load_acquire(turn) != my_turn) {
-                }
-            }
-            __syncthreads();
-        }
+        int32_t* turn = dq_turn_wait(bp, w, h, m_block, m0, m_last, BN, my_turn);
         float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
 #pragma unroll
         for (int mt = 0; mt < MT3; ++mt) {
@@ -323,10 +299,7 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
                              row_ok, row8_ok);
         }
         if (bp.deterministic) {
-            // Every thread's adds precede the barrier, and the release store follows it, so the
-            // next block sees them all (the pattern of CUTLASS's semaphore).
-            __syncthreads();
-            if (tid == 0) store_release(turn, my_turn + 1);
+            dq_turn_pass(turn, my_turn);
         } else if (Cfg::kStages == 1) {
             __syncthreads();  // the next iteration's load overwrites this stage
         }

@@ -54,19 +54,10 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
     const int wg = warp / 4;
     const int group = lane / 4;
     const int quad = lane % 4;
-    const int n_block = bp.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int hk = blockIdx.y;
-    const int b = blockIdx.z;
-    const int n0 = n_block * BN;
-    const int n_end = min(n0 + BN, p.seqlen_kv) - 1;
-    const int row_lo = max(0, n0 - p.diag_offset - p.window_right);
-    const int row_hi = min(p.seqlen_q - 1, n_end - p.diag_offset + p.window_left);
-    const int m_first = row_lo / BM;
-    const int m_count = row_hi >= row_lo ? row_hi / BM - m_first + 1 : 0;
-    const int total = m_count * p.group;
-
-    const uint16_t* k_head = (const uint16_t*)p.k + b * p.k_stride[0] + hk * p.k_stride[2];
-    const uint16_t* v_head = (const uint16_t*)p.v + b * p.v_stride[0] + hk * p.v_stride[2];
+    const KeyBlock w = key_block(bp, BM, BN);
+    const int b = w.b, hk = w.hk, n0 = w.n0;
+    const int m_first = w.m_first, m_count = w.m_count, total = w.total;
+    const uint16_t *k_head = w.k, *v_head = w.v;
 
     // This thread's key rows (accumulator rows): `group` and `group + 8` of its warp's 16.
     const int key_row = wg * 64 + (warp % 4) * 16 + group;  // within the block
@@ -217,19 +208,8 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
 
         // dQ(block)[:, columns of this warpgroup] = dS K over the block's keys, in passes of at
         // most 64 columns (32 accumulator registers) added into the fp32 buffer one by one.
-        int32_t* turn = nullptr;
         int my_turn = 0;
-        if (bp.deterministic) {
-            int key_lo, key_hi;
-            band_of_rows(p, m0, m_last, key_lo, key_hi);
-            my_turn = (key_hi - 1) / BN - n_block;
-            turn = bp.order + ((int64_t)b * p.heads_q + h) * bp.num_m_blocks + m_block;
-            if (tid == 0) {
-                while (load_acquire(turn) != my_turn) {
-                }
-            }
-            __syncthreads();
-        }
+        int32_t* turn = dq_turn_wait(bp, w, h, m_block, m0, m_last, BN, my_turn);
         constexpr int DQ_COLS = D / Cfg::kWarpgroups;
         constexpr int DQ_N = DQ_COLS > 64 ? 64 : DQ_COLS;
         float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
@@ -260,10 +240,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
         }
         fence_regs(dk);
         fence_regs(dv);
-        if (bp.deterministic) {
-            __syncthreads();
-            if (tid == 0) store_release(turn, my_turn + 1);
-        }
+        dq_turn_pass(turn, my_turn);
     }
 
     // dK (times the softmax scale, which the scores carried) and dV; keys of blocks no query

@@ -49,23 +49,10 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
     const int lane = threadIdx.x % 32;
     const int group = lane / 4;  // mma fragment row within 8
     const int quad = lane % 4;   // mma fragment column pair
-    // Heaviest causal blocks (last query rows) first, so the tail of the grid is short.
-    const int m_block = p.num_m_blocks - 1 - blockIdx.x;
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    const int hk = h / p.group;
-    const int m0 = m_block * BM;
-    const int m_last = min(m0 + BM, p.seqlen_q) - 1;
-
-    const uint16_t* q_head = (const uint16_t*)p.q + b * p.q_stride[0] + h * p.q_stride[2];
-    const uint16_t* k_head = (const uint16_t*)p.k + b * p.k_stride[0] + hk * p.k_stride[2];
-    const uint16_t* v_head = (const uint16_t*)p.v + b * p.v_stride[0] + hk * p.v_stride[2];
-
-    int key_lo, key_hi;
-    band_of_rows(p, m0, m_last, key_lo, key_hi);
-    // Tiles wholly outside the causal/window band are never loaded.
-    const int n_first = key_lo / BN;
-    const int n_last = key_hi > key_lo ? (key_hi - 1) / BN : n_first - 1;
+    const FwdBlock w = fwd_block(p, BM, BN);
+    const int b = w.b, h = w.h, m0 = w.m0, m_last = w.m_last;
+    const int n_first = w.n_first, n_last = w.n_last;
+    const uint16_t *q_head = w.q, *k_head = w.k, *v_head = w.v;
 
     // Rows this thread accumulates: `group` and `group + 8` of each of the warp's m-tiles.
     constexpr int MT = Cfg::kMTiles;
@@ -245,29 +232,13 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
         }
     }
 
-    // Epilogue: O /= rowsum, LSE = ln(sum) + max; rows that saw no key give 0 and -inf.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[mt][r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            const int i = row_a + mt * 16 + r * 8;
-            if (i >= p.seqlen_q) continue;
-            uint16_t* out_row = (uint16_t*)p.out + b * p.o_stride[0] + (int64_t)i * p.o_stride[1] +
-                                h * p.o_stride[2];
-#pragma unroll
-            for (int t = 0; t < Cfg::kOTiles; ++t) {
-                const int col = t * 8 + quad * 2;
-                const uint32_t packed =
-                    Convert<T>::pack(o[mt][t][2 * r] * inv, o[mt][t][2 * r + 1] * inv);
-                *(uint32_t*)(out_row + col) = packed;
-            }
-            if (p.lse != nullptr && quad == 0) {
-                p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]] =
-                    sum > 0.f ? (row_max[mt][r] + log2f(sum)) * UFA_LN2 : -UFA_INF;
-            }
-        }
+        for (int r = 0; r < 2; ++r)
+            store_fwd_row<T, Cfg::kOTiles>(p, b, h, row_a + mt * 16 + r * 8, quad, row_sum[mt][r],
+                                           row_max[mt][r], [&](int t, float& x, float& y) {
+                                               x = o[mt][t][2 * r];
+                                               y = o[mt][t][2 * r + 1];
+                                           });
 }

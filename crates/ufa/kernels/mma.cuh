@@ -145,3 +145,61 @@ __device__ __forceinline__ int32_t load_acquire(const int32_t* p) {
 __device__ __forceinline__ void store_release(int32_t* p, int32_t v) {
     asm volatile("st.global.release.gpu.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+
+// What a tensor-core backward block works on: keys [n0, n0 + block_n) of KV head hk of batch
+// entry b, and the query blocks (of block_m rows) that see some of them, [m_first, m_first +
+// m_count), for each of the `group` query heads: `total` steps. Deterministic mode launches
+// the key blocks in descending order (see flash_bwd.cu), so a block only ever waits for one
+// launched before it.
+struct KeyBlock {
+    int b, hk, n_block, n0, m_first, m_count, total;
+    const uint16_t *k, *v;
+};
+
+__device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, int block_n) {
+    const FwdParams& p = bp.f;
+    KeyBlock w;
+    w.n_block = bp.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    w.hk = blockIdx.y;
+    w.b = blockIdx.z;
+    w.n0 = w.n_block * block_n;
+    const int n_end = min(w.n0 + block_n, p.seqlen_kv) - 1;
+    // Query rows that see some key of this block: the band inverted, [n0 - off - right,
+    // n_end - off + left]. It selects exactly the query blocks whose band (band_of_rows) meets
+    // these keys, which the deterministic turn order relies on.
+    const int row_lo = max(0, w.n0 - p.diag_offset - p.window_right);
+    const int row_hi = min(p.seqlen_q - 1, n_end - p.diag_offset + p.window_left);
+    w.m_first = row_lo / block_m;
+    w.m_count = row_hi >= row_lo ? row_hi / block_m - w.m_first + 1 : 0;
+    w.total = w.m_count * p.group;
+    w.k = (const uint16_t*)p.k + w.b * p.k_stride[0] + w.hk * p.k_stride[2];
+    w.v = (const uint16_t*)p.v + w.b * p.v_stride[0] + w.hk * p.v_stride[2];
+    return w;
+}
+
+// Deterministic mode: key blocks add into a query block's dQ in descending order. Blocks
+// (thread 0, then all) until it is this key block's turn for query block `m_block` (rows m0..
+// m_last) of head h; returns the counter and this block's turn, or null when not deterministic.
+__device__ __forceinline__ int32_t* dq_turn_wait(const BwdParams& bp, const KeyBlock& w, int h,
+                                                 int m_block, int m0, int m_last, int block_n,
+                                                 int& my_turn) {
+    if (!bp.deterministic) return nullptr;
+    int key_lo, key_hi;
+    band_of_rows(bp.f, m0, m_last, key_lo, key_hi);
+    my_turn = (key_hi - 1) / block_n - w.n_block;
+    int32_t* turn = bp.order + ((int64_t)w.b * bp.f.heads_q + h) * bp.num_m_blocks + m_block;
+    if (threadIdx.x == 0) {
+        while (load_acquire(turn) != my_turn) {
+        }
+    }
+    __syncthreads();
+    return turn;
+}
+
+// Hands the turn to the next key block once every thread's adds are issued: they precede the
+// barrier and the release store follows it (the pattern of CUTLASS's semaphore).
+__device__ __forceinline__ void dq_turn_pass(int32_t* turn, int my_turn) {
+    if (turn == nullptr) return;
+    __syncthreads();
+    if (threadIdx.x == 0) store_release(turn, my_turn + 1);
+}

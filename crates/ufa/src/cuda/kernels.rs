@@ -488,6 +488,16 @@ impl Variant {
     pub fn source(&self) -> String {
         let name = self.kernel_name();
         let threads = self.threads();
+        // A Hopper kernel's module: the shared building blocks, its generated wgmma wrappers,
+        // then its template.
+        let hopper = |wrappers: String, body: &'static str| -> Vec<Cow<'static, str>> {
+            vec![
+                MMA_COMMON_SOURCE.into(),
+                WGMMA_COMMON_SOURCE.into(),
+                wrappers.into(),
+                body.into(),
+            ]
+        };
         let (bodies, min_blocks, call): (Vec<Cow<'static, str>>, u32, String) = match *self {
             Variant::Mma {
                 dtype,
@@ -511,12 +521,7 @@ impl Variant {
                 tile: t,
                 score_mod,
             } => (
-                vec![
-                    MMA_COMMON_SOURCE.into(),
-                    WGMMA_COMMON_SOURCE.into(),
-                    wgmma::wrappers(&t).into(),
-                    SM90_SOURCE.into(),
-                ],
+                hopper(wgmma::wrappers(&t), SM90_SOURCE),
                 t.min_blocks,
                 wgmma::call(&t, score_mod, type_tag(dtype)),
             ),
@@ -525,12 +530,7 @@ impl Variant {
                 tile: t,
                 score_mod,
             } => (
-                vec![
-                    MMA_COMMON_SOURCE.into(),
-                    WGMMA_COMMON_SOURCE.into(),
-                    wgmma::bwd_wrappers(&t).into(),
-                    SM90_BWD_SOURCE.into(),
-                ],
+                hopper(wgmma::bwd_wrappers(&t), SM90_BWD_SOURCE),
                 t.min_blocks,
                 wgmma::bwd_call(&t, score_mod, type_tag(dtype)),
             ),
