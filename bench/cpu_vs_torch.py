@@ -79,6 +79,36 @@ def time_torch(w, dtype, iters, backward):
     return statistics.median(times) * 1e3
 
 
+def plot(rows, out, title):
+    """Bars of ufa's and PyTorch's GFLOP/s per row, to `out`.png (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written", file=sys.stderr)
+        return
+    labels = [f"{r['workload']}\n{r['pass'][:3]} {r['dtype']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.7), 4.5))
+    ax.bar([i - 0.2 for i in x], [float(r["ufa_gflops"]) for r in rows], 0.4, label="ufa")
+    ax.bar([i + 0.2 for i in x], [float(r["torch_gflops"]) for r in rows], 0.4, label="PyTorch flash (CPU)")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=110)
+
+
+def plot_only(out):
+    """Redraws `out`.png from `out`.csv and the date and machine lines of `out`.md."""
+    with open(out + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    meta = dict(l[2:].split(": ", 1) for l in open(out + ".md") if l.startswith("- ") and ": " in l)
+    plot(rows, out, f"CPU attention, {meta['machine'].strip()} ({meta['date'].strip()})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -88,7 +118,10 @@ def main():
     ap.add_argument("--passes", default="forward,backward")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu_vs_torch"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV and Markdown")
     args = ap.parse_args()
+    if args.plot_only:
+        return plot_only(args.out)
     if not os.path.exists(UFA):
         subprocess.run(["cargo", "build", "--release", "-p", "ufa-cli"], cwd=ROOT, check=True)
     torch.set_num_threads(args.threads)
@@ -139,23 +172,7 @@ def main():
         wr = csv.DictWriter(f, fieldnames=cols)
         wr.writeheader()
         wr.writerows(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        labels = [f"{r['workload']}\n{r['pass'][:3]} {r['dtype']}" for r in rows]
-        x = range(len(rows))
-        fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.7), 4.5))
-        ax.bar([i - 0.2 for i in x], [r["ufa_gflops"] for r in rows], 0.4, label="ufa")
-        ax.bar([i + 0.2 for i in x], [r["torch_gflops"] for r in rows], 0.4, label="PyTorch flash (CPU)")
-        ax.set_xticks(list(x), labels, fontsize=7)
-        ax.set_ylabel("GFLOP/s")
-        ax.set_title(f"CPU attention, {args.threads} threads, {cpu} ({stamp})", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.out + ".png", dpi=110)
-    except ImportError:
-        print("matplotlib not installed: no plot written", file=sys.stderr)
+    plot(rows, args.out, f"CPU attention, {args.threads} threads, {cpu} ({stamp})")
     print(f"wrote {args.out}.md, .csv, .png")
 
 

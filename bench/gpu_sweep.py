@@ -74,15 +74,64 @@ def time_ufa(binary, batch, seqlen, heads, head_dim, causal, iters, mode, env):
     return json.loads(r.stdout.strip().splitlines()[-1])["ms"], ""
 
 
+def plot(rows, columns, stem, title):
+    """TFLOP/s of each column against seqlen, one panel per head_dim and causality, to
+    `stem`.png (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    dims = sorted({r["head_dim"] for r in rows})
+    fig, axes = plt.subplots(2, len(dims), figsize=(5 * len(dims), 8), squeeze=False)
+    for col, d in enumerate(dims):
+        for row_i, causal in enumerate((False, True)):
+            ax = axes[row_i][col]
+            sel = [r for r in rows if r["head_dim"] == d and r["causal"] == causal]
+            xs = [r["seqlen"] for r in sel]
+            for name in columns:
+                ax.plot(xs, [r[name] or float("nan") for r in sel], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"head_dim {d}, {'causal' if causal else 'non-causal'}")
+            ax.set_xlabel("seqlen")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=80)
+
+
+def plot_only(stem):
+    """Redraws `stem`.png from `stem`.csv and the card and date lines of `stem`.md."""
+    with open(stem + ".csv") as f:
+        raw = list(csv.DictReader(f))
+    columns = [c for c in raw[0] if c not in ("head_dim", "causal", "seqlen", "batch", "heads", "notes")]
+    num = lambda x: float(x) if x not in ("", "None") else None
+    rows = [{**{c: num(r[c]) for c in columns}, "head_dim": int(r["head_dim"]),
+             "causal": r["causal"] == "True", "seqlen": int(r["seqlen"])} for r in raw]
+    meta = dict(l[2:].split(": ", 1) for l in open(stem + ".md") if l.startswith("- ") and ": " in l)
+    which = "backward" if "_bwd_" in os.path.basename(stem) else "forward"
+    plot(rows, columns, stem, f"ufa vs PyTorch SDPA, bf16 {which}, {meta['card'].strip()}, "
+                              f"{meta['date'].strip()[:10]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ufa-bench", required=True, help="path of the gpu_bench binary")
+    ap.add_argument("--ufa-bench", help="path of the gpu_bench binary (needed unless --plot-only)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--pass", dest="which", choices=["forward", "backward"], default="forward")
+    ap.add_argument("--plot-only", metavar="STEM", help="redraw STEM.png from STEM.csv and STEM.md")
     args = ap.parse_args()
+    if args.plot_only:
+        return plot_only(args.plot_only)
+    if not args.ufa_bench:
+        ap.error("--ufa-bench is required")
     backward = args.which == "backward"
     # ufa's columns: mode passed to gpu_bench, and its environment. ufa_sm80 is the sm_80
     # kernel on the same card (the same as ufa on cards before Hopper).
@@ -151,30 +200,7 @@ def main():
         if notes:
             f.write("\nNotes:\n" + "\n".join(notes) + "\n")
 
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        dims = sorted({r["head_dim"] for r in rows})
-        fig, axes = plt.subplots(2, len(dims), figsize=(5 * len(dims), 8), squeeze=False)
-        for col, d in enumerate(dims):
-            for row_i, causal in enumerate((False, True)):
-                ax = axes[row_i][col]
-                sel = [r for r in rows if r["head_dim"] == d and r["causal"] == causal]
-                xs = [r["seqlen"] for r in sel]
-                for name in [*ufa_modes, *BACKENDS]:
-                    ax.plot(xs, [r[name] or float("nan") for r in sel], marker="o", label=name)
-                ax.set_xscale("log", base=2)
-                ax.set_title(f"head_dim {d}, {'causal' if causal else 'non-causal'}")
-                ax.set_xlabel("seqlen")
-                ax.set_ylabel("TFLOP/s")
-                ax.grid(True, alpha=0.3)
-                ax.legend()
-        fig.suptitle(f"ufa vs PyTorch SDPA, bf16 {args.which}, {card}, {now:%Y-%m-%d}")
-        fig.tight_layout()
-        fig.savefig(stem + ".png", dpi=80)
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plot(rows, [*ufa_modes, *BACKENDS], stem, f"ufa vs PyTorch SDPA, bf16 {args.which}, {card}, {now:%Y-%m-%d}")
     print(f"wrote {stem}.md/.csv/.png")
 
 
