@@ -249,6 +249,40 @@ __device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, i
     return w;
 }
 
+// Hides the scores of one 16-row accumulator tile (rows `row` and `row + 8` for this thread,
+// N_TILES n8 tiles of keys from n0, `at(t, e)` the thread's element e of tile t) outside the
+// band or past the last key; with SCORE_MOD, applies the score modifiers (softcap, ALiBi, mask)
+// and turns the scores into the log2 domain. Without it raw scores stay unscaled (the kernels
+// fuse the scale into exp2's argument) and tiles that `visible` says lie wholly inside the band
+// are left alone.
+template <bool SCORE_MOD, int N_TILES, typename At>
+__device__ __forceinline__ void mask_scores(const FwdParams& p, int row, int n0, int quad, int b,
+                                            int h, float slope, bool visible, At at) {
+    if (!SCORE_MOD && visible) return;
+#pragma unroll
+    for (int t = 0; t < N_TILES; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = row + (e / 2) * 8;
+            const int j = n0 + t * 8 + quad * 2 + (e % 2);
+            float& x = at(t, e);
+            if (SCORE_MOD) {
+                x = in_band(p, i, j) && i < p.seqlen_q ? modify_score(p, x, b, h, i, j, slope)
+                                                       : -UFA_INF;
+            } else if (!in_band(p, i, j)) {
+                x = -UFA_INF;
+            }
+        }
+}
+
+// Whether every key of [n0, n0 + block_n) is inside the band of every query row of
+// [m0, m_last] (and before the last key): such tiles need no per-element test.
+__device__ __forceinline__ bool tile_visible(const FwdParams& p, int m0, int m_last, int n0,
+                                             int block_n) {
+    return n0 >= m_last + p.diag_offset - p.window_left &&
+           n0 + block_n - 1 <= m0 + p.diag_offset + p.window_right && n0 + block_n <= p.seqlen_kv;
+}
+
 // The forward's epilogue for query row i, from the mma accumulator layout (each lane of a quad
 // holds columns 8 t + 2 quad, +1 of every n8 tile t): adds up the quad's partial row sums,
 // writes O / sum (`pair(t, x, y)` gives the unnormalised pair of tile t) and the LSE. Rows that

@@ -202,9 +202,7 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
         // Pᵀ and dSᵀ. Rows past the last query have LSE +inf (P = 0) and D = 0; keys past the
         // end and outside the band are hidden here.
         const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
-        const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
-                                        n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
-                                        n0 + BN <= p.seqlen_kv;
+        const bool whole_tile_visible = tile_visible(p, m0, m_last, n0, BN);
 #pragma unroll
         for (int mt = 0; mt < MT1; ++mt)
 #pragma unroll

@@ -132,9 +132,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
         // the end and outside the band are hidden here. Plain scores take Pᵀ while dPᵀ is
         // still being computed.
         const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
-        const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
-                                        n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
-                                        n0 + BN <= p.seqlen_kv;
+        const bool whole_tile_visible = tile_visible(p, m0, m_last, n0, BN);
         if (SCORE_MOD) {
             wgmma_wait<0>();
         } else {

@@ -132,39 +132,14 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
                 }
             }
 
-            // Scores to the log2 domain; hide keys outside the band, past the end, or masked.
-            if (SCORE_MOD) {
+            // Scores to the log2 domain (modifiers) or raw; keys outside the band, past the
+            // end, or masked are hidden.
+            const bool visible = tile_visible(p, m0, m_last, n0, BN);
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int t = 0; t < Cfg::kSTiles; ++t)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = row_a + mt * 16 + (e / 2) * 8;
-                            const int j = n0 + t * 8 + quad * 2 + (e % 2);
-                            s[mt][t][e] = in_band(p, i, j) && i < p.seqlen_q
-                                              ? modify_score(p, s[mt][t][e], b, h, i, j, slope)
-                                              : -UFA_INF;
-                        }
-            } else {
-                // Raw scores stay unscaled: the scale is fused into exp2's argument below.
-                // Only tiles on the band's edges or past the last key need the per-element test.
-                const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
-                                                n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
-                                                n0 + BN <= p.seqlen_kv;
-                if (!whole_tile_visible) {
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                        for (int t = 0; t < Cfg::kSTiles; ++t)
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) {
-                                const int i = row_a + mt * 16 + (e / 2) * 8;
-                                const int j = n0 + t * 8 + quad * 2 + (e % 2);
-                                if (!in_band(p, i, j)) s[mt][t][e] = -UFA_INF;
-                            }
-                }
-            }
+            for (int mt = 0; mt < MT; ++mt)
+                mask_scores<SCORE_MOD, Cfg::kSTiles>(
+                    p, row_a + mt * 16, n0, quad, b, h, slope, visible,
+                    [&](int t, int e) -> float& { return s[mt][t][e]; });
 
             // Online softmax: new running max, rescale what was accumulated, P = exp2(S - max).
             // Without score modifiers S is raw q·k and `score_scale` (> 0, the host's rule for

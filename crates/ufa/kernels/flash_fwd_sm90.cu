@@ -108,32 +108,9 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
             wgmma_wait<0>();
             fence_regs(s);
 
-            if (SCORE_MOD) {
-#pragma unroll
-                for (int t = 0; t < kSTiles; ++t)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = row_a + (e / 2) * 8;
-                        const int j = n0 + t * 8 + quad * 2 + (e % 2);
-                        s[4 * t + e] = in_band(p, i, j) && i < p.seqlen_q
-                                           ? modify_score(p, s[4 * t + e], b, h, i, j, slope)
-                                           : -UFA_INF;
-                    }
-            } else {
-                const bool whole_tile_visible = n0 >= m_last + p.diag_offset - p.window_left &&
-                                                n0 + BN - 1 <= m0 + p.diag_offset + p.window_right &&
-                                                n0 + BN <= p.seqlen_kv;
-                if (!whole_tile_visible) {
-#pragma unroll
-                    for (int t = 0; t < kSTiles; ++t)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = row_a + (e / 2) * 8;
-                            const int j = n0 + t * 8 + quad * 2 + (e % 2);
-                            if (!in_band(p, i, j)) s[4 * t + e] = -UFA_INF;
-                        }
-                }
-            }
+            mask_scores<SCORE_MOD, kSTiles>(p, row_a, n0, quad, b, h, slope,
+                                            tile_visible(p, m0, m_last, n0, BN),
+                                            [&](int t, int e) -> float& { return s[4 * t + e]; });
 
             // Online softmax, as in flash_fwd.cu (scale fused into exp2 for plain scores).
             const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
