@@ -706,6 +706,20 @@ impl GradComparison {
                 .zip(self.tolerance)
                 .all(|(&e, t)| e <= t)
     }
+
+    /// One line: the three errors, their bounds and the unwritten count.
+    pub fn summary(&self) -> String {
+        format!(
+            "dq {:.2e} dk {:.2e} dv {:.2e} (bounds {:.0e} {:.0e} {:.0e}) unwritten {}",
+            self.dq,
+            self.dk,
+            self.dv,
+            self.tolerance[0],
+            self.tolerance[1],
+            self.tolerance[2],
+            self.unwritten
+        )
+    }
 }
 
 /// Runs forward and backward of `case` (with the LSE) and compares the gradients.
@@ -746,6 +760,16 @@ impl Comparison {
             && self.out_error <= self.tolerance
             && self.lse_error.is_none_or(|e| e <= LSE_TOLERANCE)
     }
+
+    /// One line: the output and LSE errors and the unwritten count.
+    pub fn summary(&self) -> String {
+        format!(
+            "err {:.2e} lse {:.2e} unwritten {}",
+            self.out_error,
+            self.lse_error.unwrap_or(0.0),
+            self.unwritten
+        )
+    }
 }
 
 /// The LSE is always fp32 computed from fp32 scores, whatever the input dtype.
@@ -765,6 +789,64 @@ pub fn seed() -> u64 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64)
         })
+}
+
+/// Runs `check` on every case with `ctx` (seed: `seed` plus the case's index), printing one
+/// line each (`label`, the case, `summary`); returns a line for every case that failed
+/// `passed` or returned an error. The loop behind [`run_on_every_isa`] and the GPU suites.
+pub fn run_checks<R: std::fmt::Debug>(
+    ctx: &Context,
+    label: &str,
+    cases: &[Case],
+    seed: u64,
+    check: &impl Fn(&Context, &Case, u64) -> Result<R>,
+    passed: &impl Fn(&R) -> bool,
+    summary: &impl Fn(&R) -> String,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let s = seed.wrapping_add(i as u64);
+        match check(ctx, c, s) {
+            Ok(r) => {
+                let ok = passed(&r);
+                let tag = if ok { "ok  " } else { "FAIL" };
+                println!("{tag} {label}{:<64} {}", c.describe(), summary(&r));
+                if !ok {
+                    failed.push(format!("{label}{} (seed {s}): {r:?}", c.describe()));
+                }
+            }
+            Err(e) => {
+                println!("ERR  {label}{:<64} {e}", c.describe());
+                failed.push(format!("{label}{} (seed {s}): {e}", c.describe()));
+            }
+        }
+    }
+    failed
+}
+
+/// [`run_checks`] with a two-thread context for every CPU kernel family this machine runs
+/// (seed: `$UFA_TEST_SEED` or fresh, printed); panics listing every failure.
+pub fn run_on_every_isa<R: std::fmt::Debug>(
+    cases: &[Case],
+    check: impl Fn(&Context, &Case, u64) -> Result<R>,
+    passed: impl Fn(&R) -> bool,
+    summary: impl Fn(&R) -> String,
+) {
+    let seed = seed();
+    println!("seed {seed} (replay with {SEED_ENV}={seed})");
+    let mut failed = Vec::new();
+    for isa in crate::Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+        let ctx = Context::builder()
+            .cpu_isa(isa)
+            .num_threads(2)
+            .build()
+            .expect("a context");
+        let label = format!("{isa:>9} ");
+        failed.extend(run_checks(
+            &ctx, &label, cases, seed, &check, &passed, &summary,
+        ));
+    }
+    assert!(failed.is_empty(), "seed {seed}: {failed:#?}");
 }
 
 /// Runs `case` with inputs from `seed` and compares it with the reference.
@@ -1141,24 +1223,7 @@ pub mod cuda {
         }
         let seed = super::seed();
         println!("seed {seed} (UFA_TEST_SEED={seed} replays)");
-        let mut failed = Vec::new();
-        for (i, c) in cases.iter().enumerate() {
-            let s = seed.wrapping_add(i as u64);
-            match check(&ctx, c, s) {
-                Ok(r) => {
-                    let ok = passed(&r);
-                    let tag = if ok { "ok  " } else { "FAIL" };
-                    println!("{tag} {:<64} {}", c.describe(), summary(&r));
-                    if !ok {
-                        failed.push(format!("{} (seed {s}): {r:?}", c.describe()));
-                    }
-                }
-                Err(e) => {
-                    println!("ERR  {:<64} {e}", c.describe());
-                    failed.push(format!("{} (seed {s}): {e}", c.describe()));
-                }
-            }
-        }
+        let failed = super::run_checks(&ctx, "", cases, seed, &check, &passed, &summary);
         report_and_assert(&ctx, &failed);
     }
 
@@ -1231,6 +1296,34 @@ pub mod cuda {
         inst.run_backward_cuda(ctx, ordinal)?;
         Ok(inst.compare_grads(&inst.reference_grads()?))
     }
+}
+
+/// The GPU suites' tensor-core cases: every head dim the tensor-core kernels are built for,
+/// both 16-bit dtypes, GQA/MQA, causal in both alignments with seqlen_q != seqlen_kv, and the
+/// score modifiers with a window. `vary_deterministic` (the backward suite) sets deterministic
+/// mode on about half of them, alternating by head dim.
+pub fn tensor_core_cases(vary_deterministic: bool) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, d) in [32, 64, 96, 128, 160, 192, 256].into_iter().enumerate() {
+            let mut c = Case::new(2, 129 + 7 * i, 257 - 11 * i, 4, d, dtype);
+            c.heads_kv = [1, 2, 4][i % 3];
+            c.deterministic = vary_deterministic && i % 2 == 0;
+            cases.push(c.clone());
+            c.causal = true;
+            cases.push(c.clone());
+            c.seqlen_q = 300;
+            c.seqlen_kv = 77;
+            c.deterministic = vary_deterministic && !c.deterministic;
+            cases.push(c.clone());
+            let mut m = Case::new(1, 70, 150, 4, d, dtype);
+            m.softcap = 20.0;
+            m.alibi = Some(Alibi::PerHead);
+            m.window = (40, 9);
+            cases.push(m);
+        }
+    }
+    cases
 }
 
 /// The GPU suites' spread of features and layouts (forward and backward): MQA/GQA with causal

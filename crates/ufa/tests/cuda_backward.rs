@@ -5,7 +5,7 @@
 //! `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
 
 use ufa::testing::cuda::{check_grads_cuda, gpu_present, run_suite};
-use ufa::testing::{feature_cases, standard_grad_cases, Alibi, Case, Instance};
+use ufa::testing::{feature_cases, standard_grad_cases, Alibi, Case, GradComparison, Instance};
 use ufa::{Context, DType};
 
 /// Runs every case's forward and backward on the GPU against the f64 reference gradients
@@ -14,13 +14,8 @@ fn run_grad_cases(cases: &[Case]) {
     run_suite(
         cases,
         |ctx, c, seed| check_grads_cuda(ctx, c, seed, 0),
-        |r| r.passed(),
-        |r| {
-            format!(
-                "dq {:.2e} dk {:.2e} dv {:.2e} (bounds {:.0e} {:.0e} {:.0e}) unwritten {}",
-                r.dq, r.dk, r.dv, r.tolerance[0], r.tolerance[1], r.tolerance[2], r.unwritten
-            )
-        },
+        GradComparison::passed,
+        GradComparison::summary,
     );
 }
 
@@ -38,26 +33,7 @@ fn standard_grad_cases_match_the_reference() {
 /// multiples of any tile, both modes.
 #[test]
 fn tensor_core_backward_matches_the_reference() {
-    let mut cases = Vec::new();
-    for dtype in [DType::BF16, DType::F16] {
-        for (i, d) in [32, 64, 96, 128, 160, 192, 256].into_iter().enumerate() {
-            let mut c = Case::new(2, 129 + 7 * i, 257 - 11 * i, 4, d, dtype);
-            c.heads_kv = [1, 2, 4][i % 3];
-            c.deterministic = i % 2 == 0;
-            cases.push(c.clone());
-            c.causal = true;
-            cases.push(c.clone());
-            c.seqlen_q = 300;
-            c.seqlen_kv = 77;
-            c.deterministic = !c.deterministic;
-            cases.push(c.clone());
-            let mut m = Case::new(1, 70, 150, 4, d, dtype);
-            m.softcap = 20.0;
-            m.alibi = Some(Alibi::PerHead);
-            m.window = (40, 9);
-            cases.push(m);
-        }
-    }
+    let cases = ufa::testing::tensor_core_cases(true);
     run_grad_cases(&cases);
 }
 

@@ -4,7 +4,7 @@
 //! scripts/gpu-check) makes a missing GPU a failure instead.
 
 use ufa::testing::cuda::{check_case_cuda, gpu_present, run_suite};
-use ufa::testing::{standard_cases, Alibi, Case, MaskSpec, Placement};
+use ufa::testing::{standard_cases, Alibi, Case, Comparison, MaskSpec, Placement};
 use ufa::{AttentionParams, Context, DType, Device, ErrorKind, TensorView, TensorViewMut};
 
 /// Runs every case's forward on the GPU against the f64 reference (see `run_suite`).
@@ -12,15 +12,8 @@ fn run_cases(cases: &[Case]) {
     run_suite(
         cases,
         |ctx, c, seed| check_case_cuda(ctx, c, seed, 0),
-        |r| r.passed(),
-        |r| {
-            format!(
-                "err {:.2e} lse {:.2e} unwritten {}",
-                r.out_error,
-                r.lse_error.unwrap_or(0.0),
-                r.unwritten
-            )
-        },
+        Comparison::passed,
+        Comparison::summary,
     );
 }
 
@@ -33,24 +26,7 @@ fn standard_cases_match_the_reference() {
 /// multiples of any tile.
 #[test]
 fn tensor_core_variants_match_the_reference() {
-    let mut cases = Vec::new();
-    for dtype in [DType::BF16, DType::F16] {
-        for (i, d) in [32, 64, 96, 128, 160, 192, 256].into_iter().enumerate() {
-            let mut c = Case::new(2, 129 + 7 * i, 257 - 11 * i, 4, d, dtype);
-            c.heads_kv = [1, 2, 4][i % 3];
-            cases.push(c.clone());
-            c.causal = true;
-            cases.push(c.clone());
-            c.seqlen_q = 300;
-            c.seqlen_kv = 77;
-            cases.push(c.clone());
-            let mut m = Case::new(1, 70, 150, 4, d, dtype);
-            m.softcap = 20.0;
-            m.alibi = Some(Alibi::PerHead);
-            m.window = (40, 9);
-            cases.push(m);
-        }
-    }
+    let cases = ufa::testing::tensor_core_cases(false);
     run_cases(&cases);
 }
 

@@ -621,8 +621,10 @@ pub(super) fn backward(
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::{check_grads, standard_grad_cases, Case, Instance};
-    use crate::{Context, DType, Isa};
+    use crate::testing::{
+        check_grads, run_on_every_isa, standard_grad_cases, Case, GradComparison, Instance,
+    };
+    use crate::{Context, DType};
 
     /// Long enough for the key pass to split keys into chunks (10 key blocks, 2 KV heads: two
     /// chunks), so partial dQ is summed across chunks.
@@ -635,25 +637,14 @@ mod tests {
 
     #[test]
     fn gradients_match_reference_on_every_isa() {
-        let seed = crate::testing::seed();
-        println!("seed {seed} (replay with UFA_TEST_SEED={seed})");
         let mut cases = standard_grad_cases();
         cases.extend([DType::F32, DType::BF16].map(chunked));
-        let mut failures = Vec::new();
-        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-            let ctx = Context::builder()
-                .cpu_isa(isa)
-                .num_threads(2)
-                .build()
-                .unwrap();
-            for (i, case) in cases.iter().enumerate() {
-                let cmp = check_grads(&ctx, case, seed.wrapping_add(i as u64)).unwrap();
-                if !cmp.passed() {
-                    failures.push(format!("{isa} {}: {cmp:?}", case.describe()));
-                }
-            }
-        }
-        assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
+        run_on_every_isa(
+            &cases,
+            check_grads,
+            GradComparison::passed,
+            GradComparison::summary,
+        );
     }
 
     #[test]
