@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::RwLock;
 use std::time::Instant;
+use wgmma::runs_wgmma;
 
 /// Runs `f`, turning a panic inside it (cudarc panics when a library or symbol is missing)
 /// into an error, so no panic crosses into the caller.
@@ -160,7 +161,7 @@ impl CudaBackend {
             ("dv", p.dv.ptr),
         ]);
         check_pointers(&tensors, ordinal)?;
-        let plan = backward::Plan::select(p, dev.max_smem_per_block, dev.arch() == "sm_90a");
+        let plan = backward::Plan::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
         let launches = backward::launches(p, &plan)?;
         let kernels = launches
             .iter()
@@ -197,7 +198,7 @@ impl CudaBackend {
         let (ordinal, dev) = usable_device(p)?;
         let _ctx = driver::driver()?.enter(ordinal)?;
         check_pointers(&tensors_of(p), ordinal)?;
-        let variant = Variant::select(p, dev.max_smem_per_block, dev.arch() == "sm_90a");
+        let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
         let params = FwdParams::new(p, variant.rows_per_block())?;
         let grid = variant.grid(p)?;
         if grid.0 == 0 {
@@ -303,7 +304,7 @@ pub fn compile_all_variants(arch: &str) -> Result<Vec<CompileReport>> {
     // UFA_COMPILE_ONLY=text keeps the variants whose kernel name contains it (while editing
     // one kernel).
     let only = std::env::var("UFA_COMPILE_ONLY").unwrap_or_default();
-    let variants: Vec<Variant> = Variant::all(smem, arch == "sm_90a")
+    let variants: Vec<Variant> = Variant::all(smem, runs_wgmma(arch))
         .into_iter()
         .filter(|v| v.kernel_name().contains(&only))
         .collect();

@@ -5,6 +5,12 @@
 //! its own asm statement; they are generated here for the two N a variant uses instead of
 //! keeping a hand-written list of 64- to 128-operand statements in the repository.
 
+/// Whether code compiled for `arch` may use wgmma: only the sm_90a target has it (which
+/// [`super::driver::arch_name`] gives compute capability 9.0; later chips have other MMAs).
+pub(crate) fn runs_wgmma(arch: &str) -> bool {
+    arch == "sm_90a"
+}
+
 /// Head dims the Hopper kernel handles: whole 64-element (128-byte) swizzle atoms.
 pub(crate) const WGMMA_HEAD_DIMS: [usize; 4] = [64, 128, 192, 256];
 
@@ -340,6 +346,15 @@ mod tests {
         }
         assert_eq!(wgmma_tile_for(96, false, 232_448), None);
         assert_eq!(wgmma_tile_for(256, false, 101_376), None);
+    }
+
+    #[test]
+    fn only_hopper_targets_run_wgmma() {
+        use super::super::driver::arch_name;
+        assert!(runs_wgmma(&arch_name((9, 0))));
+        for cc in [(8, 0), (8, 6), (8, 9), (10, 0), (12, 0)] {
+            assert!(!runs_wgmma(&arch_name(cc)), "{cc:?}");
+        }
     }
 
     #[test]
