@@ -308,6 +308,12 @@ pub fn compile_all_variants(arch: &str) -> Result<Vec<CompileReport>> {
         .into_iter()
         .filter(|v| v.kernel_name().contains(&only))
         .collect();
+    if variants.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("UFA_COMPILE_ONLY={only:?} matches no kernel variant for {arch}"),
+        ));
+    }
     let results: Vec<Result<CompileReport>> = std::thread::scope(|s| {
         let chunks: Vec<_> = variants
             .chunks(
