@@ -53,18 +53,23 @@ fn main() {
         Ok(ms) => {
             let fwd = forward_flops(batch, heads, seqlen, seqlen, head_dim, head_dim, causal);
             let flops = if backward { 2.5 * fwd } else { fwd };
-            // The main kernel: the forward's, or the backward's tensor-core (or first) kernel.
-            let main = format!("ufa_{}_{dtype}_", if backward { "bwd" } else { "fwd" });
+            // The main kernel: the forward's, or the backward's tensor-core (or first) kernel
+            // (ufa_fwd_*, ufa_fwd90_*, ufa_bwd_*, ufa_bwd90_*), with its registers and spills.
+            let pass_prefix = if backward { "ufa_bwd" } else { "ufa_fwd" };
             let reports = ctx.cuda_module_reports();
-            let kernel = reports
+            let main = reports
                 .iter()
-                .find(|r| r.kernel.starts_with(&main))
-                .or(reports.first())
-                .map(|r| r.kernel.clone())
+                .find(|r| {
+                    r.kernel.starts_with(pass_prefix) && r.kernel.contains(&format!("_{dtype}_"))
+                })
+                .or(reports.first());
+            let (kernel, registers, spill) = main
+                .map(|r| (r.kernel.clone(), r.registers, r.spill_bytes))
                 .unwrap_or_default();
             println!(
                 "{{\"batch\":{batch},\"seqlen\":{seqlen},\"heads\":{heads},\"head_dim\":{head_dim},\"causal\":{causal},\
-                 \"ms\":{ms:.5},\"tflops\":{:.2},\"kernel\":\"{kernel}\"}}",
+                 \"ms\":{ms:.5},\"tflops\":{:.2},\"kernel\":\"{kernel}\",\"registers\":{registers},\
+                 \"spill_bytes\":{spill}}}",
                 flops / (ms * 1e-3) / 1e12
             );
         }

@@ -1,113 +1,203 @@
-// Backward attention on Hopper tensor cores (wgmma, sm_90a), head dims 64 and 128.
+// Backward attention on Hopper (sm_90a), head dims 64 and 128: warpgroup MMAs fed by the
+// tensor memory accelerator, with warp specialisation.
 //
-// The algorithm, parameter block, workspace and deterministic dQ order are flash_bwd.cu's; the
-// products run as warpgroup MMAs. A block owns BLOCK_N keys of one (batch, KV head), 64 per
-// warpgroup, and walks every query block (BLOCK_M rows) and query head of the GQA group that
-// sees them. Per query block each warpgroup, for its 64 keys:
+// The algorithm, workspace and deterministic dQ order are flash_bwd.cu's. A block owns BLOCK_N
+// keys of one (batch, KV head) and walks every query block (BLOCK_M rows) and query head of the
+// GQA group that sees them. Warpgroup 0 is the producer: one thread loads K and V once, then
+// Q, dO, LSE and D of each step into a ring of stages (TMA, transaction barriers), waiting
+// only for a stage to be released; one thread of its second warp adds each step's dQ tile
+// into the fp32 buffer (TMA reductions from a ring of two tiles), taking the deterministic
+// turns, so the consumers never wait for global memory. The other warpgroups (64 keys each)
+// consume, per step:
 //   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (both operands in shared memory);
 //   2. Pᵀ = exp2(Sᵀ - LSE), dSᵀ = Pᵀ ∘ (dPᵀ - D), in the accumulator registers;
-//   3. dV += Pᵀ dO and dK += dSᵀ Q, with Pᵀ and dSᵀ as register A operands (no shared-memory
-//      round trip) and dO, Q read transposed by their descriptors;
-//   4. dSᵀ to shared memory; after a block barrier, dQ(block) = dS K with the head dim split
-//      between the warpgroups (dS read transposed), added into the fp32 buffer.
-// Needs common.cuh, mma.cuh (red_add_tile, the turn counters) and wgmma.cuh (the swizzled
-// tiles) before it, and the host-generated wrappers wgmma_sdp (N = BLOCK_M), wgmma_dkv
-// (N = HEAD_DIM, register A, B transposed) and wgmma_dq (N = HEAD_DIM / warpgroups, at most 64;
-// A and B transposed).
+//   3. dV += Pᵀ dO and dK += dSᵀ Q, with Pᵀ and dSᵀ as register A operands and dO, Q read
+//      transposed by their descriptors;
+//   4. dSᵀ to shared memory; after a consumer barrier, dQ(block) = dS K with the head dim split
+//      between the consumers (dS read transposed), written to a dQ tile in shared memory as
+//      fp32 for the writer.
+// Needs common.cuh, mma.cuh (the turn counters), wgmma.cuh and tma.cuh before it, and the
+// host-generated wrappers wgmma_sdp (N = BLOCK_M), wgmma_dkv (N = HEAD_DIM, register A, B
+// transposed) and wgmma_dq (N = HEAD_DIM / consumers, at most 64; A and B transposed).
 
-template <int HEAD_DIM, int BLOCK_M, int BLOCK_N>
+// The kernel's parameter block: BwdParams and the tensor maps of Q, dO, K, V ([batch, heads,
+// seq, head_dim] boxes of 64 columns, 128-byte swizzle) and of the fp32 dQ buffer ([batch x
+// heads_q, seqlen_q, head_dim] boxes of 32 columns). Mirrors `BwdSm90Params` in
+// src/cuda/tma.rs.
+struct BwdSm90Params {
+    BwdParams bp;
+    TmaMap q, dout, k, v, dq;
+};
+static_assert(sizeof(BwdSm90Params) == 512 + 5 * 128, "BwdSm90Params must match its Rust mirror");
+
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int MIN_BLOCKS>
 struct BwdWgmmaConfig {
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "dK and dV of 64 keys fit registers");
     static_assert(BLOCK_M == 64, "dSᵀ is one 64-query swizzle block; dQ one m64 tile");
-    static_assert(BLOCK_N % 64 == 0, "each warpgroup owns 64 keys");
+    static_assert(BLOCK_N % 64 == 0, "each consumer warpgroup owns 64 keys");
     static constexpr int kHeadDim = HEAD_DIM;
     static constexpr int kBlockM = BLOCK_M;
     static constexpr int kBlockN = BLOCK_N;
-    static constexpr int kWarpgroups = BLOCK_N / 64;
-    static constexpr int kThreads = kWarpgroups * 128;
+    static constexpr int kConsumers = BLOCK_N / 64;
+    static constexpr int kConsumerThreads = kConsumers * 128;
+    static constexpr int kThreads = kConsumerThreads + 128;
+    static constexpr int kStages = 2;
     static constexpr int kKvBytes = BLOCK_N * HEAD_DIM * 2;
     static constexpr int kQBytes = BLOCK_M * HEAD_DIM * 2;
     static constexpr int kDsBytes = BLOCK_N * BLOCK_M * 2;
-    // K, V, two stages of (Q, dO), dSᵀ, two stages of (LSE, D), 1024 bytes of alignment slack.
-    static constexpr int kSmemBytes = 2 * kKvBytes + 4 * kQBytes + kDsBytes + 4 * BLOCK_M * 4 + 1024;
-    static_assert(BLOCK_M / 2 <= kThreads, "the LSE and D loads take a thread per 16 bytes");
+    static constexpr int kDqBytes = BLOCK_M * HEAD_DIM * 4;
+    static constexpr int kStatBytes = 2 * BLOCK_M * 4;  // LSE and D of one stage
+    static constexpr int kDqTiles = 2;
+    // Offsets from the 1024-byte aligned base: K, V, the stages' (Q, dO), dSᵀ, the dQ tiles,
+    // the stages' (LSE, D), then the barriers (K/V full; full and empty per stage; full and
+    // empty per dQ tile).
+    static constexpr int kV = kKvBytes;
+    static constexpr int kQ = 2 * kKvBytes;
+    static constexpr int kDs = kQ + kStages * 2 * kQBytes;
+    static constexpr int kDq = kDs + kDsBytes;
+    static constexpr int kStat = kDq + kDqTiles * kDqBytes;
+    static constexpr int kBars = kStat + kStages * kStatBytes;
+    static constexpr int kSmemBytes = kBars + (1 + 2 * kStages + 2 * kDqTiles) * 8 + 1024;
+    static_assert(kDs % 1024 == 0 && kDq % 1024 == 0, "swizzled tiles start 1024-byte aligned");
+    // Registers: the producer keeps 24 a thread and the consumers take the rest of the block's
+    // share (MIN_BLOCKS blocks an SM), at most 240.
+    static constexpr int kProducerRegs = 24;
+    static constexpr int kRegsPerThread = (65536 / MIN_BLOCKS / kThreads) & ~7;
+    static constexpr int kConsumerRegsFit =
+        ((kRegsPerThread * kThreads - kProducerRegs * 128) / kConsumerThreads) & ~7;
+    static constexpr int kConsumerRegs = kConsumerRegsFit < 240 ? kConsumerRegsFit : 240;
+    static_assert(kRegsPerThread <= 248, "setmaxnreg needs the launch's count a multiple of 8");
 };
 
 template <typename T, typename Cfg, bool SCORE_MOD>
-__device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
+__device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
+    const BwdParams& bp = sp.bp;
     const FwdParams& p = bp.f;
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
     constexpr int BN = Cfg::kBlockN;
+    constexpr int S = Cfg::kStages;
     extern __shared__ __align__(1024) uint8_t smem_raw[];
-    const uint32_t sK = (smem_addr(smem_raw) + 1023) & ~1023u;
-    const uint32_t sV = sK + Cfg::kKvBytes;
-    const uint32_t sQ0 = sV + Cfg::kKvBytes;  // stage s: Q at sQ0 + 2 s kQBytes, dO after it
-    const uint32_t sdS = sQ0 + 4 * Cfg::kQBytes;
-    const uint32_t stat_addr = sdS + Cfg::kDsBytes;
-    // The generic pointer of the LSE/D area, for ordinary loads.
-    float* sStat = (float*)(smem_raw + (stat_addr - smem_addr(smem_raw)));
+    const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+    const uint32_t sK = base, sV = base + Cfg::kV;
+    const uint32_t sdS = base + Cfg::kDs;
+    const uint32_t bar_kv = base + Cfg::kBars;
+    auto sQ = [&](int stage) { return base + Cfg::kQ + stage * 2 * Cfg::kQBytes; };
+    auto stat = [&](int stage) { return base + Cfg::kStat + stage * Cfg::kStatBytes; };
+    auto full = [&](int stage) { return bar_kv + 8 + stage * 8; };
+    auto empty = [&](int stage) { return bar_kv + 8 + S * 8 + stage * 8; };
+    auto sdQ = [&](int tile) { return base + Cfg::kDq + tile * Cfg::kDqBytes; };
+    auto dq_full = [&](int tile) { return bar_kv + 8 + 2 * S * 8 + tile * 8; };
+    auto dq_empty = [&](int tile) { return bar_kv + 8 + 2 * S * 8 + Cfg::kDqTiles * 8 + tile * 8; };
 
     const int tid = threadIdx.x;
     const int warp = tid / 32;
     const int lane = tid % 32;
     const int wg = warp / 4;
-    const int group = lane / 4;
-    const int quad = lane % 4;
     const KeyBlock w = key_block(bp, BM, BN);
     const int b = w.b, hk = w.hk, n0 = w.n0;
     const int m_first = w.m_first, m_count = w.m_count, total = w.total;
-    const uint16_t *k_head = w.k, *v_head = w.v;
+
+    if (tid == 0) {
+        mbar_init(bar_kv, 1);
+        for (int s = 0; s < S; ++s) {
+            mbar_init(full(s), 1);
+            mbar_init(empty(s), Cfg::kConsumers * 4);  // a consumer warp's lane 0 each
+        }
+        for (int t = 0; t < Cfg::kDqTiles; ++t) {
+            mbar_init(dq_full(t), Cfg::kConsumers * 4);
+            mbar_init(dq_empty(t), 1);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();  // the last block-wide barrier: the roles part here
+
+    if (wg == 0) {
+        regs_release<Cfg::kProducerRegs>();
+        if (tid == 32 && total > 0) {
+            // dQ writer: adds each step's tile, in the key blocks' turn when deterministic.
+            for (int it = 0; it < total; ++it) {
+                const int tile = it % Cfg::kDqTiles;
+                mbar_wait(dq_full(tile), (it / Cfg::kDqTiles) & 1);
+                const int h = hk * p.group + it / m_count;
+                const int m_block = m_first + it % m_count;
+                const int m0 = m_block * BM;
+                int my_turn = 0;
+                int32_t* turn = dq_turn(bp, w, h, m_block, m0, min(m0 + BM, p.seqlen_q) - 1, BN, my_turn);
+                if (turn != nullptr) {
+                    dq_turn_spin(turn, my_turn);
+                    fence_proxy_async_global();
+                }
+                const int head_row = b * p.heads_q + h;
+#pragma unroll
+                for (int box = 0; box < D / 32; ++box)
+                    tma_reduce_add_3d(&sp.dq, box * 32, m0, head_row, sdQ(tile) + box * (BM * 128));
+                bulk_commit();
+                if (turn != nullptr) {
+                    // The adds are performed before the next key block takes the turn.
+                    bulk_wait();
+                    fence_proxy_async_global();
+                    store_release(turn, my_turn + 1);
+                } else {
+                    bulk_wait_read();
+                }
+                mbar_arrive(dq_empty(tile));
+            }
+            bulk_wait();  // the block's shared memory outlives its last reduction
+        }
+        if (tid != 0 || total == 0) return;
+        // Loader.
+        mbar_arrive_expect_tx(bar_kv, 2 * Cfg::kKvBytes);
+#pragma unroll
+        for (int cb = 0; cb < D / 64; ++cb) {
+            tma_load_4d(sK + cb * BN * 128, &sp.k, cb * 64, n0, hk, b, bar_kv);
+            tma_load_4d(sV + cb * BN * 128, &sp.v, cb * 64, n0, hk, b, bar_kv);
+        }
+        for (int it = 0; it < total; ++it) {
+            const int stage = it % S;
+            if (it >= S) mbar_wait(empty(stage), ((it / S) & 1) ^ 1);
+            const int h = hk * p.group + it / m_count;
+            const int m0 = (m_first + it % m_count) * BM;
+            mbar_arrive_expect_tx(full(stage), 2 * Cfg::kQBytes + Cfg::kStatBytes);
+#pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb) {
+                tma_load_4d(sQ(stage) + cb * BM * 128, &sp.q, cb * 64, m0, h, b, full(stage));
+                tma_load_4d(sQ(stage) + Cfg::kQBytes + cb * BM * 128, &sp.dout, cb * 64, m0, h, b,
+                            full(stage));
+            }
+            // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds.
+            const int64_t stat_row = ((int64_t)b * p.heads_q + h) * bp.seqlen_q_pad + m0;
+            bulk_load(stat(stage), bp.lse2 + stat_row, BM * 4, full(stage));
+            bulk_load(stat(stage) + BM * 4, bp.delta + stat_row, BM * 4, full(stage));
+        }
+        return;
+    }
+
+    // Consumers.
+    regs_claim<Cfg::kConsumerRegs>();
+    const int cw = wg - 1;          // consumer index: keys cw * 64 ...
+    const int group = lane / 4;
+    const int quad = lane % 4;
+    // The LSE/D area's generic pointer, for ordinary loads.
+    const float* stat_ptr = (const float*)(smem_raw + (base + Cfg::kStat - smem_addr(smem_raw)));
 
     // This thread's key rows (accumulator rows): `group` and `group + 8` of its warp's 16.
-    const int key_row = wg * 64 + (warp % 4) * 16 + group;  // within the block
+    const int key_row = cw * 64 + (warp % 4) * 16 + group;  // within the block
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
-
-    auto load_stage = [&](int stage, int it) {
-        const int h = hk * p.group + it / m_count;
-        const int m0 = (m_first + it % m_count) * BM;
-        const uint32_t sQ = sQ0 + stage * 2 * Cfg::kQBytes;
-        load_tile_sw128<Cfg, BM>(sQ, (const uint16_t*)p.q + b * p.q_stride[0] + h * p.q_stride[2],
-                                 p.q_stride[1], m0, p.seqlen_q);
-        load_tile_sw128<Cfg, BM>(sQ + Cfg::kQBytes,
-                                 (const uint16_t*)bp.dout + b * bp.do_stride[0] + h * bp.do_stride[2],
-                                 bp.do_stride[1], m0, p.seqlen_q);
-        // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds to check.
-        const int64_t stat_row = ((int64_t)b * p.heads_q + h) * bp.seqlen_q_pad + m0;
-        const uint32_t st = stat_addr + stage * 2 * BM * 4;
-        if (tid < BM / 4) {
-            cp_async_16_to(st + tid * 16, bp.lse2 + stat_row + tid * 4, 16);
-        } else if (tid < BM / 2) {
-            const int c = tid - BM / 4;
-            cp_async_16_to(st + BM * 4 + c * 16, bp.delta + stat_row + c * 4, 16);
-        }
-    };
-
-    if (total > 0) {
-        load_tile_sw128<Cfg, BN>(sK, k_head, p.k_stride[1], n0, p.seqlen_kv);
-        load_tile_sw128<Cfg, BN>(sV, v_head, p.v_stride[1], n0, p.seqlen_kv);
-        load_stage(0, 0);
-        cp_async_commit();
-    }
+    if (total > 0) mbar_wait(bar_kv, 0);
 
     for (int it = 0; it < total; ++it) {
-        const int stage = it % 2;
-        cp_async_wait<0>();
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        __syncthreads();  // this stage landed; every warp is done with the previous iteration
-        if (it + 1 < total) {
-            load_stage(stage ^ 1, it + 1);
-            cp_async_commit();
-        }
+        const int stage = it % S;
+        mbar_wait(full(stage), (it / S) & 1);
         const int h = hk * p.group + it / m_count;
         const int m_block = m_first + it % m_count;
         const int m0 = m_block * BM;
         const int m_last = min(m0 + BM, p.seqlen_q) - 1;
-        const uint32_t sQ = sQ0 + stage * 2 * Cfg::kQBytes;
-        const uint32_t sdO = sQ + Cfg::kQBytes;
-        const float* lse2 = sStat + stage * 2 * BM;
+        const uint32_t sQs = sQ(stage);
+        const uint32_t sdO = sQs + Cfg::kQBytes;
+        const float* lse2 = stat_ptr + stage * 2 * BM;
         const float* delta = lse2 + BM;
 
         // 1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warpgroup's 64 keys.
@@ -115,14 +205,14 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t col = (kk / 4) * (BN * 128) + wg * 64 * 128 + (kk % 4) * 32;
+            const uint32_t col = (kk / 4) * (BN * 128) + cw * 64 * 128 + (kk % 4) * 32;
             const uint32_t qcol = (kk / 4) * (BM * 128) + (kk % 4) * 32;
-            wgmma_sdp<T>(s, sw128_desc(sK + col, 16), sw128_desc(sQ + qcol, 16), kk > 0);
+            wgmma_sdp<T>(s, sw128_desc(sK + col, 16), sw128_desc(sQs + qcol, 16), kk > 0);
         }
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t col = (kk / 4) * (BN * 128) + wg * 64 * 128 + (kk % 4) * 32;
+            const uint32_t col = (kk / 4) * (BN * 128) + cw * 64 * 128 + (kk % 4) * 32;
             const uint32_t qcol = (kk / 4) * (BM * 128) + (kk % 4) * 32;
             wgmma_sdp<T>(dp, sw128_desc(sV + col, 16), sw128_desc(sdO + qcol, 16), kk > 0);
         }
@@ -139,28 +229,40 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
             wgmma_wait<1>();
         }
         fence_regs(s);
+        if (SCORE_MOD) {
 #pragma unroll
-        for (int t = 0; t < BM / 8; ++t)
+            for (int t = 0; t < BM / 8; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int ic = t * 8 + quad * 2 + (e % 2);
-                const int i = m0 + ic;
-                const int j = n0 + key_row + (e / 2) * 8;
-                if (SCORE_MOD) {
-                    float dfac;
+                for (int e = 0; e < 4; ++e) {
+                    const int ic = t * 8 + quad * 2 + (e % 2);
+                    const int i = m0 + ic;
+                    const int j = n0 + key_row + (e / 2) * 8;
+                    float dfac = 1.f;
                     const float x = in_band(p, i, j) && i < p.seqlen_q
                                         ? modify_score<true>(p, s[4 * t + e], b, h, i, j, slope, &dfac)
                                         : -UFA_INF;
                     const float pv = fast_exp2(x - lse2[ic]);
                     s[4 * t + e] = pv;
                     dp[4 * t + e] = pv * (dp[4 * t + e] - delta[ic]) * dfac;
-                } else {
-                    const float x = whole_tile_visible || in_band(p, i, j)
-                                        ? s[4 * t + e] * p.scale_log2
-                                        : -UFA_INF;
+                }
+        } else if (whole_tile_visible) {
+#pragma unroll
+            for (int t = 0; t < BM / 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    s[4 * t + e] = fast_exp2(
+                        fmaf(s[4 * t + e], p.scale_log2, -lse2[t * 8 + quad * 2 + (e % 2)]));
+        } else {
+#pragma unroll
+            for (int t = 0; t < BM / 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ic = t * 8 + quad * 2 + (e % 2);
+                    const int j = n0 + key_row + (e / 2) * 8;
+                    const float x = in_band(p, m0 + ic, j) ? s[4 * t + e] * p.scale_log2 : -UFA_INF;
                     s[4 * t + e] = fast_exp2(x - lse2[ic]);
                 }
-            }
+        }
         if (!SCORE_MOD) {
             wgmma_wait<0>();
             fence_regs(dp);
@@ -186,36 +288,36 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
             wgmma_dkv<T>(dv, pa[kk], sw128_desc(sdO + kk * 16 * 128, BM * 128), 1);
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_dkv<T>(dk, da[kk], sw128_desc(sQ + kk * 16 * 128, BM * 128), 1);
+            wgmma_dkv<T>(dk, da[kk], sw128_desc(sQs + kk * 16 * 128, BM * 128), 1);
         wgmma_commit();
 
         // 4. dSᵀ to shared memory while those run: [BLOCK_N keys][64 queries], swizzled, the
         // MN-major A of dQ = dS K. Registers da[kk][r] hold (row, cols 16 kk + 8 (r / 2) +
         // 2 quad, +1) with row `group` for even r and `group + 8` for odd r.
+        const uint32_t ds_row = sdS + key_row * 128 + (group << 4) + quad * 4;  // key_row % 8 == group
 #pragma unroll
         for (int kk = 0; kk < BM / 16; ++kk)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int row = key_row + (r % 2) * 8;
-                const int chunk = 2 * kk + r / 2;
-                const uint32_t addr = sdS + row * 128 + ((chunk ^ (row % 8)) << 4) + quad * 4;
-                asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(da[kk][r]) : "memory");
-            }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        __syncthreads();  // every warpgroup's dSᵀ is in place
+            for (int r = 0; r < 4; ++r)
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sw128_chunk(ds_row, 2 * kk + r / 2) +
+                                                             (r % 2) * 8 * 128),
+                             "r"(da[kk][r])
+                             : "memory");
+        fence_proxy_async_shared();
+        named_barrier_sync(1, Cfg::kConsumerThreads);  // every consumer's dSᵀ is in place
+        const int tile = it % Cfg::kDqTiles;
+        if (it >= Cfg::kDqTiles) mbar_wait(dq_empty(tile), ((it / Cfg::kDqTiles) & 1) ^ 1);
 
         // dQ(block)[:, columns of this warpgroup] = dS K over the block's keys, in passes of at
-        // most 64 columns (32 accumulator registers) added into the fp32 buffer one by one.
-        int my_turn = 0;
-        int32_t* turn = dq_turn_wait(bp, w, h, m_block, m0, m_last, BN, my_turn);
-        constexpr int DQ_COLS = D / Cfg::kWarpgroups;
+        // most 64 columns (32 accumulator registers), into the fp32 dQ tile: boxes of 32
+        // columns x BLOCK_M rows with the 128-byte swizzle, as the TMA reduction reads them.
+        constexpr int DQ_COLS = D / Cfg::kConsumers;
         constexpr int DQ_N = DQ_COLS > 64 ? 64 : DQ_COLS;
-        float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
-        const int i = m0 + (warp % 4) * 16;  // first row of this warp's 16
-        const bool row_ok = i + group < p.seqlen_q, row8_ok = i + group + 8 < p.seqlen_q;
+        const int row = (warp % 4) * 16 + group;  // this thread's dQ rows: row, row + 8
+        static_assert(DQ_N % 32 == 0, "dQ passes start on a box");
 #pragma unroll
         for (int pass = 0; pass < DQ_COLS / DQ_N; ++pass) {
-            const int col0 = wg * DQ_COLS + pass * DQ_N;
+            const int col0 = cw * DQ_COLS + pass * DQ_N;
             // K's column `col0`: a column block, plus 64 bytes into it when two warpgroups
             // split d64 (the swizzle is applied to the whole address, so a start inside a row
             // is exact).
@@ -229,16 +331,29 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdParams& bp) {
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(acc);
+            // Column col0 + 8 t + 2 quad: box (col0 + 8 t) / 32, chunk 2 t % 8 + quad / 2 (col0 is
+            // a multiple of 32), byte 8 (quad % 2) of it.
+            const uint32_t dq_row =
+                sdQ(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
 #pragma unroll
             for (int t = 0; t < DQ_N / 8; ++t) {
-                const float c[4] = {acc[4 * t], acc[4 * t + 1], acc[4 * t + 2], acc[4 * t + 3]};
-                red_add_tile(dq_rows + (int64_t)i * D + col0 + t * 8, D, c, group, quad, row_ok,
-                             row8_ok);
+                const uint32_t addr =
+                    sw128_chunk(dq_row, (2 * t) % 8) + ((col0 + 8 * t) / 32) * (BM * 128);
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(acc[4 * t]),
+                             "f"(acc[4 * t + 1])
+                             : "memory");
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr + 8 * 128),
+                             "f"(acc[4 * t + 2]), "f"(acc[4 * t + 3])
+                             : "memory");
             }
         }
+        // Every MMA reading this stage (dK's and dV's too) has completed: release it.
+        if (lane == 0) mbar_arrive(empty(stage));
+        fence_proxy_async_shared();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(dq_full(tile));  // this warp's part of the dQ tile is in place
         fence_regs(dk);
         fence_regs(dv);
-        dq_turn_pass(turn, my_turn);
     }
 
     // dK (times the softmax scale, which the scores carried) and dV; keys of blocks no query

@@ -177,21 +177,31 @@ __device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, 
     return w;
 }
 
-// Deterministic mode: key blocks add into a query block's dQ in descending order. Blocks
-// (thread 0, then all) until it is this key block's turn for query block `m_block` (rows m0..
-// m_last) of head h; returns the counter and this block's turn, or null when not deterministic.
-__device__ __forceinline__ int32_t* dq_turn_wait(const BwdParams& bp, const KeyBlock& w, int h,
-                                                 int m_block, int m0, int m_last, int block_n,
-                                                 int& my_turn) {
+// Deterministic mode: key blocks add into a query block's dQ in descending order. The turn
+// counter of query block `m_block` (rows m0..m_last) of head h and this key block's turn in
+// it (`my_turn`), or null when not deterministic.
+__device__ __forceinline__ int32_t* dq_turn(const BwdParams& bp, const KeyBlock& w, int h,
+                                            int m_block, int m0, int m_last, int block_n,
+                                            int& my_turn) {
     if (!bp.deterministic) return nullptr;
     int key_lo, key_hi;
     band_of_rows(bp.f, m0, m_last, key_lo, key_hi);
     my_turn = (key_hi - 1) / block_n - w.n_block;
-    int32_t* turn = bp.order + ((int64_t)w.b * bp.f.heads_q + h) * bp.num_m_blocks + m_block;
-    if (threadIdx.x == 0) {
-        while (load_acquire(turn) != my_turn) {
-        }
+    return bp.order + ((int64_t)w.b * bp.f.heads_q + h) * bp.num_m_blocks + m_block;
+}
+
+__device__ __forceinline__ void dq_turn_spin(const int32_t* turn, int my_turn) {
+    while (load_acquire(turn) != my_turn) {
     }
+}
+
+// dq_turn, then blocks (thread 0 spins, then all) until it is this key block's turn.
+__device__ __forceinline__ int32_t* dq_turn_wait(const BwdParams& bp, const KeyBlock& w, int h,
+                                                 int m_block, int m0, int m_last, int block_n,
+                                                 int& my_turn) {
+    int32_t* turn = dq_turn(bp, w, h, m_block, m0, m_last, block_n, my_turn);
+    if (turn == nullptr) return nullptr;
+    if (threadIdx.x == 0) dq_turn_spin(turn, my_turn);
     __syncthreads();
     return turn;
 }

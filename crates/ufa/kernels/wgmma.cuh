@@ -57,6 +57,17 @@ __device__ __forceinline__ void load_tile_sw128(uint32_t tile, const uint16_t* h
     }
 }
 
+// Address of 16-byte chunk `chunk` (0..7) of a row of a 128-byte swizzled block, given
+// `row_addr`: the row's address with chunk 0's swizzled position, (row % 8) * 16, added (and any
+// byte offset below 16). The swizzle is an xor of address bits 4-6, so this is one xor. The asm
+// is volatile so that it is computed where used: hoisted out of the backward's loop, a row's
+// eight addresses took registers that its MMA accumulators need, and spilled (2026-11-26).
+__device__ __forceinline__ uint32_t sw128_chunk(uint32_t row_addr, int chunk) {
+    uint32_t a;
+    asm volatile("xor.b32 %0, %1, %2;" : "=r"(a) : "r"(row_addr), "r"(chunk << 4));
+    return a;
+}
+
 // Shared-memory matrix descriptor, 128-byte swizzle. `lbo` is the distance between 64-element
 // column blocks for MN-major operands (V); K-major ones (Q, K) span one block per k-step and
 // pass 16, the customary placeholder. 8-row groups are 1024 bytes apart. `addr` (a shared

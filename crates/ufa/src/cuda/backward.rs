@@ -9,7 +9,7 @@ use super::kernels::{
     bsh, bwd_tile_for, grid, operands_aligned16, query_and_key_dims, FwdParams, RowKernel, Variant,
     ROW_WARPS,
 };
-use super::wgmma;
+use super::{tma, wgmma};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::problem::BackwardProblem;
@@ -88,8 +88,8 @@ impl Plan {
         ]);
         let tensor_cores = half && same && aligned && f.head_dim == f.head_dim_v;
         let score_mod = f.softcap > 0.0 || f.alibi.is_some() || f.mask.is_some();
-        if tensor_cores && hopper && wgmma::wgmma_enabled() {
-            if let Some(tile) = wgmma::bwd_tile_for(f.head_dim, max_smem) {
+        if tensor_cores && hopper && wgmma::wgmma_enabled() && tma::backward_maps_possible(p) {
+            if let Some(tile) = wgmma::bwd_tile_for(f.head_dim, max_smem, p.deterministic) {
                 return Plan::Mma(Variant::BwdWgmma {
                     dtype,
                     tile,

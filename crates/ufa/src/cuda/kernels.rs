@@ -17,6 +17,7 @@ pub(crate) const SIMPLE_SOURCE: &str = include_str!("../../kernels/attention_sim
 pub(crate) const BWD_MMA_SOURCE: &str = include_str!("../../kernels/flash_bwd.cu");
 pub(crate) const BWD_ROWS_SOURCE: &str = include_str!("../../kernels/backward_rows.cu");
 pub(crate) const WGMMA_COMMON_SOURCE: &str = include_str!("../../kernels/wgmma.cuh");
+pub(crate) const TMA_SOURCE: &str = include_str!("../../kernels/tma.cuh");
 pub(crate) const SM90_SOURCE: &str = include_str!("../../kernels/flash_fwd_sm90.cu");
 pub(crate) const SM90_BWD_SOURCE: &str = include_str!("../../kernels/flash_bwd_sm90.cu");
 
@@ -475,11 +476,15 @@ impl Variant {
         }
     }
 
-    /// The C type of the kernel's one parameter.
+    /// The declaration of the kernel's one parameter's type. The Hopper backward's holds
+    /// tensor maps, which the TMA reads from the parameter space (`__grid_constant__`).
     pub fn params_type(&self) -> &'static str {
         match self {
-            Variant::Mma { .. } | Variant::Wgmma { .. } | Variant::Simple { .. } => "FwdParams",
-            Variant::BwdMma { .. } | Variant::BwdWgmma { .. } | Variant::BwdRows(_) => "BwdParams",
+            Variant::Mma { .. } | Variant::Wgmma { .. } | Variant::Simple { .. } => {
+                "const FwdParams"
+            }
+            Variant::BwdMma { .. } | Variant::BwdRows(_) => "const BwdParams",
+            Variant::BwdWgmma { .. } => "const __grid_constant__ BwdSm90Params",
         }
     }
 
@@ -494,6 +499,7 @@ impl Variant {
             vec![
                 MMA_COMMON_SOURCE.into(),
                 WGMMA_COMMON_SOURCE.into(),
+                TMA_SOURCE.into(),
                 wrappers.into(),
                 body.into(),
             ]
@@ -572,7 +578,7 @@ impl Variant {
         let params = self.params_type();
         format!(
             "{COMMON_SOURCE}\n{}\n// generated entry point\nextern \"C\" __global__ void \
-             __launch_bounds__({threads}, {min_blocks}) {name}(const {params} p) {{\n  {call};\n}}\n",
+             __launch_bounds__({threads}, {min_blocks}) {name}({params} p) {{\n  {call};\n}}\n",
             bodies.join("\n")
         )
     }
@@ -630,12 +636,20 @@ impl Variant {
         for dtype in [DType::F16, DType::BF16] {
             for d in [64, 128] {
                 for score_mod in [false, true] {
-                    if let Some(tile) = wgmma::bwd_tile_for(d, max_smem).filter(|_| hopper) {
-                        v.push(Variant::BwdWgmma {
+                    for deterministic in [false, true] {
+                        let Some(tile) =
+                            wgmma::bwd_tile_for(d, max_smem, deterministic).filter(|_| hopper)
+                        else {
+                            continue;
+                        };
+                        let variant = Variant::BwdWgmma {
                             dtype,
                             tile,
                             score_mod,
-                        });
+                        };
+                        if !v.contains(&variant) {
+                            v.push(variant);
+                        }
                     }
                 }
             }
@@ -861,22 +875,20 @@ mod tests {
             assert!(v
                 .source()
                 .contains(&format!("void __launch_bounds__({}", v.threads())));
-            assert!(v.source().contains(&format!(
-                ") {}(const {} p)",
-                v.kernel_name(),
-                v.params_type()
-            )));
+            assert!(v
+                .source()
+                .contains(&format!(") {}({} p)", v.kernel_name(), v.params_type())));
         }
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
         assert_eq!(
             all.len(),
-            2 * 4 * 2 + 2 * 7 * 2 + 9 + 2 * 7 * 2 + 2 * 2 * 2 + 4
+            2 * 4 * 2 + 2 * 7 * 2 + 9 + 2 * 7 * 2 + 2 * 3 * 2 + 4
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 2 - 2 * 2 * 2
+            all.len() - 2 * 4 * 2 - 2 * 3 * 2
         );
     }
 }

@@ -8,6 +8,7 @@ mod cache;
 mod driver;
 mod kernels;
 mod nvrtc;
+mod tma;
 mod wgmma;
 
 pub use cache::CACHE_DIR_ENV;
@@ -176,15 +177,15 @@ impl CudaBackend {
             // SAFETY: the parameter block mirrors the kernels'; every tensor pointer was
             // checked to be device memory of this device, the workspace holds the layout
             // `params` describes, and validation bounds every index by the views' spans.
+            let (threads, smem) = (l.variant.threads(), l.variant.dynamic_smem());
             unsafe {
-                driver::launch(
-                    k,
-                    l.grid,
-                    l.variant.threads(),
-                    l.variant.dynamic_smem(),
-                    stream,
-                    &params,
-                )?;
+                match l.variant {
+                    Variant::BwdWgmma { tile, .. } => {
+                        let sm90 = tma::BwdSm90Params::new(p, params, tile.block_m, tile.block_n)?;
+                        driver::launch(k, l.grid, threads, smem, stream, &sm90)?
+                    }
+                    _ => driver::launch(k, l.grid, threads, smem, stream, &params)?,
+                }
             }
         }
         Ok(())

@@ -192,25 +192,44 @@ pub(crate) struct WgmmaBwdTile {
     pub head_dim: u32,
     /// Query rows a step.
     pub block_m: u32,
-    /// Keys a block: 64 per warpgroup.
+    /// Keys a block: 64 per consumer warpgroup.
     pub block_n: u32,
     pub min_blocks: u32,
 }
 
+/// Pipeline stages of Q, dO, LSE and D (`BwdWgmmaConfig::kStages`).
+const BWD_STAGES: u32 = 2;
+
 impl WgmmaBwdTile {
-    pub fn warpgroups(&self) -> u32 {
+    /// Consumer warpgroups (the producer is one more).
+    pub fn consumers(&self) -> u32 {
         self.block_n / 64
     }
 
     pub fn threads(&self) -> u32 {
-        self.warpgroups() * 128
+        (self.consumers() + 1) * 128
     }
 
-    /// `BwdWgmmaConfig::kSmemBytes`: K and V, two stages of Q and dO, dSᵀ, two stages of LSE
-    /// and D, and 1024 bytes to align the tiles.
+    /// `BwdWgmmaConfig::kSmemBytes`: K and V, the stages' Q and dO, dSᵀ, two fp32 dQ tiles,
+    /// the stages' LSE and D, the transaction barriers, and 1024 bytes to align the tiles.
     pub fn smem_bytes(&self) -> u32 {
-        let (d, m, n) = (self.head_dim, self.block_m, self.block_n);
-        2 * n * d * 2 + 4 * m * d * 2 + n * m * 2 + 4 * m * 4 + 1024
+        let (d, m, n, s) = (self.head_dim, self.block_m, self.block_n, BWD_STAGES);
+        let dq_tiles = 2;
+        2 * n * d * 2
+            + s * 2 * m * d * 2
+            + n * m * 2
+            + dq_tiles * m * d * 4
+            + s * 2 * m * 4
+            + (1 + 2 * s + 2 * dq_tiles) * 8
+            + 1024
+    }
+
+    /// Whether the block's register share leaves the consumers enough after the producer's 24
+    /// a thread (setmaxnreg: at most 248 at launch, 240 a consumer, multiples of 8).
+    fn registers_fit(&self) -> bool {
+        let per_thread = (65536 / self.min_blocks / self.threads()) & !7;
+        let consumers = self.consumers() * 128;
+        per_thread <= 248 && (per_thread * self.threads() - 24 * 128) / consumers >= 232
     }
 }
 
@@ -218,24 +237,31 @@ impl WgmmaBwdTile {
 /// `block_n,min_blocks`.
 pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
 
-/// The Hopper backward's tiles (H100, bf16, seqlen 4096, 2026-11-26; `scripts/gpu-tune bwd`),
-/// 64 query rows a step:
-/// - d64: blocks of one warpgroup (64 keys), three an SM under a 168-register cap: 222 TFLOP/s
-///   against 194 with one block of two warpgroups (201 registers), 202 against 174 causal;
-/// - d128: one block of two warpgroups (128 keys; dK and dV take 128 registers a thread):
-///   272 TFLOP/s against 236 with two one-warpgroup blocks an SM.
+/// The Hopper backward's tiles, 64 query rows a step (H200, bf16, seqlen 4096, 2026-11-26;
+/// `scripts/gpu-tune bwd|bwd-det`):
+/// - d64: blocks of one consumer warpgroup (64 keys), two an SM: 366 TFLOP/s against 334 with
+///   one block of two (310 against 283 causal); deterministic mode takes the block of two,
+///   whose query blocks have half as many key blocks to take turns: 305 against 211 (262
+///   against 238 causal);
+/// - d128: one block of two consumer warpgroups (128 keys; dK and dV take 128 registers a
+///   thread): 475 TFLOP/s, 431 deterministic.
 ///
 /// Head dims above 128 would need more registers than a thread has for dK and dV of 64 keys
 /// and keep the sm_80 kernel.
-pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<WgmmaBwdTile> {
+pub(crate) fn bwd_tile_for(
+    head_dim: usize,
+    max_smem: u32,
+    deterministic: bool,
+) -> Option<WgmmaBwdTile> {
     if !matches!(head_dim, 64 | 128) {
         return None;
     }
+    let two_consumers = head_dim == 128 || deterministic;
     let default = WgmmaBwdTile {
         head_dim: head_dim as u32,
         block_m: 64,
-        block_n: if head_dim == 64 { 64 } else { 128 },
-        min_blocks: if head_dim == 64 { 3 } else { 1 },
+        block_n: if two_consumers { 128 } else { 64 },
+        min_blocks: if two_consumers { 1 } else { 2 },
     };
     let over = bwd_tile_override().map(|[block_n, min_blocks]| WgmmaBwdTile {
         block_n,
@@ -246,6 +272,9 @@ pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<WgmmaBwdTil
         t.block_n.is_multiple_of(64)
             && (64..=128).contains(&t.block_n)
             && t.smem_bytes() <= max_smem
+            // An SM has a block's maximum plus the 1 KiB each block reserves.
+            && (t.smem_bytes() + 1024) * t.min_blocks <= max_smem + 1024
+            && t.registers_fit()
     };
     over.into_iter().chain([default]).find(fits)
 }
@@ -266,7 +295,7 @@ pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
         wrapper("wgmma_dkv", tile.head_dim, AOperand::Registers, false, true),
         wrapper(
             "wgmma_dq",
-            (tile.head_dim / tile.warpgroups()).min(64),
+            (tile.head_dim / tile.consumers()).min(64),
             AOperand::Shared,
             true,
             true
@@ -277,8 +306,8 @@ pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
 /// The backward's entry-point call.
 pub(crate) fn bwd_call(tile: &WgmmaBwdTile, score_mod: bool, type_tag: &str) -> String {
     format!(
-        "flash_bwd_sm90<{type_tag}, BwdWgmmaConfig<{}, {}, {}>, {score_mod}>(p)",
-        tile.head_dim, tile.block_m, tile.block_n
+        "flash_bwd_sm90<{type_tag}, BwdWgmmaConfig<{}, {}, {}, {}>, {score_mod}>(p)",
+        tile.head_dim, tile.block_m, tile.block_n, tile.min_blocks
     )
 }
 
@@ -315,7 +344,7 @@ mod tests {
         assert!(src.contains("setp.ne.b32 p, %37, 0;"));
         assert_eq!(src.matches("asm volatile").count(), 4);
 
-        let b = bwd_wrappers(&bwd_tile_for(128, 232_448).unwrap());
+        let b = bwd_wrappers(&bwd_tile_for(128, 232_448, false).unwrap());
         // dq: N = 64 (half of d128), both operands transposed.
         assert!(b.contains("void wgmma_dq(float (&d)[32], uint64_t desc_a"));
         assert!(b.contains("%31}, %32, %33, p, 1, 1, 1, 1;"));
@@ -326,13 +355,31 @@ mod tests {
 
     #[test]
     fn backward_tiles_cover_64_and_128_within_hopper_shared_memory() {
-        for d in [64, 128] {
-            let t = bwd_tile_for(d, 232_448).unwrap();
-            assert_eq!(t.threads(), t.block_n * 2);
+        for (d, det) in [(64, false), (64, true), (128, false), (128, true)] {
+            let t = bwd_tile_for(d, 232_448, det).unwrap();
+            assert_eq!(t.threads(), t.block_n * 2 + 128);
             assert!(t.smem_bytes() * t.min_blocks <= 232_448);
+            assert!(t.registers_fit());
         }
-        assert_eq!(bwd_tile_for(128, 232_448).unwrap().smem_bytes(), 149_504);
-        assert!(bwd_tile_for(256, 232_448).is_none() && bwd_tile_for(96, 232_448).is_none());
+        // K, V 64 KiB; Q, dO of two stages 64 KiB; dSᵀ 16 KiB; dQ 2 x 32 KiB; LSE, D 1 KiB.
+        assert_eq!(
+            bwd_tile_for(128, 232_448, false).unwrap().smem_bytes(),
+            215_112
+        );
+        // Two blocks of two consumers would leave them 112 registers.
+        let two = WgmmaBwdTile {
+            min_blocks: 2,
+            ..bwd_tile_for(64, 232_448, false).unwrap()
+        };
+        assert!(!WgmmaBwdTile {
+            block_n: 128,
+            ..two
+        }
+        .registers_fit());
+        assert!(
+            bwd_tile_for(256, 232_448, false).is_none()
+                && bwd_tile_for(96, 232_448, false).is_none()
+        );
     }
 
     #[test]
