@@ -102,10 +102,10 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         mbar_init(bar_kv, 1);
         for (int s = 0; s < S; ++s) {
             mbar_init(full(s), 1);
-            mbar_init(empty(s), Cfg::kConsumers * 4);  // a consumer warp's lane 0 each
+            mbar_init(empty(s), Cfg::kConsumerThreads);
         }
         for (int t = 0; t < Cfg::kDqTiles; ++t) {
-            mbar_init(dq_full(t), Cfg::kConsumers * 4);
+            mbar_init(dq_full(t), Cfg::kConsumerThreads);
             mbar_init(dq_empty(t), 1);
         }
         mbar_init_fence();
@@ -347,11 +347,13 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
                              : "memory");
             }
         }
-        // Every MMA reading this stage (dK's and dV's too) has completed: release it.
-        if (lane == 0) mbar_arrive(empty(stage));
+        // Every MMA reading this stage (dK's and dV's too) has completed, and so have this
+        // thread's reads of its LSE and D: release it. Then this thread's part of the dQ tile
+        // is in place (made visible to the TMA by the proxy fence). Every consumer thread
+        // arrives, so each one's accesses are ordered by its own release.
+        mbar_arrive(empty(stage));
         fence_proxy_async_shared();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(dq_full(tile));  // this warp's part of the dQ tile is in place
+        mbar_arrive(dq_full(tile));
         fence_regs(dk);
         fence_regs(dv);
     }
