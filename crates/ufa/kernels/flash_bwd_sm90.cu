@@ -1,24 +1,29 @@
-// Backward attention on Hopper (sm_90a), head dims 64 and 128: warpgroup MMAs fed by the
+// Backward attention on Hopper (sm_90a), head dims 64, 128 and 256: warpgroup MMAs fed by the
 // tensor memory accelerator, with warp specialisation.
 //
 // The algorithm, workspace and deterministic dQ order are flash_bwd.cu's. A block owns BLOCK_N
 // keys of one (batch, KV head) and walks every query block (BLOCK_M rows) and query head of the
 // GQA group that sees them. Warpgroup 0 is the producer: one thread loads K and V once, then
 // Q, dO, LSE and D of each step into a ring of stages (TMA, transaction barriers), waiting
-// only for a stage to be released; one thread of its second warp adds each step's dQ tile
-// into the fp32 buffer (TMA reductions from a ring of two tiles), taking the deterministic
-// turns, so the consumers never wait for global memory. The other warpgroups (64 keys each)
+// only for a stage to be released; up to head dim 128 one thread of its second warp adds each
+// step's dQ tile into the fp32 buffer (TMA reductions from a ring of two tiles), taking the
+// deterministic turns, so the consumers never wait for global memory. The other warpgroups
 // consume, per step:
 //   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (both operands in shared memory);
 //   2. Pᵀ = exp2(Sᵀ - LSE), dSᵀ = Pᵀ ∘ (dPᵀ - D), in the accumulator registers;
-//   3. dV += Pᵀ dO and dK += dSᵀ Q, with Pᵀ and dSᵀ as register A operands and dO, Q read
-//      transposed by their descriptors;
-//   4. dSᵀ to shared memory; after a consumer barrier, dQ(block) = dS K with the head dim split
-//      between the consumers (dS read transposed), written to a dQ tile in shared memory as
-//      fp32 for the writer.
-// Needs common.cuh, mma.cuh (the turn counters), wgmma.cuh and tma.cuh before it, and the
-// host-generated wrappers wgmma_sdp (N = BLOCK_M), wgmma_dkv (N = HEAD_DIM, register A, B
-// transposed) and wgmma_dq (N = HEAD_DIM / consumers, at most 64; A and B transposed).
+//   3. dV += Pᵀ dO and dK += dSᵀ Q, with dO and Q read transposed by their descriptors;
+//   4. dSᵀ to shared memory (two buffers, alternating by step); after a consumer barrier,
+//      dQ(block) = dS K with the head dim split between the consumers (dS read transposed).
+// Up to head dim 128 each consumer owns 64 keys and the whole head dim: Pᵀ and dSᵀ are the
+// register A operands of step 3, and dQ goes to a shared fp32 tile for the writer. At head dim
+// 256 (SPLIT_D) dK and dV of 64 keys would take 256 registers a thread, so two consumers share
+// 64 keys: each computes Sᵀ and dPᵀ for half the queries, both halves of Pᵀ and dSᵀ meet in
+// shared memory, each accumulates dK and dV for half the head dim from there, and adds its dQ
+// columns into the fp32 buffer itself (a dQ tile would not fit beside two stages of Q and dO).
+// Needs common.cuh, mma.cuh (red_add_tile, the turn counters), wgmma.cuh and tma.cuh before it,
+// and the host-generated wrappers wgmma_sdp (N = the consumer's queries), wgmma_dkv (N = the
+// consumer's head-dim columns; A in registers, or in shared memory when SPLIT_D; B transposed)
+// and wgmma_dq (N = HEAD_DIM / consumers, at most 64; A and B transposed).
 
 // The kernel's parameter block: BwdParams and the tensor maps of Q, dO, K, V ([batch, heads,
 // seq, head_dim] boxes of 64 columns, 128-byte swizzle) and of the fp32 dQ buffer ([batch x
@@ -32,13 +37,17 @@ static_assert(sizeof(BwdSm90Params) == 512 + 5 * 128, "BwdSm90Params must match 
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int MIN_BLOCKS>
 struct BwdWgmmaConfig {
-    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "dK and dV of 64 keys fit registers");
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "a Hopper head dim");
     static_assert(BLOCK_M == 64, "dSᵀ is one 64-query swizzle block; dQ one m64 tile");
-    static_assert(BLOCK_N % 64 == 0, "each consumer warpgroup owns 64 keys");
+    static_assert(BLOCK_N % 64 == 0, "consumers own 64 keys");
+    static constexpr bool kSplitD = HEAD_DIM > 128;
+    static_assert(!kSplitD || BLOCK_N == 64, "two consumers share one 64-key block");
     static constexpr int kHeadDim = HEAD_DIM;
     static constexpr int kBlockM = BLOCK_M;
     static constexpr int kBlockN = BLOCK_N;
-    static constexpr int kConsumers = BLOCK_N / 64;
+    static constexpr int kConsumers = kSplitD ? 2 : BLOCK_N / 64;
+    static constexpr int kSdpN = kSplitD ? BLOCK_M / 2 : BLOCK_M;     // a consumer's queries
+    static constexpr int kDkvCols = kSplitD ? HEAD_DIM / 2 : HEAD_DIM;  // its dK/dV columns
     static constexpr int kConsumerThreads = kConsumers * 128;
     static constexpr int kThreads = kConsumerThreads + 128;
     static constexpr int kStages = 2;
@@ -47,14 +56,16 @@ struct BwdWgmmaConfig {
     static constexpr int kDsBytes = BLOCK_N * BLOCK_M * 2;
     static constexpr int kDqBytes = BLOCK_M * HEAD_DIM * 4;
     static constexpr int kStatBytes = 2 * BLOCK_M * 4;  // LSE and D of one stage
-    static constexpr int kDqTiles = 2;
-    // Offsets from the 1024-byte aligned base: K, V, the stages' (Q, dO), dSᵀ, the dQ tiles,
-    // the stages' (LSE, D), then the barriers (K/V full; full and empty per stage; full and
-    // empty per dQ tile).
+    static constexpr int kDqTiles = kSplitD ? 0 : 2;
+    // dSᵀ buffers (and Pᵀ beside each when SPLIT_D).
+    static constexpr int kDsStride = (kSplitD ? 2 : 1) * kDsBytes;
+    // Offsets from the 1024-byte aligned base: K, V, the stages' (Q, dO), the two dSᵀ (, Pᵀ)
+    // buffers, the dQ tiles, the stages' (LSE, D), then the barriers (K/V full; full and empty
+    // per stage; full and empty per dQ tile).
     static constexpr int kV = kKvBytes;
     static constexpr int kQ = 2 * kKvBytes;
     static constexpr int kDs = kQ + kStages * 2 * kQBytes;
-    static constexpr int kDq = kDs + kDsBytes;
+    static constexpr int kDq = kDs + 2 * kDsStride;
     static constexpr int kStat = kDq + kDqTiles * kDqBytes;
     static constexpr int kBars = kStat + kStages * kStatBytes;
     static constexpr int kSmemBytes = kBars + (1 + 2 * kStages + 2 * kDqTiles) * 8 + 1024;
@@ -80,13 +91,13 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
     const uint32_t sK = base, sV = base + Cfg::kV;
-    const uint32_t sdS = base + Cfg::kDs;
     const uint32_t bar_kv = base + Cfg::kBars;
     auto sQ = [&](int stage) { return base + Cfg::kQ + stage * 2 * Cfg::kQBytes; };
     auto stat = [&](int stage) { return base + Cfg::kStat + stage * Cfg::kStatBytes; };
     auto full = [&](int stage) { return bar_kv + 8 + stage * 8; };
     auto empty = [&](int stage) { return bar_kv + 8 + S * 8 + stage * 8; };
     auto sdQ = [&](int tile) { return base + Cfg::kDq + tile * Cfg::kDqBytes; };
+    auto sdS = [&](int buf) { return base + Cfg::kDs + buf * Cfg::kDsStride; };  // Pᵀ follows
     auto dq_full = [&](int tile) { return bar_kv + 8 + 2 * S * 8 + tile * 8; };
     auto dq_empty = [&](int tile) { return bar_kv + 8 + 2 * S * 8 + Cfg::kDqTiles * 8 + tile * 8; };
 
@@ -114,7 +125,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
 
     if (wg == 0) {
         regs_release<Cfg::kProducerRegs>();
-        if (tid == 32 && total > 0) {
+        if constexpr (Cfg::kDqTiles > 0) if (tid == 32 && total > 0) {
             // dQ writer: adds each step's tile, in the key blocks' turn when deterministic.
             for (int it = 0; it < total; ++it) {
                 const int tile = it % Cfg::kDqTiles;
@@ -131,7 +142,8 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
                 const int head_row = b * p.heads_q + h;
 #pragma unroll
                 for (int box = 0; box < D / 32; ++box)
-                    tma_reduce_add_3d(&sp.dq, box * 32, m0, head_row, sdQ(tile) + box * (BM * 128));
+                    tma_reduce_add_3d(&sp.dq, box * 32, m0, head_row,
+                                      sdQ(tile) + box * (BM * 128));
                 bulk_commit();
                 if (turn != nullptr) {
                     // The adds are performed before the next key block takes the turn.
@@ -175,17 +187,24 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
 
     // Consumers.
     regs_claim<Cfg::kConsumerRegs>();
-    const int cw = wg - 1;          // consumer index: keys cw * 64 ...
+    constexpr bool SPLIT_D = Cfg::kSplitD;
+    constexpr int NQ = Cfg::kSdpN;       // this consumer's queries in Sᵀ, dPᵀ
+    constexpr int DC = Cfg::kDkvCols;    // its dK, dV columns
+    const int cw = wg - 1;               // consumer index
+    const int ctid = tid - 128;          // thread among the consumers
+    const int key0 = SPLIT_D ? 0 : cw * 64;  // its keys within the block
+    const int q0 = SPLIT_D ? cw * NQ : 0;    // its queries within a step's block
+    const int c0 = SPLIT_D ? cw * DC : 0;    // its dK, dV columns
     const int group = lane / 4;
     const int quad = lane % 4;
     // The LSE/D area's generic pointer, for ordinary loads.
     const float* stat_ptr = (const float*)(smem_raw + (base + Cfg::kStat - smem_addr(smem_raw)));
 
     // This thread's key rows (accumulator rows): `group` and `group + 8` of its warp's 16.
-    const int key_row = cw * 64 + (warp % 4) * 16 + group;  // within the block
-    float dk[D / 2], dv[D / 2];
+    const int key_row = key0 + (warp % 4) * 16 + group;  // within the block; % 8 == group
+    float dk[DC / 2], dv[DC / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+    for (int i = 0; i < DC / 2; ++i) dk[i] = dv[i] = 0.f;
     if (total > 0) mbar_wait(bar_kv, 0);
 
     for (int it = 0; it < total; ++it) {
@@ -197,23 +216,24 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         const int m_last = min(m0 + BM, p.seqlen_q) - 1;
         const uint32_t sQs = sQ(stage);
         const uint32_t sdO = sQs + Cfg::kQBytes;
+        const uint32_t sdS_it = sdS(it % 2);
         const float* lse2 = stat_ptr + stage * 2 * BM;
         const float* delta = lse2 + BM;
 
-        // 1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warpgroup's 64 keys.
-        float s[BM / 2], dp[BM / 2];
+        // 1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this consumer's keys and queries.
+        float s[NQ / 2], dp[NQ / 2];
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t col = (kk / 4) * (BN * 128) + cw * 64 * 128 + (kk % 4) * 32;
-            const uint32_t qcol = (kk / 4) * (BM * 128) + (kk % 4) * 32;
+            const uint32_t col = (kk / 4) * (BN * 128) + key0 * 128 + (kk % 4) * 32;
+            const uint32_t qcol = (kk / 4) * (BM * 128) + q0 * 128 + (kk % 4) * 32;
             wgmma_sdp<T>(s, sw128_desc(sK + col, 16), sw128_desc(sQs + qcol, 16), kk > 0);
         }
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t col = (kk / 4) * (BN * 128) + cw * 64 * 128 + (kk % 4) * 32;
-            const uint32_t qcol = (kk / 4) * (BM * 128) + (kk % 4) * 32;
+            const uint32_t col = (kk / 4) * (BN * 128) + key0 * 128 + (kk % 4) * 32;
+            const uint32_t qcol = (kk / 4) * (BM * 128) + q0 * 128 + (kk % 4) * 32;
             wgmma_sdp<T>(dp, sw128_desc(sV + col, 16), sw128_desc(sdO + qcol, 16), kk > 0);
         }
         wgmma_commit();
@@ -230,11 +250,12 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         }
         fence_regs(s);
         if (SCORE_MOD) {
+            fence_regs(dp);
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t)
+            for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int ic = t * 8 + quad * 2 + (e % 2);
+                    const int ic = q0 + t * 8 + quad * 2 + (e % 2);
                     const int i = m0 + ic;
                     const int j = n0 + key_row + (e / 2) * 8;
                     float dfac = 1.f;
@@ -247,17 +268,17 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
                 }
         } else if (whole_tile_visible) {
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t)
+            for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
                     s[4 * t + e] = fast_exp2(
-                        fmaf(s[4 * t + e], p.scale_log2, -lse2[t * 8 + quad * 2 + (e % 2)]));
+                        fmaf(s[4 * t + e], p.scale_log2, -lse2[q0 + t * 8 + quad * 2 + (e % 2)]));
         } else {
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t)
+            for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int ic = t * 8 + quad * 2 + (e % 2);
+                    const int ic = q0 + t * 8 + quad * 2 + (e % 2);
                     const int j = n0 + key_row + (e / 2) * 8;
                     const float x = in_band(p, m0 + ic, j) ? s[4 * t + e] * p.scale_log2 : -UFA_INF;
                     s[4 * t + e] = fast_exp2(x - lse2[ic]);
@@ -267,58 +288,99 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
             wgmma_wait<0>();
             fence_regs(dp);
 #pragma unroll
-            for (int t = 0; t < BM / 8; ++t)
+            for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    dp[4 * t + e] = s[4 * t + e] * (dp[4 * t + e] - delta[t * 8 + quad * 2 + (e % 2)]);
+                    dp[4 * t + e] =
+                        s[4 * t + e] * (dp[4 * t + e] - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
         }
 
-        // 3. dV += Pᵀ dO, dK += dSᵀ Q: two n8 tiles of the accumulators are one k16 A fragment.
-        uint32_t pa[BM / 16][4], da[BM / 16][4];
+        // Stores accumulator tile `x` (this thread's keys, this consumer's queries) as 16-bit
+        // values into a [BLOCK_N keys][64 queries] swizzled tile: the K-major A of dV/dK
+        // (SPLIT_D) and the MN-major A of dQ = dS K. Accumulators 4 t + 2 h, + 1 hold key row
+        // `key_row + 8 h`, queries q0 + 8 t + 2 quad, + 1: chunk q0 / 8 + t of the row.
+        const uint32_t row_addr = key_row * 128 + (group << 4) + quad * 4;
+        auto store_keys_by_queries = [&](uint32_t tile, const float(&x)[NQ / 2]) {
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
+            for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                pa[kk][r] = Convert<T>::pack(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-                da[kk][r] = Convert<T>::pack(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
-            }
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_dkv<T>(dv, pa[kk], sw128_desc(sdO + kk * 16 * 128, BM * 128), 1);
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
-            wgmma_dkv<T>(dk, da[kk], sw128_desc(sQs + kk * 16 * 128, BM * 128), 1);
-        wgmma_commit();
+                for (int h8 = 0; h8 < 2; ++h8)
+                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(
+                                     sw128_chunk(tile + row_addr, q0 / 8 + t) + h8 * 8 * 128),
+                                 "r"(Convert<T>::pack(x[4 * t + 2 * h8], x[4 * t + 2 * h8 + 1]))
+                                 : "memory");
+        };
 
-        // 4. dSᵀ to shared memory while those run: [BLOCK_N keys][64 queries], swizzled, the
-        // MN-major A of dQ = dS K. Registers da[kk][r] hold (row, cols 16 kk + 8 (r / 2) +
-        // 2 quad, +1) with row `group` for even r and `group + 8` for odd r.
-        const uint32_t ds_row = sdS + key_row * 128 + (group << 4) + quad * 4;  // key_row % 8 == group
+        // 3. dV += Pᵀ dO, dK += dSᵀ Q, over the step's 64 queries (K), into this consumer's
+        // columns (N), dO and Q transposed.
+        if constexpr (SPLIT_D) {
+            // Both consumers' halves of Pᵀ and dSᵀ meet in shared memory first.
+            store_keys_by_queries(sdS_it, dp);
+            store_keys_by_queries(sdS_it + Cfg::kDsBytes, s);
+            fence_proxy_async_shared();
+            named_barrier_sync(1, Cfg::kConsumerThreads);
+            const uint32_t cols = (c0 / 64) * (BM * 128);
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk)
+            for (int kk = 0; kk < BM / 16; ++kk)
+                wgmma_dkv<T>(dv, sw128_desc(sdS_it + Cfg::kDsBytes + kk * 32, 16),
+                             sw128_desc(sdO + cols + kk * 16 * 128, BM * 128), 1);
 #pragma unroll
-            for (int r = 0; r < 4; ++r)
-                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sw128_chunk(ds_row, 2 * kk + r / 2) +
-                                                             (r % 2) * 8 * 128),
-                             "r"(da[kk][r])
-                             : "memory");
-        fence_proxy_async_shared();
-        named_barrier_sync(1, Cfg::kConsumerThreads);  // every consumer's dSᵀ is in place
-        const int tile = it % Cfg::kDqTiles;
-        if (it >= Cfg::kDqTiles) mbar_wait(dq_empty(tile), ((it / Cfg::kDqTiles) & 1) ^ 1);
+            for (int kk = 0; kk < BM / 16; ++kk)
+                wgmma_dkv<T>(dk, sw128_desc(sdS_it + kk * 32, 16),
+                             sw128_desc(sQs + cols + kk * 16 * 128, BM * 128), 1);
+            wgmma_commit();
+        } else {
+            // Two n8 tiles of the accumulators are one k16 A fragment.
+            uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    pa[kk][r] = Convert<T>::pack(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+                    da[kk][r] = Convert<T>::pack(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+                }
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk)
+                wgmma_dkv<T>(dv, pa[kk], sw128_desc(sdO + kk * 16 * 128, BM * 128), 1);
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk)
+                wgmma_dkv<T>(dk, da[kk], sw128_desc(sQs + kk * 16 * 128, BM * 128), 1);
+            wgmma_commit();
+            // 4. dSᵀ to shared memory while those run.
+            store_keys_by_queries(sdS_it, dp);
+            fence_proxy_async_shared();
+            named_barrier_sync(1, Cfg::kConsumerThreads);  // every consumer's dSᵀ is in place
+        }
 
-        // dQ(block)[:, columns of this warpgroup] = dS K over the block's keys, in passes of at
-        // most 64 columns (32 accumulator registers), into the fp32 dQ tile: boxes of 32
-        // columns x BLOCK_M rows with the 128-byte swizzle, as the TMA reduction reads them.
+        // dQ(block)[:, columns of this consumer] = dS K over the block's keys, in passes of at
+        // most 64 columns (32 accumulator registers): into a shared fp32 tile (boxes of 32
+        // columns x BLOCK_M rows, 128-byte swizzle, as the TMA reduction reads them) for the
+        // writer, or (SPLIT_D) added into the fp32 buffer directly, in turn when deterministic.
         constexpr int DQ_COLS = D / Cfg::kConsumers;
         constexpr int DQ_N = DQ_COLS > 64 ? 64 : DQ_COLS;
-        const int row = (warp % 4) * 16 + group;  // this thread's dQ rows: row, row + 8
         static_assert(DQ_N % 32 == 0, "dQ passes start on a box");
+        const int row = (warp % 4) * 16 + group;  // this thread's dQ rows: row, row + 8
+        const int tile = it % 2;
+        int my_turn = 0;
+        int32_t* turn = nullptr;
+        if constexpr (SPLIT_D) {
+            turn = dq_turn(bp, w, h, m_block, m0, m_last, BN, my_turn);
+            if (turn != nullptr) {
+                if (ctid == 0) dq_turn_spin(turn, my_turn);
+                named_barrier_sync(2, Cfg::kConsumerThreads);
+            }
+        } else if (it >= Cfg::kDqTiles) {
+            mbar_wait(dq_empty(tile), ((it / Cfg::kDqTiles) & 1) ^ 1);
+        }
+        float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
+        const int i = m0 + row;
+        const bool row_ok = i < p.seqlen_q, row8_ok = i + 8 < p.seqlen_q;
 #pragma unroll
         for (int pass = 0; pass < DQ_COLS / DQ_N; ++pass) {
             const int col0 = cw * DQ_COLS + pass * DQ_N;
-            // K's column `col0`: a column block, plus 64 bytes into it when two warpgroups
+            // K's column `col0`: a column block, plus 64 bytes into it when two consumers
             // split d64 (the swizzle is applied to the whole address, so a start inside a row
             // is exact).
             const uint32_t kcol = (col0 / 64) * (BN * 128) + (col0 % 64) * 2;
@@ -326,25 +388,34 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk)
-                wgmma_dq<T>(acc, sw128_desc(sdS + kk * 16 * 128, BN * 128),
+                wgmma_dq<T>(acc, sw128_desc(sdS_it + kk * 16 * 128, BN * 128),
                             sw128_desc(sK + kcol + kk * 16 * 128, BN * 128), kk > 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(acc);
-            // Column col0 + 8 t + 2 quad: box (col0 + 8 t) / 32, chunk 2 t % 8 + quad / 2 (col0 is
-            // a multiple of 32), byte 8 (quad % 2) of it.
-            const uint32_t dq_row =
-                sdQ(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
+            if constexpr (SPLIT_D) {
 #pragma unroll
-            for (int t = 0; t < DQ_N / 8; ++t) {
-                const uint32_t addr =
-                    sw128_chunk(dq_row, (2 * t) % 8) + ((col0 + 8 * t) / 32) * (BM * 128);
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(acc[4 * t]),
-                             "f"(acc[4 * t + 1])
-                             : "memory");
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr + 8 * 128),
-                             "f"(acc[4 * t + 2]), "f"(acc[4 * t + 3])
-                             : "memory");
+                for (int t = 0; t < DQ_N / 8; ++t) {
+                    const float c[4] = {acc[4 * t], acc[4 * t + 1], acc[4 * t + 2], acc[4 * t + 3]};
+                    red_add_tile(dq_rows + (int64_t)(m0 + (warp % 4) * 16) * D + col0 + t * 8, D, c,
+                                 group, quad, row_ok, row8_ok);
+                }
+            } else {
+                // Column col0 + 8 t + 2 quad: box (col0 + 8 t) / 32, chunk 2 t % 8 + quad / 2
+                // (col0 is a multiple of 32), byte 8 (quad % 2) of it.
+                const uint32_t dq_row =
+                    sdQ(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
+#pragma unroll
+                for (int t = 0; t < DQ_N / 8; ++t) {
+                    const uint32_t addr =
+                        sw128_chunk(dq_row, (2 * t) % 8) + ((col0 + 8 * t) / 32) * (BM * 128);
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(acc[4 * t]),
+                                 "f"(acc[4 * t + 1])
+                                 : "memory");
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr + 8 * 128),
+                                 "f"(acc[4 * t + 2]), "f"(acc[4 * t + 3])
+                                 : "memory");
+                }
             }
         }
         // Every MMA reading this stage (dK's and dV's too) has completed, and so have this
@@ -352,8 +423,16 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         // is in place (made visible to the TMA by the proxy fence). Every consumer thread
         // arrives, so each one's accesses are ordered by its own release.
         mbar_arrive(empty(stage));
-        fence_proxy_async_shared();
-        mbar_arrive(dq_full(tile));
+        if constexpr (SPLIT_D) {
+            if (turn != nullptr) {
+                // Every consumer's adds precede the barrier; the release store follows it.
+                named_barrier_sync(2, Cfg::kConsumerThreads);
+                if (ctid == 0) store_release(turn, my_turn + 1);
+            }
+        } else {
+            fence_proxy_async_shared();
+            mbar_arrive(dq_full(tile));
+        }
         fence_regs(dk);
         fence_regs(dv);
     }
@@ -364,10 +443,10 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
     for (int r = 0; r < 2; ++r) {
         const int j = n0 + key_row + r * 8;
         if (j >= p.seqlen_kv) continue;
-        uint16_t* dk_row = (uint16_t*)bp.dk + row_offset(bp.dk_stride, b, j, hk);
-        uint16_t* dv_row = (uint16_t*)bp.dv + row_offset(bp.dv_stride, b, j, hk);
+        uint16_t* dk_row = (uint16_t*)bp.dk + row_offset(bp.dk_stride, b, j, hk) + c0;
+        uint16_t* dv_row = (uint16_t*)bp.dv + row_offset(bp.dv_stride, b, j, hk) + c0;
 #pragma unroll
-        for (int t = 0; t < D / 8; ++t) {
+        for (int t = 0; t < DC / 8; ++t) {
             const int col = t * 8 + quad * 2;
             *(uint32_t*)(dk_row + col) =
                 Convert<T>::pack(dk[4 * t + 2 * r] * p.scale, dk[4 * t + 2 * r + 1] * p.scale);

@@ -286,9 +286,9 @@ mod tests {
     }
 
     #[test]
-    fn hopper_takes_the_wgmma_kernel_at_head_dims_64_and_128() {
+    fn hopper_takes_the_wgmma_kernel_at_head_dims_64_128_and_256() {
         let params = AttentionParams::default();
-        for (d, wgmma) in [(64, true), (128, true), (256, false), (96, false)] {
+        for (d, wgmma) in [(64, true), (128, true), (256, true), (96, false)] {
             with_problem::<bf16>((1, 200, 300, 4, 2, d), &params, |p| {
                 let plan = Plan::select(p, 232_448, true);
                 let l = launches(p, &plan).unwrap();

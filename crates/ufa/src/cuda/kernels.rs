@@ -634,7 +634,7 @@ impl Variant {
             }
         }
         for dtype in [DType::F16, DType::BF16] {
-            for d in [64, 128] {
+            for d in wgmma::WGMMA_HEAD_DIMS_BWD {
                 for score_mod in [false, true] {
                     for deterministic in [false, true] {
                         let Some(tile) =
@@ -884,11 +884,11 @@ mod tests {
         assert_eq!(names.len(), all.len());
         assert_eq!(
             all.len(),
-            2 * 4 * 2 + 2 * 7 * 2 + 9 + 2 * 7 * 2 + 2 * 3 * 2 + 4
+            2 * 4 * 2 + 2 * 7 * 2 + 9 + 2 * 7 * 2 + 2 * 4 * 2 + 4
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 2 - 2 * 3 * 2
+            all.len() - 2 * 4 * 2 - 2 * 4 * 2
         );
     }
 }

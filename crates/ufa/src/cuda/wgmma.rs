@@ -201,23 +201,55 @@ pub(crate) struct WgmmaBwdTile {
 const BWD_STAGES: u32 = 2;
 
 impl WgmmaBwdTile {
+    /// Two consumers share 64 keys, each with half the head dim (`BwdWgmmaConfig::kSplitD`):
+    /// dK and dV of 64 keys and 256 columns would take every register a thread has.
+    pub fn split_head_dim(&self) -> bool {
+        self.head_dim > 128
+    }
+
     /// Consumer warpgroups (the producer is one more).
     pub fn consumers(&self) -> u32 {
-        self.block_n / 64
+        if self.split_head_dim() {
+            2
+        } else {
+            self.block_n / 64
+        }
+    }
+
+    /// Queries a consumer's Sᵀ and dPᵀ cover (the wgmma N of `wgmma_sdp`).
+    fn sdp_n(&self) -> u32 {
+        self.block_m / if self.split_head_dim() { 2 } else { 1 }
+    }
+
+    /// dK and dV columns a consumer accumulates (the wgmma N of `wgmma_dkv`).
+    fn dkv_cols(&self) -> u32 {
+        self.head_dim / if self.split_head_dim() { 2 } else { 1 }
+    }
+
+    /// fp32 dQ tiles in shared memory for the TMA reductions; none with the split head dim,
+    /// whose consumers add dQ into the buffer themselves.
+    fn dq_tiles(&self) -> u32 {
+        if self.split_head_dim() {
+            0
+        } else {
+            2
+        }
     }
 
     pub fn threads(&self) -> u32 {
         (self.consumers() + 1) * 128
     }
 
-    /// `BwdWgmmaConfig::kSmemBytes`: K and V, the stages' Q and dO, dSᵀ, two fp32 dQ tiles,
-    /// the stages' LSE and D, the transaction barriers, and 1024 bytes to align the tiles.
+    /// `BwdWgmmaConfig::kSmemBytes`: K and V, the stages' Q and dO, two dSᵀ buffers (with Pᵀ
+    /// when the head dim is split), the fp32 dQ tiles, the stages' LSE and D, the transaction
+    /// barriers, and 1024 bytes to align the tiles.
     pub fn smem_bytes(&self) -> u32 {
         let (d, m, n, s) = (self.head_dim, self.block_m, self.block_n, BWD_STAGES);
-        let dq_tiles = 2;
+        let ds_buffers = 2 * if self.split_head_dim() { 2 } else { 1 };
+        let dq_tiles = self.dq_tiles();
         2 * n * d * 2
             + s * 2 * m * d * 2
-            + n * m * 2
+            + ds_buffers * n * m * 2
             + dq_tiles * m * d * 4
             + s * 2 * m * 4
             + (1 + 2 * s + 2 * dq_tiles) * 8
@@ -233,6 +265,9 @@ impl WgmmaBwdTile {
     }
 }
 
+/// Head dims the Hopper backward takes.
+pub(crate) const WGMMA_HEAD_DIMS_BWD: [usize; 3] = [64, 128, 256];
+
 /// Environment variable overriding the Hopper backward's tiles for tuning experiments:
 /// `block_n,min_blocks`.
 pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
@@ -246,21 +281,25 @@ pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
 /// - d128: one block of two consumer warpgroups (128 keys; dK and dV take 128 registers a
 ///   thread): 475 TFLOP/s, 431 deterministic.
 ///
-/// Head dims above 128 would need more registers than a thread has for dK and dV of 64 keys
-/// and keep the sm_80 kernel.
+/// - d256: two consumers share 64 keys, each with half the head dim.
 pub(crate) fn bwd_tile_for(
     head_dim: usize,
     max_smem: u32,
     deterministic: bool,
 ) -> Option<WgmmaBwdTile> {
-    if !matches!(head_dim, 64 | 128) {
+    if !WGMMA_HEAD_DIMS_BWD.contains(&head_dim) {
         return None;
     }
-    let two_consumers = head_dim == 128 || deterministic;
+    // d64 deterministic and d128: two consumers of 64 keys; d256: two consumers share 64.
+    let two_consumers = head_dim >= 128 || deterministic;
     let default = WgmmaBwdTile {
         head_dim: head_dim as u32,
         block_m: 64,
-        block_n: if two_consumers { 128 } else { 64 },
+        block_n: if two_consumers && head_dim <= 128 {
+            128
+        } else {
+            64
+        },
         min_blocks: if two_consumers { 1 } else { 2 },
     };
     let over = bwd_tile_override().map(|[block_n, min_blocks]| WgmmaBwdTile {
@@ -271,6 +310,7 @@ pub(crate) fn bwd_tile_for(
     let fits = |t: &WgmmaBwdTile| {
         t.block_n.is_multiple_of(64)
             && (64..=128).contains(&t.block_n)
+            && (!t.split_head_dim() || t.block_n == 64)
             && t.smem_bytes() <= max_smem
             // An SM has a block's maximum plus the 1 KiB each block reserves.
             && (t.smem_bytes() + 1024) * t.min_blocks <= max_smem + 1024
@@ -285,14 +325,25 @@ fn bwd_tile_override() -> Option<[u32; 2]> {
         .get_or_init(|| super::kernels::parse_numbers(&std::env::var(WGMMA_BWD_TILE_ENV).ok()?))
 }
 
-/// The wrappers `flash_bwd_sm90` calls: `wgmma_sdp` (Sᵀ, dPᵀ: N = block_m, K-major operands),
-/// `wgmma_dkv` (dK, dV: N = head_dim, register A, Q/dO transposed) and `wgmma_dq` (N = the
-/// warpgroup's share of head_dim, in passes of at most 64; dSᵀ and K both transposed).
+/// The wrappers `flash_bwd_sm90` calls: `wgmma_sdp` (Sᵀ, dPᵀ: N = the consumer's queries,
+/// K-major operands), `wgmma_dkv` (dK, dV: N = the consumer's head-dim columns, A in registers
+/// or, split, in shared memory; Q/dO transposed) and `wgmma_dq` (N = the consumer's share of
+/// head_dim, in passes of at most 64; dSᵀ and K both transposed).
 pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
     format!(
         "{}\n{}\n{}",
-        wrapper("wgmma_sdp", tile.block_m, AOperand::Shared, false, false),
-        wrapper("wgmma_dkv", tile.head_dim, AOperand::Registers, false, true),
+        wrapper("wgmma_sdp", tile.sdp_n(), AOperand::Shared, false, false),
+        wrapper(
+            "wgmma_dkv",
+            tile.dkv_cols(),
+            if tile.split_head_dim() {
+                AOperand::Shared
+            } else {
+                AOperand::Registers
+            },
+            false,
+            true
+        ),
         wrapper(
             "wgmma_dq",
             (tile.head_dim / tile.consumers()).min(64),
@@ -354,18 +405,30 @@ mod tests {
     }
 
     #[test]
-    fn backward_tiles_cover_64_and_128_within_hopper_shared_memory() {
-        for (d, det) in [(64, false), (64, true), (128, false), (128, true)] {
-            let t = bwd_tile_for(d, 232_448, det).unwrap();
-            assert_eq!(t.threads(), t.block_n * 2 + 128);
-            assert!(t.smem_bytes() * t.min_blocks <= 232_448);
-            assert!(t.registers_fit());
+    fn backward_tiles_cover_the_head_dims_within_hopper_shared_memory() {
+        for d in WGMMA_HEAD_DIMS_BWD {
+            for det in [false, true] {
+                let t = bwd_tile_for(d, 232_448, det).unwrap();
+                assert_eq!(t.threads(), t.consumers() * 128 + 128);
+                assert!((t.smem_bytes() + 1024) * t.min_blocks <= 232_448 + 1024);
+                assert!(t.registers_fit());
+            }
         }
-        // K, V 64 KiB; Q, dO of two stages 64 KiB; dSᵀ 16 KiB; dQ 2 x 32 KiB; LSE, D 1 KiB.
+        // K, V 64 KiB; Q, dO of two stages 64 KiB; dSᵀ 2 x 16 KiB; dQ 2 x 32 KiB; LSE, D 1 KiB.
         assert_eq!(
             bwd_tile_for(128, 232_448, false).unwrap().smem_bytes(),
-            215_112
+            231_496
         );
+        // d256: two consumers of the same 64 keys; K, V 64 KiB; Q, dO 128 KiB; dSᵀ and Pᵀ
+        // 2 x 16 KiB; no dQ tiles.
+        let t = bwd_tile_for(256, 232_448, false).unwrap();
+        assert_eq!((t.block_n, t.consumers(), t.dq_tiles()), (64, 2, 0));
+        assert_eq!(t.smem_bytes(), 231_464);
+        let b = bwd_wrappers(&t);
+        // sdp: N = 32 queries; dkv: N = 128 columns, A from shared memory.
+        assert!(b.contains("void wgmma_sdp(float (&d)[16], uint64_t desc_a"));
+        assert!(b.contains("void wgmma_dkv(float (&d)[64], uint64_t desc_a"));
+        assert!(bwd_tile_for(256, 166_912, false).is_none());
         // Two blocks of two consumers would leave them 112 registers.
         let two = WgmmaBwdTile {
             min_blocks: 2,
@@ -376,10 +439,7 @@ mod tests {
             ..two
         }
         .registers_fit());
-        assert!(
-            bwd_tile_for(256, 232_448, false).is_none()
-                && bwd_tile_for(96, 232_448, false).is_none()
-        );
+        assert!(bwd_tile_for(96, 232_448, false).is_none());
     }
 
     #[test]
