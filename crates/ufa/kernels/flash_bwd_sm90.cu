@@ -355,13 +355,33 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         }
 
         // dQ(block)[:, columns of this consumer] = dS K over the block's keys, in passes of at
-        // most 64 columns (32 accumulator registers): into a shared fp32 tile (boxes of 32
+        // most 64 columns (32 accumulator registers each): into a shared fp32 tile (boxes of 32
         // columns x BLOCK_M rows, 128-byte swizzle, as the TMA reduction reads them) for the
         // writer, or (SPLIT_D) added into the fp32 buffer directly, in turn when deterministic.
         constexpr int DQ_COLS = D / Cfg::kConsumers;
         constexpr int DQ_N = DQ_COLS > 64 ? 64 : DQ_COLS;
         static_assert(DQ_N % 32 == 0, "dQ passes start on a box");
         const int row = (warp % 4) * 16 + group;  // this thread's dQ rows: row, row + 8
+        constexpr int PASSES = DQ_COLS / DQ_N;
+        float acc[PASSES][DQ_N / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int pass = 0; pass < PASSES; ++pass) {
+            // K's column `col0`: a column block, plus 64 bytes into it when two consumers
+            // split d64 (the swizzle is applied to the whole address, so a start inside a row
+            // is exact).
+            const int col0 = cw * DQ_COLS + pass * DQ_N;
+            const uint32_t kcol = (col0 / 64) * (BN * 128) + (col0 % 64) * 2;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+                wgmma_dq<T>(acc[pass], sw128_desc(sdS_it + kk * 16 * 128, BN * 128),
+                            sw128_desc(sK + kcol + kk * 16 * 128, BN * 128), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int pass = 0; pass < PASSES; ++pass) fence_regs(acc[pass]);
+        // The MMAs are done before the turn is taken, so it is held only while adding.
         const int tile = it % 2;
         int my_turn = 0;
         int32_t* turn = nullptr;
@@ -378,25 +398,13 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         const int i = m0 + row;
         const bool row_ok = i < p.seqlen_q, row8_ok = i + 8 < p.seqlen_q;
 #pragma unroll
-        for (int pass = 0; pass < DQ_COLS / DQ_N; ++pass) {
+        for (int pass = 0; pass < PASSES; ++pass) {
             const int col0 = cw * DQ_COLS + pass * DQ_N;
-            // K's column `col0`: a column block, plus 64 bytes into it when two consumers
-            // split d64 (the swizzle is applied to the whole address, so a start inside a row
-            // is exact).
-            const uint32_t kcol = (col0 / 64) * (BN * 128) + (col0 % 64) * 2;
-            float acc[DQ_N / 2];
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk)
-                wgmma_dq<T>(acc, sw128_desc(sdS_it + kk * 16 * 128, BN * 128),
-                            sw128_desc(sK + kcol + kk * 16 * 128, BN * 128), kk > 0);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(acc);
             if constexpr (SPLIT_D) {
 #pragma unroll
                 for (int t = 0; t < DQ_N / 8; ++t) {
-                    const float c[4] = {acc[4 * t], acc[4 * t + 1], acc[4 * t + 2], acc[4 * t + 3]};
+                    const float c[4] = {acc[pass][4 * t], acc[pass][4 * t + 1],
+                                        acc[pass][4 * t + 2], acc[pass][4 * t + 3]};
                     red_add_tile(dq_rows + (int64_t)(m0 + (warp % 4) * 16) * D + col0 + t * 8, D, c,
                                  group, quad, row_ok, row8_ok);
                 }
@@ -409,11 +417,11 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
                 for (int t = 0; t < DQ_N / 8; ++t) {
                     const uint32_t addr =
                         sw128_chunk(dq_row, (2 * t) % 8) + ((col0 + 8 * t) / 32) * (BM * 128);
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(acc[4 * t]),
-                                 "f"(acc[4 * t + 1])
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr),
+                                 "f"(acc[pass][4 * t]), "f"(acc[pass][4 * t + 1])
                                  : "memory");
                     asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr + 8 * 128),
-                                 "f"(acc[4 * t + 2]), "f"(acc[4 * t + 3])
+                                 "f"(acc[pass][4 * t + 2]), "f"(acc[pass][4 * t + 3])
                                  : "memory");
                 }
             }

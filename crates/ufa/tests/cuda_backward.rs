@@ -88,8 +88,9 @@ fn deterministic_backward_is_bitwise_reproducible() {
     }
 }
 
-/// A small backward problem for compute-sanitizer (memcheck, racecheck): the tensor-core
-/// kernel in both modes, with and without score modifiers, and the CUDA-core one.
+/// Small backward problems for compute-sanitizer (memcheck, racecheck): the tensor-core
+/// kernels in both modes, with and without score modifiers, at head dims 64, 128 and 256 (each
+/// layout of the Hopper kernel), and the CUDA-core one.
 #[test]
 #[ignore = "run under compute-sanitizer by scripts/gpu-check"]
 fn sanitizer_backward_case() {
@@ -102,5 +103,11 @@ fn sanitizer_backward_case() {
     b.deterministic = true;
     let mut c = Case::new(1, 9, 40, 2, 80, DType::F32);
     c.causal = true;
-    run_grad_cases(&[a, b, c]);
+    // On Hopper: two consumers with the dQ writer (d128), and the split head dim (d256).
+    let mut d = a.clone();
+    d.head_dim = 128;
+    d.head_dim_v = 128;
+    let mut e = Case::new(1, 70, 150, 2, 256, DType::F16);
+    e.deterministic = true;
+    run_grad_cases(&[a, b, c, d, e]);
 }
