@@ -80,143 +80,161 @@ struct BwdWgmmaConfig {
     static_assert(kRegsPerThread <= 248, "setmaxnreg needs the launch's count a multiple of 8");
 };
 
-template <typename T, typename Cfg, bool SCORE_MOD>
-__device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
+// Shared-memory addresses of the block (shared state space, 1024-byte aligned base): the
+// layout of BwdWgmmaConfig.
+template <typename Cfg>
+struct BwdSm90Smem {
+    uint32_t base;
+    __device__ __forceinline__ uint32_t k() const { return base; }
+    __device__ __forceinline__ uint32_t v() const { return base + Cfg::kV; }
+    __device__ __forceinline__ uint32_t q(int stage) const {
+        return base + Cfg::kQ + stage * 2 * Cfg::kQBytes;
+    }
+    __device__ __forceinline__ uint32_t dout(int stage) const { return q(stage) + Cfg::kQBytes; }
+    // dSᵀ of buffer `buf`, with Pᵀ after it when the head dim is split.
+    __device__ __forceinline__ uint32_t ds(int buf) const {
+        return base + Cfg::kDs + buf * Cfg::kDsStride;
+    }
+    __device__ __forceinline__ uint32_t dq(int tile) const {
+        return base + Cfg::kDq + tile * Cfg::kDqBytes;
+    }
+    __device__ __forceinline__ uint32_t stat(int stage) const {
+        return base + Cfg::kStat + stage * Cfg::kStatBytes;
+    }
+    // Transaction barriers: K/V loaded; a stage full / empty; a dQ tile full / empty.
+    __device__ __forceinline__ uint32_t kv_full() const { return base + Cfg::kBars; }
+    __device__ __forceinline__ uint32_t full(int stage) const { return kv_full() + 8 + stage * 8; }
+    __device__ __forceinline__ uint32_t empty(int stage) const {
+        return full(Cfg::kStages) + stage * 8;
+    }
+    __device__ __forceinline__ uint32_t dq_full(int tile) const {
+        return empty(Cfg::kStages) + tile * 8;
+    }
+    __device__ __forceinline__ uint32_t dq_empty(int tile) const {
+        return dq_full(Cfg::kDqTiles) + tile * 8;
+    }
+};
+
+// The loader (one producer thread): K and V once, then Q, dO, LSE and D of each step into the
+// ring of stages, each as soon as the consumers release it.
+template <typename Cfg>
+__device__ __forceinline__ void bwd_sm90_load(const BwdSm90Params& sp, const KeyBlock& w,
+                                              const BwdSm90Smem<Cfg>& sm) {
     const BwdParams& bp = sp.bp;
     const FwdParams& p = bp.f;
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
     constexpr int BN = Cfg::kBlockN;
     constexpr int S = Cfg::kStages;
-    extern __shared__ __align__(1024) uint8_t smem_raw[];
-    const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
-    const uint32_t sK = base, sV = base + Cfg::kV;
-    const uint32_t bar_kv = base + Cfg::kBars;
-    auto sQ = [&](int stage) { return base + Cfg::kQ + stage * 2 * Cfg::kQBytes; };
-    auto stat = [&](int stage) { return base + Cfg::kStat + stage * Cfg::kStatBytes; };
-    auto full = [&](int stage) { return bar_kv + 8 + stage * 8; };
-    auto empty = [&](int stage) { return bar_kv + 8 + S * 8 + stage * 8; };
-    auto sdQ = [&](int tile) { return base + Cfg::kDq + tile * Cfg::kDqBytes; };
-    auto sdS = [&](int buf) { return base + Cfg::kDs + buf * Cfg::kDsStride; };  // Pᵀ follows
-    auto dq_full = [&](int tile) { return bar_kv + 8 + 2 * S * 8 + tile * 8; };
-    auto dq_empty = [&](int tile) { return bar_kv + 8 + 2 * S * 8 + Cfg::kDqTiles * 8 + tile * 8; };
+    mbar_arrive_expect_tx(sm.kv_full(), 2 * Cfg::kKvBytes);
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb) {
+        tma_load_4d(sm.k() + cb * BN * 128, &sp.k, cb * 64, w.n0, w.hk, w.b, sm.kv_full());
+        tma_load_4d(sm.v() + cb * BN * 128, &sp.v, cb * 64, w.n0, w.hk, w.b, sm.kv_full());
+    }
+    for (int it = 0; it < w.total; ++it) {
+        const int stage = it % S;
+        if (it >= S) mbar_wait(sm.empty(stage), ((it / S) & 1) ^ 1);
+        const int h = w.hk * p.group + it / w.m_count;
+        const int m0 = (w.m_first + it % w.m_count) * BM;
+        mbar_arrive_expect_tx(sm.full(stage), 2 * Cfg::kQBytes + Cfg::kStatBytes);
+#pragma unroll
+        for (int cb = 0; cb < D / 64; ++cb) {
+            tma_load_4d(sm.q(stage) + cb * BM * 128, &sp.q, cb * 64, m0, h, w.b, sm.full(stage));
+            tma_load_4d(sm.dout(stage) + cb * BM * 128, &sp.dout, cb * 64, m0, h, w.b,
+                        sm.full(stage));
+        }
+        // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds.
+        const int64_t stat_row = ((int64_t)w.b * p.heads_q + h) * bp.seqlen_q_pad + m0;
+        bulk_load(sm.stat(stage), bp.lse2 + stat_row, BM * 4, sm.full(stage));
+        bulk_load(sm.stat(stage) + BM * 4, bp.delta + stat_row, BM * 4, sm.full(stage));
+    }
+}
 
+// The dQ writer (one producer thread, head dims up to 128): adds each step's fp32 tile into
+// the dQ buffer, in the key blocks' turn when deterministic, and hands the tile back.
+template <typename Cfg>
+__device__ __forceinline__ void bwd_sm90_write_dq(const BwdSm90Params& sp, const KeyBlock& w,
+                                                  const BwdSm90Smem<Cfg>& sm) {
+    const BwdParams& bp = sp.bp;
+    const FwdParams& p = bp.f;
+    constexpr int D = Cfg::kHeadDim;
+    constexpr int BM = Cfg::kBlockM;
+    for (int it = 0; it < w.total; ++it) {
+        const int tile = it % Cfg::kDqTiles;
+        mbar_wait(sm.dq_full(tile), (it / Cfg::kDqTiles) & 1);
+        const int h = w.hk * p.group + it / w.m_count;
+        const int m_block = w.m_first + it % w.m_count;
+        const int m0 = m_block * BM;
+        int my_turn = 0;
+        int32_t* turn = dq_turn(bp, w, h, m_block, m0, min(m0 + BM, p.seqlen_q) - 1,
+                                Cfg::kBlockN, my_turn);
+        if (turn != nullptr) {
+            dq_turn_spin(turn, my_turn);
+            fence_proxy_async_global();
+        }
+#pragma unroll
+        for (int box = 0; box < D / 32; ++box)
+            tma_reduce_add_3d(&sp.dq, box * 32, m0, w.b * p.heads_q + h,
+                              sm.dq(tile) + box * (BM * 128));
+        bulk_commit();
+        if (turn != nullptr) {
+            // The adds are performed before the next key block takes the turn.
+            bulk_wait();
+            fence_proxy_async_global();
+            store_release(turn, my_turn + 1);
+        } else {
+            bulk_wait_read();
+        }
+        mbar_arrive(sm.dq_empty(tile));
+    }
+    bulk_wait();  // the block's shared memory outlives its last reduction
+}
+
+// A consumer warpgroup (`cw` of Cfg::kConsumers): steps 1-4 of the header, then dK and dV.
+template <typename T, typename Cfg, bool SCORE_MOD>
+__device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const KeyBlock& w,
+                                                 const BwdSm90Smem<Cfg>& sm, const float* stat_ptr,
+                                                 int cw) {
+    const BwdParams& bp = sp.bp;
+    const FwdParams& p = bp.f;
+    constexpr int D = Cfg::kHeadDim;
+    constexpr int BM = Cfg::kBlockM;
+    constexpr int BN = Cfg::kBlockN;
+    constexpr int S = Cfg::kStages;
     const int tid = threadIdx.x;
     const int warp = tid / 32;
     const int lane = tid % 32;
-    const int wg = warp / 4;
-    const KeyBlock w = key_block(bp, BM, BN);
     const int b = w.b, hk = w.hk, n0 = w.n0;
     const int m_first = w.m_first, m_count = w.m_count, total = w.total;
-
-    if (tid == 0) {
-        mbar_init(bar_kv, 1);
-        for (int s = 0; s < S; ++s) {
-            mbar_init(full(s), 1);
-            mbar_init(empty(s), Cfg::kConsumerThreads);
-        }
-        for (int t = 0; t < Cfg::kDqTiles; ++t) {
-            mbar_init(dq_full(t), Cfg::kConsumerThreads);
-            mbar_init(dq_empty(t), 1);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();  // the last block-wide barrier: the roles part here
-
-    if (wg == 0) {
-        regs_release<Cfg::kProducerRegs>();
-        if constexpr (Cfg::kDqTiles > 0) if (tid == 32 && total > 0) {
-            // dQ writer: adds each step's tile, in the key blocks' turn when deterministic.
-            for (int it = 0; it < total; ++it) {
-                const int tile = it % Cfg::kDqTiles;
-                mbar_wait(dq_full(tile), (it / Cfg::kDqTiles) & 1);
-                const int h = hk * p.group + it / m_count;
-                const int m_block = m_first + it % m_count;
-                const int m0 = m_block * BM;
-                int my_turn = 0;
-                int32_t* turn = dq_turn(bp, w, h, m_block, m0, min(m0 + BM, p.seqlen_q) - 1, BN, my_turn);
-                if (turn != nullptr) {
-                    dq_turn_spin(turn, my_turn);
-                    fence_proxy_async_global();
-                }
-                const int head_row = b * p.heads_q + h;
-#pragma unroll
-                for (int box = 0; box < D / 32; ++box)
-                    tma_reduce_add_3d(&sp.dq, box * 32, m0, head_row,
-                                      sdQ(tile) + box * (BM * 128));
-                bulk_commit();
-                if (turn != nullptr) {
-                    // The adds are performed before the next key block takes the turn.
-                    bulk_wait();
-                    fence_proxy_async_global();
-                    store_release(turn, my_turn + 1);
-                } else {
-                    bulk_wait_read();
-                }
-                mbar_arrive(dq_empty(tile));
-            }
-            bulk_wait();  // the block's shared memory outlives its last reduction
-        }
-        if (tid != 0 || total == 0) return;
-        // Loader.
-        mbar_arrive_expect_tx(bar_kv, 2 * Cfg::kKvBytes);
-#pragma unroll
-        for (int cb = 0; cb < D / 64; ++cb) {
-            tma_load_4d(sK + cb * BN * 128, &sp.k, cb * 64, n0, hk, b, bar_kv);
-            tma_load_4d(sV + cb * BN * 128, &sp.v, cb * 64, n0, hk, b, bar_kv);
-        }
-        for (int it = 0; it < total; ++it) {
-            const int stage = it % S;
-            if (it >= S) mbar_wait(empty(stage), ((it / S) & 1) ^ 1);
-            const int h = hk * p.group + it / m_count;
-            const int m0 = (m_first + it % m_count) * BM;
-            mbar_arrive_expect_tx(full(stage), 2 * Cfg::kQBytes + Cfg::kStatBytes);
-#pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb) {
-                tma_load_4d(sQ(stage) + cb * BM * 128, &sp.q, cb * 64, m0, h, b, full(stage));
-                tma_load_4d(sQ(stage) + Cfg::kQBytes + cb * BM * 128, &sp.dout, cb * 64, m0, h, b,
-                            full(stage));
-            }
-            // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds.
-            const int64_t stat_row = ((int64_t)b * p.heads_q + h) * bp.seqlen_q_pad + m0;
-            bulk_load(stat(stage), bp.lse2 + stat_row, BM * 4, full(stage));
-            bulk_load(stat(stage) + BM * 4, bp.delta + stat_row, BM * 4, full(stage));
-        }
-        return;
-    }
-
-    // Consumers.
-    regs_claim<Cfg::kConsumerRegs>();
+    const uint32_t sK = sm.k(), sV = sm.v();
     constexpr bool SPLIT_D = Cfg::kSplitD;
     constexpr int NQ = Cfg::kSdpN;       // this consumer's queries in Sᵀ, dPᵀ
     constexpr int DC = Cfg::kDkvCols;    // its dK, dV columns
-    const int cw = wg - 1;               // consumer index
     const int ctid = tid - 128;          // thread among the consumers
     const int key0 = SPLIT_D ? 0 : cw * 64;  // its keys within the block
     const int q0 = SPLIT_D ? cw * NQ : 0;    // its queries within a step's block
     const int c0 = SPLIT_D ? cw * DC : 0;    // its dK, dV columns
     const int group = lane / 4;
     const int quad = lane % 4;
-    // The LSE/D area's generic pointer, for ordinary loads.
-    const float* stat_ptr = (const float*)(smem_raw + (base + Cfg::kStat - smem_addr(smem_raw)));
 
     // This thread's key rows (accumulator rows): `group` and `group + 8` of its warp's 16.
     const int key_row = key0 + (warp % 4) * 16 + group;  // within the block; % 8 == group
     float dk[DC / 2], dv[DC / 2];
 #pragma unroll
     for (int i = 0; i < DC / 2; ++i) dk[i] = dv[i] = 0.f;
-    if (total > 0) mbar_wait(bar_kv, 0);
+    if (total > 0) mbar_wait(sm.kv_full(), 0);
 
     for (int it = 0; it < total; ++it) {
         const int stage = it % S;
-        mbar_wait(full(stage), (it / S) & 1);
+        mbar_wait(sm.full(stage), (it / S) & 1);
         const int h = hk * p.group + it / m_count;
         const int m_block = m_first + it % m_count;
         const int m0 = m_block * BM;
         const int m_last = min(m0 + BM, p.seqlen_q) - 1;
-        const uint32_t sQs = sQ(stage);
-        const uint32_t sdO = sQs + Cfg::kQBytes;
-        const uint32_t sdS_it = sdS(it % 2);
+        const uint32_t sQs = sm.q(stage);
+        const uint32_t sdO = sm.dout(stage);
+        const uint32_t sdS_it = sm.ds(it % 2);
         const float* lse2 = stat_ptr + stage * 2 * BM;
         const float* delta = lse2 + BM;
 
@@ -392,7 +410,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
                 named_barrier_sync(2, Cfg::kConsumerThreads);
             }
         } else if (it >= Cfg::kDqTiles) {
-            mbar_wait(dq_empty(tile), ((it / Cfg::kDqTiles) & 1) ^ 1);
+            mbar_wait(sm.dq_empty(tile), ((it / Cfg::kDqTiles) & 1) ^ 1);
         }
         float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
         const int i = m0 + row;
@@ -412,7 +430,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
                 // Column col0 + 8 t + 2 quad: box (col0 + 8 t) / 32, chunk 2 t % 8 + quad / 2
                 // (col0 is a multiple of 32), byte 8 (quad % 2) of it.
                 const uint32_t dq_row =
-                    sdQ(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
+                    sm.dq(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
 #pragma unroll
                 for (int t = 0; t < DQ_N / 8; ++t) {
                     const uint32_t addr =
@@ -430,7 +448,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         // thread's reads of its LSE and D: release it. Then this thread's part of the dQ tile
         // is in place (made visible to the TMA by the proxy fence). Every consumer thread
         // arrives, so each one's accesses are ordered by its own release.
-        mbar_arrive(empty(stage));
+        mbar_arrive(sm.empty(stage));
         if constexpr (SPLIT_D) {
             if (turn != nullptr) {
                 // Every consumer's adds precede the barrier; the release store follows it.
@@ -439,7 +457,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
             }
         } else {
             fence_proxy_async_shared();
-            mbar_arrive(dq_full(tile));
+            mbar_arrive(sm.dq_full(tile));
         }
         fence_regs(dk);
         fence_regs(dv);
@@ -461,4 +479,39 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
             *(uint32_t*)(dv_row + col) = Convert<T>::pack(dv[4 * t + 2 * r], dv[4 * t + 2 * r + 1]);
         }
     }
+}
+
+template <typename T, typename Cfg, bool SCORE_MOD>
+__device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const BwdSm90Smem<Cfg> sm{(smem_addr(smem_raw) + 1023) & ~1023u};
+    const KeyBlock w = key_block(sp.bp, Cfg::kBlockM, Cfg::kBlockN);
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        mbar_init(sm.kv_full(), 1);
+        for (int s = 0; s < Cfg::kStages; ++s) {
+            mbar_init(sm.full(s), 1);
+            mbar_init(sm.empty(s), Cfg::kConsumerThreads);  // every consumer thread arrives
+        }
+        for (int t = 0; t < Cfg::kDqTiles; ++t) {
+            mbar_init(sm.dq_full(t), Cfg::kConsumerThreads);
+            mbar_init(sm.dq_empty(t), 1);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();  // the last block-wide barrier: the roles part here
+
+    if (tid < 128) {
+        regs_release<Cfg::kProducerRegs>();
+        if (w.total == 0) return;
+        if (tid == 0) bwd_sm90_load<Cfg>(sp, w, sm);
+        if constexpr (Cfg::kDqTiles > 0) {
+            if (tid == 32) bwd_sm90_write_dq<Cfg>(sp, w, sm);
+        }
+        return;
+    }
+    regs_claim<Cfg::kConsumerRegs>();
+    // The LSE/D area's generic pointer, for ordinary loads.
+    const float* stat_ptr = (const float*)(smem_raw + (sm.stat(0) - smem_addr(smem_raw)));
+    bwd_sm90_consume<T, Cfg, SCORE_MOD>(sp, w, sm, stat_ptr, tid / 128 - 1);
 }
