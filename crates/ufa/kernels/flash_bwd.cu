@@ -83,7 +83,7 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     // (2x slower).
     const KeyBlock w = key_block(bp, BM, BN);
     const int b = w.b, hk = w.hk, n0 = w.n0;
-    const int m_first = w.m_first, m_count = w.m_count, total = w.total;
+    const int total = w.total;
     const uint16_t *k_head = w.k, *v_head = w.v;
 
     // Warp roles (first row, first column) in each phase's grid.
@@ -118,10 +118,9 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     const uint32_t p_base = smem_addr(sP);
     const uint32_t ds_base = smem_addr(sdS);
 
-    // Iteration `it` covers query head hk * group + it / m_count, block m_first + it % m_count.
     auto load_stage = [&](int stage, int it) {
-        const int h = hk * p.group + it / m_count;
-        const int m0 = (m_first + it % m_count) * BM;
+        const int h = w.head_at(it, p.group);
+        const int m0 = w.m_block_at(it) * BM;
         uint16_t* sQ = sQ0 + stage * 2 * BM * PITCH;
         load_tile<Cfg, BM>(sQ, (const uint16_t*)p.q + b * p.q_stride[0] + h * p.q_stride[2],
                            p.q_stride[1], m0, p.seqlen_q);
@@ -158,8 +157,8 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
             load_stage((it + 1) % 2, it + 1);
             cp_async_commit();
         }
-        const int h = hk * p.group + it / m_count;
-        const int m_block = m_first + it % m_count;
+        const int h = w.head_at(it, p.group);
+        const int m_block = w.m_block_at(it);
         const int m0 = m_block * BM;
         const int m_last = min(m0 + BM, p.seqlen_q) - 1;
         const uint16_t* sQ = sQ0 + stage * 2 * BM * PITCH;

@@ -135,8 +135,8 @@ __device__ __forceinline__ void bwd_sm90_load(const BwdSm90Params& sp, const Key
     for (int it = 0; it < w.total; ++it) {
         const int stage = it % S;
         if (it >= S) mbar_wait(sm.empty(stage), ((it / S) & 1) ^ 1);
-        const int h = w.hk * p.group + it / w.m_count;
-        const int m0 = (w.m_first + it % w.m_count) * BM;
+        const int h = w.head_at(it, p.group);
+        const int m0 = w.m_block_at(it) * BM;
         mbar_arrive_expect_tx(sm.full(stage), 2 * Cfg::kQBytes + Cfg::kStatBytes);
 #pragma unroll
         for (int cb = 0; cb < D / 64; ++cb) {
@@ -163,8 +163,8 @@ __device__ __forceinline__ void bwd_sm90_write_dq(const BwdSm90Params& sp, const
     for (int it = 0; it < w.total; ++it) {
         const int tile = it % Cfg::kDqTiles;
         mbar_wait(sm.dq_full(tile), (it / Cfg::kDqTiles) & 1);
-        const int h = w.hk * p.group + it / w.m_count;
-        const int m_block = w.m_first + it % w.m_count;
+        const int h = w.head_at(it, p.group);
+        const int m_block = w.m_block_at(it);
         const int m0 = m_block * BM;
         int my_turn = 0;
         int32_t* turn = dq_turn(bp, w, h, m_block, m0, min(m0 + BM, p.seqlen_q) - 1,
@@ -206,7 +206,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
     const int warp = tid / 32;
     const int lane = tid % 32;
     const int b = w.b, hk = w.hk, n0 = w.n0;
-    const int m_first = w.m_first, m_count = w.m_count, total = w.total;
+    const int total = w.total;
     const uint32_t sK = sm.k(), sV = sm.v();
     constexpr bool SPLIT_D = Cfg::kSplitD;
     constexpr int NQ = Cfg::kSdpN;       // this consumer's queries in Sᵀ, dPᵀ
@@ -228,8 +228,8 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
     for (int it = 0; it < total; ++it) {
         const int stage = it % S;
         mbar_wait(sm.full(stage), (it / S) & 1);
-        const int h = hk * p.group + it / m_count;
-        const int m_block = m_first + it % m_count;
+        const int h = w.head_at(it, p.group);
+        const int m_block = w.m_block_at(it);
         const int m0 = m_block * BM;
         const int m_last = min(m0 + BM, p.seqlen_q) - 1;
         const uint32_t sQs = sm.q(stage);
@@ -238,23 +238,22 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         const float* lse2 = stat_ptr + stage * 2 * BM;
         const float* delta = lse2 + BM;
 
-        // 1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this consumer's keys and queries.
+        // 1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this consumer's keys and queries, one commit
+        // group each (Pᵀ is computed while dPᵀ runs).
         float s[NQ / 2], dp[NQ / 2];
+        auto keys_by_queries = [&](float(&acc)[NQ / 2], uint32_t keys, uint32_t queries) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const uint32_t col = (kk / 4) * (BN * 128) + key0 * 128 + (kk % 4) * 32;
+                const uint32_t qcol = (kk / 4) * (BM * 128) + q0 * 128 + (kk % 4) * 32;
+                wgmma_sdp<T>(acc, sw128_desc(keys + col, 16), sw128_desc(queries + qcol, 16),
+                             kk > 0);
+            }
+            wgmma_commit();
+        };
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t col = (kk / 4) * (BN * 128) + key0 * 128 + (kk % 4) * 32;
-            const uint32_t qcol = (kk / 4) * (BM * 128) + q0 * 128 + (kk % 4) * 32;
-            wgmma_sdp<T>(s, sw128_desc(sK + col, 16), sw128_desc(sQs + qcol, 16), kk > 0);
-        }
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const uint32_t col = (kk / 4) * (BN * 128) + key0 * 128 + (kk % 4) * 32;
-            const uint32_t qcol = (kk / 4) * (BM * 128) + q0 * 128 + (kk % 4) * 32;
-            wgmma_sdp<T>(dp, sw128_desc(sV + col, 16), sw128_desc(sdO + qcol, 16), kk > 0);
-        }
-        wgmma_commit();
+        keys_by_queries(s, sK, sQs);
+        keys_by_queries(dp, sV, sdO);
 
         // 2. Pᵀ and dSᵀ. Rows past the last query have LSE +inf (P = 0) and D = 0; keys past
         // the end and outside the band are hidden here. Plain scores take Pᵀ while dPᵀ is

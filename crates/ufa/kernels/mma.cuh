@@ -154,6 +154,10 @@ __device__ __forceinline__ void store_release(int32_t* p, int32_t v) {
 struct KeyBlock {
     int b, hk, n_block, n0, m_first, m_count, total;
     const uint16_t *k, *v;
+
+    // Step `it` works on query head head_at(it) and query block m_block_at(it).
+    __device__ __forceinline__ int head_at(int it, int group) const { return hk * group + it / m_count; }
+    __device__ __forceinline__ int m_block_at(int it) const { return m_first + it % m_count; }
 };
 
 __device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, int block_n) {

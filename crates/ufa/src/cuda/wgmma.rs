@@ -216,14 +216,23 @@ impl WgmmaBwdTile {
         }
     }
 
+    /// Consumers that share one 64-key block: 2 when the head dim is split, else 1.
+    fn sharing(&self) -> u32 {
+        if self.split_head_dim() {
+            2
+        } else {
+            1
+        }
+    }
+
     /// Queries a consumer's Sᵀ and dPᵀ cover (the wgmma N of `wgmma_sdp`).
     fn sdp_n(&self) -> u32 {
-        self.block_m / if self.split_head_dim() { 2 } else { 1 }
+        self.block_m / self.sharing()
     }
 
     /// dK and dV columns a consumer accumulates (the wgmma N of `wgmma_dkv`).
     fn dkv_cols(&self) -> u32 {
-        self.head_dim / if self.split_head_dim() { 2 } else { 1 }
+        self.head_dim / self.sharing()
     }
 
     /// fp32 dQ tiles in shared memory for the TMA reductions; none with the split head dim,
@@ -245,7 +254,8 @@ impl WgmmaBwdTile {
     /// barriers, and 1024 bytes to align the tiles.
     pub fn smem_bytes(&self) -> u32 {
         let (d, m, n, s) = (self.head_dim, self.block_m, self.block_n, BWD_STAGES);
-        let ds_buffers = 2 * if self.split_head_dim() { 2 } else { 1 };
+        // Two buffers of dSᵀ, each with Pᵀ beside it when the head dim is split.
+        let ds_buffers = 2 * self.sharing();
         let dq_tiles = self.dq_tiles();
         2 * n * d * 2
             + s * 2 * m * d * 2
@@ -279,8 +289,7 @@ pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
 ///   whose query blocks have half as many key blocks to take turns: 305 against 211 (262
 ///   against 238 causal);
 /// - d128: one block of two consumer warpgroups (128 keys; dK and dV take 128 registers a
-///   thread): 475 TFLOP/s, 431 deterministic.
-///
+///   thread): 475 TFLOP/s, 431 deterministic;
 /// - d256: two consumers share 64 keys, each with half the head dim.
 pub(crate) fn bwd_tile_for(
     head_dim: usize,
