@@ -65,7 +65,8 @@ struct BwdParams {
     int32_t seqlen_q_pad;  // multiple of 128
     int32_t block_m;       // query rows per tensor-core m-block (order counters are per block)
     int32_t num_m_blocks;
-    int32_t deterministic;
+    int32_t deterministic;  // DqOrder: 0 = dQ adds in any order (atomics), 1 = in turns by
+                            // key block, 2 = in turns with each key block's walk rotated
     int32_t dtype_out, dtype_dout, dtype_dq, dtype_dk, dtype_dv, dtype_in;  // DTypeKind
 };
 

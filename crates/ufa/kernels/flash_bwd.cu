@@ -158,8 +158,7 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
             cp_async_commit();
         }
         const int h = w.head_at(it, p.group);
-        const int m_block = w.m_block_at(it);
-        const int m0 = m_block * BM;
+        const int m0 = w.m_block_at(it) * BM;
         const int m_last = min(m0 + BM, p.seqlen_q) - 1;
         const uint16_t* sQ = sQ0 + stage * 2 * BM * PITCH;
         const uint32_t q_base = smem_addr(sQ);
@@ -284,7 +283,7 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
             }
         }
         int my_turn = 0;
-        int32_t* turn = dq_turn_wait(bp, w, h, m_block, m0, m_last, BN, my_turn);
+        int32_t* turn = dq_turn_wait(bp, w, it, m0, m_last, BN, my_turn);
         float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
 #pragma unroll
         for (int mt = 0; mt < MT3; ++mt) {

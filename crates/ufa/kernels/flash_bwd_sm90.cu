@@ -5,10 +5,10 @@
 // keys of one (batch, KV head) and walks every query block (BLOCK_M rows) and query head of the
 // GQA group that sees them. Warpgroup 0 is the producer: one thread loads K and V once, then
 // Q, dO, LSE and D of each step into a ring of stages (TMA, transaction barriers), waiting
-// only for a stage to be released; up to head dim 128 one thread of its second warp adds each
-// step's dQ tile into the fp32 buffer (TMA reductions from a ring of two tiles), taking the
-// deterministic turns, so the consumers never wait for global memory. The other warpgroups
-// consume, per step:
+// only for a stage to be released; one thread of each of its next two warps adds the dQ tiles
+// of alternate steps into the fp32 buffer (TMA reductions from a ring of two tiles), taking
+// the deterministic turns, so the consumers never wait for global memory. The other warpgroups consume, per
+// step:
 //   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (both operands in shared memory);
 //   2. Pᵀ = exp2(Sᵀ - LSE), dSᵀ = Pᵀ ∘ (dPᵀ - D), in the accumulator registers;
 //   3. dV += Pᵀ dO and dK += dSᵀ Q, with dO and Q read transposed by their descriptors;
@@ -18,9 +18,12 @@
 // register A operands of step 3, and dQ goes to a shared fp32 tile for the writer. At head dim
 // 256 (SPLIT_D) dK and dV of 64 keys would take 256 registers a thread, so two consumers share
 // 64 keys: each computes Sᵀ and dPᵀ for half the queries, both halves of Pᵀ and dSᵀ meet in
-// shared memory, each accumulates dK and dV for half the head dim from there, and adds its dQ
-// columns into the fp32 buffer itself (a dQ tile would not fit beside two stages of Q and dO).
-// Needs common.cuh, mma.cuh (red_add_tile, the turn counters), wgmma.cuh and tma.cuh before it,
+// shared memory, and each accumulates dK and dV for half the head dim from there. Two dQ tiles
+// would not fit beside two stages of Q and dO, so the dQ tile of a step takes its stage's place
+// once its MMAs are done, and the writer releases the stage when it has read the tile. (Threads
+// adding dQ with red.global instead ran at 60% of the speed the kernel has without dQ adds:
+// 262 against 444 TFLOP/s, H200, s4096.)
+// Needs common.cuh, mma.cuh (the turn counters), wgmma.cuh and tma.cuh before it,
 // and the host-generated wrappers wgmma_sdp (N = the consumer's queries), wgmma_dkv (N = the
 // consumer's head-dim columns; A in registers, or in shared memory when SPLIT_D; B transposed)
 // and wgmma_dq (N = HEAD_DIM / consumers, at most 64; A and B transposed).
@@ -56,7 +59,11 @@ struct BwdWgmmaConfig {
     static constexpr int kDsBytes = BLOCK_N * BLOCK_M * 2;
     static constexpr int kDqBytes = BLOCK_M * HEAD_DIM * 4;
     static constexpr int kStatBytes = 2 * BLOCK_M * 4;  // LSE and D of one stage
-    static constexpr int kDqTiles = kSplitD ? 0 : 2;
+    static constexpr int kDqTiles = 2;
+    // SPLIT_D: dQ tile t is stage t's Q and dO, which are as large.
+    static constexpr bool kDqInStage = kSplitD;
+    static_assert(!kDqInStage || (kStages == kDqTiles && 2 * kQBytes == kDqBytes),
+                  "a stage holds one dQ tile");
     // dSᵀ buffers (and Pᵀ beside each when SPLIT_D).
     static constexpr int kDsStride = (kSplitD ? 2 : 1) * kDsBytes;
     // Offsets from the 1024-byte aligned base: K, V, the stages' (Q, dO), the two dSᵀ (, Pᵀ)
@@ -66,7 +73,7 @@ struct BwdWgmmaConfig {
     static constexpr int kQ = 2 * kKvBytes;
     static constexpr int kDs = kQ + kStages * 2 * kQBytes;
     static constexpr int kDq = kDs + 2 * kDsStride;
-    static constexpr int kStat = kDq + kDqTiles * kDqBytes;
+    static constexpr int kStat = kDq + (kDqInStage ? 0 : kDqTiles * kDqBytes);
     static constexpr int kBars = kStat + kStages * kStatBytes;
     static constexpr int kSmemBytes = kBars + (1 + 2 * kStages + 2 * kDqTiles) * 8 + 1024;
     static_assert(kDs % 1024 == 0 && kDq % 1024 == 0, "swizzled tiles start 1024-byte aligned");
@@ -96,12 +103,13 @@ struct BwdSm90Smem {
         return base + Cfg::kDs + buf * Cfg::kDsStride;
     }
     __device__ __forceinline__ uint32_t dq(int tile) const {
-        return base + Cfg::kDq + tile * Cfg::kDqBytes;
+        return Cfg::kDqInStage ? q(tile) : base + Cfg::kDq + tile * Cfg::kDqBytes;
     }
     __device__ __forceinline__ uint32_t stat(int stage) const {
         return base + Cfg::kStat + stage * Cfg::kStatBytes;
     }
-    // Transaction barriers: K/V loaded; a stage full / empty; a dQ tile full / empty.
+    // Transaction barriers: K/V loaded; a stage full / empty; a dQ tile full / empty (the
+    // latter unused when the tiles are the stages, whose empty barrier the writer arrives on).
     __device__ __forceinline__ uint32_t kv_full() const { return base + Cfg::kBars; }
     __device__ __forceinline__ uint32_t full(int stage) const { return kv_full() + 8 + stage * 8; }
     __device__ __forceinline__ uint32_t empty(int stage) const {
@@ -151,24 +159,25 @@ __device__ __forceinline__ void bwd_sm90_load(const BwdSm90Params& sp, const Key
     }
 }
 
-// The dQ writer (one producer thread, head dims up to 128): adds each step's fp32 tile into
-// the dQ buffer, in the key blocks' turn when deterministic, and hands the tile back.
+// The dQ writer of tile `tile` (one producer thread each): adds the fp32 dQ tile of every step
+// that fills it into the dQ buffer, in the key blocks' turn when deterministic, and hands the
+// tile (or the stage it lies in) back as soon as it has been read. A writer per tile, so that
+// one step's adds are under way while the other waits for its turn, and a deterministic writer
+// never holds one turn while waiting for another.
 template <typename Cfg>
 __device__ __forceinline__ void bwd_sm90_write_dq(const BwdSm90Params& sp, const KeyBlock& w,
-                                                  const BwdSm90Smem<Cfg>& sm) {
+                                                  const BwdSm90Smem<Cfg>& sm, int tile) {
     const BwdParams& bp = sp.bp;
     const FwdParams& p = bp.f;
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
-    for (int it = 0; it < w.total; ++it) {
-        const int tile = it % Cfg::kDqTiles;
+    for (int it = tile; it < w.total; it += Cfg::kDqTiles) {
         mbar_wait(sm.dq_full(tile), (it / Cfg::kDqTiles) & 1);
         const int h = w.head_at(it, p.group);
-        const int m_block = w.m_block_at(it);
-        const int m0 = m_block * BM;
+        const int m0 = w.m_block_at(it) * BM;
         int my_turn = 0;
-        int32_t* turn = dq_turn(bp, w, h, m_block, m0, min(m0 + BM, p.seqlen_q) - 1,
-                                Cfg::kBlockN, my_turn);
+        int32_t* turn =
+            dq_turn(bp, w, it, m0, min(m0 + BM, p.seqlen_q) - 1, Cfg::kBlockN, my_turn);
         if (turn != nullptr) {
             dq_turn_spin(turn, my_turn);
             fence_proxy_async_global();
@@ -178,15 +187,14 @@ __device__ __forceinline__ void bwd_sm90_write_dq(const BwdSm90Params& sp, const
             tma_reduce_add_3d(&sp.dq, box * 32, m0, w.b * p.heads_q + h,
                               sm.dq(tile) + box * (BM * 128));
         bulk_commit();
+        bulk_wait_read();
+        mbar_arrive(Cfg::kDqInStage ? sm.empty(tile) : sm.dq_empty(tile));
         if (turn != nullptr) {
             // The adds are performed before the next key block takes the turn.
             bulk_wait();
             fence_proxy_async_global();
             store_release(turn, my_turn + 1);
-        } else {
-            bulk_wait_read();
         }
-        mbar_arrive(sm.dq_empty(tile));
     }
     bulk_wait();  // the block's shared memory outlives its last reduction
 }
@@ -211,7 +219,6 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
     constexpr bool SPLIT_D = Cfg::kSplitD;
     constexpr int NQ = Cfg::kSdpN;       // this consumer's queries in Sᵀ, dPᵀ
     constexpr int DC = Cfg::kDkvCols;    // its dK, dV columns
-    const int ctid = tid - 128;          // thread among the consumers
     const int key0 = SPLIT_D ? 0 : cw * 64;  // its keys within the block
     const int q0 = SPLIT_D ? cw * NQ : 0;    // its queries within a step's block
     const int c0 = SPLIT_D ? cw * DC : 0;    // its dK, dV columns
@@ -229,8 +236,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         const int stage = it % S;
         mbar_wait(sm.full(stage), (it / S) & 1);
         const int h = w.head_at(it, p.group);
-        const int m_block = w.m_block_at(it);
-        const int m0 = m_block * BM;
+        const int m0 = w.m_block_at(it) * BM;
         const int m_last = min(m0 + BM, p.seqlen_q) - 1;
         const uint32_t sQs = sm.q(stage);
         const uint32_t sdO = sm.dout(stage);
@@ -374,7 +380,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         // dQ(block)[:, columns of this consumer] = dS K over the block's keys, in passes of at
         // most 64 columns (32 accumulator registers each): into a shared fp32 tile (boxes of 32
         // columns x BLOCK_M rows, 128-byte swizzle, as the TMA reduction reads them) for the
-        // writer, or (SPLIT_D) added into the fp32 buffer directly, in turn when deterministic.
+        // writer.
         constexpr int DQ_COLS = D / Cfg::kConsumers;
         constexpr int DQ_N = DQ_COLS > 64 ? 64 : DQ_COLS;
         static_assert(DQ_N % 32 == 0, "dQ passes start on a box");
@@ -398,66 +404,39 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         wgmma_wait<0>();
 #pragma unroll
         for (int pass = 0; pass < PASSES; ++pass) fence_regs(acc[pass]);
-        // The MMAs are done before the turn is taken, so it is held only while adding.
-        const int tile = it % 2;
-        int my_turn = 0;
-        int32_t* turn = nullptr;
+        const int tile = it % Cfg::kDqTiles;
         if constexpr (SPLIT_D) {
-            turn = dq_turn(bp, w, h, m_block, m0, m_last, BN, my_turn);
-            if (turn != nullptr) {
-                if (ctid == 0) dq_turn_spin(turn, my_turn);
-                named_barrier_sync(2, Cfg::kConsumerThreads);
-            }
+            // The tile replaces this stage's Q and dO: every consumer's MMAs are done with them.
+            named_barrier_sync(1, Cfg::kConsumerThreads);
         } else if (it >= Cfg::kDqTiles) {
             mbar_wait(sm.dq_empty(tile), ((it / Cfg::kDqTiles) & 1) ^ 1);
         }
-        float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
-        const int i = m0 + row;
-        const bool row_ok = i < p.seqlen_q, row8_ok = i + 8 < p.seqlen_q;
+        // Column col0 + 8 t + 2 quad: box (col0 + 8 t) / 32, chunk 2 t % 8 + quad / 2 (col0 is
+        // a multiple of 32), byte 8 (quad % 2) of it.
+        const uint32_t dq_row = sm.dq(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
 #pragma unroll
         for (int pass = 0; pass < PASSES; ++pass) {
             const int col0 = cw * DQ_COLS + pass * DQ_N;
-            if constexpr (SPLIT_D) {
 #pragma unroll
-                for (int t = 0; t < DQ_N / 8; ++t) {
-                    const float c[4] = {acc[pass][4 * t], acc[pass][4 * t + 1],
-                                        acc[pass][4 * t + 2], acc[pass][4 * t + 3]};
-                    red_add_tile(dq_rows + (int64_t)(m0 + (warp % 4) * 16) * D + col0 + t * 8, D, c,
-                                 group, quad, row_ok, row8_ok);
-                }
-            } else {
-                // Column col0 + 8 t + 2 quad: box (col0 + 8 t) / 32, chunk 2 t % 8 + quad / 2
-                // (col0 is a multiple of 32), byte 8 (quad % 2) of it.
-                const uint32_t dq_row =
-                    sm.dq(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
-#pragma unroll
-                for (int t = 0; t < DQ_N / 8; ++t) {
-                    const uint32_t addr =
-                        sw128_chunk(dq_row, (2 * t) % 8) + ((col0 + 8 * t) / 32) * (BM * 128);
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr),
-                                 "f"(acc[pass][4 * t]), "f"(acc[pass][4 * t + 1])
-                                 : "memory");
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr + 8 * 128),
-                                 "f"(acc[pass][4 * t + 2]), "f"(acc[pass][4 * t + 3])
-                                 : "memory");
-                }
+            for (int t = 0; t < DQ_N / 8; ++t) {
+                const uint32_t addr =
+                    sw128_chunk(dq_row, (2 * t) % 8) + ((col0 + 8 * t) / 32) * (BM * 128);
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(acc[pass][4 * t]),
+                             "f"(acc[pass][4 * t + 1])
+                             : "memory");
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr + 8 * 128),
+                             "f"(acc[pass][4 * t + 2]), "f"(acc[pass][4 * t + 3])
+                             : "memory");
             }
         }
         // Every MMA reading this stage (dK's and dV's too) has completed, and so have this
-        // thread's reads of its LSE and D: release it. Then this thread's part of the dQ tile
-        // is in place (made visible to the TMA by the proxy fence). Every consumer thread
-        // arrives, so each one's accesses are ordered by its own release.
-        mbar_arrive(sm.empty(stage));
-        if constexpr (SPLIT_D) {
-            if (turn != nullptr) {
-                // Every consumer's adds precede the barrier; the release store follows it.
-                named_barrier_sync(2, Cfg::kConsumerThreads);
-                if (ctid == 0) store_release(turn, my_turn + 1);
-            }
-        } else {
-            fence_proxy_async_shared();
-            mbar_arrive(sm.dq_full(tile));
-        }
+        // thread's reads of its LSE and D: release it (SPLIT_D: the writer does, once it has
+        // read the dQ tile). Then this thread's part of the dQ tile is in place (made visible
+        // to the TMA by the proxy fence). Every consumer thread arrives, so each one's accesses
+        // are ordered by its own release.
+        if constexpr (!SPLIT_D) mbar_arrive(sm.empty(stage));
+        fence_proxy_async_shared();
+        mbar_arrive(sm.dq_full(tile));
         fence_regs(dk);
         fence_regs(dv);
     }
@@ -490,7 +469,8 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         mbar_init(sm.kv_full(), 1);
         for (int s = 0; s < Cfg::kStages; ++s) {
             mbar_init(sm.full(s), 1);
-            mbar_init(sm.empty(s), Cfg::kConsumerThreads);  // every consumer thread arrives
+            // Every consumer thread arrives, or the dQ writer when the stage holds the dQ tile.
+            mbar_init(sm.empty(s), Cfg::kDqInStage ? 1 : Cfg::kConsumerThreads);
         }
         for (int t = 0; t < Cfg::kDqTiles; ++t) {
             mbar_init(sm.dq_full(t), Cfg::kConsumerThreads);
@@ -504,9 +484,9 @@ __device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
         regs_release<Cfg::kProducerRegs>();
         if (w.total == 0) return;
         if (tid == 0) bwd_sm90_load<Cfg>(sp, w, sm);
-        if constexpr (Cfg::kDqTiles > 0) {
-            if (tid == 32) bwd_sm90_write_dq<Cfg>(sp, w, sm);
-        }
+        const int writer = tid / 32 - 1;  // warps 1 and 2
+        if (tid % 32 == 0 && writer >= 0 && writer < Cfg::kDqTiles)
+            bwd_sm90_write_dq<Cfg>(sp, w, sm, writer);
         return;
     }
     regs_claim<Cfg::kConsumerRegs>();

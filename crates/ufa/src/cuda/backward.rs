@@ -119,6 +119,15 @@ impl Plan {
         }
     }
 
+    /// Keys a block of the tensor-core kernel, and how many such blocks an SM holds.
+    fn key_blocks(&self) -> Option<(u32, u32)> {
+        match self {
+            Plan::Mma(Variant::BwdMma { tile, .. }) => Some((tile.block_n, tile.min_blocks)),
+            Plan::Mma(Variant::BwdWgmma { tile, .. }) => Some((tile.block_n, tile.min_blocks)),
+            _ => None,
+        }
+    }
+
     /// Query blocks of the tensor-core kernel (0 for the row kernels).
     fn num_m_blocks(&self, p: &BackwardProblem) -> usize {
         self.block_m()
@@ -154,6 +163,57 @@ impl Plan {
     }
 }
 
+/// How the tensor-core kernels order their dQ adds: `BwdParams::deterministic`, `DQ_ROTATED`
+/// in kernels/mma.cuh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum DqOrder {
+    /// Atomic adds in whatever order the blocks run: the fast mode.
+    Any = 0,
+    /// Deterministic: the key blocks of a query block add in descending order, taking turns.
+    /// Every key block starts its walk at its first query block, so without a causal band the
+    /// blocks queue there at the start (block j waits for j adds before its first).
+    Turns = 1,
+    /// Deterministic, each key block's walk rotated to start at a different query block, and
+    /// the turns in the order the walks reach a query block: no queue at the start. Only where
+    /// every key block sees every query block (no causal or window band), and where all the key
+    /// blocks of one (batch, KV head) fit on the device at once with room to spare: the turn
+    /// order of a query block may begin at a block launched after blocks that wait for it.
+    RotatedTurns = 2,
+}
+
+impl DqOrder {
+    /// The order for `p` run by `plan` on a device of `multiprocessors` SMs.
+    pub fn of(p: &BackwardProblem, plan: &Plan, f: &FwdParams, multiprocessors: u32) -> DqOrder {
+        if !p.deterministic {
+            return DqOrder::Any;
+        }
+        let Some((block_n, per_sm)) = plan.key_blocks() else {
+            return DqOrder::Turns;
+        };
+        let key_blocks = p.fwd.seqlen_kv.div_ceil(block_n as usize) as i64;
+        // Every key block sees every query row: the last block's first key and the first
+        // block's last key both lie inside every row's band (kernels/mma.cuh, key_block).
+        let (off, left, right) = (
+            f.diag_offset as i64,
+            f.window_left as i64,
+            f.window_right as i64,
+        );
+        let last_n0 = (key_blocks - 1) * block_n as i64;
+        let first_end = (block_n as i64).min(p.fwd.seqlen_kv as i64) - 1;
+        let full_band =
+            last_n0 - off - right <= 0 && first_end - off + left >= p.fwd.seqlen_q as i64 - 1;
+        // Half the device, so that other work on it cannot leave a head's blocks waiting for
+        // one that finds no room.
+        let resident = multiprocessors as i64 * per_sm as i64;
+        if full_band && 2 * key_blocks <= resident {
+            DqOrder::RotatedTurns
+        } else {
+            DqOrder::Turns
+        }
+    }
+}
+
 /// Offsets of the workspace's parts (LSE2 at 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Workspace {
@@ -166,14 +226,21 @@ pub(crate) struct Workspace {
 }
 
 impl BwdParams {
-    /// The parameter block for `p` run by `plan`, with the workspace at device address `ws`.
-    pub fn new(p: &BackwardProblem, plan: &Plan, ws: u64) -> Result<BwdParams> {
+    /// The parameter block for `p` run by `plan` on a device of `multiprocessors` SMs, with
+    /// the workspace at device address `ws`.
+    pub fn new(
+        p: &BackwardProblem,
+        plan: &Plan,
+        ws: u64,
+        multiprocessors: u32,
+    ) -> Result<BwdParams> {
         let f = &p.fwd;
         let block_m = plan.block_m();
         let layout = plan.workspace(p);
         let at = |offset: usize| (ws + offset as u64) as *mut f32;
+        let fwd = FwdParams::new(f, block_m.unwrap_or(1))?;
         Ok(BwdParams {
-            f: FwdParams::new(f, block_m.unwrap_or(1))?,
+            f: fwd,
             dout: p.dout.ptr as *const c_void,
             dq: p.dq.ptr as *mut c_void,
             dk: p.dk.ptr as *mut c_void,
@@ -197,7 +264,7 @@ impl BwdParams {
             seqlen_q_pad: f.seqlen_q.div_ceil(SEQLEN_Q_PAD) as i32 * SEQLEN_Q_PAD as i32,
             block_m: block_m.unwrap_or(1) as i32,
             num_m_blocks: plan.num_m_blocks(p) as i32,
-            deterministic: p.deterministic as i32,
+            deterministic: DqOrder::of(p, plan, &fwd, multiprocessors) as i32,
             dtype_out: dtype_kind(f.out.dtype),
             dtype_dout: dtype_kind(p.dout.dtype),
             dtype_dq: dtype_kind(p.dq.dtype),
@@ -295,7 +362,7 @@ mod tests {
                 match plan {
                     Plan::Mma(Variant::BwdWgmma { tile, .. }) if wgmma => {
                         assert_eq!(l[1].grid, (300u32.div_ceil(tile.block_n), 2, 1));
-                        let params = BwdParams::new(p, &plan, 0).unwrap();
+                        let params = BwdParams::new(p, &plan, 0, 132).unwrap();
                         assert_eq!(params.block_m as u32, tile.block_m);
                         assert_eq!(params.f.num_m_blocks as u32, 200u32.div_ceil(tile.block_m));
                     }
@@ -336,6 +403,100 @@ mod tests {
             assert!(ws.has_order && ws.bytes - ws.order >= 4 * 2 * 4);
             assert_eq!(launches(p, &plan).unwrap().len(), 3);
         });
+    }
+
+    #[test]
+    fn deterministic_walks_rotate_only_where_every_key_block_sees_every_query() {
+        let order = |dims, params: &AttentionParams<'_>, sms| {
+            let mut o = None;
+            with_problem::<bf16>(dims, params, |p| {
+                let plan = Plan::select(p, 232_448, true);
+                let f = FwdParams::new(&p.fwd, plan.block_m().unwrap()).unwrap();
+                o = Some(DqOrder::of(p, &plan, &f, sms));
+            });
+            o.unwrap()
+        };
+        let det = AttentionParams::default().deterministic(true);
+        let fast = AttentionParams::default();
+        assert_eq!(order((2, 1024, 1000, 8, 2, 64), &fast, 132), DqOrder::Any);
+        assert_eq!(
+            order((2, 1024, 1000, 8, 2, 64), &det, 132),
+            DqOrder::RotatedTurns
+        );
+        assert_eq!(
+            order((1, 300, 2000, 2, 2, 256), &det, 132),
+            DqOrder::RotatedTurns
+        );
+        // A causal or window band gives key blocks different query blocks.
+        let causal = det.clone().causal(true);
+        assert_eq!(
+            order((2, 1024, 1024, 8, 2, 128), &causal, 132),
+            DqOrder::Turns
+        );
+        let window = det.clone().window(2000, 0);
+        assert_eq!(
+            order((1, 1024, 1024, 2, 2, 128), &window, 132),
+            DqOrder::Turns
+        );
+        let wide = det.clone().window(4096, 4096);
+        assert_eq!(
+            order((1, 1024, 1024, 2, 2, 128), &wide, 132),
+            DqOrder::RotatedTurns
+        );
+        // 256 key blocks of 64 keys at d256 need more than half of 132 SMs.
+        assert_eq!(order((1, 64, 16384, 1, 1, 256), &det, 132), DqOrder::Turns);
+        assert_eq!(
+            order((1, 64, 16384, 1, 1, 256), &det, 512),
+            DqOrder::RotatedTurns
+        );
+    }
+
+    /// The rotated turn order of `dq_turn` (kernels/mma.cuh, mirrored here): every item's turns
+    /// are a permutation of the key blocks, and blocks that each take their steps in order, an
+    /// item only in its turn, all finish (no cycle of waits), for walks shorter and longer than
+    /// the number of blocks.
+    #[test]
+    fn rotated_turns_order_every_item_and_never_deadlock() {
+        for (n, total) in [
+            (1, 5),
+            (2, 4),
+            (3, 7),
+            (8, 16),
+            (16, 16),
+            (5, 3),
+            (12, 1),
+            (16, 33),
+        ] {
+            let first = |r: usize| r * total / n;
+            let turn = |r: usize, item: usize| ((item + 1) * n - 1) / total + n - r;
+            let turn = |r, item| turn(r, item) % n;
+            for item in 0..total {
+                let mut turns: Vec<_> = (0..n).map(|r| turn(r, item)).collect();
+                turns.sort();
+                assert_eq!(
+                    turns,
+                    (0..n).collect::<Vec<_>>(),
+                    "n {n} total {total} item {item}"
+                );
+            }
+            let mut step = vec![0; n];
+            let mut counter = vec![0; total];
+            while step.iter().any(|&t| t < total) {
+                let mut moved = false;
+                for r in 0..n {
+                    if step[r] < total {
+                        let item = (first(r) + step[r]) % total;
+                        if counter[item] == turn(r, item) {
+                            counter[item] += 1;
+                            step[r] += 1;
+                            moved = true;
+                        }
+                    }
+                }
+                assert!(moved, "n {n} total {total}: deadlock at steps {step:?}");
+            }
+            assert!(counter.iter().all(|&c| c == n));
+        }
     }
 
     #[test]

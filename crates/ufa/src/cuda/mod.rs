@@ -172,7 +172,8 @@ impl CudaBackend {
         // SAFETY: `stream` is the caller's (null or live on this context, per the API's
         // contract); the buffer is dropped while the context is still current.
         let workspace = unsafe { driver::StreamBuffer::new(plan.workspace(p).bytes, stream)? };
-        let params = backward::BwdParams::new(p, &plan, workspace.ptr)?;
+        let params =
+            backward::BwdParams::new(p, &plan, workspace.ptr, dev.multiprocessors.max(1) as u32)?;
         for (l, k) in launches.iter().zip(&kernels) {
             // SAFETY: the parameter block mirrors the kernels'; every tensor pointer was
             // checked to be device memory of this device, the workspace holds the layout

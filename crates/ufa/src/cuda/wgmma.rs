@@ -199,6 +199,8 @@ pub(crate) struct WgmmaBwdTile {
 
 /// Pipeline stages of Q, dO, LSE and D (`BwdWgmmaConfig::kStages`).
 const BWD_STAGES: u32 = 2;
+/// dQ tiles the consumers fill in turn for the writer (`BwdWgmmaConfig::kDqTiles`).
+const DQ_TILES: u32 = 2;
 
 impl WgmmaBwdTile {
     /// Two consumers share 64 keys, each with half the head dim (`BwdWgmmaConfig::kSplitD`):
@@ -235,13 +237,14 @@ impl WgmmaBwdTile {
         self.head_dim / self.sharing()
     }
 
-    /// fp32 dQ tiles in shared memory for the TMA reductions; none with the split head dim,
-    /// whose consumers add dQ into the buffer themselves.
-    fn dq_tiles(&self) -> u32 {
+    /// fp32 dQ tiles in shared memory of their own, for the TMA reductions
+    /// (`BwdWgmmaConfig::kDqInStage`): with the split head dim a step's tile takes the place
+    /// of its stage's Q and dO instead.
+    fn own_dq_tiles(&self) -> u32 {
         if self.split_head_dim() {
             0
         } else {
-            2
+            DQ_TILES
         }
     }
 
@@ -250,19 +253,18 @@ impl WgmmaBwdTile {
     }
 
     /// `BwdWgmmaConfig::kSmemBytes`: K and V, the stages' Q and dO, two dSᵀ buffers (with Pᵀ
-    /// when the head dim is split), the fp32 dQ tiles, the stages' LSE and D, the transaction
-    /// barriers, and 1024 bytes to align the tiles.
+    /// when the head dim is split), the fp32 dQ tiles unless they are the stages, the stages'
+    /// LSE and D, the transaction barriers, and 1024 bytes to align the tiles.
     pub fn smem_bytes(&self) -> u32 {
         let (d, m, n, s) = (self.head_dim, self.block_m, self.block_n, BWD_STAGES);
         // Two buffers of dSᵀ, each with Pᵀ beside it when the head dim is split.
         let ds_buffers = 2 * self.sharing();
-        let dq_tiles = self.dq_tiles();
         2 * n * d * 2
             + s * 2 * m * d * 2
             + ds_buffers * n * m * 2
-            + dq_tiles * m * d * 4
+            + self.own_dq_tiles() * m * d * 4
             + s * 2 * m * 4
-            + (1 + 2 * s + 2 * dq_tiles) * 8
+            + (1 + 2 * s + 2 * DQ_TILES) * 8
             + 1024
     }
 
@@ -363,19 +365,48 @@ pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
     )
 }
 
+/// The entry point's body: `function<type_tag, config, score_mod>(p)`, after a check that the
+/// config's shared-memory size is the `smem` bytes the host launches it with.
+fn entry_call(
+    function: &str,
+    config: String,
+    smem: u32,
+    score_mod: bool,
+    type_tag: &str,
+) -> String {
+    format!(
+        "using Cfg = {config};\n  static_assert(Cfg::kSmemBytes == {smem}, \"the host's \
+         shared-memory size\");\n  {function}<{type_tag}, Cfg, {score_mod}>(p)"
+    )
+}
+
 /// The backward's entry-point call.
 pub(crate) fn bwd_call(tile: &WgmmaBwdTile, score_mod: bool, type_tag: &str) -> String {
-    format!(
-        "flash_bwd_sm90<{type_tag}, BwdWgmmaConfig<{}, {}, {}, {}>, {score_mod}>(p)",
+    let config = format!(
+        "BwdWgmmaConfig<{}, {}, {}, {}>",
         tile.head_dim, tile.block_m, tile.block_n, tile.min_blocks
+    );
+    entry_call(
+        "flash_bwd_sm90",
+        config,
+        tile.smem_bytes(),
+        score_mod,
+        type_tag,
     )
 }
 
 /// The call the generated entry point makes.
 pub(crate) fn call(tile: &WgmmaTile, score_mod: bool, type_tag: &str) -> String {
-    format!(
-        "flash_fwd_sm90<{type_tag}, WgmmaConfig<{}, {}, {}, {}>, {score_mod}>(p)",
+    let config = format!(
+        "WgmmaConfig<{}, {}, {}, {}>",
         tile.head_dim, tile.block_m, tile.block_n, tile.stages
+    );
+    entry_call(
+        "flash_fwd_sm90",
+        config,
+        tile.smem_bytes(),
+        score_mod,
+        type_tag,
     )
 }
 
@@ -429,10 +460,12 @@ mod tests {
             231_496
         );
         // d256: two consumers of the same 64 keys; K, V 64 KiB; Q, dO 128 KiB; dSᵀ and Pᵀ
-        // 2 x 16 KiB; no dQ tiles.
+        // 2 x 16 KiB; the dQ tiles in the stages (their barriers 32 bytes).
         let t = bwd_tile_for(256, 232_448, false).unwrap();
-        assert_eq!((t.block_n, t.consumers(), t.dq_tiles()), (64, 2, 0));
-        assert_eq!(t.smem_bytes(), 231_464);
+        assert_eq!((t.block_n, t.consumers(), t.own_dq_tiles()), (64, 2, 0));
+        assert_eq!(t.smem_bytes(), 231_496);
+        // The kernel checks the size it is launched with against its own layout.
+        assert!(bwd_call(&t, false, "bf16_t").contains("static_assert(Cfg::kSmemBytes == 231496"));
         let b = bwd_wrappers(&t);
         // sdp: N = 32 queries; dkv: N = 128 columns, A from shared memory.
         assert!(b.contains("void wgmma_sdp(float (&d)[16], uint64_t desc_a"));
