@@ -428,17 +428,17 @@ mod tests {
             DqOrder::RotatedTurns
         );
         // A causal or window band gives key blocks different query blocks.
-        let causal = det.clone().causal(true);
+        let causal = det.causal(true);
         assert_eq!(
             order((2, 1024, 1024, 8, 2, 128), &causal, 132),
             DqOrder::Turns
         );
-        let window = det.clone().window(2000, 0);
+        let window = det.window(2000, 0);
         assert_eq!(
             order((1, 1024, 1024, 2, 2, 128), &window, 132),
             DqOrder::Turns
         );
-        let wide = det.clone().window(4096, 4096);
+        let wide = det.window(4096, 4096);
         assert_eq!(
             order((1, 1024, 1024, 2, 2, 128), &wide, 132),
             DqOrder::RotatedTurns
@@ -483,12 +483,12 @@ mod tests {
             let mut counter = vec![0; total];
             while step.iter().any(|&t| t < total) {
                 let mut moved = false;
-                for r in 0..n {
-                    if step[r] < total {
-                        let item = (first(r) + step[r]) % total;
+                for (r, step) in step.iter_mut().enumerate() {
+                    if *step < total {
+                        let item = (first(r) + *step) % total;
                         if counter[item] == turn(r, item) {
                             counter[item] += 1;
-                            step[r] += 1;
+                            *step += 1;
                             moved = true;
                         }
                     }
