@@ -7,8 +7,8 @@
 // Q, dO, LSE and D of each step into a ring of stages (TMA, transaction barriers), waiting
 // only for a stage to be released; one thread of each of its next two warps adds the dQ tiles
 // of alternate steps into the fp32 buffer (TMA reductions from a ring of two tiles), taking
-// the deterministic turns, so the consumers never wait for global memory. The other warpgroups consume, per
-// step:
+// the deterministic turns, so the consumers never wait for global memory. The other
+// warpgroups consume, per step:
 //   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (both operands in shared memory);
 //   2. Pᵀ = exp2(Sᵀ - LSE), dSᵀ = Pᵀ ∘ (dPᵀ - D), in the accumulator registers;
 //   3. dV += Pᵀ dO and dK += dSᵀ Q, with dO and Q read transposed by their descriptors;
@@ -23,8 +23,8 @@
 // once its MMAs are done, and the writer releases the stage when it has read the tile. (Threads
 // adding dQ with red.global instead ran at 60% of the speed the kernel has without dQ adds:
 // 262 against 444 TFLOP/s, H200, s4096.)
-// Needs common.cuh, mma.cuh (the turn counters), wgmma.cuh and tma.cuh before it,
-// and the host-generated wrappers wgmma_sdp (N = the consumer's queries), wgmma_dkv (N = the
+// Needs common.cuh, mma.cuh (the turn counters), wgmma.cuh and tma.cuh before it, and the
+// host-generated wrappers wgmma_sdp (N = the consumer's queries), wgmma_dkv (N = the
 // consumer's head-dim columns; A in registers, or in shared memory when SPLIT_D; B transposed)
 // and wgmma_dq (N = HEAD_DIM / consumers, at most 64; A and B transposed).
 
@@ -413,7 +413,8 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         }
         // Column col0 + 8 t + 2 quad: box (col0 + 8 t) / 32, chunk 2 t % 8 + quad / 2 (col0 is
         // a multiple of 32), byte 8 (quad % 2) of it.
-        const uint32_t dq_row = sm.dq(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
+        const uint32_t dq_row =
+            sm.dq(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
 #pragma unroll
         for (int pass = 0; pass < PASSES; ++pass) {
             const int col0 = cw * DQ_COLS + pass * DQ_N;

@@ -156,9 +156,9 @@ __device__ __forceinline__ void store_release(int32_t* p, int32_t v) {
 // entry b, and the query blocks (of block_m rows) that see some of them, [m_first, m_first +
 // m_count), for each of the `group` query heads: `total` items, walked from item `first`
 // (0, or spread over the key blocks when DQ_ROTATED, so that the key blocks of a
-// deterministic run do not queue for the same query block's turn at the start). Otherwise
-// deterministic mode launches the key blocks in descending order (see flash_bwd.cu), so a
-// block only ever waits for one launched before it.
+// deterministic run do not queue for the same query block's turn at the start).
+// Deterministic mode launches the key blocks in descending order (see flash_bwd.cu): with the
+// descending turns, a block then only ever waits for one launched before it.
 struct KeyBlock {
     int b, hk, n_block, n0, m_first, m_count, total, first;
     const uint16_t *k, *v;
@@ -190,7 +190,8 @@ __device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, 
     w.m_first = row_lo / block_m;
     w.m_count = row_hi >= row_lo ? row_hi / block_m - w.m_first + 1 : 0;
     w.total = w.m_count * p.group;
-    w.first = bp.deterministic == DQ_ROTATED ? (int)((int64_t)blockIdx.x * w.total / gridDim.x) : 0;
+    w.first =
+        bp.deterministic == DQ_ROTATED ? (int)((int64_t)blockIdx.x * w.total / gridDim.x) : 0;
     w.k = (const uint16_t*)p.k + w.b * p.k_stride[0] + w.hk * p.k_stride[2];
     w.v = (const uint16_t*)p.v + w.b * p.v_stride[0] + w.hk * p.v_stride[2];
     return w;
