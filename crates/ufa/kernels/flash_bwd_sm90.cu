@@ -405,7 +405,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
 #pragma unroll
         for (int pass = 0; pass < PASSES; ++pass) fence_regs(acc[pass]);
         const int tile = it % Cfg::kDqTiles;
-        if constexpr (SPLIT_D) {
+        if constexpr (Cfg::kDqInStage) {
             // The tile replaces this stage's Q and dO: every consumer's MMAs are done with them.
             named_barrier_sync(1, Cfg::kConsumerThreads);
         } else if (it >= Cfg::kDqTiles) {
@@ -431,11 +431,11 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
             }
         }
         // Every MMA reading this stage (dK's and dV's too) has completed, and so have this
-        // thread's reads of its LSE and D: release it (SPLIT_D: the writer does, once it has
-        // read the dQ tile). Then this thread's part of the dQ tile is in place (made visible
+        // thread's reads of its LSE and D: release it (unless the dQ tile lies in it: then the
+        // writer does, once it has read the tile). Then this thread's part of the dQ tile is in place (made visible
         // to the TMA by the proxy fence). Every consumer thread arrives, so each one's accesses
         // are ordered by its own release.
-        if constexpr (!SPLIT_D) mbar_arrive(sm.empty(stage));
+        if constexpr (!Cfg::kDqInStage) mbar_arrive(sm.empty(stage));
         fence_proxy_async_shared();
         mbar_arrive(sm.dq_full(tile));
         fence_regs(dk);
