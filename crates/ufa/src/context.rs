@@ -4,9 +4,15 @@ use crate::cpu::{CpuBackend, Isa};
 use crate::cuda::CudaBackend;
 use crate::device::Device;
 use crate::error::{invalid, Result};
+use crate::kvcache::{validate_kvcache, KvAppend, KvCache, Workspace};
+use crate::merge::{validate_merge, AttentionState};
+use crate::metadata::fetch_host;
 use crate::params::AttentionParams;
 use crate::problem::{validate_backward, validate_forward, BackwardArgs};
+use crate::sequences::IntArray;
 use crate::tensor::{TensorView, TensorViewMut};
+use crate::varlen::{validate_varlen_backward, validate_varlen_forward, Varlen};
+use std::ffi::c_void;
 
 /// Environment variable that sets the CPU thread count of contexts built without one.
 pub const NUM_THREADS_ENV: &str = "UFA_NUM_THREADS";
@@ -208,6 +214,190 @@ impl Context {
         match problem.fwd.device {
             Device::Cpu => self.cpu.backward(&problem),
             Device::Cuda(_) => self.cuda.backward(&problem, stream),
+        }
+    }
+}
+
+/// Variable-length batches, KV caches and merging (see [`Varlen`], [`KvCache`],
+/// [`AttentionState`]).
+impl Context {
+    /// Reads int32 metadata of a call on `device` into host memory: in place on the CPU; on
+    /// CUDA a copy ordered on `stream` and waited for (checked mode only).
+    fn fetcher(
+        &self,
+        device: Device,
+        stream: *mut c_void,
+    ) -> impl Fn(&IntArray) -> Result<Vec<i32>> + '_ {
+        let stream = stream as usize;
+        move |a: &IntArray| match device {
+            Device::Cpu => fetch_host(a),
+            Device::Cuda(ordinal) => self.cuda.read_ints(ordinal, a, stream as *mut c_void),
+        }
+    }
+
+    /// Attention over a packed batch of variable-length sequences (FlashAttention's
+    /// `flash_attn_varlen_func`): q `[total_q, heads_q, head_dim]`, k `[total_kv, heads_kv,
+    /// head_dim]`, v `[total_kv, heads_kv, head_dim_v]`, out `[total_q, heads_q, head_dim_v]`,
+    /// LSE f32 `[heads_q, total_q]`; see [`Varlen`]. Every rule of [`Context::forward`] applies
+    /// to each sequence (causal alignment per sequence). On error nothing is written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_varlen(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+        seqs: &Varlen<'_>,
+        params: &AttentionParams<'_>,
+    ) -> Result<()> {
+        // SAFETY: the null stream is CUDA's legacy default stream, always valid.
+        unsafe {
+            self.forward_varlen_on_stream(q, k, v, out, lse, seqs, params, std::ptr::null_mut())
+        }
+    }
+
+    /// As [`Context::forward_varlen`], with CUDA work queued on `stream`.
+    ///
+    /// # Safety
+    /// As [`Context::forward_on_stream`]; the metadata arrays too must stay valid until the
+    /// stream has run the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_varlen_on_stream(
+        &self,
+        q: &TensorView<'_>,
+        k: &TensorView<'_>,
+        v: &TensorView<'_>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+        seqs: &Varlen<'_>,
+        params: &AttentionParams<'_>,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let fetch = self.fetcher(q.device(), stream);
+        let p = validate_varlen_forward(q, k, v, out, lse.as_deref(), seqs, params, &fetch)?;
+        match p.device {
+            Device::Cpu => self.cpu.forward(&p),
+            Device::Cuda(_) => self.cuda.forward(&p, stream),
+        }
+    }
+
+    /// Gradients of [`Context::forward_varlen`]: dq, dk, dv packed like q, k and v. The keys
+    /// must be packed (not a paged cache).
+    pub fn backward_varlen(
+        &self,
+        inputs: &BackwardInputs<'_>,
+        grads: &mut Gradients<'_>,
+        seqs: &Varlen<'_>,
+        params: &AttentionParams<'_>,
+    ) -> Result<()> {
+        // SAFETY: the null stream is CUDA's legacy default stream, always valid.
+        unsafe { self.backward_varlen_on_stream(inputs, grads, seqs, params, std::ptr::null_mut()) }
+    }
+
+    /// As [`Context::backward_varlen`], with CUDA work queued on `stream`.
+    ///
+    /// # Safety
+    /// As [`Context::backward_on_stream`].
+    pub unsafe fn backward_varlen_on_stream(
+        &self,
+        inputs: &BackwardInputs<'_>,
+        grads: &mut Gradients<'_>,
+        seqs: &Varlen<'_>,
+        params: &AttentionParams<'_>,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let fetch = self.fetcher(inputs.q.device(), stream);
+        let args = BackwardArgs::new(inputs, grads);
+        let p = validate_varlen_backward(&args, seqs, params, &fetch)?;
+        match p.fwd.device {
+            Device::Cpu => self.cpu.backward(&p),
+            Device::Cuda(_) => self.cuda.backward(&p, stream),
+        }
+    }
+
+    /// Attention over a KV cache (FlashAttention's `flash_attn_with_kvcache`): appends
+    /// `append`'s keys and values at each sequence's `cache.seqlens` (rotating keys and q when
+    /// it has rotary tables), then attends q `[batch, seqlen_q, heads_q, head_dim]` to every
+    /// key of its sequence, writing out `[batch, seqlen_q, heads_q, head_dim_v]` and the LSE
+    /// `[batch, heads_q, seqlen_q]`. On error nothing is written, the cache included.
+    pub fn forward_kvcache(
+        &self,
+        q: &TensorView<'_>,
+        cache: &mut KvCache<'_>,
+        append: Option<&KvAppend<'_>>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+        params: &AttentionParams<'_>,
+    ) -> Result<()> {
+        // SAFETY: the null stream is CUDA's legacy default stream, always valid.
+        unsafe {
+            self.forward_kvcache_on_stream(
+                q,
+                cache,
+                append,
+                out,
+                lse,
+                params,
+                None,
+                std::ptr::null_mut(),
+            )
+        }
+    }
+
+    /// As [`Context::forward_kvcache`], with CUDA work queued on `stream`, using `workspace`
+    /// (at least [`crate::kvcache_workspace_bytes`]) instead of allocating, when given.
+    ///
+    /// # Safety
+    /// As [`Context::forward_on_stream`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_kvcache_on_stream(
+        &self,
+        q: &TensorView<'_>,
+        cache: &mut KvCache<'_>,
+        append: Option<&KvAppend<'_>>,
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+        params: &AttentionParams<'_>,
+        workspace: Option<Workspace<'_>>,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let fetch = self.fetcher(q.device(), stream);
+        let p = validate_kvcache(q, cache, append, out, lse.as_deref(), params, &fetch)?;
+        match p.attn.device {
+            Device::Cpu => self.cpu.forward_kvcache(&p),
+            Device::Cuda(_) => self.cuda.forward_kvcache(&p, workspace, stream),
+        }
+    }
+
+    /// Merges partial attention results over disjoint keys into `out` `[batch, seqlen, heads,
+    /// head_dim]` and, when given, `lse` `[batch, heads, seqlen]`; see [`AttentionState`].
+    /// `out` (and `lse`) may be `states[0]`'s own tensors (merged in place).
+    pub fn merge_states(
+        &self,
+        states: &[AttentionState<'_>],
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+    ) -> Result<()> {
+        // SAFETY: the null stream is CUDA's legacy default stream, always valid.
+        unsafe { self.merge_states_on_stream(states, out, lse, std::ptr::null_mut()) }
+    }
+
+    /// As [`Context::merge_states`], with CUDA work queued on `stream`.
+    ///
+    /// # Safety
+    /// As [`Context::forward_on_stream`].
+    pub unsafe fn merge_states_on_stream(
+        &self,
+        states: &[AttentionState<'_>],
+        out: &mut TensorViewMut<'_>,
+        lse: Option<&mut TensorViewMut<'_>>,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let m = validate_merge(states, out, lse.as_deref())?;
+        match m.device {
+            Device::Cpu => self.cpu.merge(&m),
+            Device::Cuda(_) => self.cuda.merge(&m, stream),
         }
     }
 }

@@ -11,19 +11,21 @@ pub enum DType {
     F32,
     /// One byte per element, zero = false; only for boolean masks.
     Bool,
+    /// 32-bit signed integers; only for sequence metadata (cu_seqlens, block tables, lengths).
+    I32,
 }
 
 impl DType {
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F16 | DType::BF16 => 2,
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
             DType::Bool => 1,
         }
     }
 
     pub fn is_float(self) -> bool {
-        !matches!(self, DType::Bool)
+        !matches!(self, DType::Bool | DType::I32)
     }
 
     pub fn name(self) -> &'static str {
@@ -32,6 +34,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F32 => "f32",
             DType::Bool => "bool",
+            DType::I32 => "i32",
         }
     }
 }
@@ -50,6 +53,7 @@ impl std::str::FromStr for DType {
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "f32" | "fp32" | "float32" | "float" => Ok(DType::F32),
             "bool" => Ok(DType::Bool),
+            "i32" | "int32" => Ok(DType::I32),
             other => Err(format!("unknown dtype '{other}' (expected f16, bf16, f32)")),
         }
     }
@@ -72,6 +76,9 @@ impl Element for bf16 {
 impl Element for bool {
     const DTYPE: DType = DType::Bool;
 }
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+}
 
 mod sealed {
     pub trait Sealed {}
@@ -79,6 +86,7 @@ mod sealed {
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
     impl Sealed for bool {}
+    impl Sealed for i32 {}
 }
 
 /// Reads `dst.len()` contiguous elements of type `dtype` at `src` as fp32.
@@ -105,6 +113,11 @@ pub(crate) unsafe fn load_row_f32(dtype: DType, src: *const u8, dst: &mut [f32])
                 *d = if *src.add(i) != 0 { 1.0 } else { 0.0 };
             }
         }
+        DType::I32 => {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = *(src as *const i32).add(i) as f32;
+            }
+        }
     }
 }
 
@@ -118,6 +131,7 @@ pub(crate) unsafe fn load_f64(dtype: DType, src: *const u8) -> f64 {
         DType::F16 => (*(src as *const f16)).to_f64(),
         DType::BF16 => (*(src as *const bf16)).to_f64(),
         DType::Bool => (*src != 0) as u8 as f64,
+        DType::I32 => *(src as *const i32) as f64,
     }
 }
 
@@ -136,6 +150,6 @@ pub(crate) unsafe fn store_row_f32(dtype: DType, src: &[f32], dst: *mut u8) {
         DType::BF16 => {
             std::slice::from_raw_parts_mut(dst as *mut bf16, n).convert_from_f32_slice(src)
         }
-        DType::Bool => unreachable!("outputs are never boolean (validated)"),
+        DType::Bool | DType::I32 => unreachable!("outputs are floats (validated)"),
     }
 }

@@ -29,20 +29,28 @@ mod cuda;
 mod device;
 mod dtype;
 mod error;
+mod kvcache;
+mod merge;
+mod metadata;
 mod params;
 mod problem;
 pub mod reference;
+mod sequences;
 mod tensor;
 pub mod testing;
+mod varlen;
 
 pub use context::{BackwardInputs, Context, ContextBuilder, Gradients, NUM_THREADS_ENV};
 pub use cpu::{cpu_features, Isa};
 pub use device::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
+pub use kvcache::{kvcache_workspace_bytes, KvAppend, KvCache, Rotary, Workspace};
+pub use merge::AttentionState;
 pub use params::{AttentionParams, CausalAlignment};
 pub use problem::{forward_flops, MAX_HEAD_DIM};
 pub use tensor::{Layout, TensorView, TensorViewMut, MAX_DIMS};
+pub use varlen::Varlen;
 
 /// Re-exported so callers name the same f16/bf16 types as the library.
 pub use half;

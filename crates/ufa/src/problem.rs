@@ -4,19 +4,24 @@
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{invalid, Error, Result};
-use crate::params::{AttentionParams, CausalAlignment};
+use crate::params::AttentionParams;
+use crate::sequences::{RowMap, Seq, Sequences};
 use crate::tensor::{Layout, TensorView, TensorViewMut};
 
 /// Largest head dimension (of Q/K and of V) the library accepts.
 pub const MAX_HEAD_DIM: usize = 512;
 
-/// A strided operand after validation: base pointer, dtype and 4-d strides in elements.
-/// Broadcast dimensions have stride 0.
+/// A strided operand after validation: base pointer, dtype, 4-d strides in elements (broadcast
+/// dimensions have stride 0) and how its rows belong to sequences.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Operand {
     pub ptr: *mut u8,
     pub dtype: DType,
     pub strides: [usize; 4],
+    /// Where row `pos` of sequence `b` is (dense, packed, paged or gathered).
+    pub rows: RowMap,
+    /// The dimension that holds rows: 1 for q/k/v/out ([b, s, h, d]), 2 for the LSE ([b, h, s]).
+    pub seq_dim: usize,
 }
 
 // SAFETY: validation guarantees that outputs do not overlap themselves or the inputs, and the
@@ -25,21 +30,30 @@ unsafe impl Send for Operand {}
 unsafe impl Sync for Operand {}
 
 impl Operand {
-    /// Byte address of element `idx`.
-    #[inline]
-    pub fn at(&self, idx: [usize; 4]) -> *mut u8 {
-        let off: usize = (0..4).map(|i| idx[i] * self.strides[i]).sum();
-        // SAFETY (of later dereference): `off` is within the span checked at validation.
-        self.ptr.wrapping_add(off * self.dtype.size_in_bytes())
+    /// A dense strided operand (rows in dimension 1).
+    pub fn strided(ptr: *mut u8, dtype: DType, strides: [usize; 4]) -> Operand {
+        Operand {
+            ptr,
+            dtype,
+            strides,
+            rows: RowMap::Strided,
+            seq_dim: 1,
+        }
     }
 }
 
-/// A validated attention problem. Sizes are all >= 1.
+/// A validated attention problem. Sizes are all >= 1, except that sequences of a packed batch
+/// or a KV cache may be empty.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Problem {
     pub device: Device,
     pub batch: usize,
+    /// Query rows of every sequence of a dense batch; at least those of any other sequence (a
+    /// packed batch's `max_seqlen_q`).
     pub seqlen_q: usize,
+    /// Keys of every sequence of a dense batch; at least those of any other sequence (a packed
+    /// batch's `max_seqlen_kv`, a cache's capacity). Kernels clamp lengths read from device
+    /// memory to these.
     pub seqlen_kv: usize,
     pub heads_q: usize,
     pub heads_kv: usize,
@@ -58,8 +72,8 @@ pub(crate) struct Problem {
     pub scale: f32,
     /// 0 = off.
     pub softcap: f32,
-    /// Query row `i` is aligned with key `i + diag_offset`.
-    pub diag_offset: i64,
+    /// Each sequence's lengths and the alignment of its causal diagonal.
+    pub seqs: Sequences,
     /// Visible keys are `[c - left, c + right]` around the aligned position `c`; None = unbounded.
     pub window_left: Option<usize>,
     pub window_right: Option<usize>,
@@ -74,20 +88,42 @@ impl Problem {
         self.heads_q / self.heads_kv
     }
 
-    /// Half-open range of keys that query row `i` may see by causal/window rules alone.
+    /// Query row `i` of a dense batch is aligned with key `i + diag_offset()`.
+    pub fn diag_offset(&self) -> i64 {
+        self.seqs.diag_offset(self.seqlen_q, self.seqlen_kv)
+    }
+
+    /// The lengths of sequence `b`. Reads host metadata: CPU problems only, unless uniform.
     #[inline]
-    pub fn visible_keys(&self, i: usize) -> (usize, usize) {
-        let c = i as i64 + self.diag_offset;
+    pub fn seq(&self, b: usize) -> Seq {
+        if self.seqs.is_uniform() {
+            return Seq {
+                seqlen_q: self.seqlen_q,
+                seqlen_kv: self.seqlen_kv,
+                diag_offset: self.diag_offset(),
+            };
+        }
+        debug_assert_eq!(self.device, Device::Cpu, "device metadata read on the host");
+        // SAFETY: validation checked the host metadata of every sequence b < batch.
+        unsafe { self.seqs.seq(b, self.seqlen_q, self.seqlen_kv) }
+    }
+
+    /// Half-open range of keys that query row `i` of sequence `seq` may see by causal/window
+    /// rules alone.
+    #[inline]
+    pub fn visible_keys(&self, seq: &Seq, i: usize) -> (usize, usize) {
+        let c = i as i64 + seq.diag_offset;
+        let n = seq.seqlen_kv as i64;
         let lo = match self.window_left {
             Some(l) => c.saturating_sub(l as i64).max(0),
             None => 0,
         };
         let hi = match self.window_right {
             Some(r) => c.saturating_add(r as i64).saturating_add(1),
-            None => self.seqlen_kv as i64,
+            None => n,
         }
-        .min(self.seqlen_kv as i64);
-        let lo = lo.min(self.seqlen_kv as i64) as usize;
+        .min(n);
+        let lo = lo.min(n) as usize;
         (lo, (hi.max(lo as i64)) as usize)
     }
 }
@@ -112,24 +148,28 @@ pub fn forward_flops(
     }
 }
 
-fn operand(ptr: *const u8, dtype: DType, layout: &Layout) -> Operand {
-    let mut strides = [0usize; 4];
-    strides[..layout.ndim()].copy_from_slice(layout.strides());
+/// An f32 LSE operand `[batch, heads, rows]` (rows in dimension 2).
+pub(crate) fn lse_operand(ptr: *const u8, layout: &Layout) -> Operand {
     Operand {
-        ptr: ptr as *mut u8,
-        dtype,
-        strides,
+        seq_dim: 2,
+        ..operand(ptr, DType::F32, layout)
     }
 }
 
+pub(crate) fn operand(ptr: *const u8, dtype: DType, layout: &Layout) -> Operand {
+    let mut strides = [0usize; 4];
+    strides[..layout.ndim()].copy_from_slice(layout.strides());
+    Operand::strided(ptr as *mut u8, dtype, strides)
+}
+
 /// Byte range [start, end) a view touches, for overlap checks.
-fn byte_range(ptr: *const u8, dtype: DType, layout: &Layout) -> (usize, usize) {
+pub(crate) fn byte_range(ptr: *const u8, dtype: DType, layout: &Layout) -> (usize, usize) {
     let span = layout.span().unwrap_or(0);
     let start = ptr as usize;
     (start, start.saturating_add(span * dtype.size_in_bytes()))
 }
 
-fn check_rank(name: &str, v: &Layout, want: usize, meaning: &str) -> Result<()> {
+pub(crate) fn check_rank(name: &str, v: &Layout, want: usize, meaning: &str) -> Result<()> {
     if v.ndim() != want {
         invalid!(
             "{name} must have {want} dimensions {meaning}, got {} (shape {:?})",
@@ -140,7 +180,7 @@ fn check_rank(name: &str, v: &Layout, want: usize, meaning: &str) -> Result<()> 
     Ok(())
 }
 
-fn check_last_contiguous(name: &str, l: &Layout) -> Result<()> {
+pub(crate) fn check_last_contiguous(name: &str, l: &Layout) -> Result<()> {
     let n = l.ndim();
     if l.shape()[n - 1] > 1 && l.strides()[n - 1] != 1 {
         invalid!(
@@ -152,7 +192,7 @@ fn check_last_contiguous(name: &str, l: &Layout) -> Result<()> {
     Ok(())
 }
 
-fn check_dim(name: &str, l: &Layout, dim: usize, want: usize, what: &str) -> Result<()> {
+pub(crate) fn check_dim(name: &str, l: &Layout, dim: usize, want: usize, what: &str) -> Result<()> {
     let got = l.shape()[dim];
     if got != want {
         invalid!("{name}.shape[{dim}]={got} but must equal {what}={want}");
@@ -160,7 +200,7 @@ fn check_dim(name: &str, l: &Layout, dim: usize, want: usize, what: &str) -> Res
     Ok(())
 }
 
-fn check_device(name: &str, got: Device, want: Device) -> Result<()> {
+pub(crate) fn check_device(name: &str, got: Device, want: Device) -> Result<()> {
     if got != want {
         invalid!("{name} is on {got} but q is on {want}; all tensors must be on one device");
     }
@@ -168,10 +208,10 @@ fn check_device(name: &str, got: Device, want: Device) -> Result<()> {
 }
 
 /// What a tensor must look like: its dims with the name of what each must equal.
-type Expect<'n> = [(usize, &'n str)];
+pub(crate) type Expect<'n> = [(usize, &'n str)];
 
 /// Checks device, rank, dims and a contiguous last dim (rank-3 LSE tensors excepted).
-fn check_tensor(
+pub(crate) fn check_tensor(
     name: &str,
     l: &Layout,
     device: Device,
@@ -198,14 +238,14 @@ fn check_tensor(
     Ok(())
 }
 
-fn check_float(name: &str, dtype: DType) -> Result<()> {
+pub(crate) fn check_float(name: &str, dtype: DType) -> Result<()> {
     if !dtype.is_float() {
         invalid!("{name}.dtype={dtype} but must be f16, bf16 or f32");
     }
     Ok(())
 }
 
-fn check_f32(name: &str, dtype: DType) -> Result<()> {
+pub(crate) fn check_f32(name: &str, dtype: DType) -> Result<()> {
     if dtype != DType::F32 {
         invalid!("{name}.dtype={dtype} but must be f32");
     }
@@ -213,7 +253,7 @@ fn check_f32(name: &str, dtype: DType) -> Result<()> {
 }
 
 /// An output must not address one element twice (threads would race on it).
-fn check_no_self_overlap(name: &str, l: &Layout) -> Result<()> {
+pub(crate) fn check_no_self_overlap(name: &str, l: &Layout) -> Result<()> {
     if l.has_overlap() {
         invalid!(
             "{name} has strides {:?} for shape {:?}, so different elements share memory",
@@ -225,9 +265,9 @@ fn check_no_self_overlap(name: &str, l: &Layout) -> Result<()> {
 }
 
 /// Byte ranges of named tensors, for the aliasing rules.
-type Ranges<'n> = Vec<(&'n str, (usize, usize))>;
+pub(crate) type Ranges<'n> = Vec<(&'n str, (usize, usize))>;
 
-fn range_of(name: &str, t: &TensorView<'_>) -> (String, (usize, usize)) {
+pub(crate) fn range_of(name: &str, t: &TensorView<'_>) -> (String, (usize, usize)) {
     (
         name.to_string(),
         byte_range(t.as_ptr(), t.dtype(), t.layout()),
@@ -236,7 +276,7 @@ fn range_of(name: &str, t: &TensorView<'_>) -> (String, (usize, usize)) {
 
 /// Outputs must not share memory with each other or with any input: other threads read the
 /// inputs while outputs are written.
-fn check_no_alias(outputs: &Ranges<'_>, inputs: &Ranges<'_>) -> Result<()> {
+pub(crate) fn check_no_alias(outputs: &Ranges<'_>, inputs: &Ranges<'_>) -> Result<()> {
     let meets = |a: (usize, usize), b: (usize, usize)| a.0 < b.1 && b.0 < a.1;
     for (i, (oname, o)) in outputs.iter().enumerate() {
         for (other, r) in &outputs[i + 1..] {
@@ -254,7 +294,7 @@ fn check_no_alias(outputs: &Ranges<'_>, inputs: &Ranges<'_>) -> Result<()> {
 }
 
 /// Byte ranges of the inputs of `validate_inputs`.
-fn input_ranges<'a>(
+pub(crate) fn input_ranges<'a>(
     q: &TensorView<'_>,
     k: &TensorView<'_>,
     v: &TensorView<'_>,
@@ -330,7 +370,7 @@ pub(crate) fn validate_forward(
     }
     check_no_alias(&outputs, &input_ranges(q, k, v, params))?;
     p.out = operand(out.as_view().as_ptr(), out.dtype(), out.layout());
-    p.lse = lse.map(|l| operand(l.as_view().as_ptr(), DType::F32, l.layout()));
+    p.lse = lse.map(|l| lse_operand(l.as_view().as_ptr(), l.layout()));
     Ok(p)
 }
 
@@ -423,7 +463,7 @@ pub(crate) fn validate_backward(
     inputs.push(("lse", range_of("lse", a.lse).1));
     check_no_alias(&outputs, &inputs)?;
     p.out = operand(a.out.as_ptr(), a.out.dtype(), a.out.layout());
-    p.lse = Some(operand(a.lse.as_ptr(), DType::F32, a.lse.layout()));
+    p.lse = Some(lse_operand(a.lse.as_ptr(), a.lse.layout()));
     let op = |t: &TensorViewMut<'_>| operand(t.as_view().as_ptr(), t.dtype(), t.layout());
     Ok(BackwardProblem {
         fwd: p,
@@ -497,7 +537,53 @@ pub(crate) fn validate_inputs(
     for (name, t) in [("q", q.layout()), ("k", k.layout()), ("v", v.layout())] {
         check_last_contiguous(name, t)?;
     }
+    let dims = Dims {
+        batch,
+        seqlen_q,
+        seqlen_kv,
+        heads_q,
+        heads_kv,
+        head_dim,
+        head_dim_v,
+    };
+    let seqs = Sequences {
+        alignment: params.causal_alignment,
+        ..Sequences::default()
+    };
+    let [q, k, v] = [q, k, v].map(|t| operand(t.as_ptr(), t.dtype(), t.layout()));
+    assemble(device, dims, [q, k, v], seqs, params)
+}
 
+/// The sizes of a problem: a dense batch's, or the largest sequence's of a packed batch or cache.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub batch: usize,
+    pub seqlen_q: usize,
+    pub seqlen_kv: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    pub head_dim_v: usize,
+}
+
+/// What every entry point shares once it has checked and described q, k and v: the scale,
+/// softcap, window, ALiBi and mask checks, and the problem (outputs left null).
+pub(crate) fn assemble(
+    device: Device,
+    dims: Dims,
+    [q, k, v]: [Operand; 3],
+    seqs: Sequences,
+    params: &AttentionParams<'_>,
+) -> Result<Problem> {
+    let Dims {
+        batch,
+        seqlen_q,
+        seqlen_kv,
+        heads_q,
+        heads_kv,
+        head_dim,
+        head_dim_v,
+    } = dims;
     let scale = params
         .softmax_scale
         .unwrap_or(1.0 / (head_dim as f32).sqrt());
@@ -524,10 +610,6 @@ pub(crate) fn validate_inputs(
     if params.causal {
         window_right = Some(0);
     }
-    let diag_offset = match params.causal_alignment {
-        CausalAlignment::BottomRight => seqlen_kv as i64 - seqlen_q as i64,
-        CausalAlignment::TopLeft => 0,
-    };
 
     let alibi = match &params.alibi_slopes {
         None => None,
@@ -545,11 +627,11 @@ pub(crate) fn validate_inputs(
                      [batch, heads_q]=[{batch}, {heads_q}]"
                 ),
             };
-            Some(Operand {
-                ptr: a.as_ptr() as *mut u8,
-                dtype: DType::F32,
-                strides: [bs, hs, 0, 0],
-            })
+            Some(Operand::strided(
+                a.as_ptr() as *mut u8,
+                DType::F32,
+                [bs, hs, 0, 0],
+            ))
         }
     };
 
@@ -557,6 +639,9 @@ pub(crate) fn validate_inputs(
         None => None,
         Some(m) => {
             check_device("mask", m.device(), device)?;
+            if m.dtype() == DType::I32 {
+                invalid!("mask.dtype=i32 but must be bool or a float dtype");
+            }
             let full = [batch, heads_q, seqlen_q, seqlen_kv];
             let names = ["batch", "heads_q", "seqlen_q", "seqlen_kv"];
             let l = m.layout();
@@ -574,11 +659,7 @@ pub(crate) fn validate_inputs(
                 }
                 strides[pad + d] = if size == 1 { 0 } else { l.strides()[d] };
             }
-            Some(Operand {
-                ptr: m.as_ptr() as *mut u8,
-                dtype: m.dtype(),
-                strides,
-            })
+            Some(Operand::strided(m.as_ptr() as *mut u8, m.dtype(), strides))
         }
     };
 
@@ -591,18 +672,14 @@ pub(crate) fn validate_inputs(
         heads_kv,
         head_dim,
         head_dim_v,
-        q: operand(q.as_ptr(), q.dtype(), q.layout()),
-        k: operand(k.as_ptr(), k.dtype(), k.layout()),
-        v: operand(v.as_ptr(), v.dtype(), v.layout()),
-        out: Operand {
-            ptr: std::ptr::null_mut(),
-            dtype: q.dtype(),
-            strides: [0; 4],
-        },
+        q,
+        k,
+        v,
+        out: Operand::strided(std::ptr::null_mut(), q.dtype, [0; 4]),
         lse: None,
         scale,
         softcap: params.softcap,
-        diag_offset,
+        seqs,
         window_left,
         window_right,
         alibi,

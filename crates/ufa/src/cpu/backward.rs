@@ -18,7 +18,7 @@
 use super::isa::{run_with, Isa, KernelFn};
 use super::math::{dot, exp, MulAdd};
 use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
-use super::parallel::{for_each_chunk, for_each_chunk_mut, Exec};
+use super::parallel::{for_each, for_each_slice_mut, Exec};
 use super::tile::{
     apply_score_mods, pack_transposed, prefetch, round_up, widen, RowInfo, TileRows,
 };
@@ -26,6 +26,7 @@ use super::Workspace;
 use crate::dtype::{load_row_f32, store_row_f32, DType};
 use crate::error::{Error, Result};
 use crate::problem::{BackwardProblem, Problem};
+use crate::sequences::Seq;
 
 /// Query rows per block.
 const BQ: usize = 64;
@@ -39,39 +40,79 @@ const GROUP_BYTES: usize = 512 << 10;
 /// Most fp32 elements of partial dQ beyond one chunk per head (which is dQ in fp32).
 const PARTIAL_BUDGET: usize = 32 << 20;
 
-/// How the key pass is cut: chunks of `blocks_per_chunk` key blocks per (batch, KV head).
-struct Plan {
-    rows_per_head: usize,
+/// One (batch, KV head) of the key pass: all its query rows, and its chunks of keys.
+#[derive(Clone, Copy, Debug)]
+struct HeadPlan {
+    rows: TileRows,
     key_blocks: usize,
     chunks: usize,
     blocks_per_chunk: usize,
-    /// Key blocks loaded together (see [`KeyChunk`]).
-    group: usize,
     /// Elements of one chunk's partial dQ: rows (padded to R) × dp.
     part_len: usize,
+    /// Where this head's chunks' partial dQ start in the workspace.
+    offset: usize,
 }
 
-fn plan(p: &Problem, dp: usize, bf16: bool) -> Plan {
-    let heads = p.batch * p.heads_kv;
-    let rows_per_head = p.seqlen_q * p.group_size();
-    let key_blocks = p.seqlen_kv.div_ceil(BK);
-    let part_len = round_up(rows_per_head, R) * dp;
-    let affordable = 1 + PARTIAL_BUDGET / heads.saturating_mul(part_len).max(1);
-    let wanted = TARGET_ITEMS
-        .div_ceil(heads)
-        .min(key_blocks / MIN_BLOCKS_PER_CHUNK)
-        .min(affordable)
-        .max(1);
-    let blocks_per_chunk = key_blocks.div_ceil(wanted);
-    let group = (GROUP_BYTES / KeyBlock::bytes(p, bf16)).clamp(1, blocks_per_chunk);
-    Plan {
-        rows_per_head,
-        key_blocks,
-        chunks: key_blocks.div_ceil(blocks_per_chunk),
-        blocks_per_chunk,
-        group,
-        part_len,
+/// How the key pass is cut: per (batch, KV head), chunks of `blocks_per_chunk` key blocks.
+struct Plan {
+    heads: Vec<HeadPlan>,
+    /// Items of step 2: (head, chunk), heads in order.
+    items: Vec<(usize, usize)>,
+    /// Key blocks loaded together (see [`KeyChunk`]).
+    group: usize,
+    /// Elements of partial dQ in all.
+    total: usize,
+}
+
+fn plan(p: &Problem, dp: usize, bf16: bool) -> Result<Plan> {
+    let g = p.group_size();
+    let seqs: Vec<Seq> = (0..p.batch).map(|b| p.seq(b)).collect();
+    let part_len = |s: &Seq| round_up(s.seqlen_q * g, R) * dp;
+    let all_parts: usize = seqs.iter().map(|s| p.heads_kv * part_len(s)).sum();
+    let affordable = 1 + PARTIAL_BUDGET / all_parts.max(1);
+    let n_heads = p.batch * p.heads_kv;
+    let mut heads = Vec::with_capacity(n_heads);
+    let (mut items, mut total) = (Vec::new(), 0usize);
+    for (batch, &seq) in seqs.iter().enumerate() {
+        let key_blocks = seq.seqlen_kv.div_ceil(BK);
+        let wanted = TARGET_ITEMS
+            .div_ceil(n_heads)
+            .min(key_blocks / MIN_BLOCKS_PER_CHUNK)
+            .min(affordable)
+            .max(1);
+        let blocks_per_chunk = key_blocks.div_ceil(wanted).max(1);
+        let chunks = key_blocks.div_ceil(blocks_per_chunk);
+        for hkv in 0..p.heads_kv {
+            let head = HeadPlan {
+                rows: TileRows {
+                    batch,
+                    hkv,
+                    row0: 0,
+                    nrows: seq.seqlen_q * g,
+                    seq,
+                },
+                key_blocks,
+                chunks,
+                blocks_per_chunk,
+                part_len: part_len(&seq),
+                offset: total,
+            };
+            items.extend((0..chunks).map(|c| (heads.len(), c)));
+            total = chunks
+                .checked_mul(head.part_len)
+                .and_then(|n| n.checked_add(total))
+                .ok_or_else(|| Error::invalid("problem too large for the backward pass"))?;
+            heads.push(head);
+        }
     }
+    let most_blocks = heads.iter().map(|h| h.blocks_per_chunk).max().unwrap_or(1);
+    let group = (GROUP_BYTES / KeyBlock::bytes(p, bf16)).clamp(1, most_blocks);
+    Ok(Plan {
+        heads,
+        items,
+        group,
+        total,
+    })
 }
 
 /// Whether the products take the bf16 dot products: bf16 inputs and gradients of the output,
@@ -202,12 +243,14 @@ impl KeyBlock {
 fn rows_band(p: &Problem, t: &TileRows) -> (usize, usize) {
     let g = p.group_size();
     let (first, last) = (t.row0 / g, (t.row0 + t.nrows - 1) / g);
-    (first..=last).fold((0, 0), |keys, qpos| widen(keys, p.visible_keys(qpos)))
+    (first..=last).fold((0, 0), |keys, qpos| {
+        widen(keys, p.visible_keys(&t.seq, qpos))
+    })
 }
 
 /// Loads rows `t`: Q and dO (fp32, or bf16 pair-packed), lse, delta and bookkeeping.
 #[inline(always)]
-fn load_rows(bp: &BackwardProblem, delta: &[f32], t: &TileRows, sc: &mut Scratch, bf16: bool) {
+fn load_rows(bp: &BackwardProblem, delta: &Deltas, t: &TileRows, sc: &mut Scratch, bf16: bool) {
     let p = &bp.fwd;
     let (d, dv) = (p.head_dim, p.head_dim_v);
     let lse = p
@@ -231,7 +274,7 @@ fn load_rows(bp: &BackwardProblem, delta: &[f32], t: &TileRows, sc: &mut Scratch
                 load_row_f32(bp.dout.dtype, do_at(r), &mut sc.dout[r * sc.dvp..][..dv]);
             }
         }
-        sc.delta[r] = delta[(t.batch * p.heads_q + head) * p.seqlen_q + qpos];
+        sc.delta[r] = delta.get(t.batch, head, qpos);
     }
     if bf16 {
         #[cfg(target_arch = "x86_64")]
@@ -411,9 +454,9 @@ fn tile<M: MulAdd, const C: usize>(
 /// loaded once per group.
 struct KeyChunk<'a> {
     bp: &'a BackwardProblem,
-    delta: &'a [f32],
-    plan: &'a Plan,
-    head: TileRows,
+    delta: &'a Deltas,
+    group: usize,
+    head: &'a HeadPlan,
     chunk: usize,
     part: &'a mut [f32],
     sc: &'a mut (Scratch, Vec<KeyBlock>),
@@ -426,8 +469,8 @@ impl KernelFn for KeyChunk<'_> {
         let KeyChunk {
             bp,
             delta,
-            plan,
-            head,
+            group: group_len,
+            head: plan,
             chunk,
             part,
             sc: (sc, blocks),
@@ -435,21 +478,23 @@ impl KernelFn for KeyChunk<'_> {
         let p = &bp.fwd;
         let bf16 = bf16_path::<BF16>(bp);
         let dp = sc.dp;
+        let (head, rows_per_head, seqlen_kv) =
+            (plan.rows, plan.rows.nrows, plan.rows.seq.seqlen_kv);
         part.fill(0.0);
         let first = chunk * plan.blocks_per_chunk;
         let last = (first + plan.blocks_per_chunk).min(plan.key_blocks);
-        for group in (first..last).step_by(plan.group) {
-            let n = plan.group.min(last - group);
+        for group in (first..last).step_by(group_len) {
+            let n = group_len.min(last - group);
             for (g, kb) in blocks[..n].iter_mut().enumerate() {
                 let j0 = (group + g) * BK;
-                let keys = (j0, (p.seqlen_kv - j0).min(BK));
+                let keys = (j0, (seqlen_kv - j0).min(BK));
                 load_keys::<C>(p, &head, keys, kb, &mut sc.stage, bf16);
             }
-            let keys = (group * BK, ((group + n) * BK).min(p.seqlen_kv));
-            for row0 in (0..plan.rows_per_head).step_by(BQ) {
+            let keys = (group * BK, ((group + n) * BK).min(seqlen_kv));
+            for row0 in (0..rows_per_head).step_by(BQ) {
                 let t = TileRows {
                     row0,
-                    nrows: BQ.min(plan.rows_per_head - row0),
+                    nrows: BQ.min(rows_per_head - row0),
                     ..head
                 };
                 let (lo, hi) = rows_band(p, &t);
@@ -457,7 +502,7 @@ impl KernelFn for KeyChunk<'_> {
                     continue; // no row of this block sees these keys
                 }
                 load_rows(bp, delta, &t, sc, bf16);
-                prefetch_rows(bp, &t, plan.rows_per_head);
+                prefetch_rows(bp, &t, rows_per_head);
                 for kb in &mut blocks[..n] {
                     if hi > kb.j0 && lo < kb.j0 + kb.nk {
                         tile::<M, C>(p, &t, kb, sc, &mut part[row0 * dp..], bf16);
@@ -491,11 +536,29 @@ fn store_key_grads(bp: &BackwardProblem, head: &TileRows, kb: &mut KeyBlock) {
     }
 }
 
+/// `delta[i] = rowsum(dO_i ∘ O_i)` of every query row, stored [batch][head][row] with each
+/// sequence's rows (`seqlen_q` of them, or its own length in a packed batch) after the previous
+/// sequence's.
+struct Deltas {
+    values: Vec<f32>,
+    /// `starts[b]`: where sequence `b`'s values begin; its rows are `seqlens[b]`.
+    starts: Vec<usize>,
+    seqlens: Vec<usize>,
+}
+
+impl Deltas {
+    #[inline(always)]
+    fn get(&self, b: usize, head: usize, i: usize) -> f32 {
+        self.values[self.starts[b] + head * self.seqlens[b] + i]
+    }
+}
+
 /// Step 1 for one (batch, query head): `delta[i] = Σ_e dO[b, i, h, e] · O[b, i, h, e]`, in the
 /// kernel family's vectors.
 struct RowDeltas<'a> {
     bp: &'a BackwardProblem,
-    bh: usize,
+    b: usize,
+    h: usize,
     delta: &'a mut [f32],
     rows: &'a mut (Vec<f32>, Vec<f32>),
 }
@@ -506,12 +569,12 @@ impl KernelFn for RowDeltas<'_> {
     fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
         let RowDeltas {
             bp,
-            bh,
+            b,
+            h,
             delta,
             rows: (o, g),
         } = self;
         let p = &bp.fwd;
-        let (b, h) = (bh / p.heads_q, bh % p.heads_q);
         for (i, d) in delta.iter_mut().enumerate() {
             // SAFETY: within the validated out and dout views.
             unsafe {
@@ -523,31 +586,47 @@ impl KernelFn for RowDeltas<'_> {
     }
 }
 
-fn row_deltas(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<Vec<f32>> {
+fn row_deltas(bp: &BackwardProblem, isa: Isa, exec: Exec) -> Result<Deltas> {
     let p = &bp.fwd;
-    let n = p.batch * p.heads_q * p.seqlen_q;
-    let mut delta = Vec::new();
-    delta.try_reserve_exact(n)?;
-    delta.resize(n, 0f32);
+    let seqlens: Vec<usize> = (0..p.batch).map(|b| p.seq(b).seqlen_q).collect();
+    // One slice per (batch, query head).
+    let mut bounds = vec![0usize];
+    let mut starts = Vec::with_capacity(p.batch);
+    for &n in &seqlens {
+        starts.push(*bounds.last().unwrap_or(&0));
+        for _ in 0..p.heads_q {
+            bounds.push(bounds.last().unwrap_or(&0) + n);
+        }
+    }
+    let total = *bounds.last().unwrap_or(&0);
+    let mut values = Vec::new();
+    values.try_reserve_exact(total)?;
+    values.resize(total, 0f32);
     let dv = p.head_dim_v;
-    for_each_chunk_mut(
+    for_each_slice_mut(
         exec,
-        &mut delta,
-        p.seqlen_q,
+        &mut values,
+        &bounds,
         || (vec![0f32; dv], vec![0f32; dv]),
         |rows, bh, delta| {
+            let (b, h) = (bh / p.heads_q, bh % p.heads_q);
             run_with(
                 isa,
                 RowDeltas {
                     bp,
-                    bh,
+                    b,
+                    h,
                     delta,
                     rows,
                 },
             )
         },
     );
-    Ok(delta)
+    Ok(Deltas {
+        values,
+        starts,
+        seqlens,
+    })
 }
 
 pub(super) fn backward(
@@ -560,52 +639,55 @@ pub(super) fn backward(
     let delta = row_deltas(bp, isa, exec)?;
     let dp = round_up(p.head_dim, 16);
     let bf16 = uses_bf16(bp, isa == Isa::Avx512Bf16);
-    let plan = plan(p, dp, bf16);
-    let heads = p.batch * p.heads_kv;
-    let total = heads
-        .checked_mul(plan.chunks)
-        .and_then(|n| n.checked_mul(plan.part_len))
-        .ok_or_else(|| Error::invalid("problem too large for the backward pass"))?;
-    let mut partial = workspace.take(total)?;
-    let head_rows = |bh: usize| TileRows {
-        batch: bh / p.heads_kv,
-        hkv: bh % p.heads_kv,
-        row0: 0,
-        nrows: plan.rows_per_head,
-    };
-    for_each_chunk_mut(
+    let plan = plan(p, dp, bf16)?;
+    let mut partial = workspace.take(plan.total)?;
+    let bounds: Vec<usize> = std::iter::once(0)
+        .chain(plan.items.iter().map(|&(h, c)| {
+            let head = &plan.heads[h];
+            head.offset + (c + 1) * head.part_len
+        }))
+        .collect();
+    for_each_slice_mut(
         exec,
         &mut partial,
-        plan.part_len,
+        &bounds,
         || {
             let blocks = (0..plan.group).map(|_| KeyBlock::new(p, bf16)).collect();
             (Scratch::new(p, bf16), blocks)
         },
         |sc, item, part| {
+            let (h, chunk) = plan.items[item];
             let chunk = KeyChunk {
                 bp,
                 delta: &delta,
-                plan: &plan,
-                head: head_rows(item / plan.chunks),
-                chunk: item % plan.chunks,
+                group: plan.group,
+                head: &plan.heads[h],
+                chunk,
                 part,
                 sc,
             };
             run_with(isa, chunk);
         },
     );
-    // Step 3, one item per (batch, KV head): dQ = scale · Σ over chunks in chunk order.
-    for_each_chunk(
+    // Step 3, one item per (batch, KV head): dQ = scale · Σ over chunks in chunk order (zero
+    // for a sequence without keys).
+    let parts = &partial;
+    for_each(
         exec,
-        &partial,
-        plan.chunks * plan.part_len,
+        plan.heads.len(),
         || vec![0f32; p.head_dim],
-        |row, bh, parts| {
-            let t = head_rows(bh);
+        |row, h| {
+            let head = &plan.heads[h];
+            let t = head.rows;
             for r in 0..t.nrows {
-                let part = |c: usize| &parts[c * plan.part_len + r * dp..][..p.head_dim];
-                row.copy_from_slice(part(0));
-                for c in 1..plan.chunks {
+                let part =
+                    |c: usize| &parts[head.offset + c * head.part_len + r * dp..][..p.head_dim];
+                if head.chunks == 0 {
+                    row.fill(0.0);
+                } else {
+                    row.copy_from_slice(part(0));
+                }
+                for c in 1..head.chunks {
                     row.iter_mut().zip(part(c)).for_each(|(a, x)| *a += x);
                 }
                 row.iter_mut().for_each(|x| *x *= p.scale);

@@ -6,7 +6,9 @@ mod backward;
 #[cfg(target_arch = "x86_64")]
 mod bf16;
 mod isa;
+mod kvcache;
 mod math;
+mod merge;
 mod microkernel;
 mod parallel;
 mod schedule;
@@ -15,6 +17,8 @@ mod tile;
 pub use isa::{cpu_features, Isa};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::kvcache::KvCacheProblem;
+use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
 use parallel::{Exec, INLINE_WORK};
 use std::sync::{Arc, Mutex};
@@ -121,6 +125,32 @@ impl CpuBackend {
         }
         let pool = self.pool()?;
         pool.install(|| schedule::forward(p, self.isa, Exec::Pool, &self.workspace))
+    }
+
+    /// Appends to the cache, rotates q when asked, then attends over the cache.
+    pub fn forward_kvcache(&self, kp: &KvCacheProblem) -> Result<()> {
+        let mut kp = *kp;
+        let mut rotated = Vec::new();
+        if let Some(a) = &kp.append {
+            if let Some(r) = &a.rotary {
+                rotated = kvcache::rotate_q(&kp, a, r);
+            }
+            kvcache::append(&kp, a);
+        }
+        if kp.rotates_q() {
+            kp.use_rotated_q(rotated.as_mut_ptr());
+        }
+        self.forward(&kp.attn)
+    }
+
+    pub fn merge(&self, m: &MergeProblem) -> Result<()> {
+        let work = m.batch * m.seqlen * m.heads * m.head_dim * m.states.len();
+        if work < INLINE_WORK {
+            merge::merge(m, Exec::Inline);
+        } else {
+            self.pool()?.install(|| merge::merge(m, Exec::Pool));
+        }
+        Ok(())
     }
 
     pub fn backward(&self, p: &BackwardProblem) -> Result<()> {

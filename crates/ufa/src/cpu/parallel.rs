@@ -83,25 +83,35 @@ pub fn for_each_chunk_mut<T: Send, S: Send>(
     }
 }
 
-/// `f(state, i, chunk)` for the `i`-th `len`-element chunk of `data`, with one `init()` state
-/// per worker.
-pub fn for_each_chunk<T: Sync, S: Send>(
+/// `f(state, i, slice)` for the `i`-th slice `data[bounds[i]..bounds[i + 1]]` (bounds from 0,
+/// non-decreasing, the last at most `data.len()`), with one `init()` state per worker.
+pub fn for_each_slice_mut<T: Send, S: Send>(
     exec: Exec,
-    data: &[T],
-    len: usize,
+    data: &mut [T],
+    bounds: &[usize],
     init: impl Fn() -> S + Sync + Send,
-    f: impl Fn(&mut S, usize, &[T]) + Sync + Send,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
 ) {
+    debug_assert!(bounds.first().is_none_or(|&b| b == 0));
+    let mut slices = Vec::with_capacity(bounds.len().saturating_sub(1));
+    let mut rest = data;
+    for w in bounds.windows(2) {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
+        slices.push(head);
+        rest = tail;
+    }
     match exec {
         Exec::Pool => {
             let states = PerWorker::new();
-            data.par_chunks(len)
+            slices
+                .into_par_iter()
                 .enumerate()
                 .for_each(|(i, c)| states.with(&init, |s| f(s, i, c)))
         }
         Exec::Inline => {
             let mut s = init();
-            data.chunks(len)
+            slices
+                .into_iter()
                 .enumerate()
                 .for_each(|(i, c)| f(&mut s, i, c));
         }

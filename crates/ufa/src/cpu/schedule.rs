@@ -14,6 +14,7 @@ use super::Workspace;
 use crate::dtype::store_row_f32;
 use crate::error::Result;
 use crate::problem::Problem;
+use crate::sequences::Seq;
 
 /// Enough independent items for a large machine; fewer than this triggers KV splitting.
 const TARGET_ITEMS: usize = 128;
@@ -25,10 +26,9 @@ const MIN_ITEMS_FOR_TALL_BLOCKS: usize = 32;
 const MIN_TILES_PER_SPLIT: usize = 16;
 
 struct Plan {
-    rows_per_head: usize,
     block_rows: usize,
-    row_blocks: usize,
-    items: usize,
+    /// Work items in the order batch, KV head, block of rows.
+    items: Vec<TileRows>,
     splits: usize,
     /// Items computed together by one job, key tile by key tile (see [`heads_per_job`]).
     group: usize,
@@ -43,11 +43,11 @@ const MAX_GROUP: usize = 8;
 /// hardware prefetch and a TLB miss; interleaved, neighbouring heads read the same pages
 /// together. Needs one block of rows per head, so that a job's items are consecutive KV heads
 /// with the same rows and keys. Each item's arithmetic is unchanged, so results are too.
-fn heads_per_job(p: &Problem, row_blocks: usize) -> usize {
+fn heads_per_job(p: &Problem, one_block_per_head: bool) -> usize {
     let scattered = [p.k, p.v]
         .iter()
         .any(|x| x.strides[1] > p.head_dim.max(p.head_dim_v));
-    if row_blocks > 1 || !scattered {
+    if !one_block_per_head || !scattered {
         return 1;
     }
     (1..=MAX_GROUP)
@@ -57,8 +57,15 @@ fn heads_per_job(p: &Problem, row_blocks: usize) -> usize {
 }
 
 fn plan(p: &Problem) -> Plan {
-    let rows_per_head = p.seqlen_q * p.group_size();
-    let heads = p.batch * p.heads_kv;
+    let g = p.group_size();
+    let seqs: Vec<Seq> = (0..p.batch).map(|b| p.seq(b)).collect();
+    // Rows of one KV head of each sequence: query positions × the query heads of its group.
+    let max_rows = p.seqlen_q * g;
+    let blocks = |block_rows: usize| -> usize {
+        seqs.iter()
+            .map(|s| p.heads_kv * (s.seqlen_q * g).div_ceil(block_rows))
+            .sum()
+    };
     // Taller blocks share each packed K/V tile among more query rows; shorter ones give more
     // items to spread over threads. Take the tallest that still leaves enough items.
     let block_rows = if p.head_dim.max(p.head_dim_v) > 256 {
@@ -66,43 +73,46 @@ fn plan(p: &Problem) -> Plan {
     } else {
         [256, 128]
             .into_iter()
-            .find(|&b| heads * rows_per_head.div_ceil(b) >= MIN_ITEMS_FOR_TALL_BLOCKS)
+            .find(|&b| blocks(b) >= MIN_ITEMS_FOR_TALL_BLOCKS)
             .unwrap_or(64)
     }
-    .min(rows_per_head);
-    let row_blocks = rows_per_head.div_ceil(block_rows);
-    let items = heads * row_blocks;
-    let kv_tiles = p.seqlen_kv.div_ceil(BK);
-    let splits = if items >= TARGET_ITEMS {
+    .min(max_rows)
+    .max(1);
+    let mut items = Vec::with_capacity(blocks(block_rows));
+    for (batch, &seq) in seqs.iter().enumerate() {
+        let rows = seq.seqlen_q * g;
+        for hkv in 0..p.heads_kv {
+            for row0 in (0..rows).step_by(block_rows) {
+                items.push(TileRows {
+                    batch,
+                    hkv,
+                    row0,
+                    nrows: block_rows.min(rows - row0),
+                    seq,
+                });
+            }
+        }
+    }
+    // The longest sequence's keys (p.seqlen_kv only bounds them for a cache).
+    let kv_tiles = seqs
+        .iter()
+        .map(|s| s.seqlen_kv)
+        .max()
+        .unwrap_or(0)
+        .div_ceil(BK);
+    let splits = if items.len() >= TARGET_ITEMS {
         1
     } else {
         TARGET_ITEMS
-            .div_ceil(items)
+            .div_ceil(items.len().max(1))
             .min(kv_tiles / MIN_TILES_PER_SPLIT)
             .max(1)
     };
     Plan {
-        rows_per_head,
         block_rows,
-        row_blocks,
         items,
         splits,
-        group: heads_per_job(p, row_blocks),
-    }
-}
-
-impl Plan {
-    fn rows(&self, p: &Problem, item: usize) -> TileRows {
-        let block = item % self.row_blocks;
-        let hkv = (item / self.row_blocks) % p.heads_kv;
-        let batch = item / (self.row_blocks * p.heads_kv);
-        let row0 = block * self.block_rows;
-        TileRows {
-            batch,
-            hkv,
-            row0,
-            nrows: self.block_rows.min(self.rows_per_head - row0),
-        }
+        group: heads_per_job(p, max_rows <= block_rows),
     }
 }
 
@@ -186,9 +196,8 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
         let scs: Vec<Scratch> = (0..g).map(|_| Scratch::new(p, plan.block_rows)).collect();
         (scs, vec![0f32; p.head_dim_v])
     };
-    let rows_of =
-        |job: usize| -> Vec<TileRows> { (0..g).map(|i| plan.rows(p, job * g + i)).collect() };
-    let jobs = plan.items / g;
+    let rows_of = |job: usize| -> &[TileRows] { &plan.items[job * g..][..g] };
+    let jobs = plan.items.len() / g;
     if plan.splits == 1 {
         for_each(exec, jobs, new_scratch, |(scs, orow), job| {
             let ts = rows_of(job);
@@ -196,7 +205,7 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
                 isa,
                 ForwardJob {
                     p,
-                    ts: &ts,
+                    ts,
                     split: None,
                     scs,
                 },
@@ -215,6 +224,7 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
     let part_len = round_up(plan.block_rows, super::microkernel::R) * row_len;
     let total = plan
         .items
+        .len()
         .checked_mul(plan.splits)
         .and_then(|n| n.checked_mul(part_len))
         .ok_or_else(|| crate::Error::invalid("problem too large to split"))?;
@@ -228,15 +238,7 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
             let (job, split) = (chunk / plan.splits, chunk % plan.splits);
             let ts = rows_of(job);
             let split = Some((split, plan.splits));
-            run_with(
-                isa,
-                ForwardJob {
-                    p,
-                    ts: &ts,
-                    split,
-                    scs,
-                },
-            );
+            run_with(isa, ForwardJob { p, ts, split, scs });
             for ((t, sc), part) in ts.iter().zip(scs.iter()).zip(parts.chunks_mut(part_len)) {
                 for r in 0..t.nrows {
                     let dst = &mut part[r * row_len..][..row_len];
@@ -248,8 +250,8 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
         },
     );
     let parts = &partial;
-    for_each(exec, plan.items, new_scratch, |(scs, orow), item| {
-        let (t, sc) = (plan.rows(p, item), &mut scs[0]);
+    for_each(exec, plan.items.len(), new_scratch, |(scs, orow), item| {
+        let (t, sc) = (plan.items[item], &mut scs[0]);
         let at = |s: usize| ((item / g * plan.splits + s) * g + item % g) * part_len;
         for r in 0..t.nrows {
             let part = |s: usize| &parts[at(s) + r * row_len..][..row_len];

@@ -9,6 +9,7 @@ use super::math::{
 use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
 use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::{Operand, Problem};
+use crate::sequences::Seq;
 
 /// Rows of a work item: rows `row0..row0+nrows` of the (query position × group head) sequence of
 /// KV head `hkv`, so the query heads that share a KV head share its packed K/V tiles (GQA).
@@ -18,6 +19,8 @@ pub struct TileRows {
     pub hkv: usize,
     pub row0: usize,
     pub nrows: usize,
+    /// The lengths of sequence `batch`.
+    pub seq: Seq,
 }
 
 impl TileRows {
@@ -39,7 +42,7 @@ impl TileRows {
             slope: p.alibi.as_ref().map_or(0.0, |a| unsafe {
                 *(a.at([self.batch, head, 0, 0]) as *const f32)
             }),
-            band: p.visible_keys(qpos),
+            band: p.visible_keys(&self.seq, qpos),
         }
     }
 }
@@ -226,7 +229,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         let nk = (keys.1 - j0).min(BK);
         if few_rows {
             for jj in 0..nk {
-                prefetch_ahead(p, t, jj, nk, (&p.k, j0, d), (&p.v, j0, dv));
+                prefetch_ahead(t, jj, nk, (&p.k, j0, d), (&p.v, j0, dv));
                 // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
                 let k = unsafe {
                     row_f32(
@@ -287,7 +290,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         }
         if few_rows {
             for jj in 0..nk {
-                prefetch_ahead(p, t, jj, nk, (&p.v, j0, dv), (&p.k, j0 + nk, d));
+                prefetch_ahead(t, jj, nk, (&p.v, j0, dv), (&p.k, j0 + nk, d));
                 // SAFETY: as for K.
                 let v = unsafe {
                     row_f32(
@@ -320,9 +323,15 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         } else {
             let s = Strided::rows(&sc.s, BK);
             // f32 V rows whose width needs no padding are read in place (a copy cost ~3% of an
-            // f32 forward); others are converted or padded into `sc.v`.
+            // f32 forward); others (and a paged cache's, whose pages lie anywhere) are converted or
+            // padded into `sc.v`.
             let ld = p.v.strides[1];
-            if p.v.dtype == DType::F32 && p.v.strides[3] == 1 && dv == dvp && ld >= dvp {
+            if p.v.dtype == DType::F32
+                && p.v.strides[3] == 1
+                && dv == dvp
+                && ld >= dvp
+                && p.v.rows.rows_are_evenly_spaced()
+            {
                 // SAFETY: keys j0..j0+nk of this head lie in the validated v view: row jj's dv
                 // f32 values start ld·jj elements after row 0's.
                 let v = unsafe {
@@ -364,7 +373,6 @@ const PREFETCH_KEYS: usize = 8;
 /// asks for the row PREFETCH_KEYS places ahead, which may be one of `then`.
 #[inline(always)]
 fn prefetch_ahead(
-    p: &Problem,
     t: &TileRows,
     jj: usize,
     nk: usize,
@@ -377,15 +385,15 @@ fn prefetch_ahead(
     } else {
         (then, ahead - nk)
     };
-    prefetch_row(p, x, t, j0 + k, len);
+    prefetch_row(x, t, j0 + k, len);
 }
 
 /// Hints the cache to load row `key` of `x` (K or V) for this tile's KV head, where one head's
 /// rows are apart: adjacent rows are a stream the hardware prefetchers follow, and explicit
 /// hints for them only compete for the same miss buffers (fp32 decoding ran 1.4x slower).
 #[inline(always)]
-fn prefetch_row(p: &Problem, x: &Operand, t: &TileRows, key: usize, len: usize) {
-    if key >= p.seqlen_kv || x.strides[1] <= len {
+fn prefetch_row(x: &Operand, t: &TileRows, key: usize, len: usize) {
+    if key >= t.seq.seqlen_kv || x.strides[1] <= len {
         return;
     }
     prefetch(
@@ -571,7 +579,7 @@ pub(super) fn apply_score_mods<M: MulAdd>(
         }
     }
     if p.alibi.is_some() {
-        let c = qpos as i64 + p.diag_offset;
+        let c = qpos as i64 + t.seq.diag_offset;
         for (jj, x) in s[..nk].iter_mut().enumerate() {
             *x -= slope * (c - (j0 + jj) as i64).unsigned_abs() as f32;
         }

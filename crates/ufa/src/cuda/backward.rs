@@ -52,7 +52,7 @@ fn dtype_kind(d: DType) -> i32 {
     match d {
         DType::F16 => 1,
         DType::BF16 => 2,
-        DType::F32 | DType::Bool => 0,
+        DType::F32 | DType::Bool | DType::I32 => 0,
     }
 }
 

@@ -338,6 +338,22 @@ impl Drop for StreamBuffer {
     }
 }
 
+/// Copies `dst.len()` values from device address `src` once the work queued on `stream` before
+/// it is done, and waits for the copy.
+///
+/// # Safety
+/// `src` must address that many values of device memory of the current context; `stream` is
+/// null or a live stream of it.
+pub(crate) unsafe fn read_on_stream<T: Copy>(
+    dst: &mut [T],
+    src: CUdeviceptr,
+    stream: CUstream,
+) -> Result<()> {
+    cu::memcpy_dtoh_async(dst, src, stream).map_err(|e| driver_error("cuMemcpyDtoHAsync", e))?;
+    cu::stream::synchronize(stream)
+        .map_err(|e| driver_error("cuStreamSynchronize (a kernel failed?)", e))
+}
+
 /// Waits for all work of `ordinal`'s primary context.
 pub(crate) fn synchronize(ordinal: u32) -> Result<()> {
     let _ctx = driver()?.enter(ordinal)?;

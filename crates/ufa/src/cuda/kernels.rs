@@ -336,7 +336,7 @@ fn type_tag(d: DType) -> &'static str {
     match d {
         DType::F16 => "Half",
         DType::BF16 => "BFloat16",
-        DType::F32 | DType::Bool => "Float32",
+        DType::F32 | DType::Bool | DType::I32 => "Float32",
     }
 }
 
@@ -722,6 +722,7 @@ fn mask_kind(d: DType) -> i32 {
         DType::F16 => 2,
         DType::BF16 => 3,
         DType::F32 => 4,
+        DType::I32 => unreachable!("masks are bool or float (validated)"),
     }
 }
 
@@ -806,7 +807,7 @@ impl FwdParams {
             group: p.group_size() as i32,
             head_dim: p.head_dim as i32,
             head_dim_v: p.head_dim_v as i32,
-            diag_offset: p.diag_offset as i32,
+            diag_offset: p.diag_offset() as i32,
             window_left: window(p.window_left),
             window_right: window(p.window_right),
             scale: p.scale,

@@ -17,7 +17,10 @@ pub use nvrtc::NVRTC_PATH_ENV;
 pub(crate) use driver::{synchronize, time_ms, DeviceBuffer};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::kvcache::{KvCacheProblem, Workspace};
+use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
+use crate::sequences::IntArray;
 use kernels::{FwdParams, Variant};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -152,6 +155,11 @@ impl CudaBackend {
     }
 
     fn backward_inner(&self, p: &BackwardProblem, stream: *mut c_void) -> Result<()> {
+        if !p.fwd.seqs.is_uniform() {
+            return Err(Error::unsupported(
+                "variable-length batches are not implemented on CUDA yet",
+            ));
+        }
         let (ordinal, dev) = usable_device(&p.fwd)?;
         let _ctx = driver::driver()?.enter(ordinal)?;
         let mut tensors = tensors_of(&p.fwd);
@@ -196,7 +204,44 @@ impl CudaBackend {
         no_panic("running on CUDA", || self.forward_inner(p, stream))
     }
 
+    /// Copies int32 metadata of device `ordinal` to the host, ordered on `stream`, and waits.
+    pub fn read_ints(&self, ordinal: u32, a: &IntArray, stream: *mut c_void) -> Result<Vec<i32>> {
+        no_panic("reading metadata from CUDA", || {
+            let _ctx = driver::driver()?.enter(ordinal)?;
+            driver::check_device_pointer("metadata", a.ptr as *const u8, ordinal)?;
+            let mut raw = vec![0i32; a.span_bytes() / 4];
+            // SAFETY: the array's span lies in device memory of this device (validated
+            // shape and strides); `stream` is the caller's.
+            unsafe { driver::read_on_stream(&mut raw, a.ptr as u64, stream as driver::CUstream)? };
+            Ok((0..a.len)
+                .flat_map(|i| raw[i * a.stride..][..a.cols].to_vec())
+                .collect())
+        })
+    }
+
+    pub fn forward_kvcache(
+        &self,
+        _p: &KvCacheProblem,
+        _workspace: Option<Workspace<'_>>,
+        _stream: *mut c_void,
+    ) -> Result<()> {
+        Err(Error::unsupported(
+            "attention over a KV cache is not implemented on CUDA yet",
+        ))
+    }
+
+    pub fn merge(&self, _m: &MergeProblem, _stream: *mut c_void) -> Result<()> {
+        Err(Error::unsupported(
+            "merging attention states is not implemented on CUDA yet",
+        ))
+    }
+
     fn forward_inner(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
+        if !p.seqs.is_uniform() {
+            return Err(Error::unsupported(
+                "variable-length batches are not implemented on CUDA yet",
+            ));
+        }
         let (ordinal, dev) = usable_device(p)?;
         let _ctx = driver::driver()?.enter(ordinal)?;
         check_pointers(&tensors_of(p), ordinal)?;

@@ -173,11 +173,7 @@ mod tests {
     use super::*;
 
     fn operand(strides: [usize; 4]) -> Operand {
-        Operand {
-            ptr: 4096 as *mut u8,
-            dtype: DType::BF16,
-            strides,
-        }
+        Operand::strided(4096 as *mut u8, DType::BF16, strides)
     }
 
     #[test]

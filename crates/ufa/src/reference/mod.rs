@@ -11,6 +11,12 @@ use crate::problem::validate_inputs;
 use crate::tensor::TensorView;
 use crate::Device;
 
+mod sequences;
+pub use sequences::{
+    reference_kvcache, reference_merge, reference_varlen, reference_varlen_backward,
+    ReferenceKvCache,
+};
+
 /// Output of [`reference_forward`], contiguous f64.
 #[derive(Clone, Debug)]
 pub struct ReferenceOutput {

@@ -10,6 +10,13 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod sequences;
+pub use sequences::{
+    check_kvcache, check_merge, check_varlen, check_varlen_grads, kvcache_cases, merge_cases,
+    varlen_cases, varlen_grad_cases, Features, KvCacheCase, KvCacheInstance, MergeCase,
+    MergeInstance, VarlenCase, VarlenInstance,
+};
+
 /// How a tensor sits in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
@@ -62,6 +69,17 @@ pub struct Case {
     pub with_lse: bool,
     /// AttentionParams::deterministic (only the CUDA backward reads it).
     pub deterministic: bool,
+}
+
+/// A test case that can say what it is in one line (tables and failure messages).
+pub trait Described {
+    fn describe(&self) -> String;
+}
+
+impl Described for Case {
+    fn describe(&self) -> String {
+        Case::describe(self)
+    }
 }
 
 impl Case {
@@ -172,6 +190,7 @@ enum Storage {
     F16(Vec<f16>),
     BF16(Vec<bf16>),
     Bool(Vec<bool>),
+    I32(Vec<i32>),
 }
 
 impl Storage {
@@ -186,6 +205,7 @@ impl Storage {
             DType::F16 => Storage::F16((0..n).map(|_| f16::from_f32(gen(rng))).collect()),
             DType::BF16 => Storage::BF16((0..n).map(|_| bf16::from_f32(gen(rng))).collect()),
             DType::Bool => Storage::Bool((0..n).map(|_| gen(rng) != 0.0).collect()),
+            DType::I32 => unreachable!("test tensors are float or bool"),
         }
     }
 
@@ -195,6 +215,7 @@ impl Storage {
             DType::F16 => Storage::F16(vec![f16::NAN; n]),
             DType::BF16 => Storage::BF16(vec![bf16::NAN; n]),
             DType::Bool => Storage::Bool(vec![false; n]),
+            DType::I32 => unreachable!("test tensors are float or bool"),
         }
     }
 
@@ -204,6 +225,7 @@ impl Storage {
             Storage::F16(v) => TensorView::with_strides(v, shape, strides),
             Storage::BF16(v) => TensorView::with_strides(v, shape, strides),
             Storage::Bool(v) => TensorView::with_strides(v, shape, strides),
+            Storage::I32(v) => TensorView::with_strides(v, shape, strides),
         }
     }
 
@@ -213,6 +235,7 @@ impl Storage {
             Storage::F16(v) => TensorViewMut::with_strides(v, shape, strides),
             Storage::BF16(v) => TensorViewMut::with_strides(v, shape, strides),
             Storage::Bool(v) => TensorViewMut::with_strides(v, shape, strides),
+            Storage::I32(v) => TensorViewMut::with_strides(v, shape, strides),
         }
     }
 
@@ -222,6 +245,7 @@ impl Storage {
             Storage::F16(v) => v[i].to_f64(),
             Storage::BF16(v) => v[i].to_f64(),
             Storage::Bool(v) => v[i] as u8 as f64,
+            Storage::I32(v) => v[i] as f64,
         }
     }
 }
@@ -504,6 +528,7 @@ impl Instance {
             out_error,
             lse_error,
             unwritten,
+            strays: 0,
             tolerance: c.tolerance(),
         }
     }
@@ -735,7 +760,7 @@ pub fn check_grads(ctx: &Context, case: &Case, seed: u64) -> Result<GradComparis
 /// ||a - b|| / ||b|| from the squared sums, or the root-mean-square error when the reference is
 /// all zeros (a gradient that cancels exactly, e.g. every row seeing a single key): there is no
 /// scale to be relative to, and the inputs are of unit size. NaN stays NaN.
-fn rel(diff: f64, norm: f64, count: usize) -> f64 {
+pub(crate) fn rel(diff: f64, norm: f64, count: usize) -> f64 {
     if norm > 0.0 {
         (diff / norm).sqrt()
     } else {
@@ -750,6 +775,9 @@ pub struct Comparison {
     pub lse_error: Option<f64>,
     /// Output elements still holding the NaN poison.
     pub unwritten: usize,
+    /// Elements the call must not write (rows of a packed batch outside every sequence, a
+    /// cache's slots outside the appended ones) that changed.
+    pub strays: usize,
     pub tolerance: f64,
 }
 
@@ -757,14 +785,20 @@ impl Comparison {
     /// Within tolerance, every element written, no NaN (NaN compares false, so it fails).
     pub fn passed(&self) -> bool {
         self.unwritten == 0
+            && self.strays == 0
             && self.out_error <= self.tolerance
             && self.lse_error.is_none_or(|e| e <= LSE_TOLERANCE)
     }
 
     /// One line: the output and LSE errors and the unwritten count.
     pub fn summary(&self) -> String {
+        let strays = if self.strays > 0 {
+            format!(" STRAY WRITES {}", self.strays)
+        } else {
+            String::new()
+        };
         format!(
-            "err {:.2e} lse {:.2e} unwritten {}",
+            "err {:.2e} lse {:.2e} unwritten {}{strays}",
             self.out_error,
             self.lse_error.unwrap_or(0.0),
             self.unwritten
@@ -794,12 +828,12 @@ pub fn seed() -> u64 {
 /// Runs `check` on every case with `ctx` (seed: `seed` plus the case's index), printing one
 /// line each (`label`, the case, `summary`); returns a line for every case that failed
 /// `passed` or returned an error. The loop behind [`run_on_every_isa`] and the GPU suites.
-pub fn run_checks<R: std::fmt::Debug>(
+pub fn run_checks<C: Described, R: std::fmt::Debug>(
     ctx: &Context,
     label: &str,
-    cases: &[Case],
+    cases: &[C],
     seed: u64,
-    check: &impl Fn(&Context, &Case, u64) -> Result<R>,
+    check: &impl Fn(&Context, &C, u64) -> Result<R>,
     passed: &impl Fn(&R) -> bool,
     summary: &impl Fn(&R) -> String,
 ) -> Vec<String> {
@@ -826,9 +860,9 @@ pub fn run_checks<R: std::fmt::Debug>(
 
 /// [`run_checks`] with a two-thread context for every CPU kernel family this machine runs
 /// (seed: `$UFA_TEST_SEED` or fresh, printed); panics listing every failure.
-pub fn run_on_every_isa<R: std::fmt::Debug>(
-    cases: &[Case],
-    check: impl Fn(&Context, &Case, u64) -> Result<R>,
+pub fn run_on_every_isa<C: Described, R: std::fmt::Debug>(
+    cases: &[C],
+    check: impl Fn(&Context, &C, u64) -> Result<R>,
     passed: impl Fn(&R) -> bool,
     summary: impl Fn(&R) -> String,
 ) {
@@ -943,6 +977,7 @@ pub mod cuda {
             Storage::F16(v) => raw(v),
             Storage::BF16(v) => raw(v),
             Storage::Bool(v) => raw(v),
+            Storage::I32(v) => raw(v),
         }
     }
 
@@ -958,6 +993,7 @@ pub mod cuda {
             Storage::F16(v) => raw(v),
             Storage::BF16(v) => raw(v),
             Storage::Bool(v) => raw(v),
+            Storage::I32(v) => raw(v),
         }
     }
 
@@ -982,6 +1018,7 @@ pub mod cuda {
                 Storage::F16(_) => crate::DType::F16,
                 Storage::BF16(_) => crate::DType::BF16,
                 Storage::Bool(_) => crate::DType::Bool,
+                Storage::I32(_) => crate::DType::I32,
             };
             // SAFETY: the buffer holds the whole host storage, so every strided index fits.
             unsafe {
@@ -1211,9 +1248,9 @@ pub mod cuda {
     /// case's index), printing one line each with `summary`; then the kernel modules loaded, and
     /// a panic listing every case that failed `passed` or returned an error. Without a GPU it
     /// says so and returns (see [`gpu_present`]).
-    pub fn run_suite<R: std::fmt::Debug>(
-        cases: &[Case],
-        check: impl Fn(&Context, &Case, u64) -> Result<R>,
+    pub fn run_suite<C: super::Described, R: std::fmt::Debug>(
+        cases: &[C],
+        check: impl Fn(&Context, &C, u64) -> Result<R>,
         passed: impl Fn(&R) -> bool,
         summary: impl Fn(&R) -> String,
     ) {
