@@ -167,6 +167,123 @@ typedef struct {
 } ufa_attention_params;
 
 /**
+ * A packed batch of variable-length sequences (FlashAttention's `cu_seqlens` convention).
+ * Start from `ufa_varlen_default()`. Sequence b's query rows are rows `cu_seqlens_q[b] ..
+ * cu_seqlens_q[b+1]` of q [total_q, heads_q, head_dim] and out [total_q, heads_q,
+ * head_dim_v] (its LSE is columns of lse [heads_q, total_q]); its keys rows `cu_seqlens_kv[b]
+ * .. cu_seqlens_kv[b+1]` of k and v [total_kv, heads_kv, head_dim(_v)]. Rows past the last
+ * sequence are neither read nor written.
+ */
+typedef struct {
+  /**
+   * `sizeof(ufa_varlen)` as the caller was compiled; lets the struct grow.
+   */
+  uint32_t struct_size;
+  /**
+   * CUDA calls: nonzero also checks the metadata's values on the host (a synchronisation).
+   * Without it the kernels clamp every index they read: bad metadata gives wrong numbers,
+   * never an access outside the tensors. CPU calls always check.
+   */
+  int32_t checked;
+  /**
+   * int32 [batch + 1], from 0, non-decreasing; on the tensors' device.
+   */
+  const ufa_tensor *cu_seqlens_q;
+  /**
+   * int32 [batch + 1], from 0, non-decreasing.
+   */
+  const ufa_tensor *cu_seqlens_kv;
+  /**
+   * At least the query rows of every sequence (CUDA grids are sized by it).
+   */
+  int64_t max_seqlen_q;
+  /**
+   * At least the keys of every sequence.
+   */
+  int64_t max_seqlen_kv;
+  /**
+   * Optional int32 [batch]: sequence b attends to its first seqused_kv[b] keys only
+   * (forward only); NULL = all of them.
+   */
+  const ufa_tensor *seqused_kv;
+  /**
+   * Optional int32 [batch, max_pages] (forward only): k and v are a paged cache [num_pages,
+   * page_size, heads_kv, dim] (page_size a power of two up to 256) and key j of sequence b
+   * is row j % page_size of page block_table[b][j / page_size]; cu_seqlens_kv then only
+   * counts each sequence's keys. NULL = packed k and v.
+   */
+  const ufa_tensor *block_table;
+} ufa_varlen;
+
+/**
+ * A KV cache and what a call appends to it (FlashAttention's `flash_attn_with_kvcache`).
+ * Start from `ufa_kvcache_default()`. New keys and values are written in place at each
+ * sequence's `cache_seqlens` before attending (rotated first when rotary tables are given);
+ * `cache_seqlens` itself is not advanced (add seqlen_new after the call). On any error
+ * nothing is written, the cache included.
+ */
+typedef struct {
+  /**
+   * `sizeof(ufa_kvcache)` as the caller was compiled; lets the struct grow.
+   */
+  uint32_t struct_size;
+  /**
+   * CUDA calls: nonzero also checks the metadata's values on the host (a synchronisation);
+   * without it out-of-range indices are skipped by the kernels, never followed.
+   */
+  int32_t checked;
+  /**
+   * Dense [batch_cache, capacity, heads_kv, head_dim], or paged [num_pages, page_size,
+   * heads_kv, head_dim] with `block_table`. Written where keys are appended.
+   */
+  const ufa_tensor *k_cache;
+  /**
+   * As k_cache, with head_dim_v.
+   */
+  const ufa_tensor *v_cache;
+  /**
+   * int32 [batch]: keys already in the cache for each sequence.
+   */
+  const ufa_tensor *cache_seqlens;
+  /**
+   * Optional int32 [batch, max_pages]: key j of sequence b is row j % page_size of page
+   * block_table[b][j / page_size]; pages may be shared and in any order.
+   */
+  const ufa_tensor *block_table;
+  /**
+   * Optional int32 [batch] (dense caches only): sequence b uses cache entry
+   * cache_batch_idx[b] (distinct when appending); NULL = entry b.
+   */
+  const ufa_tensor *cache_batch_idx;
+  /**
+   * Optional [batch, seqlen_new, heads_kv, head_dim] and [.., head_dim_v]: appended before
+   * attending. Both or neither.
+   */
+  const ufa_tensor *k_new;
+  const ufa_tensor *v_new;
+  /**
+   * Optional [seqlen_ro, rotary_dim / 2] rotary embedding tables (both or neither; with
+   * k_new): the new keys are rotated at positions cache_seqlens[b] + i, q at
+   * cache_seqlens[b] + i when causal or windowed, else at cache_seqlens[b].
+   */
+  const ufa_tensor *rotary_cos;
+  const ufa_tensor *rotary_sin;
+  /**
+   * Nonzero: rotate pairs (x[2i], x[2i+1]) (GPT-J); zero: (x[i], x[i + rotary_dim/2])
+   * (GPT-NeoX).
+   */
+  int32_t rotary_interleaved;
+  int32_t _reserved;
+  /**
+   * CUDA calls: scratch device memory of at least `ufa_kvcache_workspace_size` bytes
+   * (256-byte aligned), so that the call allocates nothing (CUDA graphs); NULL = the call
+   * allocates it in stream order.
+   */
+  void *workspace;
+  size_t workspace_bytes;
+} ufa_kvcache;
+
+/**
  * The call succeeded and wrote its out-parameters.
  */
 #define UFA_STATUS_SUCCESS 0
@@ -220,6 +337,11 @@ typedef struct {
  * One byte per element, 0 = false (boolean masks only).
  */
 #define UFA_DTYPE_BOOL 4
+
+/**
+ * 32-bit signed integers (sequence metadata only: cu_seqlens, lengths, block tables).
+ */
+#define UFA_DTYPE_I32 5
 
 /**
  * Host memory.
@@ -336,6 +458,88 @@ ufa_status ufa_attention_backward(const ufa_context *ctx,
                                   const ufa_tensor *dv,
                                   const ufa_attention_params *params,
                                   void *stream);
+
+/**
+ * The default packed-batch description (every pointer NULL, not checked).
+ */
+ufa_varlen ufa_varlen_default(void);
+
+/**
+ * The default KV-cache description (every pointer NULL, not interleaved, not checked).
+ */
+ufa_kvcache ufa_kvcache_default(void);
+
+/**
+ * Attention over a packed batch of variable-length sequences (see `ufa_varlen`): q
+ * [total_q, heads_q, head_dim], k [total_kv, heads_kv, head_dim], v [total_kv, heads_kv,
+ * head_dim_v], out [total_q, heads_q, head_dim_v]; `params->lse`, when set, is f32 [heads_q,
+ * total_q]. Every rule of `ufa_attention_forward` applies to each sequence (causal alignment
+ * per sequence). CUDA tensors: queued on `stream`, not waited for (unless `seqs->checked`).
+ * On failure nothing is written.
+ */
+ufa_status ufa_attention_forward_varlen(const ufa_context *ctx,
+                                        const ufa_tensor *q,
+                                        const ufa_tensor *k,
+                                        const ufa_tensor *v,
+                                        const ufa_tensor *out,
+                                        const ufa_varlen *seqs,
+                                        const ufa_attention_params *params,
+                                        void *stream);
+
+/**
+ * Gradients of `ufa_attention_forward_varlen` (packed k and v, no seqused_kv): from the
+ * forward's inputs, its output `out`, its LSE `lse` (f32 [heads_q, total_q]) and `dout`,
+ * writes dq, dk, dv packed like q, k and v. `params` as for the forward (its lse NULL).
+ */
+ufa_status ufa_attention_backward_varlen(const ufa_context *ctx,
+                                         const ufa_tensor *q,
+                                         const ufa_tensor *k,
+                                         const ufa_tensor *v,
+                                         const ufa_tensor *out,
+                                         const ufa_tensor *dout,
+                                         const ufa_tensor *lse,
+                                         const ufa_tensor *dq,
+                                         const ufa_tensor *dk,
+                                         const ufa_tensor *dv,
+                                         const ufa_varlen *seqs,
+                                         const ufa_attention_params *params,
+                                         void *stream);
+
+/**
+ * Attention over a KV cache (see `ufa_kvcache`): appends `cache->k_new`/`v_new` (rotated when
+ * rotary tables are set), then attends q [batch, seqlen_q, heads_q, head_dim] to each
+ * sequence's cached and appended keys, writing out [batch, seqlen_q, heads_q, head_dim_v]
+ * and, when `params->lse` is set, the LSE [batch, heads_q, seqlen_q]. Causal masking aligns
+ * q's last row with the sequence's last key. CUDA tensors: queued on `stream`, not waited for
+ * (unless `cache->checked`). On failure nothing is written, the cache included.
+ */
+ufa_status ufa_attention_forward_kvcache(const ufa_context *ctx,
+                                         const ufa_tensor *q,
+                                         const ufa_kvcache *cache,
+                                         const ufa_tensor *out,
+                                         const ufa_attention_params *params,
+                                         void *stream);
+
+/**
+ * Writes to `*out` the bytes of scratch memory a CUDA `ufa_attention_forward_kvcache` call
+ * with this q and cache needs as `cache->workspace` (0 when it needs none).
+ */
+ufa_status ufa_kvcache_workspace_size(const ufa_tensor *q, const ufa_kvcache *cache, size_t *out);
+
+/**
+ * Merges `num_states` partial attention results over disjoint keys: `outs[i]` [batch, seqlen,
+ * heads, head_dim] (any float dtype) with `lses[i]` (f32 [batch, heads, seqlen], natural log)
+ * into `out` and, unless NULL, `lse`: weights exp(lse_i - max), so a state with LSE -inf
+ * contributes nothing. `out` (and `lse`) may be states[0]'s own tensors. CUDA tensors: queued
+ * on `stream`.
+ */
+ufa_status ufa_merge_states(const ufa_context *ctx,
+                            size_t num_states,
+                            const ufa_tensor *outs,
+                            const ufa_tensor *lses,
+                            const ufa_tensor *out,
+                            const ufa_tensor *lse,
+                            void *stream);
 
 #if defined(UFA_TEST_HOOKS)
 /**

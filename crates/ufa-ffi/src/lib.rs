@@ -20,9 +20,11 @@ mod boundary;
 mod hooks;
 mod mfa;
 mod native;
+mod sequences;
 
 pub use boundary::*;
 #[cfg(feature = "test-hooks")]
 pub use hooks::*;
 pub use mfa::*;
 pub use native::*;
+pub use sequences::*;

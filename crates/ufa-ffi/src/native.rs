@@ -46,6 +46,8 @@ pub const UFA_DTYPE_BF16: ufa_dtype = 2;
 pub const UFA_DTYPE_F32: ufa_dtype = 3;
 /// One byte per element, 0 = false (boolean masks only).
 pub const UFA_DTYPE_BOOL: ufa_dtype = 4;
+/// 32-bit signed integers (sequence metadata only: cu_seqlens, lengths, block tables).
+pub const UFA_DTYPE_I32: ufa_dtype = 5;
 
 /// Kind of memory a tensor's data pointer refers to.
 pub type ufa_device_type = i32;
@@ -189,7 +191,7 @@ impl Versioned for ufa_attention_params {
 }
 
 /// The caller's struct (NULL = defaults), its missing trailing fields filled with defaults.
-unsafe fn read_versioned<T: Versioned>(ptr: *const T, name: &str) -> Result<T> {
+pub(crate) unsafe fn read_versioned<T: Versioned>(ptr: *const T, name: &str) -> Result<T> {
     let mut value = T::defaults();
     if ptr.is_null() {
         return Ok(value);
@@ -380,10 +382,11 @@ pub(crate) fn dtype_of(code: ufa_dtype, name: &str) -> Result<DType> {
         UFA_DTYPE_BF16 => DType::BF16,
         UFA_DTYPE_F32 => DType::F32,
         UFA_DTYPE_BOOL => DType::Bool,
+        UFA_DTYPE_I32 => DType::I32,
         other => {
             return Err(Error::invalid(format!(
                 "{name}.dtype={other} but must be UFA_DTYPE_F16 (1), UFA_DTYPE_BF16 (2), \
-                 UFA_DTYPE_F32 (3) or UFA_DTYPE_BOOL (4)"
+                 UFA_DTYPE_F32 (3), UFA_DTYPE_BOOL (4) or UFA_DTYPE_I32 (5)"
             )))
         }
     })
@@ -490,7 +493,7 @@ pub(crate) unsafe fn view_mut<'a>(t: *const ufa_tensor, name: &str) -> Result<Te
     )
 }
 
-unsafe fn optional<T>(
+pub(crate) unsafe fn optional<T>(
     t: *const ufa_tensor,
     name: &str,
     make: unsafe fn(*const ufa_tensor, &str) -> Result<T>,
@@ -503,7 +506,7 @@ unsafe fn optional<T>(
 }
 
 /// The core's parameters from the C struct, and the LSE output it names.
-unsafe fn params_of<'a>(
+pub(crate) unsafe fn params_of<'a>(
     p: *const ufa_attention_params,
 ) -> Result<(AttentionParams<'a>, Option<TensorViewMut<'a>>)> {
     let c = read_versioned(p, "params")?;

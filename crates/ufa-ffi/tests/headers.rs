@@ -37,7 +37,7 @@ fn check(config: &str, sources: &[&str], header: &str) {
 fn ufa_h_is_current() {
     check(
         "cbindgen-ufa.toml",
-        &["boundary.rs", "native.rs", "hooks.rs"],
+        &["boundary.rs", "native.rs", "sequences.rs", "hooks.rs"],
         "ufa.h",
     );
 }

@@ -1,8 +1,8 @@
 // Tensor-core building blocks shared by the forward and backward kernels (sm_80+): shared
-// memory addressing, cp.async copies, ldmatrix, mma.sync m16n8k16, the tile loader, and the
-// backward's dQ reductions and deterministic turn counters.
-//
-// Needs common.cuh before it.
+// memory addressing, cp.async copies, ldmatrix, mma.sync m16n8k16, the tile loader, fp32
+// reductions into global memory and the acquire/release pair of the deterministic turns.
+#pragma once
+#include "common.cuh"
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     uint32_t a;
@@ -144,102 +144,4 @@ __device__ __forceinline__ int32_t load_acquire(const int32_t* p) {
 }
 __device__ __forceinline__ void store_release(int32_t* p, int32_t v) {
     asm volatile("st.global.release.gpu.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// `BwdParams::deterministic`: the rotated walks of DQ_ROTATED need every key block to see
-// every query block, and every key block of a (batch, KV head) resident at once, since the
-// first block of one query block's turn order may have been launched after blocks it waits
-// for; the host picks it only then (`DqOrder` in src/cuda/backward.rs).
-#define DQ_ROTATED 2
-
-// What a tensor-core backward block works on: keys [n0, n0 + block_n) of KV head hk of batch
-// entry b, and the query blocks (of block_m rows) that see some of them, [m_first, m_first +
-// m_count), for each of the `group` query heads: `total` items, walked from item `first`
-// (0, or spread over the key blocks when DQ_ROTATED, so that the key blocks of a
-// deterministic run do not queue for the same query block's turn at the start).
-// Deterministic mode launches the key blocks in descending order (see flash_bwd.cu): with the
-// descending turns, a block then only ever waits for one launched before it.
-struct KeyBlock {
-    int b, hk, n_block, n0, m_first, m_count, total, first;
-    const uint16_t *k, *v;
-
-    // The item of step `it`, its query head head_at(it) and query block m_block_at(it).
-    __device__ __forceinline__ int item(int it) const {
-        const int x = it + first;
-        return x < total ? x : x - total;
-    }
-    __device__ __forceinline__ int head_at(int it, int group) const {
-        return hk * group + item(it) / m_count;
-    }
-    __device__ __forceinline__ int m_block_at(int it) const { return m_first + item(it) % m_count; }
-};
-
-__device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, int block_n) {
-    const FwdParams& p = bp.f;
-    KeyBlock w;
-    w.n_block = bp.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    w.hk = blockIdx.y;
-    w.b = blockIdx.z;
-    w.n0 = w.n_block * block_n;
-    const int n_end = min(w.n0 + block_n, p.seqlen_kv) - 1;
-    // Query rows that see some key of this block: the band inverted, [n0 - off - right,
-    // n_end - off + left]. It selects exactly the query blocks whose band (band_of_rows) meets
-    // these keys, which the deterministic turn order relies on.
-    const int row_lo = max(0, w.n0 - p.diag_offset - p.window_right);
-    const int row_hi = min(p.seqlen_q - 1, n_end - p.diag_offset + p.window_left);
-    w.m_first = row_lo / block_m;
-    w.m_count = row_hi >= row_lo ? row_hi / block_m - w.m_first + 1 : 0;
-    w.total = w.m_count * p.group;
-    w.first =
-        bp.deterministic == DQ_ROTATED ? (int)((int64_t)blockIdx.x * w.total / gridDim.x) : 0;
-    w.k = (const uint16_t*)p.k + w.b * p.k_stride[0] + w.hk * p.k_stride[2];
-    w.v = (const uint16_t*)p.v + w.b * p.v_stride[0] + w.hk * p.v_stride[2];
-    return w;
-}
-
-// Deterministic mode: the turn counter of step `it`'s query block (rows m0..m_last) and this
-// key block's turn in it (`my_turn`), or null when not deterministic. Key blocks add into a
-// query block in descending order; with rotated walks, in the order they reach it: the block
-// whose walk starts at or last before the item (`lead`, the largest rank r with
-// first(r) = floor(r total / n) <= item), then the ranks below it, then from the last rank
-// down. A block waits only for blocks that reached the item at an earlier step of their walk
-// (or at the same step and are of higher rank), so the waits form no cycle.
-__device__ __forceinline__ int32_t* dq_turn(const BwdParams& bp, const KeyBlock& w, int it,
-                                            int m0, int m_last, int block_n, int& my_turn) {
-    if (!bp.deterministic) return nullptr;
-    const int h = w.head_at(it, bp.f.group);
-    if (bp.deterministic == DQ_ROTATED) {
-        const int n = gridDim.x;
-        const int lead = (int)(((int64_t)(w.item(it) + 1) * n - 1) / w.total);
-        my_turn = lead - (int)blockIdx.x;
-        if (my_turn < 0) my_turn += n;
-    } else {
-        int key_lo, key_hi;
-        band_of_rows(bp.f, m0, m_last, key_lo, key_hi);
-        my_turn = (key_hi - 1) / block_n - w.n_block;
-    }
-    return bp.order + ((int64_t)w.b * bp.f.heads_q + h) * bp.num_m_blocks + w.m_block_at(it);
-}
-
-__device__ __forceinline__ void dq_turn_spin(const int32_t* turn, int my_turn) {
-    while (load_acquire(turn) != my_turn) {
-    }
-}
-
-// dq_turn, then blocks (thread 0 spins, then all) until it is this key block's turn.
-__device__ __forceinline__ int32_t* dq_turn_wait(const BwdParams& bp, const KeyBlock& w, int it,
-                                                 int m0, int m_last, int block_n, int& my_turn) {
-    int32_t* turn = dq_turn(bp, w, it, m0, m_last, block_n, my_turn);
-    if (turn == nullptr) return nullptr;
-    if (threadIdx.x == 0) dq_turn_spin(turn, my_turn);
-    __syncthreads();
-    return turn;
-}
-
-// Hands the turn to the next key block once every thread's adds are issued: they precede the
-// barrier and the release store follows it (the pattern of CUTLASS's semaphore).
-__device__ __forceinline__ void dq_turn_pass(int32_t* turn, int my_turn) {
-    if (turn == nullptr) return;
-    __syncthreads();
-    if (threadIdx.x == 0) store_release(turn, my_turn + 1);
 }

@@ -4,12 +4,9 @@
 //
 // Shared addresses are shared-state-space addresses (smem_addr, in mma.cuh). Tensor maps are
 // built on the host (cuTensorMapEncodeTiled) and live in the kernel's __grid_constant__
-// parameter block; their generic address is the operand.
-
-// An opaque CUtensorMap; mirrors `TmaMap` in src/cuda/tma.rs.
-struct __align__(64) TmaMap {
-    uint64_t opaque[16];
-};
+// parameter block (TmaMap in ufa_abi.cuh); their generic address is the operand.
+#pragma once
+#include "mma.cuh"
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");

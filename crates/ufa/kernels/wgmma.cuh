@@ -7,7 +7,8 @@
 // 1024-byte boundaries (the swizzle repeats every 8 rows and descriptors assume it starts
 // aligned). Templates take `Cfg` with kHeadDim and kThreads.
 //
-// Needs common.cuh and mma.cuh before it.
+#pragma once
+#include "mma.cuh"
 
 // Byte offset of 16-byte chunk `chunk` (of HEAD_DIM / 8) of row `row` in a swizzled tile of
 // ROWS rows.

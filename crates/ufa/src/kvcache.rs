@@ -16,11 +16,10 @@ use crate::params::AttentionParams;
 use crate::problem::{
     assemble, byte_range, check_device, check_f32, check_float, check_last_contiguous,
     check_no_alias, check_no_self_overlap, check_rank, check_tensor, input_ranges, lse_operand,
-    operand, Dims, Operand, Problem, Ranges, MAX_HEAD_DIM,
+    operand, Dims, Operand, Problem, Ranges, MAX_HEAD_DIM, MAX_SEQLEN,
 };
 use crate::sequences::{IntArray, KeyLengths, RowMap, Sequences};
 use crate::tensor::{TensorView, TensorViewMut};
-use crate::varlen::MAX_SEQLEN;
 
 /// A KV cache and where each sequence's keys end.
 #[derive(Debug)]

@@ -11,6 +11,10 @@ use crate::tensor::{Layout, TensorView, TensorViewMut};
 /// Largest head dimension (of Q/K and of V) the library accepts.
 pub const MAX_HEAD_DIM: usize = 512;
 
+/// Sequences (and a cache's capacity) must stay below this, so that band arithmetic
+/// (`i + offset ± window`) fits in the CUDA kernels' 32-bit integers.
+pub(crate) const MAX_SEQLEN: usize = 1 << 28;
+
 /// A strided operand after validation: base pointer, dtype, 4-d strides in elements (broadcast
 /// dimensions have stride 0) and how its rows belong to sequences.
 #[derive(Clone, Copy, Debug)]

@@ -13,7 +13,7 @@ use crate::params::AttentionParams;
 use crate::problem::{
     assemble, check_device, check_dim, check_f32, check_float, check_last_contiguous,
     check_no_alias, check_no_self_overlap, check_rank, input_ranges, range_of, BackwardArgs,
-    BackwardProblem, Dims, Operand, Problem, Ranges, MAX_HEAD_DIM,
+    BackwardProblem, Dims, Operand, Problem, Ranges, MAX_HEAD_DIM, MAX_SEQLEN,
 };
 use crate::sequences::{IntArray, KeyLengths, RowMap, Sequences};
 use crate::tensor::{Layout, TensorView, TensorViewMut};
@@ -80,9 +80,6 @@ impl<'a> Varlen<'a> {
         self
     }
 }
-
-/// Longest sequence the library accepts (kernels index rows with 32-bit integers).
-pub(crate) const MAX_SEQLEN: usize = 1 << 28;
 
 /// A `[rows, heads, dim]` tensor as a packed operand `[batch, row, head, dim]`.
 fn packed(t: &TensorView<'_>, cu: IntArray) -> Operand {
@@ -319,6 +316,7 @@ fn check_rows_heads_dim(
 }
 
 /// Checks every argument of a varlen forward call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn validate_varlen_forward(
     q: &TensorView<'_>,
     k: &TensorView<'_>,

@@ -5,56 +5,17 @@
 //! the two CUDA-core row kernels. The workspace is allocated on the caller's stream and freed on
 //! it after the last kernel, so nothing waits.
 
-use super::kernels::{
-    bsh, bwd_tile_for, grid, operands_aligned16, query_and_key_dims, FwdParams, RowKernel, Variant,
-    ROW_WARPS,
+use super::abi::{BwdParams, DqOrder, FwdParams, ROW_WARPS, SEQLEN_Q_PAD};
+use super::params::{bsh, dtype_kind};
+use super::tiles::bwd_tile_for;
+use super::variants::{
+    grid, has_sequence_metadata, operands_aligned16, query_and_key_dims, RowKernel, Variant,
 };
-use super::{tma, wgmma};
+use super::{sm90, tma};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::problem::BackwardProblem;
 use std::ffi::c_void;
-
-/// LSE and D rows are padded to this many so that every query block's loads stay in bounds.
-pub(crate) const SEQLEN_Q_PAD: usize = 128;
-
-/// The kernels' parameter block; mirrors `struct BwdParams` in kernels/common.cuh.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct BwdParams {
-    pub f: FwdParams,
-    pub dout: *const c_void,
-    pub dq: *mut c_void,
-    pub dk: *mut c_void,
-    pub dv: *mut c_void,
-    pub lse2: *mut f32,
-    pub delta: *mut f32,
-    pub dq_accum: *mut f32,
-    pub order: *mut i32,
-    pub do_stride: [i64; 3],
-    pub dq_stride: [i64; 3],
-    pub dk_stride: [i64; 3],
-    pub dv_stride: [i64; 3],
-    pub seqlen_q_pad: i32,
-    pub block_m: i32,
-    pub num_m_blocks: i32,
-    pub deterministic: i32,
-    pub dtype_out: i32,
-    pub dtype_dout: i32,
-    pub dtype_dq: i32,
-    pub dtype_dk: i32,
-    pub dtype_dv: i32,
-    pub dtype_in: i32,
-}
-
-/// `DTypeKind` in common.cuh.
-fn dtype_kind(d: DType) -> i32 {
-    match d {
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        DType::F32 | DType::Bool | DType::I32 => 0,
-    }
-}
 
 /// How one backward call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,9 +49,17 @@ impl Plan {
         ]);
         let tensor_cores = half && same && aligned && f.head_dim == f.head_dim_v;
         let score_mod = f.softcap > 0.0 || f.alibi.is_some() || f.mask.is_some();
-        if tensor_cores && hopper && wgmma::wgmma_enabled() && tma::backward_maps_possible(p) {
-            if let Some(tile) = wgmma::bwd_tile_for(f.head_dim, max_smem, p.deterministic) {
-                return Plan::Mma(Variant::BwdWgmma {
+        // The Hopper kernel's tensor maps cover dense batches; a packed one takes the sm_80
+        // kernel (which runs on Hopper too).
+        let dense = !has_sequence_metadata(f);
+        if tensor_cores
+            && dense
+            && hopper
+            && sm90::wgmma_enabled()
+            && tma::backward_maps_possible(p)
+        {
+            if let Some(tile) = sm90::bwd_tile_for(f.head_dim, max_smem, p.deterministic) {
+                return Plan::Mma(Variant::BwdSm90 {
                     dtype,
                     tile,
                     score_mod,
@@ -101,10 +70,11 @@ impl Plan {
             .then(|| bwd_tile_for(f.head_dim, max_smem))
             .flatten();
         match tile {
-            Some(tile) => Plan::Mma(Variant::BwdMma {
+            Some(tile) => Plan::Mma(Variant::BwdSm80 {
                 dtype,
                 tile,
                 score_mod,
+                seqs: !dense,
             }),
             None => Plan::Rows,
         }
@@ -113,8 +83,8 @@ impl Plan {
     /// Query rows a step of the tensor-core kernel.
     fn block_m(&self) -> Option<u32> {
         match self {
-            Plan::Mma(Variant::BwdMma { tile, .. }) => Some(tile.block_m),
-            Plan::Mma(Variant::BwdWgmma { tile, .. }) => Some(tile.block_m),
+            Plan::Mma(Variant::BwdSm80 { tile, .. }) => Some(tile.block_m),
+            Plan::Mma(Variant::BwdSm90 { tile, .. }) => Some(tile.block_m),
             _ => None,
         }
     }
@@ -122,8 +92,8 @@ impl Plan {
     /// Keys a block of the tensor-core kernel, and how many such blocks an SM holds.
     fn key_blocks(&self) -> Option<(u32, u32)> {
         match self {
-            Plan::Mma(Variant::BwdMma { tile, .. }) => Some((tile.block_n, tile.min_blocks)),
-            Plan::Mma(Variant::BwdWgmma { tile, .. }) => Some((tile.block_n, tile.min_blocks)),
+            Plan::Mma(Variant::BwdSm80 { tile, .. }) => Some((tile.block_n, tile.min_blocks)),
+            Plan::Mma(Variant::BwdSm90 { tile, .. }) => Some((tile.block_n, tile.min_blocks)),
             _ => None,
         }
     }
@@ -135,17 +105,19 @@ impl Plan {
     }
 
     /// Workspace layout in bytes: LSE2, D, then (tensor cores) the fp32 dQ buffer and (also
-    /// deterministic) the turn counters; each part 256-byte aligned.
+    /// deterministic) the turn counters; each part 256-byte aligned. A dense batch's LSE2/D
+    /// rows are (batch, head) planes of `seqlen_q` padded; a packed batch's are one plane a
+    /// head, each sequence `SEQLEN_Q_PAD + 4` rows longer than itself (kernels/bwd_keys.cuh,
+    /// stat_row0). dQ rows are the packed rows of q, or (batch, head) planes.
     pub fn workspace(&self, p: &BackwardProblem) -> Workspace {
         let f = &p.fwd;
-        let rows = f.batch * f.heads_q;
-        let stat =
-            (rows * f.seqlen_q.div_ceil(SEQLEN_Q_PAD) * SEQLEN_Q_PAD * 4).next_multiple_of(256);
+        let layout = StatLayout::of(p);
+        let stat = (layout.floats * 4).next_multiple_of(256);
         let (accum, order) = match self {
             Plan::Mma(_) => (
-                (rows * f.seqlen_q * f.head_dim * 4).next_multiple_of(256),
+                (f.heads_q * layout.q_rows * f.head_dim * 4).next_multiple_of(256),
                 if p.deterministic {
-                    (rows * self.num_m_blocks(p) * 4).next_multiple_of(256)
+                    (f.batch * f.heads_q * self.num_m_blocks(p) * 4).next_multiple_of(256)
                 } else {
                     0
                 },
@@ -163,23 +135,46 @@ impl Plan {
     }
 }
 
-/// How the tensor-core kernels order their dQ adds: `BwdParams::deterministic`, `DQ_ROTATED`
-/// in kernels/mma.cuh.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(i32)]
-pub(crate) enum DqOrder {
-    /// Atomic adds in whatever order the blocks run: the fast mode.
-    Any = 0,
-    /// Deterministic: the key blocks of a query block add in descending order, taking turns.
-    /// Every key block starts its walk at its first query block, so without a causal band the
-    /// blocks queue there at the start (block j waits for j adds before its first).
-    Turns = 1,
-    /// Deterministic, each key block's walk rotated to start at a different query block, and
-    /// the turns in the order the walks reach a query block: no queue at the start. Only where
-    /// every key block sees every query block (no causal or window band), and where all the key
-    /// blocks of one (batch, KV head) fit on the device at once with room to spare: the turn
-    /// order of a query block may begin at a block launched after blocks that wait for it.
-    RotatedTurns = 2,
+/// Rows of the LSE2/D workspace and of the dQ buffer.
+struct StatLayout {
+    /// Floats of LSE2 (and of D).
+    floats: usize,
+    /// Rows of each head's dQ plane: q's packed rows, or batch × seqlen_q.
+    q_rows: usize,
+    /// Batch and head strides of LSE2/D, and of dQ (floats).
+    stat_stride: [i64; 2],
+    accum_stride: [i64; 2],
+    /// A dense batch's rows of each (batch, head) plane.
+    seqlen_q_pad: usize,
+}
+
+impl StatLayout {
+    fn of(p: &BackwardProblem) -> StatLayout {
+        let f = &p.fwd;
+        let (hq, d) = (f.heads_q, f.head_dim);
+        let pad = f.seqlen_q.div_ceil(SEQLEN_Q_PAD) * SEQLEN_Q_PAD;
+        match f.q.rows {
+            crate::sequences::RowMap::Packed { rows, .. } => {
+                // Each sequence's rows start 16-byte aligned and end SEQLEN_Q_PAD + 4 rows
+                // later than they would packed tight.
+                let plane = (rows + (SEQLEN_Q_PAD + 4) * (f.batch + 1)).next_multiple_of(4);
+                StatLayout {
+                    floats: hq * plane,
+                    q_rows: rows,
+                    stat_stride: [0, plane as i64],
+                    accum_stride: [0, (rows * d) as i64],
+                    seqlen_q_pad: pad,
+                }
+            }
+            _ => StatLayout {
+                floats: f.batch * hq * pad,
+                q_rows: f.batch * f.seqlen_q,
+                stat_stride: [(hq * pad) as i64, pad as i64],
+                accum_stride: [(hq * f.seqlen_q * d) as i64, (f.seqlen_q * d) as i64],
+                seqlen_q_pad: pad,
+            },
+        }
+    }
 }
 
 impl DqOrder {
@@ -188,6 +183,11 @@ impl DqOrder {
         if !p.deterministic {
             return DqOrder::Any;
         }
+        if !p.fwd.seqs.is_uniform() {
+            // Rotated walks need every key block to see every query block of its sequence,
+            // which a packed batch's sequences of other lengths do not promise.
+            return DqOrder::Turns;
+        }
         let Some((block_n, per_sm)) = plan.key_blocks() else {
             return DqOrder::Turns;
         };
@@ -195,7 +195,7 @@ impl DqOrder {
         // Every key block sees every query row: the last block's first key and the first
         // block's last key both lie inside every row's band (kernels/mma.cuh, key_block).
         let (off, left, right) = (
-            f.diag_offset as i64,
+            f.dense_diag_offset(),
             f.window_left as i64,
             f.window_right as i64,
         );
@@ -237,6 +237,7 @@ impl BwdParams {
         let f = &p.fwd;
         let block_m = plan.block_m();
         let layout = plan.workspace(p);
+        let stats = StatLayout::of(p);
         let at = |offset: usize| (ws + offset as u64) as *mut f32;
         let fwd = FwdParams::new(f, block_m.unwrap_or(1))?;
         Ok(BwdParams {
@@ -261,7 +262,9 @@ impl BwdParams {
             dq_stride: bsh(p.dq.strides),
             dk_stride: bsh(p.dk.strides),
             dv_stride: bsh(p.dv.strides),
-            seqlen_q_pad: f.seqlen_q.div_ceil(SEQLEN_Q_PAD) as i32 * SEQLEN_Q_PAD as i32,
+            stat_stride: stats.stat_stride,
+            accum_stride: stats.accum_stride,
+            seqlen_q_pad: stats.seqlen_q_pad as i32,
             block_m: block_m.unwrap_or(1) as i32,
             num_m_blocks: plan.num_m_blocks(p) as i32,
             deterministic: DqOrder::of(p, plan, &fwd, multiprocessors) as i32,
@@ -282,7 +285,8 @@ pub(crate) struct Launch {
     pub grid: (u32, u32, u32),
 }
 
-/// The launches of `plan` for `p`, in order (validation guarantees every size is at least 1).
+/// The launches of `plan` for `p`, in order. Grids cover a dense batch's sequences, or the
+/// longest of a packed batch (its blocks past their own sequence's end return at once).
 pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> {
     let f = &p.fwd;
     let rows = |k: RowKernel, n: usize, heads: usize| -> Result<Launch> {
@@ -313,7 +317,7 @@ pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> 
 mod tests {
     use super::*;
     use crate::context::{BackwardInputs, Gradients};
-    use crate::cuda::kernels::{BwdTile, COMMON_SOURCE};
+    use crate::cuda::tiles::BwdTile;
     use crate::problem::{validate_backward, BackwardArgs};
     use crate::{AttentionParams, TensorView, TensorViewMut};
     use half::bf16;
@@ -360,13 +364,13 @@ mod tests {
                 let plan = Plan::select(p, 232_448, true);
                 let l = launches(p, &plan).unwrap();
                 match plan {
-                    Plan::Mma(Variant::BwdWgmma { tile, .. }) if wgmma => {
+                    Plan::Mma(Variant::BwdSm90 { tile, .. }) if wgmma => {
                         assert_eq!(l[1].grid, (300u32.div_ceil(tile.block_n), 2, 1));
                         let params = BwdParams::new(p, &plan, 0, 132).unwrap();
                         assert_eq!(params.block_m as u32, tile.block_m);
                         assert_eq!(params.f.num_m_blocks as u32, 200u32.div_ceil(tile.block_m));
                     }
-                    Plan::Mma(Variant::BwdMma { .. }) if !wgmma => {}
+                    Plan::Mma(Variant::BwdSm80 { .. }) if !wgmma => {}
                     other => panic!("d{d}: {other:?}"),
                 }
             });
@@ -378,7 +382,7 @@ mod tests {
         let params = AttentionParams::default();
         with_problem::<bf16>((2, 300, 1000, 8, 2, 128), &params, |p| {
             let plan = Plan::select(p, 232_448, false);
-            let Plan::Mma(Variant::BwdMma { tile, .. }) = plan else {
+            let Plan::Mma(Variant::BwdSm80 { tile, .. }) = plan else {
                 panic!("bf16 d128 takes the tensor-core kernel: {plan:?}");
             };
             let l = launches(p, &plan).unwrap();
@@ -525,10 +529,10 @@ mod tests {
 
     #[test]
     fn tile_override_parses_seven_numbers() {
-        let t = crate::cuda::kernels::parse_bwd_tile("64,128,8,2,4,4,2").unwrap();
+        let t = crate::cuda::tiles::parse_bwd_tile("64,128,8,2,4,4,2").unwrap();
         assert_eq!((t.block_m, t.block_n, t.warps, t.stages), (64, 128, 8, 2));
         assert_eq!(t.grid_rows, [4, 4, 2]);
-        assert!(crate::cuda::kernels::parse_bwd_tile("64,128,8").is_none());
+        assert!(crate::cuda::tiles::parse_bwd_tile("64,128,8").is_none());
         let bad = BwdTile {
             head_dim: 128,
             grid_rows: [3, 4, 2],
@@ -538,16 +542,8 @@ mod tests {
     }
 
     #[test]
-    fn params_block_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<BwdParams>(), 488);
-        assert!(
-            COMMON_SOURCE.contains("sizeof(BwdParams) == 288 + 8 * 8 + 4 * 3 * 8 + 4 * 4 + 6 * 4")
-        );
-    }
-
-    #[test]
     fn backward_tiles_fit_and_satisfy_the_template() {
-        for d in crate::cuda::kernels::MMA_HEAD_DIMS {
+        for d in crate::cuda::tiles::MMA_HEAD_DIMS {
             for smem in [101_376, 166_912, 232_448] {
                 if let Some(t) = bwd_tile_for(d, smem) {
                     assert!(t.smem_bytes() <= smem, "{t:?} in {smem}");

@@ -32,10 +32,11 @@ fn fnv1a(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
     h
 }
 
-/// The cache key of a compiled module. Each part is length-prefixed so that no two different
-/// inputs concatenate to the same bytes.
-pub(crate) fn cache_key(
-    source: &str,
+/// The cache key of a compiled module: every text NVRTC reads (the entry point and each header,
+/// named), the options, NVRTC's version and the arch. Each part is length-prefixed so that no
+/// two different inputs concatenate to the same bytes.
+pub(crate) fn cache_key<'a>(
+    texts: impl IntoIterator<Item = &'a str>,
     options: &[String],
     nvrtc_version: (i32, i32),
     arch: &str,
@@ -45,7 +46,9 @@ pub(crate) fn cache_key(
         h = fnv1a((bytes.len() as u64).to_le_bytes(), h);
         h = fnv1a(bytes.iter().copied(), h);
     };
-    part(source.as_bytes());
+    for t in texts {
+        part(t.as_bytes());
+    }
     for o in options {
         part(o.as_bytes());
     }
@@ -113,19 +116,19 @@ mod tests {
     #[test]
     fn key_changes_with_every_input() {
         let o = vec!["-a".to_string()];
-        let base = cache_key("src", &o, (13, 0), "sm_90a");
-        assert_eq!(base, cache_key("src", &o, (13, 0), "sm_90a"));
-        assert_ne!(base, cache_key("src2", &o, (13, 0), "sm_90a"));
+        let base = cache_key(["src"], &o, (13, 0), "sm_90a");
+        assert_eq!(base, cache_key(["src"], &o, (13, 0), "sm_90a"));
+        assert_ne!(base, cache_key(["src2"], &o, (13, 0), "sm_90a"));
         assert_ne!(
             base,
-            cache_key("src", &["-b".to_string()], (13, 0), "sm_90a")
+            cache_key(["src"], &["-b".to_string()], (13, 0), "sm_90a")
         );
-        assert_ne!(base, cache_key("src", &o, (13, 1), "sm_90a"));
-        assert_ne!(base, cache_key("src", &o, (13, 0), "sm_80"));
+        assert_ne!(base, cache_key(["src"], &o, (13, 1), "sm_90a"));
+        assert_ne!(base, cache_key(["src"], &o, (13, 0), "sm_80"));
         // Length prefixes keep concatenations apart.
         assert_ne!(
-            cache_key("ab", &["c".into()], (13, 0), "x"),
-            cache_key("a", &["bc".into()], (13, 0), "x")
+            cache_key(["ab"], &["c".into()], (13, 0), "x"),
+            cache_key(["a"], &["bc".into()], (13, 0), "x")
         );
     }
 

@@ -3,13 +3,17 @@
 //! memory. CUDA's libraries are loaded at run time (cudarc), so this module builds everywhere;
 //! where they are missing every call returns a clear error and the CPU path is untouched.
 
+mod abi;
 mod backward;
 mod cache;
 mod driver;
-mod kernels;
 mod nvrtc;
+mod params;
+mod sm90;
+mod sources;
+mod tiles;
 mod tma;
-mod wgmma;
+mod variants;
 
 pub use cache::CACHE_DIR_ENV;
 pub use nvrtc::NVRTC_PATH_ENV;
@@ -20,13 +24,14 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kvcache::{KvCacheProblem, Workspace};
 use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
-use crate::sequences::IntArray;
-use kernels::{FwdParams, Variant};
+use crate::sequences::{IntArray, KeyLengths, RowMap};
+use abi::{AppendParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS};
+use sm90::runs_wgmma;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::RwLock;
 use std::time::Instant;
-use wgmma::runs_wgmma;
+use variants::{grid, AppendKernel, Variant};
 
 /// Runs `f`, turning a panic inside it (cudarc panics when a library or symbol is missing)
 /// into an error, so no panic crosses into the caller.
@@ -155,11 +160,6 @@ impl CudaBackend {
     }
 
     fn backward_inner(&self, p: &BackwardProblem, stream: *mut c_void) -> Result<()> {
-        if !p.fwd.seqs.is_uniform() {
-            return Err(Error::unsupported(
-                "variable-length batches are not implemented on CUDA yet",
-            ));
-        }
         let (ordinal, dev) = usable_device(&p.fwd)?;
         let _ctx = driver::driver()?.enter(ordinal)?;
         let mut tensors = tensors_of(&p.fwd);
@@ -181,16 +181,20 @@ impl CudaBackend {
         // contract); the buffer is dropped while the context is still current.
         let workspace = unsafe { driver::StreamBuffer::new(plan.workspace(p).bytes, stream)? };
         let params =
-            backward::BwdParams::new(p, &plan, workspace.ptr, dev.multiprocessors.max(1) as u32)?;
+            abi::BwdParams::new(p, &plan, workspace.ptr, dev.multiprocessors.max(1) as u32)?;
         for (l, k) in launches.iter().zip(&kernels) {
-            // SAFETY: the parameter block mirrors the kernels'; every tensor pointer was
+            if l.grid.0 == 0 || l.grid.1 == 0 || l.grid.2 == 0 {
+                continue; // no rows (an empty packed batch)
+            }
+            // SAFETY: the parameter block is the kernels' (abi.rs); every tensor pointer was
             // checked to be device memory of this device, the workspace holds the layout
-            // `params` describes, and validation bounds every index by the views' spans.
+            // `params` describes, and validation bounds every index by the views' spans (the
+            // kernels clamp what they read from device metadata).
             let (threads, smem) = (l.variant.threads(), l.variant.dynamic_smem());
             unsafe {
                 match l.variant {
-                    Variant::BwdWgmma { tile, .. } => {
-                        let sm90 = tma::BwdSm90Params::new(p, params, tile.block_m, tile.block_n)?;
+                    Variant::BwdSm90 { tile, .. } => {
+                        let sm90 = abi::BwdSm90Params::new(p, params, tile.block_m, tile.block_n)?;
                         driver::launch(k, l.grid, threads, smem, stream, &sm90)?
                     }
                     _ => driver::launch(k, l.grid, threads, smem, stream, &params)?,
@@ -202,6 +206,43 @@ impl CudaBackend {
 
     pub fn forward(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
         no_panic("running on CUDA", || self.forward_inner(p, stream))
+    }
+
+    fn forward_inner(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
+        let (ordinal, dev) = usable_device(p)?;
+        let _ctx = driver::driver()?.enter(ordinal)?;
+        check_pointers(&tensors_of(p), ordinal)?;
+        self.launch_forward(ordinal, dev, p, stream as driver::CUstream)
+    }
+
+    /// Launches the forward of `p` (its device's context current, its pointers checked).
+    fn launch_forward(
+        &self,
+        ordinal: u32,
+        dev: &driver::DeviceInfo,
+        p: &Problem,
+        stream: driver::CUstream,
+    ) -> Result<()> {
+        let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
+        let params = FwdParams::new(p, variant.rows_per_block())?;
+        let grid = variant.grid(p)?;
+        if grid.0 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
+        // SAFETY: the parameter block is the kernel's (abi.rs); every pointer was checked to be
+        // device memory of this device, validation bounds every index by the views' spans, and
+        // the kernels clamp what they read from device metadata.
+        unsafe {
+            driver::launch(
+                &kernel,
+                grid,
+                variant.threads(),
+                variant.dynamic_smem(),
+                stream,
+                &params,
+            )
+        }
     }
 
     /// Copies int32 metadata of device `ordinal` to the host, ordered on `stream`, and waits.
@@ -219,51 +260,133 @@ impl CudaBackend {
         })
     }
 
+    /// A KV-cache call: the append (with rotary embedding of the new keys and of q), then the
+    /// attention over the cache, all queued on `stream`. The rotated q lives in `workspace`,
+    /// or in memory allocated and freed in stream order.
     pub fn forward_kvcache(
         &self,
-        _p: &KvCacheProblem,
-        _workspace: Option<Workspace<'_>>,
-        _stream: *mut c_void,
+        kp: &KvCacheProblem,
+        workspace: Option<Workspace<'_>>,
+        stream: *mut c_void,
     ) -> Result<()> {
-        Err(Error::unsupported(
-            "attention over a KV cache is not implemented on CUDA yet",
-        ))
+        no_panic("running the KV-cache call on CUDA", || {
+            let (ordinal, dev) = usable_device(&kp.attn)?;
+            let _ctx = driver::driver()?.enter(ordinal)?;
+            let stream = stream as driver::CUstream;
+            let mut tensors = tensors_of(&kp.attn);
+            if let Some(a) = &kp.append {
+                tensors.extend([("k", a.k.ptr), ("v", a.v.ptr)]);
+                if let Some(r) = &a.rotary {
+                    tensors.extend([("rotary_cos", r.cos.ptr), ("rotary_sin", r.sin.ptr)]);
+                }
+            }
+            check_pointers(&tensors, ordinal)?;
+            let mut attn = *kp;
+            let need = kp.workspace_bytes();
+            let mut owned = None;
+            let q_rot: *mut c_void = match (&workspace, need) {
+                (_, 0) => std::ptr::null_mut(),
+                (Some(w), _) => {
+                    if w.bytes < need {
+                        return Err(Error::invalid(format!(
+                            "workspace has {} bytes but this call needs {need} \
+                             (kvcache_workspace_bytes)",
+                            w.bytes
+                        )));
+                    }
+                    driver::check_device_pointer("workspace", w.ptr as *const u8, ordinal)?;
+                    w.ptr
+                }
+                (None, _) => {
+                    // SAFETY: `stream` is the caller's, on this (current) context.
+                    let buf = unsafe { driver::StreamBuffer::new(need, stream)? };
+                    let ptr = buf.ptr as *mut c_void;
+                    owned = Some(buf);
+                    ptr
+                }
+            };
+            if let Some(a) = &kp.append {
+                let params = AppendParams::new(kp, q_rot)?;
+                let mut launches = vec![(
+                    AppendKernel::Append,
+                    grid(a.seqlen_new, ROW_WARPS, kp.attn.heads_kv, kp.attn.batch)?,
+                )];
+                if !q_rot.is_null() {
+                    let p = &kp.attn;
+                    launches.push((
+                        AppendKernel::RotateQ,
+                        grid(p.seqlen_q, ROW_WARPS, p.heads_q, p.batch)?,
+                    ));
+                }
+                for (k, g) in launches {
+                    if g.0 == 0 || g.2 == 0 {
+                        continue;
+                    }
+                    let v = Variant::KvAppend(k);
+                    let kernel = self.kernel(ordinal, &dev.arch(), v)?;
+                    // SAFETY: as in launch_forward; the new rows, tables and q_rot were checked
+                    // or allocated above.
+                    unsafe { driver::launch(&kernel, g, v.threads(), 0, stream, &params)? };
+                }
+                if !q_rot.is_null() {
+                    attn.use_rotated_q(q_rot as *mut u8);
+                }
+            }
+            let r = self.launch_forward(ordinal, dev, &attn.attn, stream);
+            drop(owned); // freed in stream order, after the attention
+            r
+        })
     }
 
-    pub fn merge(&self, _m: &MergeProblem, _stream: *mut c_void) -> Result<()> {
-        Err(Error::unsupported(
-            "merging attention states is not implemented on CUDA yet",
-        ))
-    }
-
-    fn forward_inner(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
-        if !p.seqs.is_uniform() {
-            return Err(Error::unsupported(
-                "variable-length batches are not implemented on CUDA yet",
-            ));
-        }
-        let (ordinal, dev) = usable_device(p)?;
-        let _ctx = driver::driver()?.enter(ordinal)?;
-        check_pointers(&tensors_of(p), ordinal)?;
-        let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
-        let params = FwdParams::new(p, variant.rows_per_block())?;
-        let grid = variant.grid(p)?;
-        if grid.0 == 0 {
-            return Ok(());
-        }
-        let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
-        // SAFETY: the parameter block mirrors the kernel's; every pointer was checked to be
-        // device memory of this device, and validation bounds every index by the views' spans.
-        unsafe {
-            driver::launch(
-                &kernel,
-                grid,
-                variant.threads(),
-                variant.dynamic_smem(),
-                stream as driver::CUstream,
-                &params,
-            )
-        }
+    /// Merges attention states in rounds of MERGE_MAX_STATES, queued on `stream`.
+    pub fn merge(&self, m: &MergeProblem, stream: *mut c_void) -> Result<()> {
+        no_panic("merging states on CUDA", || {
+            let crate::device::Device::Cuda(ordinal) = m.device else {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "CUDA merge of a CPU problem",
+                ));
+            };
+            let dev = driver::driver()?.device(ordinal)?;
+            let _ctx = driver::driver()?.enter(ordinal)?;
+            let stream = stream as driver::CUstream;
+            let mut tensors: Vec<(&'static str, *mut u8)> = vec![("out", m.out.ptr)];
+            tensors.extend(m.lse.map(|l| ("lse", l.ptr)));
+            for (o, l) in &m.states {
+                tensors.extend([("states.out", o.ptr), ("states.lse", l.ptr)]);
+            }
+            check_pointers(&tensors, ordinal)?;
+            let rounds = m.states.len().div_ceil(MERGE_MAX_STATES);
+            // Later rounds read the merged LSE back: scratch when the caller wants none.
+            let mut scratch = None;
+            let lse = match (&m.lse, rounds) {
+                (Some(l), _) => l.ptr as *mut f32,
+                (None, 1) => std::ptr::null_mut(),
+                (None, _) => {
+                    let bytes = m.batch * m.heads * m.seqlen * 4;
+                    // SAFETY: the caller's stream, on this (current) context.
+                    let buf = unsafe { driver::StreamBuffer::new(bytes, stream)? };
+                    let ptr = buf.ptr as *mut f32;
+                    scratch = Some(buf);
+                    ptr
+                }
+            };
+            let g = grid(m.seqlen, ROW_WARPS, m.heads, m.batch)?;
+            if g.0 > 0 && g.2 > 0 {
+                let kernel = self.kernel(ordinal, &dev.arch(), Variant::Merge)?;
+                for r in 0..rounds {
+                    let first = r * MERGE_MAX_STATES;
+                    let n = MERGE_MAX_STATES.min(m.states.len() - first);
+                    let params = MergeParams::new(m, first, n, r > 0, lse);
+                    // SAFETY: as in launch_forward; rounds run in stream order.
+                    unsafe {
+                        driver::launch(&kernel, g, Variant::Merge.threads(), 0, stream, &params)?
+                    };
+                }
+            }
+            drop(scratch);
+            Ok(())
+        })
     }
 }
 
@@ -285,7 +408,7 @@ fn usable_device(p: &Problem) -> Result<(u32, &'static driver::DeviceInfo)> {
     Ok((ordinal, dev))
 }
 
-/// The forward problem's tensors by argument name.
+/// The forward problem's tensors and sequence metadata by argument name.
 fn tensors_of(p: &Problem) -> Vec<(&'static str, *mut u8)> {
     let mut tensors = vec![
         ("q", p.q.ptr),
@@ -296,6 +419,19 @@ fn tensors_of(p: &Problem) -> Vec<(&'static str, *mut u8)> {
     tensors.extend(p.lse.map(|o| ("lse", o.ptr)));
     tensors.extend(p.alibi.map(|o| ("alibi_slopes", o.ptr)));
     tensors.extend(p.mask.map(|o| ("mask", o.ptr)));
+    let int = |name, a: IntArray| (name, a.ptr as *mut u8);
+    tensors.extend(p.seqs.cu_q.map(|a| int("cu_seqlens_q", a)));
+    match p.seqs.kv {
+        KeyLengths::Cumulative(a) => tensors.push(int("cu_seqlens_kv", a)),
+        KeyLengths::Used { used, .. } => tensors.push(int("seqused_kv", used)),
+        KeyLengths::Uniform => {}
+    }
+    match p.k.rows {
+        RowMap::Packed { cu, .. } => tensors.push(int("cu_seqlens_kv", cu)),
+        RowMap::Paged { table, .. } => tensors.push(int("block_table", table)),
+        RowMap::Gathered { index, .. } => tensors.push(int("cache_batch_idx", index)),
+        RowMap::Strided => {}
+    }
     tensors
 }
 
@@ -310,16 +446,21 @@ fn check_pointers(tensors: &[(&'static str, *mut u8)], ordinal: u32) -> Result<(
 /// Returns it with the NVRTC seconds and whether it was cached.
 fn cubin_for(variant: &Variant, arch: &str) -> Result<(Vec<u8>, f64, bool)> {
     let nv = nvrtc::nvrtc()?;
-    let source = variant.source();
+    let program = variant.program();
     let name = variant.kernel_name();
-    let key = cache::cache_key(&source, &nvrtc::compile_options(arch), nv.version, arch);
+    let key = cache::cache_key(
+        program.texts(),
+        &nvrtc::compile_options(arch),
+        nv.version,
+        arch,
+    );
     let dir = cache::cache_dir(&|k| std::env::var(k).ok());
     let path = cache::cubin_path(&dir, &name, arch, key);
     if let Some(cubin) = cache::load(&path) {
         return Ok((cubin, 0.0, true));
     }
     let t = Instant::now();
-    let compiled = nv.compile(&name, &source, arch)?;
+    let compiled = nv.compile(&name, &program, arch)?;
     let secs = t.elapsed().as_secs_f64();
     cache::store(&path, &compiled.cubin);
     Ok((compiled.cubin, secs, false))
@@ -374,7 +515,7 @@ pub fn compile_all_variants(arch: &str) -> Result<Vec<CompileReport>> {
                         .iter()
                         .map(|v| {
                             let t = Instant::now();
-                            let c = nv.compile(&v.kernel_name(), &v.source(), arch)?;
+                            let c = nv.compile(&v.kernel_name(), &v.program(), arch)?;
                             Ok(CompileReport {
                                 kernel: v.kernel_name(),
                                 arch: arch.to_string(),

@@ -5,6 +5,7 @@
 //! library it found by full path; the loader then matches cudarc's `libnvrtc.so.N` against that
 //! already-loaded object's soname instead of searching again.
 
+use super::sources::Program;
 use crate::error::{Error, ErrorKind, Result};
 use cudarc::nvrtc::{result as nv, sys};
 use std::ffi::{c_char, CString};
@@ -182,16 +183,16 @@ pub(crate) struct Compiled {
 }
 
 /// An NVRTC program, destroyed on every path out.
-struct Program(sys::nvrtcProgram);
+struct NvProgram(sys::nvrtcProgram);
 
-impl Drop for Program {
+impl Drop for NvProgram {
     fn drop(&mut self) {
         // SAFETY: created by nvrtcCreateProgram and destroyed only here.
         let _ = unsafe { nv::destroy_program(self.0) };
     }
 }
 
-fn log_of(prog: &Program) -> String {
+fn log_of(prog: &NvProgram) -> String {
     // SAFETY: a live program.
     match unsafe { nv::get_program_log(prog.0) } {
         Ok(chars) => {
@@ -207,16 +208,46 @@ fn log_of(prog: &Program) -> String {
 }
 
 impl Nvrtc {
-    /// Compiles `source` for `arch`; an error carries the options and NVRTC's full log.
-    pub fn compile(&self, name: &str, source: &str, arch: &str) -> Result<Compiled> {
+    /// Compiles `program` for `arch`; an error carries the options and NVRTC's full log.
+    pub fn compile(&self, name: &str, program: &Program, arch: &str) -> Result<Compiled> {
         super::no_panic("compiling with NVRTC", || {
-            let src =
-                CString::new(source).map_err(|_| backend(format!("{name}: NUL in source")))?;
-            let file = CString::new(format!("{name}.cu")).expect("kernel names have no NUL");
-            let prog = Program(
-                nv::create_program(&src, Some(&file))
-                    .map_err(|e| backend(format!("nvrtcCreateProgram({name}) failed: {e}")))?,
-            );
+            let c = |s: &str, what: &str| {
+                CString::new(s).map_err(|_| backend(format!("{name}: NUL in {what}")))
+            };
+            let src = c(&program.source, "source")?;
+            let file = c(&format!("{name}.cu"), "name")?;
+            let names = program
+                .headers
+                .iter()
+                .map(|(n, _)| c(n, "a header name"))
+                .collect::<Result<Vec<_>>>()?;
+            let texts = program
+                .headers
+                .iter()
+                .map(|(n, t)| c(t, n))
+                .collect::<Result<Vec<_>>>()?;
+            let (name_ptrs, text_ptrs): (Vec<_>, Vec<_>) = names
+                .iter()
+                .zip(&texts)
+                .map(|(n, t)| (n.as_ptr(), t.as_ptr()))
+                .unzip();
+            let mut raw = std::mem::MaybeUninit::uninit();
+            // SAFETY: every pointer is a live NUL-terminated string for the call; NVRTC copies
+            // the sources and headers into the program.
+            unsafe {
+                sys::nvrtcCreateProgram(
+                    raw.as_mut_ptr(),
+                    src.as_ptr(),
+                    file.as_ptr(),
+                    text_ptrs.len() as i32,
+                    text_ptrs.as_ptr(),
+                    name_ptrs.as_ptr(),
+                )
+            }
+            .result()
+            .map_err(|e| backend(format!("nvrtcCreateProgram({name}) failed: {e}")))?;
+            // SAFETY: initialised by the successful call.
+            let prog = NvProgram(unsafe { raw.assume_init() });
             let options = compile_options(arch);
             // SAFETY: a live program; options are valid C strings.
             let status = unsafe { nv::compile_program(prog.0, &options) };

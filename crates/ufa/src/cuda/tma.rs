@@ -3,31 +3,12 @@
 //! 128-byte swizzle and adds dQ tiles into the fp32 buffer, so the kernel's parameter block
 //! carries one map per tensor.
 
-use super::backward::BwdParams;
-use super::kernels::query_and_key_dims;
+use super::abi::{BwdParams, BwdSm90Params, TmaMap};
+use super::variants::query_and_key_dims;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::problem::{BackwardProblem, Operand};
 use cudarc::driver::sys;
-
-/// An encoded `CUtensorMap`; mirrors `TmaMap` in kernels/tma.cuh (the hardware wants 64-byte
-/// alignment; the driver's own type asks for 128 under CUDA 13, which the kernel's parameter
-/// layout does not need).
-#[repr(C, align(64))]
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct TmaMap([u64; 16]);
-
-/// The Hopper backward's parameter block; mirrors `BwdSm90Params` in flash_bwd_sm90.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct BwdSm90Params {
-    pub bp: BwdParams,
-    pub q: TmaMap,
-    pub dout: TmaMap,
-    pub k: TmaMap,
-    pub v: TmaMap,
-    pub dq: TmaMap,
-}
 
 /// Columns of a 16-bit box: 128 bytes, the swizzle's row.
 const BOX_COLS: u32 = 64;
@@ -112,7 +93,9 @@ fn encode(
         ));
     }
     // SAFETY: initialised by the successful call.
-    Ok(TmaMap(unsafe { map.assume_init() }.opaque))
+    Ok(TmaMap {
+        opaque: unsafe { map.assume_init() }.opaque,
+    })
 }
 
 fn map_16bit(
@@ -177,11 +160,11 @@ mod tests {
     }
 
     #[test]
-    fn parameter_block_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<BwdSm90Params>(), 512 + 5 * 128);
+    fn tensor_maps_keep_the_hardware_alignment() {
+        // The tensor maps follow BwdParams at 64-byte boundaries (the TMA reads them there).
         assert_eq!(std::mem::align_of::<TmaMap>(), 64);
-        assert!(super::super::kernels::SM90_BWD_SOURCE
-            .contains("sizeof(BwdSm90Params) == 512 + 5 * 128"));
+        assert_eq!(std::mem::offset_of!(BwdSm90Params, q) % 64, 0);
+        assert_eq!(std::mem::size_of::<TmaMap>(), 128);
     }
 
     #[test]

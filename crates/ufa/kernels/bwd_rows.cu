@@ -8,15 +8,14 @@
 // (bwd_rows_dq) or one dK/dV row (bwd_rows_dkdv) and sums in a fixed order; it recomputes the
 // scores in each of the two kernels instead of sharing them through atomics.
 //
-// Needs common.cuh before it; instantiations are appended at run time by the host.
+// The host generates each kernel's entry point (crates/ufa/src/cuda/backward.rs).
+#include "bwd_keys.cuh"
 
-constexpr int kRowWarps = 4;
-constexpr int kRowMaxDim = 512;  // problem.rs MAX_HEAD_DIM
-constexpr int kRowCols = kRowMaxDim / 32;
+constexpr int kRowCols = kMaxHeadDim / 32;
 
 // Per query row: D = rowsum(dO ∘ O), the LSE in the log2 domain (+inf for rows that see no key,
-// so that exp2(s - lse2) is 0), padding rows up to seqlen_q_pad, and zeroed dQ buffer rows and
-// turn counters when the tensor-core path runs next.
+// so that exp2(s - lse2) is 0), padding rows up to the next multiple of kSeqlenQPad, and zeroed
+// dQ buffer rows and turn counters when the tensor-core path runs next.
 __device__ __forceinline__ void bwd_preprocess(const BwdParams& bp) {
     const FwdParams& p = bp.f;
     const int warp = threadIdx.x / 32;
@@ -24,29 +23,30 @@ __device__ __forceinline__ void bwd_preprocess(const BwdParams& bp) {
     const int i = blockIdx.x * kRowWarps + warp;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
-    if (i >= bp.seqlen_q_pad) return;
-    const int64_t at = ((int64_t)b * p.heads_q + h) * bp.seqlen_q_pad + i;
-    if (i >= p.seqlen_q) {
+    const Seq s = seq_of(p, b);
+    if (i >= (s.seqlen_q + kSeqlenQPad - 1) / kSeqlenQPad * kSeqlenQPad) return;
+    const int64_t at = stat_row0<true>(bp, s, b, h) + i;
+    if (i >= s.seqlen_q) {
         if (lane == 0) {
             bp.lse2[at] = UFA_INF;
             bp.delta[at] = 0.f;
         }
         return;
     }
-    const int64_t o_at = row_offset(p.o_stride, b, i, h);
-    const int64_t do_at = row_offset(bp.do_stride, b, i, h);
+    const int64_t o_at = row_offset(p.o_stride, b, s.q_row0 + i, h);
+    const int64_t do_at = row_offset(bp.do_stride, b, s.q_row0 + i, h);
     float acc = 0.f;
     for (int d = lane; d < p.head_dim_v; d += 32)
         acc += load_as(bp.dout, do_at + d, bp.dtype_dout) * load_as(p.out, o_at + d, bp.dtype_out);
     acc = warp_sum(acc);
     if (lane == 0) {
         const float lse =
-            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (int64_t)i * p.lse_stride[2]];
+            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (s.q_row0 + i) * p.lse_stride[2]];
         bp.lse2[at] = lse == -UFA_INF ? UFA_INF : lse * UFA_LOG2E;
         bp.delta[at] = acc;
     }
     if (bp.dq_accum != nullptr) {
-        float* row = bp.dq_accum + (((int64_t)b * p.heads_q + h) * p.seqlen_q + i) * p.head_dim;
+        float* row = accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i * p.head_dim;
         for (int d = lane; d < p.head_dim; d += 32) row[d] = 0.f;
     }
     if (bp.order != nullptr && lane == 0 && i % bp.block_m == 0)
@@ -61,19 +61,21 @@ __device__ __forceinline__ void bwd_convert_dq(const BwdParams& bp) {
     const int i = blockIdx.x * kRowWarps + warp;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
-    if (i >= p.seqlen_q) return;
-    const float* row = bp.dq_accum + (((int64_t)b * p.heads_q + h) * p.seqlen_q + i) * p.head_dim;
-    const int64_t at = row_offset(bp.dq_stride, b, i, h);
+    const Seq s = seq_of(p, b);
+    if (i >= s.seqlen_q) return;
+    const float* row = accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i * p.head_dim;
+    const int64_t at = row_offset(bp.dq_stride, b, s.q_row0 + i, h);
     for (int d = lane; d < p.head_dim; d += 32) store_as(bp.dq, at + d, bp.dtype_dq, row[d] * p.scale);
 }
 
 // P and dS (before the softmax scale) of query row i and key j, given q·k and dO·v.
-__device__ __forceinline__ void row_grad_terms(const BwdParams& bp, float dot, float dpv, float lse2,
-                                               float delta, int b, int h, int i, int j,
-                                               float slope, bool score_mod, float& pv, float& ds) {
+__device__ __forceinline__ void row_grad_terms(const BwdParams& bp, const Seq& s, float dot,
+                                               float dpv, float lse2, float delta, int b, int h,
+                                               int i, int j, float slope, bool score_mod,
+                                               float& pv, float& ds) {
     const FwdParams& p = bp.f;
     float dfac = 1.f;
-    const float x = score_mod ? modify_score<true>(p, dot, b, h, i, j, slope, &dfac)
+    const float x = score_mod ? modify_score<true>(p, s, dot, b, h, i, j, slope, &dfac)
                               : dot * p.scale_log2;
     pv = fast_exp2(x - lse2);
     ds = pv * (dpv - delta) * dfac;
@@ -83,28 +85,29 @@ __device__ __forceinline__ void row_grad_terms(const BwdParams& bp, float dot, f
 // and one output column per lane for the sum.
 __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
     const FwdParams& p = bp.f;
-    __shared__ float q_row[kRowWarps][kRowMaxDim];
-    __shared__ float do_row[kRowWarps][kRowMaxDim];
+    __shared__ float q_row[kRowWarps][kMaxHeadDim];
+    __shared__ float do_row[kRowWarps][kMaxHeadDim];
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int i = blockIdx.x * kRowWarps + warp;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
-    if (i >= p.seqlen_q) return;  // whole warp leaves together
+    const Seq s = seq_of(p, b);
+    if (i >= s.seqlen_q) return;  // whole warp leaves together
     const int hk = h / p.group;
-    const int64_t q_at = row_offset(p.q_stride, b, i, h);
-    const int64_t do_at = row_offset(bp.do_stride, b, i, h);
+    const int64_t q_at = row_offset(p.q_stride, b, s.q_row0 + i, h);
+    const int64_t do_at = row_offset(bp.do_stride, b, s.q_row0 + i, h);
     for (int d = lane; d < p.head_dim; d += 32) q_row[warp][d] = load_as(p.q, q_at + d, bp.dtype_in);
     for (int d = lane; d < p.head_dim_v; d += 32)
         do_row[warp][d] = load_as(bp.dout, do_at + d, bp.dtype_dout);
     __syncwarp();
-    const int64_t stat = ((int64_t)b * p.heads_q + h) * bp.seqlen_q_pad + i;
+    const int64_t stat = stat_row0<true>(bp, s, b, h) + i;
     const float lse2 = bp.lse2[stat];
     const float delta = bp.delta[stat];
     const bool score_mod = p.softcap > 0.f || p.alibi != nullptr || p.mask_kind != MASK_NONE;
     const float slope = alibi_slope(p, b, h);
     int lo, hi;
-    band_of_rows(p, i, i, lo, hi);
+    band_of_rows(p, s, i, i, lo, hi);
 
     float acc[kRowCols];
 #pragma unroll
@@ -113,18 +116,18 @@ __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
         const int j = j0 + lane;
         float ds = 0.f;
         if (j < hi) {
-            const int64_t k_at = row_offset(p.k_stride, b, j, hk);
-            const int64_t v_at = row_offset(p.v_stride, b, j, hk);
+            const int64_t k_at = row_offset(p.k_stride, b, s.kv_row0 + j, hk);
+            const int64_t v_at = row_offset(p.v_stride, b, s.kv_row0 + j, hk);
             float dot = 0.f, dpv = 0.f;
             for (int d = 0; d < p.head_dim; ++d) dot += q_row[warp][d] * load_as(p.k, k_at + d, bp.dtype_in);
             for (int d = 0; d < p.head_dim_v; ++d) dpv += do_row[warp][d] * load_as(p.v, v_at + d, bp.dtype_in);
             float pv;
-            row_grad_terms(bp, dot, dpv, lse2, delta, b, h, i, j, slope, score_mod, pv, ds);
+            row_grad_terms(bp, s, dot, dpv, lse2, delta, b, h, i, j, slope, score_mod, pv, ds);
         }
         const int n = min(32, hi - j0);
         for (int jj = 0; jj < n; ++jj) {
             const float w = __shfl_sync(0xffffffffu, ds, jj);
-            const int64_t k_at = row_offset(p.k_stride, b, j0 + jj, hk);
+            const int64_t k_at = row_offset(p.k_stride, b, s.kv_row0 + j0 + jj, hk);
 #pragma unroll
             for (int c = 0; c < kRowCols; ++c) {
                 const int e = c * 32 + lane;
@@ -132,7 +135,7 @@ __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
             }
         }
     }
-    const int64_t dq_at = row_offset(bp.dq_stride, b, i, h);
+    const int64_t dq_at = row_offset(bp.dq_stride, b, s.q_row0 + i, h);
 #pragma unroll
     for (int c = 0; c < kRowCols; ++c) {
         const int e = c * 32 + lane;
@@ -144,49 +147,50 @@ __device__ __forceinline__ void bwd_rows_dq(const BwdParams& bp) {
 // every query row of every head of the GQA group, one query row per lane for the dot products.
 __device__ __forceinline__ void bwd_rows_dkdv(const BwdParams& bp) {
     const FwdParams& p = bp.f;
-    __shared__ float k_row[kRowWarps][kRowMaxDim];
-    __shared__ float v_row[kRowWarps][kRowMaxDim];
+    __shared__ float k_row[kRowWarps][kMaxHeadDim];
+    __shared__ float v_row[kRowWarps][kMaxHeadDim];
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int j = blockIdx.x * kRowWarps + warp;
     const int hk = blockIdx.y;
     const int b = blockIdx.z;
-    if (j >= p.seqlen_kv) return;
-    const int64_t k_at = row_offset(p.k_stride, b, j, hk);
-    const int64_t v_at = row_offset(p.v_stride, b, j, hk);
+    const Seq s = seq_of(p, b);
+    if (j >= s.seqlen_kv) return;
+    const int64_t k_at = row_offset(p.k_stride, b, s.kv_row0 + j, hk);
+    const int64_t v_at = row_offset(p.v_stride, b, s.kv_row0 + j, hk);
     for (int d = lane; d < p.head_dim; d += 32) k_row[warp][d] = load_as(p.k, k_at + d, bp.dtype_in);
     for (int d = lane; d < p.head_dim_v; d += 32) v_row[warp][d] = load_as(p.v, v_at + d, bp.dtype_in);
     __syncwarp();
     const bool score_mod = p.softcap > 0.f || p.alibi != nullptr || p.mask_kind != MASK_NONE;
     // Query rows whose band holds key j.
-    const int lo = max(0, j - p.diag_offset - p.window_right);
-    const int hi = min(p.seqlen_q, j - p.diag_offset + p.window_left + 1);
+    int lo, hi;
+    rows_of_keys(p, s, j, j, lo, hi);
 
     float acc_k[kRowCols], acc_v[kRowCols];
 #pragma unroll
     for (int c = 0; c < kRowCols; ++c) acc_k[c] = acc_v[c] = 0.f;
     for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
         const float slope = alibi_slope(p, b, h);
-        const int64_t stat0 = ((int64_t)b * p.heads_q + h) * bp.seqlen_q_pad;
+        const int64_t stat0 = stat_row0<true>(bp, s, b, h);
         for (int i0 = lo; i0 < hi; i0 += 32) {
             const int i = i0 + lane;
             float pv = 0.f, ds = 0.f;
             if (i < hi) {
-                const int64_t q_at = row_offset(p.q_stride, b, i, h);
-                const int64_t do_at = row_offset(bp.do_stride, b, i, h);
+                const int64_t q_at = row_offset(p.q_stride, b, s.q_row0 + i, h);
+                const int64_t do_at = row_offset(bp.do_stride, b, s.q_row0 + i, h);
                 float dot = 0.f, dpv = 0.f;
                 for (int d = 0; d < p.head_dim; ++d) dot += k_row[warp][d] * load_as(p.q, q_at + d, bp.dtype_in);
                 for (int d = 0; d < p.head_dim_v; ++d)
                     dpv += v_row[warp][d] * load_as(bp.dout, do_at + d, bp.dtype_dout);
-                row_grad_terms(bp, dot, dpv, bp.lse2[stat0 + i], bp.delta[stat0 + i], b, h, i, j,
-                               slope, score_mod, pv, ds);
+                row_grad_terms(bp, s, dot, dpv, bp.lse2[stat0 + i], bp.delta[stat0 + i], b, h, i,
+                               j, slope, score_mod, pv, ds);
             }
             const int n = min(32, hi - i0);
             for (int ii = 0; ii < n; ++ii) {
                 const float wp = __shfl_sync(0xffffffffu, pv, ii);
                 const float ws = __shfl_sync(0xffffffffu, ds, ii);
-                const int64_t q_at = row_offset(p.q_stride, b, i0 + ii, h);
-                const int64_t do_at = row_offset(bp.do_stride, b, i0 + ii, h);
+                const int64_t q_at = row_offset(p.q_stride, b, s.q_row0 + i0 + ii, h);
+                const int64_t do_at = row_offset(bp.do_stride, b, s.q_row0 + i0 + ii, h);
 #pragma unroll
                 for (int c = 0; c < kRowCols; ++c) {
                     const int e = c * 32 + lane;
@@ -196,8 +200,8 @@ __device__ __forceinline__ void bwd_rows_dkdv(const BwdParams& bp) {
             }
         }
     }
-    const int64_t dk_at = row_offset(bp.dk_stride, b, j, hk);
-    const int64_t dv_at = row_offset(bp.dv_stride, b, j, hk);
+    const int64_t dk_at = row_offset(bp.dk_stride, b, s.kv_row0 + j, hk);
+    const int64_t dv_at = row_offset(bp.dv_stride, b, s.kv_row0 + j, hk);
 #pragma unroll
     for (int c = 0; c < kRowCols; ++c) {
         const int e = c * 32 + lane;

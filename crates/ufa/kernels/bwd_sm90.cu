@@ -23,20 +23,15 @@
 // once its MMAs are done, and the writer releases the stage when it has read the tile. (Threads
 // adding dQ with red.global instead ran at 60% of the speed the kernel has without dQ adds:
 // 262 against 444 TFLOP/s, H200, s4096.)
-// Needs common.cuh, mma.cuh (the turn counters), wgmma.cuh and tma.cuh before it, and the
-// host-generated wrappers wgmma_sdp (N = the consumer's queries), wgmma_dkv (N = the
+// The host generates the wrappers wgmma_sdp (N = the consumer's queries), wgmma_dkv (N = the
 // consumer's head-dim columns; A in registers, or in shared memory when SPLIT_D; B transposed)
-// and wgmma_dq (N = HEAD_DIM / consumers, at most 64; A and B transposed).
-
-// The kernel's parameter block: BwdParams and the tensor maps of Q, dO, K, V ([batch, heads,
-// seq, head_dim] boxes of 64 columns, 128-byte swizzle) and of the fp32 dQ buffer ([batch x
-// heads_q, seqlen_q, head_dim] boxes of 32 columns). Mirrors `BwdSm90Params` in
-// src/cuda/tma.rs.
-struct BwdSm90Params {
-    BwdParams bp;
-    TmaMap q, dout, k, v, dq;
-};
-static_assert(sizeof(BwdSm90Params) == 512 + 5 * 128, "BwdSm90Params must match its Rust mirror");
+// and wgmma_dq (N = HEAD_DIM / consumers, at most 64; A and B transposed) into
+// wgmma_ops.cuh. The parameter block is BwdSm90Params (ufa_abi.cuh). Dense batches only: a
+// packed batch's backward runs bwd_sm80.cu.
+#include "bwd_keys.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+#include "wgmma_ops.cuh"
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int MIN_BLOCKS>
 struct BwdWgmmaConfig {
@@ -153,7 +148,7 @@ __device__ __forceinline__ void bwd_sm90_load(const BwdSm90Params& sp, const Key
                         sm.full(stage));
         }
         // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds.
-        const int64_t stat_row = ((int64_t)w.b * p.heads_q + h) * bp.seqlen_q_pad + m0;
+        const int64_t stat_row = stat_row0<false>(bp, w.s, w.b, h) + m0;
         bulk_load(sm.stat(stage), bp.lse2 + stat_row, BM * 4, sm.full(stage));
         bulk_load(sm.stat(stage) + BM * 4, bp.delta + stat_row, BM * 4, sm.full(stage));
     }
@@ -177,7 +172,7 @@ __device__ __forceinline__ void bwd_sm90_write_dq(const BwdSm90Params& sp, const
         const int m0 = w.m_block_at(it) * BM;
         int my_turn = 0;
         int32_t* turn =
-            dq_turn(bp, w, it, m0, min(m0 + BM, p.seqlen_q) - 1, Cfg::kBlockN, my_turn);
+            dq_turn(bp, w, it, m0, min(m0 + BM, w.s.seqlen_q) - 1, Cfg::kBlockN, my_turn);
         if (turn != nullptr) {
             dq_turn_spin(turn, my_turn);
             fence_proxy_async_global();
@@ -237,7 +232,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         mbar_wait(sm.full(stage), (it / S) & 1);
         const int h = w.head_at(it, p.group);
         const int m0 = w.m_block_at(it) * BM;
-        const int m_last = min(m0 + BM, p.seqlen_q) - 1;
+        const int m_last = min(m0 + BM, w.s.seqlen_q) - 1;
         const uint32_t sQs = sm.q(stage);
         const uint32_t sdO = sm.dout(stage);
         const uint32_t sdS_it = sm.ds(it % 2);
@@ -265,7 +260,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         // the end and outside the band are hidden here. Plain scores take Pᵀ while dPᵀ is
         // still being computed.
         const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
-        const bool whole_tile_visible = tile_visible(p, m0, m_last, n0, BN);
+        const bool whole_tile_visible = tile_visible(p, w.s, m0, m_last, n0, BN);
         if (SCORE_MOD) {
             wgmma_wait<0>();
         } else {
@@ -282,8 +277,8 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                     const int i = m0 + ic;
                     const int j = n0 + key_row + (e / 2) * 8;
                     float dfac = 1.f;
-                    const float x = in_band(p, i, j) && i < p.seqlen_q
-                                        ? modify_score<true>(p, s[4 * t + e], b, h, i, j, slope, &dfac)
+                    const float x = in_band(p, w.s, i, j) && i < w.s.seqlen_q
+                                        ? modify_score<true>(p, w.s, s[4 * t + e], b, h, i, j, slope, &dfac)
                                         : -UFA_INF;
                     const float pv = fast_exp2(x - lse2[ic]);
                     s[4 * t + e] = pv;
@@ -303,7 +298,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                 for (int e = 0; e < 4; ++e) {
                     const int ic = q0 + t * 8 + quad * 2 + (e % 2);
                     const int j = n0 + key_row + (e / 2) * 8;
-                    const float x = in_band(p, m0 + ic, j) ? s[4 * t + e] * p.scale_log2 : -UFA_INF;
+                    const float x = in_band(p, w.s, m0 + ic, j) ? s[4 * t + e] * p.scale_log2 : -UFA_INF;
                     s[4 * t + e] = fast_exp2(x - lse2[ic]);
                 }
         }
@@ -447,7 +442,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int j = n0 + key_row + r * 8;
-        if (j >= p.seqlen_kv) continue;
+        if (j >= w.s.seqlen_kv) continue;
         uint16_t* dk_row = (uint16_t*)bp.dk + row_offset(bp.dk_stride, b, j, hk) + c0;
         uint16_t* dv_row = (uint16_t*)bp.dv + row_offset(bp.dv_stride, b, j, hk) + c0;
 #pragma unroll
@@ -461,10 +456,10 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
 }
 
 template <typename T, typename Cfg, bool SCORE_MOD>
-__device__ __forceinline__ void flash_bwd_sm90(const BwdSm90Params& sp) {
+__device__ __forceinline__ void bwd_sm90(const BwdSm90Params& sp) {
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     const BwdSm90Smem<Cfg> sm{(smem_addr(smem_raw) + 1023) & ~1023u};
-    const KeyBlock w = key_block(sp.bp, Cfg::kBlockM, Cfg::kBlockN);
+    const KeyBlock w = key_block<false>(sp.bp, Cfg::kBlockM, Cfg::kBlockN);
     const int tid = threadIdx.x;
     if (tid == 0) {
         mbar_init(sm.kv_full(), 1);

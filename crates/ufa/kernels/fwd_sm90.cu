@@ -1,6 +1,6 @@
 // Forward attention on Hopper tensor cores (wgmma, sm_90a).
 //
-// Same algorithm and parameter block as flash_fwd.cu (online softmax in the log2 domain, tiles
+// Same algorithm and parameter block as fwd_sm80.cu (online softmax in the log2 domain, tiles
 // outside the causal/window band skipped, heaviest blocks first), with the two products issued
 // as warpgroup MMAs: each warpgroup (4 warps, 128 threads) owns 64 query rows, S = Q Kᵀ reads
 // both operands straight from shared memory, and O += P V takes P from registers (the S
@@ -12,9 +12,12 @@
 // K-major operand (Q, K) and as an MN-major one (V, transposed by the descriptor), so every
 // tile is loaded the same way, by cp.async from all threads, one tile pair ahead.
 //
-// Needs common.cuh, mma.cuh and wgmma.cuh before it, and `wgmma_qk<T>` / `wgmma_pv<T>`, the
-// inline-PTX wrappers for this variant's N (BLOCK_N and HEAD_DIM), which the host generates
-// (crates/ufa/src/cuda/wgmma.rs) because PTX needs one operand list per shape.
+// `wgmma_qk<T>` / `wgmma_pv<T>` are the inline-PTX wrappers for this variant's N (BLOCK_N and
+// HEAD_DIM), which the host generates into wgmma_ops.cuh (crates/ufa/src/cuda/wgmma.rs)
+// because PTX needs one operand list per shape.
+#include "fwd_tile.cuh"
+#include "wgmma.cuh"
+#include "wgmma_ops.cuh"
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES>
 struct WgmmaConfig {
@@ -34,8 +37,8 @@ struct WgmmaConfig {
     static constexpr int kSmemBytes = kQBytes + 2 * STAGES * kKvBytes + 1024;
 };
 
-template <typename T, typename Cfg, bool SCORE_MOD>
-__device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS>
+__device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
     constexpr int BN = Cfg::kBlockN;
@@ -50,10 +53,25 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
     const int wg = warp / 4;  // warpgroup: query rows [64 wg, 64 wg + 64) of the block
     const int group = lane / 4;
     const int quad = lane % 4;
-    const FwdBlock w = fwd_block(p, BM, BN);
+    const FwdBlock w = fwd_block<SEQS>(p, BM, BN);
+    if (w.idle) return;  // rows past this sequence's end (the whole block leaves)
+    const Seq& sq = w.s;
     const int b = w.b, h = w.h, m0 = w.m0, m_last = w.m_last;
     const int n_first = w.n_first, n_last = w.n_last;
     const uint16_t *q_head = w.q, *k_head = w.k, *v_head = w.v;
+    // K and V rows of tile n0 into swizzled tile `tile`: a fixed stride apart, or found through
+    // a paged cache's block table (a SEQS variant's run-time choice).
+    auto load_kv = [&](uint32_t tile, const uint16_t* head, const void* base,
+                       const int64_t(&st)[3], int n0) {
+        if (SEQS && p.block_table != nullptr) {
+            load_rows<Cfg::kThreads, D / 8, BN>(
+                (const uint16_t*)base, [&](int j) { return paged_row(p, b, j, st, w.hk); },
+                [&](int r, int chunk) { return tile + sw128_offset<BN>(r, chunk); }, n0,
+                sq.seqlen_kv);
+        } else {
+            load_tile_sw128<Cfg, BN>(tile, head, st[1], n0, sq.seqlen_kv);
+        }
+    };
 
     // This thread's rows: `group` and `group + 8` of its warp's 16 (the wgmma accumulator
     // layout is mma.sync's m16n8 fragment, repeated over N in n8 tiles).
@@ -63,14 +81,14 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float row_max[2] = {-UFA_INF, -UFA_INF};  // log2 domain
-    float row_sum[2] = {0.f, 0.f};            // this thread's columns until the epilogue
+    SoftmaxRow row[2];  // sums of this thread's columns until the epilogue
+    row[0].init(), row[1].init();
     const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
 
     if (n_first <= n_last) {
-        load_tile_sw128<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, p.seqlen_q);
-        load_tile_sw128<Cfg, BN>(sK0, k_head, p.k_stride[1], n_last * BN, p.seqlen_kv);
-        load_tile_sw128<Cfg, BN>(sV0, v_head, p.v_stride[1], n_last * BN, p.seqlen_kv);
+        load_tile_sw128<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, sq.seqlen_q);
+        load_kv(sK0, k_head, p.k, p.k_stride, n_last * BN);
+        load_kv(sV0, v_head, p.v, p.v_stride, n_last * BN);
         cp_async_commit();
 
         int stage = 0;
@@ -81,10 +99,8 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
             if (n > n_first) {
                 // The buffer the previous iteration used: free since its closing barrier.
                 const int next = stage + 1 == STAGES ? 0 : stage + 1;
-                load_tile_sw128<Cfg, BN>(sK0 + next * Cfg::kKvBytes, k_head, p.k_stride[1],
-                                         n0 - BN, p.seqlen_kv);
-                load_tile_sw128<Cfg, BN>(sV0 + next * Cfg::kKvBytes, v_head, p.v_stride[1],
-                                         n0 - BN, p.seqlen_kv);
+                load_kv(sK0 + next * Cfg::kKvBytes, k_head, p.k, p.k_stride, n0 - BN);
+                load_kv(sV0 + next * Cfg::kKvBytes, v_head, p.v, p.v_stride, n0 - BN);
                 cp_async_commit();
                 cp_async_wait<1>();
             } else {
@@ -108,11 +124,11 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
             wgmma_wait<0>();
             fence_regs(s);
 
-            mask_scores<SCORE_MOD, kSTiles>(p, row_a, n0, quad, b, h, slope,
-                                            tile_visible(p, m0, m_last, n0, BN),
+            mask_scores<SCORE_MOD, kSTiles>(p, sq, row_a, n0, quad, b, h, slope,
+                                            tile_visible(p, sq, m0, m_last, n0, BN),
                                             [&](int t, int e) -> float& { return s[4 * t + e]; });
 
-            // Online softmax, as in flash_fwd.cu (scale fused into exp2 for plain scores).
+            // Online softmax (scale fused into exp2 for plain scores).
             const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
@@ -122,10 +138,8 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
                     tile_max = fmaxf(tile_max, fmaxf(s[4 * t + 2 * r], s[4 * t + 2 * r + 1]));
                 tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
                 tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-                const float mx = fmaxf(row_max[r], tile_max * score_scale);
-                const float base = mx == -UFA_INF ? 0.f : mx;
-                const float correction = fast_exp2(row_max[r] - base);
-                row_max[r] = mx;
+                float base;
+                const float correction = row[r].rescale(tile_max * score_scale, base);
                 float sum = 0.f;
 #pragma unroll
                 for (int t = 0; t < kSTiles; ++t) {
@@ -133,7 +147,7 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
                     s[4 * t + 2 * r + 1] = fast_exp2(fmaf(s[4 * t + 2 * r + 1], score_scale, -base));
                     sum += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
                 }
-                row_sum[r] = row_sum[r] * correction + sum;
+                row[r].sum += sum;
 #pragma unroll
                 for (int t = 0; t < kOTiles; ++t) {
                     o[4 * t + 2 * r] *= correction;
@@ -164,7 +178,7 @@ __device__ __forceinline__ void flash_fwd_sm90(const FwdParams& p) {
 
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-        store_fwd_row<T, kOTiles>(p, b, h, row_a + r * 8, quad, row_sum[r], row_max[r],
+        store_fwd_row<T, kOTiles>(p, w, row_a + r * 8, quad, row[r],
                                   [&](int t, float& x, float& y) {
                                       x = o[4 * t + 2 * r];
                                       y = o[4 * t + 2 * r + 1];

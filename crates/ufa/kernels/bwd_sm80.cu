@@ -15,8 +15,8 @@
 // (BwdTileConfig). The next query block's Q, dO, LSE and D load while this one computes (two
 // stages where shared memory allows).
 //
-// Needs common.cuh and mma.cuh before it; the instantiations are appended at run time by the
-// host (crates/ufa/src/cuda/backward.rs).
+// The host generates each variant's entry point (crates/ufa/src/cuda/backward.rs).
+#include "bwd_keys.cuh"
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int STAGES, int WN1, int WN2, int WQ3>
 struct BwdTileConfig {
@@ -55,8 +55,8 @@ struct BwdTileConfig {
         2 * BLOCK_N * kRowPitch + STAGES * 2 * BLOCK_M * kRowPitch + 2 * BLOCK_N * kPPitch;
 };
 
-template <typename T, typename Cfg, bool SCORE_MOD>
-__device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS>
+__device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     const FwdParams& p = bp.f;
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
@@ -80,8 +80,9 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     // key blocks in that order too (key_block), so a block only ever waits for one launched
     // before it. With a causal band the wait then points to a block that started on the same
     // query block at the same time; ascending order would chain every block to the first one
-    // (2x slower). Without a band, the walks are rotated instead (DQ_ROTATED in mma.cuh).
-    const KeyBlock w = key_block(bp, BM, BN);
+    // (2x slower). Without a band, the walks are rotated instead (DQ_ROTATED, bwd_keys.cuh).
+    const KeyBlock w = key_block<SEQS>(bp, BM, BN);
+    const Seq& sq = w.s;
     const int b = w.b, hk = w.hk, n0 = w.n0;
     const int total = w.total;
     const uint16_t *k_head = w.k, *v_head = w.v;
@@ -122,13 +123,16 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
         const int h = w.head_at(it, p.group);
         const int m0 = w.m_block_at(it) * BM;
         uint16_t* sQ = sQ0 + stage * 2 * BM * PITCH;
-        load_tile<Cfg, BM>(sQ, (const uint16_t*)p.q + b * p.q_stride[0] + h * p.q_stride[2],
-                           p.q_stride[1], m0, p.seqlen_q);
+        load_tile<Cfg, BM>(sQ,
+                           (const uint16_t*)p.q + b * p.q_stride[0] + sq.q_row0 * p.q_stride[1] +
+                               h * p.q_stride[2],
+                           p.q_stride[1], m0, sq.seqlen_q);
         load_tile<Cfg, BM>(sQ + BM * PITCH,
-                           (const uint16_t*)bp.dout + b * bp.do_stride[0] + h * bp.do_stride[2],
-                           bp.do_stride[1], m0, p.seqlen_q);
+                           (const uint16_t*)bp.dout + b * bp.do_stride[0] +
+                               sq.q_row0 * bp.do_stride[1] + h * bp.do_stride[2],
+                           bp.do_stride[1], m0, sq.seqlen_q);
         // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds to check.
-        const int64_t stat_row = ((int64_t)b * p.heads_q + h) * bp.seqlen_q_pad + m0;
+        const int64_t stat_row = stat_row0<SEQS>(bp, sq, b, h) + m0;
         float* st = sStat + stage * 2 * BM;
         if (tid < BM / 4) {
             cp_async_16(st + tid * 4, bp.lse2 + stat_row + tid * 4, 16);
@@ -139,8 +143,8 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
     };
 
     if (total > 0) {
-        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n0, p.seqlen_kv);
-        load_tile<Cfg, BN>(sV, v_head, p.v_stride[1], n0, p.seqlen_kv);
+        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n0, sq.seqlen_kv);
+        load_tile<Cfg, BN>(sV, v_head, p.v_stride[1], n0, sq.seqlen_kv);
         load_stage(0, 0);
         cp_async_commit();
     }
@@ -159,7 +163,7 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
         }
         const int h = w.head_at(it, p.group);
         const int m0 = w.m_block_at(it) * BM;
-        const int m_last = min(m0 + BM, p.seqlen_q) - 1;
+        const int m_last = min(m0 + BM, sq.seqlen_q) - 1;
         const uint16_t* sQ = sQ0 + stage * 2 * BM * PITCH;
         const uint32_t q_base = smem_addr(sQ);
         const uint32_t do_base = q_base + BM * PITCH * 2;
@@ -200,7 +204,7 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
         // Pᵀ and dSᵀ. Rows past the last query have LSE +inf (P = 0) and D = 0; keys past the
         // end and outside the band are hidden here.
         const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
-        const bool whole_tile_visible = tile_visible(p, m0, m_last, n0, BN);
+        const bool whole_tile_visible = tile_visible(p, sq, m0, m_last, n0, BN);
 #pragma unroll
         for (int mt = 0; mt < MT1; ++mt)
 #pragma unroll
@@ -213,12 +217,12 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
                     const int j = n0 + jr;
                     float x, dfac = 1.f;
                     if (SCORE_MOD) {
-                        x = in_band(p, i, j) && i < p.seqlen_q
-                                ? modify_score<true>(p, s[mt][t][e], b, h, i, j, slope, &dfac)
+                        x = in_band(p, sq, i, j) && i < sq.seqlen_q
+                                ? modify_score<true>(p, sq, s[mt][t][e], b, h, i, j, slope, &dfac)
                                 : -UFA_INF;
                     } else {
-                        x = whole_tile_visible || in_band(p, i, j) ? s[mt][t][e] * p.scale_log2
-                                                                   : -UFA_INF;
+                        x = whole_tile_visible || in_band(p, sq, i, j) ? s[mt][t][e] * p.scale_log2
+                                                                       : -UFA_INF;
                     }
                     const float pv = fast_exp2(x - lse2[ic]);
                     s[mt][t][e] = pv;
@@ -284,11 +288,11 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
         }
         int my_turn = 0;
         int32_t* turn = dq_turn_wait(bp, w, it, m0, m_last, BN, my_turn);
-        float* dq_rows = bp.dq_accum + ((int64_t)b * p.heads_q + h) * p.seqlen_q * D;
+        float* dq_rows = accum_rows<SEQS>(bp, sq, b, h, D);
 #pragma unroll
         for (int mt = 0; mt < MT3; ++mt) {
             const int i = m0 + qr3 + mt * 16;  // first row of the m-tile
-            const bool row_ok = i + group < p.seqlen_q, row8_ok = i + group + 8 < p.seqlen_q;
+            const bool row_ok = i + group < sq.seqlen_q, row8_ok = i + group + 8 < sq.seqlen_q;
 #pragma unroll
             for (int t = 0; t < NT3; ++t)
                 red_add_tile(dq_rows + (int64_t)i * D + dc3 + t * 8, D, acc[mt][t], group, quad,
@@ -310,12 +314,12 @@ __device__ __forceinline__ void flash_bwd(const BwdParams& bp) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int j = n0 + kr2 + mt * 16 + group + r * 8;
-                if (j >= p.seqlen_kv) continue;
+                if (j >= sq.seqlen_kv) continue;
                 const int col = dc2 + t * 8 + quad * 2;
                 uint16_t* dk_row = (uint16_t*)bp.dk + b * bp.dk_stride[0] +
-                                   (int64_t)j * bp.dk_stride[1] + hk * bp.dk_stride[2];
+                                   (sq.kv_row0 + j) * bp.dk_stride[1] + hk * bp.dk_stride[2];
                 uint16_t* dv_row = (uint16_t*)bp.dv + b * bp.dv_stride[0] +
-                                   (int64_t)j * bp.dv_stride[1] + hk * bp.dv_stride[2];
+                                   (sq.kv_row0 + j) * bp.dv_stride[1] + hk * bp.dv_stride[2];
                 *(uint32_t*)(dk_row + col) =
                     Convert<T>::pack(dk[mt][t][2 * r] * p.scale, dk[mt][t][2 * r + 1] * p.scale);
                 *(uint32_t*)(dv_row + col) = Convert<T>::pack(dv[mt][t][2 * r], dv[mt][t][2 * r + 1]);

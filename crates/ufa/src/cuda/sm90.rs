@@ -1,5 +1,5 @@
-//! The Hopper kernels (kernels/flash_fwd_sm90.cu, flash_bwd_sm90.cu): their tile tables and
-//! the inline-PTX wgmma wrappers each variant needs.
+//! The Hopper kernels (kernels/fwd_sm90.cu, bwd_sm90.cu): their tile tables and the inline-PTX
+//! wgmma wrappers each variant needs (generated into its wgmma_ops.cuh).
 //!
 //! A wgmma names every accumulator register in its operand list, so each shape (m64nNk16) needs
 //! its own asm statement; they are generated here for the two N a variant uses instead of
@@ -75,8 +75,16 @@ pub(crate) fn wgmma_enabled() -> bool {
 ///   80 keys measured the same at d256;
 /// - score-modifying variants (softcap, ALiBi, masks): one block an SM, since under the
 ///   two-block register cap their per-element work spilled 300 bytes;
+/// - variants with sequence metadata (packed batches, caches): one block an SM, since their
+///   per-sequence lengths and row offsets under the two-block cap spilled 48 bytes at d64 and
+///   124 at d128 (ptxas of NVRTC 13.0, 2026-12-03; the dense variants spill 20 and 12);
 /// - two K/V stages: the next pair loads during the whole of this one's math.
-pub(crate) fn wgmma_tile_for(head_dim: usize, score_mod: bool, max_smem: u32) -> Option<WgmmaTile> {
+pub(crate) fn wgmma_tile_for(
+    head_dim: usize,
+    score_mod: bool,
+    seqs: bool,
+    max_smem: u32,
+) -> Option<WgmmaTile> {
     if !WGMMA_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
@@ -85,7 +93,11 @@ pub(crate) fn wgmma_tile_for(head_dim: usize, score_mod: bool, max_smem: u32) ->
         block_m: 128,
         block_n: if head_dim <= 64 { 128 } else { 64 },
         stages: 2,
-        min_blocks: if head_dim <= 128 && !score_mod { 2 } else { 1 },
+        min_blocks: if head_dim <= 128 && !score_mod && !seqs {
+            2
+        } else {
+            1
+        },
     };
     let fits = |t: &WgmmaTile| t.is_valid() && t.smem_bytes() <= max_smem;
     let over = tile_override().map(|t| WgmmaTile {
@@ -102,7 +114,7 @@ fn tile_override() -> Option<WgmmaTile> {
 
 /// Parses `block_m,block_n,stages,min_blocks` (head_dim left 0, not validated).
 pub(crate) fn parse_wgmma_tile(s: &str) -> Option<WgmmaTile> {
-    let [block_m, block_n, stages, min_blocks] = super::kernels::parse_numbers(s)?;
+    let [block_m, block_n, stages, min_blocks] = super::tiles::parse_numbers(s)?;
     Some(WgmmaTile {
         head_dim: 0,
         block_m,
@@ -176,7 +188,7 @@ fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> Str
     )
 }
 
-/// The wrappers `flash_fwd_sm90` calls for `tile`: `wgmma_qk` (N = block_n, both operands in
+/// The wrappers `fwd_sm90` calls for `tile`: `wgmma_qk` (N = block_n, both operands in
 /// shared memory) and `wgmma_pv` (N = head_dim, P in registers, V transposed).
 pub(crate) fn wrappers(tile: &WgmmaTile) -> String {
     format!(
@@ -332,11 +344,10 @@ pub(crate) fn bwd_tile_for(
 
 fn bwd_tile_override() -> Option<[u32; 2]> {
     static OVERRIDE: std::sync::OnceLock<Option<[u32; 2]>> = std::sync::OnceLock::new();
-    *OVERRIDE
-        .get_or_init(|| super::kernels::parse_numbers(&std::env::var(WGMMA_BWD_TILE_ENV).ok()?))
+    *OVERRIDE.get_or_init(|| super::tiles::parse_numbers(&std::env::var(WGMMA_BWD_TILE_ENV).ok()?))
 }
 
-/// The wrappers `flash_bwd_sm90` calls: `wgmma_sdp` (Sᵀ, dPᵀ: N = the consumer's queries,
+/// The wrappers `bwd_sm90` calls: `wgmma_sdp` (Sᵀ, dPᵀ: N = the consumer's queries,
 /// K-major operands), `wgmma_dkv` (dK, dV: N = the consumer's head-dim columns, A in registers
 /// or, split, in shared memory; Q/dO transposed) and `wgmma_dq` (N = the consumer's share of
 /// head_dim, in passes of at most 64; dSᵀ and K both transposed).
@@ -365,18 +376,12 @@ pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
     )
 }
 
-/// The entry point's body: `function<type_tag, config, score_mod>(p)`, after a check that the
+/// The entry point's body: `function<type_tag, config, flags>(p)`, after a check that the
 /// config's shared-memory size is the `smem` bytes the host launches it with.
-fn entry_call(
-    function: &str,
-    config: String,
-    smem: u32,
-    score_mod: bool,
-    type_tag: &str,
-) -> String {
+fn entry_call(function: &str, config: String, smem: u32, flags: &str, type_tag: &str) -> String {
     format!(
         "using Cfg = {config};\n  static_assert(Cfg::kSmemBytes == {smem}, \"the host's \
-         shared-memory size\");\n  {function}<{type_tag}, Cfg, {score_mod}>(p)"
+         shared-memory size\");\n  {function}<{type_tag}, Cfg, {flags}>(p)"
     )
 }
 
@@ -387,25 +392,25 @@ pub(crate) fn bwd_call(tile: &WgmmaBwdTile, score_mod: bool, type_tag: &str) -> 
         tile.head_dim, tile.block_m, tile.block_n, tile.min_blocks
     );
     entry_call(
-        "flash_bwd_sm90",
+        "bwd_sm90",
         config,
         tile.smem_bytes(),
-        score_mod,
+        &score_mod.to_string(),
         type_tag,
     )
 }
 
 /// The call the generated entry point makes.
-pub(crate) fn call(tile: &WgmmaTile, score_mod: bool, type_tag: &str) -> String {
+pub(crate) fn call(tile: &WgmmaTile, score_mod: bool, seqs: bool, type_tag: &str) -> String {
     let config = format!(
         "WgmmaConfig<{}, {}, {}, {}>",
         tile.head_dim, tile.block_m, tile.block_n, tile.stages
     );
     entry_call(
-        "flash_fwd_sm90",
+        "fwd_sm90",
         config,
         tile.smem_bytes(),
-        score_mod,
+        &format!("{score_mod}, {seqs}"),
         type_tag,
     )
 }
@@ -488,13 +493,13 @@ mod tests {
     fn tile_table_covers_the_head_dims_within_hopper_shared_memory() {
         for d in WGMMA_HEAD_DIMS {
             for score_mod in [false, true] {
-                let t = wgmma_tile_for(d, score_mod, 232_448).expect("a Hopper tile");
+                let t = wgmma_tile_for(d, score_mod, false, 232_448).expect("a Hopper tile");
                 assert!(t.is_valid(), "{t:?}");
                 assert!(t.smem_bytes() * t.min_blocks <= 232_448, "{t:?}");
             }
         }
-        assert_eq!(wgmma_tile_for(96, false, 232_448), None);
-        assert_eq!(wgmma_tile_for(256, false, 101_376), None);
+        assert_eq!(wgmma_tile_for(96, false, false, 232_448), None);
+        assert_eq!(wgmma_tile_for(256, false, false, 101_376), None);
     }
 
     #[test]

@@ -7,8 +7,10 @@
 // in the log2 domain. Loads overlap compute the FA2 way: V[n] is fetched while S = Q K[n]ᵀ runs,
 // and K[n-1] while O += P V[n] runs, so one buffer of each suffices.
 //
-// Needs common.cuh and mma.cuh before it; the instantiations (dtype, head dim, tile sizes) are appended at
-// run time by the host (crates/ufa/src/cuda/kernels.rs), one module per variant.
+// The host generates each variant's entry point (dtype, head dim, tile sizes, score
+// modifiers, sequence metadata), one module per variant (crates/ufa/src/cuda/kernels.rs).
+#include "fwd_tile.cuh"
+#include "mma.cuh"
 
 // One tile configuration. The host picks the numbers (one table, with reasons, in kernels.rs);
 // the asserts reject combinations the code below cannot run.
@@ -34,8 +36,8 @@ struct TileConfig {
     static constexpr int kSmemElems = (BLOCK_M + 2 * BLOCK_N) * kRowPitch;
 };
 
-template <typename T, typename Cfg, bool SCORE_MOD>
-__device__ __forceinline__ void flash_fwd(const FwdParams& p) {
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS>
+__device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
     constexpr int BN = Cfg::kBlockN;
@@ -49,10 +51,25 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
     const int lane = threadIdx.x % 32;
     const int group = lane / 4;  // mma fragment row within 8
     const int quad = lane % 4;   // mma fragment column pair
-    const FwdBlock w = fwd_block(p, BM, BN);
+    const FwdBlock w = fwd_block<SEQS>(p, BM, BN);
+    if (w.idle) return;  // rows past this sequence's end (the whole block leaves)
+    const Seq& sq = w.s;
     const int b = w.b, h = w.h, m0 = w.m0, m_last = w.m_last;
     const int n_first = w.n_first, n_last = w.n_last;
     const uint16_t *q_head = w.q, *k_head = w.k, *v_head = w.v;
+    // K and V rows of tile n0: a fixed stride apart, or found through a paged cache's block
+    // table (a SEQS variant's run-time choice).
+    auto load_kv = [&](uint16_t* tile, const uint16_t* head, const void* base,
+                       const int64_t(&st)[3], int n0) {
+        if (SEQS && p.block_table != nullptr) {
+            load_rows<Cfg::kThreads, Cfg::kChunksPerRow, BN>(
+                (const uint16_t*)base, [&](int j) { return paged_row(p, b, j, st, w.hk); },
+                [&](int r, int chunk) { return smem_addr(tile + r * PITCH + chunk * 8); }, n0,
+                sq.seqlen_kv);
+        } else {
+            load_tile<Cfg, BN>(tile, head, st[1], n0, sq.seqlen_kv);
+        }
+    };
 
     // Rows this thread accumulates: `group` and `group + 8` of each of the warp's m-tiles.
     constexpr int MT = Cfg::kMTiles;
@@ -63,19 +80,15 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int t = 0; t < Cfg::kOTiles; ++t) o[mt][t][0] = o[mt][t][1] = o[mt][t][2] = o[mt][t][3] = 0.f;
-    float row_max[MT][2];  // log2 domain
-    float row_sum[MT][2];  // this thread's columns only until the epilogue
+    SoftmaxRow row[MT][2];  // sums of this thread's columns only until the epilogue
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        row_max[mt][0] = row_max[mt][1] = -UFA_INF;
-        row_sum[mt][0] = row_sum[mt][1] = 0.f;
-    }
+    for (int mt = 0; mt < MT; ++mt) row[mt][0].init(), row[mt][1].init();
     const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
 
     if (n_first <= n_last) {
-        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, p.seqlen_q);
+        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, sq.seqlen_q);
         cp_async_commit();
-        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n_last * BN, p.seqlen_kv);
+        load_kv(sK, k_head, p.k, p.k_stride, n_last * BN);
         cp_async_commit();
 
         uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
@@ -99,7 +112,7 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
             const int n0 = n * BN;
             cp_async_wait<0>();
             __syncthreads();  // K[n] landed; every warp is done with V[n+1]
-            load_tile<Cfg, BN>(sV, v_head, p.v_stride[1], n0, p.seqlen_kv);
+            load_kv(sV, v_head, p.v, p.v_stride, n0);
             cp_async_commit();
 
             // S = Q K[n]ᵀ
@@ -134,11 +147,11 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
 
             // Scores to the log2 domain (modifiers) or raw; keys outside the band, past the
             // end, or masked are hidden.
-            const bool visible = tile_visible(p, m0, m_last, n0, BN);
+            const bool visible = tile_visible(p, sq, m0, m_last, n0, BN);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
                 mask_scores<SCORE_MOD, Cfg::kSTiles>(
-                    p, row_a + mt * 16, n0, quad, b, h, slope, visible,
+                    p, sq, row_a + mt * 16, n0, quad, b, h, slope, visible,
                     [&](int t, int e) -> float& { return s[mt][t][e]; });
 
             // Online softmax: new running max, rescale what was accumulated, P = exp2(S - max).
@@ -155,11 +168,8 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
                         tile_max = fmaxf(tile_max, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
                     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
                     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-                    const float mx = fmaxf(row_max[mt][r], tile_max * score_scale);
-                    // A row that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0s.
-                    const float base = mx == -UFA_INF ? 0.f : mx;
-                    const float correction = fast_exp2(row_max[mt][r] - base);
-                    row_max[mt][r] = mx;
+                    float base;
+                    const float correction = row[mt][r].rescale(tile_max * score_scale, base);
                     float sum = 0.f;
 #pragma unroll
                     for (int t = 0; t < Cfg::kSTiles; ++t) {
@@ -167,7 +177,7 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
                         s[mt][t][2 * r + 1] = fast_exp2(fmaf(s[mt][t][2 * r + 1], score_scale, -base));
                         sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
                     }
-                    row_sum[mt][r] = row_sum[mt][r] * correction + sum;
+                    row[mt][r].sum += sum;
 #pragma unroll
                     for (int t = 0; t < Cfg::kOTiles; ++t) {
                         o[mt][t][2 * r] *= correction;
@@ -178,7 +188,7 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
             cp_async_wait<0>();
             __syncthreads();  // V[n] landed; every warp is done with K[n]
             if (n > n_first) {
-                load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n0 - BN, p.seqlen_kv);
+                load_kv(sK, k_head, p.k, p.k_stride, n0 - BN);
                 cp_async_commit();
             }
 
@@ -211,8 +221,8 @@ __device__ __forceinline__ void flash_fwd(const FwdParams& p) {
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-            store_fwd_row<T, Cfg::kOTiles>(p, b, h, row_a + mt * 16 + r * 8, quad, row_sum[mt][r],
-                                           row_max[mt][r], [&](int t, float& x, float& y) {
+            store_fwd_row<T, Cfg::kOTiles>(p, w, row_a + mt * 16 + r * 8, quad, row[mt][r],
+                                           [&](int t, float& x, float& y) {
                                                x = o[mt][t][2 * r];
                                                y = o[mt][t][2 * r + 1];
                                            });

@@ -1,0 +1,237 @@
+//! The tile tables of the sm_80 (mma.sync) kernels, forward and backward, with the
+//! measurements behind each choice; the Hopper ones are in sm90.rs beside their wrappers.
+
+/// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
+pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
+
+/// Tile sizes of one tensor-core variant; see [`tile_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Tile {
+    pub head_dim: u32,
+    pub block_m: u32,
+    pub block_n: u32,
+    pub warps: u32,
+    pub q_in_regs: bool,
+    /// Blocks the compiler should fit on one SM (`__launch_bounds__`), which caps registers.
+    pub min_blocks: u32,
+}
+
+impl Tile {
+    /// Dynamic shared memory: the Q tile and one K and one V tile, rows padded by 8 elements.
+    pub fn smem_bytes(&self) -> u32 {
+        (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * 2
+    }
+}
+
+/// Environment variable overriding the tile table for tuning experiments:
+/// `block_m,block_n,warps,q_in_regs(0|1),min_blocks`, applied to every tensor-core head dim.
+pub const TILE_ENV: &str = "UFA_CUDA_TILE";
+
+/// The tile table (measured on an H100, bf16, seqlen 4096, 2026-11-25; bench/results/gpu_*).
+/// - 128 query rows per block: each K/V tile brought into shared memory serves 128 rows.
+/// - Head dims up to 128, plain scores: 4 warps of two 16-row m-tiles each, so every K/V
+///   fragment read from shared memory feeds two mmas (half the ldmatrix traffic of one m-tile),
+///   two blocks an SM. Q stays in registers at 32/64 (+4% there); at 96/128 it would spill.
+///   d128: 315 TFLOP/s against 246 with 8 warps of one m-tile.
+/// - Larger head dims, and every variant with softcap/ALiBi/mask: 8 warps of one m-tile, one
+///   block an SM; two m-tiles of O would not fit in registers (d256 fell to 97 TFLOP/s), and the
+///   score-modifying variants would take over 10 s to compile.
+/// - 64 keys per tile: S is 32 fp32 registers per m-tile, leaving room for O.
+/// - Devices with less shared memory (sm_86/89: 99 KB a block) halve block_m, then block_n.
+pub(crate) fn tile_for(head_dim: usize, score_mod: bool, max_smem: u32) -> Option<Tile> {
+    if !MMA_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let two_m_tiles = head_dim <= 128 && !score_mod;
+    let mut tile = match tile_override() {
+        Some(t) => Tile {
+            head_dim: head_dim as u32,
+            ..t
+        },
+        None => Tile {
+            head_dim: head_dim as u32,
+            block_m: 128,
+            block_n: 64,
+            warps: if two_m_tiles { 4 } else { 8 },
+            q_in_regs: if two_m_tiles {
+                head_dim <= 64
+            } else {
+                head_dim <= 128
+            },
+            min_blocks: if two_m_tiles { 2 } else { 1 },
+        },
+    };
+    while tile.smem_bytes() > max_smem {
+        if tile.block_m > 64 {
+            tile.block_m /= 2;
+            tile.warps = (tile.warps / 2).max(1);
+        } else if tile.block_n > 32 {
+            tile.block_n = 32;
+        } else {
+            return None;
+        }
+    }
+    Some(tile)
+}
+
+fn tile_override() -> Option<Tile> {
+    static OVERRIDE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| parse_tile(&std::env::var(TILE_ENV).ok()?))
+}
+
+/// Exactly `N` comma-separated unsigned numbers (the tile overrides' format).
+pub(crate) fn parse_numbers<const N: usize>(s: &str) -> Option<[u32; N]> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|x| x.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+/// Parses `block_m,block_n,warps,q_in_regs,min_blocks` (head_dim left 0); None if malformed or
+/// not a shape the kernel template accepts.
+pub(crate) fn parse_tile(s: &str) -> Option<Tile> {
+    let [block_m, block_n, warps, q, min_blocks] = parse_numbers(s)?;
+    let mt = block_m.checked_div(16 * warps)?;
+    let ok = warps > 0
+        && (1..=2).contains(&mt)
+        && block_m == 16 * warps * mt
+        && block_n % 16 == 0
+        && block_n > 0;
+    ok.then_some(Tile {
+        head_dim: 0,
+        block_m,
+        block_n,
+        warps,
+        q_in_regs: q != 0,
+        min_blocks: min_blocks.max(1),
+    })
+}
+
+/// Tile sizes of one tensor-core backward variant; see [`bwd_tile_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct BwdTile {
+    pub head_dim: u32,
+    /// Query rows per step.
+    pub block_m: u32,
+    /// Keys per thread block.
+    pub block_n: u32,
+    pub warps: u32,
+    /// Q/dO buffers: 2 overlaps the next query block's loads with this one's math.
+    pub stages: u32,
+    /// Warp rows of the grids that tile Sᵀ/dPᵀ (keys), dK/dV (keys) and dQ (queries); the
+    /// columns are `warps / rows` each (`WN1`, `WN2`, `WQ3` in flash_bwd.cu).
+    pub grid_rows: [u32; 3],
+    pub min_blocks: u32,
+}
+
+impl BwdTile {
+    /// Dynamic shared memory: K, V, `stages` × (Q, dO), Pᵀ and dSᵀ (16-bit, rows padded by 8
+    /// elements), then fp32 LSE and D per stage; `BwdTileConfig::kSmemElems` in flash_bwd.cu.
+    pub fn smem_bytes(&self) -> u32 {
+        let pitch = self.head_dim + 8;
+        let elems = 2 * self.block_n * pitch
+            + self.stages * 2 * self.block_m * pitch
+            + 2 * self.block_n * (self.block_m + 8);
+        elems * 2 + self.stages * 2 * self.block_m * 4
+    }
+
+    /// Whether the kernel template's static_asserts accept this shape.
+    pub fn is_valid(&self) -> bool {
+        let (m, n, w, d) = (self.block_m, self.block_n, self.warps, self.head_dim);
+        // (rows of the output, columns, warp rows of its grid) per phase.
+        let grids = [
+            (n, m, self.grid_rows[0]),
+            (n, d, self.grid_rows[1]),
+            (m, d, self.grid_rows[2]),
+        ];
+        let fits = |(rows, cols, wr): (u32, u32, u32)| {
+            wr > 0
+                && w % wr == 0
+                && rows % (wr * 16) == 0
+                && cols % (w / wr) == 0
+                && (cols / (w / wr)) % 16 == 0
+        };
+        w > 0 && (1..=2).contains(&self.stages) && m / 2 <= 32 * w && grids.into_iter().all(fits)
+    }
+}
+
+/// Environment variable overriding the backward tile table for tuning experiments:
+/// `block_m,block_n,warps,stages,wn1,wn2,wq3`, applied to every head dim where it is valid.
+pub const BWD_TILE_ENV: &str = "UFA_CUDA_BWD_TILE";
+
+/// The backward tile table (H100, bf16, 2026-11-26; bench/results/gpu_sweep_bwd_*):
+/// - head dims up to 128: 128 keys a block, 64 query rows a step, 8 warps. Phase grids
+///   4 × 2 (Sᵀ: 32 keys × 32 queries a warp), 4 × 2 (dK/dV: 32 keys × 64 columns) and 2 × 4
+///   (dQ: 32 rows × 32 columns): squarer shares read fewer fragments per mma than strips.
+/// - larger head dims: 64 keys, grids 2 × 4 (dK/dV: 32 keys × head_dim/4 columns).
+/// - head dims whose column split would not be whole n8 pairs (32, 96, 160) take the next grid
+///   that fits (fewer column groups).
+/// - two Q/dO stages where shared memory allows; devices with less (sm_86/89) drop to one,
+///   then halve the blocks.
+pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
+    if !MMA_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let small = head_dim <= 128;
+    let grids: &[[u32; 3]] = &[[4, 4, 2], [4, 4, 4], [2, 2, 2], [2, 4, 4], [2, 2, 1]];
+    // The first warp grid (in the table's order of preference) whose splits are whole m-tiles
+    // and n8 pairs for this shape.
+    let with_grid = |t: BwdTile| {
+        let preferred: &[[u32; 3]] = if t.block_n == 128 { grids } else { &grids[2..] };
+        preferred
+            .iter()
+            .map(|&grid_rows| BwdTile { grid_rows, ..t })
+            .find(BwdTile::is_valid)
+    };
+    let default = with_grid(BwdTile {
+        head_dim: head_dim as u32,
+        block_m: 64,
+        block_n: if small { 128 } else { 64 },
+        warps: 8,
+        stages: 2,
+        grid_rows: [0; 3],
+        min_blocks: 1,
+    })?;
+    let mut tile = bwd_tile_override()
+        .map(|t| BwdTile {
+            head_dim: head_dim as u32,
+            ..t
+        })
+        .filter(BwdTile::is_valid)
+        .unwrap_or(default);
+    while tile.smem_bytes() > max_smem {
+        if tile.stages == 2 {
+            tile.stages = 1;
+            continue;
+        }
+        if tile.block_n > 64 {
+            tile.block_n = 64;
+        } else if tile.block_m > 32 {
+            tile.block_m = 32;
+        } else {
+            return None;
+        }
+        tile = with_grid(tile)?;
+    }
+    Some(tile)
+}
+
+fn bwd_tile_override() -> Option<BwdTile> {
+    static OVERRIDE: std::sync::OnceLock<Option<BwdTile>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| parse_bwd_tile(&std::env::var(BWD_TILE_ENV).ok()?))
+}
+
+/// Parses `block_m,block_n,warps,stages,wn1,wn2,wq3` (head_dim left 0, not validated).
+pub(crate) fn parse_bwd_tile(s: &str) -> Option<BwdTile> {
+    let [block_m, block_n, warps, stages, wn1, wn2, wq3] = parse_numbers(s)?;
+    Some(BwdTile {
+        head_dim: 0,
+        block_m,
+        block_n,
+        warps,
+        stages,
+        grid_rows: [wn1, wn2, wq3],
+        min_blocks: 1,
+    })
+}

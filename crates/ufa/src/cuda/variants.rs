@@ -1,0 +1,570 @@
+//! The variant catalogue: which kernel runs a problem, with which tiles, and the program NVRTC
+//! compiles for it. A variant is named after its kernel file (`FwdSm80` ↔ kernels/fwd_sm80.cu,
+//! entry `ufa_fwd_sm80_...`). Every variant is a template instance whose `extern "C"` entry
+//! point is generated here at run time (one module per variant), so the repository holds only
+//! the templates. To add one: a kernel file (registered in sources.rs), a `Variant` arm here
+//! (name, threads, shared memory, program, `all`), and its selection.
+
+use super::abi::{ROW_WARPS, SIMPLE_WARPS};
+use super::sm90::{self, WgmmaBwdTile, WgmmaTile};
+use super::sources::Program;
+use super::tiles::{bwd_tile_for, tile_for, BwdTile, Tile, MMA_HEAD_DIMS};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::problem::{Operand, Problem};
+use crate::sequences::RowMap;
+use std::borrow::Cow;
+
+/// A kernel variant: what gets compiled into one module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Variant {
+    /// The forward on tensor cores (mma.sync, sm_80+); `score_mod` adds softcap, ALiBi, masks
+    /// and non-positive scales to the inner loop; `seqs` reads sequence metadata (packed
+    /// batches, per-sequence key counts, caches read through an index or a block table).
+    FwdSm80 {
+        dtype: DType,
+        tile: Tile,
+        score_mod: bool,
+        seqs: bool,
+    },
+    /// The forward on Hopper tensor cores (wgmma, sm_90a); flags as for `FwdSm80`.
+    FwdSm90 {
+        dtype: DType,
+        tile: WgmmaTile,
+        score_mod: bool,
+        seqs: bool,
+    },
+    /// The forward on CUDA cores: any head dims up to 512, any output dtype, any strides and
+    /// key layouts.
+    FwdSimple { input: DType, output: DType },
+    /// The backward on tensor cores: dK/dV per key block, dQ into an fp32 buffer; flags as
+    /// for `FwdSm80`.
+    BwdSm80 {
+        dtype: DType,
+        tile: BwdTile,
+        score_mod: bool,
+        seqs: bool,
+    },
+    /// The backward on Hopper tensor cores (wgmma, TMA, warp specialisation), same plan as
+    /// `BwdSm80`; dense batches.
+    BwdSm90 {
+        dtype: DType,
+        tile: WgmmaBwdTile,
+        score_mod: bool,
+    },
+    /// One of the backward's row kernels (dtypes read at run time).
+    BwdRows(RowKernel),
+    /// A KV cache's append and rotary embedding (kernels/kvcache.cu; dtypes read at run time).
+    KvAppend(AppendKernel),
+    /// Merging attention states (kernels/merge.cu; dtypes read at run time).
+    Merge,
+}
+
+/// The backward's row kernels (kernels/bwd_rows.cu), each one warp per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum RowKernel {
+    /// D = rowsum(dO ∘ O), LSE in log2, workspace zeroing.
+    Preprocess,
+    /// The fp32 dQ buffer to dQ.
+    ConvertDq,
+    /// CUDA-core dQ, one warp per query row.
+    Dq,
+    /// CUDA-core dK and dV, one warp per key row.
+    DkDv,
+}
+
+impl RowKernel {
+    pub const ALL: [RowKernel; 4] = [
+        RowKernel::Preprocess,
+        RowKernel::ConvertDq,
+        RowKernel::Dq,
+        RowKernel::DkDv,
+    ];
+
+    fn function(self) -> &'static str {
+        match self {
+            RowKernel::Preprocess => "bwd_preprocess",
+            RowKernel::ConvertDq => "bwd_convert_dq",
+            RowKernel::Dq => "bwd_rows_dq",
+            RowKernel::DkDv => "bwd_rows_dkdv",
+        }
+    }
+}
+
+/// The KV cache's kernels (kernels/kvcache.cu), one warp per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum AppendKernel {
+    /// New keys (rotated) and values into the cache.
+    Append,
+    /// q rotated into a contiguous copy.
+    RotateQ,
+}
+
+impl AppendKernel {
+    fn function(self) -> &'static str {
+        match self {
+            AppendKernel::Append => "kv_append",
+            AppendKernel::RotateQ => "kv_rotate_q",
+        }
+    }
+}
+
+/// Warps of the append and merge kernels' blocks (one row each).
+pub(crate) const ROW_KERNEL_WARPS: u32 = ROW_WARPS;
+
+fn type_tag(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "Half",
+        DType::BF16 => "BFloat16",
+        DType::F32 | DType::Bool | DType::I32 => "Float32",
+    }
+}
+
+impl Variant {
+    /// Chooses the forward kernel for `p` on a device with `max_smem` bytes of shared memory a
+    /// block; `hopper`: the device runs sm_90a code (wgmma).
+    pub fn select(p: &Problem, max_smem: u32, hopper: bool) -> Variant {
+        let dtype = p.q.dtype;
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let seqs = has_sequence_metadata(p);
+        // The plain variants fuse a positive scale into exp2 (max(s)·scale = max(s·scale) only
+        // for scale > 0); zero or negative scales take the general path.
+        let score_mod = p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some() || p.scale <= 0.0;
+        // The tensor-core kernels copy 16-byte pieces of rows; other layouts (odd strides,
+        // unaligned views) are rare and take the CUDA-core kernel.
+        let tensor_cores =
+            half && p.out.dtype == dtype && p.head_dim == p.head_dim_v && rows_aligned16(p);
+        if tensor_cores && hopper && sm90::wgmma_enabled() {
+            if let Some(tile) = sm90::wgmma_tile_for(p.head_dim, score_mod, seqs, max_smem) {
+                return Variant::FwdSm90 {
+                    dtype,
+                    tile,
+                    score_mod,
+                    seqs,
+                };
+            }
+        }
+        let tile = tensor_cores
+            .then(|| tile_for(p.head_dim, score_mod, max_smem))
+            .flatten();
+        match tile {
+            Some(tile) => Variant::FwdSm80 {
+                dtype,
+                tile,
+                score_mod,
+                seqs,
+            },
+            None => Variant::FwdSimple {
+                input: dtype,
+                output: p.out.dtype,
+            },
+        }
+    }
+
+    /// The `extern "C"` name of the variant's kernel; unique per variant.
+    pub fn kernel_name(&self) -> String {
+        let flags = |score_mod: bool, seqs: bool| {
+            format!(
+                "{}{}",
+                if score_mod { "_mod" } else { "" },
+                if seqs { "_seqs" } else { "" }
+            )
+        };
+        match *self {
+            Variant::FwdSm80 {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+            } => format!(
+                "ufa_fwd_sm80_{dtype}_d{}_m{}_n{}_w{}_b{}{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.warps,
+                t.min_blocks,
+                if t.q_in_regs { "_qreg" } else { "" },
+                flags(score_mod, seqs)
+            ),
+            Variant::FwdSm90 {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+            } => format!(
+                "ufa_fwd_sm90_{dtype}_d{}_m{}_n{}_s{}_b{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.stages,
+                t.min_blocks,
+                flags(score_mod, seqs)
+            ),
+            Variant::FwdSimple { input, output } => format!("ufa_fwd_simple_{input}_{output}"),
+            Variant::BwdSm80 {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+            } => format!(
+                "ufa_bwd_sm80_{dtype}_d{}_m{}_n{}_w{}_s{}_g{}{}{}_b{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.warps,
+                t.stages,
+                t.grid_rows[0],
+                t.grid_rows[1],
+                t.grid_rows[2],
+                t.min_blocks,
+                flags(score_mod, seqs)
+            ),
+            Variant::BwdSm90 {
+                dtype,
+                tile: t,
+                score_mod,
+            } => format!(
+                "ufa_bwd_sm90_{dtype}_d{}_m{}_n{}_b{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.min_blocks,
+                flags(score_mod, false)
+            ),
+            Variant::BwdRows(k) => format!("ufa_{}", k.function()),
+            Variant::KvAppend(k) => format!("ufa_{}", k.function()),
+            Variant::Merge => "ufa_merge_states".into(),
+        }
+    }
+
+    pub fn threads(&self) -> u32 {
+        match self {
+            Variant::FwdSm80 { tile, .. } => tile.warps * 32,
+            Variant::FwdSm90 { tile, .. } => tile.threads(),
+            Variant::FwdSimple { .. } => SIMPLE_WARPS * 32,
+            Variant::BwdSm80 { tile, .. } => tile.warps * 32,
+            Variant::BwdSm90 { tile, .. } => tile.threads(),
+            Variant::BwdRows(_) => ROW_WARPS * 32,
+            Variant::KvAppend(_) | Variant::Merge => ROW_KERNEL_WARPS * 32,
+        }
+    }
+
+    pub fn dynamic_smem(&self) -> u32 {
+        match self {
+            Variant::FwdSm80 { tile, .. } => tile.smem_bytes(),
+            Variant::FwdSm90 { tile, .. } => tile.smem_bytes(),
+            Variant::BwdSm80 { tile, .. } => tile.smem_bytes(),
+            Variant::BwdSm90 { tile, .. } => tile.smem_bytes(),
+            Variant::FwdSimple { .. }
+            | Variant::BwdRows(_)
+            | Variant::KvAppend(_)
+            | Variant::Merge => 0,
+        }
+    }
+
+    /// Rows (query rows for the forward, keys for the backward's tensor-core kernel, query
+    /// or key rows for the row kernels) one block computes.
+    pub fn rows_per_block(&self) -> u32 {
+        match self {
+            Variant::FwdSm80 { tile, .. } => tile.block_m,
+            Variant::FwdSm90 { tile, .. } => tile.block_m,
+            Variant::FwdSimple { .. } => SIMPLE_WARPS,
+            Variant::BwdSm80 { tile, .. } => tile.block_n,
+            Variant::BwdSm90 { tile, .. } => tile.block_n,
+            Variant::BwdRows(_) => ROW_WARPS,
+            Variant::KvAppend(_) | Variant::Merge => ROW_KERNEL_WARPS,
+        }
+    }
+
+    /// The declaration of the kernel's one parameter's type. The Hopper backward's holds
+    /// tensor maps, which the TMA reads from the parameter space (`__grid_constant__`).
+    pub fn params_type(&self) -> &'static str {
+        match self {
+            Variant::FwdSm80 { .. } | Variant::FwdSm90 { .. } | Variant::FwdSimple { .. } => {
+                "const FwdParams"
+            }
+            Variant::BwdSm80 { .. } | Variant::BwdRows(_) => "const BwdParams",
+            Variant::BwdSm90 { .. } => "const __grid_constant__ BwdSm90Params",
+            Variant::KvAppend(_) => "const AppendParams",
+            Variant::Merge => "const MergeParams",
+        }
+    }
+
+    /// The program of the variant's module: a translation unit that includes its kernel file
+    /// and defines the generated entry point, with the headers it reads.
+    pub fn program(&self) -> Program {
+        let name = self.kernel_name();
+        let threads = self.threads();
+        let wgmma_ops = |wrappers: String| -> Vec<(&'static str, Cow<'static, str>)> {
+            vec![(
+                "wgmma_ops.cuh",
+                Cow::Owned(format!(
+                    "// Generated by crates/ufa/src/cuda/sm90.rs for {name}.\n#pragma once\n\
+                     #include \"common.cuh\"\n{wrappers}"
+                )),
+            )]
+        };
+        let (file, extra, min_blocks, call) = match *self {
+            Variant::FwdSm80 {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+            } => (
+                "fwd_sm80.cu",
+                Vec::new(),
+                t.min_blocks,
+                format!(
+                    "fwd_sm80<{}, TileConfig<{}, {}, {}, {}, {}>, {score_mod}, {seqs}>(p)",
+                    type_tag(dtype),
+                    t.head_dim,
+                    t.block_m,
+                    t.block_n,
+                    t.warps,
+                    t.q_in_regs
+                ),
+            ),
+            Variant::FwdSm90 {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+            } => (
+                "fwd_sm90.cu",
+                wgmma_ops(sm90::wrappers(&t)),
+                t.min_blocks,
+                sm90::call(&t, score_mod, seqs, type_tag(dtype)),
+            ),
+            Variant::BwdSm90 {
+                dtype,
+                tile: t,
+                score_mod,
+            } => (
+                "bwd_sm90.cu",
+                wgmma_ops(sm90::bwd_wrappers(&t)),
+                t.min_blocks,
+                sm90::bwd_call(&t, score_mod, type_tag(dtype)),
+            ),
+            Variant::FwdSimple { input, output } => (
+                "fwd_simple.cu",
+                Vec::new(),
+                1,
+                format!("fwd_simple<{}, {}>(p)", type_tag(input), type_tag(output)),
+            ),
+            Variant::BwdSm80 {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+            } => (
+                "bwd_sm80.cu",
+                Vec::new(),
+                t.min_blocks,
+                format!(
+                    "bwd_sm80<{}, BwdTileConfig<{}, {}, {}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}>(p)",
+                    type_tag(dtype),
+                    t.head_dim,
+                    t.block_m,
+                    t.block_n,
+                    t.warps,
+                    t.stages,
+                    t.grid_rows[0],
+                    t.grid_rows[1],
+                    t.grid_rows[2]
+                ),
+            ),
+            Variant::BwdRows(k) => ("bwd_rows.cu", Vec::new(), 1, format!("{}(p)", k.function())),
+            Variant::KvAppend(k) => ("kvcache.cu", Vec::new(), 1, format!("{}(p)", k.function())),
+            Variant::Merge => ("merge.cu", Vec::new(), 1, "merge_states(p)".into()),
+        };
+        let params = self.params_type();
+        Program::new(
+            format!(
+                "#include \"{file}\"\n// generated entry point\nextern \"C\" __global__ void \
+                 __launch_bounds__({threads}, {min_blocks}) {name}({params} p) {{\n  {call};\n}}\n"
+            ),
+            extra,
+        )
+    }
+
+    /// Every variant the library can launch on a device with `max_smem` bytes a block
+    /// (`hopper`: with the sm_90a kernels).
+    pub fn all(max_smem: u32, hopper: bool) -> Vec<Variant> {
+        let mut v = Vec::new();
+        // (score_mod, seqs): plain or general scores, dense batches or sequence metadata.
+        let flag_sets = [(false, false), (true, false), (false, true), (true, true)];
+        for dtype in [DType::F16, DType::BF16] {
+            for d in sm90::WGMMA_HEAD_DIMS {
+                for (score_mod, seqs) in flag_sets {
+                    if let Some(tile) =
+                        sm90::wgmma_tile_for(d, score_mod, seqs, max_smem).filter(|_| hopper)
+                    {
+                        v.push(Variant::FwdSm90 {
+                            dtype,
+                            tile,
+                            score_mod,
+                            seqs,
+                        });
+                    }
+                }
+            }
+        }
+        for dtype in [DType::F16, DType::BF16] {
+            for d in MMA_HEAD_DIMS {
+                for (score_mod, seqs) in flag_sets {
+                    if let Some(tile) = tile_for(d, score_mod, max_smem) {
+                        v.push(Variant::FwdSm80 {
+                            dtype,
+                            tile,
+                            score_mod,
+                            seqs,
+                        });
+                    }
+                }
+            }
+        }
+        for input in [DType::F32, DType::F16, DType::BF16] {
+            for output in [DType::F32, DType::F16, DType::BF16] {
+                v.push(Variant::FwdSimple { input, output });
+            }
+        }
+        for dtype in [DType::F16, DType::BF16] {
+            for d in MMA_HEAD_DIMS {
+                for (score_mod, seqs) in flag_sets {
+                    if let Some(tile) = bwd_tile_for(d, max_smem) {
+                        v.push(Variant::BwdSm80 {
+                            dtype,
+                            tile,
+                            score_mod,
+                            seqs,
+                        });
+                    }
+                }
+            }
+        }
+        for dtype in [DType::F16, DType::BF16] {
+            for d in sm90::WGMMA_HEAD_DIMS_BWD {
+                for score_mod in [false, true] {
+                    for deterministic in [false, true] {
+                        let Some(tile) =
+                            sm90::bwd_tile_for(d, max_smem, deterministic).filter(|_| hopper)
+                        else {
+                            continue;
+                        };
+                        let variant = Variant::BwdSm90 {
+                            dtype,
+                            tile,
+                            score_mod,
+                        };
+                        if !v.contains(&variant) {
+                            v.push(variant);
+                        }
+                    }
+                }
+            }
+        }
+        v.extend(RowKernel::ALL.map(Variant::BwdRows));
+        v.extend([AppendKernel::Append, AppendKernel::RotateQ].map(Variant::KvAppend));
+        v.push(Variant::Merge);
+        v
+    }
+
+    /// Grid (query-row blocks, heads, batch) of the forward kernels for `p`.
+    pub fn grid(&self, p: &Problem) -> Result<(u32, u32, u32)> {
+        grid(p.seqlen_q, self.rows_per_block(), p.heads_q, p.batch)
+    }
+}
+
+/// Whether `p` reads sequence metadata: a packed batch, per-sequence key counts, or a cache
+/// read through an index or a block table (the kernels' SEQS variants).
+pub(crate) fn has_sequence_metadata(p: &Problem) -> bool {
+    !p.seqs.is_uniform() || !matches!(p.k.rows, RowMap::Strided)
+}
+
+/// Grid of blocks of `rows_per_block` rows over `rows`, one block row per head and batch entry.
+pub(crate) fn grid(
+    rows: usize,
+    rows_per_block: u32,
+    heads: usize,
+    batch: usize,
+) -> Result<(u32, u32, u32)> {
+    if heads > 65535 || batch > 65535 {
+        return Err(Error::unsupported(format!(
+            "the CUDA backend launches one block row per head and batch entry, at most 65535 \
+             each; got heads={heads} and batch={batch}"
+        )));
+    }
+    let blocks = rows.div_ceil(rows_per_block as usize);
+    Ok((blocks as u32, heads as u32, batch as u32))
+}
+
+/// Whether every row a tile load or store touches starts 16 bytes after the previous: base
+/// pointers aligned, and each stride that matters (its dimension has more than one index) a
+/// multiple of 8 two-byte elements.
+fn rows_aligned16(p: &Problem) -> bool {
+    let (q, kv) = query_and_key_dims(p);
+    operands_aligned16(&[(&p.q, q), (&p.k, kv), (&p.v, kv), (&p.out, q)])
+}
+
+/// (batch, seqlen, heads) of the query-side and the key-side operands of a dense batch.
+pub(crate) fn query_and_key_dims(p: &Problem) -> ([usize; 3], [usize; 3]) {
+    (
+        [p.batch, p.seqlen_q, p.heads_q],
+        [p.batch, p.seqlen_kv, p.heads_kv],
+    )
+}
+
+/// The (batch, rows, heads) an operand spans in memory, given its problem's (batch, seqlen,
+/// heads): a packed operand's rows, a paged cache's pages of rows, a gathered cache's entries.
+fn span_dims(o: &Operand, [batch, seqlen, heads]: [usize; 3]) -> [usize; 3] {
+    match o.rows {
+        RowMap::Strided => [batch, seqlen, heads],
+        RowMap::Packed { rows, .. } => [1, rows, heads],
+        RowMap::Paged { pages, shift, .. } => [pages, 1 << shift, heads],
+        RowMap::Gathered { entries, .. } => [entries, seqlen, heads],
+    }
+}
+
+/// [`rows_aligned16`] for a list of operands with their problem's (batch, seqlen, heads).
+pub(crate) fn operands_aligned16(ops: &[(&Operand, [usize; 3])]) -> bool {
+    ops.iter().all(|(o, dims)| {
+        let dims = span_dims(o, *dims);
+        (o.ptr as usize).is_multiple_of(16)
+            && (0..3).all(|i| dims[i] == 1 || o.strides[i].is_multiple_of(8))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_are_unique_and_appear_in_their_program() {
+        let all = Variant::all(232_448, true);
+        let mut names: Vec<String> = all.iter().map(|v| v.kernel_name()).collect();
+        for v in &all {
+            let prog = v.program();
+            assert!(prog
+                .source
+                .contains(&format!("void __launch_bounds__({}", v.threads())));
+            assert!(prog
+                .source
+                .contains(&format!(") {}({} p)", v.kernel_name(), v.params_type())));
+            assert!(prog.header("ufa_abi.cuh").is_some());
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences);
+        // sm_80 forward 2 × 7 × 4; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2; 4 row,
+        // 2 append and 1 merge kernels.
+        assert_eq!(
+            all.len(),
+            2 * 4 * 4 + 2 * 7 * 4 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
+        );
+        assert_eq!(
+            Variant::all(232_448, false).len(),
+            all.len() - 2 * 4 * 4 - 2 * 4 * 2
+        );
+    }
+}
