@@ -85,8 +85,9 @@ type Window struct {
 	Left, Right int
 }
 
-// Params say what a Forward call computes besides softmax(q k^T) v; the zero value (or nil)
-// means the library's defaults: no masking, scale 1/sqrt(head_dim), no log-sum-exp.
+// Params say what an attention call computes besides softmax(q k^T) v; the zero value (or nil)
+// means the library's defaults: no masking, scale 1/sqrt(head_dim), no log-sum-exp. A backward
+// call takes the forward's Params, with LSE nil.
 type Params struct {
 	// Causal: query i sees keys at or before its aligned position.
 	Causal bool
@@ -105,7 +106,65 @@ type Params struct {
 	// float dtype (added to the scores); nil = none.
 	Mask *Tensor
 	// LSE, if set, receives each score row's log-sum-exp (f32, [batch, heads_q, seqlen_q]).
+	// Forward calls only.
 	LSE *Tensor
+	// Deterministic asks backward calls for bitwise-reproducible gradients (CPU gradients
+	// always are).
+	Deterministic bool
+}
+
+// params returns a C description of p (the library's defaults for a nil p).
+func (d *descriptors) params(p *Params) (*C.ufa_attention_params, error) {
+	cp := (*C.ufa_attention_params)(d.alloc(C.sizeof_ufa_attention_params))
+	*cp = C.ufa_attention_params_default()
+	if p == nil {
+		return cp, nil
+	}
+	if p.Causal {
+		cp.causal = 1
+	}
+	if p.CausalTopLeft {
+		cp.causal_alignment = C.UFA_CAUSAL_TOP_LEFT
+	}
+	if p.Deterministic {
+		cp.deterministic = 1
+	}
+	cp.softmax_scale = C.float(p.SoftmaxScale)
+	cp.softcap = C.float(p.Softcap)
+	if p.Window != nil {
+		cp.window_left = C.int64_t(p.Window.Left)
+		cp.window_right = C.int64_t(p.Window.Right)
+	}
+	var err error
+	if cp.alibi_slopes, err = d.tensor("alibi_slopes", p.ALiBiSlopes); err != nil {
+		return nil, err
+	}
+	if cp.mask, err = d.tensor("mask", p.Mask); err != nil {
+		return nil, err
+	}
+	if cp.lse, err = d.tensor("lse", p.LSE); err != nil {
+		return nil, err
+	}
+	return cp, nil
+}
+
+// named is a tensor argument and its name in ufa.h.
+type named struct {
+	name string
+	t    *Tensor
+}
+
+// all returns C descriptors of the tensors, in order, or the first one's error.
+func (d *descriptors) all(args ...named) ([]*C.ufa_tensor, error) {
+	out := make([]*C.ufa_tensor, len(args))
+	for i, a := range args {
+		c, err := d.tensor(a.name, a.t)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = c
+	}
+	return out, nil
 }
 
 // Forward computes out = softmax(scale * q k^T + bias) v into out, with the masks of p (nil =
@@ -114,50 +173,41 @@ type Params struct {
 func (c *Context) Forward(q, k, v, out Tensor, p *Params) error {
 	var d descriptors
 	defer d.free()
-	cq, err := d.tensor("q", &q)
+	t, err := d.all(named{"q", &q}, named{"k", &k}, named{"v", &v}, named{"out", &out})
 	if err != nil {
 		return err
 	}
-	ck, err := d.tensor("k", &k)
+	cp, err := d.params(p)
 	if err != nil {
 		return err
-	}
-	cv, err := d.tensor("v", &v)
-	if err != nil {
-		return err
-	}
-	co, err := d.tensor("out", &out)
-	if err != nil {
-		return err
-	}
-	cp := (*C.ufa_attention_params)(d.alloc(C.sizeof_ufa_attention_params))
-	*cp = C.ufa_attention_params_default()
-	if p != nil {
-		if p.Causal {
-			cp.causal = 1
-		}
-		if p.CausalTopLeft {
-			cp.causal_alignment = C.UFA_CAUSAL_TOP_LEFT
-		}
-		cp.softmax_scale = C.float(p.SoftmaxScale)
-		cp.softcap = C.float(p.Softcap)
-		if p.Window != nil {
-			cp.window_left = C.int64_t(p.Window.Left)
-			cp.window_right = C.int64_t(p.Window.Right)
-		}
-		if cp.alibi_slopes, err = d.tensor("alibi_slopes", p.ALiBiSlopes); err != nil {
-			return err
-		}
-		if cp.mask, err = d.tensor("mask", p.Mask); err != nil {
-			return err
-		}
-		if cp.lse, err = d.tensor("lse", p.LSE); err != nil {
-			return err
-		}
 	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	err = check(C.ufa_attention_forward(c.ptr, cq, ck, cv, co, cp, nil))
+	err = check(C.ufa_attention_forward(c.ptr, t[0], t[1], t[2], t[3], cp, nil))
+	runtime.KeepAlive(c)
+	return err
+}
+
+// Backward writes the gradients dq, dk, dv (shapes of q, k, v; for GQA dk and dv are summed over
+// the query heads sharing a KV head) of a Forward call, from its inputs, its output out, its
+// log-sum-exp lse (f32, [batch, heads_q, seqlen_q]) and the output gradient dout. p must be the
+// forward's Params (nil = defaults) with LSE nil. On failure nothing is written; errors as for
+// Forward.
+func (c *Context) Backward(q, k, v, out, dout, lse, dq, dk, dv Tensor, p *Params) error {
+	var d descriptors
+	defer d.free()
+	t, err := d.all(named{"q", &q}, named{"k", &k}, named{"v", &v}, named{"out", &out},
+		named{"dout", &dout}, named{"lse", &lse}, named{"dq", &dq}, named{"dk", &dk}, named{"dv", &dv})
+	if err != nil {
+		return err
+	}
+	cp, err := d.params(p)
+	if err != nil {
+		return err
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	err = check(C.ufa_attention_backward(c.ptr, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], cp, nil))
 	runtime.KeepAlive(c)
 	return err
 }

@@ -1,7 +1,8 @@
 // Package ufa binds ufa (Universal Flash Attention) through its C API, ufa.h.
 //
 // Tensors are views over Go slices: []float32 for f32, []uint16 for f16 and bf16 (bit patterns;
-// see F16FromFloat32 and BF16FromFloat32), []bool for boolean masks. Shapes and strides are in
+// see F16FromFloat32 and BF16FromFloat32), []bool for boolean masks, []int32 for the sequence
+// metadata of packed batches and KV caches (sequences.go). Shapes and strides are in
 // elements, outermost first, as in ufa.h: Q is [batch, seqlen_q, heads_q, head_dim], K and V are
 // [batch, seqlen_kv, heads_kv, head_dim], the output is [batch, seqlen_q, heads_q, head_dim].
 // Nil strides mean row-major; any strides work as long as the last one is 1.
@@ -92,6 +93,8 @@ const (
 	BF16 DType = C.UFA_DTYPE_BF16
 	F32  DType = C.UFA_DTYPE_F32
 	Bool DType = C.UFA_DTYPE_BOOL
+	// I32 is for sequence metadata only: cu_seqlens, lengths, block tables, cache indices.
+	I32 DType = C.UFA_DTYPE_I32
 )
 
 func (d DType) String() string {
@@ -104,12 +107,14 @@ func (d DType) String() string {
 		return "f32"
 	case Bool:
 		return "bool"
+	case I32:
+		return "i32"
 	}
 	return fmt.Sprintf("DType(%d)", int32(d))
 }
 
 // Tensor is a view of a slice: element type, shape and strides (in elements). Build one with
-// NewF32, NewF16, NewBF16 or NewBool; WithStrides gives a strided view. CPU memory only.
+// NewF32, NewF16, NewBF16, NewBool or NewI32; WithStrides gives a strided view. CPU memory only.
 type Tensor struct {
 	dtype   DType
 	base    unsafe.Pointer // first element of the slice; nil for an empty slice
@@ -145,6 +150,10 @@ func NewBF16(data []uint16, shape ...int) Tensor { return newTensor(BF16, data, 
 
 // NewBool views data as a boolean mask (true = attend), row-major.
 func NewBool(data []bool, shape ...int) Tensor { return newTensor(Bool, data, shape) }
+
+// NewI32 views data as an int32 tensor (row-major): the sequence metadata of ForwardVarlen,
+// BackwardVarlen and ForwardKVCache (cu_seqlens, lengths, block tables, cache indices).
+func NewI32(data []int32, shape ...int) Tensor { return newTensor(I32, data, shape) }
 
 // WithStrides returns the same view with explicit strides in elements, one per dimension.
 func (t Tensor) WithStrides(strides ...int) Tensor {
@@ -229,15 +238,38 @@ func (d *descriptors) free() {
 	}
 }
 
-// tensor returns a C descriptor of t, or an error when t does not fit its slice.
+// tensor returns a C descriptor of t (nil for a nil t), or an error when t does not fit its slice.
 func (d *descriptors) tensor(name string, t *Tensor) (*C.ufa_tensor, error) {
 	if t == nil {
 		return nil, nil
 	}
-	if err := t.fits(name); err != nil {
+	c := (*C.ufa_tensor)(d.alloc(C.sizeof_ufa_tensor))
+	if err := d.fill(c, name, t); err != nil {
 		return nil, err
 	}
-	c := (*C.ufa_tensor)(d.alloc(C.sizeof_ufa_tensor))
+	return c, nil
+}
+
+// tensors returns a C array of descriptors of ts, nil when ts is empty.
+func (d *descriptors) tensors(name func(i int) string, ts []*Tensor) (*C.ufa_tensor, error) {
+	if len(ts) == 0 {
+		return nil, nil
+	}
+	cs := unsafe.Slice((*C.ufa_tensor)(d.alloc(C.sizeof_ufa_tensor*uintptr(len(ts)))), len(ts))
+	for i, t := range ts {
+		if err := d.fill(&cs[i], name(i), t); err != nil {
+			return nil, err
+		}
+	}
+	return &cs[0], nil
+}
+
+// fill writes a descriptor of t into c (C memory), or returns an error when t does not fit its
+// slice.
+func (d *descriptors) fill(c *C.ufa_tensor, name string, t *Tensor) error {
+	if err := t.fits(name); err != nil {
+		return err
+	}
 	if t.base != nil {
 		d.pinner.Pin(t.base)
 	}
@@ -259,5 +291,5 @@ func (d *descriptors) tensor(name string, t *Tensor) (*C.ufa_tensor, error) {
 		}
 		c.strides = &strides[0]
 	}
-	return c, nil
+	return nil
 }

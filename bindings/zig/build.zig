@@ -15,7 +15,7 @@ pub fn build(b: *std.Build) void {
     mod.linkSystemLibrary("ufa", .{});
 
     const test_step = b.step("test", "Run the binding's tests against libufa");
-    inline for (.{ "test/ufa_test.zig", "test/abi_test.zig" }) |file| {
+    inline for (.{ "test/ufa_test.zig", "test/sequences_test.zig", "test/abi_test.zig" }) |file| {
         const test_mod = b.createModule(.{
             .root_source_file = b.path(file),
             .target = target,

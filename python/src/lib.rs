@@ -20,8 +20,8 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use ufa::{
-    AttentionParams, BackwardInputs, CausalAlignment, Context, DType, Device, ErrorKind, Gradients,
-    TensorView, TensorViewMut, MAX_DIMS,
+    AttentionParams, AttentionState, BackwardInputs, CausalAlignment, Context, DType, Device,
+    ErrorKind, Gradients, KvAppend, KvCache, Rotary, TensorView, TensorViewMut, Varlen, MAX_DIMS,
 };
 
 /// The one context of the process (its CPU thread pool is built on first use).
@@ -107,10 +107,11 @@ unsafe fn describe(
         (DLDataTypeCode::BFLOAT, 16, 1) => DType::BF16,
         (DLDataTypeCode::FLOAT, 32, 1) => DType::F32,
         (DLDataTypeCode::BOOL, 8, 1) => DType::Bool,
+        (DLDataTypeCode::INT, 32, 1) => DType::I32,
         (code, bits, _) => {
             return Err(PyTypeError::new_err(format!(
                 "{name}.dtype={} is not supported: ufa takes float16, bfloat16 or float32 \
-                 (and bool for masks)",
+                 (bool for masks, int32 for sequence metadata)",
                 dtype_name(code, bits)
             )))
         }
@@ -500,6 +501,425 @@ fn backward(
     .map_err(core_error)
 }
 
+/// The metadata of a packed batch (all int32 arrays on the tensors' device).
+struct Packed {
+    cu_q: Arg,
+    cu_k: Arg,
+    used: Option<Arg>,
+    table: Option<Arg>,
+    max_q: usize,
+    max_k: usize,
+    checked: bool,
+}
+
+impl Packed {
+    #[allow(clippy::too_many_arguments)]
+    fn import(
+        cu_q: &Bound<'_, PyAny>,
+        cu_k: &Bound<'_, PyAny>,
+        max_q: i64,
+        max_k: i64,
+        used: Option<&Bound<'_, PyAny>>,
+        table: Option<&Bound<'_, PyAny>>,
+        checked: bool,
+    ) -> PyResult<Packed> {
+        let size = |x: i64, name: &str| {
+            usize::try_from(x)
+                .map_err(|_| PyValueError::new_err(format!("{name}={x} must be >= 0")))
+        };
+        Ok(Packed {
+            cu_q: import(cu_q, "cu_seqlens_q")?,
+            cu_k: import(cu_k, "cu_seqlens_k")?,
+            used: import_opt(used, "seqused_k")?,
+            table: import_opt(table, "block_table")?,
+            max_q: size(max_q, "max_seqlen_q")?,
+            max_k: size(max_k, "max_seqlen_k")?,
+            checked,
+        })
+    }
+
+    fn args(&self) -> Vec<&Arg> {
+        let mut v = vec![&self.cu_q, &self.cu_k];
+        v.extend(self.used.iter().chain(&self.table));
+        v
+    }
+
+    fn varlen(&self) -> PyResult<Varlen<'_>> {
+        let mut s = Varlen::new(self.cu_q.view()?, self.cu_k.view()?, self.max_q, self.max_k)
+            .checked(self.checked);
+        s.seqused_kv = self.used.as_ref().map(Arg::view).transpose()?;
+        s.block_table = self.table.as_ref().map(Arg::view).transpose()?;
+        Ok(s)
+    }
+}
+
+/// Attention over a packed batch of variable-length sequences, written in place: q
+/// `[total_q, heads_q, head_dim]`, k/v `[total_kv, heads_kv, head_dim(_v)]` (or a paged cache
+/// `[num_pages, page_size, heads_kv, dim]` with `block_table`), out `[total_q, heads_q,
+/// head_dim_v]`, lse f32 `[heads_q, total_q]`; `cu_seqlens_q`/`cu_seqlens_k` int32 `[batch +
+/// 1]` (FlashAttention's convention). Releases the GIL; CUDA work goes on q's stream.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    *, seqused_k=None, block_table=None, scale=None, causal=false, top_left=false,
+    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, checked=false))]
+#[allow(clippy::too_many_arguments)]
+fn forward_varlen(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_q: &Bound<'_, PyAny>,
+    cu_seqlens_k: &Bound<'_, PyAny>,
+    max_seqlen_q: i64,
+    max_seqlen_k: i64,
+    seqused_k: Option<&Bound<'_, PyAny>>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    scale: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f64,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    checked: bool,
+) -> PyResult<()> {
+    let ctx = context()?;
+    let (q, k, v, out) = (
+        import(q, "q")?,
+        import(k, "k")?,
+        import(v, "v")?,
+        import(out, "out")?,
+    );
+    let lse = import_opt(lse, "lse")?;
+    let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
+    let packed = Packed::import(
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        seqused_k,
+        block_table,
+        checked,
+    )?;
+    let mut all = vec![&q, &k, &v, &out];
+    all.extend(lse.iter().chain(&alibi));
+    all.extend(packed.args());
+    record(&all);
+    let opts = options(
+        scale,
+        causal,
+        top_left,
+        window_left,
+        window_right,
+        softcap,
+        alibi.as_ref(),
+        None,
+        false,
+    )?;
+    let seqs = packed.varlen()?;
+    let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
+    let mut ov = out.view_mut()?;
+    let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
+    let stream = q.stream as usize;
+    py.detach(|| {
+        // SAFETY: as in `forward`.
+        unsafe {
+            ctx.forward_varlen_on_stream(
+                &qv,
+                &kv,
+                &vv,
+                &mut ov,
+                lv.as_mut(),
+                &seqs,
+                &opts.params,
+                stream as *mut c_void,
+            )
+        }
+    })
+    .map_err(core_error)
+}
+
+/// Gradients of `forward_varlen` (packed k and v), written in place into dq, dk and dv.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k, *, scale=None, causal=false, top_left=false, window_left=-1,
+    window_right=-1, softcap=0.0, alibi_slopes=None, deterministic=false, checked=false))]
+#[allow(clippy::too_many_arguments)]
+fn backward_varlen(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    dout: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    cu_seqlens_q: &Bound<'_, PyAny>,
+    cu_seqlens_k: &Bound<'_, PyAny>,
+    max_seqlen_q: i64,
+    max_seqlen_k: i64,
+    scale: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f64,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    deterministic: bool,
+    checked: bool,
+) -> PyResult<()> {
+    let ctx = context()?;
+    let args = [
+        import(q, "q")?,
+        import(k, "k")?,
+        import(v, "v")?,
+        import(out, "out")?,
+        import(dout, "dout")?,
+        import(lse, "lse")?,
+        import(dq, "dq")?,
+        import(dk, "dk")?,
+        import(dv, "dv")?,
+    ];
+    let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
+    let packed = Packed::import(
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        None,
+        None,
+        checked,
+    )?;
+    let mut all: Vec<&Arg> = args.iter().collect();
+    all.extend(alibi.iter());
+    all.extend(packed.args());
+    record(&all);
+    let opts = options(
+        scale,
+        causal,
+        top_left,
+        window_left,
+        window_right,
+        softcap,
+        alibi.as_ref(),
+        None,
+        deterministic,
+    )?;
+    let seqs = packed.varlen()?;
+    let inputs = BackwardInputs {
+        q: args[0].view()?,
+        k: args[1].view()?,
+        v: args[2].view()?,
+        out: args[3].view()?,
+        dout: args[4].view()?,
+        lse: args[5].view()?,
+    };
+    let mut grads = Gradients {
+        dq: args[6].view_mut()?,
+        dk: args[7].view_mut()?,
+        dv: args[8].view_mut()?,
+    };
+    let stream = args[0].stream as usize;
+    py.detach(|| {
+        // SAFETY: as in `forward`.
+        unsafe {
+            ctx.backward_varlen_on_stream(
+                &inputs,
+                &mut grads,
+                &seqs,
+                &opts.params,
+                stream as *mut c_void,
+            )
+        }
+    })
+    .map_err(core_error)
+}
+
+/// Attention over a KV cache (FlashAttention's `flash_attn_with_kvcache`), written in place:
+/// appends k/v (rotated with rotary_cos/rotary_sin when given) into k_cache/v_cache at
+/// cache_seqlens, then attends q `[batch, seqlen_q, heads_q, head_dim]` into out (and lse f32
+/// `[batch, heads_q, seqlen_q]`). Releases the GIL; CUDA work goes on q's stream.
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse=None, *, block_table=None,
+    cache_batch_idx=None, k=None, v=None, rotary_cos=None, rotary_sin=None,
+    rotary_interleaved=false, scale=None, causal=false, top_left=false, window_left=-1,
+    window_right=-1, softcap=0.0, alibi_slopes=None, checked=false))]
+#[allow(clippy::too_many_arguments)]
+fn forward_kvcache(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    cache_batch_idx: Option<&Bound<'_, PyAny>>,
+    k: Option<&Bound<'_, PyAny>>,
+    v: Option<&Bound<'_, PyAny>>,
+    rotary_cos: Option<&Bound<'_, PyAny>>,
+    rotary_sin: Option<&Bound<'_, PyAny>>,
+    rotary_interleaved: bool,
+    scale: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f64,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    checked: bool,
+) -> PyResult<()> {
+    let ctx = context()?;
+    let (q, kc, vc, lens, out) = (
+        import(q, "q")?,
+        import(k_cache, "k_cache")?,
+        import(v_cache, "v_cache")?,
+        import(cache_seqlens, "cache_seqlens")?,
+        import(out, "out")?,
+    );
+    let lse = import_opt(lse, "lse")?;
+    let table = import_opt(block_table, "block_table")?;
+    let idx = import_opt(cache_batch_idx, "cache_batch_idx")?;
+    let (kn, vn) = (import_opt(k, "k")?, import_opt(v, "v")?);
+    let (cos, sin) = (
+        import_opt(rotary_cos, "rotary_cos")?,
+        import_opt(rotary_sin, "rotary_sin")?,
+    );
+    let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
+    let mut all = vec![&q, &kc, &vc, &lens, &out];
+    for a in [&lse, &table, &idx, &kn, &vn, &cos, &sin, &alibi]
+        .into_iter()
+        .flatten()
+    {
+        all.push(a);
+    }
+    record(&all);
+    let opts = options(
+        scale,
+        causal,
+        top_left,
+        window_left,
+        window_right,
+        softcap,
+        alibi.as_ref(),
+        None,
+        false,
+    )?;
+    let rotary = match (&cos, &sin) {
+        (Some(c), Some(s)) => Some(Rotary {
+            cos: c.view()?,
+            sin: s.view()?,
+            interleaved: rotary_interleaved,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "rotary_cos and rotary_sin go together: pass both or neither",
+            ))
+        }
+    };
+    let append = match (&kn, &vn) {
+        (Some(k), Some(v)) => Some(KvAppend {
+            k: k.view()?,
+            v: v.view()?,
+            rotary,
+        }),
+        (None, None) if rotary.is_some() => {
+            return Err(PyValueError::new_err(
+                "rotary_cos/rotary_sin need k and v: rotary embedding applies to the keys a \
+                 call appends (and to q with them)",
+            ))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(PyValueError::new_err(
+                "k and v go together: pass both or neither",
+            ))
+        }
+    };
+    let mut cache = KvCache {
+        k: kc.view_mut()?,
+        v: vc.view_mut()?,
+        seqlens: lens.view()?,
+        block_table: table.as_ref().map(Arg::view).transpose()?,
+        batch_idx: idx.as_ref().map(Arg::view).transpose()?,
+        checked,
+    };
+    let qv = q.view()?;
+    let mut ov = out.view_mut()?;
+    let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
+    let stream = q.stream as usize;
+    py.detach(|| {
+        // SAFETY: as in `forward`.
+        unsafe {
+            ctx.forward_kvcache_on_stream(
+                &qv,
+                &mut cache,
+                append.as_ref(),
+                &mut ov,
+                lv.as_mut(),
+                &opts.params,
+                None,
+                stream as *mut c_void,
+            )
+        }
+    })
+    .map_err(core_error)
+}
+
+/// Merges attention states (outputs `[batch, seqlen, heads, dim]` with f32 LSEs `[batch,
+/// heads, seqlen]`, natural log) into out and, when given, lse. Releases the GIL.
+#[pyfunction]
+#[pyo3(signature = (outs, lses, out, lse=None))]
+fn merge_states(
+    py: Python<'_>,
+    outs: Vec<Bound<'_, PyAny>>,
+    lses: Vec<Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    lse: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let ctx = context()?;
+    if outs.len() != lses.len() {
+        return Err(PyValueError::new_err(format!(
+            "outs has {} states but lses has {}; give one LSE per output",
+            outs.len(),
+            lses.len()
+        )));
+    }
+    let o_args = outs
+        .iter()
+        .map(|o| import(o, "states.out"))
+        .collect::<PyResult<Vec<_>>>()?;
+    let l_args = lses
+        .iter()
+        .map(|l| import(l, "states.lse"))
+        .collect::<PyResult<Vec<_>>>()?;
+    let out = import(out, "out")?;
+    let lse = import_opt(lse, "lse")?;
+    let states = o_args
+        .iter()
+        .zip(&l_args)
+        .map(|(o, l)| {
+            Ok(AttentionState {
+                out: o.view()?,
+                lse: l.view()?,
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let mut ov = out.view_mut()?;
+    let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
+    let stream = out.stream as usize;
+    py.detach(|| {
+        // SAFETY: as in `forward`.
+        unsafe { ctx.merge_states_on_stream(&states, &mut ov, lv.as_mut(), stream as *mut c_void) }
+    })
+    .map_err(core_error)
+}
+
 /// Benchmark hook: seconds per `Context::forward` call on already-imported arrays, timed in
 /// Rust over `iters` calls (the core's own per-call cost, without the Python layer).
 #[pyfunction]
@@ -597,6 +1017,10 @@ fn _ufa(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", ufa::VERSION)?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_varlen, m)?)?;
+    m.add_function(wrap_pyfunction!(backward_varlen, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_kvcache, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_states, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_record, m)?)?;

@@ -6,6 +6,8 @@ PyTorch, and any other DLPack producer): any strides are accepted as long as the
 is contiguous, so transposed views are never copied.
 
 - :func:`attention` — the native API, ``[batch, seq, heads, dim]`` layout, NumPy or PyTorch.
+- :func:`merge_states` / :func:`merge_state` — combine partial attention results over
+  disjoint keys by their log-sum-exp (split-KV decoding, shared prefixes, ring attention).
 - :mod:`ufa.torch` — drop-in ``flash_attn_func`` and ``scaled_dot_product_attention`` with
   autograd and ``torch.compile`` support, and :func:`ufa.torch.patch` to route
   ``torch.nn.functional.scaled_dot_product_attention`` through ufa.
@@ -23,7 +25,16 @@ from typing import Any, Optional, Tuple
 from . import _ufa
 from ._ufa import __version__, cuda_available, info
 
-__all__ = ["attention", "info", "cuda_available", "__version__"]
+__all__ = [
+    "attention",
+    "merge_states",
+    "merge_state",
+    "lse_to_log2",
+    "lse_from_log2",
+    "info",
+    "cuda_available",
+    "__version__",
+]
 
 
 def _is_torch(x: Any) -> bool:
@@ -133,3 +144,77 @@ def _window(window: Any) -> Tuple[int, int]:
         return int(left), int(right)
     except (TypeError, ValueError):
         raise ValueError(f"window={window!r} must be a pair (left, right); -1 = unbounded") from None
+
+
+def _states(x: Any, name: str) -> list:
+    """A sequence of arrays, or one array stacked along its first dimension, as a list."""
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise TypeError(f"{name} must be a list of arrays or one stacked array, got "
+                        f"{type(x).__name__}")
+    return [x[i] for i in range(shape[0])]
+
+
+def _new_like(like: Any, shape: Tuple[int, ...], float32: bool = False) -> Any:
+    """A new array of ``like``'s kind and device (its dtype, or float32)."""
+    if _is_torch(like):
+        torch = sys.modules["torch"]
+        return like.new_empty(shape, dtype=torch.float32 if float32 else like.dtype)
+    return _empty_like_kind(like, shape, "float32" if float32 else None)
+
+
+def merge_states(outs: Any, lses: Any, *, out: Any = None, lse_out: Any = None,
+                 return_lse: bool = True) -> Any:
+    """Merges partial attention results over disjoint sets of keys into one.
+
+    ``outs``: states' outputs ``[batch, seqlen, heads, dim]`` (or ``[total, heads, dim]``, a
+    packed batch's), as a list or stacked along a first dimension; ``lses``: their log-sum-exps,
+    float32 ``[batch, heads, seqlen]`` (``[heads, total]``), natural log, as every ufa call
+    returns them. Weights are ``exp(lse_i - max)``: a state with LSE -inf (it saw no key)
+    contributes nothing, and a row no state saw gets 0 and LSE -inf. NumPy or PyTorch (any
+    device ufa runs on; not differentiable); ``out``/``lse_out`` may be the first state's own
+    arrays (merged in place).
+
+    FlashInfer's LSEs are base 2: convert them with :func:`lse_from_log2` first.
+
+    Returns the merged output, and its LSE when ``return_lse``.
+    """
+    outs, lses = _states(outs, "outs"), _states(lses, "lses")
+    if not outs:
+        raise ValueError("outs is empty: a merge needs at least one state")
+    packed = len(outs[0].shape) == 3
+    if packed:  # [total, heads, dim] with [heads, total]: a batch of one, as views
+        outs, lses = [o[None] for o in outs], [l[None] for l in lses]
+    if out is None:
+        out = _new_like(outs[0], tuple(outs[0].shape))
+    elif packed:
+        out = out[None]
+    if lse_out is None and return_lse:
+        lse_out = _new_like(lses[0], tuple(lses[0].shape), float32=True)
+    elif lse_out is not None and packed:
+        lse_out = lse_out[None]
+    _ufa.merge_states(outs, lses, out, lse_out)
+    if packed:
+        out = out[0]
+        lse_out = lse_out[0] if lse_out is not None else None
+    return (out, lse_out) if return_lse else out
+
+
+def merge_state(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Tuple[Any, Any]:
+    """Merges two attention states (see :func:`merge_states`); returns ``(out, lse)``."""
+    return merge_states([out_a, out_b], [lse_a, lse_b])
+
+
+_LN2 = 0.6931471805599453
+
+
+def lse_to_log2(lse: Any) -> Any:
+    """A natural-log LSE (ufa's) as a base-2 one (FlashInfer's): ``lse / ln 2``."""
+    return lse * (1.0 / _LN2)
+
+
+def lse_from_log2(lse2: Any) -> Any:
+    """A base-2 LSE (FlashInfer's) as a natural-log one (ufa's): ``lse2 * ln 2``."""
+    return lse2 * _LN2

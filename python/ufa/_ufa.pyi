@@ -50,6 +50,86 @@ def backward(
 ) -> None:
     """Gradients into ``dq``, ``dk``, ``dv`` (shapes of q, k, v), in place; releases the GIL."""
 
+def forward_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Optional[Any],
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    seqused_k: Optional[Any] = None,
+    block_table: Optional[Any] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    top_left: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Any] = None,
+    checked: bool = False,
+) -> None:
+    """Packed-batch attention into ``out`` (and ``lse`` [heads_q, total_q]), in place."""
+
+def backward_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    dout: Any,
+    lse: Any,
+    dq: Any,
+    dk: Any,
+    dv: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    top_left: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Any] = None,
+    deterministic: bool = False,
+    checked: bool = False,
+) -> None:
+    """Gradients of ``forward_varlen`` into ``dq``, ``dk``, ``dv``, in place."""
+
+def forward_kvcache(
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    cache_seqlens: Any,
+    out: Any,
+    lse: Optional[Any] = None,
+    *,
+    block_table: Optional[Any] = None,
+    cache_batch_idx: Optional[Any] = None,
+    k: Optional[Any] = None,
+    v: Optional[Any] = None,
+    rotary_cos: Optional[Any] = None,
+    rotary_sin: Optional[Any] = None,
+    rotary_interleaved: bool = False,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    top_left: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Any] = None,
+    checked: bool = False,
+) -> None:
+    """KV-cache attention: appends k/v into the cache, then attends; in place."""
+
+def merge_states(outs: List[Any], lses: List[Any], out: Any, lse: Optional[Any] = None) -> None:
+    """Merges attention states into ``out`` (and ``lse``), in place."""
+
 def cuda_available() -> bool:
     """Whether the core can compute on CUDA tensors here."""
 

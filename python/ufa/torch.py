@@ -1,7 +1,9 @@
 """PyTorch front end of ufa: FlashAttention- and SDPA-compatible functions with autograd.
 
 - :func:`flash_attn_func` — the ``flash_attn.flash_attn_func`` signature and semantics
-  (``[batch, seq, heads, dim]``, bottom-right causal alignment).
+  (``[batch, seq, heads, dim]``, bottom-right causal alignment); :func:`flash_attn_varlen_func`,
+  :func:`flash_attn_with_kvcache` (KV cache, dense or paged, appended in place) and the packed
+  ``*_qkvpacked_func`` / ``*_kvpacked_func`` forms likewise.
 - :func:`scaled_dot_product_attention` — ``torch.nn.functional.scaled_dot_product_attention``'s
   signature and semantics (``[batch, heads, seq, dim]``, top-left causal alignment, bool and
   float masks, GQA only with ``enable_gqa``). Calls ufa cannot serve (dropout, float64, an
@@ -31,9 +33,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ufa
+from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 
 __all__ = [
     "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     "scaled_dot_product_attention",
     "patch",
     "unpatch",

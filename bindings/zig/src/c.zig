@@ -19,6 +19,7 @@ pub const UFA_DTYPE_F16: ufa_dtype = 1;
 pub const UFA_DTYPE_BF16: ufa_dtype = 2;
 pub const UFA_DTYPE_F32: ufa_dtype = 3;
 pub const UFA_DTYPE_BOOL: ufa_dtype = 4;
+pub const UFA_DTYPE_I32: ufa_dtype = 5;
 pub const UFA_DEVICE_CPU: ufa_device_type = 0;
 pub const UFA_DEVICE_CUDA: ufa_device_type = 1;
 
@@ -55,6 +56,35 @@ pub const ufa_attention_params = extern struct {
     lse: ?*const ufa_tensor,
 };
 
+pub const ufa_varlen = extern struct {
+    struct_size: u32,
+    checked: i32,
+    cu_seqlens_q: ?*const ufa_tensor,
+    cu_seqlens_kv: ?*const ufa_tensor,
+    max_seqlen_q: i64,
+    max_seqlen_kv: i64,
+    seqused_kv: ?*const ufa_tensor,
+    block_table: ?*const ufa_tensor,
+};
+
+pub const ufa_kvcache = extern struct {
+    struct_size: u32,
+    checked: i32,
+    k_cache: ?*const ufa_tensor,
+    v_cache: ?*const ufa_tensor,
+    cache_seqlens: ?*const ufa_tensor,
+    block_table: ?*const ufa_tensor,
+    cache_batch_idx: ?*const ufa_tensor,
+    k_new: ?*const ufa_tensor,
+    v_new: ?*const ufa_tensor,
+    rotary_cos: ?*const ufa_tensor,
+    rotary_sin: ?*const ufa_tensor,
+    rotary_interleaved: i32,
+    _reserved: i32,
+    workspace: ?*anyopaque,
+    workspace_bytes: usize,
+};
+
 pub extern fn ufa_status_string(status: ufa_status) [*:0]const u8;
 pub extern fn ufa_last_error_message() [*:0]const u8;
 pub extern fn ufa_version() [*:0]const u8;
@@ -71,5 +101,64 @@ pub extern fn ufa_attention_forward(
     v: *const ufa_tensor,
     out: *const ufa_tensor,
     params: ?*const ufa_attention_params,
+    stream: ?*anyopaque,
+) ufa_status;
+pub extern fn ufa_attention_backward(
+    ctx: ?*const ufa_context,
+    q: *const ufa_tensor,
+    k: *const ufa_tensor,
+    v: *const ufa_tensor,
+    out: *const ufa_tensor,
+    dout: *const ufa_tensor,
+    lse: *const ufa_tensor,
+    dq: *const ufa_tensor,
+    dk: *const ufa_tensor,
+    dv: *const ufa_tensor,
+    params: ?*const ufa_attention_params,
+    stream: ?*anyopaque,
+) ufa_status;
+pub extern fn ufa_varlen_default() ufa_varlen;
+pub extern fn ufa_kvcache_default() ufa_kvcache;
+pub extern fn ufa_attention_forward_varlen(
+    ctx: ?*const ufa_context,
+    q: *const ufa_tensor,
+    k: *const ufa_tensor,
+    v: *const ufa_tensor,
+    out: *const ufa_tensor,
+    seqs: *const ufa_varlen,
+    params: ?*const ufa_attention_params,
+    stream: ?*anyopaque,
+) ufa_status;
+pub extern fn ufa_attention_backward_varlen(
+    ctx: ?*const ufa_context,
+    q: *const ufa_tensor,
+    k: *const ufa_tensor,
+    v: *const ufa_tensor,
+    out: *const ufa_tensor,
+    dout: *const ufa_tensor,
+    lse: *const ufa_tensor,
+    dq: *const ufa_tensor,
+    dk: *const ufa_tensor,
+    dv: *const ufa_tensor,
+    seqs: *const ufa_varlen,
+    params: ?*const ufa_attention_params,
+    stream: ?*anyopaque,
+) ufa_status;
+pub extern fn ufa_attention_forward_kvcache(
+    ctx: ?*const ufa_context,
+    q: *const ufa_tensor,
+    cache: *const ufa_kvcache,
+    out: *const ufa_tensor,
+    params: ?*const ufa_attention_params,
+    stream: ?*anyopaque,
+) ufa_status;
+pub extern fn ufa_kvcache_workspace_size(q: *const ufa_tensor, cache: *const ufa_kvcache, out: *usize) ufa_status;
+pub extern fn ufa_merge_states(
+    ctx: ?*const ufa_context,
+    num_states: usize,
+    outs: ?[*]const ufa_tensor,
+    lses: ?[*]const ufa_tensor,
+    out: *const ufa_tensor,
+    lse: ?*const ufa_tensor,
     stream: ?*anyopaque,
 ) ufa_status;

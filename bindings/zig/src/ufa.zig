@@ -1,6 +1,7 @@
 //! ufa (Universal Flash Attention) for Zig: a thin binding of the C API, ufa.h.
 //!
-//! Tensors are views of slices (`[]f32`, `[]f16`, `[]BF16`, `[]bool`) with a shape and optional
+//! Tensors are views of slices (`[]f32`, `[]f16`, `[]BF16`, `[]bool`, and `[]i32` for the
+//! sequence metadata of packed batches and KV caches) with a shape and optional
 //! strides in elements, outermost first, as in ufa.h: Q is [batch, seqlen_q, heads_q, head_dim],
 //! K and V [batch, seqlen_kv, heads_kv, head_dim], the output [batch, seqlen_q, heads_q,
 //! head_dim]. No strides means row-major; any strides work as long as the last one is 1.
@@ -77,15 +78,18 @@ pub const DType = enum(c.ufa_dtype) {
     bf16 = c.UFA_DTYPE_BF16,
     f32 = c.UFA_DTYPE_F32,
     bool = c.UFA_DTYPE_BOOL,
+    /// Sequence metadata only: cu_seqlens, lengths, block tables, cache indices.
+    i32 = c.UFA_DTYPE_I32,
 
-    /// The dtype of a slice element type: f32, f16, BF16 or bool.
+    /// The dtype of a slice element type: f32, f16, BF16, bool or i32.
     pub fn of(comptime T: type) DType {
         return switch (T) {
             f32 => .f32,
             f16 => .f16,
             BF16 => .bf16,
             bool => .bool,
-            else => @compileError("ufa tensors hold f32, f16, ufa.BF16 or bool, not " ++ @typeName(T)),
+            i32 => .i32,
+            else => @compileError("ufa tensors hold f32, f16, ufa.BF16, bool or i32, not " ++ @typeName(T)),
         };
     }
 };
@@ -99,7 +103,7 @@ pub const Tensor = struct {
     shape: []const i64,
     strides: ?[]const i64 = null,
 
-    /// A row-major view of `data` (a slice of f32, f16, ufa.BF16 or bool) with `shape`.
+    /// A row-major view of `data` (a slice of f32, f16, ufa.BF16, bool or i32) with `shape`.
     pub fn init(data: anytype, shape: []const i64) Tensor {
         const T = std.meta.Elem(@TypeOf(data));
         return .{
@@ -152,7 +156,8 @@ pub const Tensor = struct {
     }
 };
 
-/// What a forward call computes besides softmax(q k^T) v; the defaults are the library's.
+/// What an attention call computes besides softmax(q k^T) v; the defaults are the library's. A
+/// backward call takes the forward's params, without `lse`.
 pub const Params = struct {
     /// Query i sees only keys at or before its aligned position.
     causal: bool = false,
@@ -170,9 +175,143 @@ pub const Params = struct {
     /// Mask broadcastable to [batch, heads_q, seqlen_q, seqlen_kv]: bool (true = attend) or a
     /// float dtype (added to the scores).
     mask: ?Tensor = null,
-    /// Receives each score row's log-sum-exp (f32, [batch, heads_q, seqlen_q]).
+    /// Receives each score row's log-sum-exp (f32, [batch, heads_q, seqlen_q]). Forward calls only.
     lse: ?Tensor = null,
+    /// Backward calls: bitwise-reproducible gradients (CPU gradients always are).
+    deterministic: bool = false,
+
+    /// The C parameters; `storage` holds the tensor descriptors they point at.
+    fn raw(params: Params, storage: *[3]c.ufa_tensor) Error!c.ufa_attention_params {
+        var p = c.ufa_attention_params_default();
+        p.causal = @intFromBool(params.causal);
+        if (params.causal_top_left) p.causal_alignment = c.UFA_CAUSAL_TOP_LEFT;
+        p.softmax_scale = params.softmax_scale;
+        p.softcap = params.softcap;
+        p.window_left = params.window_left;
+        p.window_right = params.window_right;
+        p.deterministic = @intFromBool(params.deterministic);
+        p.alibi_slopes = try rawOptional(params.alibi_slopes, &storage[0]);
+        p.mask = try rawOptional(params.mask, &storage[1]);
+        p.lse = try rawOptional(params.lse, &storage[2]);
+        return p;
+    }
 };
+
+/// The descriptor of an optional tensor, written to `storage`; null for null.
+fn rawOptional(t: ?Tensor, storage: *c.ufa_tensor) Error!?*const c.ufa_tensor {
+    const tensor = t orelse return null;
+    storage.* = try tensor.raw();
+    return storage;
+}
+
+/// A packed batch of variable-length sequences (FlashAttention's cu_seqlens convention) for
+/// `forwardVarlen` and `backwardVarlen`. Sequence b's query rows are rows cu_seqlens_q[b] ..
+/// cu_seqlens_q[b+1] of q [total_q, heads_q, head_dim] and of out [total_q, heads_q,
+/// head_dim_v] (its log-sum-exp columns of lse [heads_q, total_q]); its keys rows
+/// cu_seqlens_kv[b] .. cu_seqlens_kv[b+1] of k and v [total_kv, heads_kv, head_dim(_v)]. Rows
+/// past the last sequence are neither read nor written. The metadata are i32 tensors; the
+/// library checks every value and names a bad one in its message ("cu_seqlens_q[2]=3 ...").
+pub const Varlen = struct {
+    /// i32 [batch + 1]: 0 first, non-decreasing.
+    cu_seqlens_q: Tensor,
+    /// i32 [batch + 1]: 0 first, non-decreasing.
+    cu_seqlens_kv: Tensor,
+    /// At least the query rows of every sequence.
+    max_seqlen_q: i64,
+    /// At least the keys of every sequence.
+    max_seqlen_kv: i64,
+    /// i32 [batch]: sequence b attends to its first seqused_kv[b] keys only (forward only).
+    seqused_kv: ?Tensor = null,
+    /// i32 [batch, max_pages] (forward only): k and v are a paged cache [num_pages, page_size,
+    /// heads_kv, head_dim(_v)] (page_size a power of two up to 256), key j of sequence b is row
+    /// j % page_size of page block_table[b][j / page_size], and cu_seqlens_kv only counts each
+    /// sequence's keys. null = packed k and v.
+    block_table: ?Tensor = null,
+
+    fn raw(s: Varlen, storage: *[4]c.ufa_tensor) Error!c.ufa_varlen {
+        var r = c.ufa_varlen_default();
+        r.cu_seqlens_q = try rawOptional(s.cu_seqlens_q, &storage[0]);
+        r.cu_seqlens_kv = try rawOptional(s.cu_seqlens_kv, &storage[1]);
+        r.max_seqlen_q = s.max_seqlen_q;
+        r.max_seqlen_kv = s.max_seqlen_kv;
+        r.seqused_kv = try rawOptional(s.seqused_kv, &storage[2]);
+        r.block_table = try rawOptional(s.block_table, &storage[3]);
+        return r;
+    }
+};
+
+/// Rotary position embedding tables for the keys a KV-cache call appends (and its q).
+pub const Rotary = struct {
+    /// [seqlen_ro, rotary_dim / 2], any float dtype; the first rotary_dim columns of a row are
+    /// rotated, the rest pass unchanged.
+    cos: Tensor,
+    sin: Tensor,
+    /// Rotate pairs (x[2i], x[2i+1]) (GPT-J) instead of (x[i], x[i + rotary_dim / 2]) (GPT-NeoX).
+    interleaved: bool = false,
+};
+
+/// A KV cache and what a `forwardKvCache` call appends to it (FlashAttention's
+/// flash_attn_with_kvcache). The metadata are i32 tensors.
+pub const KvCache = struct {
+    /// Dense [batch_cache, capacity, heads_kv, head_dim], or paged [num_pages, page_size,
+    /// heads_kv, head_dim] with `block_table`. Written where keys are appended.
+    k_cache: Tensor,
+    /// As k_cache, with head_dim_v.
+    v_cache: Tensor,
+    /// i32 [batch]: keys already in the cache for each sequence. Not advanced by the call (add
+    /// seqlen_new afterwards).
+    cache_seqlens: Tensor,
+    /// i32 [batch, max_pages]: key j of sequence b is row j % page_size of page
+    /// block_table[b][j / page_size]; pages may be shared and in any order.
+    block_table: ?Tensor = null,
+    /// i32 [batch] (dense caches only): sequence b uses cache entry cache_batch_idx[b] (distinct
+    /// when appending); null = entry b.
+    cache_batch_idx: ?Tensor = null,
+    /// [batch, seqlen_new, heads_kv, head_dim] and [.., head_dim_v], appended at each sequence's
+    /// cache_seqlens before attending. Both or neither.
+    k_new: ?Tensor = null,
+    v_new: ?Tensor = null,
+    /// With k_new: rotates the new keys at positions cache_seqlens[b] + i, and q at
+    /// cache_seqlens[b] + i when causal or windowed, else at cache_seqlens[b].
+    rotary: ?Rotary = null,
+
+    fn raw(k: KvCache, storage: *[9]c.ufa_tensor) Error!c.ufa_kvcache {
+        var r = c.ufa_kvcache_default();
+        r.k_cache = try rawOptional(k.k_cache, &storage[0]);
+        r.v_cache = try rawOptional(k.v_cache, &storage[1]);
+        r.cache_seqlens = try rawOptional(k.cache_seqlens, &storage[2]);
+        r.block_table = try rawOptional(k.block_table, &storage[3]);
+        r.cache_batch_idx = try rawOptional(k.cache_batch_idx, &storage[4]);
+        r.k_new = try rawOptional(k.k_new, &storage[5]);
+        r.v_new = try rawOptional(k.v_new, &storage[6]);
+        if (k.rotary) |rot| {
+            r.rotary_cos = try rawOptional(rot.cos, &storage[7]);
+            r.rotary_sin = try rawOptional(rot.sin, &storage[8]);
+            r.rotary_interleaved = @intFromBool(rot.interleaved);
+        }
+        return r;
+    }
+};
+
+/// A partial attention result over some of the keys: `out` [batch, seqlen, heads, head_dim] (any
+/// float dtype) and its log-sum-exp `lse` (f32 [batch, heads, seqlen], natural log), as a
+/// forward call writes them with `.lse`.
+pub const State = struct {
+    out: Tensor,
+    lse: Tensor,
+};
+
+/// The bytes of scratch memory a CUDA `forwardKvCache` call with this q and cache needs (0
+/// without rotary tables). This binding passes CPU memory only, where the library allocates its
+/// own scratch: the number is informational here.
+pub fn kvCacheWorkspaceSize(q: Tensor, cache: KvCache) Error!usize {
+    const rq = try q.raw();
+    var storage: [9]c.ufa_tensor = undefined;
+    const rc = try cache.raw(&storage);
+    var n: usize = 0;
+    try check(c.ufa_kvcache_workspace_size(&rq, &rc, &n));
+    return n;
+}
 
 /// The library's thread pool and kernel caches; safe to share between threads.
 pub const Context = struct {
@@ -217,31 +356,97 @@ pub const Context = struct {
         const rk = try k.raw();
         const rv = try v.raw();
         const ro = try out.raw();
-        var p = c.ufa_attention_params_default();
-        p.causal = @intFromBool(params.causal);
-        if (params.causal_top_left) p.causal_alignment = c.UFA_CAUSAL_TOP_LEFT;
-        p.softmax_scale = params.softmax_scale;
-        p.softcap = params.softcap;
-        p.window_left = params.window_left;
-        p.window_right = params.window_right;
-        var alibi: c.ufa_tensor = undefined;
-        var mask: c.ufa_tensor = undefined;
-        var lse: c.ufa_tensor = undefined;
-        if (params.alibi_slopes) |t| {
-            alibi = try t.raw();
-            p.alibi_slopes = &alibi;
-        }
-        if (params.mask) |t| {
-            mask = try t.raw();
-            p.mask = &mask;
-        }
-        if (params.lse) |t| {
-            lse = try t.raw();
-            p.lse = &lse;
-        }
+        var storage: [3]c.ufa_tensor = undefined;
+        const p = try params.raw(&storage);
         try check(c.ufa_attention_forward(self.ptr, &rq, &rk, &rv, &ro, &p, null));
     }
+
+    /// Writes dq, dk, dv (shapes of q, k, v; for GQA dk and dv are summed over the query heads
+    /// sharing a KV head): the gradients of a `forward` call, from its inputs, its output `out`,
+    /// its log-sum-exp `lse` (f32 [batch, heads_q, seqlen_q]) and the output gradient `dout`.
+    /// `params` must be the forward's, without `lse`. On failure nothing is written.
+    pub fn backward(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, params: Params) Error!void {
+        const r = try rawAll(9, .{ q, k, v, out, dout, lse, dq, dk, dv });
+        var storage: [3]c.ufa_tensor = undefined;
+        const p = try params.raw(&storage);
+        try check(c.ufa_attention_backward(self.ptr, &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7], &r[8], &p, null));
+    }
+
+    /// `forward` over the packed sequences of `seqs`: q [total_q, heads_q, head_dim], k
+    /// [total_kv, heads_kv, head_dim] and v [total_kv, heads_kv, head_dim_v] (or a paged cache,
+    /// see `Varlen.block_table`), out [total_q, heads_q, head_dim_v]; `params.lse`, if set, is
+    /// f32 [heads_q, total_q]. Every rule of `forward` applies to each sequence on its own. On
+    /// failure nothing is written.
+    pub fn forwardVarlen(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, seqs: Varlen, params: Params) Error!void {
+        const r = try rawAll(4, .{ q, k, v, out });
+        var seq_storage: [4]c.ufa_tensor = undefined;
+        const s = try seqs.raw(&seq_storage);
+        var storage: [3]c.ufa_tensor = undefined;
+        const p = try params.raw(&storage);
+        try check(c.ufa_attention_forward_varlen(self.ptr, &r[0], &r[1], &r[2], &r[3], &s, &p, null));
+    }
+
+    /// The gradients dq, dk, dv (packed like q, k, v) of a `forwardVarlen` call over packed k and
+    /// v (no seqused_kv, no block_table), from its inputs, its output `out`, its log-sum-exp
+    /// `lse` (f32 [heads_q, total_q]) and `dout`. `seqs` and `params` must be the forward's
+    /// (without `lse`). On failure nothing is written.
+    pub fn backwardVarlen(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, seqs: Varlen, params: Params) Error!void {
+        const r = try rawAll(9, .{ q, k, v, out, dout, lse, dq, dk, dv });
+        var seq_storage: [4]c.ufa_tensor = undefined;
+        const s = try seqs.raw(&seq_storage);
+        var storage: [3]c.ufa_tensor = undefined;
+        const p = try params.raw(&storage);
+        try check(c.ufa_attention_backward_varlen(self.ptr, &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7], &r[8], &s, &p, null));
+    }
+
+    /// Appends `cache.k_new` and `cache.v_new` to the cache (rotated with `cache.rotary`), then
+    /// attends q [batch, seqlen_q, heads_q, head_dim] to each sequence's cached and appended
+    /// keys, writing out [batch, seqlen_q, heads_q, head_dim_v] and, with `params.lse`, the
+    /// log-sum-exp [batch, heads_q, seqlen_q]. Causal masking aligns q's last row with the
+    /// sequence's last key. On failure nothing is written, the cache included.
+    pub fn forwardKvCache(self: Context, q: Tensor, cache: KvCache, out: Tensor, params: Params) Error!void {
+        const r = try rawAll(2, .{ q, out });
+        var cache_storage: [9]c.ufa_tensor = undefined;
+        const kc = try cache.raw(&cache_storage);
+        var storage: [3]c.ufa_tensor = undefined;
+        const p = try params.raw(&storage);
+        try check(c.ufa_attention_forward_kvcache(self.ptr, &r[0], &kc, &r[1], &p, null));
+    }
+
+    /// Combines partial results over disjoint sets of keys into `out` and, unless null, their
+    /// joint log-sum-exp `lse`: the result of attending to all the keys at once. A state whose
+    /// LSE is -inf for a row contributes nothing to it. `out` and `lse` may be states[0]'s own
+    /// tensors (merged in place). On failure nothing is written. More than 16 states take their
+    /// descriptors from the C heap (error.OutOfMemory if that fails).
+    pub fn mergeStates(self: Context, states: []const State, out: Tensor, lse: ?Tensor) Error!void {
+        const inline_states = 16;
+        var buffer: [2 * inline_states]c.ufa_tensor = undefined;
+        const descriptors = if (states.len <= inline_states)
+            buffer[0 .. 2 * states.len]
+        else
+            std.heap.c_allocator.alloc(c.ufa_tensor, 2 * states.len) catch return error.OutOfMemory;
+        defer if (states.len > inline_states) std.heap.c_allocator.free(descriptors);
+        const outs = descriptors[0..states.len];
+        const lses = descriptors[states.len..];
+        for (states, outs, lses) |s, *o, *l| {
+            o.* = try s.out.raw();
+            l.* = try s.lse.raw();
+        }
+        const ro = try out.raw();
+        var lse_storage: c.ufa_tensor = undefined;
+        const rl = try rawOptional(lse, &lse_storage);
+        const first_out: ?[*]const c.ufa_tensor = if (states.len == 0) null else outs.ptr;
+        const first_lse: ?[*]const c.ufa_tensor = if (states.len == 0) null else lses.ptr;
+        try check(c.ufa_merge_states(self.ptr, states.len, first_out, first_lse, &ro, rl, null));
+    }
 };
+
+/// The descriptors of `n` tensors, in order.
+fn rawAll(comptime n: usize, tensors: [n]Tensor) Error![n]c.ufa_tensor {
+    var out: [n]c.ufa_tensor = undefined;
+    for (tensors, &out) |t, *r| r.* = try t.raw();
+    return out;
+}
 
 test "bf16 rounding" {
     try std.testing.expectEqual(@as(u16, 0x3f80), @backingInt(BF16.fromF32(1.0)));

@@ -11,6 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod sequences;
+pub use sequences::cuda::{
+    check_kvcache_cuda, check_merge_cuda, check_varlen_cuda, check_varlen_grads_cuda,
+};
 pub use sequences::{
     check_kvcache, check_merge, check_varlen, check_varlen_grads, kvcache_cases, merge_cases,
     varlen_cases, varlen_grad_cases, Features, KvCacheCase, KvCacheInstance, MergeCase,
@@ -185,7 +188,7 @@ impl Case {
 }
 
 /// Owned storage of one tensor.
-enum Storage {
+pub(crate) enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
@@ -251,7 +254,7 @@ impl Storage {
 }
 
 /// A tensor with its storage and strided view geometry.
-struct Tensor {
+pub(crate) struct Tensor {
     storage: Storage,
     shape: Vec<usize>,
     strides: Vec<usize>,
@@ -957,11 +960,12 @@ pub mod cuda {
     use super::{
         params_of, Case, Comparison, GradComparison, GradTensors, Instance, Storage, Tensor,
     };
+    pub(crate) use crate::cuda::synchronize;
     pub use crate::cuda::{
-        compile_all_variants, nvrtc_version, CompileReport, ModuleReport, CACHE_DIR_ENV,
-        NVRTC_PATH_ENV,
+        compile_all_variants, compile_variants, nvrtc_version, CompileReport, ModuleReport,
+        CACHE_DIR_ENV, NVRTC_PATH_ENV,
     };
-    use crate::cuda::{synchronize, time_ms, DeviceBuffer};
+    use crate::cuda::{time_ms, DeviceBuffer};
     use crate::{
         AttentionParams, BackwardInputs, Context, Device, Gradients, Result, TensorView,
         TensorViewMut,
@@ -981,7 +985,7 @@ pub mod cuda {
         }
     }
 
-    fn bytes_mut(s: &mut Storage) -> &mut [u8] {
+    pub(crate) fn bytes_mut(s: &mut Storage) -> &mut [u8] {
         fn raw<T>(v: &mut [T]) -> &mut [u8] {
             // SAFETY: as above; every bit pattern downloaded is a valid f16/bf16/f32.
             unsafe {
@@ -998,21 +1002,21 @@ pub mod cuda {
     }
 
     /// A tensor's storage copied to the device, with its host geometry.
-    struct OnDevice<'t> {
+    pub(crate) struct OnDevice<'t> {
         host: &'t Tensor,
         buf: DeviceBuffer,
         ordinal: u32,
     }
 
     impl<'t> OnDevice<'t> {
-        fn new(host: &'t Tensor, ordinal: u32) -> Result<Self> {
+        pub(crate) fn new(host: &'t Tensor, ordinal: u32) -> Result<Self> {
             let data = bytes(&host.storage);
             let buf = DeviceBuffer::new(ordinal, data.len())?;
             buf.upload(data)?;
             Ok(OnDevice { host, buf, ordinal })
         }
 
-        fn view(&self) -> Result<TensorView<'_>> {
+        pub(crate) fn view(&self) -> Result<TensorView<'_>> {
             let dt = match self.host.storage {
                 Storage::F32(_) => crate::DType::F32,
                 Storage::F16(_) => crate::DType::F16,
@@ -1032,13 +1036,13 @@ pub mod cuda {
             }
         }
 
-        fn download(&self) -> Result<Vec<u8>> {
+        pub(crate) fn download(&self) -> Result<Vec<u8>> {
             let mut b = vec![0u8; self.buf.bytes];
             self.buf.download(&mut b)?;
             Ok(b)
         }
 
-        fn view_mut(&self) -> Result<TensorViewMut<'_>> {
+        pub(crate) fn view_mut(&self) -> Result<TensorViewMut<'_>> {
             let v = self.view()?;
             // SAFETY: as above; the buffer is this test's own.
             unsafe {
@@ -1226,7 +1230,8 @@ pub mod cuda {
         }
     }
 
-    fn median_ms(
+    /// Median milliseconds of `iters` timed calls of `launch` after `warmup` untimed ones.
+    pub(crate) fn median_ms(
         ordinal: u32,
         warmup: usize,
         iters: usize,

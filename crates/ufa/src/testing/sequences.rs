@@ -174,16 +174,19 @@ impl Features {
     }
 
     fn params<'a>(&self, alibi: Option<&'a Tensor>) -> Result<AttentionParams<'a>> {
+        Ok(self.params_with(alibi.map(|a| a.view()).transpose()?))
+    }
+
+    /// The parameters with ALiBi slopes from wherever they live (a device copy, say).
+    fn params_with<'a>(&self, alibi: Option<TensorView<'a>>) -> AttentionParams<'a> {
         let mut p = AttentionParams::default()
             .causal(self.causal)
             .causal_alignment(self.alignment)
             .window(self.window.0, self.window.1)
             .softcap(self.softcap)
             .deterministic(self.deterministic);
-        if let Some(a) = alibi {
-            p = p.alibi_slopes(a.view()?);
-        }
-        Ok(p)
+        p.alibi_slopes = alibi;
+        p
     }
 }
 
@@ -265,6 +268,13 @@ impl VarlenMeta {
         s.seqused_kv = self.used.as_ref().map(|u| u.view()).transpose()?;
         s.block_table = self.table.as_ref().map(|t| t.view()).transpose()?;
         Ok(s)
+    }
+
+    /// The metadata's tensors: cu_q, cu_kv, then seqused and the block table where present.
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.cu_q, &self.cu_kv];
+        v.extend(self.used.iter().chain(&self.table));
+        v
     }
 }
 
@@ -1167,4 +1177,436 @@ pub fn merge_cases() -> Vec<MergeCase> {
         case(5, DType::F16, false),
         case(1, DType::F32, false),
     ]
+}
+
+/// The same instances on a CUDA device: every tensor (the metadata too) uploaded, poisoned
+/// outputs uploaded with their poison, and outputs and caches downloaded for the comparisons
+/// above.
+pub mod cuda {
+    use super::super::cuda::{bytes_mut, median_ms, synchronize, OnDevice};
+    use super::*;
+
+    fn up(t: &Tensor, ordinal: u32) -> Result<OnDevice<'_>> {
+        OnDevice::new(t, ordinal)
+    }
+
+    fn up_opt(t: Option<&Tensor>, ordinal: u32) -> Result<Option<OnDevice<'_>>> {
+        t.map(|t| up(t, ordinal)).transpose()
+    }
+
+    /// One launch then a synchronisation, or (`timing`: warm-up and timed calls) the median
+    /// milliseconds of the timed ones.
+    fn run_or_time(
+        ordinal: u32,
+        timing: Option<(usize, usize)>,
+        mut launch: impl FnMut() -> Result<()>,
+    ) -> Result<Option<f64>> {
+        match timing {
+            None => {
+                launch()?;
+                synchronize(ordinal)?;
+                Ok(None)
+            }
+            Some((warmup, iters)) => median_ms(ordinal, warmup, iters, launch).map(Some),
+        }
+    }
+
+    /// Copies a device buffer back into its host tensor.
+    fn take(dev: &OnDevice<'_>) -> Result<Vec<u8>> {
+        dev.download()
+    }
+
+    /// Device copies of a packed batch's metadata, as a [`Varlen`].
+    struct DeviceMeta<'m> {
+        meta: &'m VarlenMeta,
+        bufs: Vec<OnDevice<'m>>,
+    }
+
+    impl<'m> DeviceMeta<'m> {
+        fn new(meta: &'m VarlenMeta, ordinal: u32) -> Result<Self> {
+            let bufs = meta
+                .tensors()
+                .into_iter()
+                .map(|t| up(t, ordinal))
+                .collect::<Result<_>>()?;
+            Ok(DeviceMeta { meta, bufs })
+        }
+
+        fn varlen(&self, checked: bool) -> Result<Varlen<'_>> {
+            let mut s = Varlen::new(
+                self.bufs[0].view()?,
+                self.bufs[1].view()?,
+                self.meta.max_q,
+                self.meta.max_kv,
+            )
+            .checked(checked);
+            let mut rest = self.bufs[2..].iter();
+            if self.meta.used.is_some() {
+                s.seqused_kv = Some(rest.next().expect("uploaded").view()?);
+            }
+            if self.meta.table.is_some() {
+                s.block_table = Some(rest.next().expect("uploaded").view()?);
+            }
+            Ok(s)
+        }
+    }
+
+    impl VarlenInstance {
+        /// Runs the forward on CUDA device `ordinal` (checked: the metadata checked on the
+        /// host too) and brings out and the LSE back.
+        pub fn run_cuda(&mut self, ctx: &Context, ordinal: u32, checked: bool) -> Result<()> {
+            self.launch_cuda(ctx, ordinal, checked, None).map(drop)
+        }
+
+        /// Median milliseconds of `iters` forward calls on CUDA device `ordinal`, after
+        /// `warmup` untimed ones (the results are brought back as by `run_cuda`).
+        pub fn time_cuda(
+            &mut self,
+            ctx: &Context,
+            ordinal: u32,
+            warmup: usize,
+            iters: usize,
+        ) -> Result<f64> {
+            let ms = self.launch_cuda(ctx, ordinal, false, Some((warmup, iters)))?;
+            Ok(ms.expect("timed"))
+        }
+
+        fn launch_cuda(
+            &mut self,
+            ctx: &Context,
+            ordinal: u32,
+            checked: bool,
+            timing: Option<(usize, usize)>,
+        ) -> Result<Option<f64>> {
+            let (out, lse, ms) = {
+                let (q, k, v) = (
+                    up(&self.q, ordinal)?,
+                    up(&self.k, ordinal)?,
+                    up(&self.v, ordinal)?,
+                );
+                let (out, lse) = (up(&self.out, ordinal)?, up(&self.lse, ordinal)?);
+                let alibi = up_opt(self.alibi.as_ref(), ordinal)?;
+                let meta = DeviceMeta::new(&self.meta, ordinal)?;
+                let params = self
+                    .case
+                    .f
+                    .params_with(alibi.as_ref().map(|a| a.view()).transpose()?);
+                let seqs = meta.varlen(checked)?;
+                let launch = || {
+                    // SAFETY: the null stream; every buffer lives until after the
+                    // synchronisation.
+                    unsafe {
+                        ctx.forward_varlen_on_stream(
+                            &q.view()?,
+                            &k.view()?,
+                            &v.view()?,
+                            &mut out.view_mut()?,
+                            Some(&mut lse.view_mut()?),
+                            &seqs,
+                            &params,
+                            std::ptr::null_mut(),
+                        )
+                    }
+                };
+                let ms = run_or_time(ordinal, timing, launch)?;
+                (take(&out)?, take(&lse)?, ms)
+            };
+            bytes_mut(&mut self.out.storage).copy_from_slice(&out);
+            bytes_mut(&mut self.lse.storage).copy_from_slice(&lse);
+            Ok(ms)
+        }
+
+        /// Runs forward and backward on CUDA device `ordinal` and brings the gradients back.
+        pub fn run_backward_cuda(&mut self, ctx: &Context, ordinal: u32) -> Result<()> {
+            self.launch_backward_cuda(ctx, ordinal, None).map(drop)
+        }
+
+        /// Median milliseconds of `iters` backward calls (after one forward and `warmup`
+        /// untimed backward calls) on CUDA device `ordinal`.
+        pub fn time_cuda_backward(
+            &mut self,
+            ctx: &Context,
+            ordinal: u32,
+            warmup: usize,
+            iters: usize,
+        ) -> Result<f64> {
+            let ms = self.launch_backward_cuda(ctx, ordinal, Some((warmup, iters)))?;
+            Ok(ms.expect("timed"))
+        }
+
+        fn launch_backward_cuda(
+            &mut self,
+            ctx: &Context,
+            ordinal: u32,
+            timing: Option<(usize, usize)>,
+        ) -> Result<Option<f64>> {
+            self.run_cuda(ctx, ordinal, false)?;
+            self.grad_tensors();
+            let (grads, ms) = {
+                let [dout, dq, dk, dv] = self.grads.as_ref().expect("made above");
+                let dev = [
+                    &self.q, &self.k, &self.v, &self.out, dout, &self.lse, dq, dk, dv,
+                ]
+                .into_iter()
+                .map(|t| up(t, ordinal))
+                .collect::<Result<Vec<_>>>()?;
+                let alibi = up_opt(self.alibi.as_ref(), ordinal)?;
+                let meta = DeviceMeta::new(&self.meta, ordinal)?;
+                let params = self
+                    .case
+                    .f
+                    .params_with(alibi.as_ref().map(|a| a.view()).transpose()?);
+                let seqs = meta.varlen(false)?;
+                let inputs = BackwardInputs {
+                    q: dev[0].view()?,
+                    k: dev[1].view()?,
+                    v: dev[2].view()?,
+                    out: dev[3].view()?,
+                    dout: dev[4].view()?,
+                    lse: dev[5].view()?,
+                };
+                let launch = || {
+                    let mut g = Gradients {
+                        dq: dev[6].view_mut()?,
+                        dk: dev[7].view_mut()?,
+                        dv: dev[8].view_mut()?,
+                    };
+                    // SAFETY: as in launch_cuda.
+                    unsafe {
+                        ctx.backward_varlen_on_stream(
+                            &inputs,
+                            &mut g,
+                            &seqs,
+                            &params,
+                            std::ptr::null_mut(),
+                        )
+                    }
+                };
+                let ms = run_or_time(ordinal, timing, launch)?;
+                ([take(&dev[6])?, take(&dev[7])?, take(&dev[8])?], ms)
+            };
+            let [_, dq, dk, dv] = self.grads.as_mut().expect("made above");
+            for (t, b) in [dq, dk, dv].into_iter().zip(grads) {
+                bytes_mut(&mut t.storage).copy_from_slice(&b);
+            }
+            Ok(ms)
+        }
+    }
+
+    impl KvCacheInstance {
+        /// Runs the call on CUDA device `ordinal` (checked: the metadata checked on the host
+        /// too) and brings out, the LSE and the cache back.
+        pub fn run_cuda(&mut self, ctx: &Context, ordinal: u32, checked: bool) -> Result<()> {
+            self.launch_cuda(ctx, ordinal, checked, None).map(drop)
+        }
+
+        /// Median milliseconds of `iters` calls on CUDA device `ordinal`, after `warmup`
+        /// untimed ones. `cache_seqlens` does not advance, so every call appends to the same
+        /// slots: each is the same decoding step.
+        pub fn time_cuda(
+            &mut self,
+            ctx: &Context,
+            ordinal: u32,
+            warmup: usize,
+            iters: usize,
+        ) -> Result<f64> {
+            let ms = self.launch_cuda(ctx, ordinal, false, Some((warmup, iters)))?;
+            Ok(ms.expect("timed"))
+        }
+
+        fn launch_cuda(
+            &mut self,
+            ctx: &Context,
+            ordinal: u32,
+            checked: bool,
+            timing: Option<(usize, usize)>,
+        ) -> Result<Option<f64>> {
+            let downloads = {
+                let (q, kc, vc, lens) = (
+                    up(&self.q, ordinal)?,
+                    up(&self.k_cache, ordinal)?,
+                    up(&self.v_cache, ordinal)?,
+                    up(&self.seqlens, ordinal)?,
+                );
+                let (out, lse) = (up(&self.out, ordinal)?, up(&self.lse, ordinal)?);
+                let table = up_opt(self.table.as_ref(), ordinal)?;
+                let idx = up_opt(self.batch_idx.as_ref(), ordinal)?;
+                let n = &self.new;
+                let (kn, vn) = (
+                    up_opt(n.k.as_ref(), ordinal)?,
+                    up_opt(n.v.as_ref(), ordinal)?,
+                );
+                let (cos, sin) = (
+                    up_opt(n.cos.as_ref(), ordinal)?,
+                    up_opt(n.sin.as_ref(), ordinal)?,
+                );
+                let alibi = up_opt(self.alibi.as_ref(), ordinal)?;
+                let params = self
+                    .case
+                    .f
+                    .params_with(alibi.as_ref().map(|a| a.view()).transpose()?);
+                let append = match (&kn, &vn) {
+                    (Some(k), Some(v)) => Some(KvAppend {
+                        k: k.view()?,
+                        v: v.view()?,
+                        rotary: match (&cos, &sin) {
+                            (Some(c), Some(s)) => Some(Rotary {
+                                cos: c.view()?,
+                                sin: s.view()?,
+                                interleaved: n.interleaved,
+                            }),
+                            _ => None,
+                        },
+                    }),
+                    _ => None,
+                };
+                let launch = || {
+                    let mut cache = KvCache {
+                        k: kc.view_mut()?,
+                        v: vc.view_mut()?,
+                        seqlens: lens.view()?,
+                        block_table: table.as_ref().map(|t| t.view()).transpose()?,
+                        batch_idx: idx.as_ref().map(|t| t.view()).transpose()?,
+                        checked,
+                    };
+                    // SAFETY: as in VarlenInstance::launch_cuda.
+                    unsafe {
+                        ctx.forward_kvcache_on_stream(
+                            &q.view()?,
+                            &mut cache,
+                            append.as_ref(),
+                            &mut out.view_mut()?,
+                            Some(&mut lse.view_mut()?),
+                            &params,
+                            None,
+                            std::ptr::null_mut(),
+                        )
+                    }
+                };
+                let r = run_or_time(ordinal, timing, launch);
+                // The cache comes back whether or not the call succeeded (a rejected call must
+                // leave it as it was).
+                let cache_bytes = (take(&kc)?, take(&vc)?);
+                let ms = r?;
+                (take(&out)?, take(&lse)?, cache_bytes, ms)
+            };
+            let (out, lse, (kc, vc), ms) = downloads;
+            bytes_mut(&mut self.out.storage).copy_from_slice(&out);
+            bytes_mut(&mut self.lse.storage).copy_from_slice(&lse);
+            bytes_mut(&mut self.k_cache.storage).copy_from_slice(&kc);
+            bytes_mut(&mut self.v_cache.storage).copy_from_slice(&vc);
+            Ok(ms)
+        }
+
+        /// Sets cache_seqlens[b] (to make a call invalid).
+        pub fn set_cache_len(&mut self, b: usize, n: i32) {
+            if let Storage::I32(v) = &mut self.seqlens.storage {
+                v[b] = n;
+            }
+        }
+    }
+
+    impl MergeInstance {
+        /// Merges on CUDA device `ordinal` and brings the output back.
+        pub fn run_cuda(&mut self, ctx: &Context, ordinal: u32) -> Result<()> {
+            let (out, lse) = {
+                let outs = self
+                    .outs
+                    .iter()
+                    .map(|t| up(t, ordinal))
+                    .collect::<Result<Vec<_>>>()?;
+                let lses = self
+                    .lses
+                    .iter()
+                    .map(|t| up(t, ordinal))
+                    .collect::<Result<Vec<_>>>()?;
+                let (out, lse) = if self.case.in_place {
+                    (None, None)
+                } else {
+                    (Some(up(&self.out, ordinal)?), Some(up(&self.lse, ordinal)?))
+                };
+                let states = outs
+                    .iter()
+                    .zip(&lses)
+                    .map(|(o, l)| {
+                        Ok(AttentionState {
+                            out: o.view()?,
+                            lse: l.view()?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let (o_dev, l_dev) = match (&out, &lse) {
+                    (Some(o), Some(l)) => (o, l),
+                    _ => (&outs[0], &lses[0]),
+                };
+                // SAFETY: as in VarlenInstance::run_cuda; in place, the output is states[0].
+                unsafe {
+                    ctx.merge_states_on_stream(
+                        &states,
+                        &mut o_dev.view_mut()?,
+                        Some(&mut l_dev.view_mut()?),
+                        std::ptr::null_mut(),
+                    )?
+                };
+                synchronize(ordinal)?;
+                (take(o_dev)?, take(l_dev)?)
+            };
+            let (o, l) = if self.case.in_place {
+                (&mut self.outs[0], &mut self.lses[0])
+            } else {
+                (&mut self.out, &mut self.lse)
+            };
+            bytes_mut(&mut o.storage).copy_from_slice(&out);
+            bytes_mut(&mut l.storage).copy_from_slice(&lse);
+            Ok(())
+        }
+    }
+
+    /// [`super::check_varlen`] on CUDA device `ordinal`.
+    pub fn check_varlen_cuda(
+        ctx: &Context,
+        case: &VarlenCase,
+        seed: u64,
+        ordinal: u32,
+    ) -> Result<Comparison> {
+        let mut inst = VarlenInstance::new(case, seed);
+        inst.run_cuda(ctx, ordinal, false)?;
+        inst.compare()
+    }
+
+    /// [`super::check_varlen_grads`] on CUDA device `ordinal`.
+    pub fn check_varlen_grads_cuda(
+        ctx: &Context,
+        case: &VarlenCase,
+        seed: u64,
+        ordinal: u32,
+    ) -> Result<GradComparison> {
+        let mut inst = VarlenInstance::new(case, seed);
+        inst.run_backward_cuda(ctx, ordinal)?;
+        inst.compare_grads()
+    }
+
+    /// [`super::check_kvcache`] on CUDA device `ordinal`.
+    pub fn check_kvcache_cuda(
+        ctx: &Context,
+        case: &KvCacheCase,
+        seed: u64,
+        ordinal: u32,
+    ) -> Result<Comparison> {
+        let mut inst = KvCacheInstance::new(case, seed);
+        inst.run_cuda(ctx, ordinal, false)?;
+        inst.compare()
+    }
+
+    /// [`super::check_merge`] on CUDA device `ordinal`.
+    pub fn check_merge_cuda(
+        ctx: &Context,
+        case: &MergeCase,
+        seed: u64,
+        ordinal: u32,
+    ) -> Result<Comparison> {
+        let mut inst = MergeInstance::new(case, seed);
+        inst.run_cuda(ctx, ordinal)?;
+        inst.compare(&MergeInstance::new(case, seed))
+    }
 }

@@ -1,0 +1,206 @@
+//! Packed variable-length batches, KV caches and merging on CUDA, against the f64 reference:
+//! the CPU suite's cases plus sizes that take every tensor-core path (several query and key
+//! blocks, paged prefill), the backward's gradients and its deterministic mode, the checked mode
+//! and a rejected append that leaves the cache as it was. Without a GPU these tests say so and
+//! pass, unless `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
+
+use ufa::testing::cuda::{gpu_present, run_suite};
+use ufa::testing::{
+    check_kvcache_cuda, check_merge_cuda, check_varlen_cuda, check_varlen_grads_cuda,
+    kvcache_cases, merge_cases, varlen_cases, varlen_grad_cases, Alibi, Comparison, Features,
+    GradComparison, KvCacheCase, KvCacheInstance, VarlenCase, VarlenInstance,
+};
+use ufa::{Context, DType, ErrorKind};
+
+/// Long enough for several 128-row query blocks and key tiles, at the tensor-core head dims
+/// (64 and 128 run wgmma on Hopper, 96 the mma.sync kernel), GQA, every dtype.
+fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
+    let mut cases = Vec::new();
+    for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (96, DType::BF16)] {
+        let mut f = Features::new(8, 2, d, dtype);
+        f.causal = true;
+        cases.push(VarlenCase::new(
+            &[300, 1, 129, 0, 64],
+            &[257, 40, 129, 7, 1000],
+            f,
+        ));
+        let mut f = Features::new(4, 4, d, dtype);
+        f.softcap = 30.0;
+        f.alibi = Some(Alibi::PerHead);
+        let mut c = VarlenCase::new(&[200, 33], &[150, 333], f);
+        c.max_slack = 70;
+        cases.push(c);
+    }
+    // Paged keys read by the tensor-core kernels (several queries a sequence).
+    for (page, d) in [(16, 128), (1, 64), (256, 64)] {
+        let mut f = Features::new(8, 2, d, DType::BF16);
+        f.causal = true;
+        let mut c = VarlenCase::new(&[150, 70], &[600, 90], f);
+        c.page_size = Some(page);
+        c.used_kv = Some(vec![555, 90]);
+        cases.push(c);
+    }
+    cases
+}
+
+fn tensor_core_kvcache_cases() -> Vec<KvCacheCase> {
+    let mut cases = Vec::new();
+    // Chunked prefill over a paged cache with rotary embedding.
+    let mut f = Features::new(8, 2, 128, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(70, &[100, 0, 257], 70, f);
+    c.page_size = Some(16);
+    c.rotary = Some((128, false));
+    cases.push(c);
+    // Speculative decoding over a gathered dense cache.
+    let mut f = Features::new(32, 8, 64, DType::F16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(4, &[1000, 3, 77], 4, f);
+    c.gathered = true;
+    c.rotary = Some((64, true));
+    cases.push(c);
+    // Decoding one token over pages of 256.
+    let mut f = Features::new(16, 2, 128, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(1, &[2000, 513], 1, f);
+    c.page_size = Some(256);
+    cases.push(c);
+    cases
+}
+
+#[test]
+fn varlen_forward_matches_the_reference() {
+    let mut cases = varlen_cases();
+    cases.extend(tensor_core_varlen_cases());
+    run_suite(
+        &cases,
+        |ctx, c, seed| check_varlen_cuda(ctx, c, seed, 0),
+        Comparison::passed,
+        Comparison::summary,
+    );
+}
+
+#[test]
+fn varlen_backward_matches_the_reference() {
+    let mut cases = varlen_grad_cases();
+    for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (96, DType::BF16)] {
+        for deterministic in [false, true] {
+            let mut f = Features::new(8, 2, d, dtype);
+            f.causal = true;
+            f.deterministic = deterministic;
+            cases.push(VarlenCase::new(
+                &[300, 1, 129, 0, 64],
+                &[257, 40, 129, 7, 500],
+                f,
+            ));
+        }
+    }
+    run_suite(
+        &cases,
+        |ctx, c, seed| check_varlen_grads_cuda(ctx, c, seed, 0),
+        GradComparison::passed,
+        GradComparison::summary,
+    );
+}
+
+#[test]
+fn kvcache_matches_the_reference_and_appends_exactly() {
+    let mut cases = kvcache_cases();
+    cases.extend(tensor_core_kvcache_cases());
+    run_suite(
+        &cases,
+        |ctx, c, seed| check_kvcache_cuda(ctx, c, seed, 0),
+        Comparison::passed,
+        Comparison::summary,
+    );
+}
+
+#[test]
+fn merged_states_match_the_reference() {
+    let mut cases = merge_cases();
+    let mut many = cases[0].clone();
+    many.states = 19; // three rounds of the merge kernel
+    cases.push(many);
+    run_suite(
+        &cases,
+        |ctx, c, seed| check_merge_cuda(ctx, c, seed, 0),
+        Comparison::passed,
+        Comparison::summary,
+    );
+}
+
+/// Deterministic varlen gradients are bitwise equal over runs.
+#[test]
+fn deterministic_varlen_backward_is_bitwise_reproducible() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let mut f = Features::new(8, 2, 128, DType::BF16);
+    f.causal = true;
+    f.deterministic = true;
+    let case = VarlenCase::new(&[700, 1, 300], &[900, 60, 300], f);
+    let run = || {
+        let mut inst = VarlenInstance::new(&case, 3);
+        inst.run_backward_cuda(&ctx, 0).unwrap();
+        inst.grad_bits()
+    };
+    let first = run();
+    for _ in 0..4 {
+        assert!(run() == first, "{}", case.describe());
+    }
+}
+
+/// Device metadata that breaks a rule: checked mode reports it and writes nothing (the cache
+/// included); unchecked, the kernels skip the slots outside the cache instead of following
+/// them, and the call completes.
+#[test]
+fn checked_mode_reports_bad_device_metadata() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let f = Features::new(4, 2, 64, DType::BF16);
+    let mut c = KvCacheCase::new(1, &[5, 9], 1, f);
+    c.page_size = Some(4);
+    let mut inst = KvCacheInstance::new(&c, 1);
+    // More keys than the sequence's pages hold, plus the one appended.
+    inst.set_cache_len(1, 40);
+    let err = inst.run_cuda(&ctx, 0, true).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.message().contains("cache_seqlens[1]=40"), "{err}");
+    assert!(inst.cache_untouched(), "a checked call wrote the cache");
+    inst.run_cuda(&ctx, 0, false).unwrap();
+    let mut v = VarlenInstance::new(
+        &VarlenCase::new(&[3, 4], &[5, 6], Features::new(2, 2, 64, DType::BF16)),
+        2,
+    );
+    v.run_cuda(&ctx, 0, true).unwrap();
+    assert!(v.compare().unwrap().passed());
+}
+
+/// A small problem of each new kernel for compute-sanitizer (memcheck, racecheck): varlen
+/// forward and backward on tensor cores, a paged append with rotary embedding and the
+/// attention over it, and a merge.
+#[test]
+#[ignore = "run under compute-sanitizer by scripts/gpu-check"]
+fn sanitizer_sequences_case() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let mut f = Features::new(4, 2, 64, DType::BF16);
+    f.causal = true;
+    let v = VarlenCase::new(&[70, 0, 3], &[99, 5, 130], f);
+    let cmp = check_varlen_grads_cuda(&ctx, &v, 1, 0).unwrap();
+    assert!(cmp.passed(), "{cmp:?}");
+    let mut f = Features::new(4, 2, 64, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(9, &[20, 0], 9, f);
+    c.page_size = Some(8);
+    c.rotary = Some((64, false));
+    let cmp = check_kvcache_cuda(&ctx, &c, 1, 0).unwrap();
+    assert!(cmp.passed(), "{cmp:?}");
+    let cmp = check_merge_cuda(&ctx, &merge_cases()[1], 1, 0).unwrap();
+    assert!(cmp.passed(), "{cmp:?}");
+}
