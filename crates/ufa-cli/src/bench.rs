@@ -1,4 +1,5 @@
-//! `ufa bench`: forward-pass timings on standard shapes.
+//! `ufa bench`: timings on standard shapes: dense batches, packed batches beside their padded
+//! twins, and decoding steps over dense and paged KV caches.
 
 use crate::device::{cuda_ordinals, DeviceArg};
 use crate::ComputeOpts;
@@ -6,7 +7,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use ufa::testing::{Case, Instance, Placement};
+use ufa::testing::{
+    Case, Features, Instance, KvCacheCase, KvCacheInstance, Placement, VarlenCase, VarlenInstance,
+};
 use ufa::{Context, DType};
 
 #[derive(clap::Args, Debug)]
@@ -54,56 +57,212 @@ struct Workload {
     name: String,
     batch: usize,
     heads: usize,
+    heads_kv: usize,
     seqlen_q: usize,
     seqlen_kv: usize,
     head_dim: usize,
     causal: bool,
+    kind: Kind,
 }
 
-/// DESIGN.md's CPU workloads W1-W4 (W2 and W3 causal and not), and on CUDA also its standard GPU
-/// sweep: 16k tokens in total, hidden 2048 (heads = 2048 / head_dim), named like
+/// How a workload's batch is laid out.
+#[derive(Clone, Debug, PartialEq)]
+enum Kind {
+    /// `batch` sequences of `seqlen_q` queries and `seqlen_kv` keys.
+    Dense,
+    /// A packed batch of these sequence lengths (queries and keys alike); `batch`, `seqlen_q`
+    /// and `seqlen_kv` give its padded twin (the longest length).
+    Varlen(Vec<usize>),
+    /// A decoding step over a KV cache: each of `batch` sequences appends one key and value at
+    /// `seqlen_kv - 1` and attends to all `seqlen_kv`; dense or paged (page size).
+    KvCache(Option<usize>),
+}
+
+impl Workload {
+    /// FLOPs of the pass (FlashAttention's convention: a backward counts 2.5 forwards).
+    fn flops(&self, backward: bool) -> f64 {
+        let pass = if backward { 2.5 } else { 1.0 };
+        let d = self.head_dim;
+        let f = |batch, sq, skv| ufa::forward_flops(batch, self.heads, sq, skv, d, d, self.causal);
+        pass * match &self.kind {
+            Kind::Varlen(lens) => lens.iter().map(|&l| f(1, l, l)).sum(),
+            _ => f(self.batch, self.seqlen_q, self.seqlen_kv),
+        }
+    }
+
+    /// Bytes of q, k, v and out each call must move at least (what bounds decoding): a KV
+    /// cache's keys and values are read once per KV head, not per query head.
+    fn bytes(&self, dtype: DType) -> f64 {
+        let d = self.head_dim;
+        let (q_rows, kv_rows) = match &self.kind {
+            Kind::Varlen(lens) => {
+                let n: usize = lens.iter().sum();
+                (n, n)
+            }
+            _ => (self.batch * self.seqlen_q, self.batch * self.seqlen_kv),
+        };
+        let elems = 2 * q_rows * self.heads * d + 2 * kv_rows * self.heads_kv * d;
+        (elems * dtype.size_in_bytes()) as f64
+    }
+
+    fn shape(&self) -> String {
+        let heads = if self.heads_kv == self.heads {
+            format!("H{}", self.heads)
+        } else {
+            format!("H{}/{}", self.heads, self.heads_kv)
+        };
+        let (b, sq, skv, d) = (self.batch, self.seqlen_q, self.seqlen_kv, self.head_dim);
+        match &self.kind {
+            Kind::Dense => format!("B{b} {heads} Sq{sq} Skv{skv} D{d}"),
+            Kind::Varlen(lens) => {
+                let n: usize = lens.iter().sum();
+                format!("packed {b} seqs {n} tokens {heads} D{d}")
+            }
+            Kind::KvCache(page) => {
+                let cache = page.map_or("dense".to_string(), |p| format!("page{p}"));
+                format!("B{b} {heads} cache{skv} {cache} D{d}")
+            }
+        }
+    }
+}
+
+/// DESIGN.md's CPU workloads W1-W4 (W2 and W3 causal and not); packed batches beside their
+/// padded twins (V1, and on CUDA V2 and V3, whose equal lengths match S-d128-s4096); decoding
+/// steps over dense and paged KV caches (D1 on the CPU, D2 on CUDA); and on CUDA DESIGN.md's
+/// standard GPU sweep: 16k tokens in total, hidden 2048 (heads = 2048 / head_dim), named like
 /// `S-d128-s4096` and `S-d128-s4096-causal`, in bench/gpu_sweep.py's order.
 fn workloads(target: Target) -> Vec<Workload> {
-    let w = |name: String, batch, heads, seqlen_q, seqlen_kv, head_dim, causal| Workload {
-        name,
+    let w = |name: &str, batch, heads, seqlen_q, seqlen_kv, head_dim, causal| Workload {
+        name: name.to_string(),
         batch,
         heads,
+        heads_kv: heads,
         seqlen_q,
         seqlen_kv,
         head_dim,
         causal,
+        kind: Kind::Dense,
+    };
+    // A packed batch and its padded twin.
+    let varlen = |name: &str, lens: &[usize], heads, head_dim, causal| {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let dense = w(name, lens.len(), heads, longest, longest, head_dim, causal);
+        let suffix = if causal { "-causal" } else { "" };
+        [
+            Workload {
+                name: format!("{name}-varlen{suffix}"),
+                kind: Kind::Varlen(lens.to_vec()),
+                ..w(name, lens.len(), heads, longest, longest, head_dim, causal)
+            },
+            Workload {
+                name: format!("{name}-padded{suffix}"),
+                ..dense
+            },
+        ]
+    };
+    // Decoding steps over one cache in each layout.
+    let decode = |name: &str, batch, heads, heads_kv, cache, head_dim, pages: &[usize]| {
+        std::iter::once(None)
+            .chain(pages.iter().map(|&p| Some(p)))
+            .map(|page| Workload {
+                name: match page {
+                    None => format!("{name}-kvcache-dense"),
+                    Some(p) => format!("{name}-kvcache-page{p}"),
+                },
+                heads_kv,
+                kind: Kind::KvCache(page),
+                ..w(name, batch, heads, 1, cache, head_dim, false)
+            })
+            .collect::<Vec<_>>()
     };
     let mut v = vec![
-        w("W1".into(), 1, 8, 1024, 1024, 64, false),
-        w("W2".into(), 1, 8, 4096, 4096, 64, false),
-        w("W2-causal".into(), 1, 8, 4096, 4096, 64, true),
-        w("W3".into(), 1, 16, 2048, 2048, 128, false),
-        w("W3-causal".into(), 1, 16, 2048, 2048, 128, true),
-        w("W4-decode".into(), 1, 32, 1, 4096, 128, false),
+        w("W1", 1, 8, 1024, 1024, 64, false),
+        w("W2", 1, 8, 4096, 4096, 64, false),
+        w("W2-causal", 1, 8, 4096, 4096, 64, true),
+        w("W3", 1, 16, 2048, 2048, 128, false),
+        w("W3-causal", 1, 16, 2048, 2048, 128, true),
+        w("W4-decode", 1, 32, 1, 4096, 128, false),
     ];
-    if let Target::Cuda(_) = target {
-        for head_dim in [64, 128, 256] {
+    let v1 = [256, 1024, 64, 512, 128, 1, 2048, 96];
+    match target {
+        Target::Cpu => {
+            v.extend(varlen("V1", &v1, 8, 64, true));
+            v.extend(decode("D1", 4, 32, 8, 4096, 128, &[16, 256]));
+        }
+        Target::Cuda(_) => {
+            v.extend(varlen("V1", &v1, 8, 64, true));
+            // 16k tokens of mixed lengths (2x when padded), and four equal ones.
+            let v2 = [3072, 512, 1536, 4096, 1024, 2560, 768, 2816];
             for causal in [false, true] {
-                for seqlen in [512, 1024, 2048, 4096, 8192, 16384] {
-                    let name = format!(
-                        "S-d{head_dim}-s{seqlen}{}",
-                        if causal { "-causal" } else { "" }
-                    );
-                    let batch = 16384 / seqlen;
-                    v.push(w(
-                        name,
-                        batch,
-                        2048 / head_dim,
-                        seqlen,
-                        seqlen,
-                        head_dim,
-                        causal,
-                    ));
+                v.extend(varlen("V2", &v2, 16, 128, causal));
+                v.extend(varlen("V3", &[4096; 4], 16, 128, causal));
+            }
+            v.extend(decode("D2", 16, 32, 8, 8192, 128, &[1, 16, 256]));
+            for head_dim in [64, 128, 256] {
+                for causal in [false, true] {
+                    for seqlen in [512, 1024, 2048, 4096, 8192, 16384] {
+                        let name = format!(
+                            "S-d{head_dim}-s{seqlen}{}",
+                            if causal { "-causal" } else { "" }
+                        );
+                        let batch = 16384 / seqlen;
+                        v.push(w(
+                            &name,
+                            batch,
+                            2048 / head_dim,
+                            seqlen,
+                            seqlen,
+                            head_dim,
+                            causal,
+                        ));
+                    }
                 }
             }
         }
     }
     v
+}
+
+/// One workload's inputs, ready to run.
+enum Prepared {
+    Dense(Instance),
+    Varlen(VarlenInstance),
+    KvCache(KvCacheInstance),
+}
+
+impl Prepared {
+    fn new(w: &Workload, dtype: DType, backward: bool, layout: Layout) -> ufa::Result<Prepared> {
+        let mut f = Features::new(w.heads, w.heads_kv, w.head_dim, dtype);
+        f.causal = w.causal;
+        Ok(match &w.kind {
+            Kind::Dense => {
+                let mut case =
+                    Case::new(w.batch, w.seqlen_q, w.seqlen_kv, w.heads, w.head_dim, dtype);
+                case.heads_kv = w.heads_kv;
+                case.causal = w.causal;
+                case.with_lse = backward;
+                if layout == Layout::Bhsd {
+                    case.placement = [Placement::HeadsFirst; 4];
+                }
+                Prepared::Dense(Instance::new(&case, 1))
+            }
+            Kind::Varlen(lens) => {
+                Prepared::Varlen(VarlenInstance::new(&VarlenCase::new(lens, lens, f), 1))
+            }
+            Kind::KvCache(page) => {
+                if backward {
+                    return Err(ufa::Error::invalid(format!(
+                        "--backward: {} is a decoding step, which has no backward",
+                        w.name
+                    )));
+                }
+                let cached = vec![w.seqlen_kv - 1; w.batch];
+                let mut case = KvCacheCase::new(1, &cached, 1, f);
+                case.page_size = *page;
+                Prepared::KvCache(KvCacheInstance::new(&case, 1))
+            }
+        })
+    }
 }
 
 /// Where the timed calls run.
@@ -136,25 +295,34 @@ impl Target {
     fn time(
         self,
         ctx: &Context,
-        inst: &mut Instance,
+        prepared: &mut Prepared,
         backward: bool,
         iters: usize,
         bar: &ProgressBar,
     ) -> ufa::Result<(f64, Option<f64>)> {
-        match (self, backward) {
-            (Target::Cpu, false) => wall_ms(iters, bar, || inst.run(ctx)),
-            (Target::Cpu, true) => {
-                inst.run(ctx)?;
-                wall_ms(iters, bar, || inst.run_backward(ctx))
-            }
-            (Target::Cuda(n), false) => {
+        match self {
+            Target::Cpu => match (prepared, backward) {
+                (Prepared::Dense(inst), false) => wall_ms(iters, bar, || inst.run(ctx)),
+                (Prepared::Dense(inst), true) => {
+                    inst.run(ctx)?;
+                    wall_ms(iters, bar, || inst.run_backward(ctx))
+                }
+                (Prepared::Varlen(inst), false) => wall_ms(iters, bar, || inst.run(ctx)),
+                (Prepared::Varlen(inst), true) => {
+                    inst.run(ctx)?;
+                    wall_ms(iters, bar, || inst.run_backward(ctx))
+                }
+                (Prepared::KvCache(inst), _) => wall_ms(iters, bar, || inst.run(ctx)),
+            },
+            Target::Cuda(n) => {
                 // Several warm-up calls: the first also compiles or loads the kernel.
-                let ms = inst.time_cuda(ctx, n, 3, iters)?;
-                bar.inc(iters as u64 + 1);
-                Ok((ms, None))
-            }
-            (Target::Cuda(n), true) => {
-                let ms = inst.time_cuda_backward(ctx, n, 3, iters)?;
+                let ms = match (prepared, backward) {
+                    (Prepared::Dense(inst), false) => inst.time_cuda(ctx, n, 3, iters)?,
+                    (Prepared::Dense(inst), true) => inst.time_cuda_backward(ctx, n, 3, iters)?,
+                    (Prepared::Varlen(inst), false) => inst.time_cuda(ctx, n, 3, iters)?,
+                    (Prepared::Varlen(inst), true) => inst.time_cuda_backward(ctx, n, 3, iters)?,
+                    (Prepared::KvCache(inst), _) => inst.time_cuda(ctx, n, 3, iters)?,
+                };
                 bar.inc(iters as u64 + 1);
                 Ok((ms, None))
             }
@@ -237,6 +405,10 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
                 .is_none_or(|f| w.name.contains(f.as_str()))
         })
         .filter(|w| args.workload.as_ref().is_none_or(|n| &w.name == n))
+        // A decoding step has no backward; asked for by name, it is an error that says so.
+        .filter(|w| {
+            !(args.backward && args.workload.is_none() && matches!(w.kind, Kind::KvCache(_)))
+        })
         .collect();
     if chosen.is_empty() {
         let names: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
@@ -257,44 +429,22 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
     );
     let mut measure = |w: &Workload| -> ufa::Result<Row> {
         bar.set_message(w.name.clone());
-        let mut case = Case::new(w.batch, w.seqlen_q, w.seqlen_kv, w.heads, w.head_dim, dtype);
-        case.causal = w.causal;
-        case.with_lse = args.backward;
-        if args.layout == Layout::Bhsd {
-            case.placement = [Placement::HeadsFirst; 4];
-        }
-        let mut inst = Instance::new(&case, 1);
-        let (median_ms, min_ms) = target.time(&ctx, &mut inst, args.backward, iters, &bar)?;
+        let mut prepared = Prepared::new(w, dtype, args.backward, args.layout)?;
+        let (median_ms, min_ms) = target.time(&ctx, &mut prepared, args.backward, iters, &bar)?;
         let median = median_ms / 1e3;
-        // FlashAttention's convention: the backward counts 2.5 forwards.
-        let pass_factor = if args.backward { 2.5 } else { 1.0 };
-        let flops = pass_factor
-            * ufa::forward_flops(
-                w.batch,
-                w.heads,
-                w.seqlen_q,
-                w.seqlen_kv,
-                w.head_dim,
-                w.head_dim,
-                w.causal,
-            );
-        let elems = w.batch * w.heads * (2 * w.seqlen_q + 2 * w.seqlen_kv) * w.head_dim;
         Ok(Row {
             name: w.name.clone(),
             pass: if args.backward { "backward" } else { "forward" },
             layout: format!("{:?}", args.layout).to_lowercase(),
-            shape: format!(
-                "B{} H{} Sq{} Skv{} D{}",
-                w.batch, w.heads, w.seqlen_q, w.seqlen_kv, w.head_dim
-            ),
+            shape: w.shape(),
             dtype: dtype.to_string(),
             causal: w.causal,
             threads: (target == Target::Cpu).then(|| ctx.num_threads()),
             kernels: kernels.clone(),
             median_ms,
             min_ms,
-            gflops: flops / median / 1e9,
-            gbytes_per_s: (elems * dtype.size_in_bytes()) as f64 / median / 1e9,
+            gflops: w.flops(args.backward) / median / 1e9,
+            gbytes_per_s: w.bytes(dtype) / median / 1e9,
         })
     };
     let rows: ufa::Result<Vec<Row>> = chosen.into_iter().map(&mut measure).collect();
@@ -323,12 +473,12 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
         Target::Cuda(_) => ("TFLOP/s", 1e-3),
     };
     println!(
-        "{:<20} {:<8} {:<34} {:>5} {:>7} {:>14} {:>10} {:>9} {:>8}",
+        "{:<24} {:<8} {:<38} {:>5} {:>7} {:>14} {:>10} {:>9} {:>8}",
         "workload", "pass", "shape", "dtype", "threads", "kernels", "median ms", rate, "GB/s"
     );
     for r in &rows {
         println!(
-            "{:<20} {:<8} {:<34} {:>5} {:>7} {:>14} {:>10.3} {:>9.1} {:>8.2}",
+            "{:<24} {:<8} {:<38} {:>5} {:>7} {:>14} {:>10.3} {:>9.1} {:>8.2}",
             r.name,
             r.pass,
             r.shape,
@@ -351,12 +501,13 @@ mod tests {
     fn cuda_adds_the_standard_gpu_sweep() {
         let cpu = workloads(Target::Cpu);
         let cuda = workloads(Target::Cuda(0));
-        assert_eq!(cpu.len(), 6);
-        assert_eq!(cuda.len(), 6 + 3 * 2 * 6);
-        for (a, b) in cpu.iter().zip(&cuda) {
-            assert_eq!(a.name, b.name);
+        for name in ["W1", "W2", "W2-causal", "W3", "W3-causal", "W4-decode"] {
+            assert!(cpu.iter().any(|w| w.name == name), "{name}");
+            assert!(cuda.iter().any(|w| w.name == name), "{name}");
         }
-        for w in &cuda[6..] {
+        let sweep: Vec<&Workload> = cuda.iter().filter(|w| w.name.starts_with("S-")).collect();
+        assert_eq!(sweep.len(), 3 * 2 * 6);
+        for w in sweep {
             assert_eq!(w.batch * w.seqlen_q, 16384, "{}", w.name);
             assert_eq!(w.heads * w.head_dim, 2048, "{}", w.name);
             assert_eq!(w.seqlen_q, w.seqlen_kv);
@@ -365,10 +516,47 @@ mod tests {
                 .name
                 .starts_with(&format!("S-d{}-s{}", w.head_dim, w.seqlen_q)));
         }
-        let mut names: Vec<&str> = cuda.iter().map(|w| w.name.as_str()).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), cuda.len(), "workload names are unique");
+        for list in [&cpu, &cuda] {
+            let mut names: Vec<&str> = list.iter().map(|w| w.name.as_str()).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), list.len(), "workload names are unique");
+        }
+    }
+
+    #[test]
+    fn packed_batches_come_with_their_padded_twin() {
+        for w in workloads(Target::Cuda(0)) {
+            let Kind::Varlen(lens) = &w.kind else {
+                continue;
+            };
+            let twin = w.name.replace("-varlen", "-padded");
+            let all = workloads(Target::Cuda(0));
+            let dense = all.iter().find(|d| d.name == twin).expect("a padded twin");
+            assert_eq!(dense.kind, Kind::Dense);
+            assert_eq!(dense.batch, lens.len());
+            assert_eq!(dense.seqlen_q, *lens.iter().max().unwrap());
+            assert_eq!(
+                (dense.heads, dense.head_dim, dense.causal),
+                (w.heads, w.head_dim, w.causal)
+            );
+            // Equal lengths: the same FLOPs as the dense batch.
+            if lens.iter().all(|&l| l == lens[0]) {
+                assert_eq!(w.flops(false), dense.flops(false));
+            } else {
+                assert!(w.flops(false) < dense.flops(false));
+            }
+        }
+    }
+
+    #[test]
+    fn a_decoding_step_reads_the_cache_once_per_kv_head() {
+        let all = workloads(Target::Cpu);
+        let d = all.iter().find(|w| w.name == "D1-kvcache-page16").unwrap();
+        assert_eq!(d.kind, Kind::KvCache(Some(16)));
+        let cache = 2 * d.batch * d.seqlen_kv * d.heads_kv * d.head_dim * 4;
+        let q_out = 2 * d.batch * d.heads * d.head_dim * 4;
+        assert_eq!(d.bytes(DType::F32), (cache + q_out) as f64);
     }
 
     #[test]

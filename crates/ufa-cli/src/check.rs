@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use ufa::testing::cuda::check_grads_cuda;
 use ufa::testing::{
-    check_grads, standard_cases, standard_grad_cases, Case, GradComparison, Instance,
+    check_grads, check_kvcache, check_kvcache_cuda, check_merge, check_merge_cuda, check_varlen,
+    check_varlen_cuda, check_varlen_grads, check_varlen_grads_cuda, kvcache_cases, merge_cases,
+    standard_cases, standard_grad_cases, varlen_cases, varlen_grad_cases, Case, Comparison,
+    Described, GradComparison, Instance, KvCacheCase, MergeCase, VarlenCase,
 };
 use ufa::{Context, Isa};
 
@@ -53,6 +56,34 @@ impl Backend {
         match self.target {
             Target::Cpu => check_grads(&self.ctx, case, seed),
             Target::Cuda(n) => check_grads_cuda(&self.ctx, case, seed, n),
+        }
+    }
+
+    fn varlen(&self, case: &VarlenCase, seed: u64) -> ufa::Result<Comparison> {
+        match self.target {
+            Target::Cpu => check_varlen(&self.ctx, case, seed),
+            Target::Cuda(n) => check_varlen_cuda(&self.ctx, case, seed, n),
+        }
+    }
+
+    fn varlen_grads(&self, case: &VarlenCase, seed: u64) -> ufa::Result<GradComparison> {
+        match self.target {
+            Target::Cpu => check_varlen_grads(&self.ctx, case, seed),
+            Target::Cuda(n) => check_varlen_grads_cuda(&self.ctx, case, seed, n),
+        }
+    }
+
+    fn kvcache(&self, case: &KvCacheCase, seed: u64) -> ufa::Result<Comparison> {
+        match self.target {
+            Target::Cpu => check_kvcache(&self.ctx, case, seed),
+            Target::Cuda(n) => check_kvcache_cuda(&self.ctx, case, seed, n),
+        }
+    }
+
+    fn merge(&self, case: &MergeCase, seed: u64) -> ufa::Result<Comparison> {
+        match self.target {
+            Target::Cpu => check_merge(&self.ctx, case, seed),
+            Target::Cuda(n) => check_merge_cuda(&self.ctx, case, seed, n),
         }
     }
 }
@@ -171,10 +202,95 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
             );
         }
     }
+    // Packed batches, KV caches and merges: each case draws its own inputs and reference (the
+    // sequence cases are small, so the reference is cheap next to a dense case's).
+    let section = |title: &str, seed_base: u64| {
+        println!();
+        println!(
+            "{:<76} {:<13} {:>10} {:>10} {:>9}  result",
+            title, "backend", "rel err", "lse err", "bound"
+        );
+        seed.wrapping_add(seed_base)
+    };
+    let base = section("packed batch case", 2000);
+    for (i, case) in varlen_cases().iter().enumerate() {
+        for b in &backends {
+            let row = b.varlen(case, base.wrapping_add(i as u64));
+            print_forward_row(case, &b.name, row, &mut tally);
+        }
+    }
+    let base = section("KV-cache case", 3000);
+    for (i, case) in kvcache_cases().iter().enumerate() {
+        for b in &backends {
+            let row = b.kvcache(case, base.wrapping_add(i as u64));
+            print_forward_row(case, &b.name, row, &mut tally);
+        }
+    }
+    let base = section("merge case", 4000);
+    for (i, case) in merge_cases().iter().enumerate() {
+        for b in &backends {
+            let row = b.merge(case, base.wrapping_add(i as u64));
+            print_forward_row(case, &b.name, row, &mut tally);
+        }
+    }
+    println!();
+    println!(
+        "{:<76} {:<13} {:>10} {:>10} {:>10}  result",
+        "packed batch backward case", "backend", "dq err", "dk err", "dv err"
+    );
+    for (i, case) in varlen_grad_cases().iter().enumerate() {
+        for b in &backends {
+            let (errs, ok) = match b.varlen_grads(case, seed.wrapping_add(5000 + i as u64)) {
+                Ok(c) => (
+                    format!("{:>10.2e} {:>10.2e} {:>10.2e}", c.dq, c.dk, c.dv),
+                    c.passed(),
+                ),
+                Err(e) => (format!("error: {e}"), false),
+            };
+            println!(
+                "{:<76} {:<13} {}  {}",
+                case.describe(),
+                b.name,
+                errs,
+                tally.verdict(ok)
+            );
+        }
+    }
     println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(if tally.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One result row of a forward-type check (output and LSE errors against the bound).
+fn print_forward_row(
+    case: &dyn Described,
+    backend: &str,
+    outcome: ufa::Result<Comparison>,
+    tally: &mut Tally,
+) {
+    let (err, lse, bound, ok) = match outcome {
+        Ok(c) => (
+            if c.strays > 0 {
+                format!("{:.2e} ({} stray writes)", c.out_error, c.strays)
+            } else {
+                format!("{:.2e}", c.out_error)
+            },
+            c.lse_error.map_or("-".into(), |e| format!("{e:.2e}")),
+            format!("{:.0e}", c.tolerance),
+            c.passed(),
+        ),
+        Err(e) => (format!("error: {e}"), String::new(), String::new(), false),
+    };
+    println!(
+        "{:<76} {:<13} {:>10} {:>10} {:>9}  {}",
+        case.describe(),
+        backend,
+        err,
+        lse,
+        bound,
+        tally.verdict(ok)
+    );
 }

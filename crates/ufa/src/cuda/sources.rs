@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-/// Every file of `crates/ufa/kernels/`.
+/// Every kernel source of `crates/ufa/kernels/` (a test checks that none is missing).
 pub(crate) const KERNEL_FILES: [(&str, &str); 17] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("sequence.cuh", include_str!("../../kernels/sequence.cuh")),
@@ -63,5 +63,26 @@ impl Program {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, t)| t.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KERNEL_FILES;
+
+    /// A kernel file left out of the list would be missing from NVRTC's headers (an include
+    /// error at run time) and from the cache key.
+    #[test]
+    fn every_kernel_file_is_listed() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".cu") || n.ends_with(".cuh"))
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = KERNEL_FILES.iter().map(|(n, _)| n.to_string()).collect();
+        listed.sort();
+        assert_eq!(on_disk, listed);
     }
 }
