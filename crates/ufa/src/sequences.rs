@@ -111,6 +111,16 @@ impl RowMap {
     pub fn rows_are_evenly_spaced(&self) -> bool {
         !self.is_paged()
     }
+
+    /// A sequence's rows are `strides[seq_dim]` apart in runs that start at the positions
+    /// `pos` with `pos & run_mask() == 0`: each page of a paged cache, else the whole sequence.
+    #[inline(always)]
+    pub fn run_mask(&self) -> usize {
+        match *self {
+            RowMap::Paged { shift, .. } => (1usize << shift) - 1,
+            _ => usize::MAX,
+        }
+    }
 }
 
 /// How many keys each sequence has.

@@ -157,11 +157,18 @@ impl Scratch {
 /// instructions, and enough rows to fill register blocks.
 #[inline(always)]
 fn bf16_path<const BF16: bool>(p: &Problem, t: &TileRows) -> bool {
-    BF16 && cfg!(target_arch = "x86_64") && p.k.dtype == DType::BF16 && t.nrows > FEW_ROWS
+    BF16 && cfg!(target_arch = "x86_64") && p.k.dtype == DType::BF16 && t.nrows > BF16_FEW_ROWS
 }
 
-/// Up to this many rows, a tile uses dot products with K rows instead of register blocks.
-const FEW_ROWS: usize = 2;
+/// Up to this many rows (and off the bf16 path), a tile takes dot products with K rows and
+/// adds V rows in place instead of packing K tiles for register blocks. Decoding with GQA
+/// has a row per query head of the group: with 4-8 rows, packing every K tile cost 1.4-2.2x
+/// (2-core AVX2, f32, head_dim 64/128, 2-4k keys) and 12-16 rows were about as fast either
+/// way.
+const FEW_ROWS: usize = 8;
+
+/// The bf16 dot-product path (AVX-512 BF16) takes tiles of more rows than this.
+const BF16_FEW_ROWS: usize = 2;
 
 /// Loads the tile's queries (pre-multiplied by the softmax scale; raw bf16 pairs on the bf16
 /// path), resets the accumulators and returns the union of the rows' visible key ranges.
@@ -220,24 +227,23 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
 ) {
     let (d, dv, dvp) = (p.head_dim, p.head_dim_v, sc.dvp);
     let rows = round_up(t.nrows, R);
-    // With one or two rows (decoding without GQA) most of a register block would be padding:
-    // take dot products with K rows and add V rows in place instead.
-    let few_rows = t.nrows <= FEW_ROWS;
+    // With few rows (decoding) most of a register block would be padding and packing K would
+    // cost more than the products: take dot products with K rows and add V rows in place.
     let bf16 = bf16_path::<BF16>(p, t);
+    let few_rows = !bf16 && t.nrows <= FEW_ROWS;
     let mut j0 = keys.0;
     while j0 < keys.1 {
         let nk = (keys.1 - j0).min(BK);
+        // The few-rows path reads K and V row by row: their addresses, found once a tile.
+        let mut k_rows = [std::ptr::null::<u8>(); BK];
+        let mut v_rows = [std::ptr::null::<u8>(); BK];
         if few_rows {
+            key_rows(&p.k, t, j0, &mut k_rows[..nk]);
+            key_rows(&p.v, t, j0, &mut v_rows[..nk]);
             for jj in 0..nk {
-                prefetch_ahead(t, jj, nk, (&p.k, j0, d), (&p.v, j0, dv));
+                prefetch_ahead(t, jj, (&p.k, &k_rows[..nk], d), (&p.v, j0, dv));
                 // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
-                let k = unsafe {
-                    row_f32(
-                        p.k.dtype,
-                        p.k.at([t.batch, j0 + jj, t.hkv, 0]),
-                        &mut sc.row[..d],
-                    )
-                };
+                let k = unsafe { row_f32(p.k.dtype, k_rows[jj], &mut sc.row[..d]) };
                 for r in 0..t.nrows {
                     sc.s[r * BK + jj] = dot::<M>(&sc.q[r * d..][..d], k);
                 }
@@ -290,15 +296,9 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         }
         if few_rows {
             for jj in 0..nk {
-                prefetch_ahead(t, jj, nk, (&p.v, j0, dv), (&p.k, j0 + nk, d));
+                prefetch_ahead(t, jj, (&p.v, &v_rows[..nk], dv), (&p.k, j0 + nk, d));
                 // SAFETY: as for K.
-                let v = unsafe {
-                    row_f32(
-                        p.v.dtype,
-                        p.v.at([t.batch, j0 + jj, t.hkv, 0]),
-                        &mut sc.row[..dv],
-                    )
-                };
+                let v = unsafe { row_f32(p.v.dtype, v_rows[jj], &mut sc.row[..dv]) };
                 for r in 0..t.nrows {
                     axpy::<M>(sc.s[r * BK + jj], v, &mut sc.acc[r * dvp..][..dv]);
                 }
@@ -369,23 +369,44 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
 const PREFETCH_KEYS: usize = 8;
 
 /// The row-by-row path reads one stream of rows: K of a tile, V of the tile, K of the next.
-/// While it reads row `jj` of the `nk` rows of `now` (operand, first key, row length), this
-/// asks for the row PREFETCH_KEYS places ahead, which may be one of `then`.
+/// While it reads row `jj` of `now` (operand, the addresses of the tile's rows, row length),
+/// this asks for the row PREFETCH_KEYS places ahead, which may be one of `then` (operand,
+/// first key, row length).
 #[inline(always)]
 fn prefetch_ahead(
     t: &TileRows,
     jj: usize,
-    nk: usize,
-    now: (&Operand, usize, usize),
+    now: (&Operand, &[*const u8], usize),
     then: (&Operand, usize, usize),
 ) {
+    let (x, rows, len) = now;
     let ahead = jj + PREFETCH_KEYS;
-    let ((x, j0, len), k) = if ahead < nk {
-        (now, ahead)
+    if ahead < rows.len() {
+        if x.strides[1] > len {
+            prefetch(rows[ahead], len * x.dtype.size_in_bytes());
+        }
     } else {
-        (then, ahead - nk)
-    };
-    prefetch_row(x, t, j0 + k, len);
+        let (x, j0, len) = then;
+        prefetch_row(x, t, j0 + ahead - rows.len(), len);
+    }
+}
+
+/// The addresses of rows `j0..j0 + rows.len()` of `x` for this tile's KV head. The row map is
+/// consulted once a run of evenly spaced rows (a page of a paged cache): a lookup per row cost
+/// a paged decode 15-30% beside a dense one.
+#[inline(always)]
+fn key_rows(x: &Operand, t: &TileRows, j0: usize, rows: &mut [*const u8]) {
+    let (mask, step) = (x.rows.run_mask(), x.strides[1] * x.dtype.size_in_bytes());
+    let mut at = std::ptr::null::<u8>();
+    for (jj, row) in rows.iter_mut().enumerate() {
+        let j = j0 + jj;
+        at = if jj == 0 || j & mask == 0 {
+            x.at([t.batch, j, t.hkv, 0])
+        } else {
+            at.wrapping_add(step)
+        };
+        *row = at;
+    }
 }
 
 /// Hints the cache to load row `key` of `x` (K or V) for this tile's KV head, where one head's
