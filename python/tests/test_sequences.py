@@ -89,11 +89,11 @@ def test_varlen_custom_ops_pass_opcheck():
     q, k, v, cu_q, cu_k = packed_batch([3, 5], [4, 6], 4, 2, 16, torch.float32, "cpu", 0)
     for t in (q, k, v):
         t.requires_grad_(True)
-    args = (q, k, v, cu_q, cu_k, 5, 6, None, None, None, None, True, -1, -1, 0.0, False)
+    args = (q, k, v, cu_q, cu_k, 5, 6, None, None, None, None, True, -1, -1, 0.0, False, False)
     torch.library.opcheck(torch.ops.ufa.varlen_forward.default, args)
     out, lse = torch.ops.ufa.varlen_forward(*args)
     bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q,
-             cu_k, 5, 6, None, None, True, -1, -1, 0.0, False)
+             cu_k, 5, 6, None, None, True, -1, -1, 0.0, False, False)
     torch.library.opcheck(torch.ops.ufa.varlen_backward.default, bargs)
 
 
@@ -235,10 +235,19 @@ def test_kvcache_rejects_overflow_and_leaves_the_cache(device):
     before = k_cache.clone()
     q = torch.randn(2, 1, 2, 16, device=device)
     kn = torch.randn(2, 1, 1, 16, device=device)
+    lens = torch.tensor([3, 8], dtype=torch.int32, device=device)
+    # On the GPU the values of device metadata are checked only on request (a synchronisation).
     with pytest.raises(ValueError, match=r"cache_seqlens\[1\]=8 exceeds"):
-        ut.flash_attn_with_kvcache(q, k_cache, v_cache, kn, kn, cache_seqlens=torch.tensor(
-            [3, 8], dtype=torch.int32, device=device))
+        ut.flash_attn_with_kvcache(q, k_cache, v_cache, kn, kn, cache_seqlens=lens,
+                                   checked=device == "cuda")
     assert torch.equal(k_cache, before)
+    if device == "cuda":
+        # Unchecked, the sequence that fits is appended and the one that does not is skipped:
+        # nothing is written outside its slots.
+        ut.flash_attn_with_kvcache(q, k_cache, v_cache, kn, kn, cache_seqlens=lens)
+        after = before.clone()
+        after[0, 3] = kn[0, 0]
+        assert torch.equal(k_cache, after)
     with pytest.raises(NotImplementedError, match="cache_leftpad"):
         ut.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=1,
                                    cache_leftpad=torch.zeros(2, dtype=torch.int32))

@@ -28,18 +28,21 @@ class _Scores(NamedTuple):
     window_right: int
     softcap: float
     deterministic: bool
+    # CUDA: also check the metadata's values on the host (see flash_attn_with_kvcache).
+    checked: bool = False
 
     def kwargs(self) -> dict:
         return dict(scale=self.scale, causal=self.causal, window_left=self.window_left,
-                    window_right=self.window_right, softcap=self.softcap)
+                    window_right=self.window_right, softcap=self.softcap, checked=self.checked)
 
 
-def _scores(softmax_scale, causal, window_size, softcap, deterministic=False) -> _Scores:
+def _scores(softmax_scale, causal, window_size, softcap, deterministic=False,
+            checked=False) -> _Scores:
     from . import _window
 
     left, right = _window(window_size)
     return _Scores(None if softmax_scale is None else float(softmax_scale), bool(causal), left,
-                   right, float(softcap), bool(deterministic))
+                   right, float(softcap), bool(deterministic), bool(checked))
 
 
 def _no_dropout(dropout_p: float) -> None:
@@ -99,9 +102,10 @@ def varlen_forward(
     window_right: int,
     softcap: float,
     deterministic: bool,
+    checked: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Packed-batch attention; returns (out [total_q, Hq, Dv], lse f32 [Hq, total_q])."""
-    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic)
+    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked)
     return _varlen_forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 seqused_k, block_table, alibi_slopes, s)
 
@@ -109,7 +113,7 @@ def varlen_forward(
 @varlen_forward.register_fake
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          seqused_k, block_table, alibi_slopes, scale, causal, window_left,
-                         window_right, softcap, deterministic):
+                         window_right, softcap, deterministic, checked):
     return (q.new_empty((q.shape[0], q.shape[1], v.shape[-1])),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -144,9 +148,10 @@ def varlen_backward(
     window_right: int,
     softcap: float,
     deterministic: bool,
+    checked: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of varlen_forward, packed like q, k and v."""
-    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic)
+    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked)
     return _varlen_backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                  max_seqlen_q, max_seqlen_k, alibi_slopes, s)
 
@@ -154,7 +159,7 @@ def varlen_backward(
 @varlen_backward.register_fake
 def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, alibi_slopes, scale, causal, window_left, window_right,
-                          softcap, deterministic):
+                          softcap, deterministic, checked):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -171,7 +176,7 @@ def _varlen_backward_op(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
     dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.lengths, alibi,
                                  *ctx.params)
-    return (dq, dk, dv) + (None,) * 13
+    return (dq, dk, dv) + (None,) * 14
 
 
 varlen_forward.register_autograd(_varlen_backward_op, setup_context=_varlen_setup_context)
@@ -214,7 +219,7 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi,
     if compiling:
         return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi,
                               s.scale, s.causal, s.window_left, s.window_right, s.softcap,
-                              s.deterministic)
+                              s.deterministic, s.checked)
     if needs_grad:
         return _Varlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi, s)
     return _varlen_forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table,
@@ -244,6 +249,8 @@ def flash_attn_varlen_func(
     return_attn_probs: bool = False,
     block_table: Optional[Tensor] = None,
     seqused_k: Optional[Tensor] = None,
+    *,
+    checked: bool = False,
 ):
     """``flash_attn.flash_attn_varlen_func`` on ufa: sequences packed one after another.
 
@@ -255,10 +262,11 @@ def flash_attn_varlen_func(
 
     Returns ``out`` ``[total_q, heads_q, head_dim]``, or ``(out, softmax_lse, None)`` with
     ``return_attn_probs`` (``softmax_lse`` float32 ``[heads_q, total_q]``). Rows past
-    ``cu_seqlens_q[-1]`` are not written. Differentiable with packed k and v.
+    ``cu_seqlens_q[-1]`` are not written. Differentiable with packed k and v. ``checked`` (a
+    ufa addition) is as for :func:`flash_attn_with_kvcache`.
     """
     _no_dropout(dropout_p)
-    s = _scores(softmax_scale, causal, window_size, softcap, deterministic)
+    s = _scores(softmax_scale, causal, window_size, softcap, deterministic, checked)
     out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        seqused_k, block_table, alibi_slopes, s)
     return (out, lse, None) if return_attn_probs else out
@@ -342,6 +350,8 @@ def flash_attn_with_kvcache(
     alibi_slopes: Optional[Tensor] = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    *,
+    checked: bool = False,
 ):
     """``flash_attn.flash_attn_with_kvcache`` on ufa: attention over a KV cache, appending in
     place.
@@ -357,6 +367,12 @@ def flash_attn_with_kvcache(
     (int or int32 ``[batch]``) is not advanced. Everything is validated before the cache is
     written. ``num_splits`` is accepted for compatibility: ufa chooses its own KV splits.
 
+    Metadata on the GPU (``cache_seqlens``, ``block_table``, ``cache_batch_idx``) is read by the
+    kernels, so its values are not checked on the host unless ``checked=True`` (a ufa addition,
+    which costs a synchronisation and so cannot be captured in a CUDA graph). Without it a bad
+    value gives wrong numbers for its sequence but never a read or write outside the tensors:
+    the kernels skip indices out of range. CPU calls always check, and raise ValueError.
+
     Returns ``out`` ``[batch, seqlen_q, heads_q, head_dim]``, or ``(out, softmax_lse)`` with
     ``return_softmax_lse`` (float32 ``[batch, heads_q, seqlen_q]``).
     """
@@ -366,7 +382,7 @@ def flash_attn_with_kvcache(
             "its cache entry (cache_seqlens counts them)")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits={num_splits!r} must be an int >= 0")
-    s = _scores(softmax_scale, causal, window_size, softcap)
+    s = _scores(softmax_scale, causal, window_size, softcap, checked=checked)
     batch = q.shape[0]
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required: the keys already in the cache for each "

@@ -127,7 +127,8 @@ impl Workload {
 }
 
 /// DESIGN.md's CPU workloads W1-W4 (W2 and W3 causal and not); packed batches beside their
-/// padded twins (V1, and on CUDA V2 and V3, whose equal lengths match S-d128-s4096); decoding
+/// padded twins (V1 and V2 of mixed lengths, V3 of equal ones, where both do the same work;
+/// on CUDA V3 is S-d128-s4096 packed); decoding
 /// steps over dense and paged KV caches (D1 on the CPU, D2 on CUDA); and on CUDA DESIGN.md's
 /// standard GPU sweep: 16k tokens in total, hidden 2048 (heads = 2048 / head_dim), named like
 /// `S-d128-s4096` and `S-d128-s4096-causal`, in bench/gpu_sweep.py's order.
@@ -187,6 +188,7 @@ fn workloads(target: Target) -> Vec<Workload> {
     match target {
         Target::Cpu => {
             v.extend(varlen("V1", &v1, 8, 64, true));
+            v.extend(varlen("V3", &[1024; 4], 8, 64, true));
             v.extend(decode("D1", 4, 32, 8, 4096, 128, &[16, 256]));
         }
         Target::Cuda(_) => {

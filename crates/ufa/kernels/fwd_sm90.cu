@@ -37,8 +37,11 @@ struct WgmmaConfig {
     static constexpr int kSmemBytes = kQBytes + 2 * STAGES * kKvBytes + 1024;
 };
 
-template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS>
+// PAGED (with SEQS): K and V rows are found through the block table (the host selects it for
+// paged caches, and only for them).
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS, bool PAGED>
 __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
+    static_assert(SEQS || !PAGED, "a paged cache is sequence metadata");
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
     constexpr int BN = Cfg::kBlockN;
@@ -60,10 +63,10 @@ __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
     const int n_first = w.n_first, n_last = w.n_last;
     const uint16_t *q_head = w.q, *k_head = w.k, *v_head = w.v;
     // K and V rows of tile n0 into swizzled tile `tile`: a fixed stride apart, or found through
-    // a paged cache's block table (a SEQS variant's run-time choice).
+    // a paged cache's block table.
     auto load_kv = [&](uint32_t tile, const uint16_t* head, const void* base,
                        const int64_t(&st)[3], int n0) {
-        if (SEQS && p.block_table != nullptr) {
+        if (PAGED) {
             load_rows<Cfg::kThreads, D / 8, BN>(
                 (const uint16_t*)base, [&](int j) { return paged_row(p, b, j, st, w.hk); },
                 [&](int r, int chunk) { return tile + sw128_offset<BN>(r, chunk); }, n0,

@@ -75,14 +75,17 @@ pub(crate) fn wgmma_enabled() -> bool {
 ///   80 keys measured the same at d256;
 /// - score-modifying variants (softcap, ALiBi, masks): one block an SM, since under the
 ///   two-block register cap their per-element work spilled 300 bytes;
-/// - variants with sequence metadata (packed batches, caches): one block an SM, since their
-///   per-sequence lengths and row offsets under the two-block cap spilled 48 bytes at d64 and
-///   124 at d128 (ptxas of NVRTC 13.0, 2026-12-03; the dense variants spill 20 and 12);
+/// - variants with sequence metadata (packed batches, caches read in place or through
+///   `cache_batch_idx`) as the dense ones: under the two-block cap they spill 40 bytes at d128
+///   where the dense variant spills 12 (ptxas of NVRTC 13.0, 2026-12-03), and with one block
+///   a packed batch ran at 0.77x of the same tokens dense (H200);
+/// - paged variants: one block an SM, since the block-table loads under the two-block cap
+///   spilled 124 bytes at d128;
 /// - two K/V stages: the next pair loads during the whole of this one's math.
 pub(crate) fn wgmma_tile_for(
     head_dim: usize,
     score_mod: bool,
-    seqs: bool,
+    paged: bool,
     max_smem: u32,
 ) -> Option<WgmmaTile> {
     if !WGMMA_HEAD_DIMS.contains(&head_dim) {
@@ -93,7 +96,7 @@ pub(crate) fn wgmma_tile_for(
         block_m: 128,
         block_n: if head_dim <= 64 { 128 } else { 64 },
         stages: 2,
-        min_blocks: if head_dim <= 128 && !score_mod && !seqs {
+        min_blocks: if head_dim <= 128 && !score_mod && !paged {
             2
         } else {
             1
@@ -401,7 +404,13 @@ pub(crate) fn bwd_call(tile: &WgmmaBwdTile, score_mod: bool, type_tag: &str) -> 
 }
 
 /// The call the generated entry point makes.
-pub(crate) fn call(tile: &WgmmaTile, score_mod: bool, seqs: bool, type_tag: &str) -> String {
+pub(crate) fn call(
+    tile: &WgmmaTile,
+    score_mod: bool,
+    seqs: bool,
+    paged: bool,
+    type_tag: &str,
+) -> String {
     let config = format!(
         "WgmmaConfig<{}, {}, {}, {}>",
         tile.head_dim, tile.block_m, tile.block_n, tile.stages
@@ -410,7 +419,7 @@ pub(crate) fn call(tile: &WgmmaTile, score_mod: bool, seqs: bool, type_tag: &str
         "fwd_sm90",
         config,
         tile.smem_bytes(),
-        &format!("{score_mod}, {seqs}"),
+        &format!("{score_mod}, {seqs}, {paged}"),
         type_tag,
     )
 }

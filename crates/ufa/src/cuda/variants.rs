@@ -27,12 +27,15 @@ pub(crate) enum Variant {
         score_mod: bool,
         seqs: bool,
     },
-    /// The forward on Hopper tensor cores (wgmma, sm_90a); flags as for `FwdSm80`.
+    /// The forward on Hopper tensor cores (wgmma, sm_90a); flags as for `FwdSm80`, and
+    /// `paged` (with `seqs`): K and V are read through a block table, a compile-time choice
+    /// here because its loads cost the other variants registers (spills) and occupancy.
     FwdSm90 {
         dtype: DType,
         tile: WgmmaTile,
         score_mod: bool,
         seqs: bool,
+        paged: bool,
     },
     /// The forward on CUDA cores: any head dims up to 512, any output dtype, any strides and
     /// key layouts.
@@ -135,12 +138,14 @@ impl Variant {
         let tensor_cores =
             half && p.out.dtype == dtype && p.head_dim == p.head_dim_v && rows_aligned16(p);
         if tensor_cores && hopper && sm90::wgmma_enabled() {
-            if let Some(tile) = sm90::wgmma_tile_for(p.head_dim, score_mod, seqs, max_smem) {
+            let paged = p.k.rows.is_paged();
+            if let Some(tile) = sm90::wgmma_tile_for(p.head_dim, score_mod, paged, max_smem) {
                 return Variant::FwdSm90 {
                     dtype,
                     tile,
                     score_mod,
                     seqs,
+                    paged,
                 };
             }
         }
@@ -191,14 +196,16 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                paged,
             } => format!(
-                "ufa_fwd_sm90_{dtype}_d{}_m{}_n{}_s{}_b{}{}",
+                "ufa_fwd_sm90_{dtype}_d{}_m{}_n{}_s{}_b{}{}{}",
                 t.head_dim,
                 t.block_m,
                 t.block_n,
                 t.stages,
                 t.min_blocks,
-                flags(score_mod, seqs)
+                flags(score_mod, seqs),
+                if paged { "_paged" } else { "" }
             ),
             Variant::FwdSimple { input, output } => format!("ufa_fwd_simple_{input}_{output}"),
             Variant::BwdSm80 {
@@ -329,11 +336,12 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                paged,
             } => (
                 "fwd_sm90.cu",
                 wgmma_ops(sm90::wrappers(&t)),
                 t.min_blocks,
-                sm90::call(&t, score_mod, seqs, type_tag(dtype)),
+                sm90::call(&t, score_mod, seqs, paged, type_tag(dtype)),
             ),
             Variant::BwdSm90 {
                 dtype,
@@ -396,15 +404,18 @@ impl Variant {
         for dtype in [DType::F16, DType::BF16] {
             for d in sm90::WGMMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
-                    if let Some(tile) =
-                        sm90::wgmma_tile_for(d, score_mod, seqs, max_smem).filter(|_| hopper)
-                    {
-                        v.push(Variant::FwdSm90 {
-                            dtype,
-                            tile,
-                            score_mod,
-                            seqs,
-                        });
+                    for paged in [false, true].into_iter().filter(|&pg| seqs || !pg) {
+                        if let Some(tile) =
+                            sm90::wgmma_tile_for(d, score_mod, paged, max_smem).filter(|_| hopper)
+                        {
+                            v.push(Variant::FwdSm90 {
+                                dtype,
+                                tile,
+                                score_mod,
+                                seqs,
+                                paged,
+                            });
+                        }
                     }
                 }
             }
@@ -555,16 +566,16 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
-        // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences);
-        // sm_80 forward 2 × 7 × 4; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2; 4 row,
-        // 2 append and 1 merge kernels.
+        // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
+        // paged); sm_80 forward 2 × 7 × 4; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2;
+        // 4 row, 2 append and 1 merge kernels.
         assert_eq!(
             all.len(),
-            2 * 4 * 4 + 2 * 7 * 4 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
+            2 * 4 * 6 + 2 * 7 * 4 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 4 - 2 * 4 * 2
+            all.len() - 2 * 4 * 6 - 2 * 4 * 2
         );
     }
 }
