@@ -296,3 +296,77 @@ def test_merge_states_handles_states_without_keys_and_log2():
     # Varlen states: [total, heads, dim] with [heads, total].
     out, lse = ufa.merge_states([o[0], o[0]], [torch.zeros(2, 3), torch.zeros(2, 3)])
     assert out.shape == (3, 2, 8) and torch.allclose(out, o[0]) and lse.shape == (2, 3)
+
+
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or not ufa.cuda_available(),
+    reason="needs a CUDA GPU that ufa can use")
+
+
+@needs_gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_step_is_captured_in_a_cuda_graph(paged):
+    """A decoding step (append with rotary, attend) captured once and replayed after the
+    lengths, q and the new keys change in place: no host synchronisation inside the call, and
+    the scratch memory of the rotated q allocated in stream order within the graph."""
+    dev, dtype = "cuda", torch.bfloat16
+    batch, cap, hq, hkv, d, ps = 3, 64, 8, 2, 64, 16
+    pos = torch.arange(cap, dtype=torch.float64)[:, None]
+    freq = 1.0 / 100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = (pos * freq).cos().float().to(dev), (pos * freq).sin().float().to(dev)
+    k_cache = torch.randn(batch * cap // ps, ps, hkv, d, device=dev, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(batch * cap // ps, dtype=torch.int32, device=dev).view(batch, -1)
+    if not paged:
+        k_cache, v_cache = k_cache.view(batch, cap, hkv, d), v_cache.view(batch, cap, hkv, d)
+        table = None
+    q = torch.randn(batch, 1, hq, d, device=dev, dtype=dtype)
+    kn = torch.randn(batch, 1, hkv, d, device=dev, dtype=dtype)
+    vn = torch.randn_like(kn)
+    lens = torch.tensor([5, 17, 40], dtype=torch.int32, device=dev)
+
+    def step(kc, vc):
+        return ut.flash_attn_with_kvcache(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin,
+                                          cache_seqlens=lens, block_table=table, causal=True)
+
+    # Kernels are compiled and loaded outside the capture, on a side stream (as PyTorch asks).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(k_cache.clone(), v_cache.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    k_eager, v_eager = k_cache.clone(), v_cache.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(k_cache, v_cache)
+    for _ in range(3):
+        want = step(k_eager, v_eager)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+        assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+        lens += 1
+        q.normal_()
+        kn.normal_()
+        vn.normal_()
+
+
+@needs_gpu
+def test_packed_forward_is_captured_in_a_cuda_graph():
+    dev, dtype = "cuda", torch.bfloat16
+    q, k, v, cu_q, cu_k = packed_batch([7, 0, 33], [9, 4, 40], 4, 2, 64, dtype, dev)
+    run = lambda: ut.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 40, causal=True)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(2):
+        want = run()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[:40], want[:40])
+        q.normal_()

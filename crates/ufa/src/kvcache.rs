@@ -329,7 +329,7 @@ pub(crate) fn validate_kvcache(
         match rows {
             RowMap::Paged { table, shift, .. } => {
                 let t = fetch(&table)?;
-                check_block_table(&t, table.cols, &totals, 1 << shift, entries)?;
+                check_block_table(&t, table.cols, &totals, 1 << shift, ("k_cache", entries))?;
                 if seqlen_new > 0 {
                     check_distinct_slots(&t, table.cols, &lens, seqlen_new, shift)?;
                 }

@@ -137,12 +137,14 @@ pub(crate) fn check_lengths(
 
 /// Checks the block table entries that sequences with `lens` keys use (the first
 /// `ceil(len / page_size)` of each row; the rest are never read) against `pages` pages.
+/// Checks a block table against each sequence's key count: `cache` names the paged tensor
+/// whose dimension 0 counts the `pages` (`k_cache` for a KV-cache call, `k` for a packed one).
 pub(crate) fn check_block_table(
     table: &[i32],
     max_pages: usize,
     lens: &[usize],
     page_size: usize,
-    pages: usize,
+    (cache, pages): (&str, usize),
 ) -> Result<()> {
     for (b, &len) in lens.iter().enumerate() {
         let used = len.div_ceil(page_size);
@@ -156,7 +158,7 @@ pub(crate) fn check_block_table(
             if page < 0 || page as usize >= pages {
                 invalid!(
                     "block_table[{b}][{j}]={page} but the cache has pages 0..{pages} \
-                     (k_cache.shape[0])"
+                     ({cache}.shape[0])"
                 );
             }
         }
@@ -195,10 +197,11 @@ mod tests {
     #[test]
     fn block_tables_and_lengths() {
         // Two sequences, page size 4, 2 columns: 5 keys use pages [2, 0]; 0 keys use none.
-        assert!(check_block_table(&[2, 0, -1, -1], 2, &[5, 0], 4, 3).is_ok());
-        let e = check_block_table(&[2, 7, 0, 0], 2, &[5, 0], 4, 3).unwrap_err();
+        assert!(check_block_table(&[2, 0, -1, -1], 2, &[5, 0], 4, ("k", 3)).is_ok());
+        let e = check_block_table(&[2, 7, 0, 0], 2, &[5, 0], 4, ("k_cache", 3)).unwrap_err();
         assert!(e.message().contains("block_table[0][1]=7"), "{e}");
-        let e = check_block_table(&[2, 1, 0, 0], 2, &[9, 0], 4, 3).unwrap_err();
+        assert!(e.message().contains("(k_cache.shape[0])"), "{e}");
+        let e = check_block_table(&[2, 1, 0, 0], 2, &[9, 0], 4, ("k", 3)).unwrap_err();
         assert!(e.message().contains("need 3 pages of 4"), "{e}");
         assert!(check_lengths("s", &[0, 4], |_| 4, "capacity").is_ok());
         let e = check_lengths("cache_seqlens", &[5], |_| 4, "capacity").unwrap_err();

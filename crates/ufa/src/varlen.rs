@@ -261,7 +261,13 @@ fn varlen_inputs(
             lens_kv = used.iter().map(|&n| n as usize).collect();
         }
         if let Some((t, shift)) = &table {
-            check_block_table(&fetch(t)?, t.cols, &lens_kv, 1 << shift, k.shape()[0])?;
+            check_block_table(
+                &fetch(t)?,
+                t.cols,
+                &lens_kv,
+                1 << shift,
+                ("k", k.shape()[0]),
+            )?;
         }
     }
 
