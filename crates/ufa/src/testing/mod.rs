@@ -131,26 +131,13 @@ impl Case {
         if self.out_dtype != self.dtype {
             s += &format!("->{}", self.out_dtype);
         }
-        if self.causal {
-            s += if self.alignment == CausalAlignment::TopLeft {
-                " causal-tl"
-            } else {
-                " causal"
-            };
-        }
-        if self.window != (-1, -1) {
-            s += &format!(" win{:?}", self.window);
-        }
-        if self.softcap > 0.0 {
-            s += &format!(" cap{}", self.softcap);
-        }
-        if let Some(a) = self.alibi {
-            s += if a == Alibi::PerHead {
-                " alibi"
-            } else {
-                " alibi-bh"
-            };
-        }
+        s += &describe_scores(
+            self.causal,
+            self.alignment,
+            self.window,
+            self.softcap,
+            self.alibi,
+        );
         if let Some(m) = self.mask {
             let dims: String = m.full[4 - m.ndim..]
                 .iter()
@@ -433,6 +420,39 @@ impl Instance {
     fn params(&self) -> Result<AttentionParams<'_>> {
         params_of(&self.case, self.alibi.as_ref(), self.mask.as_ref())
     }
+}
+
+/// The score features as a case description prints them (" causal-tl", " win(8, 0)",
+/// " cap20", " alibi-bh"), shared by every kind of case.
+pub(crate) fn describe_scores(
+    causal: bool,
+    alignment: CausalAlignment,
+    window: (i64, i64),
+    softcap: f32,
+    alibi: Option<Alibi>,
+) -> String {
+    let mut s = String::new();
+    if causal {
+        s += if alignment == CausalAlignment::TopLeft {
+            " causal-tl"
+        } else {
+            " causal"
+        };
+    }
+    if window != (-1, -1) {
+        s += &format!(" win{window:?}");
+    }
+    if softcap > 0.0 {
+        s += &format!(" cap{softcap}");
+    }
+    if let Some(a) = alibi {
+        s += if a == Alibi::PerHead {
+            " alibi"
+        } else {
+            " alibi-bh"
+        };
+    }
+    s
 }
 
 fn params_of<'a>(

@@ -5,7 +5,7 @@
 //! past the last sequence of a packed batch, cache slots outside the appended ones), which the
 //! comparison counts as strays if they change.
 
-use super::{rel, Alibi, Comparison, Described, GradComparison, Storage, Tensor};
+use super::{describe_scores, rel, Alibi, Comparison, Described, GradComparison, Storage, Tensor};
 use crate::reference::{
     reference_kvcache, reference_merge, reference_varlen, reference_varlen_backward, ReferenceGrads,
 };
@@ -127,26 +127,13 @@ impl Features {
             s += &format!(" dv{}", self.head_dim_v);
         }
         s += &format!(" {}", self.dtype);
-        if self.causal {
-            s += if self.alignment == CausalAlignment::TopLeft {
-                " causal-tl"
-            } else {
-                " causal"
-            };
-        }
-        if self.window != (-1, -1) {
-            s += &format!(" win{:?}", self.window);
-        }
-        if self.softcap > 0.0 {
-            s += &format!(" cap{}", self.softcap);
-        }
-        if let Some(a) = self.alibi {
-            s += if a == Alibi::PerHead {
-                " alibi"
-            } else {
-                " alibi-bh"
-            };
-        }
+        s += &describe_scores(
+            self.causal,
+            self.alignment,
+            self.window,
+            self.softcap,
+            self.alibi,
+        );
         if self.deterministic {
             s += " det";
         }
