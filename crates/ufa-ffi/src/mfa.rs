@@ -181,7 +181,9 @@ pub unsafe extern "C" fn mfa_create_buffer(
 }
 
 /// Wraps `size_bytes` of the caller's host memory at `data_ptr` without copying. The memory must
-/// outlive the buffer and stay owned by the caller (`mfa_destroy_buffer` does not free it). Its
+/// outlive the buffer and stay owned by the caller (`mfa_destroy_buffer` does not free it).
+/// CUDA device memory (`cudaMalloc`) is recognised through the driver and wrapped as
+/// `mfa_buffer_from_cuda_ptr` would wrap it: calls on it run on that GPU. Its
 /// layout comes from each call's arguments: [batch, heads, seq, head_dim] row-major, or
 /// [batch, seq, heads, head_dim] when the call's transpose flag for it is set. A call whose
 /// shape needs more than `size_bytes` fails with `MFA_ERROR_INVALID_ARGS`.
@@ -262,6 +264,13 @@ unsafe fn wrap(
     require!(data_ptr, "data_ptr");
     require!(buffer, "buffer");
     check_size(size_bytes)?;
+    // UMFA's README wraps whatever memory the caller has; on Linux that is often cudaMalloc'd.
+    // Such a buffer runs on its GPU, as if it came from mfa_buffer_from_cuda_ptr, instead of
+    // being read by the CPU.
+    let device = match device {
+        Device::Cpu => Device::of_memory(data_ptr),
+        d => d,
+    };
     new_buffer(
         buffer,
         Buffer {

@@ -459,6 +459,15 @@ unsafe fn parts(t: *const ufa_tensor, name: &str) -> Result<Parts> {
         })?),
         other => return Err(bad_device_type(other, &format!("{name}.device_type"))),
     };
+    // Device memory described as host memory would be read by the CPU: a crash in the
+    // caller's process. Refused with what to write instead.
+    if let (Device::Cpu, Device::Cuda(o)) = (device, Device::of_memory(t.data)) {
+        return Err(Error::invalid(format!(
+            "{name}.device_type is UFA_DEVICE_CPU but {name}.data={:p} is memory of cuda:{o}: \
+             set {name}.device_type = UFA_DEVICE_CUDA and {name}.device_ordinal = {o}",
+            t.data
+        )));
+    }
     Ok(Parts {
         data: t.data,
         dtype: dtype_of(t.dtype, name)?,

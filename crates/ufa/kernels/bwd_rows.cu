@@ -77,8 +77,7 @@ __device__ __forceinline__ void row_grad_terms(const BwdParams& bp, const Seq& s
     float dfac = 1.f;
     const float x = score_mod ? modify_score<true>(p, s, dot, b, h, i, j, slope, &dfac)
                               : dot * p.scale_log2;
-    pv = fast_exp2(x - lse2);
-    ds = pv * (dpv - delta) * dfac;
+    grad_terms(x == -UFA_INF, x, dpv, lse2, delta, dfac, pv, ds);
 }
 
 // One warp per query row: dQ_i = scale · Σ_j dS_ij K_j, one key per lane for the dot products

@@ -216,17 +216,18 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
                     const int i = m0 + ic;
                     const int j = n0 + jr;
                     float x, dfac = 1.f;
+                    bool masked;
                     if (SCORE_MOD) {
                         x = in_band(p, sq, i, j) && i < sq.seqlen_q
                                 ? modify_score<true>(p, sq, s[mt][t][e], b, h, i, j, slope, &dfac)
                                 : -UFA_INF;
+                        masked = x == -UFA_INF;
                     } else {
-                        x = whole_tile_visible || in_band(p, sq, i, j) ? s[mt][t][e] * p.scale_log2
-                                                                       : -UFA_INF;
+                        x = s[mt][t][e] * p.scale_log2;
+                        masked = !(whole_tile_visible || in_band(p, sq, i, j));
                     }
-                    const float pv = fast_exp2(x - lse2[ic]);
-                    s[mt][t][e] = pv;
-                    dp[mt][t][e] = pv * (dp[mt][t][e] - delta[ic]) * dfac;
+                    grad_terms(masked, x, dp[mt][t][e], lse2[ic], delta[ic], dfac, s[mt][t][e],
+                               dp[mt][t][e]);
                 }
                 const int r = kr1 + mt * 16 + group;
                 const int c = qc1 + t * 8 + quad * 2;

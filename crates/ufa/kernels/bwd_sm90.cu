@@ -280,9 +280,8 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                     const float x = in_band(p, w.s, i, j) && i < w.s.seqlen_q
                                         ? modify_score<true>(p, w.s, s[4 * t + e], b, h, i, j, slope, &dfac)
                                         : -UFA_INF;
-                    const float pv = fast_exp2(x - lse2[ic]);
-                    s[4 * t + e] = pv;
-                    dp[4 * t + e] = pv * (dp[4 * t + e] - delta[ic]) * dfac;
+                    grad_terms(x == -UFA_INF, x, dp[4 * t + e], lse2[ic], delta[ic], dfac,
+                               s[4 * t + e], dp[4 * t + e]);
                 }
         } else if (whole_tile_visible) {
 #pragma unroll
@@ -292,25 +291,39 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                     s[4 * t + e] = fast_exp2(
                         fmaf(s[4 * t + e], p.scale_log2, -lse2[q0 + t * 8 + quad * 2 + (e % 2)]));
         } else {
+            // A key outside the band gets P = -0 (exp2 never gives it), which tells the dS loop
+            // below to write 0 even where D is NaN (grad_terms' rule, split across two loops).
 #pragma unroll
             for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int ic = q0 + t * 8 + quad * 2 + (e % 2);
                     const int j = n0 + key_row + (e / 2) * 8;
-                    const float x = in_band(p, w.s, m0 + ic, j) ? s[4 * t + e] * p.scale_log2 : -UFA_INF;
-                    s[4 * t + e] = fast_exp2(x - lse2[ic]);
+                    s[4 * t + e] = in_band(p, w.s, m0 + ic, j)
+                                       ? fast_exp2(s[4 * t + e] * p.scale_log2 - lse2[ic])
+                                       : -0.f;
                 }
         }
         if (!SCORE_MOD) {
             wgmma_wait<0>();
             fence_regs(dp);
+            if (whole_tile_visible) {
 #pragma unroll
-            for (int t = 0; t < NQ / 8; ++t)
+                for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    dp[4 * t + e] =
-                        s[4 * t + e] * (dp[4 * t + e] - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
+                    for (int e = 0; e < 4; ++e)
+                        dp[4 * t + e] =
+                            s[4 * t + e] * (dp[4 * t + e] - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
+            } else {
+#pragma unroll
+                for (int t = 0; t < NQ / 8; ++t)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float pv = s[4 * t + e];
+                        const float ds = pv * (dp[4 * t + e] - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
+                        dp[4 * t + e] = signbit(pv) ? 0.f : ds;
+                    }
+            }
         }
 
         // Stores accumulator tile `x` (this thread's keys, this consumer's queries) as 16-bit

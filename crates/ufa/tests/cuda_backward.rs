@@ -118,3 +118,17 @@ fn sanitizer_backward_case() {
     e.deterministic = true;
     run_grad_cases(&[a, b, c, d, e]);
 }
+
+/// NaN and ±inf planted in q, k, v, an additive mask, ALiBi slopes or dO reach exactly the
+/// outputs and gradients they reach in the f64 reference, on every CUDA kernel the cases
+/// select (wgmma and mma.sync tensor-core kernels, the CUDA-core one for fp32 and odd head
+/// dims, few query rows over many keys), forward alone and with the backward.
+#[test]
+fn nonfinite_values_propagate_as_in_the_reference() {
+    run_suite(
+        &ufa::testing::nonfinite_cases(),
+        |ctx, c, seed| ufa::testing::check_nonfinite_cuda(ctx, c, seed, 0),
+        ufa::testing::NonFiniteReport::passed,
+        ufa::testing::NonFiniteReport::summary,
+    );
+}

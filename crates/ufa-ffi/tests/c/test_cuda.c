@@ -156,8 +156,10 @@ static void run(ufa_context* ctx, void* stream, enum elem type, int64_t S, int64
 }
 
 /* UMFA's API on device memory: buffers wrapping device pointers, the README's 19-argument call,
- * default [batch, heads, seq, dim] layout, fp16 in and fp32 out. */
-static void run_mfa(ufa_context* ctx) {
+ * default [batch, heads, seq, dim] layout, fp16 in and fp32 out. With `umfa_style` the device
+ * pointers are wrapped by mfa_buffer_from_ptr, as UMFA's README shows (it once made the CPU read
+ * device memory): the driver says where they live and the call runs on the GPU. */
+static void run_mfa(ufa_context* ctx, int umfa_style) {
     const uint32_t B = 2, S = 77, H = 4;
     const uint16_t D = 64;
     size_t n = (size_t)B * S * H * D;
@@ -165,9 +167,13 @@ static void run_mfa(ufa_context* ctx) {
     float* out = poisoned(n * 4);
     uint64_t d[4] = {upload(q, n * 2), upload(k, n * 2), upload(v, n * 2), upload(out, n * 4)};
     mfa_buffer_t b[4];
-    for (int i = 0; i < 4; i++)
-        CHECK(mfa_buffer_from_cuda_ptr(ctx, (void*)(uintptr_t)d[i], n * (i == 3 ? 4 : 2), 0, &b[i]) == MFA_SUCCESS,
-              "wrap: %s", ufa_last_error_message());
+    for (int i = 0; i < 4; i++) {
+        void* ptr = (void*)(uintptr_t)d[i];
+        size_t bytes = n * (i == 3 ? 4 : 2);
+        mfa_error_t w = umfa_style ? mfa_buffer_from_ptr(ctx, ptr, bytes, &b[i])
+                                   : mfa_buffer_from_cuda_ptr(ctx, ptr, bytes, 0, &b[i]);
+        CHECK(w == MFA_SUCCESS, "wrap: %s", ufa_last_error_message());
+    }
     mfa_error_t e = mfa_attention_forward(ctx, b[0], b[1], b[2], b[3], B, S, S, H, D, 0.0f, true, MFA_PRECISION_FP16,
                                           MFA_PRECISION_FP32, MFA_PRECISION_FP32, false, false, false, false);
     CHECK(e == MFA_SUCCESS, "mfa on cuda: %s", ufa_last_error_message());
@@ -182,7 +188,8 @@ static void run_mfa(ufa_context* ctx) {
     double *ref = malloc(n * sizeof(double)), *lse = malloc((size_t)B * H * S * sizeof(double));
     reference(&pr, &oq, &ok, &ov, ref, lse);
     double err = rel_error(&oo, &pr, ref);
-    printf("mfa on cuda f16->f32 B%u S%u H%u D%u causal: relative error %.2e\n", B, S, H, D, err);
+    printf("mfa on cuda (%s) f16->f32 B%u S%u H%u D%u causal: relative error %.2e\n",
+           umfa_style ? "mfa_buffer_from_ptr" : "mfa_buffer_from_cuda_ptr", B, S, H, D, err);
     CHECK(all_written(out, n * 4, 4) && err < 1e-2, "mfa cuda: error %.3g", err);
     /* A host buffer among device ones is refused by the core's device check. */
     mfa_buffer_t host = NULL;
@@ -196,6 +203,32 @@ static void run_mfa(ufa_context* ctx) {
         cuMemFree(d[i]);
     }
     free(q); free(k); free(v); free(out); free(ref); free(lse);
+}
+
+/* The native API refuses device memory described as host memory (the CPU would read it): a
+ * status, a message naming the argument and the device, and the output untouched. */
+static void device_memory_declared_as_host(ufa_context* ctx) {
+    const int64_t S = 16, H = 2, D = 64;
+    size_t n = (size_t)(S * H * D);
+    void *q = random_tensor(n, E_F16), *out = poisoned(n * 2);
+    uint64_t dq = upload(q, n * 2), dout = upload(out, n * 2);
+    int64_t shape[4] = {1, S, H, D};
+    ufa_tensor tq = {(void*)(uintptr_t)dq, UFA_DTYPE_F16, UFA_DEVICE_CPU, 0, 4, shape, NULL};
+    ufa_tensor tk = tq, tv = tq;
+    ufa_tensor to = {(void*)(uintptr_t)dout, UFA_DTYPE_F16, UFA_DEVICE_CUDA, 0, 4, shape, NULL};
+    ufa_attention_params p = ufa_attention_params_default();
+    ufa_status s = ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &p, NULL);
+    const char* msg = ufa_last_error_message();
+    printf("device memory declared as host: status %d: %s\n", s, msg);
+    CHECK(s == UFA_STATUS_INVALID_ARGUMENT && strstr(msg, "q.device_type is UFA_DEVICE_CPU") &&
+              strstr(msg, "is memory of cuda:0"),
+          "device pointer as host tensor: %d %s", s, msg);
+    void* back = malloc(n * 2);
+    CHECK(cuMemcpyDtoH(back, dout, n * 2) == 0, "download");
+    CHECK(memcmp(back, out, n * 2) == 0, "out was written on error");
+    cuMemFree(dq);
+    cuMemFree(dout);
+    free(q); free(out); free(back);
 }
 
 int main(void) {
@@ -219,7 +252,9 @@ int main(void) {
     run(ctx, stream, E_F16, 100, 4, 4, 64, 0);
     run(ctx, stream, E_F32, 33, 2, 1, 80, 1);
     run(ctx, NULL, E_BF16, 64, 2, 2, 256, 0); /* the legacy default stream */
-    run_mfa(ctx); /* an mfa_context_t is a ufa_context* */
+    run_mfa(ctx, 0); /* an mfa_context_t is a ufa_context* */
+    run_mfa(ctx, 1);
+    device_memory_declared_as_host(ctx);
     cuStreamDestroy(stream);
     ufa_context_destroy(ctx);
     return finish("test_cuda");

@@ -370,9 +370,14 @@ fn probabilities_and_ds<M: MulAdd>(
         apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, cap_slope);
         let (lse, delta) = (sc.lse[r], sc.delta[r]);
         for c in 0..BK {
-            s[c] = exp::<M>(s[c] - lse);
+            // A masked key (score -inf) gets exactly 0, even in a row whose LSE or D is NaN:
+            // a NaN row must not reach the gradients of keys it does not see.
+            let masked = s[c] == f32::NEG_INFINITY;
+            let pc = exp::<M>(s[c] - lse);
             let soft = if p.softcap > 0.0 { cap[c] } else { 1.0 };
-            ds[c] = s[c] * (ds[c] - delta) * soft;
+            let dsc = pc * (ds[c] - delta) * soft;
+            s[c] = if masked { 0.0 } else { pc };
+            ds[c] = if masked { 0.0 } else { dsc };
         }
     }
 }

@@ -169,7 +169,9 @@ fn write_rows(p: &Problem, t: &TileRows, sc: &Scratch, orow: &mut [f32]) {
     for r in 0..t.nrows {
         let (qpos, head) = t.position(p, r);
         let l = sc.l[r];
-        let lse = if l > 0.0 {
+        // l is 0 only for a row that saw no key (a visible key adds at least exp(0) = 1); a
+        // NaN l (a NaN score or value) makes the row and its LSE NaN.
+        let lse = if l != 0.0 {
             let inv = 1.0 / l;
             for (o, a) in orow.iter_mut().zip(&sc.acc[r * dvp..][..dv]) {
                 *o = a * inv;
@@ -255,11 +257,20 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
         let at = |s: usize| ((item / g * plan.splits + s) * g + item % g) * part_len;
         for r in 0..t.nrows {
             let part = |s: usize| &parts[at(s) + r * row_len..][..row_len];
-            let m = (0..plan.splits).fold(f32::NEG_INFINITY, |a, s| a.max(part(s)[0]));
+            // A split whose maximum is NaN makes the row NaN (f32::max alone would drop it).
+            let m = (0..plan.splits)
+                .map(|s| part(s)[0])
+                .fold(f32::NEG_INFINITY, |a, x| {
+                    if a.is_nan() || x.is_nan() {
+                        f32::NAN
+                    } else {
+                        a.max(x)
+                    }
+                });
             let acc = &mut sc.acc[r * dvp..][..dvp];
             acc.fill(0.0);
             let mut l = 0.0;
-            if m > f32::NEG_INFINITY {
+            if m != f32::NEG_INFINITY {
                 for s in 0..plan.splits {
                     let ps = part(s);
                     let w = (ps[0] - m).exp();

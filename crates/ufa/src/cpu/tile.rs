@@ -473,8 +473,15 @@ fn softmax_rows<M: MulAdd, const C: usize>(
             sc.m[r] = m_new;
             (m_new, corr)
         } else if m == f32::NEG_INFINITY {
-            s.fill(0.0); // nothing visible yet: P = 0, state unchanged
-            continue;
+            // No lane above -inf: the row has seen no key yet, unless some score is NaN (a NaN
+            // is never a maximum). Then the row's result is NaN, as in the reference: a
+            // maximum of NaN keeps every later P, the sum and the output NaN.
+            if !s.iter().any(|x| x.is_nan()) {
+                s.fill(0.0); // nothing visible yet: P = 0, state unchanged
+                continue;
+            }
+            sc.m[r] = f32::NAN;
+            (f32::NAN, 1.0)
         } else {
             (m, 1.0)
         };

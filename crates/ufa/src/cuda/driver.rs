@@ -196,6 +196,77 @@ pub(crate) fn check_device_pointer(name: &str, ptr: *const u8, ordinal: u32) -> 
     Ok(())
 }
 
+/// The ordinal of the CUDA device whose memory `ptr` addresses, when it is device memory the
+/// CPU cannot read; None for host memory of any kind (pageable, pinned, managed) and in a
+/// process that has not loaded the CUDA driver (it can hold no device memory, and loading the
+/// driver to ask would cost a CPU-only caller a driver start).
+pub(crate) fn device_memory_ordinal(ptr: *const c_void) -> Option<u32> {
+    if ptr.is_null() || !driver_already_loaded() {
+        return None;
+    }
+    let d = driver().ok()?;
+    let query = |attr: sys::CUpointer_attribute| -> std::result::Result<i32, sys::CUresult> {
+        // 32-bit attributes (memory type, managed flag, device ordinal), into a zeroed u64 so
+        // that a wider one could not write past it.
+        let mut v: u64 = 0;
+        // SAFETY: an out-pointer to a live, large enough integer; any address may be asked
+        // about (unknown ones give an error, not a fault).
+        let r = unsafe {
+            sys::cuPointerGetAttribute(&mut v as *mut u64 as *mut c_void, attr, ptr as CUdeviceptr)
+        };
+        match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(v as u32 as i32),
+            e => Err(e),
+        }
+    };
+    use sys::CUpointer_attribute::*;
+    let mem_type = match query(CU_POINTER_ATTRIBUTE_MEMORY_TYPE) {
+        // Attributes of unified addresses need some current context on some drivers.
+        Err(sys::CUresult::CUDA_ERROR_INVALID_CONTEXT) => {
+            let _guard = d.enter(0).ok()?;
+            query(CU_POINTER_ATTRIBUTE_MEMORY_TYPE).ok()?
+        }
+        other => other.ok()?,
+    };
+    if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as i32
+        || query(CU_POINTER_ATTRIBUTE_IS_MANAGED).unwrap_or(0) != 0
+    {
+        return None;
+    }
+    query(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)
+        .ok()
+        .and_then(|o| u32::try_from(o).ok())
+}
+
+/// Whether this process has loaded libcuda (through ufa, PyTorch or the CUDA runtime); asked
+/// of the dynamic loader without loading it. Once loaded it stays, so a yes is remembered.
+fn driver_already_loaded() -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static LOADED: AtomicBool = AtomicBool::new(false);
+    if LOADED.load(Ordering::Relaxed) {
+        return true;
+    }
+    #[cfg(target_os = "linux")]
+    let loaded = {
+        // RTLD_NOLOAD (glibc and musl: 4) opens the library only if it is already loaded.
+        const RTLD_NOLOAD: std::ffi::c_int = 4;
+        // SAFETY: with RTLD_NOLOAD nothing is loaded, so no initialiser runs.
+        unsafe {
+            libloading::os::unix::Library::open(
+                Some("libcuda.so.1"),
+                RTLD_NOLOAD | libloading::os::unix::RTLD_LAZY,
+            )
+        }
+        .is_ok()
+    };
+    #[cfg(not(target_os = "linux"))]
+    let loaded = false;
+    if loaded {
+        LOADED.store(true, Ordering::Relaxed);
+    }
+    loaded
+}
+
 /// A loaded module and its kernel; kept for the process lifetime (modules are never unloaded,
 /// so a function handle stays valid while other threads launch it).
 #[derive(Clone, Copy, Debug)]

@@ -18,7 +18,7 @@ mod variants;
 pub use cache::CACHE_DIR_ENV;
 pub use nvrtc::NVRTC_PATH_ENV;
 
-pub(crate) use driver::{synchronize, time_ms, DeviceBuffer};
+pub(crate) use driver::{device_memory_ordinal, synchronize, time_ms, DeviceBuffer};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvcache::{KvCacheProblem, Workspace};

@@ -61,6 +61,20 @@ impl RefScores<'_, '_> {
     /// Scores of query `i` (batch `b`, head `h`) against every key (-inf where not visible), and
     /// d(score)/d(scale·q·k) (the softcap's slope; 1 without softcap).
     fn row(&self, b: usize, h: usize, i: usize, scores: &mut [f64], slope_of_cap: &mut [f64]) {
+        self.row_masked(b, h, i, scores, slope_of_cap, None);
+    }
+
+    /// [`Self::row`], and in `by_caller` which keys the caller masked: outside the band, false
+    /// in a boolean mask, or -inf in an additive mask (other -inf scores come from the data).
+    fn row_masked(
+        &self,
+        b: usize,
+        h: usize,
+        i: usize,
+        scores: &mut [f64],
+        slope_of_cap: &mut [f64],
+        mut by_caller: Option<&mut [bool]>,
+    ) {
         let params = self.params;
         let hk = h / (self.heads_q / self.heads_kv);
         let alibi = params.alibi_slopes.as_ref().map(|a| unsafe {
@@ -93,6 +107,9 @@ impl RefScores<'_, '_> {
                 } else if mv == 0.0 {
                     visible = false;
                 }
+            }
+            if let Some(m) = by_caller.as_deref_mut() {
+                m[j] = !visible || bias == f64::NEG_INFINITY;
             }
             if !visible {
                 *s = f64::NEG_INFINITY;
@@ -148,18 +165,42 @@ fn ref_setup<'x, 'a>(
     Ok((p, scores))
 }
 
-/// Turns a score row into probabilities in place; returns the log-sum-exp (-inf, and all
-/// probabilities 0, when no key is visible).
+/// Turns a score row into probabilities in place; returns the log-sum-exp.
+///
+/// A key whose score is -inf is masked (by the causal/window band, a boolean mask, or an
+/// additive mask or bias of -inf): its probability is 0 and it takes no part in the result.
+/// A row whose keys are all masked gets probabilities 0 and LSE -inf. Any NaN among the other
+/// scores, or a score of +inf, makes every unmasked probability and the LSE NaN: non-finite
+/// inputs are never hidden.
 fn softmax_row(scores: &mut [f64]) -> f64 {
-    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let m = scores.iter().fold(f64::NEG_INFINITY, |a, &s| {
+        if a.is_nan() || s.is_nan() {
+            f64::NAN
+        } else {
+            a.max(s)
+        }
+    });
     if m == f64::NEG_INFINITY {
         scores.iter_mut().for_each(|s| *s = 0.0);
         return f64::NEG_INFINITY;
     }
     let l: f64 = scores.iter().map(|s| (s - m).exp()).sum();
     let lse = m + l.ln();
-    scores.iter_mut().for_each(|s| *s = (*s - lse).exp());
+    for s in scores.iter_mut() {
+        *s = if *s == f64::NEG_INFINITY {
+            0.0
+        } else {
+            (*s - lse).exp()
+        };
+    }
     lse
+}
+
+/// Which keys of a score row are masked (score -inf; see [`softmax_row`]).
+fn masked_keys(scores: &[f64], masked: &mut [bool]) {
+    for (m, &s) in masked.iter_mut().zip(scores) {
+        *m = s == f64::NEG_INFINITY;
+    }
 }
 
 /// Computes attention in f64. Inputs are validated exactly as for the backends.
@@ -173,16 +214,19 @@ pub fn reference_forward(
     let (b_n, sq, skv, hq, dv) = (p.batch, p.seqlen_q, p.seqlen_kv, p.heads_q, p.head_dim_v);
     let mut out = vec![0.0; b_n * sq * hq * dv];
     let mut lse = vec![f64::NEG_INFINITY; b_n * hq * sq];
-    let (mut probs, mut cap) = (vec![0.0; skv], vec![0.0; skv]);
+    let (mut probs, mut cap, mut masked) = (vec![0.0; skv], vec![0.0; skv], vec![false; skv]);
     for b in 0..b_n {
         for h in 0..hq {
             let hk = h / (hq / p.heads_kv);
             for i in 0..sq {
                 rs.row(b, h, i, &mut probs, &mut cap);
+                masked_keys(&probs, &mut masked);
                 lse[(b * hq + h) * sq + i] = softmax_row(&mut probs);
                 let o = &mut out[((b * sq + i) * hq + h) * dv..][..dv];
+                // Every unmasked key counts, even with probability 0: 0 · inf is NaN here as
+                // in every kernel's P·V product.
                 for (j, &w) in probs.iter().enumerate() {
-                    if w != 0.0 {
+                    if !masked[j] {
                         for (e, oe) in o.iter_mut().enumerate() {
                             *oe += w * unsafe { read(v, &[b, j, hk, e]) };
                         }
@@ -192,6 +236,34 @@ pub fn reference_forward(
         }
     }
     Ok(ReferenceOutput { out, lse })
+}
+
+/// Which keys each query row does not see, `[batch, heads_q, seqlen_q, seqlen_kv]` row-major,
+/// each as (masked, by the caller): masked where the score is -inf, the keys that take no part
+/// in a row's result (see [`softmax_row`]); by the caller where the band, a boolean mask or an
+/// additive mask of -inf hides the key, rather than a non-finite q or k.
+pub fn reference_masked_keys(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    params: &AttentionParams<'_>,
+) -> Result<Vec<(bool, bool)>> {
+    let (p, rs) = ref_setup(q, k, v, params)?;
+    let (skv, hq) = (p.seqlen_kv, p.heads_q);
+    let rows = p.batch * hq * p.seqlen_q;
+    let mut masked = Vec::with_capacity(rows * skv);
+    let (mut scores, mut cap, mut by_caller) = (vec![0.0; skv], vec![0.0; skv], vec![false; skv]);
+    for n in 0..rows {
+        let (b, h, i) = (n / (hq * p.seqlen_q), n / p.seqlen_q % hq, n % p.seqlen_q);
+        rs.row_masked(b, h, i, &mut scores, &mut cap, Some(&mut by_caller));
+        masked.extend(
+            scores
+                .iter()
+                .zip(&by_caller)
+                .map(|(&s, &c)| (s == f64::NEG_INFINITY, c)),
+        );
+    }
+    Ok(masked)
 }
 
 /// Gradients from [`reference_backward`], contiguous f64, in the layouts of q, k and v.
@@ -243,18 +315,22 @@ pub fn reference_backward(
         dv: vec![0.0; b_n * skv * hkv * dv],
     };
     let (mut probs, mut cap, mut dp) = (vec![0.0; skv], vec![0.0; skv], vec![0.0; skv]);
+    let mut masked = vec![false; skv];
     for b in 0..b_n {
         for h in 0..hq {
             let hk = h / (hq / hkv);
             for i in 0..sq {
                 rs.row(b, h, i, &mut probs, &mut cap);
-                softmax_row(&mut probs);
+                masked_keys(&probs, &mut masked);
+                if softmax_row(&mut probs) == f64::NEG_INFINITY {
+                    continue; // a row that sees no key passes no gradient
+                }
                 let dout_i: Vec<f64> = (0..dv)
                     .map(|e| unsafe { read(dout, &[b, i, h, e]) })
                     .collect();
-                // dP = dO · Vᵀ; D = Σ P ∘ dP (= dO · out)
+                // dP = dO · Vᵀ; D = Σ P ∘ dP (= dO · out), over the keys the row sees.
                 let mut big_d = 0.0;
-                for j in 0..skv {
+                for j in (0..skv).filter(|&j| !masked[j]) {
                     dp[j] = (0..dv)
                         .map(|e| dout_i[e] * unsafe { read(v, &[b, j, hk, e]) })
                         .sum();
@@ -265,10 +341,7 @@ pub fn reference_backward(
                         .map(|e| dout_i[e] * unsafe { read(out, &[b, i, h, e]) })
                         .sum();
                 }
-                for j in 0..skv {
-                    if probs[j] == 0.0 {
-                        continue;
-                    }
+                for j in (0..skv).filter(|&j| !masked[j]) {
                     // dS with respect to scale·q·k, through the softmax and the softcap.
                     let ds = probs[j] * (dp[j] - big_d) * cap[j];
                     for e in 0..d {

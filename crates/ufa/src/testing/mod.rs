@@ -10,7 +10,12 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod nonfinite;
 mod sequences;
+pub use nonfinite::{
+    check_nonfinite, check_nonfinite_cuda, check_nonfinite_with, nonfinite_cases, NonFiniteCase,
+    NonFiniteReport, Plant, Site,
+};
 pub use sequences::cuda::{
     check_kvcache_cuda, check_merge_cuda, check_varlen_cuda, check_varlen_grads_cuda,
 };
