@@ -156,7 +156,9 @@ mfa_error_t mfa_create_buffer(mfa_context_t context, size_t size_bytes, mfa_buff
 
 /**
  * Wraps `size_bytes` of the caller's host memory at `data_ptr` without copying. The memory must
- * outlive the buffer and stay owned by the caller (`mfa_destroy_buffer` does not free it). Its
+ * outlive the buffer and stay owned by the caller (`mfa_destroy_buffer` does not free it).
+ * CUDA device memory (`cudaMalloc`) is recognised through the driver and wrapped as
+ * `mfa_buffer_from_cuda_ptr` would wrap it: calls on it run on that GPU. Its
  * layout comes from each call's arguments: [batch, heads, seq, head_dim] row-major, or
  * [batch, seq, heads, head_dim] when the call's transpose flag for it is set. A call whose
  * shape needs more than `size_bytes` fails with `MFA_ERROR_INVALID_ARGS`.
