@@ -379,7 +379,7 @@ pub fn nonfinite_cases() -> Vec<NonFiniteCase> {
             for site in sites {
                 n += 1;
                 let value = values[(n % 3) as usize];
-                let backward = site == Site::Dout || n % 2 == 0;
+                let backward = site == Site::Dout || n.is_multiple_of(2);
                 let pick = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 8;
                 cases.push(NonFiniteCase {
                     case: c.clone(),
