@@ -178,7 +178,7 @@ unsafe impl Sync for TensorViewMut<'_> {}
 /// slices (found by fuzzing the C ABI: an odd mfa buffer address reached them).
 fn check_aligned(ptr: *const u8, dtype: DType) -> Result<()> {
     let align = dtype.size_in_bytes();
-    if (ptr as usize) % align != 0 {
+    if !(ptr as usize).is_multiple_of(align) {
         invalid!("data={ptr:p} is not aligned to {align} bytes, as {dtype} elements must be");
     }
     Ok(())
