@@ -499,7 +499,7 @@ static int64_t fz_numel(const fz_tensor* x) {
  * when it is a valid one. With `hostile`, one element gets a hostile value instead. */
 static void fz_fill_i32(fz_in* in, fz_call* c, int idx, const int32_t* values, int64_t n_values) {
     fz_tensor* x = &c->t[idx];
-    if (x->klass != FZ_VALID || x->t.dtype != UFA_DTYPE_I32 || x->bytes == 0) return;
+    if (x->klass != FZ_VALID || x->t.dtype != UFA_DTYPE_I32 || x->bytes == 0 || x->misalign) return;
     int64_t n = fz_numel(x);
     for (int64_t i = 0; i < n; i++) *fz_i32_at(x, i) = i < n_values ? values[i] : (int32_t)fz_range(in, -1, 8);
     uint8_t b = fz_u8(in);

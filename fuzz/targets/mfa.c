@@ -98,7 +98,9 @@ static buf_t make_buffer(fz_in* in, mfa_context_t ctx, const dims_t* d, int role
         __int128 want = need < 0 ? 64 : need;
         if (mode >= 0x80 && mode < 0xb0) want += fz_range(in, -8, 8);
         if (mode >= 0xd0) want = (__int128)(fz_int(in) & 0xfffff);
-        if (want > FZ_SLOT_BYTES / 2) want = FZ_SLOT_BYTES / 2;
+        /* A call too large for the harness gets a small buffer it must refuse (filling half a
+         * MiB per buffer would cost more than the call). */
+        if (want > FZ_SLOT_BYTES / 2) want = 64;
         if (want < 0) want = 0;
         size = (size_t)want;
         void* mem = size ? host_memory(in, size) : fz_guard();
@@ -111,10 +113,10 @@ static buf_t make_buffer(fz_in* in, mfa_context_t ctx, const dims_t* d, int role
         uint32_t ndim = (uint32_t)nd;
         memcpy(st_shape, shape, sizeof shape);
         uint8_t how = fz_u8(in);
-        int64_t acc = 1;
+        uint64_t acc = 1; /* wraps for hostile sizes: any stride is a fair input */
         for (int i = nd - 1; i >= 0; i--) {
-            strides[i] = acc;
-            acc *= (shape[i] > 0 ? shape[i] : 1) + (i < nd - 1 && (how & 1) ? 1 : 0);
+            strides[i] = (int64_t)acc;
+            acc *= (uint64_t)(shape[i] > 0 ? shape[i] : 1) + (i < nd - 1 && (how & 1) ? 1 : 0);
         }
         if (how & 2) strides[fz_range(in, 0, nd - 1)] = 0;
         if (how & 4) strides[fz_range(in, 0, nd - 1)] = fz_int(in);
@@ -139,7 +141,7 @@ static buf_t make_buffer(fz_in* in, mfa_context_t ctx, const dims_t* d, int role
             last += (unsigned __int128)(st_shape[i] - 1) * (unsigned __int128)(with_strides ? strides[i] : rm[i]);
         __int128 ext = bad ? 64 : any_zero ? 0 : (__int128)((last + 1) * elem);
         int known = !bad && ext <= FZ_SLOT_BYTES / 2; /* the library must take it */
-        if (ext > FZ_SLOT_BYTES / 2) ext = FZ_SLOT_BYTES / 2;
+        if (ext > FZ_SLOT_BYTES / 2) ext = 64;
         int shrunk = fz_u8(in) >= 0xf0;
         if (shrunk) ext -= fz_range(in, 1, 8);
         size = ext < 0 ? 0 : (size_t)ext;
@@ -155,7 +157,7 @@ static buf_t make_buffer(fz_in* in, mfa_context_t ctx, const dims_t* d, int role
     } else if (mode < 0xf8) {
         /* ufa-allocated memory (not guarded: it is ufa's own); sizes near what is needed. */
         __int128 want = need < 0 ? 64 : need + fz_range(in, -4, 4);
-        if (want > FZ_SLOT_BYTES / 2) want = FZ_SLOT_BYTES / 2;
+        if (want > FZ_SLOT_BYTES / 2) want = 64;
         size = want < 0 ? 0 : (size_t)want;
         st = mfa_create_buffer(ctx, size, &b.h);
         check_mfa("mfa_create_buffer", st, size == 0, 0);
@@ -265,7 +267,9 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (call_kind == 3) must_fail |= lse.h == NULL;
     }
     unsigned __int128 work = (unsigned __int128)d.B * d.H * d.Sq * d.Skv * d.D;
-    if (!must_fail && work > WORK_CAP) {
+    /* Each (batch, head) pair and each row also cost a fixed setup: bound them too. */
+    unsigned __int128 rows = (unsigned __int128)d.B * d.H * ((uint64_t)d.Sq + d.Skv);
+    if (!must_fail && (work > WORK_CAP || (uint64_t)d.B * d.H > 64 || rows > 4096)) {
         destroy_all();
         return -1;
     }
@@ -303,17 +307,18 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (h & 4) ndim = (uint32_t)fz_int(&in), mask_bad = ndim < 1 || ndim > 4 ? 1 : -1;
         __int128 need = -1;
         if (with_strides) {
-            int64_t acc = 1;
+            uint64_t acc = 1; /* wraps for hostile shapes: any stride is a fair input */
             for (int i = (int)(ndim > 4 ? 4 : ndim) - 1; i >= 0; i--) {
-                strides[i] = (h & 8) && shape[i] == 1 ? 0 : acc;
-                acc *= shape[i] > 1 ? shape[i] : 1;
+                strides[i] = (h & 8) && shape[i] == 1 ? 0 : (int64_t)acc;
+                acc *= shape[i] > 1 ? (uint64_t)shape[i] : 1;
             }
             if (h & 16) strides[fz_range(&in, 0, 3)] = fz_int(&in), mask_bad = mask_bad ? mask_bad : -1;
         }
         if (mask_bad == 0) need = row_major_bytes(shape, (int)ndim, me);
         __int128 msize = need < 0 ? 64 : need;
-        if (fz_u8(&in) >= 0xf0) msize -= fz_range(&in, 1, 16), mask_bad = 1;
-        if (msize > FZ_SLOT_BYTES / 2) msize = FZ_SLOT_BYTES / 2, mask_bad = mask_bad ? mask_bad : -1;
+        /* Shorter than the mask needs: sure to fail only when the need is known. */
+        if (fz_u8(&in) >= 0xf0) msize -= fz_range(&in, 1, 16), mask_bad = mask_bad == 0 ? 1 : mask_bad;
+        if (msize > FZ_SLOT_BYTES / 2) msize = 64, mask_bad = mask_bad ? mask_bad : -1;
         if (msize < 0) msize = 0;
         void* mem = msize ? host_memory(&in, (size_t)msize) : fz_guard();
         size_t n = ndim > 8 ? 8 : ndim;
@@ -323,6 +328,12 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (type == MFA_MASK_TYPE_NONE) mask_bad = 0; /* the mask arguments are ignored */
         /* A shortened size makes a mask with any empty dimension still fit. */
         if (mask_bad == 1 && need == 0 && sh != NULL && t < 5 && ndim >= 1 && ndim <= 4) mask_bad = -1;
+        if (getenv("FUZZ_DEBUG"))
+            fprintf(stderr, "mask: type=%d scalar=%d ndim=%u shape=[%lld,%lld,%lld,%lld] strides=%s[%lld,%lld,%lld,%lld] "
+                    "size=%lld need=%lld bad=%d\n", type, scalar, ndim, (long long)shape[0], (long long)shape[1],
+                    (long long)shape[2], (long long)shape[3], sd ? "" : "NULL", (long long)strides[0],
+                    (long long)strides[1], (long long)strides[2], (long long)strides[3], (long long)msize,
+                    (long long)need, mask_bad);
         fz_snapshot(&call);
         st = mfa_attention_forward_masked(ctx, q.h, k.h, v.h, o.h, d.B, d.Sq, d.Skv, d.H, d.D, scale, causal, in_p,
                                           mid_p, out_p, d.transpose[0], d.transpose[1], d.transpose[2],
