@@ -426,11 +426,13 @@ pub(crate) unsafe fn layout_of(
         return Err(Error::invalid(format!("{name}.shape is NULL")));
     }
     let shape = read_dims(shape, ndim as usize, name, "shape")?;
-    if strides.is_null() {
+    let layout = if strides.is_null() {
         Layout::contiguous(&shape)
     } else {
         Layout::new(&shape, &read_dims(strides, ndim as usize, name, "strides")?)
-    }
+    };
+    // The core's layout errors quote the numbers but cannot know which argument they came from.
+    layout.map_err(|e| named(e, name))
 }
 
 /// Data pointer, dtype, device and layout of a descriptor.
@@ -487,6 +489,13 @@ pub(crate) unsafe fn view<'a>(t: *const ufa_tensor, name: &str) -> Result<Tensor
         p.layout.shape(),
         p.layout.strides(),
     )
+    .map_err(|e| named(e, name))
+}
+
+/// The core's error about a descriptor, with the argument it came from ("q: data=0x... is not
+/// aligned ...").
+fn named(e: Error, name: &str) -> Error {
+    Error::new(e.kind(), format!("{name}: {}", e.message()))
 }
 
 /// # Safety
@@ -500,6 +509,7 @@ pub(crate) unsafe fn view_mut<'a>(t: *const ufa_tensor, name: &str) -> Result<Te
         p.layout.shape(),
         p.layout.strides(),
     )
+    .map_err(|e| named(e, name))
 }
 
 pub(crate) unsafe fn optional<T>(

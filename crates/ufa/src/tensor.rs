@@ -12,6 +12,10 @@ use std::marker::PhantomData;
 /// Most dimensions any ufa tensor has (Q/K/V/O: 4, LSE: 3, masks: up to 4, ALiBi: 1 or 2).
 pub const MAX_DIMS: usize = 4;
 
+/// Largest element offset (and element count) a view may have: offsets times the widest element
+/// (8 bytes) stay within `isize`, so no byte arithmetic on a valid view overflows.
+const MAX_ELEMENT_OFFSET: usize = isize::MAX as usize / 8;
+
 /// Shape and strides of a view, in elements. Strides are non-negative.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -34,6 +38,19 @@ impl Layout {
                 "shape {shape:?} has {} dimensions but strides {strides:?} has {}",
                 shape.len(),
                 strides.len()
+            );
+        }
+        // A stride of a dimension of size 0 or 1 addresses nothing, so the extent check below
+        // lets any value through; but kernels still scale every stride by the element size
+        // (a row step, a prefetch distance), which must not overflow.
+        if let Some((i, &s)) = strides
+            .iter()
+            .enumerate()
+            .find(|&(_, &s)| s > MAX_ELEMENT_OFFSET)
+        {
+            invalid!(
+                "shape {shape:?} with strides {strides:?}: strides[{i}]={s} is past the largest \
+                 element offset any memory has ({MAX_ELEMENT_OFFSET})"
             );
         }
         let mut l = Layout {
@@ -99,7 +116,7 @@ impl Layout {
             };
         }
         match last.checked_add(1) {
-            Some(s) if s <= isize::MAX as usize / 8 => Ok(s),
+            Some(s) if s <= MAX_ELEMENT_OFFSET => Ok(s),
             _ => invalid!(
                 "shape {:?} with strides {:?} addresses more memory than exists",
                 self.shape(),
@@ -156,6 +173,16 @@ unsafe impl Send for TensorView<'_> {}
 unsafe impl Sync for TensorView<'_> {}
 unsafe impl Send for TensorViewMut<'_> {}
 unsafe impl Sync for TensorViewMut<'_> {}
+
+/// Raw pointers must be aligned for their element type: the kernels read elements through typed
+/// slices (found by fuzzing the C ABI: an odd mfa buffer address reached them).
+fn check_aligned(ptr: *const u8, dtype: DType) -> Result<()> {
+    let align = dtype.size_in_bytes();
+    if !(ptr as usize).is_multiple_of(align) {
+        invalid!("data={ptr:p} is not aligned to {align} bytes, as {dtype} elements must be");
+    }
+    Ok(())
+}
 
 fn check_fits(layout: &Layout, len: usize) -> Result<()> {
     let span = layout.span()?;
@@ -225,7 +252,7 @@ impl<'a> TensorView<'a> {
         ))
     }
 
-    /// A view of raw memory (host or device).
+    /// A view of raw memory (host or device); a `ptr` not aligned for `dtype` is an error.
     ///
     /// # Safety
     /// `ptr` must address, for the lifetime `'a`, every element the shape and strides reach,
@@ -238,6 +265,7 @@ impl<'a> TensorView<'a> {
         strides: &[usize],
     ) -> Result<Self> {
         let layout = Layout::new(shape, strides)?;
+        check_aligned(ptr as *const u8, dtype)?;
         Ok(Self::from_layout(ptr as *const u8, dtype, device, layout))
     }
 
@@ -304,6 +332,7 @@ impl<'a> TensorViewMut<'a> {
         strides: &[usize],
     ) -> Result<Self> {
         let layout = Layout::new(shape, strides)?;
+        check_aligned(ptr as *const u8, dtype)?;
         Ok(Self::from_layout(ptr as *mut u8, dtype, device, layout))
     }
 
@@ -366,6 +395,37 @@ mod tests {
         assert!(e.message().contains("more"), "{e}");
         let e = Layout::new(&[1 << 40, 1 << 30], &[1 << 30, 1]).unwrap_err();
         assert!(e.message().contains("addresses more memory"), "{e}");
+    }
+
+    #[test]
+    fn huge_stride_of_a_size_one_dimension_is_an_error() {
+        // Found by fuzzing the C ABI: it addresses nothing, but a kernel multiplied it by the
+        // element size and overflowed.
+        let e = Layout::new(&[1, 1, 1, 1], &[usize::MAX >> 1, 1, 1, 1]).unwrap_err();
+        assert!(
+            e.message()
+                .contains("strides[0]=9223372036854775807 is past the largest element offset"),
+            "{e}"
+        );
+        let e = Layout::new(&[0, 4], &[1, 1 << 62]).unwrap_err();
+        assert!(
+            e.message().contains("strides[1]=4611686018427387904"),
+            "{e}"
+        );
+        assert!(Layout::new(&[1, 4], &[MAX_ELEMENT_OFFSET, 1]).is_ok());
+    }
+
+    #[test]
+    fn misaligned_raw_pointer_is_an_error() {
+        let data = [0f32; 4];
+        let odd = unsafe { data.as_ptr().cast::<u8>().add(1) };
+        let e =
+            unsafe { TensorView::from_raw_parts(odd.cast(), DType::F32, Device::Cpu, &[2], &[1]) }
+                .unwrap_err();
+        assert!(e.message().contains("is not aligned to 4 bytes"), "{e}");
+        let ok =
+            unsafe { TensorView::from_raw_parts(odd.cast(), DType::Bool, Device::Cpu, &[2], &[1]) };
+        assert!(ok.is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::metadata::{
 };
 use crate::params::AttentionParams;
 use crate::problem::{
-    assemble, check_device, check_dim, check_f32, check_float, check_last_contiguous,
+    assemble, byte_range, check_device, check_dim, check_f32, check_float, check_last_contiguous,
     check_no_alias, check_no_self_overlap, check_rank, input_ranges, range_of, BackwardArgs,
     BackwardProblem, Dims, Operand, Problem, Ranges, MAX_HEAD_DIM, MAX_SEQLEN,
 };
@@ -359,8 +359,28 @@ pub(crate) fn validate_varlen_forward(
         outputs.push(("lse", range_of("lse", &lv).1));
         p.lse = Some(packed_lse(&lv, cu));
     }
-    check_no_alias(&outputs, &input_ranges(q, k, v, params))?;
+    let mut inputs = input_ranges(q, k, v, params);
+    inputs.extend(metadata_ranges(s));
+    check_no_alias(&outputs, &inputs)?;
     Ok(p)
+}
+
+/// Byte ranges of the int32 metadata: kernels read offsets and page numbers while outputs are
+/// written, so an output over them would change the rows being written (found by fuzzing: out
+/// over cu_seqlens_q sent later sequences' rows past the end of out).
+fn metadata_ranges<'n>(s: &Varlen<'_>) -> Ranges<'n> {
+    let range = |t: &TensorView<'_>| byte_range(t.as_ptr(), t.dtype(), t.layout());
+    let mut r = vec![
+        ("cu_seqlens_q", range(&s.cu_seqlens_q)),
+        ("cu_seqlens_kv", range(&s.cu_seqlens_kv)),
+    ];
+    if let Some(u) = &s.seqused_kv {
+        r.push(("seqused_kv", range(u)));
+    }
+    if let Some(t) = &s.block_table {
+        r.push(("block_table", range(t)));
+    }
+    r
 }
 
 fn check_lse(t: &TensorView<'_>, device: Device, heads_q: usize, total_q: usize) -> Result<()> {
@@ -432,6 +452,7 @@ pub(crate) fn validate_varlen_backward(
     inputs.push(("out", range_of("out", a.out).1));
     inputs.push(("dout", range_of("dout", a.dout).1));
     inputs.push(("lse", range_of("lse", a.lse).1));
+    inputs.extend(metadata_ranges(s));
     check_no_alias(&outputs, &inputs)?;
     let (RowMap::Packed { cu: cu_q, .. }, RowMap::Packed { cu: cu_kv, .. }) = (p.q.rows, p.k.rows)
     else {

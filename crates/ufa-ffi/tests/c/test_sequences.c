@@ -78,7 +78,20 @@ static void varlen_forward(ufa_context* ctx) {
     CHECK(!all_written(out2, (size_t)(tq * HQ * D) * 4, 4) && !all_written(out2 + 9, 4, 4), "written on error");
     CHECK(ufa_attention_forward_varlen(ctx, &tq_, &tk_, &tv_, &to2, NULL, &params, NULL) ==
               UFA_STATUS_INVALID_ARGUMENT, "NULL seqs accepted");
-    free(q); free(k); free(v); free(out); free(lse); free(out2);
+
+    /* Found by fuzzing (fuzz/regressions/sequences/): out laid over cu_seqlens_q, which the
+     * kernels read while they write out, sent later sequences' rows past the end of out. */
+    float* out3 = (float*)poisoned((size_t)(tq * HQ * D) * 4);
+    int32_t* inside = (int32_t*)(out3 + 2 * HQ * D);
+    memcpy(inside, cu_q, sizeof cu_q);
+    ufa_tensor to3 = tensor(out3, UFA_DTYPE_F32, 3, qs), ci = tensor(inside, UFA_DTYPE_I32, 1, cs);
+    seqs.cu_seqlens_q = &ci;
+    CHECK(ufa_attention_forward_varlen(ctx, &tq_, &tk_, &tv_, &to3, &seqs, &params, NULL) ==
+              UFA_STATUS_INVALID_ARGUMENT, "out over cu_seqlens_q accepted");
+    CHECK(strstr(ufa_last_error_message(), "out shares memory with cu_seqlens_q") != NULL, "message: %s",
+          ufa_last_error_message());
+    CHECK(memcmp(inside, cu_q, sizeof cu_q) == 0, "cu_seqlens_q overwritten");
+    free(q); free(k); free(v); free(out); free(lse); free(out2); free(out3);
 }
 
 static void kvcache_paged(ufa_context* ctx) {

@@ -211,6 +211,24 @@ static void test_errors(void) {
     bad.strides = neg_st;
     expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "negative stride",
            "q.strides[3]=-1");
+    /* Found by fuzzing (fuzz/regressions/native/): a stride of a size-1 dimension addresses
+     * nothing, but kernels scaled INT64_MAX by the element size and overflowed (a panic). */
+    int64_t ones[4] = {1, 1, 1, 1}, huge_st[4] = {INT64_MAX, 1, 1, 1};
+    ufa_tensor one[4] = {t.tq, t.tk, t.tv, t.to};
+    for (int i = 0; i < 4; i++) one[i].shape = ones;
+    one[1].strides = huge_st;
+    expect(INVALID, ufa_attention_forward(ctx, &one[0], &one[1], &one[2], &one[3], NULL, NULL),
+           "huge stride of a size-1 dimension", "k: shape [1, 1, 1, 1] with strides [9223372036854775807, 1, 1, 1]");
+    CHECK(!all_written(t.out, sizeof t.out, 4), "a failed call wrote the output");
+    /* Found by fuzzing (fuzz/regressions/mfa/): a data pointer not aligned for its dtype reached
+     * the kernels' typed loads (undefined behaviour); it is an error before anything is read. */
+    bad = t.tq;
+    bad.data = (char*)t.q + 2;
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "misaligned q",
+           "q: data=");
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "misaligned q",
+           "is not aligned to 4 bytes, as f32 elements must be");
+    CHECK(!all_written(t.out, sizeof t.out, 4), "a failed call wrote the output");
     /* heads_q=1 with k's heads=3: k.shape[2] must divide q.shape[2]. */
     bad = t.tk;
     bad.shape = heads3;
