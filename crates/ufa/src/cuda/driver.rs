@@ -238,8 +238,12 @@ pub(crate) fn device_memory_ordinal(ptr: *const c_void) -> Option<u32> {
         .and_then(|o| u32::try_from(o).ok())
 }
 
-/// Whether this process has loaded libcuda (through ufa, PyTorch or the CUDA runtime); asked
-/// of the dynamic loader without loading it. Once loaded it stays, so a yes is remembered.
+/// Whether this process has loaded libcuda (through ufa, PyTorch or the CUDA runtime), asked of
+/// the dynamic loader without loading anything. Once loaded it stays, so a yes is remembered;
+/// a no is re-asked only when the loader's count of loaded objects has moved. The list of
+/// loaded objects is walked (dl_iterate_phdr), not dlopen'ed: dlopen allocates inside the
+/// loader's own lock, which made valgrind's race detectors report every caller's next
+/// allocation, and costs more.
 fn driver_already_loaded() -> bool {
     use std::sync::atomic::{AtomicBool, Ordering};
     static LOADED: AtomicBool = AtomicBool::new(false);
@@ -247,24 +251,110 @@ fn driver_already_loaded() -> bool {
         return true;
     }
     #[cfg(target_os = "linux")]
-    let loaded = {
-        // RTLD_NOLOAD (glibc and musl: 4) opens the library only if it is already loaded.
-        const RTLD_NOLOAD: std::ffi::c_int = 4;
-        // SAFETY: with RTLD_NOLOAD nothing is loaded, so no initialiser runs.
-        unsafe {
-            libloading::os::unix::Library::open(
-                Some("libcuda.so.1"),
-                RTLD_NOLOAD | libloading::os::unix::RTLD_LAZY,
-            )
-        }
-        .is_ok()
-    };
+    let loaded = loaded_objects::libcuda_loaded();
     #[cfg(not(target_os = "linux"))]
     let loaded = false;
     if loaded {
         LOADED.store(true, Ordering::Relaxed);
     }
     loaded
+}
+
+#[cfg(target_os = "linux")]
+mod loaded_objects {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The leading fields of `struct dl_phdr_info` (glibc and musl, <link.h>); `adds` is there
+    /// when the size the loader passes covers it.
+    #[repr(C)]
+    struct DlPhdrInfo {
+        addr: usize,
+        name: *const c_char,
+        phdr: *const c_void,
+        phnum: u16,
+        adds: u64,
+        subs: u64,
+    }
+
+    extern "C" {
+        fn dl_iterate_phdr(
+            callback: unsafe extern "C" fn(*mut DlPhdrInfo, usize, *mut c_void) -> c_int,
+            data: *mut c_void,
+        ) -> c_int;
+    }
+
+    /// The loader's count of objects ever loaded when libcuda was last looked for (0: never).
+    static SEEN_ADDS: AtomicU64 = AtomicU64::new(0);
+
+    /// Per walk: whether to look at names at all (the count moved), and what was found.
+    struct Walk {
+        part: &'static [u8],
+        /// Stop at once when the count equals SEEN_ADDS (the libcuda walk only).
+        remembered: bool,
+        adds: Option<u64>,
+        found: bool,
+    }
+
+    fn has_part(name: &[u8], part: &[u8]) -> bool {
+        name.windows(part.len()).any(|w| w == part)
+    }
+
+    unsafe extern "C" fn visit(info: *mut DlPhdrInfo, size: usize, data: *mut c_void) -> c_int {
+        let (info, walk) = (&*info, &mut *(data as *mut Walk));
+        if walk.adds.is_none() {
+            let has_adds = size >= std::mem::offset_of!(DlPhdrInfo, subs);
+            let adds = if has_adds { info.adds } else { 0 };
+            if walk.remembered && has_adds && adds == SEEN_ADDS.load(Ordering::Relaxed) {
+                return 1; // nothing loaded since the last walk found no libcuda
+            }
+            walk.adds = Some(adds);
+        }
+        if !info.name.is_null() && has_part(CStr::from_ptr(info.name).to_bytes(), walk.part) {
+            walk.found = true;
+            return 1;
+        }
+        0
+    }
+
+    pub(super) fn libcuda_loaded() -> bool {
+        let mut walk = Walk {
+            part: b"libcuda.so.",
+            remembered: true,
+            adds: None,
+            found: false,
+        };
+        // SAFETY: `visit` reads only the fields the loader's size covers and its own `Walk`.
+        unsafe { dl_iterate_phdr(visit, &mut walk as *mut Walk as *mut c_void) };
+        if let (false, Some(adds)) = (walk.found, walk.adds) {
+            SEEN_ADDS.store(adds, Ordering::Relaxed);
+        }
+        walk.found
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The walk sees what is loaded (libc always is) and not what is not; the remembered
+        /// count then skips the names until something new is loaded.
+        #[test]
+        fn finds_loaded_objects_by_name() {
+            let find = |part: &'static [u8]| {
+                let mut walk = Walk {
+                    part,
+                    remembered: false,
+                    adds: None,
+                    found: false,
+                };
+                // SAFETY: as in libcuda_loaded.
+                unsafe { dl_iterate_phdr(visit, &mut walk as *mut Walk as *mut c_void) };
+                walk.found
+            };
+            assert!(find(b"libc.so."));
+            assert!(!find(b"libno-such-object.so."));
+        }
+    }
 }
 
 /// A loaded module and its kernel; kept for the process lifetime (modules are never unloaded,
