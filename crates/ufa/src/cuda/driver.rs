@@ -319,7 +319,9 @@ mod loaded_objects {
 
     pub(super) fn libcuda_loaded() -> bool {
         let mut walk = Walk {
-            part: b"libcuda.so.",
+            // Any libcuda.so*: cudarc opens the unversioned name first, the runtime
+            // libcuda.so.1; the loader lists the name it was opened by.
+            part: b"libcuda.so",
             remembered: true,
             adds: None,
             found: false,
