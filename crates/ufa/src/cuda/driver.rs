@@ -157,41 +157,46 @@ impl Drop for ContextGuard {
     }
 }
 
+/// One 32-bit attribute of the memory at `ptr` (memory type, managed flag, device ordinal), as
+/// the driver knows it; any address may be asked about (unknown ones give an error, not a
+/// fault).
+fn pointer_attribute(
+    ptr: *const c_void,
+    attr: sys::CUpointer_attribute,
+) -> std::result::Result<i32, sys::CUresult> {
+    // Into a zeroed u64, so that a wider attribute could not write past it.
+    let mut v: u64 = 0;
+    // SAFETY: an out-pointer to a live, large enough integer.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(&mut v as *mut u64 as *mut c_void, attr, ptr as CUdeviceptr)
+    };
+    match r {
+        sys::CUresult::CUDA_SUCCESS => Ok(v as u32 as i32),
+        e => Err(e),
+    }
+}
+
 /// Checks that `ptr` (named `name` in messages) is device memory of `ordinal`. A host pointer
 /// handed over as a CUDA tensor is the caller's bug, so it is an invalid argument, not a crash.
 pub(crate) fn check_device_pointer(name: &str, ptr: *const u8, ordinal: u32) -> Result<()> {
     use sys::CUpointer_attribute::*;
-    let addr = ptr as CUdeviceptr;
-    let mut mem_type: u32 = 0;
-    // SAFETY: the attribute is a 32-bit integer written to a live u32.
-    let r = unsafe {
-        sys::cuPointerGetAttribute(
-            &mut mem_type as *mut u32 as *mut c_void,
-            CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-            addr,
-        )
-    };
-    let device_memory = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
-    let unified = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32;
-    if r.result().is_err() || !(mem_type == device_memory || mem_type == unified) {
+    let ptr = ptr as *const c_void;
+    let device_memory = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as i32;
+    let unified = sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as i32;
+    if !matches!(pointer_attribute(ptr, CU_POINTER_ATTRIBUTE_MEMORY_TYPE),
+                 Ok(t) if t == device_memory || t == unified)
+    {
         return Err(Error::invalid(format!(
             "{name} is on cuda:{ordinal} but its data pointer {ptr:p} is not CUDA device memory \
              (a host pointer passed as a device tensor?)"
         )));
     }
-    let mut dev: i32 = -1;
-    // SAFETY: as above; the ordinal is a 32-bit integer.
-    let r = unsafe {
-        sys::cuPointerGetAttribute(
-            &mut dev as *mut i32 as *mut c_void,
-            CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-            addr,
-        )
-    };
-    if r.result().is_ok() && dev >= 0 && dev as u32 != ordinal {
-        return Err(Error::invalid(format!(
-            "{name} is declared on cuda:{ordinal} but its memory belongs to cuda:{dev}"
-        )));
+    if let Ok(dev) = pointer_attribute(ptr, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL) {
+        if dev >= 0 && dev as u32 != ordinal {
+            return Err(Error::invalid(format!(
+                "{name} is declared on cuda:{ordinal} but its memory belongs to cuda:{dev}"
+            )));
+        }
     }
     Ok(())
 }
@@ -205,35 +210,21 @@ pub(crate) fn device_memory_ordinal(ptr: *const c_void) -> Option<u32> {
         return None;
     }
     let d = driver().ok()?;
-    let query = |attr: sys::CUpointer_attribute| -> std::result::Result<i32, sys::CUresult> {
-        // 32-bit attributes (memory type, managed flag, device ordinal), into a zeroed u64 so
-        // that a wider one could not write past it.
-        let mut v: u64 = 0;
-        // SAFETY: an out-pointer to a live, large enough integer; any address may be asked
-        // about (unknown ones give an error, not a fault).
-        let r = unsafe {
-            sys::cuPointerGetAttribute(&mut v as *mut u64 as *mut c_void, attr, ptr as CUdeviceptr)
-        };
-        match r {
-            sys::CUresult::CUDA_SUCCESS => Ok(v as u32 as i32),
-            e => Err(e),
-        }
-    };
     use sys::CUpointer_attribute::*;
-    let mem_type = match query(CU_POINTER_ATTRIBUTE_MEMORY_TYPE) {
+    let mem_type = match pointer_attribute(ptr, CU_POINTER_ATTRIBUTE_MEMORY_TYPE) {
         // Attributes of unified addresses need some current context on some drivers.
         Err(sys::CUresult::CUDA_ERROR_INVALID_CONTEXT) => {
             let _guard = d.enter(0).ok()?;
-            query(CU_POINTER_ATTRIBUTE_MEMORY_TYPE).ok()?
+            pointer_attribute(ptr, CU_POINTER_ATTRIBUTE_MEMORY_TYPE).ok()?
         }
         other => other.ok()?,
     };
     if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as i32
-        || query(CU_POINTER_ATTRIBUTE_IS_MANAGED).unwrap_or(0) != 0
+        || pointer_attribute(ptr, CU_POINTER_ATTRIBUTE_IS_MANAGED).unwrap_or(0) != 0
     {
         return None;
     }
-    query(CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)
+    pointer_attribute(ptr, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)
         .ok()
         .and_then(|o| u32::try_from(o).ok())
 }
