@@ -52,6 +52,27 @@ enum Buf {
 }
 
 /// The bytes of a slice of plain numbers.
+/// The backward's inputs ([q, k, v, out, dout, lse]) and gradients ([dq, dk, dv]) as views.
+fn backward_io<'a>(ins: [&'a T; 6], grads: [&'a mut T; 3]) -> (BackwardInputs<'a>, Gradients<'a>) {
+    let [q, k, v, out, dout, lse] = ins;
+    let [dq, dk, dv] = grads;
+    (
+        BackwardInputs {
+            q: q.view(),
+            k: k.view(),
+            v: v.view(),
+            out: out.view(),
+            dout: dout.view(),
+            lse: lse.view(),
+        },
+        Gradients {
+            dq: dq.view_mut(),
+            dk: dk.view_mut(),
+            dv: dv.view_mut(),
+        },
+    )
+}
+
 fn raw<X>(v: &[X]) -> &[u8] {
     // SAFETY: f32, f16, bf16 and i32 have no padding and every byte is initialised.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
@@ -282,19 +303,7 @@ impl Call {
                 },
                 [dq, dk, dv],
             ) => {
-                let inputs = BackwardInputs {
-                    q: q.view(),
-                    k: k.view(),
-                    v: v.view(),
-                    out: out.view(),
-                    dout: dout.view(),
-                    lse: lse.view(),
-                };
-                let mut grads = Gradients {
-                    dq: dq.view_mut(),
-                    dk: dk.view_mut(),
-                    dv: dv.view_mut(),
-                };
+                let (inputs, mut grads) = backward_io([q, k, v, out, dout, lse], [dq, dk, dv]);
                 ctx.backward(&inputs, &mut grads, &params)
             }
             (
@@ -321,19 +330,8 @@ impl Call {
                         &params,
                     ),
                     (Some((out, dout, lse)), [dq, dk, dv]) => {
-                        let inputs = BackwardInputs {
-                            q: q.view(),
-                            k: k.view(),
-                            v: v.view(),
-                            out: out.view(),
-                            dout: dout.view(),
-                            lse: lse.view(),
-                        };
-                        let mut grads = Gradients {
-                            dq: dq.view_mut(),
-                            dk: dk.view_mut(),
-                            dv: dv.view_mut(),
-                        };
+                        let (inputs, mut grads) =
+                            backward_io([q, k, v, out, dout, lse], [dq, dk, dv]);
                         ctx.backward_varlen(&inputs, &mut grads, &seqs, &params)
                     }
                     _ => unreachable!("varlen outputs"),
