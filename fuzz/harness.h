@@ -175,6 +175,7 @@ typedef struct {
     int alias_of;  /* index of the tensor whose slot it shares, or -1 */
     int on_cuda;   /* invalid only for being a CUDA tensor */
     int misalign;  /* data one byte off its element alignment (rejected unless bool) */
+    int nbytes_mode; /* t.nbytes: 0 unknown, 1 exact, 2 more, 3 fewer than the view reaches */
     int used;
 } fz_tensor;
 
@@ -209,7 +210,7 @@ static void fz_classify(fz_call* c, fz_tensor* x) {
     const ufa_tensor* t = &x->t;
     x->klass = FZ_INVALID;
     x->bytes = 0;
-    if (x->null_data || x->null_shape || t->ndim < 1 || t->ndim > UFA_MAX_DIMS) return;
+    if (x->null_shape || t->ndim < 1 || t->ndim > UFA_MAX_DIMS) return;
     if (t->device_type != UFA_DEVICE_CPU && (t->device_type != UFA_DEVICE_CUDA || t->device_ordinal < 0)) return;
     if (t->dtype < UFA_DTYPE_F16 || t->dtype > UFA_DTYPE_I32) return;
     int nd = t->ndim;
@@ -218,6 +219,7 @@ static void fz_classify(fz_call* c, fz_tensor* x) {
         if (x->shape[i] < 0 || (x->explicit_strides && x->strides[i] < 0)) return;
         if (x->shape[i] == 0) any_zero = 1;
     }
+    if (x->null_data && !any_zero) return; /* NULL is the data of empty tensors only */
     unsigned __int128 strides[8];
     if (x->explicit_strides) {
         for (int i = 0; i < nd; i++) strides[i] = (unsigned __int128)x->strides[i];
@@ -280,6 +282,7 @@ static int fz_tensor_gen(fz_in* in, fz_call* c, int32_t dtype, int ndim, const i
     x->t.ndim = ndim;
     for (int i = 0; i < ndim; i++) x->shape[i] = want_shape[i];
     uint8_t mode = fz_u8(in);
+    x->nbytes_mode = mode / 24 % 4; /* from the same byte, so older corpus inputs keep their meaning */
     switch (mode % 24) {
     default: break; /* as wanted, row-major, NULL strides */
     case 1:
@@ -455,6 +458,17 @@ static int fz_layout(fz_in* in, fz_call* c) {
         else
             x->t.data = fz_guard();
         if (x->null_data) x->t.data = NULL;
+        /* The allocation size: unknown, exact, larger, or too small (which must be refused). */
+        size_t b = x->bytes;
+        switch (x->nbytes_mode) {
+        case 0: x->t.nbytes = 0; break;
+        case 1: x->t.nbytes = b; break;
+        case 2: x->t.nbytes = b + 1 + (size_t)(seed % 64); break;
+        case 3:
+            x->t.nbytes = b > 1 ? b - 1 - (size_t)(seed % (b - 1)) : b;
+            if (x->klass == FZ_VALID && b > 1) c->any_invalid = 1;
+            break;
+        }
         x->t.shape = x->null_shape ? NULL
                                    : (const int64_t*)fz_small_copy(x->shape, sizeof(int64_t) * (size_t)x->shape_len);
         x->t.strides = x->explicit_strides

@@ -79,7 +79,7 @@ typedef int32_t ufa_device_type;
  */
 typedef struct {
   /**
-   * First element; must not be NULL.
+   * First element; may be NULL only when the shape has a 0 (an empty tensor).
    */
   void *data;
   /**
@@ -106,6 +106,12 @@ typedef struct {
    * `ndim` strides in elements (not bytes), each >= 0; NULL means row-major contiguous.
    */
   const int64_t *strides;
+  /**
+   * Bytes of the caller's allocation from `data` on, or 0 when not known. When given, a view
+   * whose shape and strides reach past it is refused instead of read or written out of
+   * bounds (bindings that hold a slice or array pass its length).
+   */
+  uint64_t nbytes;
 } ufa_tensor;
 
 /**
@@ -426,8 +432,12 @@ ufa_status ufa_device_count(const ufa_context *ctx, ufa_device_type device_type,
  * defaults), and the log-sum-exp into `params->lse` when it is set.
  *
  * CUDA tensors: the work is queued on `stream` (a `CUstream`; NULL = the legacy default stream)
- * and not waited for; the memory must stay valid until the stream has run it. CPU tensors
- * ignore `stream` and are complete on return. On failure nothing is written.
+ * and not waited for; the memory must stay valid until the stream has run it. The stream must
+ * belong to the tensors' device's primary context (the runtime API's and PyTorch's): one of
+ * another context or device is refused with `UFA_STATUS_INVALID_ARGUMENT`. A destroyed stream
+ * cannot be detected (its handle points into freed driver memory) and is undefined behaviour,
+ * as in every CUDA call. CPU tensors ignore `stream` and are complete on return. On failure
+ * nothing is written.
  */
 ufa_status ufa_attention_forward(const ufa_context *ctx,
                                  const ufa_tensor *q,

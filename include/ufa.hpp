@@ -40,7 +40,14 @@ public:
     tensor(void* data, ufa_dtype dtype, std::vector<int64_t> shape, std::vector<int64_t> strides = {},
            ufa_device_type device = UFA_DEVICE_CPU, int32_t device_ordinal = 0)
         : shape_(std::move(shape)), strides_(std::move(strides)) {
-        raw_ = ufa_tensor{data, dtype, device, device_ordinal, 0, nullptr, nullptr};
+        raw_ = ufa_tensor{data, dtype, device, device_ordinal, 0, nullptr, nullptr, 0};
+    }
+
+    /// The allocation's size in bytes from `data` on: the library then refuses a view that
+    /// reaches past it (without, nothing is checked).
+    tensor& nbytes(uint64_t n) {
+        raw_.nbytes = n;
+        return *this;
     }
 
     /// The C descriptor; valid while this object lives and is not modified.

@@ -168,8 +168,7 @@ func (d *descriptors) all(args ...named) ([]*C.ufa_tensor, error) {
 }
 
 // Forward computes out = softmax(scale * q k^T + bias) v into out, with the masks of p (nil =
-// defaults). On failure nothing is written and the error is an *Error from the library, or
-// ErrViewOutOfBounds (wrapped) when a view does not fit its slice.
+// defaults). On failure nothing is written and the error is an *Error from the library.
 func (c *Context) Forward(q, k, v, out Tensor, p *Params) error {
 	var d descriptors
 	defer d.free()

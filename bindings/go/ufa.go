@@ -8,8 +8,9 @@
 // Nil strides mean row-major; any strides work as long as the last one is 1.
 //
 // The library reads and writes the slices in place and never keeps them after a call. Every
-// failure the library reports comes back as an *Error carrying its status code and its message;
-// the binding itself only checks what the library cannot know, that each view fits in its slice.
+// failure comes back as an *Error carrying the library's status code and message; each tensor's
+// descriptor carries its slice's length in bytes, so a view that reaches past its slice is one
+// of them (ErrInvalidArgument, naming the tensor and its nbytes).
 package ufa
 
 /*
@@ -20,7 +21,6 @@ package ufa
 import "C"
 
 import (
-	"errors"
 	"fmt"
 	"runtime"
 	"unsafe"
@@ -67,11 +67,6 @@ var (
 	ErrInternal          = &Error{Status: StatusInternal}
 )
 
-// ErrViewOutOfBounds is returned (wrapped, with the details) when a tensor's shape and strides
-// reach past the end of its slice. This is the one check the binding makes itself: the C API
-// takes a bare pointer and cannot know the slice's length.
-var ErrViewOutOfBounds = errors.New("ufa: tensor view reaches past the end of its slice")
-
 // check turns a status into an error. The caller must still be on the OS thread that made the
 // call (the message is thread-local): call it right after the C call, with the goroutine locked.
 func check(s C.ufa_status) error {
@@ -96,6 +91,17 @@ const (
 	// I32 is for sequence metadata only: cu_seqlens, lengths, block tables, cache indices.
 	I32 DType = C.UFA_DTYPE_I32
 )
+
+// size is the bytes of one element.
+func (d DType) size() uintptr {
+	switch d {
+	case F32, I32:
+		return 4
+	case F16, BF16:
+		return 2
+	}
+	return 1
+}
 
 func (d DType) String() string {
 	switch d {
@@ -173,48 +179,6 @@ func (t Tensor) Shape() []int {
 	return out
 }
 
-// fits reports whether every element the view addresses lies inside the slice. Views the library
-// rejects anyway (sizes < 1, negative strides, a stride count that differs from the shape's) are
-// let through so that the library's own message reports them.
-func (t Tensor) fits(name string) error {
-	if len(t.strides) != 0 && len(t.strides) != len(t.shape) {
-		return nil
-	}
-	var last uint64 // offset of the last element addressed
-	for i, n := range t.shape {
-		if n < 1 {
-			return nil
-		}
-		var s int64
-		if len(t.strides) != 0 {
-			s = t.strides[i]
-		} else {
-			s = 1
-			for _, m := range t.shape[i+1:] {
-				if m > 0 && s > (1<<62)/m {
-					return fmt.Errorf("%w: %s: shape %v is too large", ErrViewOutOfBounds, name, t.shape)
-				}
-				s *= m
-			}
-		}
-		if s < 0 {
-			return nil
-		}
-		if uint64(n-1) > 0 && uint64(s) > (1<<62)/uint64(n-1) {
-			return fmt.Errorf("%w: %s: shape %v with strides %v is too large", ErrViewOutOfBounds, name, t.shape, t.strides)
-		}
-		last += uint64(n-1) * uint64(s)
-		if last >= 1<<62 {
-			return fmt.Errorf("%w: %s: shape %v with strides %v is too large", ErrViewOutOfBounds, name, t.shape, t.strides)
-		}
-	}
-	if last >= uint64(t.length) {
-		return fmt.Errorf("%w: %s: shape %v with strides %v needs %d elements, the slice has %d",
-			ErrViewOutOfBounds, name, t.shape, t.strides, last+1, t.length)
-	}
-	return nil
-}
-
 // descriptors builds C descriptors for Go tensors. The descriptors are C memory (so they may hold
 // pointers into Go slices); the slices themselves are pinned until free is called.
 type descriptors struct {
@@ -267,13 +231,12 @@ func (d *descriptors) tensors(name func(i int) string, ts []*Tensor) (*C.ufa_ten
 // fill writes a descriptor of t into c (C memory), or returns an error when t does not fit its
 // slice.
 func (d *descriptors) fill(c *C.ufa_tensor, name string, t *Tensor) error {
-	if err := t.fits(name); err != nil {
-		return err
-	}
 	if t.base != nil {
 		d.pinner.Pin(t.base)
 	}
 	c.data = t.base
+	// The slice's length in bytes: the library refuses a view that reaches past it.
+	c.nbytes = C.uint64_t(uintptr(t.length) * t.dtype.size())
 	c.dtype = C.ufa_dtype(t.dtype)
 	c.device_type = C.UFA_DEVICE_CPU
 	c.ndim = C.int32_t(len(t.shape))

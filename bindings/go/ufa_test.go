@@ -309,11 +309,16 @@ func TestBadInputMessage(t *testing.T) {
 	}
 	t.Logf("error: %v", err)
 
-	// A zero size: the library's message, not the binding's.
-	err = ctx.Forward(ufa.NewF32(q, 1, 0, 8, 32), ufa.NewF32(kv, 1, 4, 8, 4), ufa.NewF32(kv, 1, 4, 8, 4),
-		ufa.NewF32(out, 1, 0, 8, 32), nil)
+	// Zero heads: the library's message, not the binding's.
+	err = ctx.Forward(ufa.NewF32(q, 1, 4, 0, 32), ufa.NewF32(kv, 1, 4, 8, 4), ufa.NewF32(kv, 1, 4, 8, 4),
+		ufa.NewF32(out, 1, 4, 0, 32), nil)
 	if !errors.Is(err, ufa.ErrInvalidArgument) || !strings.Contains(err.Error(), "at least 1") {
-		t.Errorf("zero size: got %v", err)
+		t.Errorf("zero heads: got %v", err)
+	}
+	// An empty batch (nil slices) is an empty result, as in PyTorch.
+	if err := ctx.Forward(ufa.NewF32(nil, 0, 4, 8, 32), ufa.NewF32(nil, 0, 4, 8, 32), ufa.NewF32(nil, 0, 4, 8, 32),
+		ufa.NewF32(nil, 0, 4, 8, 32), nil); err != nil {
+		t.Errorf("empty batch: %v", err)
 	}
 	// Strides whose last dimension is not contiguous.
 	err = ctx.Forward(ufa.NewF32(q, 1, 4, 8, 16).WithStrides(1024, 256, 32, 2), ufa.NewF32(q, 1, 4, 8, 16),
@@ -329,14 +334,14 @@ func TestViewOutOfBounds(t *testing.T) {
 	full := make([]float32, 2*3*4)
 	err := ctx.Forward(ufa.NewF32(q, 1, 2, 3, 4), ufa.NewF32(full, 1, 2, 3, 4), ufa.NewF32(full, 1, 2, 3, 4),
 		ufa.NewF32(full, 1, 2, 3, 4), nil)
-	if !errors.Is(err, ufa.ErrViewOutOfBounds) {
-		t.Fatalf("got %v, want ErrViewOutOfBounds", err)
+	if !errors.Is(err, ufa.ErrInvalidArgument) || !strings.Contains(err.Error(), "q.nbytes=92") {
+		t.Fatalf("got %v, want the library's q.nbytes error", err)
 	}
 	// Strides that reach past the end.
 	err = ctx.Forward(ufa.NewF32(full, 1, 2, 3, 4).WithStrides(24, 12, 5, 1), ufa.NewF32(full, 1, 2, 3, 4),
 		ufa.NewF32(full, 1, 2, 3, 4), ufa.NewF32(make([]float32, 24), 1, 2, 3, 4), nil)
-	if !errors.Is(err, ufa.ErrViewOutOfBounds) {
-		t.Fatalf("got %v, want ErrViewOutOfBounds", err)
+	if !errors.Is(err, ufa.ErrInvalidArgument) || !strings.Contains(err.Error(), "reaches 104 bytes") {
+		t.Fatalf("got %v, want the library's q.nbytes error", err)
 	}
 }
 

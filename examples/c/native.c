@@ -47,11 +47,14 @@ int main(void) {
     int64_t q_shape[4] = {B, SQ, HQ, D}, q_strides[4] = {HQ * SQ * D, D, SQ * D, 1};
     int64_t kv_shape[4] = {B, SKV, HKV, D}, kv_strides[4] = {HKV * SKV * D, D, SKV * D, 1};
     int64_t lse_shape[3] = {B, HQ, SQ};
-    ufa_tensor tq = {q, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, q_shape, q_strides};
-    ufa_tensor tk = {k, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, kv_shape, kv_strides};
-    ufa_tensor tv = {v, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, kv_shape, kv_strides};
-    ufa_tensor to = {out, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, q_shape, q_strides};
-    ufa_tensor tl = {lse, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 3, lse_shape, NULL};
+    /* The last field is each allocation's size in bytes: ufa refuses a view that reaches past
+     * it (0 = unknown, unchecked). */
+    const uint64_t q_bytes = sizeof(float) * B * HQ * SQ * D, kv_bytes = sizeof(float) * B * HKV * SKV * D;
+    ufa_tensor tq = {q, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, q_shape, q_strides, q_bytes};
+    ufa_tensor tk = {k, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, kv_shape, kv_strides, kv_bytes};
+    ufa_tensor tv = {v, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, kv_shape, kv_strides, kv_bytes};
+    ufa_tensor to = {out, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 4, q_shape, q_strides, q_bytes};
+    ufa_tensor tl = {lse, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 3, lse_shape, NULL, sizeof(float) * B * HQ * SQ};
 
     ufa_attention_params params = ufa_attention_params_default();
     params.causal = 1; /* bottom-right: the 16 queries are the last 16 of the 48 positions */

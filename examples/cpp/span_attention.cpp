@@ -11,7 +11,8 @@
 
 // A row-major or strided f32 view of a span (the span must outlive the call).
 static ufa::tensor view(std::span<const float> data, std::vector<int64_t> shape, std::vector<int64_t> strides = {}) {
-    return ufa::tensor(const_cast<float*>(data.data()), UFA_DTYPE_F32, std::move(shape), std::move(strides));
+    return std::move(ufa::tensor(const_cast<float*>(data.data()), UFA_DTYPE_F32, std::move(shape), std::move(strides))
+                         .nbytes(data.size_bytes()));
 }
 
 // Reference attention for one (batch 0) query row, in double; q given by a strided accessor.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import ufa
 import ufa.torch as ut
 from conftest import reference, rel_err, tolerance
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -226,3 +227,31 @@ def test_sdpa_transposed_views_are_not_copied(device):
     assert rec["out"][0] == out.data_ptr()
     assert rel_err(out, F.scaled_dot_product_attention(q.double(), k.double(), k.double(),
                                                        attn_mask=mask)) < 1e-5
+
+
+@pytest.mark.parametrize("b,sq,skv", [(0, 5, 7), (2, 0, 7), (2, 5, 0), (0, 0, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_problems_as_pytorch(device, b, sq, skv, causal):
+    """Batch 0 or seqlen 0: what PyTorch's SDPA returns (empty outputs; zeros where no key is
+    seen), forward and backward, served by ufa rather than falling back."""
+    def inputs():
+        torch.manual_seed(0)
+        return [torch.randn(b, 4, s, 16, device=device, requires_grad=True)
+                for s in (sq, skv, skv)]
+    ut.reset_fallback_stats()
+    q, k, v = inputs()
+    out = ut.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    (out.sum() + 0 * out.square().sum()).backward()
+    assert ut.fallback_stats() == {"ufa": 1}
+    q2, k2, v2 = inputs()
+    with sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q2, k2, v2, is_causal=causal)
+    want.sum().backward()
+    assert out.shape == want.shape and torch.equal(out, want)
+    for got, ref in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert got.shape == ref.shape and torch.equal(got, ref)
+    # flash_attn_func's [batch, seq, heads, dim] layout, with the LSE.
+    qf, kf, vf = (t.detach().transpose(1, 2) for t in (q, k, v))
+    o, lse, _ = ut.flash_attn_func(qf, kf, vf, causal=causal, return_attn_probs=True)
+    assert o.shape == (b, sq, 4, 16) and not o.any()
+    assert lse.shape == (b, 4, sq) and bool((lse == float("-inf")).all())

@@ -393,8 +393,10 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
     d, dv = qs[-1], vs[-1]
     if ks[-1] != d or d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
         return "head_dim"
-    if 0 in qs or 0 in ks or dv == 0:
-        return "empty"
+    # An empty batch or sequence is served (empty outputs, zeros where no key is seen); zero
+    # heads or head dims are not.
+    if d == 0 or dv == 0 or nd == 4 and (qs[1] == 0 or ks[1] == 0):
+        return "no heads"
     if nd == 4 and qs[1] != ks[1] and not (enable_gqa and qs[1] % ks[1] == 0):
         return "heads"
     if scale is not None and not isinstance(scale, (int, float)):

@@ -40,6 +40,7 @@ pub const ufa_tensor = extern struct {
     ndim: i32,
     shape: ?[*]const i64,
     strides: ?[*]const i64,
+    nbytes: u64,
 };
 
 pub const ufa_attention_params = extern struct {

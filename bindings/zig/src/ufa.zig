@@ -7,14 +7,13 @@
 //! head_dim]. No strides means row-major; any strides work as long as the last one is 1.
 //!
 //! Failures are error unions: `Error.InvalidArgument` and the other statuses of ufa.h, with the
-//! library's message in `lastErrorMessage()`. The binding checks one thing itself, what the C API
-//! cannot know: that each view fits in its slice (`error.ViewOutOfBounds`).
+//! library's message in `lastErrorMessage()`. Each descriptor carries its slice's length in
+//! bytes, so the library also refuses a view that reaches past its slice.
 const std = @import("std");
 /// The C declarations (ufa.h), for calls this binding does not wrap.
 pub const c = @import("c.zig");
 
-/// Every failure a ufa call can report: one error per `ufa_status`, plus ViewOutOfBounds from
-/// the binding itself.
+/// Every failure a ufa call can report: one error per `ufa_status`.
 pub const Error = error{
     InvalidArgument,
     Unsupported,
@@ -22,9 +21,6 @@ pub const Error = error{
     OutOfMemory,
     BackendFailure,
     Internal,
-    /// A tensor's shape and strides reach past the end of its slice (checked by the binding;
-    /// `lastErrorMessage()` does not describe it).
-    ViewOutOfBounds,
 };
 
 /// The library's message for the last failed call on this thread, e.g. "invalid argument:
@@ -98,7 +94,8 @@ pub const DType = enum(c.ufa_dtype) {
 /// tensor (literals such as `&.{ 1, 2, 3, 4 }` do).
 pub const Tensor = struct {
     data: ?*anyopaque,
-    len: usize,
+    /// Bytes of the slice, which the library checks the view against.
+    nbytes: usize,
     dtype: DType,
     shape: []const i64,
     strides: ?[]const i64 = null,
@@ -108,7 +105,7 @@ pub const Tensor = struct {
         const T = std.meta.Elem(@TypeOf(data));
         return .{
             .data = if (data.len == 0) null else @ptrCast(@constCast(data.ptr)),
-            .len = data.len,
+            .nbytes = data.len * @sizeOf(T),
             .dtype = DType.of(T),
             .shape = shape,
         };
@@ -121,29 +118,7 @@ pub const Tensor = struct {
         return s;
     }
 
-    /// Whether every element the view addresses lies in the slice. Views the library rejects
-    /// anyway (sizes < 1, negative strides, mismatched ranks) pass, so that its message tells.
-    fn fits(t: Tensor) bool {
-        if (t.strides) |s| if (s.len != t.shape.len) return true;
-        var last: u64 = 0;
-        for (t.shape, 0..) |n, i| {
-            if (n < 1) return true;
-            var stride: i64 = 1;
-            if (t.strides) |s| {
-                stride = s[i];
-            } else for (t.shape[i + 1 ..]) |m| {
-                if (m < 1) return true;
-                stride = std.math.mul(i64, stride, m) catch return false;
-            }
-            if (stride < 0) return true;
-            const reach = std.math.mul(u64, @intCast(n - 1), @intCast(stride)) catch return false;
-            last = std.math.add(u64, last, reach) catch return false;
-        }
-        return last < t.len;
-    }
-
     fn raw(t: Tensor) Error!c.ufa_tensor {
-        if (!t.fits()) return error.ViewOutOfBounds;
         return .{
             .data = t.data,
             .dtype = @backingInt(t.dtype),
@@ -152,6 +127,7 @@ pub const Tensor = struct {
             .ndim = std.math.cast(i32, t.shape.len) orelse std.math.maxInt(i32),
             .shape = t.shape.ptr,
             .strides = if (t.strides) |s| s.ptr else null,
+            .nbytes = t.nbytes,
         };
     }
 };
@@ -350,7 +326,7 @@ pub const Context = struct {
     }
 
     /// out = softmax(scale * q k^T + bias) v, with the masks of `params`. On failure nothing is
-    /// written; `lastErrorMessage()` says why (except for error.ViewOutOfBounds).
+    /// written; `lastErrorMessage()` says why.
     pub fn forward(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params) Error!void {
         const rq = try q.raw();
         const rk = try k.raw();

@@ -69,7 +69,7 @@ const _: () = assert!(UFA_MAX_DIMS as usize == MAX_DIMS);
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ufa_tensor {
-    /// First element; must not be NULL.
+    /// First element; may be NULL only when the shape has a 0 (an empty tensor).
     pub data: *mut c_void,
     /// One of the `UFA_DTYPE_*` values.
     pub dtype: ufa_dtype,
@@ -83,6 +83,10 @@ pub struct ufa_tensor {
     pub shape: *const i64,
     /// `ndim` strides in elements (not bytes), each >= 0; NULL means row-major contiguous.
     pub strides: *const i64,
+    /// Bytes of the caller's allocation from `data` on, or 0 when not known. When given, a view
+    /// whose shape and strides reach past it is refused instead of read or written out of
+    /// bounds (bindings that hold a slice or array pass its length).
+    pub nbytes: u64,
 }
 
 /// Options of `ufa_context_create`. Start from `ufa_context_options_default()`.
@@ -138,10 +142,12 @@ pub struct ufa_attention_params {
 }
 
 // The released layouts (LP64): a change here breaks every compiled caller, so it must be a
-// deliberate one (append fields, add the new size to `Versioned::SIZES`).
+// deliberate one (append fields, add the new size to `Versioned::SIZES`). `ufa_tensor` has no
+// size field (arrays of it would need a stride); it grew once, from 40 to 48 bytes with
+// `nbytes`, in 0.2.0, which callers compiled against 0.1 headers must be rebuilt for.
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(std::mem::size_of::<ufa_tensor>() == 40);
+    assert!(std::mem::size_of::<ufa_tensor>() == 48);
     assert!(std::mem::size_of::<ufa_context_options>() == 24);
     assert!(std::mem::size_of::<ufa_attention_params>() == 64);
 };
@@ -448,9 +454,8 @@ unsafe fn parts(t: *const ufa_tensor, name: &str) -> Result<Parts> {
         return Err(Error::invalid(format!("{name} is NULL")));
     }
     let t = &*t;
-    if t.data.is_null() {
-        return Err(Error::invalid(format!("{name}.data is NULL")));
-    }
+    // NULL data (allowed for empty tensors only) is judged by the view (TensorView::from_raw_parts).
+    let layout = layout_of(t.ndim as i64, t.shape, t.strides, name)?;
     let device = match t.device_type {
         UFA_DEVICE_CPU => Device::Cpu,
         UFA_DEVICE_CUDA => Device::Cuda(u32::try_from(t.device_ordinal).map_err(|_| {
@@ -461,6 +466,19 @@ unsafe fn parts(t: *const ufa_tensor, name: &str) -> Result<Parts> {
         })?),
         other => return Err(bad_device_type(other, &format!("{name}.device_type"))),
     };
+    if t.nbytes != 0 {
+        // span() already succeeded (layout_of), so this product is bounded by the address space.
+        let need = layout.span()? as u64 * dtype_of(t.dtype, name)?.size_in_bytes() as u64;
+        if need > t.nbytes {
+            return Err(Error::invalid(format!(
+                "{name}.shape={:?} with strides {:?} reaches {need} bytes from {name}.data but \
+                 {name}.nbytes={}",
+                layout.shape(),
+                layout.strides(),
+                t.nbytes
+            )));
+        }
+    }
     // Device memory described as host memory would be read by the CPU: a crash in the
     // caller's process. Refused with what to write instead.
     if let (Device::Cpu, Device::Cuda(o)) = (device, Device::of_memory(t.data)) {
@@ -474,7 +492,7 @@ unsafe fn parts(t: *const ufa_tensor, name: &str) -> Result<Parts> {
         data: t.data,
         dtype: dtype_of(t.dtype, name)?,
         device,
-        layout: layout_of(t.ndim as i64, t.shape, t.strides, name)?,
+        layout,
     })
 }
 
@@ -558,8 +576,12 @@ pub(crate) unsafe fn params_of<'a>(
 /// defaults), and the log-sum-exp into `params->lse` when it is set.
 ///
 /// CUDA tensors: the work is queued on `stream` (a `CUstream`; NULL = the legacy default stream)
-/// and not waited for; the memory must stay valid until the stream has run it. CPU tensors
-/// ignore `stream` and are complete on return. On failure nothing is written.
+/// and not waited for; the memory must stay valid until the stream has run it. The stream must
+/// belong to the tensors' device's primary context (the runtime API's and PyTorch's): one of
+/// another context or device is refused with `UFA_STATUS_INVALID_ARGUMENT`. A destroyed stream
+/// cannot be detected (its handle points into freed driver memory) and is undefined behaviour,
+/// as in every CUDA call. CPU tensors ignore `stream` and are complete on return. On failure
+/// nothing is written.
 #[no_mangle]
 pub unsafe extern "C" fn ufa_attention_forward(
     ctx: *const ufa_context,

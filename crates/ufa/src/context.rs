@@ -3,6 +3,7 @@
 use crate::cpu::{CpuBackend, Isa};
 use crate::cuda::CudaBackend;
 use crate::device::Device;
+use crate::empty;
 use crate::error::{invalid, Result};
 use crate::kvcache::{validate_kvcache, KvAppend, KvCache, Workspace};
 use crate::merge::{validate_merge, AttentionState};
@@ -141,10 +142,23 @@ impl Context {
         stream: *mut std::ffi::c_void,
     ) -> Result<()> {
         let problem = validate_forward(q, k, v, out, lse.as_deref(), params)?;
+        if let Some(fills) = empty::forward_fills(&problem) {
+            return self.fill(problem.device, &fills, stream);
+        }
         match problem.device {
             Device::Cpu => self.cpu.forward(&problem),
             Device::Cuda(_) => self.cuda.forward(&problem, stream),
         }
+    }
+
+    /// Writes the outputs of a call with nothing to compute (see `empty`).
+    fn fill(&self, device: Device, fills: &[empty::Fill], stream: *mut c_void) -> Result<()> {
+        match device {
+            // SAFETY: the fills describe outputs that validation accepted as host memory.
+            Device::Cpu => unsafe { empty::fill_host(fills) },
+            Device::Cuda(_) => self.cuda.fill(device, fills, stream)?,
+        }
+        Ok(())
     }
 
     /// How each CUDA kernel this context loaded was obtained (compiled or from the disk cache),
@@ -211,6 +225,9 @@ impl Context {
         stream: *mut std::ffi::c_void,
     ) -> Result<()> {
         let problem = validate_backward(&BackwardArgs::new(inputs, grads), params)?;
+        if let Some(fills) = empty::backward_fills(&problem) {
+            return self.fill(problem.fwd.device, &fills, stream);
+        }
         match problem.fwd.device {
             Device::Cpu => self.cpu.backward(&problem),
             Device::Cuda(_) => self.cuda.backward(&problem, stream),

@@ -28,6 +28,7 @@ mod cpu;
 mod cuda;
 mod device;
 mod dtype;
+mod empty;
 mod error;
 mod kvcache;
 mod merge;

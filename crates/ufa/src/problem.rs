@@ -46,8 +46,9 @@ impl Operand {
     }
 }
 
-/// A validated attention problem. Sizes are all >= 1, except that sequences of a packed batch
-/// or a KV cache may be empty.
+/// A validated attention problem. Heads and head dimensions are >= 1. Batch and sequence lengths
+/// may be 0, but the backends only see problems with work (crate::empty settles the others);
+/// sequences of a packed batch or a KV cache may still be empty.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Problem {
     pub device: Device,
@@ -509,17 +510,16 @@ pub(crate) fn validate_inputs(
     let [batch, seqlen_q, heads_q, head_dim] = dims4(q.shape());
     let [_, seqlen_kv, heads_kv, _] = dims4(k.shape());
     let head_dim_v = v.shape()[3];
+    // Batch and sequence lengths may be 0 (crate::empty answers such calls); heads and head
+    // dimensions may not: a problem without them has no meaning PyTorch and ufa agree on.
     for (name, value) in [
-        ("q.shape[0] (batch)", batch),
-        ("q.shape[1] (seqlen_q)", seqlen_q),
         ("q.shape[2] (heads_q)", heads_q),
         ("q.shape[3] (head_dim)", head_dim),
-        ("k.shape[1] (seqlen_kv)", seqlen_kv),
         ("k.shape[2] (heads_kv)", heads_kv),
         ("v.shape[3] (head_dim_v)", head_dim_v),
     ] {
         if value == 0 {
-            invalid!("{name}=0 but every size must be at least 1");
+            invalid!("{name}=0 but heads and head dimensions must be at least 1");
         }
     }
     for (name, value) in [

@@ -126,8 +126,12 @@ impl Layout {
     }
 
     /// Whether two different indices can reach the same element (writing through such a view
-    /// from several threads would race). Dimensions of size 1 never alias.
+    /// from several threads would race). Dimensions of size 1 never alias, nor do the
+    /// elements of an empty view (there are none).
     pub fn has_overlap(&self) -> bool {
+        if self.shape().contains(&0) {
+            return false;
+        }
         let mut dims: Vec<(usize, usize)> = self
             .shape()
             .iter()
@@ -176,7 +180,16 @@ unsafe impl Sync for TensorViewMut<'_> {}
 
 /// Raw pointers must be aligned for their element type: the kernels read elements through typed
 /// slices (found by fuzzing the C ABI: an odd mfa buffer address reached them).
-fn check_aligned(ptr: *const u8, dtype: DType) -> Result<()> {
+/// What a raw data pointer must be: non-null unless the view is empty (PyTorch, NumPy and C
+/// callers hand out NULL for those), and aligned to its element size.
+fn check_data(ptr: *const u8, dtype: DType, layout: &Layout) -> Result<()> {
+    if ptr.is_null() && layout.numel() > 0 {
+        invalid!(
+            "data is NULL but shape {:?} has {} elements",
+            layout.shape(),
+            layout.numel()
+        );
+    }
     let align = dtype.size_in_bytes();
     if !(ptr as usize).is_multiple_of(align) {
         invalid!("data={ptr:p} is not aligned to {align} bytes, as {dtype} elements must be");
@@ -265,7 +278,7 @@ impl<'a> TensorView<'a> {
         strides: &[usize],
     ) -> Result<Self> {
         let layout = Layout::new(shape, strides)?;
-        check_aligned(ptr as *const u8, dtype)?;
+        check_data(ptr as *const u8, dtype, &layout)?;
         Ok(Self::from_layout(ptr as *const u8, dtype, device, layout))
     }
 
@@ -332,7 +345,7 @@ impl<'a> TensorViewMut<'a> {
         strides: &[usize],
     ) -> Result<Self> {
         let layout = Layout::new(shape, strides)?;
-        check_aligned(ptr as *const u8, dtype)?;
+        check_data(ptr as *const u8, dtype, &layout)?;
         Ok(Self::from_layout(ptr as *mut u8, dtype, device, layout))
     }
 
@@ -426,6 +439,26 @@ mod tests {
         let ok =
             unsafe { TensorView::from_raw_parts(odd.cast(), DType::Bool, Device::Cpu, &[2], &[1]) };
         assert!(ok.is_ok());
+    }
+
+    /// NULL is the data of an empty view only (the Python fuzz target found NULL with elements
+    /// read through DLPack: fuzz/regressions/python-dlpack/null-data-with-elements).
+    #[test]
+    fn null_data_is_for_empty_views_only() {
+        let null = std::ptr::null_mut::<std::ffi::c_void>();
+        let e = unsafe {
+            TensorViewMut::from_raw_parts(null, DType::F32, Device::Cpu, &[2, 3], &[3, 1])
+        }
+        .unwrap_err();
+        assert!(
+            e.message()
+                .contains("data is NULL but shape [2, 3] has 6 elements"),
+            "{e}"
+        );
+        let empty =
+            unsafe { TensorView::from_raw_parts(null, DType::F32, Device::Cpu, &[2, 0], &[0, 1]) };
+        assert!(empty.is_ok());
+        assert!(!Layout::new(&[2, 0], &[0, 1]).unwrap().has_overlap());
     }
 
     #[test]

@@ -51,6 +51,12 @@ fn features_and_layouts_backward_match_the_reference() {
     run_grad_cases(&cases);
 }
 
+/// Batch 0, seqlen_q 0, seqlen_kv 0: zero gradients where no term reaches them.
+#[test]
+fn empty_problems_backward_match_the_reference() {
+    run_grad_cases(&ufa::testing::empty_cases());
+}
+
 /// Ten deterministic runs give bitwise-identical dQ, dK and dV, at sizes where many key blocks
 /// add into each dQ row (which atomics would reorder): causal bands (turns in descending key
 /// block order) and full ones (rotated walks), at each Hopper layout.

@@ -35,6 +35,12 @@ fn features_and_layouts_match_the_reference() {
     run_cases(&ufa::testing::feature_cases());
 }
 
+/// Batch 0, seqlen_q 0, seqlen_kv 0: empty outputs, or the fully-masked rule (device memsets).
+#[test]
+fn empty_problems_match_the_reference() {
+    run_cases(&ufa::testing::empty_cases());
+}
+
 /// A host pointer passed as a CUDA tensor is an error naming the tensor, never a crash; on a
 /// machine without CUDA every CUDA call says so.
 #[test]

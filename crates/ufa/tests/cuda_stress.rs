@@ -10,6 +10,8 @@
 //! call that writes nothing, or writes after its stream's next copy, shows as a difference.
 //! Without a GPU these tests say so and pass, unless `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
 
+mod support;
+
 use cudarc::driver::{result as cu, sys};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -17,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use std::ffi::c_void;
 use std::sync::Barrier;
 use std::time::Instant;
+use support::cuda_memory::{DevBuf, Primary, Stream};
 use ufa::testing::cuda::gpu_present;
 use ufa::{
     AttentionParams, BackwardInputs, Context, DType, Device, Gradients, TensorView, TensorViewMut,
@@ -35,103 +38,6 @@ const ROUNDS: usize = 100;
 const CONTEXTS: usize = 4;
 /// Contexts each churning thread creates, runs every case on once, and drops.
 const CHURN_CONTEXTS: usize = 3;
-
-/// Panics with `what` when a driver call fails (test set-up, not the code under test).
-fn ok<X>(what: &str, r: Result<X, cu::DriverError>) -> X {
-    r.unwrap_or_else(|e| panic!("{what}: {e:?}"))
-}
-
-/// Device 0's primary context (the one ufa computes in), to make current on every thread that
-/// allocates, copies or creates streams.
-#[derive(Clone, Copy)]
-struct Primary(usize);
-
-impl Primary {
-    fn retain() -> Primary {
-        ok("cuInit", cu::init());
-        let dev = ok("cuDeviceGet", cu::device::get(0));
-        // SAFETY: a device from cuDeviceGet; retained for the rest of the process.
-        Primary(ok("cuDevicePrimaryCtxRetain", unsafe {
-            cu::primary_ctx::retain(dev)
-        }) as usize)
-    }
-
-    fn enter(self) {
-        // SAFETY: a retained (never released) context.
-        ok("cuCtxSetCurrent", unsafe {
-            cu::ctx::set_current(self.0 as sys::CUcontext)
-        });
-    }
-}
-
-/// Device memory of device 0, freed on drop.
-struct DevBuf {
-    ptr: sys::CUdeviceptr,
-    bytes: usize,
-}
-
-impl DevBuf {
-    fn new(bytes: usize) -> DevBuf {
-        // SAFETY: the primary context is current (Primary::enter).
-        let ptr = ok("cuMemAlloc", unsafe { cu::malloc_sync(bytes.max(1)) });
-        DevBuf { ptr, bytes }
-    }
-
-    fn upload(host: &[u8]) -> DevBuf {
-        let b = DevBuf::new(host.len());
-        // SAFETY: b holds host.len() bytes.
-        ok("cuMemcpyHtoD", unsafe { cu::memcpy_htod_sync(b.ptr, host) });
-        b
-    }
-
-    /// Every byte 0xff (NaN in every float type), in order on `stream`.
-    fn poison(&self, stream: sys::CUstream) {
-        // SAFETY: the buffer's own bytes; stream is live.
-        ok("cuMemsetD8Async", unsafe {
-            cu::memset_d8_async(self.ptr, 0xff, self.bytes, stream)
-        });
-    }
-
-    /// The contents once `stream` has run everything queued on it so far.
-    fn download(&self, stream: sys::CUstream) -> Vec<u8> {
-        let mut host = vec![0u8; self.bytes];
-        // SAFETY: host holds the buffer's size; the stream is waited for before host is read.
-        unsafe {
-            ok(
-                "cuMemcpyDtoHAsync",
-                cu::memcpy_dtoh_async(&mut host, self.ptr, stream),
-            );
-            ok("cuStreamSynchronize", cu::stream::synchronize(stream));
-        }
-        host
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated by cuMemAlloc, freed once; errors are ignored in a destructor.
-        let _ = unsafe { cu::free_sync(self.ptr) };
-    }
-}
-
-/// A stream of the current context, destroyed on drop.
-struct Stream(sys::CUstream);
-
-impl Stream {
-    fn new() -> Stream {
-        Stream(ok(
-            "cuStreamCreate",
-            cu::stream::create(cu::stream::StreamKind::NonBlocking),
-        ))
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        // SAFETY: created above and destroyed once, after its work has been waited for.
-        let _ = unsafe { cu::stream::destroy(self.0) };
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {

@@ -185,12 +185,24 @@ fn mismatched_shapes() {
 }
 
 #[test]
-fn zero_sizes() {
-    expect_err(ErrorKind::InvalidArgument, &["seqlen_q)=0"], |ctx, b| {
-        let q = TensorView::new(&b.q, &[2, 0, 4, 8])?;
+fn zero_heads_or_head_dims() {
+    // Batch and sequence lengths may be 0 (tests/empty.rs); heads and head dims may not.
+    expect_err(
+        ErrorKind::InvalidArgument,
+        &["heads_q)=0", "at least 1"],
+        |ctx, b| {
+            let q = TensorView::new(&b.q, &[2, 5, 0, 8])?;
+            let k = TensorView::new(&b.k, &KV)?;
+            let v = TensorView::new(&b.v, &KV)?;
+            let mut out = TensorViewMut::new(&mut b.out, &[2, 5, 0, 8])?;
+            ctx.forward(&q, &k, &v, &mut out, &AttentionParams::default())
+        },
+    );
+    expect_err(ErrorKind::InvalidArgument, &["head_dim_v)=0"], |ctx, b| {
+        let q = TensorView::new(&b.q, &Q)?;
         let k = TensorView::new(&b.k, &KV)?;
-        let v = TensorView::new(&b.v, &KV)?;
-        let mut out = TensorViewMut::new(&mut b.out, &[2, 0, 4, 8])?;
+        let v = TensorView::new(&b.v, &[2, 7, 2, 0])?;
+        let mut out = TensorViewMut::new(&mut b.out, &[2, 5, 4, 0])?;
         ctx.forward(&q, &k, &v, &mut out, &AttentionParams::default())
     });
 }

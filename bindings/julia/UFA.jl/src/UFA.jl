@@ -45,6 +45,7 @@ struct CTensor                 # ufa_tensor
     ndim::Int32
     shape::Ptr{Int64}
     strides::Ptr{Int64}
+    nbytes::UInt64             # the allocation's bytes, checked by the library; 0 = unknown
 end
 
 struct CContextOptions         # ufa_context_options
@@ -196,7 +197,8 @@ function forward!(ctx::Context, out::AbstractArray, q::AbstractArray, k::Abstrac
             shape, strd = layout(A)
             push!(keep, A, shape, strd)
             descs[i] = CTensor(Ptr{Cvoid}(pointer(A)), dtype_of(eltype(A)), DEVICE_CPU, Int32(0),
-                               Int32(length(shape)), pointer(shape), pointer(strd))
+                               Int32(length(shape)), pointer(shape), pointer(strd),
+                               UInt64(A isa Array ? sizeof(A) : 0))  # views: the parent's size is not theirs
             ptrs[i] = pointer(descs, i)
         end
         d = @ccall libufa.ufa_attention_params_default()::CAttentionParams

@@ -68,15 +68,15 @@ static void run_backward(ufa_context* ctx, void* stream, enum elem type, int dt,
     /* The forward again, with its LSE, on the stream. */
     uint64_t glse = upload(lse, nl * 4), gdo = upload(dout, nq * es);
     uint64_t gg[3] = {upload(gpu[0], nq * es), upload(gpu[1], nk * es), upload(gpu[2], nk * es)};
-    ufa_tensor tq = {(void*)(uintptr_t)gq, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
-    ufa_tensor tk = {(void*)(uintptr_t)gk, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
-    ufa_tensor tv = {(void*)(uintptr_t)gv, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
-    ufa_tensor to = {(void*)(uintptr_t)gout, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
-    ufa_tensor tl = {(void*)(uintptr_t)glse, UFA_DTYPE_F32, UFA_DEVICE_CUDA, 0, 3, ls, NULL};
-    ufa_tensor tdo = {(void*)(uintptr_t)gdo, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
-    ufa_tensor tg[3] = {{(void*)(uintptr_t)gg[0], dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL},
-                        {(void*)(uintptr_t)gg[1], dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL},
-                        {(void*)(uintptr_t)gg[2], dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL}};
+    ufa_tensor tq = {(void*)(uintptr_t)gq, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL, 0};
+    ufa_tensor tk = {(void*)(uintptr_t)gk, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL, 0};
+    ufa_tensor tv = {(void*)(uintptr_t)gv, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL, 0};
+    ufa_tensor to = {(void*)(uintptr_t)gout, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL, 0};
+    ufa_tensor tl = {(void*)(uintptr_t)glse, UFA_DTYPE_F32, UFA_DEVICE_CUDA, 0, 3, ls, NULL, 0};
+    ufa_tensor tdo = {(void*)(uintptr_t)gdo, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL, 0};
+    ufa_tensor tg[3] = {{(void*)(uintptr_t)gg[0], dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL, 0},
+                        {(void*)(uintptr_t)gg[1], dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL, 0},
+                        {(void*)(uintptr_t)gg[2], dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL, 0}};
     ufa_attention_params pf = *p;
     pf.lse = &tl;
     CHECK(ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &pf, stream) == UFA_STATUS_SUCCESS, "fwd+lse: %s",
@@ -89,12 +89,12 @@ static void run_backward(ufa_context* ctx, void* stream, enum elem type, int dt,
     CHECK(cuMemcpyDtoH(lse, glse, nl * 4) == 0, "download lse");
     for (int i = 0; i < 3; i++) CHECK(cuMemcpyDtoH(gpu[i], gg[i], (i ? nk : nq) * es) == 0, "download grad");
     /* The same backward on the CPU from the GPU's saved forward (out was downloaded by the caller). */
-    ufa_tensor hq = {(void*)q, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL}, hk = {(void*)k, dt, UFA_DEVICE_CPU, 0, 4, ks, NULL};
-    ufa_tensor hv = {(void*)v, dt, UFA_DEVICE_CPU, 0, 4, ks, NULL}, ho = {(void*)out, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL};
-    ufa_tensor hl = {lse, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 3, ls, NULL}, hdo = {dout, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL};
-    ufa_tensor hg[3] = {{cpu[0], dt, UFA_DEVICE_CPU, 0, 4, qs, NULL},
-                        {cpu[1], dt, UFA_DEVICE_CPU, 0, 4, ks, NULL},
-                        {cpu[2], dt, UFA_DEVICE_CPU, 0, 4, ks, NULL}};
+    ufa_tensor hq = {(void*)q, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL, 0}, hk = {(void*)k, dt, UFA_DEVICE_CPU, 0, 4, ks, NULL, 0};
+    ufa_tensor hv = {(void*)v, dt, UFA_DEVICE_CPU, 0, 4, ks, NULL, 0}, ho = {(void*)out, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL, 0};
+    ufa_tensor hl = {lse, UFA_DTYPE_F32, UFA_DEVICE_CPU, 0, 3, ls, NULL, 0}, hdo = {dout, dt, UFA_DEVICE_CPU, 0, 4, qs, NULL, 0};
+    ufa_tensor hg[3] = {{cpu[0], dt, UFA_DEVICE_CPU, 0, 4, qs, NULL, 0},
+                        {cpu[1], dt, UFA_DEVICE_CPU, 0, 4, ks, NULL, 0},
+                        {cpu[2], dt, UFA_DEVICE_CPU, 0, 4, ks, NULL, 0}};
     CHECK(ufa_attention_backward(ctx, &hq, &hk, &hv, &ho, &hdo, &hl, &hg[0], &hg[1], &hg[2], p, NULL) ==
               UFA_STATUS_SUCCESS, "cpu backward: %s", ufa_last_error_message());
     const char* names[3] = {"dq", "dk", "dv"};
@@ -123,10 +123,10 @@ static void run(ufa_context* ctx, void* stream, enum elem type, int64_t S, int64
     uint64_t dq = upload(q, nq * es), dk = upload(k, nk * es), dv = upload(v, nk * es), dout = upload(out, nq * es);
     int64_t qs[4] = {1, S, HQ, D}, ks[4] = {1, S, HK, D};
     int dt = type == E_F32 ? UFA_DTYPE_F32 : type == E_F16 ? UFA_DTYPE_F16 : UFA_DTYPE_BF16;
-    ufa_tensor tq = {(void*)(uintptr_t)dq, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
-    ufa_tensor tk = {(void*)(uintptr_t)dk, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
-    ufa_tensor tv = {(void*)(uintptr_t)dv, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL};
-    ufa_tensor to = {(void*)(uintptr_t)dout, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL};
+    ufa_tensor tq = {(void*)(uintptr_t)dq, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL, 0};
+    ufa_tensor tk = {(void*)(uintptr_t)dk, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL, 0};
+    ufa_tensor tv = {(void*)(uintptr_t)dv, dt, UFA_DEVICE_CUDA, 0, 4, ks, NULL, 0};
+    ufa_tensor to = {(void*)(uintptr_t)dout, dt, UFA_DEVICE_CUDA, 0, 4, qs, NULL, 0};
     ufa_attention_params p = ufa_attention_params_default();
     p.causal = causal;
     ufa_status s = ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &p, stream);
@@ -213,9 +213,9 @@ static void device_memory_declared_as_host(ufa_context* ctx) {
     void *q = random_tensor(n, E_F16), *out = poisoned(n * 2);
     uint64_t dq = upload(q, n * 2), dout = upload(out, n * 2);
     int64_t shape[4] = {1, S, H, D};
-    ufa_tensor tq = {(void*)(uintptr_t)dq, UFA_DTYPE_F16, UFA_DEVICE_CPU, 0, 4, shape, NULL};
+    ufa_tensor tq = {(void*)(uintptr_t)dq, UFA_DTYPE_F16, UFA_DEVICE_CPU, 0, 4, shape, NULL, 0};
     ufa_tensor tk = tq, tv = tq;
-    ufa_tensor to = {(void*)(uintptr_t)dout, UFA_DTYPE_F16, UFA_DEVICE_CUDA, 0, 4, shape, NULL};
+    ufa_tensor to = {(void*)(uintptr_t)dout, UFA_DTYPE_F16, UFA_DEVICE_CUDA, 0, 4, shape, NULL, 0};
     ufa_attention_params p = ufa_attention_params_default();
     ufa_status s = ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &p, NULL);
     const char* msg = ufa_last_error_message();

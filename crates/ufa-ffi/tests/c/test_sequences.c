@@ -9,7 +9,7 @@
 enum { HQ = 4, HKV = 2, D = 8 };
 
 static ufa_tensor tensor(void* data, int32_t dtype, int32_t ndim, const int64_t* shape) {
-    ufa_tensor t = {data, dtype, UFA_DEVICE_CPU, 0, ndim, shape, NULL};
+    ufa_tensor t = {data, dtype, UFA_DEVICE_CPU, 0, ndim, shape, NULL, 0};
     return t;
 }
 

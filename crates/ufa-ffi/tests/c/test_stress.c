@@ -74,7 +74,7 @@ static struct data cases[NCASES];
 static int g_pick[NCASES], g_npick;
 
 static ufa_tensor desc(void* data, int dtype, int ndim, const int64_t* shape) {
-    ufa_tensor t = {data, dtype, UFA_DEVICE_CPU, 0, ndim, shape, NULL};
+    ufa_tensor t = {data, dtype, UFA_DEVICE_CPU, 0, ndim, shape, NULL, 0};
     return t;
 }
 

@@ -12,7 +12,7 @@ static int dtype_code(enum elem t) {
 
 /* A CPU tensor descriptor over `shape` (kept by the caller) with optional strides. */
 static ufa_tensor desc(void* data, int dtype, int ndim, const int64_t* shape, const int64_t* strides) {
-    ufa_tensor t = {data, dtype, UFA_DEVICE_CPU, 0, ndim, shape, strides};
+    ufa_tensor t = {data, dtype, UFA_DEVICE_CPU, 0, ndim, shape, strides, 0};
     return t;
 }
 
@@ -167,7 +167,7 @@ static void test_errors(void) {
     expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, NULL, NULL, NULL), "out NULL", "out is NULL");
     ufa_tensor bad = t.tq;
     bad.data = NULL;
-    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "data NULL", "q.data");
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "data NULL", "q: data is NULL");
     bad = t.tk;
     bad.shape = NULL;
     expect(INVALID, ufa_attention_forward(ctx, &t.tq, &bad, &t.tv, &t.to, NULL, NULL), "shape NULL", "k.shape");
@@ -198,13 +198,13 @@ static void test_errors(void) {
     expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "ndim 5", "q.ndim=5");
     bad.ndim = 3;
     expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "ndim 3", "dimensions");
-    int64_t neg[4] = {1, -4, 1, 16}, zero[4] = {1, 0, 1, 16}, huge[4] = {INT64_MAX, INT64_MAX, 1, 16};
+    int64_t neg[4] = {1, -4, 1, 16}, zero[4] = {1, 4, 0, 16}, huge[4] = {INT64_MAX, INT64_MAX, 1, 16};
     int64_t heads3[4] = {1, 4, 3, 16}, big[4] = {1, 4, 1, 16}, neg_st[4] = {64, 16, 16, -1};
     bad = t.tq;
     bad.shape = neg;
     expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "negative", "q.shape[1]=-4");
     bad.shape = zero;
-    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "zero", "=0");
+    expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "zero heads", "heads_q)=0");
     bad.shape = huge;
     expect(INVALID, ufa_attention_forward(ctx, &bad, &t.tk, &t.tv, &t.to, NULL, NULL), "overflow", "memory");
     bad.shape = big;
@@ -321,6 +321,66 @@ static void test_backward(void) {
     }
 }
 
+/* nbytes, the allocation's size: exact or larger passes; a view reaching past it is refused
+ * before anything is read or written (k's strides reach one element past its 64 floats). */
+static void test_nbytes(void) {
+    struct tiny t;
+    tiny_init(&t);
+    t.tq.nbytes = sizeof t.q;
+    t.tk.nbytes = sizeof t.k + 100;
+    t.to.nbytes = sizeof t.out;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, NULL, NULL), "exact nbytes", NULL);
+    memset(t.out, 0xff, sizeof t.out);
+    t.to.nbytes = sizeof t.out - 4;
+    expect(UFA_STATUS_INVALID_ARGUMENT, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, NULL, NULL), "out short",
+           "out.shape=[1, 4, 1, 16] with strides [64, 16, 16, 1] reaches 256 bytes from out.data but out.nbytes=252");
+    t.to.nbytes = 0;
+    int64_t past[4] = {64, 17, 16, 1};
+    t.tk.strides = past;
+    t.tk.nbytes = sizeof t.k;
+    expect(UFA_STATUS_INVALID_ARGUMENT, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, NULL, NULL), "k strides",
+           "k.nbytes=256");
+    const unsigned char* o = (const unsigned char*)t.out;
+    for (size_t i = 0; i < sizeof t.out; i++) CHECK(o[i] == 0xff, "out byte %zu written on an nbytes error", i);
+}
+
+/* Empty problems as PyTorch answers them: NULL data for tensors without elements; no keys gives
+ * zero output and LSE -inf; no queries gives zero dK and dV. */
+static void test_empty(void) {
+    int64_t q0[4] = {0, 4, 2, 16}, kv0[4] = {0, 6, 1, 16};
+    ufa_tensor tq = desc(NULL, UFA_DTYPE_F32, 4, q0, NULL), tk = desc(NULL, UFA_DTYPE_F32, 4, kv0, NULL);
+    ufa_tensor tv = tk, to = tq;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &tq, &tk, &tv, &to, NULL, NULL), "batch 0, NULL data", NULL);
+    int64_t qs[4] = {1, 3, 2, 16}, nokeys[4] = {1, 0, 1, 16}, lse_shape[3] = {1, 2, 3};
+    float q[96], out[96], lse[6];
+    for (int i = 0; i < 96; i++) q[i] = uniform(), out[i] = NAN;
+    for (int i = 0; i < 6; i++) lse[i] = NAN;
+    tq = desc(q, UFA_DTYPE_F32, 4, qs, NULL);
+    tk = desc(NULL, UFA_DTYPE_F32, 4, nokeys, NULL);
+    tv = tk;
+    to = desc(out, UFA_DTYPE_F32, 4, qs, NULL);
+    ufa_tensor tl = desc(lse, UFA_DTYPE_F32, 3, lse_shape, NULL);
+    ufa_attention_params p = ufa_attention_params_default();
+    p.lse = &tl;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &tq, &tk, &tv, &to, &p, NULL), "seqlen_kv 0", NULL);
+    for (int i = 0; i < 96; i++) CHECK(out[i] == 0.0f, "seqlen_kv 0: out[%d]=%g, want 0", i, out[i]);
+    for (int i = 0; i < 6; i++) CHECK(isinf(lse[i]) && lse[i] < 0, "seqlen_kv 0: lse[%d]=%g, want -inf", i, lse[i]);
+    /* No queries: dK and dV are zero, and dQ, out, dout and the LSE are NULL. */
+    int64_t noq[4] = {1, 0, 2, 16}, kvs[4] = {1, 5, 1, 16}, lse0[3] = {1, 2, 0};
+    float k[80], dk[80], dv[80];
+    for (int i = 0; i < 80; i++) k[i] = uniform(), dk[i] = dv[i] = NAN;
+    ufa_tensor e = desc(NULL, UFA_DTYPE_F32, 4, noq, NULL), el = desc(NULL, UFA_DTYPE_F32, 3, lse0, NULL);
+    ufa_tensor kk = desc(k, UFA_DTYPE_F32, 4, kvs, NULL), tdk = desc(dk, UFA_DTYPE_F32, 4, kvs, NULL);
+    ufa_tensor tdv = desc(dv, UFA_DTYPE_F32, 4, kvs, NULL);
+    expect(UFA_STATUS_SUCCESS, ufa_attention_backward(ctx, &e, &kk, &kk, &e, &e, &el, &e, &tdk, &tdv, NULL, NULL),
+           "backward, seqlen_q 0", NULL);
+    for (int i = 0; i < 80; i++) CHECK(dk[i] == 0.0f && dv[i] == 0.0f, "seqlen_q 0: dk/dv[%d]=%g/%g", i, dk[i], dv[i]);
+    /* NULL data with elements is still an error. */
+    tq.data = NULL;
+    expect(UFA_STATUS_INVALID_ARGUMENT, ufa_attention_forward(ctx, &tq, &tk, &tv, &to, NULL, NULL), "NULL with elements",
+           "q: data is NULL but shape [1, 3, 2, 16] has 96 elements");
+}
+
 static void test_queries_and_lifetimes(void) {
     CHECK(strcmp(ufa_status_string(UFA_STATUS_SUCCESS), "success") == 0, "status string");
     for (ufa_status s = -1; s <= 7; s++) CHECK(ufa_status_string(s) && *ufa_status_string(s), "string %d", s);
@@ -359,6 +419,8 @@ int main(void) {
     test_params();
     test_errors();
     test_backward();
+    test_empty();
+    test_nbytes();
     test_queries_and_lifetimes();
     ufa_context_destroy(ctx);
     return finish("test_ufa");

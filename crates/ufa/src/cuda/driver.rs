@@ -14,10 +14,13 @@ fn driver_error(what: &str, e: cu::DriverError) -> Error {
         .error_string()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Error::new(
-        ErrorKind::Backend,
-        format!("{what} failed: {:?} ({text})", e.0),
-    )
+    // Running out of device memory is the caller's to handle (free memory, smaller batches),
+    // so it keeps its own kind.
+    let kind = match e.0 {
+        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => ErrorKind::OutOfMemory,
+        _ => ErrorKind::Backend,
+    };
+    Error::new(kind, format!("{what} failed: {:?} ({text})", e.0))
 }
 
 /// One CUDA device as the driver describes it.
@@ -142,12 +145,41 @@ impl Driver {
         unsafe { sys::cuCtxPushCurrent_v2(ctx as sys::CUcontext) }
             .result()
             .map_err(|e| driver_error("cuCtxPushCurrent", e))?;
-        Ok(ContextGuard(()))
+        Ok(ContextGuard { ctx })
+    }
+
+    /// [`Driver::enter`], then checks that the caller's `stream` belongs to that context: a
+    /// destroyed stream, or one of another device or context, is an invalid argument here
+    /// rather than a launch failure after part of the work was queued. Null and the two
+    /// special handles (legacy and per-thread default streams) always do.
+    pub fn enter_with_stream(&self, ordinal: u32, stream: CUstream) -> Result<ContextGuard> {
+        let guard = self.enter(ordinal)?;
+        const LEGACY: usize = 0x1; // CU_STREAM_LEGACY
+        const PER_THREAD: usize = 0x2; // CU_STREAM_PER_THREAD
+        if matches!(stream as usize, 0 | LEGACY | PER_THREAD) {
+            return Ok(guard);
+        }
+        let mut owner: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: an out-pointer to a live handle; the driver validates the stream handle.
+        match unsafe { sys::cuStreamGetCtx(stream, &mut owner) } {
+            sys::CUresult::CUDA_SUCCESS if owner as usize == guard.ctx => Ok(guard),
+            sys::CUresult::CUDA_SUCCESS => Err(Error::invalid(format!(
+                "stream={stream:p} belongs to another CUDA context than cuda:{ordinal}'s \
+                 primary context, where the tensors are (pass a stream of that device's \
+                 primary context, e.g. torch.cuda.current_stream(), or NULL)"
+            ))),
+            e => Err(Error::invalid(format!(
+                "stream={stream:p} is not a live CUDA stream (cuStreamGetCtx: {e:?}); was it \
+                 destroyed?"
+            ))),
+        }
     }
 }
 
 /// Pops the context pushed by [`Driver::enter`].
-pub(crate) struct ContextGuard(());
+pub(crate) struct ContextGuard {
+    ctx: usize,
+}
 
 impl Drop for ContextGuard {
     fn drop(&mut self) {
@@ -477,9 +509,13 @@ impl StreamBuffer {
     /// # Safety
     /// `stream` is null or a live stream of the current context, which stays current until the
     /// buffer is dropped.
-    pub unsafe fn new(bytes: usize, stream: CUstream) -> Result<StreamBuffer> {
-        let ptr = cu::malloc_async(stream, bytes.max(1))
-            .map_err(|e| driver_error("cuMemAllocAsync (backward workspace)", e))?;
+    pub unsafe fn new(what: &str, bytes: usize, stream: CUstream) -> Result<StreamBuffer> {
+        let ptr = cu::malloc_async(stream, bytes.max(1)).map_err(|e| {
+            driver_error(
+                &format!("allocating {bytes} bytes of device memory for {what} (cuMemAllocAsync)"),
+                e,
+            )
+        })?;
         Ok(StreamBuffer { ptr, stream })
     }
 }
@@ -490,6 +526,63 @@ impl Drop for StreamBuffer {
         // are ignored: Drop must not panic.
         let _ = unsafe { cu::free_async(self.ptr, self.stream) };
     }
+}
+
+/// Writes a fill's constant into its strided view, queued on `stream`: one memset when the view
+/// is contiguous, else 2-d memsets over its two innermost dimensions (a pitch per row).
+///
+/// # Safety
+/// The view lies in device memory of the current context; `stream` is null or a live stream of it.
+pub(crate) unsafe fn fill_strided(f: &crate::empty::Fill, stream: CUstream) -> Result<()> {
+    let size = f.dtype.size_in_bytes();
+    let bits = f.bits();
+    let base = f.ptr as CUdeviceptr;
+    let set = |ptr: CUdeviceptr, pitch: usize, width: usize, height: usize| -> Result<()> {
+        let r = match size {
+            2 => sys::cuMemsetD2D16Async(ptr, pitch, bits as u16, width, height, stream),
+            4 => sys::cuMemsetD2D32Async(ptr, pitch, bits, width, height, stream),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "fill of a 1- or 8-byte dtype",
+                ))
+            }
+        };
+        r.result()
+            .map_err(|e| driver_error("cuMemsetD2DAsync (output fill)", e))
+    };
+    // Dimensions that address more than one element, outermost first.
+    let dims: Vec<(usize, usize)> = (0..4)
+        .filter(|&d| f.shape[d] > 1)
+        .map(|d| (f.shape[d], f.strides[d]))
+        .collect();
+    let contiguous = dims
+        .iter()
+        .rev()
+        .try_fold(1usize, |want, &(n, s)| (s == want).then_some(want * n))
+        .is_some();
+    if contiguous {
+        return set(base, f.numel() * size, f.numel(), 1);
+    }
+    // Innermost run: a contiguous row of `width` elements, or single elements.
+    let (width, rest) = match dims.split_last() {
+        Some((&(n, 1), rest)) => (n, rest),
+        _ => (1, &dims[..]),
+    };
+    let ((height, pitch), outer) = match rest.split_last() {
+        Some((&(n, s), outer)) => ((n, s * size), outer),
+        None => ((1, width * size), rest),
+    };
+    let count: usize = outer.iter().map(|&(n, _)| n).product();
+    for i in 0..count {
+        let (mut rem, mut off) = (i, 0usize);
+        for &(n, s) in outer.iter().rev() {
+            off += (rem % n) * s;
+            rem /= n;
+        }
+        set(base + (off * size) as CUdeviceptr, pitch, width, height)?;
+    }
+    Ok(())
 }
 
 /// Copies `dst.len()` values from device address `src` once the work queued on `stream` before

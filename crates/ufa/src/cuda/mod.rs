@@ -20,6 +20,8 @@ pub use nvrtc::NVRTC_PATH_ENV;
 
 pub(crate) use driver::{device_memory_ordinal, synchronize, time_ms, DeviceBuffer};
 
+use crate::device::Device;
+use crate::empty::Fill;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvcache::{KvCacheProblem, Workspace};
 use crate::merge::MergeProblem;
@@ -161,7 +163,7 @@ impl CudaBackend {
 
     fn backward_inner(&self, p: &BackwardProblem, stream: *mut c_void) -> Result<()> {
         let (ordinal, dev) = usable_device(&p.fwd)?;
-        let _ctx = driver::driver()?.enter(ordinal)?;
+        let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
         let mut tensors = tensors_of(&p.fwd);
         tensors.extend([
             ("dout", p.dout.ptr),
@@ -179,7 +181,9 @@ impl CudaBackend {
         let stream = stream as driver::CUstream;
         // SAFETY: `stream` is the caller's (null or live on this context, per the API's
         // contract); the buffer is dropped while the context is still current.
-        let workspace = unsafe { driver::StreamBuffer::new(plan.workspace(p).bytes, stream)? };
+        let workspace = unsafe {
+            driver::StreamBuffer::new("the backward's workspace", plan.workspace(p).bytes, stream)?
+        };
         let params =
             abi::BwdParams::new(p, &plan, workspace.ptr, dev.multiprocessors.max(1) as u32)?;
         for (l, k) in launches.iter().zip(&kernels) {
@@ -208,9 +212,33 @@ impl CudaBackend {
         no_panic("running on CUDA", || self.forward_inner(p, stream))
     }
 
+    /// Writes the constant outputs of a call with nothing to compute (crate::empty), queued on
+    /// `stream`. Empty fills are skipped, so their pointers (often NULL) are never checked.
+    pub fn fill(&self, device: Device, fills: &[Fill], stream: *mut c_void) -> Result<()> {
+        no_panic("filling outputs on CUDA", || {
+            let Device::Cuda(ordinal) = device else {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "CUDA fill of a CPU problem",
+                ));
+            };
+            let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
+            let fills: Vec<&Fill> = fills.iter().filter(|f| f.numel() > 0).collect();
+            for f in &fills {
+                driver::check_device_pointer("output", f.ptr, ordinal)?;
+            }
+            for f in fills {
+                // SAFETY: validation bounds the view by the output's span, checked above to be
+                // device memory of this device; `stream` is the caller's.
+                unsafe { driver::fill_strided(f, stream as driver::CUstream)? };
+            }
+            Ok(())
+        })
+    }
+
     fn forward_inner(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
         let (ordinal, dev) = usable_device(p)?;
-        let _ctx = driver::driver()?.enter(ordinal)?;
+        let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
         check_pointers(&tensors_of(p), ordinal)?;
         self.launch_forward(ordinal, dev, p, stream as driver::CUstream)
     }
@@ -248,7 +276,7 @@ impl CudaBackend {
     /// Copies int32 metadata of device `ordinal` to the host, ordered on `stream`, and waits.
     pub fn read_ints(&self, ordinal: u32, a: &IntArray, stream: *mut c_void) -> Result<Vec<i32>> {
         no_panic("reading metadata from CUDA", || {
-            let _ctx = driver::driver()?.enter(ordinal)?;
+            let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
             driver::check_device_pointer("metadata", a.ptr as *const u8, ordinal)?;
             let mut raw = vec![0i32; a.span_bytes() / 4];
             // SAFETY: the array's span lies in device memory of this device (validated
@@ -271,7 +299,7 @@ impl CudaBackend {
     ) -> Result<()> {
         no_panic("running the KV-cache call on CUDA", || {
             let (ordinal, dev) = usable_device(&kp.attn)?;
-            let _ctx = driver::driver()?.enter(ordinal)?;
+            let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
             let stream = stream as driver::CUstream;
             let mut tensors = tensors_of(&kp.attn);
             if let Some(a) = &kp.append {
@@ -299,7 +327,8 @@ impl CudaBackend {
                 }
                 (None, _) => {
                     // SAFETY: `stream` is the caller's, on this (current) context.
-                    let buf = unsafe { driver::StreamBuffer::new(need, stream)? };
+                    let buf =
+                        unsafe { driver::StreamBuffer::new("the rotated queries", need, stream)? };
                     let ptr = buf.ptr as *mut c_void;
                     owned = Some(buf);
                     ptr
@@ -348,7 +377,7 @@ impl CudaBackend {
                 ));
             };
             let dev = driver::driver()?.device(ordinal)?;
-            let _ctx = driver::driver()?.enter(ordinal)?;
+            let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
             let stream = stream as driver::CUstream;
             let mut tensors: Vec<(&'static str, *mut u8)> = vec![("out", m.out.ptr)];
             tensors.extend(m.lse.map(|l| ("lse", l.ptr)));
@@ -365,7 +394,9 @@ impl CudaBackend {
                 (None, _) => {
                     let bytes = m.batch * m.heads * m.seqlen * 4;
                     // SAFETY: the caller's stream, on this (current) context.
-                    let buf = unsafe { driver::StreamBuffer::new(bytes, stream)? };
+                    let buf = unsafe {
+                        driver::StreamBuffer::new("the merge's scratch LSE", bytes, stream)?
+                    };
                     let ptr = buf.ptr as *mut f32;
                     scratch = Some(buf);
                     ptr

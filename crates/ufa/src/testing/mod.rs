@@ -1393,6 +1393,46 @@ pub fn tensor_core_cases(vary_deterministic: bool) -> Vec<Case> {
     cases
 }
 
+/// Problems with nothing to compute, answered as PyTorch answers them (zero batch, zero query
+/// rows: empty outputs; zero keys: the fully-masked rule; in the backward, zero gradients where
+/// no term reaches them), in the layouts and with the features that change which outputs exist
+/// or how they are addressed. Outputs start as NaN, so an output left unwritten fails.
+pub fn empty_cases() -> Vec<Case> {
+    use DType::*;
+    let mut cases = Vec::new();
+    let sizes = [
+        (0, 5, 7),
+        (2, 0, 7),
+        (2, 5, 0),
+        (0, 0, 0),
+        (2, 0, 0),
+        (3, 1, 0),
+    ];
+    for (i, &(b, sq, skv)) in sizes.iter().enumerate() {
+        for (j, dtype) in [F32, BF16, F16].into_iter().enumerate() {
+            let mut c = Case::new(b, sq, skv, 4, 64, dtype);
+            c.heads_kv = 2;
+            c.head_dim_v = if j == 1 { 32 } else { 64 };
+            c.placement = [
+                [Placement::Contiguous; 4],
+                [Placement::HeadsFirst; 4],
+                [Placement::Padded; 4],
+            ][(i + j) % 3];
+            c.causal = (i + j) % 2 == 0;
+            cases.push(c.clone());
+            c.mask = Some(MaskSpec {
+                dtype: Bool,
+                full: [true, false, true, true],
+                ndim: 4,
+            });
+            c.alibi = Some(Alibi::PerBatchHead);
+            c.with_lse = j != 2;
+            cases.push(c);
+        }
+    }
+    cases
+}
+
 /// The GPU suites' spread of features and layouts (forward and backward): MQA/GQA with causal
 /// in both alignments and seqlen_q != seqlen_kv, windows, every mask kind, ALiBi, strided views,
 /// zero and negative scales, the CUDA-core path's dtypes and head dims, and long sequences
