@@ -126,7 +126,7 @@ impl Tensors {
         );
         let mut out = Tensors::view_mut(&self.out, dout);
         let mut lse = Tensors::view_mut(&self.lse, dlse);
-        // SAFETY: null or a handle this test made (live or not: that is what is tested).
+        // SAFETY: null or a live stream this test made (of the primary context or another).
         unsafe {
             ctx.forward_on_stream(
                 &q,

@@ -34,6 +34,15 @@ const STREAMS_PER_THREAD: usize = 3;
 /// Rounds of one call per stream each thread makes: 8 × 3 × 100 = 2400 checked calls per test,
 /// a few seconds on one GPU once the kernels are loaded.
 const ROUNDS: usize = 100;
+
+/// `ROUNDS`, or `$UFA_STRESS_ROUNDS` (scripts/gpu-check runs the test under compute-sanitizer
+/// with 2: every thread, stream and context path, at a size racecheck finishes).
+fn rounds() -> usize {
+    std::env::var("UFA_STRESS_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS)
+}
 /// Contexts sharing the device in the second test (threads take them in turn).
 const CONTEXTS: usize = 4;
 /// Contexts each churning thread creates, runs every case on once, and drops.
@@ -363,7 +372,7 @@ fn streams_of_one_context_from_many_threads_bitwise() {
                 let (shared, cases, start) = (&shared, &cases, &start);
                 s.spawn(move || {
                     start.wait();
-                    hammer(primary, shared, cases, 10 + i as u64, ROUNDS)
+                    hammer(primary, shared, cases, 10 + i as u64, rounds())
                 })
             })
             .collect();
@@ -391,7 +400,7 @@ fn several_contexts_on_one_device_bitwise() {
                 let (ctx, cases, start) = (&contexts[i % CONTEXTS], &cases, &start);
                 s.spawn(move || {
                     start.wait();
-                    hammer(primary, ctx, cases, 20 + i as u64, ROUNDS)
+                    hammer(primary, ctx, cases, 20 + i as u64, rounds())
                 })
             })
             .collect();

@@ -31,7 +31,7 @@ use abi::{AppendParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS};
 use sm90::runs_wgmma;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use variants::{grid, AppendKernel, Variant};
 
@@ -65,9 +65,16 @@ pub struct ModuleReport {
     pub spill_bytes: i32,
 }
 
-/// Loaded kernels per (device, variant): read-locked on the hot path, written once per variant.
+/// A loaded kernel's device ordinal and variant.
+type ModuleKey = (u32, Variant);
+
+/// Loaded kernels per (device, variant): read-locked on the hot path, write-locked only to
+/// insert one. A variant is compiled and loaded under a lock of its own (`loading`), so a
+/// first-use NVRTC compile (a second or more) stalls neither calls whose kernels are loaded nor
+/// the compiles of other variants, and no variant is compiled twice.
 pub(crate) struct CudaBackend {
-    modules: RwLock<HashMap<(u32, Variant), driver::Kernel>>,
+    modules: RwLock<HashMap<ModuleKey, driver::Kernel>>,
+    loading: Mutex<HashMap<ModuleKey, Arc<Mutex<()>>>>,
     reports: RwLock<Vec<ModuleReport>>,
 }
 
@@ -75,8 +82,14 @@ impl CudaBackend {
     pub fn new() -> Self {
         CudaBackend {
             modules: RwLock::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
             reports: RwLock::new(Vec::new()),
         }
+    }
+
+    fn loaded(&self, key: &ModuleKey) -> Option<driver::Kernel> {
+        let modules = self.modules.read().unwrap_or_else(|e| e.into_inner());
+        modules.get(key).copied()
     }
 
     /// One line per CUDA device (with the driver and NVRTC versions), or why there are none.
@@ -117,17 +130,20 @@ impl CudaBackend {
     /// The kernel of `variant` on `ordinal`, compiled or read from the disk cache on first use.
     /// The caller has the device's context current.
     fn kernel(&self, ordinal: u32, arch: &str, variant: Variant) -> Result<driver::Kernel> {
-        if let Some(k) = self
-            .modules
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(ordinal, variant))
-        {
-            return Ok(*k);
+        let key = (ordinal, variant);
+        if let Some(k) = self.loaded(&key) {
+            return Ok(k);
         }
-        let mut modules = self.modules.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = modules.get(&(ordinal, variant)) {
-            return Ok(*k);
+        let slot = self
+            .loading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let _loading = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = self.loaded(&key) {
+            return Ok(k); // another thread loaded it while this one waited
         }
         let name = variant.kernel_name();
         let t0 = Instant::now();
@@ -151,7 +167,10 @@ impl CudaBackend {
                 registers: k.registers,
                 spill_bytes: k.local_bytes,
             });
-        modules.insert((ordinal, variant), k);
+        self.modules
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, k);
         Ok(k)
     }
 
