@@ -3,6 +3,8 @@ raises exactly as PyTorch; patching; CUDA plumbing without a GPU."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -117,6 +119,22 @@ def test_sdpa_falls_back_and_counts():
     ut.scaled_dot_product_attention(q, k, v, attn_mask=m)
     ut.scaled_dot_product_attention(q, k, v)
     assert ut.fallback_stats() == {"dropout": 1, "dtype": 1, "mask requires grad": 1, "ufa": 1}
+
+
+def test_sdpa_fallbacks_warn_once_per_reason_and_strict_refuses(monkeypatch):
+    q, k, v = _qkv()
+    ut.reset_fallback_stats()
+    with pytest.warns(RuntimeWarning, match=r"falls back to PyTorch's own function .*\(dropout\)"):
+        ut.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call of a reason is silent
+        ut.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        ut.scaled_dot_product_attention(q, k, v)  # served: never a warning
+    monkeypatch.setenv("UFA_STRICT", "1")
+    with pytest.raises(RuntimeError, match=r"cannot serve this call \(dtype\), and UFA_STRICT=1"):
+        ut.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ut.scaled_dot_product_attention(q, k, v)  # what ufa serves is unaffected
+    assert ut.fallback_stats() == {"dropout": 2, "dtype": 1, "ufa": 2}
 
 
 def test_sdpa_mismatched_heads_raise_like_pytorch():

@@ -255,3 +255,39 @@ def test_empty_problems_as_pytorch(device, b, sq, skv, causal):
     o, lse, _ = ut.flash_attn_func(qf, kf, vf, causal=causal, return_attn_probs=True)
     assert o.shape == (b, sq, 4, 16) and not o.any()
     assert lse.shape == (b, 4, sq) and bool((lse == float("-inf")).all())
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_sdpa_under_autocast_is_served_as_pytorch_casts_it(device, mask_kind):
+    """Under torch.autocast the drop-in casts q, k, v (and a float mask) to the autocast dtype,
+    as PyTorch does for SDPA, instead of falling back: output in that dtype, values as PyTorch's
+    under the same autocast, gradients in the leaves' own dtype (float32)."""
+    dt = torch.bfloat16
+    def leaves():
+        torch.manual_seed(1)
+        return [torch.randn(2, 4, 33, 32, device=device, requires_grad=True) for _ in range(3)]
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(33, 33, device=device) > 0.2
+    elif mask_kind == "float":
+        mask = torch.randn(2, 1, 33, 33, device=device)
+    ut.reset_fallback_stats()
+    q, k, v = leaves()
+    with torch.autocast(device, dtype=dt):
+        out = ut.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert ut.fallback_stats() == {"ufa": 1}
+    assert out.dtype == dt
+    out.float().square().sum().backward()
+    q2, k2, v2 = leaves()
+    with torch.autocast(device, dtype=dt), sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask)
+    want.float().square().sum().backward()
+    # Both compute from the same bf16 inputs; the f64 reference of those inputs bounds both.
+    qb, kb, vb = (t.detach().to(dt).transpose(1, 2) for t in (q, k, v))
+    ref = reference(qb, kb, vb, mask=None if mask is None else mask.to(dt) if mask_kind == "float"
+                    else mask)[0].transpose(1, 2)
+    assert rel_err(out, ref) < tolerance(dt)
+    assert rel_err(want, ref) < 2 * tolerance(dt)
+    for got, theirs in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert got.dtype == torch.float32
+        assert rel_err(got, theirs) < 5 * tolerance(dt)

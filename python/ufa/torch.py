@@ -7,8 +7,9 @@
 - :func:`scaled_dot_product_attention` — ``torch.nn.functional.scaled_dot_product_attention``'s
   signature and semantics (``[batch, heads, seq, dim]``, top-left causal alignment, bool and
   float masks, GQA only with ``enable_gqa``). Calls ufa cannot serve (dropout, float64, an
-  unsupported device, a mask that requires grad, ...) go to PyTorch's own function and are
-  counted in :func:`fallback_stats`.
+  unsupported device, a mask that requires grad, ...) go to PyTorch's own function, are
+  counted in :func:`fallback_stats` and warned about once per reason (``UFA_STRICT=1``: an
+  error instead).
 - :func:`patch` / :func:`unpatch` / :func:`patched` route ``torch.nn.functional.
   scaled_dot_product_attention`` through ufa.
 
@@ -25,7 +26,9 @@ ufa reads that stream from PyTorch through DLPack's C exchange API and never syn
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -345,9 +348,10 @@ def fallback_stats() -> Dict[str, int]:
 
 
 def reset_fallback_stats() -> None:
-    """Clears :func:`fallback_stats`."""
+    """Clears :func:`fallback_stats` (and re-arms the one-time fallback warnings)."""
     with _stats_lock:
         _fallbacks.clear()
+        _warned.clear()
 
 
 def _count(reason: str) -> None:
@@ -356,11 +360,60 @@ def _count(reason: str) -> None:
             _fallbacks[reason] = _fallbacks.get(reason, 0) + 1
 
 
+STRICT_ENV = "UFA_STRICT"
+"""Set to 1, a call :func:`scaled_dot_product_attention` cannot serve raises instead of
+falling back to PyTorch."""
+
+_warned: set = set()
+
+
+def _fall_back(reason: str) -> None:
+    """Counts a fallback; says so once per reason (a warning), or refuses it under UFA_STRICT=1."""
+    _count(reason)
+    if torch.compiler.is_compiling():
+        return
+    if os.environ.get(STRICT_ENV) == "1":
+        raise RuntimeError(
+            f"ufa.torch.scaled_dot_product_attention cannot serve this call ({reason}), and "
+            f"{STRICT_ENV}=1 forbids falling back to PyTorch's own function")
+    with _stats_lock:
+        first = reason not in _warned
+        _warned.add(reason)
+    if first:
+        warnings.warn(
+            f"ufa.torch.scaled_dot_product_attention falls back to PyTorch's own function for "
+            f"this call ({reason}); ufa.torch.fallback_stats() counts such calls, {STRICT_ENV}=1 "
+            f"makes them errors. Shown once per reason.", RuntimeWarning, stacklevel=3)
+
+
 def _autocast_on(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # PyTorch < 2.4 takes no argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else False
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        return device_type == "cpu" and torch.is_autocast_cpu_enabled()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # PyTorch < 2.4
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype()
+        return torch.get_autocast_cpu_dtype()
+
+
+def _autocast_cast(device_type: str, *tensors):
+    """The cast PyTorch's autocast applies to ``scaled_dot_product_attention`` (its
+    lower-precision list on CPU and CUDA): floating tensors other than float64 (q, k, v and a
+    float mask) to the autocast dtype; bool masks and float64 tensors as they are. The casts are
+    ordinary differentiable ops, so gradients reach the caller's tensors in their own dtype."""
+    dt = _autocast_dtype(device_type)
+    return tuple(
+        t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        and t.dtype != dt else t
+        for t in tensors)
 
 
 def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
@@ -382,8 +435,6 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
         return "device mismatch"
     if query.is_nested or key.is_nested or value.is_nested:
         return "nested tensor"
-    if _autocast_on(dev_type):
-        return "autocast"
     qs, ks, vs = query.shape, key.shape, value.shape
     nd = len(qs)
     if nd != 4 and nd != 3 or len(ks) != nd or len(vs) != nd:
@@ -438,14 +489,20 @@ def scaled_dot_product_attention(
     grouped-query attention only with ``enable_gqa``. The inputs reach the core in place, with
     their dims described in ufa's ``[batch, seq, heads, dim]`` order (no copy).
 
-    Calls ufa cannot serve identically go to PyTorch's own function and are counted in
-    :func:`fallback_stats`: dropout, dtypes other than float16/bfloat16/float32, devices without
-    a ufa backend, masks that require grad, autocast, nested tensors, inputs PyTorch itself
-    rejects (so they raise PyTorch's error).
+    Calls ufa cannot serve identically go to PyTorch's own function, with a one-time warning
+    per reason (an error under ``UFA_STRICT=1``), and are counted in :func:`fallback_stats`:
+    dropout, dtypes other than float16/bfloat16/float32, devices without a ufa backend, masks
+    that require grad, nested tensors, inputs PyTorch itself rejects (so they raise PyTorch's
+    error). Under ``torch.autocast`` the inputs are cast first, as PyTorch
+    casts them for this function (float tensors other than float64 to the autocast dtype), and
+    ufa computes in that dtype.
     """
+    if isinstance(query, Tensor) and _autocast_on(query.device.type):
+        query, key, value, attn_mask = _autocast_cast(query.device.type, query, key, value,
+                                                      attn_mask)
     why = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if why is not None:
-        _count(why)
+        _fall_back(why)
         if enable_gqa:
             return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                is_causal=is_causal, scale=scale, enable_gqa=True)
