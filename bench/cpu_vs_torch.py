@@ -50,8 +50,10 @@ def flops(w, backward):
 
 def time_ufa(name, dtype, threads, iters, backward):
     # Same memory layout as the PyTorch side: [batch, heads, seq, dim], read in place.
-    cmd = [UFA, "bench", "--workload", name, "--dtype", dtype, "--threads", str(threads),
-           "--iters", str(iters), "--layout", "bhsd", "--json"] + (["--backward"] if backward else [])
+    # --device cpu: on a GPU host `ufa bench` would otherwise pick cuda:0 and compare a GPU with
+    # PyTorch's CPU kernels.
+    cmd = [UFA, "bench", "--device", "cpu", "--workload", name, "--dtype", dtype, "--threads",
+           str(threads), "--iters", str(iters), "--layout", "bhsd", "--json"] + (["--backward"] if backward else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)[0]["median_ms"]
 
@@ -155,7 +157,7 @@ def main():
     header = (f"# ufa CPU vs PyTorch CPU flash attention\n\n"
               f"- date: {stamp}\n- machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads for each\n"
               f"- torch {torch.__version__} (capability {torch.backends.cpu.get_cpu_capability()}), "
-              f"ufa kernels: {json.loads(subprocess.run([UFA, 'bench', '--workload', 'W1', '--iters', '1', '--json', '--threads', str(args.threads)], capture_output=True, text=True).stdout)[0]['kernels']}\n"
+              f"ufa kernels: {json.loads(subprocess.run([UFA, 'bench', '--device', 'cpu', '--workload', 'W1', '--iters', '1', '--json', '--threads', str(args.threads)], capture_output=True, text=True).stdout)[0]['kernels']}\n"
               f"- command: `{command}` (medians of {args.rounds} interleaved rounds of {args.iters} runs)\n"
               f"- speedup = PyTorch time / ufa time (>1: ufa is faster)\n"
               f"- load: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at "
