@@ -228,8 +228,7 @@ func (d *descriptors) tensors(name func(i int) string, ts []*Tensor) (*C.ufa_ten
 	return &cs[0], nil
 }
 
-// fill writes a descriptor of t into c (C memory), or returns an error when t does not fit its
-// slice.
+// fill writes a descriptor of t into c (C memory), with the slice's length as nbytes.
 func (d *descriptors) fill(c *C.ufa_tensor, name string, t *Tensor) error {
 	if t.base != nil {
 		d.pinner.Pin(t.base)

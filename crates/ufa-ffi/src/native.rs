@@ -466,9 +466,10 @@ unsafe fn parts(t: *const ufa_tensor, name: &str) -> Result<Parts> {
         })?),
         other => return Err(bad_device_type(other, &format!("{name}.device_type"))),
     };
+    let dtype = dtype_of(t.dtype, name)?;
     if t.nbytes != 0 {
         // span() already succeeded (layout_of), so this product is bounded by the address space.
-        let need = layout.span()? as u64 * dtype_of(t.dtype, name)?.size_in_bytes() as u64;
+        let need = layout.span()? as u64 * dtype.size_in_bytes() as u64;
         if need > t.nbytes {
             return Err(Error::invalid(format!(
                 "{name}.shape={:?} with strides {:?} reaches {need} bytes from {name}.data but \
@@ -490,7 +491,7 @@ unsafe fn parts(t: *const ufa_tensor, name: &str) -> Result<Parts> {
     }
     Ok(Parts {
         data: t.data,
-        dtype: dtype_of(t.dtype, name)?,
+        dtype,
         device,
         layout,
     })

@@ -156,7 +156,7 @@ impl Context {
         match device {
             // SAFETY: the fills describe outputs that validation accepted as host memory.
             Device::Cpu => unsafe { empty::fill_host(fills) },
-            Device::Cuda(_) => self.cuda.fill(device, fills, stream)?,
+            Device::Cuda(ordinal) => self.cuda.fill(ordinal, fills, stream)?,
         }
         Ok(())
     }

@@ -178,10 +178,10 @@ unsafe impl Sync for TensorView<'_> {}
 unsafe impl Send for TensorViewMut<'_> {}
 unsafe impl Sync for TensorViewMut<'_> {}
 
-/// Raw pointers must be aligned for their element type: the kernels read elements through typed
-/// slices (found by fuzzing the C ABI: an odd mfa buffer address reached them).
 /// What a raw data pointer must be: non-null unless the view is empty (PyTorch, NumPy and C
-/// callers hand out NULL for those), and aligned to its element size.
+/// callers hand out NULL for those), and aligned to its element size, because the kernels read
+/// elements through typed slices. Both were found by fuzzing: an odd mfa buffer address, and
+/// NULL data with elements through DLPack.
 fn check_data(ptr: *const u8, dtype: DType, layout: &Layout) -> Result<()> {
     if ptr.is_null() && layout.numel() > 0 {
         invalid!(

@@ -148,10 +148,12 @@ impl Driver {
         Ok(ContextGuard { ctx })
     }
 
-    /// [`Driver::enter`], then checks that the caller's `stream` belongs to that context: a
-    /// destroyed stream, or one of another device or context, is an invalid argument here
-    /// rather than a launch failure after part of the work was queued. Null and the two
-    /// special handles (legacy and per-thread default streams) always do.
+    /// [`Driver::enter`], then checks that the caller's `stream` belongs to that context: one of
+    /// another device or context is an invalid argument here rather than a launch failure after
+    /// part of the work was queued. Null and the two special handles (legacy and per-thread
+    /// default streams) always do. A destroyed stream is not caught: its handle points into
+    /// freed driver memory, and `cuStreamGetCtx` on one segfaulted inside libcuda (H200,
+    /// driver 580); the API documents it as undefined behaviour.
     pub fn enter_with_stream(&self, ordinal: u32, stream: CUstream) -> Result<ContextGuard> {
         let guard = self.enter(ordinal)?;
         const LEGACY: usize = 0x1; // CU_STREAM_LEGACY

@@ -20,7 +20,6 @@ pub use nvrtc::NVRTC_PATH_ENV;
 
 pub(crate) use driver::{device_memory_ordinal, synchronize, time_ms, DeviceBuffer};
 
-use crate::device::Device;
 use crate::empty::Fill;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvcache::{KvCacheProblem, Workspace};
@@ -233,14 +232,8 @@ impl CudaBackend {
 
     /// Writes the constant outputs of a call with nothing to compute (crate::empty), queued on
     /// `stream`. Empty fills are skipped, so their pointers (often NULL) are never checked.
-    pub fn fill(&self, device: Device, fills: &[Fill], stream: *mut c_void) -> Result<()> {
+    pub fn fill(&self, ordinal: u32, fills: &[Fill], stream: *mut c_void) -> Result<()> {
         no_panic("filling outputs on CUDA", || {
-            let Device::Cuda(ordinal) = device else {
-                return Err(Error::new(
-                    ErrorKind::Internal,
-                    "CUDA fill of a CPU problem",
-                ));
-            };
             let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
             let fills: Vec<&Fill> = fills.iter().filter(|f| f.numel() > 0).collect();
             for f in &fills {
