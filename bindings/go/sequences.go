@@ -183,7 +183,8 @@ func (c *Context) ForwardKVCache(q Tensor, cache KVCache, out Tensor, p *Params)
 }
 
 // KVCacheWorkspaceSize is the scratch memory, in bytes, that a CUDA ForwardKVCache call with
-// this q and cache needs (0 without rotary tables). This binding passes CPU memory only, where
+// this q and cache needs: the rotated q with rotary tables, and the decoding kernel's partial
+// states for 16-bit q of few rows (0 when it needs none). This binding passes CPU memory only, where
 // the library allocates its own scratch: the number is informational here.
 func KVCacheWorkspaceSize(q Tensor, cache KVCache) (int, error) {
 	var d descriptors

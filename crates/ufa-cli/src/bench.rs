@@ -200,6 +200,14 @@ fn workloads(target: Target) -> Vec<Workload> {
                 v.extend(varlen("V3", &[4096; 4], 16, 128, causal));
             }
             v.extend(decode("D2", 16, 32, 8, 8192, 128, &[1, 16, 256]));
+            // The decoding sweep (DS): one token over a cache of 1k to 32k keys, 1 to 32
+            // sequences, dense and in pages of 16 (bench/decode.py adds PyTorch beside it).
+            for batch in [1, 8, 32] {
+                for cache in [1024, 8192, 32768] {
+                    let name = format!("DS-b{batch}-kv{}k", cache / 1024);
+                    v.extend(decode(&name, batch, 32, 8, cache, 128, &[16]));
+                }
+            }
             for head_dim in [64, 128, 256] {
                 for causal in [false, true] {
                     for seqlen in [512, 1024, 2048, 4096, 8192, 16384] {
@@ -559,6 +567,17 @@ mod tests {
         let cache = 2 * d.batch * d.seqlen_kv * d.heads_kv * d.head_dim * 4;
         let q_out = 2 * d.batch * d.heads * d.head_dim * 4;
         assert_eq!(d.bytes(DType::F32), (cache + q_out) as f64);
+    }
+
+    #[test]
+    fn cuda_has_a_decoding_sweep() {
+        let all = workloads(Target::Cuda(0));
+        let sweep: Vec<_> = all.iter().filter(|w| w.name.starts_with("DS-")).collect();
+        assert_eq!(sweep.len(), 3 * 3 * 2);
+        assert!(sweep
+            .iter()
+            .all(|w| w.seqlen_q == 1 && w.heads == 4 * w.heads_kv));
+        assert!(all.iter().any(|w| w.name == "DS-b32-kv32k-kvcache-page16"));
     }
 
     #[test]

@@ -72,32 +72,55 @@ __device__ __forceinline__ bool in_band(const FwdParams& p, const Seq& s, int i,
     return (j < s.seqlen_kv) & (j >= c - p.window_left) & (j <= c + p.window_right);
 }
 
-// Hides the scores of one 16-row accumulator tile (rows `row` and `row + 8` for this thread,
-// N_TILES n8 tiles of keys from n0, `at(t, e)` the thread's element e of tile t) outside the
-// band or past the last key; with SCORE_MOD, applies the score modifiers (softcap, ALiBi, mask)
-// and turns the scores into the log2 domain. Without it raw scores stay unscaled (the kernels
-// fuse the scale into exp2's argument) and tiles that `visible` says lie wholly inside the band
-// are left alone.
-template <bool SCORE_MOD, int N_TILES, typename At>
-__device__ __forceinline__ void mask_scores(const FwdParams& p, const Seq& s, int row, int n0,
-                                            int quad, int b, int h, float slope, bool visible,
-                                            At at) {
+// One accumulator row as the masking sees it: its query row, its head, the head's ALiBi slope,
+// and whether the row exists (rows past a sequence's end are computed but never written).
+struct MaskRow {
+    int i, h;
+    float slope;
+    bool valid;
+};
+
+// Hides the scores of one 16-row accumulator tile (`row_of(r)` describes this thread's rows,
+// r = 0 for `group` and 1 for `group + 8`; N_TILES n8 tiles of keys from n0, `at(t, e)` the
+// thread's element e of tile t) outside the band or past the last key; with SCORE_MOD, applies
+// the score modifiers (softcap, ALiBi, mask) and turns the scores into the log2 domain. Without
+// it raw scores stay unscaled (the kernels fuse the scale into exp2's argument) and tiles that
+// `visible` says lie wholly inside the band are left alone. The decoding kernel's rows are of
+// several heads (packed GQA rows); the other kernels' tiles are of one head (mask_scores).
+template <bool SCORE_MOD, int N_TILES, typename RowOf, typename At>
+__device__ __forceinline__ void mask_row_scores(const FwdParams& p, const Seq& s, int n0, int quad,
+                                                int b, bool visible, RowOf row_of, At at) {
     if (!SCORE_MOD && visible) return;
+    const MaskRow rows[2] = {row_of(0), row_of(1)};
 #pragma unroll
     for (int t = 0; t < N_TILES; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int i = row + (e / 2) * 8;
+            const MaskRow& r = rows[e / 2];
             const int j = n0 + t * 8 + quad * 2 + (e % 2);
             float& x = at(t, e);
             if (SCORE_MOD) {
-                x = in_band(p, s, i, j) && i < s.seqlen_q
-                        ? modify_score(p, s, x, b, h, i, j, slope)
+                x = in_band(p, s, r.i, j) && r.valid
+                        ? modify_score(p, s, x, b, r.h, r.i, j, r.slope)
                         : -UFA_INF;
-            } else if (!in_band(p, s, i, j)) {
+            } else if (!in_band(p, s, r.i, j)) {
                 x = -UFA_INF;
             }
         }
+}
+
+// mask_row_scores for a tile of query rows `row` and `row + 8` of head h.
+template <bool SCORE_MOD, int N_TILES, typename At>
+__device__ __forceinline__ void mask_scores(const FwdParams& p, const Seq& s, int row, int n0,
+                                            int quad, int b, int h, float slope, bool visible,
+                                            At at) {
+    mask_row_scores<SCORE_MOD, N_TILES>(
+        p, s, n0, quad, b, visible,
+        [&](int r) {
+            const int i = row + r * 8;
+            return MaskRow{i, h, slope, i < s.seqlen_q};
+        },
+        at);
 }
 
 // Whether every key of [n0, n0 + block_n) is inside the band of every query row of

@@ -4,7 +4,7 @@
 // NaN LSE makes the row NaN. With `running`, what the output holds (and its LSE) is one more
 // state: larger merges run in rounds of kMergeMaxStates. Every state's row is read before the
 // merged row is written, so the output may be the first state itself.
-#include "common.cuh"
+#include "softmax.cuh"
 
 __device__ __forceinline__ void merge_states(const MergeParams& m) {
     const int warp = threadIdx.x / 32;
@@ -18,8 +18,7 @@ __device__ __forceinline__ void merge_states(const MergeParams& m) {
     // States 0..n-1 are m.states; state n (when running) the output's current contents.
     const int n = m.num_states;
     float lse[kMergeMaxStates + 1];
-    float mx = -UFA_INF;
-    bool nan = false;
+    LseMax max;
 #pragma unroll
     for (int k = 0; k <= kMergeMaxStates; ++k) {
         lse[k] = -UFA_INF;
@@ -29,16 +28,15 @@ __device__ __forceinline__ void merge_states(const MergeParams& m) {
         } else if (k == n && m.running) {
             lse[k] = m.lse[lse_at];
         }
-        nan |= isnan(lse[k]);
-        mx = fmaxf(mx, lse[k]);
+        max.add(lse[k]);
     }
-    if (nan) mx = __int_as_float(0x7fffffff);
+    const float mx = max.value();
     float w[kMergeMaxStates + 1];
     float sum = 0.f;
 #pragma unroll
     for (int k = 0; k <= kMergeMaxStates; ++k) {
         // -inf states weigh exactly 0 (and are skipped below, whatever their rows hold).
-        w[k] = lse[k] == -UFA_INF ? 0.f : expf(lse[k] - mx);
+        w[k] = lse_weight(lse[k], mx);
         sum += w[k];
     }
     const bool none = mx == -UFA_INF;

@@ -73,13 +73,25 @@ __device__ __forceinline__ Seq seq_for(const FwdParams& p, int b) {
     return dense_seq(p, b);
 }
 
+// The page of a paged cache holding key j of sequence b, or -1 where the block table names a
+// page the cache does not have.
+__device__ __forceinline__ int paged_page(const FwdParams& p, int b, int j) {
+    const int page = p.block_table[b * p.block_table_stride + (j >> p.page_shift)];
+    return page < 0 || page >= p.kv_entries ? -1 : page;
+}
+
+// Element offset of key j's row of KV head `h` in page `page` (strides `st`: page, row, head).
+__device__ __forceinline__ int64_t page_row(const FwdParams& p, int page, int j,
+                                            const int64_t (&st)[3], int h) {
+    return page * st[0] + (int64_t)(j & ((1 << p.page_shift) - 1)) * st[1] + h * st[2];
+}
+
 // Element offset of key j's row of KV head `h` in a paged cache with strides `st` (page, row,
 // head), or -1 where the block table names a page the cache does not have.
 __device__ __forceinline__ int64_t paged_row(const FwdParams& p, int b, int j,
                                              const int64_t (&st)[3], int h) {
-    const int64_t page = p.block_table[b * p.block_table_stride + (j >> p.page_shift)];
-    if (page < 0 || page >= p.kv_entries) return -1;
-    return page * st[0] + (int64_t)(j & ((1 << p.page_shift) - 1)) * st[1] + h * st[2];
+    const int page = paged_page(p, b, j);
+    return page < 0 ? -1 : page_row(p, page, j, st, h);
 }
 
 // Element offset of key j's row of KV head `h` of sequence `s` in k or v (strides `st`): in

@@ -42,3 +42,29 @@ struct SoftmaxRow {
         return total == 0.f ? -UFA_INF : (max + log2f(total)) * UFA_LN2;
     }
 };
+
+// The largest of several log-sum-exps, NaN if any is NaN: what states merged by LSE are
+// weighed against (merge.cu, the decoding splits).
+struct LseMax {
+    float mx = -UFA_INF;
+    bool nan = false;
+
+    __device__ __forceinline__ void add(float lse) {
+        nan |= isnan(lse);
+        mx = fmaxf(mx, lse);
+    }
+    __device__ __forceinline__ float value() const {
+        return nan ? __int_as_float(0x7fffffff) : mx;
+    }
+    // The maximum over a warp's lanes, each having added its share of the states.
+    __device__ __forceinline__ float warp_value() const {
+        const float m = warp_max(mx);
+        return __any_sync(0xffffffffu, nan) ? __int_as_float(0x7fffffff) : m;
+    }
+};
+
+// The weight of a state with log-sum-exp `lse` against the maximum `mx`: exactly 0 for a state
+// that saw no key (-inf), NaN when either is NaN.
+__device__ __forceinline__ float lse_weight(float lse, float mx) {
+    return lse == -UFA_INF ? 0.f : expf(lse - mx);
+}

@@ -13,7 +13,8 @@ use ufa::testing::{
 use ufa::{Context, DType, ErrorKind};
 
 /// Long enough for several 128-row query blocks and key tiles, at the tensor-core head dims
-/// (64 and 128 run wgmma on Hopper, 96 the mma.sync kernel), GQA, every dtype.
+/// (64 and 128 run wgmma on Hopper, 96 the mma.sync kernel), GQA, every dtype; and short
+/// queries, which take the decoding kernel.
 fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
     let mut cases = Vec::new();
     for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (96, DType::BF16)] {
@@ -29,6 +30,16 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         f.alibi = Some(Alibi::PerHead);
         let mut c = VarlenCase::new(&[200, 33], &[150, 333], f);
         c.max_slack = 70;
+        cases.push(c);
+    }
+    // Packed batches of short queries (continuous batching's decode steps), which the
+    // decoding kernel serves: sequences with no query, no key, one key, and many keys split
+    // across blocks; dense and paged keys.
+    for page in [None, Some(16)] {
+        let mut f = Features::new(16, 4, 128, DType::BF16);
+        f.causal = true;
+        let mut c = VarlenCase::new(&[1, 2, 0, 1, 3], &[5000, 33, 700, 1, 0], f);
+        c.page_size = page;
         cases.push(c);
     }
     // Paged keys read by the tensor-core kernels (several queries a sequence).

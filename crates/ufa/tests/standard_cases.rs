@@ -11,3 +11,15 @@ fn standard_cases_match_reference_on_every_isa() {
         Comparison::summary,
     );
 }
+
+/// The decoding shapes CUDA serves with its split-KV kernel (`testing::decode_cases`), on the
+/// CPU's own split decoding, on every kernel family.
+#[test]
+fn decode_cases_match_reference_on_every_isa() {
+    run_on_every_isa(
+        &ufa::testing::decode_cases(),
+        check_case,
+        Comparison::passed,
+        Comparison::summary,
+    );
+}

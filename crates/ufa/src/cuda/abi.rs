@@ -165,6 +165,8 @@ kernel_consts! {
     SEQLEN_Q_PAD: usize = 128 => "kSeqlenQPad";
     /// States one launch of the merge kernel reads (more are merged in rounds).
     MERGE_MAX_STATES: usize = 8 => "kMergeMaxStates";
+    /// The most key splits of a decoding call (its combine kernel keeps a weight per split).
+    DECODE_MAX_SPLITS: usize = 128 => "kDecodeMaxSplits";
 }
 
 kernel_enum! {
@@ -278,6 +280,26 @@ kernel_struct! {
         /// MaskKind.
         pub mask_kind: i32,
         pub num_m_blocks: i32,
+    }
+}
+
+kernel_struct! {
+    /// The decoding kernels' parameter block (kernels/fwd_decode.cu): the forward's, and the
+    /// partial states of the key splits.
+    pub(crate) struct DecodeParams {
+        pub f: FwdParams,
+        /// Each split's normalised output, fp32 [num_splits, batch, heads_q, seqlen_q,
+        /// head_dim_v], and its LSE (natural log, -inf: no visible key) [num_splits, batch,
+        /// heads_q, seqlen_q]; null with one split (the blocks write the output).
+        pub o_part: *mut f32,
+        pub lse_part: *mut f32,
+        pub num_splits: i32,
+        /// Blocks of packed rows (query rows x query heads of one KV head) per (batch entry,
+        /// KV head).
+        pub row_blocks: i32,
+        /// DTypeKind of the output (the combine kernel's stores).
+        pub dtype_out: i32,
+        pub _pad: i32,
     }
 }
 
@@ -447,6 +469,7 @@ pub(crate) fn header() -> String {
         DTypeKind::c_definition(),
         DqOrder::c_definition(),
         FwdParams::c_definition(),
+        DecodeParams::c_definition(),
         BwdParams::c_definition(),
         TmaMap::c_definition(),
         BwdSm90Params::c_definition(),
@@ -480,6 +503,7 @@ mod tests {
         // One offset assertion per field of every struct.
         for (name, fields) in [
             ("FwdParams", FwdParams::FIELDS),
+            ("DecodeParams", DecodeParams::FIELDS),
             ("BwdParams", BwdParams::FIELDS),
             ("BwdSm90Params", BwdSm90Params::FIELDS),
             ("AppendParams", AppendParams::FIELDS),

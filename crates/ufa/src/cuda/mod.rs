@@ -6,6 +6,7 @@
 mod abi;
 mod backward;
 mod cache;
+mod decode;
 mod driver;
 mod nvrtc;
 mod params;
@@ -18,6 +19,7 @@ mod variants;
 pub use cache::CACHE_DIR_ENV;
 pub use nvrtc::NVRTC_PATH_ENV;
 
+pub(crate) use decode::workspace_bound as decode_workspace_bound;
 pub(crate) use driver::{device_memory_ordinal, synchronize, time_ms, DeviceBuffer};
 
 use crate::empty::Fill;
@@ -26,7 +28,8 @@ use crate::kvcache::{KvCacheProblem, Workspace};
 use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
 use crate::sequences::{IntArray, KeyLengths, RowMap};
-use abi::{AppendParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS};
+use abi::{AppendParams, DecodeParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS};
+use decode::DecodePlan;
 use sm90::runs_wgmma;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -252,17 +255,25 @@ impl CudaBackend {
         let (ordinal, dev) = usable_device(p)?;
         let _ctx = driver::driver()?.enter_with_stream(ordinal, stream as driver::CUstream)?;
         check_pointers(&tensors_of(p), ordinal)?;
-        self.launch_forward(ordinal, dev, p, stream as driver::CUstream)
+        self.launch_forward(ordinal, dev, p, None, stream as driver::CUstream)
     }
 
-    /// Launches the forward of `p` (its device's context current, its pointers checked).
+    /// Launches the forward of `p` (its device's context current, its pointers checked): the
+    /// decoding kernels for few query rows per KV head, else a prefill kernel. A decoding
+    /// call's split partials go to `scratch` (checked device memory of the call's device), or
+    /// to memory allocated and freed in stream order.
     fn launch_forward(
         &self,
         ordinal: u32,
         dev: &driver::DeviceInfo,
         p: &Problem,
+        scratch: Option<(*mut c_void, usize)>,
         stream: driver::CUstream,
     ) -> Result<()> {
+        let sms = dev.multiprocessors.max(1) as u32;
+        if let Some(plan) = DecodePlan::new(p, sms, dev.max_smem_per_block) {
+            return self.launch_decode(ordinal, dev, p, &plan, scratch, stream);
+        }
         let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
         let params = FwdParams::new(p, variant.rows_per_block())?;
         let grid = variant.grid(p)?;
@@ -283,6 +294,81 @@ impl CudaBackend {
                 &params,
             )
         }
+    }
+
+    /// Launches a decoding call: the split blocks, then (with more than one split) the combine.
+    fn launch_decode(
+        &self,
+        ordinal: u32,
+        dev: &driver::DeviceInfo,
+        p: &Problem,
+        plan: &DecodePlan,
+        scratch: Option<(*mut c_void, usize)>,
+        stream: driver::CUstream,
+    ) -> Result<()> {
+        let need = plan.scratch_bytes(p);
+        let mut owned = None;
+        let base: *mut u8 = match scratch {
+            _ if need == 0 => std::ptr::null_mut(),
+            Some((ptr, bytes)) if bytes >= need => ptr as *mut u8,
+            Some((_, bytes)) => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("decoding scratch of {bytes} bytes, {need} needed"),
+                ))
+            }
+            None => {
+                // SAFETY: `stream` is the caller's, on this (current) context.
+                let buf = unsafe {
+                    driver::StreamBuffer::new("the decoding splits' partial states", need, stream)?
+                };
+                let ptr = buf.ptr as *mut u8;
+                owned = Some(buf);
+                ptr
+            }
+        };
+        let (o_part, lse_part) = if base.is_null() {
+            (std::ptr::null_mut(), std::ptr::null_mut())
+        } else {
+            // SAFETY: both offsets lie within the `need` bytes at `base`.
+            (base as *mut f32, unsafe {
+                base.add(decode::lse_offset(plan, p)) as *mut f32
+            })
+        };
+        let params = DecodeParams::new(p, plan, o_part, lse_part)?;
+        let variant = Variant::FwdDecode {
+            dtype: p.q.dtype,
+            tile: plan.tile,
+            score_mod: variants::needs_score_mod(p),
+            seqs: variants::has_sequence_metadata(p),
+            paged: p.k.rows.is_paged(),
+        };
+        let blocks = (
+            plan.splits as u32,
+            (p.heads_kv * plan.row_blocks) as u32,
+            p.batch as u32,
+        );
+        let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
+        // SAFETY: as in the prefill launch below; the partials span `need` bytes of scratch.
+        unsafe {
+            driver::launch(
+                &kernel,
+                blocks,
+                variant.threads(),
+                variant.dynamic_smem(),
+                stream,
+                &params,
+            )?
+        };
+        if plan.splits > 1 {
+            let g = grid(p.seqlen_q, ROW_WARPS, p.heads_q, p.batch)?;
+            let v = Variant::DecodeCombine;
+            let kernel = self.kernel(ordinal, &dev.arch(), v)?;
+            // SAFETY: as above; the combine reads what the split blocks wrote, in stream order.
+            unsafe { driver::launch(&kernel, g, v.threads(), 0, stream, &params)? };
+        }
+        drop(owned); // freed in stream order, after the combine
+        Ok(())
     }
 
     /// Copies int32 metadata of device `ordinal` to the host, ordered on `stream`, and waits.
@@ -322,22 +408,39 @@ impl CudaBackend {
             }
             check_pointers(&tensors, ordinal)?;
             let mut attn = *kp;
-            let need = kp.workspace_bytes();
-            let mut owned = None;
-            let q_rot: *mut c_void = match (&workspace, need) {
-                (_, 0) => std::ptr::null_mut(),
-                (Some(w), _) => {
-                    if w.bytes < need {
-                        return Err(Error::invalid(format!(
-                            "workspace has {} bytes but this call needs {need} \
-                             (kvcache_workspace_bytes)",
-                            w.bytes
-                        )));
-                    }
-                    driver::check_device_pointer("workspace", w.ptr as *const u8, ordinal)?;
-                    w.ptr
+            // The workspace holds the rotated q, then the decoding splits' partials (planned
+            // on the attention as it will run: over the rotated q when there is one).
+            let rot_need = kp.workspace_bytes();
+            let mut planned = *kp;
+            if kp.rotates_q() {
+                planned.use_rotated_q(256 as *mut u8); // any 256-aligned address: shape only
+            }
+            let sms = dev.multiprocessors.max(1) as u32;
+            let decode_need = DecodePlan::new(&planned.attn, sms, dev.max_smem_per_block)
+                .map_or(0, |plan| plan.scratch_bytes(&planned.attn));
+            let need = rot_need + decode_need;
+            if let Some(w) = &workspace {
+                if w.bytes < need {
+                    return Err(Error::invalid(format!(
+                        "workspace has {} bytes but this call needs {need} \
+                         (kvcache_workspace_bytes)",
+                        w.bytes
+                    )));
                 }
-                (None, _) => {
+                if need > 0 {
+                    driver::check_device_pointer("workspace", w.ptr as *const u8, ordinal)?;
+                }
+            }
+            let scratch = workspace.as_ref().map(|w| {
+                // SAFETY: rot_need <= need <= w.bytes.
+                let ptr = unsafe { (w.ptr as *mut u8).add(rot_need) };
+                (ptr as *mut c_void, w.bytes - rot_need)
+            });
+            let mut owned = None;
+            let q_rot: *mut c_void = match (&workspace, rot_need) {
+                (_, 0) => std::ptr::null_mut(),
+                (Some(w), _) => w.ptr,
+                (None, need) => {
                     // SAFETY: `stream` is the caller's, on this (current) context.
                     let buf =
                         unsafe { driver::StreamBuffer::new("the rotated queries", need, stream)? };
@@ -373,7 +476,7 @@ impl CudaBackend {
                     attn.use_rotated_q(q_rot as *mut u8);
                 }
             }
-            let r = self.launch_forward(ordinal, dev, &attn.attn, stream);
+            let r = self.launch_forward(ordinal, dev, &attn.attn, scratch, stream);
             drop(owned); // freed in stream order, after the attention
             r
         })

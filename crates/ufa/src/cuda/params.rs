@@ -3,7 +3,10 @@
 //! clamp device-side lengths and indices to.
 
 use super::abi::MERGE_MAX_STATES;
-use super::abi::{AppendParams, DTypeKind, FwdParams, MaskKind, MergeParams, MergeState};
+use super::abi::{
+    AppendParams, DTypeKind, DecodeParams, FwdParams, MaskKind, MergeParams, MergeState,
+};
+use super::decode::DecodePlan;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kvcache::KvCacheProblem;
@@ -167,6 +170,27 @@ impl FwdParams {
         } else {
             self.seqlen_kv as i64 - self.seqlen_q as i64
         }
+    }
+}
+
+impl DecodeParams {
+    /// The decoding call of `p` under `plan`, its split partials at `o_part` and `lse_part`
+    /// (null with one split).
+    pub fn new(
+        p: &Problem,
+        plan: &DecodePlan,
+        o_part: *mut f32,
+        lse_part: *mut f32,
+    ) -> Result<DecodeParams> {
+        Ok(DecodeParams {
+            f: FwdParams::new(p, plan.tile.rows())?,
+            o_part,
+            lse_part,
+            num_splits: plan.splits as i32,
+            row_blocks: plan.row_blocks as i32,
+            dtype_out: dtype_kind(p.out.dtype),
+            _pad: 0,
+        })
     }
 }
 

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 /// Every kernel source of `crates/ufa/kernels/` (a test checks that none is missing).
-pub(crate) const KERNEL_FILES: [(&str, &str); 17] = [
+pub(crate) const KERNEL_FILES: [(&str, &str); 18] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("sequence.cuh", include_str!("../../kernels/sequence.cuh")),
     ("mask.cuh", include_str!("../../kernels/mask.cuh")),
@@ -20,6 +20,7 @@ pub(crate) const KERNEL_FILES: [(&str, &str); 17] = [
     ("fwd_sm80.cu", include_str!("../../kernels/fwd_sm80.cu")),
     ("fwd_sm90.cu", include_str!("../../kernels/fwd_sm90.cu")),
     ("fwd_simple.cu", include_str!("../../kernels/fwd_simple.cu")),
+    ("fwd_decode.cu", include_str!("../../kernels/fwd_decode.cu")),
     ("bwd_sm80.cu", include_str!("../../kernels/bwd_sm80.cu")),
     ("bwd_sm90.cu", include_str!("../../kernels/bwd_sm90.cu")),
     ("bwd_rows.cu", include_str!("../../kernels/bwd_rows.cu")),

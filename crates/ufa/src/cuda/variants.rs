@@ -6,6 +6,8 @@
 //! (name, threads, shared memory, program, `all`), and its selection.
 
 use super::abi::{ROW_WARPS, SIMPLE_WARPS};
+use super::decode::DecodeTile;
+use super::decode::{decode_tile_for, m_tiles_for};
 use super::sm90::{self, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
 use super::tiles::{bwd_tile_for, tile_for, BwdTile, Tile, MMA_HEAD_DIMS};
@@ -37,6 +39,18 @@ pub(crate) enum Variant {
         seqs: bool,
         paged: bool,
     },
+    /// Decoding (few query rows per KV head, kernels/fwd_decode.cu): packed GQA rows, keys
+    /// split across blocks; flags as for `FwdSm90` (`paged` keeps the block-table lookups out
+    /// of the other variants' loads: a dense cache read through them ran 1.5x slower).
+    FwdDecode {
+        dtype: DType,
+        tile: DecodeTile,
+        score_mod: bool,
+        seqs: bool,
+        paged: bool,
+    },
+    /// Merging a decoding call's split partials (dtypes read at run time).
+    DecodeCombine,
     /// The forward on CUDA cores: any head dims up to 512, any output dtype, any strides and
     /// key layouts.
     FwdSimple { input: DType, output: DType },
@@ -130,9 +144,7 @@ impl Variant {
         let dtype = p.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
         let seqs = has_sequence_metadata(p);
-        // The plain variants fuse a positive scale into exp2 (max(s)·scale = max(s·scale) only
-        // for scale > 0); zero or negative scales take the general path.
-        let score_mod = p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some() || p.scale <= 0.0;
+        let score_mod = needs_score_mod(p);
         // The tensor-core kernels copy 16-byte pieces of rows; other layouts (odd strides,
         // unaligned views) are rare and take the CUDA-core kernel.
         let tensor_cores =
@@ -207,6 +219,24 @@ impl Variant {
                 flags(score_mod, seqs),
                 if paged { "_paged" } else { "" }
             ),
+            Variant::FwdDecode {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+                paged,
+            } => format!(
+                "ufa_fwd_decode_{dtype}_d{}_m{}_w{}_n{}_s{}{}{}{}",
+                t.head_dim,
+                t.m_tiles,
+                t.warps,
+                t.block_n,
+                t.stages,
+                if t.q_in_regs { "_qreg" } else { "" },
+                flags(score_mod, seqs),
+                if paged { "_paged" } else { "" }
+            ),
+            Variant::DecodeCombine => "ufa_decode_combine".into(),
             Variant::FwdSimple { input, output } => format!("ufa_fwd_simple_{input}_{output}"),
             Variant::BwdSm80 {
                 dtype,
@@ -248,6 +278,8 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.warps * 32,
             Variant::FwdSm90 { tile, .. } => tile.threads(),
+            Variant::FwdDecode { tile, .. } => tile.warps * 32,
+            Variant::DecodeCombine => ROW_KERNEL_WARPS * 32,
             Variant::FwdSimple { .. } => SIMPLE_WARPS * 32,
             Variant::BwdSm80 { tile, .. } => tile.warps * 32,
             Variant::BwdSm90 { tile, .. } => tile.threads(),
@@ -260,9 +292,11 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.smem_bytes(),
             Variant::FwdSm90 { tile, .. } => tile.smem_bytes(),
+            Variant::FwdDecode { tile, .. } => tile.smem_bytes(),
             Variant::BwdSm80 { tile, .. } => tile.smem_bytes(),
             Variant::BwdSm90 { tile, .. } => tile.smem_bytes(),
             Variant::FwdSimple { .. }
+            | Variant::DecodeCombine
             | Variant::BwdRows(_)
             | Variant::KvAppend(_)
             | Variant::Merge => 0,
@@ -276,6 +310,8 @@ impl Variant {
             Variant::FwdSm80 { tile, .. } => tile.block_m,
             Variant::FwdSm90 { tile, .. } => tile.block_m,
             Variant::FwdSimple { .. } => SIMPLE_WARPS,
+            Variant::FwdDecode { tile, .. } => tile.rows(),
+            Variant::DecodeCombine => ROW_KERNEL_WARPS,
             Variant::BwdSm80 { tile, .. } => tile.block_n,
             Variant::BwdSm90 { tile, .. } => tile.block_n,
             Variant::BwdRows(_) => ROW_WARPS,
@@ -290,6 +326,7 @@ impl Variant {
             Variant::FwdSm80 { .. } | Variant::FwdSm90 { .. } | Variant::FwdSimple { .. } => {
                 "const FwdParams"
             }
+            Variant::FwdDecode { .. } | Variant::DecodeCombine => "const DecodeParams",
             Variant::BwdSm80 { .. } | Variant::BwdRows(_) => "const BwdParams",
             Variant::BwdSm90 { .. } => "const __grid_constant__ BwdSm90Params",
             Variant::KvAppend(_) => "const AppendParams",
@@ -353,6 +390,28 @@ impl Variant {
                 t.min_blocks,
                 sm90::bwd_call(&t, score_mod, type_tag(dtype)),
             ),
+            Variant::FwdDecode {
+                dtype,
+                tile: t,
+                score_mod,
+                seqs,
+                paged,
+            } => (
+                "fwd_decode.cu",
+                Vec::new(),
+                1,
+                format!(
+                    "fwd_decode<{}, DecodeConfig<{}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}, {paged}>(p)",
+                    type_tag(dtype),
+                    t.head_dim,
+                    t.m_tiles,
+                    t.warps,
+                    t.block_n,
+                    t.stages,
+                    t.q_in_regs
+                ),
+            ),
+            Variant::DecodeCombine => ("fwd_decode.cu", Vec::new(), 1, "decode_combine(p)".into()),
             Variant::FwdSimple { input, output } => (
                 "fwd_simple.cu",
                 Vec::new(),
@@ -434,6 +493,29 @@ impl Variant {
                 }
             }
         }
+        for dtype in [DType::F16, DType::BF16] {
+            for d in MMA_HEAD_DIMS {
+                for m_tiles in [1, 2]
+                    .into_iter()
+                    .filter(|&m| m_tiles_for(32, d) == m || m == 1)
+                {
+                    for (score_mod, seqs) in flag_sets {
+                        for paged in [false, true].into_iter().filter(|&pg| seqs || !pg) {
+                            if let Some(tile) = decode_tile_for(d, m_tiles, max_smem) {
+                                v.push(Variant::FwdDecode {
+                                    dtype,
+                                    tile,
+                                    score_mod,
+                                    seqs,
+                                    paged,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v.push(Variant::DecodeCombine);
         for input in [DType::F32, DType::F16, DType::BF16] {
             for output in [DType::F32, DType::F16, DType::BF16] {
                 v.push(Variant::FwdSimple { input, output });
@@ -486,6 +568,12 @@ impl Variant {
     }
 }
 
+/// Whether `p` takes the score-modifying variants: softcap, ALiBi, a mask, or a scale the plain
+/// variants cannot fuse into exp2 (max(s)·scale = max(s·scale) only for scale > 0).
+pub(crate) fn needs_score_mod(p: &Problem) -> bool {
+    p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some() || p.scale <= 0.0
+}
+
 /// Whether `p` reads sequence metadata: a packed batch, per-sequence key counts, or a cache
 /// read through an index or a block table (the kernels' SEQS variants).
 pub(crate) fn has_sequence_metadata(p: &Problem) -> bool {
@@ -512,7 +600,7 @@ pub(crate) fn grid(
 /// Whether every row a tile load or store touches starts 16 bytes after the previous: base
 /// pointers aligned, and each stride that matters (its dimension has more than one index) a
 /// multiple of 8 two-byte elements.
-fn rows_aligned16(p: &Problem) -> bool {
+pub(crate) fn rows_aligned16(p: &Problem) -> bool {
     let (q, kv) = query_and_key_dims(p);
     operands_aligned16(&[(&p.q, q), (&p.k, kv), (&p.v, kv), (&p.out, q)])
 }
@@ -567,11 +655,12 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged); sm_80 forward 2 × 7 × 4; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2;
-        // 4 row, 2 append and 1 merge kernels.
+        // paged); sm_80 forward 2 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
+        // and its combine; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2; 4 row, 2 append and
+        // 1 merge kernels.
         assert_eq!(
             all.len(),
-            2 * 4 * 6 + 2 * 7 * 4 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
+            2 * 4 * 6 + 2 * 7 * 4 + 2 * 11 * 6 + 1 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
         );
         assert_eq!(
             Variant::all(232_448, false).len(),

@@ -1393,6 +1393,74 @@ pub fn tensor_core_cases(vary_deterministic: bool) -> Vec<Case> {
     cases
 }
 
+/// Decoding shapes (few query rows per KV head), which CUDA serves with its split-KV kernel:
+/// every tensor-core head dim and 16-bit dtype, GQA groups 1 to 16, one to four query rows,
+/// odd key counts, split counts from 1 to many (the count follows the key count for a single
+/// sequence), splits that see no key (a short window over a long cache), and every score
+/// modifier on packed rows of several heads.
+pub fn decode_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (di, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
+        for (i, d) in [32, 64, 96, 128, 160, 192, 256].into_iter().enumerate() {
+            let mut c = Case::new(3, 1, 1000 + 37 * i + di, 16, d, dtype);
+            c.heads_kv = [1, 2, 4, 8, 16][(i + di) % 5];
+            c.causal = i % 2 == 0;
+            cases.push(c.clone());
+            // Speculative decoding: 4 rows of a group of 8 (two m-tiles up to head dim 128).
+            c.seqlen_q = 4;
+            c.seqlen_kv = 513 + i;
+            c.heads_kv = 2;
+            c.causal = true;
+            cases.push(c);
+        }
+    }
+    // One sequence, one KV head: the split count grows with the keys (split boundaries inside
+    // and at the end of key tiles).
+    for skv in [1, 31, 32, 33, 255, 257, 1024, 4097, 20011] {
+        let mut c = Case::new(1, 1, skv, 8, 128, DType::BF16);
+        c.heads_kv = 1;
+        c.causal = true;
+        cases.push(c);
+    }
+    // A window of 10 keys over 5000: all but the first split see no key.
+    let mut c = Case::new(1, 1, 5000, 4, 64, DType::F16);
+    c.heads_kv = 1;
+    c.causal = true;
+    c.window = (10, 0);
+    cases.push(c.clone());
+    c.seqlen_q = 3;
+    c.window = (100, 2);
+    cases.push(c);
+    // Score modifiers on packed rows of several heads and query rows.
+    for (k, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
+        let mut c = Case::new(2, 2, 700 + k, 8, 64 * (k + 1), dtype);
+        c.heads_kv = 2;
+        c.softcap = 15.0;
+        c.alibi = Some([Alibi::PerHead, Alibi::PerBatchHead][k]);
+        c.causal = true;
+        cases.push(c.clone());
+        c.softcap = 0.0;
+        c.alibi = None;
+        c.causal = false;
+        c.mask = Some(MaskSpec {
+            dtype: [DType::Bool, DType::F32][k],
+            full: [true, true, true, true],
+            ndim: 4,
+        });
+        cases.push(c.clone());
+        c.mask = None;
+        c.scale = Some(-0.3);
+        c.placement = [
+            Placement::HeadsFirst,
+            Placement::HeadsFirst,
+            Placement::Padded,
+            Placement::Contiguous,
+        ];
+        cases.push(c);
+    }
+    cases
+}
+
 /// Problems with nothing to compute, answered as PyTorch answers them (zero batch, zero query
 /// rows: empty outputs; zero keys: the fully-masked rule; in the backward, zero gradients where
 /// no term reaches them), in the layouts and with the features that change which outputs exist

@@ -1,0 +1,443 @@
+// Decoding: attention of a few query rows over many keys (flash-decoding), on tensor cores
+// (mma.sync, sm_80+). A decoding step reads the whole KV cache once and computes little with it,
+// so everything here serves memory bandwidth:
+//
+// - Packed GQA rows. The query heads that share a KV head, and the few query rows of each,
+//   are one tile of packed rows (row r = query i * group + head g), so each K/V byte is read
+//   once per KV head instead of once per query head. A block owns kRows packed rows of one
+//   (batch entry, KV head).
+// - Split keys. The keys the block's rows see are cut into `num_splits` ranges (the host
+//   chooses the count from the problem and the SM count), one block each, so that a handful of
+//   sequences still fills the GPU. With one split the block writes the output; otherwise each
+//   writes its normalised partial output and LSE (fp32) and decode_combine merges them by LSE
+//   in split order: the result depends only on the problem and the device.
+// - Independent warps. Inside the block every warp streams its own key tiles (tile t goes to
+//   warp t mod WARPS) through its own ring of STAGES cp.async buffers, with no block-wide
+//   barrier until the end, where the warps' states are merged in shared memory. Each warp keeps
+//   STAGES - 1 tiles in flight while it computes one, which is what covers HBM latency.
+//
+// The mma fragments, masking and online softmax are those of the prefill kernel (fwd_sm80.cu);
+// here every key tile is one warp's BLOCK_N keys against all the block's packed rows.
+#include "fwd_tile.cuh"
+
+template <int HEAD_DIM, int M_TILES, int WARPS, int BLOCK_N, int STAGES, bool Q_IN_REGS>
+struct DecodeConfig {
+    static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16");
+    static_assert(BLOCK_N % 16 == 0, "key tiles are whole mma k-steps");
+    static_assert(STAGES >= 2, "one tile computed while the next one loads");
+    static constexpr int kHeadDim = HEAD_DIM;
+    static constexpr int kMTiles = M_TILES;
+    static constexpr int kRows = 16 * M_TILES;  // packed rows of a block
+    static constexpr int kWarps = WARPS;
+    static constexpr int kThreads = WARPS * 32;
+    static constexpr int kBlockN = BLOCK_N;
+    static constexpr int kStages = STAGES;
+    static constexpr bool kQInRegs = Q_IN_REGS;
+    // Rows padded by 16 bytes: the 8 rows an ldmatrix phase reads land on distinct banks.
+    static constexpr int kRowPitch = HEAD_DIM + 8;
+    static constexpr int kChunksPerRow = HEAD_DIM / 8;
+    static constexpr int kSTiles = BLOCK_N / 8;
+    static constexpr int kOTiles = HEAD_DIM / 8;
+    static constexpr int kStageElems = 2 * BLOCK_N * kRowPitch;  // one K and one V tile
+    static constexpr int kSmemElems = kRows * kRowPitch + WARPS * STAGES * kStageElems;
+    // The closing merge reuses the buffers: each warp's O rows and its rows' max and sum.
+    static constexpr int kMergeFloats = WARPS * kRows * (HEAD_DIM + 2);
+    static_assert(kMergeFloats * 4 <= kSmemElems * 2, "the warps' merge fits in the buffers");
+};
+
+// Row of query i of head h of batch entry b in the split's partials: [num_splits, batch,
+// heads_q, seqlen_q] (the outputs' rows have head_dim_v floats).
+__device__ __forceinline__ int64_t decode_partial_row(const FwdParams& p, int split, int b, int h,
+                                                      int i) {
+    return (((int64_t)split * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
+}
+
+// Where packed row r of a block lies: its query row and head, or `valid` false past the end.
+struct PackedRow {
+    int i, h;
+    bool valid;
+};
+
+__device__ __forceinline__ PackedRow packed_row(const FwdParams& p, const Seq& s, int hk, int r) {
+    PackedRow row;
+    row.i = r / p.group;
+    row.h = hk * p.group + r % p.group;
+    row.valid = row.i < s.seqlen_q;
+    return row;
+}
+
+// PAGED (with SEQS): K and V rows are found through a block table, a compile-time choice so that
+// the other variants' loads stay a plain stride apart.
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS, bool PAGED>
+__device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
+    static_assert(!PAGED || SEQS, "a paged cache is sequence metadata");
+    static_assert(!PAGED || Cfg::kBlockN <= 32, "one lane looks up each row's page");
+    constexpr int D = Cfg::kHeadDim;
+    constexpr int BN = Cfg::kBlockN;
+    constexpr int PITCH = Cfg::kRowPitch;
+    constexpr int MT = Cfg::kMTiles;
+    constexpr int W = Cfg::kWarps;
+    constexpr int STAGES = Cfg::kStages;
+    const FwdParams& p = dp.f;
+    extern __shared__ __align__(16) uint16_t smem[];
+    uint16_t* sQ = smem;
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int group = lane / 4;
+    const int quad = lane % 4;
+    const int split = blockIdx.x;
+    const int hk = blockIdx.y / dp.row_blocks;
+    const int r0 = (blockIdx.y % dp.row_blocks) * Cfg::kRows;  // first packed row
+    const int b = blockIdx.z;
+    const Seq s = seq_for<SEQS>(p, b);
+    const int rows = s.seqlen_q * p.group;
+    if (r0 >= rows) return;  // rows past this sequence's end (the whole block leaves)
+    const int rows_here = min(Cfg::kRows, rows - r0);
+
+    // The keys some row of the block sees, cut into tiles of BN from key_lo; this split's
+    // tiles are [t_begin, t_end).
+    int key_lo, key_hi;
+    const int i_first = r0 / p.group, i_last = (r0 + rows_here - 1) / p.group;
+    band_of_rows(p, s, i_first, i_last, key_lo, key_hi);
+    const int tiles = key_hi > key_lo ? (key_hi - key_lo + BN - 1) / BN : 0;
+    const int per_split = (tiles + dp.num_splits - 1) / dp.num_splits;
+    const int t_begin = min(split * per_split, tiles);
+    const int t_end = min(t_begin + per_split, tiles);
+
+    // The thread's rows: `group` and `group + 8` of each m-tile.
+    PackedRow prow[MT][2];
+    float slope[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            prow[mt][e] = packed_row(p, s, hk, r0 + mt * 16 + e * 8 + group);
+            slope[mt][e] = SCORE_MOD && prow[mt][e].valid ? alibi_slope(p, b, prow[mt][e].h) : 0.f;
+        }
+
+    float o[MT][Cfg::kOTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < Cfg::kOTiles; ++t) o[mt][t][0] = o[mt][t][1] = o[mt][t][2] = o[mt][t][3] = 0.f;
+    SoftmaxRow row[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) row[mt][0].init(), row[mt][1].init();
+
+    if (t_begin < t_end) {
+        // Q: every packed row from its own head's row (zeros past the end).
+        load_rows<Cfg::kThreads, Cfg::kChunksPerRow, Cfg::kRows>(
+            (const uint16_t*)p.q,
+            [&](int r) {
+                const PackedRow pr = packed_row(p, s, hk, r0 + r);
+                return row_offset(p.q_stride, b, s.q_row0 + pr.i, pr.h);
+            },
+            [&](int r, int chunk) { return smem_addr(sQ + r * PITCH + chunk * 8); }, 0, rows_here);
+        cp_async_commit();
+
+        uint16_t* ring = smem + Cfg::kRows * PITCH + warp * STAGES * Cfg::kStageElems;
+        const uint16_t* k_head =
+            (const uint16_t*)p.k + row_offset(p.k_stride, s.kv_batch, s.kv_row0, hk);
+        const uint16_t* v_head =
+            (const uint16_t*)p.v + row_offset(p.v_stride, s.kv_batch, s.kv_row0, hk);
+        // Tile t of this warp into ring stage `stage`: K rows then V rows, one commit group.
+        // Rows past the end of the keys become zeros. In a paged cache lane r looks up row r's
+        // page once, and the lanes copying that row's chunks take it by shuffle.
+        auto load_kv = [&](int t, int stage) {
+            uint16_t* sK = ring + stage * Cfg::kStageElems;
+            uint16_t* sV = sK + BN * PITCH;
+            const int n0 = key_lo + t * BN;
+            int my_page = -1;
+            if constexpr (PAGED) {
+                if (lane < BN && n0 + lane < key_hi) my_page = paged_page(p, b, n0 + lane);
+            }
+            constexpr int kChunks = BN * Cfg::kChunksPerRow;
+#pragma unroll
+            for (int it = 0; it < kChunks / 32; ++it) {
+                const int c = lane + it * 32;
+                const int r = c / Cfg::kChunksPerRow;
+                const int chunk = c % Cfg::kChunksPerRow;
+                const int j = n0 + r;
+                int64_t k_off = -1, v_off = -1;
+                if constexpr (PAGED) {
+                    const int page = __shfl_sync(0xffffffffu, my_page, r);
+                    if (page >= 0) {
+                        k_off = page_row(p, page, j, p.k_stride, hk);
+                        v_off = page_row(p, page, j, p.v_stride, hk);
+                    }
+                } else if (j < key_hi) {
+                    k_off = (int64_t)j * p.k_stride[1];
+                    v_off = (int64_t)j * p.v_stride[1];
+                }
+                const uint16_t* kb = PAGED ? (const uint16_t*)p.k : k_head;
+                const uint16_t* vb = PAGED ? (const uint16_t*)p.v : v_head;
+                cp_async_16_to(smem_addr(sK + r * PITCH + chunk * 8),
+                               kb + (k_off >= 0 ? k_off + chunk * 8 : 0), k_off >= 0 ? 16 : 0);
+                cp_async_16_to(smem_addr(sV + r * PITCH + chunk * 8),
+                               vb + (v_off >= 0 ? v_off + chunk * 8 : 0), v_off >= 0 ? 16 : 0);
+            }
+        };
+
+        // This warp's tiles: t_begin + warp, + W, ...; the ring's first STAGES - 1 fills.
+        const int my_tiles = t_begin + warp < t_end ? (t_end - t_begin - warp + W - 1) / W : 0;
+#pragma unroll
+        for (int st = 0; st < STAGES - 1; ++st) {
+            if (st < my_tiles) load_kv(t_begin + warp + st * W, st);
+            cp_async_commit();  // empty groups keep the count uniform for the waits below
+        }
+        // Q landed (the oldest group) for every warp.
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+
+        const uint32_t q_lane = smem_addr(sQ) + ((lane % 16) * PITCH + (lane / 16) * 8) * 2;
+        uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
+        if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk)
+                    ldmatrix_x4(q_frag[mt][kk], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+        }
+        const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
+
+        for (int it = 0; it < my_tiles; ++it) {
+            const int stage = it % STAGES;
+            cp_async_wait<STAGES - 2>();  // tile `it` landed (this lane's copies)
+            __syncwarp();                 // ... every lane's; and every lane is done with stage it-1
+            {
+                const int next = it + STAGES - 1;
+                if (next < my_tiles) load_kv(t_begin + warp + next * W, next % STAGES);
+                cp_async_commit();
+            }
+            const int n0 = key_lo + (t_begin + warp + it * W) * BN;
+            const uint32_t k_lane = smem_addr(ring + stage * Cfg::kStageElems) +
+                                    ((lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
+            const uint32_t v_lane = smem_addr(ring + stage * Cfg::kStageElems + BN * PITCH) +
+                                    ((lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 8) * 2;
+
+            // S = Q K[n]ᵀ
+            float sc[MT][Cfg::kSTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int t = 0; t < Cfg::kSTiles; ++t) sc[mt][t][0] = sc[mt][t][1] = sc[mt][t][2] = sc[mt][t][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t a_reg[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) a_reg[mt][r] = q_frag[mt][kk][r];
+                    } else {
+                        ldmatrix_x4(a_reg[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+                    }
+                }
+#pragma unroll
+                for (int t = 0; t < Cfg::kSTiles; t += 2) {
+                    uint32_t k_reg[4];
+                    ldmatrix_x4(k_reg, k_lane + (t * 8 * PITCH + kk * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16816<T>(sc[mt][t], a_reg[mt], k_reg[0], k_reg[1]);
+                        mma_16816<T>(sc[mt][t + 1], a_reg[mt], k_reg[2], k_reg[3]);
+                    }
+                }
+            }
+
+            // Keys outside a row's band or past the end are hidden; modifiers per row's head.
+            const bool visible = tile_visible(p, s, i_first, i_last, n0, BN) && n0 + BN <= key_hi;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                mask_row_scores<SCORE_MOD, Cfg::kSTiles>(
+                    p, s, n0, quad, b, visible,
+                    [&](int e) -> MaskRow {
+                        const PackedRow& pr = prow[mt][e];
+                        return MaskRow{pr.i, pr.h, slope[mt][e], pr.valid};
+                    },
+                    [&](int t, int e) -> float& { return sc[mt][t][e]; });
+
+            // Online softmax, as in fwd_sm80.cu.
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float tile_max = -UFA_INF;
+#pragma unroll
+                    for (int t = 0; t < Cfg::kSTiles; ++t)
+                        tile_max = fmaxf(tile_max, fmaxf(sc[mt][t][2 * r], sc[mt][t][2 * r + 1]));
+                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                    float base;
+                    const float correction = row[mt][r].rescale(tile_max * score_scale, base);
+                    float sum = 0.f;
+#pragma unroll
+                    for (int t = 0; t < Cfg::kSTiles; ++t) {
+                        sc[mt][t][2 * r] = fast_exp2(fmaf(sc[mt][t][2 * r], score_scale, -base));
+                        sc[mt][t][2 * r + 1] = fast_exp2(fmaf(sc[mt][t][2 * r + 1], score_scale, -base));
+                        sum += sc[mt][t][2 * r] + sc[mt][t][2 * r + 1];
+                    }
+                    row[mt][r].sum += sum;
+#pragma unroll
+                    for (int t = 0; t < Cfg::kOTiles; ++t) {
+                        o[mt][t][2 * r] *= correction;
+                        o[mt][t][2 * r + 1] *= correction;
+                    }
+                }
+
+            // O += P V[n]
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                uint32_t p_reg[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    p_reg[mt][0] = Convert<T>::pack(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
+                    p_reg[mt][1] = Convert<T>::pack(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
+                    p_reg[mt][2] = Convert<T>::pack(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
+                    p_reg[mt][3] = Convert<T>::pack(sc[mt][2 * kk + 1][2], sc[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+                for (int t = 0; t < Cfg::kOTiles; t += 2) {
+                    uint32_t v_reg[4];
+                    ldmatrix_x4_trans(v_reg, v_lane + (kk * 16 * PITCH + t * 8) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16816<T>(o[mt][t], p_reg[mt], v_reg[0], v_reg[1]);
+                        mma_16816<T>(o[mt][t + 1], p_reg[mt], v_reg[2], v_reg[3]);
+                    }
+                }
+            }
+        }
+        cp_async_wait<0>();  // no copy may land in the buffers the merge below reuses
+    }
+
+    // The warps' states merged in shared memory: each warp's unnormalised O rows, row maxima
+    // and sums, then every thread finishes 8 columns of a row at a time.
+    __syncthreads();
+    float* sO = (float*)smem;                        // [W][kRows][D]
+    float* sMax = sO + W * Cfg::kRows * D;           // [W][kRows]
+    float* sSum = sMax + W * Cfg::kRows;             // [W][kRows]
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int rr = mt * 16 + r * 8 + group;
+            float sum = row[mt][r].sum;
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            if (quad == 0) {
+                sMax[warp * Cfg::kRows + rr] = row[mt][r].max;
+                sSum[warp * Cfg::kRows + rr] = sum;
+            }
+            float* dst = sO + (warp * Cfg::kRows + rr) * D + quad * 2;
+#pragma unroll
+            for (int t = 0; t < Cfg::kOTiles; ++t)
+                *(float2*)(dst + t * 8) = make_float2(o[mt][t][2 * r], o[mt][t][2 * r + 1]);
+        }
+    __syncthreads();
+
+    const bool one_split = dp.num_splits == 1;
+    for (int c = threadIdx.x; c < rows_here * (D / 8); c += Cfg::kThreads) {
+        const int rr = c / (D / 8);
+        const int col = (c % (D / 8)) * 8;
+        // The row's maximum over the warps, and each warp's weight: 0 for a warp that saw no
+        // visible key (max -inf, sum 0), NaN for one whose scores were all NaN (max -inf, sum
+        // NaN), so that a NaN is never hidden.
+        SoftmaxRow total;
+        total.init();
+#pragma unroll
+        for (int w = 0; w < W; ++w) total.max = fmaxf(total.max, sMax[w * Cfg::kRows + rr]);
+        float wt[W];
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) {
+            const float m = sMax[w * Cfg::kRows + rr];
+            const float ws = sSum[w * Cfg::kRows + rr];
+            wt[w] = m != -UFA_INF ? fast_exp2(m - total.max) : (ws == 0.f ? 0.f : ws);
+            sum += wt[w] * ws;
+        }
+        const float inv = total.inv_sum(sum);
+        float x[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            float acc = 0.f;
+#pragma unroll
+            for (int w = 0; w < W; ++w) acc += wt[w] * sO[(w * Cfg::kRows + rr) * D + col + e];
+            x[e] = acc * inv;
+        }
+        const PackedRow pr = packed_row(p, s, hk, r0 + rr);
+        if (one_split) {
+            uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, s.q_row0 + pr.i, pr.h);
+            uint4 v;
+            v.x = Convert<T>::pack(x[0], x[1]);
+            v.y = Convert<T>::pack(x[2], x[3]);
+            v.z = Convert<T>::pack(x[4], x[5]);
+            v.w = Convert<T>::pack(x[6], x[7]);
+            *(uint4*)(out_row + col) = v;
+            if (col == 0 && p.lse != nullptr)
+                p.lse[b * p.lse_stride[0] + pr.h * p.lse_stride[1] + (s.q_row0 + pr.i) * p.lse_stride[2]] =
+                    total.lse(sum);
+        } else {
+            const int64_t at = decode_partial_row(p, split, b, pr.h, pr.i);
+            float* dst = dp.o_part + at * D + col;
+            *(float4*)dst = make_float4(x[0], x[1], x[2], x[3]);
+            *(float4*)(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
+            if (col == 0) dp.lse_part[at] = total.lse(sum);
+        }
+    }
+}
+
+// The split partials merged by LSE: one warp per (batch, head, query row), the splits in
+// order, so the result is the same on every run. Each lane owns 4 adjacent columns (one 16-byte
+// load per split) and the split loop is unrolled, so that many loads are in flight at once: a
+// loop of dependent loads, one L2 round trip per split and column, took longer than the
+// attention itself at one sequence (H200, 2026-12-04).
+__device__ __forceinline__ void decode_combine(const DecodeParams& dp) {
+    const FwdParams& p = dp.f;
+    __shared__ float weights[kRowWarps][kDecodeMaxSplits];
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int i = blockIdx.x * kRowWarps + warp;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    if (i >= s.seqlen_q) return;
+    const int n = min(dp.num_splits, kDecodeMaxSplits);
+    const int64_t row0 = decode_partial_row(p, 0, b, h, i);
+    const int64_t split_stride = decode_partial_row(p, 1, b, h, i) - row0;
+    LseMax mx;
+    for (int k = lane; k < n; k += 32) mx.add(dp.lse_part[row0 + k * split_stride]);
+    const float m = mx.warp_value();
+    float sum = 0.f;
+    for (int k = lane; k < n; k += 32) {
+        const float w = lse_weight(dp.lse_part[row0 + k * split_stride], m);
+        weights[warp][k] = w;
+        sum += w;
+    }
+    sum = warp_sum(sum);
+    __syncwarp();
+    const bool none = m == -UFA_INF;
+    const float inv = none ? 0.f : 1.f / sum;
+    const int64_t out_at = row_offset(p.o_stride, b, s.q_row0 + i, h);
+    const int dim = p.head_dim_v;  // a multiple of 16 (the decoding kernel's head dims)
+    for (int col = lane * 4; col < dim; col += 128) {
+        const float* src = dp.o_part + row0 * dim + col;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+        for (int k = 0; k < n; ++k) {
+            const float w = weights[warp][k];
+            const float4 x = *(const float4*)(src + k * split_stride * dim);
+            // A split that saw no key weighs exactly 0, whatever its row holds.
+            acc[0] += w != 0.f ? w * x.x : 0.f;
+            acc[1] += w != 0.f ? w * x.y : 0.f;
+            acc[2] += w != 0.f ? w * x.z : 0.f;
+            acc[3] += w != 0.f ? w * x.w : 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) store_as(p.out, out_at + col + e, dp.dtype_out, acc[e] * inv);
+    }
+    if (lane == 0 && p.lse != nullptr)
+        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (s.q_row0 + i) * p.lse_stride[2]] =
+            none ? -UFA_INF : m + logf(sum);
+}

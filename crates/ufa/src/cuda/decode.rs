@@ -1,0 +1,286 @@
+//! Decoding on CUDA (kernels/fwd_decode.cu): when it runs instead of the prefill kernels, its
+//! tiles, how many key splits a call gets, and the scratch memory of the splits' partial
+//! states.
+//!
+//! A decoding step has few query rows per KV head (query rows × GQA group), so the prefill
+//! kernels, whose blocks own 64 or 128 query rows of one head, read every K/V byte once per
+//! query head and use a row or two of each tile. The decoding kernel packs the group's rows into
+//! one tile and splits the keys across blocks until the device is full.
+
+use super::abi::DECODE_MAX_SPLITS;
+use super::tiles::{parse_numbers, MMA_HEAD_DIMS};
+use super::variants::rows_aligned16;
+use crate::dtype::DType;
+use crate::problem::Problem;
+
+/// Packed rows (query rows × query heads of one KV head) up to which a call decodes: beyond,
+/// the prefill kernels' tiles are full enough.
+pub(crate) const DECODE_MAX_ROWS: usize = 64;
+
+/// A split should give every warp of its block a few key tiles to stream; shorter splits spend
+/// more on filling the pipeline and on the combine than they gain in parallelism.
+const MIN_TILES_PER_WARP: usize = 2;
+
+/// The partial states a call may write are bounded by `splits × batch ≤ SPLIT_BUDGET` (fewer
+/// sequences are split more), which bounds the scratch memory by the problem's shape alone
+/// ([`workspace_bound`]): a caller can size a workspace without knowing the device.
+const SPLIT_BUDGET: usize = 256;
+
+/// Environment variable overriding the tile table for tuning: `warps,block_n,stages`.
+pub const DECODE_TILE_ENV: &str = "UFA_CUDA_DECODE_TILE";
+/// Environment variable forcing the number of key splits (clamped to what the call allows);
+/// `0` turns the decoding kernel off (the prefill kernels serve every call).
+pub const DECODE_SPLITS_ENV: &str = "UFA_CUDA_DECODE_SPLITS";
+
+/// Tile sizes of one decoding variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct DecodeTile {
+    pub head_dim: u32,
+    /// 16-row mma tiles of packed rows a block owns.
+    pub m_tiles: u32,
+    pub warps: u32,
+    /// Keys of one warp's tile.
+    pub block_n: u32,
+    /// Ring buffers of each warp: `stages - 1` tiles load while one is computed.
+    pub stages: u32,
+    pub q_in_regs: bool,
+}
+
+impl DecodeTile {
+    pub fn rows(&self) -> u32 {
+        16 * self.m_tiles
+    }
+
+    /// Dynamic shared memory: the packed Q tile and every warp's ring of K and V tiles, rows
+    /// padded by 8 elements (`DecodeConfig::kSmemElems`).
+    pub fn smem_bytes(&self) -> u32 {
+        let pitch = self.head_dim + 8;
+        (self.rows() + self.warps * self.stages * 2 * self.block_n) * pitch * 2
+    }
+
+    /// Whether the warps' closing merge (fp32 rows, maxima and sums) fits in the buffers, as
+    /// the template asserts.
+    fn merge_fits(&self) -> bool {
+        self.warps * self.rows() * (self.head_dim + 2) * 4 <= self.smem_bytes()
+    }
+}
+
+/// The tile of a decoding variant: warps each with their own ring of K/V tiles, as deep as
+/// shared memory allows, one block an SM. Measured on an H200 (bf16, 32 query heads; see
+/// bench/results/decode_notes_2026-12-04.md): at head dim 128, 4 warps of 32-key tiles in rings
+/// of 3 read 92% of the card's measured bandwidth at batch 32, and deeper rings of narrower
+/// tiles (4 × 16 × 6), more warps (8 × 16 × 3, 8 × 32 × 2) and L2 prefetches beyond the ring
+/// did no better; at 64, 8 warps in rings of 2 read 5% more than 4 in rings of 4. Rings are
+/// shallower, then tiles narrower, then warps fewer on devices with less shared memory.
+pub(crate) fn decode_tile_for(head_dim: usize, m_tiles: u32, max_smem: u32) -> Option<DecodeTile> {
+    if !MMA_HEAD_DIMS.contains(&head_dim) || !(1..=2).contains(&m_tiles) {
+        return None;
+    }
+    let d = head_dim as u32;
+    let (warps, block_n, stages) = tile_override().unwrap_or(match d {
+        0..=64 => (8, 32, 2),
+        65..=128 => (4, 32, 3),
+        _ => (4, 16, 3),
+    });
+    let mut tile = DecodeTile {
+        head_dim: d,
+        m_tiles,
+        warps,
+        block_n,
+        stages,
+        // Q fragments in registers beside O's accumulators only while both fit.
+        q_in_regs: m_tiles * d <= 128,
+    };
+    while tile.smem_bytes() > max_smem || !tile.merge_fits() {
+        if tile.stages > 2 {
+            tile.stages -= 1;
+        } else if tile.block_n > 16 {
+            tile.block_n /= 2;
+        } else if tile.warps > 1 {
+            tile.warps /= 2;
+        } else {
+            return None;
+        }
+    }
+    Some(tile)
+}
+
+fn tile_override() -> Option<(u32, u32, u32)> {
+    static OVERRIDE: std::sync::OnceLock<Option<(u32, u32, u32)>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| {
+        let [w, n, s] = parse_numbers(&std::env::var(DECODE_TILE_ENV).ok()?)?;
+        // Tiles of at most 32 keys: one lane looks up each row's page (fwd_decode.cu).
+        (w > 0 && n > 0 && n <= 32 && n % 16 == 0 && s >= 2).then_some((w, n, s))
+    })
+}
+
+fn splits_override() -> Option<usize> {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| std::env::var(DECODE_SPLITS_ENV).ok()?.trim().parse().ok())
+}
+
+/// How a call decodes: its tile, key splits, and blocks of packed rows per (batch entry, KV
+/// head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DecodePlan {
+    pub tile: DecodeTile,
+    pub splits: usize,
+    pub row_blocks: usize,
+}
+
+impl DecodePlan {
+    /// The plan for `p` on a device with `sms` multiprocessors and `max_smem` bytes of shared
+    /// memory a block; None when the prefill kernels serve it (more rows, dtypes or layouts
+    /// the tensor cores do not take).
+    pub fn new(p: &Problem, sms: u32, max_smem: u32) -> Option<DecodePlan> {
+        let half = matches!(p.q.dtype, DType::F16 | DType::BF16);
+        let rows = p.seqlen_q * p.group_size();
+        let eligible = half
+            && p.out.dtype == p.q.dtype
+            && p.head_dim == p.head_dim_v
+            && rows <= DECODE_MAX_ROWS
+            && rows_aligned16(p)
+            && splits_override() != Some(0);
+        if !eligible {
+            return None;
+        }
+        let m_tiles = m_tiles_for(rows, p.head_dim);
+        let tile = decode_tile_for(p.head_dim, m_tiles, max_smem)?;
+        let row_blocks = rows.div_ceil(tile.rows() as usize);
+        let blocks = p.batch * p.heads_kv * row_blocks;
+        let per_sm = ((max_smem + 1024) / (tile.smem_bytes() + 1024)).max(1) as usize;
+        let slots = sms as usize * per_sm;
+        let keys_per_split = (tile.warps * tile.block_n) as usize * MIN_TILES_PER_WARP;
+        let cap = split_cap(p.batch).min(p.seqlen_kv.div_ceil(keys_per_split).max(1));
+        let splits = match splits_override() {
+            Some(n) => n.clamp(1, split_cap(p.batch)),
+            None => choose_splits(blocks, slots, cap),
+        };
+        Some(DecodePlan {
+            tile,
+            splits,
+            row_blocks,
+        })
+    }
+
+    /// Scratch bytes of the splits' partial states (0 with one split): fp32 outputs, then
+    /// their LSEs at a 256-byte boundary.
+    pub fn scratch_bytes(&self, p: &Problem) -> usize {
+        if self.splits == 1 {
+            return 0;
+        }
+        partial_bytes(self.splits, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v)
+    }
+}
+
+/// 16-row mma tiles of a block for `rows` packed rows: two where more rows are packed, so
+/// that each K/V fragment feeds two mmas, while two tiles of O's accumulators fit in registers.
+pub(crate) fn m_tiles_for(rows: usize, head_dim: usize) -> u32 {
+    if rows <= 16 || head_dim > 128 {
+        1
+    } else {
+        2
+    }
+}
+
+/// The most splits a batch of `batch` sequences may get.
+fn split_cap(batch: usize) -> usize {
+    (SPLIT_BUDGET / batch.max(1)).clamp(1, DECODE_MAX_SPLITS)
+}
+
+/// Bytes of the partial states of `splits` splits: outputs, then LSEs at a 256-byte boundary.
+fn partial_bytes(splits: usize, batch: usize, heads: usize, seqlen_q: usize, dim: usize) -> usize {
+    let rows = splits * batch * heads * seqlen_q;
+    (rows * dim * 4).div_ceil(256) * 256 + (rows * 4).div_ceil(256) * 256
+}
+
+/// The offset of the LSEs in a scratch of [`partial_bytes`].
+pub(crate) fn lse_offset(plan: &DecodePlan, p: &Problem) -> usize {
+    let rows = plan.splits * p.batch * p.heads_q * p.seqlen_q;
+    (rows * p.head_dim_v * 4).div_ceil(256) * 256
+}
+
+/// Scratch bytes that cover any decoding call whose q is [batch, seqlen_q, heads_q, head_dim],
+/// whatever its device and KV heads ([`crate::kvcache_workspace_bytes`]).
+pub(crate) fn workspace_bound(
+    dtype: DType,
+    batch: usize,
+    seqlen_q: usize,
+    heads_q: usize,
+    head_dim: usize,
+) -> usize {
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    if !half || seqlen_q > DECODE_MAX_ROWS || !MMA_HEAD_DIMS.contains(&head_dim) {
+        return 0;
+    }
+    partial_bytes(split_cap(batch), batch, heads_q, seqlen_q, head_dim)
+}
+
+/// The split count for `blocks` blocks on `slots` resident block slots: the fewest splits
+/// (at most `cap`) whose last wave is nearly as full as the best count's (FlashAttention's
+/// rule), since every extra split costs a partial state and a share of the combine.
+fn choose_splits(blocks: usize, slots: usize, cap: usize) -> usize {
+    if blocks == 0 || blocks * 10 >= slots * 8 {
+        return 1;
+    }
+    let efficiency = |s: usize| {
+        let n = blocks * s;
+        n as f64 / (n.div_ceil(slots) * slots) as f64
+    };
+    let best = (1..=cap).map(efficiency).fold(0.0, f64::max);
+    (1..=cap)
+        .find(|&s| efficiency(s) >= 0.95 * best)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_fill_the_device_and_stay_within_their_cap() {
+        // One sequence of 8 KV heads on 132 SMs: 16 splits fill 128 of them.
+        assert_eq!(choose_splits(8, 132, 128), 16);
+        // Enough blocks already: no split.
+        assert_eq!(choose_splits(256, 132, 128), 1);
+        assert_eq!(choose_splits(120, 132, 128), 1);
+        // A cap (short keys, a large batch) wins.
+        assert_eq!(choose_splits(8, 132, 3), 3);
+        for blocks in 1..300 {
+            let s = choose_splits(blocks, 132, 40);
+            assert!((1..=40).contains(&s), "{blocks}: {s}");
+        }
+    }
+
+    #[test]
+    fn tiles_fit_the_device_and_their_merge() {
+        for d in MMA_HEAD_DIMS {
+            for mt in [1, 2] {
+                for smem in [232_448, 101_376, 49_152] {
+                    if let Some(t) = decode_tile_for(d, mt, smem) {
+                        assert!(t.smem_bytes() <= smem, "{t:?}");
+                        assert!(t.merge_fits(), "{t:?}");
+                        assert_eq!(t.block_n % 16, 0);
+                    }
+                }
+                assert!(decode_tile_for(d, mt, 232_448).is_some(), "d{d} m{mt}");
+            }
+        }
+        assert!(decode_tile_for(72, 1, 232_448).is_none());
+    }
+
+    #[test]
+    fn the_workspace_bound_covers_every_split_count() {
+        for batch in [1, 3, 8, 32, 128, 1000] {
+            let cap = split_cap(batch);
+            assert!(cap * batch <= SPLIT_BUDGET.max(batch));
+            for splits in 1..=cap {
+                assert!(
+                    partial_bytes(splits, batch, 32, 2, 128)
+                        <= workspace_bound(DType::BF16, batch, 2, 32, 128)
+                );
+            }
+        }
+        assert_eq!(workspace_bound(DType::F32, 1, 1, 32, 128), 0);
+    }
+}

@@ -1,0 +1,70 @@
+//! The CUDA decoding kernel (kernels/fwd_decode.cu) against the f64 reference: dense decoding
+//! shapes (`testing::decode_cases`), split boundaries, splits with no visible key and every
+//! score modifier; KV caches and packed batches reach it through the sequence suites. Outputs
+//! are poisoned first. Without a GPU these tests say so and pass, unless `UFA_REQUIRE_GPU=1`.
+
+use ufa::testing::cuda::{check_case_cuda, run_suite};
+use ufa::testing::{decode_cases, Comparison};
+
+#[test]
+fn decoding_matches_the_reference() {
+    run_suite(
+        &decode_cases(),
+        |ctx, c, seed| check_case_cuda(ctx, c, seed, 0),
+        Comparison::passed,
+        Comparison::summary,
+    );
+}
+
+/// One decoding call split across blocks, with a window (splits that see no key) and GQA, for
+/// compute-sanitizer (scripts/gpu-check runs it under memcheck and racecheck).
+#[test]
+#[ignore = "run by scripts/gpu-check under compute-sanitizer"]
+fn sanitizer_decode_case() {
+    let mut c = ufa::testing::Case::new(1, 2, 3000, 8, 128, ufa::DType::BF16);
+    c.heads_kv = 2;
+    c.causal = true;
+    c.window = (700, 0);
+    run_suite(
+        &[c],
+        |ctx, c, seed| check_case_cuda(ctx, c, seed, 0),
+        Comparison::passed,
+        Comparison::summary,
+    );
+}
+
+/// The split count and the merge order depend only on the problem and the device: ten runs of
+/// split decoding calls (one sequence, many splits; GQA over a paged-size cache) are bitwise
+/// equal.
+#[test]
+fn split_decoding_is_bitwise_reproducible() {
+    let ctx = ufa::Context::new().unwrap();
+    if !ufa::testing::cuda::gpu_present(&ctx) {
+        return;
+    }
+    for (batch, heads_kv, skv) in [(1, 1, 30011), (2, 4, 8193)] {
+        let mut c = ufa::testing::Case::new(batch, 1, skv, 32, 128, ufa::DType::BF16);
+        c.heads_kv = heads_kv;
+        let mut first = None;
+        for run in 0..10 {
+            let mut inst = ufa::testing::Instance::new(&c, 9);
+            inst.run_cuda(&ctx, 0).unwrap();
+            let (out, lse) = inst.outputs();
+            assert!(out.iter().all(|x| x.is_finite()));
+            let bits: Vec<u64> = out
+                .iter()
+                .chain(lse.iter().flatten())
+                .map(|x| x.to_bits())
+                .collect();
+            match &first {
+                None => first = Some(bits),
+                Some(f) => assert!(
+                    *f == bits,
+                    "run {run} differs from run 0 ({})",
+                    c.describe()
+                ),
+            }
+        }
+        println!("ok   10 runs bitwise equal: {}", c.describe());
+    }
+}
