@@ -303,6 +303,21 @@ needs_gpu = pytest.mark.skipif(
     reason="needs a CUDA GPU that ufa can use")
 
 
+def captured(run, warmup=None):
+    """`run` captured in a CUDA graph: (graph, what the captured call returned). `warmup` (by
+    default `run`) runs first on a side stream, as PyTorch asks, which also compiles and loads
+    ufa's kernels outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        (warmup or run)()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = run()
+    return graph, result
+
+
 @needs_gpu
 @pytest.mark.parametrize("paged", [False, True])
 def test_decode_step_is_captured_in_a_cuda_graph(paged):
@@ -329,16 +344,10 @@ def test_decode_step_is_captured_in_a_cuda_graph(paged):
         return ut.flash_attn_with_kvcache(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin,
                                           cache_seqlens=lens, block_table=table, causal=True)
 
-    # Kernels are compiled and loaded outside the capture, on a side stream (as PyTorch asks).
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(k_cache.clone(), v_cache.clone())
-    torch.cuda.current_stream().wait_stream(side)
+    # The warm-up call appends to copies; the captured one to the caches themselves.
     k_eager, v_eager = k_cache.clone(), v_cache.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(k_cache, v_cache)
+    graph, out = captured(lambda: step(k_cache, v_cache),
+                          warmup=lambda: step(k_cache.clone(), v_cache.clone()))
     for _ in range(3):
         want = step(k_eager, v_eager)
         graph.replay()
@@ -356,14 +365,7 @@ def test_packed_forward_is_captured_in_a_cuda_graph():
     dev, dtype = "cuda", torch.bfloat16
     q, k, v, cu_q, cu_k = packed_batch([7, 0, 33], [9, 4, 40], 4, 2, 64, dtype, dev)
     run = lambda: ut.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 40, causal=True)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = captured(run)
     for _ in range(2):
         want = run()
         graph.replay()
@@ -382,14 +384,7 @@ def test_split_decoding_is_captured_in_a_cuda_graph():
     k = torch.randn(1, 4096, 1, 128, device=dev, dtype=dtype)
     v = torch.randn_like(k)
     run = lambda: ut.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse, _ = run()
+    graph, (out, lse, _) = captured(run)
     for _ in range(2):
         want, want_lse, _ = run()
         graph.replay()

@@ -16,7 +16,7 @@
 //   barrier until the end, where the warps' states are merged in shared memory. Each warp keeps
 //   STAGES - 1 tiles in flight while it computes one, which is what covers HBM latency.
 //
-// The mma fragments, masking and online softmax are those of the prefill kernel (fwd_sm80.cu);
+// The tile math (S = Q Kᵀ, online softmax, O += P V) is the prefill kernel's (fwd_tile.cuh);
 // here every key tile is one warp's BLOCK_N keys against all the block's packed rows.
 #include "fwd_tile.cuh"
 
@@ -218,33 +218,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
 
             // S = Q K[n]ᵀ
             float sc[MT][Cfg::kSTiles][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int t = 0; t < Cfg::kSTiles; ++t) sc[mt][t][0] = sc[mt][t][1] = sc[mt][t][2] = sc[mt][t][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t a_reg[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if constexpr (Cfg::kQInRegs) {
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) a_reg[mt][r] = q_frag[mt][kk][r];
-                    } else {
-                        ldmatrix_x4(a_reg[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
-                    }
-                }
-#pragma unroll
-                for (int t = 0; t < Cfg::kSTiles; t += 2) {
-                    uint32_t k_reg[4];
-                    ldmatrix_x4(k_reg, k_lane + (t * 8 * PITCH + kk * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(sc[mt][t], a_reg[mt], k_reg[0], k_reg[1]);
-                        mma_16816<T>(sc[mt][t + 1], a_reg[mt], k_reg[2], k_reg[3]);
-                    }
-                }
-            }
+            tile_qk<T, D, MT, Cfg::kSTiles, PITCH, Cfg::kQInRegs>(sc, q_frag, q_lane, k_lane);
 
             // Keys outside a row's band or past the end are hidden; modifiers per row's head.
             const bool visible = tile_visible(p, s, i_first, i_last, n0, BN) && n0 + BN <= key_hi;
@@ -258,56 +232,8 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                     },
                     [&](int t, int e) -> float& { return sc[mt][t][e]; });
 
-            // Online softmax, as in fwd_sm80.cu.
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float tile_max = -UFA_INF;
-#pragma unroll
-                    for (int t = 0; t < Cfg::kSTiles; ++t)
-                        tile_max = fmaxf(tile_max, fmaxf(sc[mt][t][2 * r], sc[mt][t][2 * r + 1]));
-                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-                    float base;
-                    const float correction = row[mt][r].rescale(tile_max * score_scale, base);
-                    float sum = 0.f;
-#pragma unroll
-                    for (int t = 0; t < Cfg::kSTiles; ++t) {
-                        sc[mt][t][2 * r] = fast_exp2(fmaf(sc[mt][t][2 * r], score_scale, -base));
-                        sc[mt][t][2 * r + 1] = fast_exp2(fmaf(sc[mt][t][2 * r + 1], score_scale, -base));
-                        sum += sc[mt][t][2 * r] + sc[mt][t][2 * r + 1];
-                    }
-                    row[mt][r].sum += sum;
-#pragma unroll
-                    for (int t = 0; t < Cfg::kOTiles; ++t) {
-                        o[mt][t][2 * r] *= correction;
-                        o[mt][t][2 * r + 1] *= correction;
-                    }
-                }
-
-            // O += P V[n]
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                uint32_t p_reg[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    p_reg[mt][0] = Convert<T>::pack(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
-                    p_reg[mt][1] = Convert<T>::pack(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
-                    p_reg[mt][2] = Convert<T>::pack(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
-                    p_reg[mt][3] = Convert<T>::pack(sc[mt][2 * kk + 1][2], sc[mt][2 * kk + 1][3]);
-                }
-#pragma unroll
-                for (int t = 0; t < Cfg::kOTiles; t += 2) {
-                    uint32_t v_reg[4];
-                    ldmatrix_x4_trans(v_reg, v_lane + (kk * 16 * PITCH + t * 8) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(o[mt][t], p_reg[mt], v_reg[0], v_reg[1]);
-                        mma_16816<T>(o[mt][t + 1], p_reg[mt], v_reg[2], v_reg[3]);
-                    }
-                }
-            }
+            tile_softmax(sc, o, row, score_scale);
+            tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, PITCH>(sc, o, v_lane);
         }
         cp_async_wait<0>();  // no copy may land in the buffers the merge below reuses
     }

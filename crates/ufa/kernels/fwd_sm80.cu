@@ -117,33 +117,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
 
             // S = Q K[n]ᵀ
             float s[MT][Cfg::kSTiles][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int t = 0; t < Cfg::kSTiles; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t a_reg[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if constexpr (Cfg::kQInRegs) {
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) a_reg[mt][r] = q_frag[mt][kk][r];
-                    } else {
-                        ldmatrix_x4(a_reg[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
-                    }
-                }
-#pragma unroll
-                for (int t = 0; t < Cfg::kSTiles; t += 2) {
-                    uint32_t k_reg[4];
-                    ldmatrix_x4(k_reg, k_lane + (t * 8 * PITCH + kk * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(s[mt][t], a_reg[mt], k_reg[0], k_reg[1]);
-                        mma_16816<T>(s[mt][t + 1], a_reg[mt], k_reg[2], k_reg[3]);
-                    }
-                }
-            }
+            tile_qk<T, D, MT, Cfg::kSTiles, PITCH, Cfg::kQInRegs>(s, q_frag, q_lane, k_lane);
 
             // Scores to the log2 domain (modifiers) or raw; keys outside the band, past the
             // end, or masked are hidden.
@@ -155,35 +129,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
                     [&](int t, int e) -> float& { return s[mt][t][e]; });
 
             // Online softmax: new running max, rescale what was accumulated, P = exp2(S - max).
-            // Without score modifiers S is raw q·k and `score_scale` (> 0, the host's rule for
-            // these variants, so the max commutes with it) is applied in one FFMA per element.
-            const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float tile_max = -UFA_INF;
-#pragma unroll
-                    for (int t = 0; t < Cfg::kSTiles; ++t)
-                        tile_max = fmaxf(tile_max, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
-                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-                    float base;
-                    const float correction = row[mt][r].rescale(tile_max * score_scale, base);
-                    float sum = 0.f;
-#pragma unroll
-                    for (int t = 0; t < Cfg::kSTiles; ++t) {
-                        s[mt][t][2 * r] = fast_exp2(fmaf(s[mt][t][2 * r], score_scale, -base));
-                        s[mt][t][2 * r + 1] = fast_exp2(fmaf(s[mt][t][2 * r + 1], score_scale, -base));
-                        sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
-                    }
-                    row[mt][r].sum += sum;
-#pragma unroll
-                    for (int t = 0; t < Cfg::kOTiles; ++t) {
-                        o[mt][t][2 * r] *= correction;
-                        o[mt][t][2 * r + 1] *= correction;
-                    }
-                }
+            tile_softmax(s, o, row, SCORE_MOD ? 1.f : p.scale_log2);
 
             cp_async_wait<0>();
             __syncthreads();  // V[n] landed; every warp is done with K[n]
@@ -192,28 +138,8 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
                 cp_async_commit();
             }
 
-            // O += P V[n]; the S accumulators of two n8 tiles are exactly one A fragment.
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                uint32_t p_reg[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    p_reg[mt][0] = Convert<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    p_reg[mt][1] = Convert<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    p_reg[mt][2] = Convert<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    p_reg[mt][3] = Convert<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                }
-#pragma unroll
-                for (int t = 0; t < Cfg::kOTiles; t += 2) {
-                    uint32_t v_reg[4];
-                    ldmatrix_x4_trans(v_reg, v_lane + (kk * 16 * PITCH + t * 8) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<T>(o[mt][t], p_reg[mt], v_reg[0], v_reg[1]);
-                        mma_16816<T>(o[mt][t + 1], p_reg[mt], v_reg[2], v_reg[3]);
-                    }
-                }
-            }
+            // O += P V[n]
+            tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, PITCH>(s, o, v_lane);
         }
     }
 

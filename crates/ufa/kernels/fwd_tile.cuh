@@ -87,3 +87,105 @@ __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock
             row.lse(sum);
     }
 }
+
+// The math of one key tile on mma.sync, shared by the prefill (fwd_sm80.cu) and decoding
+// (fwd_decode.cu) kernels. A warp owns MT 16-row m-tiles; S holds S_TILES n8 tiles of keys per
+// m-tile and O O_TILES n8 tiles of columns, in the mma accumulator layout. The lane bases are
+// ldmatrix addresses (shared space, bytes) with rows PITCH elements apart: `q_lane` at the
+// warp's first query row (used when Q is not in registers), `k_lane` and `v_lane` at the tile's
+// first key, as the kernels compute them.
+
+// S = Q Kᵀ, Q from `q_frag` (Q_IN_REGS) or from shared memory.
+template <typename T, int D, int MT, int S_TILES, int PITCH, bool Q_IN_REGS, typename QFrag>
+__device__ __forceinline__ void tile_qk(float (&s)[MT][S_TILES][4], const QFrag& q_frag,
+                                        uint32_t q_lane, uint32_t k_lane) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < S_TILES; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a_reg[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            if constexpr (Q_IN_REGS) {
+#pragma unroll
+                for (int r = 0; r < 4; ++r) a_reg[mt][r] = q_frag[mt][kk][r];
+            } else {
+                ldmatrix_x4(a_reg[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < S_TILES; t += 2) {
+            uint32_t k_reg[4];
+            ldmatrix_x4(k_reg, k_lane + (t * 8 * PITCH + kk * 16) * 2);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(s[mt][t], a_reg[mt], k_reg[0], k_reg[1]);
+                mma_16816<T>(s[mt][t + 1], a_reg[mt], k_reg[2], k_reg[3]);
+            }
+        }
+    }
+}
+
+// The online softmax of one tile: each row's new running maximum (over the quad that shares
+// it), O and the row sums rescaled, and S turned into P = exp2(S * score_scale - max). Without
+// score modifiers S is raw q·k and `score_scale` (> 0, the host's rule for those variants, so
+// the maximum commutes with it) is applied in one FFMA per element; with them it is 1.
+template <int MT, int S_TILES, int O_TILES>
+__device__ __forceinline__ void tile_softmax(float (&s)[MT][S_TILES][4], float (&o)[MT][O_TILES][4],
+                                             SoftmaxRow (&row)[MT][2], float score_scale) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float tile_max = -UFA_INF;
+#pragma unroll
+            for (int t = 0; t < S_TILES; ++t)
+                tile_max = fmaxf(tile_max, fmaxf(s[mt][t][2 * r], s[mt][t][2 * r + 1]));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            float base;
+            const float correction = row[mt][r].rescale(tile_max * score_scale, base);
+            float sum = 0.f;
+#pragma unroll
+            for (int t = 0; t < S_TILES; ++t) {
+                s[mt][t][2 * r] = fast_exp2(fmaf(s[mt][t][2 * r], score_scale, -base));
+                s[mt][t][2 * r + 1] = fast_exp2(fmaf(s[mt][t][2 * r + 1], score_scale, -base));
+                sum += s[mt][t][2 * r] + s[mt][t][2 * r + 1];
+            }
+            row[mt][r].sum += sum;
+#pragma unroll
+            for (int t = 0; t < O_TILES; ++t) {
+                o[mt][t][2 * r] *= correction;
+                o[mt][t][2 * r + 1] *= correction;
+            }
+        }
+}
+
+// O += P V; the S accumulators of two n8 tiles are exactly one A fragment.
+template <typename T, int MT, int S_TILES, int O_TILES, int PITCH>
+__device__ __forceinline__ void tile_pv(const float (&s)[MT][S_TILES][4], float (&o)[MT][O_TILES][4],
+                                        uint32_t v_lane) {
+#pragma unroll
+    for (int kk = 0; kk < S_TILES / 2; ++kk) {
+        uint32_t p_reg[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            p_reg[mt][0] = Convert<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            p_reg[mt][1] = Convert<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            p_reg[mt][2] = Convert<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            p_reg[mt][3] = Convert<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int t = 0; t < O_TILES; t += 2) {
+            uint32_t v_reg[4];
+            ldmatrix_x4_trans(v_reg, v_lane + (kk * 16 * PITCH + t * 8) * 2);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(o[mt][t], p_reg[mt], v_reg[0], v_reg[1]);
+                mma_16816<T>(o[mt][t + 1], p_reg[mt], v_reg[2], v_reg[3]);
+            }
+        }
+    }
+}
