@@ -163,13 +163,17 @@ impl DecodePlan {
         })
     }
 
-    /// Scratch bytes of the splits' partial states (0 with one split): fp32 outputs, then
-    /// their LSEs at a 256-byte boundary.
+    /// Scratch bytes of the splits' partial states (0 with one split).
     pub fn scratch_bytes(&self, p: &Problem) -> usize {
         if self.splits == 1 {
             return 0;
         }
-        partial_bytes(self.splits, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v)
+        self.scratch_layout(p).bytes
+    }
+
+    /// Where the partial states of `p`'s splits lie in their scratch memory.
+    pub fn scratch_layout(&self, p: &Problem) -> PartialLayout {
+        PartialLayout::new(self.splits, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v)
     }
 }
 
@@ -188,16 +192,22 @@ fn split_cap(batch: usize) -> usize {
     (SPLIT_BUDGET / batch.max(1)).clamp(1, DECODE_MAX_SPLITS)
 }
 
-/// Bytes of the partial states of `splits` splits: outputs, then LSEs at a 256-byte boundary.
-fn partial_bytes(splits: usize, batch: usize, heads: usize, seqlen_q: usize, dim: usize) -> usize {
-    let rows = splits * batch * heads * seqlen_q;
-    (rows * dim * 4).div_ceil(256) * 256 + (rows * 4).div_ceil(256) * 256
+/// The partial states of `splits` splits in scratch memory: fp32 outputs
+/// [splits, batch, heads, seqlen_q, dim], then their LSEs at a 256-byte boundary.
+pub(crate) struct PartialLayout {
+    pub lse_offset: usize,
+    pub bytes: usize,
 }
 
-/// The offset of the LSEs in a scratch of [`partial_bytes`].
-pub(crate) fn lse_offset(plan: &DecodePlan, p: &Problem) -> usize {
-    let rows = plan.splits * p.batch * p.heads_q * p.seqlen_q;
-    (rows * p.head_dim_v * 4).div_ceil(256) * 256
+impl PartialLayout {
+    fn new(splits: usize, batch: usize, heads: usize, seqlen_q: usize, dim: usize) -> Self {
+        let rows = splits * batch * heads * seqlen_q;
+        let lse_offset = (rows * dim * 4).div_ceil(256) * 256;
+        PartialLayout {
+            lse_offset,
+            bytes: lse_offset + (rows * 4).div_ceil(256) * 256,
+        }
+    }
 }
 
 /// Scratch bytes that cover any decoding call whose q is [batch, seqlen_q, heads_q, head_dim],
@@ -213,7 +223,7 @@ pub(crate) fn workspace_bound(
     if !half || seqlen_q > DECODE_MAX_ROWS || !MMA_HEAD_DIMS.contains(&head_dim) {
         return 0;
     }
-    partial_bytes(split_cap(batch), batch, heads_q, seqlen_q, head_dim)
+    PartialLayout::new(split_cap(batch), batch, heads_q, seqlen_q, head_dim).bytes
 }
 
 /// The split count for `blocks` blocks on `slots` resident block slots: the fewest splits
@@ -276,7 +286,7 @@ mod tests {
             assert!(cap * batch <= SPLIT_BUDGET.max(batch));
             for splits in 1..=cap {
                 assert!(
-                    partial_bytes(splits, batch, 32, 2, 128)
+                    PartialLayout::new(splits, batch, 32, 2, 128).bytes
                         <= workspace_bound(DType::BF16, batch, 2, 32, 128)
                 );
             }

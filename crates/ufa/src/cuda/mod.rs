@@ -332,7 +332,7 @@ impl CudaBackend {
         } else {
             // SAFETY: both offsets lie within the `need` bytes at `base`.
             (base as *mut f32, unsafe {
-                base.add(decode::lse_offset(plan, p)) as *mut f32
+                base.add(plan.scratch_layout(p).lse_offset) as *mut f32
             })
         };
         let params = DecodeParams::new(p, plan, o_part, lse_part)?;
@@ -343,11 +343,8 @@ impl CudaBackend {
             seqs: variants::has_sequence_metadata(p),
             paged: p.k.rows.is_paged(),
         };
-        let blocks = (
-            plan.splits as u32,
-            (p.heads_kv * plan.row_blocks) as u32,
-            p.batch as u32,
-        );
+        // One block per (split, KV head and row block, batch entry), within the grid's limits.
+        let blocks = grid(plan.splits, 1, p.heads_kv * plan.row_blocks, p.batch)?;
         let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
         // SAFETY: as in the prefill launch below; the partials span `need` bytes of scratch.
         unsafe {
@@ -408,18 +405,18 @@ impl CudaBackend {
             }
             check_pointers(&tensors, ordinal)?;
             let mut attn = *kp;
-            // The workspace holds the rotated q, then the decoding splits' partials (planned
-            // on the attention as it will run: over the rotated q when there is one).
+            // A workspace holds the rotated q, then the decoding splits' partials (planned on
+            // the attention as it will run: over the rotated q, at the workspace's start).
             let rot_need = kp.workspace_bytes();
-            let mut planned = *kp;
-            if kp.rotates_q() {
-                planned.use_rotated_q(256 as *mut u8); // any 256-aligned address: shape only
-            }
-            let sms = dev.multiprocessors.max(1) as u32;
-            let decode_need = DecodePlan::new(&planned.attn, sms, dev.max_smem_per_block)
-                .map_or(0, |plan| plan.scratch_bytes(&planned.attn));
-            let need = rot_need + decode_need;
             if let Some(w) = &workspace {
+                let mut planned = *kp;
+                if kp.rotates_q() {
+                    planned.use_rotated_q(w.ptr as *mut u8);
+                }
+                let sms = dev.multiprocessors.max(1) as u32;
+                let decode_need = DecodePlan::new(&planned.attn, sms, dev.max_smem_per_block)
+                    .map_or(0, |plan| plan.scratch_bytes(&planned.attn));
+                let need = rot_need + decode_need;
                 if w.bytes < need {
                     return Err(Error::invalid(format!(
                         "workspace has {} bytes but this call needs {need} \
@@ -432,7 +429,7 @@ impl CudaBackend {
                 }
             }
             let scratch = workspace.as_ref().map(|w| {
-                // SAFETY: rot_need <= need <= w.bytes.
+                // SAFETY: rot_need <= w.bytes, checked above.
                 let ptr = unsafe { (w.ptr as *mut u8).add(rot_need) };
                 (ptr as *mut c_void, w.bytes - rot_need)
             });

@@ -6,8 +6,7 @@
 //! (name, threads, shared memory, program, `all`), and its selection.
 
 use super::abi::{ROW_WARPS, SIMPLE_WARPS};
-use super::decode::DecodeTile;
-use super::decode::{decode_tile_for, m_tiles_for};
+use super::decode::{decode_tile_for, m_tiles_for, DecodeTile, DECODE_MAX_ROWS};
 use super::sm90::{self, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
 use super::tiles::{bwd_tile_for, tile_for, BwdTile, Tile, MMA_HEAD_DIMS};
@@ -495,10 +494,8 @@ impl Variant {
         }
         for dtype in [DType::F16, DType::BF16] {
             for d in MMA_HEAD_DIMS {
-                for m_tiles in [1, 2]
-                    .into_iter()
-                    .filter(|&m| m_tiles_for(32, d) == m || m == 1)
-                {
+                // One m-tile, and two where a block of the most packed rows takes them.
+                for m_tiles in 1..=m_tiles_for(DECODE_MAX_ROWS, d) {
                     for (score_mod, seqs) in flag_sets {
                         for paged in [false, true].into_iter().filter(|&pg| seqs || !pg) {
                             if let Some(tile) = decode_tile_for(d, m_tiles, max_smem) {
