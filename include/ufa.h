@@ -23,6 +23,16 @@
 #define UFA_CAUSAL_TOP_LEFT 1
 
 /**
+ * fp32 products to fp32 accuracy (the default).
+ */
+#define UFA_FP32_IEEE 0
+
+/**
+ * fp32 operands may be rounded to TF32 (10 mantissa bits) on tensor cores.
+ */
+#define UFA_FP32_TF32 1
+
+/**
  * A ufa context: the CPU thread pool and the CUDA kernel cache. Opaque; create with
  * `ufa_context_create`, free with `ufa_context_destroy`. Any number of threads may use one
  * context at once. An `mfa_context_t` is a `ufa_context*`.
@@ -170,6 +180,12 @@ typedef struct {
    * [batch, heads_q, seqlen_q], -inf where a row sees no key); NULL = not wanted.
    */
   const ufa_tensor *lse;
+  /**
+   * fp32 inputs: `UFA_FP32_IEEE` (the default) keeps fp32 accuracy; `UFA_FP32_TF32` lets the
+   * CUDA forward round each operand to TF32 once (PyTorch's `allow_tf32`): about three times
+   * faster, outputs within 2e-3 relative instead of 1e-5. The CPU always computes in fp32.
+   */
+  int32_t fp32_precision;
 } ufa_attention_params;
 
 /**

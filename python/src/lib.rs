@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use ufa::{
     AttentionParams, AttentionState, BackwardInputs, CausalAlignment, Context, DType, Device,
-    ErrorKind, Gradients, KvAppend, KvCache, Rotary, TensorView, TensorViewMut, Varlen, MAX_DIMS,
+    ErrorKind, Fp32Precision, Gradients, KvAppend, KvCache, Rotary, TensorView, TensorViewMut,
+    Varlen, MAX_DIMS,
 };
 
 /// The one context of the process (its CPU thread pool is built on first use).
@@ -318,6 +319,7 @@ fn options<'a>(
     alibi: Option<&'a Arg>,
     mask: Option<&'a Arg>,
     deterministic: bool,
+    tf32: bool,
 ) -> PyResult<Options<'a>> {
     let mut params = AttentionParams::default()
         .causal(causal)
@@ -328,7 +330,12 @@ fn options<'a>(
         })
         .window(window_left, window_right)
         .softcap(softcap as f32)
-        .deterministic(deterministic);
+        .deterministic(deterministic)
+        .fp32_precision(if tf32 {
+            Fp32Precision::Tf32
+        } else {
+            Fp32Precision::Ieee
+        });
     if let Some(s) = scale {
         params = params.softmax_scale(s as f32);
     }
@@ -348,11 +355,14 @@ fn options<'a>(
 /// head_dim_v]`, lse f32 `[batch, heads_q, seqlen_q]`. `top_left` aligns the causal diagonal
 /// and window to the top-left corner (PyTorch SDPA) instead of the bottom-right one. With
 /// `bhsd`, q, k, v and out are given as `[batch, heads, seqlen, dim]` (PyTorch SDPA's layout)
-/// and are described to the core with dims 1 and 2 swapped: still no copy. Releases the GIL
-/// while computing.
+/// and are described to the core with dims 1 and 2 swapped: still no copy. `tf32`: fp32 inputs
+/// may be rounded to TF32 once per product on CUDA (Fp32Precision::Tf32) instead of kept to
+/// fp32 accuracy; the varlen and KV-cache forwards take it too. Releases the GIL while
+/// computing.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse=None, *, scale=None, causal=false, top_left=false,
-    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None, bhsd=false))]
+    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None, bhsd=false,
+    tf32=false))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -370,6 +380,7 @@ fn forward(
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     mask: Option<&Bound<'_, PyAny>>,
     bhsd: bool,
+    tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
     let (q, k, v, out) = (
@@ -394,6 +405,7 @@ fn forward(
         alibi.as_ref(),
         mask.as_ref(),
         false,
+        tf32,
     )?;
     let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
     let mut ov = out.view_mut()?;
@@ -477,6 +489,7 @@ fn backward(
         alibi.as_ref(),
         mask.as_ref(),
         deterministic,
+        false,
     )?;
     let inputs = BackwardInputs {
         q: args[0].view()?,
@@ -561,7 +574,7 @@ impl Packed {
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     *, seqused_k=None, block_table=None, scale=None, causal=false, top_left=false,
-    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, checked=false))]
+    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, checked=false, tf32=false))]
 #[allow(clippy::too_many_arguments)]
 fn forward_varlen(
     py: Python<'_>,
@@ -584,6 +597,7 @@ fn forward_varlen(
     softcap: f64,
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     checked: bool,
+    tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
     let (q, k, v, out) = (
@@ -617,6 +631,7 @@ fn forward_varlen(
         alibi.as_ref(),
         None,
         false,
+        tf32,
     )?;
     let seqs = packed.varlen()?;
     let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
@@ -708,6 +723,7 @@ fn backward_varlen(
         alibi.as_ref(),
         None,
         deterministic,
+        false,
     )?;
     let seqs = packed.varlen()?;
     let inputs = BackwardInputs {
@@ -747,7 +763,7 @@ fn backward_varlen(
 #[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse=None, *, block_table=None,
     cache_batch_idx=None, k=None, v=None, rotary_cos=None, rotary_sin=None,
     rotary_interleaved=false, scale=None, causal=false, top_left=false, window_left=-1,
-    window_right=-1, softcap=0.0, alibi_slopes=None, checked=false))]
+    window_right=-1, softcap=0.0, alibi_slopes=None, checked=false, tf32=false))]
 #[allow(clippy::too_many_arguments)]
 fn forward_kvcache(
     py: Python<'_>,
@@ -772,6 +788,7 @@ fn forward_kvcache(
     softcap: f64,
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     checked: bool,
+    tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
     let (q, kc, vc, lens, out) = (
@@ -808,6 +825,7 @@ fn forward_kvcache(
         alibi.as_ref(),
         None,
         false,
+        tf32,
     )?;
     let rotary = match (&cos, &sin) {
         (Some(c), Some(s)) => Some(Rotary {

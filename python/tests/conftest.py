@@ -58,6 +58,11 @@ def tolerance(dtype) -> float:
     return 1e-5 if dtype in (torch.float32, np.float32) else 1e-2
 
 
+# fp32 in the TF32 mode (ufa::testing::TF32_TOLERANCE, the bound documented for
+# Fp32Precision::Tf32).
+TF32_TOLERANCE = 2e-3
+
+
 def reference(q, k, v, *, scale=None, causal=False, top_left=False, window=(-1, -1),
               softcap=0.0, alibi=None, mask=None, grad=False):
     """Attention in float64 on the CPU, ufa layout [B, S, H, D]; returns (out, lse).

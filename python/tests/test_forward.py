@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import ufa
 import ufa.torch as ut
-from conftest import reference, rel_err, tolerance
+from conftest import TF32_TOLERANCE, reference, rel_err, tolerance
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -291,3 +291,57 @@ def test_sdpa_under_autocast_is_served_as_pytorch_casts_it(device, mask_kind):
     for got, theirs in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         assert got.dtype == torch.float32
         assert rel_err(got, theirs) < 5 * tolerance(dt)
+
+
+def _set_tf32(on: bool):
+    """Sets PyTorch's TF32 switch for matmuls (the new API where it exists); returns a function
+    that restores it."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = "tf32" if on else "ieee"
+        return lambda: setattr(m, "fp32_precision", old)
+    old = m.allow_tf32
+    m.allow_tf32 = on
+    return lambda: setattr(m, "allow_tf32", old)
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_cuda_follows_torch_tf32_switch(tf32):
+    """fp32 on CUDA keeps fp32 accuracy by default and rounds to TF32 when PyTorch's switch is
+    on: the error shows which one ran (TF32's rounding is far above the fp32 bound), through
+    both front ends."""
+    if not (torch.cuda.is_available() and ufa.cuda_available()):
+        pytest.skip("no CUDA device for ufa")
+    q, k, v = make_qkv(2, 300, 333, 4, 2, 64, 64, torch.float32, "cuda")
+    want, _ = reference(q, k, v, causal=True)
+    restore = _set_tf32(tf32)
+    try:
+        outs = [ut.flash_attn_func(q, k, v, causal=True),
+                ut.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                    enable_gqa=True, scale=None).transpose(1, 2)]
+    finally:
+        restore()
+    want_top_left, _ = reference(q, k, v, causal=True, top_left=True)
+    for out, ref in zip(outs, [want, want_top_left]):
+        err = rel_err(out, ref)
+        if tf32:
+            assert 1e-5 < err < TF32_TOLERANCE, err
+        else:
+            assert err < tolerance(torch.float32), err
+
+
+def test_fp32_precision_argument():
+    """ufa.attention takes the precision for arrays other than PyTorch tensors (the CPU always
+    computes in fp32); PyTorch tensors follow PyTorch's switch and refuse the argument."""
+    q, k, v = (np.random.randn(1, 20, 2, 32).astype(np.float32) for _ in range(3))
+    want, _ = reference(q, k, v)
+    for precision in ("ieee", "tf32"):
+        out = ufa.attention(q, k, v, fp32_precision=precision)
+        assert rel_err(out, want) < tolerance(np.float32)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        ufa.attention(q, k, v, fp32_precision="fast")
+    with pytest.raises(ValueError, match="PyTorch tensors follow"):
+        ufa.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+                      fp32_precision="tf32")

@@ -24,6 +24,7 @@ def forward(
     alibi_slopes: Optional[Any] = None,
     mask: Optional[Any] = None,
     bhsd: bool = False,
+    tf32: bool = False,
 ) -> None:
     """Attention into ``out`` (and the log-sum-exp into ``lse``), in place; releases the GIL."""
 
@@ -71,6 +72,7 @@ def forward_varlen(
     softcap: float = 0.0,
     alibi_slopes: Optional[Any] = None,
     checked: bool = False,
+    tf32: bool = False,
 ) -> None:
     """Packed-batch attention into ``out`` (and ``lse`` [heads_q, total_q]), in place."""
 
@@ -124,6 +126,7 @@ def forward_kvcache(
     softcap: float = 0.0,
     alibi_slopes: Optional[Any] = None,
     checked: bool = False,
+    tf32: bool = False,
 ) -> None:
     """KV-cache attention: appends k/v into the cache, then attends; in place."""
 

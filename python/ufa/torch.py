@@ -21,6 +21,10 @@ of SDPA reach the core as permuted views, never as copies.
 
 On CUDA tensors the work belongs on the current device and ``torch.cuda.current_stream()``;
 ufa reads that stream from PyTorch through DLPack's C exchange API and never synchronises.
+fp32 CUDA tensors follow PyTorch's TF32 switch for matmuls (``torch.backends.cuda.matmul.
+fp32_precision = "tf32"``, ``allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``):
+off (the default), the forward keeps fp32 accuracy on tensor cores (3xTF32); on, it rounds each
+operand to TF32 once, about three times faster.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ufa
+from ._torch_sequences import _tf32
 from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -125,7 +130,7 @@ def _forward_into(
     _ufa.forward(
         q, k, v, out, lse, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
-        alibi_slopes=alibi_slopes, mask=mask,
+        alibi_slopes=alibi_slopes, mask=mask, tf32=_tf32(),
     )
 
 
@@ -522,7 +527,7 @@ def scaled_dot_product_attention(
         # the caller's usual `out.transpose(1, 2).reshape(...)` stays free.
         out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
         _ufa.forward(*_plain(query, key, value), out, None, scale=scale, causal=causal,
-                     top_left=True, mask=attn_mask, bhsd=True)
+                     top_left=True, mask=attn_mask, bhsd=True, tf32=_tf32())
         return out
     three_d = query.dim() == 3
     if three_d:

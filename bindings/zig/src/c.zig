@@ -8,6 +8,8 @@ pub const ufa_device_type = i32;
 pub const UFA_MAX_DIMS = 4;
 pub const UFA_CAUSAL_BOTTOM_RIGHT: i32 = 0;
 pub const UFA_CAUSAL_TOP_LEFT: i32 = 1;
+pub const UFA_FP32_IEEE: i32 = 0;
+pub const UFA_FP32_TF32: i32 = 1;
 pub const UFA_STATUS_SUCCESS: ufa_status = 0;
 pub const UFA_STATUS_INVALID_ARGUMENT: ufa_status = 1;
 pub const UFA_STATUS_UNSUPPORTED: ufa_status = 2;
@@ -55,6 +57,7 @@ pub const ufa_attention_params = extern struct {
     alibi_slopes: ?*const ufa_tensor,
     mask: ?*const ufa_tensor,
     lse: ?*const ufa_tensor,
+    fp32_precision: i32,
 };
 
 pub const ufa_varlen = extern struct {

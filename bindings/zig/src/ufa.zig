@@ -155,6 +155,9 @@ pub const Params = struct {
     lse: ?Tensor = null,
     /// Backward calls: bitwise-reproducible gradients (CPU gradients always are).
     deterministic: bool = false,
+    /// f32 inputs on CUDA: let the forward round each operand to TF32 once (about 3x faster,
+    /// outputs within 2e-3 relative) instead of keeping f32 accuracy. The CPU ignores it.
+    allow_tf32: bool = false,
 
     /// The C parameters; `storage` holds the tensor descriptors they point at.
     fn raw(params: Params, storage: *[3]c.ufa_tensor) Error!c.ufa_attention_params {
@@ -166,6 +169,7 @@ pub const Params = struct {
         p.window_left = params.window_left;
         p.window_right = params.window_right;
         p.deterministic = @intFromBool(params.deterministic);
+        if (params.allow_tf32) p.fp32_precision = c.UFA_FP32_TF32;
         p.alibi_slopes = try rawOptional(params.alibi_slopes, &storage[0]);
         p.mask = try rawOptional(params.mask, &storage[1]);
         p.lse = try rawOptional(params.lse, &storage[2]);

@@ -19,7 +19,7 @@ const int64_t ufa_zig_abi[] = {
     FIELD(ufa_attention_params, causal_alignment), FIELD(ufa_attention_params, deterministic),
     FIELD(ufa_attention_params, window_left), FIELD(ufa_attention_params, window_right),
     FIELD(ufa_attention_params, alibi_slopes), FIELD(ufa_attention_params, mask),
-    FIELD(ufa_attention_params, lse),
+    FIELD(ufa_attention_params, lse), FIELD(ufa_attention_params, fp32_precision),
     sizeof(ufa_varlen),
     FIELD(ufa_varlen, struct_size), FIELD(ufa_varlen, checked), FIELD(ufa_varlen, cu_seqlens_q),
     FIELD(ufa_varlen, cu_seqlens_kv), FIELD(ufa_varlen, max_seqlen_q), FIELD(ufa_varlen, max_seqlen_kv),
@@ -37,6 +37,6 @@ const int64_t ufa_zig_abi[] = {
     UFA_STATUS_DEVICE_UNAVAILABLE, UFA_STATUS_OUT_OF_MEMORY, UFA_STATUS_BACKEND_FAILURE,
     UFA_STATUS_INTERNAL,
     UFA_DTYPE_F16, UFA_DTYPE_BF16, UFA_DTYPE_F32, UFA_DTYPE_BOOL, UFA_DTYPE_I32,
-    UFA_DEVICE_CPU, UFA_DEVICE_CUDA,
+    UFA_DEVICE_CPU, UFA_DEVICE_CUDA, UFA_FP32_IEEE, UFA_FP32_TF32,
 };
 const size_t ufa_zig_abi_len = sizeof ufa_zig_abi / sizeof ufa_zig_abi[0];

@@ -18,7 +18,7 @@ fn fields(comptime T: type, comptime names: []const []const u8) [1 + 2 * names.l
 test "src/c.zig matches ufa.h: sizes, offsets and constants" {
     const want = fields(c.ufa_context_options, &.{ "struct_size", "num_threads", "device_ordinal", "cpu_isa" }) ++
         fields(c.ufa_tensor, &.{ "data", "dtype", "device_type", "device_ordinal", "ndim", "shape", "strides" }) ++
-        fields(c.ufa_attention_params, &.{ "struct_size", "causal", "softmax_scale", "softcap", "causal_alignment", "deterministic", "window_left", "window_right", "alibi_slopes", "mask", "lse" }) ++
+        fields(c.ufa_attention_params, &.{ "struct_size", "causal", "softmax_scale", "softcap", "causal_alignment", "deterministic", "window_left", "window_right", "alibi_slopes", "mask", "lse", "fp32_precision" }) ++
         fields(c.ufa_varlen, &.{ "struct_size", "checked", "cu_seqlens_q", "cu_seqlens_kv", "max_seqlen_q", "max_seqlen_kv", "seqused_kv", "block_table" }) ++
         fields(c.ufa_kvcache, &.{ "struct_size", "checked", "k_cache", "v_cache", "cache_seqlens", "block_table", "cache_batch_idx", "k_new", "v_new", "rotary_cos", "rotary_sin", "rotary_interleaved", "_reserved", "workspace", "workspace_bytes" }) ++
         [_]i64{
@@ -28,7 +28,8 @@ test "src/c.zig matches ufa.h: sizes, offsets and constants" {
             c.UFA_STATUS_DEVICE_UNAVAILABLE, c.UFA_STATUS_OUT_OF_MEMORY,    c.UFA_STATUS_BACKEND_FAILURE,
             c.UFA_STATUS_INTERNAL,           c.UFA_DTYPE_F16,               c.UFA_DTYPE_BF16,
             c.UFA_DTYPE_F32,                 c.UFA_DTYPE_BOOL,              c.UFA_DTYPE_I32,
-            c.UFA_DEVICE_CPU,                c.UFA_DEVICE_CUDA,
+            c.UFA_DEVICE_CPU,                c.UFA_DEVICE_CUDA,             c.UFA_FP32_IEEE,
+            c.UFA_FP32_TF32,
         };
     try std.testing.expectEqual(want.len, ufa_zig_abi_len);
     try std.testing.expectEqualSlices(i64, &want, @as([*]const i64, @ptrCast(&ufa_zig_abi))[0..ufa_zig_abi_len]);

@@ -4,8 +4,8 @@ use crate::boundary::{query, require, ufa_call, ufa_status};
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use ufa::{
-    AttentionParams, BackwardInputs, CausalAlignment, DType, Device, Error, Gradients, Isa, Layout,
-    Result, TensorView, TensorViewMut, MAX_DIMS,
+    AttentionParams, BackwardInputs, CausalAlignment, DType, Device, Error, Fp32Precision,
+    Gradients, Isa, Layout, Result, TensorView, TensorViewMut, MAX_DIMS,
 };
 
 /// The library version as "major.minor.patch". Static; never NULL.
@@ -139,6 +139,10 @@ pub struct ufa_attention_params {
     /// Forward only, optional output: the log-sum-exp of each score row (natural log, f32,
     /// [batch, heads_q, seqlen_q], -inf where a row sees no key); NULL = not wanted.
     pub lse: *const ufa_tensor,
+    /// fp32 inputs: `UFA_FP32_IEEE` (the default) keeps fp32 accuracy; `UFA_FP32_TF32` lets the
+    /// CUDA forward round each operand to TF32 once (PyTorch's `allow_tf32`): about three times
+    /// faster, outputs within 2e-3 relative instead of 1e-5. The CPU always computes in fp32.
+    pub fp32_precision: i32,
 }
 
 // The released layouts (LP64): a change here breaks every compiled caller, so it must be a
@@ -149,13 +153,18 @@ pub struct ufa_attention_params {
 const _: () = {
     assert!(std::mem::size_of::<ufa_tensor>() == 48);
     assert!(std::mem::size_of::<ufa_context_options>() == 24);
-    assert!(std::mem::size_of::<ufa_attention_params>() == 64);
+    assert!(std::mem::size_of::<ufa_attention_params>() == 72);
 };
 
 /// Query i is aligned with key i + seqlen_kv - seqlen_q (FlashAttention 2+, KV-cache decoding).
 pub const UFA_CAUSAL_BOTTOM_RIGHT: i32 = 0;
 /// Query i is aligned with key i (PyTorch's `is_causal=True`).
 pub const UFA_CAUSAL_TOP_LEFT: i32 = 1;
+
+/// fp32 products to fp32 accuracy (the default).
+pub const UFA_FP32_IEEE: i32 = 0;
+/// fp32 operands may be rounded to TF32 (10 mantissa bits) on tensor cores.
+pub const UFA_FP32_TF32: i32 = 1;
 
 /// A struct whose first field is its caller-side size, so fields can be appended later: a
 /// caller built against an older header passes a smaller size and gets defaults for the rest.
@@ -178,7 +187,8 @@ impl Versioned for ufa_context_options {
 }
 
 impl Versioned for ufa_attention_params {
-    const SIZES: &'static [usize] = &[std::mem::size_of::<Self>()];
+    /// 64 bytes until `fp32_precision` was appended.
+    const SIZES: &'static [usize] = &[64, std::mem::size_of::<Self>()];
     fn defaults() -> Self {
         ufa_attention_params {
             struct_size: std::mem::size_of::<Self>() as u32,
@@ -192,6 +202,7 @@ impl Versioned for ufa_attention_params {
             alibi_slopes: std::ptr::null(),
             mask: std::ptr::null(),
             lse: std::ptr::null(),
+            fp32_precision: UFA_FP32_IEEE,
         }
     }
 }
@@ -558,6 +569,15 @@ pub(crate) unsafe fn params_of<'a>(
             )))
         }
     };
+    let fp32_precision = match c.fp32_precision {
+        UFA_FP32_IEEE => Fp32Precision::Ieee,
+        UFA_FP32_TF32 => Fp32Precision::Tf32,
+        other => {
+            return Err(Error::invalid(format!(
+                "params->fp32_precision={other} but must be UFA_FP32_IEEE (0) or UFA_FP32_TF32 (1)"
+            )))
+        }
+    };
     let params = AttentionParams {
         softmax_scale: (c.softmax_scale != 0.0).then_some(c.softmax_scale),
         causal: c.causal != 0,
@@ -568,6 +588,7 @@ pub(crate) unsafe fn params_of<'a>(
         alibi_slopes: optional(c.alibi_slopes, "params->alibi_slopes", view)?,
         mask: optional(c.mask, "params->mask", view)?,
         deterministic: c.deterministic != 0,
+        fp32_precision,
     };
     let lse = optional(c.lse, "params->lse", view_mut)?;
     Ok((params, lse))

@@ -11,9 +11,25 @@
 #define UFA_LN2 0.6931471805599453f
 
 // Element types are tags: storage is raw 16-bit patterns, converted with PTX, so no cuda_fp16.h.
-struct Half { typedef uint16_t storage; static constexpr bool is_bf16 = false; };
-struct BFloat16 { typedef uint16_t storage; static constexpr bool is_bf16 = true; };
-struct Float32 { typedef float storage; };
+// fp32 has two tags for the tensor-core forward (fwd_sm80.cu): Float32 splits each product into
+// three TF32 products (3xTF32, fp32 accuracy), Tf32 rounds each operand to TF32 once (the
+// faster mode PyTorch's allow_tf32 asks for). The CUDA-core kernels take Float32.
+struct Half {
+    typedef uint16_t storage;
+    static constexpr bool is_bf16 = false, is_f32 = false, tf32_split = false;
+};
+struct BFloat16 {
+    typedef uint16_t storage;
+    static constexpr bool is_bf16 = true, is_f32 = false, tf32_split = false;
+};
+struct Float32 {
+    typedef float storage;
+    static constexpr bool is_bf16 = false, is_f32 = true, tf32_split = true;
+};
+struct Tf32 {
+    typedef float storage;
+    static constexpr bool is_bf16 = false, is_f32 = true, tf32_split = false;
+};
 
 __device__ __forceinline__ float half_to_float(uint16_t h) {
     float f;

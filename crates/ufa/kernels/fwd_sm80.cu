@@ -1,4 +1,6 @@
-// Forward attention on tensor cores (mma.sync m16n8k16, sm_80+), FlashAttention-2 style.
+// Forward attention on tensor cores (mma.sync, sm_80+), FlashAttention-2 style: m16n8k16 for
+// f16/bf16, m16n8k8 TF32 for fp32 (three products per product for fp32 accuracy, or one in
+// the opt-in TF32 mode; fwd_tile.cuh).
 //
 // One thread block owns BLOCK_M query rows of one (batch, head); each warp owns one or two
 // 16-row mma tiles of them.
@@ -14,10 +16,13 @@
 
 // One tile configuration. The host picks the numbers (one table, with reasons, in kernels.rs);
 // the asserts reject combinations the code below cannot run.
-template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool Q_IN_REGS>
+// ELEM_UNITS: 16-bit units an element takes (2 for fp32), which the shared loaders count in.
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool Q_IN_REGS, int ELEM_UNITS = 1>
 struct TileConfig {
     static_assert(BLOCK_M % (16 * WARPS) == 0, "each warp owns whole 16-row mma tiles");
     static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16");
+    static_assert(ELEM_UNITS == 1 || (ELEM_UNITS == 2 && !Q_IN_REGS),
+                  "fp32 Q is read from shared memory (its TF32 split would not fit registers)");
     static_assert(BLOCK_N % 16 == 0, "key tiles are whole mma k-steps");
     static constexpr int kHeadDim = HEAD_DIM;
     static constexpr int kBlockM = BLOCK_M;
@@ -27,10 +32,12 @@ struct TileConfig {
     // so two halve the shared-memory traffic per flop (at the price of twice the accumulators).
     static constexpr int kMTiles = BLOCK_M / (16 * WARPS);
     static constexpr bool kQInRegs = Q_IN_REGS;
+    static constexpr int kElemUnits = ELEM_UNITS;
     // 16 bytes of padding per row put the 8 rows an ldmatrix phase reads on 8 different
     // 16-byte bank groups for every head dim (row pitch mod 128 bytes is an odd multiple of 16).
-    static constexpr int kRowPitch = HEAD_DIM + 8;
-    static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte pieces of one row
+    // In 16-bit units, as the loaders count; an fp32 row is kRowPitch / 2 floats.
+    static constexpr int kRowPitch = HEAD_DIM * ELEM_UNITS + 8;
+    static constexpr int kChunksPerRow = HEAD_DIM * ELEM_UNITS / 8;  // 16-byte pieces of a row
     static constexpr int kSTiles = BLOCK_N / 8;         // n8 tiles of S per m-tile
     static constexpr int kOTiles = HEAD_DIM / 8;        // n8 tiles of O per m-tile
     static constexpr int kSmemElems = (BLOCK_M + 2 * BLOCK_N) * kRowPitch;
@@ -51,23 +58,25 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     const int lane = threadIdx.x % 32;
     const int group = lane / 4;  // mma fragment row within 8
     const int quad = lane % 4;   // mma fragment column pair
-    const FwdBlock w = fwd_block<SEQS>(p, BM, BN);
+    constexpr int U = Cfg::kElemUnits;
+    const FwdBlock w = fwd_block<SEQS, U>(p, BM, BN);
     if (w.idle) return;  // rows past this sequence's end (the whole block leaves)
     const Seq& sq = w.s;
     const int b = w.b, h = w.h, m0 = w.m0, m_last = w.m_last;
     const int n_first = w.n_first, n_last = w.n_last;
     const uint16_t *q_head = w.q, *k_head = w.k, *v_head = w.v;
     // K and V rows of tile n0: a fixed stride apart, or found through a paged cache's block
-    // table (a SEQS variant's run-time choice).
+    // table (a SEQS variant's run-time choice). Offsets in 16-bit units (a missing page's -1
+    // stays negative).
     auto load_kv = [&](uint16_t* tile, const uint16_t* head, const void* base,
                        const int64_t(&st)[3], int n0) {
         if (SEQS && p.block_table != nullptr) {
             load_rows<Cfg::kThreads, Cfg::kChunksPerRow, BN>(
-                (const uint16_t*)base, [&](int j) { return paged_row(p, b, j, st, w.hk); },
+                (const uint16_t*)base, [&](int j) { return paged_row(p, b, j, st, w.hk) * U; },
                 [&](int r, int chunk) { return smem_addr(tile + r * PITCH + chunk * 8); }, n0,
                 sq.seqlen_kv);
         } else {
-            load_tile<Cfg, BN>(tile, head, st[1], n0, sq.seqlen_kv);
+            load_tile<Cfg, BN>(tile, head, st[1] * U, n0, sq.seqlen_kv);
         }
     };
 
@@ -86,18 +95,26 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
 
     if (n_first <= n_last) {
-        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1], m0, sq.seqlen_q);
+        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1] * U, m0, sq.seqlen_q);
         cp_async_commit();
         load_kv(sK, k_head, p.k, p.k_stride, n_last * BN);
         cp_async_commit();
 
         uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
-        // Per-lane ldmatrix bases (bytes, shared space); the tile loops add constants.
-        const uint32_t q_lane = smem_addr(sQ) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8) * 2;
+        // Per-lane ldmatrix bases (bytes, shared space); the tile loops add constants. fp32
+        // (fwd_tile.cuh): Q's 4 matrices are rows 0-7 / 8-15 × floats 0-3 / 4-7, K's the 8 keys
+        // × 4 runs of 4 floats, and V is read per float.
+        constexpr int FPITCH = PITCH / 2;  // fp32 row pitch in floats
+        const uint32_t q_lane =
+            T::is_f32 ? smem_addr(sQ) + ((warp_row0 + lane % 16) * FPITCH + (lane / 16) * 4) * 4
+                      : smem_addr(sQ) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8) * 2;
         const uint32_t k_lane =
-            smem_addr(sK) + ((lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
+            T::is_f32
+                ? smem_addr(sK) + ((lane % 8) * FPITCH + (lane / 8) * 4) * 4
+                : smem_addr(sK) + ((lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
         const uint32_t v_lane =
             smem_addr(sV) + ((lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 8) * 2;
+        const float* v_lane_f32 = (const float*)sV + 2 * quad * FPITCH + group;
         if constexpr (Cfg::kQInRegs) {
             cp_async_wait<1>();
             __syncthreads();
@@ -117,7 +134,10 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
 
             // S = Q K[n]ᵀ
             float s[MT][Cfg::kSTiles][4];
-            tile_qk<T, D, MT, Cfg::kSTiles, PITCH, Cfg::kQInRegs>(s, q_frag, q_lane, k_lane);
+            if constexpr (T::is_f32)
+                tile_qk_tf32<T, D, MT, Cfg::kSTiles, FPITCH>(s, q_lane, k_lane);
+            else
+                tile_qk<T, D, MT, Cfg::kSTiles, PITCH, Cfg::kQInRegs>(s, q_frag, q_lane, k_lane);
 
             // Scores to the log2 domain (modifiers) or raw; keys outside the band, past the
             // end, or masked are hidden.
@@ -139,7 +159,10 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
             }
 
             // O += P V[n]
-            tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, PITCH>(s, o, v_lane);
+            if constexpr (T::is_f32)
+                tile_pv_tf32<T, MT, Cfg::kSTiles, Cfg::kOTiles, FPITCH>(s, o, v_lane_f32);
+            else
+                tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, PITCH>(s, o, v_lane);
         }
     }
 

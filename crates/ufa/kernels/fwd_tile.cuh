@@ -10,8 +10,9 @@
 // (blocks run heaviest first: the last query blocks have the most causal keys), and the key
 // tiles of `block_n` its band reaches, [n_first, n_last] (empty if n_last < n_first). A block
 // whose rows lie past its sequence's end (a packed batch's grid covers the longest one) has
-// `idle` set and must return before its first barrier. Head pointers are for 16-bit inputs;
-// k and v are the head's row 0 (unused for a paged cache, whose rows are found row by row).
+// `idle` set and must return before its first barrier. Head pointers count 16-bit units
+// (an fp32 element is ELEM_UNITS = 2 of them, which the shared loaders copy alike); k and v
+// are the head's row 0 (unused for a paged cache, whose rows are found row by row).
 // SEQS: the call has sequence metadata (packed rows, per-sequence lengths, a cache);
 // without it the sequence is the dense batch's (seq_for).
 struct FwdBlock {
@@ -21,7 +22,7 @@ struct FwdBlock {
     const uint16_t *q, *k, *v;
 };
 
-template <bool SEQS>
+template <bool SEQS, int ELEM_UNITS = 1>
 __device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, int block_n) {
     FwdBlock w;
     w.h = blockIdx.y;
@@ -31,9 +32,11 @@ __device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, i
     w.m0 = (p.num_m_blocks - 1 - blockIdx.x) * block_m;
     w.idle = w.m0 >= w.s.seqlen_q;
     w.m_last = min(w.m0 + block_m, w.s.seqlen_q) - 1;
-    w.q = (const uint16_t*)p.q + row_offset(p.q_stride, w.b, w.s.q_row0, w.h);
-    w.k = (const uint16_t*)p.k + row_offset(p.k_stride, w.s.kv_batch, w.s.kv_row0, w.hk);
-    w.v = (const uint16_t*)p.v + row_offset(p.v_stride, w.s.kv_batch, w.s.kv_row0, w.hk);
+    w.q = (const uint16_t*)p.q + row_offset(p.q_stride, w.b, w.s.q_row0, w.h) * ELEM_UNITS;
+    w.k = (const uint16_t*)p.k +
+          row_offset(p.k_stride, w.s.kv_batch, w.s.kv_row0, w.hk) * ELEM_UNITS;
+    w.v = (const uint16_t*)p.v +
+          row_offset(p.v_stride, w.s.kv_batch, w.s.kv_row0, w.hk) * ELEM_UNITS;
     int key_lo, key_hi;
     band_of_rows(p, w.s, w.m0, w.m_last, key_lo, key_hi);
     // Tiles wholly outside the causal/window band are never loaded.
@@ -75,12 +78,16 @@ __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     if (i >= w.s.seqlen_q) return;
     const float inv = row.inv_sum(sum);
-    uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, w.b, w.s.q_row0 + i, w.h);
+    const int64_t at = row_offset(p.o_stride, w.b, w.s.q_row0 + i, w.h);
 #pragma unroll
     for (int t = 0; t < O_TILES; ++t) {
         float x, y;
         pair(t, x, y);
-        *(uint32_t*)(out_row + t * 8 + quad * 2) = Convert<T>::pack(x * inv, y * inv);
+        if constexpr (T::is_f32)
+            *(float2*)((float*)p.out + at + t * 8 + quad * 2) = make_float2(x * inv, y * inv);
+        else
+            *(uint32_t*)((uint16_t*)p.out + at + t * 8 + quad * 2) =
+                Convert<T>::pack(x * inv, y * inv);
     }
     if (p.lse != nullptr && quad == 0) {
         p.lse[w.b * p.lse_stride[0] + w.h * p.lse_stride[1] + (w.s.q_row0 + i) * p.lse_stride[2]] =
@@ -185,6 +192,95 @@ __device__ __forceinline__ void tile_pv(const float (&s)[MT][S_TILES][4], float 
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<T>(o[mt][t], p_reg[mt], v_reg[0], v_reg[1]);
                 mma_16816<T>(o[mt][t + 1], p_reg[mt], v_reg[2], v_reg[3]);
+            }
+        }
+    }
+}
+
+// The same tile math for fp32 operands on TF32 tensor cores (m16n8k8; T = Float32 splits each
+// product in three, Tf32 takes one; mma.cuh). Shared rows are PITCH floats apart; ldmatrix
+// (b16) moves fp32 data too: an 8x8 b16 matrix is 8 rows of 4 floats, and lane l receives row
+// l / 4, float l % 4, which is the TF32 fragment layout. `q_lane` and `k_lane` are those
+// kernels' ldmatrix bases, `v_lane` the lane's float in V (key 2 * quad, column group).
+
+// S = Q Kᵀ from shared memory, two k8 steps (16 head-dim columns) at a time: per m-tile two
+// ldmatrix.x4 of Q (rows 0-7 and 8-15 × columns 0-3 and 4-7 of each step), per n8 tile of keys
+// one of K (its 8 keys × 4 groups of 4 columns: b0 and b1 of both steps).
+template <typename T, int D, int MT, int S_TILES, int PITCH>
+__device__ __forceinline__ void tile_qk_tf32(float (&s)[MT][S_TILES][4], uint32_t q_lane,
+                                             uint32_t k_lane) {
+    constexpr bool SPLIT = T::tf32_split;
+    static_assert(D % 16 == 0, "two k8 steps at a time");
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < S_TILES; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        Tf32Frag<4, SPLIT> a[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int step = 0; step < 2; ++step) {
+                uint32_t raw[4];
+                ldmatrix_x4(raw, q_lane + (mt * 16 * PITCH + kk * 16 + step * 8) * 4);
+#pragma unroll
+                for (int r = 0; r < 4; ++r) a[mt][step].set_bits(r, raw[r]);
+            }
+#pragma unroll
+        for (int t = 0; t < S_TILES; ++t) {
+            uint32_t raw[4];
+            ldmatrix_x4(raw, k_lane + (t * 8 * PITCH + kk * 16) * 4);
+            Tf32Frag<4, SPLIT> b;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) b.set_bits(r, raw[r]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                // fp32 accuracy needs rounded sums (mma_add_rounded); TF32's error is 2^-11.
+                auto products = [&](float(&acc)[4]) {
+                    mma_f32<SPLIT>(acc, a[mt][0], b, 0);
+                    mma_f32<SPLIT>(acc, a[mt][1], b, 2);
+                };
+                if constexpr (SPLIT)
+                    mma_add_rounded(s[mt][t], products);
+                else
+                    products(s[mt][t]);
+            }
+        }
+    }
+}
+
+// O += P V with P straight from the S accumulators. Key order within a k8 step is free (it is
+// summed over), so the step's A column c is taken to be key π(c), π(t) = 2t, π(t + 4) = 2t + 1:
+// then a lane's accumulators (keys 2 quad, 2 quad + 1 of rows group, group + 8) are exactly its
+// A fragment, and B's b0, b1 are V at keys 2 quad and 2 quad + 1 of column group, two scalar
+// shared loads (rows PITCH ≡ 4 or 20 floats mod 32 apart put a warp's 32 on 32 banks).
+template <typename T, int MT, int S_TILES, int O_TILES, int PITCH>
+__device__ __forceinline__ void tile_pv_tf32(const float (&s)[MT][S_TILES][4],
+                                             float (&o)[MT][O_TILES][4], const float* v_lane) {
+    constexpr bool SPLIT = T::tf32_split;
+#pragma unroll
+    for (int kk = 0; kk < S_TILES; ++kk) {
+        Tf32Frag<4, SPLIT> a[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt].set(0, s[mt][kk][0]);
+            a[mt].set(1, s[mt][kk][2]);
+            a[mt].set(2, s[mt][kk][1]);
+            a[mt].set(3, s[mt][kk][3]);
+        }
+#pragma unroll
+        for (int t = 0; t < O_TILES; ++t) {
+            Tf32Frag<2, SPLIT> b;
+            b.set(0, v_lane[kk * 8 * PITCH + t * 8]);
+            b.set(1, v_lane[(kk * 8 + 1) * PITCH + t * 8]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                auto products = [&](float(&acc)[4]) { mma_f32<SPLIT>(acc, a[mt], b, 0); };
+                if constexpr (SPLIT)
+                    mma_add_rounded(o[mt][t], products);
+                else
+                    products(o[mt][t]);
             }
         }
     }

@@ -56,6 +56,68 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
     }
 }
 
+// x rounded to the nearest TF32 value (sign, 8 exponent bits, 10 mantissa bits) as a
+// tensor-core operand register.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// d += a · b for one 16x8x8 tile of TF32 operands; fp32 accumulators. Fragments (PTX ISA,
+// m16n8k8 .tf32): a0 (row g, col t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4);
+// b0 (k t, col g), b1 (k t + 4, col g); the accumulators as for m16n8k16.
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                              uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// N fp32 operand values as tensor-core inputs: `hi` rounded to TF32 and, with SPLIT, `lo` the
+// remainder rounded too, so that a·b = a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to about 2^-22
+// relative (the 3xTF32 scheme, CUTLASS's "fast fp32"; a_lo·b_lo is below fp32 rounding).
+// Without SPLIT one TF32 product (2^-11 per operand). An infinity's remainder is NaN, which
+// keeps it non-finite; values within half a TF32 step of FLT_MAX round to infinity.
+template <int N, bool SPLIT>
+struct Tf32Frag {
+    uint32_t hi[N];
+    uint32_t lo[SPLIT ? N : 1];
+
+    __device__ __forceinline__ void set(int i, float x) {
+        hi[i] = to_tf32(x);
+        if constexpr (SPLIT) lo[i] = to_tf32(x - __uint_as_float(hi[i]));
+    }
+    __device__ __forceinline__ void set_bits(int i, uint32_t bits) { set(i, __uint_as_float(bits)); }
+};
+
+// d += a · b for a 16x8 A fragment and the 8x8 B fragment held in b's registers (i, i + 1):
+// one TF32 mma, or three with SPLIT (the small products first).
+template <bool SPLIT, int NB>
+__device__ __forceinline__ void mma_f32(float (&d)[4], const Tf32Frag<4, SPLIT>& a,
+                                        const Tf32Frag<NB, SPLIT>& b, int i) {
+    if constexpr (SPLIT) {
+        mma_1688_tf32(d, a.lo, b.hi[i], b.hi[i + 1]);
+        mma_1688_tf32(d, a.hi, b.lo[i], b.lo[i + 1]);
+    }
+    mma_1688_tf32(d, a.hi, b.hi[i], b.hi[i + 1]);
+}
+
+// d += the products `mmas(acc)` adds into fresh accumulators, with one rounded fp32 add per
+// element. Tensor cores add into their fp32 accumulators truncating (toward zero), which
+// biases a long sum: with the 3xTF32 products accumulated in place over thousands of keys, O
+// drifted 5e-5 from the f64 reference (relative RMS, 8k keys, H200, 2026-12-04), five times the
+// fp32 bound. Kept short (one or two k8 steps), the truncated sums stay at fp32 rounding.
+template <typename Mmas>
+__device__ __forceinline__ void mma_add_rounded(float (&d)[4], Mmas mmas) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    mmas(acc);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[e] += acc[e];
+}
+
 // Copies rows [row0, row0 + ROWS) of one head (rows `row_stride` elements apart) into a padded
 // shared tile; rows at or past `rows_total` become zeros, so padded keys contribute nothing.
 // Every row starts on a 16-byte boundary (the host sends other layouts to the CUDA-core

@@ -48,7 +48,7 @@ pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
 pub use kvcache::{kvcache_workspace_bytes, KvAppend, KvCache, Rotary, Workspace};
 pub use merge::AttentionState;
-pub use params::{AttentionParams, CausalAlignment};
+pub use params::{AttentionParams, CausalAlignment, Fp32Precision};
 pub use problem::{forward_flops, MAX_HEAD_DIM};
 pub use tensor::{Layout, TensorView, TensorViewMut, MAX_DIMS};
 pub use varlen::Varlen;

@@ -4,7 +4,7 @@
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{invalid, Error, Result};
-use crate::params::AttentionParams;
+use crate::params::{AttentionParams, Fp32Precision};
 use crate::sequences::{RowMap, Seq, Sequences};
 use crate::tensor::{Layout, TensorView, TensorViewMut};
 
@@ -86,6 +86,8 @@ pub(crate) struct Problem {
     pub alibi: Option<Operand>,
     /// Broadcast to [batch, heads_q, seqlen_q, seqlen_kv]; bool = visibility, float = additive.
     pub mask: Option<Operand>,
+    /// fp32 inputs: products may be rounded to TF32 (AttentionParams::fp32_precision).
+    pub fp32_precision: Fp32Precision,
 }
 
 impl Problem {
@@ -688,6 +690,7 @@ pub(crate) fn assemble(
         window_right,
         alibi,
         mask,
+        fp32_precision: params.fp32_precision,
     })
 }
 

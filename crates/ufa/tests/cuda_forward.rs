@@ -5,7 +5,9 @@
 
 use ufa::testing::cuda::{check_case_cuda, gpu_present, run_suite};
 use ufa::testing::{standard_cases, Alibi, Case, Comparison, MaskSpec, Placement};
-use ufa::{AttentionParams, Context, DType, Device, ErrorKind, TensorView, TensorViewMut};
+use ufa::{
+    AttentionParams, Context, DType, Device, ErrorKind, Fp32Precision, TensorView, TensorViewMut,
+};
 
 /// Runs every case's forward on the GPU against the f64 reference (see `run_suite`).
 fn run_cases(cases: &[Case]) {
@@ -28,6 +30,45 @@ fn standard_cases_match_the_reference() {
 fn tensor_core_variants_match_the_reference() {
     let cases = ufa::testing::tensor_core_cases(false);
     run_cases(&cases);
+}
+
+/// fp32 on the TF32 tensor cores at every head dim they take, in both precisions (the fp32
+/// bound by default, TF32's documented one in its mode).
+#[test]
+fn fp32_tensor_core_variants_match_the_reference() {
+    run_cases(&ufa::testing::fp32_tensor_core_cases());
+}
+
+/// What an fp32 user gets: the tensor-core kernel in the precision asked for, not the
+/// CUDA-core fallback (the modules a context loaded name the kernels that ran).
+#[test]
+fn fp32_takes_the_tensor_cores() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let mut c = Case::new(2, 100, 130, 4, 64, DType::F32);
+    c.causal = true;
+    for precision in [Fp32Precision::Ieee, Fp32Precision::Tf32] {
+        c.fp32_precision = precision;
+        let r = check_case_cuda(&ctx, &c, 3, 0).unwrap();
+        assert!(r.passed(), "{}: {}", c.describe(), r.summary());
+    }
+    let kernels: Vec<String> = ctx
+        .cuda_module_reports()
+        .into_iter()
+        .map(|m| m.kernel)
+        .collect();
+    assert!(
+        kernels
+            .iter()
+            .any(|k| k.starts_with("ufa_fwd_sm80_f32_d64"))
+            && kernels
+                .iter()
+                .any(|k| k.starts_with("ufa_fwd_sm80_tf32_d64"))
+            && !kernels.iter().any(|k| k.starts_with("ufa_fwd_simple")),
+        "{kernels:?}"
+    );
 }
 
 #[test]
@@ -203,5 +244,9 @@ fn sanitizer_case() {
     c.placement = [Placement::Padded; 4];
     let mut d = Case::new(1, 9, 40, 2, 80, DType::F32);
     d.causal = true;
-    run_cases(&[a, b, c, d]);
+    // fp32 on tensor cores, score modifiers on.
+    let mut e = b.clone();
+    e.dtype = DType::F32;
+    e.out_dtype = DType::F32;
+    run_cases(&[a, b, c, d, e]);
 }

@@ -10,7 +10,7 @@ use ufa::testing::{
     kvcache_cases, merge_cases, varlen_cases, varlen_grad_cases, Alibi, Comparison, Features,
     GradComparison, KvCacheCase, KvCacheInstance, VarlenCase, VarlenInstance,
 };
-use ufa::{Context, DType, ErrorKind};
+use ufa::{Context, DType, ErrorKind, Fp32Precision};
 
 /// Long enough for several 128-row query blocks and key tiles, at the tensor-core head dims
 /// (64 and 128 run wgmma on Hopper, 96 the mma.sync kernel), GQA, every dtype; and short
@@ -48,6 +48,17 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         f.causal = true;
         let mut c = VarlenCase::new(&[150, 70], &[600, 90], f);
         c.page_size = Some(page);
+        c.used_kv = Some(vec![555, 90]);
+        cases.push(c);
+    }
+    // fp32 on TF32 tensor cores over paged keys, in both precisions, one with score modifiers.
+    for (precision, d) in [(Fp32Precision::Tf32, 128), (Fp32Precision::Ieee, 64)] {
+        let mut f = Features::new(8, 2, d, DType::F32);
+        f.causal = true;
+        f.fp32_precision = precision;
+        f.softcap = if d == 64 { 20.0 } else { 0.0 };
+        let mut c = VarlenCase::new(&[150, 70], &[600, 90], f);
+        c.page_size = Some(16);
         c.used_kv = Some(vec![555, 90]);
         cases.push(c);
     }

@@ -67,6 +67,7 @@ struct CAttentionParams        # ufa_attention_params
     alibi_slopes::Ptr{CTensor}
     mask::Ptr{CTensor}
     lse::Ptr{CTensor}
+    fp32_precision::Int32
 end
 
 """
@@ -204,7 +205,8 @@ function forward!(ctx::Context, out::AbstractArray, q::AbstractArray, k::Abstrac
         d = @ccall libufa.ufa_attention_params_default()::CAttentionParams
         params = Ref(CAttentionParams(d.struct_size, Int32(causal), Float32(softmax_scale), Float32(softcap),
                                       causal_top_left ? CAUSAL_TOP_LEFT : d.causal_alignment, d.deterministic,
-                                      Int64(window[1]), Int64(window[2]), ptrs[5], ptrs[6], ptrs[7]))
+                                      Int64(window[1]), Int64(window[2]), ptrs[5], ptrs[6], ptrs[7],
+                                      d.fp32_precision))
         @ccall libufa.ufa_attention_forward(ctx.ptr::Ptr{Cvoid}, ptrs[1]::Ptr{CTensor}, ptrs[2]::Ptr{CTensor},
                                             ptrs[3]::Ptr{CTensor}, ptrs[4]::Ptr{CTensor},
                                             params::Ref{CAttentionParams}, C_NULL::Ptr{Cvoid})::Int32

@@ -256,9 +256,19 @@ static void test_errors(void) {
     expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "alignment",
            "causal_alignment=3");
     p = ufa_attention_params_default();
+    p.fp32_precision = 7;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "precision",
+           "fp32_precision=7");
+    p = ufa_attention_params_default();
     p.lse = &t.tq; /* wrong shape and aliases q */
     expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "bad lse", "lse");
     CHECK(!all_written(t.out, sizeof t.out, 4), "a failed call wrote the output");
+    /* A caller built before fp32_precision was appended (64 bytes) gets the default. */
+    p = ufa_attention_params_default();
+    p.fp32_precision = 7;
+    p.struct_size = 64;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL),
+           "64-byte params", NULL);
 
     /* Options. */
     ufa_context_options o = ufa_context_options_default();

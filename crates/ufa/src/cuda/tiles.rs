@@ -8,6 +8,8 @@ pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Tile {
     pub head_dim: u32,
+    /// 2 (f16/bf16, m16n8k16) or 4 (fp32 on TF32 tensor cores, m16n8k8).
+    pub elem_bytes: u32,
     pub block_m: u32,
     pub block_n: u32,
     pub warps: u32,
@@ -17,9 +19,9 @@ pub(crate) struct Tile {
 }
 
 impl Tile {
-    /// Dynamic shared memory: the Q tile and one K and one V tile, rows padded by 8 elements.
+    /// Dynamic shared memory: the Q tile and one K and one V tile, rows padded by 16 bytes.
     pub fn smem_bytes(&self) -> u32 {
-        (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * 2
+        (self.block_m + 2 * self.block_n) * (self.head_dim * self.elem_bytes + 16)
     }
 }
 
@@ -38,18 +40,43 @@ pub const TILE_ENV: &str = "UFA_CUDA_TILE";
 ///   score-modifying variants would take over 10 s to compile.
 /// - 64 keys per tile: S is 32 fp32 registers per m-tile, leaving room for O.
 /// - Devices with less shared memory (sm_86/89: 99 KB a block) halve block_m, then block_n.
-pub(crate) fn tile_for(head_dim: usize, score_mod: bool, max_smem: u32) -> Option<Tile> {
+///
+/// fp32 (`elem_bytes` 4, TF32 tensor cores) keeps Q in shared memory (its split operands
+/// would not fit registers), one m-tile a warp and 32 keys a tile (H200, 3xTF32, seqlen 8k,
+/// 2026-12-04; 64 keys spilled at d128 and ran 33.6 TFLOP/s against 39.5, causal 26.8 vs 37.4):
+/// - head dims up to 128: 64 query rows a block, 4 warps, two blocks an SM (128 rows and 8
+///   warps measured the same);
+/// - larger ones: 128 rows, 8 warps (O alone is 80-128 registers a thread).
+pub(crate) fn tile_for(
+    head_dim: usize,
+    elem_bytes: u32,
+    score_mod: bool,
+    max_smem: u32,
+) -> Option<Tile> {
     if !MMA_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
     let two_m_tiles = head_dim <= 128 && !score_mod;
+    let small = head_dim <= 128;
     let mut tile = match tile_override() {
         Some(t) => Tile {
             head_dim: head_dim as u32,
+            elem_bytes,
+            q_in_regs: t.q_in_regs && elem_bytes == 2,
             ..t
+        },
+        None if elem_bytes == 4 => Tile {
+            head_dim: head_dim as u32,
+            elem_bytes,
+            block_m: if small { 64 } else { 128 },
+            block_n: 32,
+            warps: if small { 4 } else { 8 },
+            q_in_regs: false,
+            min_blocks: if small { 2 } else { 1 },
         },
         None => Tile {
             head_dim: head_dim as u32,
+            elem_bytes,
             block_m: 128,
             block_n: 64,
             warps: if two_m_tiles { 4 } else { 8 },
@@ -100,6 +127,7 @@ pub(crate) fn parse_tile(s: &str) -> Option<Tile> {
         && block_n > 0;
     ok.then_some(Tile {
         head_dim: 0,
+        elem_bytes: 2,
         block_m,
         block_n,
         warps,

@@ -12,6 +12,7 @@ use super::sources::Program;
 use super::tiles::{bwd_tile_for, tile_for, BwdTile, Tile, MMA_HEAD_DIMS};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::params::Fp32Precision;
 use crate::problem::{Operand, Problem};
 use crate::sequences::RowMap;
 use std::borrow::Cow;
@@ -22,11 +23,14 @@ pub(crate) enum Variant {
     /// The forward on tensor cores (mma.sync, sm_80+); `score_mod` adds softcap, ALiBi, masks
     /// and non-positive scales to the inner loop; `seqs` reads sequence metadata (packed
     /// batches, per-sequence key counts, caches read through an index or a block table).
+    /// fp32 runs on TF32 tensor cores: three products per product, or one with `tf32`
+    /// (Fp32Precision::Tf32).
     FwdSm80 {
         dtype: DType,
         tile: Tile,
         score_mod: bool,
         seqs: bool,
+        tf32: bool,
     },
     /// The forward on Hopper tensor cores (wgmma, sm_90a); flags as for `FwdSm80`, and
     /// `paged` (with `seqs`): K and V are read through a block table, a compile-time choice
@@ -128,6 +132,15 @@ impl AppendKernel {
 /// Warps of the append and merge kernels' blocks (one row each).
 pub(crate) const ROW_KERNEL_WARPS: u32 = ROW_WARPS;
 
+/// The kernels' element tag (kernels/common.cuh) of fp32 operands, by precision.
+fn f32_tag(tf32: bool) -> &'static str {
+    if tf32 {
+        "Tf32"
+    } else {
+        "Float32"
+    }
+}
+
 fn type_tag(d: DType) -> &'static str {
     match d {
         DType::F16 => "Half",
@@ -146,9 +159,11 @@ impl Variant {
         let score_mod = needs_score_mod(p);
         // The tensor-core kernels copy 16-byte pieces of rows; other layouts (odd strides,
         // unaligned views) are rare and take the CUDA-core kernel.
-        let tensor_cores =
-            half && p.out.dtype == dtype && p.head_dim == p.head_dim_v && rows_aligned16(p);
-        if tensor_cores && hopper && sm90::wgmma_enabled() {
+        let tensor_cores = (half || dtype == DType::F32)
+            && p.out.dtype == dtype
+            && p.head_dim == p.head_dim_v
+            && rows_aligned16(p);
+        if tensor_cores && half && hopper && sm90::wgmma_enabled() {
             let paged = p.k.rows.is_paged();
             if let Some(tile) = sm90::wgmma_tile_for(p.head_dim, score_mod, paged, max_smem) {
                 return Variant::FwdSm90 {
@@ -161,7 +176,14 @@ impl Variant {
             }
         }
         let tile = tensor_cores
-            .then(|| tile_for(p.head_dim, score_mod, max_smem))
+            .then(|| {
+                tile_for(
+                    p.head_dim,
+                    dtype.size_in_bytes() as u32,
+                    score_mod,
+                    max_smem,
+                )
+            })
             .flatten();
         match tile {
             Some(tile) => Variant::FwdSm80 {
@@ -169,6 +191,7 @@ impl Variant {
                 tile,
                 score_mod,
                 seqs,
+                tf32: dtype == DType::F32 && p.fp32_precision == Fp32Precision::Tf32,
             },
             None => Variant::FwdSimple {
                 input: dtype,
@@ -192,8 +215,14 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                tf32,
             } => format!(
-                "ufa_fwd_sm80_{dtype}_d{}_m{}_n{}_w{}_b{}{}{}",
+                "ufa_fwd_sm80_{}_d{}_m{}_n{}_w{}_b{}{}{}",
+                if tf32 {
+                    "tf32".to_string()
+                } else {
+                    dtype.to_string()
+                },
                 t.head_dim,
                 t.block_m,
                 t.block_n,
@@ -353,18 +382,20 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                tf32,
             } => (
                 "fwd_sm80.cu",
                 Vec::new(),
                 t.min_blocks,
                 format!(
-                    "fwd_sm80<{}, TileConfig<{}, {}, {}, {}, {}>, {score_mod}, {seqs}>(p)",
-                    type_tag(dtype),
+                    "fwd_sm80<{}, TileConfig<{}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}>(p)",
+                    if dtype == DType::F32 { f32_tag(tf32) } else { type_tag(dtype) },
                     t.head_dim,
                     t.block_m,
                     t.block_n,
                     t.warps,
-                    t.q_in_regs
+                    t.q_in_regs,
+                    t.elem_bytes / 2
                 ),
             ),
             Variant::FwdSm90 {
@@ -478,15 +509,25 @@ impl Variant {
                 }
             }
         }
-        for dtype in [DType::F16, DType::BF16] {
+        // (dtype, tf32): f16, bf16, and fp32 in both precisions.
+        let mma_types = [
+            (DType::F16, false),
+            (DType::BF16, false),
+            (DType::F32, false),
+            (DType::F32, true),
+        ];
+        for (dtype, tf32) in mma_types {
             for d in MMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
-                    if let Some(tile) = tile_for(d, score_mod, max_smem) {
+                    if let Some(tile) =
+                        tile_for(d, dtype.size_in_bytes() as u32, score_mod, max_smem)
+                    {
                         v.push(Variant::FwdSm80 {
                             dtype,
                             tile,
                             score_mod,
                             seqs,
+                            tf32,
                         });
                     }
                 }
@@ -596,7 +637,7 @@ pub(crate) fn grid(
 
 /// Whether every row a tile load or store touches starts 16 bytes after the previous: base
 /// pointers aligned, and each stride that matters (its dimension has more than one index) a
-/// multiple of 8 two-byte elements.
+/// multiple of 16 bytes.
 pub(crate) fn rows_aligned16(p: &Problem) -> bool {
     let (q, kv) = query_and_key_dims(p);
     operands_aligned16(&[(&p.q, q), (&p.k, kv), (&p.v, kv), (&p.out, q)])
@@ -626,7 +667,9 @@ pub(crate) fn operands_aligned16(ops: &[(&Operand, [usize; 3])]) -> bool {
     ops.iter().all(|(o, dims)| {
         let dims = span_dims(o, *dims);
         (o.ptr as usize).is_multiple_of(16)
-            && (0..3).all(|i| dims[i] == 1 || o.strides[i].is_multiple_of(8))
+            && (0..3).all(|i| {
+                dims[i] == 1 || (o.strides[i] * o.dtype.size_in_bytes()).is_multiple_of(16)
+            })
     })
 }
 
@@ -652,12 +695,12 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged); sm_80 forward 2 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
+        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2; 4 row, 2 append and
         // 1 merge kernels.
         assert_eq!(
             all.len(),
-            2 * 4 * 6 + 2 * 7 * 4 + 2 * 11 * 6 + 1 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
+            2 * 4 * 6 + 4 * 7 * 4 + 2 * 11 * 6 + 1 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
         );
         assert_eq!(
             Variant::all(232_448, false).len(),

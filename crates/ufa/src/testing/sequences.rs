@@ -5,13 +5,16 @@
 //! past the last sequence of a packed batch, cache slots outside the appended ones), which the
 //! comparison counts as strays if they change.
 
-use super::{describe_scores, rel, Alibi, Comparison, Described, GradComparison, Storage, Tensor};
+use super::{
+    describe_scores, lse_tolerance, rel, tolerance, Alibi, Comparison, Described, GradComparison,
+    Storage, Tensor, LSE_TOLERANCE,
+};
 use crate::reference::{
     reference_kvcache, reference_merge, reference_varlen, reference_varlen_backward, ReferenceGrads,
 };
 use crate::{
-    AttentionParams, AttentionState, BackwardInputs, CausalAlignment, Context, DType, Gradients,
-    KvAppend, KvCache, Result, Rotary, TensorView, Varlen,
+    AttentionParams, AttentionState, BackwardInputs, CausalAlignment, Context, DType,
+    Fp32Precision, Gradients, KvAppend, KvCache, Result, Rotary, TensorView, Varlen,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -102,6 +105,7 @@ pub struct Features {
     pub softcap: f32,
     pub alibi: Option<Alibi>,
     pub deterministic: bool,
+    pub fp32_precision: Fp32Precision,
 }
 
 impl Features {
@@ -118,6 +122,7 @@ impl Features {
             softcap: 0.0,
             alibi: None,
             deterministic: false,
+            fp32_precision: Fp32Precision::Ieee,
         }
     }
 
@@ -137,15 +142,14 @@ impl Features {
         if self.deterministic {
             s += " det";
         }
+        if self.fp32_precision == Fp32Precision::Tf32 && self.dtype == DType::F32 {
+            s += " tf32";
+        }
         s
     }
 
     fn tolerance(&self) -> f64 {
-        if self.dtype == DType::F32 {
-            1e-5
-        } else {
-            1e-2
-        }
+        tolerance(self.dtype, self.fp32_precision)
     }
 
     fn alibi_tensor(&self, batch: usize, rng: &mut ChaCha8Rng) -> Option<Tensor> {
@@ -171,7 +175,8 @@ impl Features {
             .causal_alignment(self.alignment)
             .window(self.window.0, self.window.1)
             .softcap(self.softcap)
-            .deterministic(self.deterministic);
+            .deterministic(self.deterministic)
+            .fp32_precision(self.fp32_precision);
         p.alibi_slopes = alibi;
         p
     }
@@ -392,6 +397,7 @@ impl VarlenInstance {
             unwritten: o.unwritten + l.unwritten,
             strays,
             tolerance: f.tolerance(),
+            lse_tolerance: lse_tolerance(f.dtype, f.fp32_precision),
         })
     }
 
@@ -820,6 +826,7 @@ impl KvCacheInstance {
             unwritten: o.unwritten + l.unwritten,
             strays,
             tolerance: self.case.f.tolerance(),
+            lse_tolerance: lse_tolerance(self.case.f.dtype, self.case.f.fp32_precision),
         })
     }
 
@@ -971,11 +978,8 @@ impl MergeInstance {
             lse_error: Some(if bad_lse { f64::INFINITY } else { l.error() }),
             unwritten: o.unwritten + l.unwritten,
             strays: 0,
-            tolerance: if self.case.dtype == DType::F32 {
-                1e-5
-            } else {
-                1e-2
-            },
+            tolerance: tolerance(self.case.dtype, Fp32Precision::Ieee),
+            lse_tolerance: LSE_TOLERANCE,
         })
     }
 }
