@@ -16,31 +16,31 @@ import ufa.transformers  # noqa: E402
 ufa.transformers.register()
 
 
-def llama(impl, dtype=torch.float32):
+def llama(impl, dtype=torch.float32, device="cpu"):
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=256)
-    return _build(transformers.LlamaForCausalLM, cfg, impl, dtype)
+    return _build(transformers.LlamaForCausalLM, cfg, impl, dtype, device)
 
 
-def _build(cls, cfg, impl, dtype):
+def _build(cls, cfg, impl, dtype, device="cpu"):
     torch.manual_seed(0)
     cfg._attn_implementation = impl
-    model = cls(cfg).to(dtype)
+    model = cls(cfg).to(device, dtype)
     model.set_attn_implementation(impl)
     return model.eval()
 
 
-def gemma2(impl, dtype=torch.float32):
+def gemma2(impl, dtype=torch.float32, device="cpu"):
     cfg = transformers.Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, head_dim=16, sliding_window=6,
                                     attn_logit_softcapping=5.0, max_position_embeddings=256)
-    return _build(transformers.Gemma2ForCausalLM, cfg, impl, dtype)
+    return _build(transformers.Gemma2ForCausalLM, cfg, impl, dtype, device)
 
 
-def batch():
-    ids = torch.randint(0, 97, (2, 23))
+def batch(device="cpu"):
+    ids = torch.randint(0, 97, (2, 23), device=device)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding of the second sequence
     return ids, mask
@@ -54,26 +54,26 @@ def rel(a, b, keep):
 @pytest.mark.parametrize("build,peer", [(llama, "sdpa"), (gemma2, "eager")],
                          ids=["llama", "gemma2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_logits_match(build, peer, dtype):
-    ids, mask = batch()
+def test_logits_match(build, peer, dtype, device):
+    ids, mask = batch(device)
     keep = mask.bool()  # padded positions see no key: their outputs are not defined alike
     ut.reset_fallback_stats()
     with torch.no_grad():
-        got = build("ufa", dtype)(input_ids=ids, attention_mask=mask).logits
-        want = build(peer, dtype)(input_ids=ids, attention_mask=mask).logits
+        got = build("ufa", dtype, device)(input_ids=ids, attention_mask=mask).logits
+        want = build(peer, dtype, device)(input_ids=ids, attention_mask=mask).logits
     assert ut.fallback_stats() == {"ufa": 2}, ut.fallback_stats()
     assert rel(got, want, keep) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("build,peer", [(llama, "sdpa"), (gemma2, "eager")],
                          ids=["llama", "gemma2"])
-def test_training_step_gradients_match(build, peer):
-    ids = torch.randint(0, 97, (2, 23))
+def test_training_step_gradients_match(build, peer, device):
+    ids = torch.randint(0, 97, (2, 23), device=device)
     mask = torch.ones_like(ids)
     mask[1, -5:] = 0  # right padding: no real token's prediction comes from a padding row
     grads = []
     for impl in ("ufa", peer):
-        model = build(impl).train()
+        model = build(impl, device=device).train()
         # Padding is not trained on (-100); its rows see no key, which implementations treat
         # differently (transformers' eager mask lets them see every key), so their logits may
         # differ.
@@ -89,9 +89,9 @@ def test_training_step_gradients_match(build, peer):
 
 @pytest.mark.parametrize("build,peer", [(llama, "sdpa"), (gemma2, "eager")],
                          ids=["llama", "gemma2"])
-def test_generate_gives_the_same_tokens(build, peer):
-    ids, mask = batch()
-    out = [build(impl).generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
+def test_generate_gives_the_same_tokens(build, peer, device):
+    ids, mask = batch(device)
+    out = [build(impl, device=device).generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
                                 do_sample=False, pad_token_id=0)
            for impl in ("ufa", peer)]
     assert torch.equal(out[0], out[1])
