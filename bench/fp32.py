@@ -20,13 +20,13 @@ import csv
 import datetime
 import math
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ufa.torch as ut
+from cuda_timing import median_ms
 
 TORCH_BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -42,21 +42,6 @@ def set_tf32(on):
 def flops(b, h, s, d, causal):
     f = 4 * b * h * s * s * d
     return f / 2 if causal else f
-
-
-def median_ms(call, iters):
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def reference_head(q, k, v, causal):

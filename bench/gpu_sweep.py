@@ -16,13 +16,14 @@ import csv
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cuda_timing import median_ms
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -49,20 +50,9 @@ def time_torch(backend, batch, seqlen, heads, head_dim, causal, iters, backward)
                 call = lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
             else:
                 call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            for _ in range(3):
-                call()
-            torch.cuda.synchronize()
+            return median_ms(call, iters), ""
         except RuntimeError as e:
             return None, str(e).splitlines()[0][:80]
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times), ""
 
 
 def time_ufa(binary, batch, seqlen, heads, head_dim, causal, iters, mode, env):

@@ -35,18 +35,10 @@ def torch_peers(decode: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from cuda_timing import median_ms
+
     def time_ms(f, iters=50):
-        for _ in range(5):
-            f()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(iters):
-            start.record()
-            f()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
+        return median_ms(f, iters, warmup=5)
 
     x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
