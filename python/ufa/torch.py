@@ -33,7 +33,7 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,9 @@ __all__ = [
     "patched",
     "fallback_stats",
     "reset_fallback_stats",
+    "attention_forward_out",
+    "attention_backward_out",
+    "merge_states_out",
 ]
 
 # PyTorch's own SDPA, captured before any patching: the fallback and what unpatch() restores.
@@ -231,6 +234,110 @@ def _backward(ctx, dout, _dlse):
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Low-level ops with caller-owned outputs (ring attention, pipeline schedules)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ufa::attention_forward_out", mutates_args=("out", "lse"))
+def attention_forward_out(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    top_left: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> None:
+    """Attention in ufa's layout into the caller's buffers: ``out`` ``[B, Sq, Hq, Dv]`` and
+    ``lse`` float32 ``[B, Hq, Sq]`` (natural log, -inf where a row sees no key), any strides
+    with a contiguous last dimension (slices of larger buffers included). For schedules that
+    split the keys (ring attention): the partial states merge with :func:`ufa.merge_states`,
+    and :func:`attention_backward_out` takes the merged ``out`` and ``lse``. Not differentiable
+    itself; a ``torch.compile`` graph traces it as a mutating op. Nothing is written on error."""
+    _forward_into(q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left, window_left,
+                  window_right, softcap)
+
+
+@attention_forward_out.register_fake
+def _attention_forward_out_fake(q, k, v, out, lse, mask=None, alibi_slopes=None, scale=None,
+                                causal=False, top_left=False, window_left=-1, window_right=-1,
+                                softcap=0.0):
+    return None
+
+
+@torch.library.custom_op("ufa::attention_backward_out", mutates_args=("dq", "dk", "dv"))
+def attention_backward_out(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    mask: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    top_left: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    deterministic: bool = False,
+    accumulate: bool = False,
+) -> None:
+    """Gradients of attention into the caller's ``dq``, ``dk``, ``dv`` (shapes of q, k, v; any
+    strides with a contiguous last dimension), from ``dout`` and the forward's ``out`` and
+    ``lse``. With keys split across calls, pass the merged ``out`` and ``lse`` of the whole
+    row: each call then gives its keys' exact dk/dv and its share of dq. ``accumulate=True``
+    adds to what the buffers hold (the gradients are computed into scratch memory, then
+    added) instead of overwriting it."""
+    if not accumulate:
+        q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        dout, out = _last_contiguous(dout), _last_contiguous(out)
+        q, k, v, out, dout, mask, alibi_slopes = _plain(q, k, v, out, dout, mask, alibi_slopes)
+        _ufa.backward(
+            q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=top_left,
+            window_left=window_left, window_right=window_right, softcap=softcap,
+            alibi_slopes=alibi_slopes, mask=mask, deterministic=deterministic,
+        )
+        return
+    gq, gk, gv = _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal,
+                                top_left, window_left, window_right, softcap, deterministic)
+    dq.add_(gq)
+    dk.add_(gk)
+    dv.add_(gv)
+
+
+@attention_backward_out.register_fake
+def _attention_backward_out_fake(dout, q, k, v, out, lse, dq, dk, dv, mask=None,
+                                 alibi_slopes=None, scale=None, causal=False, top_left=False,
+                                 window_left=-1, window_right=-1, softcap=0.0,
+                                 deterministic=False, accumulate=False):
+    return None
+
+
+@torch.library.custom_op("ufa::merge_states_out", mutates_args=("out", "lse"))
+def merge_states_out(outs: List[Tensor], lses: List[Tensor], out: Tensor, lse: Tensor) -> None:
+    """:func:`ufa.merge_states` into the caller's ``out`` and ``lse`` as a custom op, so that a
+    split-key schedule (partial states from :func:`attention_forward_out`) traces whole under
+    ``torch.compile``."""
+    _ufa.merge_states(list(_plain(*outs)), list(lses), out, lse)
+
+
+@merge_states_out.register_fake
+def _merge_states_out_fake(outs, lses, out, lse):
+    return None
 
 
 class _Attention(torch.autograd.Function):
