@@ -684,3 +684,8 @@ def patched() -> Iterator[None]:
     finally:
         unpatch()
 
+
+
+# ufa as PyTorch's flash attention implementation (torch.nn.attention's registry, PyTorch 2.11+):
+# the name is registered here, nothing is activated.
+from . import _torch_flash  # noqa: E402,F401
