@@ -125,6 +125,9 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) row[mt][0].init(), row[mt][1].init();
 
+    // 16-byte chunks of a row that hold data: a head dim below D (whole chunks, the host's
+    // rule) runs on this tile with zeros after it.
+    const int valid_chunks = p.head_dim / 8;
     if (t_begin < t_end) {
         // Q: every packed row from its own head's row (zeros past the end).
         load_rows<Cfg::kThreads, Cfg::kChunksPerRow, Cfg::kRows>(
@@ -133,7 +136,8 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                 const PackedRow pr = packed_row(p, s, hk, r0 + r);
                 return row_offset(p.q_stride, b, s.q_row0 + pr.i, pr.h);
             },
-            [&](int r, int chunk) { return smem_addr(sQ + r * PITCH + chunk * 8); }, 0, rows_here);
+            [&](int r, int chunk) { return smem_addr(sQ + r * PITCH + chunk * 8); }, 0, rows_here,
+            valid_chunks);
         cp_async_commit();
 
         uint16_t* ring = smem + Cfg::kRows * PITCH + warp * STAGES * Cfg::kStageElems;
@@ -170,6 +174,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                     k_off = (int64_t)j * p.k_stride[1];
                     v_off = (int64_t)j * p.v_stride[1];
                 }
+                if (chunk >= valid_chunks) k_off = v_off = -1;  // the padding columns: zeros
                 const uint16_t* kb = PAGED ? (const uint16_t*)p.k : k_head;
                 const uint16_t* vb = PAGED ? (const uint16_t*)p.v : v_head;
                 cp_async_16_to(smem_addr(sK + r * PITCH + chunk * 8),
@@ -293,6 +298,9 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
             x[e] = acc * inv;
         }
         const PackedRow pr = packed_row(p, s, hk, r0 + rr);
+        // Columns past head_dim_v (a padded tile) are not written; partial rows are head_dim_v
+        // floats long, as decode_combine reads them.
+        const bool col_ok = col < p.head_dim_v;
         if (one_split) {
             uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, s.q_row0 + pr.i, pr.h);
             uint4 v;
@@ -300,15 +308,17 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
             v.y = Convert<T>::pack(x[2], x[3]);
             v.z = Convert<T>::pack(x[4], x[5]);
             v.w = Convert<T>::pack(x[6], x[7]);
-            *(uint4*)(out_row + col) = v;
+            if (col_ok) *(uint4*)(out_row + col) = v;
             if (col == 0 && p.lse != nullptr)
                 p.lse[b * p.lse_stride[0] + pr.h * p.lse_stride[1] + (s.q_row0 + pr.i) * p.lse_stride[2]] =
                     total.lse(sum);
         } else {
             const int64_t at = decode_partial_row(p, split, b, pr.h, pr.i);
-            float* dst = dp.o_part + at * D + col;
-            *(float4*)dst = make_float4(x[0], x[1], x[2], x[3]);
-            *(float4*)(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
+            float* dst = dp.o_part + at * p.head_dim_v + col;
+            if (col_ok) {
+                *(float4*)dst = make_float4(x[0], x[1], x[2], x[3]);
+                *(float4*)(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
+            }
             if (col == 0) dp.lse_part[at] = total.lse(sum);
         }
     }
@@ -346,7 +356,7 @@ __device__ __forceinline__ void decode_combine(const DecodeParams& dp) {
     const bool none = m == -UFA_INF;
     const float inv = none ? 0.f : 1.f / sum;
     const int64_t out_at = row_offset(p.o_stride, b, s.q_row0 + i, h);
-    const int dim = p.head_dim_v;  // a multiple of 16 (the decoding kernel's head dims)
+    const int dim = p.head_dim_v;  // a multiple of 8 (the decoding kernel's head dims)
     for (int col = lane * 4; col < dim; col += 128) {
         const float* src = dp.o_part + row0 * dim + col;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};

@@ -60,6 +60,9 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     const int quad = lane % 4;   // mma fragment column pair
     constexpr int U = Cfg::kElemUnits;
     const FwdBlock w = fwd_block<SEQS, U>(p, BM, BN);
+    // 16-byte chunks of a row that hold data: a head dim below D (a multiple of 16-byte pieces,
+    // the host's rule) runs on this tile with zeros after it.
+    const int valid_chunks = p.head_dim * U / 8;
     if (w.idle) return;  // rows past this sequence's end (the whole block leaves)
     const Seq& sq = w.s;
     const int b = w.b, h = w.h, m0 = w.m0, m_last = w.m_last;
@@ -74,9 +77,9 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
             load_rows<Cfg::kThreads, Cfg::kChunksPerRow, BN>(
                 (const uint16_t*)base, [&](int j) { return paged_row(p, b, j, st, w.hk) * U; },
                 [&](int r, int chunk) { return smem_addr(tile + r * PITCH + chunk * 8); }, n0,
-                sq.seqlen_kv);
+                sq.seqlen_kv, valid_chunks);
         } else {
-            load_tile<Cfg, BN>(tile, head, st[1] * U, n0, sq.seqlen_kv);
+            load_tile<Cfg, BN>(tile, head, st[1] * U, n0, sq.seqlen_kv, valid_chunks);
         }
     };
 
@@ -95,7 +98,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
 
     if (n_first <= n_last) {
-        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1] * U, m0, sq.seqlen_q);
+        load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1] * U, m0, sq.seqlen_q, valid_chunks);
         cp_async_commit();
         load_kv(sK, k_head, p.k, p.k_stride, n_last * BN);
         cp_async_commit();

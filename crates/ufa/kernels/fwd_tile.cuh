@@ -48,11 +48,12 @@ __device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, i
 // Copies rows [row0, row0 + ROWS) of a tile whose row r lies at element offset row_off(r) of
 // `base` (-1: no such row) into shared memory, `place(r, chunk)` giving the shared address of
 // 16-byte chunk `chunk` of row r; rows at or past `rows_total`, or without a place in memory,
-// become zeros. The general loader, for a paged cache's rows; dense rows take load_tile /
-// load_tile_sw128, which walk a fixed stride.
+// become zeros, as do chunks from `valid_chunks` on (see load_tile). The general loader, for a
+// paged cache's rows; dense rows take load_tile / load_tile_sw128, which walk a fixed stride.
 template <int THREADS, int CHUNKS_PER_ROW, int ROWS, typename RowOff, typename Place>
 __device__ __forceinline__ void load_rows(const uint16_t* base, RowOff row_off, Place place,
-                                          int row0, int rows_total) {
+                                          int row0, int rows_total,
+                                          int valid_chunks = CHUNKS_PER_ROW) {
     constexpr int kChunks = ROWS * CHUNKS_PER_ROW;
 #pragma unroll
     for (int it = 0; it < (kChunks + THREADS - 1) / THREADS; ++it) {
@@ -60,7 +61,7 @@ __device__ __forceinline__ void load_rows(const uint16_t* base, RowOff row_off, 
         if (kChunks % THREADS != 0 && c >= kChunks) break;
         const int r = c / CHUNKS_PER_ROW;
         const int chunk = c % CHUNKS_PER_ROW;
-        const int64_t off = row0 + r < rows_total ? row_off(row0 + r) : -1;
+        const int64_t off = row0 + r < rows_total && chunk < valid_chunks ? row_off(row0 + r) : -1;
         const bool valid = off >= 0;
         cp_async_16_to(place(r, chunk), base + (valid ? off + chunk * 8 : 0), valid ? 16 : 0);
     }
@@ -69,7 +70,8 @@ __device__ __forceinline__ void load_rows(const uint16_t* base, RowOff row_off, 
 // The forward's epilogue for query row i, from the mma accumulator layout (each lane of a quad
 // holds columns 8 t + 2 quad, +1 of every n8 tile t): adds up the quad's partial row sums,
 // writes O / sum (`pair(t, x, y)` gives the unnormalised pair of tile t) and the LSE. Rows that
-// saw no key get 0 and -inf. Every lane must call it (the sum is shuffled across the quad).
+// saw no key get 0 and -inf; columns from head_dim_v on (a tile wider than the head) are not
+// written. Every lane must call it (the sum is shuffled across the quad).
 template <typename T, int O_TILES, typename Pair>
 __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock& w, int i,
                                               int quad, const SoftmaxRow& row, Pair pair) {
@@ -83,6 +85,7 @@ __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock
     for (int t = 0; t < O_TILES; ++t) {
         float x, y;
         pair(t, x, y);
+        if (t * 8 + quad * 2 >= p.head_dim_v) continue;  // head dims are multiples of 2
         if constexpr (T::is_f32)
             *(float2*)((float*)p.out + at + t * 8 + quad * 2) = make_float2(x * inv, y * inv);
         else

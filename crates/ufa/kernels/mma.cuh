@@ -119,14 +119,17 @@ __device__ __forceinline__ void mma_add_rounded(float (&d)[4], Mmas mmas) {
 }
 
 // Copies rows [row0, row0 + ROWS) of one head (rows `row_stride` elements apart) into a padded
-// shared tile; rows at or past `rows_total` become zeros, so padded keys contribute nothing.
+// shared tile; rows at or past `rows_total` become zeros, so padded keys contribute nothing,
+// and so do the 16-byte chunks of a row from `valid_chunks` on (a head dim below the tile's,
+// whose padding columns then add nothing to Q·Kᵀ and come out of P·V as zeros).
 // Every row starts on a 16-byte boundary (the host sends other layouts to the CUDA-core
 // kernel). Fully unrolled with compile-time chunk positions: a run-time loop here cost more
 // instructions than the tile's mma work (seen in SASS, 2026-11-25).
 // `Cfg` supplies kThreads, kChunksPerRow (16-byte pieces of a row) and kRowPitch (elements).
 template <typename Cfg, int ROWS>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* head_base,
-                                          int64_t row_stride, int row0, int rows_total) {
+                                          int64_t row_stride, int row0, int rows_total,
+                                          int valid_chunks = Cfg::kChunksPerRow) {
     constexpr int kChunks = ROWS * Cfg::kChunksPerRow;
     constexpr int kIters = (kChunks + Cfg::kThreads - 1) / Cfg::kThreads;
     const int tid = threadIdx.x;
@@ -135,13 +138,14 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* head_b
         constexpr int kRowsPerIter = Cfg::kThreads / Cfg::kChunksPerRow;
         const int r0 = tid / Cfg::kChunksPerRow;
         const int col = (tid % Cfg::kChunksPerRow) * 8;
+        const bool col_ok = tid % Cfg::kChunksPerRow < valid_chunks;
         const uint16_t* src = head_base + (int64_t)(row0 + r0) * row_stride + col;
         const int64_t step = (int64_t)kRowsPerIter * row_stride;
         uint16_t* dst = tile + r0 * Cfg::kRowPitch + col;
 #pragma unroll
         for (int it = 0; it < kIters; ++it) {
             if (ROWS % kRowsPerIter != 0 && r0 + it * kRowsPerIter >= ROWS) break;
-            const bool valid = row0 + r0 + it * kRowsPerIter < rows_total;
+            const bool valid = col_ok && row0 + r0 + it * kRowsPerIter < rows_total;
             cp_async_16(dst + it * kRowsPerIter * Cfg::kRowPitch, valid ? src : head_base,
                         valid ? 16 : 0);
             src += step;
@@ -153,7 +157,7 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* head_b
             if (kChunks % Cfg::kThreads != 0 && c >= kChunks) break;
             const int r = c / Cfg::kChunksPerRow;
             const int col = (c % Cfg::kChunksPerRow) * 8;
-            const bool valid = row0 + r < rows_total;
+            const bool valid = row0 + r < rows_total && c % Cfg::kChunksPerRow < valid_chunks;
             const uint16_t* src = head_base + (valid ? (int64_t)(row0 + r) * row_stride + col : 0);
             cp_async_16(tile + r * Cfg::kRowPitch + col, src, valid ? 16 : 0);
         }

@@ -25,11 +25,40 @@ fn sanitizer_decode_case() {
     c.heads_kv = 2;
     c.causal = true;
     c.window = (700, 0);
+    // A head dim on a larger tile (zero padding), split too.
+    let mut d = c.clone();
+    (d.head_dim, d.head_dim_v) = (80, 80);
     run_suite(
-        &[c],
+        &[c, d],
         |ctx, c, seed| check_case_cuda(ctx, c, seed, 0),
         Comparison::passed,
         Comparison::summary,
+    );
+}
+
+/// Head dims between the built tiles decode on the decoding kernel (next larger tile), not on
+/// the prefill one: the modules a context loaded name the kernels that ran.
+#[test]
+fn padded_head_dims_decode_on_the_decoding_kernel() {
+    let ctx = ufa::Context::new().unwrap();
+    if !ufa::testing::cuda::gpu_present(&ctx) {
+        return;
+    }
+    let mut c = ufa::testing::Case::new(2, 1, 4000, 16, 80, ufa::DType::BF16);
+    c.heads_kv = 2;
+    let r = check_case_cuda(&ctx, &c, 5, 0).unwrap();
+    assert!(r.passed(), "{}: {}", c.describe(), r.summary());
+    let kernels: Vec<String> = ctx
+        .cuda_module_reports()
+        .into_iter()
+        .map(|m| m.kernel)
+        .collect();
+    assert!(
+        kernels
+            .iter()
+            .any(|k| k.starts_with("ufa_fwd_decode_bf16_d96"))
+            && !kernels.iter().any(|k| k.starts_with("ufa_fwd_sm80_")),
+        "{kernels:?}"
     );
 }
 

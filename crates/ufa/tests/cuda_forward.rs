@@ -71,6 +71,40 @@ fn fp32_takes_the_tensor_cores() {
     );
 }
 
+/// Head dims between the instantiated ones run on the next larger tensor-core tile (zeros in
+/// the padding), not on the CUDA-core kernel.
+#[test]
+fn padded_head_dims_take_the_tensor_cores() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let mut failed = Vec::new();
+    for c in ufa::testing::padded_head_dim_cases() {
+        let r = check_case_cuda(&ctx, &c, 11, 0).unwrap();
+        println!(
+            "{} {}: {}",
+            if r.passed() { "ok  " } else { "FAIL" },
+            c.describe(),
+            r.summary()
+        );
+        if !r.passed() {
+            failed.push(c.describe());
+        }
+    }
+    let kernels: Vec<String> = ctx
+        .cuda_module_reports()
+        .into_iter()
+        .map(|m| m.kernel)
+        .collect();
+    println!("{kernels:?}");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        !kernels.iter().any(|k| k.starts_with("ufa_fwd_simple")),
+        "{kernels:?}"
+    );
+}
+
 #[test]
 fn features_and_layouts_match_the_reference() {
     run_cases(&ufa::testing::feature_cases());
@@ -248,5 +282,10 @@ fn sanitizer_case() {
     let mut e = b.clone();
     e.dtype = DType::F32;
     e.out_dtype = DType::F32;
-    run_cases(&[a, b, c, d, e]);
+    // Head dims on a larger tile: the padding columns are neither read nor written.
+    let mut f = a.clone();
+    (f.head_dim, f.head_dim_v) = (40, 40);
+    let mut g = c.clone();
+    (g.head_dim, g.head_dim_v, g.dtype, g.out_dtype) = (20, 20, DType::F32, DType::F32);
+    run_cases(&[a, b, c, d, e, f, g]);
 }

@@ -8,7 +8,7 @@
 //! one tile and splits the keys across blocks until the device is full.
 
 use super::abi::DECODE_MAX_SPLITS;
-use super::tiles::{parse_numbers, MMA_HEAD_DIMS};
+use super::tiles::{mma_tile_head_dim, parse_numbers, MMA_HEAD_DIMS};
 use super::variants::rows_aligned16;
 use crate::dtype::DType;
 use crate::problem::Problem;
@@ -144,8 +144,10 @@ impl DecodePlan {
         if !eligible {
             return None;
         }
-        let m_tiles = m_tiles_for(rows, p.head_dim);
-        let tile = decode_tile_for(p.head_dim, m_tiles, max_smem)?;
+        // Head dims between the built tiles run on the next larger one (zero padding).
+        let d = mma_tile_head_dim(p.head_dim, 2)?;
+        let m_tiles = m_tiles_for(rows, d);
+        let tile = decode_tile_for(d, m_tiles, max_smem)?;
         let row_blocks = rows.div_ceil(tile.rows() as usize);
         let blocks = p.batch * p.heads_kv * row_blocks;
         let per_sm = ((max_smem + 1024) / (tile.smem_bytes() + 1024)).max(1) as usize;
@@ -220,7 +222,7 @@ pub(crate) fn workspace_bound(
     head_dim: usize,
 ) -> usize {
     let half = matches!(dtype, DType::F16 | DType::BF16);
-    if !half || seqlen_q > DECODE_MAX_ROWS || !MMA_HEAD_DIMS.contains(&head_dim) {
+    if !half || seqlen_q > DECODE_MAX_ROWS || mma_tile_head_dim(head_dim, 2).is_none() {
         return 0;
     }
     PartialLayout::new(split_cap(batch), batch, heads_q, seqlen_q, head_dim).bytes

@@ -4,6 +4,18 @@
 /// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
 pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
 
+/// The instantiated head dim whose tiles run a forward of `head_dim`: the smallest one at
+/// least as large, the columns past `head_dim` loaded as zeros and not stored (fwd_sm80.cu).
+/// Rows are copied in 16-byte pieces, so `head_dim` must fill whole pieces (a multiple of 8
+/// 16-bit or 4 fp32 elements); other head dims, and those above 256, take the CUDA-core
+/// kernel. The padding costs compute, not memory traffic: head_dim 80 runs the 96 tile.
+pub(crate) fn mma_tile_head_dim(head_dim: usize, elem_bytes: usize) -> Option<usize> {
+    if head_dim == 0 || !(head_dim * elem_bytes).is_multiple_of(16) {
+        return None;
+    }
+    MMA_HEAD_DIMS.into_iter().find(|&d| d >= head_dim)
+}
+
 /// Tile sizes of one tensor-core variant; see [`tile_for`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Tile {
@@ -262,4 +274,31 @@ pub(crate) fn parse_bwd_tile(s: &str) -> Option<BwdTile> {
         grid_rows: [wn1, wn2, wq3],
         min_blocks: 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_dims_between_the_instantiated_ones_take_the_next_tile() {
+        for (d, bytes, want) in [
+            (80, 2, Some(96)),
+            (72, 2, Some(96)),
+            (8, 2, Some(32)),
+            (256, 2, Some(256)),
+            (36, 2, None), // 72 bytes: not whole 16-byte pieces
+            (36, 4, Some(64)),
+            (4, 4, Some(32)),
+            (2, 4, None),
+            (264, 2, None),
+            (0, 2, None),
+        ] {
+            assert_eq!(
+                mma_tile_head_dim(d, bytes),
+                want,
+                "head_dim {d}, {bytes} bytes"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@ use super::abi::{ROW_WARPS, SIMPLE_WARPS};
 use super::decode::{decode_tile_for, m_tiles_for, DecodeTile, DECODE_MAX_ROWS};
 use super::sm90::{self, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
-use super::tiles::{bwd_tile_for, tile_for, BwdTile, Tile, MMA_HEAD_DIMS};
+use super::tiles::{bwd_tile_for, mma_tile_head_dim, tile_for, BwdTile, Tile, MMA_HEAD_DIMS};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::Fp32Precision;
@@ -175,16 +175,10 @@ impl Variant {
                 };
             }
         }
-        let tile = tensor_cores
-            .then(|| {
-                tile_for(
-                    p.head_dim,
-                    dtype.size_in_bytes() as u32,
-                    score_mod,
-                    max_smem,
-                )
-            })
-            .flatten();
+        let bytes = dtype.size_in_bytes();
+        let tile = mma_tile_head_dim(p.head_dim, bytes)
+            .filter(|_| tensor_cores)
+            .and_then(|d| tile_for(d, bytes as u32, score_mod, max_smem));
         match tile {
             Some(tile) => Variant::FwdSm80 {
                 dtype,

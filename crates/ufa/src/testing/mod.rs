@@ -1417,6 +1417,33 @@ pub fn tensor_core_cases(vary_deterministic: bool) -> Vec<Case> {
     cases
 }
 
+/// Head dims between the instantiated tensor-core ones (and below the smallest), which CUDA's
+/// mma.sync forward runs on the next larger tile with zero padding: 16-bit dims that fill
+/// 16-byte pieces (multiples of 8) and fp32 ones (multiples of 4), plain, causal with GQA and
+/// with score modifiers over a padded cache-like key count.
+pub fn padded_head_dim_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let dims: [(DType, &[usize]); 3] = [
+        (DType::BF16, &[8, 40, 80, 136, 248]),
+        (DType::F16, &[16, 48, 72, 112, 200]),
+        (DType::F32, &[4, 20, 44, 100, 180]),
+    ];
+    for (dtype, ds) in dims {
+        for (i, &d) in ds.iter().enumerate() {
+            let mut c = Case::new(2, 70 + 13 * i, 131 - 9 * i, 4, d, dtype);
+            c.heads_kv = [1, 2, 4][i % 3];
+            c.causal = i % 2 == 0;
+            if i == 3 {
+                c.softcap = 15.0;
+                c.alibi = Some(Alibi::PerHead);
+                c.window = (30, 4);
+            }
+            cases.push(c);
+        }
+    }
+    cases
+}
+
 /// [`tensor_core_cases`] for fp32, which CUDA runs on TF32 tensor cores, in both precisions.
 pub fn fp32_tensor_core_cases() -> Vec<Case> {
     let mut cases = tensor_core_cases_of(DType::F32, Fp32Precision::Ieee, false);
@@ -1480,6 +1507,17 @@ pub fn decode_cases() -> Vec<Case> {
     for skv in [1, 31, 32, 33, 255, 257, 1024, 4097, 20011] {
         let mut c = Case::new(1, 1, skv, 8, 128, DType::BF16);
         c.heads_kv = 1;
+        c.causal = true;
+        cases.push(c);
+    }
+    // Head dims on a larger tile (zero padding): split and single-block, GQA, two query rows.
+    for (d, skv, dtype) in [
+        (80, 3000, DType::BF16),
+        (40, 200, DType::F16),
+        (200, 1500, DType::BF16),
+    ] {
+        let mut c = Case::new(2, 2, skv, 8, d, dtype);
+        c.heads_kv = 2;
         c.causal = true;
         cases.push(c);
     }
