@@ -117,10 +117,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
         }
 
     float o[MT][Cfg::kOTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int t = 0; t < Cfg::kOTiles; ++t) o[mt][t][0] = o[mt][t][1] = o[mt][t][2] = o[mt][t][3] = 0.f;
+    zero_tiles(o);
     SoftmaxRow row[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) row[mt][0].init(), row[mt][1].init();

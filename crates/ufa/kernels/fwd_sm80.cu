@@ -88,10 +88,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     const int warp_row0 = warp * 16 * MT;
     const int row_a = m0 + warp_row0 + group;  // + 16 * mt + 8 * r
     float o[MT][Cfg::kOTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int t = 0; t < Cfg::kOTiles; ++t) o[mt][t][0] = o[mt][t][1] = o[mt][t][2] = o[mt][t][3] = 0.f;
+    zero_tiles(o);
     SoftmaxRow row[MT][2];  // sums of this thread's columns only until the epilogue
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) row[mt][0].init(), row[mt][1].init();

@@ -109,10 +109,7 @@ __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock
 template <typename T, int D, int MT, int S_TILES, int PITCH, bool Q_IN_REGS, typename QFrag>
 __device__ __forceinline__ void tile_qk(float (&s)[MT][S_TILES][4], const QFrag& q_frag,
                                         uint32_t q_lane, uint32_t k_lane) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int t = 0; t < S_TILES; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+    zero_tiles(s);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a_reg[MT][4];
@@ -214,10 +211,7 @@ __device__ __forceinline__ void tile_qk_tf32(float (&s)[MT][S_TILES][4], uint32_
                                              uint32_t k_lane) {
     constexpr bool SPLIT = T::tf32_split;
     static_assert(D % 16 == 0, "two k8 steps at a time");
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int t = 0; t < S_TILES; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+    zero_tiles(s);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         Tf32Frag<4, SPLIT> a[MT][2];
@@ -238,17 +232,11 @@ __device__ __forceinline__ void tile_qk_tf32(float (&s)[MT][S_TILES][4], uint32_
 #pragma unroll
             for (int r = 0; r < 4; ++r) b.set_bits(r, raw[r]);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                // fp32 accuracy needs rounded sums (mma_add_rounded); TF32's error is 2^-11.
-                auto products = [&](float(&acc)[4]) {
+            for (int mt = 0; mt < MT; ++mt)
+                mma_accumulate<SPLIT>(s[mt][t], [&](float(&acc)[4]) {
                     mma_f32<SPLIT>(acc, a[mt][0], b, 0);
                     mma_f32<SPLIT>(acc, a[mt][1], b, 2);
-                };
-                if constexpr (SPLIT)
-                    mma_add_rounded(s[mt][t], products);
-                else
-                    products(s[mt][t]);
-            }
+                });
         }
     }
 }
@@ -278,13 +266,9 @@ __device__ __forceinline__ void tile_pv_tf32(const float (&s)[MT][S_TILES][4],
             b.set(0, v_lane[kk * 8 * PITCH + t * 8]);
             b.set(1, v_lane[(kk * 8 + 1) * PITCH + t * 8]);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                auto products = [&](float(&acc)[4]) { mma_f32<SPLIT>(acc, a[mt], b, 0); };
-                if constexpr (SPLIT)
-                    mma_add_rounded(o[mt][t], products);
-                else
-                    products(o[mt][t]);
-            }
+            for (int mt = 0; mt < MT; ++mt)
+                mma_accumulate<SPLIT>(o[mt][t],
+                                      [&](float(&acc)[4]) { mma_f32<SPLIT>(acc, a[mt], b, 0); });
         }
     }
 }

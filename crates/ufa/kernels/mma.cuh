@@ -105,17 +105,31 @@ __device__ __forceinline__ void mma_f32(float (&d)[4], const Tf32Frag<4, SPLIT>&
     mma_1688_tf32(d, a.hi, b.hi[i], b.hi[i + 1]);
 }
 
-// d += the products `mmas(acc)` adds into fresh accumulators, with one rounded fp32 add per
-// element. Tensor cores add into their fp32 accumulators truncating (toward zero), which
-// biases a long sum: with the 3xTF32 products accumulated in place over thousands of keys, O
-// drifted 5e-5 from the f64 reference (relative RMS, 8k keys, H200, 2026-12-04), five times the
-// fp32 bound. Kept short (one or two k8 steps), the truncated sums stay at fp32 rounding.
-template <typename Mmas>
-__device__ __forceinline__ void mma_add_rounded(float (&d)[4], Mmas mmas) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    mmas(acc);
+// d += the products `mmas(acc)` adds. With ROUNDED they go into fresh accumulators that one
+// rounded fp32 add per element adds to d; without, straight into d. Tensor cores add into
+// their fp32 accumulators truncating (toward zero), which biases a long sum: with the 3xTF32
+// products accumulated in place over thousands of keys, O drifted 5e-5 from the f64 reference
+// (relative RMS, 8k keys, H200, 2026-12-04), five times the fp32 bound. Kept short (one or two
+// k8 steps), the truncated sums stay at fp32 rounding; TF32's own error (2^-11) needs no care.
+template <bool ROUNDED, typename Mmas>
+__device__ __forceinline__ void mma_accumulate(float (&d)[4], Mmas mmas) {
+    if constexpr (ROUNDED) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        mmas(acc);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) d[e] += acc[e];
+        for (int e = 0; e < 4; ++e) d[e] += acc[e];
+    } else {
+        mmas(d);
+    }
+}
+
+// Sets N n8 accumulator tiles of each of MT m-tiles to zero.
+template <int MT, int N>
+__device__ __forceinline__ void zero_tiles(float (&x)[MT][N][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < N; ++t) x[mt][t][0] = x[mt][t][1] = x[mt][t][2] = x[mt][t][3] = 0.f;
 }
 
 // Copies rows [row0, row0 + ROWS) of one head (rows `row_stride` elements apart) into a padded
