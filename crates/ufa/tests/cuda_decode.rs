@@ -3,7 +3,7 @@
 //! score modifier; KV caches and packed batches reach it through the sequence suites. Outputs
 //! are poisoned first. Without a GPU these tests say so and pass, unless `UFA_REQUIRE_GPU=1`.
 
-use ufa::testing::cuda::{check_case_cuda, run_suite};
+use ufa::testing::cuda::{check_case_cuda, loaded_kernels, run_suite};
 use ufa::testing::{decode_cases, Comparison};
 
 #[test]
@@ -48,11 +48,7 @@ fn padded_head_dims_decode_on_the_decoding_kernel() {
     c.heads_kv = 2;
     let r = check_case_cuda(&ctx, &c, 5, 0).unwrap();
     assert!(r.passed(), "{}: {}", c.describe(), r.summary());
-    let kernels: Vec<String> = ctx
-        .cuda_module_reports()
-        .into_iter()
-        .map(|m| m.kernel)
-        .collect();
+    let kernels = loaded_kernels(&ctx);
     assert!(
         kernels
             .iter()

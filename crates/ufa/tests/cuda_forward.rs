@@ -3,7 +3,7 @@
 //! no GPU these tests check the "no CUDA" error and pass; `UFA_REQUIRE_GPU=1` (set by
 //! scripts/gpu-check) makes a missing GPU a failure instead.
 
-use ufa::testing::cuda::{check_case_cuda, gpu_present, run_suite};
+use ufa::testing::cuda::{check_case_cuda, gpu_present, loaded_kernels, run_suite};
 use ufa::testing::{standard_cases, Alibi, Case, Comparison, MaskSpec, Placement};
 use ufa::{
     AttentionParams, Context, DType, Device, ErrorKind, Fp32Precision, TensorView, TensorViewMut,
@@ -54,11 +54,7 @@ fn fp32_takes_the_tensor_cores() {
         let r = check_case_cuda(&ctx, &c, 3, 0).unwrap();
         assert!(r.passed(), "{}: {}", c.describe(), r.summary());
     }
-    let kernels: Vec<String> = ctx
-        .cuda_module_reports()
-        .into_iter()
-        .map(|m| m.kernel)
-        .collect();
+    let kernels = loaded_kernels(&ctx);
     assert!(
         kernels
             .iter()
@@ -92,11 +88,7 @@ fn padded_head_dims_take_the_tensor_cores() {
             failed.push(c.describe());
         }
     }
-    let kernels: Vec<String> = ctx
-        .cuda_module_reports()
-        .into_iter()
-        .map(|m| m.kernel)
-        .collect();
+    let kernels = loaded_kernels(&ctx);
     println!("{kernels:?}");
     assert!(failed.is_empty(), "{failed:?}");
     assert!(

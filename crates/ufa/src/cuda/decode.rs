@@ -145,7 +145,7 @@ impl DecodePlan {
             return None;
         }
         // Head dims between the built tiles run on the next larger one (zero padding).
-        let d = mma_tile_head_dim(p.head_dim, 2)?;
+        let d = mma_tile_head_dim(p.head_dim, p.q.dtype.size_in_bytes())?;
         let m_tiles = m_tiles_for(rows, d);
         let tile = decode_tile_for(d, m_tiles, max_smem)?;
         let row_blocks = rows.div_ceil(tile.rows() as usize);
@@ -222,7 +222,10 @@ pub(crate) fn workspace_bound(
     head_dim: usize,
 ) -> usize {
     let half = matches!(dtype, DType::F16 | DType::BF16);
-    if !half || seqlen_q > DECODE_MAX_ROWS || mma_tile_head_dim(head_dim, 2).is_none() {
+    if !half
+        || seqlen_q > DECODE_MAX_ROWS
+        || mma_tile_head_dim(head_dim, dtype.size_in_bytes()).is_none()
+    {
         return 0;
     }
     PartialLayout::new(split_cap(batch), batch, heads_q, seqlen_q, head_dim).bytes

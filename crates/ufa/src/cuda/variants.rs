@@ -132,15 +132,6 @@ impl AppendKernel {
 /// Warps of the append and merge kernels' blocks (one row each).
 pub(crate) const ROW_KERNEL_WARPS: u32 = ROW_WARPS;
 
-/// The kernels' element tag (kernels/common.cuh) of fp32 operands, by precision.
-fn f32_tag(tf32: bool) -> &'static str {
-    if tf32 {
-        "Tf32"
-    } else {
-        "Float32"
-    }
-}
-
 fn type_tag(d: DType) -> &'static str {
     match d {
         DType::F16 => "Half",
@@ -383,7 +374,8 @@ impl Variant {
                 t.min_blocks,
                 format!(
                     "fwd_sm80<{}, TileConfig<{}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}>(p)",
-                    if dtype == DType::F32 { f32_tag(tf32) } else { type_tag(dtype) },
+                    // fp32 storage, one TF32 product (kernels/common.cuh); set only for fp32.
+                    if tf32 { "Tf32" } else { type_tag(dtype) },
                     t.head_dim,
                     t.block_m,
                     t.block_n,
@@ -689,8 +681,8 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
-        // and its combine; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2; 4 row, 2 append and
+        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding
+        // 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2; 4 row, 2 append and
         // 1 merge kernels.
         assert_eq!(
             all.len(),

@@ -1353,6 +1353,15 @@ pub mod cuda {
         );
     }
 
+    /// The kernels `ctx` has loaded, by name: which kernels a call really ran (a test that no
+    /// fallback kernel served it).
+    pub fn loaded_kernels(ctx: &Context) -> Vec<String> {
+        ctx.cuda_module_reports()
+            .into_iter()
+            .map(|m| m.kernel)
+            .collect()
+    }
+
     /// Whether a CUDA device is here (listing them); without one, says so and returns false,
     /// unless `UFA_REQUIRE_GPU=1` (set by scripts/gpu-check), which makes that a panic.
     pub fn gpu_present(ctx: &Context) -> bool {
@@ -1457,26 +1466,24 @@ fn tensor_core_cases_of(
     vary_deterministic: bool,
 ) -> Vec<Case> {
     let mut cases = Vec::new();
-    {
-        for (i, d) in [32, 64, 96, 128, 160, 192, 256].into_iter().enumerate() {
-            let mut c = Case::new(2, 129 + 7 * i, 257 - 11 * i, 4, d, dtype);
-            c.fp32_precision = fp32_precision;
-            c.heads_kv = [1, 2, 4][i % 3];
-            c.deterministic = vary_deterministic && i % 2 == 0;
-            cases.push(c.clone());
-            c.causal = true;
-            cases.push(c.clone());
-            c.seqlen_q = 300;
-            c.seqlen_kv = 77;
-            c.deterministic = vary_deterministic && !c.deterministic;
-            cases.push(c.clone());
-            let mut m = Case::new(1, 70, 150, 4, d, dtype);
-            m.fp32_precision = fp32_precision;
-            m.softcap = 20.0;
-            m.alibi = Some(Alibi::PerHead);
-            m.window = (40, 9);
-            cases.push(m);
-        }
+    for (i, d) in [32, 64, 96, 128, 160, 192, 256].into_iter().enumerate() {
+        let mut c = Case::new(2, 129 + 7 * i, 257 - 11 * i, 4, d, dtype);
+        c.fp32_precision = fp32_precision;
+        c.heads_kv = [1, 2, 4][i % 3];
+        c.deterministic = vary_deterministic && i % 2 == 0;
+        cases.push(c.clone());
+        c.causal = true;
+        cases.push(c.clone());
+        c.seqlen_q = 300;
+        c.seqlen_kv = 77;
+        c.deterministic = vary_deterministic && !c.deterministic;
+        cases.push(c.clone());
+        let mut m = Case::new(1, 70, 150, 4, d, dtype);
+        m.fp32_precision = fp32_precision;
+        m.softcap = 20.0;
+        m.alibi = Some(Alibi::PerHead);
+        m.window = (40, 9);
+        cases.push(m);
     }
     cases
 }
