@@ -106,3 +106,19 @@ def test_dropout_falls_back_counted():
     with pytest.warns(RuntimeWarning, match="dropout"):
         model(input_ids=torch.randint(0, 97, (1, 9)))
     assert ut.fallback_stats() == {"dropout": 1}
+
+
+def test_softcap_fallback_goes_to_eager_counted():
+    """A soft-capped call ufa cannot serve (float64 here) goes to transformers' eager path,
+    which has soft-capping (its SDPA has not), with the boolean mask made additive for it,
+    counted and warned. (No padding: transformers' own float64 eager path turns padded rows
+    into NaN, which reach every row of the sequence.)"""
+    ids, _ = batch()
+    mask = torch.ones_like(ids)
+    ut.reset_fallback_stats()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="dtype"):
+        got = gemma2("ufa", torch.float64)(input_ids=ids, attention_mask=mask).logits
+    assert ut.fallback_stats() == {"dtype": 2}, ut.fallback_stats()
+    with torch.no_grad():
+        want = gemma2("eager", torch.float64)(input_ids=ids, attention_mask=mask).logits
+    assert rel(got, want, mask.bool()) < 1e-12, rel(got, want, mask.bool())

@@ -201,16 +201,24 @@ def attention_backward(
 
 def _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left,
                    window_left, window_right, softcap, deterministic):
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _backward_into(dout, q, k, v, out, lse, dq, dk, dv, mask, alibi_slopes, scale, causal,
+                   top_left, window_left, window_right, softcap, deterministic)
+    return dq, dk, dv
+
+
+def _backward_into(dout, q, k, v, out, lse, dq, dk, dv, mask, alibi_slopes, scale, causal,
+                   top_left, window_left, window_right, softcap, deterministic):
+    """Gradients written into dq, dk, dv (ufa's layout, any strides with a contiguous last
+    dimension)."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     dout, out = _last_contiguous(dout), _last_contiguous(out)
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     q, k, v, out, dout, mask, alibi_slopes = _plain(q, k, v, out, dout, mask, alibi_slopes)
     _ufa.backward(
         q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
         alibi_slopes=alibi_slopes, mask=mask, deterministic=deterministic,
     )
-    return dq, dk, dv
 
 
 @attention_backward.register_fake
@@ -302,18 +310,12 @@ def attention_backward_out(
     row: each call then gives its keys' exact dk/dv and its share of dq. ``accumulate=True``
     adds to what the buffers hold (the gradients are computed into scratch memory, then
     added) instead of overwriting it."""
+    params = (mask, alibi_slopes, scale, causal, top_left, window_left, window_right, softcap,
+              deterministic)
     if not accumulate:
-        q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-        dout, out = _last_contiguous(dout), _last_contiguous(out)
-        q, k, v, out, dout, mask, alibi_slopes = _plain(q, k, v, out, dout, mask, alibi_slopes)
-        _ufa.backward(
-            q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=top_left,
-            window_left=window_left, window_right=window_right, softcap=softcap,
-            alibi_slopes=alibi_slopes, mask=mask, deterministic=deterministic,
-        )
+        _backward_into(dout, q, k, v, out, lse, dq, dk, dv, *params)
         return
-    gq, gk, gv = _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal,
-                                top_left, window_left, window_right, softcap, deterministic)
+    gq, gk, gv = _backward_impl(dout, q, k, v, out, lse, *params)
     dq.add_(gq)
     dk.add_(gk)
     dv.add_(gv)
@@ -479,8 +481,9 @@ falling back to PyTorch."""
 _warned: set = set()
 
 
-def _fall_back(reason: str) -> None:
-    """Counts a fallback; says so once per reason (a warning), or refuses it under UFA_STRICT=1."""
+def _fall_back(reason: str, stacklevel: int = 3) -> None:
+    """Counts a fallback; says so once per reason (a warning attributed `stacklevel` frames up),
+    or refuses it under UFA_STRICT=1."""
     _count(reason)
     if torch.compiler.is_compiling():
         return
@@ -495,7 +498,7 @@ def _fall_back(reason: str) -> None:
         warnings.warn(
             f"ufa.torch.scaled_dot_product_attention falls back to PyTorch's own function for "
             f"this call ({reason}); ufa.torch.fallback_stats() counts such calls, {STRICT_ENV}=1 "
-            f"makes them errors. Shown once per reason.", RuntimeWarning, stacklevel=3)
+            f"makes them errors. Shown once per reason.", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -609,17 +612,29 @@ def scaled_dot_product_attention(
     casts them for this function (float tensors other than float64 to the autocast dtype), and
     ufa computes in that dtype.
     """
+
+    def torch_sdpa(query, key, value, attn_mask):
+        gqa = {"enable_gqa": True} if enable_gqa else {}  # PyTorch < 2.5 lacks the argument
+        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                           is_causal=is_causal, scale=scale, **gqa)
+
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, 0.0,
+                 torch_sdpa)
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap,
+          fall_back_to):
+    """:func:`scaled_dot_product_attention` with tanh soft-capping of the scores (``softcap``
+    > 0, which PyTorch's function lacks; transformers' Gemma 2 has it), and the function that
+    serves the calls ufa cannot: ``fall_back_to(query, key, value, attn_mask)``, given the
+    tensors after the autocast casts and returning ``[batch, heads, seq_q, dim_v]``."""
     if isinstance(query, Tensor) and _autocast_on(query.device.type):
         query, key, value, attn_mask = _autocast_cast(query.device.type, query, key, value,
                                                       attn_mask)
     why = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if why is not None:
-        _fall_back(why)
-        if enable_gqa:
-            return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                               is_causal=is_causal, scale=scale, enable_gqa=True)
-        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                           is_causal=is_causal, scale=scale)
+        _fall_back(why, stacklevel=4)
+        return fall_back_to(query, key, value, attn_mask)
     _count("ufa")
     if scale is not None:
         scale = float(scale)
@@ -634,14 +649,14 @@ def scaled_dot_product_attention(
         # the caller's usual `out.transpose(1, 2).reshape(...)` stays free.
         out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
         _ufa.forward(*_plain(query, key, value), out, None, scale=scale, causal=causal,
-                     top_left=True, mask=attn_mask, bhsd=True, tf32=_tf32())
+                     top_left=True, softcap=softcap, mask=attn_mask, bhsd=True, tf32=_tf32())
         return out
     three_d = query.dim() == 3
     if three_d:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     # [batch, heads, seq, dim] -> [batch, seq, heads, dim]: views with permuted strides.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    out = _attention(q, k, v, scale, causal, True, -1, -1, 0.0, None, attn_mask, False, False)
+    out = _attention(q, k, v, scale, causal, True, -1, -1, softcap, None, attn_mask, False, False)
     out = out.transpose(1, 2)
     return out.squeeze(1) if three_d else out
 

@@ -81,26 +81,30 @@ def attention_forward(
         attention_mask = create_position_bias_mask(position_bias, attention_mask, causal, query,
                                                    key)
         causal = False
-    if softcap is None or softcap == 0.0:
+    if not softcap:
         out = _ut.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                is_causal=causal, scale=scaling,
                                                enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
-    if _ut._autocast_on(query.device.type):
-        query, key, value, attention_mask = _ut._autocast_cast(query.device.type, query, key,
-                                                               value, attention_mask)
-    why = _ut._unsupported(query, key, value, attention_mask, 0.0, causal, scaling, True)
-    if why is not None:
+
+    def eager(query, key, value, attention_mask):
         # transformers' SDPA refuses soft-capping, so its eager path is the reference.
         from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-        _ut._fall_back(why)
-        return eager_attention_forward(module, query, key, value, attention_mask,
-                                       dropout=dropout, scaling=scaling, softcap=softcap,
-                                       **kwargs)
-    _ut._count("ufa")
-    # ufa's layout [batch, seq, heads, dim]: views of the [batch, heads, seq, dim] tensors.
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    out = _ut._attention(q, k, v, None if scaling is None else float(scaling), causal, True, -1,
-                         -1, float(softcap), None, attention_mask, False, False)
-    return out.contiguous(), None
+        # The eager path takes causality and padding only as a mask it adds to the scores:
+        # SDPA's causal flag (top-left) and boolean masks become an additive one.
+        if attention_mask is None and causal:
+            attention_mask = torch.ones((1, 1, query.shape[2], key.shape[2]), dtype=torch.bool,
+                                        device=query.device).tril()
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            hidden = torch.finfo(query.dtype).min
+            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
+                ~attention_mask, hidden)
+        out, _ = eager_attention_forward(module, query, key, value, attention_mask,
+                                         dropout=dropout, scaling=scaling, softcap=softcap,
+                                         **kwargs)
+        return out.transpose(1, 2)  # [batch, heads, seq_q, dim_v], as SDPA returns it
+
+    out = _ut._sdpa(query, key, value, attention_mask, 0.0, causal, scaling, True,
+                    float(softcap), eager)
+    return out.transpose(1, 2).contiguous(), None
