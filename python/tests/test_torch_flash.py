@@ -87,3 +87,26 @@ def test_dropout_is_refused_not_ignored():
             F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     finally:
         attn.restore_flash_attention_impl()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_override_functions_match_autograd(device, causal):
+    """The two functions the activation installs, called directly (so the CPU in CI runs them
+    too): aten's argument and return conventions, layouts [B, H, S, D], against autograd
+    through ufa's SDPA."""
+    from ufa._torch_flash import _sdpa_flash_backward, _sdpa_flash_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 32, device=device, requires_grad=True) for _ in range(3))
+    want = ufa.torch.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    dout = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    with torch.no_grad():
+        out, lse, cq, ck, max_q, max_k, rng, offset, _ = _sdpa_flash_forward(
+            q, k, v, 0.0, causal)
+        assert (cq, ck, max_q, max_k) == (None, None, 37, 37)
+        grads = _sdpa_flash_backward(dout, q, k, v, out, lse, cq, ck, max_q, max_k, 0.0,
+                                     causal, rng, offset)
+    assert rel_err(out, want) < 1e-5
+    for g, w in zip(grads, want_grads):
+        assert rel_err(g, w) < 1e-5
