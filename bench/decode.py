@@ -37,7 +37,6 @@ import datetime
 import re
 import shlex
 import signal
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -123,30 +122,11 @@ def free() -> None:
 
 
 def time_us(call, iters: int) -> float:
-    """Per-call time in µs: the median over REPEATS of (CUDA events around `iters` back-to-back
-    calls) / iters, after WARMUP calls.
+    """Per-call time in µs of back-to-back calls, as a decoding loop runs them
+    (cuda_timing.loop_us: why the loop is not synchronised per call)."""
+    from cuda_timing import loop_us
 
-    The events bracket the whole loop and nothing synchronises inside it, as in a decoding loop
-    without CUDA graphs: when a call's GPU work is shorter than its host-side cost (Python,
-    argument checks, launches) the GPU idles between calls and that idle time is counted, which
-    is the floor a user sees; when it is longer, the next launches queue up behind it and the
-    kernels' own time is measured. A synchronisation per call would instead add a full launch
-    latency to every call (no overlap of host and GPU), and a few-µs call would be near the
-    events' resolution."""
-    import torch
-    for _ in range(WARMUP):
-        call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    per_call = []
-    for _ in range(REPEATS):
-        start.record()
-        for _ in range(iters):
-            call()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) * 1e3 / iters)
-    return statistics.median(per_call)
+    return loop_us(call, iters, REPEATS, WARMUP)
 
 
 def read_bandwidth(gib: int = 4, samples: int = 20) -> tuple[float, dict]:
@@ -159,22 +139,13 @@ def read_bandwidth(gib: int = 4, samples: int = 20) -> tuple[float, dict]:
     4 GiB read takes ~1 ms, launch cost is noise) and the median of `samples` kept; the faster
     of the two probes is the yardstick."""
     import torch
+    from cuda_timing import median_ms
+
     x = torch.ones((gib << 30) // 4, dtype=torch.float32, device="cuda")
     rows = x.view(-1, 1024)
     probes = {"sum": lambda: x.sum(), "row sum": lambda: rows.sum(dim=1)}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    found = {}
-    for name, call in probes.items():
-        for _ in range(WARMUP):
-            call()
-        times = []
-        for _ in range(samples):
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-        found[name] = x.numel() * x.element_size() / statistics.median(times)
+    found = {name: x.numel() * x.element_size() / (median_ms(call, samples, WARMUP) * 1e-3)
+             for name, call in probes.items()}
     x = rows = None  # drop the 4 GiB before the sweep
     free()
     return max(found.values()), found

@@ -17,15 +17,8 @@ warnings.filterwarnings("ignore")
 TORCH = "--torch" in sys.argv
 SHAPES = [(1,8192,8,128),(8,8192,8,128),(32,8192,8,128),(32,32768,8,128),(1,131072,8,128),(8,32768,1,128),(32,1024,8,128),(128,8192,8,64),(8,8192,32,128)]
 if "--few" in sys.argv: SHAPES = [SHAPES[i] for i in (0,2,4,5)]
-def t(f, it=30):
-    for _ in range(3): f()
-    s=torch.cuda.Event(enable_timing=True); e=torch.cuda.Event(enable_timing=True)
-    r=[]
-    for _ in range(3):
-        s.record()
-        for _ in range(it): f()
-        e.record(); e.synchronize(); r.append(s.elapsed_time(e)/it)
-    return sorted(r)[1]*1e3
+from cuda_timing import loop_us
+def t(f, it=30): return loop_us(f, it)
 def tg(f, it=20):
     try:
         f(); torch.cuda.synchronize()
