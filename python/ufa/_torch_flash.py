@@ -24,8 +24,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ufa
-
 NAME = "ufa"
 """The name ufa registers under (``torch.nn.attention.list_flash_attention_impls()``)."""
 
@@ -58,25 +56,18 @@ def _no_dropout(dropout_p: float) -> None:
             "model, or train without attention dropout")
 
 
-def _plain(*tensors: Tensor):
-    from .torch import _last_contiguous, _plain
-
-    return _plain(*(_last_contiguous(t) for t in tensors))
-
-
 def _sdpa_flash_forward(query: Tensor, key: Tensor, value: Tensor, dropout_p: float = 0.0,
                         is_causal: bool = False, return_debug_mask: bool = False, *,
                         scale: Optional[float] = None):
+    from .torch import _forward_bhsd, _last_contiguous
+
     _no_dropout(dropout_p)
     if return_debug_mask:
         raise NotImplementedError("return_debug_mask: ufa computes no attention matrix")
-    b, h, sq, d = query.shape
-    dv = value.shape[-1]
-    # The output in the query's memory order (PyTorch's rule), written through [B, S, H, D] views.
-    out = torch.empty_like(query) if dv == d else query.new_empty((b, h, sq, dv))
+    b, h, sq, _ = query.shape
     lse = query.new_empty((b, h, sq), dtype=torch.float32)
-    q, k, v = _plain(query, key, value)
-    _ufa.forward(q, k, v, out, lse, scale=scale, causal=is_causal, top_left=True, bhsd=True)
+    q, k, v = (_last_contiguous(t) for t in (query, key, value))
+    out = _forward_bhsd(q, k, v, lse, scale, is_causal)
     dev = query.device
     rng_state = torch.zeros((2,), dtype=torch.uint64, device=dev)
     philox_offset = torch.zeros((), dtype=torch.uint64, device=dev)

@@ -622,6 +622,20 @@ def scaled_dot_product_attention(
                  torch_sdpa)
 
 
+def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None) -> Tensor:
+    """The forward on PyTorch's ``[B, H, S, D]`` tensors as they are: the core reads them with
+    dims 1 and 2 swapped and writes a ``[B, H, Sq, Dv]`` output (and ``lse``, if given) the
+    same way; SDPA's top-left causal alignment. The output keeps q's memory order where the
+    head dims match (empty_like; q is often a [B, S, H, D] buffer seen transposed), so the
+    caller's usual ``out.transpose(1, 2).reshape(...)`` stays free."""
+    qs = query.shape
+    dv = value.shape[-1]
+    out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
+    _ufa.forward(*_plain(query, key, value), out, lse, scale=scale, causal=causal,
+                 top_left=True, softcap=softcap, mask=mask, bhsd=True, tf32=_tf32())
+    return out
+
+
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap,
           fall_back_to):
     """:func:`scaled_dot_product_attention` with tanh soft-capping of the scores (``softcap``
@@ -641,16 +655,8 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     causal = bool(is_causal)
     if query.dim() == 4 and not torch.compiler.is_compiling() and not _needs_grad(query, key,
                                                                                value):
-        # Fast path: no autograd, no views; the core reads [B, H, S, D] with dims 1 and 2
-        # swapped, and writes a [B, H, Sq, Dv] output the same way.
-        qs = query.shape
-        dv = value.shape[-1]
-        # empty_like keeps q's memory order (often a [B, S, H, D] buffer seen transposed), so
-        # the caller's usual `out.transpose(1, 2).reshape(...)` stays free.
-        out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
-        _ufa.forward(*_plain(query, key, value), out, None, scale=scale, causal=causal,
-                     top_left=True, softcap=softcap, mask=attn_mask, bhsd=True, tf32=_tf32())
-        return out
+        # Fast path: no autograd, no views.
+        return _forward_bhsd(query, key, value, None, scale, causal, softcap, attn_mask)
     three_d = query.dim() == 3
     if three_d:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
