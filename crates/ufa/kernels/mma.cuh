@@ -79,16 +79,32 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
 // N fp32 operand values as tensor-core inputs: `hi` rounded to TF32 and, with SPLIT, `lo` the
 // remainder rounded too, so that a·b = a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to about 2^-22
 // relative (the 3xTF32 scheme, CUTLASS's "fast fp32"; a_lo·b_lo is below fp32 rounding).
-// Without SPLIT one TF32 product (2^-11 per operand). An infinity's remainder is NaN, which
-// keeps it non-finite; values within half a TF32 step of FLT_MAX round to infinity.
+// Without SPLIT one TF32 product (2^-11 per operand), with IEEE infinities.
+//
+// With SPLIT, x is clamped to ±MAX (the largest finite TF32, about 2^128) before hi is
+// rounded from it, so an infinity splits into a finite hi and an infinite lo of its sign. An
+// infinite remainder (inf - inf) would be NaN, and a zero one would meet the infinity as
+// inf · 0 = NaN in a cross product: either would turn a score the reference has as ±inf (a key
+// masked by -inf, a softcap's ±cap) into NaN. Split this way, inf · b is ±inf for
+// 0 < |b| < 2^12 (beyond, MAX · b_lo may overflow to the other sign: NaN), inf · inf is ±inf,
+// inf · 0 is NaN, and a NaN (which the clamp drops from hi) stays in lo. Finite values near
+// FLT_MAX keep their remainder instead of rounding to infinity. The clamp and the integer
+// rounding (round half away from zero, cvt.rna's rule, exact for finite clamped values) cost
+// the four instructions sm_80/sm_90 spend on cvt.rna.tf32 alone (cvt.rna.satfinite: six).
 template <int N, bool SPLIT>
 struct Tf32Frag {
     uint32_t hi[N];
     uint32_t lo[SPLIT ? N : 1];
 
     __device__ __forceinline__ void set(int i, float x) {
-        hi[i] = to_tf32(x);
-        if constexpr (SPLIT) lo[i] = to_tf32(x - __uint_as_float(hi[i]));
+        if constexpr (SPLIT) {
+            const float max_tf32 = __uint_as_float(0x7f7fe000u);
+            const float c = fminf(fmaxf(x, -max_tf32), max_tf32);
+            hi[i] = (__float_as_uint(c) + 0x1000u) & 0xffffe000u;
+            lo[i] = to_tf32(x - __uint_as_float(hi[i]));
+        } else {
+            hi[i] = to_tf32(x);
+        }
     }
     __device__ __forceinline__ void set_bits(int i, uint32_t bits) { set(i, __uint_as_float(bits)); }
 };
