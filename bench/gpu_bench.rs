@@ -5,8 +5,8 @@
 //! 2.5 times the forward's flops (five matrix products to the forward's two), as
 //! FlashAttention reports them.
 
-use ufa::testing::Case;
 use ufa::{forward_flops, Context, DType};
+use ufa_testkit::Case;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,7 +43,7 @@ fn main() {
     case.with_lse = backward;
     case.deterministic = pass == "bwd-det";
     let ctx = Context::new().expect("context");
-    let mut inst = ufa::testing::Instance::new(&case, 1);
+    let mut inst = ufa_testkit::Instance::new(&case, 1);
     let timed = if backward {
         inst.time_cuda_backward(&ctx, 0, 3, iters)
     } else {

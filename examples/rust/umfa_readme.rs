@@ -99,7 +99,7 @@ fn main() {
         ufa::TensorView::with_strides(x, shape, strides).unwrap()
     }
     let shape = [b, s, h, d];
-    let reference = ufa::reference::reference_forward(
+    let reference = ufa_testkit::reference::reference_forward(
         &view(&host[0], &shape, &strides),
         &view(&host[1], &shape, &strides),
         &view(&host[2], &shape, &strides),

@@ -58,7 +58,7 @@ def tolerance(dtype) -> float:
     return 1e-5 if dtype in (torch.float32, np.float32) else 1e-2
 
 
-# fp32 in the TF32 mode (ufa::testing::TF32_TOLERANCE, the bound documented for
+# fp32 in the TF32 mode (ufa_testkit::TF32_TOLERANCE, the bound documented for
 # Fp32Precision::Tf32).
 TF32_TOLERANCE = 2e-3
 

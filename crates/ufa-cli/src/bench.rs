@@ -7,10 +7,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use ufa::testing::{
+use ufa::{Context, DType};
+use ufa_testkit::{
     Case, Features, Instance, KvCacheCase, KvCacheInstance, Placement, VarlenCase, VarlenInstance,
 };
-use ufa::{Context, DType};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -4,14 +4,14 @@ use crate::device::{cuda_ordinals, DeviceArg};
 use crate::ComputeOpts;
 use std::process::ExitCode;
 use std::rc::Rc;
-use ufa::testing::cuda::check_grads_cuda;
-use ufa::testing::{
+use ufa::{Context, Isa};
+use ufa_testkit::cuda::check_grads_cuda;
+use ufa_testkit::{
     check_grads, check_kvcache, check_kvcache_cuda, check_merge, check_merge_cuda, check_varlen,
     check_varlen_cuda, check_varlen_grads, check_varlen_grads_cuda, kvcache_cases, merge_cases,
     standard_cases, standard_grad_cases, varlen_cases, varlen_grad_cases, Case, Comparison,
     Described, GradComparison, Instance, KvCacheCase, MergeCase, VarlenCase,
 };
-use ufa::{Context, Isa};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -140,7 +140,7 @@ impl Tally {
 }
 
 pub fn run(args: &Args) -> ufa::Result<ExitCode> {
-    let seed = args.seed.unwrap_or_else(ufa::testing::seed);
+    let seed = args.seed.unwrap_or_else(ufa_testkit::seed);
     println!("ufa check: seed {seed} (replay with --seed {seed})");
     let backends = backends(args)?;
     println!(

@@ -1,14 +1,18 @@
-//! Random problems and their comparison with the f64 reference: shared by the test suites, the
-//! bindings' tests and `ufa check`, so every caller judges accuracy the same way.
+//! ufa's test kit: the f64 reference ([`reference`]), random problems, and their comparison
+//! with it. Shared by the test suites (a dev-dependency of `ufa`), the bindings' tests and
+//! `ufa check`, so every caller judges accuracy the same way. It lives outside the library so
+//! that neither its code nor its random number generators are part of what users link.
+
+pub mod reference;
 
 use crate::reference::{reference_backward, reference_forward, ReferenceGrads, ReferenceOutput};
-use crate::{
-    AttentionParams, BackwardInputs, CausalAlignment, Context, DType, Fp32Precision, Gradients,
-    Result, TensorView, TensorViewMut,
-};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use ufa::{
+    AttentionParams, BackwardInputs, CausalAlignment, Context, DType, Fp32Precision, Gradients,
+    Result, TensorView, TensorViewMut,
+};
 
 mod nonfinite;
 mod sequences;
@@ -613,7 +617,7 @@ impl Instance {
         let lse = self
             .lse
             .as_ref()
-            .ok_or_else(|| crate::Error::invalid("run_backward needs a case with_lse"))?;
+            .ok_or_else(|| ufa::Error::invalid("run_backward needs a case with_lse"))?;
         let params = params_of(&self.case, self.alibi.as_ref(), self.mask.as_ref())?;
         let inputs = BackwardInputs {
             q: self.q.view()?,
@@ -680,7 +684,7 @@ impl Instance {
         let g = self
             .grads
             .as_ref()
-            .ok_or_else(|| crate::Error::invalid("run_backward first"))?;
+            .ok_or_else(|| ufa::Error::invalid("run_backward first"))?;
         let (q, k, v, dout) = (
             self.q.view()?,
             self.k.view()?,
@@ -933,7 +937,7 @@ pub fn run_on_every_isa<C: Described, R: std::fmt::Debug>(
     let seed = seed();
     println!("seed {seed} (replay with {SEED_ENV}={seed})");
     let mut failed = Vec::new();
-    for isa in crate::Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+    for isa in ufa::Isa::ALL.into_iter().filter(|i| i.is_supported()) {
         let ctx = Context::builder()
             .cpu_isa(isa)
             .num_threads(2)
@@ -1021,13 +1025,13 @@ pub mod cuda {
     use super::{
         params_of, Case, Comparison, GradComparison, GradTensors, Instance, Storage, Tensor,
     };
-    pub(crate) use crate::cuda::synchronize;
-    pub use crate::cuda::{
+    pub(crate) use ufa::internals::synchronize;
+    pub use ufa::internals::{
         compile_all_variants, compile_variants, nvrtc_version, CompileReport, ModuleReport,
         CACHE_DIR_ENV, NVRTC_PATH_ENV,
     };
-    use crate::cuda::{time_ms, DeviceBuffer};
-    use crate::{
+    use ufa::internals::{time_ms, DeviceBuffer};
+    use ufa::{
         AttentionParams, BackwardInputs, Context, Device, Gradients, Result, TensorView,
         TensorViewMut,
     };
@@ -1079,11 +1083,11 @@ pub mod cuda {
 
         pub(crate) fn view(&self) -> Result<TensorView<'_>> {
             let dt = match self.host.storage {
-                Storage::F32(_) => crate::DType::F32,
-                Storage::F16(_) => crate::DType::F16,
-                Storage::BF16(_) => crate::DType::BF16,
-                Storage::Bool(_) => crate::DType::Bool,
-                Storage::I32(_) => crate::DType::I32,
+                Storage::F32(_) => ufa::DType::F32,
+                Storage::F16(_) => ufa::DType::F16,
+                Storage::BF16(_) => ufa::DType::BF16,
+                Storage::Bool(_) => ufa::DType::Bool,
+                Storage::I32(_) => ufa::DType::I32,
             };
             // SAFETY: the buffer holds the whole host storage, so every strided index fits.
             unsafe {
@@ -1176,7 +1180,7 @@ pub mod cuda {
             let lse = self
                 .lse
                 .as_ref()
-                .ok_or_else(|| crate::Error::invalid("the backward needs a case with_lse"))?;
+                .ok_or_else(|| ufa::Error::invalid("the backward needs a case with_lse"))?;
             let inputs = BackwardInputs {
                 q: self.q.view()?,
                 k: self.k.view()?,

@@ -13,8 +13,8 @@
 
 use super::{Instance, Storage, Tensor};
 use crate::reference::{reference_backward, reference_masked_keys};
-use crate::Result;
 use half::{bf16, f16};
+use ufa::Result;
 
 /// An input a value can be planted in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,7 +317,7 @@ impl super::Described for NonFiniteCase {
 
 /// Runs a [`NonFiniteCase`] on the CPU.
 pub fn check_nonfinite(
-    ctx: &crate::Context,
+    ctx: &ufa::Context,
     c: &NonFiniteCase,
     seed: u64,
 ) -> Result<NonFiniteReport> {
@@ -336,7 +336,7 @@ pub fn check_nonfinite(
 /// and off the tensor-core set), forward alone and with the backward.
 pub fn nonfinite_cases() -> Vec<NonFiniteCase> {
     use super::{Alibi, Case, MaskSpec};
-    use crate::DType;
+    use ufa::DType;
     let mut cases = Vec::new();
     let values = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
     let shapes: [(usize, usize, usize, usize, usize); 5] = [
@@ -406,7 +406,7 @@ pub fn nonfinite_cases() -> Vec<NonFiniteCase> {
 
 /// Runs a [`NonFiniteCase`] on CUDA device `ordinal`.
 pub fn check_nonfinite_cuda(
-    ctx: &crate::Context,
+    ctx: &ufa::Context,
     c: &NonFiniteCase,
     seed: u64,
     ordinal: u32,

@@ -12,13 +12,13 @@ use super::{
 use crate::reference::{
     reference_kvcache, reference_merge, reference_varlen, reference_varlen_backward, ReferenceGrads,
 };
-use crate::{
-    AttentionParams, AttentionState, BackwardInputs, CausalAlignment, Context, DType,
-    Fp32Precision, Gradients, KvAppend, KvCache, Result, Rotary, TensorView, Varlen,
-};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use ufa::{
+    AttentionParams, AttentionState, BackwardInputs, CausalAlignment, Context, DType,
+    Fp32Precision, Gradients, KvAppend, KvCache, Result, Rotary, TensorView, Varlen,
+};
 
 /// Rows of a packed tensor after the last sequence, which no call may touch.
 const SPARE_ROWS: usize = 2;

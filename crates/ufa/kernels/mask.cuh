@@ -39,7 +39,7 @@ __device__ __forceinline__ float modify_score(const FwdParams& p, const Seq& s, 
 // LSE (log2) and D, and d(score)/d(scale * dot). A key `masked` by the caller (the band, a
 // boolean mask, an additive -inf) gets exactly 0 for both even in a row whose LSE or D is NaN:
 // a NaN row must not reach the gradients of keys it does not see (the f64 reference's rule,
-// crates/ufa/src/reference).
+// crates/ufa-testkit/src/reference).
 __device__ __forceinline__ void grad_terms(bool masked, float x, float dpv, float lse2, float delta,
                                            float dfac, float& pv, float& ds) {
     const float e = fast_exp2(x - lse2);

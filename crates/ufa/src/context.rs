@@ -5,6 +5,7 @@ use crate::cuda::CudaBackend;
 use crate::device::Device;
 use crate::empty;
 use crate::error::{invalid, Result};
+use crate::grads::{BackwardInputs, Gradients};
 use crate::kvcache::{validate_kvcache, KvAppend, KvCache, Workspace};
 use crate::merge::{validate_merge, AttentionState};
 use crate::metadata::fetch_host;
@@ -166,33 +167,6 @@ impl Context {
     pub fn cuda_module_reports(&self) -> Vec<crate::cuda::ModuleReport> {
         self.cuda.module_reports()
     }
-}
-
-/// What the backward pass reads: the forward's inputs and output, its log-sum-exp, and the
-/// gradient of the loss with respect to the output.
-#[derive(Clone, Copy, Debug)]
-pub struct BackwardInputs<'a> {
-    /// `[batch, seqlen_q, heads_q, head_dim]`
-    pub q: TensorView<'a>,
-    /// `[batch, seqlen_kv, heads_kv, head_dim]`
-    pub k: TensorView<'a>,
-    /// `[batch, seqlen_kv, heads_kv, head_dim_v]`
-    pub v: TensorView<'a>,
-    /// The forward's output, `[batch, seqlen_q, heads_q, head_dim_v]`.
-    pub out: TensorView<'a>,
-    /// Gradient of the loss with respect to `out`, same shape.
-    pub dout: TensorView<'a>,
-    /// The forward's log-sum-exp, f32 `[batch, heads_q, seqlen_q]`.
-    pub lse: TensorView<'a>,
-}
-
-/// Where the backward pass writes: gradients with the shapes of q, k and v (any float dtype).
-/// For GQA, dk and dv are summed over the query heads that share a KV head.
-#[derive(Debug)]
-pub struct Gradients<'a> {
-    pub dq: TensorViewMut<'a>,
-    pub dk: TensorViewMut<'a>,
-    pub dv: TensorViewMut<'a>,
 }
 
 impl Context {

@@ -125,7 +125,7 @@ pub(crate) unsafe fn load_row_f32(dtype: DType, src: *const u8, dst: &mut [f32])
 ///
 /// # Safety
 /// `src` must point to a readable, aligned element of `dtype`.
-pub(crate) unsafe fn load_f64(dtype: DType, src: *const u8) -> f64 {
+pub unsafe fn load_f64(dtype: DType, src: *const u8) -> f64 {
     match dtype {
         DType::F32 => *(src as *const f32) as f64,
         DType::F16 => (*(src as *const f16)).to_f64(),

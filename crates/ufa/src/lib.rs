@@ -30,22 +30,26 @@ mod device;
 mod dtype;
 mod empty;
 mod error;
+mod grads;
 mod kvcache;
 mod merge;
 mod metadata;
 mod params;
 mod problem;
-pub mod reference;
 mod sequences;
 mod tensor;
-pub mod testing;
 mod varlen;
 
-pub use context::{BackwardInputs, Context, ContextBuilder, Gradients, NUM_THREADS_ENV};
+#[cfg(feature = "testkit")]
+#[doc(hidden)]
+pub mod internals;
+
+pub use context::{Context, ContextBuilder, NUM_THREADS_ENV};
 pub use cpu::{cpu_features, Isa};
 pub use device::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
+pub use grads::{BackwardInputs, Gradients};
 pub use kvcache::{kvcache_workspace_bytes, KvAppend, KvCache, Rotary, Workspace};
 pub use merge::AttentionState;
 pub use params::{AttentionParams, CausalAlignment, Fp32Precision};

@@ -95,6 +95,12 @@ impl Problem {
         self.heads_q / self.heads_kv
     }
 
+    /// Whether a score is more than `scale · q·k` before the softmax: a softcap, ALiBi or a
+    /// mask. The one answer every backend's choice of score-modifying code starts from.
+    pub fn modifies_scores(&self) -> bool {
+        self.softcap > 0.0 || self.alibi.is_some() || self.mask.is_some()
+    }
+
     /// Query row `i` of a dense batch is aligned with key `i + diag_offset()`.
     pub fn diag_offset(&self) -> i64 {
         self.seqs.diag_offset(self.seqlen_q, self.seqlen_kv)
@@ -413,8 +419,8 @@ pub(crate) struct BackwardArgs<'x, 'a> {
 
 impl<'x, 'a> BackwardArgs<'x, 'a> {
     pub fn new(
-        inputs: &'x crate::context::BackwardInputs<'a>,
-        grads: &'x crate::context::Gradients<'a>,
+        inputs: &'x crate::grads::BackwardInputs<'a>,
+        grads: &'x crate::grads::Gradients<'a>,
     ) -> Self {
         BackwardArgs {
             q: &inputs.q,

@@ -3,8 +3,11 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use ufa::testing::{check_grads, standard_grad_cases, Alibi, Case, Instance, MaskSpec};
 use ufa::{Context, DType};
+use ufa_testkit::{
+    check_grads, run_on_every_isa, standard_grad_cases, Alibi, Case, GradComparison, Instance,
+    MaskSpec,
+};
 
 #[test]
 fn spread_matches_reference() {
@@ -123,4 +126,41 @@ fn gradients_are_bitwise_identical_for_1_2_and_7_threads() {
     let one = run(1);
     assert_eq!(one, run(2));
     assert_eq!(one, run(7));
+}
+
+/// Long enough for the key pass to split keys into chunks (10 key blocks, 2 KV heads: two
+/// chunks), so partial dQ is summed across chunks.
+fn chunked(dtype: DType) -> Case {
+    let mut c = Case::new(1, 150, 600, 4, 64, dtype);
+    c.heads_kv = 2;
+    c.causal = true;
+    c
+}
+
+#[test]
+fn gradients_match_reference_on_every_isa() {
+    let mut cases = standard_grad_cases();
+    cases.extend([DType::F32, DType::BF16].map(chunked));
+    run_on_every_isa(
+        &cases,
+        check_grads,
+        GradComparison::passed,
+        GradComparison::summary,
+    );
+}
+
+#[test]
+fn chunked_gradients_are_bitwise_identical_for_1_and_3_threads() {
+    for dtype in [DType::F32, DType::BF16] {
+        let run = |threads: usize| {
+            let ctx = Context::builder().num_threads(threads).build().unwrap();
+            let mut inst = Instance::new(&chunked(dtype), 9);
+            inst.run(&ctx).unwrap();
+            inst.run_backward(&ctx).unwrap();
+            inst.grads()
+                .unwrap()
+                .map(|g| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        assert_eq!(run(1), run(3), "{dtype}");
+    }
 }

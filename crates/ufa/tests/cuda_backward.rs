@@ -4,9 +4,9 @@
 //! bitwise reproducibility. Without a GPU these tests say so and pass, unless
 //! `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
 
-use ufa::testing::cuda::{check_grads_cuda, gpu_present, run_suite};
-use ufa::testing::{feature_cases, standard_grad_cases, Alibi, Case, GradComparison, Instance};
 use ufa::{Context, DType};
+use ufa_testkit::cuda::{check_grads_cuda, gpu_present, run_suite};
+use ufa_testkit::{feature_cases, standard_grad_cases, Alibi, Case, GradComparison, Instance};
 
 /// Runs every case's forward and backward on the GPU against the f64 reference gradients
 /// (see `run_suite`).
@@ -33,7 +33,7 @@ fn standard_grad_cases_match_the_reference() {
 /// multiples of any tile, both modes.
 #[test]
 fn tensor_core_backward_matches_the_reference() {
-    let cases = ufa::testing::tensor_core_cases(true);
+    let cases = ufa_testkit::tensor_core_cases(true);
     run_grad_cases(&cases);
 }
 
@@ -54,7 +54,7 @@ fn features_and_layouts_backward_match_the_reference() {
 /// Batch 0, seqlen_q 0, seqlen_kv 0: zero gradients where no term reaches them.
 #[test]
 fn empty_problems_backward_match_the_reference() {
-    run_grad_cases(&ufa::testing::empty_cases());
+    run_grad_cases(&ufa_testkit::empty_cases());
 }
 
 /// Ten deterministic runs give bitwise-identical dQ, dK and dV, at sizes where many key blocks
@@ -132,9 +132,9 @@ fn sanitizer_backward_case() {
 #[test]
 fn nonfinite_values_propagate_as_in_the_reference() {
     run_suite(
-        &ufa::testing::nonfinite_cases(),
-        |ctx, c, seed| ufa::testing::check_nonfinite_cuda(ctx, c, seed, 0),
-        ufa::testing::NonFiniteReport::passed,
-        ufa::testing::NonFiniteReport::summary,
+        &ufa_testkit::nonfinite_cases(),
+        |ctx, c, seed| ufa_testkit::check_nonfinite_cuda(ctx, c, seed, 0),
+        ufa_testkit::NonFiniteReport::passed,
+        ufa_testkit::NonFiniteReport::summary,
     );
 }

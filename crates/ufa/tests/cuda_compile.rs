@@ -3,7 +3,7 @@
 //! (scripts/test-cuda-compile installs the `nvidia-cuda-nvrtc` wheel and points
 //! UFA_NVRTC_PATH at it), so it is ignored in a plain `cargo test`.
 
-use ufa::testing::cuda::{compile_variants, nvrtc_version};
+use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 
 /// Which variants the sm_90a pass compiles. The mma.sync kernels (`_sm80_`, `_decode_`) are compiled for
 /// sm_80 in full; their only sm_90 code (`#if __CUDA_ARCH__ >= 900` in mma.cuh, the

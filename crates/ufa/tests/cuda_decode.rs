@@ -3,8 +3,8 @@
 //! score modifier; KV caches and packed batches reach it through the sequence suites. Outputs
 //! are poisoned first. Without a GPU these tests say so and pass, unless `UFA_REQUIRE_GPU=1`.
 
-use ufa::testing::cuda::{check_case_cuda, loaded_kernels, run_suite};
-use ufa::testing::{decode_cases, Comparison};
+use ufa_testkit::cuda::{check_case_cuda, loaded_kernels, run_suite};
+use ufa_testkit::{decode_cases, Comparison};
 
 #[test]
 fn decoding_matches_the_reference() {
@@ -21,7 +21,7 @@ fn decoding_matches_the_reference() {
 #[test]
 #[ignore = "run by scripts/gpu-check under compute-sanitizer"]
 fn sanitizer_decode_case() {
-    let mut c = ufa::testing::Case::new(1, 2, 3000, 8, 128, ufa::DType::BF16);
+    let mut c = ufa_testkit::Case::new(1, 2, 3000, 8, 128, ufa::DType::BF16);
     c.heads_kv = 2;
     c.causal = true;
     c.window = (700, 0);
@@ -41,10 +41,10 @@ fn sanitizer_decode_case() {
 #[test]
 fn padded_head_dims_decode_on_the_decoding_kernel() {
     let ctx = ufa::Context::new().unwrap();
-    if !ufa::testing::cuda::gpu_present(&ctx) {
+    if !ufa_testkit::cuda::gpu_present(&ctx) {
         return;
     }
-    let mut c = ufa::testing::Case::new(2, 1, 4000, 16, 80, ufa::DType::BF16);
+    let mut c = ufa_testkit::Case::new(2, 1, 4000, 16, 80, ufa::DType::BF16);
     c.heads_kv = 2;
     let r = check_case_cuda(&ctx, &c, 5, 0).unwrap();
     assert!(r.passed(), "{}: {}", c.describe(), r.summary());
@@ -64,15 +64,15 @@ fn padded_head_dims_decode_on_the_decoding_kernel() {
 #[test]
 fn split_decoding_is_bitwise_reproducible() {
     let ctx = ufa::Context::new().unwrap();
-    if !ufa::testing::cuda::gpu_present(&ctx) {
+    if !ufa_testkit::cuda::gpu_present(&ctx) {
         return;
     }
     for (batch, heads_kv, skv) in [(1, 1, 30011), (2, 4, 8193)] {
-        let mut c = ufa::testing::Case::new(batch, 1, skv, 32, 128, ufa::DType::BF16);
+        let mut c = ufa_testkit::Case::new(batch, 1, skv, 32, 128, ufa::DType::BF16);
         c.heads_kv = heads_kv;
         let mut first = None;
         for run in 0..10 {
-            let mut inst = ufa::testing::Instance::new(&c, 9);
+            let mut inst = ufa_testkit::Instance::new(&c, 9);
             inst.run_cuda(&ctx, 0).unwrap();
             let (out, lse) = inst.outputs();
             assert!(out.iter().all(|x| x.is_finite()));

@@ -18,11 +18,11 @@ use cudarc::driver::{result as cu, sys};
 use half::bf16;
 use std::ffi::c_void;
 use support::cuda_memory::{ok, DevBuf, Primary, Stream};
-use ufa::testing::cuda::gpu_present;
 use ufa::{
     AttentionParams, BackwardInputs, Context, DType, Device, ErrorKind, Gradients, TensorView,
     TensorViewMut,
 };
+use ufa_testkit::cuda::gpu_present;
 
 const SHAPE: [usize; 4] = [1, 512, 8, 128];
 const LSE: [usize; 3] = [1, 8, 512];

@@ -3,11 +3,11 @@
 //! no GPU these tests check the "no CUDA" error and pass; `UFA_REQUIRE_GPU=1` (set by
 //! scripts/gpu-check) makes a missing GPU a failure instead.
 
-use ufa::testing::cuda::{check_case_cuda, gpu_present, loaded_kernels, run_suite};
-use ufa::testing::{standard_cases, Alibi, Case, Comparison, MaskSpec, Placement};
 use ufa::{
     AttentionParams, Context, DType, Device, ErrorKind, Fp32Precision, TensorView, TensorViewMut,
 };
+use ufa_testkit::cuda::{check_case_cuda, gpu_present, loaded_kernels, run_suite};
+use ufa_testkit::{standard_cases, Alibi, Case, Comparison, MaskSpec, Placement};
 
 /// Runs every case's forward on the GPU against the f64 reference (see `run_suite`).
 fn run_cases(cases: &[Case]) {
@@ -28,7 +28,7 @@ fn standard_cases_match_the_reference() {
 /// multiples of any tile.
 #[test]
 fn tensor_core_variants_match_the_reference() {
-    let cases = ufa::testing::tensor_core_cases(false);
+    let cases = ufa_testkit::tensor_core_cases(false);
     run_cases(&cases);
 }
 
@@ -36,7 +36,7 @@ fn tensor_core_variants_match_the_reference() {
 /// bound by default, TF32's documented one in its mode).
 #[test]
 fn fp32_tensor_core_variants_match_the_reference() {
-    run_cases(&ufa::testing::fp32_tensor_core_cases());
+    run_cases(&ufa_testkit::fp32_tensor_core_cases());
 }
 
 /// What an fp32 user gets: the tensor-core kernel in the precision asked for, not the
@@ -76,7 +76,7 @@ fn padded_head_dims_take_the_tensor_cores() {
         return;
     }
     let mut failed = Vec::new();
-    for c in ufa::testing::padded_head_dim_cases() {
+    for c in ufa_testkit::padded_head_dim_cases() {
         let r = check_case_cuda(&ctx, &c, 11, 0).unwrap();
         println!(
             "{} {}: {}",
@@ -99,13 +99,13 @@ fn padded_head_dims_take_the_tensor_cores() {
 
 #[test]
 fn features_and_layouts_match_the_reference() {
-    run_cases(&ufa::testing::feature_cases());
+    run_cases(&ufa_testkit::feature_cases());
 }
 
 /// Batch 0, seqlen_q 0, seqlen_kv 0: empty outputs, or the fully-masked rule (device memsets).
 #[test]
 fn empty_problems_match_the_reference() {
-    run_cases(&ufa::testing::empty_cases());
+    run_cases(&ufa_testkit::empty_cases());
 }
 
 /// A host pointer passed as a CUDA tensor is an error naming the tensor, never a crash; on a
@@ -171,7 +171,7 @@ fn bad_cuda_inputs_are_errors() {
             "{e}"
         );
         // The CPU path is unaffected.
-        let c = ufa::testing::check_case(&ctx, &Case::new(1, 5, 7, 2, 32, DType::F32), 1).unwrap();
+        let c = ufa_testkit::check_case(&ctx, &Case::new(1, 5, 7, 2, 32, DType::F32), 1).unwrap();
         assert!(c.passed());
     }
     assert!(
@@ -198,7 +198,7 @@ fn second_process_loads_from_the_disk_cache() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(ufa::testing::cuda::CACHE_DIR_ENV, &dir)
+            .env(ufa_testkit::cuda::CACHE_DIR_ENV, &dir)
             .output()
             .unwrap()
     };

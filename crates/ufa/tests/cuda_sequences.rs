@@ -4,13 +4,13 @@
 //! and a rejected append that leaves the cache as it was. Without a GPU these tests say so and
 //! pass, unless `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
 
-use ufa::testing::cuda::{gpu_present, run_suite};
-use ufa::testing::{
+use ufa::{Context, DType, ErrorKind, Fp32Precision};
+use ufa_testkit::cuda::{gpu_present, run_suite};
+use ufa_testkit::{
     check_kvcache_cuda, check_merge_cuda, check_varlen_cuda, check_varlen_grads_cuda,
     kvcache_cases, merge_cases, varlen_cases, varlen_grad_cases, Alibi, Comparison, Features,
     GradComparison, KvCacheCase, KvCacheInstance, VarlenCase, VarlenInstance,
 };
-use ufa::{Context, DType, ErrorKind, Fp32Precision};
 
 /// Long enough for several 128-row query blocks and key tiles, at the tensor-core head dims
 /// (64 and 128 run wgmma on Hopper, 96 the mma.sync kernel), GQA, every dtype; and short

@@ -20,10 +20,10 @@ use std::ffi::c_void;
 use std::sync::Barrier;
 use std::time::Instant;
 use support::cuda_memory::{DevBuf, Primary, Stream};
-use ufa::testing::cuda::gpu_present;
 use ufa::{
     AttentionParams, BackwardInputs, Context, DType, Device, Gradients, TensorView, TensorViewMut,
 };
+use ufa_testkit::cuda::gpu_present;
 
 /// Threads queueing work at once: enough that several always hold the CPU side of a launch
 /// (validation, kernel lookup, module loading) at the same time.

@@ -2,8 +2,8 @@
 //! context must serve many threads at once.
 
 use std::sync::Arc;
-use ufa::testing::{Alibi, Case, Instance};
 use ufa::{Context, DType};
+use ufa_testkit::{Alibi, Case, Instance};
 
 fn problems() -> Vec<Case> {
     let mut v = vec![];

@@ -2,7 +2,7 @@
 //! compared element by element with the f64 reference on every CPU kernel family: outputs start
 //! as NaN, so one left unwritten fails.
 
-use ufa::testing::{check_case, check_grads, empty_cases, run_on_every_isa};
+use ufa_testkit::{check_case, check_grads, empty_cases, run_on_every_isa};
 
 #[test]
 fn empty_forwards_match_the_reference() {

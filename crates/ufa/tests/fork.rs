@@ -4,8 +4,8 @@
 #![cfg(unix)]
 
 use std::time::{Duration, Instant};
-use ufa::testing::{Case, Instance};
 use ufa::{Context, DType};
+use ufa_testkit::{Case, Instance};
 
 #[test]
 fn forked_child_can_compute() {

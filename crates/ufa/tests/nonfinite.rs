@@ -1,16 +1,16 @@
 //! Non-finite inputs propagate as the f64 reference says: a NaN or ±inf planted in q, k, v, an
 //! additive mask, ALiBi slopes or dO reaches exactly the outputs it reaches in the reference
 //! (never hidden as a finite number, never spread beyond the tiles of a product with a masked
-//! probability; see `ufa::testing::nonfinite`). Fixed cases on every CPU kernel family, then
+//! probability; see `ufa_testkit::nonfinite`). Fixed cases on every CPU kernel family, then
 //! random ones on the best family. Set UFA_PROPTEST_CASES to run more (or fewer) random cases.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use ufa::testing::{
+use ufa::{Context, DType};
+use ufa_testkit::{
     check_nonfinite, nonfinite_cases, run_on_every_isa, Alibi, Case, MaskSpec, NonFiniteCase,
     Plant, Site,
 };
-use ufa::{Context, DType};
 
 #[test]
 fn planted_values_reach_what_the_reference_says_on_every_kernel_family() {
@@ -121,7 +121,7 @@ fn random_plants_reach_what_the_reference_says() {
             prop_assert!(
                 r.passed(),
                 "{} (seed {seed}): {}",
-                ufa::testing::Described::describe(&c),
+                ufa_testkit::Described::describe(&c),
                 r.summary()
             );
             Ok(())

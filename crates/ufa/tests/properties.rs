@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use ufa::testing::{check_case, Alibi, Case, MaskSpec, Placement};
 use ufa::{CausalAlignment, Context, DType};
+use ufa_testkit::{check_case, Alibi, Case, MaskSpec, Placement};
 
 const HEAD_DIMS: [usize; 10] = [1, 8, 32, 64, 80, 96, 128, 160, 192, 256];
 /// Keeps one case's f64 reference under about a second.

@@ -1,7 +1,7 @@
 //! Packed variable-length batches, KV caches and merging on the CPU, against the f64
 //! reference, on every kernel family this machine runs.
 
-use ufa::testing::{
+use ufa_testkit::{
     check_kvcache, check_merge, check_varlen, check_varlen_grads, kvcache_cases, merge_cases,
     run_on_every_isa, varlen_cases, varlen_grad_cases, Comparison, GradComparison,
 };
@@ -53,8 +53,8 @@ mod properties {
 
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
-    use ufa::testing::{check_kvcache, check_varlen, Alibi, Features, KvCacheCase, VarlenCase};
     use ufa::{CausalAlignment, Context, DType};
+    use ufa_testkit::{check_kvcache, check_varlen, Alibi, Features, KvCacheCase, VarlenCase};
 
     fn cases() -> u32 {
         std::env::var("UFA_PROPTEST_CASES")

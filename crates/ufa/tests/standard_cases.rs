@@ -1,6 +1,6 @@
 //! `ufa check`'s spread of problems, on every CPU kernel family this machine runs.
 
-use ufa::testing::{check_case, run_on_every_isa, standard_cases, Comparison};
+use ufa_testkit::{check_case, run_on_every_isa, standard_cases, Comparison};
 
 #[test]
 fn standard_cases_match_reference_on_every_isa() {
@@ -17,7 +17,7 @@ fn standard_cases_match_reference_on_every_isa() {
 #[test]
 fn decode_cases_match_reference_on_every_isa() {
     run_on_every_isa(
-        &ufa::testing::decode_cases(),
+        &ufa_testkit::decode_cases(),
         check_case,
         Comparison::passed,
         Comparison::summary,

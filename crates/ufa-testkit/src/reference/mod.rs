@@ -4,12 +4,12 @@
 //! query row at a time, the full score row in memory) and shares no masking code with the
 //! backends, so a mistake in a kernel's band or broadcast logic shows up as a mismatch.
 
-use crate::dtype::load_f64;
-use crate::error::{invalid, Result};
-use crate::params::{AttentionParams, CausalAlignment};
-use crate::problem::validate_inputs;
-use crate::tensor::TensorView;
-use crate::Device;
+use ufa::internals::load_f64;
+use ufa::internals::validate_forward_inputs;
+use ufa::Device;
+use ufa::Result;
+use ufa::TensorView;
+use ufa::{AttentionParams, CausalAlignment};
 
 mod sequences;
 pub use sequences::{
@@ -133,36 +133,45 @@ impl RefScores<'_, '_> {
     }
 }
 
-/// Validates the inputs and prepares the score computation.
+/// A validated call's dimensions, read from its tensors: (batch, seqlen_q, seqlen_kv, heads_q,
+/// heads_kv, head_dim, head_dim_v).
+type Dims = (usize, usize, usize, usize, usize, usize, usize);
+
+/// Validates the inputs (as the library does) and prepares the score computation.
 fn ref_setup<'x, 'a>(
     q: &'x TensorView<'a>,
     k: &'x TensorView<'a>,
     v: &TensorView<'_>,
     params: &'x AttentionParams<'a>,
-) -> Result<(crate::problem::Problem, RefScores<'x, 'a>)> {
-    let p = validate_inputs(q, k, v, params)?;
-    if p.device != Device::Cpu {
-        invalid!(
+) -> Result<(Dims, RefScores<'x, 'a>)> {
+    validate_forward_inputs(q, k, v, params)?;
+    if q.device() != Device::Cpu {
+        return Err(ufa::Error::invalid(format!(
             "the reference runs on host memory, but q is on {}",
-            p.device
-        );
+            q.device()
+        )));
     }
+    let ([b, sq, hq, d], [skv, hkv], dv) = (
+        [0, 1, 2, 3].map(|i| q.shape()[i]),
+        [1, 2].map(|i| k.shape()[i]),
+        v.shape()[3],
+    );
     let scores = RefScores {
         q,
         k,
         params,
-        heads_q: p.heads_q,
-        heads_kv: p.heads_kv,
-        head_dim: p.head_dim,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
         scale: params
             .softmax_scale
-            .map_or(1.0 / (p.head_dim as f64).sqrt(), |s| s as f64),
+            .map_or(1.0 / (d as f64).sqrt(), |s| s as f64),
         offset: match params.causal_alignment {
-            CausalAlignment::BottomRight => p.seqlen_kv as i64 - p.seqlen_q as i64,
+            CausalAlignment::BottomRight => skv as i64 - sq as i64,
             CausalAlignment::TopLeft => 0,
         },
     };
-    Ok((p, scores))
+    Ok(((b, sq, skv, hq, hkv, d, dv), scores))
 }
 
 /// Turns a score row into probabilities in place; returns the log-sum-exp.
@@ -210,14 +219,13 @@ pub fn reference_forward(
     v: &TensorView<'_>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceOutput> {
-    let (p, rs) = ref_setup(q, k, v, params)?;
-    let (b_n, sq, skv, hq, dv) = (p.batch, p.seqlen_q, p.seqlen_kv, p.heads_q, p.head_dim_v);
+    let ((b_n, sq, skv, hq, hkv, _, dv), rs) = ref_setup(q, k, v, params)?;
     let mut out = vec![0.0; b_n * sq * hq * dv];
     let mut lse = vec![f64::NEG_INFINITY; b_n * hq * sq];
     let (mut probs, mut cap, mut masked) = (vec![0.0; skv], vec![0.0; skv], vec![false; skv]);
     for b in 0..b_n {
         for h in 0..hq {
-            let hk = h / (hq / p.heads_kv);
+            let hk = h / (hq / hkv);
             for i in 0..sq {
                 rs.row(b, h, i, &mut probs, &mut cap);
                 masked_keys(&probs, &mut masked);
@@ -248,13 +256,12 @@ pub fn reference_masked_keys(
     v: &TensorView<'_>,
     params: &AttentionParams<'_>,
 ) -> Result<Vec<(bool, bool)>> {
-    let (p, rs) = ref_setup(q, k, v, params)?;
-    let (skv, hq) = (p.seqlen_kv, p.heads_q);
-    let rows = p.batch * hq * p.seqlen_q;
+    let ((b_n, sq, skv, hq, ..), rs) = ref_setup(q, k, v, params)?;
+    let rows = b_n * hq * sq;
     let mut masked = Vec::with_capacity(rows * skv);
     let (mut scores, mut cap, mut by_caller) = (vec![0.0; skv], vec![0.0; skv], vec![false; skv]);
     for n in 0..rows {
-        let (b, h, i) = (n / (hq * p.seqlen_q), n / p.seqlen_q % hq, n % p.seqlen_q);
+        let (b, h, i) = (n / (hq * sq), n / sq % hq, n % sq);
         rs.row_masked(b, h, i, &mut scores, &mut cap, Some(&mut by_caller));
         masked.extend(
             scores
@@ -292,22 +299,13 @@ pub fn reference_backward(
     delta_from_out: Option<&TensorView<'_>>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceGrads> {
-    let (p, rs) = ref_setup(q, k, v, params)?;
-    let (b_n, sq, skv, hq, hkv, d, dv) = (
-        p.batch,
-        p.seqlen_q,
-        p.seqlen_kv,
-        p.heads_q,
-        p.heads_kv,
-        p.head_dim,
-        p.head_dim_v,
-    );
+    let ((b_n, sq, skv, hq, hkv, d, dv), rs) = ref_setup(q, k, v, params)?;
     if dout.shape() != [b_n, sq, hq, dv] {
-        invalid!(
+        return Err(ufa::Error::invalid(format!(
             "dout.shape={:?} but must be [batch, seqlen_q, heads_q, head_dim_v]={:?}",
             dout.shape(),
             [b_n, sq, hq, dv]
-        );
+        )));
     }
     let mut g = ReferenceGrads {
         dq: vec![0.0; b_n * sq * hq * d],
@@ -363,7 +361,7 @@ pub fn reference_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::TensorView;
+    use ufa::TensorView;
 
     /// The analytic gradients of the reference match central finite differences of
     /// `Σ out · dout` on a tiny problem with every score modifier on.

@@ -4,15 +4,15 @@
 //! by element.
 
 use super::{read, reference_backward, reference_forward, ReferenceGrads, ReferenceOutput};
-use crate::dtype::DType;
-use crate::error::{invalid, Result};
-use crate::kvcache::{KvAppend, Rotary};
-use crate::merge::AttentionState;
-use crate::params::AttentionParams;
-use crate::tensor::TensorView;
-use crate::varlen::Varlen;
-use crate::Device;
 use half::{bf16, f16};
+use ufa::AttentionParams;
+use ufa::AttentionState;
+use ufa::DType;
+use ufa::Device;
+use ufa::Result;
+use ufa::TensorView;
+use ufa::Varlen;
+use ufa::{KvAppend, Rotary};
 
 /// An int32 host array as values.
 fn ints(t: &TensorView<'_>) -> Vec<i64> {
@@ -219,7 +219,9 @@ pub fn reference_varlen_backward(
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceGrads> {
     if seqs.block_table.is_some() || seqs.seqused_kv.is_some() {
-        invalid!("the reference backward takes packed keys without seqused_kv");
+        return Err(ufa::Error::invalid(
+            "the reference backward takes packed keys without seqused_kv",
+        ));
     }
     let (cu_q, cu_kv) = (ints(&seqs.cu_seqlens_q), ints(&seqs.cu_seqlens_kv));
     let (total_q, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
@@ -316,7 +318,7 @@ fn values4(t: &TensorView<'_>) -> Vec<f64> {
     v
 }
 
-/// A KV-cache call in f64 (see [`crate::KvCache`]): the cache after appending `append`
+/// A KV-cache call in f64 (see [`ufa::KvCache`]): the cache after appending `append`
 /// (rotated), then attention of q (rotated and rounded to its dtype, as the call does) over
 /// each sequence's keys. `k_cache`/`v_cache` are the cache before the call.
 #[allow(clippy::too_many_arguments)]
@@ -435,7 +437,7 @@ pub fn reference_kvcache(
     })
 }
 
-/// Merged states in f64 (see [`crate::AttentionState`]): out `[batch, seqlen, heads, dim]`,
+/// Merged states in f64 (see [`ufa::AttentionState`]): out `[batch, seqlen, heads, dim]`,
 /// LSE `[batch, heads, seqlen]`.
 pub fn reference_merge(states: &[AttentionState<'_>]) -> ReferenceOutput {
     let s = states[0].out.shape();

@@ -48,7 +48,8 @@ impl Plan {
             (&p.dv, kv),
         ]);
         let tensor_cores = half && same && aligned && f.head_dim == f.head_dim_v;
-        let score_mod = f.softcap > 0.0 || f.alibi.is_some() || f.mask.is_some();
+        // Unlike the forward's (needs_score_mod), any scale: the backward subtracts the LSE.
+        let score_mod = f.modifies_scores();
         // The Hopper kernel's tensor maps cover dense batches; a packed one takes the sm_80
         // kernel (which runs on Hopper too).
         let dense = !has_sequence_metadata(f);
@@ -316,8 +317,8 @@ pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::{BackwardInputs, Gradients};
     use crate::cuda::tiles::BwdTile;
+    use crate::grads::{BackwardInputs, Gradients};
     use crate::problem::{validate_backward, BackwardArgs};
     use crate::{AttentionParams, TensorView, TensorViewMut};
     use half::bf16;

@@ -455,12 +455,14 @@ pub(crate) unsafe fn launch<P>(
 }
 
 /// Device memory owned by ufa's tests and benchmarks (the library itself never allocates).
-pub(crate) struct DeviceBuffer {
+#[cfg(any(test, feature = "testkit"))]
+pub struct DeviceBuffer {
     pub ptr: CUdeviceptr,
     pub bytes: usize,
     ordinal: u32,
 }
 
+#[cfg(any(test, feature = "testkit"))]
 impl DeviceBuffer {
     pub fn new(ordinal: u32, bytes: usize) -> Result<DeviceBuffer> {
         let _ctx = driver()?.enter(ordinal)?;
@@ -489,6 +491,7 @@ impl DeviceBuffer {
     }
 }
 
+#[cfg(any(test, feature = "testkit"))]
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         if let Ok(d) = driver() {
@@ -604,13 +607,15 @@ pub(crate) unsafe fn read_on_stream<T: Copy>(
 }
 
 /// Waits for all work of `ordinal`'s primary context.
-pub(crate) fn synchronize(ordinal: u32) -> Result<()> {
+#[cfg(any(test, feature = "testkit"))]
+pub fn synchronize(ordinal: u32) -> Result<()> {
     let _ctx = driver()?.enter(ordinal)?;
     cu::ctx::synchronize().map_err(|e| driver_error("cuCtxSynchronize (a kernel failed?)", e))
 }
 
 /// Milliseconds `f` takes on the GPU, measured with events on the legacy default stream.
-pub(crate) fn time_ms(ordinal: u32, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+#[cfg(any(test, feature = "testkit"))]
+pub fn time_ms(ordinal: u32, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
     let _ctx = driver()?.enter(ordinal)?;
     let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
     let start = cu::event::create(flags).map_err(|e| driver_error("cuEventCreate", e))?;

@@ -179,6 +179,7 @@ pub(crate) fn compile_options(arch: &str) -> Vec<String> {
 /// A compiled module: the cubin and NVRTC's log (ptxas's resource report included).
 pub(crate) struct Compiled {
     pub cubin: Vec<u8>,
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub log: String,
 }
 

@@ -6,10 +6,10 @@
 //! (name, threads, shared memory, program, `all`), and its selection.
 
 use super::abi::{ROW_WARPS, SIMPLE_WARPS};
-use super::decode::{decode_tile_for, m_tiles_for, DecodeTile, DECODE_MAX_ROWS};
+use super::decode::DecodeTile;
 use super::sm90::{self, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
-use super::tiles::{bwd_tile_for, mma_tile_head_dim, tile_for, BwdTile, Tile, MMA_HEAD_DIMS};
+use super::tiles::{mma_tile_head_dim, tile_for, BwdTile, Tile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::Fp32Precision;
@@ -94,6 +94,7 @@ pub(crate) enum RowKernel {
 }
 
 impl RowKernel {
+    #[cfg(any(test, feature = "testkit"))]
     pub const ALL: [RowKernel; 4] = [
         RowKernel::Preprocess,
         RowKernel::ConvertDq,
@@ -472,7 +473,10 @@ impl Variant {
 
     /// Every variant the library can launch on a device with `max_smem` bytes a block
     /// (`hopper`: with the sm_90a kernels).
+    #[cfg(any(test, feature = "testkit"))]
     pub fn all(max_smem: u32, hopper: bool) -> Vec<Variant> {
+        use super::decode::{decode_tile_for, m_tiles_for, DECODE_MAX_ROWS};
+        use super::tiles::{bwd_tile_for, MMA_HEAD_DIMS};
         let mut v = Vec::new();
         // (score_mod, seqs): plain or general scores, dense batches or sequence metadata.
         let flag_sets = [(false, false), (true, false), (false, true), (true, true)];
@@ -592,10 +596,13 @@ impl Variant {
     }
 }
 
-/// Whether `p` takes the score-modifying variants: softcap, ALiBi, a mask, or a scale the plain
-/// variants cannot fuse into exp2 (max(s)·scale = max(s·scale) only for scale > 0).
+/// Whether `p`'s forward takes the score-modifying variants: the scores are modified
+/// ([`Problem::modifies_scores`]), or the scale is one the plain variants cannot fuse into
+/// exp2 (their running maximum is taken before scaling: max(s)·scale = max(s·scale) only for
+/// scale > 0). The backward subtracts the stored LSE instead of a running maximum, so for it
+/// the scale's sign does not matter.
 pub(crate) fn needs_score_mod(p: &Problem) -> bool {
-    p.softcap > 0.0 || p.alibi.is_some() || p.mask.is_some() || p.scale <= 0.0
+    p.modifies_scores() || p.scale <= 0.0
 }
 
 /// Whether `p` reads sequence metadata: a packed batch, per-sequence key counts, or a cache

@@ -1,0 +1,24 @@
+//! What ufa's test kit (`crates/ufa-testkit`: the f64 reference, the random cases, `ufa check`)
+//! needs from inside the library: the validation the reference shares with the backends, raw
+//! element loads, device memory and timing for the GPU suites, and the NVRTC compile reports.
+//! Compiled only with the `testkit` feature; not part of ufa's API and without stability
+//! promises.
+
+pub use crate::cuda::{
+    compile_all_variants, compile_variants, nvrtc_version, synchronize, time_ms, CompileReport,
+    DeviceBuffer, ModuleReport, CACHE_DIR_ENV, NVRTC_PATH_ENV,
+};
+pub use crate::dtype::load_f64;
+
+use crate::{AttentionParams, Result, TensorView};
+
+/// Validates q, k, v and `params` exactly as a forward call does, so the reference rejects
+/// the calls the library rejects (and may then read the dimensions from the shapes).
+pub fn validate_forward_inputs(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    params: &AttentionParams<'_>,
+) -> Result<()> {
+    crate::problem::validate_inputs(q, k, v, params).map(|_| ())
+}
