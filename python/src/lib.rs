@@ -284,8 +284,9 @@ static RECORD: AtomicBool = AtomicBool::new(false);
 type Record = Vec<(&'static str, usize, Vec<usize>, Vec<usize>)>;
 static LAST_CALL: Mutex<Record> = Mutex::new(Vec::new());
 
-fn record(args: &[&Arg]) {
+fn record<'a>(args: impl IntoIterator<Item = &'a Arg>) {
     if RECORD.load(Ordering::Relaxed) {
+        let args: Vec<&Arg> = args.into_iter().collect();
         let mut rec: Record = args
             .iter()
             .map(|a| {
@@ -303,49 +304,97 @@ fn record(args: &[&Arg]) {
     }
 }
 
-/// The parameters shared by forward and backward.
-struct Options<'a> {
-    params: AttentionParams<'a>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn options<'a>(
+/// The score parameters every entry point takes, flat in its Python signature (as the
+/// `torch.library` ops that call it must be), gathered into one record at the top of the call.
+struct Scores {
     scale: Option<f64>,
     causal: bool,
     top_left: bool,
-    window_left: i64,
-    window_right: i64,
+    window: (i64, i64),
     softcap: f64,
-    alibi: Option<&'a Arg>,
-    mask: Option<&'a Arg>,
     deterministic: bool,
     tf32: bool,
-) -> PyResult<Options<'a>> {
-    let mut params = AttentionParams::default()
-        .causal(causal)
-        .causal_alignment(if top_left {
-            CausalAlignment::TopLeft
-        } else {
-            CausalAlignment::BottomRight
-        })
-        .window(window_left, window_right)
-        .softcap(softcap as f32)
-        .deterministic(deterministic)
-        .fp32_precision(if tf32 {
-            Fp32Precision::Tf32
-        } else {
-            Fp32Precision::Ieee
-        });
-    if let Some(s) = scale {
-        params = params.softmax_scale(s as f32);
+}
+
+impl Scores {
+    /// The core's parameters, borrowing the imported ALiBi slopes and mask.
+    fn params<'a>(
+        &self,
+        alibi: Option<&'a Arg>,
+        mask: Option<&'a Arg>,
+    ) -> PyResult<AttentionParams<'a>> {
+        let mut params = AttentionParams::default()
+            .causal(self.causal)
+            .causal_alignment(if self.top_left {
+                CausalAlignment::TopLeft
+            } else {
+                CausalAlignment::BottomRight
+            })
+            .window(self.window.0, self.window.1)
+            .softcap(self.softcap as f32)
+            .deterministic(self.deterministic)
+            .fp32_precision(if self.tf32 {
+                Fp32Precision::Tf32
+            } else {
+                Fp32Precision::Ieee
+            });
+        if let Some(s) = self.scale {
+            params = params.softmax_scale(s as f32);
+        }
+        if let Some(a) = alibi {
+            params = params.alibi_slopes(a.view()?);
+        }
+        if let Some(m) = mask {
+            params = params.mask(m.view()?);
+        }
+        Ok(params)
     }
-    if let Some(a) = alibi {
-        params = params.alibi_slopes(a.view()?);
+}
+
+/// Runs a core call with the GIL released. CUDA work goes on the producer's current stream of
+/// `first` (PyTorch's `current_stream()` through the DLPack exchange API; null, the legacy
+/// default stream, for producers without it, which is what `__dlpack__()` without a stream
+/// argument synchronises with). Nothing waits for it.
+fn run_detached(
+    py: Python<'_>,
+    first: &Arg,
+    call: impl FnOnce(*mut c_void) -> ufa::Result<()> + Send,
+) -> PyResult<()> {
+    let stream = first.stream as usize;
+    py.detach(|| call(stream as *mut c_void))
+        .map_err(core_error)
+}
+
+/// The nine arrays of a backward call (q, k, v, out, dout, lse, dq, dk, dv), imported.
+fn import_backward(objs: [&Bound<'_, PyAny>; 9]) -> PyResult<[Arg; 9]> {
+    const NAMES: [&str; 9] = ["q", "k", "v", "out", "dout", "lse", "dq", "dk", "dv"];
+    let mut args = Vec::with_capacity(9);
+    for (obj, name) in objs.into_iter().zip(NAMES) {
+        args.push(import(obj, name)?);
     }
-    if let Some(m) = mask {
-        params = params.mask(m.view()?);
-    }
-    Ok(Options { params })
+    Ok(args
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("nine names, nine arrays")))
+}
+
+/// The backward's views of `import_backward`'s arrays.
+fn backward_views(args: &[Arg; 9]) -> PyResult<(BackwardInputs<'_>, Gradients<'_>)> {
+    let [q, k, v, out, dout, lse, dq, dk, dv] = args;
+    Ok((
+        BackwardInputs {
+            q: q.view()?,
+            k: k.view()?,
+            v: v.view()?,
+            out: out.view()?,
+            dout: dout.view()?,
+            lse: lse.view()?,
+        },
+        Gradients {
+            dq: dq.view_mut()?,
+            dk: dk.view_mut()?,
+            dv: dv.view_mut()?,
+        },
+    ))
 }
 
 /// Computes attention into `out` (and the log-sum-exp into `lse` when given), in place.
@@ -383,6 +432,15 @@ fn forward(
     tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
+    let scores = Scores {
+        scale,
+        causal,
+        top_left,
+        window: (window_left, window_right),
+        softcap,
+        deterministic: false,
+        tf32,
+    };
     let (q, k, v, out) = (
         import(q, "q")?.bhsd(bhsd),
         import(k, "k")?.bhsd(bhsd),
@@ -392,44 +450,22 @@ fn forward(
     let lse = import_opt(lse, "lse")?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
     let mask = import_opt(mask, "mask")?;
-    let mut all = vec![&q, &k, &v, &out];
-    all.extend(lse.iter().chain(&alibi).chain(&mask));
-    record(&all);
-    let opts = options(
-        scale,
-        causal,
-        top_left,
-        window_left,
-        window_right,
-        softcap,
-        alibi.as_ref(),
-        mask.as_ref(),
-        false,
-        tf32,
-    )?;
+    record(
+        [&q, &k, &v, &out]
+            .into_iter()
+            .chain(&lse)
+            .chain(&alibi)
+            .chain(&mask),
+    );
+    let params = scores.params(alibi.as_ref(), mask.as_ref())?;
     let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
     let mut ov = out.view_mut()?;
     let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
-    // CUDA work goes on the producer's current stream (PyTorch's `current_stream()` through the
-    // DLPack exchange API; null, the legacy default stream, for producers without it, which is
-    // what `__dlpack__()` without a stream argument synchronises with). Nothing waits for it.
-    let stream = q.stream as usize;
-    py.detach(|| {
+    run_detached(py, &q, |stream| {
         // SAFETY: the stream is the producer's live current stream of the tensors' device (or
         // null), and the producer keeps the memory valid in that stream's order.
-        unsafe {
-            ctx.forward_on_stream(
-                &qv,
-                &kv,
-                &vv,
-                &mut ov,
-                lv.as_mut(),
-                &opts.params,
-                stream as *mut c_void,
-            )
-        }
+        unsafe { ctx.forward_on_stream(&qv, &kv, &vv, &mut ov, lv.as_mut(), &params, stream) }
     })
-    .map_err(core_error)
 }
 
 /// Gradients of attention, written in place into dq, dk and dv (shapes of q, k and v).
@@ -463,55 +499,25 @@ fn backward(
     deterministic: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
-    let args = [
-        import(q, "q")?,
-        import(k, "k")?,
-        import(v, "v")?,
-        import(out, "out")?,
-        import(dout, "dout")?,
-        import(lse, "lse")?,
-        import(dq, "dq")?,
-        import(dk, "dk")?,
-        import(dv, "dv")?,
-    ];
-    let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
-    let mask = import_opt(mask, "mask")?;
-    let mut all: Vec<&Arg> = args.iter().collect();
-    all.extend(alibi.iter().chain(&mask));
-    record(&all);
-    let opts = options(
+    let scores = Scores {
         scale,
         causal,
         top_left,
-        window_left,
-        window_right,
+        window: (window_left, window_right),
         softcap,
-        alibi.as_ref(),
-        mask.as_ref(),
         deterministic,
-        false,
-    )?;
-    let inputs = BackwardInputs {
-        q: args[0].view()?,
-        k: args[1].view()?,
-        v: args[2].view()?,
-        out: args[3].view()?,
-        dout: args[4].view()?,
-        lse: args[5].view()?,
+        tf32: false,
     };
-    let mut grads = Gradients {
-        dq: args[6].view_mut()?,
-        dk: args[7].view_mut()?,
-        dv: args[8].view_mut()?,
-    };
-    // As the forward: CUDA work on q's producer stream, not waited for.
-    let stream = args[0].stream as usize;
-    py.detach(|| {
-        // SAFETY: as in `attention`: the producer's live current stream (or null), and the
-        // producer keeps the memory valid in that stream's order.
-        unsafe { ctx.backward_on_stream(&inputs, &mut grads, &opts.params, stream as *mut c_void) }
+    let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
+    let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
+    let mask = import_opt(mask, "mask")?;
+    record(args.iter().chain(&alibi).chain(&mask));
+    let params = scores.params(alibi.as_ref(), mask.as_ref())?;
+    let (inputs, mut grads) = backward_views(&args)?;
+    run_detached(py, &args[0], |stream| {
+        // SAFETY: as in `forward`.
+        unsafe { ctx.backward_on_stream(&inputs, &mut grads, &params, stream) }
     })
-    .map_err(core_error)
 }
 
 /// The metadata of a packed batch (all int32 arrays on the tensors' device).
@@ -600,6 +606,15 @@ fn forward_varlen(
     tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
+    let scores = Scores {
+        scale,
+        causal,
+        top_left,
+        window: (window_left, window_right),
+        softcap,
+        deterministic: false,
+        tf32,
+    };
     let (q, k, v, out) = (
         import(q, "q")?,
         import(k, "k")?,
@@ -617,28 +632,19 @@ fn forward_varlen(
         block_table,
         checked,
     )?;
-    let mut all = vec![&q, &k, &v, &out];
-    all.extend(lse.iter().chain(&alibi));
-    all.extend(packed.args());
-    record(&all);
-    let opts = options(
-        scale,
-        causal,
-        top_left,
-        window_left,
-        window_right,
-        softcap,
-        alibi.as_ref(),
-        None,
-        false,
-        tf32,
-    )?;
+    record(
+        [&q, &k, &v, &out]
+            .into_iter()
+            .chain(&lse)
+            .chain(&alibi)
+            .chain(packed.args()),
+    );
+    let params = scores.params(alibi.as_ref(), None)?;
     let seqs = packed.varlen()?;
     let (qv, kv, vv) = (q.view()?, k.view()?, v.view()?);
     let mut ov = out.view_mut()?;
     let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
-    let stream = q.stream as usize;
-    py.detach(|| {
+    run_detached(py, &q, |stream| {
         // SAFETY: as in `forward`.
         unsafe {
             ctx.forward_varlen_on_stream(
@@ -648,12 +654,11 @@ fn forward_varlen(
                 &mut ov,
                 lv.as_mut(),
                 &seqs,
-                &opts.params,
-                stream as *mut c_void,
+                &params,
+                stream,
             )
         }
     })
-    .map_err(core_error)
 }
 
 /// Gradients of `forward_varlen` (packed k and v), written in place into dq, dk and dv.
@@ -688,17 +693,16 @@ fn backward_varlen(
     checked: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
-    let args = [
-        import(q, "q")?,
-        import(k, "k")?,
-        import(v, "v")?,
-        import(out, "out")?,
-        import(dout, "dout")?,
-        import(lse, "lse")?,
-        import(dq, "dq")?,
-        import(dk, "dk")?,
-        import(dv, "dv")?,
-    ];
+    let scores = Scores {
+        scale,
+        causal,
+        top_left,
+        window: (window_left, window_right),
+        softcap,
+        deterministic,
+        tf32: false,
+    };
+    let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
     let packed = Packed::import(
         cu_seqlens_q,
@@ -709,50 +713,14 @@ fn backward_varlen(
         None,
         checked,
     )?;
-    let mut all: Vec<&Arg> = args.iter().collect();
-    all.extend(alibi.iter());
-    all.extend(packed.args());
-    record(&all);
-    let opts = options(
-        scale,
-        causal,
-        top_left,
-        window_left,
-        window_right,
-        softcap,
-        alibi.as_ref(),
-        None,
-        deterministic,
-        false,
-    )?;
+    record(args.iter().chain(&alibi).chain(packed.args()));
+    let params = scores.params(alibi.as_ref(), None)?;
     let seqs = packed.varlen()?;
-    let inputs = BackwardInputs {
-        q: args[0].view()?,
-        k: args[1].view()?,
-        v: args[2].view()?,
-        out: args[3].view()?,
-        dout: args[4].view()?,
-        lse: args[5].view()?,
-    };
-    let mut grads = Gradients {
-        dq: args[6].view_mut()?,
-        dk: args[7].view_mut()?,
-        dv: args[8].view_mut()?,
-    };
-    let stream = args[0].stream as usize;
-    py.detach(|| {
+    let (inputs, mut grads) = backward_views(&args)?;
+    run_detached(py, &args[0], |stream| {
         // SAFETY: as in `forward`.
-        unsafe {
-            ctx.backward_varlen_on_stream(
-                &inputs,
-                &mut grads,
-                &seqs,
-                &opts.params,
-                stream as *mut c_void,
-            )
-        }
+        unsafe { ctx.backward_varlen_on_stream(&inputs, &mut grads, &seqs, &params, stream) }
     })
-    .map_err(core_error)
 }
 
 /// Attention over a KV cache (FlashAttention's `flash_attn_with_kvcache`), written in place:
@@ -791,6 +759,15 @@ fn forward_kvcache(
     tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
+    let scores = Scores {
+        scale,
+        causal,
+        top_left,
+        window: (window_left, window_right),
+        softcap,
+        deterministic: false,
+        tf32,
+    };
     let (q, kc, vc, lens, out) = (
         import(q, "q")?,
         import(k_cache, "k_cache")?,
@@ -807,26 +784,13 @@ fn forward_kvcache(
         import_opt(rotary_sin, "rotary_sin")?,
     );
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
-    let mut all = vec![&q, &kc, &vc, &lens, &out];
-    for a in [&lse, &table, &idx, &kn, &vn, &cos, &sin, &alibi]
-        .into_iter()
-        .flatten()
-    {
-        all.push(a);
-    }
-    record(&all);
-    let opts = options(
-        scale,
-        causal,
-        top_left,
-        window_left,
-        window_right,
-        softcap,
-        alibi.as_ref(),
-        None,
-        false,
-        tf32,
-    )?;
+    let optional = [&lse, &table, &idx, &kn, &vn, &cos, &sin, &alibi];
+    record(
+        [&q, &kc, &vc, &lens, &out]
+            .into_iter()
+            .chain(optional.into_iter().flatten()),
+    );
+    let params = scores.params(alibi.as_ref(), None)?;
     let rotary = match (&cos, &sin) {
         (Some(c), Some(s)) => Some(Rotary {
             cos: c.view()?,
@@ -870,8 +834,7 @@ fn forward_kvcache(
     let qv = q.view()?;
     let mut ov = out.view_mut()?;
     let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
-    let stream = q.stream as usize;
-    py.detach(|| {
+    run_detached(py, &q, |stream| {
         // SAFETY: as in `forward`.
         unsafe {
             ctx.forward_kvcache_on_stream(
@@ -880,13 +843,12 @@ fn forward_kvcache(
                 append.as_ref(),
                 &mut ov,
                 lv.as_mut(),
-                &opts.params,
+                &params,
                 None,
-                stream as *mut c_void,
+                stream,
             )
         }
     })
-    .map_err(core_error)
 }
 
 /// Merges attention states (outputs `[batch, seqlen, heads, dim]` with f32 LSEs `[batch,
@@ -930,12 +892,10 @@ fn merge_states(
         .collect::<PyResult<Vec<_>>>()?;
     let mut ov = out.view_mut()?;
     let mut lv = lse.as_ref().map(|l| l.view_mut()).transpose()?;
-    let stream = out.stream as usize;
-    py.detach(|| {
+    run_detached(py, &out, |stream| {
         // SAFETY: as in `forward`.
-        unsafe { ctx.merge_states_on_stream(&states, &mut ov, lv.as_mut(), stream as *mut c_void) }
+        unsafe { ctx.merge_states_on_stream(&states, &mut ov, lv.as_mut(), stream) }
     })
-    .map_err(core_error)
 }
 
 /// Benchmark hook: seconds per `Context::forward` call on already-imported arrays, timed in
