@@ -139,6 +139,28 @@ impl Problem {
         let lo = lo.min(n) as usize;
         (lo, (hi.max(lo as i64)) as usize)
     }
+
+    /// Half-open range of the query rows of sequence `seq` whose band (causal/window rules
+    /// alone) holds some key of `key0..=key_last`: the band inverted, as the kernels'
+    /// `rows_of_keys` (kernels/mask.cuh) computes it.
+    pub fn rows_seeing_keys(&self, seq: &Seq, key0: usize, key_last: usize) -> (usize, usize) {
+        let n = seq.seqlen_q as i64;
+        let lo = match self.window_right {
+            Some(r) => (key0 as i64 - seq.diag_offset)
+                .saturating_sub(r as i64)
+                .max(0),
+            None => 0,
+        }
+        .min(n);
+        let hi = match self.window_left {
+            Some(l) => (key_last as i64 - seq.diag_offset)
+                .saturating_add(l as i64)
+                .saturating_add(1),
+            None => n,
+        }
+        .min(n);
+        (lo as usize, hi.max(lo) as usize)
+    }
 }
 
 /// Forward FLOPs: two matmuls, `2·Sq·Skv·D` for S = QKᵀ and `2·Sq·Skv·Dv` for O = PV, per head;
@@ -710,5 +732,51 @@ impl From<std::collections::TryReserveError> for Error {
             crate::error::ErrorKind::OutOfMemory,
             format!("scratch allocation failed: {e}"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inverted band is exactly the rows whose forward band meets the keys, for every
+    /// key range, alignment and window, with more, as many and fewer queries than keys.
+    #[test]
+    fn rows_seeing_keys_inverts_visible_keys() {
+        let (h, d) = (1, 8);
+        for (sq, skv) in [(7, 7), (5, 12), (12, 5)] {
+            let (q, k) = (vec![0f32; sq * h * d], vec![0f32; skv * h * d]);
+            let q = TensorView::new(&q, &[1, sq, h, d]).unwrap();
+            let k = TensorView::new(&k, &[1, skv, h, d]).unwrap();
+            let plain = AttentionParams::default();
+            let top_left = plain.causal_alignment(crate::CausalAlignment::TopLeft);
+            for params in [
+                plain,
+                plain.causal(true),
+                top_left.causal(true),
+                plain.window(2, 1),
+                plain.window(0, 3),
+                top_left.window(3, 0),
+            ] {
+                let p = validate_inputs(&q, &k, &k, &params).unwrap();
+                let seq = p.seq(0);
+                for key0 in 0..skv {
+                    for key_last in key0..skv {
+                        let want: Vec<usize> = (0..sq)
+                            .filter(|&i| {
+                                let (lo, hi) = p.visible_keys(&seq, i);
+                                lo < hi && lo <= key_last && key0 < hi
+                            })
+                            .collect();
+                        let (lo, hi) = p.rows_seeing_keys(&seq, key0, key_last);
+                        assert_eq!(
+                            (lo..hi).collect::<Vec<_>>(),
+                            want,
+                            "sq {sq} skv {skv} keys {key0}..={key_last} {params:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

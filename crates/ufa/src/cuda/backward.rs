@@ -180,7 +180,7 @@ impl StatLayout {
 
 impl DqOrder {
     /// The order for `p` run by `plan` on a device of `multiprocessors` SMs.
-    pub fn of(p: &BackwardProblem, plan: &Plan, f: &FwdParams, multiprocessors: u32) -> DqOrder {
+    pub fn of(p: &BackwardProblem, plan: &Plan, multiprocessors: u32) -> DqOrder {
         if !p.deterministic {
             return DqOrder::Any;
         }
@@ -192,22 +192,18 @@ impl DqOrder {
         let Some((block_n, per_sm)) = plan.key_blocks() else {
             return DqOrder::Turns;
         };
-        let key_blocks = p.fwd.seqlen_kv.div_ceil(block_n as usize) as i64;
-        // Every key block sees every query row: the last block's first key and the first
-        // block's last key both lie inside every row's band (kernels/mma.cuh, key_block).
-        let (off, left, right) = (
-            f.dense_diag_offset(),
-            f.window_left as i64,
-            f.window_right as i64,
-        );
-        let last_n0 = (key_blocks - 1) * block_n as i64;
-        let first_end = (block_n as i64).min(p.fwd.seqlen_kv as i64) - 1;
-        let full_band =
-            last_n0 - off - right <= 0 && first_end - off + left >= p.fwd.seqlen_q as i64 - 1;
+        let key_blocks = p.fwd.seqlen_kv.div_ceil(block_n as usize);
+        // Every key block sees every query row: row 0 sees the last block's first key and the
+        // last row the first block's last key (the kernels' key_block, kernels/bwd_keys.cuh).
+        let seq = p.fwd.seq(0);
+        let last_n0 = (key_blocks - 1) * block_n as usize;
+        let first_end = (block_n as usize).min(p.fwd.seqlen_kv) - 1;
+        let full_band = p.fwd.rows_seeing_keys(&seq, last_n0, last_n0).0 == 0
+            && p.fwd.rows_seeing_keys(&seq, first_end, first_end).1 == p.fwd.seqlen_q;
         // Half the device, so that other work on it cannot leave a head's blocks waiting for
         // one that finds no room.
         let resident = multiprocessors as i64 * per_sm as i64;
-        if full_band && 2 * key_blocks <= resident {
+        if full_band && 2 * key_blocks as i64 <= resident {
             DqOrder::RotatedTurns
         } else {
             DqOrder::Turns
@@ -268,7 +264,7 @@ impl BwdParams {
             seqlen_q_pad: stats.seqlen_q_pad as i32,
             block_m: block_m.unwrap_or(1) as i32,
             num_m_blocks: plan.num_m_blocks(p) as i32,
-            deterministic: DqOrder::of(p, plan, &fwd, multiprocessors) as i32,
+            deterministic: DqOrder::of(p, plan, multiprocessors) as i32,
             dtype_out: dtype_kind(f.out.dtype),
             dtype_dout: dtype_kind(p.dout.dtype),
             dtype_dq: dtype_kind(p.dq.dtype),
@@ -416,8 +412,7 @@ mod tests {
             let mut o = None;
             with_problem::<bf16>(dims, params, |p| {
                 let plan = Plan::select(p, 232_448, true);
-                let f = FwdParams::new(&p.fwd, plan.block_m().unwrap()).unwrap();
-                o = Some(DqOrder::of(p, &plan, &f, sms));
+                o = Some(DqOrder::of(p, &plan, sms));
             });
             o.unwrap()
         };

@@ -162,15 +162,6 @@ impl FwdParams {
             num_m_blocks: p.seqlen_q.div_ceil(rpb) as i32,
         })
     }
-
-    /// The diagonal offset of a dense problem's sequences, as the kernels compute it.
-    pub fn dense_diag_offset(&self) -> i64 {
-        if self.top_left != 0 {
-            0
-        } else {
-            self.seqlen_kv as i64 - self.seqlen_q as i64
-        }
-    }
 }
 
 impl DecodeParams {
