@@ -132,8 +132,8 @@ fn bf16_path<const BF16: bool>(bp: &BackwardProblem) -> bool {
 }
 
 /// Per-thread buffers of the rows and the tile. The fp32 path keeps rows of Q and dO; the bf16
-/// path keeps them pair-packed (see `bf16.rs`): `*p` packs pairs along the head dimension, `*i`
-/// interleaves pairs of rows.
+/// path keeps them pair-packed (see `avx512_bf16.rs`): `*p` packs pairs along the head
+/// dimension, `*i` interleaves pairs of rows.
 struct Scratch {
     /// Query rows × dp: Q; query rows × dvp: dO.
     q: Vec<f32>,
@@ -280,7 +280,7 @@ fn load_rows(bp: &BackwardProblem, delta: &Deltas, t: &TileRows, sc: &mut Scratc
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the bf16 path runs only for bf16 q and dout, within the validated views.
         unsafe {
-            use super::bf16::{pack_interleaved, pack_row_pairs};
+            use super::avx512_bf16::{pack_interleaved, pack_row_pairs};
             let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
             for r in 0..t.nrows {
                 pack_row_pairs(q_at(r) as *const u16, d, &mut sc.qp[r * d2..][..d2]);
@@ -329,7 +329,7 @@ fn load_keys<const C: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the bf16 path runs only for bf16 k and v; keys j0+jj < seqlen_kv.
         unsafe {
-            use super::bf16::{pack_interleaved, pack_transposed_pairs};
+            use super::avx512_bf16::{pack_interleaved, pack_transposed_pairs};
             let v_at = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]);
             let (k_row, v_row) = (|jj| k_at(jj) as *const u16, |jj| v_at(jj) as *const u16);
             pack_transposed_pairs(k_row, nk, d, &mut kb.kp);
@@ -402,9 +402,9 @@ fn tile<M: MulAdd, const C: usize>(
         unsafe {
             let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
             let (qp, kp) = (Strided::rows(&sc.qp, d2), Strided::rows(&kb.kp, BK));
-            super::bf16::gemm::<false>(qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
+            super::avx512_bf16::gemm::<false>(qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
             let (dop, vp) = (Strided::rows(&sc.dop, dv2), Strided::rows(&kb.vp, BK));
-            super::bf16::gemm::<false>(dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
+            super::avx512_bf16::gemm::<false>(dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
         }
     } else {
         let (q, kt) = (Strided::rows(&sc.q, dp), Strided::rows(&kb.kt, BK));
@@ -417,7 +417,7 @@ fn tile<M: MulAdd, const C: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         unsafe {
-            use super::bf16::{gemm, pack_probabilities, pack_row_pairs_f32};
+            use super::avx512_bf16::{gemm, pack_probabilities, pack_row_pairs_f32};
             pack_row_pairs_f32(&sc.p, rows, &mut sc.p_rows);
             pack_row_pairs_f32(&sc.ds, rows, &mut sc.ds_rows);
             pack_probabilities(&sc.ds, &mut sc.ds_keys, rows);

@@ -2,16 +2,16 @@
 //! run time. Results depend only on the problem, never on the thread count: every output row is
 //! computed by one work item in a fixed order, and the split-KV decision uses problem sizes alone.
 
-mod backward;
 #[cfg(target_arch = "x86_64")]
-mod bf16;
+mod avx512_bf16;
+mod backward;
+mod forward;
 mod isa;
 mod kvcache;
 mod math;
 mod merge;
 mod microkernel;
 mod parallel;
-mod schedule;
 mod tile;
 
 pub use isa::{cpu_features, Isa};
@@ -121,10 +121,10 @@ impl CpuBackend {
 
     pub fn forward(&self, p: &Problem) -> Result<()> {
         if is_tiny(p) {
-            return schedule::forward(p, self.isa, Exec::Inline, &self.workspace);
+            return forward::forward(p, self.isa, Exec::Inline, &self.workspace);
         }
         let pool = self.pool()?;
-        pool.install(|| schedule::forward(p, self.isa, Exec::Pool, &self.workspace))
+        pool.install(|| forward::forward(p, self.isa, Exec::Pool, &self.workspace))
     }
 
     /// Appends to the cache, rotates q when asked, then attends over the cache.

@@ -201,7 +201,7 @@ pub fn begin<M: MulAdd, const BF16: bool>(
             let d2 = d.div_ceil(2);
             // SAFETY: as above; bf16 elements.
             unsafe {
-                super::bf16::pack_row_pairs(
+                super::avx512_bf16::pack_row_pairs(
                     p.q.at([t.batch, qpos, head, 0]) as *const u16,
                     d,
                     &mut sc.qp[r * d2..][..d2],
@@ -253,9 +253,9 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
             unsafe {
                 let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-                super::bf16::pack_transposed_pairs(row, nk, d, &mut sc.kp);
+                super::avx512_bf16::pack_transposed_pairs(row, nk, d, &mut sc.kp);
                 let d2 = d.div_ceil(2);
-                super::bf16::gemm::<false>(
+                super::avx512_bf16::gemm::<false>(
                     Strided::rows(&sc.qp, d2),
                     Strided::rows(&sc.kp, BK),
                     &mut sc.s,
@@ -307,11 +307,11 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above; rows j0..j0+nk of the validated v view hold bf16.
             unsafe {
-                super::bf16::pack_probabilities(&sc.s, &mut sc.pp, rows);
+                super::avx512_bf16::pack_probabilities(&sc.s, &mut sc.pp, rows);
                 let nk2 = nk.div_ceil(2);
                 let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-                super::bf16::pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
-                super::bf16::gemm::<true>(
+                super::avx512_bf16::pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
+                super::avx512_bf16::gemm::<true>(
                     Strided::rows(&sc.pp, BK / 2),
                     Strided::rows(&sc.vp, dvp),
                     &mut sc.acc,
