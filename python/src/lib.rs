@@ -993,6 +993,7 @@ fn _debug_last_call(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
 #[pymodule]
 fn _ufa(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", ufa::VERSION)?;
+    m.add("MAX_HEAD_DIM", ufa::MAX_HEAD_DIM)?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(forward_varlen, m)?)?;

@@ -7,6 +7,8 @@ written in place. Use the public API in :mod:`ufa` and :mod:`ufa.torch`; this mo
 from typing import Any, Dict, List, Optional, Tuple
 
 __version__: str
+# The largest head_dim (and head_dim_v) the core accepts.
+MAX_HEAD_DIM: int
 
 def forward(
     q: Any,

@@ -89,7 +89,6 @@ def _probe_cuda() -> bool:
 _assume_constant = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
 if _assume_constant is not None:
     _probe_cuda = _assume_constant(_probe_cuda)
-_MAX_HEAD_DIM = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,7 +556,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
     if qs[:-3] != ks[:-3] or ks[:-1] != vs[:-1]:
         return "shape"
     d, dv = qs[-1], vs[-1]
-    if ks[-1] != d or d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
+    if ks[-1] != d or d > _ufa.MAX_HEAD_DIM or dv > _ufa.MAX_HEAD_DIM:
         return "head_dim"
     # An empty batch or sequence is served (empty outputs, zeros where no key is seen); zero
     # heads or head dims are not.

@@ -273,6 +273,14 @@ pub(crate) fn check_tensor(
     Ok(())
 }
 
+/// `value`, the head dim named `name`, is one the kernels take (at most MAX_HEAD_DIM).
+pub(crate) fn check_head_dim(name: &str, value: usize) -> Result<()> {
+    if value > MAX_HEAD_DIM {
+        invalid!("{name}={value} exceeds the largest supported head dimension {MAX_HEAD_DIM}");
+    }
+    Ok(())
+}
+
 pub(crate) fn check_float(name: &str, dtype: DType) -> Result<()> {
     if !dtype.is_float() {
         invalid!("{name}.dtype={dtype} but must be f16, bf16 or f32");
@@ -552,14 +560,8 @@ pub(crate) fn validate_inputs(
             invalid!("{name}=0 but heads and head dimensions must be at least 1");
         }
     }
-    for (name, value) in [
-        ("q.shape[3] (head_dim)", head_dim),
-        ("v.shape[3] (head_dim_v)", head_dim_v),
-    ] {
-        if value > MAX_HEAD_DIM {
-            invalid!("{name}={value} exceeds the largest supported head dimension {MAX_HEAD_DIM}");
-        }
-    }
+    check_head_dim("q.shape[3] (head_dim)", head_dim)?;
+    check_head_dim("v.shape[3] (head_dim_v)", head_dim_v)?;
     check_dim("k", k.layout(), 0, batch, "q.shape[0] (batch)")?;
     check_dim("k", k.layout(), 3, head_dim, "q.shape[3] (head_dim)")?;
     check_dim("v", v.layout(), 0, batch, "q.shape[0] (batch)")?;

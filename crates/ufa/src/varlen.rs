@@ -11,9 +11,9 @@ use crate::metadata::{
 };
 use crate::params::AttentionParams;
 use crate::problem::{
-    assemble, byte_range, check_device, check_dim, check_f32, check_float, check_last_contiguous,
-    check_no_alias, check_no_self_overlap, check_rank, input_ranges, range_of, BackwardArgs,
-    BackwardProblem, Dims, Operand, Problem, Ranges, MAX_HEAD_DIM, MAX_SEQLEN,
+    assemble, byte_range, check_device, check_dim, check_f32, check_float, check_head_dim,
+    check_last_contiguous, check_no_alias, check_no_self_overlap, check_rank, input_ranges,
+    range_of, BackwardArgs, BackwardProblem, Dims, Operand, Problem, Ranges, MAX_SEQLEN,
 };
 use crate::sequences::{IntArray, KeyLengths, RowMap, Sequences};
 use crate::tensor::{Layout, TensorView, TensorViewMut};
@@ -169,11 +169,8 @@ fn varlen_inputs(
             invalid!("{name}=0 but every size must be at least 1");
         }
     }
-    for (name, value) in [("head_dim", head_dim), ("head_dim_v", head_dim_v)] {
-        if value > MAX_HEAD_DIM {
-            invalid!("{name}={value} exceeds the largest supported head dimension {MAX_HEAD_DIM}");
-        }
-    }
+    check_head_dim("head_dim", head_dim)?;
+    check_head_dim("head_dim_v", head_dim_v)?;
     check_dim("k", k.layout(), hd + 1, head_dim, "q.shape[2] (head_dim)")?;
     for d in 0..=hd {
         check_dim("v", v.layout(), d, k.shape()[d], &format!("k.shape[{d}]"))?;
