@@ -183,3 +183,31 @@ def test_torch_compile_inference(device):
     assert "q" in rec, "the compiled graph did not call ufa"
     assert rel_err(got, want) < 1e-5
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("api", ["sdpa", "flash_attn_func"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_last_dim_strided_inputs_are_copied_not_refused(device, api, grad):
+    """q, k and v whose last dimension is strided (every other element of a wider buffer) are
+    accepted as by PyTorch's SDPA and FlashAttention (which copy them), forward and backward,
+    instead of failing the core's contiguous-last-dimension rule."""
+    b, h, s, d = 2, 3, 10, 16
+    wide = [torch.randn(b, h, s, 2 * d, device=device, requires_grad=grad) for _ in range(3)]
+    q, k, v = (w[..., ::2] for w in wide)
+    assert q.stride(-1) == 2
+    if api == "sdpa":
+        out = ut.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = ut.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                 causal=True).transpose(1, 2)
+    x64 = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(*x64, is_causal=True)
+    assert rel_err(out, want) < 1e-5
+    if grad:
+        dout = torch.randn_like(out)
+        out.backward(dout)
+        want.backward(dout.double().cpu())
+        for name, w, ref in zip("qkv", wide, x64):
+            assert rel_err(w.grad[..., ::2], ref.grad) < 1e-4, name
+            assert torch.count_nonzero(w.grad[..., 1::2]) == 0, name

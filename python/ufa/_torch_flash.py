@@ -59,15 +59,14 @@ def _no_dropout(dropout_p: float) -> None:
 def _sdpa_flash_forward(query: Tensor, key: Tensor, value: Tensor, dropout_p: float = 0.0,
                         is_causal: bool = False, return_debug_mask: bool = False, *,
                         scale: Optional[float] = None):
-    from .torch import _forward_bhsd, _last_contiguous
+    from .torch import _forward_bhsd
 
     _no_dropout(dropout_p)
     if return_debug_mask:
         raise NotImplementedError("return_debug_mask: ufa computes no attention matrix")
     b, h, sq, _ = query.shape
     lse = query.new_empty((b, h, sq), dtype=torch.float32)
-    q, k, v = (_last_contiguous(t) for t in (query, key, value))
-    out = _forward_bhsd(q, k, v, lse, scale, is_causal)
+    out = _forward_bhsd(query, key, value, lse, scale, is_causal)
     dev = query.device
     rng_state = torch.zeros((2,), dtype=torch.uint64, device=dev)
     philox_offset = torch.zeros((), dtype=torch.uint64, device=dev)

@@ -80,6 +80,8 @@ def _int32(x: Optional[Tensor], name: str) -> Optional[Tensor]:
 
 
 def _last_contiguous(t: Tensor) -> Tensor:
+    """The core needs stride 1 in the last dimension; anything else (rare) is copied, as
+    FlashAttention's own wrappers do."""
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 

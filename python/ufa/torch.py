@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ufa
-from ._torch_sequences import _tf32
+from ._torch_sequences import _last_contiguous, _tf32
 from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -96,11 +96,6 @@ if _assume_constant is not None:
 # --------------------------------------------------------------------------------------------
 
 
-def _last_contiguous(t: Tensor) -> Tensor:
-    """The core needs stride 1 in the last dimension; anything else (rare) is copied."""
-    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
-
-
 # PyTorch >= 2.9 hands tensors to ufa through DLPack's C exchange API (no capsule, and the
 # current CUDA stream with them). Older versions go through `Tensor.__dlpack__`, which refuses
 # tensors that require grad: those are detached first (a view, no copy).
@@ -128,6 +123,7 @@ def _forward_into(
     window_right: int,
     softcap: float,
 ) -> None:
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     q, k, v, mask, alibi_slopes = _plain(q, k, v, mask, alibi_slopes)
     _ufa.forward(
         q, k, v, out, lse, scale=scale, causal=causal, top_left=top_left,
@@ -158,7 +154,6 @@ def attention_forward(
 
 def _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
                   window_right, softcap):
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     b, sq, hq, _ = q.shape
     out = q.new_empty((b, sq, hq, v.shape[-1]))
     lse = q.new_empty((b, hq, sq), dtype=torch.float32)
@@ -627,6 +622,7 @@ def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None)
     same way; SDPA's top-left causal alignment. The output keeps q's memory order where the
     head dims match (empty_like; q is often a [B, S, H, D] buffer seen transposed), so the
     caller's usual ``out.transpose(1, 2).reshape(...)`` stays free."""
+    query, key, value = (_last_contiguous(t) for t in (query, key, value))
     qs = query.shape
     dv = value.shape[-1]
     out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
