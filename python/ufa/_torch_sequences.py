@@ -36,11 +36,14 @@ class _Scores(NamedTuple):
                     window_right=self.window_right, softcap=self.softcap, checked=self.checked)
 
 
-def _tf32() -> bool:
-    """Whether PyTorch's switch lets fp32 matmuls round to TF32 (``torch.backends.cuda.matmul.
-    fp32_precision == "tf32"``, or the legacy ``allow_tf32``): ufa's fp32 CUDA forward follows
-    it as ``torch.matmul`` does. Read per call; the new API is read first because PyTorch
+def _tf32(q: Tensor) -> bool:
+    """Whether q is a float32 CUDA tensor and PyTorch's switch lets fp32 matmuls round to TF32
+    (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, or the legacy ``allow_tf32``):
+    ufa's fp32 CUDA forward follows it as ``torch.matmul`` does. Read per call (other tensors
+    skip the read, a microsecond of a small call); the new API is read first because PyTorch
     refuses to read the legacy flag once the new one was set."""
+    if q.dtype != torch.float32 or not q.is_cuda:
+        return False
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)  # PyTorch 2.9+
     if precision is None:
@@ -96,7 +99,7 @@ def _varlen_forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_tab
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     _ufa.forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seqused_k=seqused_k,
-                        block_table=block_table, alibi_slopes=alibi, tf32=_tf32(), **s.kwargs())
+                        block_table=block_table, alibi_slopes=alibi, tf32=_tf32(q), **s.kwargs())
     return out, lse
 
 
@@ -415,5 +418,5 @@ def flash_attn_with_kvcache(
         block_table=_int32(block_table, "block_table"),
         cache_batch_idx=_int32(cache_batch_idx, "cache_batch_idx"), k=k, v=v,
         rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
-        alibi_slopes=alibi_slopes, tf32=_tf32(), **s.kwargs())
+        alibi_slopes=alibi_slopes, tf32=_tf32(q), **s.kwargs())
     return (out, lse) if return_softmax_lse else out

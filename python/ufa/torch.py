@@ -128,7 +128,7 @@ def _forward_into(
     _ufa.forward(
         q, k, v, out, lse, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
-        alibi_slopes=alibi_slopes, mask=mask, tf32=_tf32(),
+        alibi_slopes=alibi_slopes, mask=mask, tf32=_tf32(q),
     )
 
 
@@ -622,12 +622,12 @@ def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None)
     same way; SDPA's top-left causal alignment. The output keeps q's memory order where the
     head dims match (empty_like; q is often a [B, S, H, D] buffer seen transposed), so the
     caller's usual ``out.transpose(1, 2).reshape(...)`` stays free."""
-    query, key, value = (_last_contiguous(t) for t in (query, key, value))
+    query, key, value = _last_contiguous(query), _last_contiguous(key), _last_contiguous(value)
     qs = query.shape
     dv = value.shape[-1]
     out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
     _ufa.forward(*_plain(query, key, value), out, lse, scale=scale, causal=causal,
-                 top_left=True, softcap=softcap, mask=mask, bhsd=True, tf32=_tf32())
+                 top_left=True, softcap=softcap, mask=mask, bhsd=True, tf32=_tf32(query))
     return out
 
 
