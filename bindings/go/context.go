@@ -117,11 +117,11 @@ type Params struct {
 }
 
 // params returns a C description of p (the library's defaults for a nil p).
-func (d *descriptors) params(p *Params) (*C.ufa_attention_params, error) {
+func (d *descriptors) params(p *Params) *C.ufa_attention_params {
 	cp := (*C.ufa_attention_params)(d.alloc(C.sizeof_ufa_attention_params))
 	*cp = C.ufa_attention_params_default()
 	if p == nil {
-		return cp, nil
+		return cp
 	}
 	if p.Causal {
 		cp.causal = 1
@@ -141,36 +141,19 @@ func (d *descriptors) params(p *Params) (*C.ufa_attention_params, error) {
 		cp.window_left = C.int64_t(p.Window.Left)
 		cp.window_right = C.int64_t(p.Window.Right)
 	}
-	var err error
-	if cp.alibi_slopes, err = d.tensor("alibi_slopes", p.ALiBiSlopes); err != nil {
-		return nil, err
-	}
-	if cp.mask, err = d.tensor("mask", p.Mask); err != nil {
-		return nil, err
-	}
-	if cp.lse, err = d.tensor("lse", p.LSE); err != nil {
-		return nil, err
-	}
-	return cp, nil
+	cp.alibi_slopes = d.tensor(p.ALiBiSlopes)
+	cp.mask = d.tensor(p.Mask)
+	cp.lse = d.tensor(p.LSE)
+	return cp
 }
 
-// named is a tensor argument and its name in ufa.h.
-type named struct {
-	name string
-	t    *Tensor
-}
-
-// all returns C descriptors of the tensors, in order, or the first one's error.
-func (d *descriptors) all(args ...named) ([]*C.ufa_tensor, error) {
-	out := make([]*C.ufa_tensor, len(args))
-	for i, a := range args {
-		c, err := d.tensor(a.name, a.t)
-		if err != nil {
-			return nil, err
-		}
-		out[i] = c
+// all returns C descriptors of the tensors, in order (nil for a nil tensor).
+func (d *descriptors) all(ts ...*Tensor) []*C.ufa_tensor {
+	out := make([]*C.ufa_tensor, len(ts))
+	for i, t := range ts {
+		out[i] = d.tensor(t)
 	}
-	return out, nil
+	return out
 }
 
 // Forward computes out = softmax(scale * q k^T + bias) v into out, with the masks of p (nil =
@@ -178,17 +161,11 @@ func (d *descriptors) all(args ...named) ([]*C.ufa_tensor, error) {
 func (c *Context) Forward(q, k, v, out Tensor, p *Params) error {
 	var d descriptors
 	defer d.free()
-	t, err := d.all(named{"q", &q}, named{"k", &k}, named{"v", &v}, named{"out", &out})
-	if err != nil {
-		return err
-	}
-	cp, err := d.params(p)
-	if err != nil {
-		return err
-	}
+	t := d.all(&q, &k, &v, &out)
+	cp := d.params(p)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	err = check(C.ufa_attention_forward(c.ptr, t[0], t[1], t[2], t[3], cp, nil))
+	err := check(C.ufa_attention_forward(c.ptr, t[0], t[1], t[2], t[3], cp, nil))
 	runtime.KeepAlive(c)
 	return err
 }
@@ -201,18 +178,12 @@ func (c *Context) Forward(q, k, v, out Tensor, p *Params) error {
 func (c *Context) Backward(q, k, v, out, dout, lse, dq, dk, dv Tensor, p *Params) error {
 	var d descriptors
 	defer d.free()
-	t, err := d.all(named{"q", &q}, named{"k", &k}, named{"v", &v}, named{"out", &out},
-		named{"dout", &dout}, named{"lse", &lse}, named{"dq", &dq}, named{"dk", &dk}, named{"dv", &dv})
-	if err != nil {
-		return err
-	}
-	cp, err := d.params(p)
-	if err != nil {
-		return err
-	}
+	t := d.all(&q, &k, &v, &out,
+		&dout, &lse, &dq, &dk, &dv)
+	cp := d.params(p)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	err = check(C.ufa_attention_backward(c.ptr, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], cp, nil))
+	err := check(C.ufa_attention_backward(c.ptr, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], cp, nil))
 	runtime.KeepAlive(c)
 	return err
 }

@@ -5,10 +5,7 @@ package ufa
 */
 import "C"
 
-import (
-	"fmt"
-	"runtime"
-)
+import "runtime"
 
 // Varlen describes a packed batch of variable-length sequences (FlashAttention's cu_seqlens
 // convention) for ForwardVarlen and BackwardVarlen. Sequence b's query rows are rows
@@ -32,18 +29,15 @@ type Varlen struct {
 	BlockTable *Tensor
 }
 
-func (d *descriptors) varlen(s *Varlen) (*C.ufa_varlen, error) {
+func (d *descriptors) varlen(s *Varlen) *C.ufa_varlen {
 	cs := (*C.ufa_varlen)(d.alloc(C.sizeof_ufa_varlen))
 	*cs = C.ufa_varlen_default()
-	t, err := d.all(named{"cu_seqlens_q", &s.CuSeqlensQ}, named{"cu_seqlens_kv", &s.CuSeqlensKV},
-		named{"seqused_kv", s.SeqUsedKV}, named{"block_table", s.BlockTable})
-	if err != nil {
-		return nil, err
-	}
+	t := d.all(&s.CuSeqlensQ, &s.CuSeqlensKV,
+		s.SeqUsedKV, s.BlockTable)
 	cs.cu_seqlens_q, cs.cu_seqlens_kv, cs.seqused_kv, cs.block_table = t[0], t[1], t[2], t[3]
 	cs.max_seqlen_q = C.int64_t(s.MaxSeqlenQ)
 	cs.max_seqlen_kv = C.int64_t(s.MaxSeqlenKV)
-	return cs, nil
+	return cs
 }
 
 // ForwardVarlen is Forward over the packed sequences of seqs: q [total_q, heads_q, head_dim], k
@@ -54,21 +48,12 @@ func (d *descriptors) varlen(s *Varlen) (*C.ufa_varlen, error) {
 func (c *Context) ForwardVarlen(q, k, v, out Tensor, seqs Varlen, p *Params) error {
 	var d descriptors
 	defer d.free()
-	t, err := d.all(named{"q", &q}, named{"k", &k}, named{"v", &v}, named{"out", &out})
-	if err != nil {
-		return err
-	}
-	cs, err := d.varlen(&seqs)
-	if err != nil {
-		return err
-	}
-	cp, err := d.params(p)
-	if err != nil {
-		return err
-	}
+	t := d.all(&q, &k, &v, &out)
+	cs := d.varlen(&seqs)
+	cp := d.params(p)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	err = check(C.ufa_attention_forward_varlen(c.ptr, t[0], t[1], t[2], t[3], cs, cp, nil))
+	err := check(C.ufa_attention_forward_varlen(c.ptr, t[0], t[1], t[2], t[3], cs, cp, nil))
 	runtime.KeepAlive(c)
 	return err
 }
@@ -80,22 +65,13 @@ func (c *Context) ForwardVarlen(q, k, v, out Tensor, seqs Varlen, p *Params) err
 func (c *Context) BackwardVarlen(q, k, v, out, dout, lse, dq, dk, dv Tensor, seqs Varlen, p *Params) error {
 	var d descriptors
 	defer d.free()
-	t, err := d.all(named{"q", &q}, named{"k", &k}, named{"v", &v}, named{"out", &out},
-		named{"dout", &dout}, named{"lse", &lse}, named{"dq", &dq}, named{"dk", &dk}, named{"dv", &dv})
-	if err != nil {
-		return err
-	}
-	cs, err := d.varlen(&seqs)
-	if err != nil {
-		return err
-	}
-	cp, err := d.params(p)
-	if err != nil {
-		return err
-	}
+	t := d.all(&q, &k, &v, &out,
+		&dout, &lse, &dq, &dk, &dv)
+	cs := d.varlen(&seqs)
+	cp := d.params(p)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	err = check(C.ufa_attention_backward_varlen(c.ptr, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], cs, cp, nil))
+	err := check(C.ufa_attention_backward_varlen(c.ptr, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], cs, cp, nil))
 	runtime.KeepAlive(c)
 	return err
 }
@@ -134,7 +110,7 @@ type KVCache struct {
 	Rotary *Rotary
 }
 
-func (d *descriptors) kvcache(k *KVCache) (*C.ufa_kvcache, error) {
+func (d *descriptors) kvcache(k *KVCache) *C.ufa_kvcache {
 	ck := (*C.ufa_kvcache)(d.alloc(C.sizeof_ufa_kvcache))
 	*ck = C.ufa_kvcache_default()
 	var cos, sin *Tensor
@@ -144,15 +120,12 @@ func (d *descriptors) kvcache(k *KVCache) (*C.ufa_kvcache, error) {
 			ck.rotary_interleaved = 1
 		}
 	}
-	t, err := d.all(named{"k_cache", &k.K}, named{"v_cache", &k.V}, named{"cache_seqlens", &k.CacheSeqlens},
-		named{"block_table", k.BlockTable}, named{"cache_batch_idx", k.CacheBatchIdx},
-		named{"k_new", k.KNew}, named{"v_new", k.VNew}, named{"rotary_cos", cos}, named{"rotary_sin", sin})
-	if err != nil {
-		return nil, err
-	}
+	t := d.all(&k.K, &k.V, &k.CacheSeqlens,
+		k.BlockTable, k.CacheBatchIdx,
+		k.KNew, k.VNew, cos, sin)
 	ck.k_cache, ck.v_cache, ck.cache_seqlens, ck.block_table, ck.cache_batch_idx = t[0], t[1], t[2], t[3], t[4]
 	ck.k_new, ck.v_new, ck.rotary_cos, ck.rotary_sin = t[5], t[6], t[7], t[8]
-	return ck, nil
+	return ck
 }
 
 // ForwardKVCache appends cache.KNew and cache.VNew to the cache (rotated when cache.Rotary is
@@ -163,21 +136,12 @@ func (d *descriptors) kvcache(k *KVCache) (*C.ufa_kvcache, error) {
 func (c *Context) ForwardKVCache(q Tensor, cache KVCache, out Tensor, p *Params) error {
 	var d descriptors
 	defer d.free()
-	t, err := d.all(named{"q", &q}, named{"out", &out})
-	if err != nil {
-		return err
-	}
-	ck, err := d.kvcache(&cache)
-	if err != nil {
-		return err
-	}
-	cp, err := d.params(p)
-	if err != nil {
-		return err
-	}
+	t := d.all(&q, &out)
+	ck := d.kvcache(&cache)
+	cp := d.params(p)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	err = check(C.ufa_attention_forward_kvcache(c.ptr, t[0], ck, t[1], cp, nil))
+	err := check(C.ufa_attention_forward_kvcache(c.ptr, t[0], ck, t[1], cp, nil))
 	runtime.KeepAlive(c)
 	return err
 }
@@ -189,14 +153,8 @@ func (c *Context) ForwardKVCache(q Tensor, cache KVCache, out Tensor, p *Params)
 func KVCacheWorkspaceSize(q Tensor, cache KVCache) (int, error) {
 	var d descriptors
 	defer d.free()
-	cq, err := d.tensor("q", &q)
-	if err != nil {
-		return 0, err
-	}
-	ck, err := d.kvcache(&cache)
-	if err != nil {
-		return 0, err
-	}
+	cq := d.tensor(&q)
+	ck := d.kvcache(&cache)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	var n C.size_t
@@ -225,21 +183,12 @@ func (c *Context) MergeStates(states []State, out Tensor, lse *Tensor) error {
 	for i := range states {
 		outs[i], lses[i] = &states[i].Out, &states[i].LSE
 	}
-	couts, err := d.tensors(func(i int) string { return fmt.Sprintf("states[%d].out", i) }, outs)
-	if err != nil {
-		return err
-	}
-	clses, err := d.tensors(func(i int) string { return fmt.Sprintf("states[%d].lse", i) }, lses)
-	if err != nil {
-		return err
-	}
-	t, err := d.all(named{"out", &out}, named{"lse", lse})
-	if err != nil {
-		return err
-	}
+	couts := d.tensors(outs)
+	clses := d.tensors(lses)
+	t := d.all(&out, lse)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	err = check(C.ufa_merge_states(c.ptr, C.size_t(len(states)), couts, clses, t[0], t[1], nil))
+	err := check(C.ufa_merge_states(c.ptr, C.size_t(len(states)), couts, clses, t[0], t[1], nil))
 	runtime.KeepAlive(c)
 	return err
 }

@@ -202,34 +202,31 @@ func (d *descriptors) free() {
 	}
 }
 
-// tensor returns a C descriptor of t (nil for a nil t), or an error when t does not fit its slice.
-func (d *descriptors) tensor(name string, t *Tensor) (*C.ufa_tensor, error) {
+// tensor returns a C descriptor of t (nil for a nil t).
+func (d *descriptors) tensor(t *Tensor) *C.ufa_tensor {
 	if t == nil {
-		return nil, nil
+		return nil
 	}
 	c := (*C.ufa_tensor)(d.alloc(C.sizeof_ufa_tensor))
-	if err := d.fill(c, name, t); err != nil {
-		return nil, err
-	}
-	return c, nil
+	d.fill(c, t)
+	return c
 }
 
 // tensors returns a C array of descriptors of ts, nil when ts is empty.
-func (d *descriptors) tensors(name func(i int) string, ts []*Tensor) (*C.ufa_tensor, error) {
+func (d *descriptors) tensors(ts []*Tensor) *C.ufa_tensor {
 	if len(ts) == 0 {
-		return nil, nil
+		return nil
 	}
 	cs := unsafe.Slice((*C.ufa_tensor)(d.alloc(C.sizeof_ufa_tensor*uintptr(len(ts)))), len(ts))
 	for i, t := range ts {
-		if err := d.fill(&cs[i], name(i), t); err != nil {
-			return nil, err
-		}
+		d.fill(&cs[i], t)
 	}
-	return &cs[0], nil
+	return &cs[0]
 }
 
-// fill writes a descriptor of t into c (C memory), with the slice's length as nbytes.
-func (d *descriptors) fill(c *C.ufa_tensor, name string, t *Tensor) error {
+// fill writes a descriptor of t into c (C memory), with the slice's length as nbytes: the
+// library refuses a view that reaches past it, naming the argument.
+func (d *descriptors) fill(c *C.ufa_tensor, t *Tensor) {
 	if t.base != nil {
 		d.pinner.Pin(t.base)
 	}
@@ -253,5 +250,4 @@ func (d *descriptors) fill(c *C.ufa_tensor, name string, t *Tensor) error {
 		}
 		c.strides = &strides[0]
 	}
-	return nil
 }

@@ -118,7 +118,7 @@ pub const Tensor = struct {
         return s;
     }
 
-    fn raw(t: Tensor) Error!c.ufa_tensor {
+    fn raw(t: Tensor) c.ufa_tensor {
         return .{
             .data = t.data,
             .dtype = @backingInt(t.dtype),
@@ -160,7 +160,7 @@ pub const Params = struct {
     allow_tf32: bool = false,
 
     /// The C parameters; `storage` holds the tensor descriptors they point at.
-    fn raw(params: Params, storage: *[3]c.ufa_tensor) Error!c.ufa_attention_params {
+    fn raw(params: Params, storage: *[3]c.ufa_tensor) c.ufa_attention_params {
         var p = c.ufa_attention_params_default();
         p.causal = @intFromBool(params.causal);
         if (params.causal_top_left) p.causal_alignment = c.UFA_CAUSAL_TOP_LEFT;
@@ -170,17 +170,17 @@ pub const Params = struct {
         p.window_right = params.window_right;
         p.deterministic = @intFromBool(params.deterministic);
         if (params.allow_tf32) p.fp32_precision = c.UFA_FP32_TF32;
-        p.alibi_slopes = try rawOptional(params.alibi_slopes, &storage[0]);
-        p.mask = try rawOptional(params.mask, &storage[1]);
-        p.lse = try rawOptional(params.lse, &storage[2]);
+        p.alibi_slopes = rawOptional(params.alibi_slopes, &storage[0]);
+        p.mask = rawOptional(params.mask, &storage[1]);
+        p.lse = rawOptional(params.lse, &storage[2]);
         return p;
     }
 };
 
 /// The descriptor of an optional tensor, written to `storage`; null for null.
-fn rawOptional(t: ?Tensor, storage: *c.ufa_tensor) Error!?*const c.ufa_tensor {
+fn rawOptional(t: ?Tensor, storage: *c.ufa_tensor) ?*const c.ufa_tensor {
     const tensor = t orelse return null;
-    storage.* = try tensor.raw();
+    storage.* = tensor.raw();
     return storage;
 }
 
@@ -208,14 +208,14 @@ pub const Varlen = struct {
     /// sequence's keys. null = packed k and v.
     block_table: ?Tensor = null,
 
-    fn raw(s: Varlen, storage: *[4]c.ufa_tensor) Error!c.ufa_varlen {
+    fn raw(s: Varlen, storage: *[4]c.ufa_tensor) c.ufa_varlen {
         var r = c.ufa_varlen_default();
-        r.cu_seqlens_q = try rawOptional(s.cu_seqlens_q, &storage[0]);
-        r.cu_seqlens_kv = try rawOptional(s.cu_seqlens_kv, &storage[1]);
+        r.cu_seqlens_q = rawOptional(s.cu_seqlens_q, &storage[0]);
+        r.cu_seqlens_kv = rawOptional(s.cu_seqlens_kv, &storage[1]);
         r.max_seqlen_q = s.max_seqlen_q;
         r.max_seqlen_kv = s.max_seqlen_kv;
-        r.seqused_kv = try rawOptional(s.seqused_kv, &storage[2]);
-        r.block_table = try rawOptional(s.block_table, &storage[3]);
+        r.seqused_kv = rawOptional(s.seqused_kv, &storage[2]);
+        r.block_table = rawOptional(s.block_table, &storage[3]);
         return r;
     }
 };
@@ -255,18 +255,18 @@ pub const KvCache = struct {
     /// cache_seqlens[b] + i when causal or windowed, else at cache_seqlens[b].
     rotary: ?Rotary = null,
 
-    fn raw(k: KvCache, storage: *[9]c.ufa_tensor) Error!c.ufa_kvcache {
+    fn raw(k: KvCache, storage: *[9]c.ufa_tensor) c.ufa_kvcache {
         var r = c.ufa_kvcache_default();
-        r.k_cache = try rawOptional(k.k_cache, &storage[0]);
-        r.v_cache = try rawOptional(k.v_cache, &storage[1]);
-        r.cache_seqlens = try rawOptional(k.cache_seqlens, &storage[2]);
-        r.block_table = try rawOptional(k.block_table, &storage[3]);
-        r.cache_batch_idx = try rawOptional(k.cache_batch_idx, &storage[4]);
-        r.k_new = try rawOptional(k.k_new, &storage[5]);
-        r.v_new = try rawOptional(k.v_new, &storage[6]);
+        r.k_cache = rawOptional(k.k_cache, &storage[0]);
+        r.v_cache = rawOptional(k.v_cache, &storage[1]);
+        r.cache_seqlens = rawOptional(k.cache_seqlens, &storage[2]);
+        r.block_table = rawOptional(k.block_table, &storage[3]);
+        r.cache_batch_idx = rawOptional(k.cache_batch_idx, &storage[4]);
+        r.k_new = rawOptional(k.k_new, &storage[5]);
+        r.v_new = rawOptional(k.v_new, &storage[6]);
         if (k.rotary) |rot| {
-            r.rotary_cos = try rawOptional(rot.cos, &storage[7]);
-            r.rotary_sin = try rawOptional(rot.sin, &storage[8]);
+            r.rotary_cos = rawOptional(rot.cos, &storage[7]);
+            r.rotary_sin = rawOptional(rot.sin, &storage[8]);
             r.rotary_interleaved = @intFromBool(rot.interleaved);
         }
         return r;
@@ -285,9 +285,9 @@ pub const State = struct {
 /// without rotary tables). This binding passes CPU memory only, where the library allocates its
 /// own scratch: the number is informational here.
 pub fn kvCacheWorkspaceSize(q: Tensor, cache: KvCache) Error!usize {
-    const rq = try q.raw();
+    const rq = q.raw();
     var storage: [9]c.ufa_tensor = undefined;
-    const rc = try cache.raw(&storage);
+    const rc = cache.raw(&storage);
     var n: usize = 0;
     try check(c.ufa_kvcache_workspace_size(&rq, &rc, &n));
     return n;
@@ -332,12 +332,12 @@ pub const Context = struct {
     /// out = softmax(scale * q k^T + bias) v, with the masks of `params`. On failure nothing is
     /// written; `lastErrorMessage()` says why.
     pub fn forward(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params) Error!void {
-        const rq = try q.raw();
-        const rk = try k.raw();
-        const rv = try v.raw();
-        const ro = try out.raw();
+        const rq = q.raw();
+        const rk = k.raw();
+        const rv = v.raw();
+        const ro = out.raw();
         var storage: [3]c.ufa_tensor = undefined;
-        const p = try params.raw(&storage);
+        const p = params.raw(&storage);
         try check(c.ufa_attention_forward(self.ptr, &rq, &rk, &rv, &ro, &p, null));
     }
 
@@ -346,9 +346,9 @@ pub const Context = struct {
     /// its log-sum-exp `lse` (f32 [batch, heads_q, seqlen_q]) and the output gradient `dout`.
     /// `params` must be the forward's, without `lse`. On failure nothing is written.
     pub fn backward(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, params: Params) Error!void {
-        const r = try rawAll(9, .{ q, k, v, out, dout, lse, dq, dk, dv });
+        const r = rawAll(9, .{ q, k, v, out, dout, lse, dq, dk, dv });
         var storage: [3]c.ufa_tensor = undefined;
-        const p = try params.raw(&storage);
+        const p = params.raw(&storage);
         try check(c.ufa_attention_backward(self.ptr, &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7], &r[8], &p, null));
     }
 
@@ -358,11 +358,11 @@ pub const Context = struct {
     /// f32 [heads_q, total_q]. Every rule of `forward` applies to each sequence on its own. On
     /// failure nothing is written.
     pub fn forwardVarlen(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, seqs: Varlen, params: Params) Error!void {
-        const r = try rawAll(4, .{ q, k, v, out });
+        const r = rawAll(4, .{ q, k, v, out });
         var seq_storage: [4]c.ufa_tensor = undefined;
-        const s = try seqs.raw(&seq_storage);
+        const s = seqs.raw(&seq_storage);
         var storage: [3]c.ufa_tensor = undefined;
-        const p = try params.raw(&storage);
+        const p = params.raw(&storage);
         try check(c.ufa_attention_forward_varlen(self.ptr, &r[0], &r[1], &r[2], &r[3], &s, &p, null));
     }
 
@@ -371,11 +371,11 @@ pub const Context = struct {
     /// `lse` (f32 [heads_q, total_q]) and `dout`. `seqs` and `params` must be the forward's
     /// (without `lse`). On failure nothing is written.
     pub fn backwardVarlen(self: Context, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, seqs: Varlen, params: Params) Error!void {
-        const r = try rawAll(9, .{ q, k, v, out, dout, lse, dq, dk, dv });
+        const r = rawAll(9, .{ q, k, v, out, dout, lse, dq, dk, dv });
         var seq_storage: [4]c.ufa_tensor = undefined;
-        const s = try seqs.raw(&seq_storage);
+        const s = seqs.raw(&seq_storage);
         var storage: [3]c.ufa_tensor = undefined;
-        const p = try params.raw(&storage);
+        const p = params.raw(&storage);
         try check(c.ufa_attention_backward_varlen(self.ptr, &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7], &r[8], &s, &p, null));
     }
 
@@ -385,11 +385,11 @@ pub const Context = struct {
     /// log-sum-exp [batch, heads_q, seqlen_q]. Causal masking aligns q's last row with the
     /// sequence's last key. On failure nothing is written, the cache included.
     pub fn forwardKvCache(self: Context, q: Tensor, cache: KvCache, out: Tensor, params: Params) Error!void {
-        const r = try rawAll(2, .{ q, out });
+        const r = rawAll(2, .{ q, out });
         var cache_storage: [9]c.ufa_tensor = undefined;
-        const kc = try cache.raw(&cache_storage);
+        const kc = cache.raw(&cache_storage);
         var storage: [3]c.ufa_tensor = undefined;
-        const p = try params.raw(&storage);
+        const p = params.raw(&storage);
         try check(c.ufa_attention_forward_kvcache(self.ptr, &r[0], &kc, &r[1], &p, null));
     }
 
@@ -409,12 +409,12 @@ pub const Context = struct {
         const outs = descriptors[0..states.len];
         const lses = descriptors[states.len..];
         for (states, outs, lses) |s, *o, *l| {
-            o.* = try s.out.raw();
-            l.* = try s.lse.raw();
+            o.* = s.out.raw();
+            l.* = s.lse.raw();
         }
-        const ro = try out.raw();
+        const ro = out.raw();
         var lse_storage: c.ufa_tensor = undefined;
-        const rl = try rawOptional(lse, &lse_storage);
+        const rl = rawOptional(lse, &lse_storage);
         const first_out: ?[*]const c.ufa_tensor = if (states.len == 0) null else outs.ptr;
         const first_lse: ?[*]const c.ufa_tensor = if (states.len == 0) null else lses.ptr;
         try check(c.ufa_merge_states(self.ptr, states.len, first_out, first_lse, &ro, rl, null));
@@ -422,9 +422,9 @@ pub const Context = struct {
 };
 
 /// The descriptors of `n` tensors, in order.
-fn rawAll(comptime n: usize, tensors: [n]Tensor) Error![n]c.ufa_tensor {
+fn rawAll(comptime n: usize, tensors: [n]Tensor) [n]c.ufa_tensor {
     var out: [n]c.ufa_tensor = undefined;
-    for (tensors, &out) |t, *r| r.* = try t.raw();
+    for (tensors, &out) |t, *r| r.* = t.raw();
     return out;
 }
 
