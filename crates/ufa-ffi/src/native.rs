@@ -589,6 +589,8 @@ pub(crate) unsafe fn params_of<'a>(
         mask: optional(c.mask, "params->mask", view)?,
         deterministic: c.deterministic != 0,
         fp32_precision,
+        // The C ABI has no dropout fields yet (the struct would grow again): no dropout.
+        dropout: None,
     };
     let lse = optional(c.lse, "params->lse", view_mut)?;
     Ok((params, lse))

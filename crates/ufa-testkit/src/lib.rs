@@ -83,6 +83,8 @@ pub struct Case {
     pub deterministic: bool,
     /// AttentionParams::fp32_precision (fp32 on CUDA tensor cores reads it).
     pub fp32_precision: Fp32Precision,
+    /// AttentionParams::dropout: the reference drops exactly what the backends drop.
+    pub dropout: Option<ufa::Dropout>,
 }
 
 /// A test case that can say what it is in one line (tables and failure messages).
@@ -127,6 +129,7 @@ impl Case {
             with_lse: true,
             deterministic: false,
             fp32_precision: Fp32Precision::Ieee,
+            dropout: None,
         }
     }
 
@@ -162,6 +165,9 @@ impl Case {
         }
         if self.deterministic {
             s += " det";
+        }
+        if let Some(d) = self.dropout {
+            s += &format!(" drop{}@{}+{}", d.p, d.seed, d.offset);
         }
         if self.fp32_precision == Fp32Precision::Tf32 && self.dtype == DType::F32 {
             s += " tf32";
@@ -496,6 +502,7 @@ fn params_of<'a>(
         .deterministic(c.deterministic)
         .fp32_precision(c.fp32_precision);
     p.softmax_scale = c.scale;
+    p.dropout = c.dropout;
     if let Some(a) = alibi {
         p = p.alibi_slopes(a.view()?);
     }

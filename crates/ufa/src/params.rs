@@ -1,5 +1,6 @@
 //! What an attention call computes besides Q, K and V: scale, masking, biases.
 
+use crate::dropout::Dropout;
 use crate::tensor::TensorView;
 
 /// Where the causal diagonal (and the sliding window) sits when `seqlen_q != seqlen_kv`.
@@ -57,6 +58,9 @@ pub struct AttentionParams<'a> {
     pub deterministic: bool,
     /// fp32 inputs: whether products may be rounded to TF32 (see [`Fp32Precision`]).
     pub fp32_precision: Fp32Precision,
+    /// Dropout of the attention probabilities (see [`Dropout`]); the backward must be given
+    /// the forward's. CPU, dense calls only for now.
+    pub dropout: Option<Dropout>,
 }
 
 impl Default for AttentionParams<'_> {
@@ -72,6 +76,7 @@ impl Default for AttentionParams<'_> {
             mask: None,
             deterministic: false,
             fp32_precision: Fp32Precision::Ieee,
+            dropout: None,
         }
     }
 }
@@ -108,6 +113,13 @@ impl<'a> AttentionParams<'a> {
     }
     pub fn deterministic(mut self, deterministic: bool) -> Self {
         self.deterministic = deterministic;
+        self
+    }
+    /// Drops each probability with probability `p` (scaling the others by `1 / (1 - p)`),
+    /// drawn from the counter-based generator at (`seed`, `offset`): the same three values
+    /// give the same mask in the forward and the backward.
+    pub fn dropout(mut self, p: f32, seed: u64, offset: u64) -> Self {
+        self.dropout = Some(Dropout { p, seed, offset });
         self
     }
     pub fn fp32_precision(mut self, precision: Fp32Precision) -> Self {

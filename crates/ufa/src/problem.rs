@@ -2,6 +2,7 @@
 //! every backend may trust. Each rule reports the argument and the values that broke it.
 
 use crate::device::Device;
+use crate::dropout::DropoutMask;
 use crate::dtype::DType;
 use crate::error::{invalid, Error, Result};
 use crate::params::{AttentionParams, Fp32Precision};
@@ -88,6 +89,8 @@ pub(crate) struct Problem {
     pub mask: Option<Operand>,
     /// fp32 inputs: products may be rounded to TF32 (AttentionParams::fp32_precision).
     pub fp32_precision: Fp32Precision,
+    /// Dropout of the probabilities; None when none is asked for (or p = 0).
+    pub dropout: Option<DropoutMask>,
 }
 
 impl Problem {
@@ -647,6 +650,17 @@ pub(crate) fn assemble(
         window_right = Some(0);
     }
 
+    let dropout = match params.dropout {
+        Some(d) => d.validate()?,
+        None => None,
+    };
+    if dropout.is_some() && batch.saturating_mul(heads_q) > u32::MAX as usize {
+        invalid!(
+            "dropout with batch·heads_q={batch}·{heads_q} above 2^32 (the generator's \
+             counter word)"
+        );
+    }
+
     let alibi = match &params.alibi_slopes {
         None => None,
         Some(a) => {
@@ -721,6 +735,7 @@ pub(crate) fn assemble(
         alibi,
         mask,
         fp32_precision: params.fp32_precision,
+        dropout,
     })
 }
 

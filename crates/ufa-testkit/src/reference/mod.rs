@@ -174,6 +174,16 @@ fn ref_setup<'x, 'a>(
     Ok(((b, sq, skv, hq, hkv, d, dv), scores))
 }
 
+/// Multiplies row `i` of head `bh` (= b · heads_q + h) by its dropout factors (0, or
+/// 1 / (1 - p) for the kept probabilities), as every backend draws them.
+fn dropout_row(params: &AttentionParams<'_>, bh: usize, i: usize, row: &mut [f64]) {
+    if let Some(d) = params.dropout {
+        for (j, x) in row.iter_mut().enumerate() {
+            *x *= d.scale(bh, i, j);
+        }
+    }
+}
+
 /// Turns a score row into probabilities in place; returns the log-sum-exp.
 ///
 /// A key whose score is -inf is masked (by the causal/window band, a boolean mask, or an
@@ -230,6 +240,7 @@ pub fn reference_forward(
                 rs.row(b, h, i, &mut probs, &mut cap);
                 masked_keys(&probs, &mut masked);
                 lse[(b * hq + h) * sq + i] = softmax_row(&mut probs);
+                dropout_row(params, b * hq + h, i, &mut probs);
                 let o = &mut out[((b * sq + i) * hq + h) * dv..][..dv];
                 // Every unmasked key counts, even with probability 0: 0 · inf is NaN here as
                 // in every kernel's P·V product.
@@ -326,12 +337,17 @@ pub fn reference_backward(
                 let dout_i: Vec<f64> = (0..dv)
                     .map(|e| unsafe { read(dout, &[b, i, h, e]) })
                     .collect();
-                // dP = dO · Vᵀ; D = Σ P ∘ dP (= dO · out), over the keys the row sees.
+                // dP = dO · Vᵀ through the dropout (out = (P ∘ Z) V with Z the factors 0 or
+                // 1 / (1 - p)), so dP = Z ∘ (dO · Vᵀ); D = Σ P ∘ dP (= dO · out), over the keys
+                // the row sees.
+                let mut keep = vec![1.0; skv];
+                dropout_row(params, b * hq + h, i, &mut keep);
                 let mut big_d = 0.0;
                 for j in (0..skv).filter(|&j| !masked[j]) {
-                    dp[j] = (0..dv)
-                        .map(|e| dout_i[e] * unsafe { read(v, &[b, j, hk, e]) })
-                        .sum();
+                    dp[j] = keep[j]
+                        * (0..dv)
+                            .map(|e| dout_i[e] * unsafe { read(v, &[b, j, hk, e]) })
+                            .sum::<f64>();
                     big_d += probs[j] * dp[j];
                 }
                 if let Some(out) = delta_from_out {
@@ -349,7 +365,7 @@ pub fn reference_backward(
                     }
                     let dv_j = &mut g.dv[((b * skv + j) * hkv + hk) * dv..][..dv];
                     for (acc, g_e) in dv_j.iter_mut().zip(&dout_i) {
-                        *acc += probs[j] * g_e;
+                        *acc += probs[j] * keep[j] * g_e;
                     }
                 }
             }
@@ -364,7 +380,8 @@ mod tests {
     use ufa::TensorView;
 
     /// The analytic gradients of the reference match central finite differences of
-    /// `Σ out · dout` on a tiny problem with every score modifier on.
+    /// `Σ out · dout` on a tiny problem with every score modifier and dropout on (a fixed
+    /// seed is a fixed mask: the output is smooth in q, k and v).
     #[test]
     fn backward_matches_finite_differences() {
         let (b, sq, skv, hq, hkv, d, dv) = (1, 3, 5, 2, 1, 4, 3);
@@ -384,7 +401,8 @@ mod tests {
                 .causal(true)
                 .softcap(1.5)
                 .alibi_slopes(TensorView::new(&slopes, &[2]).unwrap())
-                .mask(TensorView::new(&mask, &[sq, skv]).unwrap());
+                .mask(TensorView::new(&mask, &[sq, skv]).unwrap())
+                .dropout(0.4, 12345, 6);
             let o = reference_forward(
                 &TensorView::new(q, &[b, sq, hq, d]).unwrap(),
                 &TensorView::new(k, &[b, skv, hkv, d]).unwrap(),
@@ -398,7 +416,8 @@ mod tests {
             .causal(true)
             .softcap(1.5)
             .alibi_slopes(TensorView::new(&slopes, &[2]).unwrap())
-            .mask(TensorView::new(&mask, &[sq, skv]).unwrap());
+            .mask(TensorView::new(&mask, &[sq, skv]).unwrap())
+            .dropout(0.4, 12345, 6);
         let g = reference_backward(
             &TensorView::new(&q, &[b, sq, hq, d]).unwrap(),
             &TensorView::new(&k, &[b, skv, hkv, d]).unwrap(),

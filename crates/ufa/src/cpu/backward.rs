@@ -369,14 +369,26 @@ fn probabilities_and_ds<M: MulAdd>(
         let cap_slope = (p.softcap > 0.0).then_some(&mut cap[..]);
         apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, cap_slope);
         let (lse, delta) = (sc.lse[r], sc.delta[r]);
+        // Dropout's factors (0 or 1 / (1 - p)), regenerated as the forward drew them: P and
+        // dP are the kept ones, scaled; D (from the output) already is.
+        let mut keep = [1.0f32; BK];
+        if let Some(d) = &p.dropout {
+            let row = &sc.rows[r];
+            d.apply(
+                t.batch * p.heads_q + row.head,
+                row.qpos,
+                j0,
+                &mut keep[..nk],
+            );
+        }
         for c in 0..BK {
             // A masked key (score -inf) gets exactly 0, even in a row whose LSE or D is NaN:
             // a NaN row must not reach the gradients of keys it does not see.
             let masked = s[c] == f32::NEG_INFINITY;
             let pc = exp::<M>(s[c] - lse);
             let soft = if p.softcap > 0.0 { cap[c] } else { 1.0 };
-            let dsc = pc * (ds[c] - delta) * soft;
-            s[c] = if masked { 0.0 } else { pc };
+            let dsc = pc * (ds[c] * keep[c] - delta) * soft;
+            s[c] = if masked { 0.0 } else { pc * keep[c] };
             ds[c] = if masked { 0.0 } else { dsc };
         }
     }

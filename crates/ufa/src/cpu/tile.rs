@@ -487,6 +487,11 @@ fn softmax_rows<M: MulAdd, const C: usize>(
         };
         let l: &mut [f32; LANES] = (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
         *l = exp_sub_sum_lanes::<M>(s, m_new, l, corr);
+        // Dropout after the sum: the LSE is that of the probabilities before it.
+        if let Some(d) = &p.dropout {
+            let row = &sc.rows[r];
+            d.apply(t.batch * p.heads_q + row.head, row.qpos, j0, &mut s[..nk]);
+        }
     }
 }
 
