@@ -314,6 +314,8 @@ struct Scores {
     softcap: f64,
     deterministic: bool,
     tf32: bool,
+    /// (p, seed, offset) of AttentionParams::dropout; p = 0: none.
+    dropout: (f32, u64, u64),
 }
 
 impl Scores {
@@ -340,6 +342,10 @@ impl Scores {
             });
         if let Some(s) = self.scale {
             params = params.softmax_scale(s as f32);
+        }
+        let (p, seed, offset) = self.dropout;
+        if p != 0.0 {
+            params = params.dropout(p, seed, offset);
         }
         if let Some(a) = alibi {
             params = params.alibi_slopes(a.view()?);
@@ -406,12 +412,13 @@ fn backward_views(args: &[Arg; 9]) -> PyResult<(BackwardInputs<'_>, Gradients<'_
 /// `bhsd`, q, k, v and out are given as `[batch, heads, seqlen, dim]` (PyTorch SDPA's layout)
 /// and are described to the core with dims 1 and 2 swapped: still no copy. `tf32`: fp32 inputs
 /// may be rounded to TF32 once per product on CUDA (Fp32Precision::Tf32) instead of kept to
-/// fp32 accuracy; the varlen and KV-cache forwards take it too. Releases the GIL while
-/// computing.
+/// fp32 accuracy; the varlen and KV-cache forwards take it too. `dropout_p`, `seed`, `offset`:
+/// attention dropout (AttentionParams::dropout, CPU tensors); the backward takes the same
+/// three. Releases the GIL while computing.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse=None, *, scale=None, causal=false, top_left=false,
     window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None, bhsd=false,
-    tf32=false))]
+    tf32=false, dropout_p=0.0, seed=0, offset=0))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -430,6 +437,9 @@ fn forward(
     mask: Option<&Bound<'_, PyAny>>,
     bhsd: bool,
     tf32: bool,
+    dropout_p: f64,
+    seed: u64,
+    offset: u64,
 ) -> PyResult<()> {
     let ctx = context()?;
     let scores = Scores {
@@ -440,6 +450,7 @@ fn forward(
         softcap,
         deterministic: false,
         tf32,
+        dropout: (dropout_p as f32, seed, offset),
     };
     let (q, k, v, out) = (
         import(q, "q")?.bhsd(bhsd),
@@ -475,7 +486,7 @@ fn forward(
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, dout, lse, dq, dk, dv, *, scale=None, causal=false,
     top_left=false, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None,
-    deterministic=false))]
+    deterministic=false, dropout_p=0.0, seed=0, offset=0))]
 #[allow(clippy::too_many_arguments)]
 fn backward(
     py: Python<'_>,
@@ -497,6 +508,9 @@ fn backward(
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     mask: Option<&Bound<'_, PyAny>>,
     deterministic: bool,
+    dropout_p: f64,
+    seed: u64,
+    offset: u64,
 ) -> PyResult<()> {
     let ctx = context()?;
     let scores = Scores {
@@ -507,6 +521,7 @@ fn backward(
         softcap,
         deterministic,
         tf32: false,
+        dropout: (dropout_p as f32, seed, offset),
     };
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
@@ -614,6 +629,7 @@ fn forward_varlen(
         softcap,
         deterministic: false,
         tf32,
+        dropout: (0.0, 0, 0),
     };
     let (q, k, v, out) = (
         import(q, "q")?,
@@ -701,6 +717,7 @@ fn backward_varlen(
         softcap,
         deterministic,
         tf32: false,
+        dropout: (0.0, 0, 0),
     };
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
@@ -767,6 +784,7 @@ fn forward_kvcache(
         softcap,
         deterministic: false,
         tf32,
+        dropout: (0.0, 0, 0),
     };
     let (q, kc, vc, lens, out) = (
         import(q, "q")?,
@@ -898,6 +916,29 @@ fn merge_states(
     })
 }
 
+/// Test hook: the dropout factors (0 or 1 / (1 - p)) of heads `0..heads` (b · heads_q + h),
+/// rows `0..rows` and keys `0..cols`, flat in that order: what the kernels multiply P by.
+#[pyfunction]
+fn _dropout_factors(
+    p: f32,
+    seed: u64,
+    offset: u64,
+    heads: usize,
+    rows: usize,
+    cols: usize,
+) -> Vec<f64> {
+    let d = ufa::Dropout { p, seed, offset };
+    let mut out = Vec::with_capacity(heads * rows * cols);
+    for bh in 0..heads {
+        for i in 0..rows {
+            for j in 0..cols {
+                out.push(d.scale(bh, i, j));
+            }
+        }
+    }
+    out
+}
+
 /// Benchmark hook: seconds per `Context::forward` call on already-imported arrays, timed in
 /// Rust over `iters` calls (the core's own per-call cost, without the Python layer).
 #[pyfunction]
@@ -1005,6 +1046,7 @@ fn _ufa(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_debug_record, m)?)?;
     m.add_function(wrap_pyfunction!(_debug_last_call, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_core, m)?)?;
+    m.add_function(wrap_pyfunction!(_dropout_factors, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_import, m)?)?;
     Ok(())
 }

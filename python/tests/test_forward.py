@@ -136,12 +136,6 @@ def test_flash_attn_func(device, causal):
     assert rel_err(plain, reference(q, k, v, causal=causal)[0]) < 1e-2
 
 
-def test_flash_attn_dropout_not_implemented():
-    q = torch.randn(1, 4, 2, 16)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        ut.flash_attn_func(q, q, q, dropout_p=0.1)
-
-
 @pytest.mark.parametrize("head_dim", [1, 80, 160, 256])
 @pytest.mark.parametrize("seqlen", [1, 129])
 def test_odd_sizes(head_dim, seqlen):

@@ -97,15 +97,24 @@ def test_generate_gives_the_same_tokens(build, peer, device):
     assert torch.equal(out[0], out[1])
 
 
-def test_dropout_falls_back_counted():
+def test_dropout_is_served_on_cpu():
+    """Training with attention dropout: ufa computes it (no fallback), seeded by PyTorch's
+    generator (the same seed, the same logits; another draw, other logits)."""
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, attention_dropout=0.1)
+                                   num_key_value_heads=2, attention_dropout=0.5)
     model = _build(transformers.LlamaForCausalLM, cfg, "ufa", torch.float32).train()
+    ids = torch.randint(0, 97, (1, 9))
     ut.reset_fallback_stats()
-    with pytest.warns(RuntimeWarning, match="dropout"):
-        model(input_ids=torch.randint(0, 97, (1, 9)))
-    assert ut.fallback_stats() == {"dropout": 1}
+    torch.manual_seed(1)
+    a = model(input_ids=ids).logits
+    b = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    assert torch.equal(model(input_ids=ids).logits, a)
+    assert not torch.equal(a, b)
+    assert ut.fallback_stats() == {"ufa": 3}
+    a.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_softcap_fallback_goes_to_eager_counted():

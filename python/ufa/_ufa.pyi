@@ -27,6 +27,9 @@ def forward(
     mask: Optional[Any] = None,
     bhsd: bool = False,
     tf32: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> None:
     """Attention into ``out`` (and the log-sum-exp into ``lse``), in place; releases the GIL."""
 
@@ -50,6 +53,9 @@ def backward(
     alibi_slopes: Optional[Any] = None,
     mask: Optional[Any] = None,
     deterministic: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> None:
     """Gradients into ``dq``, ``dk``, ``dv`` (shapes of q, k, v), in place; releases the GIL."""
 
@@ -144,4 +150,6 @@ def info() -> Dict[str, Any]:
 def _debug_record(on: bool) -> None: ...
 def _debug_last_call() -> List[Tuple[str, int, Tuple[int, ...], Tuple[int, ...]]]: ...
 def _bench_core(q: Any, k: Any, v: Any, out: Any, iters: int) -> float: ...
+def _dropout_factors(p: float, seed: int, offset: int, heads: int, rows: int,
+                     cols: int) -> List[float]: ...
 def _bench_import(x: Any, iters: int) -> float: ...

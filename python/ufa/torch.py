@@ -6,8 +6,8 @@
   ``*_qkvpacked_func`` / ``*_kvpacked_func`` forms likewise.
 - :func:`scaled_dot_product_attention` — ``torch.nn.functional.scaled_dot_product_attention``'s
   signature and semantics (``[batch, heads, seq, dim]``, top-left causal alignment, bool and
-  float masks, GQA only with ``enable_gqa``). Calls ufa cannot serve (dropout, float64, an
-  unsupported device, a mask that requires grad, ...) go to PyTorch's own function, are
+  float masks, GQA only with ``enable_gqa``; dropout on CPU tensors). Calls ufa cannot serve
+  (dropout on CUDA or under torch.compile, float64, an unsupported device, a mask that requires grad, ...) go to PyTorch's own function, are
   counted in :func:`fallback_stats` and warned about once per reason (``UFA_STRICT=1``: an
   error instead).
 - :func:`patch` / :func:`unpatch` / :func:`patched` route ``torch.nn.functional.
@@ -122,13 +122,17 @@ def _forward_into(
     window_left: int,
     window_right: int,
     softcap: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> None:
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     q, k, v, mask, alibi_slopes = _plain(q, k, v, mask, alibi_slopes)
     _ufa.forward(
         q, k, v, out, lse, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
-        alibi_slopes=alibi_slopes, mask=mask, tf32=_tf32(q),
+        alibi_slopes=alibi_slopes, mask=mask, tf32=_tf32(q), dropout_p=dropout_p, seed=seed,
+        offset=offset,
     )
 
 
@@ -146,25 +150,31 @@ def attention_forward(
     window_right: int,
     softcap: float,
     deterministic: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> Tuple[Tensor, Tensor]:
-    """Attention in ufa's layout; returns (out [B, Sq, Hq, Dv], lse f32 [B, Hq, Sq])."""
+    """Attention in ufa's layout; returns (out [B, Sq, Hq, Dv], lse f32 [B, Hq, Sq]). With
+    ``dropout_p`` > 0 (CPU tensors) the probabilities are dropped by the generator at
+    (``seed``, ``offset``); the backward takes the same three."""
     return _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
-                         window_right, softcap)
+                         window_right, softcap, dropout_p, seed, offset)
 
 
 def _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
-                  window_right, softcap):
+                  window_right, softcap, dropout_p=0.0, seed=0, offset=0):
     b, sq, hq, _ = q.shape
     out = q.new_empty((b, sq, hq, v.shape[-1]))
     lse = q.new_empty((b, hq, sq), dtype=torch.float32)
     _forward_into(q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left, window_left,
-                  window_right, softcap)
+                  window_right, softcap, dropout_p, seed, offset)
     return out, lse
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
-                            window_right, softcap, deterministic):
+                            window_right, softcap, deterministic, dropout_p=0.0, seed=0,
+                            offset=0):
     b, sq, hq, _ = q.shape
     return (q.new_empty((b, sq, hq, v.shape[-1])),
             q.new_empty((b, hq, sq), dtype=torch.float32))
@@ -187,22 +197,29 @@ def attention_backward(
     window_right: int,
     softcap: float,
     deterministic: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attention_forward, contiguous in ufa's layout."""
     return _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left,
-                          window_left, window_right, softcap, deterministic)
+                          window_left, window_right, softcap, deterministic, dropout_p, seed,
+                          offset)
 
 
 def _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left,
-                   window_left, window_right, softcap, deterministic):
+                   window_left, window_right, softcap, deterministic, dropout_p=0.0, seed=0,
+                   offset=0):
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     _backward_into(dout, q, k, v, out, lse, dq, dk, dv, mask, alibi_slopes, scale, causal,
-                   top_left, window_left, window_right, softcap, deterministic)
+                   top_left, window_left, window_right, softcap, deterministic, dropout_p,
+                   seed, offset)
     return dq, dk, dv
 
 
 def _backward_into(dout, q, k, v, out, lse, dq, dk, dv, mask, alibi_slopes, scale, causal,
-                   top_left, window_left, window_right, softcap, deterministic):
+                   top_left, window_left, window_right, softcap, deterministic, dropout_p=0.0,
+                   seed=0, offset=0):
     """Gradients written into dq, dk, dv (ufa's layout, any strides with a contiguous last
     dimension)."""
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
@@ -211,13 +228,15 @@ def _backward_into(dout, q, k, v, out, lse, dq, dk, dv, mask, alibi_slopes, scal
     _ufa.backward(
         q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
-        alibi_slopes=alibi_slopes, mask=mask, deterministic=deterministic,
+        alibi_slopes=alibi_slopes, mask=mask, deterministic=deterministic, dropout_p=dropout_p,
+        seed=seed, offset=offset,
     )
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal,
-                             top_left, window_left, window_right, softcap, deterministic):
+                             top_left, window_left, window_right, softcap, deterministic,
+                             dropout_p=0.0, seed=0, offset=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -232,7 +251,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask, alibi = ctx.saved_tensors
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, mask, alibi, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 12
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -343,11 +362,12 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
-                window_right, softcap, deterministic):
+                window_right, softcap, deterministic, dropout_p, seed, offset):
         out, lse = _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left,
-                                 window_left, window_right, softcap)
+                                 window_left, window_right, softcap, dropout_p, seed, offset)
         ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes)
-        ctx.params = (scale, causal, top_left, window_left, window_right, softcap, deterministic)
+        ctx.params = (scale, causal, top_left, window_left, window_right, softcap, deterministic,
+                      dropout_p, seed, offset)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -355,24 +375,41 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, mask, alibi = ctx.saved_tensors
         dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, mask, alibi, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * 12
 
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
+def _dropout_seed() -> int:
+    """A fresh generator seed for one call's dropout, drawn from PyTorch's default generator
+    (so ``torch.manual_seed`` makes runs repeat); the backward is given the same one."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
 def _attention(q, k, v, scale, causal, top_left, window_left, window_right, softcap,
-               alibi_slopes, mask, deterministic, return_lse, out=None):
+               alibi_slopes, mask, deterministic, return_lse, out=None, dropout_p=0.0):
     """ufa-layout attention on torch tensors: the custom op when autograd or compile needs it,
     else a direct call (fewer layers, lower overhead)."""
     compiling = torch.compiler.is_compiling()
+    seed = 0
+    if dropout_p != 0.0:
+        if compiling:
+            raise NotImplementedError(
+                "attention dropout under torch.compile is not implemented by ufa yet (eager "
+                "mode has it on CPU tensors)")
+        if q.device.type != "cpu":
+            raise NotImplementedError(
+                f"dropout_p={dropout_p} on {q.device.type} tensors is not implemented by ufa "
+                "yet (CPU tensors have it); use dropout_p=0.0")
+        seed = _dropout_seed()
     if compiling or _needs_grad(q, k, v):
         if out is not None:
             raise ValueError("out= cannot be used when q, k or v requires grad or under "
                              "torch.compile (autograd needs a fresh output); pass out=None")
         args = (q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
-                window_right, softcap, deterministic)
+                window_right, softcap, deterministic, dropout_p, seed, 0)
         o, lse = attention_forward(*args) if compiling else _Attention.apply(*args)
         return (o, lse) if return_lse else o
     if q.dim() != 4:
@@ -386,7 +423,7 @@ def _attention(q, k, v, scale, causal, top_left, window_left, window_right, soft
         out = q.new_empty((b, sq, hq, v.shape[-1]))
     lse = q.new_empty((b, hq, sq), dtype=torch.float32) if return_lse else None
     _forward_into(q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left, window_left,
-                  window_right, softcap)
+                  window_right, softcap, dropout_p, seed)
     return (out, lse) if return_lse else out
 
 
@@ -419,19 +456,21 @@ def flash_attn_func(
     when ``return_attn_probs`` (``softmax_lse`` float32 ``[batch, heads_q, seqlen_q]``; the
     attention probabilities themselves are never materialised, so the third item is None).
 
+    ``dropout_p`` drops each attention probability with that probability (scaling the rest by
+    ``1 / (1 - dropout_p)``), drawn from a counter-based generator seeded from PyTorch's
+    default generator, so ``torch.manual_seed`` repeats it and the backward regenerates the
+    same mask; as in FlashAttention, pass 0.0 in evaluation.
+
     Raises:
-        NotImplementedError: ``dropout_p > 0`` (ufa has no dropout).
+        NotImplementedError: ``dropout_p > 0`` on CUDA tensors or under ``torch.compile``
+            (CPU tensors in eager mode have it).
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p} is not supported by ufa (attention dropout is not "
-            "implemented); use dropout_p=0.0"
-        )
     from . import _window
 
     left, right = _window(window_size)
     res = _attention(q, k, v, softmax_scale, causal, False, left, right, float(softcap),
-                     alibi_slopes, None, deterministic, return_attn_probs)
+                     alibi_slopes, None, deterministic, return_attn_probs,
+                     dropout_p=float(dropout_p))
     if return_attn_probs:
         out, lse = res
         return out, lse, None
@@ -531,7 +570,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
     that the common case costs as few tensor attribute reads as possible."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return "not a tensor"
-    if dropout_p != 0.0:
+    if dropout_p != 0.0 and (query.device.type != "cpu" or torch.compiler.is_compiling()):
         return "dropout"
     dt = query.dtype
     if dt not in _DTYPES or key.dtype != dt or value.dtype != dt:
@@ -600,7 +639,9 @@ def scaled_dot_product_attention(
 
     Calls ufa cannot serve identically go to PyTorch's own function, with a one-time warning
     per reason (an error under ``UFA_STRICT=1``), and are counted in :func:`fallback_stats`:
-    dropout, dtypes other than float16/bfloat16/float32, devices without a ufa backend, masks
+    dropout on CUDA tensors or under ``torch.compile`` (CPU tensors in eager mode are served,
+    the mask drawn from a generator seeded by PyTorch's), dtypes other than
+    float16/bfloat16/float32, devices without a ufa backend, masks
     that require grad, nested tensors, inputs PyTorch itself rejects (so they raise PyTorch's
     error). Under ``torch.autocast`` the inputs are cast first, as PyTorch
     casts them for this function (float tensors other than float64 to the autocast dtype), and
@@ -648,8 +689,8 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     if scale is not None:
         scale = float(scale)
     causal = bool(is_causal)
-    if query.dim() == 4 and not torch.compiler.is_compiling() and not _needs_grad(query, key,
-                                                                               value):
+    if (dropout_p == 0.0 and query.dim() == 4 and not torch.compiler.is_compiling()
+            and not _needs_grad(query, key, value)):
         # Fast path: no autograd, no views.
         return _forward_bhsd(query, key, value, None, scale, causal, softcap, attn_mask)
     three_d = query.dim() == 3
@@ -657,7 +698,8 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     # [batch, heads, seq, dim] -> [batch, seq, heads, dim]: views with permuted strides.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    out = _attention(q, k, v, scale, causal, True, -1, -1, softcap, None, attn_mask, False, False)
+    out = _attention(q, k, v, scale, causal, True, -1, -1, softcap, None, attn_mask, False, False,
+                     dropout_p=float(dropout_p))
     out = out.transpose(1, 2)
     return out.squeeze(1) if three_d else out
 

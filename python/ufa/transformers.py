@@ -13,9 +13,10 @@ are in the mask; a purely causal one is skipped in favour of ``is_causal``), and
 place. Grouped-query attention runs on the key/value heads as they are (no ``repeat_kv`` copies),
 and attention logit soft-capping (Gemma 2), which SDPA refuses, is computed in the kernel.
 
-What ufa does not compute goes to transformers' own SDPA function, counted in
-:func:`ufa.torch.fallback_stats` and warned about once per reason (``UFA_STRICT=1``: an error):
-dropout while training (``attention_dropout > 0``), and attention sinks (``s_aux``).
+Dropout while training (``attention_dropout > 0``) is computed by ufa on CPU tensors; on CUDA
+it goes to PyTorch's SDPA. What ufa does not compute goes to transformers' or PyTorch's own
+function, counted in :func:`ufa.torch.fallback_stats` and warned about once per reason
+(``UFA_STRICT=1``: an error): dropout on CUDA, and attention sinks (``s_aux``).
 """
 
 from __future__ import annotations
@@ -65,9 +66,8 @@ def attention_forward(
     ``value`` ``[batch, kv_heads, seq_kv, dim]``, ``attention_mask`` as ``sdpa_mask`` builds it
     (bool, True = attend, or additive; None when causality alone masks). Returns the output as
     ``[batch, seq_q, heads, dim_v]`` and no attention weights."""
-    if dropout != 0.0 or kwargs.get("s_aux") is not None:
-        reason = "dropout" if dropout != 0.0 else "attention sinks"
-        return _sdpa_fallback(reason, module, query, key, value, attention_mask,
+    if kwargs.get("s_aux") is not None:
+        return _sdpa_fallback("attention sinks", module, query, key, value, attention_mask,
                               dropout=dropout, scaling=scaling, is_causal=is_causal,
                               softcap=softcap, position_bias=position_bias, **kwargs)
     q_len = query.shape[2]
@@ -83,8 +83,8 @@ def attention_forward(
         causal = False
     if not softcap:
         out = _ut.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                               is_causal=causal, scale=scaling,
-                                               enable_gqa=True)
+                                               dropout_p=dropout, is_causal=causal,
+                                               scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
 
     def eager(query, key, value, attention_mask):
@@ -105,6 +105,6 @@ def attention_forward(
                                          **kwargs)
         return out.transpose(1, 2)  # [batch, heads, seq_q, dim_v], as SDPA returns it
 
-    out = _ut._sdpa(query, key, value, attention_mask, 0.0, causal, scaling, True,
+    out = _ut._sdpa(query, key, value, attention_mask, dropout, causal, scaling, True,
                     float(softcap), eager)
     return out.transpose(1, 2).contiguous(), None

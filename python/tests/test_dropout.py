@@ -1,0 +1,129 @@
+"""Attention dropout through the PyTorch API: forward and gradients against a float64
+computation that applies exactly the factors the core draws (read back with the
+``_dropout_factors`` hook), seeding from PyTorch's generator, and where dropout is not served
+yet (CUDA tensors, torch.compile)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ufa.torch as ut
+from conftest import rel_err
+from ufa import _ufa
+
+
+def _reference(q, k, v, p, seed, *, causal, top_left):
+    """Attention in float64, ufa layout [B, S, H, D], with the core's dropout factors."""
+    b, sq, hq, d = q.shape
+    skv, hkv = k.shape[1], k.shape[2]
+    z = torch.tensor(_ufa._dropout_factors(p, seed, 0, b * hq, sq, skv), dtype=torch.float64)
+    z = z.reshape(b, hq, sq, skv)
+    qh = q.permute(0, 2, 1, 3)
+    kh = k.permute(0, 2, 1, 3).repeat_interleave(hq // hkv, 1)
+    vh = v.permute(0, 2, 1, 3).repeat_interleave(hq // hkv, 1)
+    s = qh @ kh.transpose(-1, -2) / math.sqrt(d)
+    if causal:
+        offset = 0 if top_left else skv - sq
+        i = torch.arange(sq).unsqueeze(1)
+        j = torch.arange(skv).unsqueeze(0)
+        s = s.masked_fill(j > i + offset, float("-inf"))
+    out = (torch.softmax(s, -1) * z) @ vh
+    return out.permute(0, 2, 1, 3)
+
+
+def _leaves(*shapes):
+    return [torch.randn(s, dtype=torch.float32, requires_grad=True) for s in shapes]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.6])
+def test_flash_attn_func_dropout_matches_reference(p):
+    b, sq, skv, hq, hkv, d = 2, 13, 21, 4, 2, 32
+    q, k, v = _leaves((b, sq, hq, d), (b, skv, hkv, d), (b, skv, hkv, d))
+    torch.manual_seed(123)
+    seed = ut._dropout_seed()
+    torch.manual_seed(123)
+    out = ut.flash_attn_func(q, k, v, dropout_p=p, causal=True)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = _reference(*x64, p, seed, causal=True, top_left=False)
+    assert rel_err(out, want) < 1e-5
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    want.backward(dout.double())
+    for name, got, ref in zip("qkv", (q.grad, k.grad, v.grad), x64):
+        assert rel_err(got, ref.grad) < 1e-4, name
+
+
+def test_sdpa_dropout_is_served_and_matches_reference():
+    b, h, sq, skv, d = 2, 3, 9, 9, 16
+    q, k, v = _leaves((b, h, sq, d), (b, h, skv, d), (b, h, skv, d))
+    ut.reset_fallback_stats()
+    torch.manual_seed(5)
+    seed = ut._dropout_seed()
+    torch.manual_seed(5)
+    out = ut.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
+    assert ut.fallback_stats() == {"ufa": 1}
+    x64 = [t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    want = _reference(*x64, 0.25, seed, causal=True, top_left=True).transpose(1, 2)
+    assert rel_err(out, want) < 1e-5
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    want.backward(dout.double())
+    for name, got, ref in zip("qkv", (q.grad, k.grad, v.grad), x64):
+        assert rel_err(got, ref.grad.transpose(1, 2)) < 1e-4, name
+    # Without grad: the same mask for the same generator state.
+    with torch.no_grad():
+        torch.manual_seed(5)
+        again = ut.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
+    assert torch.equal(again, out.detach())
+
+
+def test_seeded_by_torch_generator():
+    q = torch.randn(1, 64, 2, 16)
+    torch.manual_seed(9)
+    a = ut.flash_attn_func(q, q, q, dropout_p=0.5)
+    b = ut.flash_attn_func(q, q, q, dropout_p=0.5)
+    torch.manual_seed(9)
+    assert torch.equal(ut.flash_attn_func(q, q, q, dropout_p=0.5), a)
+    assert not torch.equal(a, b)
+
+
+def test_dropout_keeps_the_expectation():
+    """With v all ones every output is Σ_j z_j P_j: 1 on average over many rows."""
+    q = torch.randn(4, 256, 4, 16)
+    out = ut.flash_attn_func(q, q, torch.ones_like(q), dropout_p=0.3)
+    assert abs(out.mean().item() - 1.0) < 0.02
+    assert (out.std() > 0.05).item()
+
+
+def test_bad_rate_is_refused():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="dropout p=1"):
+        ut.flash_attn_func(q, q, q, dropout_p=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_dropout_says_not_yet():
+    q = torch.randn(1, 8, 2, 16, device="cuda", dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match="CPU tensors have it"):
+        ut.flash_attn_func(q, q, q, dropout_p=0.1)
+    ut.reset_fallback_stats()
+    qb = q.transpose(1, 2)
+    ut.scaled_dot_product_attention(qb, qb, qb, dropout_p=0.1)
+    assert ut.fallback_stats() == {"dropout": 1}
+
+
+def test_compiled_dropout_falls_back_for_sdpa():
+    """Under torch.compile SDPA with dropout goes to PyTorch's own function (counted nowhere:
+    the decision is made while tracing); the compiled call runs and has dropout's statistics."""
+
+    def f(q):
+        return ut.scaled_dot_product_attention(q, q, torch.ones_like(q), dropout_p=0.5)
+
+    q = torch.randn(2, 2, 64, 16)
+    out = torch.compile(f, backend="eager", fullgraph=False)(q)
+    want_mean = F.scaled_dot_product_attention(q, q, torch.ones_like(q)).mean()
+    assert abs(out.mean().item() - want_mean.item()) < 0.1
