@@ -319,6 +319,26 @@ struct Scores {
 }
 
 impl Scores {
+    /// The parameters every entry point takes; deterministic, TF32 and dropout off.
+    fn new(
+        scale: Option<f64>,
+        causal: bool,
+        top_left: bool,
+        window: (i64, i64),
+        softcap: f64,
+    ) -> Scores {
+        Scores {
+            scale,
+            causal,
+            top_left,
+            window,
+            softcap,
+            deterministic: false,
+            tf32: false,
+            dropout: (0.0, 0, 0),
+        }
+    }
+
     /// The core's parameters, borrowing the imported ALiBi slopes and mask.
     fn params<'a>(
         &self,
@@ -442,16 +462,15 @@ fn forward(
     offset: u64,
 ) -> PyResult<()> {
     let ctx = context()?;
-    let scores = Scores {
+    let mut scores = Scores::new(
         scale,
         causal,
         top_left,
-        window: (window_left, window_right),
+        (window_left, window_right),
         softcap,
-        deterministic: false,
-        tf32,
-        dropout: (dropout_p as f32, seed, offset),
-    };
+    );
+    scores.tf32 = tf32;
+    scores.dropout = (dropout_p as f32, seed, offset);
     let (q, k, v, out) = (
         import(q, "q")?.bhsd(bhsd),
         import(k, "k")?.bhsd(bhsd),
@@ -513,16 +532,15 @@ fn backward(
     offset: u64,
 ) -> PyResult<()> {
     let ctx = context()?;
-    let scores = Scores {
+    let mut scores = Scores::new(
         scale,
         causal,
         top_left,
-        window: (window_left, window_right),
+        (window_left, window_right),
         softcap,
-        deterministic,
-        tf32: false,
-        dropout: (dropout_p as f32, seed, offset),
-    };
+    );
+    scores.deterministic = deterministic;
+    scores.dropout = (dropout_p as f32, seed, offset);
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
     let mask = import_opt(mask, "mask")?;
@@ -621,16 +639,14 @@ fn forward_varlen(
     tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
-    let scores = Scores {
+    let mut scores = Scores::new(
         scale,
         causal,
         top_left,
-        window: (window_left, window_right),
+        (window_left, window_right),
         softcap,
-        deterministic: false,
-        tf32,
-        dropout: (0.0, 0, 0),
-    };
+    );
+    scores.tf32 = tf32;
     let (q, k, v, out) = (
         import(q, "q")?,
         import(k, "k")?,
@@ -709,16 +725,14 @@ fn backward_varlen(
     checked: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
-    let scores = Scores {
+    let mut scores = Scores::new(
         scale,
         causal,
         top_left,
-        window: (window_left, window_right),
+        (window_left, window_right),
         softcap,
-        deterministic,
-        tf32: false,
-        dropout: (0.0, 0, 0),
-    };
+    );
+    scores.deterministic = deterministic;
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
     let packed = Packed::import(
@@ -776,16 +790,14 @@ fn forward_kvcache(
     tf32: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
-    let scores = Scores {
+    let mut scores = Scores::new(
         scale,
         causal,
         top_left,
-        window: (window_left, window_right),
+        (window_left, window_right),
         softcap,
-        deterministic: false,
-        tf32,
-        dropout: (0.0, 0, 0),
-    };
+    );
+    scores.tf32 = tf32;
     let (q, kc, vc, lens, out) = (
         import(q, "q")?,
         import(k_cache, "k_cache")?,

@@ -393,6 +393,26 @@ impl Context {
     }
 }
 
+// Beside the dispatch, which knows the backends: the size depends on the CUDA decoding plan.
+/// Bytes of scratch memory a KV-cache call with this q and append needs on CUDA, at most: the
+/// rotated q (with rotary embedding) and the partial states of the decoding kernel's key splits
+/// (f16/bf16 q of few rows), whatever the device. 0 when it needs none. The CPU backend
+/// allocates its own.
+pub fn kvcache_workspace_bytes(q: &TensorView<'_>, append: Option<&KvAppend<'_>>) -> usize {
+    let rot = match append {
+        Some(KvAppend {
+            rotary: Some(_), ..
+        }) => crate::kvcache::rotated_q_bytes(q.layout().numel(), q.dtype()),
+        _ => 0,
+    };
+    let shape = q.layout().shape();
+    let decode = match shape {
+        [b, s, h, d] => crate::cuda::decode_workspace_bound(q.dtype(), *b, *s, *h, *d),
+        _ => 0,
+    };
+    rot + decode
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

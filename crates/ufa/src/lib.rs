@@ -45,14 +45,14 @@ mod varlen;
 #[doc(hidden)]
 pub mod internals;
 
-pub use context::{Context, ContextBuilder, NUM_THREADS_ENV};
+pub use context::{kvcache_workspace_bytes, Context, ContextBuilder, NUM_THREADS_ENV};
 pub use cpu::{cpu_features, Isa};
 pub use device::Device;
 pub use dropout::Dropout;
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
 pub use grads::{BackwardInputs, Gradients};
-pub use kvcache::{kvcache_workspace_bytes, KvAppend, KvCache, Rotary, Workspace};
+pub use kvcache::{KvAppend, KvCache, Rotary, Workspace};
 pub use merge::AttentionState;
 pub use params::{AttentionParams, CausalAlignment, Fp32Precision};
 pub use problem::{forward_flops, MAX_HEAD_DIM};

@@ -639,6 +639,20 @@ pub fn time_ms(ordinal: u32, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
     r
 }
 
+// An inherent method of the bottom layer's Device, defined here because only the CUDA layer
+// can answer it (the dependency runs from this backend down to device.rs, not up).
+impl crate::Device {
+    /// Where the memory at `ptr` is, as far as the CPU can tell: `Cuda(n)` for memory of CUDA
+    /// device `n` that the CPU cannot read (`cudaMalloc`, `cuMemAlloc`), `Cpu` for everything
+    /// else (pageable, pinned or managed host memory). A process that has not loaded the CUDA
+    /// driver has no device memory, so this costs no driver load there. For entry points that
+    /// take raw pointers (the C ABI): a device pointer declared as host memory is run on its
+    /// device or refused, never read by the CPU.
+    pub fn of_memory(ptr: *const std::ffi::c_void) -> crate::Device {
+        device_memory_ordinal(ptr).map_or(crate::Device::Cpu, crate::Device::Cuda)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

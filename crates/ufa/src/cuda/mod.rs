@@ -30,7 +30,6 @@ pub use driver::{synchronize, time_ms, DeviceBuffer};
 pub use nvrtc::NVRTC_PATH_ENV;
 
 pub(crate) use decode::workspace_bound as decode_workspace_bound;
-pub(crate) use driver::device_memory_ordinal;
 
 use crate::empty::Fill;
 use crate::error::{Error, ErrorKind, Result};
