@@ -583,6 +583,13 @@ static ufa_context* fz_context(uint8_t which) {
     return ctx[which];
 }
 
+/* The sizes released headers gave ufa_attention_params: 64 (before fp32_precision), 72
+ * (before the dropout fields) and the current one. The library reads each; older ones get the
+ * defaults for the fields they lack (their tensor fields all lie in the first 64 bytes). */
+static int fz_params_size_known(uint32_t size) {
+    return size == 64 || size == 72 || size == sizeof(ufa_attention_params);
+}
+
 /* A parameter struct in guarded memory of the size its struct_size claims (at least the size
  * field, at most a page), or NULL; `*ok` is cleared when the library must reject it. */
 static const ufa_attention_params* fz_params(fz_in* in, fz_call* c, const int64_t* lse_shape, int lse_ndim,
@@ -621,7 +628,7 @@ static const ufa_attention_params* fz_params(fz_in* in, fz_call* c, const int64_
         size = sz == 0xff ? fz_u32(in) : sizes[sz % 12];
     }
     p.struct_size = size;
-    if (size != sizeof p) *ok = 0;
+    if (!fz_params_size_known(size)) *ok = 0;
     /* The tensor fields hold indices + 1 until the tensors have memory: see fz_params_fix. */
     size_t bytes = size < 4 ? 4 : (size > FZ_PAGE ? FZ_PAGE : size);
     bytes = (bytes + 7) & ~(size_t)7;
@@ -632,7 +639,7 @@ static const ufa_attention_params* fz_params(fz_in* in, fz_call* c, const int64_
 
 /* Replaces the index placeholders of a params struct by guarded descriptors, after fz_layout. */
 static void fz_params_fix(fz_call* c, const ufa_attention_params* cp) {
-    if (!cp || cp->struct_size < sizeof(ufa_attention_params)) {
+    if (!cp || (cp->struct_size < sizeof(ufa_attention_params) && !fz_params_size_known(cp->struct_size))) {
         /* A truncated struct: its tensor fields (if any bytes of them are there) are garbage
          * the library must never follow; point them at the guard page. */
         if (cp && cp->struct_size >= 8) {

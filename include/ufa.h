@@ -186,6 +186,18 @@ typedef struct {
    * faster, outputs within 2e-3 relative instead of 1e-5. The CPU always computes in fp32.
    */
   int32_t fp32_precision;
+  /**
+   * Attention dropout's generator seed and offset (with `dropout_p`): the same three give
+   * the same mask, so a backward call must be given its forward's.
+   */
+  uint64_t dropout_seed;
+  uint64_t dropout_offset;
+  /**
+   * Probability of dropping each attention probability, in [0, 1); the kept ones are
+   * scaled by 1 / (1 - p). 0 (the default) disables dropout. CPU tensors only for now
+   * (CUDA refuses it with `UFA_STATUS_UNSUPPORTED`); dense calls only.
+   */
+  float dropout_p;
 } ufa_attention_params;
 
 /**

@@ -114,6 +114,17 @@ type Params struct {
 	// AllowTF32 lets the CUDA forward round f32 operands to TF32 once (about 3x faster,
 	// outputs within 2e-3 relative) instead of keeping f32 accuracy. The CPU ignores it.
 	AllowTF32 bool
+	// Dropout, if set, drops attention probabilities (CPU tensors, dense calls); a backward
+	// call must be given its forward's.
+	Dropout *Dropout
+}
+
+// Dropout drops each attention probability with probability P in [0, 1) and scales the rest
+// by 1/(1-P). The mask comes from a counter-based generator at (Seed, Offset): the same three
+// values give the same mask in the forward and the backward.
+type Dropout struct {
+	P            float32
+	Seed, Offset uint64
 }
 
 // params returns a C description of p (the library's defaults for a nil p).
@@ -134,6 +145,11 @@ func (d *descriptors) params(p *Params) *C.ufa_attention_params {
 	}
 	if p.AllowTF32 {
 		cp.fp32_precision = C.UFA_FP32_TF32
+	}
+	if p.Dropout != nil {
+		cp.dropout_p = C.float(p.Dropout.P)
+		cp.dropout_seed = C.uint64_t(p.Dropout.Seed)
+		cp.dropout_offset = C.uint64_t(p.Dropout.Offset)
 	}
 	cp.softmax_scale = C.float(p.SoftmaxScale)
 	cp.softcap = C.float(p.Softcap)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"math"
 	"math/rand"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -436,5 +437,38 @@ func TestMaskAndWindow(t *testing.T) {
 		if math.Abs(float64(causal[i]-masked[i])) > 1e-6 || math.Abs(float64(causal[i]-windowed[i])) > 1e-6 {
 			t.Fatalf("element %d: causal %v, mask %v, window %v", i, causal[i], masked[i], windowed[i])
 		}
+	}
+}
+
+// Dropout: one (P, Seed, Offset) gives the same output twice and changes it; another offset
+// gives another mask; P outside [0, 1) is refused, naming it.
+func TestDropout(t *testing.T) {
+	ctx := newContext(t)
+	const n = 1 * 32 * 2 * 16
+	x := make([]float32, n)
+	for i := range x {
+		x[i] = float32(math.Sin(float64(i)))
+	}
+	in := ufa.NewF32(x, 1, 32, 2, 16)
+	forward := func(d *ufa.Dropout) ([]float32, error) {
+		out := make([]float32, n)
+		err := ctx.Forward(in, in, in, ufa.NewF32(out, 1, 32, 2, 16), &ufa.Params{Dropout: d})
+		return out, err
+	}
+	plain, err := forward(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := forward(&ufa.Dropout{P: 0.5, Seed: 7, Offset: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := forward(&ufa.Dropout{P: 0.5, Seed: 7, Offset: 1})
+	c, _ := forward(&ufa.Dropout{P: 0.5, Seed: 7, Offset: 2})
+	if !slices.Equal(a, b) || slices.Equal(a, plain) || slices.Equal(a, c) {
+		t.Fatal("dropout: not repeatable for one seed, no effect, or the same mask for two offsets")
+	}
+	if _, err := forward(&ufa.Dropout{P: 1}); err == nil || !strings.Contains(err.Error(), "dropout p=1") {
+		t.Fatalf("P=1 gave %v", err)
 	}
 }

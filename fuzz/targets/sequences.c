@@ -92,7 +92,7 @@ static int varlen(fz_in* in, fz_call* c, ufa_context* ctx, int backward) {
     uint8_t nulls = fz_u8(in);
     if (!fz_layout(in, c)) return -1;
     fz_params_fix(c, p);
-    if (backward && p && p->struct_size == sizeof(ufa_attention_params) && p->lse) ok = 0;
+    if (backward && p && fz_params_size_known(p->struct_size) && p->lse) ok = 0;
     fz_fill_i32(in, c, cq, cu_q, batch + 1);
     fz_fill_i32(in, c, ck, cu_kv, batch + 1);
     if (u >= 0) fz_fill_i32(in, c, u, used, batch);

@@ -58,6 +58,9 @@ pub const ufa_attention_params = extern struct {
     mask: ?*const ufa_tensor,
     lse: ?*const ufa_tensor,
     fp32_precision: i32,
+    dropout_seed: u64,
+    dropout_offset: u64,
+    dropout_p: f32,
 };
 
 pub const ufa_varlen = extern struct {

@@ -132,6 +132,14 @@ pub const Tensor = struct {
     }
 };
 
+/// Attention dropout: probability `p` of dropping each probability, and the generator's seed and
+/// offset (the same three give the same mask).
+pub const Dropout = struct {
+    p: f32,
+    seed: u64 = 0,
+    offset: u64 = 0,
+};
+
 /// What an attention call computes besides softmax(q k^T) v; the defaults are the library's. A
 /// backward call takes the forward's params, without `lse`.
 pub const Params = struct {
@@ -158,6 +166,10 @@ pub const Params = struct {
     /// f32 inputs on CUDA: let the forward round each operand to TF32 once (about 3x faster,
     /// outputs within 2e-3 relative) instead of keeping f32 accuracy. The CPU ignores it.
     allow_tf32: bool = false,
+    /// Drops each attention probability with probability `p` in [0, 1) (scaling the rest by
+    /// 1/(1-p)), from the generator at (`seed`, `offset`); a backward call takes its forward's.
+    /// CPU tensors, dense calls.
+    dropout: ?Dropout = null,
 
     /// The C parameters; `storage` holds the tensor descriptors they point at.
     fn raw(params: Params, storage: *[3]c.ufa_tensor) c.ufa_attention_params {
@@ -170,6 +182,11 @@ pub const Params = struct {
         p.window_right = params.window_right;
         p.deterministic = @intFromBool(params.deterministic);
         if (params.allow_tf32) p.fp32_precision = c.UFA_FP32_TF32;
+        if (params.dropout) |d| {
+            p.dropout_p = d.p;
+            p.dropout_seed = d.seed;
+            p.dropout_offset = d.offset;
+        }
         p.alibi_slopes = rawOptional(params.alibi_slopes, &storage[0]);
         p.mask = rawOptional(params.mask, &storage[1]);
         p.lse = rawOptional(params.lse, &storage[2]);

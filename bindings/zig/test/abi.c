@@ -20,6 +20,8 @@ const int64_t ufa_zig_abi[] = {
     FIELD(ufa_attention_params, window_left), FIELD(ufa_attention_params, window_right),
     FIELD(ufa_attention_params, alibi_slopes), FIELD(ufa_attention_params, mask),
     FIELD(ufa_attention_params, lse), FIELD(ufa_attention_params, fp32_precision),
+    FIELD(ufa_attention_params, dropout_seed), FIELD(ufa_attention_params, dropout_offset),
+    FIELD(ufa_attention_params, dropout_p),
     sizeof(ufa_varlen),
     FIELD(ufa_varlen, struct_size), FIELD(ufa_varlen, checked), FIELD(ufa_varlen, cu_seqlens_q),
     FIELD(ufa_varlen, cu_seqlens_kv), FIELD(ufa_varlen, max_seqlen_q), FIELD(ufa_varlen, max_seqlen_kv),

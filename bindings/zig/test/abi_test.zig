@@ -18,7 +18,7 @@ fn fields(comptime T: type, comptime names: []const []const u8) [1 + 2 * names.l
 test "src/c.zig matches ufa.h: sizes, offsets and constants" {
     const want = fields(c.ufa_context_options, &.{ "struct_size", "num_threads", "device_ordinal", "cpu_isa" }) ++
         fields(c.ufa_tensor, &.{ "data", "dtype", "device_type", "device_ordinal", "ndim", "shape", "strides" }) ++
-        fields(c.ufa_attention_params, &.{ "struct_size", "causal", "softmax_scale", "softcap", "causal_alignment", "deterministic", "window_left", "window_right", "alibi_slopes", "mask", "lse", "fp32_precision" }) ++
+        fields(c.ufa_attention_params, &.{ "struct_size", "causal", "softmax_scale", "softcap", "causal_alignment", "deterministic", "window_left", "window_right", "alibi_slopes", "mask", "lse", "fp32_precision", "dropout_seed", "dropout_offset", "dropout_p" }) ++
         fields(c.ufa_varlen, &.{ "struct_size", "checked", "cu_seqlens_q", "cu_seqlens_kv", "max_seqlen_q", "max_seqlen_kv", "seqused_kv", "block_table" }) ++
         fields(c.ufa_kvcache, &.{ "struct_size", "checked", "k_cache", "v_cache", "cache_seqlens", "block_table", "cache_batch_idx", "k_new", "v_new", "rotary_cos", "rotary_sin", "rotary_interleaved", "_reserved", "workspace", "workspace_bytes" }) ++
         [_]i64{

@@ -143,6 +143,14 @@ pub struct ufa_attention_params {
     /// CUDA forward round each operand to TF32 once (PyTorch's `allow_tf32`): about three times
     /// faster, outputs within 2e-3 relative instead of 1e-5. The CPU always computes in fp32.
     pub fp32_precision: i32,
+    /// Attention dropout's generator seed and offset (with `dropout_p`): the same three give
+    /// the same mask, so a backward call must be given its forward's.
+    pub dropout_seed: u64,
+    pub dropout_offset: u64,
+    /// Probability of dropping each attention probability, in [0, 1); the kept ones are
+    /// scaled by 1 / (1 - p). 0 (the default) disables dropout. CPU tensors only for now
+    /// (CUDA refuses it with `UFA_STATUS_UNSUPPORTED`); dense calls only.
+    pub dropout_p: f32,
 }
 
 // The released layouts (LP64): a change here breaks every compiled caller, so it must be a
@@ -153,7 +161,7 @@ pub struct ufa_attention_params {
 const _: () = {
     assert!(std::mem::size_of::<ufa_tensor>() == 48);
     assert!(std::mem::size_of::<ufa_context_options>() == 24);
-    assert!(std::mem::size_of::<ufa_attention_params>() == 72);
+    assert!(std::mem::size_of::<ufa_attention_params>() == 96);
 };
 
 /// Query i is aligned with key i + seqlen_kv - seqlen_q (FlashAttention 2+, KV-cache decoding).
@@ -187,8 +195,9 @@ impl Versioned for ufa_context_options {
 }
 
 impl Versioned for ufa_attention_params {
-    /// 64 bytes until `fp32_precision` was appended.
-    const SIZES: &'static [usize] = &[64, std::mem::size_of::<Self>()];
+    /// 64 bytes until `fp32_precision` was appended, 72 until the dropout fields were (placed
+    /// after the 72nd byte: a 72-byte caller's trailing padding is never read as one).
+    const SIZES: &'static [usize] = &[64, 72, std::mem::size_of::<Self>()];
     fn defaults() -> Self {
         ufa_attention_params {
             struct_size: std::mem::size_of::<Self>() as u32,
@@ -203,6 +212,9 @@ impl Versioned for ufa_attention_params {
             mask: std::ptr::null(),
             lse: std::ptr::null(),
             fp32_precision: UFA_FP32_IEEE,
+            dropout_seed: 0,
+            dropout_offset: 0,
+            dropout_p: 0.0,
         }
     }
 }
@@ -589,8 +601,11 @@ pub(crate) unsafe fn params_of<'a>(
         mask: optional(c.mask, "params->mask", view)?,
         deterministic: c.deterministic != 0,
         fp32_precision,
-        // The C ABI has no dropout fields yet (the struct would grow again): no dropout.
-        dropout: None,
+        dropout: (c.dropout_p != 0.0).then_some(ufa::Dropout {
+            p: c.dropout_p,
+            seed: c.dropout_seed,
+            offset: c.dropout_offset,
+        }),
     };
     let lse = optional(c.lse, "params->lse", view_mut)?;
     Ok((params, lse))

@@ -68,6 +68,9 @@ struct CAttentionParams        # ufa_attention_params
     mask::Ptr{CTensor}
     lse::Ptr{CTensor}
     fp32_precision::Int32
+    dropout_seed::UInt64
+    dropout_offset::UInt64
+    dropout_p::Float32
 end
 
 """
@@ -206,7 +209,7 @@ function forward!(ctx::Context, out::AbstractArray, q::AbstractArray, k::Abstrac
         params = Ref(CAttentionParams(d.struct_size, Int32(causal), Float32(softmax_scale), Float32(softcap),
                                       causal_top_left ? CAUSAL_TOP_LEFT : d.causal_alignment, d.deterministic,
                                       Int64(window[1]), Int64(window[2]), ptrs[5], ptrs[6], ptrs[7],
-                                      d.fp32_precision))
+                                      d.fp32_precision, d.dropout_seed, d.dropout_offset, d.dropout_p))
         @ccall libufa.ufa_attention_forward(ctx.ptr::Ptr{Cvoid}, ptrs[1]::Ptr{CTensor}, ptrs[2]::Ptr{CTensor},
                                             ptrs[3]::Ptr{CTensor}, ptrs[4]::Ptr{CTensor},
                                             params::Ref{CAttentionParams}, C_NULL::Ptr{Cvoid})::Int32

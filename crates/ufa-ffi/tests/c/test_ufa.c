@@ -269,6 +269,35 @@ static void test_errors(void) {
     p.struct_size = 64;
     expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL),
            "64-byte params", NULL);
+    /* Dropout (the 96-byte layout): a rate outside [0, 1) is refused with nothing written; a
+     * 72-byte caller (before the dropout fields) gets none, whatever follows its 72 bytes; one
+     * (p, seed, offset) gives the same bits twice, another offset another mask. */
+    memset(t.out, 0xff, sizeof t.out);
+    p = ufa_attention_params_default();
+    p.dropout_p = 1.0f;
+    expect(INVALID, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL), "dropout 1",
+           "dropout p=1");
+    CHECK(!all_written(t.out, sizeof t.out, 4), "a failed call wrote the output");
+    p.struct_size = 72;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL),
+           "72-byte params", NULL);
+    float plain[64], first[64];
+    memcpy(plain, t.out, sizeof plain);
+    p = ufa_attention_params_default();
+    p.dropout_p = 0.5f;
+    p.dropout_seed = 7;
+    p.dropout_offset = 1;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL),
+           "dropout", NULL);
+    memcpy(first, t.out, sizeof first);
+    CHECK(memcmp(first, plain, sizeof first) != 0, "dropout changed nothing");
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL),
+           "dropout again", NULL);
+    CHECK(memcmp(first, t.out, sizeof first) == 0, "the same seed gave another output");
+    p.dropout_offset = 2;
+    expect(UFA_STATUS_SUCCESS, ufa_attention_forward(ctx, &t.tq, &t.tk, &t.tv, &t.to, &p, NULL),
+           "dropout offset 2", NULL);
+    CHECK(memcmp(first, t.out, sizeof first) != 0, "another offset gave the same output");
 
     /* Options. */
     ufa_context_options o = ufa_context_options_default();
