@@ -613,7 +613,8 @@ impl Packed {
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     *, seqused_k=None, block_table=None, scale=None, causal=false, top_left=false,
-    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, checked=false, tf32=false))]
+    window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, checked=false, tf32=false,
+    dropout_p=0.0, seed=0, offset=0))]
 #[allow(clippy::too_many_arguments)]
 fn forward_varlen(
     py: Python<'_>,
@@ -637,6 +638,9 @@ fn forward_varlen(
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     checked: bool,
     tf32: bool,
+    dropout_p: f64,
+    seed: u64,
+    offset: u64,
 ) -> PyResult<()> {
     let ctx = context()?;
     let mut scores = Scores::new(
@@ -647,6 +651,7 @@ fn forward_varlen(
         softcap,
     );
     scores.tf32 = tf32;
+    scores.dropout = (dropout_p as f32, seed, offset);
     let (q, k, v, out) = (
         import(q, "q")?,
         import(k, "k")?,
@@ -697,7 +702,8 @@ fn forward_varlen(
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k, *, scale=None, causal=false, top_left=false, window_left=-1,
-    window_right=-1, softcap=0.0, alibi_slopes=None, deterministic=false, checked=false))]
+    window_right=-1, softcap=0.0, alibi_slopes=None, deterministic=false, checked=false,
+    dropout_p=0.0, seed=0, offset=0))]
 #[allow(clippy::too_many_arguments)]
 fn backward_varlen(
     py: Python<'_>,
@@ -723,6 +729,9 @@ fn backward_varlen(
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     deterministic: bool,
     checked: bool,
+    dropout_p: f64,
+    seed: u64,
+    offset: u64,
 ) -> PyResult<()> {
     let ctx = context()?;
     let mut scores = Scores::new(
@@ -733,6 +742,7 @@ fn backward_varlen(
         softcap,
     );
     scores.deterministic = deterministic;
+    scores.dropout = (dropout_p as f32, seed, offset);
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
     let packed = Packed::import(

@@ -16,12 +16,14 @@ from conftest import rel_err
 from ufa import _ufa
 
 
-def _reference(q, k, v, p, seed, *, causal, top_left):
-    """Attention in float64, ufa layout [B, S, H, D], with the core's dropout factors."""
+def _reference(q, k, v, p, seed, *, causal, top_left, bh0=0):
+    """Attention in float64, ufa layout [B, S, H, D], with the core's dropout factors (from
+    (batch, head) pair number ``bh0`` on: one sequence of a packed batch)."""
     b, sq, hq, d = q.shape
     skv, hkv = k.shape[1], k.shape[2]
-    z = torch.tensor(_ufa._dropout_factors(p, seed, 0, b * hq, sq, skv), dtype=torch.float64)
-    z = z.reshape(b, hq, sq, skv)
+    z = torch.tensor(_ufa._dropout_factors(p, seed, 0, bh0 + b * hq, sq, skv),
+                     dtype=torch.float64)
+    z = z.reshape(-1, hq, sq, skv)[bh0 // hq:]
     qh = q.permute(0, 2, 1, 3)
     kh = k.permute(0, 2, 1, 3).repeat_interleave(hq // hkv, 1)
     vh = v.permute(0, 2, 1, 3).repeat_interleave(hq // hkv, 1)
@@ -44,7 +46,7 @@ def test_flash_attn_func_dropout_matches_reference(p):
     b, sq, skv, hq, hkv, d = 2, 13, 21, 4, 2, 32
     q, k, v = _leaves((b, sq, hq, d), (b, skv, hkv, d), (b, skv, hkv, d))
     torch.manual_seed(123)
-    seed = ut._dropout_seed()
+    seed = ut._dropout_seed(q, 0.5)
     torch.manual_seed(123)
     out = ut.flash_attn_func(q, k, v, dropout_p=p, causal=True)
     x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -62,7 +64,7 @@ def test_sdpa_dropout_is_served_and_matches_reference():
     q, k, v = _leaves((b, h, sq, d), (b, h, skv, d), (b, h, skv, d))
     ut.reset_fallback_stats()
     torch.manual_seed(5)
-    seed = ut._dropout_seed()
+    seed = ut._dropout_seed(q, 0.5)
     torch.manual_seed(5)
     out = ut.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
     assert ut.fallback_stats() == {"ufa": 1}
@@ -79,6 +81,32 @@ def test_sdpa_dropout_is_served_and_matches_reference():
         torch.manual_seed(5)
         again = ut.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
     assert torch.equal(again, out.detach())
+
+
+def test_varlen_dropout_matches_reference():
+    """Sequence b of a packed batch draws its mask as batch entry b; forward and gradients."""
+    lq, lk, hq, hkv, d, p = [5, 9], [7, 12], 4, 2, 16, 0.4
+    q, k, v = _leaves((sum(lq), hq, d), (sum(lk), hkv, d), (sum(lk), hkv, d))
+    cu_q = torch.tensor([0, 5, 14], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 19], dtype=torch.int32)
+    torch.manual_seed(77)
+    seed = ut._dropout_seed(q, p)
+    torch.manual_seed(77)
+    out = ut.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 12, dropout_p=p, causal=True)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    parts = []
+    for b in range(2):
+        qs = x64[0][cu_q[b]:cu_q[b + 1]].unsqueeze(0)
+        ks, vs = (t[cu_k[b]:cu_k[b + 1]].unsqueeze(0) for t in x64[1:])
+        parts.append(_reference(qs, ks, vs, p, seed, causal=True, top_left=False,
+                                bh0=b * hq)[0])
+    want = torch.cat(parts)
+    assert rel_err(out, want) < 1e-5
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    want.backward(dout.double())
+    for name, got, ref in zip("qkv", (q.grad, k.grad, v.grad), x64):
+        assert rel_err(got, ref.grad) < 1e-4, name
 
 
 def test_seeded_by_torch_generator():

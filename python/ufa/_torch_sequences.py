@@ -30,10 +30,16 @@ class _Scores(NamedTuple):
     deterministic: bool
     # CUDA: also check the metadata's values on the host (see flash_attn_with_kvcache).
     checked: bool = False
+    # Attention dropout (packed batches; see _dropout_seed); p = 0: none.
+    dropout_p: float = 0.0
+    seed: int = 0
 
     def kwargs(self) -> dict:
         return dict(scale=self.scale, causal=self.causal, window_left=self.window_left,
                     window_right=self.window_right, softcap=self.softcap, checked=self.checked)
+
+    def dropout_kwargs(self) -> dict:
+        return dict(dropout_p=self.dropout_p, seed=self.seed)
 
 
 def _tf32(q: Tensor) -> bool:
@@ -62,11 +68,21 @@ def _scores(softmax_scale, causal, window_size, softcap, deterministic=False,
                    right, float(softcap), bool(deterministic), bool(checked))
 
 
-def _no_dropout(dropout_p: float) -> None:
-    if dropout_p != 0.0:
+def _dropout_seed(q: Tensor, dropout_p: float) -> int:
+    """The generator seed of one call's dropout (0 without dropout), drawn from PyTorch's
+    default generator so that ``torch.manual_seed`` makes runs repeat; the backward is given
+    the same one. Refuses what ufa does not compute yet: CUDA tensors, torch.compile."""
+    if dropout_p == 0.0:
+        return 0
+    if torch.compiler.is_compiling():
         raise NotImplementedError(
-            f"dropout_p={dropout_p} is not supported by ufa (attention dropout is not "
-            "implemented); use dropout_p=0.0")
+            "attention dropout under torch.compile is not implemented by ufa yet (eager mode "
+            "has it on CPU tensors)")
+    if q.device.type != "cpu":
+        raise NotImplementedError(
+            f"dropout_p={dropout_p} on {q.device.type} tensors is not implemented by ufa yet "
+            "(CPU tensors have it); use dropout_p=0.0")
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
 def _int32(x: Optional[Tensor], name: str) -> Optional[Tensor]:
@@ -99,7 +115,8 @@ def _varlen_forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_tab
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     _ufa.forward_varlen(q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seqused_k=seqused_k,
-                        block_table=block_table, alibi_slopes=alibi, tf32=_tf32(q), **s.kwargs())
+                        block_table=block_table, alibi_slopes=alibi, tf32=_tf32(q), **s.kwargs(),
+                        **s.dropout_kwargs())
     return out, lse
 
 
@@ -122,9 +139,12 @@ def varlen_forward(
     softcap: float,
     deterministic: bool,
     checked: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """Packed-batch attention; returns (out [total_q, Hq, Dv], lse f32 [Hq, total_q])."""
-    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked)
+    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked,
+                dropout_p, seed)
     return _varlen_forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 seqused_k, block_table, alibi_slopes, s)
 
@@ -132,7 +152,7 @@ def varlen_forward(
 @varlen_forward.register_fake
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          seqused_k, block_table, alibi_slopes, scale, causal, window_left,
-                         window_right, softcap, deterministic, checked):
+                         window_right, softcap, deterministic, checked, dropout_p=0.0, seed=0):
     return (q.new_empty((q.shape[0], q.shape[1], v.shape[-1])),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -144,7 +164,8 @@ def _varlen_backward_impl(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, ali
     # Rows outside every sequence get no gradient: zeros, not whatever memory held.
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     _ufa.backward_varlen(q, k, v, out, dout, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
-                         alibi_slopes=alibi, deterministic=s.deterministic, **s.kwargs())
+                         alibi_slopes=alibi, deterministic=s.deterministic, **s.kwargs(),
+                         **s.dropout_kwargs())
     return dq, dk, dv
 
 
@@ -168,9 +189,12 @@ def varlen_backward(
     softcap: float,
     deterministic: bool,
     checked: bool,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of varlen_forward, packed like q, k and v."""
-    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked)
+    s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked,
+                dropout_p, seed)
     return _varlen_backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                  max_seqlen_q, max_seqlen_k, alibi_slopes, s)
 
@@ -178,7 +202,7 @@ def varlen_backward(
 @varlen_backward.register_fake
 def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, alibi_slopes, scale, causal, window_left, window_right,
-                          softcap, deterministic, checked):
+                          softcap, deterministic, checked, dropout_p=0.0, seed=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -195,7 +219,7 @@ def _varlen_backward_op(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
     dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.lengths, alibi,
                                  *ctx.params)
-    return (dq, dk, dv) + (None,) * 14
+    return (dq, dk, dv) + (None,) * 16
 
 
 varlen_forward.register_autograd(_varlen_backward_op, setup_context=_varlen_setup_context)
@@ -238,7 +262,7 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi,
     if compiling:
         return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi,
                               s.scale, s.causal, s.window_left, s.window_right, s.softcap,
-                              s.deterministic, s.checked)
+                              s.deterministic, s.checked, s.dropout_p, s.seed)
     if needs_grad:
         return _Varlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi, s)
     return _varlen_forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table,
@@ -282,10 +306,11 @@ def flash_attn_varlen_func(
     Returns ``out`` ``[total_q, heads_q, head_dim]``, or ``(out, softmax_lse, None)`` with
     ``return_attn_probs`` (``softmax_lse`` float32 ``[heads_q, total_q]``). Rows past
     ``cu_seqlens_q[-1]`` are not written. Differentiable with packed k and v. ``checked`` (a
-    ufa addition) is as for :func:`flash_attn_with_kvcache`.
+    ufa addition) is as for :func:`flash_attn_with_kvcache`. ``dropout_p`` is as for
+    :func:`ufa.torch.flash_attn_func` (CPU tensors); sequence b draws its mask as batch entry b.
     """
-    _no_dropout(dropout_p)
     s = _scores(softmax_scale, causal, window_size, softcap, deterministic, checked)
+    s = s._replace(dropout_p=float(dropout_p), seed=_dropout_seed(q, dropout_p))
     out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        seqused_k, block_table, alibi_slopes, s)
     return (out, lse, None) if return_attn_probs else out

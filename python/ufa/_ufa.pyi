@@ -81,6 +81,9 @@ def forward_varlen(
     alibi_slopes: Optional[Any] = None,
     checked: bool = False,
     tf32: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> None:
     """Packed-batch attention into ``out`` (and ``lse`` [heads_q, total_q]), in place."""
 
@@ -108,6 +111,9 @@ def backward_varlen(
     alibi_slopes: Optional[Any] = None,
     deterministic: bool = False,
     checked: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> None:
     """Gradients of ``forward_varlen`` into ``dq``, ``dk``, ``dv``, in place."""
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ufa
-from ._torch_sequences import _last_contiguous, _tf32
+from ._torch_sequences import _dropout_seed, _last_contiguous, _tf32
 from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -382,28 +382,12 @@ def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _dropout_seed() -> int:
-    """A fresh generator seed for one call's dropout, drawn from PyTorch's default generator
-    (so ``torch.manual_seed`` makes runs repeat); the backward is given the same one."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-
-
 def _attention(q, k, v, scale, causal, top_left, window_left, window_right, softcap,
                alibi_slopes, mask, deterministic, return_lse, out=None, dropout_p=0.0):
     """ufa-layout attention on torch tensors: the custom op when autograd or compile needs it,
     else a direct call (fewer layers, lower overhead)."""
     compiling = torch.compiler.is_compiling()
-    seed = 0
-    if dropout_p != 0.0:
-        if compiling:
-            raise NotImplementedError(
-                "attention dropout under torch.compile is not implemented by ufa yet (eager "
-                "mode has it on CPU tensors)")
-        if q.device.type != "cpu":
-            raise NotImplementedError(
-                f"dropout_p={dropout_p} on {q.device.type} tensors is not implemented by ufa "
-                "yet (CPU tensors have it); use dropout_p=0.0")
-        seed = _dropout_seed()
+    seed = _dropout_seed(q, dropout_p)
     if compiling or _needs_grad(q, k, v):
         if out is not None:
             raise ValueError("out= cannot be used when q, k or v requires grad or under "

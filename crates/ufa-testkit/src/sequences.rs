@@ -106,6 +106,8 @@ pub struct Features {
     pub alibi: Option<Alibi>,
     pub deterministic: bool,
     pub fp32_precision: Fp32Precision,
+    /// Packed batches only (a KV-cache call refuses dropout).
+    pub dropout: Option<ufa::Dropout>,
 }
 
 impl Features {
@@ -123,6 +125,7 @@ impl Features {
             alibi: None,
             deterministic: false,
             fp32_precision: Fp32Precision::Ieee,
+            dropout: None,
         }
     }
 
@@ -144,6 +147,9 @@ impl Features {
         }
         if self.fp32_precision == Fp32Precision::Tf32 && self.dtype == DType::F32 {
             s += " tf32";
+        }
+        if let Some(d) = self.dropout {
+            s += &format!(" drop{}@{}+{}", d.p, d.seed, d.offset);
         }
         s
     }
@@ -178,6 +184,7 @@ impl Features {
             .deterministic(self.deterministic)
             .fp32_precision(self.fp32_precision);
         p.alibi_slopes = alibi;
+        p.dropout = self.dropout;
         p
     }
 }

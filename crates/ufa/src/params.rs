@@ -59,7 +59,7 @@ pub struct AttentionParams<'a> {
     /// fp32 inputs: whether products may be rounded to TF32 (see [`Fp32Precision`]).
     pub fp32_precision: Fp32Precision,
     /// Dropout of the attention probabilities (see [`Dropout`]); the backward must be given
-    /// the forward's. CPU, dense calls only for now.
+    /// the forward's. CPU tensors; dense and packed (varlen) calls, not KV-cache ones.
     pub dropout: Option<Dropout>,
 }
 

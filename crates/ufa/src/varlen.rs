@@ -300,9 +300,6 @@ fn varlen_inputs(
         head_dim,
         head_dim_v,
     };
-    if params.dropout.is_some_and(|d| d.p != 0.0) {
-        invalid!("dropout is not supported on packed (varlen) batches yet; pad the batch");
-    }
     assemble(device, dims, [q_op, k_op, v_op], seqs, params)
 }
 

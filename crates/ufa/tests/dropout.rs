@@ -5,7 +5,8 @@
 
 use ufa::{AttentionParams, Context, DType, Dropout, ErrorKind, TensorView, TensorViewMut};
 use ufa_testkit::{
-    check_case, check_grads, run_on_every_isa, Alibi, Case, Comparison, GradComparison, Instance,
+    check_case, check_grads, check_varlen, check_varlen_grads, run_on_every_isa, Alibi, Case,
+    Comparison, Features, GradComparison, Instance, VarlenCase,
 };
 
 fn with_dropout(mut c: Case, p: f32, seed: u64, offset: u64) -> Case {
@@ -52,6 +53,46 @@ fn gradients_match_reference_on_every_isa() {
     run_on_every_isa(
         &grads,
         check_grads,
+        GradComparison::passed,
+        GradComparison::summary,
+    );
+}
+
+/// Packed batches: sequence b draws its dropout as batch entry b (rows and keys counted within
+/// the sequence), forward (packed, seqused_kv and paged keys) and gradients, on every ISA.
+#[test]
+fn varlen_matches_reference_on_every_isa() {
+    let mut f = Features::new(4, 2, 32, DType::F32);
+    f.causal = true;
+    f.dropout = Some(Dropout {
+        p: 0.3,
+        seed: 99,
+        offset: 5,
+    });
+    let mut bf = f.clone();
+    bf.dtype = DType::BF16;
+    bf.causal = false;
+    let packed = VarlenCase::new(&[5, 17, 1, 30], &[9, 17, 40, 30], f.clone());
+    let mut used = VarlenCase::new(&[3, 12], &[20, 33], bf.clone());
+    used.used_kv = Some(vec![11, 33]);
+    let mut paged = VarlenCase::new(&[6, 2], &[40, 70], f);
+    paged.page_size = Some(16);
+    let forward = [
+        packed.clone(),
+        used,
+        paged,
+        VarlenCase::new(&[8, 8], &[8, 24], bf.clone()),
+    ];
+    run_on_every_isa(
+        &forward,
+        check_varlen,
+        Comparison::passed,
+        Comparison::summary,
+    );
+    let grads = [packed, VarlenCase::new(&[8, 8], &[8, 24], bf)];
+    run_on_every_isa(
+        &grads,
+        check_varlen_grads,
         GradComparison::passed,
         GradComparison::summary,
     );
@@ -140,8 +181,8 @@ fn zero_rate_is_no_dropout() {
     );
 }
 
-/// A rate outside [0, 1) is refused, naming it, and nothing is written; so is dropout on a KV
-/// cache (inference) and, for now, on packed batches.
+/// A rate outside [0, 1) is refused, naming it, and nothing is written, on dense and packed
+/// calls.
 #[test]
 fn bad_rates_are_refused_and_nothing_is_written() {
     let ctx = Context::new().unwrap();
@@ -175,9 +216,9 @@ fn bad_rates_are_refused_and_nothing_is_written() {
             &mut TensorViewMut::new(&mut out, &[s, h, d]).unwrap(),
             None,
             &ufa::Varlen::new(cu, cu, s, s),
-            &AttentionParams::default().dropout(0.1, 1, 2),
+            &AttentionParams::default().dropout(1.5, 1, 2),
         )
         .unwrap_err();
-    assert!(err.message().contains("dropout"), "{err}");
+    assert!(err.message().contains("dropout p=1.5"), "{err}");
     assert!(out.iter().all(|x| x.is_nan()));
 }

@@ -229,6 +229,18 @@ pub fn reference_forward(
     v: &TensorView<'_>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceOutput> {
+    forward_at(q, k, v, params, 0)
+}
+
+/// [`reference_forward`] of a batch whose first (batch, head) pair is number `bh0` of the
+/// caller's: one sequence of a packed batch draws its dropout as that sequence.
+fn forward_at(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    params: &AttentionParams<'_>,
+    bh0: usize,
+) -> Result<ReferenceOutput> {
     let ((b_n, sq, skv, hq, hkv, _, dv), rs) = ref_setup(q, k, v, params)?;
     let mut out = vec![0.0; b_n * sq * hq * dv];
     let mut lse = vec![f64::NEG_INFINITY; b_n * hq * sq];
@@ -240,7 +252,7 @@ pub fn reference_forward(
                 rs.row(b, h, i, &mut probs, &mut cap);
                 masked_keys(&probs, &mut masked);
                 lse[(b * hq + h) * sq + i] = softmax_row(&mut probs);
-                dropout_row(params, b * hq + h, i, &mut probs);
+                dropout_row(params, bh0 + b * hq + h, i, &mut probs);
                 let o = &mut out[((b * sq + i) * hq + h) * dv..][..dv];
                 // Every unmasked key counts, even with probability 0: 0 · inf is NaN here as
                 // in every kernel's P·V product.
@@ -310,6 +322,20 @@ pub fn reference_backward(
     delta_from_out: Option<&TensorView<'_>>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceGrads> {
+    backward_at(q, k, v, dout, delta_from_out, params, 0)
+}
+
+/// [`reference_backward`] with the dropout of (batch, head) pairs from number `bh0` on (see
+/// [`forward_at`]).
+fn backward_at(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    dout: &TensorView<'_>,
+    delta_from_out: Option<&TensorView<'_>>,
+    params: &AttentionParams<'_>,
+    bh0: usize,
+) -> Result<ReferenceGrads> {
     let ((b_n, sq, skv, hq, hkv, d, dv), rs) = ref_setup(q, k, v, params)?;
     if dout.shape() != [b_n, sq, hq, dv] {
         return Err(ufa::Error::invalid(format!(
@@ -341,7 +367,7 @@ pub fn reference_backward(
                 // 1 / (1 - p)), so dP = Z ∘ (dO · Vᵀ); D = Σ P ∘ dP (= dO · out), over the keys
                 // the row sees.
                 let mut keep = vec![1.0; skv];
-                dropout_row(params, b * hq + h, i, &mut keep);
+                dropout_row(params, bh0 + b * hq + h, i, &mut keep);
                 let mut big_d = 0.0;
                 for j in (0..skv).filter(|&j| !masked[j]) {
                     dp[j] = keep[j]

@@ -3,7 +3,7 @@
 //! the library's) and given to the dense reference; the cache after an append is built element
 //! by element.
 
-use super::{read, reference_backward, reference_forward, ReferenceGrads, ReferenceOutput};
+use super::{backward_at, forward_at, read, ReferenceGrads, ReferenceOutput};
 use half::{bf16, f16};
 use ufa::AttentionParams;
 use ufa::AttentionState;
@@ -148,6 +148,7 @@ fn sequence(
     heads_q: usize,
     dv: usize,
     params: &AttentionParams<'_>,
+    bh0: usize,
 ) -> Result<ReferenceOutput> {
     let sq = q.shape[1];
     if k.shape[1] == 0 {
@@ -156,7 +157,7 @@ fn sequence(
             lse: vec![f64::NEG_INFINITY; heads_q * sq],
         });
     }
-    reference_forward(&q.view(), &k.view(), &v.view(), params)
+    forward_at(&q.view(), &k.view(), &v.view(), params, bh0)
 }
 
 /// Attention of a packed batch (see [`Varlen`]) in f64: out `[total_q, heads_q, head_dim_v]`
@@ -198,7 +199,8 @@ pub fn reference_varlen(
             Dense::gather(v, skv, key_row),
         );
         let p = params_of_sequence(params, b, sq, skv)?;
-        let o = sequence(&qs, &ks, &vs, heads_q, dv, &p)?;
+        // Sequence b draws its dropout as batch entry b: (b · heads_q + h, row, key).
+        let o = sequence(&qs, &ks, &vs, heads_q, dv, &p, b * heads_q)?;
         r.out[q0 * heads_q * dv..][..sq * heads_q * dv].copy_from_slice(&o.out);
         for h in 0..heads_q {
             r.lse[h * total_q + q0..][..sq].copy_from_slice(&o.lse[h * sq..][..sq]);
@@ -247,13 +249,14 @@ pub fn reference_varlen_backward(
         let dos = Dense::gather(dout, sq, qrows);
         let outs = delta_from_out.map(|o| Dense::gather(o, sq, qrows));
         let p = params_of_sequence(params, b, sq, skv)?;
-        let s = reference_backward(
+        let s = backward_at(
             &qs.view(),
             &ks.view(),
             &vs.view(),
             &dos.view(),
             outs.as_ref().map(|o| o.view()).as_ref(),
             &p,
+            b * hq,
         )?;
         g.dq[q0 * hq * d..][..s.dq.len()].copy_from_slice(&s.dq);
         g.dk[k0 * hkv * d..][..s.dk.len()].copy_from_slice(&s.dk);
@@ -426,7 +429,7 @@ pub fn reference_kvcache(
             to_dense(vv, skv, hkv, dv),
         );
         let p = params_of_sequence(params, b, sq, skv)?;
-        let o = sequence(&qs, &ks, &vs, hq, dv, &p)?;
+        let o = sequence(&qs, &ks, &vs, hq, dv, &p, b * hq)?;
         out.out[b * sq * hq * dv..][..o.out.len()].copy_from_slice(&o.out);
         out.lse[b * hq * sq..][..o.lse.len()].copy_from_slice(&o.lse);
     }
