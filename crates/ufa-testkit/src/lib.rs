@@ -1,4 +1,4 @@
-//! ufa's test kit: the f64 reference ([`reference`]), random problems, and their comparison
+//! ufa's test kit: the f64 reference ([`mod@reference`]), random problems, and their comparison
 //! with it. Shared by the test suites (a dev-dependency of `ufa`), the bindings' tests and
 //! `ufa check`, so every caller judges accuracy the same way. It lives outside the library so
 //! that neither its code nor its random number generators are part of what users link.

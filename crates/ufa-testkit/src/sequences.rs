@@ -856,7 +856,7 @@ pub struct MergeCase {
     pub heads: usize,
     pub head_dim: usize,
     pub dtype: DType,
-    /// The output is states[0] itself.
+    /// The output is `states[0]` itself.
     pub in_place: bool,
 }
 
@@ -1500,7 +1500,7 @@ pub mod cuda {
             Ok(ms)
         }
 
-        /// Sets cache_seqlens[b] (to make a call invalid).
+        /// Sets `cache_seqlens[b]` (to make a call invalid).
         pub fn set_cache_len(&mut self, b: usize, n: i32) {
             if let Storage::I32(v) = &mut self.seqlens.storage {
                 v[b] = n;

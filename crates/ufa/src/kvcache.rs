@@ -563,7 +563,7 @@ pub(crate) fn rotate(a: f32, b: f32, c: f32, s: f32) -> f32 {
 }
 
 /// Scratch device memory a caller lends a CUDA call, so that the call allocates nothing (CUDA
-/// graphs, allocators of one's own). Its size comes from [`kvcache_workspace_bytes`].
+/// graphs, allocators of one's own). Its size comes from [`crate::kvcache_workspace_bytes`].
 #[derive(Debug)]
 pub struct Workspace<'a> {
     pub(crate) ptr: *mut std::ffi::c_void,

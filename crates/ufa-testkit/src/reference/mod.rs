@@ -271,7 +271,7 @@ fn forward_at(
 
 /// Which keys each query row does not see, `[batch, heads_q, seqlen_q, seqlen_kv]` row-major,
 /// each as (masked, by the caller): masked where the score is -inf, the keys that take no part
-/// in a row's result (see [`softmax_row`]); by the caller where the band, a boolean mask or an
+/// in a row's result (as the reference's softmax treats them); by the caller where the band, a boolean mask or an
 /// additive mask of -inf hides the key, rather than a non-finite q or k.
 pub fn reference_masked_keys(
     q: &TensorView<'_>,
