@@ -363,10 +363,9 @@ impl Scores {
         if let Some(s) = self.scale {
             params = params.softmax_scale(s as f32);
         }
+        // p = 0 is no dropout (the core's rule).
         let (p, seed, offset) = self.dropout;
-        if p != 0.0 {
-            params = params.dropout(p, seed, offset);
-        }
+        params = params.dropout(p, seed, offset);
         if let Some(a) = alibi {
             params = params.alibi_slopes(a.view()?);
         }

@@ -601,7 +601,8 @@ pub(crate) unsafe fn params_of<'a>(
         mask: optional(c.mask, "params->mask", view)?,
         deterministic: c.deterministic != 0,
         fp32_precision,
-        dropout: (c.dropout_p != 0.0).then_some(ufa::Dropout {
+        // p = 0 is no dropout (the core's rule).
+        dropout: Some(ufa::Dropout {
             p: c.dropout_p,
             seed: c.dropout_seed,
             offset: c.dropout_offset,

@@ -68,15 +68,26 @@ impl Dropout {
 }
 
 impl DropoutMask {
-    /// See [`Dropout::scale`].
+    /// The random words of keys `4·(j / 4) ..` of row `i` of head `bh`: word `j % 4` is key j's.
     #[inline]
-    pub fn scale(&self, bh: usize, i: usize, j: usize) -> f32 {
-        let words = philox4x32_10([(j / 4) as u32, i as u32, bh as u32, self.offset], self.key);
-        if u64::from(words[j % 4]) < self.threshold {
+    fn words(&self, bh: usize, i: usize, j: usize) -> [u32; 4] {
+        philox4x32_10([(j / 4) as u32, i as u32, bh as u32, self.offset], self.key)
+    }
+
+    /// The factor a key whose word is `w` gets: 1 / (1 - p) if kept, else 0.
+    #[inline]
+    fn factor(&self, w: u32) -> f32 {
+        if u64::from(w) < self.threshold {
             self.keep_scale
         } else {
             0.0
         }
+    }
+
+    /// See [`Dropout::scale`].
+    #[inline]
+    pub fn scale(&self, bh: usize, i: usize, j: usize) -> f32 {
+        self.factor(self.words(bh, i, j)[j % 4])
     }
 
     /// Multiplies `row[jj]`, probability P[b, h, i, j0 + jj], by its factor; one generator
@@ -86,14 +97,9 @@ impl DropoutMask {
         let mut jj = 0;
         while jj < row.len() {
             let j = j0 + jj;
-            let words = philox4x32_10([(j / 4) as u32, i as u32, bh as u32, self.offset], self.key);
             let end = (jj + 4 - j % 4).min(row.len());
-            for (x, &w) in row[jj..end].iter_mut().zip(&words[j % 4..]) {
-                *x *= if u64::from(w) < self.threshold {
-                    self.keep_scale
-                } else {
-                    0.0
-                };
+            for (x, &w) in row[jj..end].iter_mut().zip(&self.words(bh, i, j)[j % 4..]) {
+                *x *= self.factor(w);
             }
             jj = end;
         }

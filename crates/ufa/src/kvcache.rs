@@ -401,10 +401,10 @@ pub(crate) fn validate_kvcache(
         head_dim_v,
     };
     let q_op = operand(q.as_ptr(), q.dtype(), q.layout());
-    if params.dropout.is_some_and(|d| d.p != 0.0) {
+    let mut attn = assemble(device, dims, [q_op, k_cache, v_cache], seqs, params)?;
+    if attn.dropout.is_some() {
         invalid!("dropout is not supported on KV-cache calls (inference): set it to None");
     }
-    let mut attn = assemble(device, dims, [q_op, k_cache, v_cache], seqs, params)?;
 
     // Outputs: out and the LSE; the cache is written too when appending.
     check_tensor(

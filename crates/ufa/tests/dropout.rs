@@ -222,3 +222,47 @@ fn bad_rates_are_refused_and_nothing_is_written() {
     assert!(err.message().contains("dropout p=1.5"), "{err}");
     assert!(out.iter().all(|x| x.is_nan()));
 }
+
+/// A KV-cache call (inference) refuses dropout, naming it, and leaves the cache, the appended
+/// slot included, and the output untouched.
+#[test]
+fn kvcache_refuses_dropout_and_writes_nothing() {
+    let ctx = Context::new().unwrap();
+    let (h, d, cap) = (2, 16, 8);
+    let q = vec![0.5f32; h * d];
+    let new = vec![0.25f32; h * d];
+    let mut kc = vec![f32::NAN; cap * h * d];
+    let mut vc = vec![f32::NAN; cap * h * d];
+    let lens = [3i32];
+    let mut out = vec![f32::NAN; h * d];
+    let shape = [1, 1, h, d];
+    let mut cache = ufa::KvCache {
+        k: TensorViewMut::new(&mut kc, &[1, cap, h, d]).unwrap(),
+        v: TensorViewMut::new(&mut vc, &[1, cap, h, d]).unwrap(),
+        seqlens: TensorView::new(&lens, &[1]).unwrap(),
+        block_table: None,
+        batch_idx: None,
+        checked: false,
+    };
+    let append = ufa::KvAppend {
+        k: TensorView::new(&new, &shape).unwrap(),
+        v: TensorView::new(&new, &shape).unwrap(),
+        rotary: None,
+    };
+    let err = ctx
+        .forward_kvcache(
+            &TensorView::new(&q, &shape).unwrap(),
+            &mut cache,
+            Some(&append),
+            &mut TensorViewMut::new(&mut out, &shape).unwrap(),
+            None,
+            &AttentionParams::default().dropout(0.1, 1, 2),
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.message().contains("dropout"), "{err}");
+    assert!(
+        kc.iter().chain(&vc).chain(&out).all(|x| x.is_nan()),
+        "written on error"
+    );
+}

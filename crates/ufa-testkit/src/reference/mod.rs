@@ -422,35 +422,31 @@ mod tests {
         let dout = gen(b * sq * hq * dv, 2.1);
         let slopes = [0.3f32, 0.1];
         let mask: Vec<f32> = gen(sq * skv, 0.9);
-        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-            let params = AttentionParams::default()
+        let params = || {
+            AttentionParams::default()
                 .causal(true)
                 .softcap(1.5)
                 .alibi_slopes(TensorView::new(&slopes, &[2]).unwrap())
                 .mask(TensorView::new(&mask, &[sq, skv]).unwrap())
-                .dropout(0.4, 12345, 6);
+                .dropout(0.4, 12345, 6)
+        };
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
             let o = reference_forward(
                 &TensorView::new(q, &[b, sq, hq, d]).unwrap(),
                 &TensorView::new(k, &[b, skv, hkv, d]).unwrap(),
                 &TensorView::new(v, &[b, skv, hkv, dv]).unwrap(),
-                &params,
+                &params(),
             )
             .unwrap();
             o.out.iter().zip(&dout).map(|(o, g)| o * *g as f64).sum()
         };
-        let params = AttentionParams::default()
-            .causal(true)
-            .softcap(1.5)
-            .alibi_slopes(TensorView::new(&slopes, &[2]).unwrap())
-            .mask(TensorView::new(&mask, &[sq, skv]).unwrap())
-            .dropout(0.4, 12345, 6);
         let g = reference_backward(
             &TensorView::new(&q, &[b, sq, hq, d]).unwrap(),
             &TensorView::new(&k, &[b, skv, hkv, d]).unwrap(),
             &TensorView::new(&v, &[b, skv, hkv, dv]).unwrap(),
             &TensorView::new(&dout, &[b, sq, hq, dv]).unwrap(),
             None,
-            &params,
+            &params(),
         )
         .unwrap();
         let mut worst = 0f64;
