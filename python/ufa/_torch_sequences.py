@@ -68,20 +68,29 @@ def _scores(softmax_scale, causal, window_size, softcap, deterministic=False,
                    right, float(softcap), bool(deterministic), bool(checked))
 
 
+def _dropout_refusal(q: Tensor, dropout_p: float) -> Optional[str]:
+    """Why ufa cannot compute this call's dropout yet (None: it can, or there is none): the one
+    rule behind SDPA's fallback and the FlashAttention functions' error."""
+    if dropout_p == 0.0:
+        return None
+    if torch.compiler.is_compiling():
+        return ("attention dropout under torch.compile is not implemented by ufa yet (eager "
+                "mode has it on CPU tensors)")
+    if q.device.type != "cpu":
+        return (f"dropout_p={dropout_p} on {q.device.type} tensors is not implemented by ufa "
+                "yet (CPU tensors have it); use dropout_p=0.0")
+    return None
+
+
 def _dropout_seed(q: Tensor, dropout_p: float) -> int:
     """The generator seed of one call's dropout (0 without dropout), drawn from PyTorch's
     default generator so that ``torch.manual_seed`` makes runs repeat; the backward is given
-    the same one. Refuses what ufa does not compute yet: CUDA tensors, torch.compile."""
+    the same one. Raises NotImplementedError where :func:`_dropout_refusal` says why."""
     if dropout_p == 0.0:
         return 0
-    if torch.compiler.is_compiling():
-        raise NotImplementedError(
-            "attention dropout under torch.compile is not implemented by ufa yet (eager mode "
-            "has it on CPU tensors)")
-    if q.device.type != "cpu":
-        raise NotImplementedError(
-            f"dropout_p={dropout_p} on {q.device.type} tensors is not implemented by ufa yet "
-            "(CPU tensors have it); use dropout_p=0.0")
+    why = _dropout_refusal(q, dropout_p)
+    if why is not None:
+        raise NotImplementedError(why)
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ufa
-from ._torch_sequences import _dropout_seed, _last_contiguous, _tf32
+from ._torch_sequences import _dropout_refusal, _dropout_seed, _last_contiguous, _tf32
 from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -554,7 +554,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
     that the common case costs as few tensor attribute reads as possible."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return "not a tensor"
-    if dropout_p != 0.0 and (query.device.type != "cpu" or torch.compiler.is_compiling()):
+    if dropout_p != 0.0 and _dropout_refusal(query, dropout_p) is not None:
         return "dropout"
     dt = query.dtype
     if dt not in _DTYPES or key.dtype != dt or value.dtype != dt:
