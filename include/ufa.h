@@ -194,8 +194,8 @@ typedef struct {
   uint64_t dropout_offset;
   /**
    * Probability of dropping each attention probability, in [0, 1); the kept ones are
-   * scaled by 1 / (1 - p). 0 (the default) disables dropout. CPU tensors only for now
-   * (CUDA refuses it with `UFA_STATUS_UNSUPPORTED`); not on KV-cache calls.
+   * scaled by 1 / (1 - p). 0 (the default) disables dropout. CPU and CUDA tensors; not on
+   * KV-cache calls.
    */
   float dropout_p;
 } ufa_attention_params;

@@ -1,7 +1,7 @@
 """Attention dropout through the PyTorch API: forward and gradients against a float64
 computation that applies exactly the factors the core draws (read back with the
-``_dropout_factors`` hook), seeding from PyTorch's generator, and where dropout is not served
-yet (CUDA tensors, torch.compile)."""
+``_dropout_factors`` hook), on CPU and CUDA tensors; seeding from PyTorch's generator, and where
+dropout is not served yet (torch.compile, CUDA graph capture)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import ufa.torch as ut
-from conftest import rel_err
+import ufa
+from conftest import rel_err, tolerance
 from ufa import _ufa
 
 
@@ -133,15 +134,43 @@ def test_bad_rate_is_refused():
         ut.flash_attn_func(q, q, q, dropout_p=1.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_dropout_says_not_yet():
-    q = torch.randn(1, 8, 2, 16, device="cuda", dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match="CPU tensors have it"):
-        ut.flash_attn_func(q, q, q, dropout_p=0.1)
+@pytest.mark.skipif(not ufa.cuda_available(), reason="needs ufa's CUDA backend")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_dropout_matches_reference(dtype):
+    """CUDA tensors: forward and gradients against the float64 computation with the core's
+    factors, GQA and causal, at a size of several tiles; SDPA serves it (no fallback)."""
+    b, sq, skv, hq, hkv, d, p = 2, 150, 203, 4, 2, 64, 0.3
+    q, k, v = (torch.randn(s, device="cuda", dtype=dtype, requires_grad=True)
+               for s in ((b, sq, hq, d), (b, skv, hkv, d), (b, skv, hkv, d)))
+    torch.manual_seed(3)
+    seed = ut._dropout_seed(q, p)
+    torch.manual_seed(3)
+    out = ut.flash_attn_func(q, k, v, dropout_p=p, causal=True)
+    x64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    want = _reference(*x64, p, seed, causal=True, top_left=False)
+    tol = tolerance(dtype)
+    assert rel_err(out, want) < tol
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    want.backward(dout.cpu().double())
+    for name, got, ref in zip("qkv", (q.grad, k.grad, v.grad), x64):
+        assert rel_err(got, ref.grad) < 10 * tol, name
+
     ut.reset_fallback_stats()
-    qb = q.transpose(1, 2)
+    qb = q.detach().transpose(1, 2)
     ut.scaled_dot_product_attention(qb, qb, qb, dropout_p=0.1)
-    assert ut.fallback_stats() == {"dropout": 1}
+    assert ut.fallback_stats() == {"ufa": 1}
+
+
+@pytest.mark.skipif(not ufa.cuda_available(), reason="needs ufa's CUDA backend")
+def test_cuda_graph_capture_refuses_dropout():
+    """A captured call would replay one mask: refused (SDPA falls back), never silently."""
+    q = torch.randn(1, 64, 2, 16, device="cuda", dtype=torch.float16)
+    ut.flash_attn_func(q, q, q)  # compile and load the kernel outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        with pytest.raises(NotImplementedError, match="CUDA graph"):
+            ut.flash_attn_func(q, q, q, dropout_p=0.1)
 
 
 def test_compiled_dropout_falls_back_for_sdpa():

@@ -69,16 +69,18 @@ def _scores(softmax_scale, causal, window_size, softcap, deterministic=False,
 
 
 def _dropout_refusal(q: Tensor, dropout_p: float) -> Optional[str]:
-    """Why ufa cannot compute this call's dropout yet (None: it can, or there is none): the one
+    """Why ufa cannot compute this call's dropout (None: it can, or there is none): the one
     rule behind SDPA's fallback and the FlashAttention functions' error."""
     if dropout_p == 0.0:
         return None
     if torch.compiler.is_compiling():
         return ("attention dropout under torch.compile is not implemented by ufa yet (eager "
-                "mode has it on CPU tensors)")
-    if q.device.type != "cpu":
-        return (f"dropout_p={dropout_p} on {q.device.type} tensors is not implemented by ufa "
-                "yet (CPU tensors have it); use dropout_p=0.0")
+                "mode has it)")
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The generator's seed is drawn on the host per call: a captured graph would replay
+        # one mask on every replay.
+        return ("attention dropout while capturing a CUDA graph is not implemented by ufa "
+                "(each replay would repeat the captured call's mask)")
     return None
 
 

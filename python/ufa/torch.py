@@ -6,8 +6,8 @@
   ``*_qkvpacked_func`` / ``*_kvpacked_func`` forms likewise.
 - :func:`scaled_dot_product_attention` — ``torch.nn.functional.scaled_dot_product_attention``'s
   signature and semantics (``[batch, heads, seq, dim]``, top-left causal alignment, bool and
-  float masks, GQA only with ``enable_gqa``; dropout on CPU tensors). Calls ufa cannot serve
-  (dropout on CUDA or under torch.compile, float64, an unsupported device, a mask that requires grad, ...) go to PyTorch's own function, are
+  float masks, GQA only with ``enable_gqa``, dropout). Calls ufa cannot serve
+  (dropout under torch.compile or CUDA graph capture, float64, an unsupported device, a mask that requires grad, ...) go to PyTorch's own function, are
   counted in :func:`fallback_stats` and warned about once per reason (``UFA_STRICT=1``: an
   error instead).
 - :func:`patch` / :func:`unpatch` / :func:`patched` route ``torch.nn.functional.
@@ -155,7 +155,7 @@ def attention_forward(
     offset: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """Attention in ufa's layout; returns (out [B, Sq, Hq, Dv], lse f32 [B, Hq, Sq]). With
-    ``dropout_p`` > 0 (CPU tensors) the probabilities are dropped by the generator at
+    ``dropout_p`` > 0 the probabilities are dropped by the generator at
     (``seed``, ``offset``); the backward takes the same three."""
     return _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
                          window_right, softcap, dropout_p, seed, offset)
@@ -446,8 +446,8 @@ def flash_attn_func(
     same mask; as in FlashAttention, pass 0.0 in evaluation.
 
     Raises:
-        NotImplementedError: ``dropout_p > 0`` on CUDA tensors or under ``torch.compile``
-            (CPU tensors in eager mode have it).
+        NotImplementedError: ``dropout_p > 0`` under ``torch.compile`` or while capturing a
+            CUDA graph (eager mode has it).
     """
     from . import _window
 
@@ -623,8 +623,8 @@ def scaled_dot_product_attention(
 
     Calls ufa cannot serve identically go to PyTorch's own function, with a one-time warning
     per reason (an error under ``UFA_STRICT=1``), and are counted in :func:`fallback_stats`:
-    dropout on CUDA tensors or under ``torch.compile`` (CPU tensors in eager mode are served,
-    the mask drawn from a generator seeded by PyTorch's), dtypes other than
+    dropout under ``torch.compile`` or CUDA graph capture (eager mode is served, the mask
+    drawn from a generator seeded by PyTorch's), dtypes other than
     float16/bfloat16/float32, devices without a ufa backend, masks
     that require grad, nested tensors, inputs PyTorch itself rejects (so they raise PyTorch's
     error). Under ``torch.autocast`` the inputs are cast first, as PyTorch

@@ -13,10 +13,10 @@ are in the mask; a purely causal one is skipped in favour of ``is_causal``), and
 place. Grouped-query attention runs on the key/value heads as they are (no ``repeat_kv`` copies),
 and attention logit soft-capping (Gemma 2), which SDPA refuses, is computed in the kernel.
 
-Dropout while training (``attention_dropout > 0``) is computed by ufa on CPU tensors; on CUDA
-it goes to PyTorch's SDPA. What ufa does not compute goes to transformers' or PyTorch's own
-function, counted in :func:`ufa.torch.fallback_stats` and warned about once per reason
-(``UFA_STRICT=1``: an error): dropout on CUDA, and attention sinks (``s_aux``).
+Dropout while training (``attention_dropout > 0``) is computed by ufa. What ufa does not compute
+goes to transformers' or PyTorch's own function, counted in :func:`ufa.torch.fallback_stats` and
+warned about once per reason (``UFA_STRICT=1``: an error): dropout under ``torch.compile`` or
+CUDA graph capture, and attention sinks (``s_aux``).
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ pub const Params = struct {
     allow_tf32: bool = false,
     /// Drops each attention probability with probability `p` in [0, 1) (scaling the rest by
     /// 1/(1-p)), from the generator at (`seed`, `offset`); a backward call takes its forward's.
-    /// CPU tensors; not on KV-cache calls.
+    /// Not on KV-cache calls.
     dropout: ?Dropout = null,
 
     /// The C parameters; `storage` holds the tensor descriptors they point at.

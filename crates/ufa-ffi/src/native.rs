@@ -148,8 +148,8 @@ pub struct ufa_attention_params {
     pub dropout_seed: u64,
     pub dropout_offset: u64,
     /// Probability of dropping each attention probability, in [0, 1); the kept ones are
-    /// scaled by 1 / (1 - p). 0 (the default) disables dropout. CPU tensors only for now
-    /// (CUDA refuses it with `UFA_STATUS_UNSUPPORTED`); not on KV-cache calls.
+    /// scaled by 1 / (1 - p). 0 (the default) disables dropout. CPU and CUDA tensors; not on
+    /// KV-cache calls.
     pub dropout_p: f32,
 }
 

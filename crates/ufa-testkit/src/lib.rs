@@ -263,6 +263,16 @@ impl Storage {
         }
     }
 
+    /// Sets element `i` (of a float tensor) to `x`, rounded to the dtype.
+    pub(crate) fn set(&mut self, i: usize, x: f32) {
+        match self {
+            Storage::F32(v) => v[i] = x,
+            Storage::F16(v) => v[i] = f16::from_f32(x),
+            Storage::BF16(v) => v[i] = bf16::from_f32(x),
+            Storage::Bool(_) | Storage::I32(_) => unreachable!("values are set in float tensors"),
+        }
+    }
+
     fn get(&self, i: usize) -> f64 {
         match self {
             Storage::F32(v) => v[i] as f64,
@@ -590,6 +600,31 @@ impl Instance {
             strays: 0,
             tolerance: c.tolerance(),
             lse_tolerance: lse_tolerance(c.dtype, c.fp32_precision),
+        }
+    }
+
+    /// Makes V the identity (V[b, j, h, c] = 1 if j = c, else 0; needs seqlen_kv <= head_dim_v),
+    /// so that the output's row i is the probabilities (after dropout) of row i: P[i, c] in
+    /// column c, exactly 0 where a probability was dropped.
+    pub fn set_v_identity(&mut self) {
+        let c = &self.case;
+        assert!(
+            c.seqlen_kv <= c.head_dim_v,
+            "V as the identity needs seqlen_kv <= head_dim_v"
+        );
+        for b in 0..c.batch {
+            for j in 0..c.seqlen_kv {
+                for h in 0..c.heads_kv {
+                    for e in 0..c.head_dim_v {
+                        let at: usize = [b, j, h, e]
+                            .iter()
+                            .zip(&self.v.strides)
+                            .map(|(i, s)| i * s)
+                            .sum();
+                        self.v.storage.set(at, if e == j { 1.0 } else { 0.0 });
+                    }
+                }
+            }
         }
     }
 

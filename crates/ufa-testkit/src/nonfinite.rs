@@ -13,7 +13,6 @@
 
 use super::{Instance, Storage, Tensor};
 use crate::reference::{reference_backward, reference_masked_keys};
-use half::{bf16, f16};
 use ufa::Result;
 
 /// An input a value can be planted in.
@@ -67,17 +66,6 @@ impl NonFiniteReport {
             if shown.is_empty() { "" } else { ": " },
             shown.join("; ")
         )
-    }
-}
-
-impl Storage {
-    fn set(&mut self, i: usize, x: f32) {
-        match self {
-            Storage::F32(v) => v[i] = x,
-            Storage::F16(v) => v[i] = f16::from_f32(x),
-            Storage::BF16(v) => v[i] = bf16::from_f32(x),
-            Storage::Bool(_) | Storage::I32(_) => unreachable!("values are planted in floats"),
-        }
     }
 }
 

@@ -10,6 +10,7 @@
 //
 // The host generates each kernel's entry point (crates/ufa/src/cuda/backward.rs).
 #include "bwd_keys.cuh"
+#include "dropout.cuh"
 
 constexpr int kRowCols = kMaxHeadDim / 32;
 
@@ -68,7 +69,8 @@ __device__ __forceinline__ void bwd_convert_dq(const BwdParams& bp) {
     for (int d = lane; d < p.head_dim; d += 32) store_as(bp.dq, at + d, bp.dtype_dq, row[d] * p.scale);
 }
 
-// P and dS (before the softmax scale) of query row i and key j, given q·k and dO·v.
+// P and dS (before the softmax scale) of query row i and key j, given q·k and dO·v (dropout's
+// factor from a generator call of its own: these kernels hold one score per lane).
 __device__ __forceinline__ void row_grad_terms(const BwdParams& bp, const Seq& s, float dot,
                                                float dpv, float lse2, float delta, int b, int h,
                                                int i, int j, float slope, bool score_mod,
@@ -77,7 +79,8 @@ __device__ __forceinline__ void row_grad_terms(const BwdParams& bp, const Seq& s
     float dfac = 1.f;
     const float x = score_mod ? modify_score<true>(p, s, dot, b, h, i, j, slope, &dfac)
                               : dot * p.scale_log2;
-    grad_terms(x == -UFA_INF, x, dpv, lse2, delta, dfac, pv, ds);
+    const float keep = dropout_factor_at(p, (uint32_t)(b * p.heads_q + h), i, j);
+    grad_terms(x == -UFA_INF, x, dpv, lse2, delta, dfac, keep, pv, ds);
 }
 
 // One warp per query row: dQ_i = scale · Σ_j dS_ij K_j, one key per lane for the dot products

@@ -4,8 +4,9 @@
 // registers. It walks every query block that can see those keys, for every query head of the
 // GQA group (so dK/dV are summed over the group without atomics), and per query block:
 //   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ; Pᵀ = exp2(Sᵀ - LSE) from the forward's LSE (no running max);
-//      dSᵀ = Pᵀ ∘ (dPᵀ - D) with D = rowsum(dO ∘ O) from the row kernel. Pᵀ and dSᵀ go to shared
-//      memory in the input dtype.
+//      dSᵀ = Pᵀ ∘ (dPᵀ - D) with D = rowsum(dO ∘ O) from the row kernel (with dropout, the
+//      forward's factors Z regenerated: Pᵀ ∘ Z goes on, and dSᵀ = Pᵀ ∘ (Z ∘ dPᵀ - D)). Pᵀ and dSᵀ
+//      go to shared memory in the input dtype.
 //   2. dV += Pᵀ dO, dK += dSᵀ Q.
 //   3. dQ(block) = dS K, added into an fp32 buffer with red.global.add. Deterministic mode
 //      serialises those adds per query block in key-block order with a turn counter, so the
@@ -17,6 +18,7 @@
 //
 // The host generates each variant's entry point (crates/ufa/src/cuda/backward.rs).
 #include "bwd_keys.cuh"
+#include "dropout.cuh"
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int STAGES, int WN1, int WN2, int WQ3>
 struct BwdTileConfig {
@@ -55,7 +57,7 @@ struct BwdTileConfig {
         2 * BLOCK_N * kRowPitch + STAGES * 2 * BLOCK_M * kRowPitch + 2 * BLOCK_N * kPPitch;
 };
 
-template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS>
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS, bool DROPOUT>
 __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     const FwdParams& p = bp.f;
     constexpr int D = Cfg::kHeadDim;
@@ -209,6 +211,10 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
         for (int mt = 0; mt < MT1; ++mt)
 #pragma unroll
             for (int t = 0; t < NT1; ++t) {
+                float keep[4] = {1.f, 1.f, 1.f, 1.f};
+                if constexpr (DROPOUT)
+                    dropout_bwd_tile(p, (uint32_t)(b * p.heads_q + h), n0 + kr1 + mt * 16 + group,
+                                     m0 + qc1 + t * 8 + quad * 2, group, keep);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int jr = kr1 + mt * 16 + group + (e / 2) * 8;
@@ -226,8 +232,8 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
                         x = s[mt][t][e] * p.scale_log2;
                         masked = !(whole_tile_visible || in_band(p, sq, i, j));
                     }
-                    grad_terms(masked, x, dp[mt][t][e], lse2[ic], delta[ic], dfac, s[mt][t][e],
-                               dp[mt][t][e]);
+                    grad_terms(masked, x, dp[mt][t][e], lse2[ic], delta[ic], dfac, keep[e],
+                               s[mt][t][e], dp[mt][t][e]);
                 }
                 const int r = kr1 + mt * 16 + group;
                 const int c = qc1 + t * 8 + quad * 2;

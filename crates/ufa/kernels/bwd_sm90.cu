@@ -280,7 +280,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                     const float x = in_band(p, w.s, i, j) && i < w.s.seqlen_q
                                         ? modify_score<true>(p, w.s, s[4 * t + e], b, h, i, j, slope, &dfac)
                                         : -UFA_INF;
-                    grad_terms(x == -UFA_INF, x, dp[4 * t + e], lse2[ic], delta[ic], dfac,
+                    grad_terms(x == -UFA_INF, x, dp[4 * t + e], lse2[ic], delta[ic], dfac, 1.f,
                                s[4 * t + e], dp[4 * t + e]);
                 }
         } else if (whole_tile_visible) {

@@ -3,7 +3,9 @@
 // than the input's. Correct first: one warp per query row, fp32 throughout, online softmax over
 // chunks of 32 keys (one key per lane for the scores, one output column per lane for P V).
 // Dense, packed and paged keys alike (the block table is read per key: this kernel is bound by
-// its arithmetic, not by that lookup).
+// its arithmetic, not by that lookup). Dropout, when the call has it, scales each probability
+// after the row sum took it (a generator call per key: kernels/dropout.cuh).
+#include "dropout.cuh"
 #include "mask.cuh"
 #include "softmax.cuh"
 
@@ -53,11 +55,12 @@ __device__ __forceinline__ void fwd_simple(const FwdParams& p) {
         const float correction = row.rescale(warp_max(x), base);
         const float pj = fast_exp2(x - base);
         row.sum += pj;
+        const float kept = pj * dropout_factor_at(p, (uint32_t)(b * p.heads_q + h), i, j);
 #pragma unroll
         for (int c = 0; c < kSimpleCols; ++c) o[c] *= correction;
         const int n = min(32, hi - j0);
         for (int jj = 0; jj < n; ++jj) {
-            const float w = __shfl_sync(0xffffffffu, pj, jj);
+            const float w = __shfl_sync(0xffffffffu, kept, jj);
             const int64_t v_at = key_row(p.v_stride, j0 + jj);
             if (v_at < 0) continue;
 #pragma unroll

@@ -9,12 +9,16 @@
 // in the log2 domain. Loads overlap compute the FA2 way: V[n] is fetched while S = Q K[n]ᵀ runs,
 // and K[n-1] while O += P V[n] runs, so one buffer of each suffices.
 //
+// Dropout (DROPOUT variants) multiplies each tile's probabilities by their factors after the
+// row sums took them (the LSE is that of the probabilities before dropout) and before P V.
+//
 // The host generates each variant's entry point (dtype, head dim, tile sizes, score
-// modifiers, sequence metadata), one module per variant (crates/ufa/src/cuda/kernels.rs).
+// modifiers, sequence metadata, dropout), one module per variant (crates/ufa/src/cuda/variants.rs).
+#include "dropout.cuh"
 #include "fwd_tile.cuh"
 #include "mma.cuh"
 
-// One tile configuration. The host picks the numbers (one table, with reasons, in kernels.rs);
+// One tile configuration. The host picks the numbers (one table, with reasons, in src/cuda/tiles.rs);
 // the asserts reject combinations the code below cannot run.
 // ELEM_UNITS: 16-bit units an element takes (2 for fp32), which the shared loaders count in.
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool Q_IN_REGS, int ELEM_UNITS = 1>
@@ -43,7 +47,7 @@ struct TileConfig {
     static constexpr int kSmemElems = (BLOCK_M + 2 * BLOCK_N) * kRowPitch;
 };
 
-template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS>
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS, bool DROPOUT>
 __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
@@ -150,6 +154,14 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
 
             // Online softmax: new running max, rescale what was accumulated, P = exp2(S - max).
             tile_softmax(s, o, row, SCORE_MOD ? 1.f : p.scale_log2);
+            if constexpr (DROPOUT) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int t = 0; t < Cfg::kSTiles; ++t)
+                        dropout_fwd_tile(p, (uint32_t)(b * p.heads_q + h), row_a + mt * 16,
+                                         n0 + t * 8, quad, s[mt][t]);
+            }
 
             cp_async_wait<0>();
             __syncthreads();  // V[n] landed; every warp is done with K[n]

@@ -36,15 +36,17 @@ __device__ __forceinline__ float modify_score(const FwdParams& p, const Seq& s, 
 }
 
 // P and dS (before the softmax scale) of one score `x` (log2 domain), given its dP, the row's
-// LSE (log2) and D, and d(score)/d(scale * dot). A key `masked` by the caller (the band, a
-// boolean mask, an additive -inf) gets exactly 0 for both even in a row whose LSE or D is NaN:
-// a NaN row must not reach the gradients of keys it does not see (the f64 reference's rule,
+// LSE (log2) and D, d(score)/d(scale * dot), and its dropout factor `keep` (0 or 1 / (1 - p);
+// 1 without dropout): P is the kept probability and dS = P_before · (keep · dP - D), D being
+// rowsum(dO ∘ O) of the output with dropout. A key `masked` by the caller (the band, a boolean
+// mask, an additive -inf) gets exactly 0 for both even in a row whose LSE or D is NaN: a NaN
+// row must not reach the gradients of keys it does not see (the f64 reference's rule,
 // crates/ufa-testkit/src/reference).
 __device__ __forceinline__ void grad_terms(bool masked, float x, float dpv, float lse2, float delta,
-                                           float dfac, float& pv, float& ds) {
+                                           float dfac, float keep, float& pv, float& ds) {
     const float e = fast_exp2(x - lse2);
-    pv = masked ? 0.f : e;
-    ds = masked ? 0.f : e * (dpv - delta) * dfac;
+    pv = masked ? 0.f : e * keep;
+    ds = masked ? 0.f : e * (dpv * keep - delta) * dfac;
 }
 
 __device__ __forceinline__ float alibi_slope(const FwdParams& p, int b, int h) {

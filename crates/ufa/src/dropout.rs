@@ -67,7 +67,27 @@ impl Dropout {
     }
 }
 
+/// A [`DropoutMask`] as the CUDA kernels read it (kernels/dropout.cuh): the same key and
+/// counter word, the threshold as the largest word kept (2^32 does not fit a u32; a threshold
+/// is at least 256, as 1 - p is at least 2^-24), and the scale; all zero is no dropout.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct KernelWords {
+    pub key: [u32; 2],
+    pub offset: u32,
+    pub keep_max: u32,
+    pub scale: f32,
+}
+
 impl DropoutMask {
+    pub(crate) fn kernel_words(&self) -> KernelWords {
+        KernelWords {
+            key: self.key,
+            offset: self.offset,
+            keep_max: (self.threshold - 1) as u32,
+            scale: self.keep_scale,
+        }
+    }
+
     /// The random words of keys `4·(j / 4) ..` of row `i` of head `bh`: word `j % 4` is key j's.
     #[inline]
     fn words(&self, bh: usize, i: usize, j: usize) -> [u32; 4] {

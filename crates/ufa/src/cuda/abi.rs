@@ -280,6 +280,13 @@ kernel_struct! {
         /// MaskKind.
         pub mask_kind: i32,
         pub num_m_blocks: i32,
+        /// Dropout (kernels/dropout.cuh, from crate::dropout): the generator's key and counter
+        /// word 3, the largest word that keeps a probability, and the factor a kept one gets
+        /// (1 / (1 - p); 0: the call has no dropout).
+        pub dropout_key: [u32; 2],
+        pub dropout_offset: u32,
+        pub dropout_keep_max: u32,
+        pub dropout_scale: f32,
     }
 }
 
@@ -516,6 +523,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(FwdParams::FIELDS.len(), 40);
+        assert_eq!(FwdParams::FIELDS.len(), 44);
     }
 }

@@ -140,6 +140,7 @@ impl DecodePlan {
             && p.head_dim == p.head_dim_v
             && rows <= DECODE_MAX_ROWS
             && rows_aligned16(p)
+            && p.dropout.is_none() // the prefill kernel drops (Variant::FwdSm80)
             && splits_override() != Some(0);
         if !eligible {
             return None;

@@ -186,7 +186,6 @@ impl CudaBackend {
     }
 
     pub fn backward(&self, p: &BackwardProblem, stream: *mut c_void) -> Result<()> {
-        refuse_dropout(&p.fwd)?;
         no_panic("running the backward on CUDA", || {
             self.backward_inner(p, stream)
         })
@@ -240,7 +239,6 @@ impl CudaBackend {
     }
 
     pub fn forward(&self, p: &Problem, stream: *mut c_void) -> Result<()> {
-        refuse_dropout(p)?;
         no_panic("running on CUDA", || self.forward_inner(p, stream))
     }
 
@@ -603,18 +601,6 @@ fn check_pointers(tensors: &[(&'static str, *mut u8)], ordinal: u32) -> Result<(
 }
 
 /// The cubin of `variant` for `arch`: from the disk cache, else compiled (and cached).
-/// The CUDA kernels have no dropout yet: such a call is refused before anything is written.
-fn refuse_dropout(p: &Problem) -> Result<()> {
-    if p.dropout.is_some() {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "dropout is not implemented on CUDA yet (the CPU backend has it); use p = 0 on \
-             CUDA tensors",
-        ));
-    }
-    Ok(())
-}
-
 /// Returns it with the NVRTC seconds and whether it was cached.
 fn cubin_for(variant: &Variant, arch: &str) -> Result<(Vec<u8>, f64, bool)> {
     let nv = nvrtc::nvrtc()?;

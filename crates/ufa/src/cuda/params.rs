@@ -119,6 +119,7 @@ impl FwdParams {
             _ => rows(&p.k),
         };
         let rpb = rows_per_block as usize;
+        let dropout = p.dropout.map(|d| d.kernel_words()).unwrap_or_default();
         Ok(FwdParams {
             q: p.q.ptr as *const c_void,
             k: p.k.ptr as *const c_void,
@@ -160,6 +161,10 @@ impl FwdParams {
             softcap: p.softcap,
             mask_kind: kind as i32,
             num_m_blocks: p.seqlen_q.div_ceil(rpb) as i32,
+            dropout_key: dropout.key,
+            dropout_offset: dropout.offset,
+            dropout_keep_max: dropout.keep_max,
+            dropout_scale: dropout.scale,
         })
     }
 }

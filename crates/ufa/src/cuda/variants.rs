@@ -24,13 +24,16 @@ pub(crate) enum Variant {
     /// and non-positive scales to the inner loop; `seqs` reads sequence metadata (packed
     /// batches, per-sequence key counts, caches read through an index or a block table).
     /// fp32 runs on TF32 tensor cores: three products per product, or one with `tf32`
-    /// (Fp32Precision::Tf32).
+    /// (Fp32Precision::Tf32). `dropout`: the probabilities are dropped (kernels/dropout.cuh);
+    /// this is the only tensor-core forward that drops them (as FlashAttention-2 is PyTorch's
+    /// only flash kernel with dropout on Hopper), so a call with dropout takes it there too.
     FwdSm80 {
         dtype: DType,
         tile: Tile,
         score_mod: bool,
         seqs: bool,
         tf32: bool,
+        dropout: bool,
     },
     /// The forward on Hopper tensor cores (wgmma, sm_90a); flags as for `FwdSm80`, and
     /// `paged` (with `seqs`): K and V are read through a block table, a compile-time choice
@@ -64,6 +67,7 @@ pub(crate) enum Variant {
         tile: BwdTile,
         score_mod: bool,
         seqs: bool,
+        dropout: bool,
     },
     /// The backward on Hopper tensor cores (wgmma, TMA, warp specialisation), same plan as
     /// `BwdSm80`; dense batches.
@@ -149,13 +153,14 @@ impl Variant {
         let half = matches!(dtype, DType::F16 | DType::BF16);
         let seqs = has_sequence_metadata(p);
         let score_mod = needs_score_mod(p);
+        let dropout = p.dropout.is_some();
         // The tensor-core kernels copy 16-byte pieces of rows; other layouts (odd strides,
         // unaligned views) are rare and take the CUDA-core kernel.
         let tensor_cores = (half || dtype == DType::F32)
             && p.out.dtype == dtype
             && p.head_dim == p.head_dim_v
             && rows_aligned16(p);
-        if tensor_cores && half && hopper && sm90::wgmma_enabled() {
+        if tensor_cores && half && hopper && !dropout && sm90::wgmma_enabled() {
             let paged = p.k.rows.is_paged();
             if let Some(tile) = sm90::wgmma_tile_for(p.head_dim, score_mod, paged, max_smem) {
                 return Variant::FwdSm90 {
@@ -178,6 +183,7 @@ impl Variant {
                 score_mod,
                 seqs,
                 tf32: dtype == DType::F32 && p.fp32_precision == Fp32Precision::Tf32,
+                dropout,
             },
             None => Variant::FwdSimple {
                 input: dtype,
@@ -202,8 +208,9 @@ impl Variant {
                 score_mod,
                 seqs,
                 tf32,
+                dropout,
             } => format!(
-                "ufa_fwd_sm80_{}_d{}_m{}_n{}_w{}_b{}{}{}",
+                "ufa_fwd_sm80_{}_d{}_m{}_n{}_w{}_b{}{}{}{}",
                 if tf32 {
                     "tf32".to_string()
                 } else {
@@ -215,7 +222,8 @@ impl Variant {
                 t.warps,
                 t.min_blocks,
                 if t.q_in_regs { "_qreg" } else { "" },
-                flags(score_mod, seqs)
+                flags(score_mod, seqs),
+                if dropout { "_drop" } else { "" }
             ),
             Variant::FwdSm90 {
                 dtype,
@@ -257,8 +265,9 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                dropout,
             } => format!(
-                "ufa_bwd_sm80_{dtype}_d{}_m{}_n{}_w{}_s{}_g{}{}{}_b{}{}",
+                "ufa_bwd_sm80_{dtype}_d{}_m{}_n{}_w{}_s{}_g{}{}{}_b{}{}{}",
                 t.head_dim,
                 t.block_m,
                 t.block_n,
@@ -268,7 +277,8 @@ impl Variant {
                 t.grid_rows[1],
                 t.grid_rows[2],
                 t.min_blocks,
-                flags(score_mod, seqs)
+                flags(score_mod, seqs),
+                if dropout { "_drop" } else { "" }
             ),
             Variant::BwdSm90 {
                 dtype,
@@ -369,12 +379,13 @@ impl Variant {
                 score_mod,
                 seqs,
                 tf32,
+                dropout,
             } => (
                 "fwd_sm80.cu",
                 Vec::new(),
                 t.min_blocks,
                 format!(
-                    "fwd_sm80<{}, TileConfig<{}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}>(p)",
+                    "fwd_sm80<{}, TileConfig<{}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}, {dropout}>(p)",
                     // fp32 storage, one TF32 product (kernels/common.cuh); set only for fp32.
                     if tf32 { "Tf32" } else { type_tag(dtype) },
                     t.head_dim,
@@ -440,12 +451,13 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                dropout,
             } => (
                 "bwd_sm80.cu",
                 Vec::new(),
                 t.min_blocks,
                 format!(
-                    "bwd_sm80<{}, BwdTileConfig<{}, {}, {}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}>(p)",
+                    "bwd_sm80<{}, BwdTileConfig<{}, {}, {}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}, {dropout}>(p)",
                     type_tag(dtype),
                     t.head_dim,
                     t.block_m,
@@ -480,6 +492,7 @@ impl Variant {
         let mut v = Vec::new();
         // (score_mod, seqs): plain or general scores, dense batches or sequence metadata.
         let flag_sets = [(false, false), (true, false), (false, true), (true, true)];
+        // The mma.sync prefill and backward also come with dropout, for each of those.
         for dtype in [DType::F16, DType::BF16] {
             for d in sm90::WGMMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
@@ -509,16 +522,19 @@ impl Variant {
         for (dtype, tf32) in mma_types {
             for d in MMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
-                    if let Some(tile) =
-                        tile_for(d, dtype.size_in_bytes() as u32, score_mod, max_smem)
-                    {
-                        v.push(Variant::FwdSm80 {
-                            dtype,
-                            tile,
-                            score_mod,
-                            seqs,
-                            tf32,
-                        });
+                    for dropout in [false, true] {
+                        if let Some(tile) =
+                            tile_for(d, dtype.size_in_bytes() as u32, score_mod, max_smem)
+                        {
+                            v.push(Variant::FwdSm80 {
+                                dtype,
+                                tile,
+                                score_mod,
+                                seqs,
+                                tf32,
+                                dropout,
+                            });
+                        }
                     }
                 }
             }
@@ -552,13 +568,16 @@ impl Variant {
         for dtype in [DType::F16, DType::BF16] {
             for d in MMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
-                    if let Some(tile) = bwd_tile_for(d, max_smem) {
-                        v.push(Variant::BwdSm80 {
-                            dtype,
-                            tile,
-                            score_mod,
-                            seqs,
-                        });
+                    for dropout in [false, true] {
+                        if let Some(tile) = bwd_tile_for(d, max_smem) {
+                            v.push(Variant::BwdSm80 {
+                                dtype,
+                                tile,
+                                score_mod,
+                                seqs,
+                                dropout,
+                            });
+                        }
                     }
                 }
             }
@@ -688,12 +707,13 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding
-        // 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine; CUDA cores 9; backward 2 × 7 × 4 and 2 × 4 × 2; 4 row, 2 append and
-        // 1 merge kernels.
+        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4, each with and
+        // without dropout; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine;
+        // CUDA cores 9; backward 2 × 7 × 4 (with and without dropout) and 2 × 4 × 2; 4 row,
+        // 2 append and 1 merge kernels.
         assert_eq!(
             all.len(),
-            2 * 4 * 6 + 4 * 7 * 4 + 2 * 11 * 6 + 1 + 9 + 2 * 7 * 4 + 2 * 4 * 2 + 4 + 2 + 1
+            2 * 4 * 6 + 4 * 7 * 4 * 2 + 2 * 11 * 6 + 1 + 9 + 2 * 7 * 4 * 2 + 2 * 4 * 2 + 4 + 2 + 1
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
