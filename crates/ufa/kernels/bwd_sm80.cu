@@ -207,14 +207,21 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
         // end and outside the band are hidden here.
         const float slope = SCORE_MOD ? alibi_slope(p, b, h) : 0.f;
         const bool whole_tile_visible = tile_visible(p, sq, m0, m_last, n0, BN);
+        float keep_pair[2][4];
 #pragma unroll
         for (int mt = 0; mt < MT1; ++mt)
 #pragma unroll
             for (int t = 0; t < NT1; ++t) {
+                // Dropout's factors, computed for tiles t and t + 1 at even t.
                 float keep[4] = {1.f, 1.f, 1.f, 1.f};
-                if constexpr (DROPOUT)
-                    dropout_bwd_tile(p, (uint32_t)(b * p.heads_q + h), n0 + kr1 + mt * 16 + group,
-                                     m0 + qc1 + t * 8 + quad * 2, group, keep);
+                if constexpr (DROPOUT) {
+                    if (t % 2 == 0)
+                        dropout_bwd_tiles(p, (uint32_t)(b * p.heads_q + h), n0 + kr1 + mt * 16,
+                                          m0 + qc1 + t * 8 + quad * 2, group, keep_pair[0],
+                                          keep_pair[1]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) keep[e] = keep_pair[t % 2][e];
+                }
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int jr = kr1 + mt * 16 + group + (e / 2) * 8;

@@ -1,13 +1,15 @@
 // Attention dropout on the GPU: the generator and keep rule of crates/ufa/src/dropout.rs (one
-// definition, which the f64 reference also calls). Probability P[b, h, i, j] is kept when word
-// j % 4 of philox4x32_10(counter = [j / 4, i, b·heads_q + h, offset_lo], key) is at most
-// `dropout_keep_max`, and then scaled by `dropout_scale` (1 / (1 - p)); FwdParams carries the
-// key, the offset word and both numbers, and `dropout_scale` is 0 when the call has no dropout.
+// definition, which the f64 reference also calls). Probability P[b, h, i, j] is kept when 16-bit
+// piece j % 8 (piece k: bits 16·(k % 2) of word k / 2) of philox4x32_10(counter = [j / 8, i,
+// b·heads_q + h, offset_lo], key) is at most `dropout_keep_max`, and then scaled by
+// `dropout_scale`; FwdParams carries the key, the offset word and both numbers, and
+// `dropout_scale` is 0 when the call has no dropout.
 //
-// One generator call yields the words of four keys of one row. The tensor-core kernels hold
-// their probabilities in the mma accumulator layout, where a call's four words belong to two or
-// four lanes; each lane computes one call and the lanes trade words with shuffles, so a tile
-// costs one call per four probabilities (the minimum) wherever it is held.
+// One generator call decides eight probabilities of one row, and the generator is most of what
+// dropout costs. The tensor-core kernels hold their probabilities in the mma accumulator layout,
+// where a call's eight pieces belong to four or eight lanes; each lane computes one call and the
+// lanes trade pieces with shuffles (a transpose over the lanes that share calls), so a tile
+// costs one call per eight probabilities wherever it is held.
 #pragma once
 #include "common.cuh"
 
@@ -26,77 +28,115 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint32_t k0, uint32_t k1
     return c;
 }
 
-// The words of keys 4·key_quad .. 4·key_quad + 3 of row i of head bh = b·heads_q + h.
+// The random bits of keys 8·key_oct .. 8·key_oct + 7 of row i of head bh = b·heads_q + h.
 __device__ __forceinline__ uint4 dropout_words(const FwdParams& p, uint32_t bh, int i,
-                                               int key_quad) {
-    return philox4x32_10(make_uint4((uint32_t)key_quad, (uint32_t)i, bh, p.dropout_offset),
+                                               int key_oct) {
+    return philox4x32_10(make_uint4((uint32_t)key_oct, (uint32_t)i, bh, p.dropout_offset),
                          p.dropout_key[0], p.dropout_key[1]);
 }
 
-// What a probability whose word is `w` is multiplied by: 1 / (1 - p) if kept, else 0.
+// Whether the probability whose 16-bit piece is the low (HI = false) or high half of `w` is
+// kept.
+template <bool HI>
+__device__ __forceinline__ bool dropout_keep(const FwdParams& p, uint32_t w) {
+    return (HI ? w >> 16 : w & 0xffffu) <= p.dropout_keep_max;
+}
+
+// What that probability is multiplied by: the keep scale if kept, else 0.
+template <bool HI>
 __device__ __forceinline__ float dropout_factor(const FwdParams& p, uint32_t w) {
-    return w <= p.dropout_keep_max ? p.dropout_scale : 0.f;
+    return dropout_keep<HI>(p, w) ? p.dropout_scale : 0.f;
 }
 
 // The factor of P[bh, i, j] from a call of its own: for the CUDA-core kernels, whose lanes hold
 // keys (or rows) one apiece. 1 when the call has no dropout.
 __device__ __forceinline__ float dropout_factor_at(const FwdParams& p, uint32_t bh, int i, int j) {
     if (p.dropout_scale == 0.f) return 1.f;
-    const uint4 w = dropout_words(p, bh, i, j >> 2);
-    const int k = j & 3;
-    return dropout_factor(p, k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w);
+    const uint4 w = dropout_words(p, bh, i, j >> 3);
+    const int k = j & 7;
+    const uint32_t word = k < 2 ? w.x : k < 4 ? w.y : k < 6 ? w.z : w.w;
+    return (k & 1) ? dropout_factor<true>(p, word) : dropout_factor<false>(p, word);
+}
+
+// One step of a transpose of words over lanes: entry k of lane w (w: the lane's index bits
+// LANE_SHIFT.. among the lanes that trade) is swapped with entry k ^ 2^M of lane w ^ 2^M where
+// bit M of k and of w differ. N entries; the lanes differ in lane bit LANE_SHIFT + M.
+template <int M, int LANE_SHIFT, int N>
+__device__ __forceinline__ void transpose_words_step(uint32_t (&a)[N], int w) {
+    const bool bit = (w >> M) & 1;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        if (k & (1 << M)) continue;  // k: bit M clear, k | 2^M: set
+        const int hi = k | (1 << M);
+        // A lane with bit M set sends its entry with the bit clear, and the other way round.
+        const uint32_t y = __shfl_xor_sync(0xffffffffu, bit ? a[k] : a[hi], 1 << (LANE_SHIFT + M));
+        a[k] = bit ? y : a[k];
+        a[hi] = bit ? a[hi] : y;
+    }
 }
 
 // The forward's layout (rows are query rows): lane (group, quad) of an m16 x n8 accumulator tile
-// holds keys 2·quad, 2·quad + 1 of rows `group` (elements 0, 1) and `group + 8` (2, 3). Those two
-// keys are half of a key quad, whose other half is in lane quad ^ 1: the even lane of the pair
-// computes the call of row `row`, the odd one that of row `row + 8`, and each hands the other
-// the two words it needs. `row` is the tile's row `group` (in the sequence), `key0` its first key
-// (a multiple of 8). Multiplies the four probabilities by their factors.
-__device__ __forceinline__ void dropout_fwd_tile(const FwdParams& p, uint32_t bh, int row, int key0,
-                                                 int quad, float (&s)[4]) {
-    const bool odd = quad & 1;
-    const uint4 w = dropout_words(p, bh, row + (odd ? 8 : 0), (key0 >> 2) + (quad >> 1));
-    // The even lane keeps words 0, 1 (its keys) of row `row` and sends 2, 3; the odd lane keeps
-    // 2, 3 of row `row + 8` and sends 0, 1.
-    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, odd ? w.x : w.z, 1);
-    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, odd ? w.y : w.w, 1);
-    s[0] *= dropout_factor(p, odd ? r0 : w.x);
-    s[1] *= dropout_factor(p, odd ? r1 : w.y);
-    s[2] *= dropout_factor(p, odd ? w.z : r0);
-    s[3] *= dropout_factor(p, odd ? w.w : r1);
-}
-
-// One step of a 4 x 4 transpose over the lanes whose `group % 4` differ (lane bits 2 and 3):
-// swaps entry k of lane w with entry k ^ 2^M of lane w ^ 2^M where bit M of k and w differ.
-template <int M>
-__device__ __forceinline__ void transpose_quad_step(uint32_t (&a)[4], int w) {
-    const bool bit = (w >> M) & 1;
-    // The two entries whose bit M differs from this lane's, in ascending order.
-    constexpr int A0 = 0, A1 = M == 0 ? 2 : 1;   // bit M clear
-    constexpr int B0 = 1 << M, B1 = A1 + (1 << M);  // bit M set
-    const uint32_t y0 = __shfl_xor_sync(0xffffffffu, bit ? a[A0] : a[B0], 4 << M);
-    const uint32_t y1 = __shfl_xor_sync(0xffffffffu, bit ? a[A1] : a[B1], 4 << M);
-    a[A0] = bit ? y0 : a[A0];
-    a[A1] = bit ? y1 : a[A1];
-    a[B0] = bit ? a[B0] : y0;
-    a[B1] = bit ? a[B1] : y1;
+// holds keys 2·quad, 2·quad + 1 of rows `group` (elements 0, 1) and `group + 8` (2, 3): the
+// 16-bit pieces of word `quad` of the calls of those rows for the tile's eight keys. Over two
+// adjacent tiles the four lanes of a quad need four calls: lane quad computes call c = quad (row
+// `row` + 8·(c % 2), tile c / 2) and a 4 x 4 transpose over the quad gives lane q word q of each.
+// `row` is the lanes' row `group` (in the sequence), `key0` the first tile's first key (a
+// multiple of 8). Zeroes the probabilities dropped; the keep scale, the same for all, is the
+// caller's to apply to the output.
+__device__ __forceinline__ void dropout_fwd_tiles(const FwdParams& p, uint32_t bh, int row,
+                                                  int key0, int quad, float (&s0)[4],
+                                                  float (&s1)[4]) {
+    const uint4 w = dropout_words(p, bh, row + (quad & 1) * 8, (key0 >> 3) + (quad >> 1));
+    uint32_t a[4] = {w.x, w.y, w.z, w.w};
+    transpose_words_step<0, 0>(a, quad);
+    transpose_words_step<1, 0>(a, quad);
+    // a[c]: word `quad` of call c.
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        float& x = e < 2 ? s0[2 * e] : s1[2 * e - 4];
+        float& y = e < 2 ? s0[2 * e + 1] : s1[2 * e - 3];
+        x = dropout_keep<false>(p, a[e]) ? x : 0.f;
+        y = dropout_keep<true>(p, a[e]) ? y : 0.f;
+    }
 }
 
 // The backward's layout (transposed scores: rows are keys): lane (group, quad) of an m16 x n8
-// tile holds queries 2·quad + (e % 2) of keys `group + 8·(e / 2)`, element e. The four lanes
-// that share quad and group / 4 need word group % 4 of the same four calls (their elements'
-// queries and key quads): lane group % 4 = c computes call c, and a 4 x 4 transpose over the
-// four lanes gives each its words. `key_row` is the tile's key `group` (in the sequence), `query`
-// its query 2·quad. Returns the four factors.
-__device__ __forceinline__ void dropout_bwd_tile(const FwdParams& p, uint32_t bh, int key_row,
-                                                 int query, int group, float (&f)[4]) {
-    const int c = group & 3;
-    const int key_quad = ((key_row - c) >> 2) + (c >> 1) * 2;
-    const uint4 w = dropout_words(p, bh, query + (c & 1), key_quad);
+// tile holds queries 2·quad + (e % 2) of keys `group + 8·(e / 2)`, element e: piece `group` of
+// the calls of its two queries for the tile's two key octets. Over two adjacent query tiles the
+// eight lanes that share quad need eight calls: lane group computes call c = group (query tile
+// c / 4, query 2·quad + c % 2, key octet (c / 2) % 2), and an 8 x 8 transpose of 16-bit pieces
+// over those lanes gives lane g piece g of each call, at piece c. `key_row` is the tile's first
+// key (a multiple of 16, in the sequence), `query` the first tile's query 2·quad. Returns the
+// factors of both tiles' elements.
+__device__ __forceinline__ void dropout_bwd_tiles(const FwdParams& p, uint32_t bh, int key_row,
+                                                  int query, int group, float (&f0)[4],
+                                                  float (&f1)[4]) {
+    const int c = group;
+    const uint4 w =
+        dropout_words(p, bh, query + (c >> 2) * 8 + (c & 1), (key_row >> 3) + ((c >> 1) & 1));
+    // Pieces 2k, 2k + 1 are the halves of a[k]; piece bits 1 and 2 are word bits 0 and 1, so
+    // those steps trade whole words (lane bits 3 and 4).
     uint32_t a[4] = {w.x, w.y, w.z, w.w};
-    transpose_quad_step<0>(a, c);
-    transpose_quad_step<1>(a, c);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) f[e] = dropout_factor(p, a[e]);
+    transpose_words_step<0, 3>(a, c >> 1);
+    transpose_words_step<1, 3>(a, c >> 1);
+    // Piece bit 0 (lane bit 2): a lane with it clear takes its partner's low halves into its
+    // high ones, and sends its high halves; the other way round for a lane with it set.
+    const bool odd = c & 1;
+    const uint32_t send0 = __byte_perm(a[0], a[1], odd ? 0x5410 : 0x7632);
+    const uint32_t send1 = __byte_perm(a[2], a[3], odd ? 0x5410 : 0x7632);
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, send0, 4);
+    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, send1, 4);
+    a[0] = __byte_perm(a[0], r0, odd ? 0x3254 : 0x5410);
+    a[1] = __byte_perm(a[1], r0, odd ? 0x3276 : 0x7610);
+    a[2] = __byte_perm(a[2], r1, odd ? 0x3254 : 0x5410);
+    a[3] = __byte_perm(a[3], r1, odd ? 0x3276 : 0x7610);
+    // Piece c of the lane is call c's: tile c / 4, element c % 4.
+    f0[0] = dropout_factor<false>(p, a[0]);
+    f0[1] = dropout_factor<true>(p, a[0]);
+    f0[2] = dropout_factor<false>(p, a[1]);
+    f0[3] = dropout_factor<true>(p, a[1]);
+    f1[0] = dropout_factor<false>(p, a[2]);
+    f1[1] = dropout_factor<true>(p, a[2]);
+    f1[2] = dropout_factor<false>(p, a[3]);
+    f1[3] = dropout_factor<true>(p, a[3]);
 }

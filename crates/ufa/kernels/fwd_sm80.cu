@@ -9,8 +9,9 @@
 // in the log2 domain. Loads overlap compute the FA2 way: V[n] is fetched while S = Q K[n]ᵀ runs,
 // and K[n-1] while O += P V[n] runs, so one buffer of each suffices.
 //
-// Dropout (DROPOUT variants) multiplies each tile's probabilities by their factors after the
-// row sums took them (the LSE is that of the probabilities before dropout) and before P V.
+// Dropout (DROPOUT variants) zeroes the dropped probabilities of each tile after the row sums
+// took them (the LSE is that of the probabilities before dropout) and before P V; the keep scale
+// multiplies the output at the end.
 //
 // The host generates each variant's entry point (dtype, head dim, tile sizes, score
 // modifiers, sequence metadata, dropout), one module per variant (crates/ufa/src/cuda/variants.rs).
@@ -158,9 +159,9 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int t = 0; t < Cfg::kSTiles; ++t)
-                        dropout_fwd_tile(p, (uint32_t)(b * p.heads_q + h), row_a + mt * 16,
-                                         n0 + t * 8, quad, s[mt][t]);
+                    for (int t = 0; t < Cfg::kSTiles; t += 2)
+                        dropout_fwd_tiles(p, (uint32_t)(b * p.heads_q + h), row_a + mt * 16,
+                                          n0 + t * 8, quad, s[mt][t], s[mt][t + 1]);
             }
 
             cp_async_wait<0>();
@@ -186,5 +187,9 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
                                            [&](int t, float& x, float& y) {
                                                x = o[mt][t][2 * r];
                                                y = o[mt][t][2 * r + 1];
+                                               if constexpr (DROPOUT) {
+                                                   x *= p.dropout_scale;
+                                                   y *= p.dropout_scale;
+                                               }
                                            });
 }

@@ -2,11 +2,19 @@
 //! backward regenerates exactly the forward's mask without storing it.
 //!
 //! The generator is Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
-//! 3", SC 2011), the one FlashAttention and PyTorch use on GPUs. Probability P[b, h, i, j]
-//! (batch b, query head h, query row i, key j) is kept when word `j % 4` of
-//! `philox(counter = [j / 4, i, b·heads_q + h, offset_lo], key = [seed_lo, seed_hi ^ offset_hi])`
-//! is below `(1 - p)·2^32`, and then scaled by `1 / (1 - p)`; the LSE stays that of the
-//! probabilities before dropout. Every backend and the f64 reference call [`Dropout::scale`].
+//! 3", SC 2011), the one FlashAttention and PyTorch use on GPUs. One call yields 128 random
+//! bits, which decide eight probabilities of one row, 16 bits each: probability P[b, h, i, j]
+//! (batch b, query head h, query row i, key j) is kept when 16-bit piece `j % 8` (piece k is
+//! bits 16·(k % 2) .. of word k / 2) of
+//! `philox(counter = [j / 8, i, b·heads_q + h, offset_lo], key = [seed_lo, seed_hi ^ offset_hi])`
+//! is below `t = round((1 - p)·2^16)` (at least 1), and is then scaled by `2^16 / t`; the LSE
+//! stays that of the probabilities before dropout.
+//!
+//! Sixteen bits per probability, not 32, halve the generator's work, which is most of what
+//! dropout costs a GPU kernel; FlashAttention-2 takes 8 (rates in steps of 1/256). Here the
+//! rate applied is p rounded to a multiple of 2^-16 (within 2^-17 of it), and the scale is the
+//! exact inverse of the keep rate applied, so the output's expectation is unchanged. Every
+//! backend and the f64 reference call [`Dropout::scale`] or the same words.
 
 use crate::error::{invalid, Result};
 
@@ -20,14 +28,17 @@ pub struct Dropout {
     pub offset: u64,
 }
 
+/// Keys one generator call decides (16 bits each).
+pub(crate) const KEYS_PER_CALL: usize = 8;
+
 /// A validated [`Dropout`] with its keep threshold and scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct DropoutMask {
     key: [u32; 2],
     offset: u32,
-    /// Keep when the random word is below this (a u64: 1 - p = 1 would be 2^32).
-    threshold: u64,
-    /// 1 / (1 - p), applied to the probabilities kept.
+    /// Keep when the 16-bit piece is below this, in [1, 2^16].
+    threshold: u32,
+    /// 2^16 / threshold, applied to the probabilities kept.
     keep_scale: f32,
 }
 
@@ -45,18 +56,19 @@ impl Dropout {
             return Ok(None);
         }
         let keep = 1.0 - f64::from(self.p);
+        let threshold = ((keep * 65536.0).round() as u32).max(1);
         Ok(Some(DropoutMask {
             key: [
                 self.seed as u32,
                 (self.seed >> 32) as u32 ^ (self.offset >> 32) as u32,
             ],
             offset: self.offset as u32,
-            threshold: (keep * 4_294_967_296.0).round() as u64,
-            keep_scale: (1.0 / keep) as f32,
+            threshold,
+            keep_scale: (65536.0 / f64::from(threshold)) as f32,
         }))
     }
 
-    /// The factor probability P[b, h, i, j] is multiplied by: 0 (dropped) or 1 / (1 - p).
+    /// The factor probability P[b, h, i, j] is multiplied by: 0 (dropped) or the keep scale.
     /// `bh` is `b · heads_q + h`. Public for the f64 reference, which must drop exactly what
     /// the backends drop.
     pub fn scale(&self, bh: usize, i: usize, j: usize) -> f64 {
@@ -68,8 +80,8 @@ impl Dropout {
 }
 
 /// A [`DropoutMask`] as the CUDA kernels read it (kernels/dropout.cuh): the same key and
-/// counter word, the threshold as the largest word kept (2^32 does not fit a u32; a threshold
-/// is at least 256, as 1 - p is at least 2^-24), and the scale; all zero is no dropout.
+/// counter word, the threshold as the largest piece kept, and the scale; all zero is no
+/// dropout.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct KernelWords {
     pub key: [u32; 2],
@@ -83,21 +95,23 @@ impl DropoutMask {
         KernelWords {
             key: self.key,
             offset: self.offset,
-            keep_max: (self.threshold - 1) as u32,
+            keep_max: self.threshold - 1,
             scale: self.keep_scale,
         }
     }
 
-    /// The random words of keys `4·(j / 4) ..` of row `i` of head `bh`: word `j % 4` is key j's.
+    /// The random bits of keys `8·(j / 8) ..` of row `i` of head `bh`.
     #[inline]
     fn words(&self, bh: usize, i: usize, j: usize) -> [u32; 4] {
-        philox4x32_10([(j / 4) as u32, i as u32, bh as u32, self.offset], self.key)
+        let call = (j / KEYS_PER_CALL) as u32;
+        philox4x32_10([call, i as u32, bh as u32, self.offset], self.key)
     }
 
-    /// The factor a key whose word is `w` gets: 1 / (1 - p) if kept, else 0.
+    /// The factor of the key whose 16-bit piece is `k` of `words`.
     #[inline]
-    fn factor(&self, w: u32) -> f32 {
-        if u64::from(w) < self.threshold {
+    fn factor(&self, words: &[u32; 4], k: usize) -> f32 {
+        let piece = (words[k / 2] >> (16 * (k % 2))) & 0xffff;
+        if piece < self.threshold {
             self.keep_scale
         } else {
             0.0
@@ -107,19 +121,21 @@ impl DropoutMask {
     /// See [`Dropout::scale`].
     #[inline]
     pub fn scale(&self, bh: usize, i: usize, j: usize) -> f32 {
-        self.factor(self.words(bh, i, j)[j % 4])
+        self.factor(&self.words(bh, i, j), j % KEYS_PER_CALL)
     }
 
     /// Multiplies `row[jj]`, probability P[b, h, i, j0 + jj], by its factor; one generator
-    /// call per four keys.
+    /// call per eight keys.
     #[inline]
     pub fn apply(&self, bh: usize, i: usize, j0: usize, row: &mut [f32]) {
         let mut jj = 0;
         while jj < row.len() {
             let j = j0 + jj;
-            let end = (jj + 4 - j % 4).min(row.len());
-            for (x, &w) in row[jj..end].iter_mut().zip(&self.words(bh, i, j)[j % 4..]) {
-                *x *= self.factor(w);
+            let first = j % KEYS_PER_CALL;
+            let end = (jj + KEYS_PER_CALL - first).min(row.len());
+            let words = self.words(bh, i, j);
+            for (k, x) in (first..).zip(&mut row[jj..end]) {
+                *x *= self.factor(&words, k);
             }
             jj = end;
         }
@@ -163,5 +179,49 @@ mod tests {
             philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
         );
+    }
+
+    /// The rate applied is p within 2^-17, and the scale its exact inverse; rates so close to
+    /// 1 that no piece would be kept keep one in 2^16.
+    #[test]
+    fn threshold_and_scale() {
+        for p in [1e-9f32, 0.1, 0.5, 0.9, 1.0 - 1e-6, 1.0 - f32::EPSILON / 2.0] {
+            let m = Dropout {
+                p,
+                seed: 1,
+                offset: 2,
+            }
+            .validate()
+            .unwrap()
+            .unwrap();
+            let keep = f64::from(m.threshold) / 65536.0;
+            assert!(m.threshold >= 1 && m.threshold <= 65536);
+            assert!(
+                (keep - (1.0 - f64::from(p))).abs() <= 0.5 / 65536.0 || m.threshold == 1,
+                "p {p}: keeps {keep}"
+            );
+            assert_eq!(f64::from(m.keep_scale), (1.0 / keep) as f32 as f64);
+            assert_eq!(m.kernel_words().keep_max, m.threshold - 1);
+        }
+    }
+
+    /// `apply` over any span of keys gives each key the factor `scale` gives it.
+    #[test]
+    fn apply_agrees_with_scale() {
+        let m = Dropout {
+            p: 0.3,
+            seed: 7,
+            offset: 1 << 33,
+        }
+        .validate()
+        .unwrap()
+        .unwrap();
+        for (j0, n) in [(0, 8), (3, 1), (5, 20), (16, 7), (9, 64)] {
+            let mut row = vec![1.0f32; n];
+            m.apply(5, 11, j0, &mut row);
+            for (jj, &x) in row.iter().enumerate() {
+                assert_eq!(x, m.scale(5, 11, j0 + jj), "j0 {j0} jj {jj}");
+            }
+        }
     }
 }
