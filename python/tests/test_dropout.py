@@ -1,7 +1,8 @@
 """Attention dropout through the PyTorch API: forward and gradients against a float64
 computation that applies exactly the factors the core draws (read back with the
-``_dropout_factors`` hook), on CPU and CUDA tensors; seeding from PyTorch's generator, and where
-dropout is not served yet (torch.compile, CUDA graph capture)."""
+``_dropout_factors`` hook), on CPU and CUDA tensors and under torch.compile; seeding from PyTorch's
+generator, and where dropout is not served yet (packed batches under torch.compile, CUDA graph
+capture)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ufa.torch as ut
 import ufa
@@ -173,14 +173,79 @@ def test_cuda_graph_capture_refuses_dropout():
             ut.flash_attn_func(q, q, q, dropout_p=0.1)
 
 
-def test_compiled_dropout_falls_back_for_sdpa():
-    """Under torch.compile SDPA with dropout goes to PyTorch's own function (counted nowhere:
-    the decision is made while tracing); the compiled call runs and has dropout's statistics."""
+def _graphs_of(fn, *args):
+    """Runs ``torch.compile(fn, fullgraph=True)`` through a backend that keeps each graph's
+    text before handing it to aot_eager; returns (result, graph texts)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
-    def f(q):
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    return torch.compile(fn, backend=backend, fullgraph=True)(*args), graphs
+
+
+def test_compiled_dropout_runs_ufa_and_draws_anew():
+    """Under torch.compile (fullgraph) SDPA and flash_attn_func with dropout trace ufa's ops,
+    forward and backward, with the generator state drawn by the graph: each run drops other
+    probabilities, and the output keeps its expectation (v all ones: every output is 1 on
+    average)."""
+
+    def sdpa(q):
         return ut.scaled_dot_product_attention(q, q, torch.ones_like(q), dropout_p=0.5)
 
-    q = torch.randn(2, 2, 64, 16)
-    out = torch.compile(f, backend="eager", fullgraph=False)(q)
-    want_mean = F.scaled_dot_product_attention(q, q, torch.ones_like(q)).mean()
-    assert abs(out.mean().item() - want_mean.item()) < 0.1
+    def flash(q):
+        return ut.flash_attn_func(q, q, torch.ones_like(q), dropout_p=0.5, causal=True)
+
+    for fn, shape in ((sdpa, (2, 2, 256, 16)), (flash, (2, 256, 2, 16))):
+        q = torch.randn(shape, requires_grad=True)
+        out, graphs = _graphs_of(fn, q)
+        out.sum().backward()  # compiles the backward graph
+        assert torch.isfinite(q.grad).all()
+        assert any("ufa.attention_forward" in g for g in graphs), graphs
+        assert any("ufa.attention_backward" in g for g in graphs), graphs
+        again = torch.compile(fn, fullgraph=True)(q)  # inductor
+        assert not torch.equal(out, again)
+        for o in (out, again):
+            assert abs(o.mean().item() - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_dropout_backward_takes_the_forwards_mask(backend):
+    """With V the identity the output is the kept probabilities P∘Z, and with dO all ones
+    dV[j] = Σ_i (P∘Z)[i, j] in every column: the backward of a compiled call regenerates its
+    forward's mask (the graph's generator state reaches both)."""
+    b, s, h, d = 2, 24, 2, 32
+    q = torch.randn(b, s, h, d, requires_grad=True)
+    k = torch.randn(b, s, h, d, requires_grad=True)
+    v = torch.eye(s, d).expand(b, h, s, d).transpose(1, 2).contiguous().requires_grad_()
+
+    def f(q, k, v):
+        return ut.flash_attn_func(q, k, v, dropout_p=0.4)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=backend, fullgraph=True)(q, k, v)
+    out.backward(torch.ones_like(out))
+    kept = out.detach()[..., :s]  # [b, i, h, j]
+    assert (kept == 0).float().mean().item() > 0.2, "nothing dropped"
+    want = kept.sum(1).transpose(1, 2).unsqueeze(-1).expand(b, s, h, d)  # [b, j, h, ·]
+    assert rel_err(v.grad, want) < 1e-5
+
+
+def test_compiled_varlen_dropout_says_not_yet():
+    """Packed batches under torch.compile keep an int seed, which a graph would bake in:
+    refused with a clear error rather than one mask for every call."""
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+
+    def f(q):
+        return ut.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, dropout_p=0.1)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="packed batches"):
+        torch.compile(f, backend="eager", fullgraph=True)(q)

@@ -68,14 +68,18 @@ def _scores(softmax_scale, causal, window_size, softcap, deterministic=False,
                    right, float(softcap), bool(deterministic), bool(checked))
 
 
-def _dropout_refusal(q: Tensor, dropout_p: float) -> Optional[str]:
+def _dropout_refusal(q: Tensor, dropout_p: float, traced: bool = False) -> Optional[str]:
     """Why ufa cannot compute this call's dropout (None: it can, or there is none): the one
-    rule behind SDPA's fallback and the FlashAttention functions' error."""
+    rule behind SDPA's fallback and the FlashAttention functions' error. ``traced``: the call
+    draws its generator state as a tensor in the traced graph (:func:`_dropout_rng`), so
+    ``torch.compile`` is served."""
     if dropout_p == 0.0:
         return None
     if torch.compiler.is_compiling():
-        return ("attention dropout under torch.compile is not implemented by ufa yet (eager "
-                "mode has it)")
+        if traced:
+            return None
+        return ("attention dropout under torch.compile is not implemented by ufa for packed "
+                "batches (flash_attn_varlen_func) yet (eager mode has it)")
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # The generator's seed is drawn on the host per call: a captured graph would replay
         # one mask on every replay.
@@ -94,6 +98,23 @@ def _dropout_seed(q: Tensor, dropout_p: float) -> int:
     if why is not None:
         raise NotImplementedError(why)
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def _dropout_rng(dropout_p: float) -> Optional[Tensor]:
+    """The generator state of one call's dropout as a tensor, (seed, offset) int64 on the CPU
+    (None without dropout): what a ``torch.compile`` graph passes to the custom ops, drawn by
+    an op of the graph so that every run of it draws anew (an int would be baked into the
+    graph, and every call would drop the same probabilities)."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**63 - 1, (2,), dtype=torch.int64)
+
+
+def _seed_offset(seed: int, offset: int, rng: Optional[Tensor]):
+    """The (seed, offset) a custom op runs with: ``rng``'s when the caller traced one."""
+    if rng is None:
+        return seed, offset
+    return int(rng[0]), int(rng[1])
 
 
 def _int32(x: Optional[Tensor], name: str) -> Optional[Tensor]:

@@ -7,7 +7,7 @@
 - :func:`scaled_dot_product_attention` — ``torch.nn.functional.scaled_dot_product_attention``'s
   signature and semantics (``[batch, heads, seq, dim]``, top-left causal alignment, bool and
   float masks, GQA only with ``enable_gqa``, dropout). Calls ufa cannot serve
-  (dropout under torch.compile or CUDA graph capture, float64, an unsupported device, a mask that requires grad, ...) go to PyTorch's own function, are
+  (dropout while capturing a CUDA graph, float64, an unsupported device, a mask that requires grad, ...) go to PyTorch's own function, are
   counted in :func:`fallback_stats` and warned about once per reason (``UFA_STRICT=1``: an
   error instead).
 - :func:`patch` / :func:`unpatch` / :func:`patched` route ``torch.nn.functional.
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ufa
-from ._torch_sequences import _dropout_refusal, _dropout_seed, _last_contiguous, _tf32
+from ._torch_sequences import (_dropout_refusal, _dropout_rng, _dropout_seed, _last_contiguous,
+                               _seed_offset, _tf32)
 from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -153,10 +154,13 @@ def attention_forward(
     dropout_p: float = 0.0,
     seed: int = 0,
     offset: int = 0,
+    rng: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Attention in ufa's layout; returns (out [B, Sq, Hq, Dv], lse f32 [B, Hq, Sq]). With
     ``dropout_p`` > 0 the probabilities are dropped by the generator at
-    (``seed``, ``offset``); the backward takes the same three."""
+    (``seed``, ``offset``), or at ``rng`` (int64 CPU tensor [seed, offset], which overrides
+    them: a traced graph's); the backward takes the same."""
+    seed, offset = _seed_offset(seed, offset, rng)
     return _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
                          window_right, softcap, dropout_p, seed, offset)
 
@@ -174,7 +178,7 @@ def _forward_impl(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_l
 @attention_forward.register_fake
 def _attention_forward_fake(q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
                             window_right, softcap, deterministic, dropout_p=0.0, seed=0,
-                            offset=0):
+                            offset=0, rng=None):
     b, sq, hq, _ = q.shape
     return (q.new_empty((b, sq, hq, v.shape[-1])),
             q.new_empty((b, hq, sq), dtype=torch.float32))
@@ -200,8 +204,10 @@ def attention_backward(
     dropout_p: float = 0.0,
     seed: int = 0,
     offset: int = 0,
+    rng: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attention_forward, contiguous in ufa's layout."""
+    seed, offset = _seed_offset(seed, offset, rng)
     return _backward_impl(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left,
                           window_left, window_right, softcap, deterministic, dropout_p, seed,
                           offset)
@@ -236,22 +242,25 @@ def _backward_into(dout, q, k, v, out, lse, dq, dk, dv, mask, alibi_slopes, scal
 @attention_backward.register_fake
 def _attention_backward_fake(dout, q, k, v, out, lse, mask, alibi_slopes, scale, causal,
                              top_left, window_left, window_right, softcap, deterministic,
-                             dropout_p=0.0, seed=0, offset=0):
+                             dropout_p=0.0, seed=0, offset=0, rng=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, alibi, *params = inputs
+    # A traced generator state (after the ten parameters) is a tensor: saved as one.
+    rng = params[10] if len(params) > 10 else None
+    params = params[:10]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, alibi)
+    ctx.save_for_backward(q, k, v, out, lse, mask, alibi, rng)
     ctx.params = tuple(params)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, alibi = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, mask, alibi, *ctx.params)
-    return (dq, dk, dv) + (None,) * 12
+    q, k, v, out, lse, mask, alibi, rng = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, mask, alibi, *ctx.params, rng=rng)
+    return (dq, dk, dv) + (None,) * 13
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -387,14 +396,23 @@ def _attention(q, k, v, scale, causal, top_left, window_left, window_right, soft
     """ufa-layout attention on torch tensors: the custom op when autograd or compile needs it,
     else a direct call (fewer layers, lower overhead)."""
     compiling = torch.compiler.is_compiling()
-    seed = _dropout_seed(q, dropout_p)
-    if compiling or _needs_grad(q, k, v):
+    if compiling:
+        # The generator state is drawn by the graph (a tensor), anew on every run of it.
         if out is not None:
-            raise ValueError("out= cannot be used when q, k or v requires grad or under "
-                             "torch.compile (autograd needs a fresh output); pass out=None")
-        args = (q, k, v, mask, alibi_slopes, scale, causal, top_left, window_left,
-                window_right, softcap, deterministic, dropout_p, seed, 0)
-        o, lse = attention_forward(*args) if compiling else _Attention.apply(*args)
+            raise ValueError("out= cannot be used under torch.compile (autograd needs a fresh "
+                             "output); pass out=None")
+        o, lse = attention_forward(q, k, v, mask, alibi_slopes, scale, causal, top_left,
+                                   window_left, window_right, softcap, deterministic,
+                                   dropout_p, 0, 0, _dropout_rng(dropout_p))
+        return (o, lse) if return_lse else o
+    seed = _dropout_seed(q, dropout_p)
+    if _needs_grad(q, k, v):
+        if out is not None:
+            raise ValueError("out= cannot be used when q, k or v requires grad (autograd "
+                             "needs a fresh output); pass out=None")
+        o, lse = _Attention.apply(q, k, v, mask, alibi_slopes, scale, causal, top_left,
+                                  window_left, window_right, softcap, deterministic, dropout_p,
+                                  seed, 0)
         return (o, lse) if return_lse else o
     if q.dim() != 4:
         raise ValueError(f"q must have 4 dimensions [batch, seqlen, heads, head_dim], got "
@@ -446,8 +464,8 @@ def flash_attn_func(
     same mask; as in FlashAttention, pass 0.0 in evaluation.
 
     Raises:
-        NotImplementedError: ``dropout_p > 0`` under ``torch.compile`` or while capturing a
-            CUDA graph (eager mode has it).
+        NotImplementedError: ``dropout_p > 0`` while capturing a CUDA graph (eager mode and
+            ``torch.compile`` have it).
     """
     from . import _window
 
@@ -554,7 +572,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
     that the common case costs as few tensor attribute reads as possible."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return "not a tensor"
-    if dropout_p != 0.0 and _dropout_refusal(query, dropout_p) is not None:
+    if dropout_p != 0.0 and _dropout_refusal(query, dropout_p, traced=True) is not None:
         return "dropout"
     dt = query.dtype
     if dt not in _DTYPES or key.dtype != dt or value.dtype != dt:
@@ -623,8 +641,8 @@ def scaled_dot_product_attention(
 
     Calls ufa cannot serve identically go to PyTorch's own function, with a one-time warning
     per reason (an error under ``UFA_STRICT=1``), and are counted in :func:`fallback_stats`:
-    dropout under ``torch.compile`` or CUDA graph capture (eager mode is served, the mask
-    drawn from a generator seeded by PyTorch's), dtypes other than
+    dropout while capturing a CUDA graph (eager mode and ``torch.compile`` are served, the
+    mask drawn from a generator seeded by PyTorch's), dtypes other than
     float16/bfloat16/float32, devices without a ufa backend, masks
     that require grad, nested tensors, inputs PyTorch itself rejects (so they raise PyTorch's
     error). Under ``torch.autocast`` the inputs are cast first, as PyTorch

@@ -15,8 +15,8 @@ and attention logit soft-capping (Gemma 2), which SDPA refuses, is computed in t
 
 Dropout while training (``attention_dropout > 0``) is computed by ufa. What ufa does not compute
 goes to transformers' or PyTorch's own function, counted in :func:`ufa.torch.fallback_stats` and
-warned about once per reason (``UFA_STRICT=1``: an error): dropout under ``torch.compile`` or
-CUDA graph capture, and attention sinks (``s_aux``).
+warned about once per reason (``UFA_STRICT=1``: an error): dropout while capturing a CUDA
+graph, and attention sinks (``s_aux``).
 """
 
 from __future__ import annotations
