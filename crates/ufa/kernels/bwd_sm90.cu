@@ -10,7 +10,9 @@
 // the deterministic turns, so the consumers never wait for global memory. The other
 // warpgroups consume, per step:
 //   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (both operands in shared memory);
-//   2. Pᵀ = exp2(Sᵀ - LSE), dSᵀ = Pᵀ ∘ (dPᵀ - D), in the accumulator registers;
+//   2. Pᵀ = exp2(Sᵀ - LSE), dSᵀ = Pᵀ ∘ (dPᵀ - D), in the accumulator registers (with
+//      dropout, DROPOUT variants, the forward's factors Z regenerated: dSᵀ = Pᵀ ∘ (Z ∘ dPᵀ - D)
+//      and Pᵀ ∘ Z goes on);
 //   3. dV += Pᵀ dO and dK += dSᵀ Q, with dO and Q read transposed by their descriptors;
 //   4. dSᵀ to shared memory (two buffers, alternating by step); after a consumer barrier,
 //      dQ(block) = dS K with the head dim split between the consumers (dS read transposed).
@@ -29,6 +31,7 @@
 // wgmma_ops.cuh. The parameter block is BwdSm90Params (ufa_abi.cuh). Dense batches only: a
 // packed batch's backward runs bwd_sm80.cu.
 #include "bwd_keys.cuh"
+#include "dropout.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "wgmma_ops.cuh"
@@ -195,7 +198,7 @@ __device__ __forceinline__ void bwd_sm90_write_dq(const BwdSm90Params& sp, const
 }
 
 // A consumer warpgroup (`cw` of Cfg::kConsumers): steps 1-4 of the header, then dK and dV.
-template <typename T, typename Cfg, bool SCORE_MOD>
+template <typename T, typename Cfg, bool SCORE_MOD, bool DROPOUT>
 __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const KeyBlock& w,
                                                  const BwdSm90Smem<Cfg>& sm, const float* stat_ptr,
                                                  int cw) {
@@ -267,10 +270,18 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
             wgmma_wait<1>();
         }
         fence_regs(s);
+        // Dropout's factors of tiles t and t + 1 (dropout.cuh), made at even t.
+        float kp[2][4];
+        auto dropout_pair = [&](int t) {
+            if (DROPOUT && t % 2 == 0)
+                dropout_bwd_tiles(p, (uint32_t)(b * p.heads_q + h), n0 + key_row - group,
+                                  m0 + q0 + t * 8 + quad * 2, group, kp[0], kp[1]);
+        };
         if (SCORE_MOD) {
             fence_regs(dp);
 #pragma unroll
-            for (int t = 0; t < NQ / 8; ++t)
+            for (int t = 0; t < NQ / 8; ++t) {
+                dropout_pair(t);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int ic = q0 + t * 8 + quad * 2 + (e % 2);
@@ -280,9 +291,10 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                     const float x = in_band(p, w.s, i, j) && i < w.s.seqlen_q
                                         ? modify_score<true>(p, w.s, s[4 * t + e], b, h, i, j, slope, &dfac)
                                         : -UFA_INF;
-                    grad_terms(x == -UFA_INF, x, dp[4 * t + e], lse2[ic], delta[ic], dfac, 1.f,
-                               s[4 * t + e], dp[4 * t + e]);
+                    grad_terms(x == -UFA_INF, x, dp[4 * t + e], lse2[ic], delta[ic], dfac,
+                               DROPOUT ? kp[t % 2][e] : 1.f, s[4 * t + e], dp[4 * t + e]);
                 }
+            }
         } else if (whole_tile_visible) {
 #pragma unroll
             for (int t = 0; t < NQ / 8; ++t)
@@ -307,22 +319,33 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         if (!SCORE_MOD) {
             wgmma_wait<0>();
             fence_regs(dp);
+            // With dropout, dS = P (Z dP - D) and Pᵀ goes on as P Z (grad_terms' rule).
             if (whole_tile_visible) {
 #pragma unroll
-                for (int t = 0; t < NQ / 8; ++t)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        dp[4 * t + e] =
-                            s[4 * t + e] * (dp[4 * t + e] - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
-            } else {
-#pragma unroll
-                for (int t = 0; t < NQ / 8; ++t)
+                for (int t = 0; t < NQ / 8; ++t) {
+                    dropout_pair(t);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const float pv = s[4 * t + e];
-                        const float ds = pv * (dp[4 * t + e] - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
-                        dp[4 * t + e] = signbit(pv) ? 0.f : ds;
+                        const float z = DROPOUT ? kp[t % 2][e] : 1.f;
+                        dp[4 * t + e] = s[4 * t + e] *
+                                        (dp[4 * t + e] * z - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
+                        if (DROPOUT) s[4 * t + e] *= z;
                     }
+                }
+            } else {
+#pragma unroll
+                for (int t = 0; t < NQ / 8; ++t) {
+                    dropout_pair(t);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float z = DROPOUT ? kp[t % 2][e] : 1.f;
+                        const float pv = s[4 * t + e];
+                        const float ds =
+                            pv * (dp[4 * t + e] * z - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
+                        dp[4 * t + e] = signbit(pv) ? 0.f : ds;
+                        if (DROPOUT) s[4 * t + e] = pv * z;
+                    }
+                }
             }
         }
 
@@ -468,7 +491,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
     }
 }
 
-template <typename T, typename Cfg, bool SCORE_MOD>
+template <typename T, typename Cfg, bool SCORE_MOD, bool DROPOUT>
 __device__ __forceinline__ void bwd_sm90(const BwdSm90Params& sp) {
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     const BwdSm90Smem<Cfg> sm{(smem_addr(smem_raw) + 1023) & ~1023u};
@@ -501,5 +524,5 @@ __device__ __forceinline__ void bwd_sm90(const BwdSm90Params& sp) {
     regs_claim<Cfg::kConsumerRegs>();
     // The LSE/D area's generic pointer, for ordinary loads.
     const float* stat_ptr = (const float*)(smem_raw + (sm.stat(0) - smem_addr(smem_raw)));
-    bwd_sm90_consume<T, Cfg, SCORE_MOD>(sp, w, sm, stat_ptr, tid / 128 - 1);
+    bwd_sm90_consume<T, Cfg, SCORE_MOD, DROPOUT>(sp, w, sm, stat_ptr, tid / 128 - 1);
 }

@@ -15,6 +15,7 @@
 // `wgmma_qk<T>` / `wgmma_pv<T>` are the inline-PTX wrappers for this variant's N (BLOCK_N and
 // HEAD_DIM), which the host generates into wgmma_ops.cuh (crates/ufa/src/cuda/wgmma.rs)
 // because PTX needs one operand list per shape.
+#include "dropout.cuh"
 #include "fwd_tile.cuh"
 #include "wgmma.cuh"
 #include "wgmma_ops.cuh"
@@ -38,8 +39,9 @@ struct WgmmaConfig {
 };
 
 // PAGED (with SEQS): K and V rows are found through the block table (the host selects it for
-// paged caches, and only for them).
-template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS, bool PAGED>
+// paged caches, and only for them). DROPOUT: as in fwd_sm80.cu (the accumulator layout is the
+// same), the dropped probabilities zeroed before P V and the keep scale applied to the output.
+template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS, bool PAGED, bool DROPOUT>
 __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
     static_assert(SEQS || !PAGED, "a paged cache is sequence metadata");
     constexpr int D = Cfg::kHeadDim;
@@ -158,6 +160,14 @@ __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
                 }
             }
 
+            if constexpr (DROPOUT) {
+#pragma unroll
+                for (int t = 0; t < kSTiles; t += 2)
+                    dropout_fwd_tiles(p, (uint32_t)(b * p.heads_q + h), row_a, n0 + t * 8, quad,
+                                      *reinterpret_cast<float(*)[4]>(&s[4 * t]),
+                                      *reinterpret_cast<float(*)[4]>(&s[4 * t + 4]));
+            }
+
             // O += P V[n]: two n8 tiles of S are one k16 A fragment; V is MN-major.
             uint32_t pa[BN / 16][4];
 #pragma unroll
@@ -185,5 +195,9 @@ __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
                                   [&](int t, float& x, float& y) {
                                       x = o[4 * t + 2 * r];
                                       y = o[4 * t + 2 * r + 1];
+                                      if constexpr (DROPOUT) {
+                                          x *= p.dropout_scale;
+                                          y *= p.dropout_scale;
+                                      }
                                   });
 }

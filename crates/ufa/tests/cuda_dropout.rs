@@ -1,6 +1,6 @@
 //! Dropout on CUDA against the f64 reference, which draws the same generator (crate::dropout):
-//! the forward and the gradients of every kernel that drops (the mma.sync prefill and backward
-//! at each head dim and dtype, fp32 on TF32 tensor cores, the CUDA-core kernels), packed
+//! the forward and the gradients of every kernel that drops (the wgmma and mma.sync prefill and
+//! backward at each head dim and dtype, fp32 on TF32 tensor cores, the CUDA-core kernels), packed
 //! batches, the exact mask read back through an identity V, which kernels a call with dropout
 //! takes, and bitwise repeatability for a seed and different masks for different offsets.
 //! Without a GPU these tests say so and pass, unless `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
@@ -158,8 +158,9 @@ fn varlen_matches_the_reference() {
 /// With V the identity, output row i is row i of the probabilities after dropout: exactly 0
 /// where the generator drops, and nonzero where it keeps (every key is visible and no
 /// probability underflows). Checked against `Dropout::scale`, the reference's own rule, for
-/// every kernel that drops: the mma.sync prefill in f16, bf16 and both fp32 modes, and the
-/// CUDA-core kernel (K and V of different head dims).
+/// every forward kernel that drops: the tensor-core prefill in f16 and bf16 (wgmma on Hopper,
+/// mma.sync elsewhere; scripts/gpu-check also runs the suite with UFA_CUDA_WGMMA=0), fp32 in
+/// both modes, and the CUDA-core kernel (K and V of different head dims).
 #[test]
 fn the_mask_is_exactly_the_generators() {
     let ctx = Context::new().unwrap();
@@ -219,8 +220,8 @@ fn the_mask_is_exactly_the_generators() {
     }
 }
 
-/// A call with dropout takes the dropping kernels, on Hopper too (where the wgmma kernels,
-/// like FlashAttention-3, have none): never a kernel that would ignore it.
+/// A call with dropout takes the dropping variants (on Hopper the wgmma forward and backward),
+/// never a kernel that would ignore it.
 #[test]
 fn dropout_takes_the_dropping_kernels() {
     let ctx = Context::new().unwrap();

@@ -53,11 +53,9 @@ impl Plan {
         // The Hopper kernel's tensor maps cover dense batches; a packed one takes the sm_80
         // kernel (which runs on Hopper too).
         let dense = !has_sequence_metadata(f);
-        // Dropout runs on the sm_80 kernel, as in the forward (Variant::FwdSm80).
         let dropout = f.dropout.is_some();
         if tensor_cores
             && dense
-            && !dropout
             && hopper
             && sm90::wgmma_enabled()
             && tma::backward_maps_possible(p)
@@ -67,6 +65,7 @@ impl Plan {
                     dtype,
                     tile,
                     score_mod,
+                    dropout,
                 });
             }
         }

@@ -81,11 +81,13 @@ pub(crate) fn wgmma_enabled() -> bool {
 ///   a packed batch ran at 0.77x of the same tokens dense (H200);
 /// - paged variants: one block an SM, since the block-table loads under the two-block cap
 ///   spilled 124 bytes at d128;
+/// - dropout variants: one block an SM, for the generator's registers;
 /// - two K/V stages: the next pair loads during the whole of this one's math.
 pub(crate) fn wgmma_tile_for(
     head_dim: usize,
     score_mod: bool,
     paged: bool,
+    dropout: bool,
     max_smem: u32,
 ) -> Option<WgmmaTile> {
     if !WGMMA_HEAD_DIMS.contains(&head_dim) {
@@ -96,7 +98,7 @@ pub(crate) fn wgmma_tile_for(
         block_m: 128,
         block_n: if head_dim <= 64 { 128 } else { 64 },
         stages: 2,
-        min_blocks: if head_dim <= 128 && !score_mod && !paged {
+        min_blocks: if head_dim <= 128 && !score_mod && !paged && !dropout {
             2
         } else {
             1
@@ -389,7 +391,12 @@ fn entry_call(function: &str, config: String, smem: u32, flags: &str, type_tag: 
 }
 
 /// The backward's entry-point call.
-pub(crate) fn bwd_call(tile: &WgmmaBwdTile, score_mod: bool, type_tag: &str) -> String {
+pub(crate) fn bwd_call(
+    tile: &WgmmaBwdTile,
+    score_mod: bool,
+    dropout: bool,
+    type_tag: &str,
+) -> String {
     let config = format!(
         "BwdWgmmaConfig<{}, {}, {}, {}>",
         tile.head_dim, tile.block_m, tile.block_n, tile.min_blocks
@@ -398,7 +405,7 @@ pub(crate) fn bwd_call(tile: &WgmmaBwdTile, score_mod: bool, type_tag: &str) -> 
         "bwd_sm90",
         config,
         tile.smem_bytes(),
-        &score_mod.to_string(),
+        &format!("{score_mod}, {dropout}"),
         type_tag,
     )
 }
@@ -409,6 +416,7 @@ pub(crate) fn call(
     score_mod: bool,
     seqs: bool,
     paged: bool,
+    dropout: bool,
     type_tag: &str,
 ) -> String {
     let config = format!(
@@ -419,7 +427,7 @@ pub(crate) fn call(
         "fwd_sm90",
         config,
         tile.smem_bytes(),
-        &format!("{score_mod}, {seqs}, {paged}"),
+        &format!("{score_mod}, {seqs}, {paged}, {dropout}"),
         type_tag,
     )
 }
@@ -479,7 +487,8 @@ mod tests {
         assert_eq!((t.block_n, t.consumers(), t.own_dq_tiles()), (64, 2, 0));
         assert_eq!(t.smem_bytes(), 231_496);
         // The kernel checks the size it is launched with against its own layout.
-        assert!(bwd_call(&t, false, "bf16_t").contains("static_assert(Cfg::kSmemBytes == 231496"));
+        assert!(bwd_call(&t, false, false, "bf16_t")
+            .contains("static_assert(Cfg::kSmemBytes == 231496"));
         let b = bwd_wrappers(&t);
         // sdp: N = 32 queries; dkv: N = 128 columns, A from shared memory.
         assert!(b.contains("void wgmma_sdp(float (&d)[16], uint64_t desc_a"));
@@ -502,13 +511,13 @@ mod tests {
     fn tile_table_covers_the_head_dims_within_hopper_shared_memory() {
         for d in WGMMA_HEAD_DIMS {
             for score_mod in [false, true] {
-                let t = wgmma_tile_for(d, score_mod, false, 232_448).expect("a Hopper tile");
+                let t = wgmma_tile_for(d, score_mod, false, false, 232_448).expect("a Hopper tile");
                 assert!(t.is_valid(), "{t:?}");
                 assert!(t.smem_bytes() * t.min_blocks <= 232_448, "{t:?}");
             }
         }
-        assert_eq!(wgmma_tile_for(96, false, false, 232_448), None);
-        assert_eq!(wgmma_tile_for(256, false, false, 101_376), None);
+        assert_eq!(wgmma_tile_for(96, false, false, false, 232_448), None);
+        assert_eq!(wgmma_tile_for(256, false, false, false, 101_376), None);
     }
 
     #[test]

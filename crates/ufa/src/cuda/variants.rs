@@ -24,9 +24,7 @@ pub(crate) enum Variant {
     /// and non-positive scales to the inner loop; `seqs` reads sequence metadata (packed
     /// batches, per-sequence key counts, caches read through an index or a block table).
     /// fp32 runs on TF32 tensor cores: three products per product, or one with `tf32`
-    /// (Fp32Precision::Tf32). `dropout`: the probabilities are dropped (kernels/dropout.cuh);
-    /// this is the only tensor-core forward that drops them (as FlashAttention-2 is PyTorch's
-    /// only flash kernel with dropout on Hopper), so a call with dropout takes it there too.
+    /// (Fp32Precision::Tf32). `dropout`: the probabilities are dropped (kernels/dropout.cuh).
     FwdSm80 {
         dtype: DType,
         tile: Tile,
@@ -44,6 +42,7 @@ pub(crate) enum Variant {
         score_mod: bool,
         seqs: bool,
         paged: bool,
+        dropout: bool,
     },
     /// Decoding (few query rows per KV head, kernels/fwd_decode.cu): packed GQA rows, keys
     /// split across blocks; flags as for `FwdSm90` (`paged` keeps the block-table lookups out
@@ -75,6 +74,7 @@ pub(crate) enum Variant {
         dtype: DType,
         tile: WgmmaBwdTile,
         score_mod: bool,
+        dropout: bool,
     },
     /// One of the backward's row kernels (dtypes read at run time).
     BwdRows(RowKernel),
@@ -160,15 +160,18 @@ impl Variant {
             && p.out.dtype == dtype
             && p.head_dim == p.head_dim_v
             && rows_aligned16(p);
-        if tensor_cores && half && hopper && !dropout && sm90::wgmma_enabled() {
+        if tensor_cores && half && hopper && sm90::wgmma_enabled() {
             let paged = p.k.rows.is_paged();
-            if let Some(tile) = sm90::wgmma_tile_for(p.head_dim, score_mod, paged, max_smem) {
+            if let Some(tile) =
+                sm90::wgmma_tile_for(p.head_dim, score_mod, paged, dropout, max_smem)
+            {
                 return Variant::FwdSm90 {
                     dtype,
                     tile,
                     score_mod,
                     seqs,
                     paged,
+                    dropout,
                 };
             }
         }
@@ -231,15 +234,17 @@ impl Variant {
                 score_mod,
                 seqs,
                 paged,
+                dropout,
             } => format!(
-                "ufa_fwd_sm90_{dtype}_d{}_m{}_n{}_s{}_b{}{}{}",
+                "ufa_fwd_sm90_{dtype}_d{}_m{}_n{}_s{}_b{}{}{}{}",
                 t.head_dim,
                 t.block_m,
                 t.block_n,
                 t.stages,
                 t.min_blocks,
                 flags(score_mod, seqs),
-                if paged { "_paged" } else { "" }
+                if paged { "_paged" } else { "" },
+                if dropout { "_drop" } else { "" }
             ),
             Variant::FwdDecode {
                 dtype,
@@ -284,13 +289,15 @@ impl Variant {
                 dtype,
                 tile: t,
                 score_mod,
+                dropout,
             } => format!(
-                "ufa_bwd_sm90_{dtype}_d{}_m{}_n{}_b{}{}",
+                "ufa_bwd_sm90_{dtype}_d{}_m{}_n{}_b{}{}{}",
                 t.head_dim,
                 t.block_m,
                 t.block_n,
                 t.min_blocks,
-                flags(score_mod, false)
+                flags(score_mod, false),
+                if dropout { "_drop" } else { "" }
             ),
             Variant::BwdRows(k) => format!("ufa_{}", k.function()),
             Variant::KvAppend(k) => format!("ufa_{}", k.function()),
@@ -402,21 +409,23 @@ impl Variant {
                 score_mod,
                 seqs,
                 paged,
+                dropout,
             } => (
                 "fwd_sm90.cu",
                 wgmma_ops(sm90::wrappers(&t)),
                 t.min_blocks,
-                sm90::call(&t, score_mod, seqs, paged, type_tag(dtype)),
+                sm90::call(&t, score_mod, seqs, paged, dropout, type_tag(dtype)),
             ),
             Variant::BwdSm90 {
                 dtype,
                 tile: t,
                 score_mod,
+                dropout,
             } => (
                 "bwd_sm90.cu",
                 wgmma_ops(sm90::bwd_wrappers(&t)),
                 t.min_blocks,
-                sm90::bwd_call(&t, score_mod, type_tag(dtype)),
+                sm90::bwd_call(&t, score_mod, dropout, type_tag(dtype)),
             ),
             Variant::FwdDecode {
                 dtype,
@@ -497,16 +506,20 @@ impl Variant {
             for d in sm90::WGMMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
                     for paged in [false, true].into_iter().filter(|&pg| seqs || !pg) {
-                        if let Some(tile) =
-                            sm90::wgmma_tile_for(d, score_mod, paged, max_smem).filter(|_| hopper)
-                        {
-                            v.push(Variant::FwdSm90 {
-                                dtype,
-                                tile,
-                                score_mod,
-                                seqs,
-                                paged,
-                            });
+                        for dropout in [false, true] {
+                            if let Some(tile) =
+                                sm90::wgmma_tile_for(d, score_mod, paged, dropout, max_smem)
+                                    .filter(|_| hopper)
+                            {
+                                v.push(Variant::FwdSm90 {
+                                    dtype,
+                                    tile,
+                                    score_mod,
+                                    seqs,
+                                    paged,
+                                    dropout,
+                                });
+                            }
                         }
                     }
                 }
@@ -584,7 +597,10 @@ impl Variant {
         }
         for dtype in [DType::F16, DType::BF16] {
             for d in sm90::WGMMA_HEAD_DIMS_BWD {
-                for score_mod in [false, true] {
+                for (score_mod, dropout) in [false, true]
+                    .into_iter()
+                    .flat_map(|m| [(m, false), (m, true)])
+                {
                     for deterministic in [false, true] {
                         let Some(tile) =
                             sm90::bwd_tile_for(d, max_smem, deterministic).filter(|_| hopper)
@@ -595,6 +611,7 @@ impl Variant {
                             dtype,
                             tile,
                             score_mod,
+                            dropout,
                         };
                         if !v.contains(&variant) {
                             v.push(variant);
@@ -707,17 +724,26 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4, each with and
-        // without dropout; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine;
-        // CUDA cores 9; backward 2 × 7 × 4 (with and without dropout) and 2 × 4 × 2; 4 row,
-        // 2 append and 1 merge kernels.
+        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding
+        // 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine; CUDA cores 9; backward
+        // 2 × 7 × 4 and 2 × (2 + 1 + 1 tiles) × 2; every prefill and backward one with and
+        // without dropout; 4 row, 2 append and 1 merge kernels.
         assert_eq!(
             all.len(),
-            2 * 4 * 6 + 4 * 7 * 4 * 2 + 2 * 11 * 6 + 1 + 9 + 2 * 7 * 4 * 2 + 2 * 4 * 2 + 4 + 2 + 1
+            2 * 4 * 6 * 2
+                + 4 * 7 * 4 * 2
+                + 2 * 11 * 6
+                + 1
+                + 9
+                + 2 * 7 * 4 * 2
+                + 2 * 4 * 2 * 2
+                + 4
+                + 2
+                + 1
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 6 - 2 * 4 * 2
+            all.len() - 2 * 4 * 6 * 2 - 2 * 4 * 2 * 2
         );
     }
 }
