@@ -604,6 +604,12 @@ static const ufa_attention_params* fz_params(fz_in* in, fz_call* c, const int64_
     if (flags & 8) p.softcap = fz_float(in);
     if (flags & 16) p.causal_alignment = (flags & 32) ? UFA_CAUSAL_TOP_LEFT : (int32_t)fz_int(in);
     if (flags & 64) p.deterministic = 1;
+    if (flags & 128) { /* dropout: a rate (often valid, sometimes anything) and a generator state */
+        uint8_t d = fz_u8(in);
+        p.dropout_p = d & 1 ? fz_float(in) : (float)(d >> 1) / 128.0f;
+        p.dropout_seed = fz_u64(in);
+        p.dropout_offset = fz_u64(in);
+    }
     uint8_t w = fz_u8(in);
     if (w & 1) p.window_left = w & 2 ? fz_range(in, -2, 8) : fz_int(in);
     if (w & 4) p.window_right = w & 8 ? fz_range(in, -2, 8) : fz_int(in);
@@ -629,6 +635,10 @@ static const ufa_attention_params* fz_params(fz_in* in, fz_call* c, const int64_
     }
     p.struct_size = size;
     if (!fz_params_size_known(size)) *ok = 0;
+    /* A rate outside [0, 1) is refused where the struct is large enough to hold it. */
+    if (size >= offsetof(ufa_attention_params, dropout_p) + sizeof p.dropout_p &&
+        fz_params_size_known(size) && !(p.dropout_p >= 0.0f && p.dropout_p < 1.0f))
+        *ok = 0;
     /* The tensor fields hold indices + 1 until the tensors have memory: see fz_params_fix. */
     size_t bytes = size < 4 ? 4 : (size > FZ_PAGE ? FZ_PAGE : size);
     bytes = (bytes + 7) & ~(size_t)7;

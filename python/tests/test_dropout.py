@@ -128,6 +128,23 @@ def test_dropout_keeps_the_expectation():
     assert (out.std() > 0.05).item()
 
 
+def test_bad_rng_state_is_refused():
+    """The custom ops' generator state (what a compiled graph passes) must be an int64 CPU
+    tensor [seed, offset]: anything else is a clear error naming it."""
+    q = torch.randn(1, 8, 2, 16)
+    for bad in (torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
+                torch.zeros(2, 1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="rng must be the dropout generator state"):
+            ut.attention_forward(q, q, q, None, None, None, False, False, -1, -1, 0.0, False,
+                                 0.5, 0, 0, bad)
+    rng = torch.tensor([123, 4], dtype=torch.int64)
+    a, _ = ut.attention_forward(q, q, q, None, None, None, False, False, -1, -1, 0.0, False,
+                                0.5, 0, 0, rng)
+    b, _ = ut.attention_forward(q, q, q, None, None, None, False, False, -1, -1, 0.0, False,
+                                0.5, 123, 4)
+    assert torch.equal(a, b), "rng and (seed, offset) must name the same mask"
+
+
 def test_bad_rate_is_refused():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="dropout p=1"):

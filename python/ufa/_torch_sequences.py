@@ -114,7 +114,14 @@ def _seed_offset(seed: int, offset: int, rng: Optional[Tensor]):
     """The (seed, offset) a custom op runs with: ``rng``'s when the caller traced one."""
     if rng is None:
         return seed, offset
-    return int(rng[0]), int(rng[1])
+    if not (isinstance(rng, Tensor) and rng.dtype == torch.int64 and rng.device.type == "cpu"
+            and tuple(rng.shape) == (2,)):
+        what = (f"a {rng.dtype} tensor of shape {tuple(rng.shape)} on {rng.device}"
+                if isinstance(rng, Tensor) else type(rng).__name__)
+        raise ValueError(f"rng must be the dropout generator state, an int64 CPU tensor "
+                         f"[seed, offset] of shape (2,); got {what}")
+    seed, offset = rng.tolist()
+    return seed % 2**64, offset % 2**64
 
 
 def _int32(x: Optional[Tensor], name: str) -> Optional[Tensor]:
