@@ -15,10 +15,8 @@ Usage: python3 bench/dropout.py [--out DIR] [--iters N] [--seqlens 1024,...] [--
 """
 
 import argparse
-import csv
 import datetime
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import ufa.torch as ut
 from ufa import _ufa
 from cuda_timing import median_ms
+from results_files import results_base, write_csv
 
 PEERS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -127,13 +126,8 @@ def main():
                           f"{row['dropout_cost']:.2f}x | err {err:.1e}")
             del q, k, v, qt, kt, vt
     date = datetime.date.today().isoformat()
-    tag = card.replace("NVIDIA ", "").replace(" ", "_").lower()
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"dropout_{date}_{tag}")
-    with open(base + ".csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    base = results_base(args.out, "dropout")
+    write_csv(base + ".csv", rows)
     with open(base + ".md", "w") as fh:
         fh.write(f"# Attention dropout (p = {p}), bf16, {card}, {date}\n\n")
         fh.write(f"Command: `python3 bench/dropout.py --iters {args.iters} --seqlens "

@@ -16,9 +16,7 @@ Usage: python3 bench/gpt_step.py [--out DIR] [--steps 50] [--warmup 10] [--dropo
 
 import argparse
 import copy
-import csv
 import datetime
-import os
 import statistics
 
 import torch
@@ -26,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ufa.torch as ut
+from results_files import results_base, write_csv
 
 
 class Attention(nn.Module):
@@ -147,13 +146,8 @@ def main():
               f"ms ufa ({ms_t / ms_u:.3f}x); ufa calls {row['ufa_calls']}, fallbacks {stats}")
         torch.cuda.empty_cache()
     date = datetime.date.today().isoformat()
-    tag = card.replace("NVIDIA ", "").replace(" ", "_").lower()
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"gpt_step_{date}_{tag}")
-    with open(base + ".csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    base = results_base(args.out, "gpt_step")
+    write_csv(base + ".csv", rows)
     with open(base + ".md", "w") as fh:
         fh.write(f"# GPT training step under autocast, ufa vs PyTorch SDPA, {card}, {date}\n\n")
         fh.write(f"Command: `python3 bench/gpt_step.py --steps {args.steps} --warmup "
