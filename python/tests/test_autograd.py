@@ -211,3 +211,51 @@ def test_last_dim_strided_inputs_are_copied_not_refused(device, api, grad):
         for name, w, ref in zip("qkv", wide, x64):
             assert rel_err(w.grad[..., ::2], ref.grad) < 1e-4, name
             assert torch.count_nonzero(w.grad[..., 1::2]) == 0, name
+
+
+def test_sdpa_common_call_head_dim_v_and_scale(device):
+    """SDPA's short path (torch.py, _sdpa_short) with a value head dim of its own, an explicit
+    scale and a causal mask, forward and gradients against PyTorch's math backend in
+    float64."""
+    b, h, sq, skv, d, dv = 2, 3, 7, 12, 16, 24
+    q, k, v = _leaves([(b, h, sq, d), (b, h, skv, d), (b, h, skv, dv)], torch.float32, device)
+    out = ut.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    x64 = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(*x64, is_causal=True, scale=0.3)
+    want.backward(dout.double().cpu())
+    assert out.shape == (b, h, sq, dv)
+    assert rel_err(out, want) < 1e-5
+    for name, got, ref in zip("qkv", (q.grad, k.grad, v.grad), x64):
+        assert rel_err(got, ref.grad) < 1e-4, name
+
+
+def test_sdpa_common_call_is_one_node_that_checks_its_inputs():
+    """The short path records one autograd node straight on the caller's tensors (no views of
+    its own), saves its inputs as PyTorch's own SDPA does (an in-place change of q before the
+    backward is an error, not a wrong gradient), and counts each call it serves once."""
+    ut.reset_fallback_stats()
+    q, k, v = _leaves([(1, 2, 5, 8)] * 3, torch.float32, "cpu")
+    out = ut.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad():
+        ut.scaled_dot_product_attention(q, k, v)
+    assert ut.fallback_stats() == {"ufa": 2}
+    assert {type(f).__name__ for f, _ in out.grad_fn.next_functions} == {"AccumulateGrad"}
+    with torch.no_grad():
+        q.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_sdpa_call_the_core_refuses_still_falls_back():
+    """A call that looks common but is not ufa's (float64) is refused by the core on the short
+    path with nothing written, and goes on to PyTorch's function, counted under its reason."""
+    ut.reset_fallback_stats()
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    with pytest.warns(RuntimeWarning, match="dtype"):
+        out = ut.scaled_dot_product_attention(q, k, v)
+    assert ut.fallback_stats() == {"dtype": 1}
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))

@@ -78,16 +78,10 @@ def _sdpa_flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Te
                          out: Tensor, logsumexp: Tensor, cum_seq_q, cum_seq_k, max_q: int,
                          max_k: int, dropout_p: float, is_causal: bool, philox_seed: Tensor,
                          philox_offset: Tensor, *, scale: Optional[float] = None):
-    from .torch import _backward_into
+    from .torch import _backward_bhsd
 
     _no_dropout(dropout_p)
-    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    # ufa's layout: [B, S, H, D] views of PyTorch's [B, H, S, D] tensors.
-    bshd = [t.transpose(1, 2) for t in (grad_out, query, key, value, out)]
-    _backward_into(*bshd, logsumexp, dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2),
-                   None, None, scale, is_causal, True, -1, -1, 0.0,
-                   torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv
+    return _backward_bhsd(grad_out, query, key, value, out, logsumexp, scale, is_causal)
 
 
 def _register() -> bool:

@@ -420,9 +420,12 @@ def _attention(q, k, v, scale, causal, top_left, window_left, window_right, soft
     if v.dim() != 4:
         raise ValueError(f"v must have 4 dimensions [batch, seqlen, heads, head_dim_v], got "
                          f"{v.dim()} (shape {tuple(v.shape)})")
-    b, sq, hq, _ = q.shape
+    b, sq, hq, d = q.shape
     if out is None:
-        out = q.new_empty((b, sq, hq, v.shape[-1]))
+        dv = v.shape[-1]
+        # empty_like costs half of new_empty; for a contiguous q it is the same tensor.
+        out = (torch.empty_like(q) if dv == d and q.is_contiguous()
+               else q.new_empty((b, sq, hq, dv)))
     lse = q.new_empty((b, hq, sq), dtype=torch.float32) if return_lse else None
     _forward_into(q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left, window_left,
                   window_right, softcap, dropout_p, seed)
@@ -650,13 +653,18 @@ def scaled_dot_product_attention(
     ufa computes in that dtype.
     """
 
+    out = _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                      0.0)
+    if out is not None:
+        return out
+
     def torch_sdpa(query, key, value, attn_mask):
         gqa = {"enable_gqa": True} if enable_gqa else {}  # PyTorch < 2.5 lacks the argument
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                            is_causal=is_causal, scale=scale, **gqa)
 
     return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, 0.0,
-                 torch_sdpa)
+                 torch_sdpa, short=False)
 
 
 def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None) -> Tensor:
@@ -674,12 +682,102 @@ def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None)
     return out
 
 
+def _backward_bhsd(grad_out, query, key, value, out, lse, scale, causal, softcap=0.0):
+    """Gradients (dq, dk, dv) of :func:`_forward_bhsd` (no mask), each in the memory order of
+    its input; deterministic where PyTorch's ``use_deterministic_algorithms`` asks for it."""
+    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    # ufa's layout: [B, S, H, D] views of PyTorch's [B, H, S, D] tensors.
+    bshd = [t.transpose(1, 2) for t in (grad_out, query, key, value, out)]
+    _backward_into(*bshd, lse, dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2),
+                   None, None, scale, causal, True, -1, -1, softcap,
+                   torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv
+
+
+class _Sdpa(torch.autograd.Function):
+    """SDPA's common call (no mask, no dropout) with autograd, on ``[B, H, S, D]`` tensors as
+    they are: no views of its own in the graph, and one node. A small call's time is mostly
+    what surrounds the kernel, and every transposed view that autograd records costs about a
+    microsecond."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, params):
+        # (scale, causal, softcap) in one argument: apply() costs per argument.
+        scale, causal, softcap = params
+        b, h, sq, d = query.shape
+        cuda = query.is_cuda
+        # Without a device argument the factory is half a microsecond faster.
+        lse = (torch.empty(b, h, sq, dtype=torch.float32, device=query.device) if cuda
+               else torch.empty(b, h, sq, dtype=torch.float32))
+        # The core refuses (ValueError) what _forward_bhsd would first copy (a strided last
+        # dimension): the caller then takes the full path.
+        out = (torch.empty_like(query) if value.size(3) == d
+               else query.new_empty((b, h, sq, value.size(3))))
+        _ufa.sdpa_forward(query, key, value, out, lse, scale, causal, softcap,
+                          cuda and _tf32(query))
+        ctx.save_for_backward(query, key, value, out)
+        # Not an input or output: kept on ctx, as autograd's documentation allows for
+        # intermediates (saving it costs more than the attention of a small call).
+        ctx.lse = lse
+        ctx.params = params
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, out = ctx.saved_tensors
+        dq, dk, dv = _backward_bhsd(dout, query, key, value, out, ctx.lse, *ctx.params)
+        return dq, dk, dv, None
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                softcap) -> Optional[Tensor]:
+    """SDPA's common call on a short path, checked in as few attribute reads as possible:
+    plain 4-D CPU tensors (or CUDA ones where ufa has CUDA), no mask, no dropout, no
+    autocast, not traced, heads that need no ``enable_gqa``. The core checks the rest itself (dtypes, devices, shapes, strides). None
+    when the call is not one of these, or the core refuses it as given (nothing is written
+    then): :func:`_sdpa`'s full path decides between ufa and PyTorch. A small call's time is
+    mostly what surrounds the kernel."""
+    if not (dropout_p == 0.0 and attn_mask is None and type(query) is Tensor
+            and type(key) is Tensor and type(value) is Tensor
+            and (scale is None or type(scale) is float)
+            and _any_autocast is not None and not _any_autocast()
+            and not torch.compiler.is_compiling() and query.dim() == 4
+            and (query.is_cpu or query.is_cuda and _probe_cuda())
+            and (enable_gqa or query.size(1) == key.size(1))):
+        return None
+    causal = bool(is_causal)
+    try:
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                        or value.requires_grad):
+            out = _Sdpa.apply(query, key, value, (scale, causal, softcap))
+        elif value.size(3) == query.size(3):
+            out = torch.empty_like(query)
+            _ufa.sdpa_forward(query, key, value, out, None, scale, causal, softcap,
+                              query.is_cuda and _tf32(query))
+        else:
+            return None
+    except (ValueError, TypeError, NotImplementedError):
+        return None
+    with _stats_lock:
+        _fallbacks["ufa"] = _fallbacks.get("ufa", 0) + 1
+    return out
+
+
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap,
-          fall_back_to):
+          fall_back_to, short=True):
     """:func:`scaled_dot_product_attention` with tanh soft-capping of the scores (``softcap``
     > 0, which PyTorch's function lacks; transformers' Gemma 2 has it), and the function that
     serves the calls ufa cannot: ``fall_back_to(query, key, value, attn_mask)``, given the
-    tensors after the autocast casts and returning ``[batch, heads, seq_q, dim_v]``."""
+    tensors after the autocast casts and returning ``[batch, heads, seq_q, dim_v]``.
+    ``short=False``: the caller already tried :func:`_sdpa_short`."""
+    if short:
+        out = _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                          enable_gqa, softcap)
+        if out is not None:
+            return out
     if isinstance(query, Tensor) and _autocast_on(query.device.type):
         query, key, value, attn_mask = _autocast_cast(query.device.type, query, key, value,
                                                       attn_mask)
@@ -693,7 +791,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     causal = bool(is_causal)
     if (dropout_p == 0.0 and query.dim() == 4 and not torch.compiler.is_compiling()
             and not _needs_grad(query, key, value)):
-        # Fast path: no autograd, no views.
+        # No autograd, no views.
         return _forward_bhsd(query, key, value, None, scale, causal, softcap, attn_mask)
     three_d = query.dim() == 3
     if three_d:

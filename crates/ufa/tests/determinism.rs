@@ -76,3 +76,44 @@ fn one_context_serves_many_threads() {
         assert_eq!(h.join().unwrap().0, expected.0);
     }
 }
+
+/// A thread keeps the scratch of its small calls for its next call of the same shape
+/// (`Scratch::keep` in cpu/tile.rs): that call must compute bitwise what it computes on a
+/// thread that kept nothing, whatever the data before it. The first case has several blocks
+/// of rows per head, so its transposed K tiles are cached within a call and must not be
+/// taken for the next call's.
+#[test]
+fn kept_scratch_carries_nothing_between_calls() {
+    let mut causal = Case::new(2, 7, 40, 4, 48, DType::F16);
+    causal.causal = true;
+    causal.heads_kv = 2;
+    let cases = [
+        Case::new(1, 192, 64, 1, 32, DType::F32),
+        Case::new(1, 16, 16, 1, 64, DType::F32),
+        Case::new(2, 9, 70, 2, 64, DType::BF16),
+        causal,
+    ];
+    let ctx = Context::builder().num_threads(2).build().unwrap();
+    let run_on = |case: &Case, seed: u64| {
+        let mut inst = Instance::new(case, seed);
+        inst.run(&ctx).unwrap();
+        inst.outputs()
+    };
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for case in &cases {
+        run_on(case, 1);
+        let after_another = run_on(case, 2);
+        let fresh = std::thread::scope(|s| s.spawn(|| run_on(case, 2)).join().unwrap());
+        // assert! rather than assert_eq!: a failure should name the case, not print every bit.
+        assert!(
+            bits(&after_another.0) == bits(&fresh.0),
+            "{}: out after another call of the same shape differs",
+            case.describe()
+        );
+        assert!(
+            after_another.1.as_deref().map(bits) == fresh.1.as_deref().map(bits),
+            "{}: lse after another call of the same shape differs",
+            case.describe()
+        );
+    }
+}

@@ -131,7 +131,8 @@ fn block<M: MulAdd, const W: usize, const ACC: bool>(
 }
 
 /// Writes `n` rows of `d` elements (row `j` at `row(j)`, 4-byte elements, any alignment) as the
-/// columns of `dst` (`d` × BK): `dst[e·BK + j] = row(j)[e]`, with columns `n..BK` zero. The AVX-512 families (`C` = 64)
+/// columns of `dst` (`d` × BK): `dst[e·BK + j] = row(j)[e]`, with columns `n..width` zero
+/// (`width` ≤ BK: the columns its reader takes; the rest keep what they held). The AVX-512 families (`C` = 64)
 /// move 16 × 16 blocks through registers; element by element, the scattered stores cost as
 /// much as a tenth of a forward tile's products.
 ///
@@ -142,9 +143,10 @@ pub unsafe fn transpose_rows<const C: usize, T: Copy + Default>(
     row: impl Fn(usize) -> *const T,
     n: usize,
     d: usize,
+    width: usize,
     dst: &mut [T],
 ) {
-    assert!(n <= BK && dst.len() >= d * BK && std::mem::size_of::<T>() == 4);
+    assert!(n <= width && width <= BK && dst.len() >= d * BK && std::mem::size_of::<T>() == 4);
     // Columns 0..e0 in 16 × 16 blocks, the rest element by element.
     let e0 = if C == 64 && cfg!(target_arch = "x86_64") {
         d / 16 * 16
@@ -172,7 +174,7 @@ pub unsafe fn transpose_rows<const C: usize, T: Copy + Default>(
         }
     }
     for e in 0..d {
-        dst[e * BK + n..][..BK - n].fill(T::default());
+        dst[e * BK + n..][..width - n].fill(T::default());
     }
 }
 
@@ -237,10 +239,10 @@ mod tests {
             let mut got = want.clone();
             // SAFETY: rows j < n of `src` hold d elements.
             unsafe {
-                transpose_rows::<16, f32>(|j| src.as_ptr().add(j * d), n, d, &mut want);
+                transpose_rows::<16, f32>(|j| src.as_ptr().add(j * d), n, d, BK, &mut want);
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx512f") {
-                    transpose_rows::<64, f32>(|j| src.as_ptr().add(j * d), n, d, &mut got);
+                    transpose_rows::<64, f32>(|j| src.as_ptr().add(j * d), n, d, BK, &mut got);
                     assert_eq!(got, want);
                 }
             }

@@ -96,6 +96,22 @@ pub struct Scratch {
     kp: Vec<u32>,
     pp: Vec<u32>,
     vp: Vec<u32>,
+    /// The sizes it was made for.
+    shape: ScratchShape,
+}
+
+/// What a [`Scratch`]'s buffer sizes follow from. Two problems of the same shape use every
+/// buffer alike, so a scratch may serve the next call as it serves the next item of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ScratchShape {
+    /// Rows, rounded up to register blocks.
+    rows: usize,
+    head_dim: usize,
+    head_dim_v: usize,
+    /// Tiles of `kt_cache`.
+    cached_tiles: usize,
+    /// K is converted through `stage` (not f32).
+    staged: bool,
 }
 
 pub fn round_up(x: usize, m: usize) -> usize {
@@ -109,10 +125,113 @@ const SOFTMAX_ROWS: usize = 16;
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
 const KT_CACHE_BYTES: usize = 1 << 20;
 
+/// Most bytes of scratch a thread keeps between calls: enough for the small calls whose
+/// allocation and zeroing would otherwise be a fifth of their time, little next to a
+/// thread's stack.
+const SPARE_BYTES: usize = 512 << 10;
+/// Most scratches a thread keeps (a job of interleaved heads takes several).
+const SPARES: usize = 8;
+
+thread_local! {
+    /// Scratch of this thread's last small calls, for the next ones ([`Scratch::reuse`]).
+    static SPARE: std::cell::RefCell<Vec<Scratch>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Scratch {
     pub fn new(p: &Problem, max_rows: usize) -> Scratch {
-        let rows = round_up(max_rows, R);
-        let dvp = round_up(p.head_dim_v, 16);
+        Scratch::of_shape(ScratchShape::of(p, max_rows))
+    }
+
+    /// [`Scratch::new`], or a scratch of the same shape that this thread kept from an earlier
+    /// call ([`Scratch::keep`]). Its transposed-K cache is emptied: its tags name a batch entry
+    /// and head, not the call. Every other buffer is rewritten before it is read, by each work
+    /// item, as when one scratch serves a call's items in turn.
+    pub fn reuse(p: &Problem, max_rows: usize) -> Scratch {
+        let shape = ScratchShape::of(p, max_rows);
+        let spare = SPARE.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            let i = spare.iter().position(|sc| sc.shape == shape)?;
+            Some(spare.swap_remove(i))
+        });
+        match spare {
+            Some(mut sc) => {
+                sc.kt_tags.fill(None);
+                sc
+            }
+            None => Scratch::of_shape(shape),
+        }
+    }
+
+    /// Keeps this scratch for this thread's next call of the same shape, if it is small.
+    pub fn keep(self) {
+        if self.bytes() > SPARE_BYTES {
+            return;
+        }
+        SPARE.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() == SPARES {
+                spare.remove(0);
+            }
+            spare.push(self);
+        });
+    }
+
+    fn bytes(&self) -> usize {
+        let f32s = [
+            &self.q,
+            &self.kt,
+            &self.kt_cache,
+            &self.row,
+            &self.stage,
+            &self.s,
+            &self.v,
+            &self.acc,
+            &self.m,
+            &self.l,
+            &self.l_lanes,
+        ];
+        let u32s = [&self.qp, &self.kp, &self.pp, &self.vp];
+        4 * (f32s.iter().map(|v| v.len()).sum::<usize>()
+            + u32s.iter().map(|v| v.len()).sum::<usize>())
+            + self.rows.len() * std::mem::size_of::<RowInfo>()
+    }
+
+    fn of_shape(shape: ScratchShape) -> Scratch {
+        let ScratchShape {
+            rows,
+            head_dim: d,
+            head_dim_v,
+            cached_tiles,
+            staged,
+        } = shape;
+        let dvp = round_up(head_dim_v, 16);
+        let tile_len = d * BK;
+        Scratch {
+            q: vec![0.0; rows * d],
+            kt: vec![0.0; tile_len],
+            kt_cache: vec![0.0; cached_tiles * tile_len],
+            kt_tags: vec![None; cached_tiles],
+            row: vec![0.0; d.max(dvp)],
+            stage: vec![0.0; if staged { BK * d } else { 0 }],
+            s: vec![0.0; rows * BK],
+            v: vec![0.0; BK * dvp],
+            acc: vec![0.0; rows * dvp],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+            l_lanes: vec![0.0; rows * LANES],
+            rows: vec![RowInfo::default(); rows],
+            dvp,
+            qp: vec![0; rows * d.div_ceil(2)],
+            kp: vec![0; d.div_ceil(2) * BK],
+            pp: vec![0; rows * BK / 2],
+            vp: vec![0; BK / 2 * dvp],
+            shape,
+        }
+    }
+}
+
+impl ScratchShape {
+    fn of(p: &Problem, max_rows: usize) -> ScratchShape {
         let tiles = p.seqlen_kv.div_ceil(BK);
         let tile_len = p.head_dim * BK;
         let cached_tiles = if p.k.dtype == DType::F32
@@ -123,32 +242,12 @@ impl Scratch {
         } else {
             0
         };
-        Scratch {
-            q: vec![0.0; rows * p.head_dim],
-            kt: vec![0.0; tile_len],
-            kt_cache: vec![0.0; cached_tiles * tile_len],
-            kt_tags: vec![None; cached_tiles],
-            row: vec![0.0; p.head_dim.max(dvp)],
-            stage: vec![
-                0.0;
-                if p.k.dtype == DType::F32 {
-                    0
-                } else {
-                    BK * p.head_dim
-                }
-            ],
-            s: vec![0.0; rows * BK],
-            v: vec![0.0; BK * dvp],
-            acc: vec![0.0; rows * dvp],
-            m: vec![0.0; rows],
-            l: vec![0.0; rows],
-            l_lanes: vec![0.0; rows * LANES],
-            rows: vec![RowInfo::default(); rows],
-            dvp,
-            qp: vec![0; rows * p.head_dim.div_ceil(2)],
-            kp: vec![0; p.head_dim.div_ceil(2) * BK],
-            pp: vec![0; rows * BK / 2],
-            vp: vec![0; BK / 2 * dvp],
+        ScratchShape {
+            rows: round_up(max_rows, R),
+            head_dim: p.head_dim,
+            head_dim_v: p.head_dim_v,
+            cached_tiles,
+            staged: p.k.dtype != DType::F32,
         }
     }
 }
@@ -234,6 +333,9 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
     let mut j0 = keys.0;
     while j0 < keys.1 {
         let nk = (keys.1 - j0).min(BK);
+        // Score columns computed: the tile's keys rounded up to whole vectors. A short last
+        // tile (or a short sequence) costs what its keys do, not a full tile.
+        let nkp = round_up(nk, LANES);
         // The few-rows path reads K and V row by row: their addresses, found once a tile.
         let mut k_rows = [std::ptr::null::<u8>(); BK];
         let mut v_rows = [std::ptr::null::<u8>(); BK];
@@ -253,14 +355,14 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
             unsafe {
                 let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-                super::avx512_bf16::pack_transposed_pairs(row, nk, d, &mut sc.kp);
+                super::avx512_bf16::pack_transposed_pairs(row, nk, d, nkp, &mut sc.kp);
                 let d2 = d.div_ceil(2);
                 super::avx512_bf16::gemm::<false>(
                     Strided::rows(&sc.qp, d2),
                     Strided::rows(&sc.kp, BK),
                     &mut sc.s,
                     BK,
-                    [rows, BK, d2],
+                    [rows, nkp, d2],
                     p.scale,
                 );
             }
@@ -272,10 +374,10 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             let tag = Some((t.batch, t.hkv, nk));
             if cached && sc.kt_tags[slot] != tag {
                 let tile = &mut sc.kt_cache[slot * d * BK..][..d * BK];
-                pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, tile);
+                pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, &mut sc.stage, tile);
                 sc.kt_tags[slot] = tag;
             } else if !cached {
-                pack_transposed::<C>(&p.k, t, (j0, nk), d, &mut sc.stage, &mut sc.kt);
+                pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, &mut sc.stage, &mut sc.kt);
             }
             // Taken out of `sc` while softmax_rows borrows it (a move, not a copy).
             let store = std::mem::take(if cached { &mut sc.kt_cache } else { &mut sc.kt });
@@ -286,7 +388,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             for r0 in (0..rows).step_by(SOFTMAX_ROWS) {
                 let n = SOFTMAX_ROWS.min(rows - r0);
                 let q = Strided::rows(&sc.q[r0 * d..], d);
-                gemm::<M, C, false>(q, kt, &mut sc.s[r0 * BK..], BK, [n, BK, d], 1.0);
+                gemm::<M, C, false>(q, kt, &mut sc.s[r0 * BK..], BK, [n, nkp, d], 1.0);
                 softmax_rows::<M, C>(p, t, (j0, nk), (r0, r0 + n), sc);
             }
             *(if cached { &mut sc.kt_cache } else { &mut sc.kt }) = store;
@@ -456,8 +558,10 @@ fn softmax_rows<M: MulAdd, const C: usize>(
     sc: &mut Scratch,
 ) {
     let dvp = sc.dvp;
+    // Columns past the tile's keys rounded up to a vector are neither computed nor read.
+    let width = round_up(nk, LANES);
     for r in r0..r1 {
-        let s = &mut sc.s[r * BK..][..BK];
+        let s = &mut sc.s[r * BK..][..width];
         if r >= t.nrows {
             s.fill(0.0); // padding: P = 0
             continue;
@@ -536,7 +640,7 @@ pub fn finish(t: &TileRows, sc: &mut Scratch) {
 }
 
 /// Packs keys `j0..j0+nk` of `x` (K or V, `len` elements a row) transposed (`len` × BK) into
-/// `dst`; columns past `nk` are zero. Rows that are not f32 are converted into `stage`
+/// `dst`; columns `nk..width` are zero. Rows that are not f32 are converted into `stage`
 /// (BK × `len`) first.
 #[inline(always)]
 pub(super) fn pack_transposed<const C: usize>(
@@ -544,6 +648,7 @@ pub(super) fn pack_transposed<const C: usize>(
     t: &TileRows,
     (j0, nk): (usize, usize),
     len: usize,
+    width: usize,
     stage: &mut [f32],
     dst: &mut [f32],
 ) {
@@ -551,13 +656,13 @@ pub(super) fn pack_transposed<const C: usize>(
     // SAFETY: keys j0+jj < seqlen_kv lie in the validated view; staged rows hold `len` values.
     unsafe {
         if x.dtype == DType::F32 {
-            transpose_rows::<C, f32>(|jj| at(jj) as *const f32, nk, len, dst);
+            transpose_rows::<C, f32>(|jj| at(jj) as *const f32, nk, len, width, dst);
         } else {
             for jj in 0..nk {
                 load_row_f32(x.dtype, at(jj), &mut stage[jj * len..][..len]);
             }
             let rows = stage.as_ptr();
-            transpose_rows::<C, f32>(|jj| rows.add(jj * len), nk, len, dst);
+            transpose_rows::<C, f32>(|jj| rows.add(jj * len), nk, len, width, dst);
         }
     }
 }
