@@ -798,7 +798,9 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     # [batch, heads, seq, dim] -> [batch, seq, heads, dim]: views with permuted strides.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    out = _attention(q, k, v, scale, causal, True, -1, -1, softcap, None, attn_mask, False, False,
+    # The backward is deterministic where PyTorch's switch asks for it, as on the short path.
+    out = _attention(q, k, v, scale, causal, True, -1, -1, softcap, None, attn_mask,
+                     torch.are_deterministic_algorithms_enabled(), False,
                      dropout_p=float(dropout_p))
     out = out.transpose(1, 2)
     return out.squeeze(1) if three_d else out

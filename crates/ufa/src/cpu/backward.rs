@@ -11,7 +11,8 @@
 //!    `dQ = scale · Σ dS K`.
 //!
 //! with `S = scale · Q Kᵀ`, `P = exp(S − lse)`, `dP = dO Vᵀ`, `dS = P ∘ (dP − delta) ∘ softcap'`.
-//! The chunking depends on the problem's sizes only. bf16 inputs take the bf16 dot products,
+//! The chunking depends on the problem's sizes and the machine's core count only, never on a
+//! context's thread count. bf16 inputs take the bf16 dot products,
 //! with P and dS rounded to bf16 for the products that consume them (as FlashAttention does on
 //! GPUs); every sum stays fp32.
 
@@ -30,9 +31,21 @@ use crate::sequences::Seq;
 
 /// Query rows per block.
 const BQ: usize = 64;
-/// Key-pass items wanted; problems with fewer (batch × KV head) pairs split their keys into
-/// chunks, each with its own partial dQ.
-const TARGET_ITEMS: usize = 16;
+/// Key-pass items wanted: four per core of the machine, at least 16. Problems with fewer
+/// (batch × KV head) pairs split their keys into chunks, each with its own partial dQ. It
+/// depends on the machine, not on a context's thread count, so gradients stay bitwise the
+/// same for any thread count. 16 (the count for 2 cores) leaves a 16-core machine waiting:
+/// a causal B1 H8 S4096 backward has 16 items there, the largest with 3/4 of a head's work (a
+/// model of the schedule keeps 16 threads 67% busy); 64 items taken longest first (see
+/// [`plan`]) keep them all busy in the model, and cost 2 cores 0-3% (measured), which is why
+/// the count follows the machine.
+fn target_items() -> usize {
+    static ITEMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ITEMS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_mul(4).clamp(16, 256)
+    })
+}
 /// Fewest key blocks per chunk, so that a chunk's partial dQ stays cheap next to its work.
 const MIN_BLOCKS_PER_CHUNK: usize = 4;
 /// Cache budget of a group of key blocks (their packed K, V and dK, dV accumulators).
@@ -49,15 +62,18 @@ struct HeadPlan {
     blocks_per_chunk: usize,
     /// Elements of one chunk's partial dQ: rows (padded to R) × dp.
     part_len: usize,
-    /// Where this head's chunks' partial dQ start in the workspace.
-    offset: usize,
+    /// Where chunk c's partial dQ starts in the workspace is `Plan::part_offsets[first + c]`.
+    first: usize,
 }
 
 /// How the key pass is cut: per (batch, KV head), chunks of `blocks_per_chunk` key blocks.
 struct Plan {
     heads: Vec<HeadPlan>,
-    /// Items of step 2: (head, chunk), heads in order.
+    /// Items of step 2: (head, chunk), the longest first. Their partial dQ lie in the
+    /// workspace in this order.
     items: Vec<(usize, usize)>,
+    /// Where each (head, chunk)'s partial dQ starts (see `HeadPlan::first`).
+    part_offsets: Vec<usize>,
     /// Key blocks loaded together (see [`KeyChunk`]).
     group: usize,
     /// Elements of partial dQ in all.
@@ -72,16 +88,31 @@ fn plan(p: &Problem, dp: usize, bf16: bool) -> Result<Plan> {
     let affordable = 1 + PARTIAL_BUDGET / all_parts.max(1);
     let n_heads = p.batch * p.heads_kv;
     let mut heads = Vec::with_capacity(n_heads);
-    let (mut items, mut total) = (Vec::new(), 0usize);
+    // (work, head, chunk): work counts the (query row, key) pairs the chunk's band lets in.
+    let mut items = Vec::new();
+    let mut chunks_before = 0;
     for (batch, &seq) in seqs.iter().enumerate() {
         let key_blocks = seq.seqlen_kv.div_ceil(BK);
-        let wanted = TARGET_ITEMS
+        let wanted = target_items()
             .div_ceil(n_heads)
             .min(key_blocks / MIN_BLOCKS_PER_CHUNK)
             .min(affordable)
             .max(1);
         let blocks_per_chunk = key_blocks.div_ceil(wanted).max(1);
         let chunks = key_blocks.div_ceil(blocks_per_chunk);
+        // The same for every KV head of this sequence.
+        let work: Vec<usize> = (0..chunks)
+            .map(|c| {
+                let k0 = c * blocks_per_chunk * BK;
+                let k1 = (k0 + blocks_per_chunk * BK).min(seq.seqlen_kv);
+                (0..seq.seqlen_q)
+                    .map(|i| {
+                        let (lo, hi) = p.visible_keys(&seq, i);
+                        hi.min(k1).saturating_sub(lo.max(k0))
+                    })
+                    .sum()
+            })
+            .collect();
         for hkv in 0..p.heads_kv {
             let head = HeadPlan {
                 rows: TileRows {
@@ -95,21 +126,31 @@ fn plan(p: &Problem, dp: usize, bf16: bool) -> Result<Plan> {
                 chunks,
                 blocks_per_chunk,
                 part_len: part_len(&seq),
-                offset: total,
+                first: chunks_before,
             };
-            items.extend((0..chunks).map(|c| (heads.len(), c)));
-            total = chunks
-                .checked_mul(head.part_len)
-                .and_then(|n| n.checked_add(total))
-                .ok_or_else(|| Error::invalid("problem too large for the backward pass"))?;
+            chunks_before += chunks;
+            items.extend(work.iter().enumerate().map(|(c, &w)| (w, heads.len(), c)));
             heads.push(head);
         }
     }
+    // Longest first, so that the last items a thread takes are short ones. The order moves no
+    // sum: each chunk has its own partial dQ, and step 3 adds them in chunk order.
+    items.sort_by_key(|&(work, h, c)| (std::cmp::Reverse(work), h, c));
+    let mut part_offsets = vec![0; items.len()];
+    let mut total = 0usize;
+    for &(_, h, c) in &items {
+        part_offsets[heads[h].first + c] = total;
+        total = total
+            .checked_add(heads[h].part_len)
+            .ok_or_else(|| Error::invalid("problem too large for the backward pass"))?;
+    }
+    let items = items.into_iter().map(|(_, h, c)| (h, c)).collect();
     let most_blocks = heads.iter().map(|h| h.blocks_per_chunk).max().unwrap_or(1);
     let group = (GROUP_BYTES / KeyBlock::bytes(p, bf16)).clamp(1, most_blocks);
     Ok(Plan {
         heads,
         items,
+        part_offsets,
         group,
         total,
     })
@@ -661,7 +702,7 @@ pub(super) fn backward(
     let bounds: Vec<usize> = std::iter::once(0)
         .chain(plan.items.iter().map(|&(h, c)| {
             let head = &plan.heads[h];
-            head.offset + (c + 1) * head.part_len
+            plan.part_offsets[head.first + c] + head.part_len
         }))
         .collect();
     for_each_slice_mut(
@@ -698,7 +739,7 @@ pub(super) fn backward(
             let t = head.rows;
             for r in 0..t.nrows {
                 let part =
-                    |c: usize| &parts[head.offset + c * head.part_len + r * dp..][..p.head_dim];
+                    |c: usize| &parts[plan.part_offsets[head.first + c] + r * dp..][..p.head_dim];
                 if head.chunks == 0 {
                     row.fill(0.0);
                 } else {
