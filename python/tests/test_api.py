@@ -123,6 +123,19 @@ def test_sdpa_falls_back_and_counts():
     assert ut.fallback_stats() == {"dtype": 1, "mask requires grad": 1, "ufa": 2}
 
 
+def test_sdpa_nested_tensors_fall_back():
+    """Nested tensors (strided layout: plain torch.Tensor objects) are not taken by the short
+    path, whose DLPack import would fail on them: PyTorch's function serves them, counted."""
+    nt = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 3, 8)])
+    ut.reset_fallback_stats()
+    with pytest.warns(RuntimeWarning, match="nested tensor"):
+        got = ut.scaled_dot_product_attention(nt, nt, nt)
+    assert ut.fallback_stats() == {"nested tensor": 1}
+    want = F.scaled_dot_product_attention(nt, nt, nt)
+    for g, w in zip(got.unbind(), want.unbind()):
+        assert torch.equal(g, w)
+
+
 def test_sdpa_fallbacks_warn_once_per_reason_and_strict_refuses(monkeypatch):
     q, k, v = _qkv()
     q64, k64, v64 = q.double(), k.double(), v.double()

@@ -735,13 +735,15 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                 softcap) -> Optional[Tensor]:
     """SDPA's common call on a short path, checked in as few attribute reads as possible:
-    plain 4-D CPU tensors (or CUDA ones where ufa has CUDA), no mask, no dropout, no
-    autocast, not traced, heads that need no ``enable_gqa``. The core checks the rest itself (dtypes, devices, shapes, strides). None
-    when the call is not one of these, or the core refuses it as given (nothing is written
-    then): :func:`_sdpa`'s full path decides between ufa and PyTorch. A small call's time is
-    mostly what surrounds the kernel."""
+    plain (not nested) 4-D CPU tensors, or CUDA ones where ufa has CUDA; no mask, no
+    dropout, no autocast, not traced; heads that need no ``enable_gqa``. The core checks the
+    rest itself (dtypes, devices, shapes, strides). None when the call is not one of these,
+    or the core refuses it as given (nothing is written then): :func:`_sdpa`'s full path
+    decides between ufa and PyTorch. A small call's time is mostly what surrounds the
+    kernel."""
     if not (dropout_p == 0.0 and attn_mask is None and type(query) is Tensor
             and type(key) is Tensor and type(value) is Tensor
+            and not (query.is_nested or key.is_nested or value.is_nested)
             and (scale is None or type(scale) is float)
             and _any_autocast is not None and not _any_autocast()
             and not torch.compiler.is_compiling() and query.dim() == 4

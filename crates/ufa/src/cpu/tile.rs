@@ -125,12 +125,10 @@ const SOFTMAX_ROWS: usize = 16;
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
 const KT_CACHE_BYTES: usize = 1 << 20;
 
-/// Most bytes of scratch a thread keeps between calls: enough for the small calls whose
-/// allocation and zeroing would otherwise be a fifth of their time, little next to a
-/// thread's stack.
-const SPARE_BYTES: usize = 512 << 10;
-/// Most scratches a thread keeps (a job of interleaved heads takes several).
-const SPARES: usize = 8;
+/// Most bytes of scratch a thread keeps between calls, all its spares together: enough for
+/// the small calls whose allocation and zeroing would otherwise be a fifth of their time
+/// (a 16-row, 64-wide fp32 call's scratch is about 60 KB), little next to a thread's stack.
+const SPARE_BYTES: usize = 1 << 20;
 
 thread_local! {
     /// Scratch of this thread's last small calls, for the next ones ([`Scratch::reuse`]).
@@ -151,7 +149,7 @@ impl Scratch {
         let spare = SPARE.with(|spare| {
             let mut spare = spare.borrow_mut();
             let i = spare.iter().position(|sc| sc.shape == shape)?;
-            Some(spare.swap_remove(i))
+            Some(spare.remove(i))
         });
         match spare {
             Some(mut sc) => {
@@ -162,15 +160,18 @@ impl Scratch {
         }
     }
 
-    /// Keeps this scratch for this thread's next call of the same shape, if it is small.
+    /// Keeps this scratch for this thread's next call of the same shape, if it is small;
+    /// the oldest spares make room for it.
     pub fn keep(self) {
-        if self.bytes() > SPARE_BYTES {
+        let bytes = self.bytes();
+        if bytes > SPARE_BYTES / 2 {
             return;
         }
         SPARE.with(|spare| {
             let mut spare = spare.borrow_mut();
-            if spare.len() == SPARES {
-                spare.remove(0);
+            let mut kept: usize = spare.iter().map(Scratch::bytes).sum();
+            while kept + bytes > SPARE_BYTES {
+                kept -= spare.remove(0).bytes();
             }
             spare.push(self);
         });
