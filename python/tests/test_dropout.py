@@ -1,8 +1,7 @@
 """Attention dropout through the PyTorch API: forward and gradients against a float64
 computation that applies exactly the factors the core draws (read back with the
 ``_dropout_factors`` hook), on CPU and CUDA tensors and under torch.compile; seeding from PyTorch's
-generator, and where dropout is not served yet (packed batches under torch.compile, CUDA graph
-capture)."""
+generator, and where dropout is not served yet (CUDA graph capture)."""
 
 from __future__ import annotations
 
@@ -254,15 +253,46 @@ def test_compiled_dropout_backward_takes_the_forwards_mask(backend):
     assert rel_err(v.grad, want) < 1e-5
 
 
-def test_compiled_varlen_dropout_says_not_yet():
-    """Packed batches under torch.compile keep an int seed, which a graph would bake in:
-    refused with a clear error rather than one mask for every call."""
-    q = torch.randn(10, 2, 16)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_varlen_dropout_takes_one_mask_and_draws_anew(backend):
+    """Packed batches under torch.compile (fullgraph): the graph draws the generator state, so
+    the backward regenerates its forward's mask (V the identity within each sequence, dO all
+    ones: dV[j] = Σ_i (P∘Z)[i, j] in every column), and each run drops other probabilities."""
+    lens, h, d = (9, 15), 2, 16
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+    total = sum(lens)
+    q = torch.randn(total, h, d, requires_grad=True)
+    k = torch.randn(total, h, d, requires_grad=True)
+    # Row t of sequence b is the one-hot of its position in b.
+    eye = torch.cat([torch.eye(n, d) for n in lens])
+    v = eye.unsqueeze(1).expand(total, h, d).contiguous().requires_grad_()
+
+    def f(q, k, v):
+        return ut.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), dropout_p=0.4,
+                                         causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    out = compiled(q, k, v)
+    out.backward(torch.ones_like(out))
+    assert (out.detach()[..., :max(lens)] == 0).float().mean().item() > 0.2, "nothing dropped"
+    for b, (start, n) in enumerate(((0, lens[0]), (lens[0], lens[1]))):
+        kept = out.detach()[start:start + n, :, :n]  # [i, h, j]
+        want = kept.sum(0).transpose(0, 1).unsqueeze(-1).expand(n, h, d)  # [j, h, ·]
+        assert rel_err(v.grad[start:start + n], want) < 1e-5, f"sequence {b}"
+    assert not torch.equal(out, compiled(q, k, v))
+
+
+def test_compiled_varlen_dropout_traces_ufa_ops():
+    """The compiled forward and backward of a packed batch with dropout are ufa's ops."""
+    q = torch.randn(10, 2, 16, requires_grad=True)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
 
     def f(q):
         return ut.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, dropout_p=0.1)
 
-    torch._dynamo.reset()
-    with pytest.raises(Exception, match="packed batches"):
-        torch.compile(f, backend="eager", fullgraph=True)(q)
+    out, graphs = _graphs_of(f, q)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert any("ufa.varlen_forward" in g for g in graphs), graphs
+    assert any("ufa.varlen_backward" in g for g in graphs), graphs

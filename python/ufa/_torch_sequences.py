@@ -33,13 +33,14 @@ class _Scores(NamedTuple):
     # Attention dropout (packed batches; see _dropout_seed); p = 0: none.
     dropout_p: float = 0.0
     seed: int = 0
+    offset: int = 0
 
     def kwargs(self) -> dict:
         return dict(scale=self.scale, causal=self.causal, window_left=self.window_left,
                     window_right=self.window_right, softcap=self.softcap, checked=self.checked)
 
     def dropout_kwargs(self) -> dict:
-        return dict(dropout_p=self.dropout_p, seed=self.seed)
+        return dict(dropout_p=self.dropout_p, seed=self.seed, offset=self.offset)
 
 
 def _tf32(q: Tensor) -> bool:
@@ -68,18 +69,13 @@ def _scores(softmax_scale, causal, window_size, softcap, deterministic=False,
                    right, float(softcap), bool(deterministic), bool(checked))
 
 
-def _dropout_refusal(q: Tensor, dropout_p: float, traced: bool = False) -> Optional[str]:
+def _dropout_refusal(q: Tensor, dropout_p: float) -> Optional[str]:
     """Why ufa cannot compute this call's dropout (None: it can, or there is none): the one
-    rule behind SDPA's fallback and the FlashAttention functions' error. ``traced``: the call
-    draws its generator state as a tensor in the traced graph (:func:`_dropout_rng`), so
-    ``torch.compile`` is served."""
-    if dropout_p == 0.0:
+    rule behind SDPA's fallback and the FlashAttention functions' error. Under
+    ``torch.compile`` every path draws its generator state as a tensor in the traced graph
+    (:func:`_dropout_rng`), so compiled code is served."""
+    if dropout_p == 0.0 or torch.compiler.is_compiling():
         return None
-    if torch.compiler.is_compiling():
-        if traced:
-            return None
-        return ("attention dropout under torch.compile is not implemented by ufa for packed "
-                "batches (flash_attn_varlen_func) yet (eager mode has it)")
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # The generator's seed is drawn on the host per call: a captured graph would replay
         # one mask on every replay.
@@ -180,10 +176,14 @@ def varlen_forward(
     checked: bool,
     dropout_p: float = 0.0,
     seed: int = 0,
+    offset: int = 0,
+    rng: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Packed-batch attention; returns (out [total_q, Hq, Dv], lse f32 [Hq, total_q])."""
+    """Packed-batch attention; returns (out [total_q, Hq, Dv], lse f32 [Hq, total_q]).
+    Dropout as for ``ufa::attention_forward``: at (``seed``, ``offset``), or at ``rng``."""
+    seed, offset = _seed_offset(seed, offset, rng)
     s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked,
-                dropout_p, seed)
+                dropout_p, seed, offset)
     return _varlen_forward_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 seqused_k, block_table, alibi_slopes, s)
 
@@ -191,7 +191,8 @@ def varlen_forward(
 @varlen_forward.register_fake
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          seqused_k, block_table, alibi_slopes, scale, causal, window_left,
-                         window_right, softcap, deterministic, checked, dropout_p=0.0, seed=0):
+                         window_right, softcap, deterministic, checked, dropout_p=0.0, seed=0,
+                         offset=0, rng=None):
     return (q.new_empty((q.shape[0], q.shape[1], v.shape[-1])),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -230,10 +231,13 @@ def varlen_backward(
     checked: bool,
     dropout_p: float = 0.0,
     seed: int = 0,
+    offset: int = 0,
+    rng: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of varlen_forward, packed like q, k and v."""
+    seed, offset = _seed_offset(seed, offset, rng)
     s = _Scores(scale, causal, window_left, window_right, softcap, deterministic, checked,
-                dropout_p, seed)
+                dropout_p, seed, offset)
     return _varlen_backward_impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                  max_seqlen_q, max_seqlen_k, alibi_slopes, s)
 
@@ -241,24 +245,27 @@ def varlen_backward(
 @varlen_backward.register_fake
 def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, alibi_slopes, scale, causal, window_left, window_right,
-                          softcap, deterministic, checked, dropout_p=0.0, seed=0):
+                          softcap, deterministic, checked, dropout_p=0.0, seed=0, offset=0,
+                          rng=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, _seqused, _table, alibi, *params) = inputs
+    # A traced generator state (after the ten parameters) is a tensor: saved as one.
+    rng = params[10] if len(params) > 10 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, rng)
     ctx.lengths = (max_q, max_k)
-    ctx.params = tuple(params)
+    ctx.params = tuple(params[:10])
     ctx.mark_non_differentiable(lse)
 
 
 def _varlen_backward_op(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
     dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.lengths, alibi,
-                                 *ctx.params)
-    return (dq, dk, dv) + (None,) * 16
+                                 *ctx.params, rng=rng)
+    return (dq, dk, dv) + (None,) * 18
 
 
 varlen_forward.register_autograd(_varlen_backward_op, setup_context=_varlen_setup_context)
@@ -299,9 +306,11 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi,
             "backward takes packed k and v with every sequence's keys); run under "
             "torch.no_grad() or pass packed k and v")
     if compiling:
+        # The generator state is drawn by the graph (a tensor), anew on every run of it.
         return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi,
                               s.scale, s.causal, s.window_left, s.window_right, s.softcap,
-                              s.deterministic, s.checked, s.dropout_p, s.seed)
+                              s.deterministic, s.checked, s.dropout_p, 0, 0,
+                              _dropout_rng(s.dropout_p))
     if needs_grad:
         return _Varlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table, alibi, s)
     return _varlen_forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k, block_table,
@@ -349,7 +358,10 @@ def flash_attn_varlen_func(
     :func:`ufa.torch.flash_attn_func` (CPU tensors); sequence b draws its mask as batch entry b.
     """
     s = _scores(softmax_scale, causal, window_size, softcap, deterministic, checked)
-    s = s._replace(dropout_p=float(dropout_p), seed=_dropout_seed(q, dropout_p))
+    # Under torch.compile the graph draws the generator state (_varlen); an int drawn here
+    # would be baked into it.
+    seed = 0 if torch.compiler.is_compiling() else _dropout_seed(q, dropout_p)
+    s = s._replace(dropout_p=float(dropout_p), seed=seed)
     out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        seqused_k, block_table, alibi_slopes, s)
     return (out, lse, None) if return_attn_probs else out

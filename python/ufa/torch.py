@@ -575,7 +575,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale,
     that the common case costs as few tensor attribute reads as possible."""
     if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return "not a tensor"
-    if dropout_p != 0.0 and _dropout_refusal(query, dropout_p, traced=True) is not None:
+    if dropout_p != 0.0 and _dropout_refusal(query, dropout_p) is not None:
         return "dropout"
     dt = query.dtype
     if dt not in _DTYPES or key.dtype != dt or value.dtype != dt:
