@@ -496,7 +496,12 @@ def fallback_stats() -> Dict[str, int]:
     not counted (the decision is then made once per compiled graph, and compiled code does not
     run this Python function again)."""
     with _stats_lock:
-        return dict(_fallbacks)
+        stats = dict(_fallbacks)
+    # The short path's calls are counted by the binding (an atomic, no lock in the call).
+    short = _ufa._sdpa_calls()
+    if short:
+        stats["ufa"] = stats.get("ufa", 0) + short
+    return stats
 
 
 def reset_fallback_stats() -> None:
@@ -504,6 +509,7 @@ def reset_fallback_stats() -> None:
     with _stats_lock:
         _fallbacks.clear()
         _warned.clear()
+        _ufa._sdpa_calls(reset=True)
 
 
 def _count(reason: str) -> None:
@@ -748,7 +754,7 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
             and _any_autocast is not None and not _any_autocast()
             and not torch.compiler.is_compiling() and query.dim() == 4
             and (query.is_cpu or query.is_cuda and _probe_cuda())
-            and (enable_gqa or query.size(1) == key.size(1))):
+            and (enable_gqa or query.shape[1] == key.shape[1])):
         return None
     causal = bool(is_causal)
     try:
@@ -763,9 +769,7 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
             return None
     except (ValueError, TypeError, NotImplementedError):
         return None
-    with _stats_lock:
-        _fallbacks["ufa"] = _fallbacks.get("ufa", 0) + 1
-    return out
+    return out  # counted by _ufa.sdpa_forward
 
 
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap,
