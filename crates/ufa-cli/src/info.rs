@@ -7,7 +7,19 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
     let ctx = opts.context(None)?;
     println!("ufa {}", ufa::VERSION);
     println!("cpu features:   {}", ufa::cpu_features().join(" "));
-    println!("cpu kernels:    {}", ctx.cpu_isa());
+    let isa = ctx.cpu_isa();
+    println!("cpu kernels:    {isa} ({})", isa.why());
+    let amx = ufa::amx();
+    if amx.cpu {
+        println!(
+            "amx:            {}; ufa has no AMX kernels yet",
+            if amx.os {
+                "present and enabled by the operating system"
+            } else {
+                "present, but its tile state is not enabled by the operating system"
+            }
+        );
+    }
     println!("cpu threads:    {}", ctx.num_threads());
     match ctx.cuda_devices() {
         Ok(devs) if !devs.is_empty() => {

@@ -101,6 +101,25 @@ impl Isa {
         }
     }
 
+    /// Why a machine takes this family, and what it does with each dtype (for `ufa info`).
+    pub fn why(self) -> &'static str {
+        match self {
+            Isa::Avx512Bf16 => {
+                "AVX-512 with BF16 dot products: fp32 in 16-wide FMAs, bf16 inputs through \
+                 vdpbf16ps, pairs multiplied exactly and summed in fp32"
+            }
+            Isa::Avx512 => {
+                "AVX-512 without BF16 dot products: 16-wide FMAs, bf16/f16 inputs converted \
+                 to fp32"
+            }
+            Isa::Avx2 => "AVX2 and FMA, no AVX-512: 8-wide FMAs, half types converted to fp32",
+            Isa::Portable => {
+                "no AVX2 or AVX-512 kernels for this CPU: plain Rust that the compiler \
+                 vectorises for the target"
+            }
+        }
+    }
+
     /// The fastest kernel family this machine runs.
     pub fn detect() -> Isa {
         Isa::ALL
@@ -131,6 +150,52 @@ impl std::str::FromStr for Isa {
     }
 }
 
+/// Intel's AMX tiles on this machine: whether the CPU has them with bf16 products, and
+/// whether the operating system enables their register state (XCR0 bits 17 and 18).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Amx {
+    pub cpu: bool,
+    pub os: bool,
+}
+
+/// [`Amx`] from CPUID and XGETBV (the standard library's detection of the AMX features is not
+/// stable yet). ufa has no AMX kernels yet; `ufa info` says so where AMX is there to use.
+pub fn amx() -> Amx {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid_count;
+        // CPUID exists on every x86-64 CPU (a safe function since Rust 1.89's successors;
+        // `unsafe` for the older ones rust-version allows); leaf 7 only where the maximum
+        // leaf allows.
+        #[allow(unused_unsafe)]
+        let leaf = |l: u32, sub: u32| unsafe { __cpuid_count(l, sub) };
+        let cpu = leaf(0, 0).eax >= 7 && {
+            let edx = leaf(7, 0).edx;
+            edx & (1 << 22) != 0 && edx & (1 << 24) != 0 // AMX-BF16, AMX-TILE
+        };
+        // SAFETY: XGETBV runs only where CPUID.1:ECX.OSXSAVE (bit 27) says it is there.
+        let os = cpu
+            && leaf(1, 0).ecx & (1 << 27) != 0
+            && unsafe { xcr0() } & (0b11 << 17) == (0b11 << 17);
+        Amx { cpu, os }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Amx {
+        cpu: false,
+        os: false,
+    }
+}
+
+/// XCR0, the register state the operating system saves.
+///
+/// # Safety
+/// The CPU must report OSXSAVE.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "xsave")]
+unsafe fn xcr0() -> u64 {
+    std::arch::x86_64::_xgetbv(0)
+}
+
 /// The SIMD-relevant features of this CPU, for `ufa info`.
 pub fn cpu_features() -> Vec<&'static str> {
     #[allow(unused_mut)]
@@ -152,6 +217,9 @@ pub fn cpu_features() -> Vec<&'static str> {
         }
         if has!("f16c") {
             v.push("f16c");
+        }
+        if amx().cpu {
+            v.push("amx-bf16");
         }
     }
     #[cfg(target_arch = "aarch64")]

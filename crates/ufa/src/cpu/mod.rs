@@ -14,7 +14,7 @@ mod microkernel;
 mod parallel;
 mod tile;
 
-pub use isa::{cpu_features, Isa};
+pub use isa::{amx, cpu_features, Amx, Isa};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvcache::KvCacheProblem;
