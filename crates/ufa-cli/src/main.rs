@@ -51,6 +51,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so a reader that stops early (`ufa info | head -3`) made println!
+    // panic with a backtrace; with the default action the command ends quietly, as Unix
+    // tools do.
+    #[cfg(unix)]
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(opts) => info::run(&opts),
