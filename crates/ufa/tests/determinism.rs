@@ -19,6 +19,11 @@ fn problems() -> Vec<Case> {
     let mut c = Case::new(3, 17, 1000, 4, 64, DType::F16);
     c.window = (100, 3);
     v.push(c);
+    // GQA decoding over [B, S, H, D] keys: how many KV heads a job interleaves follows the
+    // pool's thread count (cpu/forward.rs, heads_per_job); the results must not.
+    let mut c = Case::new(1, 1, 1024, 32, 128, DType::F32);
+    c.heads_kv = 8;
+    v.push(c);
     v
 }
 
