@@ -21,21 +21,11 @@ import torch.nn.functional as F
 
 import ufa
 import ufa.torch as ut
+from results_files import cpu_name
 
 # (batch, query heads, KV heads, cache length); head_dim 128.
 SHAPES = [(1, 32, 8, 1024), (1, 32, 8, 4096), (1, 32, 32, 4096), (4, 32, 8, 2048),
           (1, 16, 2, 8192)]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def best_us(fn, calls: int) -> float:

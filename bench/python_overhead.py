@@ -34,18 +34,8 @@ import torch.nn.functional as F
 
 import ufa
 import ufa.torch as ut
+from results_files import cpu_name
 from ufa import _ufa
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _timed_core(q, k, v, out, calls, sync) -> float:

@@ -1,9 +1,10 @@
-"""Where the GPU benchmarks write their tables (one definition for bench/*.py that name their
-files after the day and the card): `<out>/<name>_<date>_<card>.{md,csv}`."""
+"""Where the benchmarks write their tables and what machine they name (one definition for
+bench/*.py): GPU tables are `<out>/<name>_<date>_<card>.{md,csv}`; CPU tables name the CPU model."""
 
 import csv
 import datetime
 import os
+import platform
 
 import torch
 
@@ -22,3 +23,15 @@ def write_csv(path: str, rows: list) -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the header of a CPU table."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
