@@ -87,8 +87,10 @@ def _dropout_refusal(q: Tensor, dropout_p: float) -> Optional[str]:
 def _dropout_seed(q: Tensor, dropout_p: float) -> int:
     """The generator seed of one call's dropout (0 without dropout), drawn from PyTorch's
     default generator so that ``torch.manual_seed`` makes runs repeat; the backward is given
-    the same one. Raises NotImplementedError where :func:`_dropout_refusal` says why."""
-    if dropout_p == 0.0:
+    the same one. 0 under ``torch.compile`` too, where the graph draws the state instead
+    (:func:`_dropout_rng`): an int drawn here would be baked into the graph. Raises
+    NotImplementedError where :func:`_dropout_refusal` says why."""
+    if dropout_p == 0.0 or torch.compiler.is_compiling():
         return 0
     why = _dropout_refusal(q, dropout_p)
     if why is not None:
@@ -250,14 +252,20 @@ def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _split_rng(params) -> Tuple[tuple, Optional[Tensor]]:
+    """A custom op's parameters after its tensors, as (the scalars its backward takes, the
+    generator state): the state is the last parameter of every op that drops, a tensor (or
+    None) that autograd must save as a tensor."""
+    *scalars, rng = params
+    return tuple(scalars), rng
+
+
 def _varlen_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, _seqused, _table, alibi, *params) = inputs
-    # A traced generator state (after the ten parameters) is a tensor: saved as one.
-    rng = params[10] if len(params) > 10 else None
+    ctx.params, rng = _split_rng(params)
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, rng)
     ctx.lengths = (max_q, max_k)
-    ctx.params = tuple(params[:10])
     ctx.mark_non_differentiable(lse)
 
 
@@ -358,10 +366,7 @@ def flash_attn_varlen_func(
     :func:`ufa.torch.flash_attn_func` (CPU tensors); sequence b draws its mask as batch entry b.
     """
     s = _scores(softmax_scale, causal, window_size, softcap, deterministic, checked)
-    # Under torch.compile the graph draws the generator state (_varlen); an int drawn here
-    # would be baked into it.
-    seed = 0 if torch.compiler.is_compiling() else _dropout_seed(q, dropout_p)
-    s = s._replace(dropout_p=float(dropout_p), seed=seed)
+    s = s._replace(dropout_p=float(dropout_p), seed=_dropout_seed(q, dropout_p))
     out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        seqused_k, block_table, alibi_slopes, s)
     return (out, lse, None) if return_attn_probs else out

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import _ufa
 from ._torch_sequences import (_dropout_refusal, _dropout_rng, _dropout_seed, _last_contiguous,
-                               _seed_offset, _tf32)
+                               _seed_offset, _split_rng, _tf32)
 from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -248,12 +248,9 @@ def _attention_backward_fake(dout, q, k, v, out, lse, mask, alibi_slopes, scale,
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, alibi, *params = inputs
-    # A traced generator state (after the ten parameters) is a tensor: saved as one.
-    rng = params[10] if len(params) > 10 else None
-    params = params[:10]
+    ctx.params, rng = _split_rng(params)
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, alibi, rng)
-    ctx.params = tuple(params)
     ctx.mark_non_differentiable(lse)
 
 
