@@ -136,6 +136,20 @@ def test_sdpa_nested_tensors_fall_back():
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_sdpa_3d_key_value_with_4d_query_falls_back(grad):
+    """A 4-D query with 3-D key and value (PyTorch broadcasts them) passes the short path's
+    checks; the core refuses the ranks and PyTorch's function serves the call, counted. The
+    short path used to read value's fourth dimension and raise IndexError instead."""
+    q = torch.randn(1, 2, 5, 8, requires_grad=grad)
+    kv = torch.randn(2, 5, 8)
+    ut.reset_fallback_stats()
+    with pytest.warns(RuntimeWarning, match="rank"):
+        got = ut.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    assert ut.fallback_stats() == {"rank": 1}
+    assert torch.equal(got, F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True))
+
+
 def test_sdpa_fallbacks_warn_once_per_reason_and_strict_refuses(monkeypatch):
     q, k, v = _qkv()
     q64, k64, v64 = q.double(), k.double(), v.double()

@@ -670,16 +670,21 @@ def scaled_dot_product_attention(
                  torch_sdpa, short=False)
 
 
-def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None) -> Tensor:
-    """The forward on PyTorch's ``[B, H, S, D]`` tensors as they are: the core reads them with
-    dims 1 and 2 swapped and writes a ``[B, H, Sq, Dv]`` output (and ``lse``, if given) the
-    same way; SDPA's top-left causal alignment. The output keeps q's memory order where the
-    head dims match (empty_like; q is often a [B, S, H, D] buffer seen transposed), so the
-    caller's usual ``out.transpose(1, 2).reshape(...)`` stays free."""
-    query, key, value = _last_contiguous(query), _last_contiguous(key), _last_contiguous(value)
+def _out_bhsd(query: Tensor, value: Tensor) -> Tensor:
+    """The ``[B, H, Sq, Dv]`` output of SDPA-layout inputs. It keeps q's memory order where the
+    head dims match (empty_like, also the cheaper allocation; q is often a [B, S, H, D] buffer
+    seen transposed), so the caller's usual ``out.transpose(1, 2).reshape(...)`` stays free."""
     qs = query.shape
     dv = value.shape[-1]
-    out = torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
+    return torch.empty_like(query) if dv == qs[3] else query.new_empty(qs[:3] + (dv,))
+
+
+def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None) -> Tensor:
+    """The forward on PyTorch's ``[B, H, S, D]`` tensors as they are: the core reads them with
+    dims 1 and 2 swapped and writes a ``[B, H, Sq, Dv]`` output (:func:`_out_bhsd`; and
+    ``lse``, if given) the same way; SDPA's top-left causal alignment."""
+    query, key, value = _last_contiguous(query), _last_contiguous(key), _last_contiguous(value)
+    out = _out_bhsd(query, value)
     _ufa.forward(*_plain(query, key, value), out, lse, scale=scale, causal=causal,
                  top_left=True, softcap=softcap, mask=mask, bhsd=True, tf32=_tf32(query))
     return out
@@ -707,15 +712,14 @@ class _Sdpa(torch.autograd.Function):
     def forward(ctx, query, key, value, params):
         # (scale, causal, softcap) in one argument: apply() costs per argument.
         scale, causal, softcap = params
-        b, h, sq, d = query.shape
+        b, h, sq, _ = query.shape
         cuda = query.is_cuda
         # Without a device argument the factory is half a microsecond faster.
         lse = (torch.empty(b, h, sq, dtype=torch.float32, device=query.device) if cuda
                else torch.empty(b, h, sq, dtype=torch.float32))
         # The core refuses (ValueError) what _forward_bhsd would first copy (a strided last
         # dimension): the caller then takes the full path.
-        out = (torch.empty_like(query) if value.size(3) == d
-               else query.new_empty((b, h, sq, value.size(3))))
+        out = _out_bhsd(query, value)
         _ufa.sdpa_forward(query, key, value, out, lse, scale, causal, softcap,
                           cuda and _tf32(query))
         ctx.save_for_backward(query, key, value, out)
@@ -758,12 +762,10 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                         or value.requires_grad):
             out = _Sdpa.apply(query, key, value, (scale, causal, softcap))
-        elif value.size(3) == query.size(3):
-            out = torch.empty_like(query)
+        else:
+            out = _out_bhsd(query, value)
             _ufa.sdpa_forward(query, key, value, out, None, scale, causal, softcap,
                               query.is_cuda and _tf32(query))
-        else:
-            return None
     except (ValueError, TypeError, NotImplementedError):
         return None
     return out  # counted by _ufa.sdpa_forward
