@@ -138,9 +138,9 @@ def test_sdpa_nested_tensors_fall_back():
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_sdpa_3d_key_value_with_4d_query_falls_back(grad):
-    """A 4-D query with 3-D key and value (PyTorch broadcasts them) passes the short path's
-    checks; the core refuses the ranks and PyTorch's function serves the call, counted. The
-    short path used to read value's fourth dimension and raise IndexError instead."""
+    """A 4-D query with 3-D key and value (PyTorch broadcasts them) is PyTorch's to serve,
+    counted. The short path used to take it and read value's fourth dimension, raising
+    IndexError."""
     q = torch.randn(1, 2, 5, 8, requires_grad=grad)
     kv = torch.randn(2, 5, 8)
     ut.reset_fallback_stats()

@@ -753,7 +753,8 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
             and not (query.is_nested or key.is_nested or value.is_nested)
             and (scale is None or type(scale) is float)
             and _any_autocast is not None and not _any_autocast()
-            and not torch.compiler.is_compiling() and query.dim() == 4
+            and not torch.compiler.is_compiling()
+            and query.dim() == 4 and key.dim() == 4 and value.dim() == 4
             and (query.is_cpu or query.is_cuda and _probe_cuda())
             and (enable_gqa or query.shape[1] == key.shape[1])):
         return None
