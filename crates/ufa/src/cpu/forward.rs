@@ -48,8 +48,9 @@ const JOBS_PER_THREAD: usize = 2;
 /// with the same rows and keys. Each item's arithmetic is unchanged, so results are too, and
 /// the group may follow the pool's `threads`: it is the largest that still leaves each thread
 /// [`JOBS_PER_THREAD`] of the `items / group × splits` units. A fixed group of 8 ran a batch-1
-/// decode over a cache of 8 KV heads as one job on one core (2 cores, f32, 1k keys: 790 µs,
-/// PyTorch 596; 456 with the jobs spread).
+/// decode over a cache of 8 KV heads as one job on one core (2 cores, f32, 1k keys, from
+/// Python: 756 µs against PyTorch's 602; 393 with the jobs spread;
+/// bench/results/cpu_decode_2026-12-04_zen4_2cpu.md).
 fn heads_per_job(
     p: &Problem,
     one_block_per_head: bool,

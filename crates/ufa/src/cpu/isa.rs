@@ -164,9 +164,9 @@ pub fn amx() -> Amx {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::__cpuid_count;
-        // CPUID exists on every x86-64 CPU (a safe function since Rust 1.89's successors;
-        // `unsafe` for the older ones rust-version allows); leaf 7 only where the maximum
-        // leaf allows.
+        // CPUID exists on every x86-64 CPU (newer toolchains declare `__cpuid_count` safe,
+        // older ones that rust-version allows declare it unsafe); leaf 7 only where the
+        // maximum leaf allows.
         #[allow(unused_unsafe)]
         let leaf = |l: u32, sub: u32| unsafe { __cpuid_count(l, sub) };
         let cpu = leaf(0, 0).eax >= 7 && {

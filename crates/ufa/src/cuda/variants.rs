@@ -501,7 +501,9 @@ impl Variant {
         let mut v = Vec::new();
         // (score_mod, seqs): plain or general scores, dense batches or sequence metadata.
         let flag_sets = [(false, false), (true, false), (false, true), (true, true)];
-        // The mma.sync prefill and backward also come with dropout, for each of those.
+        // The tensor-core prefill and backward kernels also come in dropout variants, for each
+        // of those (the CUDA-core kernels read it at run time; the decoding kernel has none:
+        // calls with dropout take the prefill kernel).
         for dtype in [DType::F16, DType::BF16] {
             for d in sm90::WGMMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
