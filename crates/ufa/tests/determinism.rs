@@ -24,6 +24,16 @@ fn problems() -> Vec<Case> {
     let mut c = Case::new(1, 1, 1024, 32, 128, DType::F32);
     c.heads_kv = 8;
     v.push(c);
+    // Decoding over [B, S, H, D] keys with 1, 2 and 7 threads: jobs of all 4 KV heads, of 2,
+    // and single heads (cpu/tile.rs attend_heads against attend), in bf16 (the bf16 dot
+    // products) and in f16 with two query rows of a group of two.
+    let mut c = Case::new(2, 1, 1024, 4, 128, DType::BF16);
+    c.heads_kv = 4;
+    v.push(c);
+    let mut c = Case::new(2, 2, 1000, 8, 80, DType::F16);
+    c.heads_kv = 4;
+    c.causal = true;
+    v.push(c);
     v
 }
 

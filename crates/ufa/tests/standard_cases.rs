@@ -1,5 +1,6 @@
 //! `ufa check`'s spread of problems, on every CPU kernel family this machine runs.
 
+use ufa::DType;
 use ufa_testkit::{check_case, run_on_every_isa, standard_cases, Comparison};
 
 #[test]
@@ -22,4 +23,60 @@ fn decode_cases_match_reference_on_every_isa() {
         Comparison::passed,
         Comparison::summary,
     );
+}
+
+/// The few-rows decoding paths of the CPU (cpu/few_rows.rs, cpu/tile.rs): one to eight rows a
+/// KV head; head dims of whole 32-value steps, an odd number of 16-value halves (48, 80: the
+/// bf16 pairs' half step and the 4 + 1 accumulator blocks) and none (72: the portable path);
+/// key counts that leave partial steps of 2 and 4 keys and partial tiles; K and V in
+/// [B, S, H, D] (a job takes all its KV heads key by key), [B, H, S, D] and padded rows.
+#[test]
+fn few_rows_match_reference_on_every_isa() {
+    use ufa::DType::{BF16, F16, F32};
+    use ufa_testkit::{Alibi, Case, MaskSpec, Placement};
+    let mut cases = Vec::new();
+    let shapes = [
+        // (batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, head_dim_v)
+        (4, 1, 67, 8, 8, 128, 128),
+        (4, 1, 131, 8, 2, 64, 64),
+        (3, 2, 70, 12, 4, 48, 48),
+        (4, 1, 2053, 4, 4, 80, 80),
+        (2, 2, 129, 16, 4, 96, 32),
+        (4, 1, 5, 5, 1, 16, 16),
+        (2, 1, 3, 8, 1, 72, 72),
+        (1, 1, 4099, 32, 32, 128, 128),
+    ];
+    for (i, &(b, sq, skv, hq, hkv, d, dv)) in shapes.iter().enumerate() {
+        for (j, dtype) in [F32, BF16, F16].into_iter().enumerate() {
+            let mut c = Case::new(b, sq, skv, hq, d, dtype);
+            c.heads_kv = hkv;
+            c.head_dim_v = dv;
+            c.causal = (i + j) % 2 == 1;
+            c.placement = match (i + j) % 3 {
+                0 => [Placement::Contiguous; 4],
+                1 => [Placement::HeadsFirst; 4],
+                _ => [Placement::Padded; 4],
+            };
+            cases.push(c);
+        }
+    }
+    // Score modifiers on the path: a window, softcap with ALiBi, a boolean mask.
+    let mut c = Case::new(4, 1, 300, 8, 64, BF16);
+    c.heads_kv = 2;
+    c.window = (40, 0);
+    c.causal = true;
+    cases.push(c);
+    let mut c = Case::new(4, 1, 200, 8, 128, F32);
+    c.softcap = 20.0;
+    c.alibi = Some(Alibi::PerHead);
+    cases.push(c);
+    let mut c = Case::new(4, 2, 150, 8, 64, F16);
+    c.heads_kv = 4;
+    c.mask = Some(MaskSpec {
+        dtype: DType::Bool,
+        full: [true, false, true, true],
+        ndim: 4,
+    });
+    cases.push(c);
+    run_on_every_isa(&cases, check_case, Comparison::passed, Comparison::summary);
 }

@@ -5,6 +5,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
 mod backward;
+#[cfg(target_arch = "x86_64")]
+mod few_rows;
 mod forward;
 mod isa;
 mod kvcache;

@@ -112,6 +112,9 @@ struct ScratchShape {
     cached_tiles: usize,
     /// K is converted through `stage` (not f32).
     staged: bool,
+    /// Every tile takes a few-rows path, which reads K and V rows in place: no buffers for
+    /// packed tiles (a decoding job of 32 heads zeroed 3 MB of them a call).
+    few: bool,
 }
 
 pub fn round_up(x: usize, m: usize) -> usize {
@@ -204,18 +207,20 @@ impl Scratch {
             head_dim_v,
             cached_tiles,
             staged,
+            few,
         } = shape;
         let dvp = round_up(head_dim_v, 16);
-        let tile_len = d * BK;
+        let tile_len = if few { 0 } else { d * BK };
+        let packed = |len: usize| if few { 0 } else { len };
         Scratch {
             q: vec![0.0; rows * d],
             kt: vec![0.0; tile_len],
             kt_cache: vec![0.0; cached_tiles * tile_len],
             kt_tags: vec![None; cached_tiles],
             row: vec![0.0; d.max(dvp)],
-            stage: vec![0.0; if staged { BK * d } else { 0 }],
+            stage: vec![0.0; if staged { packed(BK * d) } else { 0 }],
             s: vec![0.0; rows * BK],
-            v: vec![0.0; BK * dvp],
+            v: vec![0.0; packed(BK * dvp)],
             acc: vec![0.0; rows * dvp],
             m: vec![0.0; rows],
             l: vec![0.0; rows],
@@ -223,9 +228,9 @@ impl Scratch {
             rows: vec![RowInfo::default(); rows],
             dvp,
             qp: vec![0; rows * d.div_ceil(2)],
-            kp: vec![0; d.div_ceil(2) * BK],
-            pp: vec![0; rows * BK / 2],
-            vp: vec![0; BK / 2 * dvp],
+            kp: vec![0; packed(d.div_ceil(2) * BK)],
+            pp: vec![0; packed(rows * BK / 2)],
+            vp: vec![0; packed(BK / 2 * dvp)],
             shape,
         }
     }
@@ -235,7 +240,14 @@ impl ScratchShape {
     fn of(p: &Problem, max_rows: usize) -> ScratchShape {
         let tiles = p.seqlen_kv.div_ceil(BK);
         let tile_len = p.head_dim * BK;
-        let cached_tiles = if p.k.dtype == DType::F32
+        // No tile has more rows than max_rows; the bf16 path (in kernel families that have
+        // it) takes more than BF16_FEW_ROWS where the few-rows path in registers does not.
+        let few = max_rows <= FEW_ROWS
+            && (p.k.dtype != DType::BF16
+                || max_rows <= BF16_FEW_ROWS
+                || few_rows_in_registers(p, max_rows, true));
+        let cached_tiles = if !few
+            && p.k.dtype == DType::F32
             && p.seqlen_q * p.group_size() > max_rows
             && tiles * tile_len * 4 <= KT_CACHE_BYTES
         {
@@ -249,15 +261,28 @@ impl ScratchShape {
             head_dim_v: p.head_dim_v,
             cached_tiles,
             staged: p.k.dtype != DType::F32,
+            few,
         }
     }
 }
 
 /// Whether a tile takes the bf16 dot-product path: bf16 inputs, a kernel family that has the
-/// instructions, and enough rows to fill register blocks.
+/// instructions, more rows than [`BF16_FEW_ROWS`], and not the few-rows path in registers,
+/// which reads a decoding tile's K and V faster (B1, 32 query heads over 8 KV heads, 4k keys:
+/// 16.7 GB/s against 7.2).
 #[inline(always)]
 fn bf16_path<const BF16: bool>(p: &Problem, t: &TileRows) -> bool {
-    BF16 && cfg!(target_arch = "x86_64") && p.k.dtype == DType::BF16 && t.nrows > BF16_FEW_ROWS
+    BF16 && cfg!(target_arch = "x86_64")
+        && p.k.dtype == DType::BF16
+        && t.nrows > BF16_FEW_ROWS
+        && !few_rows_in_registers(p, t.nrows, true)
+}
+
+/// Whether the tiles' scores are bf16 dot products of raw bf16 queries, pair-packed by
+/// [`begin`]: on the bf16 path and on the few-rows path in registers alike.
+#[inline(always)]
+fn dot_pairs<const BF16: bool>(p: &Problem) -> bool {
+    BF16 && cfg!(target_arch = "x86_64") && p.k.dtype == DType::BF16
 }
 
 /// Up to this many rows (and off the bf16 path), a tile takes dot products with K rows and
@@ -269,6 +294,104 @@ const FEW_ROWS: usize = 8;
 
 /// The bf16 dot-product path (AVX-512 BF16) takes tiles of more rows than this.
 const BF16_FEW_ROWS: usize = 2;
+
+/// Whether tiles of `nrows` rows take the few-rows path in AVX-512 registers
+/// ([`super::few_rows`]) in a kernel family with (`avx512`) 512-bit registers: few rows, whole
+/// vectors a row, and K and V in a type it widens.
+#[inline(always)]
+pub fn few_rows_in_registers(p: &Problem, nrows: usize, avx512: bool) -> bool {
+    let widened = |t: DType| matches!(t, DType::F32 | DType::BF16 | DType::F16);
+    cfg!(target_arch = "x86_64")
+        && avx512
+        && nrows <= FEW_ROWS
+        && widened(p.k.dtype)
+        && widened(p.v.dtype)
+        && p.head_dim.is_multiple_of(16)
+        && p.head_dim_v.is_multiple_of(16)
+}
+
+/// Runs [`attend`] for a job's items together, whose rows are the same query positions of
+/// consecutive KV heads of one batch entry, key by key: for each key, the K rows of every
+/// head, then likewise V. In [batch, seq, heads, dim] layouts a key's rows of all heads are
+/// adjacent, so a job of every KV head reads K and V as two streams in address order; head by
+/// head it read 512 bytes and skipped the rest of each key's rows, which a core here reads at a
+/// third of the speed of a stream (12 against 33 GB/s on this VM, whatever the prefetching).
+/// Each row gets the same arithmetic as in [`attend`]. Returns false, doing nothing, where the
+/// items do not take the few-rows path in registers.
+#[inline(always)]
+pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool>(
+    p: &Problem,
+    ts: &[TileRows],
+    keys: (usize, usize),
+    scs: &mut [Scratch],
+) -> bool {
+    let t0 = ts[0];
+    if ts.len() < 2 || !few_rows_in_registers(p, t0.nrows, C == 64) {
+        return false;
+    }
+    debug_assert!(ts.iter().enumerate().all(
+        |(h, t)| (t.batch, t.hkv, t.row0, t.nrows) == (t0.batch, t0.hkv + h, t0.row0, t0.nrows)
+    ));
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::few_rows::{accumulate_heads, scores, scores_pairs, HeadRows};
+        let (d, dv, dvp) = (p.head_dim, p.head_dim_v, scs[0].dvp);
+        let rows = round_up(t0.nrows, R);
+        let step = |x: &Operand| x.strides[2] * x.dtype.size_in_bytes();
+        // Each head's buffers, addressed afresh after the softmax has written through `scs`.
+        let (mut qs, mut qps) = (Vec::with_capacity(ts.len()), Vec::with_capacity(ts.len()));
+        let mut ss = Vec::with_capacity(ts.len());
+        let (mut ps, mut accs) = (Vec::with_capacity(ts.len()), Vec::with_capacity(ts.len()));
+        let mut j0 = keys.0;
+        while j0 < keys.1 {
+            let nk = (keys.1 - j0).min(BK);
+            let mut k_rows = [std::ptr::null::<u8>(); BK];
+            let mut v_rows = [std::ptr::null::<u8>(); BK];
+            key_rows(&p.k, &t0, j0, &mut k_rows[..nk]);
+            key_rows(&p.v, &t0, j0, &mut v_rows[..nk]);
+            qs.clear();
+            qps.clear();
+            ss.clear();
+            for sc in scs.iter_mut() {
+                qs.push(sc.q.as_ptr());
+                qps.push(sc.qp.as_ptr());
+                ss.push(sc.s.as_mut_ptr());
+            }
+            let k = HeadRows {
+                rows: &k_rows[..nk],
+                step: step(&p.k),
+            };
+            // SAFETY: few_rows_in_registers holds only for C = 64, in functions compiled with
+            // avx512f, and checked the dtypes and widths; keys j0..j0+nk of the job's heads
+            // lie in the validated views, each head's row `step` bytes after the previous
+            // head's; each scratch holds the job's rows.
+            unsafe {
+                if dot_pairs::<BF16>(p) {
+                    scores_pairs(t0.nrows, d, k, &qps, &ss, BK, p.scale, ());
+                } else {
+                    scores(p.k.dtype, t0.nrows, d, k, &qs, &ss, BK, ());
+                }
+            }
+            for (t, sc) in ts.iter().zip(scs.iter_mut()) {
+                softmax_rows::<M, C>(p, t, (j0, nk), (0, rows), sc);
+            }
+            ps.clear();
+            accs.clear();
+            for sc in scs.iter_mut() {
+                ps.push(sc.s.as_ptr());
+                accs.push(sc.acc.as_mut_ptr());
+            }
+            let v = HeadRows {
+                rows: &v_rows[..nk],
+                step: step(&p.v),
+            };
+            // SAFETY: as for the scores.
+            unsafe { accumulate_heads(p.v.dtype, t0.nrows, dv, v, &ps, &accs, BK, dvp, ()) };
+            j0 += nk;
+        }
+    }
+    true
+}
 
 /// Loads the tile's queries (pre-multiplied by the softmax scale; raw bf16 pairs on the bf16
 /// path), resets the accumulators and returns the union of the rows' visible key ranges.
@@ -297,7 +420,7 @@ pub fn begin<M: MulAdd, const BF16: bool>(
         unsafe { load_row_f32(p.q.dtype, p.q.at([t.batch, qpos, head, 0]), qrow) };
         qrow.iter_mut().for_each(|x| *x *= p.scale);
         #[cfg(target_arch = "x86_64")]
-        if bf16_path::<BF16>(p, t) {
+        if dot_pairs::<BF16>(p) {
             let d2 = d.div_ceil(2);
             // SAFETY: as above; bf16 elements.
             unsafe {
@@ -331,6 +454,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
     // cost more than the products: take dot products with K rows and add V rows in place.
     let bf16 = bf16_path::<BF16>(p, t);
     let few_rows = !bf16 && t.nrows <= FEW_ROWS;
+    let registers = few_rows && few_rows_in_registers(p, t.nrows, C == 64);
     let mut j0 = keys.0;
     while j0 < keys.1 {
         let nk = (keys.1 - j0).min(BK);
@@ -343,8 +467,34 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         if few_rows {
             key_rows(&p.k, t, j0, &mut k_rows[..nk]);
             key_rows(&p.v, t, j0, &mut v_rows[..nk]);
+        }
+        if registers {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `registers` holds only for C = 64, in functions compiled with avx512f,
+            // and checked the dtypes, widths and rows; the rows are keys j0..j0+nk of the
+            // validated k view.
+            unsafe {
+                let k = super::few_rows::HeadRows {
+                    rows: &k_rows[..nk],
+                    step: 0,
+                };
+                let ahead = RowsAhead {
+                    t,
+                    now: (&p.k, &k_rows[..nk], d),
+                    then: (&p.v, j0, dv),
+                };
+                let s = sc.s.as_mut_ptr();
+                if dot_pairs::<BF16>(p) {
+                    let q = sc.qp.as_ptr();
+                    super::few_rows::scores_pairs(t.nrows, d, k, &[q], &[s], BK, p.scale, ahead);
+                } else {
+                    let q = sc.q.as_ptr();
+                    super::few_rows::scores(p.k.dtype, t.nrows, d, k, &[q], &[s], BK, ahead);
+                }
+            }
+        } else if few_rows {
             for jj in 0..nk {
-                prefetch_ahead(t, jj, (&p.k, &k_rows[..nk], d), (&p.v, j0, dv));
+                prefetch_ahead(t, jj, (&p.k, &k_rows[..nk], d), (&p.v, j0, dv), false);
                 // SAFETY: key j0+jj < seqlen_kv, in bounds of the validated k view.
                 let k = unsafe { row_f32(p.k.dtype, k_rows[jj], &mut sc.row[..d]) };
                 for r in 0..t.nrows {
@@ -397,9 +547,29 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
         if few_rows || bf16 {
             softmax_rows::<M, C>(p, t, (j0, nk), (0, rows), sc);
         }
-        if few_rows {
+        if registers {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as for the scores.
+            unsafe {
+                use super::few_rows::{accumulate, accumulate_heads, HeadRows};
+                let ahead = RowsAhead {
+                    t,
+                    now: (&p.v, &v_rows[..nk], dv),
+                    then: (&p.k, j0 + nk, d),
+                };
+                let v = &v_rows[..nk];
+                let (n, acc) = (t.nrows, &mut sc.acc);
+                if n <= 2 && dv <= 128 {
+                    accumulate(p.v.dtype, &sc.s, BK, n, v, dv, acc, dvp, ahead);
+                } else {
+                    let (v, ps) = (HeadRows { rows: v, step: 0 }, [sc.s.as_ptr()]);
+                    let accs = [acc.as_mut_ptr()];
+                    accumulate_heads(p.v.dtype, n, dv, v, &ps, &accs, BK, dvp, ahead);
+                }
+            }
+        } else if few_rows {
             for jj in 0..nk {
-                prefetch_ahead(t, jj, (&p.v, &v_rows[..nk], dv), (&p.k, j0 + nk, d));
+                prefetch_ahead(t, jj, (&p.v, &v_rows[..nk], dv), (&p.k, j0 + nk, d), false);
                 // SAFETY: as for K.
                 let v = unsafe { row_f32(p.v.dtype, v_rows[jj], &mut sc.row[..dv]) };
                 for r in 0..t.nrows {
@@ -474,23 +644,45 @@ const PREFETCH_KEYS: usize = 8;
 /// The row-by-row path reads one stream of rows: K of a tile, V of the tile, K of the next.
 /// While it reads row `jj` of `now` (operand, the addresses of the tile's rows, row length),
 /// this asks for the row PREFETCH_KEYS places ahead, which may be one of `then` (operand,
-/// first key, row length).
+/// first key, row length). Adjacent rows (`[batch, heads, seq, dim]`) are asked for only
+/// where `adjacent_too` (see [`prefetch_row`]).
 #[inline(always)]
 fn prefetch_ahead(
     t: &TileRows,
     jj: usize,
     now: (&Operand, &[*const u8], usize),
     then: (&Operand, usize, usize),
+    adjacent_too: bool,
 ) {
     let (x, rows, len) = now;
     let ahead = jj + PREFETCH_KEYS;
     if ahead < rows.len() {
-        if x.strides[1] > len {
+        if adjacent_too || x.strides[1] > len {
             prefetch(rows[ahead], len * x.dtype.size_in_bytes());
         }
     } else {
         let (x, j0, len) = then;
-        prefetch_row(x, t, j0 + ahead - rows.len(), len);
+        prefetch_row(x, t, j0 + ahead - rows.len(), len, adjacent_too);
+    }
+}
+
+/// [`prefetch_ahead`] for the few-rows path in registers, adjacent rows included: its loop
+/// does more work a byte with several rows (GQA), and the hardware prefetchers alone left
+/// it short of the memory's rate (B8, 32 query heads over 8 KV heads, 4k keys, bf16 over
+/// [B, H, S, D], 2-core Zen 4: 16.5 GB/s, 23.5 with the hints; fp32 21 and 21, one KV head a
+/// query head 25 and 30).
+#[cfg(target_arch = "x86_64")]
+struct RowsAhead<'a> {
+    t: &'a TileRows,
+    now: (&'a Operand, &'a [*const u8], usize),
+    then: (&'a Operand, usize, usize),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl super::few_rows::Ahead for RowsAhead<'_> {
+    #[inline(always)]
+    fn ahead(&self, jj: usize) {
+        prefetch_ahead(self.t, jj, self.now, self.then, true);
     }
 }
 
@@ -513,11 +705,12 @@ fn key_rows(x: &Operand, t: &TileRows, j0: usize, rows: &mut [*const u8]) {
 }
 
 /// Hints the cache to load row `key` of `x` (K or V) for this tile's KV head, where one head's
-/// rows are apart: adjacent rows are a stream the hardware prefetchers follow, and explicit
-/// hints for them only compete for the same miss buffers (fp32 decoding ran 1.4x slower).
+/// rows are apart or `adjacent_too`: adjacent rows are a stream the hardware prefetchers
+/// follow, and for the portable few-rows path explicit hints for them only competed for the
+/// same miss buffers (fp32 decoding ran 1.4x slower).
 #[inline(always)]
-fn prefetch_row(x: &Operand, t: &TileRows, key: usize, len: usize) {
-    if key >= t.seq.seqlen_kv || x.strides[1] <= len {
+fn prefetch_row(x: &Operand, t: &TileRows, key: usize, len: usize, adjacent_too: bool) {
+    if key >= t.seq.seqlen_kv || (x.strides[1] <= len && !adjacent_too) {
         return;
     }
     prefetch(
