@@ -8,6 +8,8 @@ The experiments in bench/results/decode_notes_2026-12-04.md were run with it, on
     UFA_CUDA_DECODE_TILE=8,32,2 python3 bench/decode_quick.py   # a tile of the sweep
     python3 bench/decode_quick.py --bhsd           # K/V stored [b, h, s, d]
     python3 bench/decode_quick.py --prof           # per-kernel times from torch.profiler
+    python3 bench/decode_quick.py --paged 16       # ufa over a paged cache (pages of 16 rows)
+    python3 bench/decode_quick.py --paged 16 --inorder  # ... its pages in order (no scatter)
 Without --torch the bandwidth is taken as 4450 GB/s. The full sweep is bench/decode.py.
 """
 import sys, os, warnings, torch, ufa.torch as ut
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
 warnings.filterwarnings("ignore")
 TORCH = "--torch" in sys.argv
+PAGE = int(sys.argv[sys.argv.index("--paged") + 1]) if "--paged" in sys.argv else 0
 SHAPES = [(1,8192,8,128),(8,8192,8,128),(32,8192,8,128),(32,32768,8,128),(1,131072,8,128),(8,32768,1,128),(32,1024,8,128),(128,8192,8,64),(8,8192,32,128)]
 if "--few" in sys.argv: SHAPES = [SHAPES[i] for i in (0,2,4,5)]
 from cuda_timing import loop_us
@@ -43,8 +46,19 @@ for (b,kv,hkv,d) in SHAPES:
         k=torch.randn(b,kv,hkv,d,device='cuda',dtype=torch.bfloat16); v=torch.randn_like(k)
     byt=2*k.numel()*2
     f=lambda: ut.flash_attn_func(q,k,v,causal=True)
+    if PAGE:
+        # The pool in a random page order, as bench/decode.py lays it out.
+        nb=kv//PAGE
+        perm=(torch.arange(b*nb,device='cuda') if "--inorder" in sys.argv else torch.randperm(b*nb,device='cuda')).view(b,nb)
+        kp=torch.empty(b*nb,PAGE,hkv,d,device='cuda',dtype=torch.bfloat16); vp=torch.empty_like(kp)
+        kp.index_copy_(0,perm.flatten(),k.reshape(b*nb,PAGE,hkv,d)); vp.index_copy_(0,perm.flatten(),v.reshape(b*nb,PAGE,hkv,d))
+        seqlens=torch.full((b,),kv,dtype=torch.int32,device='cuda'); table=perm.to(torch.int32)
+        dense=f()
+        f=lambda: ut.flash_attn_with_kvcache(q,kp,vp,cache_seqlens=seqlens,block_table=table,causal=True)
+        perr=(f().float()-dense.float()).abs().max().item()
     tu=t(f); tug=tg(f)
     line=f"b{b} kv{kv} hkv{hkv} d{d}: ufa {tu:.1f}us graph {tug:.1f}us {byt/tug/1e3:.0f}GB/s ({byt/tug/1e3/bw*100:.0f}%)"
+    if PAGE: line+=f" paged{PAGE} vs dense max diff {perr:.3g}"
     if TORCH:
         qt,kt,vt=q.transpose(1,2),k.transpose(1,2).contiguous(),v.transpose(1,2).contiguous()
         res={}
@@ -62,6 +76,7 @@ for (b,kv,hkv,d) in SHAPES:
         del qt,kt,vt
     print(line, flush=True)
     del q,k,v
+    if PAGE: del kp,vp
 if "--prof" in sys.argv:
     from torch.profiler import profile, ProfilerActivity
     for (b,kv,hkv,d) in [(1,8192,8,128),(1,131072,8,128),(8,32768,1,128)]:

@@ -142,16 +142,29 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
             (const uint16_t*)p.k + row_offset(p.k_stride, s.kv_batch, s.kv_row0, hk);
         const uint16_t* v_head =
             (const uint16_t*)p.v + row_offset(p.v_stride, s.kv_batch, s.kv_row0, hk);
-        // Tile t of this warp into ring stage `stage`: K rows then V rows, one commit group.
-        // Rows past the end of the keys become zeros. In a paged cache lane r looks up row r's
-        // page once, and the lanes copying that row's chunks take it by shuffle.
+        // Tile t of this warp into ring stage `stage`: K rows then V rows, one commit group,
+        // each copy instruction two whole rows. Rows past the end of the keys become zeros.
+        // In a paged cache lane r works out row r's K and V offsets once (its page lookup
+        // included) and the lanes copying that row's chunks take them by shuffle: a lookup
+        // shared by shuffle with the offsets' 64-bit products worked out per chunk read pages
+        // of 16 rows at 61% of the bandwidth, against 78–83% so (H200, batch 32, d128, 4 × 32
+        // tiles; bench/results/decode_paged_2026-12-05_h200.md). Copies of 16 rows × 32 bytes
+        // each, one address per row, were slower still, dense ones too (62% against 92%): the
+        // L2 takes a request per row, so whole 128-byte lines a request are what it serves
+        // fastest.
         auto load_kv = [&](int t, int stage) {
             uint16_t* sK = ring + stage * Cfg::kStageElems;
             uint16_t* sV = sK + BN * PITCH;
             const int n0 = key_lo + t * BN;
-            int my_page = -1;
+            int64_t my_k = -1, my_v = -1;
             if constexpr (PAGED) {
-                if (lane < BN && n0 + lane < key_hi) my_page = paged_page(p, b, n0 + lane);
+                if (lane < BN && n0 + lane < key_hi) {
+                    const int page = paged_page(p, b, n0 + lane);
+                    if (page >= 0) {
+                        my_k = page_row(p, page, n0 + lane, p.k_stride, hk);
+                        my_v = page_row(p, page, n0 + lane, p.v_stride, hk);
+                    }
+                }
             }
             constexpr int kChunks = BN * Cfg::kChunksPerRow;
 #pragma unroll
@@ -162,11 +175,8 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                 const int j = n0 + r;
                 int64_t k_off = -1, v_off = -1;
                 if constexpr (PAGED) {
-                    const int page = __shfl_sync(0xffffffffu, my_page, r);
-                    if (page >= 0) {
-                        k_off = page_row(p, page, j, p.k_stride, hk);
-                        v_off = page_row(p, page, j, p.v_stride, hk);
-                    }
+                    k_off = __shfl_sync(0xffffffffu, my_k, r);
+                    v_off = __shfl_sync(0xffffffffu, my_v, r);
                 } else if (j < key_hi) {
                     k_off = (int64_t)j * p.k_stride[1];
                     v_off = (int64_t)j * p.v_stride[1];

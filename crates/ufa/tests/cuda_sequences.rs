@@ -42,6 +42,16 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         c.page_size = page;
         cases.push(c);
     }
+    // The decoding kernel's lanes copy 16 rows at a time, each found through its own page:
+    // pages smaller than that (1 and 8 rows), one with a head dim padded to the next tile
+    // (80 on the 96 tile).
+    for (page, d) in [(1, 128), (8, 80)] {
+        let mut f = Features::new(16, 4, d, DType::BF16);
+        f.causal = true;
+        let mut c = VarlenCase::new(&[1, 2, 1], &[777, 40, 3001], f);
+        c.page_size = Some(page);
+        cases.push(c);
+    }
     // Paged keys read by the tensor-core kernels (several queries a sequence).
     for (page, d) in [(16, 128), (1, 64), (256, 64)] {
         let mut f = Features::new(8, 2, d, DType::BF16);

@@ -70,15 +70,25 @@ impl DecodeTile {
 /// bench/results/decode_notes_2026-12-04.md): at head dim 128, 4 warps of 32-key tiles in rings
 /// of 3 read 92% of the card's measured bandwidth at batch 32, and deeper rings of narrower
 /// tiles (4 × 16 × 6), more warps (8 × 16 × 3, 8 × 32 × 2) and L2 prefetches beyond the ring
-/// did no better; at 64, 8 warps in rings of 2 read 5% more than 4 in rings of 4. Rings are
-/// shallower, then tiles narrower, then warps fewer on devices with less shared memory.
-pub(crate) fn decode_tile_for(head_dim: usize, m_tiles: u32, max_smem: u32) -> Option<DecodeTile> {
+/// did no better; at 64, 8 warps in rings of 2 read 5% more than 4 in rings of 4. A paged
+/// cache (`paged`) costs each row a block-table lookup and its offsets' arithmetic before its
+/// copies issue, which one warp a scheduler cannot hide: at head dim 128, 8 warps of 16-key
+/// tiles read pages of 16 rows at 87–91% of the bandwidth at batch 32 against 78–83% for
+/// 4 × 32 (bench/results/decode_paged_2026-12-05_h200.md). Rings are shallower, then tiles
+/// narrower, then warps fewer on devices with less shared memory.
+pub(crate) fn decode_tile_for(
+    head_dim: usize,
+    m_tiles: u32,
+    paged: bool,
+    max_smem: u32,
+) -> Option<DecodeTile> {
     if !MMA_HEAD_DIMS.contains(&head_dim) || !(1..=2).contains(&m_tiles) {
         return None;
     }
     let d = head_dim as u32;
     let (warps, block_n, stages) = tile_override().unwrap_or(match d {
         0..=64 => (8, 32, 2),
+        65..=128 if paged => (8, 16, 3),
         65..=128 => (4, 32, 3),
         _ => (4, 16, 3),
     });
@@ -148,7 +158,7 @@ impl DecodePlan {
         // Head dims between the built tiles run on the next larger one (zero padding).
         let d = mma_tile_head_dim(p.head_dim, p.q.dtype.size_in_bytes())?;
         let m_tiles = m_tiles_for(rows, d);
-        let tile = decode_tile_for(d, m_tiles, max_smem)?;
+        let tile = decode_tile_for(d, m_tiles, p.k.rows.is_paged(), max_smem)?;
         let row_blocks = rows.div_ceil(tile.rows() as usize);
         let blocks = p.batch * p.heads_kv * row_blocks;
         let per_sm = ((max_smem + 1024) / (tile.smem_bytes() + 1024)).max(1) as usize;
@@ -272,17 +282,23 @@ mod tests {
     fn tiles_fit_the_device_and_their_merge() {
         for d in MMA_HEAD_DIMS {
             for mt in [1, 2] {
-                for smem in [232_448, 101_376, 49_152] {
-                    if let Some(t) = decode_tile_for(d, mt, smem) {
-                        assert!(t.smem_bytes() <= smem, "{t:?}");
-                        assert!(t.merge_fits(), "{t:?}");
-                        assert_eq!(t.block_n % 16, 0);
+                for paged in [false, true] {
+                    for smem in [232_448, 101_376, 49_152] {
+                        if let Some(t) = decode_tile_for(d, mt, paged, smem) {
+                            assert!(t.smem_bytes() <= smem, "{t:?}");
+                            assert!(t.merge_fits(), "{t:?}");
+                            assert_eq!(t.block_n % 16, 0);
+                            assert!(t.block_n <= 32, "one lane per row of a paged tile: {t:?}");
+                        }
                     }
+                    assert!(
+                        decode_tile_for(d, mt, paged, 232_448).is_some(),
+                        "d{d} m{mt}"
+                    );
                 }
-                assert!(decode_tile_for(d, mt, 232_448).is_some(), "d{d} m{mt}");
             }
         }
-        assert!(decode_tile_for(72, 1, 232_448).is_none());
+        assert!(decode_tile_for(72, 1, false, 232_448).is_none());
     }
 
     #[test]

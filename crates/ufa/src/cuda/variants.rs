@@ -560,7 +560,7 @@ impl Variant {
                 for m_tiles in 1..=m_tiles_for(DECODE_MAX_ROWS, d) {
                     for (score_mod, seqs) in flag_sets {
                         for paged in [false, true].into_iter().filter(|&pg| seqs || !pg) {
-                            if let Some(tile) = decode_tile_for(d, m_tiles, max_smem) {
+                            if let Some(tile) = decode_tile_for(d, m_tiles, paged, max_smem) {
                                 v.push(Variant::FwdDecode {
                                     dtype,
                                     tile,
