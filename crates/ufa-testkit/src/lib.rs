@@ -5,7 +5,10 @@
 
 pub mod reference;
 
-use crate::reference::{reference_backward, reference_forward, ReferenceGrads, ReferenceOutput};
+use crate::reference::{
+    reference_backward, reference_backward_rounded, reference_forward, ReferenceGrads,
+    ReferenceOutput,
+};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -720,8 +723,7 @@ impl Instance {
     }
 
     /// The f64 reference gradients for this case and the dO of [`Instance::run_backward`]:
-    /// exact, and with the softmax term taken from the stored output (see
-    /// [`reference_backward`]'s `delta_from_out`).
+    /// exact, and with a flash backward pass's roundings ([`reference_backward_rounded`]).
     pub fn reference_grads(&self) -> Result<(ReferenceGrads, ReferenceGrads)> {
         let g = self
             .grads
@@ -735,14 +737,18 @@ impl Instance {
         );
         let params = self.params()?;
         let exact = reference_backward(&q, &k, &v, &dout, None, &params)?;
-        let from_out = reference_backward(&q, &k, &v, &dout, Some(&self.out.view()?), &params)?;
-        Ok((exact, from_out))
+        let out = self.out.view()?;
+        let rounded =
+            reference_backward_rounded(&q, &k, &v, &dout, &out, Some(self.case.dtype), &params)?;
+        Ok((exact, rounded))
     }
 
     /// Relative errors of dq, dk and dv against the exact reference. The bound of each is the
-    /// case's gradient tolerance, or twice the error that the reference itself makes when it
-    /// starts from the stored (rounded) output, whichever is larger: a bf16 output limits every
-    /// flash backward pass, and ill-conditioned rows (dP ≈ D) amplify that rounding.
+    /// case's gradient tolerance, or twice the error that the reference itself makes with a
+    /// flash backward pass's roundings (D from the stored output, P and dS rounded to the
+    /// 16-bit input type for their products: `reference_backward_rounded`), whichever is
+    /// larger: those roundings limit every flash backward pass, and ill-conditioned rows
+    /// (peaked softmax, dP ≈ D) amplify them past the tolerance.
     pub fn compare_grads(&self, reference: &(ReferenceGrads, ReferenceGrads)) -> GradComparison {
         let g = self.grads.as_ref().expect("run_backward first");
         let (exact, from_out) = reference;

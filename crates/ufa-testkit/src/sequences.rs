@@ -446,7 +446,7 @@ impl VarlenInstance {
         ctx.backward_varlen(&inputs, &mut grads, &seqs, &params)
     }
 
-    /// Compares the gradients with the reference (exact, and from the stored output, as
+    /// Compares the gradients with the reference (exact, and with a flash pass's roundings, as
     /// [`super::Instance::compare_grads`]); spare rows must keep the poison.
     pub fn compare_grads(&self) -> Result<GradComparison> {
         let [dout, dq, dk, dv] = self.grads.as_ref().expect("run_backward first");
@@ -456,7 +456,8 @@ impl VarlenInstance {
             self.case.f.params(self.alibi.as_ref())?,
         );
         let g = |out: Option<&TensorView<'_>>| -> Result<ReferenceGrads> {
-            reference_varlen_backward(&q, &k, &v, &dout.view()?, out, &seqs, &params)
+            let flash = out.map(|o| (o, Some(self.case.f.dtype)));
+            reference_varlen_backward(&q, &k, &v, &dout.view()?, flash, &seqs, &params)
         };
         let (exact, from_out) = (g(None)?, g(Some(&self.out.view()?))?);
         let covered = [

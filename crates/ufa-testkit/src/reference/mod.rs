@@ -6,6 +6,7 @@
 
 use ufa::internals::load_f64;
 use ufa::internals::validate_forward_inputs;
+use ufa::DType;
 use ufa::Device;
 use ufa::Result;
 use ufa::TensorView;
@@ -322,7 +323,35 @@ pub fn reference_backward(
     delta_from_out: Option<&TensorView<'_>>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceGrads> {
-    backward_at(q, k, v, dout, delta_from_out, params, 0)
+    backward_at(q, k, v, dout, delta_from_out.map(|o| (o, None)), params, 0)
+}
+
+/// [`reference_backward`] as a flash backward pass with 16-bit products computes it, exactly
+/// but for its roundings: `D_i` from the stored output `out`, and P and dS rounded to
+/// `products` (bf16 or fp16) where the products dV = Pᵀ dO, dK = dSᵀ Q and dQ = dS K consume
+/// them, as FlashAttention does on tensor cores and ufa's AVX-512 BF16 backward does. On rows
+/// whose softmax is peaked (dP ≈ D) these roundings alone can cost more than the 16-bit
+/// types' 1e-2 (a bf16 case of head dim 1 with 143 keys: dV 2.0e-2 from rounding P), which is
+/// what a kernel's error is measured against (`Instance::compare_grads`).
+pub fn reference_backward_rounded(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    dout: &TensorView<'_>,
+    out: &TensorView<'_>,
+    products: Option<DType>,
+    params: &AttentionParams<'_>,
+) -> Result<ReferenceGrads> {
+    backward_at(q, k, v, dout, Some((out, products)), params, 0)
+}
+
+/// `x` rounded to `dtype` (bf16 or fp16; unchanged for any other).
+fn rounded_to(x: f64, dtype: Option<DType>) -> f64 {
+    match dtype {
+        Some(DType::BF16) => half::bf16::from_f64(x).to_f64(),
+        Some(DType::F16) => half::f16::from_f64(x).to_f64(),
+        _ => x,
+    }
 }
 
 /// [`reference_backward`] with the dropout of (batch, head) pairs from number `bh0` on (see
@@ -332,10 +361,12 @@ fn backward_at(
     k: &TensorView<'_>,
     v: &TensorView<'_>,
     dout: &TensorView<'_>,
-    delta_from_out: Option<&TensorView<'_>>,
+    flash: Option<(&TensorView<'_>, Option<DType>)>,
     params: &AttentionParams<'_>,
     bh0: usize,
 ) -> Result<ReferenceGrads> {
+    // D from the stored output, and the products' rounding ([`reference_backward_rounded`]).
+    let (delta_from_out, products) = (flash.map(|f| f.0), flash.and_then(|f| f.1));
     let ((b_n, sq, skv, hq, hkv, d, dv), rs) = ref_setup(q, k, v, params)?;
     if dout.shape() != [b_n, sq, hq, dv] {
         return Err(ufa::Error::invalid(format!(
@@ -383,7 +414,8 @@ fn backward_at(
                 }
                 for j in (0..skv).filter(|&j| !masked[j]) {
                     // dS with respect to scale·q·k, through the softmax and the softcap.
-                    let ds = probs[j] * (dp[j] - big_d) * cap[j];
+                    let ds = rounded_to(probs[j] * (dp[j] - big_d) * cap[j], products);
+                    let p_j = rounded_to(probs[j], products);
                     for e in 0..d {
                         let (qe, ke) = unsafe { (read(q, &[b, i, h, e]), read(k, &[b, j, hk, e])) };
                         g.dq[((b * sq + i) * hq + h) * d + e] += rs.scale * ds * ke;
@@ -391,7 +423,7 @@ fn backward_at(
                     }
                     let dv_j = &mut g.dv[((b * skv + j) * hkv + hk) * dv..][..dv];
                     for (acc, g_e) in dv_j.iter_mut().zip(&dout_i) {
-                        *acc += probs[j] * keep[j] * g_e;
+                        *acc += p_j * keep[j] * g_e;
                     }
                 }
             }

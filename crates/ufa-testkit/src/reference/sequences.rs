@@ -209,14 +209,16 @@ pub fn reference_varlen(
     Ok(r)
 }
 
-/// Gradients of a packed batch in f64 (see [`super::reference_backward`]), packed like q, k
-/// and v. Keys must be packed (no block table).
+/// Gradients of a packed batch in f64, packed like q, k and v: exact, or with `flash` (the
+/// stored output, and the 16-bit type P and dS are rounded to) a flash pass's roundings (see
+/// [`super::reference_backward`] and [`super::reference_backward_rounded`]). Keys must be
+/// packed (no block table).
 pub fn reference_varlen_backward(
     q: &TensorView<'_>,
     k: &TensorView<'_>,
     v: &TensorView<'_>,
     dout: &TensorView<'_>,
-    delta_from_out: Option<&TensorView<'_>>,
+    flash: Option<(&TensorView<'_>, Option<DType>)>,
     seqs: &Varlen<'_>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceGrads> {
@@ -247,14 +249,15 @@ pub fn reference_varlen_backward(
             Dense::gather(v, skv, krows),
         );
         let dos = Dense::gather(dout, sq, qrows);
-        let outs = delta_from_out.map(|o| Dense::gather(o, sq, qrows));
+        let outs = flash.map(|(o, _)| Dense::gather(o, sq, qrows));
+        let out_views = outs.as_ref().map(|o| o.view());
         let p = params_of_sequence(params, b, sq, skv)?;
         let s = backward_at(
             &qs.view(),
             &ks.view(),
             &vs.view(),
             &dos.view(),
-            outs.as_ref().map(|o| o.view()).as_ref(),
+            out_views.as_ref().map(|o| (o, flash.and_then(|f| f.1))),
             &p,
             b * hq,
         )?;
