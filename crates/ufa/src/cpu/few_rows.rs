@@ -11,6 +11,12 @@
 //! Taken where head_dim and head_dim_v are multiples of 16 (whole vectors; the others stay on
 //! the portable version) and K and V hold f32, bf16 or fp16
 //! ([`super::tile::few_rows_in_registers`]).
+//!
+//! Each instantiation of a row count and element type (`scores_of`, `scores_pairs_of`,
+//! `add_rows`, `accumulate_heads_of`) is a function of its own, compiled for AVX-512 and never
+//! inlined: inlined, all of them landed in the one function per kernel family that runs a
+//! forward job, whose optimisation then took 230 s of one core (the whole crate's build was 4
+//! minutes, and CI builds it four times). A call costs nothing next to a tile of keys.
 
 use crate::dtype::DType;
 use std::arch::x86_64::*;
@@ -119,7 +125,8 @@ pub unsafe fn scores(
 /// row and key, summed across lanes at the end. A job of heads then reads `KB` streams of
 /// rows, each a key's rows of all heads (see [`super::tile::attend_heads`]), and each
 /// query vector loaded serves `KB` keys.
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline(never)]
 unsafe fn scores_of<L: Row16, const NR: usize, const KB: usize>(
     d: usize,
     k: HeadRows,
@@ -226,7 +233,8 @@ type PairArgs<'a> = (
 );
 
 /// [`scores_pairs`] for `NR` rows, keys taken as [`scores_of`] takes them.
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma,f16c")]
+#[inline(never)]
 unsafe fn scores_pairs_of<const NR: usize, const KB: usize>(args: PairArgs, ahead: &impl Ahead) {
     let n = args.1.rows.len();
     let mut jj = 0;
@@ -393,7 +401,8 @@ type AddArgs<'a> = (*const f32, usize, &'a [*const u8], usize, *mut f32, usize);
 
 /// [`accumulate`] for `NR` rows: the first `NV` vectors (a whole row of up to 128 values),
 /// then single vectors.
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline(never)]
 unsafe fn add_rows<L: Row16, const NR: usize, const NV: usize>(args: AddArgs, ahead: &impl Ahead) {
     let nv = args.3 / 16;
     let mut i = 0;
@@ -488,7 +497,8 @@ pub unsafe fn accumulate_heads(
 
 /// [`accumulate_heads`] for `NR` rows, `KB` keys at a time (then one at a time), as
 /// [`scores_of`] reads K.
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline(never)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn accumulate_heads_of<L: Row16, const NR: usize, const KB: usize>(
     dv: usize,
