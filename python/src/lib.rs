@@ -1079,6 +1079,17 @@ fn info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("version", ufa::VERSION)?;
     d.set_item("num_threads", ctx.num_threads())?;
     d.set_item("cpu_isa", format!("{:?}", ctx.cpu_isa()))?;
+    // Per-core peaks measured once a process, which chose the CPU kernel family (None where
+    // the CPU has no AVX-512 BF16 and there was nothing to choose).
+    match ufa::rates() {
+        Some(r) => {
+            let rates = PyDict::new(py);
+            rates.set_item("fma_gflops", r.fma_gflops)?;
+            rates.set_item("bf16_dot_gflops", r.bf16_dot_gflops)?;
+            d.set_item("cpu_rates", rates)?;
+        }
+        None => d.set_item("cpu_rates", py.None())?,
+    }
     match ctx.cuda_devices() {
         Ok(devs) => d.set_item("cuda_devices", devs)?,
         Err(why) => {

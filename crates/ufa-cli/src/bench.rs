@@ -483,12 +483,12 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
         Target::Cuda(_) => ("TFLOP/s", 1e-3),
     };
     println!(
-        "{:<24} {:<8} {:<38} {:>5} {:>7} {:>14} {:>10} {:>9} {:>8}",
+        "{:<24} {:<8} {:<38} {:>5} {:>7} {:>21} {:>10} {:>9} {:>8}",
         "workload", "pass", "shape", "dtype", "threads", "kernels", "median ms", rate, "GB/s"
     );
     for r in &rows {
         println!(
-            "{:<24} {:<8} {:<38} {:>5} {:>7} {:>14} {:>10.3} {:>9.1} {:>8.2}",
+            "{:<24} {:<8} {:<38} {:>5} {:>7} {:>21} {:>10.3} {:>9.1} {:>8.2}",
             r.name,
             r.pass,
             r.shape,

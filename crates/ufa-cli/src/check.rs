@@ -144,7 +144,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
     println!("ufa check: seed {seed} (replay with --seed {seed})");
     let backends = backends(args)?;
     println!(
-        "{:<52} {:<13} {:>10} {:>10} {:>9}  result",
+        "{:<52} {:<21} {:>10} {:>10} {:>9}  result",
         "case", "backend", "rel err", "lse err", "bound"
     );
     let mut tally = Tally::default();
@@ -169,7 +169,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
                 Err(e) => (format!("error: {e}"), String::new(), false),
             };
             println!(
-                "{:<52} {:<13} {:>10} {:>10} {:>9.0e}  {}",
+                "{:<52} {:<21} {:>10} {:>10} {:>9.0e}  {}",
                 case.describe(),
                 b.name,
                 err,
@@ -181,7 +181,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
     }
     println!();
     println!(
-        "{:<52} {:<13} {:>10} {:>10} {:>10}  result",
+        "{:<52} {:<21} {:>10} {:>10} {:>10}  result",
         "backward case", "backend", "dq err", "dk err", "dv err"
     );
     for (i, case) in standard_grad_cases().iter().enumerate() {
@@ -194,7 +194,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
                 Err(e) => (format!("error: {e}"), false),
             };
             println!(
-                "{:<52} {:<13} {}  {}",
+                "{:<52} {:<21} {}  {}",
                 case.describe(),
                 b.name,
                 errs,
@@ -207,7 +207,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
     let section = |title: &str, seed_base: u64| {
         println!();
         println!(
-            "{:<76} {:<13} {:>10} {:>10} {:>9}  result",
+            "{:<76} {:<21} {:>10} {:>10} {:>9}  result",
             title, "backend", "rel err", "lse err", "bound"
         );
         seed.wrapping_add(seed_base)
@@ -235,7 +235,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
     }
     println!();
     println!(
-        "{:<76} {:<13} {:>10} {:>10} {:>10}  result",
+        "{:<76} {:<21} {:>10} {:>10} {:>10}  result",
         "packed batch backward case", "backend", "dq err", "dk err", "dv err"
     );
     for (i, case) in varlen_grad_cases().iter().enumerate() {
@@ -248,7 +248,7 @@ pub fn run(args: &Args) -> ufa::Result<ExitCode> {
                 Err(e) => (format!("error: {e}"), false),
             };
             println!(
-                "{:<76} {:<13} {}  {}",
+                "{:<76} {:<21} {}  {}",
                 case.describe(),
                 b.name,
                 errs,
@@ -285,7 +285,7 @@ fn print_forward_row(
         Err(e) => (format!("error: {e}"), String::new(), String::new(), false),
     };
     println!(
-        "{:<76} {:<13} {:>10} {:>10} {:>9}  {}",
+        "{:<76} {:<21} {:>10} {:>10} {:>9}  {}",
         case.describe(),
         backend,
         err,

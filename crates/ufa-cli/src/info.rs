@@ -9,6 +9,15 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
     println!("cpu features:   {}", ufa::cpu_features().join(" "));
     let isa = ctx.cpu_isa();
     println!("cpu kernels:    {isa} ({})", isa.why());
+    if let Some(r) = ufa::rates() {
+        println!(
+            "cpu rates:      {:.0} GFLOP/s in fp32 FMAs, {:.0} in bf16 dot products, a core \
+             (measured; bf16 tiles take dot products where the second is {}x the first or more)",
+            r.fma_gflops,
+            r.bf16_dot_gflops,
+            ufa::BF16_DOT_MIN_RATIO
+        );
+    }
     let amx = ufa::amx();
     if amx.cpu {
         println!(

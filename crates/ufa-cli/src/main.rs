@@ -25,6 +25,10 @@ pub struct ComputeOpts {
     /// CPU threads (default: $UFA_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// CPU kernel family: avx512bf16, avx512bf16-decode, avx512, avx2 or portable (default:
+    /// the one `ufa info` names for this machine). One this CPU cannot run is an error.
+    #[arg(long)]
+    cpu_isa: Option<ufa::Isa>,
 }
 
 impl ComputeOpts {
@@ -33,7 +37,7 @@ impl ComputeOpts {
         if let Some(n) = self.threads {
             b = b.num_threads(n);
         }
-        if let Some(isa) = isa {
+        if let Some(isa) = isa.or(self.cpu_isa) {
             b = b.cpu_isa(isa);
         }
         b.build()

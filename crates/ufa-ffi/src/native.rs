@@ -100,8 +100,8 @@ pub struct ufa_context_options {
     /// -1: no CUDA device is required. n >= 0: creation fails with
     /// `UFA_STATUS_DEVICE_UNAVAILABLE` unless CUDA device n can be used.
     pub device_ordinal: i32,
-    /// CPU kernel family ("avx512bf16", "avx512", "avx2", "portable"); NULL = the best this
-    /// CPU supports. A family the CPU lacks gives `UFA_STATUS_UNSUPPORTED`.
+    /// CPU kernel family ("avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable");
+    /// NULL = the best this CPU supports (`ufa info` says which and why). A family the CPU lacks gives `UFA_STATUS_UNSUPPORTED`.
     pub cpu_isa: *const c_char,
 }
 
@@ -366,13 +366,7 @@ pub unsafe extern "C" fn ufa_context_cpu_isa(
     ufa_call(|| {
         require!(ctx, "ctx");
         require!(out, "out");
-        let name: &'static CStr = match (*ctx).inner.cpu_isa() {
-            Isa::Avx512Bf16 => c"avx512bf16",
-            Isa::Avx512 => c"avx512",
-            Isa::Avx2 => c"avx2",
-            Isa::Portable => c"portable",
-        };
-        out.write(name.as_ptr());
+        out.write((*ctx).inner.cpu_isa().c_name().as_ptr());
         Ok(())
     })
 }

@@ -166,10 +166,10 @@ fn uses_bf16(bp: &BackwardProblem, has_instructions: bool) -> bool {
         && bp.dout.dtype == DType::BF16
 }
 
-/// [`uses_bf16`] inside a kernel family, where `BF16` says whether it has the instructions.
+/// [`uses_bf16`] inside a kernel family, where `BF16_TILES` says whether it takes them.
 #[inline(always)]
-fn bf16_path<const BF16: bool>(bp: &BackwardProblem) -> bool {
-    uses_bf16(bp, BF16)
+fn bf16_path<const BF16_TILES: bool>(bp: &BackwardProblem) -> bool {
+    uses_bf16(bp, BF16_TILES)
 }
 
 /// Per-thread buffers of the rows and the tile. The fp32 path keeps rows of Q and dO; the bf16
@@ -523,7 +523,7 @@ struct KeyChunk<'a> {
 impl KernelFn for KeyChunk<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
+    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(self) {
         let KeyChunk {
             bp,
             delta,
@@ -534,7 +534,7 @@ impl KernelFn for KeyChunk<'_> {
             sc: (sc, blocks),
         } = self;
         let p = &bp.fwd;
-        let bf16 = bf16_path::<BF16>(bp);
+        let bf16 = bf16_path::<BF16_TILES>(bp);
         let dp = sc.dp;
         let (head, rows_per_head, seqlen_kv) =
             (plan.rows, plan.rows.nrows, plan.rows.seq.seqlen_kv);
@@ -624,7 +624,7 @@ struct RowDeltas<'a> {
 impl KernelFn for RowDeltas<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
+    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(self) {
         let RowDeltas {
             bp,
             b,
@@ -696,7 +696,7 @@ pub(super) fn backward(
     let p = &bp.fwd;
     let delta = row_deltas(bp, isa, exec)?;
     let dp = round_up(p.head_dim, 16);
-    let bf16 = uses_bf16(bp, isa == Isa::Avx512Bf16);
+    let bf16 = uses_bf16(bp, isa.bf16_tiles());
     let plan = plan(p, dp, bf16)?;
     let mut partial = workspace.take(plan.total)?;
     let bounds: Vec<usize> = std::iter::once(0)

@@ -72,7 +72,7 @@ fn heads_per_job(
     }
     let wanted = threads.saturating_mul(JOBS_PER_THREAD);
     let enough = |g: usize| p.heads_kv.is_multiple_of(g) && (items / g) * splits >= wanted;
-    let avx512 = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16);
+    let avx512 = isa.avx512();
     if few_rows_in_registers(p, rows, avx512) && enough(p.heads_kv) {
         return p.heads_kv;
     }
@@ -164,7 +164,7 @@ struct ForwardJob<'a> {
 impl KernelFn for ForwardJob<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) {
+    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(self) {
         let mut range = (0, 0);
         for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
             // The same for every item of a job: their rows are the same query positions.
@@ -177,13 +177,13 @@ impl KernelFn for ForwardJob<'_> {
         if attend_heads::<M, C, BF16>(self.p, self.ts, keys, self.scs) {
             // A job of heads whose rows take the few-rows path: key by key over its heads.
         } else if let [t] = self.ts {
-            attend::<M, C, BF16>(self.p, t, keys, &mut self.scs[0]);
+            attend::<M, C, BF16, BF16_TILES>(self.p, t, keys, &mut self.scs[0]);
         } else {
             // Tile by tile, the same tiles `attend` takes over the whole range.
             for j0 in (keys.0..keys.1).step_by(BK) {
                 let tile = (j0, (j0 + BK).min(keys.1));
                 for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
-                    attend::<M, C, BF16>(self.p, t, tile, sc);
+                    attend::<M, C, BF16, BF16_TILES>(self.p, t, tile, sc);
                 }
             }
         }

@@ -4,34 +4,44 @@ use super::math::{Fused, MulAdd, Separate};
 use std::fmt;
 
 /// A piece of kernel code written once, generic over how to multiply-add (`M`), the SIMD
-/// width in f32 lanes (`C`) and whether the bf16 dot-product instructions may be used (`BF16`). [`run_with`] instantiates it inside a function compiled for the
-/// chosen instruction set; everything `call` reaches must be `#[inline(always)]` to inherit
-/// those target features.
+/// width in f32 lanes (`C`), whether bf16 scores may be dot products of raw bf16 pairs
+/// (`BF16`: the few-rows path of decoding) and whether the register-blocked tiles and the
+/// backward pass take them too (`BF16_TILES`, which implies `BF16`). [`run_with`] instantiates it
+/// inside a function compiled for the chosen instruction set; everything `call` reaches must be
+/// `#[inline(always)]` to inherit those target features.
 pub trait KernelFn {
     type Output;
-    fn call<M: MulAdd, const C: usize, const BF16: bool>(self) -> Self::Output;
+    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(
+        self,
+    ) -> Self::Output;
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma,f16c")]
 unsafe fn run_avx512bf16<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 64, true>()
+    f.call::<Fused, 64, true, true>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma,f16c")]
+unsafe fn run_avx512bf16_decode<F: KernelFn>(f: F) -> F::Output {
+    f.call::<Fused, 64, true, false>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn run_avx512<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 64, false>()
+    f.call::<Fused, 64, false, false>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 16, false>()
+    f.call::<Fused, 16, false, false>()
 }
 
 fn run_portable<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Separate, 16, false>()
+    f.call::<Separate, 16, false, false>()
 }
 
 /// Runs `f` compiled for `isa`, which must be supported by this CPU (the backend checks this
@@ -41,6 +51,8 @@ pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
         // SAFETY: CpuBackend::new only accepts an Isa that `is_supported()` on this CPU.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => unsafe { run_avx512bf16(f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16Decode => unsafe { run_avx512bf16_decode(f) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { run_avx512(f) },
         #[cfg(target_arch = "x86_64")]
@@ -54,6 +66,11 @@ pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
 pub enum Isa {
     /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
     Avx512Bf16,
+    /// The same instructions, with bf16 dot products only where a tile has a few rows
+    /// (decoding), whose speed is the memory's: the register-blocked tiles and the backward
+    /// widen bf16 to fp32 for FMAs. For cores whose FMAs do more flops than their bf16 dot
+    /// products (see [`super::rates`]).
+    Avx512Bf16Decode,
     /// x86-64 AVX-512F (16-wide fp32 FMA).
     Avx512,
     /// x86-64 AVX2 + FMA (8-wide fp32 FMA).
@@ -64,24 +81,49 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Every kernel family, fastest first.
-    pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+    /// Every kernel family. [`Isa::detect`] takes the first this machine supports, but for
+    /// the choice between the two bf16 families.
+    pub const ALL: [Isa; 5] = [
+        Isa::Avx512Bf16,
+        Isa::Avx512Bf16Decode,
+        Isa::Avx512,
+        Isa::Avx2,
+        Isa::Portable,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
-            Isa::Avx512Bf16 => "avx512bf16",
-            Isa::Avx512 => "avx512",
-            Isa::Avx2 => "avx2",
             Isa::Portable if cfg!(target_arch = "aarch64") => "portable (neon)",
-            Isa::Portable => "portable",
+            _ => self.c_name().to_str().unwrap_or_default(),
         }
+    }
+
+    /// The name that selects this family (`FromStr`, the C ABI's `cpu_isa` option).
+    pub fn c_name(self) -> &'static std::ffi::CStr {
+        match self {
+            Isa::Avx512Bf16 => c"avx512bf16",
+            Isa::Avx512Bf16Decode => c"avx512bf16-decode",
+            Isa::Avx512 => c"avx512",
+            Isa::Avx2 => c"avx2",
+            Isa::Portable => c"portable",
+        }
+    }
+
+    /// Whether the family's kernels are compiled for 512-bit registers.
+    pub fn avx512(self) -> bool {
+        matches!(self, Isa::Avx512Bf16 | Isa::Avx512Bf16Decode | Isa::Avx512)
+    }
+
+    /// Whether the register-blocked tiles and the backward take bf16 dot products.
+    pub fn bf16_tiles(self) -> bool {
+        self == Isa::Avx512Bf16
     }
 
     /// Whether this machine can run the kernels of `self`.
     pub fn is_supported(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 => {
+            Isa::Avx512Bf16 | Isa::Avx512Bf16Decode => {
                 Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512bf16")
             }
             #[cfg(target_arch = "x86_64")]
@@ -108,6 +150,11 @@ impl Isa {
                 "AVX-512 with BF16 dot products: fp32 in 16-wide FMAs, bf16 inputs through \
                  vdpbf16ps, pairs multiplied exactly and summed in fp32"
             }
+            Isa::Avx512Bf16Decode => {
+                "AVX-512 with BF16 dot products, taken for decoding (few query rows, the \
+                 memory's speed); bf16 tiles and the backward widen bf16 to fp32, since this \
+                 core's fp32 FMAs do more flops"
+            }
             Isa::Avx512 => {
                 "AVX-512 without BF16 dot products: 16-wide FMAs, bf16/f16 inputs converted \
                  to fp32"
@@ -120,12 +167,18 @@ impl Isa {
         }
     }
 
-    /// The fastest kernel family this machine runs.
+    /// The fastest kernel family this machine runs: the first of [`Isa::ALL`] it supports,
+    /// except that a core whose bf16 dot products are not clearly faster than its fp32 FMAs
+    /// (measured: [`super::rates`]) takes [`Isa::Avx512Bf16Decode`].
     pub fn detect() -> Isa {
-        Isa::ALL
+        let first = Isa::ALL
             .into_iter()
             .find(|i| i.is_supported())
-            .unwrap_or(Isa::Portable)
+            .unwrap_or(Isa::Portable);
+        if first == Isa::Avx512Bf16 && !super::rates::bf16_dot_pays() {
+            return Isa::Avx512Bf16Decode;
+        }
+        first
     }
 }
 
@@ -138,15 +191,14 @@ impl fmt::Display for Isa {
 impl std::str::FromStr for Isa {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "avx512bf16" => Ok(Isa::Avx512Bf16),
-            "avx512" => Ok(Isa::Avx512),
-            "avx2" => Ok(Isa::Avx2),
-            "portable" => Ok(Isa::Portable),
-            other => Err(format!(
-                "unknown CPU kernel family '{other}' (avx512, avx2, portable)"
-            )),
-        }
+        let lower = s.to_ascii_lowercase();
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.c_name().to_bytes() == lower.as_bytes())
+            .ok_or_else(|| {
+                let names: Vec<&str> = Isa::ALL.iter().map(|i| i.name()).collect();
+                format!("unknown CPU kernel family '{lower}' ({})", names.join(", "))
+            })
     }
 }
 

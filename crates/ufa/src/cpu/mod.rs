@@ -14,9 +14,11 @@ mod math;
 mod merge;
 mod microkernel;
 mod parallel;
+mod rates;
 mod tile;
 
 pub use isa::{amx, cpu_features, Amx, Isa};
+pub use rates::{rates, Rates, BF16_DOT_MIN_RATIO};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kvcache::KvCacheProblem;

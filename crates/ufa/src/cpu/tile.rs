@@ -266,13 +266,14 @@ impl ScratchShape {
     }
 }
 
-/// Whether a tile takes the bf16 dot-product path: bf16 inputs, a kernel family that has the
-/// instructions, more rows than [`BF16_FEW_ROWS`], and not the few-rows path in registers,
+/// Whether a tile takes the bf16 dot-product path: bf16 inputs, a kernel family that takes
+/// them for tiles (`BF16_TILES`), more rows than [`BF16_FEW_ROWS`], and not the few-rows path in registers,
 /// which reads a decoding tile's K and V faster (B1, 32 query heads over 8 KV heads, 4k keys:
 /// 16.7 GB/s against 7.2).
 #[inline(always)]
-fn bf16_path<const BF16: bool>(p: &Problem, t: &TileRows) -> bool {
-    BF16 && cfg!(target_arch = "x86_64")
+fn bf16_path<const BF16_TILES: bool>(p: &Problem, t: &TileRows) -> bool {
+    BF16_TILES
+        && cfg!(target_arch = "x86_64")
         && p.k.dtype == DType::BF16
         && t.nrows > BF16_FEW_ROWS
         && !few_rows_in_registers(p, t.nrows, true)
@@ -442,7 +443,7 @@ pub fn begin<M: MulAdd, const BF16: bool>(
 /// Runs the online softmax over keys `keys.0..keys.1` for the rows loaded by [`begin`].
 /// `C` is the SIMD width (in f32 lanes) of the register blocks.
 #[inline(always)]
-pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
+pub fn attend<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(
     p: &Problem,
     t: &TileRows,
     keys: (usize, usize),
@@ -452,7 +453,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
     let rows = round_up(t.nrows, R);
     // With few rows (decoding) most of a register block would be padding and packing K would
     // cost more than the products: take dot products with K rows and add V rows in place.
-    let bf16 = bf16_path::<BF16>(p, t);
+    let bf16 = bf16_path::<BF16_TILES>(p, t);
     let few_rows = !bf16 && t.nrows <= FEW_ROWS;
     let registers = few_rows && few_rows_in_registers(p, t.nrows, C == 64);
     let mut j0 = keys.0;
@@ -503,7 +504,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool>(
             }
         } else if bf16 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
+            // SAFETY: the bf16 path runs only under avx512bf16 (BF16_TILES is true only there).
             unsafe {
                 let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
                 super::avx512_bf16::pack_transposed_pairs(row, nk, d, nkp, &mut sc.kp);

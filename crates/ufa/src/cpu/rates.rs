@@ -1,0 +1,164 @@
+//! How fast this core runs the two forms of multiply-add the AVX-512 families choose between,
+//! measured once a process: 512-bit fp32 FMAs (`vfmadd231ps`) and bf16 dot products
+//! (`vdpbf16ps`). Feature flags say what a core can run, not how fast. On Zen 4 a bf16 dot
+//! product does twice an FMA's flops a cycle, so bf16 inputs pay their packing back; on Intel's
+//! Sapphire and Emerald Rapids cores (no AMX tiles in use) it issues every other cycle while two
+//! FMAs issue each cycle, a quarter of the FMAs' instruction rate and half their flops (2-core
+//! Xeon, family 6 model 207: 87 against 177 GFLOP/s a core), and bf16 inputs widened to fp32
+//! ran the forward 1.56x as fast (W1: 210 against 135 GFLOP/s on 2 threads).
+//!
+//! Each form runs as 12 independent chains of register-only instructions (more than latency
+//! times issue width on either core), in short trials that alternate between the two forms; the
+//! fastest trial of each counts, since a trial can only be slowed (by an interrupt, another
+//! process, the clock ramping up for 512-bit work), never sped up. The two measured rates are
+//! 4x apart on the cores above, and the choice they make ([`bf16_dot_pays`]) sits between them
+//! with a margin of 1.4x on either side, so it does not change from one process to the next.
+
+use std::sync::OnceLock;
+
+/// Peak rates of one core, GFLOP/s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    /// 512-bit fp32 FMAs (32 flops an instruction).
+    pub fma_gflops: f64,
+    /// 512-bit bf16 dot products (64 flops an instruction).
+    pub bf16_dot_gflops: f64,
+}
+
+/// A bf16 dot product must do at least this many times an FMA's flops for the bf16 family to
+/// be chosen: its operands are packed in pairs and its probabilities rounded to bf16, which
+/// costs work and accuracy that equal rates would not pay back.
+pub const BF16_DOT_MIN_RATIO: f64 = 1.4;
+
+/// The measured rates, or None where this CPU has no AVX-512 BF16 (then there is no choice to
+/// make). Measured on the first call (about half a millisecond), then remembered.
+pub fn rates() -> Option<Rates> {
+    static RATES: OnceLock<Option<Rates>> = OnceLock::new();
+    *RATES.get_or_init(measure)
+}
+
+/// Whether bf16 inputs should take the bf16 dot-product kernels on this core (see the module
+/// documentation). True where the rates cannot be measured but the instructions exist.
+pub fn bf16_dot_pays() -> bool {
+    rates().is_none_or(|r| r.bf16_dot_gflops >= BF16_DOT_MIN_RATIO * r.fma_gflops)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn measure() -> Option<Rates> {
+    use std::time::Instant;
+    if !(std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16"))
+    {
+        return None;
+    }
+    // 12 instructions an iteration; a trial of the FMAs takes about 10 µs on either core.
+    const ITERS: u64 = 4096;
+    const TRIALS: usize = 9;
+    let time = |f: unsafe fn(u64)| {
+        let t = Instant::now();
+        // SAFETY: both features were detected above.
+        unsafe { f(ITERS) };
+        t.elapsed().as_secs_f64()
+    };
+    // Warm-up: cores run 512-bit instructions slowly for some microseconds before their clock
+    // and power settle.
+    for _ in 0..4 {
+        time(x86::fma_chains);
+        time(x86::bf16_dot_chains);
+    }
+    let (mut fma, mut dot) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..TRIALS {
+        fma = fma.min(time(x86::fma_chains));
+        dot = dot.min(time(x86::bf16_dot_chains));
+    }
+    let gflops = |flops_per_instruction: f64, secs: f64| {
+        flops_per_instruction * (12 * ITERS) as f64 / secs.max(1e-9) / 1e9
+    };
+    Some(Rates {
+        fma_gflops: gflops(32.0, fma),
+        bf16_dot_gflops: gflops(64.0, dot),
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure() -> Option<Rates> {
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+
+    /// `$name(iters)`: 12 × `iters` `$op`s on 12 accumulators from zeroed inputs (zeros keep
+    /// every value normal: denormal results can cost a microcode assist each).
+    macro_rules! chains {
+        ($name:ident, $features:literal, $op:literal) => {
+            /// # Safety
+            /// The CPU must have the target features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(iters: u64) {
+                asm!(
+                    "vpxord zmm0, zmm0, zmm0",
+                    "vmovaps zmm1, zmm0", "vmovaps zmm2, zmm0", "vmovaps zmm3, zmm0",
+                    "vmovaps zmm4, zmm0", "vmovaps zmm5, zmm0", "vmovaps zmm6, zmm0",
+                    "vmovaps zmm7, zmm0", "vmovaps zmm8, zmm0", "vmovaps zmm9, zmm0",
+                    "vmovaps zmm10, zmm0", "vmovaps zmm11, zmm0", "vmovaps zmm12, zmm0",
+                    "vmovaps zmm13, zmm0",
+                    "2:",
+                    concat!($op, " zmm0, zmm12, zmm13"),
+                    concat!($op, " zmm1, zmm12, zmm13"),
+                    concat!($op, " zmm2, zmm12, zmm13"),
+                    concat!($op, " zmm3, zmm12, zmm13"),
+                    concat!($op, " zmm4, zmm12, zmm13"),
+                    concat!($op, " zmm5, zmm12, zmm13"),
+                    concat!($op, " zmm6, zmm12, zmm13"),
+                    concat!($op, " zmm7, zmm12, zmm13"),
+                    concat!($op, " zmm8, zmm12, zmm13"),
+                    concat!($op, " zmm9, zmm12, zmm13"),
+                    concat!($op, " zmm10, zmm12, zmm13"),
+                    concat!($op, " zmm11, zmm12, zmm13"),
+                    "dec {n}",
+                    "jnz 2b",
+                    n = inout(reg) iters.max(1) => _,
+                    out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                    out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                    out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                    out("zmm12") _, out("zmm13") _,
+                    options(nomem, nostack),
+                );
+            }
+        };
+    }
+
+    chains!(fma_chains, "avx512f", "vfmadd231ps");
+    chains!(bf16_dot_chains, "avx512f,avx512bf16", "vdpbf16ps");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_measured_where_the_instructions_exist() {
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        match rates() {
+            Some(r) => {
+                assert!(has);
+                // Any core with AVX-512 runs well over 1 GFLOP/s; both forms, however slow,
+                // finish in a finite time.
+                assert!(r.fma_gflops > 1.0 && r.fma_gflops.is_finite(), "{r:?}");
+                assert!(
+                    r.bf16_dot_gflops > 1.0 && r.bf16_dot_gflops.is_finite(),
+                    "{r:?}"
+                );
+                // Remembered, not measured again.
+                assert_eq!(rates(), Some(r));
+            }
+            None => assert!(!has),
+        }
+    }
+}
