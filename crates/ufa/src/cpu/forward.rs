@@ -232,13 +232,13 @@ struct JobScratch {
 }
 
 impl JobScratch {
-    fn new(p: &Problem, plan: &Plan, exec: Exec) -> JobScratch {
+    fn new(p: &Problem, plan: &Plan, exec: Exec, isa: Isa) -> JobScratch {
         let keep = exec == Exec::Inline;
         let make = |_| {
             if keep {
-                Scratch::reuse(p, plan.block_rows)
+                Scratch::reuse(p, plan.block_rows, isa.bf16_tiles())
             } else {
-                Scratch::new(p, plan.block_rows)
+                Scratch::new(p, plan.block_rows, isa.bf16_tiles())
             }
         };
         JobScratch {
@@ -264,7 +264,7 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
     };
     let plan = plan(p, threads, isa);
     let g = plan.group;
-    let new_scratch = || JobScratch::new(p, &plan, exec);
+    let new_scratch = || JobScratch::new(p, &plan, exec, isa);
     let rows_of = |job: usize| -> &[TileRows] { &plan.items[job * g..][..g] };
     let jobs = plan.items.len() / g;
     if plan.splits == 1 {

@@ -74,7 +74,10 @@ pub struct Scratch {
     /// Transposed K tiles of one KV head, kept for the thread's next items of the same head
     /// (a head's rows are cut into several items, taken one after another): slot `j0 / BK`
     /// holds keys `j0..j0+nk` as `kt` would, tagged (batch, KV head, nk). Empty when a head
-    /// has one item, K is not f32, or the head's tiles exceed [`KT_CACHE_BYTES`].
+    /// has one item, K takes the bf16 dot-product path, or the head's tiles exceed
+    /// [`KT_CACHE_BYTES`]. K of other types is cached converted to fp32, as widened bf16 tiles
+    /// (`Isa::Avx512Bf16Decode`) use it: bf16 W2-causal and W3 then ran 3% faster (2-core
+    /// Xeon), as fast as f32.
     kt_cache: Vec<f32>,
     kt_tags: Vec<Option<(usize, usize, usize)>>,
     row: Vec<f32>,
@@ -139,16 +142,18 @@ thread_local! {
 }
 
 impl Scratch {
-    pub fn new(p: &Problem, max_rows: usize) -> Scratch {
-        Scratch::of_shape(ScratchShape::of(p, max_rows))
+    /// `bf16_tiles`: whether the kernel family takes bf16 dot products in its tiles
+    /// ([`super::Isa::bf16_tiles`]).
+    pub fn new(p: &Problem, max_rows: usize, bf16_tiles: bool) -> Scratch {
+        Scratch::of_shape(ScratchShape::of(p, max_rows, bf16_tiles))
     }
 
     /// [`Scratch::new`], or a scratch of the same shape that this thread kept from an earlier
     /// call ([`Scratch::keep`]). Its transposed-K cache is emptied: its tags name a batch entry
     /// and head, not the call. Every other buffer is rewritten before it is read, by each work
     /// item, as when one scratch serves a call's items in turn.
-    pub fn reuse(p: &Problem, max_rows: usize) -> Scratch {
-        let shape = ScratchShape::of(p, max_rows);
+    pub fn reuse(p: &Problem, max_rows: usize, bf16_tiles: bool) -> Scratch {
+        let shape = ScratchShape::of(p, max_rows, bf16_tiles);
         let spare = SPARE.with(|spare| {
             let mut spare = spare.borrow_mut();
             let i = spare.iter().position(|sc| sc.shape == shape)?;
@@ -237,17 +242,18 @@ impl Scratch {
 }
 
 impl ScratchShape {
-    fn of(p: &Problem, max_rows: usize) -> ScratchShape {
+    fn of(p: &Problem, max_rows: usize, bf16_tiles: bool) -> ScratchShape {
         let tiles = p.seqlen_kv.div_ceil(BK);
         let tile_len = p.head_dim * BK;
-        // No tile has more rows than max_rows; the bf16 path (in kernel families that have
+        let dot_tiles = bf16_tiles && p.k.dtype == DType::BF16;
+        // No tile has more rows than max_rows; the bf16 path (in kernel families that take
         // it) takes more than BF16_FEW_ROWS where the few-rows path in registers does not.
         let few = max_rows <= FEW_ROWS
-            && (p.k.dtype != DType::BF16
+            && (!dot_tiles
                 || max_rows <= BF16_FEW_ROWS
                 || few_rows_in_registers(p, max_rows, true));
         let cached_tiles = if !few
-            && p.k.dtype == DType::F32
+            && !dot_tiles
             && p.seqlen_q * p.group_size() > max_rows
             && tiles * tile_len * 4 <= KT_CACHE_BYTES
         {
