@@ -1086,6 +1086,7 @@ fn info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
             let rates = PyDict::new(py);
             rates.set_item("fma_gflops", r.fma_gflops)?;
             rates.set_item("bf16_dot_gflops", r.bf16_dot_gflops)?;
+            rates.set_item("bf16_dot_min_ratio", ufa::BF16_DOT_MIN_RATIO)?;
             d.set_item("cpu_rates", rates)?;
         }
         None => d.set_item("cpu_rates", py.None())?,

@@ -225,6 +225,15 @@ def test_info_and_version():
     info = ufa.info()
     assert info["version"] == ufa.__version__
     assert info["num_threads"] >= 1
+    # The per-core rates that chose the CPU kernel family: measured where the CPU has AVX-512
+    # BF16, None elsewhere; the family follows them.
+    rates = info["cpu_rates"]
+    if rates is None:
+        assert info["cpu_isa"] not in ("Avx512Bf16", "Avx512Bf16Decode")
+    else:
+        assert rates["fma_gflops"] > 1 and rates["bf16_dot_gflops"] > 1
+        dot_pays = rates["bf16_dot_gflops"] >= rates["bf16_dot_min_ratio"] * rates["fma_gflops"]
+        assert info["cpu_isa"] == ("Avx512Bf16" if dot_pays else "Avx512Bf16Decode")
 
 
 def test_cuda_work_goes_on_the_current_stream(device):

@@ -151,7 +151,9 @@ def cuda_available() -> bool:
     """Whether the core can compute on CUDA tensors here."""
 
 def info() -> Dict[str, Any]:
-    """Version, CPU threads and kernel family, CUDA devices (or ``cuda_unavailable``: why not)."""
+    """Version, CPU threads and kernel family, the per-core rates that chose it (``cpu_rates``:
+    ``fma_gflops``, ``bf16_dot_gflops``, ``bf16_dot_min_ratio``; None without AVX-512 BF16),
+    CUDA devices (or ``cuda_unavailable``: why not)."""
 
 def _debug_record(on: bool) -> None: ...
 def _debug_last_call() -> List[Tuple[str, int, Tuple[int, ...], Tuple[int, ...]]]: ...

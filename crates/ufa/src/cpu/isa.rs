@@ -282,3 +282,41 @@ pub fn cpu_features() -> Vec<&'static str> {
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_selected_by_its_name() {
+        for isa in Isa::ALL {
+            let name = isa.c_name().to_str().unwrap();
+            assert_eq!(name.parse::<Isa>(), Ok(isa));
+            assert_eq!(name.to_ascii_uppercase().parse::<Isa>(), Ok(isa));
+        }
+        let err = "avx1024".parse::<Isa>().unwrap_err();
+        assert!(
+            err.contains("avx1024") && err.contains("avx512bf16-decode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn detection_follows_the_measured_rates() {
+        let isa = Isa::detect();
+        assert!(isa.is_supported());
+        if Isa::Avx512Bf16.is_supported() {
+            let want = if super::super::rates::bf16_dot_pays() {
+                Isa::Avx512Bf16
+            } else {
+                Isa::Avx512Bf16Decode
+            };
+            assert_eq!(isa, want, "{:?}", super::super::rates::rates());
+        } else {
+            // Without the bf16 instructions there is nothing to measure, and the first
+            // supported family is taken.
+            assert_eq!(super::super::rates::rates(), None);
+            assert_eq!(Some(isa), Isa::ALL.into_iter().find(|i| i.is_supported()));
+        }
+    }
+}
