@@ -91,7 +91,10 @@ impl Backend {
 fn backends(args: &Args) -> ufa::Result<Vec<Backend>> {
     let mut backends = Vec::new();
     if args.device.wants_cpu() {
-        let isas: Vec<Isa> = if args.best_only {
+        // --cpu-isa names the one family to check; without it, every family this CPU runs.
+        let isas: Vec<Isa> = if let Some(isa) = args.compute.cpu_isa {
+            vec![isa]
+        } else if args.best_only {
             vec![Isa::detect()]
         } else {
             Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
@@ -293,4 +296,26 @@ fn print_forward_row(
         bound,
         tally.verdict(ok)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Cli, Command};
+    use clap::Parser;
+
+    #[test]
+    fn cpu_isa_option_picks_the_family_checked() {
+        let cli = Cli::try_parse_from(["ufa", "check", "--device", "cpu", "--cpu-isa", "portable"])
+            .unwrap();
+        let Command::Check(args) = cli.command else {
+            panic!("not check");
+        };
+        let backends = super::backends(&args).unwrap();
+        let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["cpu/portable"]);
+        let e = Cli::try_parse_from(["ufa", "check", "--cpu-isa", "avx1024"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("avx1024"), "{e}");
+    }
 }

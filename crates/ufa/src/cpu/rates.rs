@@ -39,7 +39,8 @@ pub fn rates() -> Option<Rates> {
 }
 
 /// Whether bf16 inputs should take the bf16 dot-product kernels on this core (see the module
-/// documentation). True where the rates cannot be measured but the instructions exist.
+/// documentation). True where nothing was measured: then the CPU lacks the instructions, and
+/// no family that takes them is chosen.
 pub fn bf16_dot_pays() -> bool {
     rates().is_none_or(|r| r.bf16_dot_gflops >= BF16_DOT_MIN_RATIO * r.fma_gflops)
 }
