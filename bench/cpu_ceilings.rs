@@ -102,65 +102,9 @@ fn undisturbed(rounds: usize, mut round: impl FnMut() -> Option<f64>) -> (Vec<f6
 mod x86 {
     use std::arch::asm;
 
-    /// `pub fn $name(iters: u64)`: 12 × `iters` independent `$op`s, each into its own
-    /// accumulator `$r`0..11 from `$r`12 and `$r`13 (all zeroed first), so that only the
-    /// instruction's throughput limits the loop.
-    macro_rules! throughput_loop {
-        ($(#[$doc:meta])* $name:ident, $op:literal, $r:literal) => {
-            $(#[$doc])*
-            pub fn $name(iters: u64) {
-                // SAFETY: register-only instructions of an ISA the caller checked for; every
-                // register written is declared clobbered (zmm covers ymm).
-                unsafe {
-                    asm!(
-                        "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1",
-                        "vxorps xmm2, xmm2, xmm2", "vxorps xmm3, xmm3, xmm3",
-                        "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
-                        "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7",
-                        "vxorps xmm8, xmm8, xmm8", "vxorps xmm9, xmm9, xmm9",
-                        "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
-                        "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
-                        "2:",
-                        concat!($op, " ", $r, "0, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "1, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "2, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "3, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "4, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "5, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "6, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "7, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "8, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "9, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "10, ", $r, "12, ", $r, "13"),
-                        concat!($op, " ", $r, "11, ", $r, "12, ", $r, "13"),
-                        "dec {n}",
-                        "jnz 2b",
-                        "vzeroupper",
-                        n = inout(reg) iters => _,
-                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
-                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
-                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
-                        out("zmm12") _, out("zmm13") _,
-                        options(nostack, nomem),
-                    );
-                }
-            }
-        };
-    }
-
-    throughput_loop!(
-        /// 12 × `iters` independent 512-bit FMAs (16 lanes × 2 flops each); needs avx512f.
-        fma_zmm, "vfmadd231ps", "zmm"
-    );
-    throughput_loop!(
-        /// 12 × `iters` independent 256-bit FMAs (8 lanes × 2 flops each); needs AVX2/FMA.
-        fma_ymm, "vfmadd231ps", "ymm"
-    );
-    throughput_loop!(
-        /// 12 × `iters` independent 512-bit bf16 dot products (16 lanes × 2 pairs × 2 flops
-        /// each); needs avx512bf16.
-        dpbf16_zmm, "vdpbf16ps", "zmm"
-    );
+    // The multiply-add loops are the library's own (cpu/rates.rs), so that the ceilings
+    // reported here are measured as the kernel family is chosen.
+    pub use ufa::internals::{dpbf16_zmm, fma_ymm, fma_zmm};
 
     /// 8 × `iters` dependent one-cycle integer adds: the time per add is one clock cycle.
     /// Register operands, not immediates: Intel's Golden Cove cores (Sapphire and Emerald
@@ -219,7 +163,8 @@ mod x86 {
 }
 
 /// A compute loop: name, body (run `iters` times), units of work an iteration, unit.
-type Loop = (&'static str, fn(u64), f64, &'static str);
+/// (name, loop, units per iteration, unit); each loop's instructions were checked for in main.
+type Loop = (&'static str, unsafe fn(u64), f64, &'static str);
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -290,9 +235,11 @@ fn main() {
     };
     for (name, f, per_iter, unit) in compute {
         for n in [1, threads] {
-            f(ITERS / 10); // warm up (clock ramp, AVX-512 power state)
+            // SAFETY: main checked each loop's instructions before listing it.
+            unsafe { f(ITERS / 10) }; // warm up (clock ramp, AVX-512 power state)
             let (rates, dropped) = undisturbed(rounds, || {
-                let (secs, on_cpu, _) = on_threads(n, move |_| f(ITERS));
+                // SAFETY: as above.
+                let (secs, on_cpu, _) = on_threads(n, move |_| unsafe { f(ITERS) });
                 on_cpu.then_some(())?;
                 // The clock is per core: report it per thread, not summed.
                 let total = if unit == "GHz" { 1.0 } else { n as f64 };

@@ -1,9 +1,13 @@
 //! What ufa's test kit (`crates/ufa-testkit`: the f64 reference, the random cases, `ufa check`)
 //! needs from inside the library: the validation the reference shares with the backends, raw
-//! element loads, device memory and timing for the GPU suites, and the NVRTC compile reports.
+//! element loads, device memory and timing for the GPU suites, and the NVRTC compile reports;
+//! and the multiply-add throughput loops the CPU family is chosen with, for
+//! `bench/cpu_ceilings.rs`.
 //! Compiled only with the `testkit` feature; not part of ufa's API and without stability
 //! promises.
 
+#[cfg(target_arch = "x86_64")]
+pub use crate::cpu::throughput_loops::{dpbf16_zmm, fma_ymm, fma_zmm};
 pub use crate::cuda::{
     compile_all_variants, compile_variants, nvrtc_version, synchronize, time_ms, CompileReport,
     DeviceBuffer, ModuleReport, CACHE_DIR_ENV, NVRTC_PATH_ENV,

@@ -18,6 +18,8 @@ mod rates;
 mod tile;
 
 pub use isa::{amx, cpu_features, Amx, Isa};
+#[cfg(all(target_arch = "x86_64", feature = "testkit"))]
+pub(crate) use rates::x86 as throughput_loops;
 pub use rates::{rates, Rates, BF16_DOT_MIN_RATIO};
 
 use crate::error::{Error, ErrorKind, Result};

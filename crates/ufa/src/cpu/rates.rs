@@ -65,13 +65,13 @@ fn measure() -> Option<Rates> {
     // Warm-up: cores run 512-bit instructions slowly for some microseconds before their clock
     // and power settle.
     for _ in 0..4 {
-        time(x86::fma_chains);
-        time(x86::bf16_dot_chains);
+        time(x86::fma_zmm);
+        time(x86::dpbf16_zmm);
     }
     let (mut fma, mut dot) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..TRIALS {
-        fma = fma.min(time(x86::fma_chains));
-        dot = dot.min(time(x86::bf16_dot_chains));
+        fma = fma.min(time(x86::fma_zmm));
+        dot = dot.min(time(x86::dpbf16_zmm));
     }
     let gflops = |flops_per_instruction: f64, secs: f64| {
         flops_per_instruction * (12 * ITERS) as f64 / secs.max(1e-9) / 1e9
@@ -87,40 +87,47 @@ fn measure() -> Option<Rates> {
     None
 }
 
+/// Register-only throughput loops of the multiply-adds, shared with `bench/cpu_ceilings.rs`
+/// (through `ufa::internals`), which reports the machine's ceilings from the same loops.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::asm;
 
-    /// `$name(iters)`: 12 × `iters` `$op`s on 12 accumulators from zeroed inputs (zeros keep
-    /// every value normal: denormal results can cost a microcode assist each).
+    /// `$name(iters)`: 12 × `iters` independent `$op`s, each into its own accumulator `$r`0..11
+    /// from `$r`12 and `$r`13, all zeroed first (zeros keep every value normal: denormal
+    /// results can cost a microcode assist each), so that only the instruction's throughput
+    /// limits the loop.
     macro_rules! chains {
-        ($name:ident, $features:literal, $op:literal) => {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $op:literal, $r:literal) => {
+            $(#[$doc])*
             /// # Safety
             /// The CPU must have the target features.
             #[target_feature(enable = $features)]
             pub unsafe fn $name(iters: u64) {
                 asm!(
-                    "vpxord zmm0, zmm0, zmm0",
-                    "vmovaps zmm1, zmm0", "vmovaps zmm2, zmm0", "vmovaps zmm3, zmm0",
-                    "vmovaps zmm4, zmm0", "vmovaps zmm5, zmm0", "vmovaps zmm6, zmm0",
-                    "vmovaps zmm7, zmm0", "vmovaps zmm8, zmm0", "vmovaps zmm9, zmm0",
-                    "vmovaps zmm10, zmm0", "vmovaps zmm11, zmm0", "vmovaps zmm12, zmm0",
-                    "vmovaps zmm13, zmm0",
+                    "vxorps xmm0, xmm0, xmm0", "vxorps xmm1, xmm1, xmm1",
+                    "vxorps xmm2, xmm2, xmm2", "vxorps xmm3, xmm3, xmm3",
+                    "vxorps xmm4, xmm4, xmm4", "vxorps xmm5, xmm5, xmm5",
+                    "vxorps xmm6, xmm6, xmm6", "vxorps xmm7, xmm7, xmm7",
+                    "vxorps xmm8, xmm8, xmm8", "vxorps xmm9, xmm9, xmm9",
+                    "vxorps xmm10, xmm10, xmm10", "vxorps xmm11, xmm11, xmm11",
+                    "vxorps xmm12, xmm12, xmm12", "vxorps xmm13, xmm13, xmm13",
                     "2:",
-                    concat!($op, " zmm0, zmm12, zmm13"),
-                    concat!($op, " zmm1, zmm12, zmm13"),
-                    concat!($op, " zmm2, zmm12, zmm13"),
-                    concat!($op, " zmm3, zmm12, zmm13"),
-                    concat!($op, " zmm4, zmm12, zmm13"),
-                    concat!($op, " zmm5, zmm12, zmm13"),
-                    concat!($op, " zmm6, zmm12, zmm13"),
-                    concat!($op, " zmm7, zmm12, zmm13"),
-                    concat!($op, " zmm8, zmm12, zmm13"),
-                    concat!($op, " zmm9, zmm12, zmm13"),
-                    concat!($op, " zmm10, zmm12, zmm13"),
-                    concat!($op, " zmm11, zmm12, zmm13"),
+                    concat!($op, " ", $r, "0, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "1, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "2, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "3, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "4, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "5, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "6, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "7, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "8, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "9, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "10, ", $r, "12, ", $r, "13"),
+                    concat!($op, " ", $r, "11, ", $r, "12, ", $r, "13"),
                     "dec {n}",
                     "jnz 2b",
+                    "vzeroupper",
                     n = inout(reg) iters.max(1) => _,
                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
                     out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
@@ -132,8 +139,19 @@ mod x86 {
         };
     }
 
-    chains!(fma_chains, "avx512f", "vfmadd231ps");
-    chains!(bf16_dot_chains, "avx512f,avx512bf16", "vdpbf16ps");
+    chains!(
+        /// 12 × `iters` 512-bit fp32 FMAs (16 lanes × 2 flops each).
+        fma_zmm, "avx512f", "vfmadd231ps", "zmm"
+    );
+    #[cfg(feature = "testkit")]
+    chains!(
+        /// 12 × `iters` 256-bit fp32 FMAs (8 lanes × 2 flops each), for the ceilings alone.
+        fma_ymm, "avx2,fma", "vfmadd231ps", "ymm"
+    );
+    chains!(
+        /// 12 × `iters` 512-bit bf16 dot products (16 lanes × 2 pairs × 2 flops each).
+        dpbf16_zmm, "avx512f,avx512bf16", "vdpbf16ps", "zmm"
+    );
 }
 
 #[cfg(test)]
