@@ -15,9 +15,7 @@
 // `wgmma_qk<T>` / `wgmma_pv<T>` are the inline-PTX wrappers for this variant's N (BLOCK_N and
 // HEAD_DIM), which the host generates into wgmma_ops.cuh (crates/ufa/src/cuda/wgmma.rs)
 // because PTX needs one operand list per shape.
-#include "dropout.cuh"
-#include "fwd_tile.cuh"
-#include "wgmma.cuh"
+#include "fwd_sm90_tile.cuh"
 #include "wgmma_ops.cuh"
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES>
@@ -81,8 +79,6 @@ __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
     // This thread's rows: `group` and `group + 8` of its warp's 16 (the wgmma accumulator
     // layout is mma.sync's m16n8 fragment, repeated over N in n8 tiles).
     const int row_a = m0 + wg * 64 + (warp % 4) * 16 + group;
-    constexpr int kSTiles = BN / 8;
-    constexpr int kOTiles = D / 8;
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -129,54 +125,14 @@ __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
             wgmma_wait<0>();
             fence_regs(s);
 
-            mask_scores<SCORE_MOD, kSTiles>(p, sq, row_a, n0, quad, b, h, slope,
-                                            tile_visible(p, sq, m0, m_last, n0, BN),
-                                            [&](int t, int e) -> float& { return s[4 * t + e]; });
-
-            // Online softmax (scale fused into exp2 for plain scores).
-            const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float tile_max = -UFA_INF;
-#pragma unroll
-                for (int t = 0; t < kSTiles; ++t)
-                    tile_max = fmaxf(tile_max, fmaxf(s[4 * t + 2 * r], s[4 * t + 2 * r + 1]));
-                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-                float base;
-                const float correction = row[r].rescale(tile_max * score_scale, base);
-                float sum = 0.f;
-#pragma unroll
-                for (int t = 0; t < kSTiles; ++t) {
-                    s[4 * t + 2 * r] = fast_exp2(fmaf(s[4 * t + 2 * r], score_scale, -base));
-                    s[4 * t + 2 * r + 1] = fast_exp2(fmaf(s[4 * t + 2 * r + 1], score_scale, -base));
-                    sum += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
-                }
-                row[r].sum += sum;
-#pragma unroll
-                for (int t = 0; t < kOTiles; ++t) {
-                    o[4 * t + 2 * r] *= correction;
-                    o[4 * t + 2 * r + 1] *= correction;
-                }
-            }
-
-            if constexpr (DROPOUT) {
-#pragma unroll
-                for (int t = 0; t < kSTiles; t += 2)
-                    dropout_fwd_tiles(p, (uint32_t)(b * p.heads_q + h), row_a, n0 + t * 8, quad,
-                                      *reinterpret_cast<float(*)[4]>(&s[4 * t]),
-                                      *reinterpret_cast<float(*)[4]>(&s[4 * t + 4]));
-            }
-
-            // O += P V[n]: two n8 tiles of S are one k16 A fragment; V is MN-major.
+            float corr[2];
             uint32_t pa[BN / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                pa[kk][0] = Convert<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
-                pa[kk][1] = Convert<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
-                pa[kk][2] = Convert<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
-                pa[kk][3] = Convert<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
-            }
+            sm90_scores_to_p<SCORE_MOD, DROPOUT, BN>(p, sq, b, h, row_a, m0, m_last, n0, quad,
+                                                     slope, s, row, corr);
+            sm90_pack_p<T, BN>(s, pa);
+            sm90_rescale_o<D>(o, corr);
+
+            // O += P V[n]: P as register A fragments, V MN-major.
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk)
@@ -189,15 +145,5 @@ __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
         }
     }
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-        store_fwd_row<T, kOTiles>(p, w, row_a + r * 8, quad, row[r],
-                                  [&](int t, float& x, float& y) {
-                                      x = o[4 * t + 2 * r];
-                                      y = o[4 * t + 2 * r + 1];
-                                      if constexpr (DROPOUT) {
-                                          x *= p.dropout_scale;
-                                          y *= p.dropout_scale;
-                                      }
-                                  });
+    sm90_store_o<T, DROPOUT, D>(p, w, row_a, quad, row, o);
 }

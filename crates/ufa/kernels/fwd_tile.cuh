@@ -22,14 +22,16 @@ struct FwdBlock {
     const uint16_t *q, *k, *v;
 };
 
+// The block of query rows `m_rev`, counted from the last, of head h and batch entry b.
 template <bool SEQS, int ELEM_UNITS = 1>
-__device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, int block_n) {
+__device__ __forceinline__ FwdBlock fwd_block_at(const FwdParams& p, int block_m, int block_n,
+                                                 int m_rev, int h, int b) {
     FwdBlock w;
-    w.h = blockIdx.y;
-    w.b = blockIdx.z;
+    w.h = h;
+    w.b = b;
     w.hk = w.h / p.group;
     w.s = seq_for<SEQS>(p, w.b);
-    w.m0 = (p.num_m_blocks - 1 - blockIdx.x) * block_m;
+    w.m0 = (p.num_m_blocks - 1 - m_rev) * block_m;
     w.idle = w.m0 >= w.s.seqlen_q;
     w.m_last = min(w.m0 + block_m, w.s.seqlen_q) - 1;
     w.q = (const uint16_t*)p.q + row_offset(p.q_stride, w.b, w.s.q_row0, w.h) * ELEM_UNITS;
@@ -43,6 +45,12 @@ __device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, i
     w.n_first = key_lo / block_n;
     w.n_last = key_hi > key_lo ? (key_hi - 1) / block_n : w.n_first - 1;
     return w;
+}
+
+// This thread block's rows: grid (m-blocks, heads, batch).
+template <bool SEQS, int ELEM_UNITS = 1>
+__device__ __forceinline__ FwdBlock fwd_block(const FwdParams& p, int block_m, int block_n) {
+    return fwd_block_at<SEQS, ELEM_UNITS>(p, block_m, block_n, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 // Copies rows [row0, row0 + ROWS) of a tile whose row r lies at element offset row_off(r) of

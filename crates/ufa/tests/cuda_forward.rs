@@ -67,6 +67,43 @@ fn fp32_takes_the_tensor_cores() {
     );
 }
 
+/// On Hopper, with the warp-specialised kernel on (UFA_CUDA_TMA_FWD, or its default), dense
+/// batches take it (a head dim between its tiles too: the tensor maps fill the padding with
+/// zeros); elsewhere this checks the results alone.
+#[test]
+fn hopper_dense_calls_take_the_warp_specialised_kernel() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    for (d, causal) in [(128, true), (80, false), (256, true)] {
+        let mut c = Case::new(2, 300, 333, 4, d, DType::BF16);
+        c.heads_kv = 2;
+        c.causal = causal;
+        let r = check_case_cuda(&ctx, &c, 5, 0).unwrap();
+        assert!(r.passed(), "{}: {}", c.describe(), r.summary());
+    }
+    let kernels = loaded_kernels(&ctx);
+    let hopper = kernels.iter().any(|k| k.starts_with("ufa_fwd_sm90"));
+    if hopper && ufa::internals::tma_fwd_enabled() {
+        let forward: Vec<&String> = kernels
+            .iter()
+            .filter(|k| k.starts_with("ufa_fwd_"))
+            .collect();
+        assert!(
+            forward
+                .iter()
+                .all(|k| k.starts_with("ufa_fwd_sm90_tma_bf16_d")),
+            "{kernels:?}"
+        );
+        assert_eq!(
+            forward.len(),
+            3,
+            "d128, d80 on the d128 tile, d256: {kernels:?}"
+        );
+    }
+}
+
 /// Head dims between the instantiated ones run on the next larger tensor-core tile (zeros in
 /// the padding), not on the CUDA-core kernel.
 #[test]

@@ -381,6 +381,18 @@ kernel_struct! {
 }
 
 kernel_struct! {
+    /// The warp-specialised Hopper forward's parameter block (kernels/fwd_sm90_tma.cu):
+    /// FwdParams and the tensor maps of Q, K and V ([batch, heads, seq, head_dim] boxes of 64
+    /// columns and the tile's rows, 128-byte swizzle).
+    pub(crate) struct FwdSm90Params {
+        pub f: FwdParams,
+        pub q: TmaMap,
+        pub k: TmaMap,
+        pub v: TmaMap,
+    }
+}
+
+kernel_struct! {
     /// The KV cache's append: new keys (rotated) and values written at each sequence's
     /// length, and q rotated into a contiguous copy. `f` describes the cache as the attention
     /// reads it (k and v its cache, seqused_k its lengths, block_table or kv_batch_idx).
@@ -480,6 +492,7 @@ pub(crate) fn header() -> String {
         BwdParams::c_definition(),
         TmaMap::c_definition(),
         BwdSm90Params::c_definition(),
+        FwdSm90Params::c_definition(),
         AppendParams::c_definition(),
         MergeState::c_definition(),
         MergeParams::c_definition(),
@@ -513,6 +526,7 @@ mod tests {
             ("DecodeParams", DecodeParams::FIELDS),
             ("BwdParams", BwdParams::FIELDS),
             ("BwdSm90Params", BwdSm90Params::FIELDS),
+            ("FwdSm90Params", FwdSm90Params::FIELDS),
             ("AppendParams", AppendParams::FIELDS),
             ("MergeParams", MergeParams::FIELDS),
         ] {

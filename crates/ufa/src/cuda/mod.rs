@@ -28,6 +28,8 @@ pub use compile_check::{compile_all_variants, compile_variants, nvrtc_version, C
 pub use driver::{synchronize, time_ms, DeviceBuffer};
 #[cfg(feature = "testkit")]
 pub use nvrtc::NVRTC_PATH_ENV;
+#[cfg(feature = "testkit")]
+pub use sm90::tma_fwd_enabled;
 
 pub(crate) use decode::workspace_bound as decode_workspace_bound;
 
@@ -285,7 +287,7 @@ impl CudaBackend {
         }
         let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
         let params = FwdParams::new(p, variant.rows_per_block())?;
-        let grid = variant.grid(p)?;
+        let grid = variant.grid(p, sms)?;
         if grid.0 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -293,15 +295,15 @@ impl CudaBackend {
         // SAFETY: the parameter block is the kernel's (abi.rs); every pointer was checked to be
         // device memory of this device, validation bounds every index by the views' spans, and
         // the kernels clamp what they read from device metadata.
+        let (threads, smem) = (variant.threads(), variant.dynamic_smem());
         unsafe {
-            driver::launch(
-                &kernel,
-                grid,
-                variant.threads(),
-                variant.dynamic_smem(),
-                stream,
-                &params,
-            )
+            match variant {
+                Variant::FwdSm90Tma { tile, .. } => {
+                    let sm90 = abi::FwdSm90Params::new(p, params, tile.block_m, tile.block_n)?;
+                    driver::launch(&kernel, grid, threads, smem, stream, &sm90)
+                }
+                _ => driver::launch(&kernel, grid, threads, smem, stream, &params),
+            }
         }
     }
 

@@ -129,6 +129,167 @@ pub(crate) fn parse_wgmma_tile(s: &str) -> Option<WgmmaTile> {
     })
 }
 
+/// Tile sizes of one warp-specialised Hopper forward variant (kernels/fwd_sm90_tma.cu); see
+/// [`tma_tile_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TmaFwdTile {
+    pub head_dim: u32,
+    /// Query rows a block: 64 per consumer warpgroup.
+    pub block_m: u32,
+    /// Keys a tile: the N of S = Q Kᵀ.
+    pub block_n: u32,
+    /// K and V buffers of the ring.
+    pub stages: u32,
+    /// Two consumers take turns issuing their MMAs.
+    pub pingpong: bool,
+    /// One block an SM walks the tiles (grid: [`TmaFwdTile::grid`]).
+    pub persistent: bool,
+}
+
+impl TmaFwdTile {
+    fn consumers(&self) -> u32 {
+        self.block_m / 64
+    }
+
+    /// The consumers and the producer warpgroup.
+    pub fn threads(&self) -> u32 {
+        (self.consumers() + 1) * 128
+    }
+
+    /// `TmaFwdConfig::kSmemBytes`: Q, the K and V rings, four barriers a stage and Q's two,
+    /// and 1024 bytes to align the tiles.
+    pub fn smem_bytes(&self) -> u32 {
+        (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * 2
+            + (2 + 4 * self.stages) * 8
+            + 1024
+    }
+
+    /// The launch grid, given the grid of a block a (query block, head, batch) tile: that
+    /// one, or (persistent) a block an SM for at most as many tiles.
+    pub fn grid(&self, dense: (u32, u32, u32), sms: u32) -> (u32, u32, u32) {
+        if !self.persistent {
+            return dense;
+        }
+        let tiles = dense.0 as u64 * dense.1 as u64 * dense.2 as u64;
+        (tiles.min(sms as u64) as u32, 1, 1)
+    }
+
+    /// Whether the kernel template's static_asserts accept this shape.
+    pub fn is_valid(&self) -> bool {
+        (64..=256).contains(&self.block_m)
+            && self.block_m.is_multiple_of(64)
+            && (16..=256).contains(&self.block_n)
+            && self.block_n.is_multiple_of(16)
+            && self.stages >= 2
+            && (!self.pingpong || self.consumers() == 2)
+            && WGMMA_HEAD_DIMS.contains(&(self.head_dim as usize))
+    }
+}
+
+/// Environment variable overriding the warp-specialised forward's tiles for tuning
+/// experiments: `block_m,block_n,stages,pingpong,persistent` (the last two 0 or 1).
+pub const TMA_FWD_TILE_ENV: &str = "UFA_CUDA_TMA_FWD_TILE";
+
+/// `UFA_CUDA_TMA_FWD=1` sends dense Hopper problems to the warp-specialised forward
+/// (fwd_sm90_tma.cu), `0` to the cp.async one (fwd_sm90.cu); unset, [`TMA_FWD_DEFAULT`]
+/// decides.
+pub const TMA_FWD_ENV: &str = "UFA_CUDA_TMA_FWD";
+
+/// Whether dense Hopper problems take the warp-specialised forward by default. Not yet: it
+/// compiles for sm_90a (NVRTC 13.0, no spills at d64/d128, no serialised wgmma) and its host
+/// logic is tested, but it has not run on a Hopper GPU (no machine was lent, 2026-12-05), so
+/// it is opt-in until the GPU suites pass on it.
+pub const TMA_FWD_DEFAULT: bool = false;
+
+/// Whether the warp-specialised forward is used ([`TMA_FWD_ENV`], else [`TMA_FWD_DEFAULT`]).
+pub fn tma_fwd_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var(TMA_FWD_ENV).map_or(TMA_FWD_DEFAULT, |v| match v.trim() {
+            "0" => false,
+            "1" => true,
+            _ => TMA_FWD_DEFAULT,
+        })
+    })
+}
+
+/// The warp-specialised forward's tiles: one persistent block an SM (a producer and two
+/// consumers take its registers), 128 query rows, two K/V stages, the consumers taking turns;
+/// keys a tile as many as the consumers' registers hold beside O (D / 2 floats), S (N / 2)
+/// and P (N / 4): 128 at head dims 64 and 128, 96 at 192, 80 at 256 (whose two stages
+/// then just fit 227 KiB), 64 there for the score-modifying and dropout variants (with 80
+/// keys their per-element work spilled 80-90 bytes; ptxas of NVRTC 13.0, 2026-12-05).
+///
+/// A head dim between the tile dims (a multiple of 8 up to 256) runs on the next larger one:
+/// the tensor maps span the real head dim, so TMA fills the columns past it with zeros, and
+/// the epilogue stores only the real ones.
+pub(crate) fn tma_tile_for(
+    head_dim: usize,
+    score_mod: bool,
+    dropout: bool,
+    max_smem: u32,
+) -> Option<TmaFwdTile> {
+    if head_dim == 0 || !head_dim.is_multiple_of(8) {
+        return None; // tensor-map rows are whole 16-byte pieces
+    }
+    let head_dim = WGMMA_HEAD_DIMS.into_iter().find(|&d| d >= head_dim)?;
+    let default = TmaFwdTile {
+        head_dim: head_dim as u32,
+        block_m: 128,
+        block_n: match head_dim {
+            64 | 128 => 128,
+            192 => 96,
+            _ if score_mod || dropout => 64,
+            _ => 80,
+        },
+        stages: 2,
+        pingpong: true,
+        persistent: true,
+    };
+    let fits = |t: &TmaFwdTile| t.is_valid() && t.smem_bytes() <= max_smem;
+    let over = tma_tile_override().map(|t| TmaFwdTile {
+        head_dim: head_dim as u32,
+        ..t
+    });
+    over.into_iter().chain([default]).find(fits)
+}
+
+fn tma_tile_override() -> Option<TmaFwdTile> {
+    static OVERRIDE: std::sync::OnceLock<Option<TmaFwdTile>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| {
+        let [block_m, block_n, stages, pingpong, persistent] =
+            super::tiles::parse_numbers(&std::env::var(TMA_FWD_TILE_ENV).ok()?)?;
+        Some(TmaFwdTile {
+            head_dim: 0,
+            block_m,
+            block_n,
+            stages,
+            pingpong: pingpong != 0,
+            persistent: persistent != 0,
+        })
+    })
+}
+
+/// The warp-specialised forward's entry-point call.
+pub(crate) fn tma_call(
+    tile: &TmaFwdTile,
+    score_mod: bool,
+    dropout: bool,
+    type_tag: &str,
+) -> String {
+    let config = format!(
+        "TmaFwdConfig<{}, {}, {}, {}, {}, {}>",
+        tile.head_dim, tile.block_m, tile.block_n, tile.stages, tile.pingpong, tile.persistent
+    );
+    entry_call(
+        "fwd_sm90_tma",
+        config,
+        tile.smem_bytes(),
+        &format!("{score_mod}, {dropout}"),
+        type_tag,
+    )
+}
+
 /// How a wrapper takes its A operand.
 #[derive(Clone, Copy)]
 enum AOperand {
@@ -193,13 +354,14 @@ fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> Str
     )
 }
 
-/// The wrappers `fwd_sm90` calls for `tile`: `wgmma_qk` (N = block_n, both operands in
-/// shared memory) and `wgmma_pv` (N = head_dim, P in registers, V transposed).
-pub(crate) fn wrappers(tile: &WgmmaTile) -> String {
+/// The wrappers both forward kernels (fwd_sm90.cu, fwd_sm90_tma.cu) call for their tile:
+/// `wgmma_qk` (N = block_n, both operands in shared memory) and `wgmma_pv` (N = head_dim, P
+/// in registers, V transposed).
+pub(crate) fn wrappers(head_dim: u32, block_n: u32) -> String {
     format!(
         "{}\n{}",
-        wrapper("wgmma_qk", tile.block_n, AOperand::Shared, false, false),
-        wrapper("wgmma_pv", tile.head_dim, AOperand::Registers, false, true)
+        wrapper("wgmma_qk", block_n, AOperand::Shared, false, false),
+        wrapper("wgmma_pv", head_dim, AOperand::Registers, false, true)
     )
 }
 
@@ -445,7 +607,7 @@ mod tests {
             stages: 2,
             min_blocks: 1,
         };
-        let src = wrappers(&t);
+        let src = wrappers(t.head_dim, t.block_n);
         // qk: 64 accumulators %0..%63, desc_a %64, desc_b %65, flag %66.
         assert!(src.contains("m64n128k16.f32.bf16.bf16 {%0, %1,"));
         assert!(src.contains("%62, %63}, %64, %65, p, 1, 1, 0, 0;"));
@@ -518,6 +680,56 @@ mod tests {
         }
         assert_eq!(wgmma_tile_for(96, false, false, false, 232_448), None);
         assert_eq!(wgmma_tile_for(256, false, false, false, 101_376), None);
+    }
+
+    #[test]
+    fn warp_specialised_tiles_cover_the_head_dims_within_hopper_shared_memory() {
+        for d in WGMMA_HEAD_DIMS {
+            for (score_mod, dropout) in [(false, false), (true, false), (false, true)] {
+                let t = tma_tile_for(d, score_mod, dropout, 232_448).expect("a Hopper tile");
+                assert!(t.is_valid(), "{t:?}");
+                assert!(t.smem_bytes() <= 232_448, "{t:?}");
+                // A producer warpgroup beside two consumers taking turns.
+                assert_eq!((t.threads(), t.pingpong), (384, true));
+            }
+        }
+        // d256: Q 64 KiB, two stages of K and V of 80 keys 160 KiB, 10 barriers, alignment.
+        let t = tma_tile_for(256, false, false, 232_448).unwrap();
+        assert_eq!(t.smem_bytes(), 65_536 + 163_840 + 80 + 1024);
+        assert!(tma_call(&t, false, false, "BFloat16")
+            .contains("static_assert(Cfg::kSmemBytes == 230480"));
+        // Persistent: one block an SM, or one a tile when there are fewer.
+        let t = tma_tile_for(128, false, false, 232_448).unwrap();
+        assert_eq!(t.grid((32, 16, 4), 132), (132, 1, 1));
+        assert_eq!(t.grid((2, 3, 4), 132), (24, 1, 1));
+        let t = TmaFwdTile {
+            persistent: false,
+            ..t
+        };
+        assert_eq!(t.grid((32, 16, 4), 132), (32, 16, 4));
+        // Head dims between the tile dims take the next larger tile; other ones none.
+        assert_eq!(
+            tma_tile_for(96, false, false, 232_448).unwrap().head_dim,
+            128
+        );
+        assert_eq!(tma_tile_for(8, false, false, 232_448).unwrap().head_dim, 64);
+        assert_eq!(
+            tma_tile_for(200, false, false, 232_448).unwrap().head_dim,
+            256
+        );
+        for d in [0, 4, 100, 264, 512] {
+            assert_eq!(tma_tile_for(d, false, false, 232_448), None, "{d}");
+        }
+        assert_eq!(tma_tile_for(256, false, false, 101_376), None);
+        // Ping-pong needs exactly two consumers.
+        let t = tma_tile_for(64, false, false, 232_448).unwrap();
+        assert!(!TmaFwdTile { block_m: 192, ..t }.is_valid());
+        assert!(TmaFwdTile {
+            block_m: 192,
+            pingpong: false,
+            ..t
+        }
+        .is_valid());
     }
 
     #[test]

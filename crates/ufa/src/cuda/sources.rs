@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 /// Every kernel source of `crates/ufa/kernels/` (a test checks that none is missing).
-pub(crate) const KERNEL_FILES: [(&str, &str); 19] = [
+pub(crate) const KERNEL_FILES: [(&str, &str); 21] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("sequence.cuh", include_str!("../../kernels/sequence.cuh")),
     ("mask.cuh", include_str!("../../kernels/mask.cuh")),
@@ -19,7 +19,15 @@ pub(crate) const KERNEL_FILES: [(&str, &str); 19] = [
     ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
     ("tma.cuh", include_str!("../../kernels/tma.cuh")),
     ("fwd_sm80.cu", include_str!("../../kernels/fwd_sm80.cu")),
+    (
+        "fwd_sm90_tile.cuh",
+        include_str!("../../kernels/fwd_sm90_tile.cuh"),
+    ),
     ("fwd_sm90.cu", include_str!("../../kernels/fwd_sm90.cu")),
+    (
+        "fwd_sm90_tma.cu",
+        include_str!("../../kernels/fwd_sm90_tma.cu"),
+    ),
     ("fwd_simple.cu", include_str!("../../kernels/fwd_simple.cu")),
     ("fwd_decode.cu", include_str!("../../kernels/fwd_decode.cu")),
     ("bwd_sm80.cu", include_str!("../../kernels/bwd_sm80.cu")),

@@ -1,13 +1,13 @@
-//! Tensor maps for the Hopper backward (kernels/flash_bwd_sm90.cu, kernels/tma.cuh): the
-//! tensor memory accelerator copies boxes of Q, dO, K and V into shared memory with the
-//! 128-byte swizzle and adds dQ tiles into the fp32 buffer, so the kernel's parameter block
-//! carries one map per tensor.
+//! Tensor maps for the Hopper kernels fed by the tensor memory accelerator
+//! (kernels/fwd_sm90_tma.cu, kernels/bwd_sm90.cu, kernels/tma.cuh): it copies boxes of Q, K,
+//! V (and dO) into shared memory with the 128-byte swizzle and adds the backward's dQ tiles
+//! into its fp32 buffer, so the kernels' parameter blocks carry one map per tensor.
 
-use super::abi::{BwdParams, BwdSm90Params, TmaMap};
+use super::abi::{BwdParams, BwdSm90Params, FwdParams, FwdSm90Params, TmaMap};
 use super::variants::query_and_key_dims;
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use crate::problem::{BackwardProblem, Operand};
+use crate::problem::{BackwardProblem, Operand, Problem};
 use cudarc::driver::sys;
 
 /// Columns of a 16-bit box: 128 bytes, the swizzle's row.
@@ -41,15 +41,27 @@ fn strides_16bit(
     Some(out)
 }
 
+/// Whether an operand of a dense batch with `dims` can have a map: 16-byte aligned, with
+/// strides a map can express.
+fn mappable(op: &Operand, dims: [usize; 3], head_dim: usize) -> bool {
+    (op.ptr as usize).is_multiple_of(16) && strides_16bit(op, dims, head_dim).is_some()
+}
+
+/// Whether every operand the warp-specialised Hopper forward loads through a map can have one.
+pub(crate) fn forward_maps_possible(f: &Problem) -> bool {
+    let (q, kv) = query_and_key_dims(f);
+    mappable(&f.q, q, f.head_dim)
+        && mappable(&f.k, kv, f.head_dim)
+        && mappable(&f.v, kv, f.head_dim)
+}
+
 /// Whether every operand the Hopper backward loads or stores through a map can have one.
 pub(crate) fn backward_maps_possible(p: &BackwardProblem) -> bool {
     let f = &p.fwd;
     let (q, kv) = query_and_key_dims(f);
     [(&f.q, q), (&p.dout, q), (&f.k, kv), (&f.v, kv)]
         .iter()
-        .all(|(op, dims)| {
-            (op.ptr as usize).is_multiple_of(16) && strides_16bit(op, *dims, f.head_dim).is_some()
-        })
+        .all(|(op, dims)| mappable(op, *dims, f.head_dim))
 }
 
 /// Encodes a tiled map of `dims` (innermost first) with byte `strides` of the outer ones,
@@ -151,6 +163,20 @@ impl BwdSm90Params {
     }
 }
 
+impl FwdSm90Params {
+    /// `f` with the maps of `p`'s Q, K and V: boxes of `block_m` query rows, `block_n` keys.
+    pub fn new(p: &Problem, f: FwdParams, block_m: u32, block_n: u32) -> Result<Self> {
+        let (qd, kvd) = query_and_key_dims(p);
+        let d = p.head_dim;
+        Ok(FwdSm90Params {
+            f,
+            q: map_16bit("q", &p.q, qd, d, block_m)?,
+            k: map_16bit("k", &p.k, kvd, d, block_n)?,
+            v: map_16bit("v", &p.v, kvd, d, block_n)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +190,7 @@ mod tests {
         // The tensor maps follow BwdParams at 64-byte boundaries (the TMA reads them there).
         assert_eq!(std::mem::align_of::<TmaMap>(), 64);
         assert_eq!(std::mem::offset_of!(BwdSm90Params, q) % 64, 0);
+        assert_eq!(std::mem::offset_of!(FwdSm90Params, q) % 64, 0);
         assert_eq!(std::mem::size_of::<TmaMap>(), 128);
     }
 

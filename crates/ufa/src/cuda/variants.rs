@@ -7,7 +7,7 @@
 
 use super::abi::{ROW_WARPS, SIMPLE_WARPS};
 use super::decode::DecodeTile;
-use super::sm90::{self, WgmmaBwdTile, WgmmaTile};
+use super::sm90::{self, TmaFwdTile, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
 use super::tiles::{mma_tile_head_dim, tile_for, BwdTile, Tile};
 use crate::dtype::DType;
@@ -42,6 +42,14 @@ pub(crate) enum Variant {
         score_mod: bool,
         seqs: bool,
         paged: bool,
+        dropout: bool,
+    },
+    /// The forward on Hopper for dense batches (kernels/fwd_sm90_tma.cu): warp-specialised, K
+    /// and V loaded by TMA into a ring, the softmax under the MMAs; flags as for `FwdSm90`.
+    FwdSm90Tma {
+        dtype: DType,
+        tile: TmaFwdTile,
+        score_mod: bool,
         dropout: bool,
     },
     /// Decoding (few query rows per KV head, kernels/fwd_decode.cu): packed GQA rows, keys
@@ -149,6 +157,11 @@ impl Variant {
     /// Chooses the forward kernel for `p` on a device with `max_smem` bytes of shared memory a
     /// block; `hopper`: the device runs sm_90a code (wgmma).
     pub fn select(p: &Problem, max_smem: u32, hopper: bool) -> Variant {
+        Self::select_with(p, max_smem, hopper, sm90::tma_fwd_enabled())
+    }
+
+    /// [`Variant::select`] with the warp-specialised Hopper forward allowed or not.
+    fn select_with(p: &Problem, max_smem: u32, hopper: bool, tma_fwd: bool) -> Variant {
         let dtype = p.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
         let seqs = has_sequence_metadata(p);
@@ -161,6 +174,16 @@ impl Variant {
             && p.head_dim == p.head_dim_v
             && rows_aligned16(p);
         if tensor_cores && half && hopper && sm90::wgmma_enabled() {
+            if !seqs && tma_fwd && super::tma::forward_maps_possible(p) {
+                if let Some(tile) = sm90::tma_tile_for(p.head_dim, score_mod, dropout, max_smem) {
+                    return Variant::FwdSm90Tma {
+                        dtype,
+                        tile,
+                        score_mod,
+                        dropout,
+                    };
+                }
+            }
             let paged = p.k.rows.is_paged();
             if let Some(tile) =
                 sm90::wgmma_tile_for(p.head_dim, score_mod, paged, dropout, max_smem)
@@ -246,6 +269,22 @@ impl Variant {
                 if paged { "_paged" } else { "" },
                 if dropout { "_drop" } else { "" }
             ),
+            Variant::FwdSm90Tma {
+                dtype,
+                tile: t,
+                score_mod,
+                dropout,
+            } => format!(
+                "ufa_fwd_sm90_tma_{dtype}_d{}_m{}_n{}_s{}{}{}{}{}",
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                t.stages,
+                if t.pingpong { "_pp" } else { "" },
+                if t.persistent { "_pers" } else { "" },
+                flags(score_mod, false),
+                if dropout { "_drop" } else { "" }
+            ),
             Variant::FwdDecode {
                 dtype,
                 tile: t,
@@ -309,6 +348,7 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.warps * 32,
             Variant::FwdSm90 { tile, .. } => tile.threads(),
+            Variant::FwdSm90Tma { tile, .. } => tile.threads(),
             Variant::FwdDecode { tile, .. } => tile.warps * 32,
             Variant::DecodeCombine => ROW_KERNEL_WARPS * 32,
             Variant::FwdSimple { .. } => SIMPLE_WARPS * 32,
@@ -323,6 +363,7 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.smem_bytes(),
             Variant::FwdSm90 { tile, .. } => tile.smem_bytes(),
+            Variant::FwdSm90Tma { tile, .. } => tile.smem_bytes(),
             Variant::FwdDecode { tile, .. } => tile.smem_bytes(),
             Variant::BwdSm80 { tile, .. } => tile.smem_bytes(),
             Variant::BwdSm90 { tile, .. } => tile.smem_bytes(),
@@ -340,6 +381,7 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.block_m,
             Variant::FwdSm90 { tile, .. } => tile.block_m,
+            Variant::FwdSm90Tma { tile, .. } => tile.block_m,
             Variant::FwdSimple { .. } => SIMPLE_WARPS,
             Variant::FwdDecode { tile, .. } => tile.rows(),
             Variant::DecodeCombine => ROW_KERNEL_WARPS,
@@ -359,6 +401,7 @@ impl Variant {
             }
             Variant::FwdDecode { .. } | Variant::DecodeCombine => "const DecodeParams",
             Variant::BwdSm80 { .. } | Variant::BwdRows(_) => "const BwdParams",
+            Variant::FwdSm90Tma { .. } => "const __grid_constant__ FwdSm90Params",
             Variant::BwdSm90 { .. } => "const __grid_constant__ BwdSm90Params",
             Variant::KvAppend(_) => "const AppendParams",
             Variant::Merge => "const MergeParams",
@@ -412,9 +455,20 @@ impl Variant {
                 dropout,
             } => (
                 "fwd_sm90.cu",
-                wgmma_ops(sm90::wrappers(&t)),
+                wgmma_ops(sm90::wrappers(t.head_dim, t.block_n)),
                 t.min_blocks,
                 sm90::call(&t, score_mod, seqs, paged, dropout, type_tag(dtype)),
+            ),
+            Variant::FwdSm90Tma {
+                dtype,
+                tile: t,
+                score_mod,
+                dropout,
+            } => (
+                "fwd_sm90_tma.cu",
+                wgmma_ops(sm90::wrappers(t.head_dim, t.block_n)),
+                1,
+                sm90::tma_call(&t, score_mod, dropout, type_tag(dtype)),
             ),
             Variant::BwdSm90 {
                 dtype,
@@ -527,6 +581,25 @@ impl Variant {
                 }
             }
         }
+        // The warp-specialised forward: dense batches, every score and dropout flag.
+        for dtype in [DType::F16, DType::BF16] {
+            for d in sm90::WGMMA_HEAD_DIMS {
+                for score_mod in [false, true] {
+                    for dropout in [false, true] {
+                        if let Some(tile) =
+                            sm90::tma_tile_for(d, score_mod, dropout, max_smem).filter(|_| hopper)
+                        {
+                            v.push(Variant::FwdSm90Tma {
+                                dtype,
+                                tile,
+                                score_mod,
+                                dropout,
+                            });
+                        }
+                    }
+                }
+            }
+        }
         // (dtype, tf32): f16, bf16, and fp32 in both precisions.
         let mma_types = [
             (DType::F16, false),
@@ -629,8 +702,13 @@ impl Variant {
     }
 
     /// Grid (query-row blocks, heads, batch) of the forward kernels for `p`.
-    pub fn grid(&self, p: &Problem) -> Result<(u32, u32, u32)> {
-        grid(p.seqlen_q, self.rows_per_block(), p.heads_q, p.batch)
+    /// The launch grid of a prefill variant on a device with `sms` multiprocessors.
+    pub fn grid(&self, p: &Problem, sms: u32) -> Result<(u32, u32, u32)> {
+        let dense = grid(p.seqlen_q, self.rows_per_block(), p.heads_q, p.batch)?;
+        Ok(match self {
+            Variant::FwdSm90Tma { tile, .. } => tile.grid(dense, sms),
+            _ => dense,
+        })
     }
 }
 
@@ -707,6 +785,65 @@ pub(crate) fn operands_aligned16(ops: &[(&Operand, [usize; 3])]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::validate_forward;
+    use crate::{AttentionParams, TensorView, TensorViewMut};
+    use half::bf16;
+
+    /// The Hopper forward a bf16 problem [1, 300, 4, d] over keys [1, 500, 2, d] selects with
+    /// the warp-specialised kernel allowed (and, checked here, the cp.async or mma.sync one
+    /// without it), with K's head stride `k_head_stride` (elements; V is dense).
+    fn hopper_forward(d: usize, k_head_stride: usize) -> Variant {
+        let q = vec![bf16::ZERO; 300 * 4 * d];
+        let kv = vec![bf16::ZERO; 500 * 2 * d];
+        let mut out = q.clone();
+        let qv = TensorView::new(&q, &[1, 300, 4, d]).unwrap();
+        let k = TensorView::with_strides(
+            &kv,
+            &[1, 500, 2, d],
+            &[500 * 2 * d, 2 * d, k_head_stride, 1],
+        )
+        .unwrap();
+        let v = TensorView::new(&kv, &[1, 500, 2, d]).unwrap();
+        let o = TensorViewMut::new(&mut out, &[1, 300, 4, d]).unwrap();
+        let p = validate_forward(&qv, &k, &v, &o, None, &AttentionParams::default()).unwrap();
+        let cp_async = Variant::select_with(&p, 232_448, true, false);
+        assert!(
+            matches!(cp_async, Variant::FwdSm90 { .. } | Variant::FwdSm80 { .. }),
+            "d{d}: {cp_async:?}"
+        );
+        Variant::select_with(&p, 232_448, true, true)
+    }
+
+    #[test]
+    fn dense_hopper_problems_take_the_warp_specialised_forward_where_maps_fit() {
+        for d in sm90::WGMMA_HEAD_DIMS {
+            match hopper_forward(d, d) {
+                Variant::FwdSm90Tma { tile, .. } => {
+                    assert_eq!(Some(tile), sm90::tma_tile_for(d, false, false, 232_448));
+                    assert!(tile.smem_bytes() <= 232_448);
+                }
+                other => panic!("d{d}: {other:?}"),
+            }
+        }
+        // K broadcast over its heads (stride 0): no tensor map, so the cp.async kernel.
+        assert!(matches!(hopper_forward(128, 0), Variant::FwdSm90 { .. }));
+        // Head dims between the wgmma tiles run on the next larger one (TMA fills the
+        // columns past the head with zeros); without tensor maps they stay on mma.sync.
+        for (d, tile_d) in [
+            (32, 64),
+            (48, 64),
+            (80, 128),
+            (96, 128),
+            (160, 192),
+            (200, 256),
+        ] {
+            match hopper_forward(d, d) {
+                Variant::FwdSm90Tma { tile, .. } => assert_eq!(tile.head_dim, tile_d),
+                other => panic!("d{d}: {other:?}"),
+            }
+        }
+        assert!(matches!(hopper_forward(96, 0), Variant::FwdSm80 { .. }));
+    }
 
     #[test]
     fn kernel_names_are_unique_and_appear_in_their_program() {
@@ -726,13 +863,14 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged); sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding
+        // paged), and the warp-specialised one for dense batches; sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding
         // 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine; CUDA cores 9; backward
         // 2 × 7 × 4 and 2 × (2 + 1 + 1 tiles) × 2; every prefill and backward one with and
         // without dropout; 4 row, 2 append and 1 merge kernels.
         assert_eq!(
             all.len(),
             2 * 4 * 6 * 2
+                + 2 * 4 * 2 * 2
                 + 4 * 7 * 4 * 2
                 + 2 * 11 * 6
                 + 1
@@ -745,7 +883,7 @@ mod tests {
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 6 * 2 - 2 * 4 * 2 * 2
+            all.len() - 2 * 4 * 6 * 2 - 2 * 4 * 2 * 2 - 2 * 4 * 2 * 2
         );
     }
 }
