@@ -19,21 +19,12 @@
 #include "wgmma_ops.cuh"
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES>
-struct WgmmaConfig {
-    static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 256, "rows are whole 128-byte swizzle atoms");
-    static_assert(BLOCK_M % 64 == 0, "each warpgroup owns 64 query rows");
-    static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N is at most 256");
-    static_assert(STAGES >= 2, "the next K/V pair loads while this one is used");
-    static constexpr int kHeadDim = HEAD_DIM;
-    static constexpr int kBlockM = BLOCK_M;
-    static constexpr int kBlockN = BLOCK_N;
-    static constexpr int kStages = STAGES;
+struct WgmmaConfig : Sm90FwdShape<HEAD_DIM, BLOCK_M, BLOCK_N, STAGES> {
+    using Shape = Sm90FwdShape<HEAD_DIM, BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int kThreads = BLOCK_M / 64 * 128;
-    static constexpr int kQBytes = BLOCK_M * HEAD_DIM * 2;
-    static constexpr int kKvBytes = BLOCK_N * HEAD_DIM * 2;
     // The host adds 1024 bytes so the tiles can start on a 1024-byte boundary (the swizzle
     // pattern repeats every 8 rows of 128 bytes and descriptors assume it starts aligned).
-    static constexpr int kSmemBytes = kQBytes + 2 * STAGES * kKvBytes + 1024;
+    static constexpr int kSmemBytes = Shape::kQBytes + 2 * STAGES * Shape::kKvBytes + 1024;
 };
 
 // PAGED (with SEQS): K and V rows are found through the block table (the host selects it for
@@ -125,12 +116,11 @@ __device__ __forceinline__ void fwd_sm90(const FwdParams& p) {
             wgmma_wait<0>();
             fence_regs(s);
 
-            float corr[2];
             uint32_t pa[BN / 16][4];
-            sm90_scores_to_p<SCORE_MOD, DROPOUT, BN>(p, sq, b, h, row_a, m0, m_last, n0, quad,
-                                                     slope, s, row, corr);
+            sm90_scores_to_p<SCORE_MOD, DROPOUT, BN>(
+                p, sq, b, h, row_a, m0, m_last, n0, quad, slope, s, row,
+                [&](int r, float c) { sm90_rescale_row<D>(o, r, c); });
             sm90_pack_p<T, BN>(s, pa);
-            sm90_rescale_o<D>(o, corr);
 
             // O += P V[n]: P as register A fragments, V MN-major.
             wgmma_fence();

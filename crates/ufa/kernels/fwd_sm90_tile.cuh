@@ -8,15 +8,32 @@
 #include "fwd_tile.cuh"
 #include "wgmma.cuh"
 
+// The tile shape both Hopper forwards share: 64 query rows a (consumer) warpgroup, BLOCK_M a
+// block, BLOCK_N keys a tile, STAGES K/V buffers, every tile whole 128-byte swizzle rows.
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES>
+struct Sm90FwdShape {
+    static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 256, "rows are whole 128-byte swizzle atoms");
+    static_assert(BLOCK_M % 64 == 0 && BLOCK_M <= 256, "each warpgroup owns 64 query rows");
+    static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N; P V takes k16 steps");
+    static_assert(STAGES >= 2, "the next K/V pair loads while this one is used");
+    static constexpr int kHeadDim = HEAD_DIM;
+    static constexpr int kBlockM = BLOCK_M;
+    static constexpr int kBlockN = BLOCK_N;
+    static constexpr int kStages = STAGES;
+    static constexpr int kQBytes = BLOCK_M * HEAD_DIM * 2;
+    static constexpr int kKvBytes = BLOCK_N * HEAD_DIM * 2;
+};
+
 // S of the tile at key n0 (raw scores from wgmma) to P in place: masked, the rows' running
-// maxima and sums moved (SoftmaxRow), exponentiated and, with DROPOUT, dropped. `corr[r]`
-// receives the factor that rescales row r's accumulated O, which the caller applies when it
-// owns O (in the pipelined kernel, only after the previous tile's P V has finished).
-template <bool SCORE_MOD, bool DROPOUT, int BN>
+// maxima and sums moved (SoftmaxRow), exponentiated and, with DROPOUT, dropped.
+// `rescaled(r, c)` receives the factor c that rescales row r's accumulated O, as soon as it is
+// known: the cp.async kernel applies it there (in that order it spills least), the pipelined
+// one keeps it until the previous tile's P V has finished.
+template <bool SCORE_MOD, bool DROPOUT, int BN, typename Rescaled>
 __device__ __forceinline__ void sm90_scores_to_p(const FwdParams& p, const Seq& sq, int b, int h,
                                                  int row_a, int m0, int m_last, int n0, int quad,
                                                  float slope, float (&s)[BN / 2],
-                                                 SoftmaxRow (&row)[2], float (&corr)[2]) {
+                                                 SoftmaxRow (&row)[2], Rescaled rescaled) {
     constexpr int kSTiles = BN / 8;
     mask_scores<SCORE_MOD, kSTiles>(p, sq, row_a, n0, quad, b, h, slope,
                                     tile_visible(p, sq, m0, m_last, n0, BN),
@@ -33,7 +50,7 @@ __device__ __forceinline__ void sm90_scores_to_p(const FwdParams& p, const Seq& 
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         float base;
-        corr[r] = row[r].rescale(tile_max * score_scale, base);
+        const float correction = row[r].rescale(tile_max * score_scale, base);
         float sum = 0.f;
 #pragma unroll
         for (int t = 0; t < kSTiles; ++t) {
@@ -42,6 +59,7 @@ __device__ __forceinline__ void sm90_scores_to_p(const FwdParams& p, const Seq& 
             sum += s[4 * t + 2 * r] + s[4 * t + 2 * r + 1];
         }
         row[r].sum += sum;  // before dropout: the softmax normalises the undropped row
+        rescaled(r, correction);
     }
     if constexpr (DROPOUT) {
 #pragma unroll
@@ -64,16 +82,13 @@ __device__ __forceinline__ void sm90_pack_p(const float (&s)[BN / 2], uint32_t (
     }
 }
 
-// O's rows scaled by the factors sm90_scores_to_p returned.
+// O's row r (of the thread's two) scaled by c.
 template <int D>
-__device__ __forceinline__ void sm90_rescale_o(float (&o)[D / 2], const float (&corr)[2]) {
+__device__ __forceinline__ void sm90_rescale_row(float (&o)[D / 2], int r, float c) {
 #pragma unroll
     for (int t = 0; t < D / 8; ++t) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            o[4 * t + 2 * r] *= corr[r];
-            o[4 * t + 2 * r + 1] *= corr[r];
-        }
+        o[4 * t + 2 * r] *= c;
+        o[4 * t + 2 * r + 1] *= c;
     }
 }
 

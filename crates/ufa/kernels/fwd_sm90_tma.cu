@@ -27,28 +27,19 @@
 #include "wgmma_ops.cuh"
 
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool PINGPONG, bool PERSISTENT>
-struct TmaFwdConfig {
-    static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 256, "rows are whole 128-byte swizzle atoms");
-    static_assert(BLOCK_M % 64 == 0 && BLOCK_M <= 256, "each consumer owns 64 query rows");
-    static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N; P V takes k16 steps");
-    static_assert(STAGES >= 2, "the next tile loads while this one is used");
-    static constexpr int kHeadDim = HEAD_DIM;
-    static constexpr int kBlockM = BLOCK_M;
-    static constexpr int kBlockN = BLOCK_N;
-    static constexpr int kStages = STAGES;
+struct TmaFwdConfig : Sm90FwdShape<HEAD_DIM, BLOCK_M, BLOCK_N, STAGES> {
+    using Shape = Sm90FwdShape<HEAD_DIM, BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int kConsumers = BLOCK_M / 64;
     static_assert(!PINGPONG || kConsumers == 2, "ping-pong takes turns between two consumers");
     static constexpr bool kPingPong = PINGPONG;
     static constexpr bool kPersistent = PERSISTENT;
     static constexpr int kConsumerThreads = kConsumers * 128;
     static constexpr int kThreads = kConsumerThreads + 128;
-    static constexpr int kQBytes = BLOCK_M * HEAD_DIM * 2;
-    static constexpr int kKvBytes = BLOCK_N * HEAD_DIM * 2;
     // Offsets from the 1024-byte aligned base: Q, the K ring, the V ring, then the barriers
     // (Q full and empty; K full, V full, K empty, V empty per stage).
-    static constexpr int kK = kQBytes;
-    static constexpr int kV = kK + STAGES * kKvBytes;
-    static constexpr int kBars = kV + STAGES * kKvBytes;
+    static constexpr int kK = Shape::kQBytes;
+    static constexpr int kV = kK + STAGES * Shape::kKvBytes;
+    static constexpr int kBars = kV + STAGES * Shape::kKvBytes;
     static constexpr int kSmemBytes = kBars + (2 + 4 * STAGES) * 8 + 1024;
     // Registers: the producer keeps 24 a thread and the consumers take the rest of the
     // block's share (one block an SM), at most 240.
@@ -206,7 +197,8 @@ __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlo
         mbar_wait(sm.q_full(), pos.tiles & 1);
         float s[BN / 2];
         uint32_t pa[BN / 16][4];
-        float corr[2];
+        float corr[2];  // P[j]'s factors for O, applied once P[j-1] V[j-1] is done
+        auto keep = [&](int r, float c) { corr[r] = c; };
         // Key tile 0: S, then P (O is still zero: its factors need no applying).
         mbar_wait(sm.k_full(stage_of(0)), parity_of(0));
         take_turn();
@@ -217,7 +209,7 @@ __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlo
         release(sm.k_empty(stage_of(0)));
         if (tiles == 1) release(sm.q_empty());
         sm90_scores_to_p<SCORE_MOD, DROPOUT, BN>(p, w.s, w.b, w.h, row_a, w.m0, w.m_last,
-                                                 w.n_last * BN, quad, slope, s, row, corr);
+                                                 w.n_last * BN, quad, slope, s, row, keep);
         sm90_pack_p<T, BN>(s, pa);
         for (int j = 1; j < tiles; ++j) {
             const int sk = stage_of(j), sv = stage_of(j - 1);
@@ -233,12 +225,13 @@ __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlo
             if (j == tiles - 1) release(sm.q_empty());
             sm90_scores_to_p<SCORE_MOD, DROPOUT, BN>(p, w.s, w.b, w.h, row_a, w.m0, w.m_last,
                                                      (w.n_last - j) * BN, quad, slope, s, row,
-                                                     corr);
+                                                     keep);
             wgmma_wait<0>();
             fence_regs(o);
             hold_regs(pa);
             release(sm.v_empty(sv));
-            sm90_rescale_o<D>(o, corr);
+            sm90_rescale_row<D>(o, 0, corr[0]);
+            sm90_rescale_row<D>(o, 1, corr[1]);
             // P[j] packed only now that P[j-1] V[j-1] no longer reads the fragments. Packed
             // into a second set and copied here, it made ptxas serialise every wgmma of the
             // persistent kernel (C7513); two sets used in turn spilled 250 bytes.
