@@ -10,7 +10,9 @@ use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 /// backward's reductions) does not depend on the element type, so on sm_90a the backward is
 /// compiled in bf16 only and the forward kernels, which have none, as the bf16 prefill alone:
 /// every head dim, tile and flag set. fp32's TF32 forward and the decoding kernels were 40%
-/// of the sm_90a pass (2026-12-04). Every other kernel is compiled in full.
+/// of the sm_90a pass (2026-12-04). The warp-specialised forward is compiled in bf16 too: its
+/// f16 build differs only in the element conversions and the wgmma type names, which the f16
+/// builds of the cp.async Hopper forward compile. Every other kernel is compiled in full.
 /// `UFA_COMPILE_EVERY=1` compiles every variant for both.
 fn hopper_needs(kernel: &str) -> bool {
     std::env::var_os("UFA_COMPILE_EVERY").is_some()
@@ -19,7 +21,8 @@ fn hopper_needs(kernel: &str) -> bool {
             || kernel.starts_with("ufa_fwd_sm80_tf32_")
             || kernel.starts_with("ufa_fwd_decode_bf16_")
             || kernel.starts_with("ufa_bwd_sm80_f16_")
-            || kernel.starts_with("ufa_fwd_decode_f16_"))
+            || kernel.starts_with("ufa_fwd_decode_f16_")
+            || kernel.starts_with("ufa_fwd_sm90_tma_f16_"))
 }
 
 #[test]
