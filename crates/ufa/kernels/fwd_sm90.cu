@@ -12,8 +12,11 @@
 // K-major operand (Q, K) and as an MN-major one (V, transposed by the descriptor), so every
 // tile is loaded the same way, by cp.async from all threads, one tile pair ahead.
 //
+// It serves what the warp-specialised kernel (fwd_sm90_tma.cu) does not: packed batches,
+// caches, strides a tensor map cannot express, and dense batches while that one is off.
+//
 // `wgmma_qk<T>` / `wgmma_pv<T>` are the inline-PTX wrappers for this variant's N (BLOCK_N and
-// HEAD_DIM), which the host generates into wgmma_ops.cuh (crates/ufa/src/cuda/wgmma.rs)
+// HEAD_DIM), which the host generates into wgmma_ops.cuh (crates/ufa/src/cuda/sm90.rs)
 // because PTX needs one operand list per shape.
 #include "fwd_sm90_tile.cuh"
 #include "wgmma_ops.cuh"

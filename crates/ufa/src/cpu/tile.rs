@@ -274,8 +274,8 @@ impl ScratchShape {
 
 /// Whether a tile takes the bf16 dot-product path: bf16 inputs, a kernel family that takes
 /// them for tiles (`BF16_TILES`), more rows than [`BF16_FEW_ROWS`], and not the few-rows path
-/// in registers, which reads a decoding tile's K and V faster (B1, 32 query heads over 8 KV heads, 4k keys:
-/// 16.7 GB/s against 7.2).
+/// in registers, which reads a decoding tile's K and V faster (B1, 32 query heads over 8 KV
+/// heads, 4k keys: 16.7 GB/s against 7.2).
 #[inline(always)]
 fn bf16_path<const BF16_TILES: bool>(p: &Problem, t: &TileRows) -> bool {
     BF16_TILES

@@ -701,8 +701,8 @@ impl Variant {
         v
     }
 
-    /// Grid (query-row blocks, heads, batch) of the forward kernels for `p`.
-    /// The launch grid of a prefill variant on a device with `sms` multiprocessors.
+    /// The launch grid of a prefill variant for `p` on a device with `sms` multiprocessors:
+    /// (query-row blocks, heads, batch), or the persistent kernel's one block an SM.
     pub fn grid(&self, p: &Problem, sms: u32) -> Result<(u32, u32, u32)> {
         let dense = grid(p.seqlen_q, self.rows_per_block(), p.heads_q, p.batch)?;
         Ok(match self {
@@ -863,8 +863,8 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged), and the warp-specialised one for dense batches; sm_80 forward (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4; decoding
-        // 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine; CUDA cores 9; backward
+        // paged), and the warp-specialised one for dense batches; sm_80 forward (f16, bf16,
+        // fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine; CUDA cores 9; backward
         // 2 × 7 × 4 and 2 × (2 + 1 + 1 tiles) × 2; every prefill and backward one with and
         // without dropout; 4 row, 2 append and 1 merge kernels.
         assert_eq!(
