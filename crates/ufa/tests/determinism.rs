@@ -34,6 +34,15 @@ fn problems() -> Vec<Case> {
     c.heads_kv = 4;
     c.causal = true;
     v.push(c);
+    // Groups of eight and six query rows a KV head (the sums of V in column blocks held in
+    // registers across keys; 80 values a row leave a last block of one vector), each row's
+    // scores summed four or two at a time, whether a job holds one KV head or both.
+    let mut c = Case::new(2, 1, 700, 16, 128, DType::BF16);
+    c.heads_kv = 2;
+    v.push(c);
+    let mut c = Case::new(1, 1, 515, 12, 80, DType::F32);
+    c.heads_kv = 2;
+    v.push(c);
     v
 }
 

@@ -334,23 +334,33 @@ unsafe fn store_sums<const NR: usize, const KB: usize>(
         }
         return;
     }
-    // The accumulators in order, padded with zeros to a multiple of four (NR·KB <= 16). No
-    // closure here (see [`Ahead`]).
-    let mut all = [_mm512_setzero_ps(); 16];
-    let mut at = [0usize; 16];
-    let mut n = 0;
-    for (r, a) in acc.iter().enumerate() {
-        for (x, a) in a.iter().enumerate() {
-            all[n] = *a;
-            at[n] = r * ld + x;
-            n += 1;
+    // Fewer keys: the sums of several rows in one `sums4`, stored where they belong. Through
+    // index arrays on the stack (the general case) they cost as much as the products of eight
+    // rows (GQA decoding, 2-core Xeon).
+    let zero = _mm512_setzero_ps();
+    let at = |r: usize, x: usize| if r < NR { acc[r][x] } else { zero };
+    if KB == 2 {
+        // Rows r and r + 1: [s(r, 0), s(r, 1), s(r + 1, 0), s(r + 1, 1)].
+        for r in (0..NR).step_by(2) {
+            let v = _mm_mul_ps(sums4(at(r, 0), at(r, 1), at(r + 1, 0), at(r + 1, 1)), scale);
+            let v = _mm_castps_pd(v);
+            _mm_storel_pd(s.add(r * ld) as *mut f64, v);
+            if r + 1 < NR {
+                _mm_storeh_pd(s.add((r + 1) * ld) as *mut f64, v);
+            }
         }
+        return;
     }
-    for g in (0..n).step_by(4) {
-        let v = _mm_mul_ps(sums4(all[g], all[g + 1], all[g + 2], all[g + 3]), scale);
+    debug_assert_eq!(KB, 1);
+    // One key: four rows at a time, down the key's column.
+    for r in (0..NR).step_by(4) {
+        let v = _mm_mul_ps(
+            sums4(at(r, 0), at(r + 1, 0), at(r + 2, 0), at(r + 3, 0)),
+            scale,
+        );
         let v: [f32; 4] = std::mem::transmute(v);
-        for t in g..n.min(g + 4) {
-            *s.add(at[t]) = v[t - g];
+        for (t, &x) in v.iter().enumerate().take(NR - r) {
+            *s.add((r + t) * ld) = x;
         }
     }
 }
@@ -479,12 +489,12 @@ pub unsafe fn accumulate_heads(
             match nrows {
                 1 => accumulate_heads_of::<$l, 1, 8>(dv, v, ps, accs, ld, ldo, &ahead),
                 2 => accumulate_heads_of::<$l, 2, 8>(dv, v, ps, accs, ld, ldo, &ahead),
-                3 => accumulate_heads_of::<$l, 3, 4>(dv, v, ps, accs, ld, ldo, &ahead),
-                4 => accumulate_heads_of::<$l, 4, 4>(dv, v, ps, accs, ld, ldo, &ahead),
-                5 => accumulate_heads_of::<$l, 5, 2>(dv, v, ps, accs, ld, ldo, &ahead),
-                6 => accumulate_heads_of::<$l, 6, 2>(dv, v, ps, accs, ld, ldo, &ahead),
-                7 => accumulate_heads_of::<$l, 7, 2>(dv, v, ps, accs, ld, ldo, &ahead),
-                _ => accumulate_heads_of::<$l, 8, 2>(dv, v, ps, accs, ld, ldo, &ahead),
+                3 => accumulate_heads_of::<$l, 3, 8>(dv, v, ps, accs, ld, ldo, &ahead),
+                4 => accumulate_heads_of::<$l, 4, 8>(dv, v, ps, accs, ld, ldo, &ahead),
+                5 => accumulate_heads_of::<$l, 5, 8>(dv, v, ps, accs, ld, ldo, &ahead),
+                6 => accumulate_heads_of::<$l, 6, 8>(dv, v, ps, accs, ld, ldo, &ahead),
+                7 => accumulate_heads_of::<$l, 7, 8>(dv, v, ps, accs, ld, ldo, &ahead),
+                _ => accumulate_heads_of::<$l, 8, 8>(dv, v, ps, accs, ld, ldo, &ahead),
             }
         };
     }
@@ -522,6 +532,11 @@ unsafe fn accumulate_heads_of<L: Row16, const NR: usize, const KB: usize>(
 }
 
 /// Keys `jj..jj + KB` added to every head's accumulators, key after key for each element.
+/// Up to two rows, a row's accumulators are read and written once a key block, a whole row at
+/// a time. More rows take the row in pieces of `16·CV` columns whose `NR × CV` accumulators
+/// stay in registers across the block's keys: eight rows of a whole 128-wide row would need 64
+/// registers, and going through L1 instead (a load and a store an FMA) made the stores, not
+/// the products, set the pace (GQA decoding with eight query rows a KV head).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn accumulate_keys<L: Row16, const NR: usize, const KB: usize>(
@@ -542,25 +557,57 @@ unsafe fn accumulate_keys<L: Row16, const NR: usize, const KB: usize>(
         for (x, row) in vh.iter_mut().enumerate() {
             *row = v.rows[jj + x].add(h * v.step);
         }
-        let mut pr = [[_mm512_setzero_ps(); KB]; NR];
-        for (r, pr) in pr.iter_mut().enumerate() {
-            for (x, pr) in pr.iter_mut().enumerate() {
-                *pr = _mm512_set1_ps(*p.add(r * ld + jj + x));
+        let p = p.add(jj);
+        if NR <= 2 {
+            accumulate_columns::<L, NR, KB, 1>(&vh, p, ld, acc, ldo, 0, dv / 16);
+        } else if NR <= 4 {
+            accumulate_columns::<L, NR, KB, 4>(&vh, p, ld, acc, ldo, 0, dv / 16);
+        } else {
+            accumulate_columns::<L, NR, KB, 2>(&vh, p, ld, acc, ldo, 0, dv / 16);
+        }
+    }
+}
+
+/// Vectors `i0..i1` of the `NR` rows at `acc` plus `Σ_x p[r·ld + x] · V_x` over the rows in
+/// `vh`, `CV` vectors at a time (then one at a time), keys in order for every element.
+#[inline(always)]
+unsafe fn accumulate_columns<L: Row16, const NR: usize, const KB: usize, const CV: usize>(
+    vh: &[*const u8; KB],
+    p: *const f32,
+    ld: usize,
+    acc: *mut f32,
+    ldo: usize,
+    i0: usize,
+    i1: usize,
+) {
+    let mut i = i0;
+    while i + CV <= i1 {
+        let mut a = [[_mm512_setzero_ps(); CV]; NR];
+        for (r, a) in a.iter_mut().enumerate() {
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(acc.add(r * ldo + 16 * (i + c)));
             }
         }
-        for i in 0..dv / 16 {
-            let mut vv = [_mm512_setzero_ps(); KB];
-            for (v, &row) in vv.iter_mut().zip(&vh) {
-                *v = L::load(row, i);
+        for (x, &row) in vh.iter().enumerate() {
+            let mut vv = [_mm512_setzero_ps(); CV];
+            for (c, vv) in vv.iter_mut().enumerate() {
+                *vv = L::load(row, i + c);
             }
-            for (r, pr) in pr.iter().enumerate() {
-                let a = acc.add(r * ldo + 16 * i);
-                let mut sum = _mm512_loadu_ps(a);
-                for (p, vv) in pr.iter().zip(&vv) {
-                    sum = _mm512_fmadd_ps(*p, *vv, sum);
+            for (r, a) in a.iter_mut().enumerate() {
+                let pr = _mm512_set1_ps(*p.add(r * ld + x));
+                for (a, vv) in a.iter_mut().zip(&vv) {
+                    *a = _mm512_fmadd_ps(pr, *vv, *a);
                 }
-                _mm512_storeu_ps(a, sum);
             }
         }
+        for (r, a) in a.iter().enumerate() {
+            for (c, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(acc.add(r * ldo + 16 * (i + c)), *a);
+            }
+        }
+        i += CV;
+    }
+    if CV > 1 && i < i1 {
+        accumulate_columns::<L, NR, KB, 1>(vh, p, ld, acc, ldo, i, i1);
     }
 }
