@@ -63,7 +63,7 @@ typedef struct {
    */
   int32_t device_ordinal;
   /**
-   * CPU kernel family ("avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable");
+   * CPU kernel family ("amx-bf16", "avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable");
    * NULL = the best this CPU supports (`ufa info` says which and why). A family the CPU
    * lacks gives `UFA_STATUS_UNSUPPORTED`.
    */

@@ -15,7 +15,7 @@ import (
 type Options struct {
 	// NumThreads is the number of CPU threads; 0 = $UFA_NUM_THREADS if set, else every core.
 	NumThreads int
-	// CPUISA names the CPU kernel family ("avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable");
+	// CPUISA names the CPU kernel family ("amx-bf16", "avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable");
 	// "" = the best this CPU supports.
 	CPUISA string
 }

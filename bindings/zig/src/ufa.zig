@@ -317,7 +317,7 @@ pub const Context = struct {
     pub const Options = struct {
         /// CPU threads; 0 = $UFA_NUM_THREADS if set, else every core.
         num_threads: u32 = 0,
-        /// CPU kernel family ("avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable"); null = the best.
+        /// CPU kernel family ("amx-bf16", "avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable"); null = the best.
         cpu_isa: ?[*:0]const u8 = null,
     };
 

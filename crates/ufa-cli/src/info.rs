@@ -20,14 +20,17 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
     }
     let amx = ufa::amx();
     if amx.cpu {
-        println!(
-            "amx:            {}; ufa has no AMX kernels yet",
-            if amx.os {
-                "present and enabled by the operating system"
-            } else {
-                "present, but its tile state is not enabled by the operating system"
-            }
-        );
+        let state = if !amx.os {
+            "present, but its tile state is not enabled by the operating system"
+        } else if !ufa::Isa::AmxBf16.is_supported() {
+            "present, but the operating system refused this process its tile data"
+        } else if ufa::AMX_BY_DEFAULT || isa == ufa::Isa::AmxBf16 {
+            "in use by the amx-bf16 kernels for bf16 tiles"
+        } else {
+            "usable: --cpu-isa amx-bf16 (the cpu_isa option of the APIs) takes it for bf16 tiles; not \
+             the default until its kernels have passed the test suite on AMX hardware"
+        };
+        println!("amx:            {state}");
     }
     println!("cpu threads:    {}", ctx.num_threads());
     match ctx.cuda_devices() {

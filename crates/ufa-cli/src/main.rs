@@ -25,7 +25,7 @@ pub struct ComputeOpts {
     /// CPU threads (default: $UFA_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// CPU kernel family: avx512bf16, avx512bf16-decode, avx512, avx2 or portable (default:
+    /// CPU kernel family: amx-bf16, avx512bf16, avx512bf16-decode, avx512, avx2 or portable (default:
     /// the one `ufa info` names for this machine). One this CPU cannot run is an error.
     #[arg(long)]
     cpu_isa: Option<ufa::Isa>,

@@ -100,7 +100,7 @@ pub struct ufa_context_options {
     /// -1: no CUDA device is required. n >= 0: creation fails with
     /// `UFA_STATUS_DEVICE_UNAVAILABLE` unless CUDA device n can be used.
     pub device_ordinal: i32,
-    /// CPU kernel family ("avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable");
+    /// CPU kernel family ("amx-bf16", "avx512bf16", "avx512bf16-decode", "avx512", "avx2", "portable");
     /// NULL = the best this CPU supports (`ufa info` says which and why). A family the CPU
     /// lacks gives `UFA_STATUS_UNSUPPORTED`.
     pub cpu_isa: *const c_char,

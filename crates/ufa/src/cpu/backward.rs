@@ -523,7 +523,15 @@ struct KeyChunk<'a> {
 impl KernelFn for KeyChunk<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(self) {
+    fn call<
+        M: MulAdd,
+        const C: usize,
+        const BF16: bool,
+        const BF16_TILES: bool,
+        const AMX: bool,
+    >(
+        self,
+    ) {
         let KeyChunk {
             bp,
             delta,
@@ -624,7 +632,15 @@ struct RowDeltas<'a> {
 impl KernelFn for RowDeltas<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(self) {
+    fn call<
+        M: MulAdd,
+        const C: usize,
+        const BF16: bool,
+        const BF16_TILES: bool,
+        const AMX: bool,
+    >(
+        self,
+    ) {
         let RowDeltas {
             bp,
             b,
@@ -696,7 +712,7 @@ pub(super) fn backward(
     let p = &bp.fwd;
     let delta = row_deltas(bp, isa, exec)?;
     let dp = round_up(p.head_dim, 16);
-    let bf16 = uses_bf16(bp, isa.bf16_tiles());
+    let bf16 = uses_bf16(bp, isa.bf16_backward());
     let plan = plan(p, dp, bf16)?;
     let mut partial = workspace.take(plan.total)?;
     let bounds: Vec<usize> = std::iter::once(0)

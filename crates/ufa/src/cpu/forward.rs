@@ -164,7 +164,15 @@ struct ForwardJob<'a> {
 impl KernelFn for ForwardJob<'_> {
     type Output = ();
     #[inline(always)]
-    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(self) {
+    fn call<
+        M: MulAdd,
+        const C: usize,
+        const BF16: bool,
+        const BF16_TILES: bool,
+        const AMX: bool,
+    >(
+        self,
+    ) {
         let mut range = (0, 0);
         for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
             // The same for every item of a job: their rows are the same query positions.
@@ -177,13 +185,13 @@ impl KernelFn for ForwardJob<'_> {
         if attend_heads::<M, C, BF16>(self.p, self.ts, keys, self.scs) {
             // A job of heads whose rows take the few-rows path: key by key over its heads.
         } else if let [t] = self.ts {
-            attend::<M, C, BF16, BF16_TILES>(self.p, t, keys, &mut self.scs[0]);
+            attend::<M, C, BF16, BF16_TILES, AMX>(self.p, t, keys, &mut self.scs[0]);
         } else {
             // Tile by tile, the same tiles `attend` takes over the whole range.
             for j0 in (keys.0..keys.1).step_by(BK) {
                 let tile = (j0, (j0 + BK).min(keys.1));
                 for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
-                    attend::<M, C, BF16, BF16_TILES>(self.p, t, tile, sc);
+                    attend::<M, C, BF16, BF16_TILES, AMX>(self.p, t, tile, sc);
                 }
             }
         }

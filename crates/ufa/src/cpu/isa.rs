@@ -11,7 +11,7 @@ use std::fmt;
 /// `#[inline(always)]` to inherit those target features.
 pub trait KernelFn {
     type Output;
-    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(
+    fn call<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool, const AMX: bool>(
         self,
     ) -> Self::Output;
 }
@@ -19,29 +19,35 @@ pub trait KernelFn {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma,f16c")]
 unsafe fn run_avx512bf16<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 64, true, true>()
+    f.call::<Fused, 64, true, true, false>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma,f16c")]
+unsafe fn run_amxbf16<F: KernelFn>(f: F) -> F::Output {
+    f.call::<Fused, 64, true, false, true>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx2,fma,f16c")]
 unsafe fn run_avx512bf16_decode<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 64, true, false>()
+    f.call::<Fused, 64, true, false, false>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn run_avx512<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 64, false, false>()
+    f.call::<Fused, 64, false, false, false>()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Fused, 16, false, false>()
+    f.call::<Fused, 16, false, false, false>()
 }
 
 fn run_portable<F: KernelFn>(f: F) -> F::Output {
-    f.call::<Separate, 16, false, false>()
+    f.call::<Separate, 16, false, false, false>()
 }
 
 /// Runs `f` compiled for `isa`, which must be supported by this CPU (the backend checks this
@@ -49,6 +55,8 @@ fn run_portable<F: KernelFn>(f: F) -> F::Output {
 pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
     match isa {
         // SAFETY: CpuBackend::new only accepts an Isa that `is_supported()` on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Isa::AmxBf16 => unsafe { run_amxbf16(f) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => unsafe { run_avx512bf16(f) },
         #[cfg(target_arch = "x86_64")]
@@ -61,9 +69,19 @@ pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
     }
 }
 
+/// Whether [`Isa::detect`] takes [`Isa::AmxBf16`] where the machine has it: not until its
+/// kernels have passed the test suite on a CPU with AMX (this project's development machines
+/// have none; `cargo test -- --ignored amx` runs them where one has).
+pub const AMX_BY_DEFAULT: bool = false;
+
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
+    /// Intel AMX tiles (`tdpbf16ps`) for the products of the forward's bf16 tiles, and
+    /// [`Isa::Avx512Bf16Decode`] for everything else: decoding, fp32, and the backward (which
+    /// has no AMX products yet). Taken only when asked for (`cpu_isa`, `--cpu-isa`) until it
+    /// has run on hardware with AMX ([`AMX_BY_DEFAULT`]).
+    AmxBf16,
     /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
     Avx512Bf16,
     /// The same instructions, with bf16 dot products only where a tile has a few rows
@@ -83,7 +101,8 @@ pub enum Isa {
 impl Isa {
     /// Every kernel family. [`Isa::detect`] takes the first this machine supports, but for
     /// the choice between the two bf16 families.
-    pub const ALL: [Isa; 5] = [
+    pub const ALL: [Isa; 6] = [
+        Isa::AmxBf16,
         Isa::Avx512Bf16,
         Isa::Avx512Bf16Decode,
         Isa::Avx512,
@@ -101,6 +120,7 @@ impl Isa {
     /// The name that selects this family (`FromStr`, the C ABI's `cpu_isa` option).
     pub fn c_name(self) -> &'static std::ffi::CStr {
         match self {
+            Isa::AmxBf16 => c"amx-bf16",
             Isa::Avx512Bf16 => c"avx512bf16",
             Isa::Avx512Bf16Decode => c"avx512bf16-decode",
             Isa::Avx512 => c"avx512",
@@ -111,17 +131,32 @@ impl Isa {
 
     /// Whether the family's kernels are compiled for 512-bit registers.
     pub fn avx512(self) -> bool {
-        matches!(self, Isa::Avx512Bf16 | Isa::Avx512Bf16Decode | Isa::Avx512)
+        matches!(
+            self,
+            Isa::AmxBf16 | Isa::Avx512Bf16 | Isa::Avx512Bf16Decode | Isa::Avx512
+        )
     }
 
-    /// Whether the register-blocked tiles and the backward take bf16 dot products.
+    /// Whether the forward's register-blocked tiles take bf16 products (dot products or AMX
+    /// tiles) on pair-packed operands.
     pub fn bf16_tiles(self) -> bool {
+        matches!(self, Isa::Avx512Bf16 | Isa::AmxBf16)
+    }
+
+    /// Whether the backward takes bf16 dot products.
+    pub fn bf16_backward(self) -> bool {
         self == Isa::Avx512Bf16
     }
 
     /// Whether this machine can run the kernels of `self`.
     pub fn is_supported(self) -> bool {
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::AmxBf16 => {
+                let amx = amx();
+                Isa::Avx512Bf16.is_supported()
+                    && (super::amx::emulated() || amx.cpu && amx.os && super::amx::os_permits())
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 | Isa::Avx512Bf16Decode => {
                 Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512bf16")
@@ -146,6 +181,11 @@ impl Isa {
     /// Why a machine takes this family, and what it does with each dtype (for `ufa info`).
     pub fn why(self) -> &'static str {
         match self {
+            Isa::AmxBf16 => {
+                "AMX tiles (tdpbf16ps) for the bf16 tiles of the forward, pairs multiplied \
+                 exactly and summed in fp32; AVX-512 with BF16 dot products for decoding; fp32, \
+                 and the backward, in 16-wide FMAs"
+            }
             Isa::Avx512Bf16 => {
                 "AVX-512 with BF16 dot products: fp32 in 16-wide FMAs, bf16 inputs through \
                  vdpbf16ps, pairs multiplied exactly and summed in fp32"
@@ -173,6 +213,7 @@ impl Isa {
     pub fn detect() -> Isa {
         let first = Isa::ALL
             .into_iter()
+            .filter(|&i| i != Isa::AmxBf16 || AMX_BY_DEFAULT)
             .find(|i| i.is_supported())
             .unwrap_or(Isa::Portable);
         if first == Isa::Avx512Bf16 && !super::rates::bf16_dot_pays() {
@@ -211,7 +252,7 @@ pub struct Amx {
 }
 
 /// [`Amx`] from CPUID and XGETBV (the standard library's detection of the AMX features is not
-/// stable yet). ufa has no AMX kernels yet; `ufa info` says so where AMX is there to use.
+/// stable yet). [`Isa::AmxBf16`] uses them.
 pub fn amx() -> Amx {
     #[cfg(target_arch = "x86_64")]
     {

@@ -3,6 +3,8 @@
 //! computed by one work item in a fixed order, and the split-KV decision uses problem sizes alone.
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
 mod backward;
 #[cfg(target_arch = "x86_64")]
@@ -17,7 +19,7 @@ mod parallel;
 mod rates;
 mod tile;
 
-pub use isa::{amx, cpu_features, Amx, Isa};
+pub use isa::{amx, cpu_features, Amx, Isa, AMX_BY_DEFAULT};
 #[cfg(all(target_arch = "x86_64", feature = "testkit"))]
 pub(crate) use rates::x86 as throughput_loops;
 pub use rates::{rates, Rates, BF16_DOT_MIN_RATIO};

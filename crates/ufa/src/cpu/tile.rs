@@ -272,17 +272,43 @@ impl ScratchShape {
     }
 }
 
-/// Whether a tile takes the bf16 dot-product path: bf16 inputs, a kernel family that takes
-/// them for tiles (`BF16_TILES`), more rows than [`BF16_FEW_ROWS`], and not the few-rows path
+/// Whether a tile takes the bf16 path (dot products or AMX tiles): bf16 inputs, a kernel
+/// family that takes them for tiles (`tiles`), more rows than [`BF16_FEW_ROWS`], and not the few-rows path
 /// in registers, which reads a decoding tile's K and V faster (B1, 32 query heads over 8 KV
 /// heads, 4k keys: 16.7 GB/s against 7.2).
 #[inline(always)]
-fn bf16_path<const BF16_TILES: bool>(p: &Problem, t: &TileRows) -> bool {
-    BF16_TILES
+fn bf16_path(tiles: bool, p: &Problem, t: &TileRows) -> bool {
+    tiles
         && cfg!(target_arch = "x86_64")
         && p.k.dtype == DType::BF16
         && t.nrows > BF16_FEW_ROWS
         && !few_rows_in_registers(p, t.nrows, true)
+}
+
+/// A product of the bf16 tiles: on the AMX tile unit (`AMX`, whose family the backend takes
+/// only where the unit is usable, or emulated where `UFA_AMX_EMULATE=1`), else in
+/// `vdpbf16ps`.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16, and the tile unit where `AMX`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bf16_gemm<const ACC: bool, const AMX: bool>(
+    a: Strided<u32>,
+    b: Strided<u32>,
+    out: &mut [f32],
+    ldo: usize,
+    shape: [usize; 3],
+    scale: f32,
+) {
+    use super::amx::{emulated, gemm, Emulated, Hw};
+    if AMX && emulated() {
+        gemm::<_, ACC>(&mut Emulated::default(), a, b, out, ldo, shape, scale);
+    } else if AMX {
+        gemm::<_, ACC>(&mut Hw, a, b, out, ldo, shape, scale);
+    } else {
+        super::avx512_bf16::gemm::<ACC>(a, b, out, ldo, shape, scale);
+    }
 }
 
 /// Whether the tiles' scores are bf16 dot products of raw bf16 queries, pair-packed by
@@ -449,7 +475,13 @@ pub fn begin<M: MulAdd, const BF16: bool>(
 /// Runs the online softmax over keys `keys.0..keys.1` for the rows loaded by [`begin`].
 /// `C` is the SIMD width (in f32 lanes) of the register blocks.
 #[inline(always)]
-pub fn attend<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(
+pub fn attend<
+    M: MulAdd,
+    const C: usize,
+    const BF16: bool,
+    const BF16_TILES: bool,
+    const AMX: bool,
+>(
     p: &Problem,
     t: &TileRows,
     keys: (usize, usize),
@@ -459,7 +491,7 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: boo
     let rows = round_up(t.nrows, R);
     // With few rows (decoding) most of a register block would be padding and packing K would
     // cost more than the products: take dot products with K rows and add V rows in place.
-    let bf16 = bf16_path::<BF16_TILES>(p, t);
+    let bf16 = bf16_path(BF16_TILES || AMX, p, t);
     let few_rows = !bf16 && t.nrows <= FEW_ROWS;
     let registers = few_rows && few_rows_in_registers(p, t.nrows, C == 64);
     let mut j0 = keys.0;
@@ -510,12 +542,13 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: boo
             }
         } else if bf16 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the bf16 path runs only under avx512bf16 (BF16_TILES is true only there).
+            // SAFETY: the bf16 path runs only under avx512bf16 (BF16_TILES and AMX are true
+            // only there; AMX only where the tile unit is usable).
             unsafe {
                 let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
                 super::avx512_bf16::pack_transposed_pairs(row, nk, d, nkp, &mut sc.kp);
                 let d2 = d.div_ceil(2);
-                super::avx512_bf16::gemm::<false>(
+                bf16_gemm::<false, AMX>(
                     Strided::rows(&sc.qp, d2),
                     Strided::rows(&sc.kp, BK),
                     &mut sc.s,
@@ -591,7 +624,21 @@ pub fn attend<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: boo
                 let nk2 = nk.div_ceil(2);
                 let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
                 super::avx512_bf16::pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
-                super::avx512_bf16::gemm::<true>(
+                // The tile unit reduces over 16 pairs at a time: a last tile's pairs past its
+                // keys are zeros in P and V alike (columns of scores past the tile's vector
+                // width are neither computed nor cleared, and a stale Inf or NaN there, times
+                // a zero, would reach the sums).
+                let nk2 = if AMX && !nk2.is_multiple_of(16) {
+                    let whole = nk2.next_multiple_of(16);
+                    sc.vp[nk2 * dvp..whole * dvp].fill(0);
+                    for r in 0..rows {
+                        sc.pp[r * BK / 2..][nk2..whole].fill(0);
+                    }
+                    whole
+                } else {
+                    nk2
+                };
+                bf16_gemm::<true, AMX>(
                     Strided::rows(&sc.pp, BK / 2),
                     Strided::rows(&sc.vp, dvp),
                     &mut sc.acc,

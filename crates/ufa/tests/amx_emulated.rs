@@ -1,0 +1,82 @@
+//! The amx-bf16 kernel family end to end with the tile unit emulated (`UFA_AMX_EMULATE=1`),
+//! so that its code (the forward's bf16 tiles through `cpu/amx.rs`, the padding of a last
+//! tile's pairs) is tested on CPUs without AMX, CI's included: bf16 cases with whole and
+//! partial tiles, head dims that fill whole tiles and one that does not, GQA, causal and
+//! windowed tiles, the backward (on the family's FMAs), then planted NaN and ±inf, whose
+//! reach must stay what the f64 reference says. Where AMX exists, the standard suites take
+//! the family for real (`ufa_testkit::run_on_every_isa`); `cpu::amx`'s ignored test checks
+//! the products on the hardware.
+//!
+//! The variable is read once a process, so this binary holds this one test.
+
+use ufa::{Context, DType, Isa};
+use ufa_testkit::{
+    check_case, check_grads, check_nonfinite, nonfinite_cases, seed, Case, Comparison,
+    NonFiniteReport,
+};
+
+#[test]
+fn amx_family_with_emulated_tiles_matches_the_reference() {
+    // SAFETY: the only test of this binary, and no other thread has started yet.
+    unsafe { std::env::set_var("UFA_AMX_EMULATE", "1") };
+    if !Isa::Avx512Bf16.is_supported() {
+        // The family's other products take vdpbf16ps: without it the family is refused,
+        // emulated tiles or not, and that refusal is what is checked here.
+        let err = Context::builder().cpu_isa(Isa::AmxBf16).build().err();
+        let err = err.expect("amx-bf16 taken on a CPU without avx512bf16");
+        assert!(err.to_string().contains("amx-bf16"), "{err}");
+        eprintln!("no avx512bf16 on this CPU: the amx-bf16 family is refused, not run");
+        return;
+    }
+    assert!(Isa::AmxBf16.is_supported());
+    assert_ne!(
+        Isa::detect(),
+        Isa::AmxBf16,
+        "emulation must never be the default"
+    );
+    let ctx = Context::builder()
+        .cpu_isa(Isa::AmxBf16)
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let seed = seed();
+    let mut cases = Vec::new();
+    // (batch, seqlen_q, seqlen_kv, heads_q, heads_kv, head_dim, causal)
+    for (b, sq, skv, hq, hkv, d, causal) in [
+        (1, 128, 128, 2, 2, 64, false),
+        (2, 100, 203, 4, 2, 128, true),
+        (1, 77, 45, 2, 1, 64, false),
+        (1, 64, 300, 2, 2, 80, true),
+        (1, 33, 131, 3, 3, 256, false),
+        (2, 3, 70, 8, 2, 128, false),
+    ] {
+        let mut c = Case::new(b, sq, skv, hq, d, DType::BF16);
+        c.heads_kv = hkv;
+        c.causal = causal;
+        cases.push(c);
+    }
+    let mut c = Case::new(1, 90, 150, 2, 64, DType::BF16);
+    c.window = (37, 5);
+    cases.push(c);
+    let mut failed = Vec::new();
+    for c in &cases {
+        let r: Comparison = check_case(&ctx, c, seed).unwrap();
+        if !r.passed() {
+            failed.push(format!("{c:?}: {}", r.summary()));
+        }
+        let r = check_grads(&ctx, c, seed).unwrap();
+        if !r.passed() {
+            failed.push(format!("backward {c:?}: {r:?}"));
+        }
+    }
+    for c in nonfinite_cases()
+        .into_iter()
+        .filter(|c| c.case.dtype == DType::BF16)
+    {
+        let r: NonFiniteReport = check_nonfinite(&ctx, &c, seed).unwrap();
+        if !r.passed() {
+            failed.push(r.summary());
+        }
+    }
+    assert!(failed.is_empty(), "seed {seed}: {failed:#?}");
+}
