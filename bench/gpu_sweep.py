@@ -124,11 +124,12 @@ def main():
         ap.error("--ufa-bench is required")
     backward = args.which == "backward"
     # ufa's columns: mode passed to gpu_bench, and its environment. ufa_sm80 is the sm_80
-    # kernel on the same card (the same as ufa on cards before Hopper); ufa_tma the Hopper
-    # forward with warp specialisation and TMA loads (fwd_sm90_tma.cu, opt-in for now).
+    # kernel on the same card (the same as ufa on cards before Hopper); ufa_cp the Hopper
+    # forward that dense batches took before the warp-specialised one (fwd_sm90.cu, cp.async
+    # loads; packed and paged batches still take it).
     sm80 = {"UFA_CUDA_WGMMA": "0"}
     ufa_modes = ({"ufa": ("bwd", {}), "ufa_det": ("bwd-det", {}), "ufa_sm80": ("bwd", sm80)} if backward
-                 else {"ufa": ("fwd", {}), "ufa_tma": ("fwd", {"UFA_CUDA_TMA_FWD": "1"}),
+                 else {"ufa": ("fwd", {}), "ufa_cp": ("fwd", {"UFA_CUDA_TMA_FWD": "0"}),
                        "ufa_sm80": ("fwd", sm80)})
 
     card = torch.cuda.get_device_name(0)
@@ -178,7 +179,8 @@ def main():
             f.write("- backward: the gradient call alone, 2.5x the forward's flops; ufa_det = deterministic mode\n")
         f.write("- ufa_sm80: ufa's mma.sync (sm_80) kernels on the same card (UFA_CUDA_WGMMA=0)\n")
         if not backward:
-            f.write("- ufa_tma: ufa's warp-specialised Hopper forward (UFA_CUDA_TMA_FWD=1)\n")
+            f.write("- ufa_cp: ufa's cp.async Hopper forward (UFA_CUDA_TMA_FWD=0); ufa is the "
+                    "warp-specialised one on Hopper\n")
         f.write("\n")
         cols = [*ufa_modes, *BACKENDS]
         ratios = [*(["ufa_det/ufa"] if backward else []), "ufa/flash", "ufa/cudnn", "ufa/efficient"]

@@ -28,7 +28,7 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
             "in use by the amx-bf16 kernels for bf16 tiles"
         } else {
             "usable: --cpu-isa amx-bf16 (the cpu_isa option of the APIs) takes it for bf16 tiles; not \
-             the default until its kernels have passed the test suite on AMX hardware"
+             the default until measured beside PyTorch on AMX hardware"
         };
         println!("amx:            {state}");
     }

@@ -96,11 +96,8 @@ fn hopper_dense_calls_take_the_warp_specialised_kernel() {
                 .all(|k| k.starts_with("ufa_fwd_sm90_tma_bf16_d")),
             "{kernels:?}"
         );
-        assert_eq!(
-            forward.len(),
-            3,
-            "d128, d80 on the d128 tile, d256: {kernels:?}"
-        );
+        // d128 and d80 share the d128 tile (causality is a run-time argument); d256 its own.
+        assert_eq!(forward.len(), 2, "the d128 and d256 tiles: {kernels:?}");
     }
 }
 

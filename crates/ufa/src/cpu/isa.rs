@@ -69,9 +69,11 @@ pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
     }
 }
 
-/// Whether [`Isa::detect`] takes [`Isa::AmxBf16`] where the machine has it: not until its
-/// kernels have passed the test suite on a CPU with AMX (this project's development machines
-/// have none; `cargo test -- --ignored amx` runs them where one has).
+/// Whether [`Isa::detect`] takes [`Isa::AmxBf16`] where the machine has it: not yet. Its tile
+/// products and the forward suites passed on an AMX Xeon (2026-12-05), 1.1-1.4x the default
+/// family's bf16 forward but one row 0.91x, in one uninterleaved run without PyTorch beside
+/// it (`bench/results/cpu_amx_2026-12-05_h100_host.md`); `scripts/gpu-check`'s cpu part
+/// measures that on the GPU host. The development machines have no AMX.
 pub const AMX_BY_DEFAULT: bool = false;
 
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.

@@ -195,11 +195,12 @@ pub const TMA_FWD_TILE_ENV: &str = "UFA_CUDA_TMA_FWD_TILE";
 /// decides.
 pub const TMA_FWD_ENV: &str = "UFA_CUDA_TMA_FWD";
 
-/// Whether dense Hopper problems take the warp-specialised forward by default. Not yet: it
-/// compiles for sm_90a (NVRTC 13.0, no spills at d64/d128, no serialised wgmma) and its host
-/// logic is tested, but it has not run on a Hopper GPU (no machine was lent, 2026-12-05), so
-/// it is opt-in until the GPU suites pass on it.
-pub const TMA_FWD_DEFAULT: bool = false;
+/// Whether dense Hopper problems take the warp-specialised forward by default: yes since it
+/// passed the forward suites on an H100 (2026-12-05: `cuda_forward` and `cuda_dropout` with it
+/// on, compute-sanitizer memcheck and racecheck clean) and ran 1.05-1.52x the cp.async kernel's
+/// TFLOP/s at head dims 64-256 and 1.6-2.1x at the padded ones
+/// (`bench/results/gpu_hopper_fwd_ws_2026-12-05_h100.md`).
+pub const TMA_FWD_DEFAULT: bool = true;
 
 /// Whether the warp-specialised forward is used ([`TMA_FWD_ENV`], else [`TMA_FWD_DEFAULT`]).
 pub fn tma_fwd_enabled() -> bool {
@@ -231,6 +232,11 @@ pub(crate) fn tma_tile_for(
 ) -> Option<TmaFwdTile> {
     if head_dim == 0 || !head_dim.is_multiple_of(8) {
         return None; // tensor-map rows are whole 16-byte pieces
+    }
+    if head_dim <= 32 {
+        // Twice the work or more on the d64 tile: the mma.sync d32 tile was faster (H100,
+        // 4 × 4096 × 64 heads × d32 causal bf16: 204 against 195 TFLOP/s, 2026-12-05).
+        return None;
     }
     let head_dim = WGMMA_HEAD_DIMS.into_iter().find(|&d| d >= head_dim)?;
     let default = TmaFwdTile {
@@ -712,12 +718,15 @@ mod tests {
             tma_tile_for(96, false, false, 232_448).unwrap().head_dim,
             128
         );
-        assert_eq!(tma_tile_for(8, false, false, 232_448).unwrap().head_dim, 64);
+        assert_eq!(
+            tma_tile_for(40, false, false, 232_448).unwrap().head_dim,
+            64
+        );
         assert_eq!(
             tma_tile_for(200, false, false, 232_448).unwrap().head_dim,
             256
         );
-        for d in [0, 4, 100, 264, 512] {
+        for d in [0, 4, 8, 32, 100, 264, 512] {
             assert_eq!(tma_tile_for(d, false, false, 232_448), None, "{d}");
         }
         assert_eq!(tma_tile_for(256, false, false, 101_376), None);

@@ -828,9 +828,11 @@ mod tests {
         // K broadcast over its heads (stride 0): no tensor map, so the cp.async kernel.
         assert!(matches!(hopper_forward(128, 0), Variant::FwdSm90 { .. }));
         // Head dims between the wgmma tiles run on the next larger one (TMA fills the
-        // columns past the head with zeros); without tensor maps they stay on mma.sync.
+        // columns past the head with zeros); without tensor maps they stay on mma.sync, and
+        // so do head dims up to 32 (the mma.sync d32 tile was faster than the padded d64 one).
+        assert!(matches!(hopper_forward(32, 32), Variant::FwdSm80 { .. }));
         for (d, tile_d) in [
-            (32, 64),
+            (40, 64),
             (48, 64),
             (80, 128),
             (96, 128),
