@@ -12,7 +12,7 @@
 //! not a multiple of 16 pairs, a left operand read transposed), its rest runs on
 //! [`super::avx512_bf16::gemm`].
 
-use super::microkernel::{holds, Strided, R};
+use super::microkernel::{product_fits, Strided};
 
 /// Rows of a tile, and 4-byte columns of a tile row (64 bytes).
 pub const TILE: usize = 16;
@@ -75,14 +75,7 @@ pub unsafe fn gemm<T: Tiles, const ACC: bool>(
     [m, n, kn2]: [usize; 3],
     scale: f32,
 ) {
-    assert!(
-        m.is_multiple_of(R)
-            && n.is_multiple_of(TILE)
-            && b.col == 1
-            && a.covers(m, kn2)
-            && holds(b.data.len(), b.row, kn2, n)
-            && holds(out.len(), ldo, m, n)
-    );
+    assert!(product_fits(a, b, out.len(), ldo, [m, n, kn2]));
     let whole = tile_rows(a, m, kn2);
     whole_tiles::<T, ACC>(tiles, a, b, out, ldo, [whole, n, kn2], scale);
     if whole < m {
@@ -221,18 +214,18 @@ const CONFIG: Config = {
     }
 };
 
-/// One instruction per tile number, which AMX encodes in the instruction itself.
-macro_rules! per_tile {
-    ($t:expr, $op:literal, $($args:tt)*) => {
+/// Expands `$op!(n)` for tile `$t`'s number n: AMX encodes the tile in the instruction.
+macro_rules! with_tile {
+    ($t:expr, $op:ident) => {
         match $t {
-            0 => std::arch::asm!(concat!($op, "tmm0", ""), $($args)*),
-            1 => std::arch::asm!(concat!($op, "tmm1", ""), $($args)*),
-            2 => std::arch::asm!(concat!($op, "tmm2", ""), $($args)*),
-            3 => std::arch::asm!(concat!($op, "tmm3", ""), $($args)*),
-            4 => std::arch::asm!(concat!($op, "tmm4", ""), $($args)*),
-            5 => std::arch::asm!(concat!($op, "tmm5", ""), $($args)*),
-            6 => std::arch::asm!(concat!($op, "tmm6", ""), $($args)*),
-            _ => std::arch::asm!(concat!($op, "tmm7", ""), $($args)*),
+            0 => $op!(0),
+            1 => $op!(1),
+            2 => $op!(2),
+            3 => $op!(3),
+            4 => $op!(4),
+            5 => $op!(5),
+            6 => $op!(6),
+            _ => $op!(7),
         }
     };
 }
@@ -264,7 +257,15 @@ impl Tiles for Hw {
 
     #[inline(always)]
     unsafe fn zero(&mut self, t: usize) {
-        per_tile!(t, "tilezero ", options(nostack, preserves_flags, nomem));
+        macro_rules! zero {
+            ($n:literal) => {
+                std::arch::asm!(
+                    concat!("tilezero tmm", $n),
+                    options(nostack, preserves_flags, nomem)
+                )
+            };
+        }
+        with_tile!(t, zero)
     }
 
     #[inline(always)]
@@ -279,16 +280,7 @@ impl Tiles for Hw {
                 )
             };
         }
-        match t {
-            0 => load!(0),
-            1 => load!(1),
-            2 => load!(2),
-            3 => load!(3),
-            4 => load!(4),
-            5 => load!(5),
-            6 => load!(6),
-            _ => load!(7),
-        }
+        with_tile!(t, load)
     }
 
     #[inline(always)]
@@ -312,16 +304,7 @@ impl Tiles for Hw {
                 )
             };
         }
-        match t {
-            0 => store!(0),
-            1 => store!(1),
-            2 => store!(2),
-            3 => store!(3),
-            4 => store!(4),
-            5 => store!(5),
-            6 => store!(6),
-            _ => store!(7),
-        }
+        with_tile!(t, store)
     }
 
     #[inline(always)]

@@ -9,7 +9,7 @@
 //! Everything here runs only inside functions compiled with `avx512f,avx512bf16` (see
 //! `Isa::Avx512Bf16`).
 
-use super::microkernel::{holds, transpose_rows, Strided, BK, R};
+use super::microkernel::{product_fits, transpose_rows, Strided, BK, R};
 use std::arch::x86_64::*;
 
 /// Two bf16 values as one u32: `lo` in the low half (little-endian pair order).
@@ -56,14 +56,7 @@ pub unsafe fn gemm<const ACC: bool>(
     [m, n, kn2]: [usize; 3],
     scale: f32,
 ) {
-    assert!(
-        m.is_multiple_of(R)
-            && n.is_multiple_of(16)
-            && b.col == 1
-            && a.covers(m, kn2)
-            && holds(b.data.len(), b.row, kn2, n)
-            && holds(out.len(), ldo, m, n)
-    );
+    assert!(product_fits(a, b, out.len(), ldo, [m, n, kn2]));
     for r0 in (0..m).step_by(R) {
         let mut c0 = 0;
         while c0 + 64 <= n {

@@ -54,6 +54,26 @@ pub fn holds(len: usize, ld: usize, m: usize, n: usize) -> bool {
     n <= ld && (m == 0 || (m - 1) * ld + n <= len)
 }
 
+/// Whether a product of `[m, n, kn]` = rows (a multiple of `R`), columns (a multiple of 16)
+/// and reduction length fits its operands: `b` row-major and holding `kn` rows of `n`, `a`
+/// covering `m × kn`, the output (`out_len` elements, `ldo` a row) holding `m` rows of `n`.
+/// Every product kernel asserts it; it covers all their accesses.
+#[inline(always)]
+pub fn product_fits<T, U>(
+    a: Strided<T>,
+    b: Strided<U>,
+    out_len: usize,
+    ldo: usize,
+    [m, n, kn]: [usize; 3],
+) -> bool {
+    m.is_multiple_of(R)
+        && n.is_multiple_of(16)
+        && b.col == 1
+        && a.covers(m, kn)
+        && holds(b.data.len(), b.row, kn, n)
+        && holds(out_len, ldo, m, n)
+}
+
 /// `out[i][c] = scale · Σ_k a(i, k) · b[k][c]`, or with `ACC` `out[i][c] += Σ_k a(i, k) · b[k][c]`
 /// (the sum formed first),
 /// for `[m, n, kn]` = rows (a multiple of `R`), columns (a multiple of 16) and reduction length.
@@ -68,14 +88,7 @@ pub fn gemm<M: MulAdd, const C: usize, const ACC: bool>(
     [m, n, kn]: [usize; 3],
     scale: f32,
 ) {
-    assert!(
-        m.is_multiple_of(R)
-            && n.is_multiple_of(16)
-            && b.col == 1
-            && a.covers(m, kn)
-            && holds(b.data.len(), b.row, kn, n)
-            && holds(out.len(), ldo, m, n)
-    );
+    assert!(product_fits(a, b, out.len(), ldo, [m, n, kn]));
     for r0 in (0..m).step_by(R) {
         let mut c0 = 0;
         while c0 + C <= n {
