@@ -414,6 +414,16 @@ type AddArgs<'a> = (*const f32, usize, &'a [*const u8], usize, *mut f32, usize);
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline(never)]
 unsafe fn add_rows<L: Row16, const NR: usize, const NV: usize>(args: AddArgs, ahead: &impl Ahead) {
+    add_vectors::<L, NR, NV>(args, ahead);
+}
+
+/// The rows' vectors `NV` at a time (their `NR × NV` accumulators in registers across the
+/// keys), then one at a time.
+#[inline(always)]
+unsafe fn add_vectors<L: Row16, const NR: usize, const NV: usize>(
+    args: AddArgs,
+    ahead: &impl Ahead,
+) {
     let nv = args.3 / 16;
     let mut i = 0;
     while i + NV <= nv {
@@ -557,57 +567,14 @@ unsafe fn accumulate_keys<L: Row16, const NR: usize, const KB: usize>(
         for (x, row) in vh.iter_mut().enumerate() {
             *row = v.rows[jj + x].add(h * v.step);
         }
-        let p = p.add(jj);
+        // The keys' V rows, `v_rows` of `add_vectors`: each element gets them in key order.
+        let args = (p.add(jj), ld, &vh[..], dv, acc, ldo);
         if NR <= 2 {
-            accumulate_columns::<L, NR, KB, 1>(&vh, p, ld, acc, ldo, 0, dv / 16);
+            add_vectors::<L, NR, 1>(args, &());
         } else if NR <= 4 {
-            accumulate_columns::<L, NR, KB, 4>(&vh, p, ld, acc, ldo, 0, dv / 16);
+            add_vectors::<L, NR, 4>(args, &());
         } else {
-            accumulate_columns::<L, NR, KB, 2>(&vh, p, ld, acc, ldo, 0, dv / 16);
+            add_vectors::<L, NR, 2>(args, &());
         }
-    }
-}
-
-/// Vectors `i0..i1` of the `NR` rows at `acc` plus `Σ_x p[r·ld + x] · V_x` over the rows in
-/// `vh`, `CV` vectors at a time (then one at a time), keys in order for every element.
-#[inline(always)]
-unsafe fn accumulate_columns<L: Row16, const NR: usize, const KB: usize, const CV: usize>(
-    vh: &[*const u8; KB],
-    p: *const f32,
-    ld: usize,
-    acc: *mut f32,
-    ldo: usize,
-    i0: usize,
-    i1: usize,
-) {
-    let mut i = i0;
-    while i + CV <= i1 {
-        let mut a = [[_mm512_setzero_ps(); CV]; NR];
-        for (r, a) in a.iter_mut().enumerate() {
-            for (c, a) in a.iter_mut().enumerate() {
-                *a = _mm512_loadu_ps(acc.add(r * ldo + 16 * (i + c)));
-            }
-        }
-        for (x, &row) in vh.iter().enumerate() {
-            let mut vv = [_mm512_setzero_ps(); CV];
-            for (c, vv) in vv.iter_mut().enumerate() {
-                *vv = L::load(row, i + c);
-            }
-            for (r, a) in a.iter_mut().enumerate() {
-                let pr = _mm512_set1_ps(*p.add(r * ld + x));
-                for (a, vv) in a.iter_mut().zip(&vv) {
-                    *a = _mm512_fmadd_ps(pr, *vv, *a);
-                }
-            }
-        }
-        for (r, a) in a.iter().enumerate() {
-            for (c, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(r * ldo + 16 * (i + c)), *a);
-            }
-        }
-        i += CV;
-    }
-    if CV > 1 && i < i1 {
-        accumulate_columns::<L, NR, KB, 1>(vh, p, ld, acc, ldo, i, i1);
     }
 }
