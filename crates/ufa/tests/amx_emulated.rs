@@ -1,6 +1,6 @@
 //! The amx-bf16 kernel family end to end with the tile unit emulated (`UFA_AMX_EMULATE=1`),
-//! so that its code (the forward's bf16 tiles through `cpu/amx.rs`, the padding of a last
-//! tile's pairs) is tested on CPUs without AMX, CI's included: bf16 cases with whole and
+//! so that its code (the forward's bf16 tiles through `cpu/amx.rs`, partial tiles handed to
+//! vdpbf16ps) is tested on CPUs without AMX, CI's included: bf16 cases with whole and
 //! partial tiles, head dims that fill whole tiles and one that does not, GQA, causal and
 //! windowed tiles, the backward (on the family's FMAs), then planted NaN and ±inf, whose
 //! reach must stay what the f64 reference says. Where AMX exists, the standard suites take

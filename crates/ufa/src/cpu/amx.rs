@@ -91,7 +91,7 @@ pub unsafe fn gemm<T: Tiles, const ACC: bool>(
 /// The rows of a product of `m` rows and `kn2` pairs that whole tiles take.
 #[inline(always)]
 fn tile_rows(a: Strided<u32>, m: usize, kn2: usize) -> usize {
-    if a.col == 1 && kn2.is_multiple_of(TILE) {
+    if a.col == 1 && kn2 > 0 && kn2.is_multiple_of(TILE) {
         m / TILE * TILE
     } else {
         0

@@ -81,8 +81,8 @@ pub const AMX_BY_DEFAULT: bool = false;
 pub enum Isa {
     /// Intel AMX tiles (`tdpbf16ps`) for the products of the forward's bf16 tiles, and
     /// [`Isa::Avx512Bf16Decode`] for everything else: decoding, fp32, and the backward (which
-    /// has no AMX products yet). Taken only when asked for (`cpu_isa`, `--cpu-isa`) until it
-    /// has run on hardware with AMX ([`AMX_BY_DEFAULT`]).
+    /// has no AMX products yet). Taken only when asked for (`cpu_isa`, `--cpu-isa`) while
+    /// [`AMX_BY_DEFAULT`] is false.
     AmxBf16,
     /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
     Avx512Bf16,
@@ -102,7 +102,7 @@ pub enum Isa {
 
 impl Isa {
     /// Every kernel family. [`Isa::detect`] takes the first this machine supports, but for
-    /// the choice between the two bf16 families.
+    /// the choice between the two bf16 families and [`Isa::AmxBf16`] (see [`AMX_BY_DEFAULT`]).
     pub const ALL: [Isa; 6] = [
         Isa::AmxBf16,
         Isa::Avx512Bf16,

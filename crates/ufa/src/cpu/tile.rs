@@ -273,9 +273,9 @@ impl ScratchShape {
 }
 
 /// Whether a tile takes the bf16 path (dot products or AMX tiles): bf16 inputs, a kernel
-/// family that takes them for tiles (`tiles`), more rows than [`BF16_FEW_ROWS`], and not the few-rows path
-/// in registers, which reads a decoding tile's K and V faster (B1, 32 query heads over 8 KV
-/// heads, 4k keys: 16.7 GB/s against 7.2).
+/// family that takes them for tiles (`tiles`), more rows than [`BF16_FEW_ROWS`], and not the
+/// few-rows path in registers, which reads a decoding tile's K and V faster (B1, 32 query
+/// heads over 8 KV heads, 4k keys: 16.7 GB/s against 7.2).
 #[inline(always)]
 fn bf16_path(tiles: bool, p: &Problem, t: &TileRows) -> bool {
     tiles
@@ -624,20 +624,9 @@ pub fn attend<
                 let nk2 = nk.div_ceil(2);
                 let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
                 super::avx512_bf16::pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
-                // The tile unit reduces over 16 pairs at a time: a last tile's pairs past its
-                // keys are zeros in P and V alike (columns of scores past the tile's vector
-                // width are neither computed nor cleared, and a stale Inf or NaN there, times
-                // a zero, would reach the sums).
-                let nk2 = if AMX && !nk2.is_multiple_of(16) {
-                    let whole = nk2.next_multiple_of(16);
-                    sc.vp[nk2 * dvp..whole * dvp].fill(0);
-                    for r in 0..rows {
-                        sc.pp[r * BK / 2..][nk2..whole].fill(0);
-                    }
-                    whole
-                } else {
-                    nk2
-                };
+                // Under AMX, a last tile whose key pairs are not a multiple of 16 fills no whole
+                // tile: amx::gemm hands its product to vdpbf16ps, as it does rows past whole
+                // tiles.
                 bf16_gemm::<true, AMX>(
                     Strided::rows(&sc.pp, BK / 2),
                     Strided::rows(&sc.vp, dvp),
