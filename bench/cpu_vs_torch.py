@@ -48,13 +48,13 @@ def flops(w, backward):
     return f * 2.5 if backward else f
 
 
-def time_ufa(name, dtype, threads, iters, backward, isa=None):
+def time_ufa(ufa, name, dtype, threads, iters, backward, isa_args):
     # Same memory layout as the PyTorch side: [batch, heads, seq, dim], read in place.
     # --device cpu: on a GPU host `ufa bench` would otherwise pick cuda:0 and compare a GPU with
     # PyTorch's CPU kernels.
-    cmd = [UFA, "bench", "--device", "cpu", "--workload", name, "--dtype", dtype, "--threads",
+    cmd = [ufa, "bench", "--device", "cpu", "--workload", name, "--dtype", dtype, "--threads",
            str(threads), "--iters", str(iters), "--layout", "bhsd", "--json"] + (["--backward"] if backward else []) \
-        + (["--cpu-isa", isa] if isa else [])
+        + isa_args
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)[0]["median_ms"]
 
@@ -113,7 +113,6 @@ def plot_only(out):
 
 
 def main():
-    global UFA
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -129,8 +128,9 @@ def main():
     args = ap.parse_args()
     if args.plot_only:
         return plot_only(args.out)
-    UFA = os.path.abspath(args.ufa)
-    if not os.path.exists(UFA):
+    ufa = os.path.abspath(args.ufa)
+    isa_args = ["--cpu-isa", args.cpu_isa] if args.cpu_isa else []
+    if not os.path.exists(ufa):
         subprocess.run(["cargo", "build", "--release", "-p", "ufa-cli"], cwd=ROOT, check=True)
     torch.set_num_threads(args.threads)
 
@@ -142,8 +142,8 @@ def main():
                 w = WORKLOADS[name]
                 ufa_ms, torch_ms = [], []
                 for _ in range(args.rounds):
-                    ufa_ms.append(time_ufa(name, dtype, args.threads, args.iters, backward,
-                                           args.cpu_isa))
+                    ufa_ms.append(time_ufa(ufa, name, dtype, args.threads, args.iters, backward,
+                                           isa_args))
                     torch_ms.append(time_torch(w, dtype, args.iters, backward))
                 u, t = statistics.median(ufa_ms), statistics.median(torch_ms)
                 row = {
@@ -164,7 +164,7 @@ def main():
     header = (f"# ufa CPU vs PyTorch CPU flash attention\n\n"
               f"- date: {stamp}\n- machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads for each\n"
               f"- torch {torch.__version__} (capability {torch.backends.cpu.get_cpu_capability()}), "
-              f"ufa kernels: {json.loads(subprocess.run([UFA, 'bench', '--device', 'cpu', '--workload', 'W1', '--iters', '1', '--json', '--threads', str(args.threads)] + (['--cpu-isa', args.cpu_isa] if args.cpu_isa else []), capture_output=True, text=True).stdout)[0]['kernels']}\n"
+              f"ufa kernels: {json.loads(subprocess.run([ufa, 'bench', '--device', 'cpu', '--workload', 'W1', '--iters', '1', '--json', '--threads', str(args.threads)] + isa_args, capture_output=True, text=True).stdout)[0]['kernels']}\n"
               f"- command: `{command}` (medians of {args.rounds} interleaved rounds of {args.iters} runs)\n"
               f"- speedup = PyTorch time / ufa time (>1: ufa is faster)\n"
               f"- load: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at "
