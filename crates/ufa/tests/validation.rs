@@ -594,3 +594,25 @@ fn backward_gradient_aliasing_an_input_is_rejected() {
     assert!(dq.iter().chain(&dv).all(|&x| x == POISON));
     assert_eq!(b.k, k_before);
 }
+
+/// A CPU kernel family this machine cannot run is refused when the context is built, by name
+/// (the AMX family on CPUs without AMX, CI's included; where AMX is usable it is accepted).
+#[test]
+fn unrunnable_cpu_kernel_family_is_refused_by_name() {
+    let built = Context::builder().cpu_isa(ufa::Isa::AmxBf16).build();
+    match built {
+        Ok(ctx) => {
+            assert!(ufa::Isa::AmxBf16.is_supported());
+            assert_eq!(ctx.cpu_isa(), ufa::Isa::AmxBf16);
+        }
+        Err(e) => {
+            assert!(!ufa::Isa::AmxBf16.is_supported());
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("cpu_isa=amx-bf16") && msg.contains("not supported by this CPU"),
+                "{msg}"
+            );
+        }
+    }
+}
