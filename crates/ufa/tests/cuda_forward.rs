@@ -101,6 +101,41 @@ fn hopper_dense_calls_take_the_warp_specialised_kernel() {
     }
 }
 
+/// Banded problems with more query tiles than an H100 or H200 has SMs: the persistent
+/// warp-specialised forward walks them in pairs of equal causal weight (query block i with
+/// block m - 1 - i, the middle one alone where m is odd), which smaller cases never reach.
+#[test]
+fn banded_problems_over_a_wave_of_tiles() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    // (batch, seqlen_q, seqlen_kv, head_dim, window): 160 tiles of 128 query rows, 5 a head
+    // (odd: a middle tile alone); 192, 4 a head, more keys than queries (the bottom-right
+    // diagonal); 192, 6 a head, under a sliding window.
+    let cases = [
+        (2, 600, 600, 128, None),
+        (3, 500, 700, 64, None),
+        (2, 700, 700, 256, Some((200, 0))),
+    ];
+    for (batch, sq, skv, d, window) in cases {
+        let mut c = Case::new(batch, sq, skv, 16, d, DType::BF16);
+        c.heads_kv = 4;
+        match window {
+            Some(w) => c.window = w,
+            None => c.causal = true,
+        }
+        let r = check_case_cuda(&ctx, &c, 17, 0).unwrap();
+        println!(
+            "{} {}: {}",
+            if r.passed() { "ok  " } else { "FAIL" },
+            c.describe(),
+            r.summary()
+        );
+        assert!(r.passed(), "{}: {}", c.describe(), r.summary());
+    }
+}
+
 /// Head dims between the instantiated ones run on the next larger tensor-core tile (zeros in
 /// the padding), not on the CUDA-core kernel.
 #[test]
