@@ -56,7 +56,8 @@ pub trait Tiles {
     unsafe fn end(&mut self);
 }
 
-/// `out[i][c] = scale · Σ a·b`, or with `ACC` `out[i][c] += Σ a·b` (the sum formed first), over
+/// `out[i][c] = scale · Σ a·b`, or with `ACC` `out[i][c] += Σ a·b` (added term by term on the
+/// tile unit, the sum formed first on the rows `vdpbf16ps` takes), over
 /// pair-packed operands, as [`super::avx512_bf16::gemm`] defines it: `[m, n, kn2]` = rows (a
 /// multiple of `R`), columns (a multiple of 16) and pairs. The rows of whole tiles take the
 /// tile unit when `a` is row-major and the pairs fill whole tiles; the rest takes
@@ -140,7 +141,11 @@ unsafe fn whole_tiles<T: Tiles, const ACC: bool>(
 }
 
 /// Rows `r0..r0 + 16·MR`, columns `c0..c0 + 16·NR` of [`gemm`], whose assertions cover every
-/// access: `MR × NR` sums in tiles across the pairs, then added to (or scaled into) `out`.
+/// access: `MR × NR` sums in tiles across the pairs, stored straight into `out`. With `ACC` the
+/// tiles start from `out`'s values (a tile load) instead of zeros; without, the stored sums are
+/// then scaled in place. Going through a tile-sized buffer and a scalar copy instead cost as
+/// much as the products where the pairs are few (the P·V product of a 64-key tile has two
+/// steps of 16 pairs).
 #[inline(always)]
 unsafe fn block<T: Tiles, const MR: usize, const NR: usize, const ACC: bool>(
     tiles: &mut T,
@@ -150,8 +155,16 @@ unsafe fn block<T: Tiles, const MR: usize, const NR: usize, const ACC: bool>(
     ldo: usize,
     (r0, c0, kn2, scale): (usize, usize, usize, f32),
 ) {
-    for t in 0..MR * NR {
-        tiles.zero(SUM + t);
+    let po = out.as_mut_ptr();
+    let sum_at = |i: usize, j: usize| po.add((r0 + TILE * i) * ldo + c0 + TILE * j) as *mut u8;
+    for i in 0..MR {
+        for j in 0..NR {
+            if ACC {
+                tiles.load(SUM + i * NR + j, sum_at(i, j), 4 * ldo);
+            } else {
+                tiles.zero(SUM + i * NR + j);
+            }
+        }
     }
     let (pa, pb) = (a.data.as_ptr(), b.data.as_ptr());
     for k0 in (0..kn2).step_by(TILE) {
@@ -169,15 +182,15 @@ unsafe fn block<T: Tiles, const MR: usize, const NR: usize, const ACC: bool>(
             }
         }
     }
-    let mut sums = [0f32; TILE * TILE];
     for i in 0..MR {
         for j in 0..NR {
-            tiles.store(SUM + i * NR + j, sums.as_mut_ptr() as *mut u8, 4 * TILE);
-            for (r, row) in sums.chunks_exact(TILE).enumerate() {
-                let dst = &mut out[(r0 + TILE * i + r) * ldo + c0 + TILE * j..][..TILE];
-                for (d, &x) in dst.iter_mut().zip(row) {
-                    *d = if ACC { *d + x } else { x * scale };
-                }
+            tiles.store(SUM + i * NR + j, sum_at(i, j), 4 * ldo);
+        }
+    }
+    if !ACC && scale != 1.0 {
+        for r in r0..r0 + TILE * MR {
+            for x in &mut out[r * ldo + c0..][..TILE * NR] {
+                *x *= scale;
             }
         }
     }
