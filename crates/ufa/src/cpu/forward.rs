@@ -182,7 +182,7 @@ impl KernelFn for ForwardJob<'_> {
             Some((s, n)) => split_keys(range, s, n),
             None => range,
         };
-        if attend_heads::<M, C, BF16>(self.p, self.ts, keys, self.scs) {
+        if attend_heads::<M, C, BF16, BF16_TILES>(self.p, self.ts, keys, self.scs) {
             // A job of heads whose rows take the few-rows path: key by key over its heads.
         } else if let [t] = self.ts {
             attend::<M, C, BF16, BF16_TILES, AMX>(self.p, t, keys, &mut self.scs[0]);

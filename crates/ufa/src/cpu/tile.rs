@@ -318,6 +318,21 @@ fn dot_pairs<const BF16: bool>(p: &Problem) -> bool {
     BF16 && cfg!(target_arch = "x86_64") && p.k.dtype == DType::BF16
 }
 
+/// Whether the few-rows scores of a tile of `nrows` rows take bf16 dot products
+/// ([`super::few_rows::scores_pairs`]) rather than fp32 FMAs with K widened
+/// ([`super::few_rows::scores`]). One or two rows go at the memory's speed, and one dot product
+/// does the work of five instructions that widen and multiply; more rows (grouped-query
+/// decoding) are bound by the arithmetic, and where the family takes no dot products in its
+/// tiles (`!BF16_TILES`: they run at less than 1.4x the FMAs' flops, half of them on Intel's
+/// cores) the FMAs are faster. With them, and the keys blocked as in
+/// `few_rows::one_key_at_a_time`: a bf16 decoding step of 16/2 heads over 8k keys 608 → 564 µs,
+/// 32/4 over 4k 631 → 582, 32/8 over 4k 692 → 663 (2-core Xeon, family 6 model 207, best of
+/// six interleaved rounds from Python); one row a KV head (32/32) unchanged.
+#[inline(always)]
+fn score_pairs<const BF16: bool, const BF16_TILES: bool>(p: &Problem, nrows: usize) -> bool {
+    dot_pairs::<BF16>(p) && (BF16_TILES || nrows <= BF16_FEW_ROWS)
+}
+
 /// Up to this many rows (and off the bf16 path), a tile takes dot products with K rows and
 /// adds V rows in place instead of packing K tiles for register blocks. Decoding with GQA
 /// has a row per query head of the group: with 4-8 rows, packing every K tile cost 1.4-2.2x
@@ -352,7 +367,7 @@ pub fn few_rows_in_registers(p: &Problem, nrows: usize, avx512: bool) -> bool {
 /// Each row gets the same arithmetic as in [`attend`]. Returns false, doing nothing, where the
 /// items do not take the few-rows path in registers.
 #[inline(always)]
-pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool>(
+pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILES: bool>(
     p: &Problem,
     ts: &[TileRows],
     keys: (usize, usize),
@@ -399,7 +414,7 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool>(
             // lie in the validated views, each head's row `step` bytes after the previous
             // head's; each scratch holds the job's rows.
             unsafe {
-                if dot_pairs::<BF16>(p) {
+                if score_pairs::<BF16, BF16_TILES>(p, t0.nrows) {
                     scores_pairs(t0.nrows, d, k, &qps, &ss, BK, p.scale, ());
                 } else {
                     scores(p.k.dtype, t0.nrows, d, k, &qs, &ss, BK, ());
@@ -523,7 +538,7 @@ pub fn attend<
                     then: (&p.v, j0, dv),
                 };
                 let s = sc.s.as_mut_ptr();
-                if dot_pairs::<BF16>(p) {
+                if score_pairs::<BF16, BF16_TILES>(p, t.nrows) {
                     let q = sc.qp.as_ptr();
                     super::few_rows::scores_pairs(t.nrows, d, k, &[q], &[s], BK, p.scale, ahead);
                 } else {
