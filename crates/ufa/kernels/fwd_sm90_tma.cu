@@ -20,7 +20,8 @@
 //   query blocks of one head consecutive (they read the same K and V, so neighbours in time
 //   share them in L2), in pairs of equal weight under a causal mask (for_each_tile). The ring
 //   and its phases carry over from tile to tile, so the producer loads the next tile's Q and K
-//   while the consumers finish and store this one. Otherwise the grid has a block per tile, as fwd_sm90.cu's.
+//   while the consumers finish and store this one. Otherwise the grid has a block per tile, as
+//   fwd_sm90.cu's.
 // Nothing waits at a block-wide barrier after the start.
 #include "fwd_sm90_tile.cuh"
 #include "tma.cuh"
