@@ -7,12 +7,16 @@ default; ufa's 3xTF32 tensor-core kernel) and with PyTorch's TF32 switch on
 
 DESIGN.md's sweep shape: 16k tokens in total (batch = 16384 / seqlen), hidden 2048
 (heads = 2048 / head_dim), causal and not. Each call is timed with CUDA events, median of
---iters after warm-up; TFLOP/s by FlashAttention's convention (4·B·H·S²·D, halved when causal).
-Each configuration's error against a float64 reference of its first batch entry and head is
-printed beside it, so a fast wrong answer cannot pass. Writes fp32_<date>_<card>.{md,csv} into
---out.
+--iters after warm-up; TFLOP/s by FlashAttention's convention (4·B·H·S²·D, halved when causal;
+the backward 2.5 times that). With --backward the backward alone is timed: one forward, then
+`out.backward(dout, retain_graph=True)` called again and again (the gradients' accumulation
+into .grad is in both columns alike). Each configuration's error against a float64 reference
+of its first batch entry and head (the output, or with --backward the worst of dQ, dK and dV)
+is printed beside it, so a fast wrong answer cannot pass. Writes fp32_<date>_<card>.{md,csv}
+(fp32_bwd_... with --backward) into --out.
 
 Usage: python3 bench/fp32.py [--out DIR] [--iters N] [--seqlens 1024,2048,...] [--dims 64,128]
+                             [--backward]
 """
 
 import argparse
@@ -44,19 +48,43 @@ def flops(b, h, s, d, causal):
     return f / 2 if causal else f
 
 
-def reference_head(q, k, v, causal):
-    """float64 attention of batch entry 0, head 0 (ufa layout [B, S, H, D])."""
-    q64, k64, v64 = (t[0, :, 0].double() for t in (q, k, v))
+def reference_head(q, k, v, causal, dout=None):
+    """float64 attention of batch entry 0, head 0 (ufa layout [B, S, H, D]); with `dout`, the
+    gradients (dq, dk, dv) of that head instead."""
+    q64, k64, v64 = (t[0, :, 0].detach().double().requires_grad_(dout is not None)
+                     for t in (q, k, v))
     s = q64 @ k64.T / math.sqrt(q.shape[-1])
     if causal:
         n = s.shape[0]
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1),
                           float("-inf"))
-    return torch.softmax(s, -1) @ v64
+    out = torch.softmax(s, -1) @ v64
+    if dout is None:
+        return out.detach()
+    return torch.autograd.grad(out, (q64, k64, v64), dout[0, :, 0].double())
 
 
 def rel_err(out_head, want):
     return ((out_head.double() - want).norm() / want.norm()).item()
+
+
+def grad_err(grads, want):
+    """The worst relative error of (dq, dk, dv) in ufa's layout against the reference head's."""
+    return max(rel_err(g[0, :, 0], w) for g, w in zip(grads, want))
+
+
+def timed(fn, args, dout, iters):
+    """(milliseconds, output or gradients) of fn(*args): the forward, or with `dout` its
+    backward alone."""
+    if dout is None:
+        return median_ms(lambda: fn(*args), iters), fn(*args)
+    leaves = [a.detach().requires_grad_() for a in args]
+    out = fn(*leaves)
+    ms = median_ms(lambda: out.backward(dout, retain_graph=True), iters)
+    for t in leaves:
+        t.grad = None
+    out.backward(dout)
+    return ms, [t.grad for t in leaves]
 
 
 def main():
@@ -65,7 +93,10 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
     ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--backward", action="store_true", help="time the backward alone")
     args = ap.parse_args()
+    bwd = args.backward
+    what = "backward" if bwd else "forward"
     card = torch.cuda.get_device_name()
     rows = []
     print(f"card {card}, torch {torch.__version__}")
@@ -76,18 +107,17 @@ def main():
         for s in [int(x) for x in args.seqlens.split(",")]:
             b, h = max(1, 16384 // s), 2048 // d
             q, k, v = (torch.randn(b, s, h, d, device="cuda") for _ in range(3))
-            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            dout = torch.randn(b, s, h, d, device="cuda") if bwd else None
             for causal in (False, True):
-                want = reference_head(q, k, v, causal)
+                want = reference_head(q, k, v, causal, dout)
                 for mode in ("ieee", "tf32"):
                     set_tf32(mode == "tf32")
-                    f = flops(b, h, s, d, causal)
+                    f = flops(b, h, s, d, causal) * (2.5 if bwd else 1)
                     res = {"head_dim": d, "seqlen": s, "batch": b, "heads": h,
                            "causal": causal, "mode": mode}
-                    out = ut.flash_attn_func(q, k, v, causal=causal)
-                    res["err_ufa"] = rel_err(out[0, :, 0], want)
-                    ms = median_ms(lambda: ut.flash_attn_func(q, k, v, causal=causal),
-                                   args.iters)
+                    ms, got = timed(lambda q, k, v: ut.flash_attn_func(q, k, v, causal=causal),
+                                    (q, k, v), dout, args.iters)
+                    res["err_ufa"] = grad_err(got, want) if bwd else rel_err(got[0, :, 0], want)
                     res["ufa"] = f / ms / 1e9
                     for name, backend in TORCH_BACKENDS.items():
                         res[name] = None
@@ -95,12 +125,15 @@ def main():
                             continue  # materialises B·H·S² scores: 64 GB at 16k
                         try:
                             with sdpa_kernel([backend]):
-                                call = lambda: F.scaled_dot_product_attention(
-                                    qt, kt, vt, is_causal=causal)
-                                o = call()
+                                # PyTorch's layout [B, H, S, D], viewed back as ufa's.
+                                sdpa = lambda q, k, v: F.scaled_dot_product_attention(
+                                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                    is_causal=causal).transpose(1, 2)
+                                ms, got = timed(sdpa, (q, k, v), dout, args.iters)
                                 if name == "efficient":
-                                    res["err_eff"] = rel_err(o[0, 0], want)
-                                res[name] = f / median_ms(call, args.iters) / 1e9
+                                    res["err_eff"] = (grad_err(got, want) if bwd
+                                                      else rel_err(got[0, :, 0], want))
+                                res[name] = f / ms / 1e9
                         except (RuntimeError, torch.OutOfMemoryError) as e:
                             print(f"  {name}: {str(e).splitlines()[0][:80]}")
                         torch.cuda.empty_cache()
@@ -112,14 +145,14 @@ def main():
                           f"{fmt(res['efficient']):>9} {fmt(res['math'])} | "
                           f"{res['ratio']:6.2f}x | {res['err_ufa']:.1e} / "
                           f"{res.get('err_eff', float('nan')):.1e}", flush=True)
-            del q, k, v, qt, kt, vt
+            del q, k, v, dout
             torch.cuda.empty_cache()
     set_tf32(False)
 
     os.makedirs(args.out, exist_ok=True)
     date = datetime.date.today().isoformat()
     tag = card.split()[-1].lower() if card else "gpu"
-    base = os.path.join(args.out, f"fp32_{date}_{tag}")
+    base = os.path.join(args.out, f"fp32_{'bwd_' if bwd else ''}{date}_{tag}")
     keys = ["head_dim", "seqlen", "batch", "heads", "causal", "mode", "ufa", "efficient", "math",
             "ratio", "err_ufa", "err_eff"]
     with open(base + ".csv", "w", newline="") as fh:
@@ -127,12 +160,13 @@ def main():
         w.writeheader()
         w.writerows(rows)
     with open(base + ".md", "w") as fh:
-        fh.write(f"# fp32 forward from Python, {card}, {date}\n\n"
+        fh.write(f"# fp32 {what} from Python, {card}, {date}\n\n"
                  f"Command: `python3 bench/fp32.py --iters {args.iters} --seqlens {args.seqlens} "
-                 f"--dims {args.dims}`; torch {torch.__version__}. TFLOP/s (FlashAttention "
-                 "convention), median of the iterations; `vs best` is ufa over the faster "
-                 "PyTorch fp32 backend in the same mode; errors are relative to float64 on "
-                 "one head.\n\n"
+                 f"--dims {args.dims}{' --backward' if bwd else ''}`; torch {torch.__version__}. "
+                 "TFLOP/s (FlashAttention convention), median of the iterations; `vs best` is "
+                 "ufa over the faster PyTorch fp32 backend in the same mode; errors are relative "
+                 "to float64 on one head"
+                 f"{' (the worst of dQ, dK and dV)' if bwd else ''}.\n\n"
                  "| head_dim | seqlen | causal | mode | ufa | SDPA efficient | SDPA math | "
                  "vs best | ufa error | efficient error |\n"
                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")

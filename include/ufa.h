@@ -183,8 +183,9 @@ typedef struct {
   const ufa_tensor *lse;
   /**
    * fp32 inputs: `UFA_FP32_IEEE` (the default) keeps fp32 accuracy; `UFA_FP32_TF32` lets the
-   * CUDA forward round each operand to TF32 once (PyTorch's `allow_tf32`): about three times
-   * faster, outputs within 2e-3 relative instead of 1e-5. The CPU always computes in fp32.
+   * CUDA forward and backward round each operand to TF32 once (PyTorch's `allow_tf32`):
+   * about three times faster, outputs within 2e-3 relative instead of 1e-5. The CPU always
+   * computes in fp32.
    */
   int32_t fp32_precision;
   /**

@@ -564,11 +564,12 @@ fn _sdpa_calls(reset: bool) -> u64 {
 /// Gradients of attention, written in place into dq, dk and dv (shapes of q, k and v).
 ///
 /// `out` and `lse` are the forward's output and log-sum-exp, `dout` the gradient of the loss
-/// with respect to `out`; the options must be those of the forward. Releases the GIL.
+/// with respect to `out`; the options must be those of the forward (`tf32` as in `forward`:
+/// fp32 products on CUDA rounded to TF32 once). Releases the GIL.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, dout, lse, dq, dk, dv, *, scale=None, causal=false,
     top_left=false, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None,
-    deterministic=false, dropout_p=0.0, seed=0, offset=0))]
+    deterministic=false, tf32=false, dropout_p=0.0, seed=0, offset=0))]
 #[allow(clippy::too_many_arguments)]
 fn backward(
     py: Python<'_>,
@@ -590,6 +591,7 @@ fn backward(
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     mask: Option<&Bound<'_, PyAny>>,
     deterministic: bool,
+    tf32: bool,
     dropout_p: f64,
     seed: u64,
     offset: u64,
@@ -603,6 +605,7 @@ fn backward(
         softcap,
     );
     scores.deterministic = deterministic;
+    scores.tf32 = tf32;
     scores.dropout = (dropout_p as f32, seed, offset);
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
@@ -766,7 +769,7 @@ fn forward_varlen(
 #[pyo3(signature = (q, k, v, out, dout, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k, *, scale=None, causal=false, top_left=false, window_left=-1,
     window_right=-1, softcap=0.0, alibi_slopes=None, deterministic=false, checked=false,
-    dropout_p=0.0, seed=0, offset=0))]
+    tf32=false, dropout_p=0.0, seed=0, offset=0))]
 #[allow(clippy::too_many_arguments)]
 fn backward_varlen(
     py: Python<'_>,
@@ -792,6 +795,7 @@ fn backward_varlen(
     alibi_slopes: Option<&Bound<'_, PyAny>>,
     deterministic: bool,
     checked: bool,
+    tf32: bool,
     dropout_p: f64,
     seed: u64,
     offset: u64,
@@ -805,6 +809,7 @@ fn backward_varlen(
         softcap,
     );
     scores.deterministic = deterministic;
+    scores.tf32 = tf32;
     scores.dropout = (dropout_p as f32, seed, offset);
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;

@@ -46,9 +46,9 @@ class _Scores(NamedTuple):
 def _tf32(q: Tensor) -> bool:
     """Whether q is a float32 CUDA tensor and PyTorch's switch lets fp32 matmuls round to TF32
     (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, or the legacy ``allow_tf32``):
-    ufa's fp32 CUDA forward follows it as ``torch.matmul`` does. Read per call (other tensors
-    skip the read, a microsecond of a small call); the new API is read first because PyTorch
-    refuses to read the legacy flag once the new one was set."""
+    ufa's fp32 CUDA forward and backward follow it as ``torch.matmul`` does. Read per call
+    (other tensors skip the read, a microsecond of a small call); the new API is read first
+    because PyTorch refuses to read the legacy flag once the new one was set."""
     if q.dtype != torch.float32 or not q.is_cuda:
         return False
     matmul = torch.backends.cuda.matmul
@@ -206,8 +206,8 @@ def _varlen_backward_impl(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, ali
     # Rows outside every sequence get no gradient: zeros, not whatever memory held.
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     _ufa.backward_varlen(q, k, v, out, dout, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
-                         alibi_slopes=alibi, deterministic=s.deterministic, **s.kwargs(),
-                         **s.dropout_kwargs())
+                         alibi_slopes=alibi, deterministic=s.deterministic, tf32=_tf32(q),
+                         **s.kwargs(), **s.dropout_kwargs())
     return dq, dk, dv
 
 

@@ -23,8 +23,9 @@ On CUDA tensors the work belongs on the current device and ``torch.cuda.current_
 ufa reads that stream from PyTorch through DLPack's C exchange API and never synchronises.
 fp32 CUDA tensors follow PyTorch's TF32 switch for matmuls (``torch.backends.cuda.matmul.
 fp32_precision = "tf32"``, ``allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``):
-off (the default), the forward keeps fp32 accuracy on tensor cores (3xTF32); on, it rounds each
-operand to TF32 once, about three times faster.
+off (the default), the forward and backward keep fp32 accuracy on tensor cores (3xTF32); on,
+they round each operand to TF32 once, about three times faster (read when each pass runs, as
+PyTorch's matmuls read it).
 """
 
 from __future__ import annotations
@@ -234,8 +235,8 @@ def _backward_into(dout, q, k, v, out, lse, dq, dk, dv, mask, alibi_slopes, scal
     _ufa.backward(
         q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=top_left,
         window_left=window_left, window_right=window_right, softcap=softcap,
-        alibi_slopes=alibi_slopes, mask=mask, deterministic=deterministic, dropout_p=dropout_p,
-        seed=seed, offset=offset,
+        alibi_slopes=alibi_slopes, mask=mask, deterministic=deterministic, tf32=_tf32(q),
+        dropout_p=dropout_p, seed=seed, offset=offset,
     )
 
 

@@ -141,8 +141,9 @@ pub struct ufa_attention_params {
     /// [batch, heads_q, seqlen_q], -inf where a row sees no key); NULL = not wanted.
     pub lse: *const ufa_tensor,
     /// fp32 inputs: `UFA_FP32_IEEE` (the default) keeps fp32 accuracy; `UFA_FP32_TF32` lets the
-    /// CUDA forward round each operand to TF32 once (PyTorch's `allow_tf32`): about three times
-    /// faster, outputs within 2e-3 relative instead of 1e-5. The CPU always computes in fp32.
+    /// CUDA forward and backward round each operand to TF32 once (PyTorch's `allow_tf32`):
+    /// about three times faster, outputs within 2e-3 relative instead of 1e-5. The CPU always
+    /// computes in fp32.
     pub fp32_precision: i32,
     /// Attention dropout's generator seed and offset (with `dropout_p`): the same three give
     /// the same mask, so a backward call must be given its forward's.

@@ -35,12 +35,13 @@ __device__ __forceinline__ float* accum_rows(const BwdParams& bp, const Seq& s, 
 }
 
 // What a tensor-core backward block works on: keys [n0, n0 + block_n) of KV head hk of batch
-// entry b, and the query blocks (of block_m rows) that see some of them, [m_first, m_first +
-// m_count), for each of the `group` query heads: `total` items, walked from item `first`
-// (0, or spread over the key blocks when DQ_ROTATED, so that the key blocks of a
-// deterministic run do not queue for the same query block's turn at the start).
-// Deterministic mode launches the key blocks in descending order (see flash_bwd.cu): with the
-// descending turns, a block then only ever waits for one launched before it.
+// entry b (k and v point at the head's row 0, counted in 16-bit units), and the query blocks
+// (of block_m rows) that see some of them, [m_first, m_first + m_count), for each of the
+// `group` query heads: `total` items, walked from item `first` (0, or spread over the key
+// blocks when DQ_ROTATED, so that the key blocks of a deterministic run do not queue for the
+// same query block's turn at the start). Deterministic mode launches the key blocks in
+// descending order (see bwd_sm80.cu): with the descending turns, a block then only ever waits
+// for one launched before it.
 struct KeyBlock {
     Seq s;
     int b, hk, n_block, n0, m_first, m_count, total, first;
@@ -57,7 +58,8 @@ struct KeyBlock {
     __device__ __forceinline__ int m_block_at(int it) const { return m_first + item(it) % m_count; }
 };
 
-template <bool SEQS>
+// ELEM_UNITS: 16-bit units an element takes (2 for fp32), which the head pointers count in.
+template <bool SEQS, int ELEM_UNITS = 1>
 __device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, int block_n) {
     const FwdParams& p = bp.f;
     KeyBlock w;
@@ -79,8 +81,8 @@ __device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, 
     w.total = w.m_count * p.group;
     w.first =
         bp.deterministic == DQ_ROTATED ? (int)((int64_t)blockIdx.x * w.total / gridDim.x) : 0;
-    w.k = (const uint16_t*)p.k + row_offset(p.k_stride, w.b, w.s.kv_row0, w.hk);
-    w.v = (const uint16_t*)p.v + row_offset(p.v_stride, w.b, w.s.kv_row0, w.hk);
+    w.k = (const uint16_t*)p.k + row_offset(p.k_stride, w.b, w.s.kv_row0, w.hk) * ELEM_UNITS;
+    w.v = (const uint16_t*)p.v + row_offset(p.v_stride, w.b, w.s.kv_row0, w.hk) * ELEM_UNITS;
     return w;
 }
 

@@ -1,4 +1,6 @@
-// Backward attention on tensor cores (mma.sync m16n8k16, sm_80+), FlashAttention-2 style.
+// Backward attention on tensor cores (mma.sync, sm_80+), FlashAttention-2 style: m16n8k16 for
+// f16/bf16, m16n8k8 TF32 for fp32 (three products per product for fp32 accuracy, or one in the
+// opt-in TF32 mode; bwd_tf32.cuh).
 //
 // One thread block owns BLOCK_N keys of one (batch, KV head) and keeps their dK and dV in fp32
 // registers. It walks every query block that can see those keys, for every query head of the
@@ -6,7 +8,8 @@
 //   1. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ; Pᵀ = exp2(Sᵀ - LSE) from the forward's LSE (no running max);
 //      dSᵀ = Pᵀ ∘ (dPᵀ - D) with D = rowsum(dO ∘ O) from the row kernel (with dropout, the
 //      forward's factors Z regenerated: Pᵀ ∘ Z goes on, and dSᵀ = Pᵀ ∘ (Z ∘ dPᵀ - D)). Pᵀ and dSᵀ
-//      go to shared memory in the input dtype.
+//      go to shared memory in the input dtype (fp32 ones with each 8 queries in the order
+//      bwd_tf32.cuh reads them).
 //   2. dV += Pᵀ dO, dK += dSᵀ Q.
 //   3. dQ(block) = dS K, added into an fp32 buffer with red.global.add. Deterministic mode
 //      serialises those adds per query block in key-block order with a turn counter, so the
@@ -18,18 +21,24 @@
 //
 // The host generates each variant's entry point (crates/ufa/src/cuda/backward.rs).
 #include "bwd_keys.cuh"
+#include "bwd_tf32.cuh"
 #include "dropout.cuh"
 
-template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int STAGES, int WN1, int WN2, int WQ3>
+// ELEM_UNITS: 16-bit units an element takes (2 for fp32), which shared memory is counted in.
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int STAGES, int WN1, int WN2, int WQ3,
+          int ELEM_UNITS = 1>
 struct BwdTileConfig {
     static constexpr int kHeadDim = HEAD_DIM;
     static constexpr int kBlockM = BLOCK_M;
     static constexpr int kBlockN = BLOCK_N;
     static constexpr int kThreads = WARPS * 32;
     static constexpr int kStages = STAGES;
-    static constexpr int kRowPitch = HEAD_DIM + 8;  // see TileConfig: conflict-free ldmatrix
-    static constexpr int kChunksPerRow = HEAD_DIM / 8;
-    static constexpr int kPPitch = BLOCK_M + 8;     // Pᵀ and dSᵀ rows
+    static constexpr int kElemUnits = ELEM_UNITS;
+    // Rows padded by 16 bytes (see TileConfig: conflict-free ldmatrix). fp32 rows are then
+    // HEAD_DIM + 4 and BLOCK_M + 4 floats, ≡ 4 mod 32 as bwd_tf32.cuh's loads need.
+    static constexpr int kRowPitch = HEAD_DIM * ELEM_UNITS + 8;
+    static constexpr int kChunksPerRow = HEAD_DIM * ELEM_UNITS / 8;
+    static constexpr int kPPitch = BLOCK_M * ELEM_UNITS + 8;  // Pᵀ and dSᵀ rows
     // Each phase tiles its output over the warps as a grid (rows x columns); a warp's share is
     // a block of whole 16-row m-tiles and 16-column pairs of n8 tiles. Square-ish shares read
     // fewer fragments from shared memory per mma.
@@ -52,7 +61,9 @@ struct BwdTileConfig {
                   "warp columns are pairs of n8 tiles");
     static_assert(STAGES == 1 || STAGES == 2, "one or two Q/dO buffers");
     static_assert(BLOCK_M / 2 <= kThreads, "the LSE and D loads take a thread per 16 bytes");
-    // Elements of the 16-bit part of shared memory; fp32 LSE and D follow.
+    static_assert(ELEM_UNITS == 1 || (HEAD_DIM % 32 == 0 && BLOCK_M % 32 == 0),
+                  "fp32 row pitches are 4 mod 32 floats");
+    // 16-bit units of the operand part of shared memory; fp32 LSE and D follow.
     static constexpr int kSmemElems =
         2 * BLOCK_N * kRowPitch + STAGES * 2 * BLOCK_M * kRowPitch + 2 * BLOCK_N * kPPitch;
 };
@@ -65,6 +76,9 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     constexpr int BN = Cfg::kBlockN;
     constexpr int PITCH = Cfg::kRowPitch;
     constexpr int PP = Cfg::kPPitch;
+    constexpr int U = Cfg::kElemUnits;
+    static_assert(T::is_f32 == (U == 2), "fp32 takes two 16-bit units an element");
+    constexpr int FP = PITCH / 2, FPP = PP / 2;  // fp32 row pitches in floats
     extern __shared__ __align__(16) uint16_t smem[];
     uint16_t* sK = smem;
     uint16_t* sV = sK + BN * PITCH;
@@ -83,7 +97,7 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     // before it. With a causal band the wait then points to a block that started on the same
     // query block at the same time; ascending order would chain every block to the first one
     // (2x slower). Without a band, the walks are rotated instead (DQ_ROTATED, bwd_keys.cuh).
-    const KeyBlock w = key_block<SEQS>(bp, BM, BN);
+    const KeyBlock w = key_block<SEQS, U>(bp, BM, BN);
     const Seq& sq = w.s;
     const int b = w.b, hk = w.hk, n0 = w.n0;
     const int total = w.total;
@@ -125,14 +139,12 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
         const int h = w.head_at(it, p.group);
         const int m0 = w.m_block_at(it) * BM;
         uint16_t* sQ = sQ0 + stage * 2 * BM * PITCH;
-        load_tile<Cfg, BM>(sQ,
-                           (const uint16_t*)p.q + b * p.q_stride[0] + sq.q_row0 * p.q_stride[1] +
-                               h * p.q_stride[2],
-                           p.q_stride[1], m0, sq.seqlen_q);
-        load_tile<Cfg, BM>(sQ + BM * PITCH,
-                           (const uint16_t*)bp.dout + b * bp.do_stride[0] +
-                               sq.q_row0 * bp.do_stride[1] + h * bp.do_stride[2],
-                           bp.do_stride[1], m0, sq.seqlen_q);
+        load_tile<Cfg, BM>(sQ, (const uint16_t*)p.q + row_offset(p.q_stride, b, sq.q_row0, h) * U,
+                           p.q_stride[1] * U, m0, sq.seqlen_q);
+        load_tile<Cfg, BM>(
+            sQ + BM * PITCH,
+            (const uint16_t*)bp.dout + row_offset(bp.do_stride, b, sq.q_row0, h) * U,
+            bp.do_stride[1] * U, m0, sq.seqlen_q);
         // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds to check.
         const int64_t stat_row = stat_row0<SEQS>(bp, sq, b, h) + m0;
         float* st = sStat + stage * 2 * BM;
@@ -145,8 +157,8 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     };
 
     if (total > 0) {
-        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1], n0, sq.seqlen_kv);
-        load_tile<Cfg, BN>(sV, v_head, p.v_stride[1], n0, sq.seqlen_kv);
+        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1] * U, n0, sq.seqlen_kv);
+        load_tile<Cfg, BN>(sV, v_head, p.v_stride[1] * U, n0, sq.seqlen_kv);
         load_stage(0, 0);
         cp_async_commit();
     }
@@ -174,31 +186,36 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
 
         // Phase 1: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's keys and query columns.
         float s[MT1][NT1][4], dp[MT1][NT1][4];
+        zero_tiles(s);
+        zero_tiles(dp);
+        if constexpr (T::is_f32) {
+            // ldmatrix bases as tile_qk_tf32 takes them: A rows lane % 16, floats 4 (lane / 16);
+            // B rows lane % 8, floats 4 (lane / 8).
+            const uint32_t a_rows_f = ((kr1 + lane % 16) * FP + (lane / 16) * 4) * 4;
+            const uint32_t b_rows_f = ((qc1 + lane % 8) * FP + (lane / 8) * 4) * 4;
+            tile_qk_tf32<T, D, MT1, NT1, FP, true>(s, k_base + a_rows_f, q_base + b_rows_f);
+            tile_qk_tf32<T, D, MT1, NT1, FP, true>(dp, v_base + a_rows_f, do_base + b_rows_f);
+        } else {
 #pragma unroll
-        for (int mt = 0; mt < MT1; ++mt)
-#pragma unroll
-            for (int t = 0; t < NT1; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[mt][t][e] = dp[mt][t][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            uint32_t a[MT1][4], av[MT1][4];
-#pragma unroll
-            for (int mt = 0; mt < MT1; ++mt) {
-                ldmatrix_x4(a[mt], k_base + a_rows + ((kr1 + mt * 16) * PITCH + kk * 16) * 2);
-                ldmatrix_x4(av[mt], v_base + a_rows + ((kr1 + mt * 16) * PITCH + kk * 16) * 2);
-            }
-#pragma unroll
-            for (int t = 0; t < NT1; t += 2) {
-                uint32_t bq[4], bo[4];
-                ldmatrix_x4(bq, q_base + b_nk + ((qc1 + t * 8) * PITCH + kk * 16) * 2);
-                ldmatrix_x4(bo, do_base + b_nk + ((qc1 + t * 8) * PITCH + kk * 16) * 2);
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t a[MT1][4], av[MT1][4];
 #pragma unroll
                 for (int mt = 0; mt < MT1; ++mt) {
-                    mma_16816<T>(s[mt][t], a[mt], bq[0], bq[1]);
-                    mma_16816<T>(s[mt][t + 1], a[mt], bq[2], bq[3]);
-                    mma_16816<T>(dp[mt][t], av[mt], bo[0], bo[1]);
-                    mma_16816<T>(dp[mt][t + 1], av[mt], bo[2], bo[3]);
+                    ldmatrix_x4(a[mt], k_base + a_rows + ((kr1 + mt * 16) * PITCH + kk * 16) * 2);
+                    ldmatrix_x4(av[mt], v_base + a_rows + ((kr1 + mt * 16) * PITCH + kk * 16) * 2);
+                }
+#pragma unroll
+                for (int t = 0; t < NT1; t += 2) {
+                    uint32_t bq[4], bo[4];
+                    ldmatrix_x4(bq, q_base + b_nk + ((qc1 + t * 8) * PITCH + kk * 16) * 2);
+                    ldmatrix_x4(bo, do_base + b_nk + ((qc1 + t * 8) * PITCH + kk * 16) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT1; ++mt) {
+                        mma_16816<T>(s[mt][t], a[mt], bq[0], bq[1]);
+                        mma_16816<T>(s[mt][t + 1], a[mt], bq[2], bq[3]);
+                        mma_16816<T>(dp[mt][t], av[mt], bo[0], bo[1]);
+                        mma_16816<T>(dp[mt][t + 1], av[mt], bo[2], bo[3]);
+                    }
                 }
             }
         }
@@ -243,34 +260,56 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
                                s[mt][t][e], dp[mt][t][e]);
                 }
                 const int r = kr1 + mt * 16 + group;
-                const int c = qc1 + t * 8 + quad * 2;
-                *(uint32_t*)(sP + r * PP + c) = Convert<T>::pack(s[mt][t][0], s[mt][t][1]);
-                *(uint32_t*)(sP + (r + 8) * PP + c) = Convert<T>::pack(s[mt][t][2], s[mt][t][3]);
-                *(uint32_t*)(sdS + r * PP + c) = Convert<T>::pack(dp[mt][t][0], dp[mt][t][1]);
-                *(uint32_t*)(sdS + (r + 8) * PP + c) = Convert<T>::pack(dp[mt][t][2], dp[mt][t][3]);
+                if constexpr (T::is_f32) {
+                    // Queries 2 quad and 2 quad + 1 of the n8 tile at columns pi_column of them.
+                    float* fp = (float*)sP + r * FPP + qc1 + t * 8 + quad;
+                    float* fds = (float*)sdS + r * FPP + qc1 + t * 8 + quad;
+                    fp[0] = s[mt][t][0], fp[4] = s[mt][t][1];
+                    fp[8 * FPP] = s[mt][t][2], fp[8 * FPP + 4] = s[mt][t][3];
+                    fds[0] = dp[mt][t][0], fds[4] = dp[mt][t][1];
+                    fds[8 * FPP] = dp[mt][t][2], fds[8 * FPP + 4] = dp[mt][t][3];
+                } else {
+                    const int c = qc1 + t * 8 + quad * 2;
+                    uint32_t* p0 = (uint32_t*)(sP + r * PP + c);
+                    uint32_t* ds0 = (uint32_t*)(sdS + r * PP + c);
+                    p0[0] = Convert<T>::pack(s[mt][t][0], s[mt][t][1]);
+                    p0[4 * PP] = Convert<T>::pack(s[mt][t][2], s[mt][t][3]);
+                    ds0[0] = Convert<T>::pack(dp[mt][t][0], dp[mt][t][1]);
+                    ds0[4 * PP] = Convert<T>::pack(dp[mt][t][2], dp[mt][t][3]);
+                }
             }
         __syncthreads();  // Pᵀ and dSᵀ complete
 
         // Phase 2: dV += Pᵀ dO and dK += dSᵀ Q over this block's query rows.
+        if constexpr (T::is_f32) {
+            constexpr bool SPLIT = T::tf32_split;
+            const uint32_t a_rows_f = ((kr2 + lane % 16) * FPP + (lane / 16) * 4) * 4;
+            const int b_lane = 2 * quad * FP + group + dc2;
+            tf32_key_grads<SPLIT, BM, MT2, NT2, FPP, FP>(dv, p_base + a_rows_f,
+                                                         (const float*)sQ + BM * FP + b_lane);
+            tf32_key_grads<SPLIT, BM, MT2, NT2, FPP, FP>(dk, ds_base + a_rows_f,
+                                                         (const float*)sQ + b_lane);
+        } else {
 #pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) {
-            uint32_t ap[MT2][4], as[MT2][4];
-#pragma unroll
-            for (int mt = 0; mt < MT2; ++mt) {
-                ldmatrix_x4(ap[mt], p_base + a_rows_p + ((kr2 + mt * 16) * PP + kk * 16) * 2);
-                ldmatrix_x4(as[mt], ds_base + a_rows_p + ((kr2 + mt * 16) * PP + kk * 16) * 2);
-            }
-#pragma unroll
-            for (int t = 0; t < NT2; t += 2) {
-                uint32_t bo[4], bq[4];
-                ldmatrix_x4_trans(bo, do_base + b_kn + (kk * 16 * PITCH + dc2 + t * 8) * 2);
-                ldmatrix_x4_trans(bq, q_base + b_kn + (kk * 16 * PITCH + dc2 + t * 8) * 2);
+            for (int kk = 0; kk < BM / 16; ++kk) {
+                uint32_t ap[MT2][4], as[MT2][4];
 #pragma unroll
                 for (int mt = 0; mt < MT2; ++mt) {
-                    mma_16816<T>(dv[mt][t], ap[mt], bo[0], bo[1]);
-                    mma_16816<T>(dv[mt][t + 1], ap[mt], bo[2], bo[3]);
-                    mma_16816<T>(dk[mt][t], as[mt], bq[0], bq[1]);
-                    mma_16816<T>(dk[mt][t + 1], as[mt], bq[2], bq[3]);
+                    ldmatrix_x4(ap[mt], p_base + a_rows_p + ((kr2 + mt * 16) * PP + kk * 16) * 2);
+                    ldmatrix_x4(as[mt], ds_base + a_rows_p + ((kr2 + mt * 16) * PP + kk * 16) * 2);
+                }
+#pragma unroll
+                for (int t = 0; t < NT2; t += 2) {
+                    uint32_t bo[4], bq[4];
+                    ldmatrix_x4_trans(bo, do_base + b_kn + (kk * 16 * PITCH + dc2 + t * 8) * 2);
+                    ldmatrix_x4_trans(bq, q_base + b_kn + (kk * 16 * PITCH + dc2 + t * 8) * 2);
+#pragma unroll
+                    for (int mt = 0; mt < MT2; ++mt) {
+                        mma_16816<T>(dv[mt][t], ap[mt], bo[0], bo[1]);
+                        mma_16816<T>(dv[mt][t + 1], ap[mt], bo[2], bo[3]);
+                        mma_16816<T>(dk[mt][t], as[mt], bq[0], bq[1]);
+                        mma_16816<T>(dk[mt][t + 1], as[mt], bq[2], bq[3]);
+                    }
                 }
             }
         }
@@ -283,20 +322,26 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
             for (int t = 0; t < NT3; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[mt][t][e] = 0.f;
+        if constexpr (T::is_f32) {
+            tf32_query_grads<T::tf32_split, BN, MT3, NT3, FPP, FP>(
+                acc, (const float*)sdS + 2 * quad * FPP + qr3 + pi_column(group),
+                (const float*)sK + 2 * quad * FP + group + dc3);
+        } else {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            uint32_t a[MT3][4];
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                uint32_t a[MT3][4];
 #pragma unroll
-            for (int mt = 0; mt < MT3; ++mt)
-                ldmatrix_x4_trans(a[mt], ds_base + a_km_p + (kk * 16 * PP + qr3 + mt * 16) * 2);
+                for (int mt = 0; mt < MT3; ++mt)
+                    ldmatrix_x4_trans(a[mt], ds_base + a_km_p + (kk * 16 * PP + qr3 + mt * 16) * 2);
 #pragma unroll
-            for (int t = 0; t < NT3; t += 2) {
-                uint32_t bk[4];
-                ldmatrix_x4_trans(bk, k_base + b_kn + (kk * 16 * PITCH + dc3 + t * 8) * 2);
+                for (int t = 0; t < NT3; t += 2) {
+                    uint32_t bk[4];
+                    ldmatrix_x4_trans(bk, k_base + b_kn + (kk * 16 * PITCH + dc3 + t * 8) * 2);
 #pragma unroll
-                for (int mt = 0; mt < MT3; ++mt) {
-                    mma_16816<T>(acc[mt][t], a[mt], bk[0], bk[1]);
-                    mma_16816<T>(acc[mt][t + 1], a[mt], bk[2], bk[3]);
+                    for (int mt = 0; mt < MT3; ++mt) {
+                        mma_16816<T>(acc[mt][t], a[mt], bk[0], bk[1]);
+                        mma_16816<T>(acc[mt][t + 1], a[mt], bk[2], bk[3]);
+                    }
                 }
             }
         }
@@ -330,12 +375,16 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
                 const int j = n0 + kr2 + mt * 16 + group + r * 8;
                 if (j >= sq.seqlen_kv) continue;
                 const int col = dc2 + t * 8 + quad * 2;
-                uint16_t* dk_row = (uint16_t*)bp.dk + b * bp.dk_stride[0] +
-                                   (sq.kv_row0 + j) * bp.dk_stride[1] + hk * bp.dk_stride[2];
-                uint16_t* dv_row = (uint16_t*)bp.dv + b * bp.dv_stride[0] +
-                                   (sq.kv_row0 + j) * bp.dv_stride[1] + hk * bp.dv_stride[2];
-                *(uint32_t*)(dk_row + col) =
-                    Convert<T>::pack(dk[mt][t][2 * r] * p.scale, dk[mt][t][2 * r + 1] * p.scale);
-                *(uint32_t*)(dv_row + col) = Convert<T>::pack(dv[mt][t][2 * r], dv[mt][t][2 * r + 1]);
+                const int64_t dk_at = row_offset(bp.dk_stride, b, sq.kv_row0 + j, hk) + col;
+                const int64_t dv_at = row_offset(bp.dv_stride, b, sq.kv_row0 + j, hk) + col;
+                const float k0 = dk[mt][t][2 * r] * p.scale, k1 = dk[mt][t][2 * r + 1] * p.scale;
+                const float v0 = dv[mt][t][2 * r], v1 = dv[mt][t][2 * r + 1];
+                if constexpr (T::is_f32) {
+                    *(float2*)((float*)bp.dk + dk_at) = make_float2(k0, k1);
+                    *(float2*)((float*)bp.dv + dv_at) = make_float2(v0, v1);
+                } else {
+                    *(uint32_t*)((uint16_t*)bp.dk + dk_at) = Convert<T>::pack(k0, k1);
+                    *(uint32_t*)((uint16_t*)bp.dv + dv_at) = Convert<T>::pack(v0, v1);
+                }
             }
 }

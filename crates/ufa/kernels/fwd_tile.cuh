@@ -213,14 +213,16 @@ __device__ __forceinline__ void tile_pv(const float (&s)[MT][S_TILES][4], float 
 
 // S = Q Kᵀ from shared memory, two k8 steps (16 head-dim columns) at a time: per m-tile two
 // ldmatrix.x4 of Q (rows 0-7 and 8-15 × columns 0-3 and 4-7 of each step), per n8 tile of keys
-// one of K (its 8 keys × 4 groups of 4 columns: b0 and b1 of both steps).
-template <typename T, int D, int MT, int S_TILES, int PITCH>
+// one of K (its 8 keys × 4 groups of 4 columns: b0 and b1 of both steps). ROLLED keeps the
+// loop over the head dim a loop (the backward, whose dK and dV hold registers throughout:
+// unrolled, the loads hoisted ahead spilled).
+template <typename T, int D, int MT, int S_TILES, int PITCH, bool ROLLED = false>
 __device__ __forceinline__ void tile_qk_tf32(float (&s)[MT][S_TILES][4], uint32_t q_lane,
                                              uint32_t k_lane) {
     constexpr bool SPLIT = T::tf32_split;
     static_assert(D % 16 == 0, "two k8 steps at a time");
     zero_tiles(s);
-#pragma unroll
+#pragma unroll(ROLLED ? 1 : D / 16)
     for (int kk = 0; kk < D / 16; ++kk) {
         Tf32Frag<4, SPLIT> a[MT][2];
 #pragma unroll

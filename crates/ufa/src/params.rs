@@ -23,8 +23,8 @@ pub enum Fp32Precision {
     Ieee,
     /// Operands rounded to TF32 (10 mantissa bits) once, as PyTorch does under
     /// `torch.backends.cuda.matmul.allow_tf32` / `fp32_precision = "tf32"`: the CUDA forward
-    /// runs up to 3× faster, with outputs within 2e-3 (relative RMS) of the exact ones instead
-    /// of 1e-5. Backends without a faster mode (the CPU, the CUDA backward) compute in fp32.
+    /// and backward run up to 3× faster, with outputs and gradients within 2e-3 (relative RMS)
+    /// of the exact ones instead of 1e-5. The CPU, which has no faster mode, computes in fp32.
     Tf32,
 }
 

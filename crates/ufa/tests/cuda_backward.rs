@@ -4,8 +4,8 @@
 //! bitwise reproducibility. Without a GPU these tests say so and pass, unless
 //! `UFA_REQUIRE_GPU=1` (scripts/gpu-check).
 
-use ufa::{Context, DType};
-use ufa_testkit::cuda::{check_grads_cuda, gpu_present, run_suite};
+use ufa::{Context, DType, Fp32Precision};
+use ufa_testkit::cuda::{check_grads_cuda, gpu_present, loaded_kernels, run_suite};
 use ufa_testkit::{feature_cases, standard_grad_cases, Alibi, Case, GradComparison, Instance};
 
 /// Runs every case's forward and backward on the GPU against the f64 reference gradients
@@ -35,6 +35,49 @@ fn standard_grad_cases_match_the_reference() {
 fn tensor_core_backward_matches_the_reference() {
     let cases = ufa_testkit::tensor_core_cases(true);
     run_grad_cases(&cases);
+}
+
+/// fp32 on TF32 tensor cores in both precisions, each at its bound (the default one at the
+/// CPU's fp32 bound), every tensor-core head dim, plain and with every feature, every other
+/// case in deterministic mode.
+#[test]
+fn fp32_tensor_core_backward_matches_the_reference() {
+    let mut cases = ufa_testkit::fp32_tensor_core_cases();
+    for (i, c) in cases.iter_mut().enumerate() {
+        c.deterministic = i % 2 == 1;
+    }
+    run_grad_cases(&cases);
+}
+
+/// fp32 gradients come from the tensor-core kernel in the forward's precision, not from the
+/// CUDA-core row kernels.
+#[test]
+fn fp32_backward_takes_the_tensor_core_kernel() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    for precision in [Fp32Precision::Ieee, Fp32Precision::Tf32] {
+        let mut c = Case::new(2, 300, 300, 4, 128, DType::F32);
+        c.heads_kv = 2;
+        c.causal = true;
+        c.fp32_precision = precision;
+        let r = check_grads_cuda(&ctx, &c, 3, 0).unwrap();
+        assert!(r.passed(), "{}: {}", c.describe(), r.summary());
+    }
+    let kernels = loaded_kernels(&ctx);
+    let backward: Vec<&String> = kernels
+        .iter()
+        .filter(|k| {
+            k.starts_with("ufa_bwd_") && !k.contains("preprocess") && !k.contains("convert")
+        })
+        .collect();
+    assert!(
+        backward.len() == 2
+            && backward.iter().any(|k| k.starts_with("ufa_bwd_sm80_f32_"))
+            && backward.iter().any(|k| k.starts_with("ufa_bwd_sm80_tf32_")),
+        "{backward:?}"
+    );
 }
 
 /// The forward suite's features and layouts, every other case in deterministic mode.
@@ -103,7 +146,7 @@ fn deterministic_backward_is_bitwise_reproducible() {
 
 /// Small backward problems for compute-sanitizer (memcheck, racecheck): the tensor-core
 /// kernels in both modes, with and without score modifiers, at head dims 64, 128 and 256 (each
-/// layout of the Hopper kernel), and the CUDA-core one.
+/// layout of the Hopper kernel), fp32 on TF32 tensor cores, and the CUDA-core one.
 #[test]
 #[ignore = "run under compute-sanitizer by scripts/gpu-check"]
 fn sanitizer_backward_case() {
@@ -122,7 +165,14 @@ fn sanitizer_backward_case() {
     d.head_dim_v = 128;
     let mut e = Case::new(1, 70, 150, 2, 256, DType::F16);
     e.deterministic = true;
-    run_grad_cases(&[a, b, c, d, e]);
+    // fp32 on TF32 tensor cores (its own shared-memory layout, bwd_tf32.cuh).
+    let mut f = a.clone();
+    f.dtype = DType::F32;
+    let mut g = b.clone();
+    g.dtype = DType::F32;
+    g.head_dim = 128;
+    g.head_dim_v = 128;
+    run_grad_cases(&[a, b, c, d, e, f, g]);
 }
 
 /// NaN and ±inf planted in q, k, v, an additive mask, ALiBi slopes or dO reach exactly the

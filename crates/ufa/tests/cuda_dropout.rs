@@ -50,9 +50,10 @@ fn with_dropout(cases: Vec<Case>) -> Vec<Case> {
         .collect()
 }
 
-/// What the tensor-core kernels do not take, and shapes the dropping kernels must still serve:
-/// fp32 in both precisions (TF32 tensor cores forward, CUDA-core backward), a padded head dim,
-/// K and V of different head dims and an fp32 output from bf16 inputs (CUDA-core kernels),
+/// Other dtypes and what the tensor-core kernels do not take, shapes the dropping kernels must
+/// still serve: fp32 in both precisions (TF32 tensor cores), a padded head dim (CUDA-core
+/// backward), K and V of different head dims and an fp32 output from bf16 inputs (CUDA-core
+/// kernels),
 /// one query row (a decoding shape, which the prefill kernel serves with dropout), and a
 /// boolean mask with softcap.
 fn other_cases() -> Vec<Case> {

@@ -14,6 +14,7 @@ use super::variants::{
 use super::{sm90, tma};
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::params::Fp32Precision;
 use crate::problem::BackwardProblem;
 use std::ffi::c_void;
 
@@ -27,10 +28,12 @@ pub(crate) enum Plan {
 }
 
 impl Plan {
-    /// The tensor-core kernel takes 16-bit inputs with gradients in the same dtype, equal head
-    /// dims of a size it is built for, and rows that start on 16-byte boundaries (the out and dq
-    /// tensors are read and written by the row kernels, so they may be anything).
-    /// `hopper`: the device runs sm_90a code (the wgmma kernel, head dims 64 and 128).
+    /// The tensor-core kernel takes inputs with gradients in the same dtype, equal head dims of
+    /// a size it is built for, and rows that start on 16-byte boundaries (the out and dq
+    /// tensors are read and written by the row kernels, so they may be anything); fp32 runs on
+    /// TF32 tensor cores in the forward's precision (`Fp32Precision`).
+    /// `hopper`: the device runs sm_90a code (the wgmma kernel for 16-bit inputs, head dims 64,
+    /// 128 and 256).
     pub fn select(p: &BackwardProblem, max_smem: u32, hopper: bool) -> Plan {
         let f = &p.fwd;
         let dtype = f.q.dtype;
@@ -47,7 +50,7 @@ impl Plan {
             (&p.dk, kv),
             (&p.dv, kv),
         ]);
-        let tensor_cores = half && same && aligned && f.head_dim == f.head_dim_v;
+        let tensor_cores = same && aligned && f.head_dim == f.head_dim_v;
         // Unlike the forward's (needs_score_mod), any scale: the backward subtracts the LSE.
         let score_mod = f.modifies_scores();
         // The Hopper kernel's tensor maps cover dense batches; a packed one takes the sm_80
@@ -55,6 +58,7 @@ impl Plan {
         let dense = !has_sequence_metadata(f);
         let dropout = f.dropout.is_some();
         if tensor_cores
+            && half
             && dense
             && hopper
             && sm90::wgmma_enabled()
@@ -70,7 +74,7 @@ impl Plan {
             }
         }
         let tile = tensor_cores
-            .then(|| bwd_tile_for(f.head_dim, max_smem))
+            .then(|| bwd_tile_for(f.head_dim, dtype.size_in_bytes() as u32, max_smem))
             .flatten();
         match tile {
             Some(tile) => Plan::Mma(Variant::BwdSm80 {
@@ -78,6 +82,7 @@ impl Plan {
                 tile,
                 score_mod,
                 seqs: !dense,
+                tf32: dtype == DType::F32 && f.fp32_precision == Fp32Precision::Tf32,
                 dropout,
             }),
             None => Plan::Rows,
@@ -322,15 +327,19 @@ mod tests {
     use crate::{AttentionParams, TensorView, TensorViewMut};
     use half::bf16;
 
-    /// Runs `f` on the validated backward problem of bf16 tensors [b, s, h, d] (host memory:
-    /// only sizes, dtypes and strides matter to the plan), with `grad` the dtype of dq/dk/dv.
-    fn with_problem<T: crate::dtype::Element + Default + Copy>(
+    /// Runs `f` on the validated backward problem of tensors [b, s, h, d] of element `I`
+    /// (host memory: only sizes, dtypes and strides matter to the plan), with `T` the dtype of
+    /// dq/dk/dv.
+    fn with_problem<
+        I: crate::dtype::Element + Default + Copy,
+        T: crate::dtype::Element + Default + Copy,
+    >(
         (b, sq, skv, hq, hk, d): (usize, usize, usize, usize, usize, usize),
         params: &AttentionParams<'_>,
         f: impl FnOnce(&BackwardProblem),
     ) {
-        let qn = vec![bf16::ZERO; b * sq * hq * d];
-        let kn = vec![bf16::ZERO; b * skv * hk * d];
+        let qn = vec![I::default(); b * sq * hq * d];
+        let kn = vec![I::default(); b * skv * hk * d];
         let lse = vec![0f32; b * hq * sq];
         let (mut dq, mut dk, mut dv) = (
             vec![T::default(); qn.len()],
@@ -360,7 +369,7 @@ mod tests {
     fn hopper_takes_the_wgmma_kernel_at_head_dims_64_128_and_256() {
         let params = AttentionParams::default();
         for (d, wgmma) in [(64, true), (128, true), (256, true), (96, false)] {
-            with_problem::<bf16>((1, 200, 300, 4, 2, d), &params, |p| {
+            with_problem::<bf16, bf16>((1, 200, 300, 4, 2, d), &params, |p| {
                 let plan = Plan::select(p, 232_448, true);
                 let l = launches(p, &plan).unwrap();
                 match plan {
@@ -380,7 +389,7 @@ mod tests {
     #[test]
     fn launch_geometry_covers_every_row_once() {
         let params = AttentionParams::default();
-        with_problem::<bf16>((2, 300, 1000, 8, 2, 128), &params, |p| {
+        with_problem::<bf16, bf16>((2, 300, 1000, 8, 2, 128), &params, |p| {
             let plan = Plan::select(p, 232_448, false);
             let Plan::Mma(Variant::BwdSm80 { tile, .. }) = plan else {
                 panic!("bf16 d128 takes the tensor-core kernel: {plan:?}");
@@ -401,7 +410,7 @@ mod tests {
         });
         // Deterministic mode adds the turn counters, one per query block and head.
         let det = AttentionParams::default().deterministic(true);
-        with_problem::<bf16>((1, 70, 33, 4, 4, 64), &det, |p| {
+        with_problem::<bf16, bf16>((1, 70, 33, 4, 4, 64), &det, |p| {
             let plan = Plan::select(p, 232_448, false);
             let ws = plan.workspace(p);
             assert!(ws.has_order && ws.bytes - ws.order >= 4 * 2 * 4);
@@ -413,7 +422,7 @@ mod tests {
     fn deterministic_walks_rotate_only_where_every_key_block_sees_every_query() {
         let order = |dims, params: &AttentionParams<'_>, sms| {
             let mut o = None;
-            with_problem::<bf16>(dims, params, |p| {
+            with_problem::<bf16, bf16>(dims, params, |p| {
                 let plan = Plan::select(p, 232_448, true);
                 o = Some(DqOrder::of(p, &plan, sms));
             });
@@ -506,7 +515,7 @@ mod tests {
     fn plans_fall_back_to_the_row_kernels() {
         let params = AttentionParams::default();
         // f32 gradients of bf16 inputs, and a head dim off the tensor-core list.
-        with_problem::<f32>((1, 10, 10, 2, 2, 64), &params, |p| {
+        with_problem::<bf16, f32>((1, 10, 10, 2, 2, 64), &params, |p| {
             assert_eq!(Plan::select(p, 232_448, false), Plan::Rows);
             let l = launches(p, &Plan::Rows).unwrap();
             assert_eq!(l.len(), 3);
@@ -517,11 +526,11 @@ mod tests {
             );
             assert!(!Plan::Rows.workspace(p).has_accum);
         });
-        with_problem::<bf16>((1, 10, 10, 2, 2, 80), &params, |p| {
+        with_problem::<bf16, bf16>((1, 10, 10, 2, 2, 80), &params, |p| {
             assert_eq!(Plan::select(p, 232_448, false), Plan::Rows);
         });
         // Too little shared memory for any tile.
-        with_problem::<bf16>((1, 10, 10, 2, 2, 256), &params, |p| {
+        with_problem::<bf16, bf16>((1, 10, 10, 2, 2, 256), &params, |p| {
             assert_eq!(Plan::select(p, 48 * 1024, false), Plan::Rows);
         });
     }
@@ -543,20 +552,50 @@ mod tests {
     #[test]
     fn backward_tiles_fit_and_satisfy_the_template() {
         for d in crate::cuda::tiles::MMA_HEAD_DIMS {
-            for smem in [101_376, 166_912, 232_448] {
-                if let Some(t) = bwd_tile_for(d, smem) {
-                    assert!(t.smem_bytes() <= smem, "{t:?} in {smem}");
-                    assert!(t.is_valid(), "{t:?}");
+            for bytes in [2, 4] {
+                for smem in [101_376, 166_912, 232_448] {
+                    if let Some(t) = bwd_tile_for(d, bytes, smem) {
+                        assert!(t.smem_bytes() <= smem, "{t:?} in {smem}");
+                        assert!(t.is_valid(), "{t:?}");
+                        assert_eq!(t.elem_bytes, bytes);
+                    }
                 }
             }
-            // An H100 runs every head dim with two stages.
-            let t = bwd_tile_for(d, 232_448).unwrap();
+            // An H100 runs every head dim with two stages in 16 bits, and on tensor cores in
+            // fp32.
+            let t = bwd_tile_for(d, 2, 232_448).unwrap();
             assert_eq!(t.stages, 2, "{t:?}");
+            assert!(bwd_tile_for(d, 4, 232_448).is_some(), "fp32 d{d}");
         }
-        assert!(bwd_tile_for(80, 232_448).is_none());
+        assert!(bwd_tile_for(80, 2, 232_448).is_none());
         // sm_86/89 (99 KB a block) still run head dims up to 128 on tensor cores.
         for d in [32, 64, 96, 128] {
-            assert!(bwd_tile_for(d, 101_376).is_some(), "d{d}");
+            assert!(bwd_tile_for(d, 2, 101_376).is_some(), "d{d}");
+        }
+        // fp32 rows take twice the bytes: 64 keys × 64 queries of 4 bytes at head_dim 128.
+        let t = bwd_tile_for(128, 4, 232_448).unwrap();
+        assert_eq!((t.block_n, t.block_m, t.stages), (64, 64, 1));
+        assert_eq!(
+            t.smem_bytes(),
+            2 * 64 * 528 + 2 * 64 * 528 + 2 * 64 * 272 + 2 * 64 * 4
+        );
+    }
+
+    #[test]
+    fn fp32_takes_the_tensor_core_kernel_in_the_forward_precision() {
+        use crate::params::Fp32Precision;
+        for (precision, tf32_wanted) in [(Fp32Precision::Ieee, false), (Fp32Precision::Tf32, true)]
+        {
+            let params = AttentionParams::default().fp32_precision(precision);
+            with_problem::<f32, f32>((1, 200, 300, 4, 2, 128), &params, |p| {
+                // Hopper too: the wgmma backward takes 16-bit inputs only.
+                match Plan::select(p, 232_448, true) {
+                    Plan::Mma(Variant::BwdSm80 { dtype, tf32, .. }) => {
+                        assert_eq!((dtype, tf32), (DType::F32, tf32_wanted));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            });
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 /// Every kernel source of `crates/ufa/kernels/` (a test checks that none is missing).
-pub(crate) const KERNEL_FILES: [(&str, &str); 21] = [
+pub(crate) const KERNEL_FILES: [(&str, &str); 22] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("sequence.cuh", include_str!("../../kernels/sequence.cuh")),
     ("mask.cuh", include_str!("../../kernels/mask.cuh")),
@@ -16,6 +16,7 @@ pub(crate) const KERNEL_FILES: [(&str, &str); 21] = [
     ("dropout.cuh", include_str!("../../kernels/dropout.cuh")),
     ("fwd_tile.cuh", include_str!("../../kernels/fwd_tile.cuh")),
     ("bwd_keys.cuh", include_str!("../../kernels/bwd_keys.cuh")),
+    ("bwd_tf32.cuh", include_str!("../../kernels/bwd_tf32.cuh")),
     ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
     ("tma.cuh", include_str!("../../kernels/tma.cuh")),
     ("fwd_sm80.cu", include_str!("../../kernels/fwd_sm80.cu")),

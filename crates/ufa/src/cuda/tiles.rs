@@ -152,6 +152,8 @@ pub(crate) fn parse_tile(s: &str) -> Option<Tile> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct BwdTile {
     pub head_dim: u32,
+    /// 2 (f16/bf16, m16n8k16) or 4 (fp32 on TF32 tensor cores, m16n8k8).
+    pub elem_bytes: u32,
     /// Query rows per step.
     pub block_m: u32,
     /// Keys per thread block.
@@ -166,14 +168,16 @@ pub(crate) struct BwdTile {
 }
 
 impl BwdTile {
-    /// Dynamic shared memory: K, V, `stages` × (Q, dO), Pᵀ and dSᵀ (16-bit, rows padded by 8
-    /// elements), then fp32 LSE and D per stage; `BwdTileConfig::kSmemElems` in flash_bwd.cu.
+    /// Dynamic shared memory: K, V, `stages` × (Q, dO), Pᵀ and dSᵀ (in the input dtype, rows
+    /// padded by 16 bytes), then fp32 LSE and D per stage; `BwdTileConfig::kSmemElems` (16-bit
+    /// units) in kernels/bwd_sm80.cu.
     pub fn smem_bytes(&self) -> u32 {
-        let pitch = self.head_dim + 8;
-        let elems = 2 * self.block_n * pitch
-            + self.stages * 2 * self.block_m * pitch
-            + 2 * self.block_n * (self.block_m + 8);
-        elems * 2 + self.stages * 2 * self.block_m * 4
+        let row = self.head_dim * self.elem_bytes + 16;
+        let p_row = self.block_m * self.elem_bytes + 16;
+        2 * self.block_n * row
+            + self.stages * 2 * self.block_m * row
+            + 2 * self.block_n * p_row
+            + self.stages * 2 * self.block_m * 4
     }
 
     /// Whether the kernel template's static_asserts accept this shape.
@@ -192,7 +196,13 @@ impl BwdTile {
                 && cols % (w / wr) == 0
                 && (cols / (w / wr)) % 16 == 0
         };
-        w > 0 && (1..=2).contains(&self.stages) && m / 2 <= 32 * w && grids.into_iter().all(fits)
+        // fp32 rows must be ≡ 4 floats mod 32 (kernels/bwd_tf32.cuh).
+        let fp32_pitches = self.elem_bytes == 2 || (d % 32 == 0 && m % 32 == 0);
+        w > 0
+            && (1..=2).contains(&self.stages)
+            && m / 2 <= 32 * w
+            && fp32_pitches
+            && grids.into_iter().all(fits)
     }
 }
 
@@ -209,12 +219,30 @@ pub const BWD_TILE_ENV: &str = "UFA_CUDA_BWD_TILE";
 ///   that fits (fewer column groups).
 /// - two Q/dO stages where shared memory allows; devices with less (sm_86/89) drop to one,
 ///   then halve the blocks.
-pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
+///
+/// fp32 (`elem_bytes` 4, TF32 tensor cores) needs twice the shared memory a row: 128 keys a
+/// block up to head_dim 64, 64 keys up to 160 (one Q/dO stage from 128 on), 32 keys above
+/// (dK and dV of 64 keys would take 128 registers a thread at head_dim 256).
+pub(crate) fn bwd_tile_for(head_dim: usize, elem_bytes: u32, max_smem: u32) -> Option<BwdTile> {
     if !MMA_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
     let small = head_dim <= 128;
-    let grids: &[[u32; 3]] = &[[4, 4, 2], [4, 4, 4], [2, 2, 2], [2, 4, 4], [2, 2, 1]];
+    let block_n = match (elem_bytes, head_dim) {
+        (2, _) if small => 128,
+        (2, _) => 64,
+        (_, ..=64) => 128,
+        (_, ..=160) => 64,
+        _ => 32,
+    };
+    let grids: &[[u32; 3]] = &[
+        [4, 4, 2],
+        [4, 4, 4],
+        [2, 2, 2],
+        [2, 4, 4],
+        [2, 2, 1],
+        [4, 2, 2],
+    ];
     // The first warp grid (in the table's order of preference) whose splits are whole m-tiles
     // and n8 pairs for this shape.
     let with_grid = |t: BwdTile| {
@@ -226,8 +254,9 @@ pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
     };
     let default = with_grid(BwdTile {
         head_dim: head_dim as u32,
+        elem_bytes,
         block_m: 64,
-        block_n: if small { 128 } else { 64 },
+        block_n,
         warps: 8,
         stages: 2,
         grid_rows: [0; 3],
@@ -236,6 +265,7 @@ pub(crate) fn bwd_tile_for(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
     let mut tile = bwd_tile_override()
         .map(|t| BwdTile {
             head_dim: head_dim as u32,
+            elem_bytes,
             ..t
         })
         .filter(BwdTile::is_valid)
@@ -267,6 +297,7 @@ pub(crate) fn parse_bwd_tile(s: &str) -> Option<BwdTile> {
     let [block_m, block_n, warps, stages, wn1, wn2, wq3] = parse_numbers(s)?;
     Some(BwdTile {
         head_dim: 0,
+        elem_bytes: 2,
         block_m,
         block_n,
         warps,

@@ -74,6 +74,7 @@ pub(crate) enum Variant {
         tile: BwdTile,
         score_mod: bool,
         seqs: bool,
+        tf32: bool,
         dropout: bool,
     },
     /// The backward on Hopper tensor cores (wgmma, TMA, warp specialisation), same plan as
@@ -309,9 +310,15 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                tf32,
                 dropout,
             } => format!(
-                "ufa_bwd_sm80_{dtype}_d{}_m{}_n{}_w{}_s{}_g{}{}{}_b{}{}{}",
+                "ufa_bwd_sm80_{}_d{}_m{}_n{}_w{}_s{}_g{}{}{}_b{}{}{}",
+                if tf32 {
+                    "tf32".to_string()
+                } else {
+                    dtype.to_string()
+                },
                 t.head_dim,
                 t.block_m,
                 t.block_n,
@@ -514,14 +521,15 @@ impl Variant {
                 tile: t,
                 score_mod,
                 seqs,
+                tf32,
                 dropout,
             } => (
                 "bwd_sm80.cu",
                 Vec::new(),
                 t.min_blocks,
                 format!(
-                    "bwd_sm80<{}, BwdTileConfig<{}, {}, {}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}, {dropout}>(p)",
-                    type_tag(dtype),
+                    "bwd_sm80<{}, BwdTileConfig<{}, {}, {}, {}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}, {dropout}>(p)",
+                    if tf32 { "Tf32" } else { type_tag(dtype) },
                     t.head_dim,
                     t.block_m,
                     t.block_n,
@@ -529,7 +537,8 @@ impl Variant {
                     t.stages,
                     t.grid_rows[0],
                     t.grid_rows[1],
-                    t.grid_rows[2]
+                    t.grid_rows[2],
+                    t.elem_bytes / 2
                 ),
             ),
             Variant::BwdRows(k) => ("bwd_rows.cu", Vec::new(), 1, format!("{}(p)", k.function())),
@@ -653,16 +662,18 @@ impl Variant {
                 v.push(Variant::FwdSimple { input, output });
             }
         }
-        for dtype in [DType::F16, DType::BF16] {
+        for (dtype, tf32) in mma_types {
             for d in MMA_HEAD_DIMS {
                 for (score_mod, seqs) in flag_sets {
                     for dropout in [false, true] {
-                        if let Some(tile) = bwd_tile_for(d, max_smem) {
+                        if let Some(tile) = bwd_tile_for(d, dtype.size_in_bytes() as u32, max_smem)
+                        {
                             v.push(Variant::BwdSm80 {
                                 dtype,
                                 tile,
                                 score_mod,
                                 seqs,
+                                tf32,
                                 dropout,
                             });
                         }
@@ -866,8 +877,9 @@ mod tests {
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
         // paged), and the warp-specialised one for dense batches; sm_80 forward (f16, bf16,
-        // fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6 and its combine; CUDA cores 9; backward
-        // 2 × 7 × 4 and 2 × (2 + 1 + 1 tiles) × 2; every prefill and backward one with and
+        // fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
+        // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4,
+        // and on wgmma 2 × (2 + 1 + 1 tiles) × 2; every prefill and backward one with and
         // without dropout; 4 row, 2 append and 1 merge kernels.
         assert_eq!(
             all.len(),
@@ -877,7 +889,7 @@ mod tests {
                 + 2 * 11 * 6
                 + 1
                 + 9
-                + 2 * 7 * 4 * 2
+                + 4 * 7 * 4 * 2
                 + 2 * 4 * 2 * 2
                 + 4
                 + 2
