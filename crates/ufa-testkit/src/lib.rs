@@ -1505,6 +1505,40 @@ pub fn padded_head_dim_cases() -> Vec<Case> {
     cases
 }
 
+/// Q/K and V of different head dims (MLA's 192 and 128, the other way round, a padded pair),
+/// which CUDA's mma.sync kernels run on the tile of the larger one: plain, causal with GQA,
+/// with every score modifier, PyTorch's layout; 16-bit and fp32 in both precisions.
+pub fn unequal_head_dim_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, (dtype, d, dv)) in [
+        (DType::BF16, 192, 128),
+        (DType::F16, 128, 64),
+        (DType::BF16, 64, 128),
+        (DType::F16, 96, 80),
+        (DType::F32, 128, 64),
+        (DType::F32, 32, 64),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Case::new(2, 131 + 7 * i, 257 - 11 * i, 4, d, dtype);
+        c.head_dim_v = dv;
+        c.heads_kv = [1, 2, 4][i % 3];
+        c.fp32_precision = [Fp32Precision::Ieee, Fp32Precision::Tf32][i % 2];
+        cases.push(c.clone());
+        c.causal = true;
+        cases.push(c.clone());
+        let mut m = c.clone();
+        m.softcap = 20.0;
+        m.alibi = Some(Alibi::PerHead);
+        m.window = (40, 9);
+        cases.push(m);
+        c.placement = [Placement::HeadsFirst; 4];
+        cases.push(c);
+    }
+    cases
+}
+
 /// [`tensor_core_cases`] for fp32, which CUDA runs on TF32 tensor cores, in both precisions.
 pub fn fp32_tensor_core_cases() -> Vec<Case> {
     let mut cases = tensor_core_cases_of(DType::F32, Fp32Precision::Ieee, false);

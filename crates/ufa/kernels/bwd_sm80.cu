@@ -135,16 +135,20 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     const uint32_t p_base = smem_addr(sP);
     const uint32_t ds_base = smem_addr(sdS);
 
+    // 16-byte chunks of a row that hold data: head dims below D run on this tile with zeros
+    // after them (Q and K rows have head_dim values, V and dO rows head_dim_v; the padding
+    // adds nothing to the products, and the gradients' padding columns are not stored).
+    const int chunks_qk = p.head_dim * U / 8, chunks_v = p.head_dim_v * U / 8;
     auto load_stage = [&](int stage, int it) {
         const int h = w.head_at(it, p.group);
         const int m0 = w.m_block_at(it) * BM;
         uint16_t* sQ = sQ0 + stage * 2 * BM * PITCH;
         load_tile<Cfg, BM>(sQ, (const uint16_t*)p.q + row_offset(p.q_stride, b, sq.q_row0, h) * U,
-                           p.q_stride[1] * U, m0, sq.seqlen_q);
+                           p.q_stride[1] * U, m0, sq.seqlen_q, chunks_qk);
         load_tile<Cfg, BM>(
             sQ + BM * PITCH,
             (const uint16_t*)bp.dout + row_offset(bp.do_stride, b, sq.q_row0, h) * U,
-            bp.do_stride[1] * U, m0, sq.seqlen_q);
+            bp.do_stride[1] * U, m0, sq.seqlen_q, chunks_v);
         // LSE and D rows are padded to a multiple of 128 in the workspace: no bounds to check.
         const int64_t stat_row = stat_row0<SEQS>(bp, sq, b, h) + m0;
         float* st = sStat + stage * 2 * BM;
@@ -157,8 +161,8 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     };
 
     if (total > 0) {
-        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1] * U, n0, sq.seqlen_kv);
-        load_tile<Cfg, BN>(sV, v_head, p.v_stride[1] * U, n0, sq.seqlen_kv);
+        load_tile<Cfg, BN>(sK, k_head, p.k_stride[1] * U, n0, sq.seqlen_kv, chunks_qk);
+        load_tile<Cfg, BN>(sV, v_head, p.v_stride[1] * U, n0, sq.seqlen_kv, chunks_v);
         load_stage(0, 0);
         cp_async_commit();
     }
@@ -347,15 +351,19 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
         }
         int my_turn = 0;
         int32_t* turn = dq_turn_wait(bp, w, it, m0, m_last, BN, my_turn);
-        float* dq_rows = accum_rows<SEQS>(bp, sq, b, h, D);
+        // The buffer's rows are head_dim floats (a multiple of 8, the host's rule for a tile
+        // wider than the head): n8 tiles past it are padding.
+        const int dq_pitch = p.head_dim;
+        float* dq_rows = accum_rows<SEQS>(bp, sq, b, h, dq_pitch);
 #pragma unroll
         for (int mt = 0; mt < MT3; ++mt) {
             const int i = m0 + qr3 + mt * 16;  // first row of the m-tile
             const bool row_ok = i + group < sq.seqlen_q, row8_ok = i + group + 8 < sq.seqlen_q;
 #pragma unroll
             for (int t = 0; t < NT3; ++t)
-                red_add_tile(dq_rows + (int64_t)i * D + dc3 + t * 8, D, acc[mt][t], group, quad,
-                             row_ok, row8_ok);
+                if (dc3 + t * 8 < dq_pitch)
+                    red_add_tile(dq_rows + (int64_t)i * dq_pitch + dc3 + t * 8, dq_pitch,
+                                 acc[mt][t], group, quad, row_ok, row8_ok);
         }
         if (bp.deterministic) {
             dq_turn_pass(turn, my_turn);
@@ -365,7 +373,7 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     }
 
     // Epilogue: dK (times the softmax scale, which the scores carried) and dV, summed over the
-    // GQA group already. Keys of blocks no query sees get zeros.
+    // GQA group already, each up to its head dim. Keys of blocks no query sees get zeros.
 #pragma unroll
     for (int mt = 0; mt < MT2; ++mt)
 #pragma unroll
@@ -379,12 +387,13 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
                 const int64_t dv_at = row_offset(bp.dv_stride, b, sq.kv_row0 + j, hk) + col;
                 const float k0 = dk[mt][t][2 * r] * p.scale, k1 = dk[mt][t][2 * r + 1] * p.scale;
                 const float v0 = dv[mt][t][2 * r], v1 = dv[mt][t][2 * r + 1];
+                const bool k_ok = col < p.head_dim, v_ok = col < p.head_dim_v;
                 if constexpr (T::is_f32) {
-                    *(float2*)((float*)bp.dk + dk_at) = make_float2(k0, k1);
-                    *(float2*)((float*)bp.dv + dv_at) = make_float2(v0, v1);
+                    if (k_ok) *(float2*)((float*)bp.dk + dk_at) = make_float2(k0, k1);
+                    if (v_ok) *(float2*)((float*)bp.dv + dv_at) = make_float2(v0, v1);
                 } else {
-                    *(uint32_t*)((uint16_t*)bp.dk + dk_at) = Convert<T>::pack(k0, k1);
-                    *(uint32_t*)((uint16_t*)bp.dv + dv_at) = Convert<T>::pack(v0, v1);
+                    if (k_ok) *(uint32_t*)((uint16_t*)bp.dk + dk_at) = Convert<T>::pack(k0, k1);
+                    if (v_ok) *(uint32_t*)((uint16_t*)bp.dv + dv_at) = Convert<T>::pack(v0, v1);
                 }
             }
 }

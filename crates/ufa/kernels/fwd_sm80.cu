@@ -66,8 +66,11 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     constexpr int U = Cfg::kElemUnits;
     const FwdBlock w = fwd_block<SEQS, U>(p, BM, BN);
     // 16-byte chunks of a row that hold data: a head dim below D (a multiple of 16-byte pieces,
-    // the host's rule) runs on this tile with zeros after it.
+    // the host's rule) runs on this tile with zeros after it. Q and K rows have head_dim
+    // values, V rows head_dim_v (which may differ: MLA's 192 and 128 run on the 192 tile, V's
+    // padding columns coming out of P V as zeros that are not stored).
     const int valid_chunks = p.head_dim * U / 8;
+    const int valid_chunks_v = p.head_dim_v * U / 8;
     if (w.idle) return;  // rows past this sequence's end (the whole block leaves)
     const Seq& sq = w.s;
     const int b = w.b, h = w.h, m0 = w.m0, m_last = w.m_last;
@@ -77,14 +80,14 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     // table (a SEQS variant's run-time choice). Offsets in 16-bit units (a missing page's -1
     // stays negative).
     auto load_kv = [&](uint16_t* tile, const uint16_t* head, const void* base,
-                       const int64_t(&st)[3], int n0) {
+                       const int64_t(&st)[3], int n0, int chunks) {
         if (SEQS && p.block_table != nullptr) {
             load_rows<Cfg::kThreads, Cfg::kChunksPerRow, BN>(
                 (const uint16_t*)base, [&](int j) { return paged_row(p, b, j, st, w.hk) * U; },
                 [&](int r, int chunk) { return smem_addr(tile + r * PITCH + chunk * 8); }, n0,
-                sq.seqlen_kv, valid_chunks);
+                sq.seqlen_kv, chunks);
         } else {
-            load_tile<Cfg, BN>(tile, head, st[1] * U, n0, sq.seqlen_kv, valid_chunks);
+            load_tile<Cfg, BN>(tile, head, st[1] * U, n0, sq.seqlen_kv, chunks);
         }
     };
 
@@ -102,7 +105,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     if (n_first <= n_last) {
         load_tile<Cfg, BM>(sQ, q_head, p.q_stride[1] * U, m0, sq.seqlen_q, valid_chunks);
         cp_async_commit();
-        load_kv(sK, k_head, p.k, p.k_stride, n_last * BN);
+        load_kv(sK, k_head, p.k, p.k_stride, n_last * BN, valid_chunks);
         cp_async_commit();
 
         uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
@@ -134,7 +137,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
             const int n0 = n * BN;
             cp_async_wait<0>();
             __syncthreads();  // K[n] landed; every warp is done with V[n+1]
-            load_kv(sV, v_head, p.v, p.v_stride, n0);
+            load_kv(sV, v_head, p.v, p.v_stride, n0, valid_chunks_v);
             cp_async_commit();
 
             // S = Q K[n]ᵀ
@@ -167,7 +170,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
             cp_async_wait<0>();
             __syncthreads();  // V[n] landed; every warp is done with K[n]
             if (n > n_first) {
-                load_kv(sK, k_head, p.k, p.k_stride, n0 - BN);
+                load_kv(sK, k_head, p.k, p.k_stride, n0 - BN, valid_chunks);
                 cp_async_commit();
             }
 

@@ -80,6 +80,51 @@ fn fp32_backward_takes_the_tensor_core_kernel() {
     );
 }
 
+/// Head dims between the tensor-core tiles and Q/K and V of different head dims (MLA's 192
+/// and 128) against the reference, every other case deterministic; the 16-bit ones, and fp32
+/// head dims that are multiples of 8, come from the tensor-core kernel (on the tile of the
+/// larger head dim), not from the CUDA-core row kernels.
+#[test]
+fn padded_and_unequal_head_dims_backward_take_the_tensor_cores() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let mut cases = ufa_testkit::unequal_head_dim_cases();
+    cases.extend(
+        ufa_testkit::padded_head_dim_cases()
+            .into_iter()
+            .filter(|c| c.dtype != DType::F32),
+    );
+    let mut failed = Vec::new();
+    for (i, c) in cases.iter_mut().enumerate() {
+        c.deterministic = i % 2 == 1;
+        let r = check_grads_cuda(&ctx, c, 5, 0).unwrap();
+        if !r.passed() {
+            failed.push(format!("{}: {}", c.describe(), r.summary()));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+    let kernels = loaded_kernels(&ctx);
+    assert!(
+        kernels
+            .iter()
+            .any(|k| k.starts_with("ufa_bwd_sm80_bf16_d192"))
+            && kernels
+                .iter()
+                .any(|k| k.starts_with("ufa_bwd_sm80_f32_d128"))
+            && !kernels.iter().any(|k| k.starts_with("ufa_bwd_rows")),
+        "{kernels:?}"
+    );
+    // fp32 head dims that are not multiples of 8 stay on the row kernels, and are right.
+    run_grad_cases(
+        &ufa_testkit::padded_head_dim_cases()
+            .into_iter()
+            .filter(|c| c.dtype == DType::F32)
+            .collect::<Vec<_>>(),
+    );
+}
+
 /// The forward suite's features and layouts, every other case in deterministic mode.
 #[test]
 fn features_and_layouts_backward_match_the_reference() {
@@ -146,7 +191,8 @@ fn deterministic_backward_is_bitwise_reproducible() {
 
 /// Small backward problems for compute-sanitizer (memcheck, racecheck): the tensor-core
 /// kernels in both modes, with and without score modifiers, at head dims 64, 128 and 256 (each
-/// layout of the Hopper kernel), fp32 on TF32 tensor cores, and the CUDA-core one.
+/// layout of the Hopper kernel), fp32 on TF32 tensor cores, unequal head dims on a padded
+/// tile, and the CUDA-core one.
 #[test]
 #[ignore = "run under compute-sanitizer by scripts/gpu-check"]
 fn sanitizer_backward_case() {
@@ -172,7 +218,12 @@ fn sanitizer_backward_case() {
     g.dtype = DType::F32;
     g.head_dim = 128;
     g.head_dim_v = 128;
-    run_grad_cases(&[a, b, c, d, e, f, g]);
+    // Q/K and V of different head dims on the tile of the larger one (MLA's 192/128).
+    let mut h = a.clone();
+    h.head_dim = 192;
+    h.head_dim_v = 128;
+    h.deterministic = true;
+    run_grad_cases(&[a, b, c, d, e, f, g, h]);
 }
 
 /// NaN and ±inf planted in q, k, v, an additive mask, ALiBi slopes or dO reach exactly the

@@ -67,6 +67,38 @@ fn fp32_takes_the_tensor_cores() {
     );
 }
 
+/// Q/K and V of different head dims (MLA's 192 and 128, and the other way round) run on the
+/// tensor cores, on the tile of the larger one with the other zero-padded: plain, causal with
+/// GQA, with every score modifier, PyTorch's layout, fp32 in both precisions; no case takes the
+/// CUDA-core kernel.
+#[test]
+fn different_qk_and_v_head_dims_take_the_tensor_cores() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let cases = ufa_testkit::unequal_head_dim_cases();
+    let mut failed = Vec::new();
+    for c in &cases {
+        let r = check_case_cuda(&ctx, c, 5, 0).unwrap();
+        if !r.passed() {
+            failed.push(format!("{}: {}", c.describe(), r.summary()));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+    let kernels = loaded_kernels(&ctx);
+    assert!(
+        kernels
+            .iter()
+            .any(|k| k.starts_with("ufa_fwd_sm80_bf16_d192"))
+            && kernels
+                .iter()
+                .any(|k| k.starts_with("ufa_fwd_sm80_f32_d128"))
+            && !kernels.iter().any(|k| k.starts_with("ufa_fwd_simple")),
+        "{kernels:?}"
+    );
+}
+
 /// On Hopper, with the warp-specialised kernel on (UFA_CUDA_TMA_FWD, or its default), dense
 /// batches take it (a head dim between its tiles too: the tensor maps fill the padding with
 /// zeros); elsewhere this checks the results alone.
@@ -348,5 +380,8 @@ fn sanitizer_case() {
     (f.head_dim, f.head_dim_v) = (40, 40);
     let mut g = c.clone();
     (g.head_dim, g.head_dim_v, g.dtype, g.out_dtype) = (20, 20, DType::F32, DType::F32);
-    run_cases(&[a, b, c, d, e, f, g]);
+    // V's head dim below Q's and K's (MLA's 192/128): V's padding columns are not read.
+    let mut h = a.clone();
+    (h.head_dim, h.head_dim_v) = (192, 128);
+    run_cases(&[a, b, c, d, e, f, g, h]);
 }

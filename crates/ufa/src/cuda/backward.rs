@@ -7,7 +7,7 @@
 
 use super::abi::{BwdParams, DqOrder, FwdParams, ROW_WARPS, SEQLEN_Q_PAD};
 use super::params::{bsh, dtype_kind};
-use super::tiles::bwd_tile_for;
+use super::tiles::{bwd_tile_for, mma_tile_head_dim};
 use super::variants::{
     grid, has_sequence_metadata, operands_aligned16, query_and_key_dims, RowKernel, Variant,
 };
@@ -28,12 +28,14 @@ pub(crate) enum Plan {
 }
 
 impl Plan {
-    /// The tensor-core kernel takes inputs with gradients in the same dtype, equal head dims of
-    /// a size it is built for, and rows that start on 16-byte boundaries (the out and dq
-    /// tensors are read and written by the row kernels, so they may be anything); fp32 runs on
-    /// TF32 tensor cores in the forward's precision (`Fp32Precision`).
-    /// `hopper`: the device runs sm_90a code (the wgmma kernel for 16-bit inputs, head dims 64,
-    /// 128 and 256).
+    /// The tensor-core kernel takes inputs with gradients in the same dtype and rows that start
+    /// on 16-byte boundaries (the out and dq tensors are read and written by the row kernels,
+    /// so they may be anything); fp32 runs on TF32 tensor cores in the forward's precision
+    /// (`Fp32Precision`). The mma.sync kernel runs the tile of the larger head dim with the
+    /// other operands zero-padded (head dims between its tiles, and head_dim_v ≠ head_dim as
+    /// MLA's 192/128), each a multiple of 8 (dQ's buffer is added to in 8-column tiles).
+    /// `hopper`: the device runs sm_90a code (the wgmma kernel for 16-bit inputs, equal head
+    /// dims 64, 128 and 256).
     pub fn select(p: &BackwardProblem, max_smem: u32, hopper: bool) -> Plan {
         let f = &p.fwd;
         let dtype = f.q.dtype;
@@ -50,7 +52,8 @@ impl Plan {
             (&p.dk, kv),
             (&p.dv, kv),
         ]);
-        let tensor_cores = same && aligned && f.head_dim == f.head_dim_v;
+        let tensor_cores = same && aligned;
+        let equal_dims = f.head_dim == f.head_dim_v;
         // Unlike the forward's (needs_score_mod), any scale: the backward subtracts the LSE.
         let score_mod = f.modifies_scores();
         // The Hopper kernel's tensor maps cover dense batches; a packed one takes the sm_80
@@ -59,6 +62,7 @@ impl Plan {
         let dropout = f.dropout.is_some();
         if tensor_cores
             && half
+            && equal_dims
             && dense
             && hopper
             && sm90::wgmma_enabled()
@@ -73,9 +77,11 @@ impl Plan {
                 });
             }
         }
-        let tile = tensor_cores
-            .then(|| bwd_tile_for(f.head_dim, dtype.size_in_bytes() as u32, max_smem))
-            .flatten();
+        let bytes = dtype.size_in_bytes();
+        let eights = f.head_dim.is_multiple_of(8) && f.head_dim_v.is_multiple_of(8);
+        let tile = mma_tile_head_dim(f.head_dim.max(f.head_dim_v), bytes)
+            .filter(|_| tensor_cores && eights)
+            .and_then(|d| bwd_tile_for(d, bytes as u32, max_smem));
         match tile {
             Some(tile) => Plan::Mma(Variant::BwdSm80 {
                 dtype,
@@ -526,7 +532,8 @@ mod tests {
             );
             assert!(!Plan::Rows.workspace(p).has_accum);
         });
-        with_problem::<bf16, bf16>((1, 10, 10, 2, 2, 80), &params, |p| {
+        // A head dim that is no multiple of 8 (dQ's buffer takes 8-column tiles).
+        with_problem::<bf16, bf16>((1, 10, 10, 2, 2, 36), &params, |p| {
             assert_eq!(Plan::select(p, 232_448, false), Plan::Rows);
         });
         // Too little shared memory for any tile.
@@ -579,6 +586,49 @@ mod tests {
             t.smem_bytes(),
             2 * 64 * 528 + 2 * 64 * 528 + 2 * 64 * 272 + 2 * 64 * 4
         );
+    }
+
+    /// Head dims between the tiles, and head_dim_v ≠ head_dim, run on the mma.sync tile of the
+    /// larger one, also on Hopper (whose wgmma kernel takes equal, exact dims).
+    #[test]
+    fn padded_and_unequal_head_dims_take_the_larger_mma_tile() {
+        let params = AttentionParams::default();
+        with_problem::<bf16, bf16>((1, 10, 10, 2, 2, 80), &params, |p| {
+            match Plan::select(p, 232_448, true) {
+                Plan::Mma(Variant::BwdSm80 { tile, .. }) => assert_eq!(tile.head_dim, 96),
+                other => panic!("{other:?}"),
+            }
+        });
+        for (d, dv, tile_d) in [(192, 128, 192), (64, 128, 128), (40, 24, 64)] {
+            let (q, k, v) = (
+                vec![bf16::ZERO; 40 * 2 * d],
+                vec![bf16::ZERO; 50 * 2 * d],
+                vec![bf16::ZERO; 50 * 2 * dv],
+            );
+            let (mut dq, mut dk, mut dv_g) = (q.clone(), k.clone(), v.clone());
+            let out = vec![bf16::ZERO; 40 * 2 * dv];
+            let lse = vec![0f32; 2 * 40];
+            let inputs = BackwardInputs {
+                q: TensorView::new(&q, &[1, 40, 2, d]).unwrap(),
+                k: TensorView::new(&k, &[1, 50, 2, d]).unwrap(),
+                v: TensorView::new(&v, &[1, 50, 2, dv]).unwrap(),
+                out: TensorView::new(&out, &[1, 40, 2, dv]).unwrap(),
+                dout: TensorView::new(&out, &[1, 40, 2, dv]).unwrap(),
+                lse: TensorView::new(&lse, &[1, 2, 40]).unwrap(),
+            };
+            let grads = Gradients {
+                dq: TensorViewMut::new(&mut dq, &[1, 40, 2, d]).unwrap(),
+                dk: TensorViewMut::new(&mut dk, &[1, 50, 2, d]).unwrap(),
+                dv: TensorViewMut::new(&mut dv_g, &[1, 50, 2, dv]).unwrap(),
+            };
+            let p = validate_backward(&BackwardArgs::new(&inputs, &grads), &params).unwrap();
+            match Plan::select(&p, 232_448, true) {
+                Plan::Mma(Variant::BwdSm80 { tile, .. }) => {
+                    assert_eq!(tile.head_dim, tile_d, "{d}/{dv}")
+                }
+                other => panic!("{d}/{dv}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -170,11 +170,10 @@ impl Variant {
         let dropout = p.dropout.is_some();
         // The tensor-core kernels copy 16-byte pieces of rows; other layouts (odd strides,
         // unaligned views) are rare and take the CUDA-core kernel.
-        let tensor_cores = (half || dtype == DType::F32)
-            && p.out.dtype == dtype
-            && p.head_dim == p.head_dim_v
-            && rows_aligned16(p);
-        if tensor_cores && half && hopper && sm90::wgmma_enabled() {
+        let tensor_cores =
+            (half || dtype == DType::F32) && p.out.dtype == dtype && rows_aligned16(p);
+        let same_dims = p.head_dim == p.head_dim_v;
+        if tensor_cores && same_dims && half && hopper && sm90::wgmma_enabled() {
             if !seqs && tma_fwd && super::tma::forward_maps_possible(p) {
                 if let Some(tile) = sm90::tma_tile_for(p.head_dim, score_mod, dropout, max_smem) {
                     return Variant::FwdSm90Tma {
@@ -199,9 +198,13 @@ impl Variant {
                 };
             }
         }
+        // mma.sync runs the tile of the larger head dim; the other operand's rows (V's when
+        // head_dim_v is smaller, as MLA's 192/128; Q's and K's otherwise) are zero-padded, so
+        // it too must fill whole 16-byte pieces.
         let bytes = dtype.size_in_bytes();
-        let tile = mma_tile_head_dim(p.head_dim, bytes)
-            .filter(|_| tensor_cores)
+        let smaller_fits = mma_tile_head_dim(p.head_dim.min(p.head_dim_v), bytes).is_some();
+        let tile = mma_tile_head_dim(p.head_dim.max(p.head_dim_v), bytes)
+            .filter(|_| tensor_cores && smaller_fits)
             .and_then(|d| tile_for(d, bytes as u32, score_mod, max_smem));
         match tile {
             Some(tile) => Variant::FwdSm80 {
@@ -856,6 +859,44 @@ mod tests {
             }
         }
         assert!(matches!(hopper_forward(96, 0), Variant::FwdSm80 { .. }));
+    }
+
+    /// The forward a bf16 problem selects on Hopper with Q/K head dim `d` and V head dim `dv`.
+    fn forward_with_v_dim(d: usize, dv: usize) -> Variant {
+        let q = vec![bf16::ZERO; 300 * 4 * d];
+        let k = vec![bf16::ZERO; 500 * 2 * d];
+        let v = vec![bf16::ZERO; 500 * 2 * dv];
+        let mut out = vec![bf16::ZERO; 300 * 4 * dv];
+        let qv = TensorView::new(&q, &[1, 300, 4, d]).unwrap();
+        let kv = TensorView::new(&k, &[1, 500, 2, d]).unwrap();
+        let vv = TensorView::new(&v, &[1, 500, 2, dv]).unwrap();
+        let o = TensorViewMut::new(&mut out, &[1, 300, 4, dv]).unwrap();
+        let p = validate_forward(&qv, &kv, &vv, &o, None, &AttentionParams::default()).unwrap();
+        Variant::select(&p, 232_448, true)
+    }
+
+    #[test]
+    fn different_qk_and_v_head_dims_run_on_the_larger_ones_mma_tile() {
+        for (d, dv, tile_d) in [
+            (192, 128, 192),
+            (128, 64, 128),
+            (64, 128, 128),
+            (80, 40, 96),
+        ] {
+            match forward_with_v_dim(d, dv) {
+                Variant::FwdSm80 { tile, .. } => assert_eq!(tile.head_dim, tile_d, "{d}/{dv}"),
+                other => panic!("{d}/{dv}: {other:?}"),
+            }
+        }
+        // A head dim that does not fill 16-byte pieces (36 bf16 values) cannot be padded.
+        assert!(matches!(
+            forward_with_v_dim(128, 36),
+            Variant::FwdSimple { .. }
+        ));
+        assert!(matches!(
+            forward_with_v_dim(300, 128),
+            Variant::FwdSimple { .. }
+        ));
     }
 
     #[test]

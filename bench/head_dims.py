@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Head dims off the tensor-core tiles, and Q/K and V of different head dims (MLA's 192/128), on
+the GPU from Python: ufa.torch.flash_attn_func beside torch.nn.functional.
+scaled_dot_product_attention (PyTorch's default choice, cuDNN on Hopper) in one run on one card,
+forward and backward, with the nearest head dims that have a tile of their own in the same run
+(issue #22: a padded head dim's forward should reach 0.8x the TFLOP/s of the nearest tiled one).
+
+bf16, batch 4, 16 heads, seqlen --seqlen, causal and not. TFLOP/s by FlashAttention's
+convention with the two head dims counted apart: the forward 2·B·H·S²·(d + d_v), halved when
+causal; the backward 2.5 times that. Each call is timed with CUDA events (median of --iters);
+the backward alone: one forward, then `out.backward(dout, retain_graph=True)` again and again.
+ufa's output and gradients are checked against PyTorch's math backend in float64 on the first
+batch entry and head, so a fast wrong answer cannot pass. Writes head_dims_<date>_<card>.{md,csv}.
+
+Usage: python3 bench/head_dims.py [--out DIR] [--iters N] [--seqlen S]
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+import ufa.torch as ut
+from cuda_timing import median_ms
+from results_files import results_base, write_csv
+
+# (head_dim, head_dim_v, what it is): each padded or unequal pair after the tiled ones it is
+# compared with.
+SHAPES = [
+    (64, 64, "tile"), (48, 48, "padded to 64"),
+    (96, 96, "tile"), (80, 80, "padded to 96"),
+    (128, 128, "tile"), (192, 192, "tile"), (192, 128, "MLA, V padded to 192"),
+]
+
+
+def flops(b, h, s, d, dv, causal):
+    f = 2 * b * h * s * s * (d + dv)
+    return f / 2 if causal else f
+
+
+def timed(fn, args, dout, iters):
+    """(forward ms, backward ms, output, gradients) of fn(*args)."""
+    fwd = median_ms(lambda: fn(*args), iters)
+    leaves = [a.detach().requires_grad_() for a in args]
+    out = fn(*leaves)
+    bwd = median_ms(lambda: out.backward(dout, retain_graph=True), iters)
+    for t in leaves:
+        t.grad = None
+    out.backward(dout)
+    return fwd, bwd, out.detach(), [t.grad for t in leaves]
+
+
+def reference(q, k, v, dout, causal):
+    """float64 output and gradients of batch entry 0, head 0 (ufa layout [B, S, H, D])."""
+    q64, k64, v64 = (t[0, :, 0].detach().double().requires_grad_() for t in (q, k, v))
+    s = q64 @ k64.T / math.sqrt(q.shape[-1])
+    if causal:
+        n = s.shape[0]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1),
+                          float("-inf"))
+    out = torch.softmax(s, -1) @ v64
+    grads = torch.autograd.grad(out, (q64, k64, v64), dout[0, :, 0].double())
+    return [out.detach(), *grads]
+
+
+def worst_err(got, want):
+    return max(((g[0, :, 0].double() - w).norm() / w.norm()).item() for g, w in zip(got, want))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--seqlen", type=int, default=4096)
+    args = ap.parse_args()
+    card = torch.cuda.get_device_name()
+    b, h, s = 4, 16, args.seqlen
+    print(f"card {card}, torch {torch.__version__}, bf16, batch {b}, heads {h}, seqlen {s}")
+    print(f"{'d':>4} {'dv':>4} {'causal':>6} | {'ufa fwd':>7} {'sdpa fwd':>8} | "
+          f"{'ufa bwd':>7} {'sdpa bwd':>8} | err")
+    rows = []
+    for d, dv, what in SHAPES:
+        torch.manual_seed(0)
+        q, k = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        v = torch.randn(b, s, h, dv, device="cuda", dtype=torch.bfloat16)
+        dout = torch.randn(b, s, h, dv, device="cuda", dtype=torch.bfloat16)
+        for causal in (False, True):
+            f = flops(b, h, s, d, dv, causal)
+            uf, ub, out, grads = timed(lambda q, k, v: ut.flash_attn_func(q, k, v, causal=causal),
+                                       (q, k, v), dout, args.iters)
+            sdpa = lambda q, k, v: F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                is_causal=causal).transpose(1, 2)
+            tf, tb, _, _ = timed(sdpa, (q, k, v), dout, args.iters)
+            err = worst_err([out, *grads], reference(q, k, v, dout, causal))
+            r = {"head_dim": d, "head_dim_v": dv, "what": what, "causal": causal,
+                 "ufa_fwd": f / uf / 1e9, "sdpa_fwd": f / tf / 1e9,
+                 "ufa_bwd": 2.5 * f / ub / 1e9, "sdpa_bwd": 2.5 * f / tb / 1e9, "err": err}
+            rows.append(r)
+            print(f"{d:>4} {dv:>4} {str(causal):>6} | {r['ufa_fwd']:7.1f} {r['sdpa_fwd']:8.1f} | "
+                  f"{r['ufa_bwd']:7.1f} {r['sdpa_bwd']:8.1f} | {err:.1e}", flush=True)
+        del q, k, v, dout
+        torch.cuda.empty_cache()
+
+    base = results_base(args.out, "head_dims")
+    write_csv(base + ".csv", rows)
+    with open(base + ".md", "w") as fh:
+        fh.write(f"# Padded and unequal head dims, {card}, bf16\n\n"
+                 f"Command: `python3 bench/head_dims.py --iters {args.iters} --seqlen {s}`; "
+                 f"torch {torch.__version__}; batch {b}, {h} heads, seqlen {s}. TFLOP/s with "
+                 "the two head dims counted apart (forward 2·B·H·S²·(d + d_v), halved when "
+                 "causal; backward 2.5 times that), median of the iterations; `sdpa` is "
+                 "PyTorch's default SDPA dispatch. `err`: the worst relative error of ufa's "
+                 "output and gradients against float64 on one head.\n\n"
+                 "| head_dim | head_dim_v | what | causal | ufa fwd | sdpa fwd | ufa bwd | "
+                 "sdpa bwd | err |\n|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            fh.write(f"| {r['head_dim']} | {r['head_dim_v']} | {r['what']} | {r['causal']} | "
+                     f"{r['ufa_fwd']:.1f} | {r['sdpa_fwd']:.1f} | {r['ufa_bwd']:.1f} | "
+                     f"{r['sdpa_bwd']:.1f} | {r['err']:.1e} |\n")
+    print(f"wrote {base}.md and .csv")
+
+
+if __name__ == "__main__":
+    main()
