@@ -47,3 +47,17 @@ def loop_us(call, iters, repeats=3, warmup=3):
         end.synchronize()
         per_call.append(start.elapsed_time(end) * 1e3 / iters)
     return statistics.median(per_call)
+
+
+def backward_ms(fn, args, dout, iters):
+    """The backward alone of fn(*args): (milliseconds, gradients of args). One forward, then
+    median_ms of `out.backward(dout, retain_graph=True)` (the gradients' accumulation into .grad
+    is part of each call, as it is for every function timed this way), then one more backward
+    from zeroed gradients for the values."""
+    leaves = [a.detach().requires_grad_() for a in args]
+    out = fn(*leaves)
+    ms = median_ms(lambda: out.backward(dout, retain_graph=True), iters)
+    for t in leaves:
+        t.grad = None
+    out.backward(dout)
+    return ms, [t.grad for t in leaves]

@@ -22,7 +22,6 @@ Usage: python3 bench/fp32.py [--out DIR] [--iters N] [--seqlens 1024,2048,...] [
 import argparse
 import csv
 import datetime
-import math
 import os
 
 import torch
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ufa.torch as ut
-from cuda_timing import median_ms
+from cuda_timing import backward_ms, median_ms
+from reference import attention_head, worst_error
 
 TORCH_BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -48,43 +48,12 @@ def flops(b, h, s, d, causal):
     return f / 2 if causal else f
 
 
-def reference_head(q, k, v, causal, dout=None):
-    """float64 attention of batch entry 0, head 0 (ufa layout [B, S, H, D]); with `dout`, the
-    gradients (dq, dk, dv) of that head instead."""
-    q64, k64, v64 = (t[0, :, 0].detach().double().requires_grad_(dout is not None)
-                     for t in (q, k, v))
-    s = q64 @ k64.T / math.sqrt(q.shape[-1])
-    if causal:
-        n = s.shape[0]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1),
-                          float("-inf"))
-    out = torch.softmax(s, -1) @ v64
-    if dout is None:
-        return out.detach()
-    return torch.autograd.grad(out, (q64, k64, v64), dout[0, :, 0].double())
-
-
-def rel_err(out_head, want):
-    return ((out_head.double() - want).norm() / want.norm()).item()
-
-
-def grad_err(grads, want):
-    """The worst relative error of (dq, dk, dv) in ufa's layout against the reference head's."""
-    return max(rel_err(g[0, :, 0], w) for g, w in zip(grads, want))
-
-
 def timed(fn, args, dout, iters):
-    """(milliseconds, output or gradients) of fn(*args): the forward, or with `dout` its
+    """(milliseconds, [output] or gradients) of fn(*args): the forward, or with `dout` its
     backward alone."""
     if dout is None:
-        return median_ms(lambda: fn(*args), iters), fn(*args)
-    leaves = [a.detach().requires_grad_() for a in args]
-    out = fn(*leaves)
-    ms = median_ms(lambda: out.backward(dout, retain_graph=True), iters)
-    for t in leaves:
-        t.grad = None
-    out.backward(dout)
-    return ms, [t.grad for t in leaves]
+        return median_ms(lambda: fn(*args), iters), [fn(*args)]
+    return backward_ms(fn, args, dout, iters)
 
 
 def main():
@@ -109,7 +78,8 @@ def main():
             q, k, v = (torch.randn(b, s, h, d, device="cuda") for _ in range(3))
             dout = torch.randn(b, s, h, d, device="cuda") if bwd else None
             for causal in (False, True):
-                want = reference_head(q, k, v, causal, dout)
+                want = attention_head(q, k, v, causal, dout)
+                want = want[1:] if bwd else want
                 for mode in ("ieee", "tf32"):
                     set_tf32(mode == "tf32")
                     f = flops(b, h, s, d, causal) * (2.5 if bwd else 1)
@@ -117,7 +87,7 @@ def main():
                            "causal": causal, "mode": mode}
                     ms, got = timed(lambda q, k, v: ut.flash_attn_func(q, k, v, causal=causal),
                                     (q, k, v), dout, args.iters)
-                    res["err_ufa"] = grad_err(got, want) if bwd else rel_err(got[0, :, 0], want)
+                    res["err_ufa"] = worst_error(got, want)
                     res["ufa"] = f / ms / 1e9
                     for name, backend in TORCH_BACKENDS.items():
                         res[name] = None
@@ -131,8 +101,7 @@ def main():
                                     is_causal=causal).transpose(1, 2)
                                 ms, got = timed(sdpa, (q, k, v), dout, args.iters)
                                 if name == "efficient":
-                                    res["err_eff"] = (grad_err(got, want) if bwd
-                                                      else rel_err(got[0, :, 0], want))
+                                    res["err_eff"] = worst_error(got, want)
                                 res[name] = f / ms / 1e9
                         except (RuntimeError, torch.OutOfMemoryError) as e:
                             print(f"  {name}: {str(e).splitlines()[0][:80]}")

@@ -16,13 +16,13 @@ Usage: python3 bench/head_dims.py [--out DIR] [--iters N] [--seqlen S]
 """
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
 
 import ufa.torch as ut
-from cuda_timing import median_ms
+from cuda_timing import backward_ms, median_ms
+from reference import attention_head, worst_error
 from results_files import results_base, write_csv
 
 # (head_dim, head_dim_v, what it is): each padded or unequal pair after the tiled ones it is
@@ -40,32 +40,10 @@ def flops(b, h, s, d, dv, causal):
 
 
 def timed(fn, args, dout, iters):
-    """(forward ms, backward ms, output, gradients) of fn(*args)."""
+    """(forward ms, backward ms, [output, dq, dk, dv]) of fn(*args)."""
     fwd = median_ms(lambda: fn(*args), iters)
-    leaves = [a.detach().requires_grad_() for a in args]
-    out = fn(*leaves)
-    bwd = median_ms(lambda: out.backward(dout, retain_graph=True), iters)
-    for t in leaves:
-        t.grad = None
-    out.backward(dout)
-    return fwd, bwd, out.detach(), [t.grad for t in leaves]
-
-
-def reference(q, k, v, dout, causal):
-    """float64 output and gradients of batch entry 0, head 0 (ufa layout [B, S, H, D])."""
-    q64, k64, v64 = (t[0, :, 0].detach().double().requires_grad_() for t in (q, k, v))
-    s = q64 @ k64.T / math.sqrt(q.shape[-1])
-    if causal:
-        n = s.shape[0]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1),
-                          float("-inf"))
-    out = torch.softmax(s, -1) @ v64
-    grads = torch.autograd.grad(out, (q64, k64, v64), dout[0, :, 0].double())
-    return [out.detach(), *grads]
-
-
-def worst_err(got, want):
-    return max(((g[0, :, 0].double() - w).norm() / w.norm()).item() for g, w in zip(got, want))
+    bwd, grads = backward_ms(fn, args, dout, iters)
+    return fwd, bwd, [fn(*args), *grads]
 
 
 def main():
@@ -87,13 +65,13 @@ def main():
         dout = torch.randn(b, s, h, dv, device="cuda", dtype=torch.bfloat16)
         for causal in (False, True):
             f = flops(b, h, s, d, dv, causal)
-            uf, ub, out, grads = timed(lambda q, k, v: ut.flash_attn_func(q, k, v, causal=causal),
-                                       (q, k, v), dout, args.iters)
+            uf, ub, got = timed(lambda q, k, v: ut.flash_attn_func(q, k, v, causal=causal),
+                                (q, k, v), dout, args.iters)
             sdpa = lambda q, k, v: F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 is_causal=causal).transpose(1, 2)
-            tf, tb, _, _ = timed(sdpa, (q, k, v), dout, args.iters)
-            err = worst_err([out, *grads], reference(q, k, v, dout, causal))
+            tf, tb, _ = timed(sdpa, (q, k, v), dout, args.iters)
+            err = worst_error(got, attention_head(q, k, v, causal, dout))
             r = {"head_dim": d, "head_dim_v": dv, "what": what, "causal": causal,
                  "ufa_fwd": f / uf / 1e9, "sdpa_fwd": f / tf / 1e9,
                  "ufa_bwd": 2.5 * f / ub / 1e9, "sdpa_bwd": 2.5 * f / tb / 1e9, "err": err}

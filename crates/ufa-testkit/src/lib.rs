@@ -1373,13 +1373,24 @@ pub mod cuda {
         summary: impl Fn(&R) -> String,
     ) {
         let ctx = Context::new().expect("a context");
-        if !gpu_present(&ctx) {
-            return;
+        if gpu_present(&ctx) {
+            run_suite_in(&ctx, cases, check, passed, summary);
         }
+    }
+
+    /// [`run_suite`] in a context of the caller's, which has a GPU (so that the caller can then
+    /// ask which kernels served the cases: [`loaded_kernels`]).
+    pub fn run_suite_in<C: super::Described, R: std::fmt::Debug>(
+        ctx: &Context,
+        cases: &[C],
+        check: impl Fn(&Context, &C, u64) -> Result<R>,
+        passed: impl Fn(&R) -> bool,
+        summary: impl Fn(&R) -> String,
+    ) {
         let seed = super::seed();
         println!("seed {seed} (UFA_TEST_SEED={seed} replays)");
-        let failed = super::run_checks(&ctx, "", cases, seed, &check, &passed, &summary);
-        report_and_assert(&ctx, &failed);
+        let failed = super::run_checks(ctx, "", cases, seed, &check, &passed, &summary);
+        report_and_assert(ctx, &failed);
     }
 
     /// The end of a GPU suite: one line per kernel module loaded (compile or cache-load time,

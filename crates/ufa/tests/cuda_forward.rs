@@ -6,7 +6,7 @@
 use ufa::{
     AttentionParams, Context, DType, Device, ErrorKind, Fp32Precision, TensorView, TensorViewMut,
 };
-use ufa_testkit::cuda::{check_case_cuda, gpu_present, loaded_kernels, run_suite};
+use ufa_testkit::cuda::{check_case_cuda, gpu_present, loaded_kernels, run_suite, run_suite_in};
 use ufa_testkit::{standard_cases, Alibi, Case, Comparison, MaskSpec, Placement};
 
 /// Runs every case's forward on the GPU against the f64 reference (see `run_suite`).
@@ -77,15 +77,13 @@ fn different_qk_and_v_head_dims_take_the_tensor_cores() {
     if !gpu_present(&ctx) {
         return;
     }
-    let cases = ufa_testkit::unequal_head_dim_cases();
-    let mut failed = Vec::new();
-    for c in &cases {
-        let r = check_case_cuda(&ctx, c, 5, 0).unwrap();
-        if !r.passed() {
-            failed.push(format!("{}: {}", c.describe(), r.summary()));
-        }
-    }
-    assert!(failed.is_empty(), "{failed:#?}");
+    run_suite_in(
+        &ctx,
+        &ufa_testkit::unequal_head_dim_cases(),
+        |ctx, c, seed| check_case_cuda(ctx, c, seed, 0),
+        Comparison::passed,
+        Comparison::summary,
+    );
     let kernels = loaded_kernels(&ctx);
     assert!(
         kernels
