@@ -111,8 +111,8 @@ type Params struct {
 	// Deterministic asks backward calls for bitwise-reproducible gradients (CPU gradients
 	// always are).
 	Deterministic bool
-	// AllowTF32 lets the CUDA forward round f32 operands to TF32 once (about 3x faster,
-	// outputs within 2e-3 relative) instead of keeping f32 accuracy. The CPU ignores it.
+	// AllowTF32 lets the CUDA forward and backward round f32 operands to TF32 once (about 3x
+	// faster, results within 2e-3 relative) instead of keeping f32 accuracy. The CPU ignores it.
 	AllowTF32 bool
 	// Dropout, if set, drops attention probabilities (not on KV-cache calls); a backward call
 	// must be given its forward's.

@@ -163,8 +163,9 @@ pub const Params = struct {
     lse: ?Tensor = null,
     /// Backward calls: bitwise-reproducible gradients (CPU gradients always are).
     deterministic: bool = false,
-    /// f32 inputs on CUDA: let the forward round each operand to TF32 once (about 3x faster,
-    /// outputs within 2e-3 relative) instead of keeping f32 accuracy. The CPU ignores it.
+    /// f32 inputs on CUDA: let the forward and backward round each operand to TF32 once (about
+    /// 3x faster, results within 2e-3 relative) instead of keeping f32 accuracy. The CPU ignores
+    /// it.
     allow_tf32: bool = false,
     /// Drops each attention probability with probability `p` in [0, 1) (scaling the rest by
     /// 1/(1-p)), from the generator at (`seed`, `offset`); a backward call takes its forward's.
