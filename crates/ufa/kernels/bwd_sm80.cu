@@ -190,8 +190,6 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
 
         // Phase 1: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's keys and query columns.
         float s[MT1][NT1][4], dp[MT1][NT1][4];
-        zero_tiles(s);
-        zero_tiles(dp);
         if constexpr (T::is_f32) {
             // ldmatrix bases as tile_qk_tf32 takes them: A rows lane % 16, floats 4 (lane / 16);
             // B rows lane % 8, floats 4 (lane / 8).
@@ -200,6 +198,8 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
             tile_qk_tf32<T, D, MT1, NT1, FP, true>(s, k_base + a_rows_f, q_base + b_rows_f);
             tile_qk_tf32<T, D, MT1, NT1, FP, true>(dp, v_base + a_rows_f, do_base + b_rows_f);
         } else {
+            zero_tiles(s);
+            zero_tiles(dp);
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
                 uint32_t a[MT1][4], av[MT1][4];

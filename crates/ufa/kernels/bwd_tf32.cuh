@@ -2,8 +2,9 @@
 // T = Float32 splits each product in three, Tf32 takes one (mma.cuh). Every sum goes through
 // mma_accumulate two k8 steps at a time, so sums over thousands of queries or keys are
 // rounded, not truncated. The loops over the sum stay loops: dK and dV hold registers through
-// the whole kernel, and unrolled, the operand loads hoisted ahead spilled (ptxas, d128). Rows of Q, dO, K and V are PITCH floats apart in shared memory,
-// rows of Pᵀ and dSᵀ PP floats; both are ≡ 4 mod 32, which the layouts below rely on.
+// the whole kernel, and unrolled, the operand loads hoisted ahead spilled (ptxas, d128).
+// Rows of Q, dO, K and V are PITCH floats apart in shared memory, rows of Pᵀ and dSᵀ PP
+// floats; both are ≡ 4 mod 32, which the layouts below rely on.
 //
 // Phase 1 (Sᵀ = K Qᵀ, dPᵀ = V dOᵀ) sums over the head dim and reads both operands with
 // ldmatrix, as the forward's tile_qk_tf32 (fwd_tile.cuh), which it calls.

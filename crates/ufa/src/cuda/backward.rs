@@ -7,14 +7,14 @@
 
 use super::abi::{BwdParams, DqOrder, FwdParams, ROW_WARPS, SEQLEN_Q_PAD};
 use super::params::{bsh, dtype_kind};
-use super::tiles::{bwd_tile_for, mma_tile_head_dim};
+use super::tiles::{bwd_tile_for, mma_tile_head_dim_pair};
 use super::variants::{
-    grid, has_sequence_metadata, operands_aligned16, query_and_key_dims, RowKernel, Variant,
+    grid, has_sequence_metadata, operands_aligned16, query_and_key_dims, rounds_to_tf32, RowKernel,
+    Variant,
 };
 use super::{sm90, tma};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::params::Fp32Precision;
 use crate::problem::BackwardProblem;
 use std::ffi::c_void;
 
@@ -79,7 +79,7 @@ impl Plan {
         }
         let bytes = dtype.size_in_bytes();
         let eights = f.head_dim.is_multiple_of(8) && f.head_dim_v.is_multiple_of(8);
-        let tile = mma_tile_head_dim(f.head_dim.max(f.head_dim_v), bytes)
+        let tile = mma_tile_head_dim_pair(f.head_dim, f.head_dim_v, bytes)
             .filter(|_| tensor_cores && eights)
             .and_then(|d| bwd_tile_for(d, bytes as u32, max_smem));
         match tile {
@@ -88,7 +88,7 @@ impl Plan {
                 tile,
                 score_mod,
                 seqs: !dense,
-                tf32: dtype == DType::F32 && f.fp32_precision == Fp32Precision::Tf32,
+                tf32: rounds_to_tf32(f),
                 dropout,
             }),
             None => Plan::Rows,

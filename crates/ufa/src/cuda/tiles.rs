@@ -16,6 +16,18 @@ pub(crate) fn mma_tile_head_dim(head_dim: usize, elem_bytes: usize) -> Option<us
     MMA_HEAD_DIMS.into_iter().find(|&d| d >= head_dim)
 }
 
+/// The instantiated head dim whose mma.sync tiles run Q/K of `head_dim` and V of `head_dim_v`:
+/// that of the larger one ([`mma_tile_head_dim`]), the other's rows zero-padded up to it too
+/// (MLA's 192/128 runs on the 192 tile), so both must fill whole 16-byte pieces.
+pub(crate) fn mma_tile_head_dim_pair(
+    head_dim: usize,
+    head_dim_v: usize,
+    elem_bytes: usize,
+) -> Option<usize> {
+    mma_tile_head_dim(head_dim.min(head_dim_v), elem_bytes)?;
+    mma_tile_head_dim(head_dim.max(head_dim_v), elem_bytes)
+}
+
 /// Tile sizes of one tensor-core variant; see [`tile_for`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Tile {

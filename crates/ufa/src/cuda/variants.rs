@@ -9,7 +9,7 @@ use super::abi::{ROW_WARPS, SIMPLE_WARPS};
 use super::decode::DecodeTile;
 use super::sm90::{self, TmaFwdTile, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
-use super::tiles::{mma_tile_head_dim, tile_for, BwdTile, Tile};
+use super::tiles::{mma_tile_head_dim_pair, tile_for, BwdTile, Tile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::Fp32Precision;
@@ -198,13 +198,9 @@ impl Variant {
                 };
             }
         }
-        // mma.sync runs the tile of the larger head dim; the other operand's rows (V's when
-        // head_dim_v is smaller, as MLA's 192/128; Q's and K's otherwise) are zero-padded, so
-        // it too must fill whole 16-byte pieces.
         let bytes = dtype.size_in_bytes();
-        let smaller_fits = mma_tile_head_dim(p.head_dim.min(p.head_dim_v), bytes).is_some();
-        let tile = mma_tile_head_dim(p.head_dim.max(p.head_dim_v), bytes)
-            .filter(|_| tensor_cores && smaller_fits)
+        let tile = mma_tile_head_dim_pair(p.head_dim, p.head_dim_v, bytes)
+            .filter(|_| tensor_cores)
             .and_then(|d| tile_for(d, bytes as u32, score_mod, max_smem));
         match tile {
             Some(tile) => Variant::FwdSm80 {
@@ -212,7 +208,7 @@ impl Variant {
                 tile,
                 score_mod,
                 seqs,
-                tf32: dtype == DType::F32 && p.fp32_precision == Fp32Precision::Tf32,
+                tf32: rounds_to_tf32(p),
                 dropout,
             },
             None => Variant::FwdSimple {
@@ -724,6 +720,12 @@ impl Variant {
             _ => dense,
         })
     }
+}
+
+/// Whether `p`'s tensor-core products take one TF32 product each (fp32 inputs under
+/// `Fp32Precision::Tf32`) rather than three (the `tf32` flag of the mma.sync variants).
+pub(crate) fn rounds_to_tf32(p: &Problem) -> bool {
+    p.q.dtype == DType::F32 && p.fp32_precision == Fp32Precision::Tf32
 }
 
 /// Whether `p`'s forward takes the score-modifying variants: the scores are modified
