@@ -1,5 +1,7 @@
 // Backward attention on Hopper (sm_90a), head dims 64, 128 and 256: warpgroup MMAs fed by the
-// tensor memory accelerator, with warp specialisation.
+// tensor memory accelerator, with warp specialisation. Narrower head dims (multiples of 8, Q/K
+// and V/dO possibly different, as MLA's 192/128) run on the next tile with the columns past
+// them zero-filled by the tensor maps; those columns' dK, dV and dQ are not stored.
 //
 // The algorithm, workspace and deterministic dQ order are flash_bwd.cu's. A block owns BLOCK_N
 // keys of one (batch, KV head) and walks every query block (BLOCK_M rows) and query head of the
@@ -182,8 +184,9 @@ __device__ __forceinline__ void bwd_sm90_write_dq(const BwdSm90Params& sp, const
         }
 #pragma unroll
         for (int box = 0; box < D / 32; ++box)
-            tma_reduce_add_3d(&sp.dq, box * 32, m0, w.b * p.heads_q + h,
-                              sm.dq(tile) + box * (BM * 128));
+            if (box * 32 < p.head_dim)  // boxes of padding columns only (a narrower head dim)
+                tma_reduce_add_3d(&sp.dq, box * 32, m0, w.b * p.heads_q + h,
+                                  sm.dq(tile) + box * (BM * 128));
         bulk_commit();
         bulk_wait_read();
         mbar_arrive(Cfg::kDqInStage ? sm.empty(tile) : sm.dq_empty(tile));
@@ -481,12 +484,18 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
         if (j >= w.s.seqlen_kv) continue;
         uint16_t* dk_row = (uint16_t*)bp.dk + row_offset(bp.dk_stride, b, j, hk) + c0;
         uint16_t* dv_row = (uint16_t*)bp.dv + row_offset(bp.dv_stride, b, j, hk) + c0;
+        // Columns past a head dim narrower than the tile (zeros, from the padding) are not
+        // stored; head dims are multiples of 8, so whole n8 tiles are in or out.
+        const int dk_tiles = (p.head_dim - c0) / 8, dv_tiles = (p.head_dim_v - c0) / 8;
 #pragma unroll
         for (int t = 0; t < DC / 8; ++t) {
             const int col = t * 8 + quad * 2;
-            *(uint32_t*)(dk_row + col) =
-                Convert<T>::pack(dk[4 * t + 2 * r] * p.scale, dk[4 * t + 2 * r + 1] * p.scale);
-            *(uint32_t*)(dv_row + col) = Convert<T>::pack(dv[4 * t + 2 * r], dv[4 * t + 2 * r + 1]);
+            if (t < dk_tiles)
+                *(uint32_t*)(dk_row + col) = Convert<T>::pack(dk[4 * t + 2 * r] * p.scale,
+                                                              dk[4 * t + 2 * r + 1] * p.scale);
+            if (t < dv_tiles)
+                *(uint32_t*)(dv_row + col) =
+                    Convert<T>::pack(dv[4 * t + 2 * r], dv[4 * t + 2 * r + 1]);
         }
     }
 }

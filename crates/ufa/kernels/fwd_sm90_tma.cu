@@ -27,9 +27,26 @@
 #include "tma.cuh"
 #include "wgmma_ops.cuh"
 
-template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool PINGPONG, bool PERSISTENT>
-struct TmaFwdConfig : Sm90FwdShape<HEAD_DIM, BLOCK_M, BLOCK_N, STAGES> {
-    using Shape = Sm90FwdShape<HEAD_DIM, BLOCK_M, BLOCK_N, STAGES>;
+// Whole 128-byte swizzle rows (64 elements) of a head dim: a tile's width in shared memory.
+__host__ __device__ constexpr int sw128_width(int d) { return (d + 63) / 64 * 64; }
+
+// QK_DIM and V_DIM are what the MMAs span: S = Q Kᵀ sums over QK_DIM columns (a multiple of
+// 16, the wgmma k-step) and O = P V has V_DIM columns (a multiple of 8, the wgmma n-step).
+// The tiles in shared memory are whole swizzle rows wider (TMA fills the columns past the
+// real head dims with zeros), but the MMAs skip the 16-column steps and 8-column tiles that
+// only hold padding: a head dim of 48 costs 3 of the d64 tile's 4 k-steps and 48 of its 64
+// output columns, 80 costs 5 of 8 and 80 of 128. The two differ for pairs such as MLA's
+// 192/128, where V's tile, O's registers and the P V MMAs take V's own width.
+template <int QK_DIM, int V_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool PINGPONG,
+          bool PERSISTENT>
+struct TmaFwdConfig : Sm90FwdShape<sw128_width(QK_DIM), BLOCK_M, BLOCK_N, STAGES> {
+    using Shape = Sm90FwdShape<sw128_width(QK_DIM), BLOCK_M, BLOCK_N, STAGES>;
+    static_assert(QK_DIM % 16 == 0 && QK_DIM > 0, "S sums over whole wgmma k-steps");
+    static_assert(V_DIM % 8 == 0 && V_DIM > 0 && V_DIM <= 256, "O has whole wgmma n-tiles");
+    static constexpr int kQkDim = QK_DIM;
+    static constexpr int kVDim = V_DIM;
+    static constexpr int kHeadDimV = sw128_width(V_DIM);  // V's tile width
+    static constexpr int kVBytes = BLOCK_N * kHeadDimV * 2;
     static constexpr int kConsumers = BLOCK_M / 64;
     static_assert(!PINGPONG || kConsumers == 2, "ping-pong takes turns between two consumers");
     static constexpr bool kPingPong = PINGPONG;
@@ -40,7 +57,7 @@ struct TmaFwdConfig : Sm90FwdShape<HEAD_DIM, BLOCK_M, BLOCK_N, STAGES> {
     // (Q full and empty; K full, V full, K empty, V empty per stage).
     static constexpr int kK = Shape::kQBytes;
     static constexpr int kV = kK + STAGES * Shape::kKvBytes;
-    static constexpr int kBars = kV + STAGES * Shape::kKvBytes;
+    static constexpr int kBars = kV + STAGES * kVBytes;
     static constexpr int kSmemBytes = kBars + (2 + 4 * STAGES) * 8 + 1024;
     // Registers: the producer keeps 24 a thread and the consumers take the rest of the
     // block's share (one block an SM), at most 240.
@@ -59,7 +76,7 @@ struct TmaFwdSmem {
         return base + Cfg::kK + stage * Cfg::kKvBytes;
     }
     __device__ __forceinline__ uint32_t v(int stage) const {
-        return base + Cfg::kV + stage * Cfg::kKvBytes;
+        return base + Cfg::kV + stage * Cfg::kVBytes;
     }
     __device__ __forceinline__ uint32_t q_full() const { return base + Cfg::kBars; }
     __device__ __forceinline__ uint32_t q_empty() const { return q_full() + 8; }
@@ -133,11 +150,14 @@ __device__ __forceinline__ void fwd_tma_load(const FwdSm90Params& sp, const FwdB
         const int g = pos.kv + j, stage = g % S;
         const uint32_t full = is_k ? sm.k_full(stage) : sm.v_full(stage);
         if (g >= S) mbar_wait(is_k ? sm.k_empty(stage) : sm.v_empty(stage), ((g / S) & 1) ^ 1);
-        mbar_arrive_expect_tx(full, Cfg::kKvBytes);
+        mbar_arrive_expect_tx(full, is_k ? Cfg::kKvBytes : Cfg::kVBytes);
         const uint32_t dst = is_k ? sm.k(stage) : sm.v(stage);
+        const int column_blocks = (is_k ? D : Cfg::kHeadDimV) / 64;
 #pragma unroll
-        for (int cb = 0; cb < D / 64; ++cb)
-            tma_load_4d(dst + cb * BN * 128, map, cb * 64, (w.n_last - j) * BN, w.hk, w.b, full);
+        for (int cb = 0; cb < (D > Cfg::kHeadDimV ? D : Cfg::kHeadDimV) / 64; ++cb)
+            if (cb < column_blocks)
+                tma_load_4d(dst + cb * BN * 128, map, cb * 64, (w.n_last - j) * BN, w.hk, w.b,
+                            full);
     };
     for (int j = 0; j <= tiles; ++j) {
         if (j < tiles) load(&sp.k, true, j);
@@ -162,7 +182,6 @@ template <int N> __device__ __forceinline__ void hold_regs(const uint32_t (&r)[N
 template <typename T, typename Cfg, bool SCORE_MOD, bool DROPOUT>
 __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlock& w,
                                                 const TmaFwdSmem<Cfg>& sm, int cw, RingPos& pos) {
-    constexpr int D = Cfg::kHeadDim;
     constexpr int BM = Cfg::kBlockM;
     constexpr int BN = Cfg::kBlockN;
     constexpr int S = Cfg::kStages;
@@ -172,9 +191,10 @@ __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlo
     const int quad = lane % 4;
     const int row_a = w.m0 + cw * 64 + warp * 16 + group;
     const float slope = SCORE_MOD ? alibi_slope(p, w.b, w.h) : 0.f;
-    float o[D / 2];
+    constexpr int DV = Cfg::kVDim;  // O's columns: V's head dim, to whole n8 tiles
+    float o[DV / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    for (int i = 0; i < DV / 2; ++i) o[i] = 0.f;
     SoftmaxRow row[2];
     row[0].init(), row[1].init();
     const int tiles = w.n_last - w.n_first + 1;
@@ -188,7 +208,7 @@ __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlo
     auto issue_qk = [&](float (&s)[BN / 2], int stage) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < Cfg::kQkDim / 16; ++kk) {
             const uint32_t col = (kk % 4) * 32;  // bytes into the 128-byte column block
             const uint64_t da = sw128_desc(sm.q() + (kk / 4) * (BM * 128) + cw * 64 * 128 + col, 16);
             const uint64_t db = sw128_desc(sm.k(stage) + (kk / 4) * (BN * 128) + col, 16);
@@ -248,8 +268,8 @@ __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlo
             fence_regs(o);
             hold_regs(pa);
             release(sm.v_empty(sv));
-            sm90_rescale_row<D>(o, 0, corr[0]);
-            sm90_rescale_row<D>(o, 1, corr[1]);
+            sm90_rescale_row<DV>(o, 0, corr[0]);
+            sm90_rescale_row<DV>(o, 1, corr[1]);
             // P[j] packed only now that P[j-1] V[j-1] no longer reads the fragments. Packed
             // into a second set and copied here, it made ptxas serialise every wgmma of the
             // persistent kernel (C7513); two sets used in turn spilled 250 bytes.
@@ -265,7 +285,7 @@ __device__ __forceinline__ void fwd_tma_consume(const FwdParams& p, const FwdBlo
         pos.tiles += 1;
         pos.kv += tiles;
     }
-    sm90_store_o<T, DROPOUT, D>(p, w, row_a, quad, row, o);
+    sm90_store_o<T, DROPOUT, DV>(p, w, row_a, quad, row, o);
 }
 
 template <typename T, typename Cfg, bool SCORE_MOD, bool DROPOUT>

@@ -107,10 +107,16 @@ fn padded_and_unequal_head_dims_backward_take_the_tensor_cores() {
         GradComparison::summary,
     );
     let kernels = loaded_kernels(&ctx);
+    // MLA's 192/128 on Hopper: the wgmma backward's d256 tile (both zero-padded); elsewhere
+    // mma.sync's d192.
+    let hopper = kernels.iter().any(|k| k.starts_with("ufa_bwd_sm90"));
+    let mla = if hopper {
+        "ufa_bwd_sm90_bf16_d256"
+    } else {
+        "ufa_bwd_sm80_bf16_d192"
+    };
     assert!(
-        kernels
-            .iter()
-            .any(|k| k.starts_with("ufa_bwd_sm80_bf16_d192"))
+        kernels.iter().any(|k| k.starts_with(mla))
             && kernels
                 .iter()
                 .any(|k| k.starts_with("ufa_bwd_sm80_f32_d128"))
@@ -219,12 +225,16 @@ fn sanitizer_backward_case() {
     g.dtype = DType::F32;
     g.head_dim = 128;
     g.head_dim_v = 128;
-    // Q/K and V of different head dims on the tile of the larger one (MLA's 192/128).
+    // Q/K and V of different head dims on the tile of the larger one (MLA's 192/128; on
+    // Hopper the wgmma d256 tile), and a head dim between the tiles (on Hopper the wgmma d128
+    // tile): the padding columns are neither read nor written.
     let mut h = a.clone();
     h.head_dim = 192;
     h.head_dim_v = 128;
     h.deterministic = true;
-    run_grad_cases(&[a, b, c, d, e, f, g, h]);
+    let mut i = a.clone();
+    (i.head_dim, i.head_dim_v) = (80, 80);
+    run_grad_cases(&[a, b, c, d, e, f, g, h, i]);
 }
 
 /// NaN and ±inf planted in q, k, v, an additive mask, ALiBi slopes or dO reach exactly the

@@ -51,10 +51,10 @@ fn with_dropout(cases: Vec<Case>) -> Vec<Case> {
 }
 
 /// Other dtypes and what the tensor-core kernels do not take, shapes the dropping kernels must
-/// still serve: fp32 in both precisions (TF32 tensor cores), a padded head dim (CUDA-core
-/// backward), K and V of different head dims and an fp32 output from bf16 inputs (CUDA-core
-/// kernels),
-/// one query row (a decoding shape, which the prefill kernel serves with dropout), and a
+/// still serve: fp32 in both precisions (TF32 tensor cores), a padded head dim, K and V of
+/// different head dims (on Hopper's warp-specialised forward each on its own tile width, on
+/// mma.sync the larger one's tile), an fp32 output from bf16 inputs (CUDA-core kernels), one
+/// query row (a decoding shape, which the prefill kernel serves with dropout), and a
 /// boolean mask with softcap.
 fn other_cases() -> Vec<Case> {
     let mut out = Vec::new();
@@ -70,6 +70,12 @@ fn other_cases() -> Vec<Case> {
     out.push(c);
     let mut c = Case::new(2, 33, 45, 2, 32, DType::F16);
     c.head_dim_v = 48;
+    out.push(c);
+    // MLA's pair (the warp-specialised forward on Hopper, V of its own width).
+    let mut c = Case::new(2, 150, 290, 4, 192, DType::BF16);
+    c.head_dim_v = 128;
+    c.heads_kv = 2;
+    c.causal = true;
     out.push(c);
     let mut c = Case::new(2, 50, 64, 2, 64, DType::BF16);
     c.out_dtype = DType::F32;
@@ -161,7 +167,7 @@ fn varlen_matches_the_reference() {
 /// probability underflows). Checked against `Dropout::scale`, the reference's own rule, for
 /// every forward kernel that drops: the tensor-core prefill in f16 and bf16 (wgmma on Hopper,
 /// mma.sync elsewhere; scripts/gpu-check also runs the suite with UFA_CUDA_WGMMA=0), fp32 in
-/// both modes, and the CUDA-core kernel (K and V of different head dims).
+/// both modes, and K and V of different head dims (V's own tile width on Hopper).
 #[test]
 fn the_mask_is_exactly_the_generators() {
     let ctx = Context::new().unwrap();

@@ -85,10 +85,16 @@ fn different_qk_and_v_head_dims_take_the_tensor_cores() {
         Comparison::summary,
     );
     let kernels = loaded_kernels(&ctx);
+    // On Hopper the 16-bit pairs take the warp-specialised wgmma forward, each operand on its
+    // own tile width (MLA's 192/128 among them); elsewhere mma.sync's tile of the larger dim.
+    let hopper = kernels.iter().any(|k| k.starts_with("ufa_fwd_sm90"));
+    let mla = if hopper && ufa::internals::tma_fwd_enabled() {
+        "ufa_fwd_sm90_tma_bf16_d192_v128_"
+    } else {
+        "ufa_fwd_sm80_bf16_d192"
+    };
     assert!(
-        kernels
-            .iter()
-            .any(|k| k.starts_with("ufa_fwd_sm80_bf16_d192"))
+        kernels.iter().any(|k| k.starts_with(mla))
             && kernels
                 .iter()
                 .any(|k| k.starts_with("ufa_fwd_sm80_f32_d128"))
@@ -140,16 +146,19 @@ fn banded_problems_over_a_wave_of_tiles() {
     if !gpu_present(&ctx) {
         return;
     }
-    // (batch, seqlen_q, seqlen_kv, head_dim, window): 160 tiles of 128 query rows, 5 a head
-    // (odd: a middle tile alone); 192, 4 a head, more keys than queries (the bottom-right
-    // diagonal); 192, 6 a head, under a sliding window.
+    // (batch, seqlen_q, seqlen_kv, head_dim, head_dim_v, window): 160 tiles of 128 query
+    // rows, 5 a head (odd: a middle tile alone); 192, 4 a head, more keys than queries (the
+    // bottom-right diagonal); 192, 6 a head, under a sliding window; MLA's 192/128 pair, 160
+    // tiles (V's ring and O of their own width, carried from tile to tile).
     let cases = [
-        (2, 600, 600, 128, None),
-        (3, 500, 700, 64, None),
-        (2, 700, 700, 256, Some((200, 0))),
+        (2, 600, 600, 128, 128, None),
+        (3, 500, 700, 64, 64, None),
+        (2, 700, 700, 256, 256, Some((200, 0))),
+        (2, 560, 600, 192, 128, None),
     ];
-    for (batch, sq, skv, d, window) in cases {
+    for (batch, sq, skv, d, dv, window) in cases {
         let mut c = Case::new(batch, sq, skv, 16, d, DType::BF16);
+        c.head_dim_v = dv;
         c.heads_kv = 4;
         match window {
             Some(w) => c.window = w,
@@ -378,8 +387,9 @@ fn sanitizer_case() {
     (f.head_dim, f.head_dim_v) = (40, 40);
     let mut g = c.clone();
     (g.head_dim, g.head_dim_v, g.dtype, g.out_dtype) = (20, 20, DType::F32, DType::F32);
-    // V's head dim below Q's and K's (MLA's 192/128): V's padding columns are not read.
+    // V's head dim below Q's and K's (MLA's 192/128; on Hopper V's ring of its own width,
+    // over three key tiles so that it wraps).
     let mut h = a.clone();
-    (h.head_dim, h.head_dim_v) = (192, 128);
+    (h.head_dim, h.head_dim_v, h.seqlen_kv) = (192, 128, 300);
     run_cases(&[a, b, c, d, e, f, g, h]);
 }

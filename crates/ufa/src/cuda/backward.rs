@@ -34,8 +34,8 @@ impl Plan {
     /// (`Fp32Precision`). The mma.sync kernel runs the tile of the larger head dim with the
     /// other operands zero-padded (head dims between its tiles, and head_dim_v ≠ head_dim as
     /// MLA's 192/128), each a multiple of 8 (dQ's buffer is added to in 8-column tiles).
-    /// `hopper`: the device runs sm_90a code (the wgmma kernel for 16-bit inputs, equal head
-    /// dims 64, 128 and 256).
+    /// `hopper`: the device runs sm_90a code (the wgmma kernel for 16-bit inputs, on its tile
+    /// of 64, 128 or 256 columns that holds both head dims, `sm90::bwd_tile_head_dim`).
     pub fn select(p: &BackwardProblem, max_smem: u32, hopper: bool) -> Plan {
         let f = &p.fwd;
         let dtype = f.q.dtype;
@@ -53,22 +53,17 @@ impl Plan {
             (&p.dv, kv),
         ]);
         let tensor_cores = same && aligned;
-        let equal_dims = f.head_dim == f.head_dim_v;
         // Unlike the forward's (needs_score_mod), any scale: the backward subtracts the LSE.
         let score_mod = f.modifies_scores();
         // The Hopper kernel's tensor maps cover dense batches; a packed one takes the sm_80
         // kernel (which runs on Hopper too).
         let dense = !has_sequence_metadata(f);
         let dropout = f.dropout.is_some();
-        if tensor_cores
-            && half
-            && equal_dims
-            && dense
-            && hopper
-            && sm90::wgmma_enabled()
-            && tma::backward_maps_possible(p)
-        {
-            if let Some(tile) = sm90::bwd_tile_for(f.head_dim, max_smem, p.deterministic) {
+        if tensor_cores && half && dense && hopper && sm90::wgmma_enabled() {
+            if let Some(tile) = sm90::bwd_tile_head_dim(f.head_dim, f.head_dim_v)
+                .filter(|_| tma::backward_maps_possible(p))
+                .and_then(|d| sm90::bwd_tile_for(d, max_smem, p.deterministic))
+            {
                 return Plan::Mma(Variant::BwdSm90 {
                     dtype,
                     tile,
@@ -372,21 +367,30 @@ mod tests {
     }
 
     #[test]
-    fn hopper_takes_the_wgmma_kernel_at_head_dims_64_128_and_256() {
+    fn hopper_takes_the_wgmma_kernel_on_its_tile_that_holds_the_head_dim() {
         let params = AttentionParams::default();
-        for (d, wgmma) in [(64, true), (128, true), (256, true), (96, false)] {
+        for (d, tile_d) in [
+            (64, Some(64)),
+            (128, Some(128)),
+            (256, Some(256)),
+            (96, Some(128)),
+            (40, Some(64)),
+            (160, Some(256)),
+            (32, None),
+        ] {
             with_problem::<bf16, bf16>((1, 200, 300, 4, 2, d), &params, |p| {
                 let plan = Plan::select(p, 232_448, true);
                 let l = launches(p, &plan).unwrap();
-                match plan {
-                    Plan::Mma(Variant::BwdSm90 { tile, .. }) if wgmma => {
+                match (plan, tile_d) {
+                    (Plan::Mma(Variant::BwdSm90 { tile, .. }), Some(tile_d)) => {
+                        assert_eq!(tile.head_dim as usize, tile_d, "d{d}");
                         assert_eq!(l[1].grid, (300u32.div_ceil(tile.block_n), 2, 1));
                         let params = BwdParams::new(p, &plan, 0, 132).unwrap();
                         assert_eq!(params.block_m as u32, tile.block_m);
                         assert_eq!(params.f.num_m_blocks as u32, 200u32.div_ceil(tile.block_m));
                     }
-                    Plan::Mma(Variant::BwdSm80 { .. }) if !wgmma => {}
-                    other => panic!("d{d}: {other:?}"),
+                    (Plan::Mma(Variant::BwdSm80 { .. }), None) => {}
+                    (other, _) => panic!("d{d}: {other:?}"),
                 }
             });
         }
@@ -589,17 +593,22 @@ mod tests {
     }
 
     /// Head dims between the tiles, and head_dim_v ≠ head_dim, run on the mma.sync tile of the
-    /// larger one, also on Hopper (whose wgmma kernel takes equal, exact dims).
+    /// larger one; on Hopper on the wgmma tile that holds both (up to 32: mma.sync's d32).
     #[test]
     fn padded_and_unequal_head_dims_take_the_larger_mma_tile() {
         let params = AttentionParams::default();
         with_problem::<bf16, bf16>((1, 10, 10, 2, 2, 80), &params, |p| {
-            match Plan::select(p, 232_448, true) {
+            match Plan::select(p, 232_448, false) {
                 Plan::Mma(Variant::BwdSm80 { tile, .. }) => assert_eq!(tile.head_dim, 96),
                 other => panic!("{other:?}"),
             }
         });
-        for (d, dv, tile_d) in [(192, 128, 192), (64, 128, 128), (40, 24, 64)] {
+        for (d, dv, tile_d, hopper_d) in [
+            (192, 128, 192, Some(256)),
+            (64, 128, 128, Some(128)),
+            (40, 24, 64, Some(64)),
+            (24, 16, 32, None),
+        ] {
             let (q, k, v) = (
                 vec![bf16::ZERO; 40 * 2 * d],
                 vec![bf16::ZERO; 50 * 2 * d],
@@ -622,11 +631,20 @@ mod tests {
                 dv: TensorViewMut::new(&mut dv_g, &[1, 50, 2, dv]).unwrap(),
             };
             let p = validate_backward(&BackwardArgs::new(&inputs, &grads), &params).unwrap();
-            match Plan::select(&p, 232_448, true) {
+            match Plan::select(&p, 232_448, false) {
                 Plan::Mma(Variant::BwdSm80 { tile, .. }) => {
                     assert_eq!(tile.head_dim, tile_d, "{d}/{dv}")
                 }
                 other => panic!("{d}/{dv}: {other:?}"),
+            }
+            match (Plan::select(&p, 232_448, true), hopper_d) {
+                (Plan::Mma(Variant::BwdSm90 { tile, .. }), Some(t)) => {
+                    assert_eq!(tile.head_dim, t, "{d}/{dv}")
+                }
+                (Plan::Mma(Variant::BwdSm80 { tile, .. }), None) => {
+                    assert_eq!(tile.head_dim, tile_d, "{d}/{dv}")
+                }
+                (other, _) => panic!("{d}/{dv} on Hopper: {other:?}"),
             }
         }
     }

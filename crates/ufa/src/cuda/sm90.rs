@@ -133,7 +133,11 @@ pub(crate) fn parse_wgmma_tile(s: &str) -> Option<WgmmaTile> {
 /// [`tma_tile_for`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct TmaFwdTile {
+    /// The columns S = Q Kᵀ sums over: the Q/K head dim rounded up to the wgmma k-step (16).
     pub head_dim: u32,
+    /// O's columns: the V head dim (a multiple of 8, the wgmma n-step; MLA's 192/128 pair has
+    /// 128 here).
+    pub head_dim_v: u32,
     /// Query rows a block: 64 per consumer warpgroup.
     pub block_m: u32,
     /// Keys a tile: the N of S = Q Kᵀ.
@@ -151,6 +155,17 @@ impl TmaFwdTile {
         self.block_m / 64
     }
 
+    /// Width of Q's and K's tiles in shared memory: whole 128-byte swizzle rows
+    /// (`sw128_width` of the kernel); TMA fills the columns past the head dim with zeros.
+    pub fn qk_tile_width(&self) -> u32 {
+        self.head_dim.div_ceil(64) * 64
+    }
+
+    /// Width of V's tiles in shared memory, likewise.
+    pub fn v_tile_width(&self) -> u32 {
+        self.head_dim_v.div_ceil(64) * 64
+    }
+
     /// The consumers and the producer warpgroup.
     pub fn threads(&self) -> u32 {
         (self.consumers() + 1) * 128
@@ -159,7 +174,8 @@ impl TmaFwdTile {
     /// `TmaFwdConfig::kSmemBytes`: Q, the K and V rings, four barriers a stage and Q's two,
     /// and 1024 bytes to align the tiles.
     pub fn smem_bytes(&self) -> u32 {
-        (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * 2
+        let (qk, v) = (self.qk_tile_width(), self.v_tile_width());
+        (self.block_m * qk + self.stages * self.block_n * (qk + v)) * 2
             + (2 + 4 * self.stages) * 8
             + 1024
     }
@@ -182,9 +198,27 @@ impl TmaFwdTile {
             && self.block_n.is_multiple_of(16)
             && self.stages >= 2
             && (!self.pingpong || self.consumers() == 2)
-            && WGMMA_HEAD_DIMS.contains(&(self.head_dim as usize))
+            && (16..=256).contains(&self.head_dim)
+            && self.head_dim.is_multiple_of(16)
+            && (8..=256).contains(&self.head_dim_v)
+            && self.head_dim_v.is_multiple_of(8)
     }
 }
+
+/// (Q/K, V) head dims off the tile widths whose warp-specialised forward the variant catalogue
+/// holds (and CI compiles), and whether with every score and dropout flag or plain only:
+/// DeepSeek-V2/V3's MLA (192/128) in training and prefill, and head dims of common models
+/// between the tile widths (Phi-2's 80, Phi-3's 96; 32 and 48). Every other pair instantiates
+/// the same template with other extents, compiled when a call first needs it, as every
+/// variant is.
+#[cfg(any(test, feature = "testkit"))]
+pub(crate) const TMA_FWD_OFF_TILE_DIMS: [(usize, usize, bool); 5] = [
+    (192, 128, true),
+    (96, 96, false),
+    (80, 80, false),
+    (48, 48, false),
+    (32, 32, false),
+];
 
 /// Environment variable overriding the warp-specialised forward's tiles for tuning
 /// experiments: `block_m,block_n,stages,pingpong,persistent` (the last two 0 or 1).
@@ -221,40 +255,49 @@ pub fn tma_fwd_enabled() -> bool {
 /// then just fit 227 KiB), 64 there for the score-modifying and dropout variants (with 80
 /// keys their per-element work spilled 80-90 bytes; ptxas of NVRTC 13.0, 2026-12-05).
 ///
-/// A head dim between the tile dims (a multiple of 8 up to 256) runs on the next larger one:
-/// the tensor maps span the real head dim, so TMA fills the columns past it with zeros, and
-/// the epilogue stores only the real ones.
+/// Any head dims that are multiples of 8 up to 256: the tiles in shared memory are whole
+/// 128-byte swizzle rows (64, 128, 192 or 256 columns; the tensor maps span the real head
+/// dims, so TMA fills the columns past them with zeros), but the MMAs span only the real
+/// columns, to the wgmma k-step of 16 for Q·K and the n-step of 8 for O, and the epilogue
+/// stores only the real ones.
+///
+/// Q/K and V may differ (`head_dim_v`, MLA's 192/128). The keys a tile follow V's tile
+/// width, since O's registers are what the consumers hold beside S and P, then shrink by 16
+/// until the two rings fit shared memory (192/128: 128 keys, 209 KiB).
 pub(crate) fn tma_tile_for(
     head_dim: usize,
+    head_dim_v: usize,
     score_mod: bool,
     dropout: bool,
     max_smem: u32,
 ) -> Option<TmaFwdTile> {
-    if head_dim == 0 || !head_dim.is_multiple_of(8) {
-        return None; // tensor-map rows are whole 16-byte pieces
-    }
-    if head_dim <= 32 {
-        // Twice the work or more on the d64 tile: the mma.sync d32 tile was faster (H100,
-        // 4 × 4096 × 64 heads × d32 causal bf16: 204 against 195 TFLOP/s, 2026-12-05).
+    // Tensor-map rows are whole 16-byte pieces; a tile is at most 256 columns.
+    let mappable = |d: usize| d > 0 && d.is_multiple_of(8) && d <= 256;
+    if !mappable(head_dim) || !mappable(head_dim_v) {
         return None;
     }
-    let head_dim = WGMMA_HEAD_DIMS.into_iter().find(|&d| d >= head_dim)?;
-    let default = TmaFwdTile {
-        head_dim: head_dim as u32,
+    let mut default = TmaFwdTile {
+        head_dim: head_dim.next_multiple_of(16) as u32,
+        head_dim_v: head_dim_v as u32,
         block_m: 128,
-        block_n: match head_dim {
-            64 | 128 => 128,
-            192 => 96,
-            _ if score_mod || dropout => 64,
-            _ => 80,
-        },
+        block_n: 0,
         stages: 2,
         pingpong: true,
         persistent: true,
     };
+    default.block_n = match default.v_tile_width() {
+        64 | 128 => 128,
+        192 => 96,
+        _ if score_mod || dropout => 64,
+        _ => 80,
+    };
+    while default.smem_bytes() > max_smem && default.block_n > 64 {
+        default.block_n -= 16;
+    }
     let fits = |t: &TmaFwdTile| t.is_valid() && t.smem_bytes() <= max_smem;
     let over = tma_tile_override().map(|t| TmaFwdTile {
-        head_dim: head_dim as u32,
+        head_dim: default.head_dim,
+        head_dim_v: default.head_dim_v,
         ..t
     });
     over.into_iter().chain([default]).find(fits)
@@ -267,6 +310,7 @@ fn tma_tile_override() -> Option<TmaFwdTile> {
             super::tiles::parse_numbers(&std::env::var(TMA_FWD_TILE_ENV).ok()?)?;
         Some(TmaFwdTile {
             head_dim: 0,
+            head_dim_v: 0,
             block_m,
             block_n,
             stages,
@@ -284,8 +328,14 @@ pub(crate) fn tma_call(
     type_tag: &str,
 ) -> String {
     let config = format!(
-        "TmaFwdConfig<{}, {}, {}, {}, {}, {}>",
-        tile.head_dim, tile.block_m, tile.block_n, tile.stages, tile.pingpong, tile.persistent
+        "TmaFwdConfig<{}, {}, {}, {}, {}, {}, {}>",
+        tile.head_dim,
+        tile.head_dim_v,
+        tile.block_m,
+        tile.block_n,
+        tile.stages,
+        tile.pingpong,
+        tile.persistent
     );
     entry_call(
         "fwd_sm90_tma",
@@ -361,13 +411,13 @@ fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> Str
 }
 
 /// The wrappers both forward kernels (fwd_sm90.cu, fwd_sm90_tma.cu) call for their tile:
-/// `wgmma_qk` (N = block_n, both operands in shared memory) and `wgmma_pv` (N = head_dim, P
-/// in registers, V transposed).
-pub(crate) fn wrappers(head_dim: u32, block_n: u32) -> String {
+/// `wgmma_qk` (N = block_n, both operands in shared memory) and `wgmma_pv` (N = V's tile
+/// width `head_dim_v`, P in registers, V transposed).
+pub(crate) fn wrappers(head_dim_v: u32, block_n: u32) -> String {
     format!(
         "{}\n{}",
         wrapper("wgmma_qk", block_n, AOperand::Shared, false, false),
-        wrapper("wgmma_pv", head_dim, AOperand::Registers, false, true)
+        wrapper("wgmma_pv", head_dim_v, AOperand::Registers, false, true)
     )
 }
 
@@ -464,6 +514,19 @@ impl WgmmaBwdTile {
 
 /// Head dims the Hopper backward takes.
 pub(crate) const WGMMA_HEAD_DIMS_BWD: [usize; 3] = [64, 128, 256];
+
+/// The Hopper backward's tile head dim for Q/K of `head_dim` and V/dO of `head_dim_v`: the
+/// smallest of [`WGMMA_HEAD_DIMS_BWD`] that holds both (the tensor maps zero-fill the columns
+/// past each, and the kernel stores none of them), for multiples of 8 (whole 16-byte map rows)
+/// above 32. At 32 and below the padding would be half the tile or more, and the mma.sync d32
+/// tile takes them.
+pub(crate) fn bwd_tile_head_dim(head_dim: usize, head_dim_v: usize) -> Option<usize> {
+    let widest = head_dim.max(head_dim_v);
+    if !head_dim.is_multiple_of(8) || !head_dim_v.is_multiple_of(8) || widest <= 32 {
+        return None;
+    }
+    WGMMA_HEAD_DIMS_BWD.into_iter().find(|&d| d >= widest)
+}
 
 /// Environment variable overriding the Hopper backward's tiles for tuning experiments:
 /// `block_n,min_blocks`.
@@ -692,7 +755,7 @@ mod tests {
     fn warp_specialised_tiles_cover_the_head_dims_within_hopper_shared_memory() {
         for d in WGMMA_HEAD_DIMS {
             for (score_mod, dropout) in [(false, false), (true, false), (false, true)] {
-                let t = tma_tile_for(d, score_mod, dropout, 232_448).expect("a Hopper tile");
+                let t = tma_tile_for(d, d, score_mod, dropout, 232_448).expect("a Hopper tile");
                 assert!(t.is_valid(), "{t:?}");
                 assert!(t.smem_bytes() <= 232_448, "{t:?}");
                 // A producer warpgroup beside two consumers taking turns.
@@ -700,12 +763,12 @@ mod tests {
             }
         }
         // d256: Q 64 KiB, two stages of K and V of 80 keys 160 KiB, 10 barriers, alignment.
-        let t = tma_tile_for(256, false, false, 232_448).unwrap();
+        let t = tma_tile_for(256, 256, false, false, 232_448).unwrap();
         assert_eq!(t.smem_bytes(), 65_536 + 163_840 + 80 + 1024);
         assert!(tma_call(&t, false, false, "BFloat16")
             .contains("static_assert(Cfg::kSmemBytes == 230480"));
         // Persistent: one block an SM, or one a tile when there are fewer.
-        let t = tma_tile_for(128, false, false, 232_448).unwrap();
+        let t = tma_tile_for(128, 128, false, false, 232_448).unwrap();
         assert_eq!(t.grid((32, 16, 4), 132), (132, 1, 1));
         assert_eq!(t.grid((2, 3, 4), 132), (24, 1, 1));
         let t = TmaFwdTile {
@@ -713,25 +776,31 @@ mod tests {
             ..t
         };
         assert_eq!(t.grid((32, 16, 4), 132), (32, 16, 4));
-        // Head dims between the tile dims take the next larger tile; other ones none.
-        assert_eq!(
-            tma_tile_for(96, false, false, 232_448).unwrap().head_dim,
-            128
-        );
-        assert_eq!(
-            tma_tile_for(40, false, false, 232_448).unwrap().head_dim,
-            64
-        );
-        assert_eq!(
-            tma_tile_for(200, false, false, 232_448).unwrap().head_dim,
-            256
-        );
-        for d in [0, 4, 8, 32, 100, 264, 512] {
-            assert_eq!(tma_tile_for(d, false, false, 232_448), None, "{d}");
+        // Head dims between the tile dims run on the next larger tile width, the MMAs
+        // spanning the real columns (Q·K to the k-step of 16, O to the n-step of 8); head dims
+        // that are no whole 16-byte pieces, or wider than 256, have no tensor map.
+        for (d, qk, width, block_n) in [
+            (96, 96, 128, 128),
+            (40, 48, 64, 128),
+            (8, 16, 64, 128),
+            (200, 208, 256, 80),
+            (80, 80, 128, 128),
+        ] {
+            let t = tma_tile_for(d, d, false, false, 232_448).unwrap();
+            assert_eq!((t.head_dim, t.head_dim_v), (qk, d as u32), "{d}");
+            assert_eq!((t.qk_tile_width(), t.v_tile_width()), (width, width), "{d}");
+            assert_eq!(t.block_n, block_n, "{d}");
+            assert!(tma_call(&t, false, false, "Half").contains(&format!(
+                "TmaFwdConfig<{qk}, {d}, 128, {block_n}, 2, true, true>"
+            )));
+            assert!(wrappers(t.head_dim_v, t.block_n).contains(&format!("m64n{d}k16")));
         }
-        assert_eq!(tma_tile_for(256, false, false, 101_376), None);
+        for d in [0, 4, 12, 100, 264, 512] {
+            assert_eq!(tma_tile_for(d, d, false, false, 232_448), None, "{d}");
+        }
+        assert_eq!(tma_tile_for(256, 256, false, false, 101_376), None);
         // Ping-pong needs exactly two consumers.
-        let t = tma_tile_for(64, false, false, 232_448).unwrap();
+        let t = tma_tile_for(64, 64, false, false, 232_448).unwrap();
         assert!(!TmaFwdTile { block_m: 192, ..t }.is_valid());
         assert!(TmaFwdTile {
             block_m: 192,

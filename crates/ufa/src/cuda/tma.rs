@@ -52,16 +52,22 @@ pub(crate) fn forward_maps_possible(f: &Problem) -> bool {
     let (q, kv) = query_and_key_dims(f);
     mappable(&f.q, q, f.head_dim)
         && mappable(&f.k, kv, f.head_dim)
-        && mappable(&f.v, kv, f.head_dim)
+        && mappable(&f.v, kv, f.head_dim_v)
 }
 
 /// Whether every operand the Hopper backward loads or stores through a map can have one.
 pub(crate) fn backward_maps_possible(p: &BackwardProblem) -> bool {
     let f = &p.fwd;
     let (q, kv) = query_and_key_dims(f);
-    [(&f.q, q), (&p.dout, q), (&f.k, kv), (&f.v, kv)]
-        .iter()
-        .all(|(op, dims)| mappable(op, *dims, f.head_dim))
+    let (d, dv) = (f.head_dim, f.head_dim_v);
+    [
+        (&f.q, q, d),
+        (&p.dout, q, dv),
+        (&f.k, kv, d),
+        (&f.v, kv, dv),
+    ]
+    .iter()
+    .all(|(op, dims, d)| mappable(op, *dims, *d))
 }
 
 /// Encodes a tiled map of `dims` (innermost first) with byte `strides` of the outer ones,
@@ -139,7 +145,9 @@ fn map_16bit(
 }
 
 impl BwdSm90Params {
-    /// `bp` with the maps of `p`'s tensors: boxes of `block_m` query rows, `block_n` keys.
+    /// `bp` with the maps of `p`'s tensors: boxes of `block_m` query rows, `block_n` keys; V's
+    /// and dO's rows are head_dim_v wide, and every map spans the real head dim (zeros past it
+    /// on a wider tile).
     pub fn new(p: &BackwardProblem, bp: BwdParams, block_m: u32, block_n: u32) -> Result<Self> {
         let f = &p.fwd;
         let (qd, kvd) = query_and_key_dims(f);
@@ -148,9 +156,9 @@ impl BwdSm90Params {
         Ok(BwdSm90Params {
             bp,
             q: map_16bit("q", &f.q, qd, d, block_m)?,
-            dout: map_16bit("dout", &p.dout, qd, d, block_m)?,
+            dout: map_16bit("dout", &p.dout, qd, f.head_dim_v, block_m)?,
             k: map_16bit("k", &f.k, kvd, d, block_n)?,
-            v: map_16bit("v", &f.v, kvd, d, block_n)?,
+            v: map_16bit("v", &f.v, kvd, f.head_dim_v, block_n)?,
             dq: encode(
                 "dq_accum",
                 sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
@@ -164,7 +172,8 @@ impl BwdSm90Params {
 }
 
 impl FwdSm90Params {
-    /// `f` with the maps of `p`'s Q, K and V: boxes of `block_m` query rows, `block_n` keys.
+    /// `f` with the maps of `p`'s Q, K and V: boxes of `block_m` query rows, `block_n` keys;
+    /// V's rows are head_dim_v wide.
     pub fn new(p: &Problem, f: FwdParams, block_m: u32, block_n: u32) -> Result<Self> {
         let (qd, kvd) = query_and_key_dims(p);
         let d = p.head_dim;
@@ -172,7 +181,7 @@ impl FwdSm90Params {
             f,
             q: map_16bit("q", &p.q, qd, d, block_m)?,
             k: map_16bit("k", &p.k, kvd, d, block_n)?,
-            v: map_16bit("v", &p.v, kvd, d, block_n)?,
+            v: map_16bit("v", &p.v, kvd, p.head_dim_v, block_n)?,
         })
     }
 }

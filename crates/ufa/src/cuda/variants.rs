@@ -172,10 +172,14 @@ impl Variant {
         // unaligned views) are rare and take the CUDA-core kernel.
         let tensor_cores =
             (half || dtype == DType::F32) && p.out.dtype == dtype && rows_aligned16(p);
+        // The warp-specialised Hopper forward takes V of its own width (MLA's 192/128); the
+        // cp.async one equal head dims only.
         let same_dims = p.head_dim == p.head_dim_v;
-        if tensor_cores && same_dims && half && hopper && sm90::wgmma_enabled() {
+        if tensor_cores && half && hopper && sm90::wgmma_enabled() {
             if !seqs && tma_fwd && super::tma::forward_maps_possible(p) {
-                if let Some(tile) = sm90::tma_tile_for(p.head_dim, score_mod, dropout, max_smem) {
+                if let Some(tile) =
+                    sm90::tma_tile_for(p.head_dim, p.head_dim_v, score_mod, dropout, max_smem)
+                {
                     return Variant::FwdSm90Tma {
                         dtype,
                         tile,
@@ -187,6 +191,7 @@ impl Variant {
             let paged = p.k.rows.is_paged();
             if let Some(tile) =
                 sm90::wgmma_tile_for(p.head_dim, score_mod, paged, dropout, max_smem)
+                    .filter(|_| same_dims)
             {
                 return Variant::FwdSm90 {
                     dtype,
@@ -275,8 +280,13 @@ impl Variant {
                 score_mod,
                 dropout,
             } => format!(
-                "ufa_fwd_sm90_tma_{dtype}_d{}_m{}_n{}_s{}{}{}{}{}",
+                "ufa_fwd_sm90_tma_{dtype}_d{}{}_m{}_n{}_s{}{}{}{}{}",
                 t.head_dim,
+                if t.head_dim_v != t.head_dim {
+                    format!("_v{}", t.head_dim_v)
+                } else {
+                    String::new()
+                },
                 t.block_m,
                 t.block_n,
                 t.stages,
@@ -472,7 +482,7 @@ impl Variant {
                 dropout,
             } => (
                 "fwd_sm90_tma.cu",
-                wgmma_ops(sm90::wrappers(t.head_dim, t.block_n)),
+                wgmma_ops(sm90::wrappers(t.head_dim_v, t.block_n)),
                 1,
                 sm90::tma_call(&t, score_mod, dropout, type_tag(dtype)),
             ),
@@ -555,7 +565,10 @@ impl Variant {
     }
 
     /// Every variant the library can launch on a device with `max_smem` bytes a block
-    /// (`hopper`: with the sm_90a kernels).
+    /// (`hopper`: with the sm_90a kernels), except the warp-specialised Hopper forward's at
+    /// head dims off its tile widths, of which it holds those of known models
+    /// ([`sm90::TMA_FWD_OFF_TILE_DIMS`]): the others are the same template with other MMA
+    /// extents.
     #[cfg(any(test, feature = "testkit"))]
     pub fn all(max_smem: u32, hopper: bool) -> Vec<Variant> {
         use super::decode::{decode_tile_for, m_tiles_for, DECODE_MAX_ROWS};
@@ -589,21 +602,29 @@ impl Variant {
                 }
             }
         }
-        // The warp-specialised forward: dense batches, every score and dropout flag.
+        // The warp-specialised forward: dense batches, the tile widths with every score and
+        // dropout flag, and the head dims of known models off them.
+        let dims = sm90::WGMMA_HEAD_DIMS
+            .map(|d| (d, d, true))
+            .into_iter()
+            .chain(sm90::TMA_FWD_OFF_TILE_DIMS);
         for dtype in [DType::F16, DType::BF16] {
-            for d in sm90::WGMMA_HEAD_DIMS {
-                for score_mod in [false, true] {
-                    for dropout in [false, true] {
-                        if let Some(tile) =
-                            sm90::tma_tile_for(d, score_mod, dropout, max_smem).filter(|_| hopper)
-                        {
-                            v.push(Variant::FwdSm90Tma {
-                                dtype,
-                                tile,
-                                score_mod,
-                                dropout,
-                            });
-                        }
+            for (d, dv, every_flag) in dims.clone() {
+                let flags: &[(bool, bool)] = if every_flag {
+                    &[(false, false), (false, true), (true, false), (true, true)]
+                } else {
+                    &[(false, false)]
+                };
+                for &(score_mod, dropout) in flags {
+                    if let Some(tile) =
+                        sm90::tma_tile_for(d, dv, score_mod, dropout, max_smem).filter(|_| hopper)
+                    {
+                        v.push(Variant::FwdSm90Tma {
+                            dtype,
+                            tile,
+                            score_mod,
+                            dropout,
+                        });
                     }
                 }
             }
@@ -835,7 +856,7 @@ mod tests {
         for d in sm90::WGMMA_HEAD_DIMS {
             match hopper_forward(d, d) {
                 Variant::FwdSm90Tma { tile, .. } => {
-                    assert_eq!(Some(tile), sm90::tma_tile_for(d, false, false, 232_448));
+                    assert_eq!(Some(tile), sm90::tma_tile_for(d, d, false, false, 232_448));
                     assert!(tile.smem_bytes() <= 232_448);
                 }
                 other => panic!("d{d}: {other:?}"),
@@ -843,11 +864,12 @@ mod tests {
         }
         // K broadcast over its heads (stride 0): no tensor map, so the cp.async kernel.
         assert!(matches!(hopper_forward(128, 0), Variant::FwdSm90 { .. }));
-        // Head dims between the wgmma tiles run on the next larger one (TMA fills the
-        // columns past the head with zeros); without tensor maps they stay on mma.sync, and
-        // so do head dims up to 32 (the mma.sync d32 tile was faster than the padded d64 one).
-        assert!(matches!(hopper_forward(32, 32), Variant::FwdSm80 { .. }));
+        // Head dims between the wgmma tiles run on the next larger tile width (TMA fills the
+        // columns past the head with zeros) with MMAs of the real width; without tensor maps
+        // they stay on mma.sync.
         for (d, tile_d) in [
+            (16, 64),
+            (32, 64),
             (40, 64),
             (48, 64),
             (80, 128),
@@ -856,15 +878,19 @@ mod tests {
             (200, 256),
         ] {
             match hopper_forward(d, d) {
-                Variant::FwdSm90Tma { tile, .. } => assert_eq!(tile.head_dim, tile_d),
+                Variant::FwdSm90Tma { tile, .. } => {
+                    assert_eq!(tile.qk_tile_width(), tile_d);
+                    assert_eq!(tile.head_dim_v, d as u32);
+                }
                 other => panic!("d{d}: {other:?}"),
             }
         }
         assert!(matches!(hopper_forward(96, 0), Variant::FwdSm80 { .. }));
     }
 
-    /// The forward a bf16 problem selects on Hopper with Q/K head dim `d` and V head dim `dv`.
-    fn forward_with_v_dim(d: usize, dv: usize) -> Variant {
+    /// The forward a bf16 problem selects with Q/K head dim `d` and V head dim `dv`, on Hopper
+    /// or (`hopper` false) an sm_80 device with as much shared memory.
+    fn forward_with_v_dim(d: usize, dv: usize, hopper: bool) -> Variant {
         let q = vec![bf16::ZERO; 300 * 4 * d];
         let k = vec![bf16::ZERO; 500 * 2 * d];
         let v = vec![bf16::ZERO; 500 * 2 * dv];
@@ -874,7 +900,7 @@ mod tests {
         let vv = TensorView::new(&v, &[1, 500, 2, dv]).unwrap();
         let o = TensorViewMut::new(&mut out, &[1, 300, 4, dv]).unwrap();
         let p = validate_forward(&qv, &kv, &vv, &o, None, &AttentionParams::default()).unwrap();
-        Variant::select(&p, 232_448, true)
+        Variant::select_with(&p, 232_448, hopper, true)
     }
 
     #[test]
@@ -885,20 +911,56 @@ mod tests {
             (64, 128, 128),
             (80, 40, 96),
         ] {
-            match forward_with_v_dim(d, dv) {
+            match forward_with_v_dim(d, dv, false) {
                 Variant::FwdSm80 { tile, .. } => assert_eq!(tile.head_dim, tile_d, "{d}/{dv}"),
                 other => panic!("{d}/{dv}: {other:?}"),
             }
         }
         // A head dim that does not fill 16-byte pieces (36 bf16 values) cannot be padded.
-        assert!(matches!(
-            forward_with_v_dim(128, 36),
-            Variant::FwdSimple { .. }
-        ));
-        assert!(matches!(
-            forward_with_v_dim(300, 128),
-            Variant::FwdSimple { .. }
-        ));
+        for hopper in [false, true] {
+            assert!(matches!(
+                forward_with_v_dim(128, 36, hopper),
+                Variant::FwdSimple { .. }
+            ));
+            assert!(matches!(
+                forward_with_v_dim(300, 128, hopper),
+                Variant::FwdSimple { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn different_qk_and_v_head_dims_take_the_warp_specialised_forward_on_hopper() {
+        // Each operand on its own wgmma tile width; the keys a tile follow V's width and the
+        // shared memory the two rings take.
+        for (d, dv, tile_dims, block_n) in [
+            (192, 128, (192, 128), 128),
+            (128, 64, (128, 64), 128),
+            (64, 128, (64, 128), 128),
+            (80, 40, (80, 40), 128),
+            (256, 128, (256, 128), 96),
+            (64, 256, (64, 256), 80),
+        ] {
+            match forward_with_v_dim(d, dv, true) {
+                Variant::FwdSm90Tma { tile, .. } => {
+                    assert_eq!((tile.head_dim, tile.head_dim_v), tile_dims, "{d}/{dv}");
+                    assert_eq!(tile.block_n, block_n, "{d}/{dv}");
+                    assert!(tile.smem_bytes() <= 232_448, "{d}/{dv}");
+                    let name = Variant::FwdSm90Tma {
+                        dtype: DType::BF16,
+                        tile,
+                        score_mod: false,
+                        dropout: false,
+                    }
+                    .kernel_name();
+                    assert!(
+                        name.contains(&format!("_d{}_v{}_", tile_dims.0, tile_dims.1)),
+                        "{name}"
+                    );
+                }
+                other => panic!("{d}/{dv}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -919,7 +981,8 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
-        // paged), and the warp-specialised one for dense batches; sm_80 forward (f16, bf16,
+        // paged), and the warp-specialised one for dense batches (4 tile widths and MLA's
+        // 192/128 with every flag, 4 head dims between the tiles plain); sm_80 forward (f16, bf16,
         // fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4,
         // and on wgmma 2 × (2 + 1 + 1 tiles) × 2; every prefill and backward one with and
@@ -927,7 +990,7 @@ mod tests {
         assert_eq!(
             all.len(),
             2 * 4 * 6 * 2
-                + 2 * 4 * 2 * 2
+                + 2 * (5 * 2 * 2 + 4)
                 + 4 * 7 * 4 * 2
                 + 2 * 11 * 6
                 + 1
@@ -940,7 +1003,7 @@ mod tests {
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 6 * 2 - 2 * 4 * 2 * 2 - 2 * 4 * 2 * 2
+            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4) - 2 * 4 * 2 * 2
         );
     }
 }
