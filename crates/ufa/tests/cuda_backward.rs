@@ -107,10 +107,10 @@ fn padded_and_unequal_head_dims_backward_take_the_tensor_cores() {
         GradComparison::summary,
     );
     let kernels = loaded_kernels(&ctx);
-    // MLA's 192/128 on Hopper: the wgmma backward's d256 tile (both zero-padded); elsewhere
-    // mma.sync's d192.
+    // MLA's 192/128 on Hopper with off-tile head dims on (UFA_CUDA_OFF_TILE): the wgmma
+    // backward's d256 tile (both zero-padded); elsewhere mma.sync's d192.
     let hopper = kernels.iter().any(|k| k.starts_with("ufa_bwd_sm90"));
-    let mla = if hopper {
+    let mla = if hopper && ufa::internals::off_tile_enabled() {
         "ufa_bwd_sm90_bf16_d256"
     } else {
         "ufa_bwd_sm80_bf16_d192"

@@ -85,10 +85,11 @@ fn different_qk_and_v_head_dims_take_the_tensor_cores() {
         Comparison::summary,
     );
     let kernels = loaded_kernels(&ctx);
-    // On Hopper the 16-bit pairs take the warp-specialised wgmma forward, each operand on its
-    // own tile width (MLA's 192/128 among them); elsewhere mma.sync's tile of the larger dim.
+    // On Hopper, with off-tile head dims on (UFA_CUDA_OFF_TILE), the 16-bit pairs take the
+    // warp-specialised wgmma forward, each operand on its own tile width (MLA's 192/128 among
+    // them); elsewhere mma.sync's tile of the larger dim.
     let hopper = kernels.iter().any(|k| k.starts_with("ufa_fwd_sm90"));
-    let mla = if hopper && ufa::internals::tma_fwd_enabled() {
+    let mla = if hopper && ufa::internals::tma_fwd_enabled() && ufa::internals::off_tile_enabled() {
         "ufa_fwd_sm90_tma_bf16_d192_v128_"
     } else {
         "ufa_fwd_sm80_bf16_d192"

@@ -37,6 +37,12 @@ impl Plan {
     /// `hopper`: the device runs sm_90a code (the wgmma kernel for 16-bit inputs, on its tile
     /// of 64, 128 or 256 columns that holds both head dims, `sm90::bwd_tile_head_dim`).
     pub fn select(p: &BackwardProblem, max_smem: u32, hopper: bool) -> Plan {
+        Self::select_with(p, max_smem, hopper, sm90::off_tile_enabled())
+    }
+
+    /// [`Plan::select`] with head dims off the wgmma tiles taken by the wgmma kernel or not
+    /// (`off_tile`, [`sm90::off_tile_enabled`]).
+    fn select_with(p: &BackwardProblem, max_smem: u32, hopper: bool, off_tile: bool) -> Plan {
         let f = &p.fwd;
         let dtype = f.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
@@ -60,7 +66,7 @@ impl Plan {
         let dense = !has_sequence_metadata(f);
         let dropout = f.dropout.is_some();
         if tensor_cores && half && dense && hopper && sm90::wgmma_enabled() {
-            if let Some(tile) = sm90::bwd_tile_head_dim(f.head_dim, f.head_dim_v)
+            if let Some(tile) = sm90::bwd_tile_head_dim(f.head_dim, f.head_dim_v, off_tile)
                 .filter(|_| tma::backward_maps_possible(p))
                 .and_then(|d| sm90::bwd_tile_for(d, max_smem, p.deterministic))
             {
@@ -379,7 +385,13 @@ mod tests {
             (32, None),
         ] {
             with_problem::<bf16, bf16>((1, 200, 300, 4, 2, d), &params, |p| {
-                let plan = Plan::select(p, 232_448, true);
+                // Without off-tile dims only the exact tile dims take it.
+                let exact = matches!(
+                    Plan::select_with(p, 232_448, true, false),
+                    Plan::Mma(Variant::BwdSm90 { .. })
+                );
+                assert_eq!(exact, [64, 128, 256].contains(&d), "d{d}");
+                let plan = Plan::select_with(p, 232_448, true, true);
                 let l = launches(p, &plan).unwrap();
                 match (plan, tile_d) {
                     (Plan::Mma(Variant::BwdSm90 { tile, .. }), Some(tile_d)) => {
@@ -637,7 +649,7 @@ mod tests {
                 }
                 other => panic!("{d}/{dv}: {other:?}"),
             }
-            match (Plan::select(&p, 232_448, true), hopper_d) {
+            match (Plan::select_with(&p, 232_448, true, true), hopper_d) {
                 (Plan::Mma(Variant::BwdSm90 { tile, .. }), Some(t)) => {
                     assert_eq!(tile.head_dim, t, "{d}/{dv}")
                 }

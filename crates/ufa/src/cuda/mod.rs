@@ -29,7 +29,7 @@ pub use driver::{synchronize, time_ms, DeviceBuffer};
 #[cfg(feature = "testkit")]
 pub use nvrtc::NVRTC_PATH_ENV;
 #[cfg(feature = "testkit")]
-pub use sm90::tma_fwd_enabled;
+pub use sm90::{off_tile_enabled, tma_fwd_enabled};
 
 pub(crate) use decode::workspace_bound as decode_workspace_bound;
 

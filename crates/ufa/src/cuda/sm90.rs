@@ -205,6 +205,48 @@ impl TmaFwdTile {
     }
 }
 
+/// `UFA_CUDA_OFF_TILE=1` lets the Hopper wgmma kernels take head dims off their tile widths
+/// as their own: the warp-specialised forward Q/K and V of different head dims (MLA's
+/// 192/128) and MMAs of the real widths on padded tiles ([`tma_tile_for`]), the backward head
+/// dims between its tiles and unequal pairs ([`bwd_tile_head_dim`]); `0` keeps them to what
+/// ran before (the forward equal head dims above 32, its MMAs spanning whole tiles; the
+/// backward 64, 128 and 256 exactly), the rest on mma.sync. Unset, [`OFF_TILE_DEFAULT`]
+/// decides.
+pub const OFF_TILE_ENV: &str = "UFA_CUDA_OFF_TILE";
+
+/// Whether the wgmma kernels take head dims off their tile widths by default: not until the GPU
+/// suites and sanitizers have passed with it on. It was written on 2026-12-05 while no GPU
+/// machine could be started; `scripts/gpu-check` runs the suites with it on and off.
+pub const OFF_TILE_DEFAULT: bool = false;
+
+/// Whether head dims off the tile widths take the wgmma kernels ([`OFF_TILE_ENV`], else
+/// [`OFF_TILE_DEFAULT`]).
+pub fn off_tile_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var(OFF_TILE_ENV).map_or(OFF_TILE_DEFAULT, |v| match v.trim() {
+            "0" => false,
+            "1" => true,
+            _ => OFF_TILE_DEFAULT,
+        })
+    })
+}
+
+/// The (Q/K, V) head dims the warp-specialised forward runs a problem's with: its own
+/// (`off_tile`), or as before off-tile dims were its own: equal head dims above 32 on the
+/// whole tile that holds them.
+pub(crate) fn tma_head_dims(
+    head_dim: usize,
+    head_dim_v: usize,
+    off_tile: bool,
+) -> Option<(usize, usize)> {
+    if off_tile {
+        return Some((head_dim, head_dim_v));
+    }
+    let tile = WGMMA_HEAD_DIMS.into_iter().find(|&t| t >= head_dim)?;
+    (head_dim == head_dim_v && head_dim > 32 && head_dim.is_multiple_of(8)).then_some((tile, tile))
+}
+
 /// (Q/K, V) head dims off the tile widths whose warp-specialised forward the variant catalogue
 /// holds (and CI compiles), and whether with every score and dropout flag or plain only:
 /// DeepSeek-V2/V3's MLA (192/128) in training and prefill, and head dims of common models
@@ -520,7 +562,16 @@ pub(crate) const WGMMA_HEAD_DIMS_BWD: [usize; 3] = [64, 128, 256];
 /// past each, and the kernel stores none of them), for multiples of 8 (whole 16-byte map rows)
 /// above 32. At 32 and below the padding would be half the tile or more, and the mma.sync d32
 /// tile takes them.
-pub(crate) fn bwd_tile_head_dim(head_dim: usize, head_dim_v: usize) -> Option<usize> {
+/// Without `off_tile` ([`off_tile_enabled`]) only equal head dims 64, 128 and 256 take it.
+pub(crate) fn bwd_tile_head_dim(
+    head_dim: usize,
+    head_dim_v: usize,
+    off_tile: bool,
+) -> Option<usize> {
+    if !off_tile {
+        return (head_dim == head_dim_v && WGMMA_HEAD_DIMS_BWD.contains(&head_dim))
+            .then_some(head_dim);
+    }
     let widest = head_dim.max(head_dim_v);
     if !head_dim.is_multiple_of(8) || !head_dim_v.is_multiple_of(8) || widest <= 32 {
         return None;

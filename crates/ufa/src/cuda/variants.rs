@@ -158,11 +158,24 @@ impl Variant {
     /// Chooses the forward kernel for `p` on a device with `max_smem` bytes of shared memory a
     /// block; `hopper`: the device runs sm_90a code (wgmma).
     pub fn select(p: &Problem, max_smem: u32, hopper: bool) -> Variant {
-        Self::select_with(p, max_smem, hopper, sm90::tma_fwd_enabled())
+        Self::select_with(
+            p,
+            max_smem,
+            hopper,
+            sm90::tma_fwd_enabled(),
+            sm90::off_tile_enabled(),
+        )
     }
 
-    /// [`Variant::select`] with the warp-specialised Hopper forward allowed or not.
-    fn select_with(p: &Problem, max_smem: u32, hopper: bool, tma_fwd: bool) -> Variant {
+    /// [`Variant::select`] with the warp-specialised Hopper forward allowed or not, and taking
+    /// head dims off its tile widths as its own or not (`off_tile`, [`sm90::off_tile_enabled`]).
+    fn select_with(
+        p: &Problem,
+        max_smem: u32,
+        hopper: bool,
+        tma_fwd: bool,
+        off_tile: bool,
+    ) -> Variant {
         let dtype = p.q.dtype;
         let half = matches!(dtype, DType::F16 | DType::BF16);
         let seqs = has_sequence_metadata(p);
@@ -177,8 +190,8 @@ impl Variant {
         let same_dims = p.head_dim == p.head_dim_v;
         if tensor_cores && half && hopper && sm90::wgmma_enabled() {
             if !seqs && tma_fwd && super::tma::forward_maps_possible(p) {
-                if let Some(tile) =
-                    sm90::tma_tile_for(p.head_dim, p.head_dim_v, score_mod, dropout, max_smem)
+                if let Some(tile) = sm90::tma_head_dims(p.head_dim, p.head_dim_v, off_tile)
+                    .and_then(|(d, dv)| sm90::tma_tile_for(d, dv, score_mod, dropout, max_smem))
                 {
                     return Variant::FwdSm90Tma {
                         dtype,
@@ -843,12 +856,12 @@ mod tests {
         let v = TensorView::new(&kv, &[1, 500, 2, d]).unwrap();
         let o = TensorViewMut::new(&mut out, &[1, 300, 4, d]).unwrap();
         let p = validate_forward(&qv, &k, &v, &o, None, &AttentionParams::default()).unwrap();
-        let cp_async = Variant::select_with(&p, 232_448, true, false);
+        let cp_async = Variant::select_with(&p, 232_448, true, false, true);
         assert!(
             matches!(cp_async, Variant::FwdSm90 { .. } | Variant::FwdSm80 { .. }),
             "d{d}: {cp_async:?}"
         );
-        Variant::select_with(&p, 232_448, true, true)
+        Variant::select_with(&p, 232_448, true, true, true)
     }
 
     #[test]
@@ -889,8 +902,14 @@ mod tests {
     }
 
     /// The forward a bf16 problem selects with Q/K head dim `d` and V head dim `dv`, on Hopper
-    /// or (`hopper` false) an sm_80 device with as much shared memory.
+    /// or (`hopper` false) an sm_80 device with as much shared memory, head dims off the wgmma
+    /// tile widths taken as their own.
     fn forward_with_v_dim(d: usize, dv: usize, hopper: bool) -> Variant {
+        forward_with_dims(d, dv, hopper, true)
+    }
+
+    /// [`forward_with_v_dim`], `off_tile` given.
+    fn forward_with_dims(d: usize, dv: usize, hopper: bool, off_tile: bool) -> Variant {
         let q = vec![bf16::ZERO; 300 * 4 * d];
         let k = vec![bf16::ZERO; 500 * 2 * d];
         let v = vec![bf16::ZERO; 500 * 2 * dv];
@@ -900,7 +919,28 @@ mod tests {
         let vv = TensorView::new(&v, &[1, 500, 2, dv]).unwrap();
         let o = TensorViewMut::new(&mut out, &[1, 300, 4, dv]).unwrap();
         let p = validate_forward(&qv, &kv, &vv, &o, None, &AttentionParams::default()).unwrap();
-        Variant::select_with(&p, 232_448, hopper, true)
+        Variant::select_with(&p, 232_448, hopper, true, off_tile)
+    }
+
+    /// Without `off_tile` the Hopper forward selects what it did before head dims off the tile
+    /// widths were its own: equal head dims above 32 on the whole tile, the rest on mma.sync.
+    #[test]
+    fn without_off_tile_dims_hopper_keeps_whole_tiles() {
+        for (d, dv, tma) in [
+            (80, 80, Some((128, 128))),
+            (128, 128, Some((128, 128))),
+            (40, 40, Some((64, 64))),
+            (32, 32, None),
+            (192, 128, None),
+        ] {
+            match (forward_with_dims(d, dv, true, false), tma) {
+                (Variant::FwdSm90Tma { tile, .. }, Some(dims)) => {
+                    assert_eq!((tile.head_dim as usize, tile.head_dim_v as usize), dims)
+                }
+                (Variant::FwdSm80 { .. }, None) => {}
+                (other, _) => panic!("{d}/{dv}: {other:?}"),
+            }
+        }
     }
 
     #[test]
