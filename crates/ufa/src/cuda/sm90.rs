@@ -205,8 +205,8 @@ impl TmaFwdTile {
     }
 }
 
-/// `UFA_CUDA_OFF_TILE=1` lets the Hopper wgmma kernels take head dims off their tile widths
-/// as their own: the warp-specialised forward Q/K and V of different head dims (MLA's
+/// `UFA_CUDA_OFF_TILE=1` (the default) lets the Hopper wgmma kernels take head dims off their
+/// tile widths as their own: the warp-specialised forward Q/K and V of different head dims (MLA's
 /// 192/128) and MMAs of the real widths on padded tiles ([`tma_tile_for`]), the backward head
 /// dims between its tiles and unequal pairs ([`bwd_tile_head_dim`]); `0` keeps them to what
 /// ran before (the forward equal head dims above 32, its MMAs spanning whole tiles; the
@@ -214,10 +214,15 @@ impl TmaFwdTile {
 /// decides.
 pub const OFF_TILE_ENV: &str = "UFA_CUDA_OFF_TILE";
 
-/// Whether the wgmma kernels take head dims off their tile widths by default: not until the GPU
-/// suites and sanitizers have passed with it on. It was written on 2026-12-05 while no GPU
-/// machine could be started; `scripts/gpu-check` runs the suites with it on and off.
-pub const OFF_TILE_DEFAULT: bool = false;
+/// Whether the wgmma kernels take head dims off their tile widths by default: yes since the
+/// forward, backward and dropout suites passed with it on an H100 and compute-sanitizer's
+/// memcheck and racecheck of the forward and backward cases were clean (2026-12-05), where it
+/// ran the forward at head dims 48, 80 and 96 at 0.82-1.13x the TFLOP/s of the nearest tile
+/// width, MLA's 192/128 at 1.10-1.13x cuDNN's (3.3-3.4x what mma.sync ran), and the backward
+/// at head dims between the tiles and MLA's pair 1.55-1.72x faster
+/// (`bench/results/head_dims_2026-12-05_h100_off_tile.md`). `scripts/gpu-check` runs the
+/// forward and dropout suites with it off too.
+pub const OFF_TILE_DEFAULT: bool = true;
 
 /// Whether head dims off the tile widths take the wgmma kernels ([`OFF_TILE_ENV`], else
 /// [`OFF_TILE_DEFAULT`]).
