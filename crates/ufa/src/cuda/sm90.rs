@@ -228,13 +228,7 @@ pub const OFF_TILE_DEFAULT: bool = true;
 /// [`OFF_TILE_DEFAULT`]).
 pub fn off_tile_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var(OFF_TILE_ENV).map_or(OFF_TILE_DEFAULT, |v| match v.trim() {
-            "0" => false,
-            "1" => true,
-            _ => OFF_TILE_DEFAULT,
-        })
-    })
+    *ON.get_or_init(|| env_switch(OFF_TILE_ENV, OFF_TILE_DEFAULT))
 }
 
 /// The (Q/K, V) head dims the warp-specialised forward runs a problem's with: its own
@@ -286,12 +280,15 @@ pub const TMA_FWD_DEFAULT: bool = true;
 /// Whether the warp-specialised forward is used ([`TMA_FWD_ENV`], else [`TMA_FWD_DEFAULT`]).
 pub fn tma_fwd_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var(TMA_FWD_ENV).map_or(TMA_FWD_DEFAULT, |v| match v.trim() {
-            "0" => false,
-            "1" => true,
-            _ => TMA_FWD_DEFAULT,
-        })
+    *ON.get_or_init(|| env_switch(TMA_FWD_ENV, TMA_FWD_DEFAULT))
+}
+
+/// The on/off switch environment variable `var` sets (`1` on, `0` off), else `default`.
+fn env_switch(var: &str, default: bool) -> bool {
+    std::env::var(var).map_or(default, |v| match v.trim() {
+        "0" => false,
+        "1" => true,
+        _ => default,
     })
 }
 
