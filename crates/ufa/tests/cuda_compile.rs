@@ -7,8 +7,10 @@ use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 
 /// Which variants the sm_90a pass compiles. The mma.sync kernels (`_sm80_`, `_decode_`) are compiled for
 /// sm_80 in full; their only sm_90 code (`#if __CUDA_ARCH__ >= 900` in mma.cuh, the
-/// backward's reductions) does not depend on the element type, so on sm_90a the backward is
-/// compiled in bf16 only and the forward kernels, which have none, as the bf16 prefill alone:
+/// backward's reductions of fp32 sums) does not depend on the element type, so on sm_90a the
+/// backward is compiled in bf16 only (its fp32 and TF32 builds, added later, had been compiled
+/// there too: 132 of the 1085 compile-seconds, 2026-12-06) and the forward kernels, which have
+/// none, as the bf16 prefill alone:
 /// every head dim, tile and flag set. fp32's TF32 forward and the decoding kernels were 40%
 /// of the sm_90a pass (2026-12-04). The warp-specialised forward is compiled in bf16 too: its
 /// f16 build differs only in the element conversions and the wgmma type names, which the f16
@@ -21,6 +23,8 @@ fn hopper_needs(kernel: &str) -> bool {
             || kernel.starts_with("ufa_fwd_sm80_tf32_")
             || kernel.starts_with("ufa_fwd_decode_bf16_")
             || kernel.starts_with("ufa_bwd_sm80_f16_")
+            || kernel.starts_with("ufa_bwd_sm80_f32_")
+            || kernel.starts_with("ufa_bwd_sm80_tf32_")
             || kernel.starts_with("ufa_fwd_decode_f16_")
             || kernel.starts_with("ufa_fwd_sm90_tma_f16_"))
 }
