@@ -63,8 +63,13 @@ pub trait Tiles {
 /// tile unit when `a` is row-major and the pairs fill whole tiles; the rest takes
 /// `vdpbf16ps`.
 ///
+/// The caller configures the tiles ([`Tiles::begin`]) and releases them ([`Tiles::end`]):
+/// once for all the products of a work item, since `ldtilecfg` and `tilerelease` cost as much
+/// as a small product.
+///
 /// # Safety
-/// Needs avx512f+avx512bf16, and what `tiles` needs ([`Tiles::begin`]).
+/// Needs avx512f+avx512bf16, and the tiles configured (after [`Tiles::begin`], before
+/// [`Tiles::end`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm<T: Tiles, const ACC: bool>(
@@ -119,7 +124,6 @@ unsafe fn whole_tiles<T: Tiles, const ACC: bool>(
         return;
     }
     debug_assert!(m.is_multiple_of(TILE) && kn2.is_multiple_of(TILE) && a.col == 1);
-    tiles.begin();
     let mut r0 = 0;
     while r0 < m {
         let two_rows = r0 + 2 * TILE <= m;
@@ -137,7 +141,6 @@ unsafe fn whole_tiles<T: Tiles, const ACC: bool>(
         }
         r0 += if two_rows { 2 * TILE } else { TILE };
     }
-    tiles.end();
 }
 
 /// Rows `r0..r0 + 16·MR`, columns `c0..c0 + 16·NR` of [`gemm`], whose assertions cover every
@@ -557,6 +560,7 @@ mod tests {
         // SAFETY: the emulated unit needs nothing, the real one is checked by the caller;
         // `gemm` runs only where avx512bf16 is.
         unsafe {
+            tiles.begin();
             match (full, acc) {
                 (true, true) => {
                     gemm_in::<T, true>(&mut tiles, sa, b_op, &mut out, ldo, shape, scale)
@@ -571,6 +575,7 @@ mod tests {
                     whole_tiles::<_, false>(&mut tiles, sa, b_op, &mut out, ldo, shape, scale)
                 }
             }
+            tiles.end();
         }
         for i in 0..m {
             for c in 0..ldo {

@@ -188,9 +188,10 @@ pub unsafe fn pack_interleaved(
     }
 }
 
-/// Packs rows `0..nk` (bf16, `d` elements each) transposed by pairs: `dst[e2·BK + j]` holds
+/// Packs rows `0..nk` (bf16, `d` elements each) transposed by pairs: `dst[e2·ld + j]` holds
 /// elements 2·e2 and 2·e2+1 of row j, the right operand of a product that reduces over the
-/// head dimension. Columns `nk..width` (width ≤ BK) are zero.
+/// head dimension. Columns `nk..width` (width ≤ `ld`) are zero. `ld` is BK but for the AMX
+/// family's wider key tiles.
 ///
 /// # Safety
 /// `row(j)` must address `d` readable bf16 values for every j < nk; `d <= MAX_HEAD_DIM`.
@@ -201,22 +202,23 @@ pub unsafe fn pack_transposed_pairs(
     d: usize,
     width: usize,
     dst: &mut [u32],
+    ld: usize,
 ) {
     let d2 = d.div_ceil(2);
     if d.is_multiple_of(2) {
         // Pairs of consecutive elements are the row's own bytes: a plain transposition.
-        return transpose_rows::<64, u32>(|jj| row(jj) as *const u32, nk, d2, width, dst);
+        return transpose_rows::<64, u32>(|jj| row(jj) as *const u32, nk, d2, width, dst, ld);
     }
     let mut pairs = [0u32; crate::problem::MAX_HEAD_DIM / 2];
     for jj in 0..width {
         if jj < nk {
             pack_row_pairs(row(jj), d, &mut pairs[..d2]);
             for (e2, &x) in pairs[..d2].iter().enumerate() {
-                dst[e2 * BK + jj] = x;
+                dst[e2 * ld + jj] = x;
             }
         } else {
             for e2 in 0..d2 {
-                dst[e2 * BK + jj] = 0;
+                dst[e2 * ld + jj] = 0;
             }
         }
     }

@@ -373,8 +373,8 @@ fn load_keys<const C: usize>(
             use super::avx512_bf16::{pack_interleaved, pack_transposed_pairs};
             let v_at = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]);
             let (k_row, v_row) = (|jj| k_at(jj) as *const u16, |jj| v_at(jj) as *const u16);
-            pack_transposed_pairs(k_row, nk, d, BK, &mut kb.kp);
-            pack_transposed_pairs(v_row, nk, dv, BK, &mut kb.vp);
+            pack_transposed_pairs(k_row, nk, d, BK, &mut kb.kp, BK);
+            pack_transposed_pairs(v_row, nk, dv, BK, &mut kb.vp, BK);
             pack_interleaved(k_row, nk, d, &mut kb.ki, dp);
         }
         return;
@@ -385,7 +385,7 @@ fn load_keys<const C: usize>(
     }
     let krows = kb.krows.as_ptr();
     // SAFETY: rows jj < nk of `krows` hold d values.
-    unsafe { transpose_rows::<C, f32>(|jj| krows.add(jj * dp), nk, d, BK, &mut kb.kt) };
+    unsafe { transpose_rows::<C, f32>(|jj| krows.add(jj * dp), nk, d, BK, &mut kb.kt, BK) };
     pack_transposed::<C>(&p.v, t, (j0, nk), dv, BK, stage, &mut kb.vt);
 }
 

@@ -244,9 +244,9 @@ impl JobScratch {
         let keep = exec == Exec::Inline;
         let make = |_| {
             if keep {
-                Scratch::reuse(p, plan.block_rows, isa.bf16_tiles())
+                Scratch::reuse(p, plan.block_rows, isa)
             } else {
-                Scratch::new(p, plan.block_rows, isa.bf16_tiles())
+                Scratch::new(p, plan.block_rows, isa)
             }
         };
         JobScratch {

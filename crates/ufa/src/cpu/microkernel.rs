@@ -144,8 +144,9 @@ fn block<M: MulAdd, const W: usize, const ACC: bool>(
 }
 
 /// Writes `n` rows of `d` elements (row `j` at `row(j)`, 4-byte elements, any alignment) as the
-/// columns of `dst` (`d` × BK): `dst[e·BK + j] = row(j)[e]`, with columns `n..width` zero
-/// (`width` ≤ BK: the columns its reader takes; the rest keep what they held). The AVX-512 families (`C` = 64)
+/// columns of `dst` (`d` × `ld`, BK but for the AMX family's wider key tiles):
+/// `dst[e·ld + j] = row(j)[e]`, with columns `n..width` zero (`width` ≤ `ld`: the columns its
+/// reader takes; the rest keep what they held). The AVX-512 families (`C` = 64)
 /// move 16 × 16 blocks through registers; element by element, the scattered stores cost as
 /// much as a tenth of a forward tile's products.
 ///
@@ -158,8 +159,9 @@ pub unsafe fn transpose_rows<const C: usize, T: Copy + Default>(
     d: usize,
     width: usize,
     dst: &mut [T],
+    ld: usize,
 ) {
-    assert!(n <= width && width <= BK && dst.len() >= d * BK && std::mem::size_of::<T>() == 4);
+    assert!(n <= width && width <= ld && dst.len() >= d * ld && std::mem::size_of::<T>() == 4);
     // Columns 0..e0 in 16 × 16 blocks, the rest element by element.
     let e0 = if C == 64 && cfg!(target_arch = "x86_64") {
         d / 16 * 16
@@ -171,39 +173,38 @@ pub unsafe fn transpose_rows<const C: usize, T: Copy + Default>(
         let mut j0 = 0;
         while j0 + 16 <= n {
             let at = |i: usize| row(j0 + i).add(e0) as *const f32;
-            x86::transpose16(at, dst.as_mut_ptr().add(e0 * BK + j0) as *mut f32);
+            x86::transpose16(at, dst.as_mut_ptr().add(e0 * ld + j0) as *mut f32, ld);
             j0 += 16;
         }
         for j in j0..n {
             for e in e0..e0 + 16 {
-                dst[e * BK + j] = row(j).add(e).read_unaligned();
+                dst[e * ld + j] = row(j).add(e).read_unaligned();
             }
         }
     }
     for j in 0..n {
         let r = row(j);
         for e in e0..d {
-            dst[e * BK + j] = r.add(e).read_unaligned();
+            dst[e * ld + j] = r.add(e).read_unaligned();
         }
     }
     for e in 0..d {
-        dst[e * BK + n..][..width - n].fill(T::default());
+        dst[e * ld + n..][..width - n].fill(T::default());
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::BK;
     use std::arch::x86_64::*;
 
     /// Rows `src(0..16)` (16 elements each) as the columns of the 16 × 16 block at `dst` (row
-    /// stride BK): interleave pairs of rows, then pairs of pairs, then 128-bit lanes twice.
+    /// stride `ld`): interleave pairs of rows, then pairs of pairs, then 128-bit lanes twice.
     /// Only moves bits, so any 4-byte elements may pass as f32.
     ///
     /// # Safety
     /// Needs avx512f; every `src(i)` must address 16 readable f32, `dst` 16 rows of 16.
     #[inline(always)]
-    pub unsafe fn transpose16(src: impl Fn(usize) -> *const f32, dst: *mut f32) {
+    pub unsafe fn transpose16(src: impl Fn(usize) -> *const f32, dst: *mut f32, ld: usize) {
         // Plain loops, not closures: a closure would not inherit avx512f, and the intrinsics
         // would become calls.
         let mut r = [_mm512_setzero_ps(); 16];
@@ -233,8 +234,8 @@ mod x86 {
         }
         for i in 0..8 {
             let (a, b) = (t[i], t[8 + i]);
-            _mm512_storeu_ps(dst.add(i * BK), _mm512_shuffle_f32x4::<0x88>(a, b));
-            _mm512_storeu_ps(dst.add((i + 8) * BK), _mm512_shuffle_f32x4::<0xDD>(a, b));
+            _mm512_storeu_ps(dst.add(i * ld), _mm512_shuffle_f32x4::<0x88>(a, b));
+            _mm512_storeu_ps(dst.add((i + 8) * ld), _mm512_shuffle_f32x4::<0xDD>(a, b));
         }
     }
 }
@@ -252,10 +253,10 @@ mod tests {
             let mut got = want.clone();
             // SAFETY: rows j < n of `src` hold d elements.
             unsafe {
-                transpose_rows::<16, f32>(|j| src.as_ptr().add(j * d), n, d, BK, &mut want);
+                transpose_rows::<16, f32>(|j| src.as_ptr().add(j * d), n, d, BK, &mut want, BK);
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx512f") {
-                    transpose_rows::<64, f32>(|j| src.as_ptr().add(j * d), n, d, BK, &mut got);
+                    transpose_rows::<64, f32>(|j| src.as_ptr().add(j * d), n, d, BK, &mut got, BK);
                     assert_eq!(got, want);
                 }
             }

@@ -3,6 +3,7 @@
 //! computed by one work item in a fixed order, and the split-KV decision uses problem sizes alone.
 
 #[cfg(target_arch = "x86_64")]
+mod aligned;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;

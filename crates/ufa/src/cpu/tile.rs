@@ -2,6 +2,8 @@
 //! range of keys, with the online softmax. Leaves the running max `m`, sum `l` and unnormalised
 //! accumulator in [`Scratch`]; the scheduler writes them out or merges split results.
 
+use super::aligned::AlignedBuf;
+use super::isa::Isa;
 use super::math::{
     any_lane_above, axpy, dot, exp, exp_sub_sum_lanes, lane_max, max_of_lanes, sum_of_lanes, tanh,
     MulAdd, LANES,
@@ -10,6 +12,9 @@ use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
 use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::{Operand, Problem};
 use crate::sequences::Seq;
+
+#[cfg(target_arch = "x86_64")]
+mod amx_rows;
 
 /// Rows of a work item: rows `row0..row0+nrows` of the (query position × group head) sequence of
 /// KV head `hkv`, so the query heads that share a KV head share its packed K/V tiles (GQA).
@@ -69,8 +74,8 @@ pub fn widen(keys: (usize, usize), band: (usize, usize)) -> (usize, usize) {
 
 /// Per-thread buffers, reused across work items.
 pub struct Scratch {
-    pub q: Vec<f32>,
-    kt: Vec<f32>,
+    pub q: AlignedBuf<f32>,
+    kt: AlignedBuf<f32>,
     /// Transposed K tiles of one KV head, kept for the thread's next items of the same head
     /// (a head's rows are cut into several items, taken one after another): slot `j0 / BK`
     /// holds keys `j0..j0+nk` as `kt` would, tagged (batch, KV head, nk). Empty when a head
@@ -78,27 +83,27 @@ pub struct Scratch {
     /// [`KT_CACHE_BYTES`]. K of other types is cached converted to fp32, as widened bf16 tiles
     /// (`Isa::Avx512Bf16Decode`) use it: bf16 W2-causal and W3 then ran 3% faster (2-core
     /// Xeon), as fast as f32.
-    kt_cache: Vec<f32>,
+    kt_cache: AlignedBuf<f32>,
     kt_tags: Vec<Option<(usize, usize, usize)>>,
-    row: Vec<f32>,
+    row: AlignedBuf<f32>,
     /// BK × head_dim: K rows converted to fp32 before they are transposed (non-f32 K only).
-    stage: Vec<f32>,
-    s: Vec<f32>,
-    v: Vec<f32>,
-    pub acc: Vec<f32>,
+    stage: AlignedBuf<f32>,
+    s: AlignedBuf<f32>,
+    v: AlignedBuf<f32>,
+    pub acc: AlignedBuf<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
     /// The running sums of [`attend`], 16 lanes a row; [`finish`] adds them up into `l`.
-    l_lanes: Vec<f32>,
+    l_lanes: AlignedBuf<f32>,
     rows: Vec<RowInfo>,
     /// Padded width of V and acc rows (head_dim_v rounded up to 16).
     pub dvp: usize,
     /// bf16 pair-packed operands of the AVX-512 BF16 path: Q (rows × d2), K (d2 × BK),
     /// P (rows × BK/2) and V (BK/2 × dvp).
-    qp: Vec<u32>,
-    kp: Vec<u32>,
-    pp: Vec<u32>,
-    vp: Vec<u32>,
+    qp: AlignedBuf<u32>,
+    kp: AlignedBuf<u32>,
+    pp: AlignedBuf<u32>,
+    vp: AlignedBuf<u32>,
     /// The sizes it was made for.
     shape: ScratchShape,
 }
@@ -118,6 +123,8 @@ struct ScratchShape {
     /// Every tile takes a few-rows path, which reads K and V rows in place: no buffers for
     /// packed tiles (a decoding job of 32 heads zeroed 3 MB of them a call).
     few: bool,
+    /// The bf16 tiles take the AMX path ([`amx_rows`]), whose key tiles are wider.
+    amx: bool,
 }
 
 pub fn round_up(x: usize, m: usize) -> usize {
@@ -126,6 +133,16 @@ pub fn round_up(x: usize, m: usize) -> usize {
 
 /// Rows of scores computed and turned into probabilities together (16 KiB of scores).
 const SOFTMAX_ROWS: usize = 16;
+
+/// Rows of a chunk on the AMX path ([`amx_rows`]): two tile rows, the height of the 2 × 2
+/// tile blocks of [`super::amx::gemm`]; a chunk's scores stay in L1 between its steps.
+const AMX_CHUNK: usize = 32;
+
+/// Keys of a key tile on the AMX path (a multiple of 32, a whole tile of key pairs): two of
+/// the other families' tiles of [`BK`], so that the fixed costs of a row's softmax and the
+/// accumulator tile loads and stores of the P·V product come half as often. 256 ran as fast
+/// (2-core Xeon with AMX, bf16 W3, best of five) with twice the buffers.
+const AMX_KEYS: usize = 128;
 
 /// Most bytes of transposed K tiles a thread keeps (one KV head's at most; see
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
@@ -142,18 +159,18 @@ thread_local! {
 }
 
 impl Scratch {
-    /// `bf16_tiles`: whether the kernel family takes bf16 dot products in its tiles
-    /// ([`super::Isa::bf16_tiles`]).
-    pub fn new(p: &Problem, max_rows: usize, bf16_tiles: bool) -> Scratch {
-        Scratch::of_shape(ScratchShape::of(p, max_rows, bf16_tiles))
+    /// `isa`: the kernel family, whose bf16 tiles ([`super::Isa::bf16_tiles`]) and AMX key
+    /// tiles need buffers of their own.
+    pub fn new(p: &Problem, max_rows: usize, isa: Isa) -> Scratch {
+        Scratch::of_shape(ScratchShape::of(p, max_rows, isa))
     }
 
     /// [`Scratch::new`], or a scratch of the same shape that this thread kept from an earlier
     /// call ([`Scratch::keep`]). Its transposed-K cache is emptied: its tags name a batch entry
     /// and head, not the call. Every other buffer is rewritten before it is read, by each work
     /// item, as when one scratch serves a call's items in turn.
-    pub fn reuse(p: &Problem, max_rows: usize, bf16_tiles: bool) -> Scratch {
-        let shape = ScratchShape::of(p, max_rows, bf16_tiles);
+    pub fn reuse(p: &Problem, max_rows: usize, isa: Isa) -> Scratch {
+        let shape = ScratchShape::of(p, max_rows, isa);
         let spare = SPARE.with(|spare| {
             let mut spare = spare.borrow_mut();
             let i = spare.iter().position(|sc| sc.shape == shape)?;
@@ -186,7 +203,7 @@ impl Scratch {
     }
 
     fn bytes(&self) -> usize {
-        let f32s = [
+        let f32s: [&[f32]; 11] = [
             &self.q,
             &self.kt,
             &self.kt_cache,
@@ -213,39 +230,44 @@ impl Scratch {
             cached_tiles,
             staged,
             few,
+            amx,
         } = shape;
         let dvp = round_up(head_dim_v, 16);
         let tile_len = if few { 0 } else { d * BK };
         let packed = |len: usize| if few { 0 } else { len };
+        // The AMX path's buffers (see amx_rows): K and V of a wide key tile, and a chunk's
+        // scores and probabilities.
+        let wide = |len: usize, amx_len: usize| if amx { len.max(amx_len) } else { len };
+        let (chunk, kb) = (AMX_CHUNK, AMX_KEYS);
         Scratch {
-            q: vec![0.0; rows * d],
-            kt: vec![0.0; tile_len],
-            kt_cache: vec![0.0; cached_tiles * tile_len],
+            q: AlignedBuf::zeroed(rows * d),
+            kt: AlignedBuf::zeroed(tile_len),
+            kt_cache: AlignedBuf::zeroed(cached_tiles * tile_len),
             kt_tags: vec![None; cached_tiles],
-            row: vec![0.0; d.max(dvp)],
-            stage: vec![0.0; if staged { packed(BK * d) } else { 0 }],
-            s: vec![0.0; rows * BK],
-            v: vec![0.0; packed(BK * dvp)],
-            acc: vec![0.0; rows * dvp],
+            row: AlignedBuf::zeroed(d.max(dvp)),
+            stage: AlignedBuf::zeroed(if staged { packed(BK * d) } else { 0 }),
+            s: AlignedBuf::zeroed(wide(rows * BK, chunk * kb)),
+            v: AlignedBuf::zeroed(packed(BK * dvp)),
+            acc: AlignedBuf::zeroed(rows * dvp),
             m: vec![0.0; rows],
             l: vec![0.0; rows],
-            l_lanes: vec![0.0; rows * LANES],
+            l_lanes: AlignedBuf::zeroed(rows * LANES),
             rows: vec![RowInfo::default(); rows],
             dvp,
-            qp: vec![0; rows * d.div_ceil(2)],
-            kp: vec![0; packed(d.div_ceil(2) * BK)],
-            pp: vec![0; packed(rows * BK / 2)],
-            vp: vec![0; packed(BK / 2 * dvp)],
+            qp: AlignedBuf::zeroed(rows * d.div_ceil(2)),
+            kp: AlignedBuf::zeroed(packed(wide(d.div_ceil(2) * BK, d.div_ceil(2) * kb))),
+            pp: AlignedBuf::zeroed(packed(wide(rows * BK / 2, chunk * kb / 2))),
+            vp: AlignedBuf::zeroed(packed(wide(BK / 2 * dvp, kb / 2 * dvp))),
             shape,
         }
     }
 }
 
 impl ScratchShape {
-    fn of(p: &Problem, max_rows: usize, bf16_tiles: bool) -> ScratchShape {
+    fn of(p: &Problem, max_rows: usize, isa: Isa) -> ScratchShape {
         let tiles = p.seqlen_kv.div_ceil(BK);
         let tile_len = p.head_dim * BK;
-        let dot_tiles = bf16_tiles && p.k.dtype == DType::BF16;
+        let dot_tiles = isa.bf16_tiles() && p.k.dtype == DType::BF16;
         // No tile has more rows than max_rows; the bf16 path (in kernel families that take
         // it) takes more than BF16_FEW_ROWS where the few-rows path in registers does not.
         let few = max_rows <= FEW_ROWS
@@ -268,6 +290,7 @@ impl ScratchShape {
             cached_tiles,
             staged: p.k.dtype != DType::F32,
             few,
+            amx: dot_tiles && isa == Isa::AmxBf16,
         }
     }
 }
@@ -283,32 +306,6 @@ fn bf16_path(tiles: bool, p: &Problem, t: &TileRows) -> bool {
         && p.k.dtype == DType::BF16
         && t.nrows > BF16_FEW_ROWS
         && !few_rows_in_registers(p, t.nrows, true)
-}
-
-/// A product of the bf16 tiles: on the AMX tile unit (`AMX`, whose family the backend takes
-/// only where the unit is usable, or emulated where `UFA_AMX_EMULATE=1`), else in
-/// `vdpbf16ps`.
-///
-/// # Safety
-/// Needs avx512f+avx512bf16, and the tile unit where `AMX`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn bf16_gemm<const ACC: bool, const AMX: bool>(
-    a: Strided<u32>,
-    b: Strided<u32>,
-    out: &mut [f32],
-    ldo: usize,
-    shape: [usize; 3],
-    scale: f32,
-) {
-    use super::amx::{emulated, gemm, Emulated, Hw};
-    if AMX && emulated() {
-        gemm::<_, ACC>(&mut Emulated::default(), a, b, out, ldo, shape, scale);
-    } else if AMX {
-        gemm::<_, ACC>(&mut Hw, a, b, out, ldo, shape, scale);
-    } else {
-        super::avx512_bf16::gemm::<ACC>(a, b, out, ldo, shape, scale);
-    }
 }
 
 /// Whether the tiles' scores are bf16 dot products of raw bf16 queries, pair-packed by
@@ -507,6 +504,13 @@ pub fn attend<
     // With few rows (decoding) most of a register block would be padding and packing K would
     // cost more than the products: take dot products with K rows and add V rows in place.
     let bf16 = bf16_path(BF16_TILES || AMX, p, t);
+    #[cfg(target_arch = "x86_64")]
+    if bf16 && AMX {
+        // SAFETY: AMX is true only in the AMX family, which runs where the tile unit is
+        // usable (or emulated), under avx512bf16; the bf16 path has bf16 K and V.
+        unsafe { amx_rows::attend::<M, C>(p, t, keys, sc) };
+        return;
+    }
     let few_rows = !bf16 && t.nrows <= FEW_ROWS;
     let registers = few_rows && few_rows_in_registers(p, t.nrows, C == 64);
     let mut j0 = keys.0;
@@ -557,13 +561,13 @@ pub fn attend<
             }
         } else if bf16 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the bf16 path runs only under avx512bf16 (BF16_TILES and AMX are true
-            // only there; AMX only where the tile unit is usable).
+            // SAFETY: the bf16 path runs only under avx512bf16 (BF16_TILES is true only
+            // there).
             unsafe {
                 let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-                super::avx512_bf16::pack_transposed_pairs(row, nk, d, nkp, &mut sc.kp);
+                super::avx512_bf16::pack_transposed_pairs(row, nk, d, nkp, &mut sc.kp, BK);
                 let d2 = d.div_ceil(2);
-                bf16_gemm::<false, AMX>(
+                super::avx512_bf16::gemm::<false>(
                     Strided::rows(&sc.qp, d2),
                     Strided::rows(&sc.kp, BK),
                     &mut sc.s,
@@ -639,10 +643,7 @@ pub fn attend<
                 let nk2 = nk.div_ceil(2);
                 let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
                 super::avx512_bf16::pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
-                // Under AMX, a last tile whose key pairs are not a multiple of 16 fills no whole
-                // tile: amx::gemm hands its product to vdpbf16ps, as it does rows past whole
-                // tiles.
-                bf16_gemm::<true, AMX>(
+                super::avx512_bf16::gemm::<true>(
                     Strided::rows(&sc.pp, BK / 2),
                     Strided::rows(&sc.vp, dvp),
                     &mut sc.acc,
@@ -818,36 +819,51 @@ fn softmax_rows<M: MulAdd, const C: usize>(
             s.fill(0.0); // padding: P = 0
             continue;
         }
-        apply_score_mods::<M>(p, t, &sc.rows[r], j0, nk, s, None);
-        let m = sc.m[r];
-        let lanes = lane_max_of::<C>(s);
-        let (m_new, corr) = if any_lane_above(&lanes, m) {
-            let m_new = m.max(max_of_lanes(lanes));
-            // m_new > m, so m - m_new is never NaN (m = -inf gives exactly 0).
-            let corr = exp::<M>(m - m_new);
-            sc.acc[r * dvp..][..dvp].iter_mut().for_each(|a| *a *= corr);
-            sc.m[r] = m_new;
-            (m_new, corr)
-        } else if m == f32::NEG_INFINITY {
-            // No lane above -inf: the row has seen no key yet, unless some score is NaN (a NaN
-            // is never a maximum). Then the row's result is NaN, as in the reference: a
-            // maximum of NaN keeps every later P, the sum and the output NaN.
-            if !s.iter().any(|x| x.is_nan()) {
-                s.fill(0.0); // nothing visible yet: P = 0, state unchanged
-                continue;
-            }
-            sc.m[r] = f32::NAN;
-            (f32::NAN, 1.0)
-        } else {
-            (m, 1.0)
-        };
         let l: &mut [f32; LANES] = (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
-        *l = exp_sub_sum_lanes::<M>(s, m_new, l, corr);
-        // Dropout after the sum: the LSE is that of the probabilities before it.
-        if let Some(d) = &p.dropout {
-            let row = &sc.rows[r];
-            d.apply(t.batch * p.heads_q + row.head, row.qpos, j0, &mut s[..nk]);
+        let acc = &mut sc.acc[r * dvp..][..dvp];
+        softmax_row::<M, C>(p, t, &sc.rows[r], (j0, nk), s, (&mut sc.m[r], l, acc));
+    }
+}
+
+/// The online softmax of one row's scores `s` (keys `j0..j0+nk`, then padding to a whole
+/// vector) against its running max, sums in lanes and accumulator: `s` becomes the row's
+/// probabilities (after dropout), the accumulator is rescaled where the max grows.
+#[inline(always)]
+fn softmax_row<M: MulAdd, const C: usize>(
+    p: &Problem,
+    t: &TileRows,
+    row: &RowInfo,
+    (j0, nk): (usize, usize),
+    s: &mut [f32],
+    (m, l, acc): (&mut f32, &mut [f32; LANES], &mut [f32]),
+) {
+    apply_score_mods::<M>(p, t, row, j0, nk, s, None);
+    let m_old = *m;
+    let lanes = lane_max_of::<C>(s);
+    let (m_new, corr) = if any_lane_above(&lanes, m_old) {
+        let m_new = m_old.max(max_of_lanes(lanes));
+        // m_new > m, so m - m_new is never NaN (m = -inf gives exactly 0).
+        let corr = exp::<M>(m_old - m_new);
+        acc.iter_mut().for_each(|a| *a *= corr);
+        *m = m_new;
+        (m_new, corr)
+    } else if m_old == f32::NEG_INFINITY {
+        // No lane above -inf: the row has seen no key yet, unless some score is NaN (a NaN
+        // is never a maximum). Then the row's result is NaN, as in the reference: a
+        // maximum of NaN keeps every later P, the sum and the output NaN.
+        if !s.iter().any(|x| x.is_nan()) {
+            s.fill(0.0); // nothing visible yet: P = 0, state unchanged
+            return;
         }
+        *m = f32::NAN;
+        (f32::NAN, 1.0)
+    } else {
+        (m_old, 1.0)
+    };
+    *l = exp_sub_sum_lanes::<M>(s, m_new, l, corr);
+    // Dropout after the sum: the LSE is that of the probabilities before it.
+    if let Some(d) = &p.dropout {
+        d.apply(t.batch * p.heads_q + row.head, row.qpos, j0, &mut s[..nk]);
     }
 }
 
@@ -908,13 +924,13 @@ pub(super) fn pack_transposed<const C: usize>(
     // SAFETY: keys j0+jj < seqlen_kv lie in the validated view; staged rows hold `len` values.
     unsafe {
         if x.dtype == DType::F32 {
-            transpose_rows::<C, f32>(|jj| at(jj) as *const f32, nk, len, width, dst);
+            transpose_rows::<C, f32>(|jj| at(jj) as *const f32, nk, len, width, dst, BK);
         } else {
             for jj in 0..nk {
                 load_row_f32(x.dtype, at(jj), &mut stage[jj * len..][..len]);
             }
             let rows = stage.as_ptr();
-            transpose_rows::<C, f32>(|jj| rows.add(jj * len), nk, len, width, dst);
+            transpose_rows::<C, f32>(|jj| rows.add(jj * len), nk, len, width, dst, BK);
         }
     }
 }

@@ -1,0 +1,171 @@
+//! The forward's bf16 tiles on the AMX tile unit ([`super::super::Isa::AmxBf16`]): key tiles
+//! of [`KB`] keys, each taken a chunk of [`CHUNK`] rows at a time.
+//!
+//! Why not the other families' loop (tiles of 64 keys, each step over all of a work item's
+//! rows): on one core of a Sapphire-Rapids-class Xeon (2026-12-06, `perf`, bf16 W3), the tile
+//! unit's work (products, tile loads and stores) was a third of the time and the rest went to
+//! the softmax's fixed costs per row and tile (four vectors a row), and to reading each
+//! step's output back from L2 (256 rows: 64 KiB of scores, 32 KiB of probabilities). A tile
+//! store costs ~10 ns and a load ~5 against ~6.5 for a product (measured there), so the
+//! accumulator tiles that P·V loads and stores once a key tile cost a third of its products
+//! at 64 keys.
+//!
+//! So here a key tile's K and V are packed once for the work item; then each chunk takes its
+//! scores, their softmax (the other families' per-row code, [`softmax_row`]), its
+//! probabilities as bf16 pairs and its P·V product in turn, its scores (16 KiB) and
+//! probabilities (8 KiB) read back from L1. A chunk skips the key tiles that
+//! none of its rows sees (causal and windowed attention): such a tile changes no row's state.
+//! The tiles are configured once for the item ([`Tiles::begin`]), not once a product.
+
+use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles};
+use super::super::avx512_bf16::{pack_interleaved, pack_transposed_pairs};
+use super::super::math::{MulAdd, LANES};
+use super::super::microkernel::Strided;
+use super::{round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK, AMX_KEYS, R};
+use crate::problem::Problem;
+use std::arch::x86_64::*;
+
+/// Rows of a chunk.
+const CHUNK: usize = AMX_CHUNK;
+/// Keys of a key tile.
+const KB: usize = AMX_KEYS;
+/// Key pairs of a tile of the tile unit.
+const TILE_PAIRS: usize = super::super::amx::TILE;
+
+/// [`super::attend`] on the bf16 path under AMX, on the tile unit or, where
+/// `UFA_AMX_EMULATE=1`, its emulation.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16 and the tile unit usable (the AMX family is taken only there, or
+/// emulated); bf16 K and V, and [`super::begin`] run for `t` on `sc`.
+#[inline(always)]
+pub(super) unsafe fn attend<M: MulAdd, const C: usize>(
+    p: &Problem,
+    t: &TileRows,
+    keys: (usize, usize),
+    sc: &mut Scratch,
+) {
+    if emulated() {
+        run::<M, C, _>(&mut Emulated::default(), p, t, keys, sc)
+    } else {
+        run::<M, C, _>(&mut Hw, p, t, keys, sc)
+    }
+}
+
+/// The keys of `keys` that rows `r0..r1` see (empty where none).
+#[inline(always)]
+fn chunk_keys(
+    t: &TileRows,
+    sc: &Scratch,
+    (r0, r1): (usize, usize),
+    keys: (usize, usize),
+) -> (usize, usize) {
+    let band = (r0..r1.min(t.nrows)).fold((0, 0), |b, r| widen(b, sc.rows[r].band));
+    (band.0.max(keys.0), band.1.min(keys.1))
+}
+
+/// # Safety
+/// As [`attend`]; `tiles` is the unit to use.
+#[inline(always)]
+unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
+    tiles: &mut T,
+    p: &Problem,
+    t: &TileRows,
+    keys: (usize, usize),
+    sc: &mut Scratch,
+) {
+    let (d, dv, dvp) = (p.head_dim, p.head_dim_v, sc.dvp);
+    let d2 = d.div_ceil(2);
+    let rows = round_up(t.nrows, R);
+    tiles.begin();
+    let mut j0 = keys.0;
+    while j0 < keys.1 {
+        let nk = (keys.1 - j0).min(KB);
+        // Score columns computed: the tile's keys rounded up to whole vectors. Key pairs of
+        // P·V: whole tiles of pairs, the padding's probabilities and values zero, so that a
+        // short last tile takes the tile unit too.
+        let nkp = round_up(nk, LANES);
+        let (nk2, pairs) = (nk.div_ceil(2), round_up(nk.div_ceil(2), TILE_PAIRS));
+        let (mut k_packed, mut v_packed) = (false, false);
+        for r0 in (0..rows).step_by(CHUNK) {
+            let r1 = (r0 + CHUNK).min(rows);
+            let seen = chunk_keys(t, sc, (r0, r1), keys);
+            if seen.0 >= seen.1 || seen.1 <= j0 || seen.0 >= j0 + nk {
+                continue;
+            }
+            if !k_packed {
+                let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
+                pack_transposed_pairs(row, nk, d, nkp, &mut sc.kp, KB);
+                k_packed = true;
+            }
+            let n = r1 - r0;
+            // Unscaled: `gemm` would scale each block's sums right after storing them, and
+            // vector loads of what tile stores just wrote wait ~20 ns a tile (measured on the
+            // Xeon above); each row is scaled below instead, the same product rounded alike.
+            gemm::<T, false>(
+                tiles,
+                Strided::rows(&sc.qp[r0 * d2..], d2),
+                Strided::rows(&sc.kp, KB),
+                &mut sc.s,
+                KB,
+                [n, nkp, d2],
+                1.0,
+            );
+            for r in r0..r1 {
+                let i = r - r0;
+                let s = &mut sc.s[i * KB..][..nkp];
+                if r >= t.nrows {
+                    s.fill(0.0); // padding: P = 0
+                } else {
+                    s.iter_mut().for_each(|x| *x *= p.scale);
+                    let l = (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
+                    let acc = &mut sc.acc[r * dvp..][..dvp];
+                    softmax_row::<M, C>(p, t, &sc.rows[r], (j0, nk), s, (&mut sc.m[r], l, acc));
+                }
+                pack_row(s, &mut sc.pp[i * KB / 2..][..pairs]);
+            }
+            if !v_packed {
+                let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
+                pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
+                sc.vp[nk2 * dvp..pairs * dvp].fill(0);
+                v_packed = true;
+            }
+            gemm::<T, true>(
+                tiles,
+                Strided::rows(&sc.pp, KB / 2),
+                Strided::rows(&sc.vp, dvp),
+                &mut sc.acc[r0 * dvp..],
+                dvp,
+                [n, dvp, pairs],
+                1.0,
+            );
+        }
+        j0 += nk;
+    }
+    tiles.end();
+}
+
+/// Rounds a row of probabilities (a multiple of 16) to bf16 pairs of consecutive keys, the
+/// rest of `pp` zero.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16; `pp` holds at least `s.len() / 2` pairs, rounded up to 16.
+#[inline(always)]
+unsafe fn pack_row(s: &[f32], pp: &mut [u32]) {
+    let n = s.len();
+    assert!(n.is_multiple_of(LANES) && pp.len() >= round_up(n / 2, LANES));
+    let mut c = 0;
+    while c < n {
+        let lo = _mm512_loadu_ps(s.as_ptr().add(c));
+        let hi = if c + LANES < n {
+            _mm512_loadu_ps(s.as_ptr().add(c + LANES))
+        } else {
+            _mm512_setzero_ps()
+        };
+        // The second operand fills the low 16 bf16 values: keys c..c+16 stay in order.
+        let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(pp.as_mut_ptr().add(c / 2) as *mut _, b);
+        c += 2 * LANES;
+    }
+    pp[c / 2..].fill(0);
+}
