@@ -24,11 +24,11 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
             "present, but its tile state is not enabled by the operating system"
         } else if !ufa::Isa::AmxBf16.is_supported() {
             "present, but the operating system refused this process its tile data"
-        } else if ufa::AMX_BY_DEFAULT || isa == ufa::Isa::AmxBf16 {
+        } else if isa == ufa::Isa::AmxBf16 {
             "in use by the amx-bf16 kernels for bf16 tiles"
         } else {
-            "usable: --cpu-isa amx-bf16 (the cpu_isa option of the APIs) takes it for bf16 tiles; not \
-             the default until measured beside PyTorch on AMX hardware"
+            "usable, not in use: this context runs another kernel family (--cpu-isa amx-bf16, \
+             the cpu_isa option of the APIs, takes it for bf16 tiles)"
         };
         println!("amx:            {state}");
     }

@@ -1,42 +1,86 @@
-//! Every CUDA kernel variant compiles with NVRTC, with no GPU: for sm_80 every variant, for
-//! sm_90a the Hopper kernels and the rest as described at `hopper_needs`. Needs libnvrtc
-//! (scripts/test-cuda-compile installs the `nvidia-cuda-nvrtc` wheel and points
+//! Every CUDA kernel variant compiles with NVRTC, with no GPU: for sm_80 every variant but the
+//! f16 samples of `compiled`, for sm_90a the Hopper kernels and the rest as described there.
+//! Needs libnvrtc (scripts/test-cuda-compile installs the `nvidia-cuda-nvrtc` wheel and points
 //! UFA_NVRTC_PATH at it), so it is ignored in a plain `cargo test`.
 
 use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 
-/// Which variants the sm_90a pass compiles. The mma.sync kernels (`_sm80_`, `_decode_`) are compiled for
-/// sm_80 in full; their only sm_90 code (`#if __CUDA_ARCH__ >= 900` in mma.cuh, the
-/// backward's reductions of fp32 sums) does not depend on the element type, so on sm_90a the
-/// backward is compiled in bf16 only (its fp32 and TF32 builds, added later, had been compiled
-/// there too: 132 of the 1085 compile-seconds, 2026-12-06) and the forward kernels, which have
-/// none, as the bf16 prefill alone:
-/// every head dim, tile and flag set. fp32's TF32 forward and the decoding kernels were 40%
-/// of the sm_90a pass (2026-12-04). The warp-specialised forward is compiled in bf16 too: its
-/// f16 build differs only in the element conversions and the wgmma type names, which the f16
-/// builds of the cp.async Hopper forward compile. Every other kernel is compiled in full.
-/// `UFA_COMPILE_EVERY=1` compiles every variant for both.
-fn hopper_needs(kernel: &str) -> bool {
-    std::env::var_os("UFA_COMPILE_EVERY").is_some()
-        || !(kernel.starts_with("ufa_fwd_sm80_f16_")
-            || kernel.starts_with("ufa_fwd_sm80_f32_")
-            || kernel.starts_with("ufa_fwd_sm80_tf32_")
-            || kernel.starts_with("ufa_fwd_decode_bf16_")
-            || kernel.starts_with("ufa_bwd_sm80_f16_")
-            || kernel.starts_with("ufa_bwd_sm80_f32_")
-            || kernel.starts_with("ufa_bwd_sm80_tf32_")
-            || kernel.starts_with("ufa_fwd_decode_f16_")
-            || kernel.starts_with("ufa_fwd_sm90_tma_f16_"))
+/// Whether the check compiles `kernel` for `arch`. `UFA_COMPILE_EVERY=1` compiles every
+/// variant for both.
+///
+/// - sm_90a, the mma.sync kernels (`_sm80_`, `_decode_`), compiled for sm_80 in full: their
+///   only sm_90 code (`#if __CUDA_ARCH__ >= 900` in mma.cuh, the backward's reductions of fp32
+///   sums) does not depend on the element type or on the flags, so the backward is compiled in
+///   bf16 and the forward as the bf16 prefill, each tile with no flags and with all of them
+///   ([`flag_extremes`]). fp32's TF32 forward and the decoding kernels were 40% of the sm_90a
+///   pass (2026-12-04); the backward's fp32 and TF32 builds, later, another 132 of its 1085
+///   compile-seconds (2026-12-06).
+/// - The f16 builds of kernels also built in bf16 (the mma.sync kernels on sm_80, the cp.async
+///   Hopper forward on sm_90a): the two differ only in the element conversions and the MMA
+///   type names, which no flag changes, so f16 is compiled for each tile with no flags and with
+///   all of them, and bf16 with every flag set. The warp-specialised Hopper forward is
+///   compiled in bf16 alone (its f16 conversions and wgmma type names are those of the
+///   cp.async kernel's f16 builds).
+///
+/// CI has two cores: compiling everything took 415-455 s of a 20-minute budget (2026-12-05).
+fn compiled(arch: &str, kernel: &str) -> bool {
+    if std::env::var_os("UFA_COMPILE_EVERY").is_some() {
+        return true;
+    }
+    let starts = |prefixes: &[&str]| prefixes.iter().any(|p| kernel.starts_with(p));
+    if arch == "sm_80" {
+        return !starts(&[
+            "ufa_fwd_sm80_f16_",
+            "ufa_bwd_sm80_f16_",
+            "ufa_fwd_decode_f16_",
+        ]) || flag_extremes(kernel);
+    }
+    if starts(&[
+        "ufa_fwd_sm80_f16_",
+        "ufa_fwd_sm80_f32_",
+        "ufa_fwd_sm80_tf32_",
+        "ufa_fwd_decode_bf16_",
+        "ufa_fwd_decode_f16_",
+        "ufa_bwd_sm80_f16_",
+        "ufa_bwd_sm80_f32_",
+        "ufa_bwd_sm80_tf32_",
+        "ufa_fwd_sm90_tma_f16_",
+    ]) {
+        return false;
+    }
+    !starts(&[
+        "ufa_fwd_sm80_bf16_",
+        "ufa_bwd_sm80_bf16_",
+        "ufa_fwd_sm90_f16_",
+    ]) || flag_extremes(kernel)
+}
+
+/// The flags a variant name may carry, as `_flag` parts after its tile.
+const FLAGS: [&str; 4] = ["mod", "seqs", "paged", "drop"];
+
+/// Whether `kernel` carries none of [`FLAGS`] or every flag its family takes (the prefill
+/// kernels take no `paged` but the cp.async Hopper forward, the decoding kernels no `drop`):
+/// per tile, the variant with every flag's code path off and the one with all of them on.
+fn flag_extremes(kernel: &str) -> bool {
+    let has = |f: &str| kernel.split('_').any(|part| part == f);
+    let taken: Vec<&str> = FLAGS
+        .into_iter()
+        .filter(|&f| match f {
+            "paged" => kernel.starts_with("ufa_fwd_decode_") || kernel.starts_with("ufa_fwd_sm90_"),
+            "drop" => !kernel.starts_with("ufa_fwd_decode_"),
+            _ => true,
+        })
+        .collect();
+    let n = FLAGS.iter().filter(|f| has(f)).count();
+    n == 0 || n == taken.len()
 }
 
 #[test]
 #[ignore = "needs libnvrtc: run scripts/test-cuda-compile"]
 fn every_variant_compiles() {
     let v = nvrtc_version().unwrap_or_else(|e| panic!("{e}"));
-    let reports = compile_variants(&["sm_80", "sm_90a"], &|arch, kernel| {
-        arch != "sm_90a" || hopper_needs(kernel)
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    let reports =
+        compile_variants(&["sm_80", "sm_90a"], &compiled).unwrap_or_else(|e| panic!("{e}"));
     println!("NVRTC {}.{}: {} variants", v.0, v.1, reports.len());
     for r in &reports {
         println!(
@@ -54,4 +98,44 @@ fn every_variant_compiles() {
             std::fs::write(format!("{dir}/{}-{}.cubin", r.kernel, r.arch), &r.cubin).unwrap();
         }
     }
+}
+
+/// The sampling rule on names of each family: per tile, no flags and every flag.
+#[test]
+fn flag_extremes_keep_no_flags_and_all_flags() {
+    for (kernel, kept) in [
+        ("ufa_fwd_sm80_bf16_d96_m128_n64_w4_b2", true),
+        (
+            "ufa_fwd_sm80_bf16_d96_m128_n64_w8_b1_qreg_mod_seqs_drop",
+            true,
+        ),
+        ("ufa_fwd_sm80_bf16_d96_m128_n64_w4_b2_seqs_drop", false),
+        (
+            "ufa_bwd_sm80_f16_d64_m64_n128_w8_s2_g442_b1_mod_seqs_drop",
+            true,
+        ),
+        ("ufa_bwd_sm80_f16_d64_m64_n128_w8_s2_g442_b1_mod", false),
+        (
+            "ufa_fwd_decode_f16_d96_m1_w8_n16_s3_qreg_mod_seqs_paged",
+            true,
+        ),
+        ("ufa_fwd_decode_f16_d96_m1_w4_n32_s3_qreg_seqs", false),
+        (
+            "ufa_fwd_sm90_f16_d64_m128_n128_s2_b1_mod_seqs_paged_drop",
+            true,
+        ),
+        ("ufa_fwd_sm90_f16_d64_m128_n128_s2_b1_mod_seqs_drop", false),
+        ("ufa_fwd_sm90_f16_d64_m128_n128_s2_b2", true),
+    ] {
+        assert_eq!(flag_extremes(kernel), kept, "{kernel}");
+    }
+    assert!(compiled(
+        "sm_80",
+        "ufa_fwd_sm80_f32_d64_m128_n64_w4_b2_qreg_seqs"
+    ));
+    assert!(!compiled(
+        "sm_90a",
+        "ufa_bwd_sm80_tf32_d64_m64_n128_w8_s2_g442_b1"
+    ));
+    assert!(compiled("sm_90a", "ufa_bwd_sm90_bf16_d128"));
 }

@@ -69,20 +69,22 @@ pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
     }
 }
 
-/// Whether [`Isa::detect`] takes [`Isa::AmxBf16`] where the machine has it: not yet. Its tile
-/// products and the forward suites passed on an AMX Xeon (2026-12-05), 1.1-1.4x the default
-/// family's bf16 forward but one row 0.91x, in one uninterleaved run without PyTorch beside
-/// it (`bench/results/cpu_amx_2026-12-05_h100_host.md`); `scripts/gpu-check`'s cpu part
-/// measures that on the GPU host. The development machines have no AMX.
-pub const AMX_BY_DEFAULT: bool = false;
+/// Whether [`Isa::detect`] takes [`Isa::AmxBf16`] where the machine has it (and the operating
+/// system grants the tile data): yes. The family differs from [`Isa::Avx512Bf16Decode`] only
+/// in the bf16 forward's tiles, which it ran 1.3-3x as fast as that family on a 2-core
+/// Emerald Rapids VM with AMX, in rounds interleaved with PyTorch's CPU flash kernel
+/// (`bench/results/cpu_amx_2026-12-06_intel_emr_2cpu.md`); on the GPU host's 16-core Xeon the
+/// earlier build ran 1.0-1.4x, one row 0.91x (`cpu_amx_2026-12-05_h100_host.md`). The tile
+/// unit's emulation is never a default.
+pub const AMX_BY_DEFAULT: bool = true;
 
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
     /// Intel AMX tiles (`tdpbf16ps`) for the products of the forward's bf16 tiles, and
     /// [`Isa::Avx512Bf16Decode`] for everything else: decoding, fp32, and the backward (which
-    /// has no AMX products yet). Taken only when asked for (`cpu_isa`, `--cpu-isa`) while
-    /// [`AMX_BY_DEFAULT`] is false.
+    /// has no AMX products yet). The default where the tile unit is usable
+    /// ([`AMX_BY_DEFAULT`]).
     AmxBf16,
     /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
     Avx512Bf16,
@@ -215,7 +217,8 @@ impl Isa {
     pub fn detect() -> Isa {
         let first = Isa::ALL
             .into_iter()
-            .filter(|&i| i != Isa::AmxBf16 || AMX_BY_DEFAULT)
+            // The tile unit's emulation (UFA_AMX_EMULATE=1) is for tests, never a default.
+            .filter(|&i| i != Isa::AmxBf16 || (AMX_BY_DEFAULT && !super::amx::emulated()))
             .find(|i| i.is_supported())
             .unwrap_or(Isa::Portable);
         if first == Isa::Avx512Bf16 && !super::rates::bf16_dot_pays() {
@@ -345,10 +348,13 @@ mod tests {
     }
 
     #[test]
-    fn detection_follows_the_measured_rates() {
+    fn detection_takes_amx_then_follows_the_measured_rates() {
         let isa = Isa::detect();
         assert!(isa.is_supported());
-        if Isa::Avx512Bf16.is_supported() {
+        if AMX_BY_DEFAULT && Isa::AmxBf16.is_supported() && !super::super::amx::emulated() {
+            // A usable tile unit comes before the measured choice between the other two.
+            assert_eq!(isa, Isa::AmxBf16);
+        } else if Isa::Avx512Bf16.is_supported() {
             let want = if super::super::rates::bf16_dot_pays() {
                 Isa::Avx512Bf16
             } else {
