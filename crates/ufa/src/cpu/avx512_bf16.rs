@@ -120,14 +120,33 @@ unsafe fn block<const V: usize, const ACC: bool>(
 pub unsafe fn pack_probabilities(p: &[f32], pp: &mut [u32], rows: usize) {
     debug_assert!(p.len() >= rows * BK && pp.len() >= rows * BK / 2);
     for r in 0..rows {
-        for c in (0..BK).step_by(32) {
-            let lo = _mm512_loadu_ps(p.as_ptr().add(r * BK + c));
-            let hi = _mm512_loadu_ps(p.as_ptr().add(r * BK + c + 16));
-            // The second operand fills the low 16 bf16 values: keys c..c+16 stay in order.
-            let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(pp.as_mut_ptr().add(r * BK / 2 + c / 2) as *mut _, b);
-        }
+        pack_probability_row(&p[r * BK..][..BK], &mut pp[r * BK / 2..][..BK / 2]);
     }
+}
+
+/// Rounds a row of probabilities (a multiple of 16) to bf16 pairs of consecutive keys, the
+/// rest of `pp` zero.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16; `pp` holds at least `s.len() / 2` pairs, rounded up to 16.
+#[inline(always)]
+pub unsafe fn pack_probability_row(s: &[f32], pp: &mut [u32]) {
+    let n = s.len();
+    assert!(n.is_multiple_of(16) && pp.len() >= (n / 2).div_ceil(16) * 16);
+    let mut c = 0;
+    while c < n {
+        let lo = _mm512_loadu_ps(s.as_ptr().add(c));
+        let hi = if c + 16 < n {
+            _mm512_loadu_ps(s.as_ptr().add(c + 16))
+        } else {
+            _mm512_setzero_ps()
+        };
+        // The second operand fills the low 16 bf16 values: keys c..c+16 stay in order.
+        let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(pp.as_mut_ptr().add(c / 2) as *mut _, b);
+        c += 32;
+    }
+    pp[c / 2..].fill(0);
 }
 
 /// Interleaves two bf16 rows (`second` None past the last row) into pairs:

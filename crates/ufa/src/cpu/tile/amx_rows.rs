@@ -18,12 +18,11 @@
 //! The tiles are configured once for the item ([`Tiles::begin`]), not once a product.
 
 use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles};
-use super::super::avx512_bf16::{pack_interleaved, pack_transposed_pairs};
+use super::super::avx512_bf16::{pack_interleaved, pack_probability_row, pack_transposed_pairs};
 use super::super::math::{MulAdd, LANES};
 use super::super::microkernel::Strided;
 use super::{round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK, AMX_KEYS, R};
 use crate::problem::Problem;
-use std::arch::x86_64::*;
 
 /// Rows of a chunk.
 const CHUNK: usize = AMX_CHUNK;
@@ -122,7 +121,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                     let acc = &mut sc.acc[r * dvp..][..dvp];
                     softmax_row::<M, C>(p, t, &sc.rows[r], (j0, nk), s, (&mut sc.m[r], l, acc));
                 }
-                pack_row(s, &mut sc.pp[i * KB / 2..][..pairs]);
+                pack_probability_row(s, &mut sc.pp[i * KB / 2..][..pairs]);
             }
             if !v_packed {
                 let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
@@ -143,29 +142,4 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
         j0 += nk;
     }
     tiles.end();
-}
-
-/// Rounds a row of probabilities (a multiple of 16) to bf16 pairs of consecutive keys, the
-/// rest of `pp` zero.
-///
-/// # Safety
-/// Needs avx512f+avx512bf16; `pp` holds at least `s.len() / 2` pairs, rounded up to 16.
-#[inline(always)]
-unsafe fn pack_row(s: &[f32], pp: &mut [u32]) {
-    let n = s.len();
-    assert!(n.is_multiple_of(LANES) && pp.len() >= round_up(n / 2, LANES));
-    let mut c = 0;
-    while c < n {
-        let lo = _mm512_loadu_ps(s.as_ptr().add(c));
-        let hi = if c + LANES < n {
-            _mm512_loadu_ps(s.as_ptr().add(c + LANES))
-        } else {
-            _mm512_setzero_ps()
-        };
-        // The second operand fills the low 16 bf16 values: keys c..c+16 stay in order.
-        let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_storeu_si512(pp.as_mut_ptr().add(c / 2) as *mut _, b);
-        c += 2 * LANES;
-    }
-    pp[c / 2..].fill(0);
 }
