@@ -26,13 +26,9 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
             "present, but the operating system refused this process its tile data"
         } else if isa == ufa::Isa::AmxBf16 {
             "in use by the amx-bf16 kernels for bf16 tiles"
-        } else if ufa::AMX_BY_DEFAULT {
+        } else {
             "usable, not in use: this context runs another kernel family (--cpu-isa amx-bf16, \
              the cpu_isa option of the APIs, takes it for bf16 tiles)"
-        } else {
-            "usable: --cpu-isa amx-bf16 (the cpu_isa option of the APIs) takes it for bf16 tiles, \
-             1.7-3.3x the default family's bf16 forward on an Emerald Rapids VM; not the default \
-             until its bf16 probabilities meet the error bound at every head dim"
         };
         println!("amx:            {state}");
     }

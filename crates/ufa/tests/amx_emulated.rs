@@ -49,6 +49,9 @@ fn amx_family_with_emulated_tiles_matches_the_reference() {
         (1, 64, 300, 2, 2, 80, true),
         (1, 33, 131, 3, 3, 256, false),
         (2, 3, 70, 8, 2, 128, false),
+        // V of one vector's columns or fewer: probabilities split in two bf16 parts.
+        (1, 123, 129, 4, 1, 1, false),
+        (1, 70, 333, 4, 1, 16, true),
     ] {
         let mut c = Case::new(b, sq, skv, hq, d, DType::BF16);
         c.heads_kv = hkv;

@@ -13,6 +13,61 @@ fn standard_cases_match_reference_on_every_isa() {
     );
 }
 
+/// V with one to sixteen columns and one KV head: every output column a weighted mean of one
+/// column of V, which can nearly cancel. Probabilities rounded to bf16 for P·V missed the
+/// error bound there (up to 2.3e-2 at head_dim 1, bound 1e-2) in about one draw of a hundred,
+/// until the bf16 families took them to 16 bits for such V (`cpu::tile::few_columns`): so
+/// many small draws, each on every kernel family against one reference; a line for each
+/// failure and the worst error of each family.
+#[test]
+fn few_value_columns_match_reference_on_every_isa() {
+    use ufa::{Context, Isa};
+    use ufa_testkit::{seed, Case, Instance, SEED_ENV};
+    const DRAWS: u64 = 500;
+    let seed = seed();
+    println!("seed {seed} (replay with {SEED_ENV}={seed})");
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.is_supported()).collect();
+    let ctxs: Vec<Context> = isas
+        .iter()
+        .map(|&isa| {
+            Context::builder()
+                .cpu_isa(isa)
+                .num_threads(2)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let mut worst = vec![0.0f64; isas.len()];
+    let mut failed = Vec::new();
+    for i in 0..DRAWS {
+        let (d, dv) = [(1, 1), (1, 1), (2, 2), (8, 1), (16, 16)][i as usize % 5];
+        let mut c = Case::new(1, 32, 129, 4, d, DType::BF16);
+        c.heads_kv = 1;
+        c.head_dim_v = dv;
+        c.causal = i % 7 == 6;
+        let s = seed.wrapping_add(i);
+        let reference = Instance::new(&c, s).reference().unwrap();
+        for (j, ctx) in ctxs.iter().enumerate() {
+            let mut inst = Instance::new(&c, s);
+            inst.run(ctx).unwrap();
+            let r = inst.compare(&reference);
+            worst[j] = worst[j].max(r.out_error);
+            if !r.passed() {
+                let isa = isas[j];
+                failed.push(format!(
+                    "{isa:?} {} (seed {s}): {}",
+                    c.describe(),
+                    r.summary()
+                ));
+            }
+        }
+    }
+    for (isa, w) in isas.iter().zip(worst) {
+        println!("{isa:?}: {DRAWS} draws, worst error {w:.2e}");
+    }
+    assert!(failed.is_empty(), "seed {seed}: {failed:#?}");
+}
+
 /// The decoding shapes CUDA serves with its split-KV kernel (`testing::decode_cases`), on the
 /// CPU's own split decoding, on every kernel family.
 #[test]

@@ -120,33 +120,57 @@ unsafe fn block<const V: usize, const ACC: bool>(
 pub unsafe fn pack_probabilities(p: &[f32], pp: &mut [u32], rows: usize) {
     debug_assert!(p.len() >= rows * BK && pp.len() >= rows * BK / 2);
     for r in 0..rows {
-        pack_probability_row(&p[r * BK..][..BK], &mut pp[r * BK / 2..][..BK / 2]);
+        pack_probability_row(&p[r * BK..][..BK], &mut pp[r * BK / 2..][..BK / 2], None);
     }
 }
 
 /// Rounds a row of probabilities (a multiple of 16) to bf16 pairs of consecutive keys, the
-/// rest of `pp` zero.
+/// rest of `pp` zero. With `lo`, also the residuals `p - bf16(p)` (exact in fp32) rounded to
+/// bf16 pairs, laid out as `pp` is: a product with both, against the same V pairs, takes P
+/// to 16 significant bits instead of 8 (where V has few columns: `tile::few_columns`).
 ///
 /// # Safety
-/// Needs avx512f+avx512bf16; `pp` holds at least `s.len() / 2` pairs, rounded up to 16.
+/// Needs avx512f+avx512bf16; `pp` (and `lo`) hold at least `s.len() / 2` pairs, rounded up
+/// to 16.
 #[inline(always)]
-pub unsafe fn pack_probability_row(s: &[f32], pp: &mut [u32]) {
+pub unsafe fn pack_probability_row(s: &[f32], pp: &mut [u32], mut lo: Option<&mut [u32]>) {
     let n = s.len();
     assert!(n.is_multiple_of(16) && pp.len() >= (n / 2).div_ceil(16) * 16);
+    if let Some(lo) = lo.as_deref() {
+        assert!(lo.len() >= (n / 2).div_ceil(16) * 16);
+    }
+    // bf16 lanes `half` (0: the low 16, 1: the high 16) of `b`, widened to fp32 exactly.
+    let widen = |b: __m512i, half: bool| {
+        let h = if half {
+            _mm512_extracti64x4_epi64::<1>(b)
+        } else {
+            _mm512_castsi512_si256(b)
+        };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    };
     let mut c = 0;
     while c < n {
-        let lo = _mm512_loadu_ps(s.as_ptr().add(c));
-        let hi = if c + 16 < n {
+        let first = _mm512_loadu_ps(s.as_ptr().add(c));
+        let second = if c + 16 < n {
             _mm512_loadu_ps(s.as_ptr().add(c + 16))
         } else {
             _mm512_setzero_ps()
         };
         // The second operand fills the low 16 bf16 values: keys c..c+16 stay in order.
-        let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(second, first));
         _mm512_storeu_si512(pp.as_mut_ptr().add(c / 2) as *mut _, b);
+        if let Some(lo) = lo.as_deref_mut() {
+            let r0 = _mm512_sub_ps(first, widen(b, false));
+            let r1 = _mm512_sub_ps(second, widen(b, true));
+            let r: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(r1, r0));
+            _mm512_storeu_si512(lo.as_mut_ptr().add(c / 2) as *mut _, r);
+        }
         c += 32;
     }
     pp[c / 2..].fill(0);
+    if let Some(lo) = lo {
+        lo[c / 2..].fill(0);
+    }
 }
 
 /// Interleaves two bf16 rows (`second` None past the last row) into pairs:

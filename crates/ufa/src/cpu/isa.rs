@@ -69,23 +69,22 @@ pub fn run_with<F: KernelFn>(isa: Isa, f: F) -> F::Output {
     }
 }
 
-/// Whether [`Isa::detect`] takes [`Isa::AmxBf16`] where the machine has it: not yet. The
-/// family differs from [`Isa::Avx512Bf16Decode`] only in the bf16 forward's tiles, which it
-/// ran 1.7-3.3x as fast as that family on a 2-core Emerald Rapids VM with AMX
-/// (`bench/results/cpu_amx_2026-12-06_intel_emr_2cpu.md`). But like [`Isa::Avx512Bf16`] it
-/// rounds the probabilities to bf16 for P·V, and at head_dim 1 that put the output 1.65e-2
-/// from the f64 reference (bound 1e-2; `tests/properties.rs`, B1 Sq123 Skv129 H4/1 bf16, seed
-/// 8254977629364280683), where the fp32 products of the default family are at 1.7e-3. The
-/// default waits for that. The tile unit's emulation is never a default.
-pub const AMX_BY_DEFAULT: bool = false;
+/// Whether [`Isa::detect`] takes [`Isa::AmxBf16`] where the machine has it (and the operating
+/// system grants the tile data): yes. The family differs from [`Isa::Avx512Bf16Decode`] only
+/// in the bf16 forward's tiles, which it ran 1.7-3.3x as fast as that family on a 2-core
+/// Emerald Rapids VM with AMX (`bench/results/cpu_amx_2026-12-06_intel_emr_2cpu.md`). Its
+/// probabilities are rounded to bf16 for P·V as FlashAttention's are, but for V of a vector's
+/// columns or fewer, where that missed the error bound and they are split into two bf16
+/// parts (`cpu::tile::few_columns`). The tile unit's emulation is never a default.
+pub const AMX_BY_DEFAULT: bool = true;
 
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
     /// Intel AMX tiles (`tdpbf16ps`) for the products of the forward's bf16 tiles, and
     /// [`Isa::Avx512Bf16Decode`] for everything else: decoding, fp32, and the backward (which
-    /// has no AMX products yet). Taken only when asked for (`cpu_isa`, `--cpu-isa`) while
-    /// [`AMX_BY_DEFAULT`] is false.
+    /// has no AMX products yet). The default where the tile unit is usable
+    /// ([`AMX_BY_DEFAULT`]).
     AmxBf16,
     /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
     Avx512Bf16,

@@ -99,7 +99,8 @@ pub struct Scratch {
     /// Padded width of V and acc rows (head_dim_v rounded up to 16).
     pub dvp: usize,
     /// bf16 pair-packed operands of the AVX-512 BF16 path: Q (rows × d2), K (d2 × BK),
-    /// P (rows × BK/2) and V (BK/2 × dvp).
+    /// P (rows × BK/2) and V (BK/2 × dvp); on the AMX path P and V of its wider key tiles,
+    /// twice as long where the probabilities are split ([`few_columns`]).
     qp: AlignedBuf<u32>,
     kp: AlignedBuf<u32>,
     pp: AlignedBuf<u32>,
@@ -239,6 +240,8 @@ impl Scratch {
         // scores and probabilities.
         let wide = |len: usize, amx_len: usize| if amx { len.max(amx_len) } else { len };
         let (chunk, kb) = (AMX_CHUNK, AMX_KEYS);
+        // Split probabilities (see few_columns): P and V twice as long.
+        let parts = if amx && few_columns(head_dim_v) { 2 } else { 1 };
         Scratch {
             q: AlignedBuf::zeroed(rows * d),
             kt: AlignedBuf::zeroed(tile_len),
@@ -256,8 +259,8 @@ impl Scratch {
             dvp,
             qp: AlignedBuf::zeroed(rows * d.div_ceil(2)),
             kp: AlignedBuf::zeroed(packed(wide(d.div_ceil(2) * BK, d.div_ceil(2) * kb))),
-            pp: AlignedBuf::zeroed(packed(wide(rows * BK / 2, chunk * kb / 2))),
-            vp: AlignedBuf::zeroed(packed(wide(BK / 2 * dvp, kb / 2 * dvp))),
+            pp: AlignedBuf::zeroed(packed(parts * wide(rows * BK / 2, chunk * kb / 2))),
+            vp: AlignedBuf::zeroed(packed(parts * wide(BK / 2 * dvp, kb / 2 * dvp))),
             shape,
         }
     }
@@ -267,7 +270,8 @@ impl ScratchShape {
     fn of(p: &Problem, max_rows: usize, isa: Isa) -> ScratchShape {
         let tiles = p.seqlen_kv.div_ceil(BK);
         let tile_len = p.head_dim * BK;
-        let dot_tiles = isa.bf16_tiles() && p.k.dtype == DType::BF16;
+        let amx = isa == Isa::AmxBf16;
+        let dot_tiles = dot_tiles(isa.bf16_tiles(), amx, p.head_dim_v) && p.k.dtype == DType::BF16;
         // No tile has more rows than max_rows; the bf16 path (in kernel families that take
         // it) takes more than BF16_FEW_ROWS where the few-rows path in registers does not.
         let few = max_rows <= FEW_ROWS
@@ -290,9 +294,33 @@ impl ScratchShape {
             cached_tiles,
             staged: p.k.dtype != DType::F32,
             few,
-            amx: dot_tiles && isa == Isa::AmxBf16,
+            amx: dot_tiles && amx,
         }
     }
+}
+
+/// Whether P·V with the probabilities rounded to bf16 can miss the error bound because V has
+/// `columns` columns, one vector's worth or fewer. The rounding is off by about 2^-9 of
+/// `Σ p·|v|`, large against an output where a column of V nearly cancels, and with one or two
+/// columns the output's error has nothing to average out over (property test, head_dim 1, one
+/// KV head, bf16: 1.2-2.3e-2 from the f64 reference against a bound of 1e-2, in the
+/// avx512bf16 and amx-bf16 families alike; 1.8e-3 at 16 columns, worst of 60 seeds). There
+/// the AMX path splits each probability into two bf16 parts
+/// ([`super::avx512_bf16::pack_probability_row`]), and the avx512bf16 family takes the fp32
+/// FMA tiles, which ran these head dims as fast as its dot products (2-core Xeon with AMX,
+/// bf16 B1 H8 S2048, head_dim 1-16), where splitting cost it a third more time against AMX's
+/// tenth. (The backward's bound already allows for P and dS rounded to bf16: see
+/// `ufa_testkit::Instance::compare_grads`.)
+#[inline(always)]
+pub(crate) fn few_columns(head_dim_v: usize) -> bool {
+    head_dim_v <= LANES
+}
+
+/// Whether the kernel family's bf16 tiles (`tiles`: dot products, `amx`: AMX tiles) are
+/// taken for a problem with bf16 K and V of `head_dim_v` columns ([`few_columns`]).
+#[inline(always)]
+fn dot_tiles(tiles: bool, amx: bool, head_dim_v: usize) -> bool {
+    amx || (tiles && !few_columns(head_dim_v))
 }
 
 /// Whether a tile takes the bf16 path (dot products or AMX tiles): bf16 inputs, a kernel
@@ -503,7 +531,7 @@ pub fn attend<
     let rows = round_up(t.nrows, R);
     // With few rows (decoding) most of a register block would be padding and packing K would
     // cost more than the products: take dot products with K rows and add V rows in place.
-    let bf16 = bf16_path(BF16_TILES || AMX, p, t);
+    let bf16 = bf16_path(dot_tiles(BF16_TILES, AMX, dv), p, t);
     #[cfg(target_arch = "x86_64")]
     if bf16 && AMX {
         // SAFETY: AMX is true only in the AMX family, which runs where the tile unit is

@@ -21,7 +21,7 @@ use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles};
 use super::super::avx512_bf16::{pack_interleaved, pack_probability_row, pack_transposed_pairs};
 use super::super::math::{MulAdd, LANES};
 use super::super::microkernel::Strided;
-use super::{round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK, AMX_KEYS, R};
+use super::{few_columns, round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK, AMX_KEYS, R};
 use crate::problem::Problem;
 
 /// Rows of a chunk.
@@ -76,6 +76,9 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let (d, dv, dvp) = (p.head_dim, p.head_dim_v, sc.dvp);
     let d2 = d.div_ceil(2);
     let rows = round_up(t.nrows, R);
+    // Split probabilities: a row's parts lie KB/2 pairs apart, V's pairs come twice.
+    let split = few_columns(dv);
+    let ld_p = if split { KB } else { KB / 2 };
     tiles.begin();
     let mut j0 = keys.0;
     while j0 < keys.1 {
@@ -121,21 +124,28 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                     let acc = &mut sc.acc[r * dvp..][..dvp];
                     softmax_row::<M, C>(p, t, &sc.rows[r], (j0, nk), s, (&mut sc.m[r], l, acc));
                 }
-                pack_probability_row(s, &mut sc.pp[i * KB / 2..][..pairs]);
+                // Split, the parts zero up to KB/2 pairs, where V's pairs are zero too.
+                let pp = &mut sc.pp[i * ld_p..][..ld_p];
+                let (hi, lo) = pp.split_at_mut(if split { KB / 2 } else { pairs });
+                pack_probability_row(s, hi, split.then_some(lo));
             }
             if !v_packed {
                 let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
                 pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
-                sc.vp[nk2 * dvp..pairs * dvp].fill(0);
+                let zero_to = if split { KB / 2 } else { pairs };
+                sc.vp[nk2 * dvp..zero_to * dvp].fill(0);
+                if split {
+                    sc.vp.copy_within(..KB / 2 * dvp, KB / 2 * dvp);
+                }
                 v_packed = true;
             }
             gemm::<T, true>(
                 tiles,
-                Strided::rows(&sc.pp, KB / 2),
+                Strided::rows(&sc.pp, ld_p),
                 Strided::rows(&sc.vp, dvp),
                 &mut sc.acc[r0 * dvp..],
                 dvp,
-                [n, dvp, pairs],
+                [n, dvp, if split { KB / 2 + pairs } else { pairs }],
                 1.0,
             );
         }
