@@ -190,6 +190,9 @@ fn workloads(target: Target) -> Vec<Workload> {
             v.extend(varlen("V1", &v1, 8, 64, true));
             v.extend(varlen("V3", &[1024; 4], 8, 64, true));
             v.extend(decode("D1", 4, 32, 8, 4096, 128, &[16, 256]));
+            // Grouped-query decoding with 8 and 16 query heads a KV head (batch 1).
+            v.extend(decode("D2", 1, 16, 2, 8192, 128, &[16]));
+            v.extend(decode("D3", 1, 32, 2, 8192, 128, &[16]));
         }
         Target::Cuda(_) => {
             v.extend(varlen("V1", &v1, 8, 64, true));

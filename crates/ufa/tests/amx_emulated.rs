@@ -52,6 +52,10 @@ fn amx_family_with_emulated_tiles_matches_the_reference() {
         // V of one vector's columns or fewer: probabilities split in two bf16 parts.
         (1, 123, 129, 4, 1, 1, false),
         (1, 70, 333, 4, 1, 16, true),
+        // A few rows a KV head (decoding): the transposed-scores path, a partial last tile
+        // of keys, and rows of two query positions (their causal bands differ).
+        (2, 1, 333, 16, 2, 128, false),
+        (1, 2, 150, 32, 4, 64, true),
     ] {
         let mut c = Case::new(b, sq, skv, hq, d, DType::BF16);
         c.heads_kv = hkv;

@@ -36,6 +36,36 @@ fn kvcache_matches_reference_and_appends_exactly() {
     );
 }
 
+/// Decoding over bf16 caches with 8 and 16 query rows a KV head, which the AMX family runs
+/// on the tile unit with the scores transposed (`cpu/tile/amx_few.rs`): dense and paged
+/// caches (pages of 16, and of 1, where every key is a run of its own), a partial last tile
+/// of keys, appending, and two query positions whose causal bands differ.
+#[test]
+fn kvcache_decoding_of_grouped_heads_matches_reference() {
+    use ufa::DType::BF16;
+    use ufa_testkit::{Features, KvCacheCase};
+    let mut cases = Vec::new();
+    let mut f = Features::new(16, 2, 128, BF16);
+    f.causal = true;
+    cases.push(KvCacheCase::new(1, &[300, 17, 0], 1, f.clone()));
+    for page in [16, 1] {
+        let mut c = KvCacheCase::new(1, &[300, 17, 0], 1, f.clone());
+        c.page_size = Some(page);
+        cases.push(c);
+    }
+    let mut g = Features::new(32, 4, 64, BF16);
+    g.causal = true;
+    let mut c = KvCacheCase::new(2, &[129, 40], 2, g);
+    c.page_size = Some(64);
+    cases.push(c);
+    run_on_every_isa(
+        &cases,
+        check_kvcache,
+        Comparison::passed,
+        Comparison::summary,
+    );
+}
+
 #[test]
 fn merged_states_match_reference() {
     run_on_every_isa(

@@ -10,7 +10,8 @@ use super::math::MulAdd;
 use super::microkernel::BK;
 use super::parallel::{for_each, for_each_chunk_mut, Exec};
 use super::tile::{
-    attend, attend_heads, begin, few_rows_in_registers, finish, round_up, Scratch, TileRows,
+    attend, attend_amx_few, attend_heads, begin, few_rows_in_registers, finish, round_up, Scratch,
+    TileRows,
 };
 use super::Workspace;
 use crate::dtype::store_row_f32;
@@ -182,7 +183,9 @@ impl KernelFn for ForwardJob<'_> {
             Some((s, n)) => split_keys(range, s, n),
             None => range,
         };
-        if attend_heads::<M, C, BF16, BF16_TILES>(self.p, self.ts, keys, self.scs) {
+        if attend_amx_few::<M, C, AMX>(self.p, self.ts, keys, self.scs) {
+            // A job of a few rows a KV head on the tile unit, step by step over its heads.
+        } else if attend_heads::<M, C, BF16, BF16_TILES>(self.p, self.ts, keys, self.scs) {
             // A job of heads whose rows take the few-rows path: key by key over its heads.
         } else if let [t] = self.ts {
             attend::<M, C, BF16, BF16_TILES, AMX>(self.p, t, keys, &mut self.scs[0]);

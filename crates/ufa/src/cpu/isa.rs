@@ -81,10 +81,10 @@ pub const AMX_BY_DEFAULT: bool = true;
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
-    /// Intel AMX tiles (`tdpbf16ps`) for the products of the forward's bf16 tiles, and
-    /// [`Isa::Avx512Bf16Decode`] for everything else: decoding, fp32, and the backward (which
-    /// has no AMX products yet). The default where the tile unit is usable
-    /// ([`AMX_BY_DEFAULT`]).
+    /// Intel AMX tiles (`tdpbf16ps`) for the products of the forward's bf16 tiles, decoding
+    /// with 8 to 16 query rows a KV head included, and [`Isa::Avx512Bf16Decode`] for
+    /// everything else: decoding with fewer rows, fp32, and the backward (which has no AMX
+    /// products yet). The default where the tile unit is usable ([`AMX_BY_DEFAULT`]).
     AmxBf16,
     /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
     Avx512Bf16,
@@ -186,9 +186,10 @@ impl Isa {
     pub fn why(self) -> &'static str {
         match self {
             Isa::AmxBf16 => {
-                "AMX tiles (tdpbf16ps) for the bf16 tiles of the forward, pairs multiplied \
-                 exactly and summed in fp32; AVX-512 with BF16 dot products for decoding; fp32, \
-                 and the backward, in 16-wide FMAs"
+                "AMX tiles (tdpbf16ps) for the bf16 tiles of the forward and for decoding with \
+                 8-16 query rows a KV head, pairs multiplied exactly and summed in fp32; AVX-512 \
+                 with BF16 dot products for decoding with fewer; fp32, and the backward, in \
+                 16-wide FMAs"
             }
             Isa::Avx512Bf16 => {
                 "AVX-512 with BF16 dot products: fp32 in 16-wide FMAs, bf16 inputs through \

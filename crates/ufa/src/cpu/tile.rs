@@ -3,6 +3,7 @@
 //! accumulator in [`Scratch`]; the scheduler writes them out or merges split results.
 
 use super::aligned::AlignedBuf;
+use super::amx::TILE as AMX_TILE;
 use super::isa::Isa;
 use super::math::{
     any_lane_above, axpy, dot, exp, exp_sub_sum_lanes, lane_max, max_of_lanes, sum_of_lanes, tanh,
@@ -14,6 +15,7 @@ use crate::problem::{Operand, Problem};
 use crate::sequences::Seq;
 
 #[cfg(target_arch = "x86_64")]
+mod amx_few;
 mod amx_rows;
 
 /// Rows of a work item: rows `row0..row0+nrows` of the (query position × group head) sequence of
@@ -105,8 +107,37 @@ pub struct Scratch {
     kp: AlignedBuf<u32>,
     pp: AlignedBuf<u32>,
     vp: AlignedBuf<u32>,
+    /// The AMX path of a few rows' buffers ([`amx_few`]), empty elsewhere.
+    amx_few: AmxFewBufs,
     /// The sizes it was made for.
     shape: ScratchShape,
+}
+
+/// Buffers of [`amx_few`]: a step's scores transposed (`st`, keys × 16 rows, and a tile of
+/// the last run's), their transpose (`pt`, 16 rows × keys), Qᵀ (`qt`, pairs × 16) and a tile
+/// of K rows padded with zeros (`tail`).
+struct AmxFewBufs {
+    st: AlignedBuf<f32>,
+    pt: AlignedBuf<f32>,
+    qt: AlignedBuf<u32>,
+    tail: AlignedBuf<u32>,
+}
+
+impl AmxFewBufs {
+    fn new(on: bool, head_dim: usize) -> AmxFewBufs {
+        let len = |n: usize| if on { n } else { 0 };
+        let (keys, d2) = (amx_few::KEYS, head_dim / 2);
+        AmxFewBufs {
+            st: AlignedBuf::zeroed(len((keys + AMX_TILE) * AMX_TILE)),
+            pt: AlignedBuf::zeroed(len(AMX_TILE * keys)),
+            qt: AlignedBuf::zeroed(len(d2 * AMX_TILE)),
+            tail: AlignedBuf::zeroed(len(AMX_TILE * d2)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.st.len() + self.pt.len() + self.qt.len() + self.tail.len()
+    }
 }
 
 /// What a [`Scratch`]'s buffer sizes follow from. Two problems of the same shape use every
@@ -126,6 +157,8 @@ struct ScratchShape {
     few: bool,
     /// The bf16 tiles take the AMX path ([`amx_rows`]), whose key tiles are wider.
     amx: bool,
+    /// Tiles of a few rows take the AMX path of their own ([`amx_few`]): 16 rows.
+    amx_few: bool,
 }
 
 pub fn round_up(x: usize, m: usize) -> usize {
@@ -221,6 +254,7 @@ impl Scratch {
         4 * (f32s.iter().map(|v| v.len()).sum::<usize>()
             + u32s.iter().map(|v| v.len()).sum::<usize>())
             + self.rows.len() * std::mem::size_of::<RowInfo>()
+            + 4 * self.amx_few.len()
     }
 
     fn of_shape(shape: ScratchShape) -> Scratch {
@@ -232,6 +266,7 @@ impl Scratch {
             staged,
             few,
             amx,
+            amx_few,
         } = shape;
         let dvp = round_up(head_dim_v, 16);
         let tile_len = if few { 0 } else { d * BK };
@@ -259,8 +294,17 @@ impl Scratch {
             dvp,
             qp: AlignedBuf::zeroed(rows * d.div_ceil(2)),
             kp: AlignedBuf::zeroed(packed(wide(d.div_ceil(2) * BK, d.div_ceil(2) * kb))),
-            pp: AlignedBuf::zeroed(packed(parts * wide(rows * BK / 2, chunk * kb / 2))),
-            vp: AlignedBuf::zeroed(packed(parts * wide(BK / 2 * dvp, kb / 2 * dvp))),
+            pp: AlignedBuf::zeroed(if amx_few {
+                AMX_TILE * amx_few::KEYS / 2
+            } else {
+                packed(parts * wide(rows * BK / 2, chunk * kb / 2))
+            }),
+            vp: AlignedBuf::zeroed(if amx_few {
+                amx_few::KEYS / 2 * dvp
+            } else {
+                packed(parts * wide(BK / 2 * dvp, kb / 2 * dvp))
+            }),
+            amx_few: AmxFewBufs::new(amx_few, d),
             shape,
         }
     }
@@ -287,14 +331,21 @@ impl ScratchShape {
         } else {
             0
         };
+        let amx_few = amx && dot_tiles && amx_few::fits(p, max_rows);
         ScratchShape {
-            rows: round_up(max_rows, R),
+            // The AMX path's products take whole tiles of rows.
+            rows: if amx_few {
+                AMX_TILE
+            } else {
+                round_up(max_rows, R)
+            },
             head_dim: p.head_dim,
             head_dim_v: p.head_dim_v,
             cached_tiles,
             staged: p.k.dtype != DType::F32,
             few,
             amx: dot_tiles && amx,
+            amx_few,
         }
     }
 }
@@ -381,6 +432,26 @@ pub fn few_rows_in_registers(p: &Problem, nrows: usize, avx512: bool) -> bool {
         && widened(p.v.dtype)
         && p.head_dim.is_multiple_of(16)
         && p.head_dim_v.is_multiple_of(16)
+}
+
+/// Runs a job's items of a few rows on the AMX tile unit ([`amx_few`]) in the AMX family
+/// (`AMX`) where their scratch was made for it; returns false, doing nothing, elsewhere.
+#[inline(always)]
+pub fn attend_amx_few<M: MulAdd, const C: usize, const AMX: bool>(
+    p: &Problem,
+    ts: &[TileRows],
+    keys: (usize, usize),
+    scs: &mut [Scratch],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if AMX && scs[0].shape.amx_few {
+        // SAFETY: AMX is true only in the AMX family, which runs where the tile unit is
+        // usable (or emulated), under avx512bf16; the scratch was made for this path, so
+        // `amx_few::fits` held for the problem and its rows.
+        unsafe { amx_few::attend::<M, C>(p, ts, keys, scs) };
+        return true;
+    }
+    false
 }
 
 /// Runs [`attend`] for a job's items together, whose rows are the same query positions of
