@@ -1096,6 +1096,13 @@ fn info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         }
         None => d.set_item("cpu_rates", py.None())?,
     }
+    // The AMX tile unit: on the CPU, granted by the operating system, and whether the family
+    // that uses it is the default where both hold.
+    let (amx, amx_info) = (ufa::amx(), PyDict::new(py));
+    amx_info.set_item("cpu", amx.cpu)?;
+    amx_info.set_item("os", amx.os)?;
+    amx_info.set_item("by_default", ufa::AMX_BY_DEFAULT)?;
+    d.set_item("amx", amx_info)?;
     match ctx.cuda_devices() {
         Ok(devs) => d.set_item("cuda_devices", devs)?,
         Err(why) => {

@@ -3,6 +3,7 @@ raises exactly as PyTorch; patching; CUDA plumbing without a GPU."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -228,12 +229,36 @@ def test_info_and_version():
     # The per-core rates that chose the CPU kernel family: measured where the CPU has AVX-512
     # BF16, None elsewhere; the family follows them.
     rates = info["cpu_rates"]
-    if rates is None:
+    amx = info["amx"]
+    if os.environ.get("UFA_CPU_ISA", "").strip():
+        return  # picked by hand
+    if amx["cpu"] and amx["os"] and amx["by_default"]:
+        assert info["cpu_isa"] == "AmxBf16"
+    elif rates is None:
         assert info["cpu_isa"] not in ("Avx512Bf16", "Avx512Bf16Decode")
     else:
         assert rates["fma_gflops"] > 1 and rates["bf16_dot_gflops"] > 1
         dot_pays = rates["bf16_dot_gflops"] >= rates["bf16_dot_min_ratio"] * rates["fma_gflops"]
         assert info["cpu_isa"] == ("Avx512Bf16" if dot_pays else "Avx512Bf16Decode")
+
+
+def test_kernel_family_from_environment():
+    """UFA_CPU_ISA picks the CPU kernel family of the process's context; a name it does not
+    know is an error that names the variable and the value."""
+    import subprocess
+    import sys
+
+    def run(value, code):
+        env = dict(os.environ, UFA_CPU_ISA=value)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    r = run("portable", "import ufa; print(ufa.info()['cpu_isa'])")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "Portable"
+    r = run("nonsense", "import ufa; ufa.info()")
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and 'UFA_CPU_ISA="nonsense"' in r.stderr, r.stderr
 
 
 def test_cuda_work_goes_on_the_current_stream(device):

@@ -153,7 +153,8 @@ def cuda_available() -> bool:
 def info() -> Dict[str, Any]:
     """Version, CPU threads and kernel family, the per-core rates that chose it (``cpu_rates``:
     ``fma_gflops``, ``bf16_dot_gflops``, ``bf16_dot_min_ratio``; None without AVX-512 BF16),
-    CUDA devices (or ``cuda_unavailable``: why not)."""
+    the AMX tile unit (``amx``: ``cpu``, ``os`` (granted), ``by_default``), CUDA devices (or
+    ``cuda_unavailable``: why not). ``UFA_CPU_ISA`` picks the family by hand."""
 
 def _debug_record(on: bool) -> None: ...
 def _debug_last_call() -> List[Tuple[str, int, Tuple[int, ...], Tuple[int, ...]]]: ...

@@ -19,6 +19,12 @@ use std::ffi::c_void;
 /// Environment variable that sets the CPU thread count of contexts built without one.
 pub const NUM_THREADS_ENV: &str = "UFA_NUM_THREADS";
 
+/// Environment variable that picks the CPU kernel family of contexts built without one, by
+/// the names `ufa info` and `--cpu-isa` use (`amx-bf16`, `avx512bf16`, `avx512bf16-decode`,
+/// `avx512`, `avx2`, `portable`): the one way to pick it from the Python package, whose
+/// context the process shares.
+pub const CPU_ISA_ENV: &str = "UFA_CPU_ISA";
+
 /// Owns the backends' state: the CPU thread pool (and, later, the CUDA module cache).
 /// `Send + Sync`: any number of threads may call [`Context::forward`] on one context at once.
 pub struct Context {
@@ -40,7 +46,8 @@ impl ContextBuilder {
         self
     }
 
-    /// Forces a CPU kernel family (for testing and comparison); unset means the best available.
+    /// Forces a CPU kernel family (for testing and comparison); unset means `$UFA_CPU_ISA`,
+    /// else the best available ([`Isa::detect`]).
     pub fn cpu_isa(mut self, isa: Isa) -> Self {
         self.cpu_isa = Some(isa);
         self
@@ -51,8 +58,12 @@ impl ContextBuilder {
             Some(n) => n,
             None => threads_from_env()?,
         };
+        let isa = match self.cpu_isa {
+            Some(isa) => isa,
+            None => isa_from_env()?,
+        };
         Ok(Context {
-            cpu: CpuBackend::new(threads, self.cpu_isa.unwrap_or_else(Isa::detect))?,
+            cpu: CpuBackend::new(threads, isa)?,
             cuda: CudaBackend::new(),
         })
     }
@@ -65,6 +76,25 @@ fn threads_from_env() -> Result<usize> {
             _ => invalid!("{NUM_THREADS_ENV}={s:?} must be a whole number from 1 to 4096"),
         },
         _ => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+fn isa_from_env() -> Result<Isa> {
+    match std::env::var(CPU_ISA_ENV) {
+        Ok(s) if !s.trim().is_empty() => {
+            let isa: Isa = match s.trim().parse() {
+                Ok(isa) => isa,
+                Err(e) => invalid!("{CPU_ISA_ENV}={s:?}: {e}"),
+            };
+            if !isa.is_supported() {
+                return Err(crate::Error::unsupported(format!(
+                    "{CPU_ISA_ENV}={s:?}: this CPU cannot run that kernel family (features: {})",
+                    crate::cpu_features().join(", ")
+                )));
+            }
+            Ok(isa)
+        }
+        _ => Ok(Isa::detect()),
     }
 }
 
