@@ -52,6 +52,17 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         c.page_size = Some(page);
         cases.push(c);
     }
+    // Whole key tiles within one page take the decoding kernel's short copy path, tiles across
+    // a page boundary (a window that starts mid-page) and the last partial tile the general
+    // one: head dim 64 (32-key tiles) over pages of 64, 256 (16-key tiles) over pages of 32.
+    for (page, d) in [(64, 64), (32, 256)] {
+        let mut f = Features::new(8, 2, d, DType::BF16);
+        f.causal = true;
+        f.window = (1000, 0);
+        let mut c = VarlenCase::new(&[1, 2], &[3001, 1500], f);
+        c.page_size = Some(page);
+        cases.push(c);
+    }
     // Paged keys read by the tensor-core kernels (several queries a sequence).
     for (page, d) in [(16, 128), (1, 64), (256, 64)] {
         let mut f = Features::new(8, 2, d, DType::BF16);
