@@ -9,8 +9,9 @@
 #[cfg(target_arch = "x86_64")]
 pub use crate::cpu::throughput_loops::{dpbf16_zmm, fma_ymm, fma_zmm};
 pub use crate::cuda::{
-    compile_all_variants, compile_variants, nvrtc_version, off_tile_enabled, synchronize, time_ms,
-    tma_fwd_enabled, CompileReport, DeviceBuffer, ModuleReport, CACHE_DIR_ENV, NVRTC_PATH_ENV,
+    compile_all_variants, compile_variants, nvrtc_version, off_tile_enabled, release_scratch,
+    synchronize, time_ms, tma_fwd_enabled, CompileReport, DeviceBuffer, ModuleReport,
+    CACHE_DIR_ENV, NVRTC_PATH_ENV,
 };
 pub use crate::dtype::load_f64;
 

@@ -53,7 +53,19 @@ pub(crate) struct Driver {
     pub version: (i32, i32),
     pub devices: Vec<DeviceInfo>,
     contexts: Vec<OnceLock<std::result::Result<usize, Error>>>,
+    /// Each device's pool of scratch memory ([`StreamBuffer`]), made on first use; None where
+    /// the device has no stream-ordered pools or making one failed (the default pool serves).
+    scratch_pools: Vec<OnceLock<Option<usize>>>,
 }
+
+/// Bytes of freed scratch memory a device's pool keeps mapped across synchronisations. A pool
+/// keeps none by default: every synchronisation (a decoding loop's, a training step's
+/// `loss.item()`) unmapped the scratch, and the next call mapped it again. Split decoding calls
+/// from Python took 5 us longer each so, 18 against 23-24 us for batch 1 over 8k keys (H100,
+/// 2026-12-06, the default pool's threshold raised by hand). 256 MiB holds every decoding
+/// call's partial states and most backward workspaces while leaving the rest of the device to
+/// the caller's allocator.
+const SCRATCH_POOL_KEEP: u64 = 256 << 20;
 
 /// Loads and initialises the driver once; later calls return the same result.
 pub(crate) fn driver() -> Result<&'static Driver> {
@@ -112,6 +124,7 @@ fn init() -> Result<Driver> {
     Ok(Driver {
         version: (v / 1000, (v % 1000) / 10),
         contexts: devices.iter().map(|_| OnceLock::new()).collect(),
+        scratch_pools: devices.iter().map(|_| OnceLock::new()).collect(),
         devices,
     })
 }
@@ -146,6 +159,35 @@ impl Driver {
             .result()
             .map_err(|e| driver_error("cuCtxPushCurrent", e))?;
         Ok(ContextGuard { ctx })
+    }
+
+    /// `ordinal`'s scratch pool ([`SCRATCH_POOL_KEEP`]), made on first use; None where the
+    /// default pool must serve.
+    fn scratch_pool(&self, ordinal: u32) -> Option<sys::CUmemoryPool> {
+        let slot = self.scratch_pools.get(ordinal as usize)?;
+        let pool = slot.get_or_init(|| {
+            // SAFETY: plain-data properties, zeroed (no handle types, no maximum size) before
+            // the allocation type and the location are set; the pool lives for the process.
+            unsafe {
+                let mut props: sys::CUmemPoolProps = std::mem::zeroed();
+                props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+                props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+                props.location.id = ordinal as i32;
+                let pool = cu::mem_pool::create(&props).ok()?;
+                let mut keep = SCRATCH_POOL_KEEP;
+                let set = cu::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut c_void,
+                );
+                if set.is_err() {
+                    let _ = cu::mem_pool::destroy(pool);
+                    return None;
+                }
+                Some(pool as usize)
+            }
+        });
+        pool.map(|p| p as sys::CUmemoryPool)
     }
 
     /// [`Driver::enter`], then checks that the caller's `stream` belongs to that context: one of
@@ -504,7 +546,9 @@ impl Drop for DeviceBuffer {
 }
 
 /// Scratch memory for one call, allocated and freed in stream order on the caller's stream, so
-/// that neither waits for the GPU (the driver's pool recycles it between calls).
+/// that neither waits for the GPU: ufa's pool of the device recycles it between calls and keeps
+/// it mapped across synchronisations ([`SCRATCH_POOL_KEEP`]). Under stream capture the
+/// allocation becomes a node of the graph.
 pub(crate) struct StreamBuffer {
     pub ptr: CUdeviceptr,
     stream: CUstream,
@@ -512,12 +556,27 @@ pub(crate) struct StreamBuffer {
 
 impl StreamBuffer {
     /// # Safety
-    /// `stream` is null or a live stream of the current context, which stays current until the
-    /// buffer is dropped.
-    pub unsafe fn new(what: &str, bytes: usize, stream: CUstream) -> Result<StreamBuffer> {
-        let ptr = cu::malloc_async(stream, bytes.max(1)).map_err(|e| {
+    /// `stream` is null or a live stream of the current context (device `ordinal`'s primary
+    /// context), which stays current until the buffer is dropped.
+    pub unsafe fn new(
+        what: &str,
+        bytes: usize,
+        ordinal: u32,
+        stream: CUstream,
+    ) -> Result<StreamBuffer> {
+        let bytes = bytes.max(1);
+        let pool = driver().ok().and_then(|d| d.scratch_pool(ordinal));
+        let (ptr, call) = match pool {
+            Some(pool) => {
+                let mut ptr: CUdeviceptr = 0;
+                let r = sys::cuMemAllocFromPoolAsync(&mut ptr, bytes, pool, stream).result();
+                (r.map(|_| ptr), "cuMemAllocFromPoolAsync")
+            }
+            None => (cu::malloc_async(stream, bytes), "cuMemAllocAsync"),
+        };
+        let ptr = ptr.map_err(|e| {
             driver_error(
-                &format!("allocating {bytes} bytes of device memory for {what} (cuMemAllocAsync)"),
+                &format!("allocating {bytes} bytes of device memory for {what} ({call})"),
                 e,
             )
         })?;
@@ -611,6 +670,22 @@ pub(crate) unsafe fn read_on_stream<T: Copy>(
 pub fn synchronize(ordinal: u32) -> Result<()> {
     let _ctx = driver()?.enter(ordinal)?;
     cu::ctx::synchronize().map_err(|e| driver_error("cuCtxSynchronize (a kernel failed?)", e))
+}
+
+/// Returns to the driver every byte of device `ordinal`'s scratch pool that no call holds, after
+/// waiting for the device: what it keeps between calls ([`SCRATCH_POOL_KEEP`]) would otherwise
+/// serve an allocation that a test means to fail.
+#[cfg(any(test, feature = "testkit"))]
+pub fn release_scratch(ordinal: u32) -> Result<()> {
+    let d = driver()?;
+    let _ctx = d.enter(ordinal)?;
+    cu::ctx::synchronize().map_err(|e| driver_error("cuCtxSynchronize (a kernel failed?)", e))?;
+    if let Some(pool) = d.scratch_pool(ordinal) {
+        // SAFETY: a pool made by scratch_pool, never destroyed.
+        unsafe { cu::mem_pool::trim_to(pool, 0) }
+            .map_err(|e| driver_error("cuMemPoolTrimTo", e))?;
+    }
+    Ok(())
 }
 
 /// Milliseconds `f` takes on the GPU, measured with events on the legacy default stream.

@@ -25,7 +25,7 @@ pub use cache::CACHE_DIR_ENV;
 #[cfg(feature = "testkit")]
 pub use compile_check::{compile_all_variants, compile_variants, nvrtc_version, CompileReport};
 #[cfg(feature = "testkit")]
-pub use driver::{synchronize, time_ms, DeviceBuffer};
+pub use driver::{release_scratch, synchronize, time_ms, DeviceBuffer};
 #[cfg(feature = "testkit")]
 pub use nvrtc::NVRTC_PATH_ENV;
 #[cfg(feature = "testkit")]
@@ -214,7 +214,12 @@ impl CudaBackend {
         // SAFETY: `stream` is the caller's (null or live on this context, per the API's
         // contract); the buffer is dropped while the context is still current.
         let workspace = unsafe {
-            driver::StreamBuffer::new("the backward's workspace", plan.workspace(p).bytes, stream)?
+            driver::StreamBuffer::new(
+                "the backward's workspace",
+                plan.workspace(p).bytes,
+                ordinal,
+                stream,
+            )?
         };
         let params =
             abi::BwdParams::new(p, &plan, workspace.ptr, dev.multiprocessors.max(1) as u32)?;
@@ -331,7 +336,12 @@ impl CudaBackend {
             None => {
                 // SAFETY: `stream` is the caller's, on this (current) context.
                 let buf = unsafe {
-                    driver::StreamBuffer::new("the decoding splits' partial states", need, stream)?
+                    driver::StreamBuffer::new(
+                        "the decoding splits' partial states",
+                        need,
+                        ordinal,
+                        stream,
+                    )?
                 };
                 let ptr = buf.ptr as *mut u8;
                 owned = Some(buf);
@@ -450,8 +460,9 @@ impl CudaBackend {
                 (Some(w), _) => w.ptr,
                 (None, need) => {
                     // SAFETY: `stream` is the caller's, on this (current) context.
-                    let buf =
-                        unsafe { driver::StreamBuffer::new("the rotated queries", need, stream)? };
+                    let buf = unsafe {
+                        driver::StreamBuffer::new("the rotated queries", need, ordinal, stream)?
+                    };
                     let ptr = buf.ptr as *mut c_void;
                     owned = Some(buf);
                     ptr
@@ -518,7 +529,12 @@ impl CudaBackend {
                     let bytes = m.batch * m.heads * m.seqlen * 4;
                     // SAFETY: the caller's stream, on this (current) context.
                     let buf = unsafe {
-                        driver::StreamBuffer::new("the merge's scratch LSE", bytes, stream)?
+                        driver::StreamBuffer::new(
+                            "the merge's scratch LSE",
+                            bytes,
+                            ordinal,
+                            stream,
+                        )?
                     };
                     let ptr = buf.ptr as *mut f32;
                     scratch = Some(buf);
