@@ -19,7 +19,7 @@ use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles, TILE};
 use super::super::avx512_bf16::{pack_interleaved, pack_probability_row};
 use super::super::math::{exp, MulAdd, LANES};
 use super::super::microkernel::{transpose_rows, Strided};
-use super::{few_columns, key_rows, prefetch, round_up, Scratch, TileRows};
+use super::{few_columns, key_rows, round_up, Scratch, TileRows};
 use crate::dtype::DType;
 use crate::problem::Problem;
 use std::arch::x86_64::*;
@@ -174,15 +174,7 @@ unsafe fn step<M: MulAdd, const C: usize, T: Tiles>(
         };
         l[i] *= corr[i];
     }
-    // The tile unit reads K where it lies, which the hardware prefetchers did not follow:
-    // the next step's K rows are asked for while these probabilities are formed.
-    let mut k_next = [std::ptr::null::<u8>(); KEYS];
-    let nk_next = nk.min(t.seq.seqlen_kv.saturating_sub(j0 + nk));
-    key_rows(&p.k, t, j0 + nk, &mut k_next[..nk_next]);
-    for (j, row) in st.chunks_exact_mut(TILE).take(nk).enumerate() {
-        if j < nk_next {
-            prefetch(k_next[j], p.head_dim * 2);
-        }
+    for row in st.chunks_exact_mut(TILE).take(nk) {
         let row: &mut [f32; TILE] = row.try_into().unwrap();
         for i in 0..TILE {
             let e = exp::<M>(row[i] - sub[i]);
