@@ -224,7 +224,7 @@ fn checked_mode_reports_bad_device_metadata() {
 
 /// A small problem of each new kernel for compute-sanitizer (memcheck, racecheck): varlen
 /// forward and backward on tensor cores, a paged append with rotary embedding and the
-/// attention over it, and a merge.
+/// attention over it, decoding over pages, and a merge.
 #[test]
 #[ignore = "run under compute-sanitizer by scripts/gpu-check"]
 fn sanitizer_sequences_case() {
@@ -242,6 +242,14 @@ fn sanitizer_sequences_case() {
     let mut c = KvCacheCase::new(9, &[20, 0], 9, f);
     c.page_size = Some(8);
     c.rotary = Some((64, false));
+    let cmp = check_kvcache_cuda(&ctx, &c, 1, 0).unwrap();
+    assert!(cmp.passed(), "{cmp:?}");
+    // Decoding over pages of 32 rows at head dim 128: 16-key tiles within a page take the
+    // decoding kernel's whole-tile copies, the last partial one the general path.
+    let mut f = Features::new(8, 2, 128, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(1, &[100, 40], 1, f);
+    c.page_size = Some(32);
     let cmp = check_kvcache_cuda(&ctx, &c, 1, 0).unwrap();
     assert!(cmp.passed(), "{cmp:?}");
     let cmp = check_merge_cuda(&ctx, &merge_cases()[1], 1, 0).unwrap();
