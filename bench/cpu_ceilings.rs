@@ -3,6 +3,9 @@
 //! - fp32 FMA peak: `vfmadd231ps` on 12 independent accumulators (zmm and ymm), no memory
 //!   operands, so nothing but the FMA units limits it;
 //! - bf16 dot-product peak: `vdpbf16ps` (zmm) the same way, where the CPU has AVX-512 BF16;
+//! - AMX peak: bf16 tile products (`tdpbf16ps`) into four independent sums of tiles that
+//!   nothing reloads, where the CPU has AMX and the OS grants the tile data (the `amx-bf16`
+//!   family's products);
 //! - clock: a chain of dependent integer adds (one cycle each) gives the core clock while the
 //!   FMA loops would run (an estimate: turbo and the hypervisor can move it);
 //! - read bandwidth: sums of f32 with 512-bit loads over a buffer far larger than the L3
@@ -104,7 +107,7 @@ mod x86 {
 
     // The multiply-add loops are the library's own (cpu/rates.rs), so that the ceilings
     // reported here are measured as the kernel family is chosen.
-    pub use ufa::internals::{dpbf16_zmm, fma_ymm, fma_zmm};
+    pub use ufa::internals::{amx_bf16_tiles, amx_hardware, dpbf16_zmm, fma_ymm, fma_zmm};
 
     /// 8 × `iters` dependent one-cycle integer adds: the time per add is one clock cycle.
     /// Register operands, not immediates: Intel's Golden Cove cores (Sapphire and Emerald
@@ -231,19 +234,35 @@ fn main() {
                 "GFLOP/s",
             ));
         }
+        if x86::amx_hardware() {
+            // Four products an iteration, each 16 × 16 sums of 32 bf16 pairs.
+            v.push((
+                "bf16 AMX tile products (tdpbf16ps)",
+                x86::amx_bf16_tiles,
+                4.0 * 16.0 * 16.0 * 32.0 * 2.0 / 1e9,
+                "GFLOP/s",
+            ));
+        }
         v
     };
     for (name, f, per_iter, unit) in compute {
+        // A tile product takes 16 cycles or more where a vector instruction takes one: fewer
+        // iterations keep the round near 0.1 s.
+        let iters = if name.contains("AMX") {
+            ITERS / 16
+        } else {
+            ITERS
+        };
         for n in [1, threads] {
             // SAFETY: main checked each loop's instructions before listing it.
-            unsafe { f(ITERS / 10) }; // warm up (clock ramp, AVX-512 power state)
+            unsafe { f(iters / 10) }; // warm up (clock ramp, AVX-512 power state)
             let (rates, dropped) = undisturbed(rounds, || {
                 // SAFETY: as above.
-                let (secs, on_cpu, _) = on_threads(n, move |_| unsafe { f(ITERS) });
+                let (secs, on_cpu, _) = on_threads(n, move |_| unsafe { f(iters) });
                 on_cpu.then_some(())?;
                 // The clock is per core: report it per thread, not summed.
                 let total = if unit == "GHz" { 1.0 } else { n as f64 };
-                Some(ITERS as f64 * per_iter * total / secs)
+                Some(iters as f64 * per_iter * total / secs)
             });
             report(name, n, &rates, dropped, unit);
         }

@@ -152,11 +152,58 @@ pub(crate) mod x86 {
         /// 12 × `iters` 512-bit bf16 dot products (16 lanes × 2 pairs × 2 flops each).
         dpbf16_zmm, "avx512f,avx512bf16", "vdpbf16ps", "zmm"
     );
+
+    /// Whether this thread's process may run tile instructions on the tile unit itself (the
+    /// CPU has AMX-BF16, the OS saves the tile state and grants it to the process), for
+    /// [`amx_bf16_tiles`]; the emulated unit does not count.
+    #[cfg(feature = "testkit")]
+    pub fn amx_hardware() -> bool {
+        let a = super::super::amx();
+        a.cpu && a.os && super::super::amx::os_permits()
+    }
+
+    /// 4 × `iters` bf16 tile products (`tdpbf16ps`: 16 × 16 sums of 32 pairs, 16384 flops
+    /// each) into four independent sums, from two left and two right tiles of zeros that
+    /// nothing reloads (the kernels' 2 × 2 block, [`super::super::amx::gemm`]), so that the
+    /// tile unit's own rate alone limits the loop; for the ceilings alone.
+    ///
+    /// # Safety
+    /// [`amx_hardware`] must hold.
+    #[cfg(feature = "testkit")]
+    pub unsafe fn amx_bf16_tiles(iters: u64) {
+        use super::super::amx::{Hw, Tiles};
+        let mut t = Hw;
+        t.begin();
+        for i in 0..8 {
+            t.zero(i);
+        }
+        for _ in 0..iters.max(1) {
+            t.dot(0, 4, 6);
+            t.dot(1, 4, 7);
+            t.dot(2, 5, 6);
+            t.dot(3, 5, 7);
+        }
+        t.end();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ceilings' tile loop runs where the tile unit is usable (a missing permission would
+    /// be a SIGILL here), and is not offered where it is not.
+    #[cfg(all(target_arch = "x86_64", feature = "testkit"))]
+    #[test]
+    fn the_tile_loop_runs_where_the_tile_unit_is_usable() {
+        let a = super::super::amx();
+        if !(a.cpu && a.os) {
+            assert!(!x86::amx_hardware());
+        } else if x86::amx_hardware() {
+            // SAFETY: amx_hardware holds.
+            unsafe { x86::amx_bf16_tiles(1000) };
+        }
+    }
 
     #[test]
     fn rates_are_measured_where_the_instructions_exist() {
