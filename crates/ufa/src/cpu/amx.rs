@@ -11,6 +11,11 @@
 //! Where a product's shape does not fill whole tiles (rows not a multiple of 16, a reduction
 //! not a multiple of 16 pairs, a left operand read transposed), its rest runs on
 //! [`super::avx512_bf16::gemm`].
+//!
+//! The products and the tile unit are x86-64 code; elsewhere the module is built for its
+//! constants and switches alone ([`TILE`], [`emulated`], [`os_permits`]), which the kernel
+//! family's checks read on every target.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
 
 use super::microkernel::{product_fits, Strided};
 
@@ -70,6 +75,7 @@ pub trait Tiles {
 /// # Safety
 /// Needs avx512f+avx512bf16, and the tiles configured (after [`Tiles::begin`], before
 /// [`Tiles::end`]).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm<T: Tiles, const ACC: bool>(
@@ -231,6 +237,7 @@ const CONFIG: Config = {
 };
 
 /// Expands `$op!(n)` for tile `$t`'s number n: AMX encodes the tile in the instruction.
+#[cfg(target_arch = "x86_64")]
 macro_rules! with_tile {
     ($t:expr, $op:ident) => {
         match $t {
@@ -248,6 +255,7 @@ macro_rules! with_tile {
 
 /// `tdpbf16ps` for the sum, left and right tiles [`gemm`] pairs (sums 0-3, left 4-5, right
 /// 6-7).
+#[cfg(target_arch = "x86_64")]
 macro_rules! dot_tiles {
     ($c:expr, $a:expr, $b:expr; $(($ci:literal, $ai:literal, $bi:literal)),*) => {
         match ($c, $a, $b) {
@@ -440,7 +448,8 @@ pub fn os_permits() -> bool {
     })
 }
 
-#[cfg(test)]
+// The products are checked where they run: x86-64.
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 

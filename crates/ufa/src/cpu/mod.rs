@@ -2,7 +2,6 @@
 //! run time. Results depend only on the problem, never on the thread count: every output row is
 //! computed by one work item in a fixed order, and the split-KV decision uses problem sizes alone.
 
-#[cfg(target_arch = "x86_64")]
 mod aligned;
 mod amx;
 #[cfg(target_arch = "x86_64")]

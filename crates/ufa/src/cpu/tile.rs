@@ -14,8 +14,8 @@ use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::{Operand, Problem};
 use crate::sequences::Seq;
 
-#[cfg(target_arch = "x86_64")]
 mod amx_few;
+#[cfg(target_arch = "x86_64")]
 mod amx_rows;
 
 /// Rows of a work item: rows `row0..row0+nrows` of the (query position × group head) sequence of
@@ -451,6 +451,8 @@ pub fn attend_amx_few<M: MulAdd, const C: usize, const AMX: bool>(
         unsafe { amx_few::attend::<M, C>(p, ts, keys, scs) };
         return true;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, ts, keys, scs);
     false
 }
 

@@ -15,14 +15,21 @@
 //! with one row of queries a lane, and only the probabilities are transposed (16 × 16 fp32
 //! blocks, one for 16 keys) to be P, the left operand of `O += P · V`.
 
-use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles, TILE};
-use super::super::avx512_bf16::{pack_interleaved, pack_probability_row};
-use super::super::math::{exp, MulAdd, LANES};
-use super::super::microkernel::{transpose_rows, Strided};
-use super::{few_columns, key_rows, round_up, Scratch, TileRows};
+use super::super::amx::TILE;
+use super::few_columns;
 use crate::dtype::DType;
 use crate::problem::Problem;
-use std::arch::x86_64::*;
+// The kernel itself is x86-64 code (AVX-512 and the tile unit); where it is not built, `fits`
+// says no and the buffers it sizes are empty.
+#[cfg(target_arch = "x86_64")]
+use {
+    super::super::amx::{emulated, gemm, Emulated, Hw, Tiles},
+    super::super::avx512_bf16::{pack_interleaved, pack_probability_row},
+    super::super::math::{exp, MulAdd, LANES},
+    super::super::microkernel::{transpose_rows, Strided},
+    super::{key_rows, round_up, Scratch, TileRows},
+    std::arch::x86_64::*,
+};
 
 /// Keys a step: the scores (16 KiB of fp32 with their transpose) stay in L1.
 pub(super) const KEYS: usize = 128;
@@ -65,6 +72,7 @@ pub(super) fn fits(p: &Problem, max_rows: usize) -> bool {
 /// # Safety
 /// Needs avx512f+avx512bf16 and the tile unit usable (or emulated); [`fits`] holds for `p` and
 /// the rows of `ts`, and [`super::begin`] ran for each item on its scratch.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) unsafe fn attend<M: MulAdd, const C: usize>(
     p: &Problem,
@@ -81,6 +89,7 @@ pub(super) unsafe fn attend<M: MulAdd, const C: usize>(
 
 /// # Safety
 /// As [`attend`]; `tiles` is the unit to use.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     tiles: &mut T,
@@ -112,6 +121,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
 ///
 /// # Safety
 /// As [`attend`].
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn step<M: MulAdd, const C: usize, T: Tiles>(
     tiles: &mut T,
@@ -222,6 +232,7 @@ unsafe fn step<M: MulAdd, const C: usize, T: Tiles>(
 ///
 /// # Safety
 /// As [`attend`].
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn scores_transposed<T: Tiles>(
     tiles: &mut T,
