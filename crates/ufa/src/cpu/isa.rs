@@ -157,9 +157,8 @@ impl Isa {
         match self {
             #[cfg(target_arch = "x86_64")]
             Isa::AmxBf16 => {
-                let amx = amx();
                 Isa::Avx512Bf16.is_supported()
-                    && (super::amx::emulated() || amx.cpu && amx.os && super::amx::os_permits())
+                    && (super::amx::emulated() || super::amx::hardware_usable())
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 | Isa::Avx512Bf16Decode => {

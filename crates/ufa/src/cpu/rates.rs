@@ -153,14 +153,9 @@ pub(crate) mod x86 {
         dpbf16_zmm, "avx512f,avx512bf16", "vdpbf16ps", "zmm"
     );
 
-    /// Whether this thread's process may run tile instructions on the tile unit itself (the
-    /// CPU has AMX-BF16, the OS saves the tile state and grants it to the process), for
-    /// [`amx_bf16_tiles`]; the emulated unit does not count.
+    /// Whether [`amx_bf16_tiles`] may run: the tile unit itself is usable here.
     #[cfg(feature = "testkit")]
-    pub fn amx_hardware() -> bool {
-        let a = super::super::amx();
-        a.cpu && a.os && super::super::amx::os_permits()
-    }
+    pub use super::super::amx::hardware_usable as amx_hardware;
 
     /// 4 × `iters` bf16 tile products (`tdpbf16ps`: 16 × 16 sums of 32 pairs, 16384 flops
     /// each) into four independent sums, from two left and two right tiles of zeros that

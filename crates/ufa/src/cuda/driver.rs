@@ -677,9 +677,9 @@ pub fn synchronize(ordinal: u32) -> Result<()> {
 /// serve an allocation that a test means to fail.
 #[cfg(any(test, feature = "testkit"))]
 pub fn release_scratch(ordinal: u32) -> Result<()> {
+    synchronize(ordinal)?;
     let d = driver()?;
     let _ctx = d.enter(ordinal)?;
-    cu::ctx::synchronize().map_err(|e| driver_error("cuCtxSynchronize (a kernel failed?)", e))?;
     if let Some(pool) = d.scratch_pool(ordinal) {
         // SAFETY: a pool made by scratch_pool, never destroyed.
         unsafe { cu::mem_pool::trim_to(pool, 0) }
