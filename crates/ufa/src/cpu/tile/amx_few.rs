@@ -167,13 +167,11 @@ unsafe fn step<M: MulAdd, const C: usize, T: Tiles>(
     let top: [f32; TILE] = std::mem::transmute(top);
     let mut corr = [1.0f32; TILE];
     let mut sub = [0.0f32; TILE];
-    let mut rescale = false;
     for i in 0..TILE {
         let m_new = if top[i] > m[i] { top[i] } else { m[i] };
         if m_new != m[i] {
             // m = -inf gives exactly 0; a NaN m (never replaced) keeps the row NaN.
             corr[i] = exp::<M>(m[i] - m_new);
-            rescale = true;
         }
         m[i] = m_new;
         // A row that has seen no key yet: P = 0, its state unchanged.
@@ -195,7 +193,7 @@ unsafe fn step<M: MulAdd, const C: usize, T: Tiles>(
     st[nk * TILE..].fill(0.0);
     for r in 0..t.nrows {
         (sc.m[r], sc.l_lanes[r * LANES]) = (m[r], l[r]);
-        if rescale && corr[r] != 1.0 {
+        if corr[r] != 1.0 {
             sc.acc[r * dvp..][..dvp]
                 .iter_mut()
                 .for_each(|a| *a *= corr[r]);
