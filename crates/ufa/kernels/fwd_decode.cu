@@ -20,7 +20,8 @@
 // here every key tile is one warp's BLOCK_N keys against all the block's packed rows.
 #include "fwd_tile.cuh"
 
-template <int HEAD_DIM, int M_TILES, int WARPS, int BLOCK_N, int STAGES, bool Q_IN_REGS>
+template <int HEAD_DIM, int ROW_PITCH, int M_TILES, int WARPS, int BLOCK_N, int STAGES,
+          bool Q_IN_REGS>
 struct DecodeConfig {
     static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16");
     static_assert(BLOCK_N % 16 == 0, "key tiles are whole mma k-steps");
@@ -33,8 +34,11 @@ struct DecodeConfig {
     static constexpr int kBlockN = BLOCK_N;
     static constexpr int kStages = STAGES;
     static constexpr bool kQInRegs = Q_IN_REGS;
-    // Rows padded by 16 bytes: the 8 rows an ldmatrix phase reads land on distinct banks.
-    static constexpr int kRowPitch = HEAD_DIM + 8;
+    // Shared rows ROW_PITCH elements apart: HEAD_DIM (swizzled, each copy's quarter warp
+    // fills one 128-byte line) where rows pack 128-byte lines, else padded (smem_rows.cuh; the
+    // host's DecodeTile::row_pitch chooses).
+    using Rows = typename RowsFor<HEAD_DIM, ROW_PITCH>::type;
+    static constexpr int kRowPitch = Rows::kPitch;
     static constexpr int kChunksPerRow = HEAD_DIM / 8;
     static constexpr int kSTiles = BLOCK_N / 8;
     static constexpr int kOTiles = HEAD_DIM / 8;
@@ -79,7 +83,9 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
     constexpr int W = Cfg::kWarps;
     constexpr int STAGES = Cfg::kStages;
     const FwdParams& p = dp.f;
-    extern __shared__ __align__(16) uint16_t smem[];
+    using Rows = typename Cfg::Rows;
+    // 128-byte aligned: a swizzled row's lines are the copies' lines.
+    extern __shared__ __align__(128) uint16_t smem[];
     uint16_t* sQ = smem;
 
     const int warp = threadIdx.x / 32;
@@ -133,7 +139,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                 const PackedRow pr = packed_row(p, s, hk, r0 + r);
                 return row_offset(p.q_stride, b, s.q_row0 + pr.i, pr.h);
             },
-            [&](int r, int chunk) { return smem_addr(sQ + r * PITCH + chunk * 8); }, 0, rows_here,
+            [&](int r, int chunk) { return smem_addr(sQ) + Rows::offset(r, chunk); }, 0, rows_here,
             valid_chunks);
         cp_async_commit();
 
@@ -192,13 +198,15 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                     const int64_t v_step = (int64_t)kRowsPerCopy * p.v_stride[1];
                     ks += (int64_t)(lane / CPR) * p.k_stride[1] + (lane % CPR) * 8;
                     vs += (int64_t)(lane / CPR) * p.v_stride[1] + (lane % CPR) * 8;
-                    const uint32_t lane_dst = ((lane / CPR) * PITCH + (lane % CPR) * 8) * 2;
-                    const uint32_t dk = smem_addr(sK) + lane_dst;
-                    const uint32_t dv = smem_addr(sV) + lane_dst;
+                    // The lane's row lane / CPR of each copy's kRowsPerCopy (a power of two).
+                    const uint32_t lane_dst = Rows::offset(lane / CPR, lane % CPR);
+                    const uint32_t dk = smem_addr(sK);
+                    const uint32_t dv = smem_addr(sV);
 #pragma unroll
                     for (int it = 0; it < BN / kRowsPerCopy; ++it) {
-                        cp_async_16_whole(dk + it * kRowsPerCopy * PITCH * 2, ks);
-                        cp_async_16_whole(dv + it * kRowsPerCopy * PITCH * 2, vs);
+                        const uint32_t at = Rows::step(lane_dst, it * kRowsPerCopy);
+                        cp_async_16_whole(dk + at, ks);
+                        cp_async_16_whole(dv + at, vs);
                         ks += k_step;
                         vs += v_step;
                     }
@@ -233,9 +241,9 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                 if (chunk >= valid_chunks) k_off = v_off = -1;  // the padding columns: zeros
                 const uint16_t* kb = PAGED ? (const uint16_t*)p.k : k_head;
                 const uint16_t* vb = PAGED ? (const uint16_t*)p.v : v_head;
-                cp_async_16_to(smem_addr(sK + r * PITCH + chunk * 8),
+                cp_async_16_to(smem_addr(sK) + Rows::offset(r, chunk),
                                kb + (k_off >= 0 ? k_off + chunk * 8 : 0), k_off >= 0 ? 16 : 0);
-                cp_async_16_to(smem_addr(sV + r * PITCH + chunk * 8),
+                cp_async_16_to(smem_addr(sV) + Rows::offset(r, chunk),
                                vb + (v_off >= 0 ? v_off + chunk * 8 : 0), v_off >= 0 ? 16 : 0);
             }
         };
@@ -251,14 +259,14 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
         cp_async_wait<STAGES - 1>();
         __syncthreads();
 
-        const uint32_t q_lane = smem_addr(sQ) + ((lane % 16) * PITCH + (lane / 16) * 8) * 2;
+        const typename Rows::Lane q_lane = Rows::lane(smem_addr(sQ), lane % 16, lane / 16);
         uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
         if constexpr (Cfg::kQInRegs) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int kk = 0; kk < D / 16; ++kk)
-                    ldmatrix_x4(q_frag[mt][kk], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+                    ldmatrix_x4(q_frag[mt][kk], q_lane.at(kk * 2) + mt * 16 * Rows::kRowBytes);
         }
         const float score_scale = SCORE_MOD ? 1.f : p.scale_log2;
 
@@ -272,14 +280,15 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                 cp_async_commit();
             }
             const int n0 = key_lo + (t_begin + warp + it * W) * BN;
-            const uint32_t k_lane = smem_addr(ring + stage * Cfg::kStageElems) +
-                                    ((lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
-            const uint32_t v_lane = smem_addr(ring + stage * Cfg::kStageElems + BN * PITCH) +
-                                    ((lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 8) * 2;
+            const typename Rows::Lane k_lane = Rows::lane(
+                smem_addr(ring + stage * Cfg::kStageElems), lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
+            const typename Rows::Lane v_lane =
+                Rows::lane(smem_addr(ring + stage * Cfg::kStageElems + BN * PITCH),
+                           lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
 
             // S = Q K[n]ᵀ
             float sc[MT][Cfg::kSTiles][4];
-            tile_qk<T, D, MT, Cfg::kSTiles, PITCH, Cfg::kQInRegs>(sc, q_frag, q_lane, k_lane);
+            tile_qk<T, D, MT, Cfg::kSTiles, Rows, Cfg::kQInRegs>(sc, q_frag, q_lane, k_lane);
 
             // Keys outside a row's band or past the end are hidden; modifiers per row's head.
             const bool visible = tile_visible(p, s, i_first, i_last, n0, BN) && n0 + BN <= key_hi;
@@ -294,7 +303,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
                     [&](int t, int e) -> float& { return sc[mt][t][e]; });
 
             tile_softmax(sc, o, row, score_scale);
-            tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, PITCH>(sc, o, v_lane);
+            tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, Rows>(sc, o, v_lane);
         }
         cp_async_wait<0>();  // no copy may land in the buffers the merge below reuses
     }

@@ -145,7 +145,8 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
             if constexpr (T::is_f32)
                 tile_qk_tf32<T, D, MT, Cfg::kSTiles, FPITCH>(s, q_lane, k_lane);
             else
-                tile_qk<T, D, MT, Cfg::kSTiles, PITCH, Cfg::kQInRegs>(s, q_frag, q_lane, k_lane);
+                tile_qk<T, D, MT, Cfg::kSTiles, PaddedRows<PITCH>, Cfg::kQInRegs>(s, q_frag, {q_lane},
+                                                                                  {k_lane});
 
             // Scores to the log2 domain (modifiers) or raw; keys outside the band, past the
             // end, or masked are hidden.
@@ -178,7 +179,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
             if constexpr (T::is_f32)
                 tile_pv_tf32<T, MT, Cfg::kSTiles, Cfg::kOTiles, FPITCH>(s, o, v_lane_f32);
             else
-                tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, PITCH>(s, o, v_lane);
+                tile_pv<T, MT, Cfg::kSTiles, Cfg::kOTiles, PaddedRows<PITCH>>(s, o, {v_lane});
         }
     }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include "mask.cuh"
 #include "mma.cuh"
+#include "smem_rows.cuh"
 #include "softmax.cuh"
 
 // What a tensor-core forward block works on: query rows [m0, m_last] of head h of sequence b
@@ -108,15 +109,15 @@ __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock
 
 // The math of one key tile on mma.sync, shared by the prefill (fwd_sm80.cu) and decoding
 // (fwd_decode.cu) kernels. A warp owns MT 16-row m-tiles; S holds S_TILES n8 tiles of keys per
-// m-tile and O O_TILES n8 tiles of columns, in the mma accumulator layout. The lane bases are
-// ldmatrix addresses (shared space, bytes) with rows PITCH elements apart: `q_lane` at the
-// warp's first query row (used when Q is not in registers), `k_lane` and `v_lane` at the tile's
-// first key, as the kernels compute them.
+// m-tile and O O_TILES n8 tiles of columns, in the mma accumulator layout. The tiles lie in
+// shared memory as ROWS lays them out (smem_rows.cuh); the lanes are ldmatrix lanes of it:
+// `q_lane` at the warp's first query row (used when Q is not in registers), `k_lane` and
+// `v_lane` at the tile's first key, as the kernels compute them.
 
 // S = Q Kᵀ, Q from `q_frag` (Q_IN_REGS) or from shared memory.
-template <typename T, int D, int MT, int S_TILES, int PITCH, bool Q_IN_REGS, typename QFrag>
+template <typename T, int D, int MT, int S_TILES, typename ROWS, bool Q_IN_REGS, typename QFrag>
 __device__ __forceinline__ void tile_qk(float (&s)[MT][S_TILES][4], const QFrag& q_frag,
-                                        uint32_t q_lane, uint32_t k_lane) {
+                                        typename ROWS::Lane q_lane, typename ROWS::Lane k_lane) {
     zero_tiles(s);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -127,13 +128,13 @@ __device__ __forceinline__ void tile_qk(float (&s)[MT][S_TILES][4], const QFrag&
 #pragma unroll
                 for (int r = 0; r < 4; ++r) a_reg[mt][r] = q_frag[mt][kk][r];
             } else {
-                ldmatrix_x4(a_reg[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+                ldmatrix_x4(a_reg[mt], q_lane.at(kk * 2) + mt * 16 * ROWS::kRowBytes);
             }
         }
 #pragma unroll
         for (int t = 0; t < S_TILES; t += 2) {
             uint32_t k_reg[4];
-            ldmatrix_x4(k_reg, k_lane + (t * 8 * PITCH + kk * 16) * 2);
+            ldmatrix_x4(k_reg, k_lane.at(kk * 2) + t * 8 * ROWS::kRowBytes);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<T>(s[mt][t], a_reg[mt], k_reg[0], k_reg[1]);
@@ -179,9 +180,9 @@ __device__ __forceinline__ void tile_softmax(float (&s)[MT][S_TILES][4], float (
 }
 
 // O += P V; the S accumulators of two n8 tiles are exactly one A fragment.
-template <typename T, int MT, int S_TILES, int O_TILES, int PITCH>
+template <typename T, int MT, int S_TILES, int O_TILES, typename ROWS>
 __device__ __forceinline__ void tile_pv(const float (&s)[MT][S_TILES][4], float (&o)[MT][O_TILES][4],
-                                        uint32_t v_lane) {
+                                        typename ROWS::Lane v_lane) {
 #pragma unroll
     for (int kk = 0; kk < S_TILES / 2; ++kk) {
         uint32_t p_reg[MT][4];
@@ -195,7 +196,7 @@ __device__ __forceinline__ void tile_pv(const float (&s)[MT][S_TILES][4], float 
 #pragma unroll
         for (int t = 0; t < O_TILES; t += 2) {
             uint32_t v_reg[4];
-            ldmatrix_x4_trans(v_reg, v_lane + (kk * 16 * PITCH + t * 8) * 2);
+            ldmatrix_x4_trans(v_reg, v_lane.at(t) + kk * 16 * ROWS::kRowBytes);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<T>(o[mt][t], p_reg[mt], v_reg[0], v_reg[1]);

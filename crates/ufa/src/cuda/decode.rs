@@ -51,11 +51,25 @@ impl DecodeTile {
         16 * self.m_tiles
     }
 
-    /// Dynamic shared memory: the packed Q tile and every warp's ring of K and V tiles, rows
-    /// padded by 8 elements (`DecodeConfig::kSmemElems`).
+    /// Elements between shared rows (`DecodeConfig`'s ROW_PITCH; kernels/smem_rows.cuh). Where
+    /// rows fill whole 128-byte lines, or pack one (32 and 64 bytes), they are unpadded and
+    /// swizzled, so that each quarter warp of a copy writes one line: rows padded by 16
+    /// bytes cost each copy 2.6 times the L2 requests and 1.5 times the sectors (ncu, H100,
+    /// bench/results/decode_copy_2026-12-06_h100.md). Other head dims (96, 160) pad by 8
+    /// elements, which keeps ldmatrix free of bank conflicts.
+    pub fn row_pitch(&self) -> u32 {
+        let chunks = self.head_dim / 8;
+        if chunks.is_multiple_of(8) || 8 % chunks == 0 {
+            self.head_dim
+        } else {
+            self.head_dim + 8
+        }
+    }
+
+    /// Dynamic shared memory: the packed Q tile and every warp's ring of K and V tiles
+    /// (`DecodeConfig::kSmemElems`).
     pub fn smem_bytes(&self) -> u32 {
-        let pitch = self.head_dim + 8;
-        (self.rows() + self.warps * self.stages * 2 * self.block_n) * pitch * 2
+        (self.rows() + self.warps * self.stages * 2 * self.block_n) * self.row_pitch() * 2
     }
 
     /// Whether the warps' closing merge (fp32 rows, maxima and sums) fits in the buffers, as
@@ -299,6 +313,20 @@ mod tests {
             }
         }
         assert!(decode_tile_for(72, 1, false, 232_448).is_none());
+    }
+
+    #[test]
+    fn rows_are_swizzled_where_they_pack_whole_lines_and_padded_elsewhere() {
+        let pitch = |d| decode_tile_for(d, 1, false, 232_448).unwrap().row_pitch();
+        // Unpadded rows must fill 128-byte lines or pack one (smem_rows.cuh's SwizzledRows).
+        for d in [32, 64, 128, 192, 256] {
+            assert_eq!(pitch(d), d as u32, "d{d}");
+        }
+        // Padded rows are an odd number of 16-byte chunks apart (PaddedRows).
+        for d in [96, 160] {
+            assert_eq!(pitch(d), d as u32 + 8, "d{d}");
+            assert_eq!(pitch(d) / 8 % 2, 1, "d{d}");
+        }
     }
 
     #[test]

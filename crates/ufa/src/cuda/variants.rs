@@ -521,9 +521,10 @@ impl Variant {
                 Vec::new(),
                 1,
                 format!(
-                    "fwd_decode<{}, DecodeConfig<{}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}, {paged}>(p)",
+                    "fwd_decode<{}, DecodeConfig<{}, {}, {}, {}, {}, {}, {}>, {score_mod}, {seqs}, {paged}>(p)",
                     type_tag(dtype),
                     t.head_dim,
+                    t.row_pitch(),
                     t.m_tiles,
                     t.warps,
                     t.block_n,
