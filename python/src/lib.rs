@@ -1096,11 +1096,13 @@ fn info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         }
         None => d.set_item("cpu_rates", py.None())?,
     }
-    // The AMX tile unit: on the CPU, granted by the operating system, and whether the family
-    // that uses it is the default where both hold.
+    // The AMX tile unit: on the CPU, its state saved by the operating system, the tile data
+    // granted to this process, and whether the family that uses it is the default where it is
+    // granted.
     let (amx, amx_info) = (ufa::amx(), PyDict::new(py));
     amx_info.set_item("cpu", amx.cpu)?;
     amx_info.set_item("os", amx.os)?;
+    amx_info.set_item("granted", amx.granted)?;
     amx_info.set_item("by_default", ufa::AMX_BY_DEFAULT)?;
     d.set_item("amx", amx_info)?;
     match ctx.cuda_devices() {

@@ -153,7 +153,8 @@ def cuda_available() -> bool:
 def info() -> Dict[str, Any]:
     """Version, CPU threads and kernel family, the per-core rates that chose it (``cpu_rates``:
     ``fma_gflops``, ``bf16_dot_gflops``, ``bf16_dot_min_ratio``; None without AVX-512 BF16),
-    the AMX tile unit (``amx``: ``cpu``, ``os`` (granted), ``by_default``), CUDA devices (or
+    the AMX tile unit (``amx``: ``cpu``, ``os`` (the OS saves its state), ``granted`` (this process
+    may use it), ``by_default``), CUDA devices (or
     ``cuda_unavailable``: why not). ``UFA_CPU_ISA`` picks the family by hand."""
 
 def _debug_record(on: bool) -> None: ...

@@ -22,7 +22,7 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
     if amx.cpu {
         let state = if !amx.os {
             "present, but its tile state is not enabled by the operating system"
-        } else if !ufa::Isa::AmxBf16.is_supported() {
+        } else if !amx.granted {
             "present, but the operating system refused this process its tile data"
         } else if isa == ufa::Isa::AmxBf16 {
             "in use by the amx-bf16 kernels for bf16 tiles"

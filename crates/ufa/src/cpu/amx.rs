@@ -420,8 +420,7 @@ pub fn emulated() -> bool {
 /// the tile state, and it grants that state to this process ([`os_permits`]). The emulated unit
 /// does not count.
 pub fn hardware_usable() -> bool {
-    let a = super::amx();
-    a.cpu && a.os && os_permits()
+    super::amx().granted
 }
 
 /// Whether Linux lets this process use the tile data registers: they are off until the

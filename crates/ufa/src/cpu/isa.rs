@@ -248,12 +248,15 @@ impl std::str::FromStr for Isa {
     }
 }
 
-/// Intel's AMX tiles on this machine: whether the CPU has them with bf16 products, and
-/// whether the operating system enables their register state (XCR0 bits 17 and 18).
+/// Intel's AMX tiles on this machine: whether the CPU has them with bf16 products, whether
+/// the operating system saves their register state (XCR0 bits 17 and 18), and whether it
+/// grants the tile data to this process (Linux asks each process to request it; a tile
+/// instruction without it is a SIGILL). The tile unit is usable where `granted` holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Amx {
     pub cpu: bool,
     pub os: bool,
+    pub granted: bool,
 }
 
 /// [`Amx`] from CPUID and XGETBV (the standard library's detection of the AMX features is not
@@ -275,12 +278,15 @@ pub fn amx() -> Amx {
         let os = cpu
             && leaf(1, 0).ecx & (1 << 27) != 0
             && unsafe { xcr0() } & (0b11 << 17) == (0b11 << 17);
-        Amx { cpu, os }
+        // Asked once a process (the amx module), only where the state can be saved.
+        let granted = os && super::amx::os_permits();
+        Amx { cpu, os, granted }
     }
     #[cfg(not(target_arch = "x86_64"))]
     Amx {
         cpu: false,
         os: false,
+        granted: false,
     }
 }
 
