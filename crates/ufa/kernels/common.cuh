@@ -125,3 +125,19 @@ __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
 }
+
+// Programmatic dependent launch (sm_90+; nothing before, where the host launches dependents
+// plainly): a grid lets the grid queued after it begin once all its blocks have said so or
+// exited (pdl_launch_dependents), and that dependent grid waits for the grid before it to
+// complete, its memory visible, before it touches what that grid writes (pdl_wait). The host
+// launches such dependents with driver::launch_dependent.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

@@ -10,7 +10,8 @@
 //   chooses the count from the problem and the SM count), one block each, so that a handful of
 //   sequences still fills the GPU. With one split the block writes the output; otherwise each
 //   writes its normalised partial output and LSE (fp32) and decode_combine merges them by LSE
-//   in split order: the result depends only on the problem and the device.
+//   in split order: the result depends only on the problem and the device. On sm_90 the
+//   combine is a programmatic dependent launch, resident while the splits finish.
 // - Independent warps. Inside the block every warp streams its own key tiles (tile t goes to
 //   warp t mod WARPS) through its own ring of STAGES cp.async buffers, with no block-wide
 //   barrier until the end, where the warps' states are merged in shared memory. Each warp keeps
@@ -307,6 +308,9 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
         }
         cp_async_wait<0>();  // no copy may land in the buffers the merge below reuses
     }
+    // The combine (a programmatic dependent on sm_90) may be scheduled from here on; it waits
+    // for this grid's completion before it reads the partials.
+    pdl_launch_dependents();
 
     // The warps' states merged in shared memory: each warp's unnormalised O rows, row maxima
     // and sums, then every thread finishes 8 columns of a row at a time.
@@ -397,6 +401,9 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
 __device__ __forceinline__ void decode_combine(const DecodeParams& dp) {
     const FwdParams& p = dp.f;
     __shared__ float weights[kRowWarps][kDecodeMaxSplits];
+    // Launched as the split kernel's programmatic dependent (sm_90): its blocks may be resident
+    // before the partials are written.
+    pdl_wait();
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int i = blockIdx.x * kRowWarps + warp;

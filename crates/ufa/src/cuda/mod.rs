@@ -382,8 +382,16 @@ impl CudaBackend {
             let g = grid(p.seqlen_q, ROW_WARPS, p.heads_q, p.batch)?;
             let v = Variant::DecodeCombine;
             let kernel = self.kernel(ordinal, &dev.arch(), v)?;
-            // SAFETY: as above; the combine reads what the split blocks wrote, in stream order.
-            unsafe { driver::launch(&kernel, g, v.threads(), 0, stream, &params)? };
+            // SAFETY: as above; the combine reads what the split blocks wrote, in stream order
+            // (as a programmatic dependent on sm_90+, after its griddepcontrol.wait: two short
+            // launches back to back otherwise leave the GPU idle for the second one's launch).
+            unsafe {
+                if dev.compute_capability.0 >= 9 {
+                    driver::launch_dependent(&kernel, g, v.threads(), 0, stream, &params)?
+                } else {
+                    driver::launch(&kernel, g, v.threads(), 0, stream, &params)?
+                }
+            };
         }
         drop(owned); // freed in stream order, after the combine
         Ok(())
