@@ -130,7 +130,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // plainly): a grid lets the grid queued after it begin once all its blocks have said so or
 // exited (pdl_launch_dependents), and that dependent grid waits for the grid before it to
 // complete, its memory visible, before it touches what that grid writes (pdl_wait). The host
-// launches such dependents with driver::launch_dependent.
+// launches such dependents with driver::launch (Order::Programmatic).
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

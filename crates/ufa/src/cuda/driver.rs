@@ -471,11 +471,28 @@ pub(crate) fn load_kernel(cubin: &[u8], name: &str, smem: u32) -> Result<Kernel>
     })
 }
 
-/// Launches `kernel` with one by-value parameter block on `stream` (no synchronisation).
+/// How a launch is ordered after the kernel queued before it on its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Stream order: it begins once that kernel has completed.
+    Stream,
+    /// A programmatic dependent (sm_90+): the launch is processed, and its blocks may start,
+    /// while the earlier grid finishes (once its blocks say `griddepcontrol.launch_dependents`
+    /// or exit); the kernel itself waits for that grid's completion and memory
+    /// (`griddepcontrol.wait`) before it reads what the grid wrote. It saves the gap of a
+    /// dependent launch, a few µs, the cost of a short second kernel. Under stream capture it
+    /// becomes a programmatic edge of the graph.
+    Programmatic,
+}
+
+/// Launches `kernel` with one by-value parameter block on `stream` (no synchronisation),
+/// ordered after the previous kernel as `order` says.
 ///
 /// # Safety
 /// `params` must be the struct the kernel expects, and every pointer in it valid on the device
-/// for as long as the launch runs; the kernel's context must be current.
+/// for as long as the launch runs; the kernel's context must be current. With
+/// [`Order::Programmatic`] the kernel must wait (`griddepcontrol.wait`) before it touches
+/// memory the earlier kernel writes, or writes memory that kernel reads.
 pub(crate) unsafe fn launch<P>(
     kernel: &Kernel,
     grid: (u32, u32, u32),
@@ -483,38 +500,20 @@ pub(crate) unsafe fn launch<P>(
     smem: u32,
     stream: CUstream,
     params: &P,
+    order: Order,
 ) -> Result<()> {
     let mut args = [params as *const P as *mut c_void];
-    cu::launch_kernel(
-        kernel.function as CUfunction,
-        grid,
-        (threads, 1, 1),
-        smem,
-        stream,
-        &mut args,
-    )
-    .map_err(|e| driver_error("cuLaunchKernel", e))
-}
-
-/// Launches `kernel` as [`launch`] does, as a programmatic dependent of the kernel queued
-/// before it on `stream` (sm_90+): the launch is processed, and its blocks may start, while the
-/// earlier grid finishes; the kernel itself waits for that grid's completion and memory
-/// (`griddepcontrol.wait`) before it reads what the grid wrote. It saves the gap of a
-/// dependent launch, a few µs, which is the cost of a short second kernel. Under stream
-/// capture it becomes a programmatic edge of the graph.
-///
-/// # Safety
-/// As [`launch`]; and the kernel must wait (`griddepcontrol.wait`) before it touches memory
-/// the earlier kernel writes, or writes memory that kernel reads.
-pub(crate) unsafe fn launch_dependent<P>(
-    kernel: &Kernel,
-    grid: (u32, u32, u32),
-    threads: u32,
-    smem: u32,
-    stream: CUstream,
-    params: &P,
-) -> Result<()> {
-    let mut args = [params as *const P as *mut c_void];
+    if order == Order::Stream {
+        return cu::launch_kernel(
+            kernel.function as CUfunction,
+            grid,
+            (threads, 1, 1),
+            smem,
+            stream,
+            &mut args,
+        )
+        .map_err(|e| driver_error("cuLaunchKernel", e));
+    }
     // SAFETY: plain C structs, all-zero is a valid value of each.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;

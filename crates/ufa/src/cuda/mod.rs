@@ -41,6 +41,7 @@ use crate::problem::{BackwardProblem, Problem};
 use crate::sequences::{IntArray, KeyLengths, RowMap};
 use abi::{AppendParams, DecodeParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS};
 use decode::DecodePlan;
+use driver::Order::Stream;
 use sm90::runs_wgmma;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -236,9 +237,9 @@ impl CudaBackend {
                 match l.variant {
                     Variant::BwdSm90 { tile, .. } => {
                         let sm90 = abi::BwdSm90Params::new(p, params, tile.block_m, tile.block_n)?;
-                        driver::launch(k, l.grid, threads, smem, stream, &sm90)?
+                        driver::launch(k, l.grid, threads, smem, stream, &sm90, Stream)?
                     }
-                    _ => driver::launch(k, l.grid, threads, smem, stream, &params)?,
+                    _ => driver::launch(k, l.grid, threads, smem, stream, &params, Stream)?,
                 }
             }
         }
@@ -305,9 +306,9 @@ impl CudaBackend {
             match variant {
                 Variant::FwdSm90Tma { tile, .. } => {
                     let sm90 = abi::FwdSm90Params::new(p, params, tile.block_m, tile.block_n)?;
-                    driver::launch(&kernel, grid, threads, smem, stream, &sm90)
+                    driver::launch(&kernel, grid, threads, smem, stream, &sm90, Stream)
                 }
-                _ => driver::launch(&kernel, grid, threads, smem, stream, &params),
+                _ => driver::launch(&kernel, grid, threads, smem, stream, &params, Stream),
             }
         }
     }
@@ -376,6 +377,7 @@ impl CudaBackend {
                 variant.dynamic_smem(),
                 stream,
                 &params,
+                Stream,
             )?
         };
         if plan.splits > 1 {
@@ -385,13 +387,12 @@ impl CudaBackend {
             // SAFETY: as above; the combine reads what the split blocks wrote, in stream order
             // (as a programmatic dependent on sm_90+, after its griddepcontrol.wait: two short
             // launches back to back otherwise leave the GPU idle for the second one's launch).
-            unsafe {
-                if dev.compute_capability.0 >= 9 {
-                    driver::launch_dependent(&kernel, g, v.threads(), 0, stream, &params)?
-                } else {
-                    driver::launch(&kernel, g, v.threads(), 0, stream, &params)?
-                }
+            let order = if dev.compute_capability.0 >= 9 {
+                driver::Order::Programmatic
+            } else {
+                driver::Order::Stream
             };
+            unsafe { driver::launch(&kernel, g, v.threads(), 0, stream, &params, order)? };
         }
         drop(owned); // freed in stream order, after the combine
         Ok(())
@@ -497,7 +498,7 @@ impl CudaBackend {
                     let kernel = self.kernel(ordinal, &dev.arch(), v)?;
                     // SAFETY: as in launch_forward; the new rows, tables and q_rot were checked
                     // or allocated above.
-                    unsafe { driver::launch(&kernel, g, v.threads(), 0, stream, &params)? };
+                    unsafe { driver::launch(&kernel, g, v.threads(), 0, stream, &params, Stream)? };
                 }
                 if !q_rot.is_null() {
                     attn.use_rotated_q(q_rot as *mut u8);
@@ -558,7 +559,15 @@ impl CudaBackend {
                     let params = MergeParams::new(m, first, n, r > 0, lse);
                     // SAFETY: as in launch_forward; rounds run in stream order.
                     unsafe {
-                        driver::launch(&kernel, g, Variant::Merge.threads(), 0, stream, &params)?
+                        driver::launch(
+                            &kernel,
+                            g,
+                            Variant::Merge.threads(),
+                            0,
+                            stream,
+                            &params,
+                            Stream,
+                        )?
                     };
                 }
             }
