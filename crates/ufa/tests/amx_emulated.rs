@@ -11,8 +11,8 @@
 
 use ufa::{Context, DType, Isa};
 use ufa_testkit::{
-    check_case, check_grads, check_nonfinite, nonfinite_cases, seed, Case, Comparison,
-    NonFiniteReport,
+    check_case, check_grads, check_nonfinite, nonfinite_cases, seed, Alibi, Case, Comparison,
+    MaskSpec, NonFiniteReport,
 };
 
 #[test]
@@ -64,6 +64,29 @@ fn amx_family_with_emulated_tiles_matches_the_reference() {
     }
     let mut c = Case::new(1, 90, 150, 2, 64, DType::BF16);
     c.window = (37, 5);
+    cases.push(c);
+    // Masks: a bool one only hides keys, so the rows' softmax takes the scores unscaled (the
+    // scale inside the exponentials); a float one adds to scaled scores, as do ALiBi and
+    // soft-capping, so those rows are scaled first. Also a negative scale (the maximum does
+    // not commute with it).
+    let mut c = Case::new(2, 70, 150, 4, 64, DType::BF16);
+    c.mask = Some(MaskSpec {
+        dtype: DType::Bool,
+        full: [true, false, true, true],
+        ndim: 4,
+    });
+    cases.push(c.clone());
+    c.mask = Some(MaskSpec {
+        dtype: DType::F32,
+        full: [false, true, true, true],
+        ndim: 3,
+    });
+    c.alibi = Some(Alibi::PerHead);
+    c.softcap = 25.0;
+    c.causal = true;
+    cases.push(c);
+    let mut c = Case::new(1, 64, 100, 2, 128, DType::BF16);
+    c.scale = Some(-0.05);
     cases.push(c);
     let mut failed = Vec::new();
     for c in &cases {
