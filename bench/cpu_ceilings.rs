@@ -107,7 +107,7 @@ mod x86 {
 
     // The multiply-add loops are the library's own (cpu/rates.rs), so that the ceilings
     // reported here are measured as the kernel family is chosen.
-    pub use ufa::internals::{amx_bf16_tiles, amx_hardware, dpbf16_zmm, fma_ymm, fma_zmm};
+    pub use ufa::internals::{amx_bf16_tiles, dpbf16_zmm, fma_ymm, fma_zmm};
 
     /// 8 × `iters` dependent one-cycle integer adds: the time per add is one clock cycle.
     /// Register operands, not immediates: Intel's Golden Cove cores (Sapphire and Emerald
@@ -234,7 +234,7 @@ fn main() {
                 "GFLOP/s",
             ));
         }
-        if x86::amx_hardware() {
+        if ufa::amx().granted {
             // Four products an iteration, each 16 × 16 sums of 32 bf16 pairs.
             v.push((
                 "bf16 AMX tile products (tdpbf16ps)",

@@ -7,9 +7,7 @@
 //! promises.
 
 #[cfg(target_arch = "x86_64")]
-pub use crate::cpu::throughput_loops::{
-    amx_bf16_tiles, amx_hardware, dpbf16_zmm, fma_ymm, fma_zmm,
-};
+pub use crate::cpu::throughput_loops::{amx_bf16_tiles, dpbf16_zmm, fma_ymm, fma_zmm};
 pub use crate::cuda::{
     compile_all_variants, compile_variants, nvrtc_version, off_tile_enabled, release_scratch,
     synchronize, time_ms, tma_fwd_enabled, CompileReport, DeviceBuffer, ModuleReport,

@@ -416,13 +416,6 @@ pub fn emulated() -> bool {
     *EMULATED.get_or_init(|| std::env::var_os("UFA_AMX_EMULATE").is_some_and(|v| v == "1"))
 }
 
-/// Whether the tile unit itself is usable here: the CPU has AMX-BF16 and AMX-TILE, the OS saves
-/// the tile state, and it grants that state to this process ([`os_permits`]). The emulated unit
-/// does not count.
-pub fn hardware_usable() -> bool {
-    super::amx().granted
-}
-
 /// Whether Linux lets this process use the tile data registers: they are off until the
 /// process asks (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), and a tile
 /// instruction before that is a SIGILL. Asked once; true where the kernel grants it.

@@ -157,8 +157,7 @@ impl Isa {
         match self {
             #[cfg(target_arch = "x86_64")]
             Isa::AmxBf16 => {
-                Isa::Avx512Bf16.is_supported()
-                    && (super::amx::emulated() || super::amx::hardware_usable())
+                Isa::Avx512Bf16.is_supported() && (super::amx::emulated() || amx().granted)
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 | Isa::Avx512Bf16Decode => {

@@ -153,17 +153,13 @@ pub(crate) mod x86 {
         dpbf16_zmm, "avx512f,avx512bf16", "vdpbf16ps", "zmm"
     );
 
-    /// Whether [`amx_bf16_tiles`] may run: the tile unit itself is usable here.
-    #[cfg(feature = "testkit")]
-    pub use super::super::amx::hardware_usable as amx_hardware;
-
     /// 4 × `iters` bf16 tile products (`tdpbf16ps`: 16 × 16 sums of 32 pairs, 16384 flops
     /// each) into four independent sums, from two left and two right tiles of zeros that
     /// nothing reloads (the kernels' 2 × 2 block, [`super::super::amx::gemm`]), so that the
     /// tile unit's own rate alone limits the loop; for the ceilings alone.
     ///
     /// # Safety
-    /// [`amx_hardware`] must hold.
+    /// The tile unit must be usable here (`ufa::amx().granted`).
     #[cfg(feature = "testkit")]
     pub unsafe fn amx_bf16_tiles(iters: u64) {
         use super::super::amx::{Hw, Tiles};
@@ -192,10 +188,9 @@ mod tests {
     #[test]
     fn the_tile_loop_runs_where_the_tile_unit_is_usable() {
         let a = super::super::amx();
-        assert_eq!(x86::amx_hardware(), a.granted);
         assert!(!a.granted || (a.cpu && a.os), "{a:?}");
         if a.granted {
-            // SAFETY: amx_hardware holds.
+            // SAFETY: the tile unit is usable.
             unsafe { x86::amx_bf16_tiles(1000) };
         }
     }
