@@ -52,6 +52,11 @@ fn amx_family_with_emulated_tiles_matches_the_reference() {
         // V of one vector's columns or fewer: probabilities split in two bf16 parts.
         (1, 123, 129, 4, 1, 1, false),
         (1, 70, 333, 4, 1, 16, true),
+        // Several items a KV head over several key tiles (a partial last one): each thread
+        // packs a head's K and V once and keeps them for its next items of that head (the
+        // tiles are tagged by batch entry and KV head), split probabilities included.
+        (2, 300, 517, 4, 2, 64, false),
+        (2, 200, 300, 4, 1, 8, true),
         // A few rows a KV head (decoding): the transposed-scores path, a partial last tile
         // of keys, and rows of two query positions (their causal bands differ).
         (2, 1, 333, 16, 2, 128, false),

@@ -177,7 +177,7 @@ impl KernelFn for ForwardJob<'_> {
         let mut range = (0, 0);
         for (t, sc) in self.ts.iter().zip(self.scs.iter_mut()) {
             // The same for every item of a job: their rows are the same query positions.
-            range = begin::<M, BF16>(self.p, t, sc);
+            range = begin::<M, BF16, AMX>(self.p, t, sc);
         }
         let keys = match self.split {
             Some((s, n)) => split_keys(range, s, n),

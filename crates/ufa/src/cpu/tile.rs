@@ -87,6 +87,13 @@ pub struct Scratch {
     /// Xeon), as fast as f32.
     kt_cache: AlignedBuf<f32>,
     kt_tags: Vec<Option<(usize, usize, usize)>>,
+    /// The AMX path's packed K and V key tiles of one KV head, kept for the thread's next
+    /// items of that head as `kt_cache` keeps transposed K ([`amx_rows`]): slot `j0 /
+    /// AMX_KEYS` holds K (pairs × AMX_KEYS) then V (pairs × dvp, twice where split), tagged
+    /// (batch, KV head, keys). Empty where a head has one item or its tiles exceed
+    /// [`AMX_KV_CACHE_BYTES`].
+    amx_kv: AlignedBuf<u32>,
+    amx_tags: Vec<Option<(usize, usize, usize)>>,
     row: AlignedBuf<f32>,
     /// BK × head_dim: K rows converted to fp32 before they are transposed (non-f32 K only).
     stage: AlignedBuf<f32>,
@@ -150,6 +157,8 @@ struct ScratchShape {
     head_dim_v: usize,
     /// Tiles of `kt_cache`.
     cached_tiles: usize,
+    /// Key tiles of `amx_kv`.
+    amx_cached_tiles: usize,
     /// K is converted through `stage` (not f32).
     staged: bool,
     /// Every tile takes a few-rows path, which reads K and V rows in place: no buffers for
@@ -182,6 +191,11 @@ const AMX_KEYS: usize = 128;
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
 const KT_CACHE_BYTES: usize = 1 << 20;
 
+/// Most bytes of packed K and V tiles the AMX path keeps a thread (`Scratch::amx_kv`): 4096
+/// keys at head dim 128 in bf16, which the thread then packs once a head rather than once
+/// an item (W3, 2048 keys over 8 items a head: the packing was 12% of a core's samples).
+const AMX_KV_CACHE_BYTES: usize = 2 << 20;
+
 /// Most bytes of scratch a thread keeps between calls, all its spares together: enough for
 /// the small calls whose allocation and zeroing would otherwise be a fifth of their time
 /// (a 16-row, 64-wide fp32 call's scratch is about 60 KB), little next to a thread's stack.
@@ -213,6 +227,7 @@ impl Scratch {
         match spare {
             Some(mut sc) => {
                 sc.kt_tags.fill(None);
+                sc.amx_tags.fill(None);
                 sc
             }
             None => Scratch::of_shape(shape),
@@ -250,7 +265,7 @@ impl Scratch {
             &self.l,
             &self.l_lanes,
         ];
-        let u32s = [&self.qp, &self.kp, &self.pp, &self.vp];
+        let u32s = [&self.qp, &self.kp, &self.pp, &self.vp, &self.amx_kv];
         4 * (f32s.iter().map(|v| v.len()).sum::<usize>()
             + u32s.iter().map(|v| v.len()).sum::<usize>())
             + self.rows.len() * std::mem::size_of::<RowInfo>()
@@ -263,6 +278,7 @@ impl Scratch {
             head_dim: d,
             head_dim_v,
             cached_tiles,
+            amx_cached_tiles,
             staged,
             few,
             amx,
@@ -282,6 +298,8 @@ impl Scratch {
             kt: AlignedBuf::zeroed(tile_len),
             kt_cache: AlignedBuf::zeroed(cached_tiles * tile_len),
             kt_tags: vec![None; cached_tiles],
+            amx_kv: AlignedBuf::zeroed(amx_cached_tiles * amx_rows::slot_len(d, dvp, parts)),
+            amx_tags: vec![None; amx_cached_tiles],
             row: AlignedBuf::zeroed(d.max(dvp)),
             stage: AlignedBuf::zeroed(if staged { packed(BK * d) } else { 0 }),
             s: AlignedBuf::zeroed(wide(rows * BK, chunk * kb)),
@@ -332,6 +350,23 @@ impl ScratchShape {
             0
         };
         let amx_few = amx && dot_tiles && amx_few::fits(p, max_rows);
+        let amx_tiles = p.seqlen_kv.div_ceil(AMX_KEYS);
+        let amx_slot_bytes = 4 * amx_rows::slot_len(
+            p.head_dim,
+            round_up(p.head_dim_v, 16),
+            if few_columns(p.head_dim_v) { 2 } else { 1 },
+        );
+        let amx_cached_tiles = if !few
+            && dot_tiles
+            && amx
+            && !amx_few
+            && p.seqlen_q * p.group_size() > max_rows
+            && amx_tiles * amx_slot_bytes <= AMX_KV_CACHE_BYTES
+        {
+            amx_tiles
+        } else {
+            0
+        };
         ScratchShape {
             // The AMX path's products take whole tiles of rows.
             rows: if amx_few {
@@ -342,6 +377,7 @@ impl ScratchShape {
             head_dim: p.head_dim,
             head_dim_v: p.head_dim_v,
             cached_tiles,
+            amx_cached_tiles,
             staged: p.k.dtype != DType::F32,
             few,
             amx: dot_tiles && amx,
@@ -541,14 +577,17 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
 
 /// Loads the tile's queries (pre-multiplied by the softmax scale; raw bf16 pairs on the bf16
 /// path), resets the accumulators and returns the union of the rows' visible key ranges.
+/// Items on the AMX family's tile path ([`amx_rows`], `AMX`) read only the pairs, so their
+/// fp32 queries are not made (4% of a core's time on bf16 W3).
 #[inline(always)]
-pub fn begin<M: MulAdd, const BF16: bool>(
+pub fn begin<M: MulAdd, const BF16: bool, const AMX: bool>(
     p: &Problem,
     t: &TileRows,
     sc: &mut Scratch,
 ) -> (usize, usize) {
     let d = p.head_dim;
     let rows = round_up(t.nrows, R);
+    let fp32_rows = !(AMX && bf16_path(true, p, t));
     let mut keys = (0, 0);
     for r in 0..rows {
         let qrow = &mut sc.q[r * d..][..d];
@@ -562,9 +601,11 @@ pub fn begin<M: MulAdd, const BF16: bool>(
         let (qpos, head) = (info.qpos, info.head);
         sc.rows[r] = info;
         keys = widen(keys, info.band);
-        // SAFETY: indices are in bounds of the validated q view.
-        unsafe { load_row_f32(p.q.dtype, p.q.at([t.batch, qpos, head, 0]), qrow) };
-        qrow.iter_mut().for_each(|x| *x *= p.scale);
+        if fp32_rows {
+            // SAFETY: indices are in bounds of the validated q view.
+            unsafe { load_row_f32(p.q.dtype, p.q.at([t.batch, qpos, head, 0]), qrow) };
+            qrow.iter_mut().for_each(|x| *x *= p.scale);
+        }
         #[cfg(target_arch = "x86_64")]
         if dot_pairs::<BF16>(p) {
             let d2 = d.div_ceil(2);

@@ -73,12 +73,14 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     keys: (usize, usize),
     sc: &mut Scratch,
 ) {
-    let (d, dv, dvp) = (p.head_dim, p.head_dim_v, sc.dvp);
+    let (d, dvp) = (p.head_dim, sc.dvp);
     let d2 = d.div_ceil(2);
     let rows = round_up(t.nrows, R);
     // Split probabilities: a row's parts lie KB/2 pairs apart, V's pairs come twice.
-    let split = few_columns(dv);
+    let split = few_columns(p.head_dim_v);
     let ld_p = if split { KB } else { KB / 2 };
+    let k_len = d2 * KB;
+    let slot_len = slot_len(d, dvp, if split { 2 } else { 1 });
     tiles.begin();
     let mut j0 = keys.0;
     while j0 < keys.1 {
@@ -87,19 +89,34 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
         // P·V: whole tiles of pairs, the padding's probabilities and values zero, so that a
         // short last tile takes the tile unit too.
         let nkp = round_up(nk, LANES);
-        let (nk2, pairs) = (nk.div_ceil(2), round_up(nk.div_ceil(2), TILE_PAIRS));
-        let (mut k_packed, mut v_packed) = (false, false);
+        let pairs = round_up(nk.div_ceil(2), TILE_PAIRS);
+        // K and V packed into the thread's cache (kept for its next items of this head), or
+        // into the item's own buffers; either way once, for the first chunk that sees them.
+        let slot = j0 / KB;
+        let cached = j0.is_multiple_of(KB) && slot < sc.amx_tags.len();
+        let mut packed = false;
         for r0 in (0..rows).step_by(CHUNK) {
             let r1 = (r0 + CHUNK).min(rows);
             let seen = chunk_keys(t, sc, (r0, r1), keys);
             if seen.0 >= seen.1 || seen.1 <= j0 || seen.0 >= j0 + nk {
                 continue;
             }
-            if !k_packed {
-                let row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-                pack_transposed_pairs(row, nk, d, nkp, &mut sc.kp, KB);
-                k_packed = true;
+            if !packed {
+                let tag = Some((t.batch, t.hkv, nk));
+                if !cached {
+                    pack_tile(p, t, (j0, nk), split, &mut sc.kp, &mut sc.vp, dvp);
+                } else if sc.amx_tags[slot] != tag {
+                    let (kp, vp) = sc.amx_kv[slot * slot_len..][..slot_len].split_at_mut(k_len);
+                    pack_tile(p, t, (j0, nk), split, kp, vp, dvp);
+                    sc.amx_tags[slot] = tag;
+                }
+                packed = true;
             }
+            let (kp, vp): (&[u32], &[u32]) = if cached {
+                sc.amx_kv[slot * slot_len..][..slot_len].split_at(k_len)
+            } else {
+                (&sc.kp, &sc.vp)
+            };
             let n = r1 - r0;
             // Unscaled: `gemm` would scale each block's sums right after storing them, and
             // vector loads of what tile stores just wrote wait ~20 ns a tile (measured on the
@@ -107,7 +124,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
             gemm::<T, false>(
                 tiles,
                 Strided::rows(&sc.qp[r0 * d2..], d2),
-                Strided::rows(&sc.kp, KB),
+                Strided::rows(kp, KB),
                 &mut sc.s,
                 KB,
                 [n, nkp, d2],
@@ -129,20 +146,10 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                 let (hi, lo) = pp.split_at_mut(if split { KB / 2 } else { pairs });
                 pack_probability_row(s, hi, split.then_some(lo));
             }
-            if !v_packed {
-                let row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-                pack_interleaved(row, nk, dv, &mut sc.vp, dvp);
-                let zero_to = if split { KB / 2 } else { pairs };
-                sc.vp[nk2 * dvp..zero_to * dvp].fill(0);
-                if split {
-                    sc.vp.copy_within(..KB / 2 * dvp, KB / 2 * dvp);
-                }
-                v_packed = true;
-            }
             gemm::<T, true>(
                 tiles,
                 Strided::rows(&sc.pp, ld_p),
-                Strided::rows(&sc.vp, dvp),
+                Strided::rows(vp, dvp),
                 &mut sc.acc[r0 * dvp..],
                 dvp,
                 [n, dvp, if split { KB / 2 + pairs } else { pairs }],
@@ -152,4 +159,41 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
         j0 += nk;
     }
     tiles.end();
+}
+
+/// u32 words of one key tile's packed K (pairs × [`KB`]) and V (`parts` × [`KB`]/2 pairs ×
+/// `dvp`), as `Scratch::amx_kv` holds them a slot.
+pub(super) fn slot_len(head_dim: usize, dvp: usize, parts: usize) -> usize {
+    head_dim.div_ceil(2) * KB + parts * KB / 2 * dvp
+}
+
+/// Packs keys `j0..j0+nk` of K (transposed pairs, `kp`, [`KB`] a row) and V (interleaved
+/// pairs, `vp`, `dvp` a row) for [`run`]: V's pairs past the keys zero up to the tile's whole
+/// tiles of pairs (or [`KB`]/2 where `split`, then copied once more for the second part).
+///
+/// # Safety
+/// Needs avx512f+avx512bf16; bf16 K and V.
+#[inline(always)]
+unsafe fn pack_tile(
+    p: &Problem,
+    t: &TileRows,
+    (j0, nk): (usize, usize),
+    split: bool,
+    kp: &mut [u32],
+    vp: &mut [u32],
+    dvp: usize,
+) {
+    let k_row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
+    pack_transposed_pairs(k_row, nk, p.head_dim, round_up(nk, LANES), kp, KB);
+    let v_row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
+    pack_interleaved(v_row, nk, p.head_dim_v, vp, dvp);
+    let zero_to = if split {
+        KB / 2
+    } else {
+        round_up(nk.div_ceil(2), TILE_PAIRS)
+    };
+    vp[nk.div_ceil(2) * dvp..zero_to * dvp].fill(0);
+    if split {
+        vp.copy_within(..KB / 2 * dvp, KB / 2 * dvp);
+    }
 }
