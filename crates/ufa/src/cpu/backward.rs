@@ -16,6 +16,7 @@
 //! with P and dS rounded to bf16 for the products that consume them (as FlashAttention does on
 //! GPUs); every sum stays fp32.
 
+use super::aligned::{AlignedBuf, Plain};
 use super::isa::{run_with, Isa, KernelFn};
 use super::math::{dot, exp, MulAdd};
 use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
@@ -166,12 +167,6 @@ fn uses_bf16(bp: &BackwardProblem, has_instructions: bool) -> bool {
         && bp.dout.dtype == DType::BF16
 }
 
-/// [`uses_bf16`] inside a kernel family, where `BF16_TILES` says whether it takes them.
-#[inline(always)]
-fn bf16_path<const BF16_TILES: bool>(bp: &BackwardProblem) -> bool {
-    uses_bf16(bp, BF16_TILES)
-}
-
 /// Per-thread buffers of the rows and the tile. The fp32 path keeps rows of Q and dO; the bf16
 /// path keeps them pair-packed (see `avx512_bf16.rs`): `*p` packs pairs along the head
 /// dimension, `*i` interleaves pairs of rows.
@@ -179,23 +174,26 @@ struct Scratch {
     /// Query rows × dp: Q; query rows × dvp: dO.
     q: Vec<f32>,
     dout: Vec<f32>,
-    qp: Vec<u32>,
-    dop: Vec<u32>,
-    qi: Vec<u32>,
-    doi: Vec<u32>,
+    qp: AlignedBuf<u32>,
+    dop: AlignedBuf<u32>,
+    qi: AlignedBuf<u32>,
+    doi: AlignedBuf<u32>,
     lse: Vec<f32>,
     delta: Vec<f32>,
     rows: Vec<RowInfo>,
     /// BK × dv: V rows converted to fp32 before they are transposed (non-f32 V only).
     stage: Vec<f32>,
     /// Rows × BK: S then P; dP then dS; the softcap's slope.
-    p: Vec<f32>,
-    ds: Vec<f32>,
+    p: AlignedBuf<f32>,
+    ds: AlignedBuf<f32>,
     cap: Vec<f32>,
     /// bf16 P and dS in row pairs (rows/2 × BK), and dS in key pairs (rows × BK/2).
-    p_rows: Vec<u32>,
-    ds_rows: Vec<u32>,
-    ds_keys: Vec<u32>,
+    p_rows: AlignedBuf<u32>,
+    ds_rows: AlignedBuf<u32>,
+    ds_keys: AlignedBuf<u32>,
+    /// On the tile unit, Pᵀ and dSᵀ as rows: keys × row pairs (BK × BQ/2).
+    p_keys: AlignedBuf<u32>,
+    ds_t: AlignedBuf<u32>,
     dp: usize,
     dvp: usize,
 }
@@ -205,27 +203,36 @@ fn zeros<T: Clone + Default>(used: bool, n: usize) -> Vec<T> {
     vec![T::default(); if used { n } else { 0 }]
 }
 
+/// [`zeros`], 64-byte aligned: the operands and sums of the products (tile rows and vectors
+/// split across two cache lines ran the AMX products at half speed; see `cpu/aligned.rs`).
+fn aligned<T: Plain>(used: bool, n: usize) -> AlignedBuf<T> {
+    AlignedBuf::zeroed(if used { n } else { 0 })
+}
+
 impl Scratch {
-    fn new(p: &Problem, bf16: bool) -> Scratch {
+    /// `amx`: the bf16 products run on the tile unit (the amx-bf16 family).
+    fn new(p: &Problem, bf16: bool, amx: bool) -> Scratch {
         let (dp, dvp) = (round_up(p.head_dim, 16), round_up(p.head_dim_v, 16));
         let (d2, dv2) = (p.head_dim.div_ceil(2), p.head_dim_v.div_ceil(2));
         Scratch {
             q: zeros(!bf16, BQ * dp),
             dout: zeros(!bf16, BQ * dvp),
-            qp: zeros(bf16, BQ * d2),
-            dop: zeros(bf16, BQ * dv2),
-            qi: zeros(bf16, BQ / 2 * dp),
-            doi: zeros(bf16, BQ / 2 * dvp),
+            qp: aligned(bf16, BQ * d2),
+            dop: aligned(bf16, BQ * dv2),
+            qi: aligned(bf16, BQ / 2 * dp),
+            doi: aligned(bf16, BQ / 2 * dvp),
             lse: vec![0.0; BQ],
             delta: vec![0.0; BQ],
             rows: vec![RowInfo::default(); BQ],
             stage: zeros(!bf16 && p.v.dtype != DType::F32, BK * p.head_dim_v),
-            p: vec![0.0; BQ * BK],
-            ds: vec![0.0; BQ * BK],
+            p: aligned(true, BQ * BK),
+            ds: aligned(true, BQ * BK),
             cap: vec![1.0; BQ * BK],
-            p_rows: zeros(bf16, BQ / 2 * BK),
-            ds_rows: zeros(bf16, BQ / 2 * BK),
-            ds_keys: zeros(bf16, BQ * BK / 2),
+            p_rows: aligned(bf16, BQ / 2 * BK),
+            ds_rows: aligned(bf16, BQ / 2 * BK),
+            ds_keys: aligned(bf16, BQ * BK / 2),
+            p_keys: aligned(bf16 && amx, BK * BQ / 2),
+            ds_t: aligned(bf16 && amx, BK * BQ / 2),
             dp,
             dvp,
         }
@@ -241,12 +248,12 @@ struct KeyBlock {
     vt: Vec<f32>,
     krows: Vec<f32>,
     /// bf16: K and V transposed by pairs, K rows interleaved.
-    kp: Vec<u32>,
-    vp: Vec<u32>,
-    ki: Vec<u32>,
+    kp: AlignedBuf<u32>,
+    vp: AlignedBuf<u32>,
+    ki: AlignedBuf<u32>,
     /// dK (BK × dp) and dV (BK × dvp).
-    acc_k: Vec<f32>,
-    acc_v: Vec<f32>,
+    acc_k: AlignedBuf<f32>,
+    acc_v: AlignedBuf<f32>,
 }
 
 impl KeyBlock {
@@ -259,11 +266,11 @@ impl KeyBlock {
             kt: zeros(!bf16, dp * BK),
             vt: zeros(!bf16, dvp * BK),
             krows: zeros(!bf16, BK * dp),
-            kp: zeros(bf16, d2 * BK),
-            vp: zeros(bf16, dv2 * BK),
-            ki: zeros(bf16, BK / 2 * dp),
-            acc_k: vec![0.0; BK * dp],
-            acc_v: vec![0.0; BK * dvp],
+            kp: aligned(bf16, d2 * BK),
+            vp: aligned(bf16, dv2 * BK),
+            ki: aligned(bf16, BK / 2 * dp),
+            acc_k: aligned(true, BK * dp),
+            acc_v: aligned(true, BK * dvp),
         }
     }
 
@@ -436,7 +443,8 @@ fn probabilities_and_ds<M: MulAdd>(
 }
 
 /// The five products of one tile (rows `t` against the keys of `kb`, both loaded): dV and dK
-/// of the keys accumulate in `kb`, `dS K` of the rows in `dq`.
+/// of the keys accumulate in `kb`, `dS K` of the rows in `dq`. On the bf16 path the products
+/// take vdpbf16ps, or the AMX tile unit (`amx`: the amx-bf16 family).
 #[inline(always)]
 fn tile<M: MulAdd, const C: usize>(
     p: &Problem,
@@ -444,67 +452,169 @@ fn tile<M: MulAdd, const C: usize>(
     kb: &mut KeyBlock,
     sc: &mut Scratch,
     dq: &mut [f32],
-    bf16: bool,
+    (bf16, amx): (bool, bool),
 ) {
+    if bf16 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there), and
+        // with `amx` only in the AMX family, which runs where the tile unit is usable (or
+        // emulated).
+        unsafe {
+            use super::amx::{emulated, Emulated, Hw, Tiles};
+            if !amx {
+                bf16_tile::<M, C, _>(p, t, kb, sc, dq, &mut DotProducts);
+            } else if emulated() {
+                let mut tiles = Emulated::default();
+                tiles.begin();
+                bf16_tile::<M, C, _>(p, t, kb, sc, dq, &mut TileProducts(&mut tiles));
+                tiles.end();
+            } else {
+                Hw.begin();
+                bf16_tile::<M, C, _>(p, t, kb, sc, dq, &mut TileProducts(&mut Hw));
+                Hw.end();
+            }
+        }
+        return;
+    }
     let (j0, nk) = (kb.j0, kb.nk);
     let (d, dv, dp, dvp) = (p.head_dim, p.head_dim_v, sc.dp, sc.dvp);
     let rows = round_up(t.nrows, R);
-    if bf16 {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there).
-        unsafe {
-            let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
-            let (qp, kp) = (Strided::rows(&sc.qp, d2), Strided::rows(&kb.kp, BK));
-            super::avx512_bf16::gemm::<false>(qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
-            let (dop, vp) = (Strided::rows(&sc.dop, dv2), Strided::rows(&kb.vp, BK));
-            super::avx512_bf16::gemm::<false>(dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
-        }
-    } else {
-        let (q, kt) = (Strided::rows(&sc.q, dp), Strided::rows(&kb.kt, BK));
-        gemm::<M, C, false>(q, kt, &mut sc.p, BK, [rows, BK, d], p.scale);
-        let (dout, vt) = (Strided::rows(&sc.dout, dvp), Strided::rows(&kb.vt, BK));
-        gemm::<M, C, false>(dout, vt, &mut sc.ds, BK, [rows, BK, dv], 1.0);
-    }
+    let (q, kt) = (Strided::rows(&sc.q, dp), Strided::rows(&kb.kt, BK));
+    gemm::<M, C, false>(q, kt, &mut sc.p, BK, [rows, BK, d], p.scale);
+    let (dout, vt) = (Strided::rows(&sc.dout, dvp), Strided::rows(&kb.vt, BK));
+    gemm::<M, C, false>(dout, vt, &mut sc.ds, BK, [rows, BK, dv], 1.0);
     probabilities_and_ds::<M>(p, t, j0, nk, sc);
-    if bf16 {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        unsafe {
-            use super::avx512_bf16::{gemm, pack_probabilities, pack_row_pairs_f32};
-            pack_row_pairs_f32(&sc.p, rows, &mut sc.p_rows);
-            pack_row_pairs_f32(&sc.ds, rows, &mut sc.ds_rows);
-            pack_probabilities(&sc.ds, &mut sc.ds_keys, rows);
-            let n2 = t.nrows.div_ceil(2);
-            // dV += Pᵀ dO; dK += dSᵀ Q
-            let (pt, doi) = (
-                Strided::transposed(&sc.p_rows, BK),
-                Strided::rows(&sc.doi, dvp),
-            );
-            gemm::<true>(pt, doi, &mut kb.acc_v, dvp, [BK, dvp, n2], 1.0);
-            let (dst, qi) = (
-                Strided::transposed(&sc.ds_rows, BK),
-                Strided::rows(&sc.qi, dp),
-            );
-            gemm::<true>(dst, qi, &mut kb.acc_k, dp, [BK, dp, n2], 1.0);
-            // dQ += dS K
-            let (ds, ki) = (
-                Strided::rows(&sc.ds_keys, BK / 2),
-                Strided::rows(&kb.ki, dp),
-            );
-            gemm::<true>(ds, ki, dq, dp, [rows, dp, nk.div_ceil(2)], 1.0);
-        }
-    } else {
-        let n = t.nrows;
-        let (q, dout) = (Strided::rows(&sc.q, dp), Strided::rows(&sc.dout, dvp));
-        // dV += Pᵀ dO; dK += dSᵀ Q
-        let pt = Strided::transposed(&sc.p, BK);
-        gemm::<M, C, true>(pt, dout, &mut kb.acc_v, dvp, [BK, dvp, n], 1.0);
-        let dst = Strided::transposed(&sc.ds, BK);
-        gemm::<M, C, true>(dst, q, &mut kb.acc_k, dp, [BK, dp, n], 1.0);
-        // dQ += dS K
-        let (ds, k) = (Strided::rows(&sc.ds, BK), Strided::rows(&kb.krows, dp));
-        gemm::<M, C, true>(ds, k, dq, dp, [rows, dp, nk], 1.0);
+    let n = t.nrows;
+    let (q, dout) = (Strided::rows(&sc.q, dp), Strided::rows(&sc.dout, dvp));
+    // dV += Pᵀ dO; dK += dSᵀ Q
+    let pt = Strided::transposed(&sc.p, BK);
+    gemm::<M, C, true>(pt, dout, &mut kb.acc_v, dvp, [BK, dvp, n], 1.0);
+    let dst = Strided::transposed(&sc.ds, BK);
+    gemm::<M, C, true>(dst, q, &mut kb.acc_k, dp, [BK, dp, n], 1.0);
+    // dQ += dS K
+    let (ds, k) = (Strided::rows(&sc.ds, BK), Strided::rows(&kb.krows, dp));
+    gemm::<M, C, true>(ds, k, dq, dp, [rows, dp, nk], 1.0);
+}
+
+/// Where the bf16 path's products run: `gemm` as `avx512_bf16::gemm` takes its operands
+/// (bf16 pairs, fp32 sums).
+#[cfg(target_arch = "x86_64")]
+trait Bf16Products {
+    /// Whether the A operands of dV and dK (Pᵀ and dSᵀ) must lie as rows in memory: the tile
+    /// unit loads rows, vdpbf16ps reads them in place through a transposed view.
+    const ROWS_A: bool;
+
+    /// # Safety
+    /// As `avx512_bf16::gemm` (and, on the tile unit, the tiles configured).
+    unsafe fn gemm<const ACC: bool>(
+        &mut self,
+        a: Strided<u32>,
+        b: Strided<u32>,
+        out: &mut [f32],
+        ldo: usize,
+        dims: [usize; 3],
+        scale: f32,
+    );
+}
+
+/// vdpbf16ps (the avx512bf16 family).
+#[cfg(target_arch = "x86_64")]
+struct DotProducts;
+
+#[cfg(target_arch = "x86_64")]
+impl Bf16Products for DotProducts {
+    const ROWS_A: bool = false;
+
+    #[inline(always)]
+    unsafe fn gemm<const ACC: bool>(
+        &mut self,
+        a: Strided<u32>,
+        b: Strided<u32>,
+        out: &mut [f32],
+        ldo: usize,
+        dims: [usize; 3],
+        scale: f32,
+    ) {
+        super::avx512_bf16::gemm::<ACC>(a, b, out, ldo, dims, scale)
     }
+}
+
+/// The AMX tile unit (the amx-bf16 family; `amx::gemm` hands what fills no whole tile to
+/// vdpbf16ps).
+#[cfg(target_arch = "x86_64")]
+struct TileProducts<'a, T: super::amx::Tiles>(&'a mut T);
+
+#[cfg(target_arch = "x86_64")]
+impl<T: super::amx::Tiles> Bf16Products for TileProducts<'_, T> {
+    const ROWS_A: bool = true;
+
+    #[inline(always)]
+    unsafe fn gemm<const ACC: bool>(
+        &mut self,
+        a: Strided<u32>,
+        b: Strided<u32>,
+        out: &mut [f32],
+        ldo: usize,
+        dims: [usize; 3],
+        scale: f32,
+    ) {
+        super::amx::gemm::<T, ACC>(self.0, a, b, out, ldo, dims, scale)
+    }
+}
+
+/// [`tile`] on the bf16 path, its products by `e`: P and dS rounded to bf16 for the products
+/// that consume them, every sum fp32.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16, bf16 Q, dO, K and V; `e` usable.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bf16_tile<M: MulAdd, const C: usize, E: Bf16Products>(
+    p: &Problem,
+    t: &TileRows,
+    kb: &mut KeyBlock,
+    sc: &mut Scratch,
+    dq: &mut [f32],
+    e: &mut E,
+) {
+    use super::avx512_bf16::{pack_probabilities, pack_row_pairs_f32};
+    let (j0, nk) = (kb.j0, kb.nk);
+    let (d2, dv2) = (p.head_dim.div_ceil(2), p.head_dim_v.div_ceil(2));
+    let (dp, dvp) = (sc.dp, sc.dvp);
+    let rows = round_up(t.nrows, R);
+    let (qp, kp) = (Strided::rows(&sc.qp, d2), Strided::rows(&kb.kp, BK));
+    e.gemm::<false>(qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
+    let (dop, vp) = (Strided::rows(&sc.dop, dv2), Strided::rows(&kb.vp, BK));
+    e.gemm::<false>(dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
+    probabilities_and_ds::<M>(p, t, j0, nk, sc);
+    pack_row_pairs_f32(&sc.p, rows, &mut sc.p_rows);
+    pack_row_pairs_f32(&sc.ds, rows, &mut sc.ds_rows);
+    pack_probabilities(&sc.ds, &mut sc.ds_keys, rows);
+    let n2 = t.nrows.div_ceil(2);
+    // dV += Pᵀ dO; dK += dSᵀ Q, with Pᵀ and dSᵀ (keys × row pairs) as rows where the
+    // products load rows.
+    let (pt, dst) = if E::ROWS_A {
+        let ld = BQ / 2;
+        let (p_rows, ds_rows) = (sc.p_rows.as_ptr(), sc.ds_rows.as_ptr());
+        transpose_rows::<C, u32>(|i| p_rows.add(i * BK), n2, BK, n2, &mut sc.p_keys, ld);
+        transpose_rows::<C, u32>(|i| ds_rows.add(i * BK), n2, BK, n2, &mut sc.ds_t, ld);
+        (Strided::rows(&sc.p_keys, ld), Strided::rows(&sc.ds_t, ld))
+    } else {
+        (
+            Strided::transposed(&sc.p_rows, BK),
+            Strided::transposed(&sc.ds_rows, BK),
+        )
+    };
+    let doi = Strided::rows(&sc.doi, dvp);
+    e.gemm::<true>(pt, doi, &mut kb.acc_v, dvp, [BK, dvp, n2], 1.0);
+    let qi = Strided::rows(&sc.qi, dp);
+    e.gemm::<true>(dst, qi, &mut kb.acc_k, dp, [BK, dp, n2], 1.0);
+    // dQ += dS K
+    let (ds, ki) = (
+        Strided::rows(&sc.ds_keys, BK / 2),
+        Strided::rows(&kb.ki, dp),
+    );
+    e.gemm::<true>(ds, ki, dq, dp, [rows, dp, nk.div_ceil(2)], 1.0);
 }
 
 /// Step 2: one chunk of keys of one (batch, KV head); `part` is its partial dQ.
@@ -542,7 +652,7 @@ impl KernelFn for KeyChunk<'_> {
             sc: (sc, blocks),
         } = self;
         let p = &bp.fwd;
-        let bf16 = bf16_path::<BF16_TILES>(bp);
+        let bf16 = uses_bf16(bp, BF16_TILES || AMX);
         let dp = sc.dp;
         let (head, rows_per_head, seqlen_kv) =
             (plan.rows, plan.rows.nrows, plan.rows.seq.seqlen_kv);
@@ -571,7 +681,7 @@ impl KernelFn for KeyChunk<'_> {
                 prefetch_rows(bp, &t, rows_per_head);
                 for kb in &mut blocks[..n] {
                     if hi > kb.j0 && lo < kb.j0 + kb.nk {
-                        tile::<M, C>(p, &t, kb, sc, &mut part[row0 * dp..], bf16);
+                        tile::<M, C>(p, &t, kb, sc, &mut part[row0 * dp..], (bf16, AMX));
                     }
                 }
             }
@@ -713,6 +823,7 @@ pub(super) fn backward(
     let delta = row_deltas(bp, isa, exec)?;
     let dp = round_up(p.head_dim, 16);
     let bf16 = uses_bf16(bp, isa.bf16_backward());
+    let amx = bf16 && isa == Isa::AmxBf16;
     let plan = plan(p, dp, bf16)?;
     let mut partial = workspace.take(plan.total)?;
     let bounds: Vec<usize> = std::iter::once(0)
@@ -727,7 +838,7 @@ pub(super) fn backward(
         &bounds,
         || {
             let blocks = (0..plan.group).map(|_| KeyBlock::new(p, bf16)).collect();
-            (Scratch::new(p, bf16), blocks)
+            (Scratch::new(p, bf16, amx), blocks)
         },
         |sc, item, part| {
             let (h, chunk) = plan.items[item];

@@ -81,10 +81,10 @@ pub const AMX_BY_DEFAULT: bool = true;
 /// A family of CPU kernels. All are built into every binary; one is chosen at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
-    /// Intel AMX tiles (`tdpbf16ps`) for the products of the forward's bf16 tiles, decoding
-    /// with 8 to 16 query rows a KV head included, and [`Isa::Avx512Bf16Decode`] for
-    /// everything else: decoding with fewer rows, fp32, and the backward (which has no AMX
-    /// products yet). The default where the tile unit is usable ([`AMX_BY_DEFAULT`]).
+    /// Intel AMX tiles (`tdpbf16ps`) for the bf16 products of the forward's tiles (decoding
+    /// with 8 to 16 query rows a KV head included) and of the backward, and
+    /// [`Isa::Avx512Bf16Decode`] for everything else: decoding with fewer rows, and fp32. The
+    /// default where the tile unit is usable ([`AMX_BY_DEFAULT`]).
     AmxBf16,
     /// x86-64 AVX-512F with the BF16 dot-product instructions: bf16 inputs use them.
     Avx512Bf16,
@@ -147,9 +147,9 @@ impl Isa {
         matches!(self, Isa::Avx512Bf16 | Isa::AmxBf16)
     }
 
-    /// Whether the backward takes bf16 dot products.
+    /// Whether the backward's bf16 products take pairs (dot products, or AMX tiles).
     pub fn bf16_backward(self) -> bool {
-        self == Isa::Avx512Bf16
+        matches!(self, Isa::Avx512Bf16 | Isa::AmxBf16)
     }
 
     /// Whether this machine can run the kernels of `self`.
@@ -184,10 +184,10 @@ impl Isa {
     pub fn why(self) -> &'static str {
         match self {
             Isa::AmxBf16 => {
-                "AMX tiles (tdpbf16ps) for the bf16 tiles of the forward and for decoding with \
-                 8-16 query rows a KV head, pairs multiplied exactly and summed in fp32; AVX-512 \
-                 with BF16 dot products for decoding with fewer; fp32, and the backward, in \
-                 16-wide FMAs"
+                "AMX tiles (tdpbf16ps) for the bf16 products of the forward's tiles, of decoding \
+                 with 8-16 query rows a KV head and of the backward, pairs multiplied exactly \
+                 and summed in fp32; AVX-512 with BF16 dot products for decoding with fewer; \
+                 fp32 in 16-wide FMAs"
             }
             Isa::Avx512Bf16 => {
                 "AVX-512 with BF16 dot products: fp32 in 16-wide FMAs, bf16 inputs through \
