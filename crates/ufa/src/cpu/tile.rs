@@ -181,11 +181,14 @@ const SOFTMAX_ROWS: usize = 16;
 /// tile blocks of [`super::amx::gemm`]; a chunk's scores stay in L1 between its steps.
 const AMX_CHUNK: usize = 32;
 
-/// Keys of a key tile on the AMX path (a multiple of 32, a whole tile of key pairs): two of
+/// Keys of a key tile on the AMX path (a multiple of 32, a whole tile of key pairs): four of
 /// the other families' tiles of [`BK`], so that the fixed costs of a row's softmax and the
-/// accumulator tile loads and stores of the P·V product come half as often. 256 ran as fast
-/// (2-core Xeon with AMX, bf16 W3, best of five) with twice the buffers.
-const AMX_KEYS: usize = 128;
+/// accumulator tile loads and stores of the P·V product come a quarter as often. With K and
+/// V packed once a head (`Scratch::amx_kv`), 256 keys ran bf16 W3 in 76.9 / 80.7 ms (min /
+/// median of ten alternations, one core of the 2-core Xeon with AMX) against 80.8 / 87.6 at
+/// 128, W3-causal 46.7 / 49.1 against 46.8 / 51.0; 64 keys ran slower than 128. (Before the
+/// packing was kept, 128 and 256 ran alike.)
+const AMX_KEYS: usize = 256;
 
 /// Most bytes of transposed K tiles a thread keeps (one KV head's at most; see
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
