@@ -454,6 +454,8 @@ fn tile<M: MulAdd, const C: usize>(
     dq: &mut [f32],
     (bf16, amx): (bool, bool),
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = amx; // the bf16 path exists on x86-64 only
     if bf16 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the bf16 path runs only under avx512bf16 (BF16 is true only there), and

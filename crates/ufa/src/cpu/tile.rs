@@ -194,6 +194,12 @@ const AMX_KEYS: usize = 256;
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
 const KT_CACHE_BYTES: usize = 1 << 20;
 
+/// u32 words of one AMX key tile's packed K (pairs × [`AMX_KEYS`]) and V (`parts` ×
+/// [`AMX_KEYS`]/2 pairs × `dvp`), as `Scratch::amx_kv` holds them a slot ([`amx_rows`]).
+fn amx_slot_len(head_dim: usize, dvp: usize, parts: usize) -> usize {
+    head_dim.div_ceil(2) * AMX_KEYS + parts * AMX_KEYS / 2 * dvp
+}
+
 /// Most bytes of packed K and V tiles the AMX path keeps a thread (`Scratch::amx_kv`): 4096
 /// keys at head dim 128 in bf16, which the thread then packs once a head rather than once
 /// an item (W3, 2048 keys over 8 items a head: the packing was 12% of a core's samples).
@@ -301,7 +307,7 @@ impl Scratch {
             kt: AlignedBuf::zeroed(tile_len),
             kt_cache: AlignedBuf::zeroed(cached_tiles * tile_len),
             kt_tags: vec![None; cached_tiles],
-            amx_kv: AlignedBuf::zeroed(amx_cached_tiles * amx_rows::slot_len(d, dvp, parts)),
+            amx_kv: AlignedBuf::zeroed(amx_cached_tiles * amx_slot_len(d, dvp, parts)),
             amx_tags: vec![None; amx_cached_tiles],
             row: AlignedBuf::zeroed(d.max(dvp)),
             stage: AlignedBuf::zeroed(if staged { packed(BK * d) } else { 0 }),
@@ -354,7 +360,7 @@ impl ScratchShape {
         };
         let amx_few = amx && dot_tiles && amx_few::fits(p, max_rows);
         let amx_tiles = p.seqlen_kv.div_ceil(AMX_KEYS);
-        let amx_slot_bytes = 4 * amx_rows::slot_len(
+        let amx_slot_bytes = 4 * amx_slot_len(
             p.head_dim,
             round_up(p.head_dim_v, 16),
             if few_columns(p.head_dim_v) { 2 } else { 1 },

@@ -22,7 +22,10 @@ use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles};
 use super::super::avx512_bf16::{pack_interleaved, pack_probability_row, pack_transposed_pairs};
 use super::super::math::{MulAdd, LANES};
 use super::super::microkernel::Strided;
-use super::{few_columns, round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK, AMX_KEYS, R};
+use super::{
+    amx_slot_len, few_columns, round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK,
+    AMX_KEYS, R,
+};
 use crate::problem::Problem;
 
 /// Rows of a chunk.
@@ -81,7 +84,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let split = few_columns(p.head_dim_v);
     let ld_p = if split { KB } else { KB / 2 };
     let k_len = d2 * KB;
-    let slot_len = slot_len(d, dvp, if split { 2 } else { 1 });
+    let slot_len = amx_slot_len(d, dvp, if split { 2 } else { 1 });
     tiles.begin();
     let mut j0 = keys.0;
     while j0 < keys.1 {
@@ -160,12 +163,6 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
         j0 += nk;
     }
     tiles.end();
-}
-
-/// u32 words of one key tile's packed K (pairs × [`KB`]) and V (`parts` × [`KB`]/2 pairs ×
-/// `dvp`), as `Scratch::amx_kv` holds them a slot.
-pub(super) fn slot_len(head_dim: usize, dvp: usize, parts: usize) -> usize {
-    head_dim.div_ceil(2) * KB + parts * KB / 2 * dvp
 }
 
 /// Packs keys `j0..j0+nk` of K (transposed pairs, `kp`, [`KB`] a row) and V (interleaved
