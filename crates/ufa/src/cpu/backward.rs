@@ -17,6 +17,8 @@
 //! GPUs); every sum stays fp32.
 
 use super::aligned::{AlignedBuf, Plain};
+#[cfg(target_arch = "x86_64")]
+use super::amx::Tiles;
 use super::isa::{run_with, Isa, KernelFn};
 use super::math::{dot, exp, MulAdd};
 use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
@@ -462,18 +464,19 @@ fn tile<M: MulAdd, const C: usize>(
         // with `amx` only in the AMX family, which runs where the tile unit is usable (or
         // emulated).
         unsafe {
-            use super::amx::{emulated, Emulated, Hw, Tiles};
+            use super::amx::{emulated, Emulated, Hw};
             if !amx {
-                bf16_tile::<M, C, _>(p, t, kb, sc, dq, &mut DotProducts);
+                bf16_tile::<M, C, Hw>(p, t, kb, sc, dq, None);
             } else if emulated() {
                 let mut tiles = Emulated::default();
                 tiles.begin();
-                bf16_tile::<M, C, _>(p, t, kb, sc, dq, &mut TileProducts(&mut tiles));
+                bf16_tile::<M, C, _>(p, t, kb, sc, dq, Some(&mut tiles));
                 tiles.end();
             } else {
-                Hw.begin();
-                bf16_tile::<M, C, _>(p, t, kb, sc, dq, &mut TileProducts(&mut Hw));
-                Hw.end();
+                let mut tiles = Hw;
+                tiles.begin();
+                bf16_tile::<M, C, _>(p, t, kb, sc, dq, Some(&mut tiles));
+                tiles.end();
             }
         }
         return;
@@ -498,86 +501,44 @@ fn tile<M: MulAdd, const C: usize>(
     gemm::<M, C, true>(ds, k, dq, dp, [rows, dp, nk], 1.0);
 }
 
-/// Where the bf16 path's products run: `gemm` as `avx512_bf16::gemm` takes its operands
-/// (bf16 pairs, fp32 sums).
-#[cfg(target_arch = "x86_64")]
-trait Bf16Products {
-    /// Whether the A operands of dV and dK (Pᵀ and dSᵀ) must lie as rows in memory: the tile
-    /// unit loads rows, vdpbf16ps reads them in place through a transposed view.
-    const ROWS_A: bool;
-
-    /// # Safety
-    /// As `avx512_bf16::gemm` (and, on the tile unit, the tiles configured).
-    unsafe fn gemm<const ACC: bool>(
-        &mut self,
-        a: Strided<u32>,
-        b: Strided<u32>,
-        out: &mut [f32],
-        ldo: usize,
-        dims: [usize; 3],
-        scale: f32,
-    );
-}
-
-/// vdpbf16ps (the avx512bf16 family).
-#[cfg(target_arch = "x86_64")]
-struct DotProducts;
-
-#[cfg(target_arch = "x86_64")]
-impl Bf16Products for DotProducts {
-    const ROWS_A: bool = false;
-
-    #[inline(always)]
-    unsafe fn gemm<const ACC: bool>(
-        &mut self,
-        a: Strided<u32>,
-        b: Strided<u32>,
-        out: &mut [f32],
-        ldo: usize,
-        dims: [usize; 3],
-        scale: f32,
-    ) {
-        super::avx512_bf16::gemm::<ACC>(a, b, out, ldo, dims, scale)
-    }
-}
-
-/// The AMX tile unit (the amx-bf16 family; `amx::gemm` hands what fills no whole tile to
-/// vdpbf16ps).
-#[cfg(target_arch = "x86_64")]
-struct TileProducts<'a, T: super::amx::Tiles>(&'a mut T);
-
-#[cfg(target_arch = "x86_64")]
-impl<T: super::amx::Tiles> Bf16Products for TileProducts<'_, T> {
-    const ROWS_A: bool = true;
-
-    #[inline(always)]
-    unsafe fn gemm<const ACC: bool>(
-        &mut self,
-        a: Strided<u32>,
-        b: Strided<u32>,
-        out: &mut [f32],
-        ldo: usize,
-        dims: [usize; 3],
-        scale: f32,
-    ) {
-        super::amx::gemm::<T, ACC>(self.0, a, b, out, ldo, dims, scale)
-    }
-}
-
-/// [`tile`] on the bf16 path, its products by `e`: P and dS rounded to bf16 for the products
-/// that consume them, every sum fp32.
+/// One product of the bf16 path, as `avx512_bf16::gemm` takes it (bf16 pairs, fp32 sums): on
+/// the tile unit where `tiles` is given (`amx::gemm` hands what fills no whole tile to
+/// vdpbf16ps), else on vdpbf16ps.
 ///
 /// # Safety
-/// Needs avx512f+avx512bf16, bf16 Q, dO, K and V; `e` usable.
+/// As `avx512_bf16::gemm`, and the tiles configured.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn bf16_tile<M: MulAdd, const C: usize, E: Bf16Products>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn bf16_gemm<T: Tiles, const ACC: bool>(
+    tiles: &mut Option<&mut T>,
+    a: Strided<u32>,
+    b: Strided<u32>,
+    out: &mut [f32],
+    ldo: usize,
+    dims: [usize; 3],
+    scale: f32,
+) {
+    match tiles {
+        Some(t) => super::amx::gemm::<T, ACC>(t, a, b, out, ldo, dims, scale),
+        None => super::avx512_bf16::gemm::<ACC>(a, b, out, ldo, dims, scale),
+    }
+}
+
+/// [`tile`] on the bf16 path, on the tile unit where `tiles` is given ([`bf16_gemm`]): P and
+/// dS rounded to bf16 for the products that consume them, every sum fp32.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16, bf16 Q, dO, K and V; the tiles configured.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bf16_tile<M: MulAdd, const C: usize, T: Tiles>(
     p: &Problem,
     t: &TileRows,
     kb: &mut KeyBlock,
     sc: &mut Scratch,
     dq: &mut [f32],
-    e: &mut E,
+    mut tiles: Option<&mut T>,
 ) {
     use super::avx512_bf16::{pack_probabilities, pack_row_pairs_f32};
     let (j0, nk) = (kb.j0, kb.nk);
@@ -585,17 +546,17 @@ unsafe fn bf16_tile<M: MulAdd, const C: usize, E: Bf16Products>(
     let (dp, dvp) = (sc.dp, sc.dvp);
     let rows = round_up(t.nrows, R);
     let (qp, kp) = (Strided::rows(&sc.qp, d2), Strided::rows(&kb.kp, BK));
-    e.gemm::<false>(qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
+    bf16_gemm::<T, false>(&mut tiles, qp, kp, &mut sc.p, BK, [rows, BK, d2], p.scale);
     let (dop, vp) = (Strided::rows(&sc.dop, dv2), Strided::rows(&kb.vp, BK));
-    e.gemm::<false>(dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
+    bf16_gemm::<T, false>(&mut tiles, dop, vp, &mut sc.ds, BK, [rows, BK, dv2], 1.0);
     probabilities_and_ds::<M>(p, t, j0, nk, sc);
     pack_row_pairs_f32(&sc.p, rows, &mut sc.p_rows);
     pack_row_pairs_f32(&sc.ds, rows, &mut sc.ds_rows);
     pack_probabilities(&sc.ds, &mut sc.ds_keys, rows);
     let n2 = t.nrows.div_ceil(2);
-    // dV += Pᵀ dO; dK += dSᵀ Q, with Pᵀ and dSᵀ (keys × row pairs) as rows where the
-    // products load rows.
-    let (pt, dst) = if E::ROWS_A {
+    // dV += Pᵀ dO; dK += dSᵀ Q, with Pᵀ and dSᵀ (keys × row pairs) as rows for the tile
+    // unit, which loads rows (vdpbf16ps reads them in place through a transposed view).
+    let (pt, dst) = if tiles.is_some() {
         let ld = BQ / 2;
         let (p_rows, ds_rows) = (sc.p_rows.as_ptr(), sc.ds_rows.as_ptr());
         transpose_rows::<C, u32>(|i| p_rows.add(i * BK), n2, BK, n2, &mut sc.p_keys, ld);
@@ -608,15 +569,15 @@ unsafe fn bf16_tile<M: MulAdd, const C: usize, E: Bf16Products>(
         )
     };
     let doi = Strided::rows(&sc.doi, dvp);
-    e.gemm::<true>(pt, doi, &mut kb.acc_v, dvp, [BK, dvp, n2], 1.0);
+    bf16_gemm::<T, true>(&mut tiles, pt, doi, &mut kb.acc_v, dvp, [BK, dvp, n2], 1.0);
     let qi = Strided::rows(&sc.qi, dp);
-    e.gemm::<true>(dst, qi, &mut kb.acc_k, dp, [BK, dp, n2], 1.0);
+    bf16_gemm::<T, true>(&mut tiles, dst, qi, &mut kb.acc_k, dp, [BK, dp, n2], 1.0);
     // dQ += dS K
     let (ds, ki) = (
         Strided::rows(&sc.ds_keys, BK / 2),
         Strided::rows(&kb.ki, dp),
     );
-    e.gemm::<true>(ds, ki, dq, dp, [rows, dp, nk.div_ceil(2)], 1.0);
+    bf16_gemm::<T, true>(&mut tiles, ds, ki, dq, dp, [rows, dp, nk.div_ceil(2)], 1.0);
 }
 
 /// Step 2: one chunk of keys of one (batch, KV head); `part` is its partial dQ.
