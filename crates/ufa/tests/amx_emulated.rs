@@ -55,7 +55,7 @@ fn amx_family_with_emulated_tiles_matches_the_reference() {
         // Several items a KV head over several key tiles (a partial last one): each thread
         // packs a head's K and V once and keeps them for its next items of that head (the
         // tiles are tagged by batch entry and KV head), split probabilities included.
-        (2, 300, 517, 4, 2, 64, false),
+        (2, 300, 1100, 4, 2, 64, false),
         (2, 200, 300, 4, 1, 8, true),
         // A few rows a KV head (decoding): the transposed-scores path, a partial last tile
         // of keys, and rows of two query positions (their causal bands differ).

@@ -181,14 +181,16 @@ const SOFTMAX_ROWS: usize = 16;
 /// tile blocks of [`super::amx::gemm`]; a chunk's scores stay in L1 between its steps.
 const AMX_CHUNK: usize = 32;
 
-/// Keys of a key tile on the AMX path (a multiple of 32, a whole tile of key pairs): four of
+/// Keys of a key tile on the AMX path (a multiple of 32, a whole tile of key pairs): eight of
 /// the other families' tiles of [`BK`], so that the fixed costs of a row's softmax and the
-/// accumulator tile loads and stores of the P·V product come a quarter as often. With K and
-/// V packed once a head (`Scratch::amx_kv`), 256 keys ran bf16 W3 in 76.9 / 80.7 ms (min /
-/// median of ten alternations, one core of the 2-core Xeon with AMX) against 80.8 / 87.6 at
-/// 128, W3-causal 46.7 / 49.1 against 46.8 / 51.0; 64 keys ran slower than 128. (Before the
-/// packing was kept, 128 and 256 ran alike.)
-const AMX_KEYS: usize = 256;
+/// accumulator tile loads and stores of the P·V product come an eighth as often. With K and
+/// V packed once a head (`Scratch::amx_kv`), measured on one core of the 2-core Xeon with AMX
+/// (bf16, min / median of alternated runs): 256 keys ran W3 in 76.9 / 80.7 ms against
+/// 80.8 / 87.6 at 128 (ten runs each), and 512 keys 68.8 / 73.8 against 71.6 / 76.5 at 256
+/// (eight), W2 94.8 / 98.8 against 97.9 / 101.5, W1 6.63 / 7.07 against 6.87 / 7.15 (six);
+/// W3-causal alike at all three (its diagonal tiles compute more masked keys). 64 keys ran
+/// slower than 128. (Before the packing was kept, 128 and 256 ran alike.)
+const AMX_KEYS: usize = 512;
 
 /// Most bytes of transposed K tiles a thread keeps (one KV head's at most; see
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.

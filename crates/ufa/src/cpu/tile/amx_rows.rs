@@ -13,8 +13,8 @@
 //! So here a key tile's K and V are packed once (for the work item, or kept by the thread for
 //! its next items of the same KV head: `Scratch::amx_kv`); then each chunk takes its
 //! scores, their softmax (the other families' per-row code, [`softmax_row`]), its
-//! probabilities as bf16 pairs and its P·V product in turn, its scores (32 KiB) and
-//! probabilities (16 KiB) read back from L1 and L2. A chunk skips the key tiles that
+//! probabilities as bf16 pairs and its P·V product in turn, its scores (64 KiB) and
+//! probabilities (32 KiB) read back from L2. A chunk skips the key tiles that
 //! none of its rows sees (causal and windowed attention): such a tile changes no row's state.
 //! The tiles are configured once for the item ([`Tiles::begin`]), not once a product.
 
