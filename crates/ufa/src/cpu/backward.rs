@@ -585,6 +585,8 @@ unsafe fn bf16_tile<M: MulAdd, const C: usize, T: Tiles>(
 /// loaded once per group.
 struct KeyChunk<'a> {
     bp: &'a BackwardProblem,
+    /// The products take bf16 pairs ([`uses_bf16`]), as the scratch was made for.
+    bf16: bool,
     delta: &'a Deltas,
     group: usize,
     head: &'a HeadPlan,
@@ -607,6 +609,7 @@ impl KernelFn for KeyChunk<'_> {
     ) {
         let KeyChunk {
             bp,
+            bf16,
             delta,
             group: group_len,
             head: plan,
@@ -615,7 +618,6 @@ impl KernelFn for KeyChunk<'_> {
             sc: (sc, blocks),
         } = self;
         let p = &bp.fwd;
-        let bf16 = uses_bf16(bp, BF16_TILES || AMX);
         let dp = sc.dp;
         let (head, rows_per_head, seqlen_kv) =
             (plan.rows, plan.rows.nrows, plan.rows.seq.seqlen_kv);
@@ -807,6 +809,7 @@ pub(super) fn backward(
             let (h, chunk) = plan.items[item];
             let chunk = KeyChunk {
                 bp,
+                bf16,
                 delta: &delta,
                 group: plan.group,
                 head: &plan.heads[h],

@@ -196,10 +196,12 @@ const AMX_KEYS: usize = 512;
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
 const KT_CACHE_BYTES: usize = 1 << 20;
 
-/// u32 words of one AMX key tile's packed K (pairs × [`AMX_KEYS`]) and V (`parts` ×
-/// [`AMX_KEYS`]/2 pairs × `dvp`), as `Scratch::amx_kv` holds them a slot ([`amx_rows`]).
-fn amx_slot_len(head_dim: usize, dvp: usize, parts: usize) -> usize {
-    head_dim.div_ceil(2) * AMX_KEYS + parts * AMX_KEYS / 2 * dvp
+/// u32 words of one AMX key tile's packed K (pairs × [`AMX_KEYS`]) and V ([`AMX_KEYS`]/2
+/// pairs × head_dim_v to 16, twice where the probabilities are split, [`few_columns`]), as
+/// `Scratch::amx_kv` holds them a slot ([`amx_rows`]).
+fn amx_slot_len(head_dim: usize, head_dim_v: usize) -> usize {
+    let parts = if few_columns(head_dim_v) { 2 } else { 1 };
+    head_dim.div_ceil(2) * AMX_KEYS + parts * AMX_KEYS / 2 * round_up(head_dim_v, 16)
 }
 
 /// Most bytes of packed K and V tiles the AMX path keeps a thread (`Scratch::amx_kv`): 4096
@@ -309,7 +311,7 @@ impl Scratch {
             kt: AlignedBuf::zeroed(tile_len),
             kt_cache: AlignedBuf::zeroed(cached_tiles * tile_len),
             kt_tags: vec![None; cached_tiles],
-            amx_kv: AlignedBuf::zeroed(amx_cached_tiles * amx_slot_len(d, dvp, parts)),
+            amx_kv: AlignedBuf::zeroed(amx_cached_tiles * amx_slot_len(d, head_dim_v)),
             amx_tags: vec![None; amx_cached_tiles],
             row: AlignedBuf::zeroed(d.max(dvp)),
             stage: AlignedBuf::zeroed(if staged { packed(BK * d) } else { 0 }),
@@ -362,11 +364,7 @@ impl ScratchShape {
         };
         let amx_few = amx && dot_tiles && amx_few::fits(p, max_rows);
         let amx_tiles = p.seqlen_kv.div_ceil(AMX_KEYS);
-        let amx_slot_bytes = 4 * amx_slot_len(
-            p.head_dim,
-            round_up(p.head_dim_v, 16),
-            if few_columns(p.head_dim_v) { 2 } else { 1 },
-        );
+        let amx_slot_bytes = 4 * amx_slot_len(p.head_dim, p.head_dim_v);
         let amx_cached_tiles = if !few
             && dot_tiles
             && amx

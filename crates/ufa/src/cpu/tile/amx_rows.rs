@@ -84,7 +84,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let split = few_columns(p.head_dim_v);
     let ld_p = if split { KB } else { KB / 2 };
     let k_len = d2 * KB;
-    let slot_len = amx_slot_len(d, dvp, if split { 2 } else { 1 });
+    let slot_len = amx_slot_len(d, p.head_dim_v);
     tiles.begin();
     let mut j0 = keys.0;
     while j0 < keys.1 {
