@@ -13,10 +13,12 @@ use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
 use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::{Operand, Problem};
 use crate::sequences::Seq;
+use head_tiles::HeadTiles;
 
 mod amx_few;
 #[cfg(target_arch = "x86_64")]
 mod amx_rows;
+mod head_tiles;
 
 /// Rows of a work item: rows `row0..row0+nrows` of the (query position × group head) sequence of
 /// KV head `hkv`, so the query heads that share a KV head share its packed K/V tiles (GQA).
@@ -78,22 +80,16 @@ pub fn widen(keys: (usize, usize), band: (usize, usize)) -> (usize, usize) {
 pub struct Scratch {
     pub q: AlignedBuf<f32>,
     kt: AlignedBuf<f32>,
-    /// Transposed K tiles of one KV head, kept for the thread's next items of the same head
-    /// (a head's rows are cut into several items, taken one after another): slot `j0 / BK`
-    /// holds keys `j0..j0+nk` as `kt` would, tagged (batch, KV head, nk). Empty when a head
-    /// has one item, K takes the bf16 dot-product path, or the head's tiles exceed
-    /// [`KT_CACHE_BYTES`]. K of other types is cached converted to fp32, as widened bf16 tiles
-    /// (`Isa::Avx512Bf16Decode`) use it: bf16 W2-causal and W3 then ran 3% faster (2-core
-    /// Xeon), as fast as f32.
-    kt_cache: AlignedBuf<f32>,
-    kt_tags: Vec<Option<(usize, usize, usize)>>,
-    /// The AMX path's packed K and V key tiles of one KV head, kept for the thread's next
-    /// items of that head as `kt_cache` keeps transposed K ([`amx_rows`]): slot `j0 /
-    /// AMX_KEYS` holds K (pairs × AMX_KEYS) then V (pairs × dvp, twice where split), tagged
-    /// (batch, KV head, keys). Empty where a head has one item or its tiles exceed
-    /// [`AMX_KV_CACHE_BYTES`].
-    amx_kv: AlignedBuf<u32>,
-    amx_tags: Vec<Option<(usize, usize, usize)>>,
+    /// Transposed K tiles of one KV head, kept for the thread's next items of the same head:
+    /// slot `j0 / BK` holds keys `j0..j0+nk` as `kt` would. None when K takes the bf16
+    /// dot-product path or the head's tiles exceed [`KT_CACHE_BYTES`]. K of other types is
+    /// cached converted to fp32, as widened bf16 tiles (`Isa::Avx512Bf16Decode`) use it: bf16
+    /// W2-causal and W3 then ran 3% faster (2-core Xeon), as fast as f32.
+    kt_cache: HeadTiles<f32>,
+    /// The AMX path's packed K and V key tiles of one KV head ([`amx_rows`]): slot
+    /// `j0 / AMX_KEYS` holds K (pairs × AMX_KEYS) then V (pairs × dvp, twice where split).
+    /// None where the head's tiles exceed [`AMX_KV_CACHE_BYTES`].
+    amx_kv: HeadTiles<u32>,
     row: AlignedBuf<f32>,
     /// BK × head_dim: K rows converted to fp32 before they are transposed (non-f32 K only).
     stage: AlignedBuf<f32>,
@@ -239,8 +235,8 @@ impl Scratch {
         });
         match spare {
             Some(mut sc) => {
-                sc.kt_tags.fill(None);
-                sc.amx_tags.fill(None);
+                sc.kt_cache.clear();
+                sc.amx_kv.clear();
                 sc
             }
             None => Scratch::of_shape(shape),
@@ -265,10 +261,9 @@ impl Scratch {
     }
 
     fn bytes(&self) -> usize {
-        let f32s: [&[f32]; 11] = [
+        let f32s: [&[f32]; 10] = [
             &self.q,
             &self.kt,
-            &self.kt_cache,
             &self.row,
             &self.stage,
             &self.s,
@@ -278,9 +273,11 @@ impl Scratch {
             &self.l,
             &self.l_lanes,
         ];
-        let u32s = [&self.qp, &self.kp, &self.pp, &self.vp, &self.amx_kv];
+        let u32s = [&self.qp, &self.kp, &self.pp, &self.vp];
         4 * (f32s.iter().map(|v| v.len()).sum::<usize>()
-            + u32s.iter().map(|v| v.len()).sum::<usize>())
+            + u32s.iter().map(|v| v.len()).sum::<usize>()
+            + self.kt_cache.elements()
+            + self.amx_kv.elements())
             + self.rows.len() * std::mem::size_of::<RowInfo>()
             + 4 * self.amx_few.len()
     }
@@ -309,10 +306,8 @@ impl Scratch {
         Scratch {
             q: AlignedBuf::zeroed(rows * d),
             kt: AlignedBuf::zeroed(tile_len),
-            kt_cache: AlignedBuf::zeroed(cached_tiles * tile_len),
-            kt_tags: vec![None; cached_tiles],
-            amx_kv: AlignedBuf::zeroed(amx_cached_tiles * amx_slot_len(d, head_dim_v)),
-            amx_tags: vec![None; amx_cached_tiles],
+            kt_cache: HeadTiles::new(cached_tiles, BK, d * BK),
+            amx_kv: HeadTiles::new(amx_cached_tiles, AMX_KEYS, amx_slot_len(d, head_dim_v)),
             row: AlignedBuf::zeroed(d.max(dvp)),
             stage: AlignedBuf::zeroed(if staged { packed(BK * d) } else { 0 }),
             s: AlignedBuf::zeroed(wide(rows * BK, chunk * kb)),
@@ -343,8 +338,6 @@ impl Scratch {
 
 impl ScratchShape {
     fn of(p: &Problem, max_rows: usize, isa: Isa) -> ScratchShape {
-        let tiles = p.seqlen_kv.div_ceil(BK);
-        let tile_len = p.head_dim * BK;
         let amx = isa == Isa::AmxBf16;
         let dot_tiles = dot_tiles(isa.bf16_tiles(), amx, p.head_dim_v) && p.k.dtype == DType::BF16;
         // No tile has more rows than max_rows; the bf16 path (in kernel families that take
@@ -353,26 +346,15 @@ impl ScratchShape {
             && (!dot_tiles
                 || max_rows <= BF16_FEW_ROWS
                 || few_rows_in_registers(p, max_rows, true));
-        let cached_tiles = if !few
-            && !dot_tiles
-            && p.seqlen_q * p.group_size() > max_rows
-            && tiles * tile_len * 4 <= KT_CACHE_BYTES
-        {
-            tiles
+        let cached_tiles = if !few && !dot_tiles {
+            HeadTiles::<f32>::slots_for(p, max_rows, BK, p.head_dim * BK, KT_CACHE_BYTES)
         } else {
             0
         };
         let amx_few = amx && dot_tiles && amx_few::fits(p, max_rows);
-        let amx_tiles = p.seqlen_kv.div_ceil(AMX_KEYS);
-        let amx_slot_bytes = 4 * amx_slot_len(p.head_dim, p.head_dim_v);
-        let amx_cached_tiles = if !few
-            && dot_tiles
-            && amx
-            && !amx_few
-            && p.seqlen_q * p.group_size() > max_rows
-            && amx_tiles * amx_slot_bytes <= AMX_KV_CACHE_BYTES
-        {
-            amx_tiles
+        let amx_cached_tiles = if !few && dot_tiles && amx && !amx_few {
+            let slot_len = amx_slot_len(p.head_dim, p.head_dim_v);
+            HeadTiles::<u32>::slots_for(p, max_rows, AMX_KEYS, slot_len, AMX_KV_CACHE_BYTES)
         } else {
             0
         };
@@ -730,20 +712,21 @@ pub fn attend<
         } else {
             // Scores and their softmax a few rows at a time, while the rows are in L1 (a
             // whole tile of scores is larger).
-            let slot = j0 / BK;
-            let cached = j0.is_multiple_of(BK) && slot < sc.kt_tags.len();
-            let tag = Some((t.batch, t.hkv, nk));
-            if cached && sc.kt_tags[slot] != tag {
-                let tile = &mut sc.kt_cache[slot * d * BK..][..d * BK];
-                pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, &mut sc.stage, tile);
-                sc.kt_tags[slot] = tag;
-            } else if !cached {
-                pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, &mut sc.stage, &mut sc.kt);
+            let slot = sc.kt_cache.slot(j0);
+            let stage = &mut sc.stage;
+            match slot {
+                Some(slot) => sc.kt_cache.fill(slot, (t.batch, t.hkv, nk), |tile| {
+                    pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, stage, tile)
+                }),
+                None => pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, stage, &mut sc.kt),
             }
-            // Taken out of `sc` while softmax_rows borrows it (a move, not a copy).
-            let store = std::mem::take(if cached { &mut sc.kt_cache } else { &mut sc.kt });
+            // Taken out of `sc` while softmax_rows borrows it (moves, not copies).
+            let (cache, own) = (std::mem::take(&mut sc.kt_cache), std::mem::take(&mut sc.kt));
             let kt = Strided::rows(
-                &store[if cached { slot * d * BK } else { 0 }..][..d * BK],
+                match slot {
+                    Some(slot) => cache.get(slot),
+                    None => &own[..d * BK],
+                },
                 BK,
             );
             for r0 in (0..rows).step_by(SOFTMAX_ROWS) {
@@ -752,7 +735,7 @@ pub fn attend<
                 gemm::<M, C, false>(q, kt, &mut sc.s[r0 * BK..], BK, [n, nkp, d], 1.0);
                 softmax_rows::<M, C>(p, t, (j0, nk), (r0, r0 + n), sc);
             }
-            *(if cached { &mut sc.kt_cache } else { &mut sc.kt }) = store;
+            (sc.kt_cache, sc.kt) = (cache, own);
         }
         if few_rows || bf16 {
             softmax_rows::<M, C>(p, t, (j0, nk), (0, rows), sc);

@@ -22,10 +22,7 @@ use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles};
 use super::super::avx512_bf16::{pack_interleaved, pack_probability_row, pack_transposed_pairs};
 use super::super::math::{MulAdd, LANES};
 use super::super::microkernel::Strided;
-use super::{
-    amx_slot_len, few_columns, round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK,
-    AMX_KEYS, R,
-};
+use super::{few_columns, round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK, AMX_KEYS, R};
 use crate::problem::Problem;
 
 /// Rows of a chunk.
@@ -84,7 +81,6 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let split = few_columns(p.head_dim_v);
     let ld_p = if split { KB } else { KB / 2 };
     let k_len = d2 * KB;
-    let slot_len = amx_slot_len(d, p.head_dim_v);
     tiles.begin();
     let mut j0 = keys.0;
     while j0 < keys.1 {
@@ -96,8 +92,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
         let pairs = round_up(nk.div_ceil(2), TILE_PAIRS);
         // K and V packed into the thread's cache (kept for its next items of this head), or
         // into the item's own buffers; either way once, for the first chunk that sees them.
-        let slot = j0 / KB;
-        let cached = j0.is_multiple_of(KB) && slot < sc.amx_tags.len();
+        let slot = sc.amx_kv.slot(j0);
         let mut packed = false;
         for r0 in (0..rows).step_by(CHUNK) {
             let r1 = (r0 + CHUNK).min(rows);
@@ -106,20 +101,18 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                 continue;
             }
             if !packed {
-                let tag = Some((t.batch, t.hkv, nk));
-                if !cached {
-                    pack_tile(p, t, (j0, nk), split, &mut sc.kp, &mut sc.vp, dvp);
-                } else if sc.amx_tags[slot] != tag {
-                    let (kp, vp) = sc.amx_kv[slot * slot_len..][..slot_len].split_at_mut(k_len);
-                    pack_tile(p, t, (j0, nk), split, kp, vp, dvp);
-                    sc.amx_tags[slot] = tag;
+                match slot {
+                    Some(slot) => sc.amx_kv.fill(slot, (t.batch, t.hkv, nk), |kv| {
+                        let (kp, vp) = kv.split_at_mut(k_len);
+                        pack_tile(p, t, (j0, nk), split, kp, vp, dvp)
+                    }),
+                    None => pack_tile(p, t, (j0, nk), split, &mut sc.kp, &mut sc.vp, dvp),
                 }
                 packed = true;
             }
-            let (kp, vp): (&[u32], &[u32]) = if cached {
-                sc.amx_kv[slot * slot_len..][..slot_len].split_at(k_len)
-            } else {
-                (&sc.kp, &sc.vp)
+            let (kp, vp): (&[u32], &[u32]) = match slot {
+                Some(slot) => sc.amx_kv.get(slot).split_at(k_len),
+                None => (&sc.kp, &sc.vp),
             };
             let n = r1 - r0;
             // Unscaled: `gemm` would scale each block's sums right after storing them, and
