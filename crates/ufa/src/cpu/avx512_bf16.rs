@@ -9,6 +9,7 @@
 //! Everything here runs only inside functions compiled with `avx512f,avx512bf16` (see
 //! `Isa::Avx512Bf16`).
 
+use super::math::{exp, MulAdd, LANES};
 use super::microkernel::{product_fits, transpose_rows, Strided, BK, R};
 use std::arch::x86_64::*;
 
@@ -135,19 +136,7 @@ pub unsafe fn pack_probabilities(p: &[f32], pp: &mut [u32], rows: usize) {
 #[inline(always)]
 pub unsafe fn pack_probability_row(s: &[f32], pp: &mut [u32], mut lo: Option<&mut [u32]>) {
     let n = s.len();
-    assert!(n.is_multiple_of(16) && pp.len() >= (n / 2).div_ceil(16) * 16);
-    if let Some(lo) = lo.as_deref() {
-        assert!(lo.len() >= (n / 2).div_ceil(16) * 16);
-    }
-    // bf16 lanes `half` (0: the low 16, 1: the high 16) of `b`, widened to fp32 exactly.
-    let widen = |b: __m512i, half: bool| {
-        let h = if half {
-            _mm512_extracti64x4_epi64::<1>(b)
-        } else {
-            _mm512_castsi512_si256(b)
-        };
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    };
+    check_probability_row(n, pp, lo.as_deref());
     let mut c = 0;
     while c < n {
         let first = _mm512_loadu_ps(s.as_ptr().add(c));
@@ -156,17 +145,108 @@ pub unsafe fn pack_probability_row(s: &[f32], pp: &mut [u32], mut lo: Option<&mu
         } else {
             _mm512_setzero_ps()
         };
-        // The second operand fills the low 16 bf16 values: keys c..c+16 stay in order.
-        let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(second, first));
-        _mm512_storeu_si512(pp.as_mut_ptr().add(c / 2) as *mut _, b);
-        if let Some(lo) = lo.as_deref_mut() {
-            let r0 = _mm512_sub_ps(first, widen(b, false));
-            let r1 = _mm512_sub_ps(second, widen(b, true));
-            let r: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(r1, r0));
-            _mm512_storeu_si512(lo.as_mut_ptr().add(c / 2) as *mut _, r);
-        }
+        store_probability_pairs(first, second, pp, lo.as_deref_mut(), c);
         c += 32;
     }
+    zero_probability_pairs(pp, lo, c);
+}
+
+/// [`pack_probability_row`] of the probabilities exp(s·scale − m) of raw scores `s`, formed
+/// here in registers rather than stored and read back (the AMX path's plain rows: two passes
+/// over the row fewer). Returns `lanes · corr + (their sums in 16 lanes)`, as
+/// [`super::math::exp_sub_sum_lanes`] does for scaled scores.
+///
+/// # Safety
+/// As [`pack_probability_row`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn exp_pack_probability_row<M: MulAdd>(
+    s: &[f32],
+    scale: f32,
+    m: f32,
+    lanes: &[f32; LANES],
+    corr: f32,
+    pp: &mut [u32],
+    mut lo: Option<&mut [u32]>,
+) -> [f32; LANES] {
+    let n = s.len();
+    check_probability_row(n, pp, lo.as_deref());
+    let mut sum = [0f32; LANES];
+    let mut c = 0;
+    while c < n {
+        let first = exp_lanes::<M>(&s[c..][..LANES], scale, m, &mut sum);
+        let second = if c + 16 < n {
+            exp_lanes::<M>(&s[c + 16..][..LANES], scale, m, &mut sum)
+        } else {
+            _mm512_setzero_ps()
+        };
+        store_probability_pairs(first, second, pp, lo.as_deref_mut(), c);
+        c += 32;
+    }
+    zero_probability_pairs(pp, lo, c);
+    for i in 0..LANES {
+        sum[i] = M::mul_add(lanes[i], corr, sum[i]);
+    }
+    sum
+}
+
+/// exp(x·scale − m) of 16 scores, added into `sum` lane by lane. (A plain function: as a
+/// closure it was not inlined into the AVX-512 caller, and its exponentials ran scalar, 25
+/// times slower.)
+#[inline(always)]
+unsafe fn exp_lanes<M: MulAdd>(x: &[f32], scale: f32, m: f32, sum: &mut [f32; LANES]) -> __m512 {
+    let mut e = [0f32; LANES];
+    for i in 0..LANES {
+        e[i] = exp::<M>(M::mul_add(x[i], scale, -m));
+        sum[i] += e[i];
+    }
+    _mm512_loadu_ps(e.as_ptr())
+}
+
+#[inline(always)]
+fn check_probability_row(n: usize, pp: &[u32], lo: Option<&[u32]>) {
+    let pairs = (n / 2).div_ceil(16) * 16;
+    assert!(n.is_multiple_of(16) && pp.len() >= pairs && lo.is_none_or(|lo| lo.len() >= pairs));
+}
+
+/// Rounds 32 probabilities (`first`, then `second`) to the bf16 pairs from pair `c / 2` of
+/// `pp`, and their residuals into `lo`.
+///
+/// # Safety
+/// Needs avx512f+avx512bf16; `pp` (and `lo`) hold 16 pairs from `c / 2`.
+#[inline(always)]
+unsafe fn store_probability_pairs(
+    first: __m512,
+    second: __m512,
+    pp: &mut [u32],
+    lo: Option<&mut [u32]>,
+    c: usize,
+) {
+    // The second operand fills the low 16 bf16 values: keys c..c+16 stay in order.
+    let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(second, first));
+    _mm512_storeu_si512(pp.as_mut_ptr().add(c / 2) as *mut _, b);
+    if let Some(lo) = lo {
+        let r0 = _mm512_sub_ps(first, widen(b, false));
+        let r1 = _mm512_sub_ps(second, widen(b, true));
+        let r: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(r1, r0));
+        _mm512_storeu_si512(lo.as_mut_ptr().add(c / 2) as *mut _, r);
+    }
+}
+
+/// bf16 lanes `half` (0: the low 16, 1: the high 16) of `b`, widened to fp32 exactly.
+#[inline(always)]
+unsafe fn widen(b: __m512i, half: bool) -> __m512 {
+    let h = if half {
+        _mm512_extracti64x4_epi64::<1>(b)
+    } else {
+        _mm512_castsi512_si256(b)
+    };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+}
+
+/// Zeroes the pairs of `pp` (and `lo`) from pair `c / 2`: past the row.
+#[inline(always)]
+fn zero_probability_pairs(pp: &mut [u32], lo: Option<&mut [u32]>, c: usize) {
     pp[c / 2..].fill(0);
     if let Some(lo) = lo {
         lo[c / 2..].fill(0);

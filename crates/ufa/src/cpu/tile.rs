@@ -715,9 +715,11 @@ pub fn attend<
             let slot = sc.kt_cache.slot(j0);
             let stage = &mut sc.stage;
             match slot {
-                Some(slot) => sc.kt_cache.fill(slot, (t.batch, t.hkv, nk), |tile| {
-                    pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, stage, tile)
-                }),
+                Some(slot) => {
+                    if let Some(tile) = sc.kt_cache.stale(slot, (t.batch, t.hkv, nk)) {
+                        pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, stage, tile);
+                    }
+                }
                 None => pack_transposed::<C>(&p.k, t, (j0, nk), d, nkp, stage, &mut sc.kt),
             }
             // Taken out of `sc` while softmax_rows borrows it (moves, not copies).
@@ -972,27 +974,9 @@ fn softmax_row<M: MulAdd, const C: usize>(
     (m, l, acc): (&mut f32, &mut [f32; LANES], &mut [f32]),
 ) {
     apply_score_mods::<M>(p, t, row, j0, nk, s, None);
-    let m_old = *m;
-    let lanes = lane_max_of::<C>(s);
-    let (m_new, corr) = if any_lane_above(&lanes, m_old) {
-        let m_new = m_old.max(max_of_lanes(lanes));
-        // m_new > m, so m - m_new is never NaN (m = -inf gives exactly 0).
-        let corr = exp::<M>(m_old - m_new);
-        acc.iter_mut().for_each(|a| *a *= corr);
-        *m = m_new;
-        (m_new, corr)
-    } else if m_old == f32::NEG_INFINITY {
-        // No lane above -inf: the row has seen no key yet, unless some score is NaN (a NaN
-        // is never a maximum). Then the row's result is NaN, as in the reference: a
-        // maximum of NaN keeps every later P, the sum and the output NaN.
-        if !s.iter().any(|x| x.is_nan()) {
-            s.fill(0.0); // nothing visible yet: P = 0, state unchanged
-            return;
-        }
-        *m = f32::NAN;
-        (f32::NAN, 1.0)
-    } else {
-        (m_old, 1.0)
+    let Some((m_new, corr)) = update_max::<M>(lane_max_of::<C>(s), s, m, acc) else {
+        s.fill(0.0); // nothing visible yet: P = 0, state unchanged
+        return;
     };
     *l = exp_sub_sum_lanes::<M>(s, m_new, l, corr);
     // Dropout after the sum: the LSE is that of the probabilities before it.
@@ -1001,10 +985,42 @@ fn softmax_row<M: MulAdd, const C: usize>(
     }
 }
 
+/// A row's running maximum `m` after a tile whose scores `s` have lane maxima `lanes`, and
+/// the factor exp(m_old - m_new) its output `acc` was rescaled by; None, with nothing changed,
+/// while the row has seen no key (every score so far -inf).
+#[inline(always)]
+pub(super) fn update_max<M: MulAdd>(
+    lanes: [f32; LANES],
+    s: &[f32],
+    m: &mut f32,
+    acc: &mut [f32],
+) -> Option<(f32, f32)> {
+    let m_old = *m;
+    if any_lane_above(&lanes, m_old) {
+        let m_new = m_old.max(max_of_lanes(lanes));
+        // m_new > m, so m - m_new is never NaN (m = -inf gives exactly 0).
+        let corr = exp::<M>(m_old - m_new);
+        acc.iter_mut().for_each(|a| *a *= corr);
+        *m = m_new;
+        Some((m_new, corr))
+    } else if m_old == f32::NEG_INFINITY {
+        // No lane above -inf: the row has seen no key yet, unless some score is NaN (a NaN
+        // is never a maximum). Then the row's result is NaN, as in the reference: a
+        // maximum of NaN keeps every later P, the sum and the output NaN.
+        if !s.iter().any(|x| x.is_nan()) {
+            return None;
+        }
+        *m = f32::NAN;
+        Some((f32::NAN, 1.0))
+    } else {
+        Some((m_old, 1.0))
+    }
+}
+
 /// [`lane_max`] of a row of scores; the AVX-512 families (`C` = 64) take it in 512-bit
 /// registers (the compiler's own version of the loop moved two lanes at a time).
 #[inline(always)]
-fn lane_max_of<const C: usize>(s: &[f32]) -> [f32; LANES] {
+pub(super) fn lane_max_of<const C: usize>(s: &[f32]) -> [f32; LANES] {
     #[cfg(target_arch = "x86_64")]
     if C == 64 {
         // SAFETY: C = 64 only in functions compiled with avx512f; `s` is read in bounds.

@@ -19,10 +19,15 @@
 //! The tiles are configured once for the item ([`Tiles::begin`]), not once a product.
 
 use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles};
-use super::super::avx512_bf16::{pack_interleaved, pack_probability_row, pack_transposed_pairs};
+use super::super::avx512_bf16::{
+    exp_pack_probability_row, pack_interleaved, pack_probability_row, pack_transposed_pairs,
+};
 use super::super::math::{MulAdd, LANES};
 use super::super::microkernel::Strided;
-use super::{few_columns, round_up, softmax_row, widen, Scratch, TileRows, AMX_CHUNK, AMX_KEYS, R};
+use super::{
+    few_columns, lane_max_of, round_up, softmax_row, update_max, widen, Scratch, TileRows,
+    AMX_CHUNK, AMX_KEYS, R,
+};
 use crate::problem::Problem;
 
 /// Rows of a chunk.
@@ -81,6 +86,14 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let split = few_columns(p.head_dim_v);
     let ld_p = if split { KB } else { KB / 2 };
     let k_len = d2 * KB;
+    // Rows whose scores need no modification in tiles inside their band: the softmax of
+    // `exp_pack_probability_row`.
+    let plain = p.softcap == 0.0
+        && p.alibi.is_none()
+        && p.mask.is_none()
+        && p.dropout.is_none()
+        && p.scale > 0.0
+        && p.scale.is_finite();
     tiles.begin();
     let mut j0 = keys.0;
     while j0 < keys.1 {
@@ -102,10 +115,12 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
             }
             if !packed {
                 match slot {
-                    Some(slot) => sc.amx_kv.fill(slot, (t.batch, t.hkv, nk), |kv| {
-                        let (kp, vp) = kv.split_at_mut(k_len);
-                        pack_tile(p, t, (j0, nk), split, kp, vp, dvp)
-                    }),
+                    Some(slot) => {
+                        if let Some(kv) = sc.amx_kv.stale(slot, (t.batch, t.hkv, nk)) {
+                            let (kp, vp) = kv.split_at_mut(k_len);
+                            pack_tile(p, t, (j0, nk), split, kp, vp, dvp);
+                        }
+                    }
                     None => pack_tile(p, t, (j0, nk), split, &mut sc.kp, &mut sc.vp, dvp),
                 }
                 packed = true;
@@ -130,18 +145,39 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
             for r in r0..r1 {
                 let i = r - r0;
                 let s = &mut sc.s[i * KB..][..nkp];
-                if r >= t.nrows {
-                    s.fill(0.0); // padding: P = 0
-                } else {
-                    s.iter_mut().for_each(|x| *x *= p.scale);
-                    let l = (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
-                    let acc = &mut sc.acc[r * dvp..][..dvp];
-                    softmax_row::<M, C>(p, t, &sc.rows[r], (j0, nk), s, (&mut sc.m[r], l, acc));
-                }
                 // Split, the parts zero up to KB/2 pairs, where V's pairs are zero too.
                 let pp = &mut sc.pp[i * ld_p..][..ld_p];
                 let (hi, lo) = pp.split_at_mut(if split { KB / 2 } else { pairs });
-                pack_probability_row(s, hi, split.then_some(lo));
+                let lo = split.then_some(lo);
+                if r >= t.nrows {
+                    s.fill(0.0); // padding: P = 0
+                    pack_probability_row(s, hi, lo);
+                    continue;
+                }
+                let l: &mut [f32; LANES] =
+                    (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
+                let acc = &mut sc.acc[r * dvp..][..dvp];
+                let row = &sc.rows[r];
+                if plain && row.band.0 <= j0 && j0 + nk <= row.band.1 {
+                    // Nothing to mask or modify: the scale goes into the exponentials' argument
+                    // (the maxima of scores scaled by a positive factor are the maxima scaled),
+                    // and the probabilities are packed as they are formed.
+                    s[nk..].fill(f32::NEG_INFINITY);
+                    let lanes = lane_max_of::<C>(s).map(|x| x * p.scale);
+                    match update_max::<M>(lanes, s, &mut sc.m[r], acc) {
+                        Some((m, corr)) => {
+                            *l = exp_pack_probability_row::<M>(s, p.scale, m, l, corr, hi, lo)
+                        }
+                        None => {
+                            s.fill(0.0);
+                            pack_probability_row(s, hi, lo);
+                        }
+                    }
+                } else {
+                    s.iter_mut().for_each(|x| *x *= p.scale);
+                    softmax_row::<M, C>(p, t, row, (j0, nk), s, (&mut sc.m[r], l, acc));
+                    pack_probability_row(s, hi, lo);
+                }
             }
             gemm::<T, true>(
                 tiles,
