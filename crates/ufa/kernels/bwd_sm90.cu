@@ -17,7 +17,10 @@
 //      and Pᵀ ∘ Z goes on);
 //   3. dV += Pᵀ dO and dK += dSᵀ Q, with dO and Q read transposed by their descriptors;
 //   4. dSᵀ to shared memory (two buffers, alternating by step); after a consumer barrier,
-//      dQ(block) = dS K with the head dim split between the consumers (dS read transposed).
+//      dQ(block) = dS K with the head dim split between the consumers (dS read transposed);
+//      with 128 queries a step (head dim 64, two consumers: FlashAttention-3's 128 x 128 tile,
+//      whose wgmmas are twice as wide as 64 queries' and whose steps are half as many), each
+//      consumer takes 64 of dQ's rows instead, and there is one dQ tile.
 // Up to head dim 128 each consumer owns 64 keys and the whole head dim: Pᵀ and dSᵀ are the
 // register A operands of step 3, and dQ goes to a shared fp32 tile for the writer. At head dim
 // 256 (SPLIT_D) dK and dV of 64 keys would take 256 registers a thread, so two consumers share
@@ -41,7 +44,10 @@
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int MIN_BLOCKS>
 struct BwdWgmmaConfig {
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "a Hopper head dim");
-    static_assert(BLOCK_M == 64, "dSᵀ is one 64-query swizzle block; dQ one m64 tile");
+    // 128 query rows a step only at head dim 64 with two consumers: their Sᵀ and dPᵀ (64
+    // keys x 128 queries, 64 registers each) beside dK and dV (32 each) still fit.
+    static_assert(BLOCK_M == 64 || (BLOCK_M == 128 && HEAD_DIM == 64 && BLOCK_N == 128),
+                  "64 query rows a step, or 128 at head dim 64 with two consumers");
     static_assert(BLOCK_N % 64 == 0, "consumers own 64 keys");
     static constexpr bool kSplitD = HEAD_DIM > 128;
     static_assert(!kSplitD || BLOCK_N == 64, "two consumers share one 64-key block");
@@ -59,7 +65,10 @@ struct BwdWgmmaConfig {
     static constexpr int kDsBytes = BLOCK_N * BLOCK_M * 2;
     static constexpr int kDqBytes = BLOCK_M * HEAD_DIM * 4;
     static constexpr int kStatBytes = 2 * BLOCK_M * 4;  // LSE and D of one stage
-    static constexpr int kDqTiles = 2;
+    // dQ = dS K: with 64 queries a step the consumers split its columns; with 128 its rows
+    // (64 each, an m64 tile), and a second dQ tile would no longer fit.
+    static constexpr bool kDqByRows = BLOCK_M > 64;
+    static constexpr int kDqTiles = kDqByRows ? 1 : 2;
     // SPLIT_D: dQ tile t is stage t's Q and dO, which are as large.
     static constexpr bool kDqInStage = kSplitD;
     static_assert(!kDqInStage || (kStages == kDqTiles && 2 * kQBytes == kDqBytes),
@@ -319,7 +328,24 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                                        : -0.f;
                 }
         }
-        if (!SCORE_MOD) {
+        // Up to head dim 128, Pᵀ and dSᵀ as the 16-bit k16 A fragments of step 3 (two n8 tiles
+        // of the accumulators are one fragment), each packed as soon as its two tiles are
+        // final, so that the fp32 values of the tiles done give their registers back (128
+        // queries a step with dropout spilled 372 bytes when all were packed at the end).
+        uint32_t pa[NQ / 16][4], da[NQ / 16][4];
+        auto fragment = [&](int kk) {
+            if constexpr (!SPLIT_D) {
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    pa[kk][r] = Convert<T>::pack(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+                    da[kk][r] = Convert<T>::pack(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+                }
+            }
+        };
+        if (SCORE_MOD) {
+#pragma unroll
+            for (int kk = 0; kk < NQ / 16; ++kk) fragment(kk);
+        } else {
             wgmma_wait<0>();
             fence_regs(dp);
             // With dropout, dS = P (Z dP - D) and Pᵀ goes on as P Z (grad_terms' rule).
@@ -334,6 +360,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                                         (dp[4 * t + e] * z - delta[q0 + t * 8 + quad * 2 + (e % 2)]);
                         if (DROPOUT) s[4 * t + e] *= z;
                     }
+                    if (t % 2 == 1) fragment(t / 2);
                 }
             } else {
 #pragma unroll
@@ -348,27 +375,43 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                         dp[4 * t + e] = signbit(pv) ? 0.f : ds;
                         if (DROPOUT) s[4 * t + e] = pv * z;
                     }
+                    if (t % 2 == 1) fragment(t / 2);
                 }
             }
         }
 
-        // Stores accumulator tile `x` (this thread's keys, this consumer's queries) as 16-bit
-        // values into a [BLOCK_N keys][64 queries] swizzled tile: the K-major A of dV/dK
-        // (SPLIT_D) and the MN-major A of dQ = dS K. Accumulators 4 t + 2 h, + 1 hold key row
-        // `key_row + 8 h`, queries q0 + 8 t + 2 quad, + 1: chunk q0 / 8 + t of the row.
+        // Accumulator tile `x` as 16-bit values in a [BLOCK_N keys][BLOCK_M queries] tile of
+        // 64-query swizzled blocks: the K-major A of dV/dK (SPLIT_D) and the MN-major A of
+        // dQ = dS K. Accumulators 4 t + 2 h, + 1 (register 2 (t % 2) + h of fragment t / 2)
+        // hold key row `key_row + 8 h`, queries q0 + 8 t + 2 quad, + 1: chunk c = q0 / 8 + t
+        // of the row, in block c / 8. From the accumulators, or from their fragments.
         const uint32_t row_addr = key_row * 128 + (group << 4) + quad * 4;
+        auto keys_by_queries_at = [&](uint32_t tile, int t, int h8) {
+            const int c = q0 / 8 + t;  // q0 (SPLIT_D only) keeps c within block 0
+            const int block = BM > 64 ? c / 8 : 0;
+            return sw128_chunk(tile + block * (BN * 128) + row_addr, BM > 64 ? c % 8 : c) +
+                   h8 * 8 * 128;
+        };
         auto store_keys_by_queries = [&](uint32_t tile, const float(&x)[NQ / 2]) {
 #pragma unroll
             for (int t = 0; t < NQ / 8; ++t)
 #pragma unroll
                 for (int h8 = 0; h8 < 2; ++h8)
-                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(
-                                     sw128_chunk(tile + row_addr, q0 / 8 + t) + h8 * 8 * 128),
+                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(keys_by_queries_at(tile, t, h8)),
                                  "r"(Convert<T>::pack(x[4 * t + 2 * h8], x[4 * t + 2 * h8 + 1]))
                                  : "memory");
         };
+        auto store_fragments = [&](uint32_t tile, const uint32_t(&a)[NQ / 16][4]) {
+#pragma unroll
+            for (int t = 0; t < NQ / 8; ++t)
+#pragma unroll
+                for (int h8 = 0; h8 < 2; ++h8)
+                    asm volatile("st.shared.b32 [%0], %1;" ::"r"(keys_by_queries_at(tile, t, h8)),
+                                 "r"(a[t / 2][2 * (t % 2) + h8])
+                                 : "memory");
+        };
 
-        // 3. dV += Pᵀ dO, dK += dSᵀ Q, over the step's 64 queries (K), into this consumer's
+        // 3. dV += Pᵀ dO, dK += dSᵀ Q, over the step's queries (K), into this consumer's
         // columns (N), dO and Q transposed.
         if constexpr (SPLIT_D) {
             // Both consumers' halves of Pᵀ and dSᵀ meet in shared memory first.
@@ -388,15 +431,6 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
                              sw128_desc(sQs + cols + kk * 16 * 128, BM * 128), 1);
             wgmma_commit();
         } else {
-            // Two n8 tiles of the accumulators are one k16 A fragment.
-            uint32_t pa[BM / 16][4], da[BM / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    pa[kk][r] = Convert<T>::pack(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
-                    da[kk][r] = Convert<T>::pack(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
-                }
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk)
@@ -405,20 +439,26 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
             for (int kk = 0; kk < BM / 16; ++kk)
                 wgmma_dkv<T>(dk, da[kk], sw128_desc(sQs + kk * 16 * 128, BM * 128), 1);
             wgmma_commit();
-            // 4. dSᵀ to shared memory while those run.
-            store_keys_by_queries(sdS_it, dp);
+            // 4. dSᵀ to shared memory while those run, from its fragments (dPᵀ's registers are
+            // free once they are packed).
+            store_fragments(sdS_it, da);
             fence_proxy_async_shared();
             named_barrier_sync(1, Cfg::kConsumerThreads);  // every consumer's dSᵀ is in place
         }
 
-        // dQ(block)[:, columns of this consumer] = dS K over the block's keys, in passes of at
-        // most 64 columns (32 accumulator registers each): into a shared fp32 tile (boxes of 32
-        // columns x BLOCK_M rows, 128-byte swizzle, as the TMA reduction reads them) for the
-        // writer.
-        constexpr int DQ_COLS = D / Cfg::kConsumers;
+        // dQ(block)[rows, columns of this consumer] = dS K over the block's keys, in passes of
+        // at most 64 columns (32 accumulator registers each): into a shared fp32 tile (boxes of
+        // 32 columns x BLOCK_M rows, 128-byte swizzle, as the TMA reduction reads them) for the
+        // writer. The consumers split the columns, or with kDqByRows the rows: consumer cw
+        // takes queries 64 cw.. (dSᵀ's swizzle block cw) and every column.
+        constexpr bool BY_ROWS = Cfg::kDqByRows;
+        constexpr int DQ_COLS = BY_ROWS ? D : D / Cfg::kConsumers;
         constexpr int DQ_N = DQ_COLS > 64 ? 64 : DQ_COLS;
         static_assert(DQ_N % 32 == 0, "dQ passes start on a box");
-        const int row = (warp % 4) * 16 + group;  // this thread's dQ rows: row, row + 8
+        static_assert(!BY_ROWS || BM == 64 * Cfg::kConsumers, "a consumer's dQ rows are one m64 tile");
+        const int dq_row0 = BY_ROWS ? cw * 64 : 0;
+        const uint32_t sdS_rows = sdS_it + (BY_ROWS ? cw * (BN * 128) : 0);
+        const int row = dq_row0 + (warp % 4) * 16 + group;  // this thread's dQ rows: row, row + 8
         constexpr int PASSES = DQ_COLS / DQ_N;
         float acc[PASSES][DQ_N / 2];
         wgmma_fence();
@@ -427,11 +467,11 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
             // K's column `col0`: a column block, plus 64 bytes into it when two consumers
             // split d64 (the swizzle is applied to the whole address, so a start inside a row
             // is exact).
-            const int col0 = cw * DQ_COLS + pass * DQ_N;
+            const int col0 = (BY_ROWS ? 0 : cw * DQ_COLS) + pass * DQ_N;
             const uint32_t kcol = (col0 / 64) * (BN * 128) + (col0 % 64) * 2;
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk)
-                wgmma_dq<T>(acc[pass], sw128_desc(sdS_it + kk * 16 * 128, BN * 128),
+                wgmma_dq<T>(acc[pass], sw128_desc(sdS_rows + kk * 16 * 128, BN * 128),
                             sw128_desc(sK + kcol + kk * 16 * 128, BN * 128), kk > 0);
         }
         wgmma_commit();
@@ -451,7 +491,7 @@ __device__ __forceinline__ void bwd_sm90_consume(const BwdSm90Params& sp, const 
             sm.dq(tile) + row * 128 + (((quad / 2) ^ group) << 4) + (quad % 2) * 8;
 #pragma unroll
         for (int pass = 0; pass < PASSES; ++pass) {
-            const int col0 = cw * DQ_COLS + pass * DQ_N;
+            const int col0 = (BY_ROWS ? 0 : cw * DQ_COLS) + pass * DQ_N;
 #pragma unroll
             for (int t = 0; t < DQ_N / 8; ++t) {
                 const uint32_t addr =

@@ -104,6 +104,12 @@ impl Problem {
         self.softcap > 0.0 || self.alibi.is_some() || self.mask.is_some()
     }
 
+    /// Whether causal or window rules hide keys from some rows (a band): key blocks then see
+    /// unequal numbers of query blocks.
+    pub fn has_band(&self) -> bool {
+        self.window_left.is_some() || self.window_right.is_some()
+    }
+
     /// Query row `i` of a dense batch is aligned with key `i + diag_offset()`.
     pub fn diag_offset(&self) -> i64 {
         self.seqs.diag_offset(self.seqlen_q, self.seqlen_kv)

@@ -68,7 +68,7 @@ impl Plan {
         if tensor_cores && half && dense && hopper && sm90::wgmma_enabled() {
             if let Some(tile) = sm90::bwd_tile_head_dim(f.head_dim, f.head_dim_v, off_tile)
                 .filter(|_| tma::backward_maps_possible(p))
-                .and_then(|d| sm90::bwd_tile_for(d, max_smem, p.deterministic))
+                .and_then(|d| sm90::bwd_tile_for(d, max_smem, p.deterministic, f.has_band()))
             {
                 return Plan::Mma(Variant::BwdSm90 {
                     dtype,

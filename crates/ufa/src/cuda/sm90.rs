@@ -478,8 +478,6 @@ pub(crate) struct WgmmaBwdTile {
 
 /// Pipeline stages of Q, dO, LSE and D (`BwdWgmmaConfig::kStages`).
 const BWD_STAGES: u32 = 2;
-/// dQ tiles the consumers fill in turn for the writer (`BwdWgmmaConfig::kDqTiles`).
-const DQ_TILES: u32 = 2;
 
 impl WgmmaBwdTile {
     /// Two consumers share 64 keys, each with half the head dim (`BwdWgmmaConfig::kSplitD`):
@@ -516,6 +514,22 @@ impl WgmmaBwdTile {
         self.head_dim / self.sharing()
     }
 
+    /// The consumers split dQ's rows, 64 each, rather than its columns
+    /// (`BwdWgmmaConfig::kDqByRows`): 128 query rows a step.
+    fn dq_by_rows(&self) -> bool {
+        self.block_m > 64
+    }
+
+    /// dQ tiles the consumers fill in turn for the writer (`BwdWgmmaConfig::kDqTiles`): two,
+    /// or one of 128 rows (two would not fit beside the larger Q, dO and dSᵀ tiles).
+    fn dq_tiles(&self) -> u32 {
+        if self.dq_by_rows() {
+            1
+        } else {
+            2
+        }
+    }
+
     /// fp32 dQ tiles in shared memory of their own, for the TMA reductions
     /// (`BwdWgmmaConfig::kDqInStage`): with the split head dim a step's tile takes the place
     /// of its stage's Q and dO instead.
@@ -523,8 +537,23 @@ impl WgmmaBwdTile {
         if self.split_head_dim() {
             0
         } else {
-            DQ_TILES
+            self.dq_tiles()
         }
+    }
+
+    /// A consumer's dQ columns (the wgmma N of `wgmma_dq`, in passes of at most 64).
+    fn dq_cols(&self) -> u32 {
+        if self.dq_by_rows() {
+            self.head_dim
+        } else {
+            self.head_dim / self.consumers()
+        }
+    }
+
+    /// The query rows a step the kernel template accepts (`BwdWgmmaConfig`'s assertion): 64,
+    /// or 128 at head dim 64 with two consumers.
+    fn block_m_allowed(&self) -> bool {
+        self.block_m == 64 || (self.block_m == 128 && self.head_dim == 64 && self.block_n == 128)
     }
 
     pub fn threads(&self) -> u32 {
@@ -543,7 +572,7 @@ impl WgmmaBwdTile {
             + ds_buffers * n * m * 2
             + self.own_dq_tiles() * m * d * 4
             + s * 2 * m * 4
-            + (1 + 2 * s + 2 * DQ_TILES) * 8
+            + (1 + 2 * s + 2 * self.dq_tiles()) * 8
             + 1024
     }
 
@@ -582,15 +611,23 @@ pub(crate) fn bwd_tile_head_dim(
 }
 
 /// Environment variable overriding the Hopper backward's tiles for tuning experiments:
-/// `block_n,min_blocks`.
+/// `block_m,block_n,min_blocks`.
 pub const WGMMA_BWD_TILE_ENV: &str = "UFA_CUDA_WGMMA_BWD_TILE";
 
-/// The Hopper backward's tiles, 64 query rows a step (H200, bf16, seqlen 4096, 2026-11-26;
-/// `scripts/gpu-tune bwd|bwd-det`):
-/// - d64: blocks of one consumer warpgroup (64 keys), two an SM: 366 TFLOP/s against 334 with
-///   one block of two (310 against 283 causal); deterministic mode takes the block of two,
-///   whose query blocks have half as many key blocks to take turns: 305 against 211 (262
-///   against 238 causal);
+/// The Hopper backward's tiles (H200, bf16, seqlen 4096, 2026-11-26, `scripts/gpu-tune
+/// bwd|bwd-det`, unless said):
+/// - d64 without a band (causal or window rules) and not deterministic: one block of two
+///   consumer warpgroups over 128 queries a step and 128 keys (FlashAttention-3's tile): H100,
+///   `gpu_bench 4 4096 32 64 0 bf16 30 bwd` beside cuDNN (PyTorch SDPA) in one run
+///   (2026-12-06): 407-421 TFLOP/s against 363 with 64 queries, cuDNN 408-430. With a band
+///   the 64-query tile stays: at the GPT step of issue #18 (8 x 2048, 12 heads, causal) the
+///   128-query tile ran the backward call 3.5% faster alone (519-525 against 539-543 µs) but
+///   the whole training step slower in five of six paired runs, by up to 13%, for reasons
+///   not yet found (`bench/gpt_step.py`, bf16 and fp16, H100);
+/// - d64 otherwise: blocks of one consumer warpgroup (64 keys), two an SM: 366 TFLOP/s
+///   against 334 with one block of two (310 against 283 causal); deterministic mode takes
+///   the block of two, whose query blocks have half as many key blocks to take turns: 305
+///   against 211 (262 against 238 causal);
 /// - d128: one block of two consumer warpgroups (128 keys; dK and dV take 128 registers a
 ///   thread): 475 TFLOP/s, 431 deterministic;
 /// - d256: two consumers share 64 keys, each with half the head dim.
@@ -598,15 +635,18 @@ pub(crate) fn bwd_tile_for(
     head_dim: usize,
     max_smem: u32,
     deterministic: bool,
+    band: bool,
 ) -> Option<WgmmaBwdTile> {
     if !WGMMA_HEAD_DIMS_BWD.contains(&head_dim) {
         return None;
     }
-    // d64 deterministic and d128: two consumers of 64 keys; d256: two consumers share 64.
-    let two_consumers = head_dim >= 128 || deterministic;
+    let wide_queries = head_dim == 64 && !deterministic && !band;
+    // d64 deterministic or wide, and d128: two consumers of 64 keys; d256: two consumers
+    // share 64.
+    let two_consumers = head_dim >= 128 || deterministic || wide_queries;
     let default = WgmmaBwdTile {
         head_dim: head_dim as u32,
-        block_m: 64,
+        block_m: if wide_queries { 128 } else { 64 },
         block_n: if two_consumers && head_dim <= 128 {
             128
         } else {
@@ -614,7 +654,8 @@ pub(crate) fn bwd_tile_for(
         },
         min_blocks: if two_consumers { 1 } else { 2 },
     };
-    let over = bwd_tile_override().map(|[block_n, min_blocks]| WgmmaBwdTile {
+    let over = bwd_tile_override().map(|[block_m, block_n, min_blocks]| WgmmaBwdTile {
+        block_m,
         block_n,
         min_blocks: min_blocks.max(1),
         ..default
@@ -622,6 +663,7 @@ pub(crate) fn bwd_tile_for(
     let fits = |t: &WgmmaBwdTile| {
         t.block_n.is_multiple_of(64)
             && (64..=128).contains(&t.block_n)
+            && t.block_m_allowed()
             && (!t.split_head_dim() || t.block_n == 64)
             && t.smem_bytes() <= max_smem
             // An SM has a block's maximum plus the 1 KiB each block reserves.
@@ -631,8 +673,8 @@ pub(crate) fn bwd_tile_for(
     over.into_iter().chain([default]).find(fits)
 }
 
-fn bwd_tile_override() -> Option<[u32; 2]> {
-    static OVERRIDE: std::sync::OnceLock<Option<[u32; 2]>> = std::sync::OnceLock::new();
+fn bwd_tile_override() -> Option<[u32; 3]> {
+    static OVERRIDE: std::sync::OnceLock<Option<[u32; 3]>> = std::sync::OnceLock::new();
     *OVERRIDE.get_or_init(|| super::tiles::parse_numbers(&std::env::var(WGMMA_BWD_TILE_ENV).ok()?))
 }
 
@@ -657,7 +699,7 @@ pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
         ),
         wrapper(
             "wgmma_dq",
-            (tile.head_dim / tile.consumers()).min(64),
+            tile.dq_cols().min(64),
             AOperand::Shared,
             true,
             true
@@ -741,7 +783,7 @@ mod tests {
         assert!(src.contains("setp.ne.b32 p, %37, 0;"));
         assert_eq!(src.matches("asm volatile").count(), 4);
 
-        let b = bwd_wrappers(&bwd_tile_for(128, 232_448, false).unwrap());
+        let b = bwd_wrappers(&bwd_tile_for(128, 232_448, false, false).unwrap());
         // dq: N = 64 (half of d128), both operands transposed.
         assert!(b.contains("void wgmma_dq(float (&d)[32], uint64_t desc_a"));
         assert!(b.contains("%31}, %32, %33, p, 1, 1, 1, 1;"));
@@ -753,8 +795,8 @@ mod tests {
     #[test]
     fn backward_tiles_cover_the_head_dims_within_hopper_shared_memory() {
         for d in WGMMA_HEAD_DIMS_BWD {
-            for det in [false, true] {
-                let t = bwd_tile_for(d, 232_448, det).unwrap();
+            for (det, band) in [(false, false), (false, true), (true, false), (true, true)] {
+                let t = bwd_tile_for(d, 232_448, det, band).unwrap();
                 assert_eq!(t.threads(), t.consumers() * 128 + 128);
                 assert!((t.smem_bytes() + 1024) * t.min_blocks <= 232_448 + 1024);
                 assert!(t.registers_fit());
@@ -762,12 +804,14 @@ mod tests {
         }
         // K, V 64 KiB; Q, dO of two stages 64 KiB; dSᵀ 2 x 16 KiB; dQ 2 x 32 KiB; LSE, D 1 KiB.
         assert_eq!(
-            bwd_tile_for(128, 232_448, false).unwrap().smem_bytes(),
+            bwd_tile_for(128, 232_448, false, false)
+                .unwrap()
+                .smem_bytes(),
             231_496
         );
         // d256: two consumers of the same 64 keys; K, V 64 KiB; Q, dO 128 KiB; dSᵀ and Pᵀ
         // 2 x 16 KiB; the dQ tiles in the stages (their barriers 32 bytes).
-        let t = bwd_tile_for(256, 232_448, false).unwrap();
+        let t = bwd_tile_for(256, 232_448, false, false).unwrap();
         assert_eq!((t.block_n, t.consumers(), t.own_dq_tiles()), (64, 2, 0));
         assert_eq!(t.smem_bytes(), 231_496);
         // The kernel checks the size it is launched with against its own layout.
@@ -777,18 +821,43 @@ mod tests {
         // sdp: N = 32 queries; dkv: N = 128 columns, A from shared memory.
         assert!(b.contains("void wgmma_sdp(float (&d)[16], uint64_t desc_a"));
         assert!(b.contains("void wgmma_dkv(float (&d)[64], uint64_t desc_a"));
-        assert!(bwd_tile_for(256, 166_912, false).is_none());
+        assert!(bwd_tile_for(256, 166_912, false, false).is_none());
         // Two blocks of two consumers would leave them 112 registers.
         let two = WgmmaBwdTile {
             min_blocks: 2,
-            ..bwd_tile_for(64, 232_448, false).unwrap()
+            ..bwd_tile_for(64, 232_448, false, true).unwrap()
         };
         assert!(!WgmmaBwdTile {
             block_n: 128,
             ..two
         }
         .registers_fit());
-        assert!(bwd_tile_for(96, 232_448, false).is_none());
+        assert!(bwd_tile_for(96, 232_448, false, false).is_none());
+        // d64: 128 queries a step without a band and not deterministic; K, V 32 KiB; Q, dO of
+        // two stages 64 KiB; dSᵀ 2 x 32 KiB; one dQ tile 32 KiB; LSE, D 2 KiB.
+        let wide = bwd_tile_for(64, 232_448, false, false).unwrap();
+        assert_eq!((wide.block_m, wide.block_n, wide.min_blocks), (128, 128, 1));
+        assert_eq!(
+            (wide.consumers(), wide.dq_tiles(), wide.dq_cols()),
+            (2, 1, 64)
+        );
+        assert_eq!(wide.smem_bytes(), 199_736);
+        assert!(bwd_wrappers(&wide).contains("void wgmma_sdp(float (&d)[64], uint64_t desc_a"));
+        assert!(bwd_wrappers(&wide).contains("void wgmma_dq(float (&d)[32], uint64_t desc_a"));
+        for (det, band, tile) in [(false, true, (64, 64, 2)), (true, false, (64, 128, 1))] {
+            let t = bwd_tile_for(64, 232_448, det, band).unwrap();
+            assert_eq!((t.block_m, t.block_n, t.min_blocks), tile);
+        }
+        // 128 queries a step only at d64 with two consumers.
+        for (d, block_n) in [(128, 128), (64, 64)] {
+            let t = WgmmaBwdTile {
+                head_dim: d,
+                block_m: 128,
+                block_n,
+                min_blocks: 1,
+            };
+            assert!(!t.block_m_allowed());
+        }
     }
 
     #[test]
