@@ -721,7 +721,10 @@ impl Variant {
                     .into_iter()
                     .flat_map(|m| [(m, false), (m, true)])
                 {
-                    for (deterministic, band) in [(false, false), (false, true), (true, false)] {
+                    for (deterministic, band) in [false, true]
+                        .into_iter()
+                        .flat_map(|d| [(d, false), (d, true)])
+                    {
                         let Some(tile) =
                             sm90::bwd_tile_for(d, max_smem, deterministic, band).filter(|_| hopper)
                         else {

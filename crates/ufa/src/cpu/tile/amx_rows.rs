@@ -88,12 +88,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let k_len = d2 * KB;
     // Rows whose scores need no modification in tiles inside their band: the softmax of
     // `exp_pack_probability_row`.
-    let plain = p.softcap == 0.0
-        && p.alibi.is_none()
-        && p.mask.is_none()
-        && p.dropout.is_none()
-        && p.scale > 0.0
-        && p.scale.is_finite();
+    let plain = !p.modifies_scores() && p.dropout.is_none() && p.scale > 0.0 && p.scale.is_finite();
     tiles.begin();
     let mut j0 = keys.0;
     while j0 < keys.1 {

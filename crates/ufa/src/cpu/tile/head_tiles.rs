@@ -69,18 +69,16 @@ impl<T: Plain> HeadTiles<T> {
         (j0.is_multiple_of(self.tile_keys) && slot < self.tags.len()).then_some(slot)
     }
 
-    /// The elements of `slot` for the caller to fill with the tile of `nk` keys of KV head
-    /// `hkv` of batch entry `batch`, which the slot is then tagged with; None where it holds
-    /// that tile already. (Not a method taking a closure to fill them: the kernels pack with
+    /// The elements of `slot` for the caller to fill with the tile `tag` names, which the slot
+    /// is then tagged with; None where it holds that tile already. (Not a method taking a closure to fill them: the kernels pack with
     /// intrinsics of their own target features, and a closure that was not inlined made them
     /// calls: bf16 W3 ran 8% slower so.)
     #[inline(always)]
-    pub fn stale(&mut self, slot: usize, (batch, hkv, nk): Tag) -> Option<&mut [T]> {
-        let tag = Some((batch, hkv, nk));
-        if self.tags[slot] == tag {
+    pub fn stale(&mut self, slot: usize, tag: Tag) -> Option<&mut [T]> {
+        if self.tags[slot] == Some(tag) {
             return None;
         }
-        self.tags[slot] = tag;
+        self.tags[slot] = Some(tag);
         Some(&mut self.data[slot * self.slot_len..][..self.slot_len])
     }
 
