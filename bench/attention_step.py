@@ -13,7 +13,11 @@ shape, ran 0.96x PyTorch's. ``ufa.torch.patched()`` is entered once a round, out
 timed calls, as a training loop enters it.
 
 Usage: python3 bench/attention_step.py [--batch 8 --seqlen 2048 --heads 12 --head-dim 64]
-       [--causal 1] [--dtype bf16] [--device cuda] [--iters 20] [--rounds 3]
+       [--causal 1] [--dtype bf16] [--device cuda] [--iters 20] [--rounds 3] [--profile 0]
+
+--profile N: after the timings, N forward + backward calls of each side under torch.profiler,
+and each side's kernels and copies by device time (CUPTI sees ufa's own launches on PyTorch's
+stream too): where the two sides' time differs, kernel by kernel.
 """
 
 import argparse
@@ -37,6 +41,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0)
     a = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     b, s, h, d = a.batch, a.seqlen, a.heads, a.head_dim
@@ -94,6 +99,30 @@ def main():
         print(f"{name:17} ufa {' '.join(f'{x:.0f}' for x in u)} | torch "
               f"{' '.join(f'{x:.0f}' for x in t)} | torch/ufa "
               f"{statistics.median(t) / statistics.median(u):.3f}")
+    if a.profile:
+        for use_ufa, name in ((True, "ufa"), (False, "torch")):
+            print(f"-- {name}: {a.profile} forward + backward calls under torch.profiler")
+            print(profile_table(lambda: layer(True), use_ufa, a.profile, dev))
+
+
+def profile_table(call, use_ufa, n, dev):
+    """Device time by kernel (and CPU time by operator) over n calls, as torch.profiler's table."""
+    from contextlib import nullcontext
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with ut.patched() if use_ufa else nullcontext():
+        for _ in range(3):
+            call()
+        with profile(activities=activities) as prof:
+            for _ in range(n):
+                call()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
 
 
 if __name__ == "__main__":
