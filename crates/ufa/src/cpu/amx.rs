@@ -177,16 +177,18 @@ unsafe fn block<T: Tiles, const MR: usize, const NR: usize, const ACC: bool>(
     }
     let (pa, pb) = (a.data.as_ptr(), b.data.as_ptr());
     for k0 in (0..kn2).step_by(TILE) {
+        // Each product right after the loads it needs (left 0, right 0, product, right 1,
+        // product, left 1, ...): the tiles are not renamed, so a load waits for the last
+        // product that reads its tile, and this order lets the unit start a product while
+        // the next operand loads.
         for i in 0..MR {
             let src = pa.add((r0 + TILE * i) * a.row + k0);
             tiles.load(LEFT + i, src as *const u8, 4 * a.row);
-        }
-        for j in 0..NR {
-            let src = pb.add(k0 * b.row + c0 + TILE * j);
-            tiles.load(RIGHT + j, src as *const u8, 4 * b.row);
-        }
-        for i in 0..MR {
             for j in 0..NR {
+                if i == 0 {
+                    let src = pb.add(k0 * b.row + c0 + TILE * j);
+                    tiles.load(RIGHT + j, src as *const u8, 4 * b.row);
+                }
                 tiles.dot(SUM + i * NR + j, LEFT + i, RIGHT + j);
             }
         }

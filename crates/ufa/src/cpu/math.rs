@@ -29,8 +29,10 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 
 /// e^x to a few ulp for x in [-87, 88], exactly 0 for x <= -88 (and -inf).
 /// e^x = 2^n · e^r with n = round(x·log2 e) and r = x − n·ln 2 computed in two parts
-/// (Cody–Waite, so r stays accurate for large |x|), |r| <= ln2/2; e^r by its Taylor series to
-/// degree 7 (truncation < 3e-9 relative); 2^n by building the exponent bits.
+/// (Cody–Waite, so r stays accurate for large |x|), |r| <= ln2/2; e^r by a degree-6
+/// polynomial fitted for relative error on that interval (1.1e-7 with fp32 rounding, against
+/// the 7 degrees a Taylor series needs: one instruction fewer in every softmax); 2^n by
+/// building the exponent bits.
 #[inline(always)]
 pub fn exp<M: MulAdd>(x: f32) -> f32 {
     // ln 2 split so that n·LN2_HI is exact for |n| <= 127.
@@ -45,12 +47,11 @@ pub fn exp<M: MulAdd>(x: f32) -> f32 {
     // n + 127, the biased exponent of 2^n, straight from y's bits.
     let biased = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32 - 127);
     let r = M::mul_add(n, -LN2_LO, M::mul_add(n, -LN2_HI, x));
-    let mut p = 1.0 / 5040.0;
-    p = M::mul_add(p, r, 1.0 / 720.0);
-    p = M::mul_add(p, r, 1.0 / 120.0);
-    p = M::mul_add(p, r, 1.0 / 24.0);
-    p = M::mul_add(p, r, 1.0 / 6.0);
-    p = M::mul_add(p, r, 0.5);
+    let mut p = 0.001_383_684_6;
+    p = M::mul_add(p, r, 0.008_374_816);
+    p = M::mul_add(p, r, 0.041_668_225);
+    p = M::mul_add(p, r, 0.166_664_2);
+    p = M::mul_add(p, r, 0.499_999_9);
     p = M::mul_add(p, r, 1.0);
     p = M::mul_add(p, r, 1.0);
     // n = -127 (x <= -88) gives exponent bits 0, i.e. the scale 0: flushes to exactly zero.

@@ -188,6 +188,14 @@ const AMX_CHUNK: usize = 32;
 /// slower than 128. (Before the packing was kept, 128 and 256 ran alike.)
 const AMX_KEYS: usize = 512;
 
+/// Words (u32 or f32) a row of the AMX path's key-wide buffers (K pairs, a chunk's scores and
+/// probabilities) runs past its keys: one cache line, so that the 16 rows a tile load or
+/// store touches fall into 16 sets of L1 (64 sets of 64 bytes) rather than the two that a
+/// stride of 2 KiB maps them to.
+const AMX_PAD: usize = 16;
+/// The row stride of those buffers' K pairs and scores: [`AMX_KEYS`] and the pad.
+const AMX_LD: usize = AMX_KEYS + AMX_PAD;
+
 /// Most bytes of transposed K tiles a thread keeps (one KV head's at most; see
 /// `Scratch::kt_cache`): each tile is then transposed once a thread rather than once an item.
 const KT_CACHE_BYTES: usize = 1 << 20;
@@ -197,7 +205,7 @@ const KT_CACHE_BYTES: usize = 1 << 20;
 /// `Scratch::amx_kv` holds them a slot ([`amx_rows`]).
 fn amx_slot_len(head_dim: usize, head_dim_v: usize) -> usize {
     let parts = if few_columns(head_dim_v) { 2 } else { 1 };
-    head_dim.div_ceil(2) * AMX_KEYS + parts * AMX_KEYS / 2 * round_up(head_dim_v, 16)
+    head_dim.div_ceil(2) * AMX_LD + parts * AMX_KEYS / 2 * round_up(head_dim_v, 16)
 }
 
 /// Most bytes of packed K and V tiles the AMX path keeps a thread (`Scratch::amx_kv`): 4096
@@ -310,7 +318,7 @@ impl Scratch {
             amx_kv: HeadTiles::new(amx_cached_tiles, AMX_KEYS, amx_slot_len(d, head_dim_v)),
             row: AlignedBuf::zeroed(d.max(dvp)),
             stage: AlignedBuf::zeroed(if staged { packed(BK * d) } else { 0 }),
-            s: AlignedBuf::zeroed(wide(rows * BK, chunk * kb)),
+            s: AlignedBuf::zeroed(wide(rows * BK, chunk * AMX_LD)),
             v: AlignedBuf::zeroed(packed(BK * dvp)),
             acc: AlignedBuf::zeroed(rows * dvp),
             m: vec![0.0; rows],
@@ -319,11 +327,11 @@ impl Scratch {
             rows: vec![RowInfo::default(); rows],
             dvp,
             qp: AlignedBuf::zeroed(rows * d.div_ceil(2)),
-            kp: AlignedBuf::zeroed(packed(wide(d.div_ceil(2) * BK, d.div_ceil(2) * kb))),
+            kp: AlignedBuf::zeroed(packed(wide(d.div_ceil(2) * BK, d.div_ceil(2) * AMX_LD))),
             pp: AlignedBuf::zeroed(if amx_few {
                 AMX_TILE * amx_few::KEYS / 2
             } else {
-                packed(parts * wide(rows * BK / 2, chunk * kb / 2))
+                packed(parts * wide(rows * BK / 2, chunk * (kb / 2 + AMX_PAD)))
             }),
             vp: AlignedBuf::zeroed(if amx_few {
                 amx_few::KEYS / 2 * dvp

@@ -26,7 +26,7 @@ use super::super::math::{MulAdd, LANES};
 use super::super::microkernel::Strided;
 use super::{
     few_columns, lane_max_of, round_up, softmax_row, update_max, widen, Scratch, TileRows,
-    AMX_CHUNK, AMX_KEYS, R,
+    AMX_CHUNK, AMX_KEYS, AMX_LD, AMX_PAD, R,
 };
 use crate::problem::Problem;
 
@@ -34,6 +34,8 @@ use crate::problem::Problem;
 const CHUNK: usize = AMX_CHUNK;
 /// Keys of a key tile.
 const KB: usize = AMX_KEYS;
+/// Row stride of packed K pairs and of a chunk's scores (see [`AMX_LD`]).
+const LD: usize = AMX_LD;
 /// Key pairs of a tile of the tile unit.
 const TILE_PAIRS: usize = super::super::amx::TILE;
 
@@ -84,8 +86,8 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let rows = round_up(t.nrows, R);
     // Split probabilities: a row's parts lie KB/2 pairs apart, V's pairs come twice.
     let split = few_columns(p.head_dim_v);
-    let ld_p = if split { KB } else { KB / 2 };
-    let k_len = d2 * KB;
+    let ld_p = if split { KB } else { KB / 2 } + AMX_PAD;
+    let k_len = d2 * LD;
     // Rows whose scores need no modification in tiles inside their band: the softmax of
     // `exp_pack_probability_row`.
     let plain = !p.modifies_scores() && p.dropout.is_none() && p.scale > 0.0 && p.scale.is_finite();
@@ -131,15 +133,15 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
             gemm::<T, false>(
                 tiles,
                 Strided::rows(&sc.qp[r0 * d2..], d2),
-                Strided::rows(kp, KB),
+                Strided::rows(kp, LD),
                 &mut sc.s,
-                KB,
+                LD,
                 [n, nkp, d2],
                 1.0,
             );
             for r in r0..r1 {
                 let i = r - r0;
-                let s = &mut sc.s[i * KB..][..nkp];
+                let s = &mut sc.s[i * LD..][..nkp];
                 // Split, the parts zero up to KB/2 pairs, where V's pairs are zero too.
                 let pp = &mut sc.pp[i * ld_p..][..ld_p];
                 let (hi, lo) = pp.split_at_mut(if split { KB / 2 } else { pairs });
@@ -189,7 +191,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     tiles.end();
 }
 
-/// Packs keys `j0..j0+nk` of K (transposed pairs, `kp`, [`KB`] a row) and V (interleaved
+/// Packs keys `j0..j0+nk` of K (transposed pairs, `kp`, [`LD`] a row) and V (interleaved
 /// pairs, `vp`, `dvp` a row) for [`run`]: V's pairs past the keys zero up to the tile's whole
 /// tiles of pairs (or [`KB`]/2 where `split`, then copied once more for the second part).
 ///
@@ -206,7 +208,7 @@ unsafe fn pack_tile(
     dvp: usize,
 ) {
     let k_row = |jj: usize| p.k.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
-    pack_transposed_pairs(k_row, nk, p.head_dim, round_up(nk, LANES), kp, KB);
+    pack_transposed_pairs(k_row, nk, p.head_dim, round_up(nk, LANES), kp, LD);
     let v_row = |jj: usize| p.v.at([t.batch, j0 + jj, t.hkv, 0]) as *const u16;
     pack_interleaved(v_row, nk, p.head_dim_v, vp, dvp);
     let zero_to = if split {
