@@ -70,6 +70,14 @@ fn amx_family_with_emulated_tiles_matches_the_reference() {
     let mut c = Case::new(1, 90, 150, 2, 64, DType::BF16);
     c.window = (37, 5);
     cases.push(c);
+    // Bands whose edges fall inside later key tiles: a chunk computes only the keys from the
+    // first whole tile of pairs its rows see to the last one it sees.
+    let mut c = Case::new(1, 700, 1300, 2, 64, DType::BF16);
+    c.window = (300, 40);
+    cases.push(c);
+    let mut c = Case::new(1, 1100, 1100, 2, 128, DType::BF16);
+    c.causal = true;
+    cases.push(c);
     // Masks: a bool one only hides keys, so the rows' softmax takes the scores unscaled (the
     // scale inside the exponentials); a float one adds to scaled scores, as do ALiBi and
     // soft-capping, so those rows are scaled first. Also a negative scale (the maximum does

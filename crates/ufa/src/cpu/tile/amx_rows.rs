@@ -95,11 +95,6 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let mut j0 = keys.0;
     while j0 < keys.1 {
         let nk = (keys.1 - j0).min(KB);
-        // Score columns computed: the tile's keys rounded up to whole vectors. Key pairs of
-        // P·V: whole tiles of pairs, the padding's probabilities and values zero, so that a
-        // short last tile takes the tile unit too.
-        let nkp = round_up(nk, LANES);
-        let pairs = round_up(nk.div_ceil(2), TILE_PAIRS);
         // K and V packed into the thread's cache (kept for its next items of this head), or
         // into the item's own buffers; either way once, for the first chunk that sees them.
         let slot = sc.amx_kv.slot(j0);
@@ -126,6 +121,18 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                 Some(slot) => sc.amx_kv.get(slot).split_at(k_len),
                 None => (&sc.kp, &sc.vp),
             };
+            // The chunk's keys of this tile: from the first whole tile of pairs any of its rows
+            // sees to the last key one sees. A causal or windowed band's edge tile then costs
+            // what its rows see, not the whole tile (at 256 keys, causal cost as much as not).
+            let off = (seen.0.max(j0) - j0) / (2 * TILE_PAIRS) * (2 * TILE_PAIRS);
+            let (jc, nkc) = (j0 + off, seen.1.min(j0 + nk) - j0 - off);
+            // Score columns computed: those keys rounded up to whole vectors. Key pairs of
+            // P·V: whole tiles of pairs, the padding's probabilities and values zero, so that
+            // a short last tile takes the tile unit too (K's columns and V's pairs past the
+            // tile's keys are packed as zeros up to the same roundings).
+            let nkp = round_up(nkc, LANES);
+            let pairs = round_up(nkc.div_ceil(2), TILE_PAIRS);
+            let (kp, vp) = (&kp[off..], &vp[off / 2 * dvp..]);
             let n = r1 - r0;
             // Unscaled: `gemm` would scale each block's sums right after storing them, and
             // vector loads of what tile stores just wrote wait ~20 ns a tile (measured on the
@@ -155,11 +162,12 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                     (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
                 let acc = &mut sc.acc[r * dvp..][..dvp];
                 let row = &sc.rows[r];
-                if plain && row.band.0 <= j0 && j0 + nk <= row.band.1 {
-                    // Nothing to mask or modify: the scale goes into the exponentials' argument
-                    // (the maxima of scores scaled by a positive factor are the maxima scaled),
-                    // and the probabilities are packed as they are formed.
-                    s[nk..].fill(f32::NEG_INFINITY);
+                if plain {
+                    // Nothing to modify: the keys outside the row's band masked here, the
+                    // scale goes into the exponentials' argument (the maxima of scores scaled
+                    // by a positive factor are the maxima scaled), and the probabilities are
+                    // packed as they are formed.
+                    mask_outside(row.band, jc, nkc, s);
                     let lanes = lane_max_of::<C>(s).map(|x| x * p.scale);
                     match update_max::<M>(lanes, s, &mut sc.m[r], acc) {
                         Some((m, corr)) => {
@@ -172,7 +180,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                     }
                 } else {
                     s.iter_mut().for_each(|x| *x *= p.scale);
-                    softmax_row::<M, C>(p, t, row, (j0, nk), s, (&mut sc.m[r], l, acc));
+                    softmax_row::<M, C>(p, t, row, (jc, nkc), s, (&mut sc.m[r], l, acc));
                     pack_probability_row(s, hi, lo);
                 }
             }
@@ -189,6 +197,16 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
         j0 += nk;
     }
     tiles.end();
+}
+
+/// Scores `s` of keys `j0..j0+nk` (then padding to whole vectors) set to −∞ outside `band`
+/// and past the keys, as [`super::apply_score_mods`] masks them: exactly zero probabilities.
+#[inline(always)]
+fn mask_outside(band: (usize, usize), j0: usize, nk: usize, s: &mut [f32]) {
+    let lo = band.0.saturating_sub(j0).min(nk);
+    let hi = band.1.saturating_sub(j0).clamp(lo, nk);
+    s[..lo].fill(f32::NEG_INFINITY);
+    s[hi..].fill(f32::NEG_INFINITY);
 }
 
 /// Packs keys `j0..j0+nk` of K (transposed pairs, `kp`, [`LD`] a row) and V (interleaved
