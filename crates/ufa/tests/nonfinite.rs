@@ -52,6 +52,36 @@ fn one_nan_key_makes_its_head_nan() {
     }
 }
 
+/// Kernel scratch outlives a call (it is kept for the next ones of its shape of buffers): a
+/// call whose inputs are all NaN leaves nothing that a next call reads, on the worker pool,
+/// where that call's last key tile is shorter (its padding was the first call's keys).
+#[test]
+fn a_call_after_one_of_nan_inputs_sees_none_of_them() {
+    let ctx = Context::new().unwrap();
+    let (b, sq, h, d) = (1, 300, 4, 64);
+    for dtype in [DType::F32, DType::BF16] {
+        let skv = 1100;
+        let (qn, kvn) = (b * sq * h * d, b * skv * h * d);
+        let (mut out32, mut out16) = (vec![0f32; qn], vec![half::bf16::ZERO; qn]);
+        let p = ufa::AttentionParams::default();
+        if dtype == DType::F32 {
+            let (q, kv) = (vec![f32::NAN; qn], vec![f32::NAN; kvn]);
+            let kv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
+            let q = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
+            let mut o = ufa::TensorViewMut::new(&mut out32, &[b, sq, h, d]).unwrap();
+            ctx.forward(&q, &kv, &kv, &mut o, &p).unwrap();
+        } else {
+            let (q, kv) = (vec![half::bf16::NAN; qn], vec![half::bf16::NAN; kvn]);
+            let kv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
+            let q = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
+            let mut o = ufa::TensorViewMut::new(&mut out16, &[b, sq, h, d]).unwrap();
+            ctx.forward(&q, &kv, &kv, &mut o, &p).unwrap();
+        }
+        let r = ufa_testkit::check_case(&ctx, &Case::new(b, sq, 1040, h, d, dtype), 7).unwrap();
+        assert!(r.passed(), "{dtype:?}: {}", r.summary());
+    }
+}
+
 fn site() -> impl Strategy<Value = Site> {
     prop_oneof![
         Just(Site::Q),

@@ -233,38 +233,28 @@ fn write_rows(p: &Problem, t: &TileRows, sc: &Scratch, orow: &mut [f32]) {
     }
 }
 
-/// A job's scratch (one per item it interleaves) and output row. A call small enough to run
-/// inline hands its scratch to the calling thread's next call ([`Scratch::keep`]): allocating
-/// and zeroing it was a fifth of a small call's time.
+/// A job's scratch (one per item it interleaves) and output row. Its scratch is handed to the
+/// next calls ([`Scratch::keep`]): allocating and zeroing it was a fifth of a small call's
+/// time, and on the AMX path (key-wide buffers) ~40% of a 256-key call's.
 struct JobScratch {
     scs: Vec<Scratch>,
     orow: Vec<f32>,
-    keep: bool,
 }
 
 impl JobScratch {
-    fn new(p: &Problem, plan: &Plan, exec: Exec, isa: Isa) -> JobScratch {
-        let keep = exec == Exec::Inline;
-        let make = |_| {
-            if keep {
-                Scratch::reuse(p, plan.block_rows, isa)
-            } else {
-                Scratch::new(p, plan.block_rows, isa)
-            }
-        };
+    fn new(p: &Problem, plan: &Plan, isa: Isa) -> JobScratch {
         JobScratch {
-            scs: (0..plan.group).map(make).collect(),
+            scs: (0..plan.group)
+                .map(|_| Scratch::reuse(p, plan.block_rows, isa))
+                .collect(),
             orow: vec![0f32; p.head_dim_v],
-            keep,
         }
     }
 }
 
 impl Drop for JobScratch {
     fn drop(&mut self) {
-        if self.keep {
-            self.scs.drain(..).for_each(Scratch::keep);
-        }
+        self.scs.drain(..).for_each(Scratch::keep);
     }
 }
 
@@ -275,7 +265,7 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
     };
     let plan = plan(p, threads, isa);
     let g = plan.group;
-    let new_scratch = || JobScratch::new(p, &plan, exec, isa);
+    let new_scratch = || JobScratch::new(p, &plan, isa);
     let rows_of = |job: usize| -> &[TileRows] { &plan.items[job * g..][..g] };
     let jobs = plan.items.len() / g;
     if plan.splits == 1 {

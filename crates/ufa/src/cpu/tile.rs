@@ -213,34 +213,39 @@ fn amx_slot_len(head_dim: usize, head_dim_v: usize) -> usize {
 /// an item (W3, 2048 keys over 8 items a head: the packing was 12% of a core's samples).
 const AMX_KV_CACHE_BYTES: usize = 2 << 20;
 
-/// Most bytes of scratch a thread keeps between calls, all its spares together: enough for
-/// the small calls whose allocation and zeroing would otherwise be a fifth of their time
-/// (a 16-row, 64-wide fp32 call's scratch is about 60 KB), little next to a thread's stack.
-const SPARE_BYTES: usize = 1 << 20;
+/// Most bytes of scratch kept between calls a core of the machine, all spares together (one
+/// spare may take a core's share): enough for the small calls whose allocation and zeroing
+/// would otherwise be a fifth of their time (a 16-row, 64-wide fp32 call's scratch is about
+/// 60 KB), and for the AMX path's up to a few thousand keys (its key-wide buffers and kept
+/// K/V tiles: 540 KB a worker at 256 rows and keys, head dim 64, whose fresh pages cost a
+/// bf16 1 × 256 × 4 × 64 call from Python ~80 µs of its ~200 on the 2-core Xeon with AMX).
+const SPARE_BYTES: usize = 2 << 20;
 
-thread_local! {
-    /// Scratch of this thread's last small calls, for the next ones ([`Scratch::reuse`]).
-    static SPARE: std::cell::RefCell<Vec<Scratch>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Scratch of the last calls, for the next ones of the same shape ([`Scratch::reuse`]). One
+/// list for the process rather than one a thread: a call's workers hand theirs back when
+/// the call ends, on the calling thread, and the next call's workers take them on theirs.
+static SPARE: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
+
+/// [`SPARE_BYTES`] for each core this process may run on.
+fn spare_budget() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    SPARE_BYTES * *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl Scratch {
-    /// `isa`: the kernel family, whose bf16 tiles ([`super::Isa::bf16_tiles`]) and AMX key
-    /// tiles need buffers of their own.
-    pub fn new(p: &Problem, max_rows: usize, isa: Isa) -> Scratch {
-        Scratch::of_shape(ScratchShape::of(p, max_rows, isa))
-    }
-
-    /// [`Scratch::new`], or a scratch of the same shape that this thread kept from an earlier
-    /// call ([`Scratch::keep`]). Its transposed-K cache is emptied: its tags name a batch entry
-    /// and head, not the call. Every other buffer is rewritten before it is read, by each work
+    /// A scratch for items of `max_rows` rows of `p` on the kernel family `isa` (whose bf16
+    /// tiles, [`super::Isa::bf16_tiles`], and AMX key tiles need buffers of their own): one of
+    /// the same shape kept from an earlier call
+    /// ([`Scratch::keep`]) where there is one. Its key-tile caches are emptied: their tags name a batch entry and
+    /// head, not the call. Every other buffer is rewritten before it is read, by each work
     /// item, as when one scratch serves a call's items in turn.
     pub fn reuse(p: &Problem, max_rows: usize, isa: Isa) -> Scratch {
         let shape = ScratchShape::of(p, max_rows, isa);
-        let spare = SPARE.with(|spare| {
-            let mut spare = spare.borrow_mut();
-            let i = spare.iter().position(|sc| sc.shape == shape)?;
-            Some(spare.remove(i))
-        });
+        let spare = {
+            let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+            let i = spare.iter().rposition(|sc| sc.shape == shape);
+            i.map(|i| spare.remove(i))
+        };
         match spare {
             Some(mut sc) => {
                 sc.kt_cache.clear();
@@ -251,21 +256,27 @@ impl Scratch {
         }
     }
 
-    /// Keeps this scratch for this thread's next call of the same shape, if it is small;
-    /// the oldest spares make room for it.
+    /// Keeps this scratch for a next call of the same shape, if it is small; the oldest
+    /// spares make room for it.
     pub fn keep(self) {
         let bytes = self.bytes();
-        if bytes > SPARE_BYTES / 2 {
+        if bytes > SPARE_BYTES {
             return;
         }
-        SPARE.with(|spare| {
-            let mut spare = spare.borrow_mut();
+        let budget = spare_budget();
+        // The spares dropped to make room are freed after the lock is released.
+        let mut dropped = Vec::new();
+        {
+            let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
             let mut kept: usize = spare.iter().map(Scratch::bytes).sum();
-            while kept + bytes > SPARE_BYTES {
-                kept -= spare.remove(0).bytes();
+            while kept + bytes > budget {
+                let old = spare.remove(0);
+                kept -= old.bytes();
+                dropped.push(old);
             }
             spare.push(self);
-        });
+        }
+        drop(dropped);
     }
 
     fn bytes(&self) -> usize {
