@@ -146,6 +146,23 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                 [n, nkp, d2],
                 1.0,
             );
+            // Plain rows: the keys outside each row's band masked here, and every row's new
+            // maximum (and its output rescaled) before any row's exponentials. The scale goes
+            // into the exponentials' argument (the maxima of scores scaled by a positive
+            // factor are the maxima scaled). A row's maximum is a chain of dependent scalar
+            // steps (the lanes' reduction, the rescaling factor's exponential): taken row
+            // after row apart from the exponentials, the rows' chains overlap; between them
+            // they were a sixth of a 128-key call's samples.
+            let mut maxima = [None; CHUNK];
+            if plain {
+                for r in r0..r1.min(t.nrows) {
+                    let s = &mut sc.s[(r - r0) * LD..][..nkp];
+                    mask_outside(sc.rows[r].band, jc, nkc, s);
+                    let lanes = lane_max_of::<C>(s).map(|x| x * p.scale);
+                    let acc = &mut sc.acc[r * dvp..][..dvp];
+                    maxima[r - r0] = update_max::<M>(lanes, s, &mut sc.m[r], acc);
+                }
+            }
             for r in r0..r1 {
                 let i = r - r0;
                 let s = &mut sc.s[i * LD..][..nkp];
@@ -153,36 +170,22 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                 let pp = &mut sc.pp[i * ld_p..][..ld_p];
                 let (hi, lo) = pp.split_at_mut(if split { KB / 2 } else { pairs });
                 let lo = split.then_some(lo);
-                if r >= t.nrows {
-                    s.fill(0.0); // padding: P = 0
-                    pack_probability_row(s, hi, lo);
-                    continue;
-                }
                 let l: &mut [f32; LANES] =
                     (&mut sc.l_lanes[r * LANES..][..LANES]).try_into().unwrap();
-                let acc = &mut sc.acc[r * dvp..][..dvp];
-                let row = &sc.rows[r];
-                if plain {
-                    // Nothing to modify: the keys outside the row's band masked here, the
-                    // scale goes into the exponentials' argument (the maxima of scores scaled
-                    // by a positive factor are the maxima scaled), and the probabilities are
-                    // packed as they are formed.
-                    mask_outside(row.band, jc, nkc, s);
-                    let lanes = lane_max_of::<C>(s).map(|x| x * p.scale);
-                    match update_max::<M>(lanes, s, &mut sc.m[r], acc) {
-                        Some((m, corr)) => {
-                            *l = exp_pack_probability_row::<M>(s, p.scale, m, l, corr, hi, lo)
-                        }
-                        None => {
-                            s.fill(0.0);
-                            pack_probability_row(s, hi, lo);
-                        }
-                    }
-                } else {
+                if r < t.nrows && !plain {
+                    let acc = &mut sc.acc[r * dvp..][..dvp];
                     s.iter_mut().for_each(|x| *x *= p.scale);
-                    softmax_row::<M, C>(p, t, row, (jc, nkc), s, (&mut sc.m[r], l, acc));
-                    pack_probability_row(s, hi, lo);
+                    let (row, m) = (&sc.rows[r], &mut sc.m[r]);
+                    softmax_row::<M, C>(p, t, row, (jc, nkc), s, (m, l, acc));
+                } else if let Some((m, corr)) = maxima[i] {
+                    // The probabilities packed as they are formed.
+                    *l = exp_pack_probability_row::<M>(s, p.scale, m, l, corr, hi, lo);
+                    continue;
+                } else {
+                    // Padding, or a row that has seen no key yet: P = 0.
+                    s.fill(0.0);
                 }
+                pack_probability_row(s, hi, lo);
             }
             gemm::<T, true>(
                 tiles,
