@@ -82,6 +82,52 @@ fn a_call_after_one_of_nan_inputs_sees_none_of_them() {
     }
 }
 
+/// The backward's buffers are kept between calls too: a backward whose inputs are all NaN
+/// leaves nothing that a next one with fewer rows and a shorter last key block reads.
+#[test]
+fn a_backward_after_one_of_nan_inputs_sees_none_of_them() {
+    let ctx = Context::new().unwrap();
+    let (b, sq, h, d) = (1, 200, 4, 64);
+    for dtype in [DType::F32, DType::BF16] {
+        let skv = 700;
+        let (qn, kvn) = (b * sq * h * d, b * skv * h * d);
+        let lse = vec![f32::NAN; b * h * sq];
+        let lse = ufa::TensorView::new(&lse, &[b, h, sq]).unwrap();
+        let p = ufa::AttentionParams::default();
+        macro_rules! nan_backward {
+            ($nan:expr, $zero:expr) => {{
+                let (q, kv) = (vec![$nan; qn], vec![$nan; kvn]);
+                let (mut dq, mut dk, mut dv) =
+                    (vec![$zero; qn], vec![$zero; kvn], vec![$zero; kvn]);
+                let qv = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
+                let kvv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
+                let inputs = ufa::BackwardInputs {
+                    q: qv.clone(),
+                    k: kvv.clone(),
+                    v: kvv,
+                    out: qv.clone(),
+                    dout: qv,
+                    lse: lse.clone(),
+                };
+                let mut grads = ufa::Gradients {
+                    dq: ufa::TensorViewMut::new(&mut dq, &[b, sq, h, d]).unwrap(),
+                    dk: ufa::TensorViewMut::new(&mut dk, &[b, skv, h, d]).unwrap(),
+                    dv: ufa::TensorViewMut::new(&mut dv, &[b, skv, h, d]).unwrap(),
+                };
+                ctx.backward(&inputs, &mut grads, &p).unwrap();
+            }};
+        }
+        if dtype == DType::F32 {
+            nan_backward!(f32::NAN, 0f32);
+        } else {
+            nan_backward!(half::bf16::NAN, half::bf16::ZERO);
+        }
+        // Fewer rows than a block: the rows past them hold the NaN call's.
+        let r = ufa_testkit::check_grads(&ctx, &Case::new(b, 40, 650, h, d, dtype), 7).unwrap();
+        assert!(r.passed(), "{dtype:?}: {}", r.summary());
+    }
+}
+
 fn site() -> impl Strategy<Value = Site> {
     prop_oneof![
         Just(Site::Q),

@@ -23,6 +23,7 @@ use super::isa::{run_with, Isa, KernelFn};
 use super::math::{dot, exp, MulAdd};
 use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
 use super::parallel::{for_each, for_each_slice_mut, Exec};
+use super::spare::{Kept, Lent, Spares};
 use super::tile::{
     apply_score_mods, pack_transposed, prefetch, round_up, widen, RowInfo, TileRows,
 };
@@ -592,7 +593,84 @@ struct KeyChunk<'a> {
     head: &'a HeadPlan,
     chunk: usize,
     part: &'a mut [f32],
-    sc: &'a mut (Scratch, Vec<KeyBlock>),
+    sc: &'a mut Buffers,
+}
+
+/// A worker's scratch and key blocks, kept between calls ([`super::spare`]).
+struct Buffers {
+    shape: BuffersShape,
+    sc: Scratch,
+    blocks: Vec<KeyBlock>,
+}
+
+/// What [`Buffers`]' sizes follow from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BuffersShape {
+    head_dim: usize,
+    head_dim_v: usize,
+    v_f32: bool,
+    bf16: bool,
+    amx: bool,
+    blocks: usize,
+}
+
+thread_local! {
+    static LOCAL_SPARE: std::cell::RefCell<Vec<Buffers>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+static SPARE: Spares<Buffers> = Spares::new(&LOCAL_SPARE);
+
+impl Kept for Buffers {
+    type Shape = BuffersShape;
+    fn shape(&self) -> &BuffersShape {
+        &self.shape
+    }
+    fn bytes(&self) -> usize {
+        let f32s = |v: &[&[f32]]| v.iter().map(|x| x.len()).sum::<usize>();
+        let u32s = |v: &[&[u32]]| v.iter().map(|x| x.len()).sum::<usize>();
+        let sc = &self.sc;
+        let scratch = f32s(&[
+            &sc.q, &sc.dout, &sc.lse, &sc.delta, &sc.stage, &sc.p, &sc.ds, &sc.cap,
+        ]) + u32s(&[
+            &sc.qp,
+            &sc.dop,
+            &sc.qi,
+            &sc.doi,
+            &sc.p_rows,
+            &sc.ds_rows,
+            &sc.ds_keys,
+            &sc.p_keys,
+            &sc.ds_t,
+        ]);
+        let blocks: usize = (self.blocks.iter())
+            .map(|b| {
+                f32s(&[&b.kt, &b.vt, &b.krows, &b.acc_k, &b.acc_v]) + u32s(&[&b.kp, &b.vp, &b.ki])
+            })
+            .sum();
+        4 * (scratch + blocks) + sc.rows.len() * std::mem::size_of::<RowInfo>()
+    }
+}
+
+impl Buffers {
+    /// A worker's buffers for `p`, kept from an earlier call where there are some of the same
+    /// shape. Every buffer is rewritten before it is read, by each item, as when the buffers
+    /// serve a call's items in turn; the padding past the head dims, which nothing writes,
+    /// stays zero, since the shape fixes the head dims.
+    fn lend(p: &Problem, bf16: bool, amx: bool, blocks: usize, exec: Exec) -> Lent<Buffers> {
+        let shape = BuffersShape {
+            head_dim: p.head_dim,
+            head_dim_v: p.head_dim_v,
+            v_f32: p.v.dtype == DType::F32,
+            bf16,
+            amx,
+            blocks,
+        };
+        SPARE.lend(&shape, exec, || Buffers {
+            shape,
+            sc: Scratch::new(p, bf16, amx),
+            blocks: (0..blocks).map(|_| KeyBlock::new(p, bf16)).collect(),
+        })
+    }
 }
 
 impl KernelFn for KeyChunk<'_> {
@@ -615,7 +693,7 @@ impl KernelFn for KeyChunk<'_> {
             head: plan,
             chunk,
             part,
-            sc: (sc, blocks),
+            sc: Buffers { sc, blocks, .. },
         } = self;
         let p = &bp.fwd;
         let dp = sc.dp;
@@ -801,10 +879,7 @@ pub(super) fn backward(
         exec,
         &mut partial,
         &bounds,
-        || {
-            let blocks = (0..plan.group).map(|_| KeyBlock::new(p, bf16)).collect();
-            (Scratch::new(p, bf16, amx), blocks)
-        },
+        || Buffers::lend(p, bf16, amx, plan.group, exec),
         |sc, item, part| {
             let (h, chunk) = plan.items[item];
             let chunk = KeyChunk {

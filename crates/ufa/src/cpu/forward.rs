@@ -239,22 +239,24 @@ fn write_rows(p: &Problem, t: &TileRows, sc: &Scratch, orow: &mut [f32]) {
 struct JobScratch {
     scs: Vec<Scratch>,
     orow: Vec<f32>,
+    exec: Exec,
 }
 
 impl JobScratch {
-    fn new(p: &Problem, plan: &Plan, isa: Isa) -> JobScratch {
+    fn new(p: &Problem, plan: &Plan, isa: Isa, exec: Exec) -> JobScratch {
         JobScratch {
             scs: (0..plan.group)
-                .map(|_| Scratch::reuse(p, plan.block_rows, isa))
+                .map(|_| Scratch::reuse(p, plan.block_rows, isa, exec))
                 .collect(),
             orow: vec![0f32; p.head_dim_v],
+            exec,
         }
     }
 }
 
 impl Drop for JobScratch {
     fn drop(&mut self) {
-        self.scs.drain(..).for_each(Scratch::keep);
+        self.scs.drain(..).for_each(|sc| sc.keep(self.exec));
     }
 }
 
@@ -265,7 +267,7 @@ pub(super) fn forward(p: &Problem, isa: Isa, exec: Exec, workspace: &Workspace) 
     };
     let plan = plan(p, threads, isa);
     let g = plan.group;
-    let new_scratch = || JobScratch::new(p, &plan, isa);
+    let new_scratch = || JobScratch::new(p, &plan, isa, exec);
     let rows_of = |job: usize| -> &[TileRows] { &plan.items[job * g..][..g] };
     let jobs = plan.items.len() / g;
     if plan.splits == 1 {

@@ -17,6 +17,7 @@ mod merge;
 mod microkernel;
 mod parallel;
 mod rates;
+mod spare;
 mod tile;
 
 pub use isa::{amx, cpu_features, Amx, Isa, AMX_BY_DEFAULT};

@@ -10,6 +10,8 @@ use super::math::{
     MulAdd, LANES,
 };
 use super::microkernel::{gemm, transpose_rows, Strided, BK, R};
+use super::parallel::Exec;
+use super::spare::{Kept, Spares};
 use crate::dtype::{load_f64, load_row_f32, DType};
 use crate::problem::{Operand, Problem};
 use crate::sequences::Seq;
@@ -146,7 +148,7 @@ impl AmxFewBufs {
 /// What a [`Scratch`]'s buffer sizes follow from. Two problems of the same shape use every
 /// buffer alike, so a scratch may serve the next call as it serves the next item of a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ScratchShape {
+pub(crate) struct ScratchShape {
     /// Rows, rounded up to register blocks.
     rows: usize,
     head_dim: usize,
@@ -213,40 +215,33 @@ fn amx_slot_len(head_dim: usize, head_dim_v: usize) -> usize {
 /// an item (W3, 2048 keys over 8 items a head: the packing was 12% of a core's samples).
 const AMX_KV_CACHE_BYTES: usize = 2 << 20;
 
-/// Most bytes of scratch kept between calls a core of the machine, all spares together (one
-/// spare may take a core's share): enough for the small calls whose allocation and zeroing
-/// would otherwise be a fifth of their time (a 16-row, 64-wide fp32 call's scratch is about
-/// 60 KB), and for the AMX path's up to a few thousand keys (its key-wide buffers and kept
-/// K/V tiles: 540 KB a worker at 256 rows and keys, head dim 64, whose fresh pages cost a
-/// bf16 1 × 256 × 4 × 64 call from Python ~80 µs of its ~200 on the 2-core Xeon with AMX).
-const SPARE_BYTES: usize = 2 << 20;
+thread_local! {
+    static LOCAL_SPARE: std::cell::RefCell<Vec<Scratch>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
-/// Scratch of the last calls, for the next ones of the same shape ([`Scratch::reuse`]). One
-/// list for the process rather than one a thread: a call's workers hand theirs back when
-/// the call ends, on the calling thread, and the next call's workers take them on theirs.
-static SPARE: std::sync::Mutex<Vec<Scratch>> = std::sync::Mutex::new(Vec::new());
+/// The forward's scratch kept between calls ([`super::spare`]).
+static SPARE: Spares<Scratch> = Spares::new(&LOCAL_SPARE);
 
-/// [`SPARE_BYTES`] for each core this process may run on.
-fn spare_budget() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    SPARE_BYTES * *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+impl Kept for Scratch {
+    type Shape = ScratchShape;
+    fn shape(&self) -> &ScratchShape {
+        &self.shape
+    }
+    fn bytes(&self) -> usize {
+        self.held_bytes()
+    }
 }
 
 impl Scratch {
     /// A scratch for items of `max_rows` rows of `p` on the kernel family `isa` (whose bf16
-    /// tiles, [`super::Isa::bf16_tiles`], and AMX key tiles need buffers of their own): one of
-    /// the same shape kept from an earlier call
-    /// ([`Scratch::keep`]) where there is one. Its key-tile caches are emptied: their tags name a batch entry and
-    /// head, not the call. Every other buffer is rewritten before it is read, by each work
-    /// item, as when one scratch serves a call's items in turn.
-    pub fn reuse(p: &Problem, max_rows: usize, isa: Isa) -> Scratch {
+    /// tiles, [`super::Isa::bf16_tiles`], and AMX key tiles need buffers of their own): one
+    /// kept from an earlier call ([`Scratch::keep`]) where there is one. Its key-tile caches
+    /// are emptied: their tags name a batch entry and head, not the call. Every other buffer
+    /// is rewritten before it is read, by each work item, as when one scratch serves a call's
+    /// items in turn.
+    pub fn reuse(p: &Problem, max_rows: usize, isa: Isa, exec: Exec) -> Scratch {
         let shape = ScratchShape::of(p, max_rows, isa);
-        let spare = {
-            let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-            let i = spare.iter().rposition(|sc| sc.shape == shape);
-            i.map(|i| spare.remove(i))
-        };
-        match spare {
+        match SPARE.take(&shape, exec) {
             Some(mut sc) => {
                 sc.kt_cache.clear();
                 sc.amx_kv.clear();
@@ -256,30 +251,13 @@ impl Scratch {
         }
     }
 
-    /// Keeps this scratch for a next call of the same shape, if it is small; the oldest
-    /// spares make room for it.
-    pub fn keep(self) {
-        let bytes = self.bytes();
-        if bytes > SPARE_BYTES {
-            return;
-        }
-        let budget = spare_budget();
-        // The spares dropped to make room are freed after the lock is released.
-        let mut dropped = Vec::new();
-        {
-            let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-            let mut kept: usize = spare.iter().map(Scratch::bytes).sum();
-            while kept + bytes > budget {
-                let old = spare.remove(0);
-                kept -= old.bytes();
-                dropped.push(old);
-            }
-            spare.push(self);
-        }
-        drop(dropped);
+    /// Keeps this scratch of a call run as `exec` for a next call of its shape, if it is
+    /// small.
+    pub fn keep(self, exec: Exec) {
+        SPARE.keep(self, exec);
     }
 
-    fn bytes(&self) -> usize {
+    fn held_bytes(&self) -> usize {
         let f32s: [&[f32]; 10] = [
             &self.q,
             &self.kt,
