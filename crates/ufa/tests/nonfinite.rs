@@ -60,22 +60,10 @@ fn a_call_after_one_of_nan_inputs_sees_none_of_them() {
     let ctx = Context::new().unwrap();
     let (b, sq, h, d) = (1, 300, 4, 64);
     for dtype in [DType::F32, DType::BF16] {
-        let skv = 1100;
-        let (qn, kvn) = (b * sq * h * d, b * skv * h * d);
-        let (mut out32, mut out16) = (vec![0f32; qn], vec![half::bf16::ZERO; qn]);
-        let p = ufa::AttentionParams::default();
         if dtype == DType::F32 {
-            let (q, kv) = (vec![f32::NAN; qn], vec![f32::NAN; kvn]);
-            let kv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
-            let q = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
-            let mut o = ufa::TensorViewMut::new(&mut out32, &[b, sq, h, d]).unwrap();
-            ctx.forward(&q, &kv, &kv, &mut o, &p).unwrap();
+            nan_forward(&ctx, f32::NAN, [b, sq, 1100, h, d]);
         } else {
-            let (q, kv) = (vec![half::bf16::NAN; qn], vec![half::bf16::NAN; kvn]);
-            let kv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
-            let q = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
-            let mut o = ufa::TensorViewMut::new(&mut out16, &[b, sq, h, d]).unwrap();
-            ctx.forward(&q, &kv, &kv, &mut o, &p).unwrap();
+            nan_forward(&ctx, half::bf16::NAN, [b, sq, 1100, h, d]);
         }
         let r = ufa_testkit::check_case(&ctx, &Case::new(b, sq, 1040, h, d, dtype), 7).unwrap();
         assert!(r.passed(), "{dtype:?}: {}", r.summary());
@@ -87,45 +75,55 @@ fn a_call_after_one_of_nan_inputs_sees_none_of_them() {
 #[test]
 fn a_backward_after_one_of_nan_inputs_sees_none_of_them() {
     let ctx = Context::new().unwrap();
-    let (b, sq, h, d) = (1, 200, 4, 64);
+    let (b, h, d) = (1, 4, 64);
     for dtype in [DType::F32, DType::BF16] {
-        let skv = 700;
-        let (qn, kvn) = (b * sq * h * d, b * skv * h * d);
-        let lse = vec![f32::NAN; b * h * sq];
-        let lse = ufa::TensorView::new(&lse, &[b, h, sq]).unwrap();
-        let p = ufa::AttentionParams::default();
-        macro_rules! nan_backward {
-            ($nan:expr, $zero:expr) => {{
-                let (q, kv) = (vec![$nan; qn], vec![$nan; kvn]);
-                let (mut dq, mut dk, mut dv) =
-                    (vec![$zero; qn], vec![$zero; kvn], vec![$zero; kvn]);
-                let qv = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
-                let kvv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
-                let inputs = ufa::BackwardInputs {
-                    q: qv.clone(),
-                    k: kvv.clone(),
-                    v: kvv,
-                    out: qv.clone(),
-                    dout: qv,
-                    lse: lse.clone(),
-                };
-                let mut grads = ufa::Gradients {
-                    dq: ufa::TensorViewMut::new(&mut dq, &[b, sq, h, d]).unwrap(),
-                    dk: ufa::TensorViewMut::new(&mut dk, &[b, skv, h, d]).unwrap(),
-                    dv: ufa::TensorViewMut::new(&mut dv, &[b, skv, h, d]).unwrap(),
-                };
-                ctx.backward(&inputs, &mut grads, &p).unwrap();
-            }};
-        }
         if dtype == DType::F32 {
-            nan_backward!(f32::NAN, 0f32);
+            nan_backward(&ctx, f32::NAN, [b, 200, 700, h, d]);
         } else {
-            nan_backward!(half::bf16::NAN, half::bf16::ZERO);
+            nan_backward(&ctx, half::bf16::NAN, [b, 200, 700, h, d]);
         }
         // Fewer rows than a block: the rows past them hold the NaN call's.
         let r = ufa_testkit::check_grads(&ctx, &Case::new(b, 40, 650, h, d, dtype), 7).unwrap();
         assert!(r.passed(), "{dtype:?}: {}", r.summary());
     }
+}
+
+/// A forward of `[b, sq, skv, h, d]` whose every input is `nan`.
+fn nan_forward<T: ufa::Element>(ctx: &Context, nan: T, [b, sq, skv, h, d]: [usize; 5]) {
+    let (q, kv, mut out) = (
+        vec![nan; b * sq * h * d],
+        vec![nan; b * skv * h * d],
+        vec![nan; b * sq * h * d],
+    );
+    let kv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
+    let q = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
+    let mut o = ufa::TensorViewMut::new(&mut out, &[b, sq, h, d]).unwrap();
+    ctx.forward(&q, &kv, &kv, &mut o, &ufa::AttentionParams::default())
+        .unwrap();
+}
+
+/// A backward of `[b, sq, skv, h, d]` whose every input (the LSE too) is `nan`.
+fn nan_backward<T: ufa::Element>(ctx: &Context, nan: T, [b, sq, skv, h, d]: [usize; 5]) {
+    let (qn, kvn) = (b * sq * h * d, b * skv * h * d);
+    let (q, kv, lse) = (vec![nan; qn], vec![nan; kvn], vec![f32::NAN; b * h * sq]);
+    let (mut dq, mut dk, mut dv) = (vec![nan; qn], vec![nan; kvn], vec![nan; kvn]);
+    let qv = ufa::TensorView::new(&q, &[b, sq, h, d]).unwrap();
+    let kvv = ufa::TensorView::new(&kv, &[b, skv, h, d]).unwrap();
+    let inputs = ufa::BackwardInputs {
+        q: qv,
+        k: kvv,
+        v: kvv,
+        out: qv,
+        dout: qv,
+        lse: ufa::TensorView::new(&lse, &[b, h, sq]).unwrap(),
+    };
+    let mut grads = ufa::Gradients {
+        dq: ufa::TensorViewMut::new(&mut dq, &[b, sq, h, d]).unwrap(),
+        dk: ufa::TensorViewMut::new(&mut dk, &[b, skv, h, d]).unwrap(),
+        dv: ufa::TensorViewMut::new(&mut dv, &[b, skv, h, d]).unwrap(),
+    };
+    ctx.backward(&inputs, &mut grads, &ufa::AttentionParams::default())
+        .unwrap();
 }
 
 fn site() -> impl Strategy<Value = Site> {

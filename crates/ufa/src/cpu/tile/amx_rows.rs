@@ -12,10 +12,12 @@
 //!
 //! So here a key tile's K and V are packed once (for the work item, or kept by the thread for
 //! its next items of the same KV head: `Scratch::amx_kv`); then each chunk takes its
-//! scores, their softmax (the other families' per-row code, [`softmax_row`]), its
+//! scores, their softmax (fused with the packing, `exp_pack_probability_row`, where nothing
+//! modifies the scores; else the other families' per-row code, [`softmax_row`]), its
 //! probabilities as bf16 pairs and its P·V product in turn, its scores (64 KiB) and
-//! probabilities (32 KiB) read back from L2. A chunk skips the key tiles that
-//! none of its rows sees (causal and windowed attention): such a tile changes no row's state.
+//! probabilities (32 KiB) read back from L2. A chunk skips the key tiles that none of its
+//! rows sees (causal and windowed attention): such a tile changes no row's state; and of a
+//! tile it sees, it computes only the keys from the first whole tile of pairs its rows see.
 //! The tiles are configured once for the item ([`Tiles::begin`]), not once a product.
 
 use super::super::amx::{emulated, gemm, Emulated, Hw, Tiles};
@@ -88,8 +90,8 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
     let split = few_columns(p.head_dim_v);
     let ld_p = if split { KB } else { KB / 2 } + AMX_PAD;
     let k_len = d2 * LD;
-    // Rows whose scores need no modification in tiles inside their band: the softmax of
-    // `exp_pack_probability_row`.
+    // Problems whose scores need no modification (their bands are masked below): every row
+    // takes the softmax of `exp_pack_probability_row`.
     let plain = !p.modifies_scores() && p.dropout.is_none() && p.scale > 0.0 && p.scale.is_finite();
     tiles.begin();
     let mut j0 = keys.0;

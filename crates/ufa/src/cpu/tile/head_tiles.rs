@@ -70,9 +70,9 @@ impl<T: Plain> HeadTiles<T> {
     }
 
     /// The elements of `slot` for the caller to fill with the tile `tag` names, which the slot
-    /// is then tagged with; None where it holds that tile already. (Not a method taking a closure to fill them: the kernels pack with
-    /// intrinsics of their own target features, and a closure that was not inlined made them
-    /// calls: bf16 W3 ran 8% slower so.)
+    /// is then tagged with; None where it holds that tile already. (Not a method taking a
+    /// closure to fill them: the kernels pack with intrinsics of their own target features,
+    /// and a closure that was not inlined made them calls: bf16 W3 ran 8% slower so.)
     #[inline(always)]
     pub fn stale(&mut self, slot: usize, tag: Tag) -> Option<&mut [T]> {
         if self.tags[slot] == Some(tag) {
