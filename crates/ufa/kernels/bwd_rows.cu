@@ -14,59 +14,99 @@
 
 constexpr int kRowCols = kMaxHeadDim / 32;
 
+// The two streaming kernels (row statistics, dQ conversion) read and write whole rows and are
+// bound by memory: a block takes kStreamRows rows, kStreamLanes threads a row (8 lanes of a
+// warp: 128 bytes of a d64 16-bit row a step), each thread 8 elements a step.
+constexpr int kStreamLanes = kRowWarps * 32 / kStreamRows;
+static_assert(kStreamLanes * kStreamRows == kRowWarps * 32 && kStreamLanes <= 32 &&
+                  (kStreamLanes & (kStreamLanes - 1)) == 0,
+              "a row's threads are a power-of-two share of one warp");
+
+// Sum over the kStreamLanes threads of a row (aligned groups of lanes, so xor stays inside).
+__device__ __forceinline__ float row_lanes_sum(float x) {
+#pragma unroll
+    for (int o = kStreamLanes / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// Zeroes n floats from z with the whole block, 16 bytes a store where z is aligned.
+__device__ __forceinline__ void block_zero(float* z, int64_t n) {
+    int64_t e = threadIdx.x;
+    if (aligned16(z)) {
+        const int64_t n4 = n / 4;
+        for (int64_t k = threadIdx.x; k < n4; k += blockDim.x)
+            ((float4*)z)[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        e += n4 * 4;
+    }
+    for (; e < n; e += blockDim.x) z[e] = 0.f;
+}
+
 // Per query row: D = rowsum(dO ∘ O), the LSE in the log2 domain (+inf for rows that see no key,
 // so that exp2(s - lse2) is 0), padding rows up to the next multiple of kSeqlenQPad, and zeroed
 // dQ buffer rows and turn counters when the tensor-core path runs next.
 __device__ __forceinline__ void bwd_preprocess(const BwdParams& bp) {
     const FwdParams& p = bp.f;
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    const int i = blockIdx.x * kRowWarps + warp;
+    const int sub = threadIdx.x % kStreamLanes;
+    const int i0 = blockIdx.x * kStreamRows;
+    const int i = i0 + threadIdx.x / kStreamLanes;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     const Seq s = seq_of(p, b);
-    if (i >= (s.seqlen_q + kSeqlenQPad - 1) / kSeqlenQPad * kSeqlenQPad) return;
-    const int64_t at = stat_row0<true>(bp, s, b, h) + i;
-    if (i >= s.seqlen_q) {
-        if (lane == 0) {
+    const int padded = (s.seqlen_q + kSeqlenQPad - 1) / kSeqlenQPad * kSeqlenQPad;
+    if (i0 >= padded) return;  // the whole block leaves together
+    float acc = 0.f;
+    if (i < s.seqlen_q) {
+        const int64_t o_at = row_offset(p.o_stride, b, s.q_row0 + i, h);
+        const int64_t do_at = row_offset(bp.do_stride, b, s.q_row0 + i, h);
+        for (int d = sub * 8; d < p.head_dim_v; d += kStreamLanes * 8) {
+            float o[8], g[8];
+            load8_as(p.out, o_at + d, p.head_dim_v - d, bp.dtype_out, o);
+            load8_as(bp.dout, do_at + d, p.head_dim_v - d, bp.dtype_dout, g);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc += o[k] * g[k];
+        }
+    }
+    acc = row_lanes_sum(acc);
+    if (sub == 0 && i < padded) {
+        const int64_t at = stat_row0<true>(bp, s, b, h) + i;
+        if (i < s.seqlen_q) {
+            const float lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] +
+                                    (s.q_row0 + i) * p.lse_stride[2]];
+            bp.lse2[at] = lse == -UFA_INF ? UFA_INF : lse * UFA_LOG2E;
+            bp.delta[at] = acc;
+        } else {
             bp.lse2[at] = UFA_INF;
             bp.delta[at] = 0.f;
         }
-        return;
+        if (bp.order != nullptr && i < s.seqlen_q && i % bp.block_m == 0)
+            bp.order[((int64_t)b * p.heads_q + h) * bp.num_m_blocks + i / bp.block_m] = 0;
     }
-    const int64_t o_at = row_offset(p.o_stride, b, s.q_row0 + i, h);
-    const int64_t do_at = row_offset(bp.do_stride, b, s.q_row0 + i, h);
-    float acc = 0.f;
-    for (int d = lane; d < p.head_dim_v; d += 32)
-        acc += load_as(bp.dout, do_at + d, bp.dtype_dout) * load_as(p.out, o_at + d, bp.dtype_out);
-    acc = warp_sum(acc);
-    if (lane == 0) {
-        const float lse =
-            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (s.q_row0 + i) * p.lse_stride[2]];
-        bp.lse2[at] = lse == -UFA_INF ? UFA_INF : lse * UFA_LOG2E;
-        bp.delta[at] = acc;
+    // The block's dQ buffer rows are contiguous (rows of one head plane).
+    if (bp.dq_accum != nullptr && i0 < s.seqlen_q) {
+        const int rows = min(kStreamRows, s.seqlen_q - i0);
+        block_zero(accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i0 * p.head_dim,
+                   (int64_t)rows * p.head_dim);
     }
-    if (bp.dq_accum != nullptr) {
-        float* row = accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i * p.head_dim;
-        for (int d = lane; d < p.head_dim; d += 32) row[d] = 0.f;
-    }
-    if (bp.order != nullptr && lane == 0 && i % bp.block_m == 0)
-        bp.order[((int64_t)b * p.heads_q + h) * bp.num_m_blocks + i / bp.block_m] = 0;
 }
 
 // dQ = scale · (the fp32 buffer), in dQ's dtype and strides.
 __device__ __forceinline__ void bwd_convert_dq(const BwdParams& bp) {
     const FwdParams& p = bp.f;
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    const int i = blockIdx.x * kRowWarps + warp;
+    const int sub = threadIdx.x % kStreamLanes;
+    const int i = blockIdx.x * kStreamRows + threadIdx.x / kStreamLanes;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     const Seq s = seq_of(p, b);
-    if (i >= s.seqlen_q) return;
+    if (i >= s.seqlen_q) return;  // no shuffles here: threads may leave alone
     const float* row = accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i * p.head_dim;
     const int64_t at = row_offset(bp.dq_stride, b, s.q_row0 + i, h);
-    for (int d = lane; d < p.head_dim; d += 32) store_as(bp.dq, at + d, bp.dtype_dq, row[d] * p.scale);
+    for (int d = sub * 8; d < p.head_dim; d += kStreamLanes * 8) {
+        float x[8];
+        load8_as(row, d, p.head_dim - d, DT_F32, x);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) x[k] *= p.scale;
+        store8_as(bp.dq, at + d, p.head_dim - d, bp.dtype_dq, x);
+    }
 }
 
 // P and dS (before the softmax scale) of query row i and key j, given q·k and dO·v (dropout's

@@ -102,6 +102,66 @@ __device__ __forceinline__ void store_as(void* p, int64_t i, int kind, float x) 
     }
 }
 
+// Eight elements of a row from element i, n of them left in the row (n >= 1; those past n read
+// as 0): one 16-byte load (two for fp32) where all eight are there and 16-byte aligned, else one
+// element a load. For the streaming kernels, which read whole rows and are bound by memory.
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return ((unsigned long long)p & 15) == 0;
+}
+__device__ __forceinline__ void load8_as(const void* p, int64_t i, int n, int kind,
+                                         float (&x)[8]) {
+    if (kind == DT_F32) {
+        const float* f = (const float*)p + i;
+        if (n >= 8 && aligned16(f)) {
+            const float4 a = ((const float4*)f)[0], c = ((const float4*)f)[1];
+            x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w;
+            x[4] = c.x, x[5] = c.y, x[6] = c.z, x[7] = c.w;
+            return;
+        }
+    } else {
+        const uint16_t* u = (const uint16_t*)p + i;
+        if (n >= 8 && aligned16(u)) {
+            const uint4 v = *(const uint4*)u;
+            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const uint16_t lo = w[k] & 0xffffu, hi = w[k] >> 16;
+                x[2 * k] = kind == DT_F16 ? half_to_float(lo) : bf16_to_float(lo);
+                x[2 * k + 1] = kind == DT_F16 ? half_to_float(hi) : bf16_to_float(hi);
+            }
+            return;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = k < n ? load_as(p, i + k, kind) : 0.f;
+}
+// The store of load8_as: elements i .. i + min(n, 8) - 1.
+__device__ __forceinline__ void store8_as(void* p, int64_t i, int n, int kind,
+                                          const float (&x)[8]) {
+    if (kind == DT_F32) {
+        float* f = (float*)p + i;
+        if (n >= 8 && aligned16(f)) {
+            ((float4*)f)[0] = make_float4(x[0], x[1], x[2], x[3]);
+            ((float4*)f)[1] = make_float4(x[4], x[5], x[6], x[7]);
+            return;
+        }
+    } else {
+        uint16_t* u = (uint16_t*)p + i;
+        if (n >= 8 && aligned16(u)) {
+            uint32_t w[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                w[k] = kind == DT_F16 ? Convert<Half>::pack(x[2 * k], x[2 * k + 1])
+                                      : Convert<BFloat16>::pack(x[2 * k], x[2 * k + 1]);
+            *(uint4*)u = make_uint4(w[0], w[1], w[2], w[3]);
+            return;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+        if (k < n) store_as(p, i + k, kind, x[k]);
+}
+
 // Offset of row `i` of head `h` of batch entry `b` in a [b, s, h, d] tensor with (batch, seq,
 // head) strides `st` (a packed batch's rows count from its first row, with batch stride 0).
 __device__ __forceinline__ int64_t row_offset(const int64_t (&st)[3], int64_t b, int64_t i,

@@ -158,6 +158,9 @@ kernel_consts! {
     SIMPLE_WARPS: u32 = 4 => "kSimpleWarps";
     /// Warps of the backward's row kernels' blocks.
     ROW_WARPS: u32 = 4 => "kRowWarps";
+    /// Rows a block of the backward's streaming row kernels (row statistics, dQ conversion)
+    /// takes, with `ROW_WARPS` warps: a row's share of a warp is 8 threads.
+    STREAM_ROWS: u32 = 16 => "kStreamRows";
     /// The largest head dim (of Q/K and of V); the row kernels size their buffers by it.
     MAX_HEAD_DIM: usize = crate::problem::MAX_HEAD_DIM => "kMaxHeadDim";
     /// The backward's LSE and D rows are padded to a multiple of this, so that every query

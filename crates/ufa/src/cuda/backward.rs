@@ -5,7 +5,7 @@
 //! the two CUDA-core row kernels. The workspace is allocated on the caller's stream and freed on
 //! it after the last kernel, so nothing waits.
 
-use super::abi::{BwdParams, DqOrder, FwdParams, ROW_WARPS, SEQLEN_Q_PAD};
+use super::abi::{BwdParams, DqOrder, FwdParams, SEQLEN_Q_PAD};
 use super::params::{bsh, dtype_kind};
 use super::tiles::{bwd_tile_for, mma_tile_head_dim_pair};
 use super::variants::{
@@ -304,7 +304,7 @@ pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> 
     let rows = |k: RowKernel, n: usize, heads: usize| -> Result<Launch> {
         Ok(Launch {
             variant: Variant::BwdRows(k),
-            grid: grid(n, ROW_WARPS, heads, f.batch)?,
+            grid: grid(n, k.rows_per_block(), heads, f.batch)?,
         })
     };
     let padded = f.seqlen_q.div_ceil(SEQLEN_Q_PAD) * SEQLEN_Q_PAD;
@@ -419,11 +419,11 @@ mod tests {
             let l = launches(p, &plan).unwrap();
             let names: Vec<_> = l.iter().map(|l| l.variant.kernel_name()).collect();
             assert!(names[0].ends_with("bwd_preprocess") && names[2].ends_with("convert_dq"));
-            // Preprocessing covers the padded LSE rows, 4 rows a block, per query head.
-            assert_eq!(l[0].grid, (384 / 4, 8, 2));
+            // Preprocessing covers the padded LSE rows, 16 rows a block, per query head.
+            assert_eq!(l[0].grid, (384 / 16, 8, 2));
             // One block per key block and KV head (the GQA group is looped inside).
             assert_eq!(l[1].grid, (1000u32.div_ceil(tile.block_n), 2, 2));
-            assert_eq!(l[2].grid, (300 / 4, 8, 2));
+            assert_eq!(l[2].grid, (300u32.div_ceil(16), 8, 2));
             let ws = plan.workspace(p);
             assert!(ws.has_accum && !ws.has_order);
             assert!(

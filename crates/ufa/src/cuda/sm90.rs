@@ -261,6 +261,10 @@ pub(crate) const TMA_FWD_OFF_TILE_DIMS: [(usize, usize, bool); 5] = [
     (32, 32, false),
 ];
 
+/// The query rows and keys from which a problem without a band counts as long for
+/// [`tma_tile_for`].
+pub(crate) const WIDE_FWD_MIN_SEQLEN: usize = 2048;
+
 /// Environment variable overriding the warp-specialised forward's tiles for tuning
 /// experiments: `block_m,block_n,stages,pingpong,persistent` (the last two 0 or 1).
 pub const TMA_FWD_TILE_ENV: &str = "UFA_CUDA_TMA_FWD_TILE";
@@ -308,11 +312,19 @@ fn env_switch(var: &str, default: bool) -> bool {
 /// Q/K and V may differ (`head_dim_v`, MLA's 192/128). The keys a tile follow V's tile
 /// width, since O's registers are what the consumers hold beside S and P, then shrink by 16
 /// until the two rings fit shared memory (192/128: 128 keys, 209 KiB).
+///
+/// `long_unbanded`: no causal or window band and at least [`WIDE_FWD_MIN_SEQLEN`] query rows
+/// and keys. Plain head dim 64 then takes three consumers (192 query rows a block) that do not
+/// take turns: on an H200 (bf16, 2026-12-06, `scripts/gpu-tune fwd`) 1.07x the two-consumer
+/// tile's TFLOP/s at 8 x 2048 x 32 heads, 1.07x at 4 x 4096, 1.17x at 2 x 8192 (541
+/// TFLOP/s), but 0.985x at 16 x 1024, and 0.82-0.98x under a causal band up to 4096 keys
+/// (more query blocks with little work each, not interleaved).
 pub(crate) fn tma_tile_for(
     head_dim: usize,
     head_dim_v: usize,
     score_mod: bool,
     dropout: bool,
+    long_unbanded: bool,
     max_smem: u32,
 ) -> Option<TmaFwdTile> {
     // Tensor-map rows are whole 16-byte pieces; a tile is at most 256 columns.
@@ -337,6 +349,10 @@ pub(crate) fn tma_tile_for(
     };
     while default.smem_bytes() > max_smem && default.block_n > 64 {
         default.block_n -= 16;
+    }
+    if long_unbanded && (head_dim, head_dim_v) == (64, 64) && !score_mod && !dropout {
+        default.block_m = 192;
+        default.pingpong = false;
     }
     let fits = |t: &TmaFwdTile| t.is_valid() && t.smem_bytes() <= max_smem;
     let over = tma_tile_override().map(|t| TmaFwdTile {
@@ -877,7 +893,8 @@ mod tests {
     fn warp_specialised_tiles_cover_the_head_dims_within_hopper_shared_memory() {
         for d in WGMMA_HEAD_DIMS {
             for (score_mod, dropout) in [(false, false), (true, false), (false, true)] {
-                let t = tma_tile_for(d, d, score_mod, dropout, 232_448).expect("a Hopper tile");
+                let t =
+                    tma_tile_for(d, d, score_mod, dropout, false, 232_448).expect("a Hopper tile");
                 assert!(t.is_valid(), "{t:?}");
                 assert!(t.smem_bytes() <= 232_448, "{t:?}");
                 // A producer warpgroup beside two consumers taking turns.
@@ -885,12 +902,12 @@ mod tests {
             }
         }
         // d256: Q 64 KiB, two stages of K and V of 80 keys 160 KiB, 10 barriers, alignment.
-        let t = tma_tile_for(256, 256, false, false, 232_448).unwrap();
+        let t = tma_tile_for(256, 256, false, false, false, 232_448).unwrap();
         assert_eq!(t.smem_bytes(), 65_536 + 163_840 + 80 + 1024);
         assert!(tma_call(&t, false, false, "BFloat16")
             .contains("static_assert(Cfg::kSmemBytes == 230480"));
         // Persistent: one block an SM, or one a tile when there are fewer.
-        let t = tma_tile_for(128, 128, false, false, 232_448).unwrap();
+        let t = tma_tile_for(128, 128, false, false, false, 232_448).unwrap();
         assert_eq!(t.grid((32, 16, 4), 132), (132, 1, 1));
         assert_eq!(t.grid((2, 3, 4), 132), (24, 1, 1));
         let t = TmaFwdTile {
@@ -908,7 +925,7 @@ mod tests {
             (200, 208, 256, 80),
             (80, 80, 128, 128),
         ] {
-            let t = tma_tile_for(d, d, false, false, 232_448).unwrap();
+            let t = tma_tile_for(d, d, false, false, false, 232_448).unwrap();
             assert_eq!((t.head_dim, t.head_dim_v), (qk, d as u32), "{d}");
             assert_eq!((t.qk_tile_width(), t.v_tile_width()), (width, width), "{d}");
             assert_eq!(t.block_n, block_n, "{d}");
@@ -918,11 +935,34 @@ mod tests {
             assert!(wrappers(t.head_dim_v, t.block_n).contains(&format!("m64n{d}k16")));
         }
         for d in [0, 4, 12, 100, 264, 512] {
-            assert_eq!(tma_tile_for(d, d, false, false, 232_448), None, "{d}");
+            assert_eq!(
+                tma_tile_for(d, d, false, false, false, 232_448),
+                None,
+                "{d}"
+            );
         }
-        assert_eq!(tma_tile_for(256, 256, false, false, 101_376), None);
+        assert_eq!(tma_tile_for(256, 256, false, false, false, 101_376), None);
+        // Long problems without a band: three consumers at head dim 64, plain only.
+        let t = tma_tile_for(64, 64, false, false, true, 232_448).unwrap();
+        assert_eq!(
+            (t.block_m, t.block_n, t.pingpong, t.threads()),
+            (192, 128, false, 512)
+        );
+        assert!(t.is_valid());
+        for (d, dv, score_mod, dropout) in [
+            (64, 64, true, false),
+            (64, 64, false, true),
+            (128, 128, false, false),
+            (48, 48, false, false),
+        ] {
+            let t = tma_tile_for(d, dv, score_mod, dropout, true, 232_448).unwrap();
+            assert_eq!(
+                t,
+                tma_tile_for(d, dv, score_mod, dropout, false, 232_448).unwrap()
+            );
+        }
         // Ping-pong needs exactly two consumers.
-        let t = tma_tile_for(64, 64, false, false, 232_448).unwrap();
+        let t = tma_tile_for(64, 64, false, false, false, 232_448).unwrap();
         assert!(!TmaFwdTile { block_m: 192, ..t }.is_valid());
         assert!(TmaFwdTile {
             block_m: 192,

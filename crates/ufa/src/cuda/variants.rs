@@ -5,7 +5,7 @@
 //! the templates. To add one: a kernel file (registered in sources.rs), a `Variant` arm here
 //! (name, threads, shared memory, program, `all`), and its selection.
 
-use super::abi::{ROW_WARPS, SIMPLE_WARPS};
+use super::abi::{ROW_WARPS, SIMPLE_WARPS, STREAM_ROWS};
 use super::decode::DecodeTile;
 use super::sm90::{self, TmaFwdTile, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
@@ -93,7 +93,8 @@ pub(crate) enum Variant {
     Merge,
 }
 
-/// The backward's row kernels (kernels/bwd_rows.cu), each one warp per row.
+/// The backward's row kernels (kernels/bwd_rows.cu): the streaming ones `STREAM_ROWS` rows a
+/// block, the CUDA-core backward one warp a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum RowKernel {
     /// D = rowsum(dO ∘ O), LSE in log2, workspace zeroing.
@@ -121,6 +122,14 @@ impl RowKernel {
             RowKernel::ConvertDq => "bwd_convert_dq",
             RowKernel::Dq => "bwd_rows_dq",
             RowKernel::DkDv => "bwd_rows_dkdv",
+        }
+    }
+
+    /// Rows (query rows, or key rows for `DkDv`) one block takes.
+    pub fn rows_per_block(self) -> u32 {
+        match self {
+            RowKernel::Preprocess | RowKernel::ConvertDq => STREAM_ROWS,
+            RowKernel::Dq | RowKernel::DkDv => ROW_WARPS,
         }
     }
 }
@@ -190,8 +199,12 @@ impl Variant {
         let same_dims = p.head_dim == p.head_dim_v;
         if tensor_cores && half && hopper && sm90::wgmma_enabled() {
             if !seqs && tma_fwd && super::tma::forward_maps_possible(p) {
+                let long = sm90::WIDE_FWD_MIN_SEQLEN;
+                let long_unbanded = !p.has_band() && p.seqlen_q >= long && p.seqlen_kv >= long;
                 if let Some(tile) = sm90::tma_head_dims(p.head_dim, p.head_dim_v, off_tile)
-                    .and_then(|(d, dv)| sm90::tma_tile_for(d, dv, score_mod, dropout, max_smem))
+                    .and_then(|(d, dv)| {
+                        sm90::tma_tile_for(d, dv, score_mod, dropout, long_unbanded, max_smem)
+                    })
                 {
                     return Variant::FwdSm90Tma {
                         dtype,
@@ -416,9 +429,17 @@ impl Variant {
             Variant::DecodeCombine => ROW_KERNEL_WARPS,
             Variant::BwdSm80 { tile, .. } => tile.block_n,
             Variant::BwdSm90 { tile, .. } => tile.block_n,
-            Variant::BwdRows(_) => ROW_WARPS,
+            Variant::BwdRows(k) => k.rows_per_block(),
             Variant::KvAppend(_) | Variant::Merge => ROW_KERNEL_WARPS,
         }
+    }
+
+    /// Whether this is one of a backward call's kernels.
+    pub fn is_backward(&self) -> bool {
+        matches!(
+            self,
+            Variant::BwdSm80 { .. } | Variant::BwdSm90 { .. } | Variant::BwdRows(_)
+        )
     }
 
     /// The declaration of the kernel's one parameter's type. The Hopper backward's holds
@@ -569,10 +590,18 @@ impl Variant {
             Variant::Merge => ("merge.cu", Vec::new(), 1, "merge_states(p)".into()),
         };
         let params = self.params_type();
+        // A backward call's kernels after its first are programmatic dependents on sm_90
+        // (mod.rs): each waits for the kernel before it to complete before it touches memory,
+        // then lets the next one be scheduled while it runs (no-ops before sm_90).
+        let pdl = if self.is_backward() {
+            "pdl_wait();\n  pdl_launch_dependents();\n  "
+        } else {
+            ""
+        };
         Program::new(
             format!(
                 "#include \"{file}\"\n// generated entry point\nextern \"C\" __global__ void \
-                 __launch_bounds__({threads}, {min_blocks}) {name}({params} p) {{\n  {call};\n}}\n"
+                 __launch_bounds__({threads}, {min_blocks}) {name}({params} p) {{\n  {pdl}{call};\n}}\n"
             ),
             extra,
         )
@@ -630,9 +659,13 @@ impl Variant {
                     &[(false, false)]
                 };
                 for &(score_mod, dropout) in flags {
-                    if let Some(tile) =
-                        sm90::tma_tile_for(d, dv, score_mod, dropout, max_smem).filter(|_| hopper)
-                    {
+                    // Long problems without a band may take a tile of their own.
+                    let tiles = [false, true].map(|long| {
+                        sm90::tma_tile_for(d, dv, score_mod, dropout, long, max_smem)
+                            .filter(|_| hopper)
+                    });
+                    let own_long = tiles[1] != tiles[0];
+                    for tile in tiles[0].into_iter().chain(tiles[1].filter(|_| own_long)) {
                         v.push(Variant::FwdSm90Tma {
                             dtype,
                             tile,
@@ -869,11 +902,35 @@ mod tests {
     }
 
     #[test]
+    fn long_unbanded_d64_problems_take_three_consumers() {
+        let tile_of = |s: usize, d: usize, params: &AttentionParams<'_>| {
+            let x = vec![bf16::ZERO; s * 2 * d];
+            let mut out = x.clone();
+            let v = TensorView::new(&x, &[1, s, 2, d]).unwrap();
+            let o = TensorViewMut::new(&mut out, &[1, s, 2, d]).unwrap();
+            let p = validate_forward(&v, &v, &v, &o, None, params).unwrap();
+            match Variant::select_with(&p, 232_448, true, true, true) {
+                Variant::FwdSm90Tma { tile, .. } => (tile.block_m, tile.pingpong),
+                other => panic!("{other:?}"),
+            }
+        };
+        let plain = AttentionParams::default();
+        let causal = AttentionParams::default().causal(true);
+        assert_eq!(tile_of(2048, 64, &plain), (192, false));
+        assert_eq!(tile_of(2047, 64, &plain), (128, true));
+        assert_eq!(tile_of(2048, 64, &causal), (128, true));
+        assert_eq!(tile_of(2048, 128, &plain), (128, true));
+    }
+
+    #[test]
     fn dense_hopper_problems_take_the_warp_specialised_forward_where_maps_fit() {
         for d in sm90::WGMMA_HEAD_DIMS {
             match hopper_forward(d, d) {
                 Variant::FwdSm90Tma { tile, .. } => {
-                    assert_eq!(Some(tile), sm90::tma_tile_for(d, d, false, false, 232_448));
+                    assert_eq!(
+                        Some(tile),
+                        sm90::tma_tile_for(d, d, false, false, false, 232_448)
+                    );
                     assert!(tile.smem_bytes() <= 232_448);
                 }
                 other => panic!("d{d}: {other:?}"),
@@ -1020,13 +1077,23 @@ mod tests {
                 .source
                 .contains(&format!(") {}({} p)", v.kernel_name(), v.params_type())));
             assert!(prog.header("ufa_abi.cuh").is_some());
+            // A backward call's kernels after its first are programmatic dependents (mod.rs):
+            // each must wait for its predecessor before it touches memory.
+            let body = prog.source.split_once("p) {\n").unwrap().1;
+            assert_eq!(
+                body.starts_with("  pdl_wait();"),
+                v.is_backward(),
+                "{}",
+                v.kernel_name()
+            );
         }
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len());
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
         // paged), and the warp-specialised one for dense batches (4 tile widths and MLA's
-        // 192/128 with every flag, 4 head dims between the tiles plain); sm_80 forward (f16, bf16,
+        // 192/128 with every flag, 4 head dims between the tiles plain, d64's long-problem
+        // tile); sm_80 forward (f16, bf16,
         // fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4,
         // and on wgmma 2 × (3 + 1 + 1 tiles) × 2; every prefill and backward one with and
@@ -1034,7 +1101,7 @@ mod tests {
         assert_eq!(
             all.len(),
             2 * 4 * 6 * 2
-                + 2 * (5 * 2 * 2 + 4)
+                + 2 * (5 * 2 * 2 + 4 + 1)
                 + 4 * 7 * 4 * 2
                 + 2 * 11 * 6
                 + 1
@@ -1047,7 +1114,7 @@ mod tests {
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4) - 2 * 5 * 2 * 2
+            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4 + 1) - 2 * 5 * 2 * 2
         );
     }
 }
