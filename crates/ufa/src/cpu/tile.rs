@@ -228,7 +228,25 @@ impl Kept for Scratch {
         &self.shape
     }
     fn bytes(&self) -> usize {
-        self.held_bytes()
+        let f32s: [&[f32]; 10] = [
+            &self.q,
+            &self.kt,
+            &self.row,
+            &self.stage,
+            &self.s,
+            &self.v,
+            &self.acc,
+            &self.m,
+            &self.l,
+            &self.l_lanes,
+        ];
+        let u32s = [&self.qp, &self.kp, &self.pp, &self.vp];
+        4 * (f32s.iter().map(|v| v.len()).sum::<usize>()
+            + u32s.iter().map(|v| v.len()).sum::<usize>()
+            + self.kt_cache.elements()
+            + self.amx_kv.elements())
+            + self.rows.len() * std::mem::size_of::<RowInfo>()
+            + 4 * self.amx_few.len()
     }
 }
 
@@ -255,28 +273,6 @@ impl Scratch {
     /// small.
     pub fn keep(self, exec: Exec) {
         SPARE.keep(self, exec);
-    }
-
-    fn held_bytes(&self) -> usize {
-        let f32s: [&[f32]; 10] = [
-            &self.q,
-            &self.kt,
-            &self.row,
-            &self.stage,
-            &self.s,
-            &self.v,
-            &self.acc,
-            &self.m,
-            &self.l,
-            &self.l_lanes,
-        ];
-        let u32s = [&self.qp, &self.kp, &self.pp, &self.vp];
-        4 * (f32s.iter().map(|v| v.len()).sum::<usize>()
-            + u32s.iter().map(|v| v.len()).sum::<usize>()
-            + self.kt_cache.elements()
-            + self.amx_kv.elements())
-            + self.rows.len() * std::mem::size_of::<RowInfo>()
-            + 4 * self.amx_few.len()
     }
 
     fn of_shape(shape: ScratchShape) -> Scratch {

@@ -246,7 +246,7 @@ impl CudaBackend {
                     _ => driver::launch(k, l.grid, threads, smem, stream, &params, order)?,
                 }
             }
-            if dev.compute_capability.0 >= 9 && backward_pdl() {
+            if dev.compute_capability.0 >= 9 && sm90::bwd_pdl_enabled() {
                 order = driver::Order::Programmatic;
             }
         }
@@ -664,12 +664,4 @@ fn cubin_for(variant: &Variant, arch: &str) -> Result<(Vec<u8>, f64, bool)> {
     let secs = t.elapsed().as_secs_f64();
     cache::store(&path, &compiled.cubin);
     Ok((compiled.cubin, secs, false))
-}
-
-/// Whether a backward call's kernels after its first launch as programmatic dependents on
-/// sm_90+ (`UFA_CUDA_BWD_PDL=0` launches them in plain stream order, to measure the
-/// difference).
-fn backward_pdl() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("UFA_CUDA_BWD_PDL").map_or(true, |v| v.trim() != "0"))
 }

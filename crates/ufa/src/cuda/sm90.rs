@@ -287,6 +287,18 @@ pub fn tma_fwd_enabled() -> bool {
     *ON.get_or_init(|| env_switch(TMA_FWD_ENV, TMA_FWD_DEFAULT))
 }
 
+/// `UFA_CUDA_BWD_PDL=0` launches a backward call's kernels in plain stream order instead of
+/// as programmatic dependents (mod.rs), for profiling: a dependent's profiled time includes
+/// its wait for the kernel before it.
+pub const BWD_PDL_ENV: &str = "UFA_CUDA_BWD_PDL";
+
+/// Whether a backward call's kernels after its first launch as programmatic dependents
+/// ([`BWD_PDL_ENV`], else yes).
+pub(crate) fn bwd_pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch(BWD_PDL_ENV, true))
+}
+
 /// The on/off switch environment variable `var` sets (`1` on, `0` off), else `default`.
 fn env_switch(var: &str, default: bool) -> bool {
     std::env::var(var).map_or(default, |v| match v.trim() {
