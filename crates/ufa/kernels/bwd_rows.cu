@@ -54,38 +54,54 @@ __device__ __forceinline__ void bwd_preprocess(const BwdParams& bp) {
     const Seq s = seq_of(p, b);
     const int padded = (s.seqlen_q + kSeqlenQPad - 1) / kSeqlenQPad * kSeqlenQPad;
     if (i0 >= padded) return;  // the whole block leaves together
+    // The block's dQ buffer rows are contiguous (rows of one head plane). Stores first: they
+    // do not wait, and go out while the loads below are in flight.
+    if (bp.dq_accum != nullptr && i0 < s.seqlen_q) {
+        const int rows = min(kStreamRows, s.seqlen_q - i0);
+        block_zero(accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i0 * p.head_dim,
+                   (int64_t)rows * p.head_dim);
+    }
+    // A step's loads all go out before the thread waits on any: the row's LSE (first step only),
+    // O's and dO's chunks, then the products; one wait on memory a step instead of three. (Two
+    // steps' chunks at once need more registers than 12 blocks an SM leave: they spilled.)
+    const bool real = i < s.seqlen_q;
+    float lse = 0.f;
+    if (sub == 0 && real)
+        lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (s.q_row0 + i) * p.lse_stride[2]];
     float acc = 0.f;
-    if (i < s.seqlen_q) {
+    if (real) {
         const int64_t o_at = row_offset(p.o_stride, b, s.q_row0 + i, h);
         const int64_t do_at = row_offset(bp.do_stride, b, s.q_row0 + i, h);
         for (int d = sub * 8; d < p.head_dim_v; d += kStreamLanes * 8) {
-            float o[8], g[8];
-            load8_as(p.out, o_at + d, p.head_dim_v - d, bp.dtype_out, o);
-            load8_as(bp.dout, do_at + d, p.head_dim_v - d, bp.dtype_dout, g);
+            const int n = p.head_dim_v - d;
+            Fetched8 fo, fg;
+            if (fetch8(p.out, o_at + d, n, bp.dtype_out, fo) &&
+                fetch8(bp.dout, do_at + d, n, bp.dtype_dout, fg)) {
+                float o[8], g[8];
+                widen8(bp.dtype_out, fo, o);
+                widen8(bp.dtype_dout, fg, g);
 #pragma unroll
-            for (int k = 0; k < 8; ++k) acc += o[k] * g[k];
+                for (int k = 0; k < 8; ++k) acc += o[k] * g[k];
+            } else {
+#pragma unroll 1
+                for (int e = d; e < min(d + 8, p.head_dim_v); ++e)
+                    acc += load_as(p.out, o_at + e, bp.dtype_out) *
+                           load_as(bp.dout, do_at + e, bp.dtype_dout);
+            }
         }
     }
     acc = row_lanes_sum(acc);
     if (sub == 0 && i < padded) {
         const int64_t at = stat_row0<true>(bp, s, b, h) + i;
-        if (i < s.seqlen_q) {
-            const float lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] +
-                                    (s.q_row0 + i) * p.lse_stride[2]];
+        if (real) {
             bp.lse2[at] = lse == -UFA_INF ? UFA_INF : lse * UFA_LOG2E;
             bp.delta[at] = acc;
         } else {
             bp.lse2[at] = UFA_INF;
             bp.delta[at] = 0.f;
         }
-        if (bp.order != nullptr && i < s.seqlen_q && i % bp.block_m == 0)
+        if (bp.order != nullptr && real && i % bp.block_m == 0)
             bp.order[((int64_t)b * p.heads_q + h) * bp.num_m_blocks + i / bp.block_m] = 0;
-    }
-    // The block's dQ buffer rows are contiguous (rows of one head plane).
-    if (bp.dq_accum != nullptr && i0 < s.seqlen_q) {
-        const int rows = min(kStreamRows, s.seqlen_q - i0);
-        block_zero(accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i0 * p.head_dim,
-                   (int64_t)rows * p.head_dim);
     }
 }
 
@@ -101,11 +117,18 @@ __device__ __forceinline__ void bwd_convert_dq(const BwdParams& bp) {
     const float* row = accum_rows<true>(bp, s, b, h, p.head_dim) + (int64_t)i * p.head_dim;
     const int64_t at = row_offset(bp.dq_stride, b, s.q_row0 + i, h);
     for (int d = sub * 8; d < p.head_dim; d += kStreamLanes * 8) {
-        float x[8];
-        load8_as(row, d, p.head_dim - d, DT_F32, x);
+        Fetched8 f;
+        if (fetch8(row, d, p.head_dim - d, DT_F32, f)) {
+            float x[8];
+            widen8(DT_F32, f, x);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) x[k] *= p.scale;
-        store8_as(bp.dq, at + d, p.head_dim - d, bp.dtype_dq, x);
+            for (int k = 0; k < 8; ++k) x[k] *= p.scale;
+            store8_as(bp.dq, at + d, p.head_dim - d, bp.dtype_dq, x);
+        } else {
+#pragma unroll 1
+            for (int e = d; e < min(d + 8, p.head_dim); ++e)
+                store_as(bp.dq, at + e, bp.dtype_dq, row[e] * p.scale);
+        }
     }
 }
 

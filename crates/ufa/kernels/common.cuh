@@ -102,40 +102,44 @@ __device__ __forceinline__ void store_as(void* p, int64_t i, int kind, float x) 
     }
 }
 
-// Eight elements of a row from element i, n of them left in the row (n >= 1; those past n read
-// as 0): one 16-byte load (two for fp32) where all eight are there and 16-byte aligned, else one
-// element a load. For the streaming kernels, which read whole rows and are bound by memory.
+// Eight elements of a row from element i, n of them left in the row, for the streaming kernels
+// (bound by memory), in two steps so that a thread can have several loads in flight before it
+// waits on any: fetch8 issues one 16-byte load (two for fp32) and returns true where all eight
+// are there and 16-byte aligned (else it loads nothing: the caller reads the elements one at a
+// time, in a loop of its own that keeps the kernel's registers for the fast path); widen8
+// converts what fetch8 loaded.
 __device__ __forceinline__ bool aligned16(const void* p) {
     return ((unsigned long long)p & 15) == 0;
 }
-__device__ __forceinline__ void load8_as(const void* p, int64_t i, int n, int kind,
-                                         float (&x)[8]) {
+struct Fetched8 {
+    uint4 w[2];  // w[1] for fp32 only
+};
+__device__ __forceinline__ bool fetch8(const void* p, int64_t i, int n, int kind, Fetched8& f) {
+    const bool f32 = kind == DT_F32;
+    const char* at = (const char*)p + i * (f32 ? 4 : 2);
+    if (n < 8 || !aligned16(at)) return false;
+    f.w[0] = ((const uint4*)at)[0];
+    if (f32) f.w[1] = ((const uint4*)at)[1];
+    return true;
+}
+__device__ __forceinline__ void widen8(int kind, const Fetched8& f, float (&x)[8]) {
     if (kind == DT_F32) {
-        const float* f = (const float*)p + i;
-        if (n >= 8 && aligned16(f)) {
-            const float4 a = ((const float4*)f)[0], c = ((const float4*)f)[1];
-            x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w;
-            x[4] = c.x, x[5] = c.y, x[6] = c.z, x[7] = c.w;
-            return;
-        }
-    } else {
-        const uint16_t* u = (const uint16_t*)p + i;
-        if (n >= 8 && aligned16(u)) {
-            const uint4 v = *(const uint4*)u;
-            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const uint16_t lo = w[k] & 0xffffu, hi = w[k] >> 16;
-                x[2 * k] = kind == DT_F16 ? half_to_float(lo) : bf16_to_float(lo);
-                x[2 * k + 1] = kind == DT_F16 ? half_to_float(hi) : bf16_to_float(hi);
-            }
-            return;
+        for (int k = 0; k < 4; ++k) {
+            x[k] = __uint_as_float((&f.w[0].x)[k]);
+            x[4 + k] = __uint_as_float((&f.w[1].x)[k]);
         }
+        return;
     }
 #pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = k < n ? load_as(p, i + k, kind) : 0.f;
+    for (int k = 0; k < 4; ++k) {
+        const uint32_t w = (&f.w[0].x)[k];
+        const uint16_t lo = w & 0xffffu, hi = w >> 16;
+        x[2 * k] = kind == DT_F16 ? half_to_float(lo) : bf16_to_float(lo);
+        x[2 * k + 1] = kind == DT_F16 ? half_to_float(hi) : bf16_to_float(hi);
+    }
 }
-// The store of load8_as: elements i .. i + min(n, 8) - 1.
+// The store of fetch8 and widen8: elements i .. i + min(n, 8) - 1.
 __device__ __forceinline__ void store8_as(void* p, int64_t i, int n, int kind,
                                           const float (&x)[8]) {
     if (kind == DT_F32) {
