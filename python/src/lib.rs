@@ -619,6 +619,47 @@ fn backward(
     })
 }
 
+/// `backward(q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=True,
+/// softcap=softcap, deterministic=deterministic, tf32=tf32)` with every array but `lse` in
+/// PyTorch SDPA's `[batch, heads, seqlen, dim]` layout (described to the core with dims 1 and 2
+/// swapped, as `forward`'s `bhsd`), positional arguments only: the backward of the Python
+/// layer's short path (`_Sdpa`), where the eight transposed views and the keyword parsing
+/// of the full path were a tenth of a small call's backward.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn sdpa_backward(
+    py: Python<'_>,
+    dout: &Bound<'_, PyAny>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    scale: Option<f64>,
+    causal: bool,
+    softcap: f64,
+    deterministic: bool,
+    tf32: bool,
+) -> PyResult<()> {
+    let ctx = context()?;
+    let mut scores = Scores::new(scale, causal, true, (-1, -1), softcap);
+    scores.deterministic = deterministic;
+    scores.tf32 = tf32;
+    let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
+    // lse is [batch, heads, seqlen] in both layouts.
+    let args = args.map(|a| if a.name == "lse" { a } else { a.bhsd(true) });
+    record(args.iter());
+    let params = scores.params(None, None)?;
+    let (inputs, mut grads) = backward_views(&args)?;
+    run_detached(py, &args[0], |stream| {
+        // SAFETY: as in `forward`.
+        unsafe { ctx.backward_on_stream(&inputs, &mut grads, &params, stream) }
+    })
+}
+
 /// The metadata of a packed batch (all int32 arrays on the tensors' device).
 struct Packed {
     cu_q: Arg,
@@ -1148,6 +1189,7 @@ fn _ufa(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_HEAD_DIM", ufa::MAX_HEAD_DIM)?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(sdpa_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(sdpa_backward, m)?)?;
     m.add_function(wrap_pyfunction!(_sdpa_calls, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(forward_varlen, m)?)?;

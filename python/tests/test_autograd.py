@@ -78,6 +78,39 @@ def test_sdpa_gradients_vs_math(device, mask, gqa):
         assert rel_err(got, ref.grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("grad", ["sum", "strided", "bhsd_views"])
+def test_sdpa_short_path_gradients_of_any_layout(device, grad):
+    """The SDPA short path's backward (``_ufa.sdpa_backward``, [B, H, S, D] as given) against
+    PyTorch's math backend in float64, with output gradients the core cannot read as they are
+    (the gradient of a sum: stride 0 everywhere; a last dimension of stride 2: copied first)
+    and with inputs that are transposed views of [B, S, H, D] tensors (read in place)."""
+    b, h, sq, skv, d = 2, 3, 7, 12, 16
+    if grad == "bhsd_views":
+        leaves = _leaves([(b, sq, h, d), (b, skv, h, d), (b, skv, h, d)], torch.float32, device)
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+    else:
+        leaves = _leaves([(b, h, sq, d), (b, h, skv, d), (b, h, skv, d)], torch.float32, device)
+        q, k, v = leaves
+    before = ut.fallback_stats().get("ufa", 0)
+    out = ut.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ut.fallback_stats().get("ufa", 0) == before + 1
+    if grad == "sum":
+        dout = torch.ones(()).expand(out.shape)
+        out.sum().backward()
+    else:
+        dout = torch.randn(*out.shape[:-1], 2 * d, device=device)[..., ::2]
+        out.backward(dout)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q64, k64, v64, is_causal=True)
+    want.backward(dout.double().cpu())
+    assert rel_err(out, want) < 1e-5
+    for name, got, ref in zip("qkv", (t.grad for t in leaves), (q64, k64, v64)):
+        want_grad = ref.grad.transpose(1, 2) if grad == "bhsd_views" else ref.grad
+        assert got.shape == want_grad.shape, name
+        assert rel_err(got, want_grad) < 1e-5, name
+
+
 def test_lse_is_saved_not_recomputed():
     """The backward reads the very LSE tensor the forward wrote (probe: the pointer the core
     received), so no forward is re-run to get it."""

@@ -693,13 +693,16 @@ def _forward_bhsd(query, key, value, lse, scale, causal, softcap=0.0, mask=None)
 
 def _backward_bhsd(grad_out, query, key, value, out, lse, scale, causal, softcap=0.0):
     """Gradients (dq, dk, dv) of :func:`_forward_bhsd` (no mask), each in the memory order of
-    its input; deterministic where PyTorch's ``use_deterministic_algorithms`` asks for it."""
+    its input; deterministic where PyTorch's ``use_deterministic_algorithms`` asks for it. The
+    arrays go to the core as they are (``sdpa_backward`` reads them as ``[B, H, S, D]``), but
+    for a last dimension of stride other than 1, copied: the gradient of a sum is an expanded
+    tensor of stride 0."""
+    grad_out, query, key, value, out = (
+        t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+        for t in (grad_out, query, key, value, out))
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    # ufa's layout: [B, S, H, D] views of PyTorch's [B, H, S, D] tensors.
-    bshd = [t.transpose(1, 2) for t in (grad_out, query, key, value, out)]
-    _backward_into(*bshd, lse, dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2),
-                   None, None, scale, causal, True, -1, -1, softcap,
-                   torch.are_deterministic_algorithms_enabled())
+    _ufa.sdpa_backward(*_plain(grad_out, query, key, value, out), lse, dq, dk, dv, scale, causal,
+                       softcap, torch.are_deterministic_algorithms_enabled(), _tf32(query))
     return dq, dk, dv
 
 
@@ -733,8 +736,7 @@ class _Sdpa(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         query, key, value, out = ctx.saved_tensors
-        dq, dk, dv = _backward_bhsd(dout, query, key, value, out, ctx.lse, *ctx.params)
-        return dq, dk, dv, None
+        return (*_backward_bhsd(dout, query, key, value, out, ctx.lse, *ctx.params), None)
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
