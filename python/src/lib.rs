@@ -565,11 +565,12 @@ fn _sdpa_calls(reset: bool) -> u64 {
 ///
 /// `out` and `lse` are the forward's output and log-sum-exp, `dout` the gradient of the loss
 /// with respect to `out`; the options must be those of the forward (`tf32` as in `forward`:
-/// fp32 products on CUDA rounded to TF32 once). Releases the GIL.
+/// fp32 products on CUDA rounded to TF32 once). With `bhsd`, every array but `lse` is given as
+/// `[batch, heads, seqlen, dim]`, as in `forward`. Releases the GIL.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, dout, lse, dq, dk, dv, *, scale=None, causal=false,
     top_left=false, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, mask=None,
-    deterministic=false, tf32=false, dropout_p=0.0, seed=0, offset=0))]
+    deterministic=false, tf32=false, dropout_p=0.0, seed=0, offset=0, bhsd=false))]
 #[allow(clippy::too_many_arguments)]
 fn backward(
     py: Python<'_>,
@@ -595,6 +596,7 @@ fn backward(
     dropout_p: f64,
     seed: u64,
     offset: u64,
+    bhsd: bool,
 ) -> PyResult<()> {
     let ctx = context()?;
     let mut scores = Scores::new(
@@ -608,6 +610,8 @@ fn backward(
     scores.tf32 = tf32;
     scores.dropout = (dropout_p as f32, seed, offset);
     let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
+    // lse is [batch, heads, seqlen] in both layouts.
+    let args = args.map(|a| if a.name == "lse" { a } else { a.bhsd(bhsd) });
     let alibi = import_opt(alibi_slopes, "alibi_slopes")?;
     let mask = import_opt(mask, "mask")?;
     record(args.iter().chain(&alibi).chain(&mask));
@@ -620,11 +624,10 @@ fn backward(
 }
 
 /// `backward(q, k, v, out, dout, lse, dq, dk, dv, scale=scale, causal=causal, top_left=True,
-/// softcap=softcap, deterministic=deterministic, tf32=tf32)` with every array but `lse` in
-/// PyTorch SDPA's `[batch, heads, seqlen, dim]` layout (described to the core with dims 1 and 2
-/// swapped, as `forward`'s `bhsd`), positional arguments only: the backward of the Python
-/// layer's short path (`_Sdpa`), where the eight transposed views and the keyword parsing
-/// of the full path were a tenth of a small call's backward.
+/// softcap=softcap, deterministic=deterministic, tf32=tf32, bhsd=True)`, dout first, with
+/// positional arguments only: the backward of the Python layer's short path (`_Sdpa`), where
+/// the eight transposed views and the keyword parsing of the full path were a third of a small
+/// call's backward.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn sdpa_backward(
@@ -644,20 +647,10 @@ fn sdpa_backward(
     deterministic: bool,
     tf32: bool,
 ) -> PyResult<()> {
-    let ctx = context()?;
-    let mut scores = Scores::new(scale, causal, true, (-1, -1), softcap);
-    scores.deterministic = deterministic;
-    scores.tf32 = tf32;
-    let args = import_backward([q, k, v, out, dout, lse, dq, dk, dv])?;
-    // lse is [batch, heads, seqlen] in both layouts.
-    let args = args.map(|a| if a.name == "lse" { a } else { a.bhsd(true) });
-    record(args.iter());
-    let params = scores.params(None, None)?;
-    let (inputs, mut grads) = backward_views(&args)?;
-    run_detached(py, &args[0], |stream| {
-        // SAFETY: as in `forward`.
-        unsafe { ctx.backward_on_stream(&inputs, &mut grads, &params, stream) }
-    })
+    backward(
+        py, q, k, v, out, dout, lse, dq, dk, dv, scale, causal, true, -1, -1, softcap, None, None,
+        deterministic, tf32, 0.0, 0, 0, true,
+    )
 }
 
 /// The metadata of a packed batch (all int32 arrays on the tensors' device).

@@ -53,11 +53,26 @@ def backward(
     alibi_slopes: Optional[Any] = None,
     mask: Optional[Any] = None,
     deterministic: bool = False,
+    tf32: bool = False,
     dropout_p: float = 0.0,
     seed: int = 0,
     offset: int = 0,
+    bhsd: bool = False,
 ) -> None:
     """Gradients into ``dq``, ``dk``, ``dv`` (shapes of q, k, v), in place; releases the GIL."""
+
+def sdpa_forward(
+    q: Any, k: Any, v: Any, out: Any, lse: Optional[Any], scale: Optional[float], causal: bool,
+    softcap: float, tf32: bool, /,
+) -> None:
+    """``forward(..., top_left=True, bhsd=True)`` with positional arguments (SDPA's short path)."""
+
+def sdpa_backward(
+    dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dq: Any, dk: Any, dv: Any,
+    scale: Optional[float], causal: bool, softcap: float, deterministic: bool, tf32: bool, /,
+) -> None:
+    """``backward(..., top_left=True, bhsd=True)`` with positional arguments (SDPA's short
+    path's backward)."""
 
 def forward_varlen(
     q: Any,
