@@ -648,8 +648,30 @@ fn sdpa_backward(
     tf32: bool,
 ) -> PyResult<()> {
     backward(
-        py, q, k, v, out, dout, lse, dq, dk, dv, scale, causal, true, -1, -1, softcap, None, None,
-        deterministic, tf32, 0.0, 0, 0, true,
+        py,
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dq,
+        dk,
+        dv,
+        scale,
+        causal,
+        true,
+        -1,
+        -1,
+        softcap,
+        None,
+        None,
+        deterministic,
+        tf32,
+        0.0,
+        0,
+        0,
+        true,
     )
 }
 
