@@ -697,9 +697,7 @@ def _backward_bhsd(grad_out, query, key, value, out, lse, scale, causal, softcap
     arrays go to the core as they are (``sdpa_backward`` reads them as ``[B, H, S, D]``), but
     for a last dimension of stride other than 1, copied: the gradient of a sum is an expanded
     tensor of stride 0."""
-    grad_out, query, key, value, out = (
-        t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
-        for t in (grad_out, query, key, value, out))
+    grad_out, query, key, value, out = map(_last_contiguous, (grad_out, query, key, value, out))
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     _ufa.sdpa_backward(*_plain(grad_out, query, key, value, out), lse, dq, dk, dv, scale, causal,
                        softcap, torch.are_deterministic_algorithms_enabled(), _tf32(query))

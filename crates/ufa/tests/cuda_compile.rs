@@ -20,9 +20,9 @@ use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 ///   type names, which no flag changes, so f16 is compiled for each tile with no flags and with
 ///   all of them, and bf16 with every flag set. Likewise fp32's TF32 mode on sm_80 beside its
 ///   3xTF32 builds: one product instead of three, which no flag changes (44 compile-seconds
-///   saved, 2026-12-06, when CI's whole run took 1218 s of its 20 minutes). The warp-specialised Hopper forward is
-///   compiled in bf16 alone (its f16 conversions and wgmma type names are those of the
-///   cp.async kernel's f16 builds).
+///   saved, 2026-12-06, when CI's whole run took 1218 s of its 20 minutes). The
+///   warp-specialised Hopper forward is compiled in bf16 alone (its f16 conversions and wgmma
+///   type names are those of the cp.async kernel's f16 builds).
 ///
 /// CI has two cores: compiling everything took 415-455 s of a 20-minute budget (2026-12-05).
 fn compiled(arch: &str, kernel: &str) -> bool {

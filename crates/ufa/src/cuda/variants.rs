@@ -128,9 +128,9 @@ impl RowKernel {
     /// Blocks of the kernel one SM should hold (`__launch_bounds__`, which caps registers):
     /// the streaming kernels are bound by memory and want many threads with loads in flight.
     /// Unbounded, the row statistics took 56 registers, 9 blocks of 128 threads an SM; at 12
-    /// blocks (40 registers) they spill nothing and ran 35.9 µs a GPT layer on an H100, at 16
-    /// (32 registers, 32 bytes spilled) 39.9 (cuDNN's: 36.0). The CUDA-core backward takes
-    /// what its registers allow.
+    /// blocks (40 registers) they spill nothing and ran at most 35.9 µs a GPT layer on an H100
+    /// (measured with a quarter more blocks than rows needed), at 16 (32 registers, 32 bytes
+    /// spilled) 39.9 (cuDNN's: 36.0). The CUDA-core backward takes what its registers allow.
     pub fn min_blocks(self) -> u32 {
         match self {
             RowKernel::Preprocess | RowKernel::ConvertDq => 12,
