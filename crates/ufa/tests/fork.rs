@@ -1,5 +1,6 @@
 //! A context used before fork() keeps working in the child (its thread pool is rebuilt there),
-//! instead of hanging on threads that fork() did not copy.
+//! instead of hanging on threads that fork() did not copy; and the child can destroy it, which
+//! joins only threads of the child's own.
 
 #![cfg(unix)]
 
@@ -21,8 +22,32 @@ fn forked_child_can_compute() {
     if pid == 0 {
         let mut child = Instance::new(&case, 3);
         let ok = child.run(&ctx).is_ok() && child.outputs().0 == expected;
+        drop(ctx);
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
+    wait_for_child(pid, "computing attention");
+    // The parent's pool still works after the fork.
+    inst.run(&ctx).unwrap();
+}
+
+#[test]
+fn forked_child_can_destroy_a_context_it_never_used() {
+    let ctx = Context::builder().num_threads(2).build().unwrap();
+    let case = Case::new(1, 100, 300, 4, 64, DType::F32);
+    Instance::new(&case, 5).run(&ctx).unwrap(); // starts the pool in the parent
+
+    // SAFETY: the child only drops the context and exits without unwinding into the harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(ctx);
+        unsafe { libc::_exit(0) };
+    }
+    wait_for_child(pid, "destroying the parent's context");
+}
+
+/// Waits up to 30 s for the child to exit with status 0.
+fn wait_for_child(pid: libc::pid_t, doing: &str) {
     let start = Instant::now();
     let mut status = 0;
     loop {
@@ -32,14 +57,12 @@ fn forked_child_can_compute() {
         }
         if start.elapsed() > Duration::from_secs(30) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("forked child hung computing attention");
+            panic!("forked child hung {doing}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child failed: status {status}"
+        "child failed {doing}: status {status}"
     );
-    // The parent's pool still works after the fork.
-    inst.run(&ctx).unwrap();
 }

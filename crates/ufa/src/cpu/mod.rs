@@ -16,6 +16,7 @@ mod math;
 mod merge;
 mod microkernel;
 mod parallel;
+mod pool;
 mod rates;
 mod spare;
 mod tile;
@@ -25,11 +26,12 @@ pub use isa::{amx, cpu_features, Amx, Isa, AMX_BY_DEFAULT};
 pub(crate) use rates::x86 as throughput_loops;
 pub use rates::{rates, Rates, BF16_DOT_MIN_RATIO};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::kvcache::KvCacheProblem;
 use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
 use parallel::{Exec, INLINE_WORK};
+use pool::WorkerPool;
 use std::sync::{Arc, Mutex};
 
 /// Whether a problem is small enough to compute on the calling thread.
@@ -71,12 +73,11 @@ impl Workspace {
     }
 }
 
-/// Owns the CPU thread pool. The pool is rebuilt lazily in a forked child, whose copy of the
-/// parent's pool has no threads behind it.
+/// The CPU backend: its thread pool (see `pool`), kernel family and scratch memory.
 pub(crate) struct CpuBackend {
     num_threads: usize,
     isa: Isa,
-    pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
+    pool: WorkerPool,
     workspace: Workspace,
 }
 
@@ -91,7 +92,7 @@ impl CpuBackend {
         Ok(CpuBackend {
             num_threads,
             isa,
-            pool: Mutex::new(None),
+            pool: WorkerPool::new(num_threads),
             workspace: Workspace::default(),
         })
     }
@@ -105,27 +106,7 @@ impl CpuBackend {
     }
 
     fn pool(&self) -> Result<Arc<rayon::ThreadPool>> {
-        let pid = std::process::id();
-        let mut guard = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((owner, pool)) = guard.as_ref() {
-            if *owner == pid {
-                return Ok(pool.clone());
-            }
-        }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(self.num_threads)
-            .thread_name(|i| format!("ufa-cpu-{i}"))
-            .build()
-            .map_err(|e| {
-                Error::new(ErrorKind::Backend, format!("cannot start CPU threads: {e}"))
-            })?;
-        let pool = Arc::new(pool);
-        if let Some((_, old)) = guard.replace((pid, pool.clone())) {
-            // The parent's pool, inherited through fork(): its threads do not exist here, and
-            // dropping it would wait for them forever.
-            std::mem::forget(old);
-        }
-        Ok(pool)
+        self.pool.get()
     }
 
     pub fn forward(&self, p: &Problem) -> Result<()> {
