@@ -18,6 +18,13 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
             ufa::BF16_DOT_MIN_RATIO
         );
     }
+    if let Some(llc) = ufa::last_level_cache() {
+        println!(
+            "cpu caches:     last level {} MiB (grouped-query decoding over larger caches \
+             loads rows ahead)",
+            llc >> 20
+        );
+    }
     let amx = ufa::amx();
     if amx.cpu {
         let state = if !amx.os {

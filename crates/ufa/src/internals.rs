@@ -2,10 +2,11 @@
 //! needs from inside the library: the validation the reference shares with the backends, raw
 //! element loads, device memory and timing for the GPU suites, and the NVRTC compile reports;
 //! and the multiply-add throughput loops the CPU family is chosen with, for
-//! `bench/cpu_ceilings.rs`.
+//! `bench/cpu_ceilings.rs`; the count of running CPU workers, for the teardown test.
 //! Compiled only with the `testkit` feature; not part of ufa's API and without stability
 //! promises.
 
+pub use crate::cpu::live_workers;
 #[cfg(target_arch = "x86_64")]
 pub use crate::cpu::throughput_loops::{amx_bf16_tiles, dpbf16_zmm, fma_ymm, fma_zmm};
 pub use crate::cuda::{

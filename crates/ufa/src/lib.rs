@@ -46,7 +46,9 @@ mod varlen;
 pub mod internals;
 
 pub use context::{kvcache_workspace_bytes, Context, ContextBuilder, CPU_ISA_ENV, NUM_THREADS_ENV};
-pub use cpu::{amx, cpu_features, rates, Amx, Isa, Rates, AMX_BY_DEFAULT, BF16_DOT_MIN_RATIO};
+pub use cpu::{
+    amx, cpu_features, last_level_cache, rates, Amx, Isa, Rates, AMX_BY_DEFAULT, BF16_DOT_MIN_RATIO,
+};
 pub use device::Device;
 pub use dropout::Dropout;
 pub use dtype::{DType, Element};

@@ -115,6 +115,26 @@ fn few_rows_match_reference_on_every_isa() {
             cases.push(c);
         }
     }
+    // Grouped-query rows of a job of KV heads ([B, S, H, D]) whose bf16 V is added in bf16
+    // pairs where the family's tiles take dot products (cpu/value_pairs.rs): 3 to 8 rows,
+    // whole 64-column steps and a 32-column rest, an odd last key of a 32-key step and of a
+    // tile.
+    let pair_shapes = [
+        (2, 1, 97, 12, 4, 128, 128),
+        (4, 1, 77, 16, 4, 128, 96),
+        (4, 1, 151, 32, 4, 64, 96),
+        (4, 1, 45, 28, 4, 256, 256),
+        (2, 2, 163, 9, 3, 64, 64),
+        (2, 1, 70, 20, 4, 64, 64),
+    ];
+    for (i, &(b, sq, skv, hq, hkv, d, dv)) in pair_shapes.iter().enumerate() {
+        let mut c = Case::new(b, sq, skv, hq, d, BF16);
+        c.heads_kv = hkv;
+        c.head_dim_v = dv;
+        c.causal = i % 2 == 1;
+        c.placement = [[Placement::Contiguous, Placement::Padded][i % 2]; 4];
+        cases.push(c);
+    }
     // Score modifiers on the path: a window, softcap with ALiBi, a boolean mask.
     let mut c = Case::new(4, 1, 300, 8, 64, BF16);
     c.heads_kv = 2;

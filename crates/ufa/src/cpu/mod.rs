@@ -7,6 +7,7 @@ mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
 mod backward;
+mod caches;
 #[cfg(target_arch = "x86_64")]
 mod few_rows;
 mod forward;
@@ -20,7 +21,10 @@ mod pool;
 mod rates;
 mod spare;
 mod tile;
+#[cfg(target_arch = "x86_64")]
+mod value_pairs;
 
+pub use caches::last_level_cache;
 pub use isa::{amx, cpu_features, Amx, Isa, AMX_BY_DEFAULT};
 #[cfg(all(target_arch = "x86_64", feature = "testkit"))]
 pub(crate) use rates::x86 as throughput_loops;
@@ -31,6 +35,8 @@ use crate::kvcache::KvCacheProblem;
 use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
 use parallel::{Exec, INLINE_WORK};
+#[cfg(feature = "testkit")]
+pub use pool::live_workers;
 use pool::WorkerPool;
 use std::sync::{Arc, Mutex};
 

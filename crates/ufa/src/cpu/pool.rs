@@ -6,8 +6,19 @@
 //! (valgrind, LeakSanitizer) see no worker memory still live at exit.
 
 use crate::error::{Error, ErrorKind, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+
+/// Workers of every pool that have started and not yet finished: counted in the worker itself,
+/// so that it reads 0 only once every dropped pool's workers have run to their end.
+static LIVE_WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many CPU worker threads are running (for the tests of teardown).
+#[cfg(feature = "testkit")]
+pub fn live_workers() -> usize {
+    LIVE_WORKERS.load(Ordering::SeqCst)
+}
 
 /// The pool and the threads behind it, with the process that started them.
 struct Started {
@@ -44,6 +55,12 @@ impl WorkerPool {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.num_threads)
             .thread_name(|i| format!("ufa-cpu-{i}"))
+            .start_handler(|_| {
+                LIVE_WORKERS.fetch_add(1, Ordering::SeqCst);
+            })
+            .exit_handler(|_| {
+                LIVE_WORKERS.fetch_sub(1, Ordering::SeqCst);
+            })
             .spawn_handler(|thread| {
                 let mut b = std::thread::Builder::new();
                 if let Some(name) = thread.name() {

@@ -429,6 +429,27 @@ fn score_pairs<const BF16: bool, const BF16_TILES: bool>(p: &Problem, nrows: usi
     dot_pairs::<BF16>(p) && (BF16_TILES || nrows <= BF16_FEW_ROWS)
 }
 
+/// Whether the few-rows path adds the V rows of a tile of `nrows` rows in bf16 pairs
+/// ([`super::value_pairs`]) rather than widened to fp32 for FMAs: grouped-query decoding (more
+/// than [`BF16_FEW_ROWS`] rows: fewer go at the memory's speed either way) with bf16 V, in a
+/// family whose tiles take the dot products (they run at the FMAs' rate there), with a key's
+/// rows of consecutive KV heads side by side ([B, S, H, D], where a job takes several heads
+/// key by key). 2-core Zen 4, bf16 from Python, 5-6 interleaved rounds against the FMAs: B8,
+/// 32/8 heads over 4k keys 1.14x (best) / 1.19-1.25x (median), B1, 16/2 over 8k 1.34-1.54x.
+/// [B, H, S, D] keeps the FMAs: there the pairs were slower (0.66-0.96x; its FMA path read
+/// near the memory's speed). A problem property, never a job's: jobs of one head and of
+/// several must give the same bits, whatever the thread count makes of them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn value_pairs<const BF16: bool, const BF16_TILES: bool>(p: &Problem, nrows: usize) -> bool {
+    BF16_TILES
+        && dot_pairs::<BF16>(p)
+        && p.v.dtype == DType::BF16
+        && nrows > BF16_FEW_ROWS
+        && super::value_pairs::serves(p.head_dim_v)
+        && p.v.strides[2] <= p.v.strides[1]
+}
+
 /// Up to this many rows (and off the bf16 path), a tile takes dot products with K rows and
 /// adds V rows in place instead of packing K tiles for register blocks. Decoding with GQA
 /// has a row per query head of the group: with 4-8 rows, packing every K tile cost 1.4-2.2x
@@ -501,6 +522,7 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
     #[cfg(target_arch = "x86_64")]
     {
         use super::few_rows::{accumulate_heads, scores, scores_pairs, HeadRows};
+        use super::value_pairs::{self, PairOrder};
         let (d, dv, dvp) = (p.head_dim, p.head_dim_v, scs[0].dvp);
         let rows = round_up(t0.nrows, R);
         let step = |x: &Operand| x.strides[2] * x.dtype.size_in_bytes();
@@ -508,13 +530,40 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
         let (mut qs, mut qps) = (Vec::with_capacity(ts.len()), Vec::with_capacity(ts.len()));
         let mut ss = Vec::with_capacity(ts.len());
         let (mut ps, mut accs) = (Vec::with_capacity(ts.len()), Vec::with_capacity(ts.len()));
+        let pairs = value_pairs::<BF16, BF16_TILES>(p, t0.nrows);
+        let reorder = |scs: &mut [Scratch], order: PairOrder| {
+            for sc in scs.iter_mut() {
+                // SAFETY: `pairs` holds only in families compiled with avx512f; each scratch
+                // holds the job's rows of `dvp` values.
+                unsafe { value_pairs::reorder(sc.acc.as_mut_ptr(), t0.nrows, dv, dvp, order) };
+            }
+        };
+        if pairs {
+            reorder(scs, PairOrder::Into);
+        }
+        let ahead = rows_ahead(p, t0.nrows);
         let mut j0 = keys.0;
         while j0 < keys.1 {
             let nk = (keys.1 - j0).min(BK);
             let mut k_rows = [std::ptr::null::<u8>(); BK];
             let mut v_rows = [std::ptr::null::<u8>(); BK];
+            let mut k_next = [std::ptr::null::<u8>(); BK];
+            let nk_next = if ahead { (keys.1 - j0 - nk).min(BK) } else { 0 };
             key_rows(&p.k, &t0, j0, &mut k_rows[..nk]);
             key_rows(&p.v, &t0, j0, &mut v_rows[..nk]);
+            key_rows(&p.k, &t0, j0 + nk, &mut k_next[..nk_next]);
+            let span = |x: &Operand, len: usize| match ahead {
+                true => (ts.len() - 1) * step(x) + len * x.dtype.size_in_bytes(),
+                false => 0,
+            };
+            let v_ahead = SpanAhead {
+                rows: &v_rows[..nk],
+                bytes: span(&p.v, dv),
+            };
+            let k_ahead = SpanAhead {
+                rows: &k_next[..nk_next],
+                bytes: span(&p.k, d),
+            };
             qs.clear();
             qps.clear();
             ss.clear();
@@ -533,9 +582,9 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
             // head's; each scratch holds the job's rows.
             unsafe {
                 if score_pairs::<BF16, BF16_TILES>(p, t0.nrows) {
-                    scores_pairs(t0.nrows, d, k, &qps, &ss, BK, p.scale, ());
+                    scores_pairs(t0.nrows, d, k, &qps, &ss, BK, p.scale, v_ahead);
                 } else {
-                    scores(p.k.dtype, t0.nrows, d, k, &qs, &ss, BK, ());
+                    scores(p.k.dtype, t0.nrows, d, k, &qs, &ss, BK, v_ahead);
                 }
             }
             for (t, sc) in ts.iter().zip(scs.iter_mut()) {
@@ -551,9 +600,22 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
                 rows: &v_rows[..nk],
                 step: step(&p.v),
             };
-            // SAFETY: as for the scores.
-            unsafe { accumulate_heads(p.v.dtype, t0.nrows, dv, v, &ps, &accs, BK, dvp, ()) };
+            // SAFETY: as for the scores; `pairs` holds only for bf16 V in a family compiled
+            // with avx512bf16 and avx512bw.
+            unsafe {
+                match pairs {
+                    true => {
+                        value_pairs::accumulate_heads(t0.nrows, dv, v, &ps, &accs, BK, dvp, k_ahead)
+                    }
+                    false => {
+                        accumulate_heads(p.v.dtype, t0.nrows, dv, v, &ps, &accs, BK, dvp, k_ahead)
+                    }
+                }
+            };
             j0 += nk;
+        }
+        if pairs {
+            reorder(scs, PairOrder::Back);
         }
     }
     true
@@ -639,6 +701,18 @@ pub fn attend<
     }
     let few_rows = !bf16 && t.nrows <= FEW_ROWS;
     let registers = few_rows && few_rows_in_registers(p, t.nrows, C == 64);
+    #[cfg(target_arch = "x86_64")]
+    let pairs = registers && value_pairs::<BF16, BF16_TILES>(p, t.nrows);
+    #[cfg(target_arch = "x86_64")]
+    let reorder = |acc: &mut [f32], order| {
+        // SAFETY: `pairs` holds only in families compiled with avx512f; `acc` holds the tile's
+        // rows of `dvp` values.
+        unsafe { super::value_pairs::reorder(acc.as_mut_ptr(), t.nrows, dv, dvp, order) };
+    };
+    #[cfg(target_arch = "x86_64")]
+    if pairs {
+        reorder(&mut sc.acc, super::value_pairs::PairOrder::Into);
+    }
     let mut j0 = keys.0;
     while j0 < keys.1 {
         let nk = (keys.1 - j0).min(BK);
@@ -752,7 +826,13 @@ pub fn attend<
                 } else {
                     let (v, ps) = (HeadRows { rows: v, step: 0 }, [sc.s.as_ptr()]);
                     let accs = [acc.as_mut_ptr()];
-                    accumulate_heads(p.v.dtype, n, dv, v, &ps, &accs, BK, dvp, ahead);
+                    // `pairs`: bf16 V in a family compiled with avx512bf16 and avx512bw.
+                    match pairs {
+                        true => super::value_pairs::accumulate_heads(
+                            n, dv, v, &ps, &accs, BK, dvp, ahead,
+                        ),
+                        false => accumulate_heads(p.v.dtype, n, dv, v, &ps, &accs, BK, dvp, ahead),
+                    }
                 }
             }
         } else if few_rows {
@@ -821,6 +901,10 @@ pub fn attend<
         }
         j0 += nk;
     }
+    #[cfg(target_arch = "x86_64")]
+    if pairs {
+        reorder(&mut sc.acc, super::value_pairs::PairOrder::Back);
+    }
 }
 
 /// How far ahead the row-by-row path asks for K and V rows. Decoding streams K and V once, and
@@ -871,6 +955,50 @@ impl super::few_rows::Ahead for RowsAhead<'_> {
     #[inline(always)]
     fn ahead(&self, jj: usize) {
         prefetch_ahead(self.t, jj, self.now, self.then, true);
+    }
+}
+
+/// Whether a job of several KV heads hints the cache to load its rows ahead ([`SpanAhead`]):
+/// where the arithmetic is the bound (more than two rows a head; one or two read at the
+/// memory's speed, and hints slowed them: B1, 32 heads, 4k keys, bf16, 2.0 -> 2.9 ms) and K and
+/// V are read from memory, beyond the last-level cache (from it, the hints' instructions cost
+/// more than they hid: B1, 16/2 heads over 8k keys, 8 MiB, 0.46 -> 0.58 ms; over 64 MiB, B4,
+/// 32/8 heads over 4k keys, 3.6 -> 3.4 ms; 2-core Zen 4, bf16, medians of 16 and best of 12
+/// interleaved rounds).
+#[inline(always)]
+fn rows_ahead(p: &Problem, nrows: usize) -> bool {
+    let row_bytes =
+        p.head_dim * p.k.dtype.size_in_bytes() + p.head_dim_v * p.v.dtype.size_in_bytes();
+    let kv_bytes = [p.batch, p.heads_kv, p.seqlen_kv]
+        .iter()
+        .try_fold(row_bytes, |acc, &x| acc.checked_mul(x))
+        .unwrap_or(usize::MAX);
+    nrows > 2 && super::last_level_cache().is_some_and(|llc| kv_bytes > llc)
+}
+
+/// For a job of several KV heads: while it reads one operand's rows of a tile of keys, hints
+/// the cache to load the rows it reads next (the other operand's rows of the same keys, or the
+/// next tile's K), into L2: for key `jj`, the `bytes` from `rows[jj]` (every head's row).
+#[cfg(target_arch = "x86_64")]
+struct SpanAhead<'a> {
+    rows: &'a [*const u8],
+    bytes: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl super::few_rows::Ahead for SpanAhead<'_> {
+    #[inline(always)]
+    fn ahead(&self, jj: usize) {
+        if let Some(&row) = self.rows.get(jj) {
+            for off in (0..self.bytes).step_by(64) {
+                // SAFETY: a prefetch never faults.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        row.wrapping_add(off) as *const i8,
+                    )
+                };
+            }
+        }
     }
 }
 
