@@ -81,7 +81,6 @@ impl Workspace {
 
 /// The CPU backend: its thread pool (see `pool`), kernel family and scratch memory.
 pub(crate) struct CpuBackend {
-    num_threads: usize,
     isa: Isa,
     pool: WorkerPool,
     workspace: Workspace,
@@ -96,7 +95,6 @@ impl CpuBackend {
             )));
         }
         Ok(CpuBackend {
-            num_threads,
             isa,
             pool: WorkerPool::new(num_threads),
             workspace: Workspace::default(),
@@ -104,7 +102,7 @@ impl CpuBackend {
     }
 
     pub fn num_threads(&self) -> usize {
-        self.num_threads
+        self.pool.num_threads()
     }
 
     pub fn isa(&self) -> Isa {

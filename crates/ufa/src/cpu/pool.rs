@@ -42,6 +42,10 @@ impl WorkerPool {
         }
     }
 
+    pub(super) fn num_threads(&self) -> usize {
+        self.num_threads
+    }
+
     /// The pool, started on the first call in this process.
     pub(super) fn get(&self) -> Result<Arc<rayon::ThreadPool>> {
         let pid = std::process::id();

@@ -542,6 +542,12 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
             reorder(scs, PairOrder::Into);
         }
         let ahead = rows_ahead(p, t0.nrows);
+        // The bytes of a key's rows of every head of the job, hinted ahead (none without).
+        let span = |x: &Operand, len: usize| match ahead {
+            true => (ts.len() - 1) * step(x) + len * x.dtype.size_in_bytes(),
+            false => 0,
+        };
+        let (v_span, k_span) = (span(&p.v, dv), span(&p.k, d));
         let mut j0 = keys.0;
         while j0 < keys.1 {
             let nk = (keys.1 - j0).min(BK);
@@ -552,17 +558,13 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
             key_rows(&p.k, &t0, j0, &mut k_rows[..nk]);
             key_rows(&p.v, &t0, j0, &mut v_rows[..nk]);
             key_rows(&p.k, &t0, j0 + nk, &mut k_next[..nk_next]);
-            let span = |x: &Operand, len: usize| match ahead {
-                true => (ts.len() - 1) * step(x) + len * x.dtype.size_in_bytes(),
-                false => 0,
-            };
             let v_ahead = SpanAhead {
                 rows: &v_rows[..nk],
-                bytes: span(&p.v, dv),
+                bytes: v_span,
             };
             let k_ahead = SpanAhead {
                 rows: &k_next[..nk_next],
-                bytes: span(&p.k, d),
+                bytes: k_span,
             };
             qs.clear();
             qps.clear();
@@ -965,6 +967,7 @@ impl super::few_rows::Ahead for RowsAhead<'_> {
 /// more than they hid: B1, 16/2 heads over 8k keys, 8 MiB, 0.46 -> 0.58 ms; over 64 MiB, B4,
 /// 32/8 heads over 4k keys, 3.6 -> 3.4 ms; 2-core Zen 4, bf16, medians of 16 and best of 12
 /// interleaved rounds).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn rows_ahead(p: &Problem, nrows: usize) -> bool {
     let row_bytes =
@@ -990,14 +993,7 @@ impl super::few_rows::Ahead for SpanAhead<'_> {
     #[inline(always)]
     fn ahead(&self, jj: usize) {
         if let Some(&row) = self.rows.get(jj) {
-            for off in (0..self.bytes).step_by(64) {
-                // SAFETY: a prefetch never faults.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        row.wrapping_add(off) as *const i8,
-                    )
-                };
-            }
+            prefetch_into::<true>(row, self.bytes);
         }
     }
 }
@@ -1038,13 +1034,23 @@ fn prefetch_row(x: &Operand, t: &TileRows, key: usize, len: usize, adjacent_too:
 /// Hints the cache to load `bytes` bytes at `base`.
 #[inline(always)]
 pub(super) fn prefetch(base: *const u8, bytes: usize) {
+    prefetch_into::<false>(base, bytes);
+}
+
+/// Hints the cache to load `bytes` bytes at `base`: into L1, or where `L2`, into L2 only (rows
+/// wanted a whole pass over a tile later, which L1 would evict first).
+#[inline(always)]
+fn prefetch_into<const L2: bool>(base: *const u8, bytes: usize) {
     for off in (0..bytes).step_by(64) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch never faults.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                base.wrapping_add(off) as *const i8,
-            )
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+            let at = base.wrapping_add(off) as *const i8;
+            match L2 {
+                true => _mm_prefetch::<_MM_HINT_T1>(at),
+                false => _mm_prefetch::<_MM_HINT_T0>(at),
+            }
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = off;
