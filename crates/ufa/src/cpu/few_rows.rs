@@ -62,14 +62,28 @@ impl Row16 for F16 {
 /// What the caller does before a key's rows are read (its prefetching): a trait with an
 /// always-inlined method rather than a closure, which is compiled apart, without the caller's
 /// AVX-512, unless the compiler inlines it (it did not: a call and a `vzeroupper` a key).
+///
+/// A loop over a job's heads asks for part `h` of `heads` of each key's hints with head `h`'s
+/// work, so that the hints go out spread among the arithmetic. Issued all at once, a step's
+/// hints (up to a thousand cache lines before the V rows of 32 keys) filled the core's miss
+/// buffers and held its loads until they had drained, so that memory and arithmetic took
+/// turns: bf16 grouped-query decoding over 128 MiB, B8, 32/8 heads, 4k keys, 2-core Zen 4,
+/// from Python, 7.3 ms best before and 4.9 after (1.5x; 27.5 GB/s of a ~34 GB/s read).
 pub trait Ahead {
-    fn ahead(&self, jj: usize);
+    /// Part `part` of `parts` (even shares, in address order) of what key `jj` hints.
+    fn ahead_part(&self, jj: usize, part: usize, parts: usize);
+
+    /// All of what key `jj` hints.
+    #[inline(always)]
+    fn ahead(&self, jj: usize) {
+        self.ahead_part(jj, 0, 1);
+    }
 }
 
 /// Nothing to do.
 impl Ahead for () {
     #[inline(always)]
-    fn ahead(&self, _: usize) {}
+    fn ahead_part(&self, _: usize, _: usize, _: usize) {}
 }
 
 /// The K (or V) rows of a job's KV heads: `rows[jj]` addresses key `jj` of the first head;
@@ -175,10 +189,10 @@ unsafe fn scores_keys<L: Row16, const NR: usize, const KB: usize>(
     ld: usize,
     ahead: &impl Ahead,
 ) {
-    for x in 0..KB {
-        ahead.ahead(jj + x);
-    }
     for (h, (&q, &s)) in qs.iter().zip(ss).enumerate() {
+        for x in 0..KB {
+            ahead.ahead_part(jj + x, h, qs.len());
+        }
         let mut kh = [std::ptr::null::<u8>(); KB];
         for (x, row) in kh.iter_mut().enumerate() {
             *row = k.rows[jj + x].add(h * k.step);
@@ -280,11 +294,11 @@ unsafe fn scores_pairs_keys<const NR: usize, const KB: usize>(
     jj: usize,
     ahead: &impl Ahead,
 ) {
-    for x in 0..KB {
-        ahead.ahead(jj + x);
-    }
     let d2 = d / 2;
     for (h, (&q, &s)) in qs.iter().zip(ss).enumerate() {
+        for x in 0..KB {
+            ahead.ahead_part(jj + x, h, qs.len());
+        }
         let mut kh = [std::ptr::null::<u8>(); KB];
         for (x, row) in kh.iter_mut().enumerate() {
             *row = k.rows[jj + x].add(h * k.step);
@@ -572,10 +586,10 @@ unsafe fn accumulate_keys<L: Row16, const NR: usize, const KB: usize>(
     ldo: usize,
     ahead: &impl Ahead,
 ) {
-    for x in 0..KB {
-        ahead.ahead(jj + x);
-    }
     for (h, (&p, &acc)) in ps.iter().zip(accs).enumerate() {
+        for x in 0..KB {
+            ahead.ahead_part(jj + x, h, ps.len());
+        }
         let mut vh = [std::ptr::null::<u8>(); KB];
         for (x, row) in vh.iter_mut().enumerate() {
             *row = v.rows[jj + x].add(h * v.step);

@@ -955,8 +955,10 @@ struct RowsAhead<'a> {
 #[cfg(target_arch = "x86_64")]
 impl super::few_rows::Ahead for RowsAhead<'_> {
     #[inline(always)]
-    fn ahead(&self, jj: usize) {
-        prefetch_ahead(self.t, jj, self.now, self.then, true);
+    fn ahead_part(&self, jj: usize, part: usize, _: usize) {
+        if part == 0 {
+            prefetch_ahead(self.t, jj, self.now, self.then, true);
+        }
     }
 }
 
@@ -981,7 +983,8 @@ fn rows_ahead(p: &Problem, nrows: usize) -> bool {
 
 /// For a job of several KV heads: while it reads one operand's rows of a tile of keys, hints
 /// the cache to load the rows it reads next (the other operand's rows of the same keys, or the
-/// next tile's K), into L2: for key `jj`, the `bytes` from `rows[jj]` (every head's row).
+/// next tile's K), into L2: for key `jj`, the `bytes` from `rows[jj]` (every head's row), in
+/// whole cache lines shared out among the parts its callers ask for.
 #[cfg(target_arch = "x86_64")]
 struct SpanAhead<'a> {
     rows: &'a [*const u8],
@@ -991,9 +994,12 @@ struct SpanAhead<'a> {
 #[cfg(target_arch = "x86_64")]
 impl super::few_rows::Ahead for SpanAhead<'_> {
     #[inline(always)]
-    fn ahead(&self, jj: usize) {
-        if let Some(&row) = self.rows.get(jj) {
-            prefetch_into::<true>(row, self.bytes);
+    fn ahead_part(&self, jj: usize, part: usize, parts: usize) {
+        // Nothing hinted (bytes 0) costs no division.
+        if let Some(&row) = self.rows.get(jj).filter(|_| self.bytes > 0) {
+            let lines = self.bytes.div_ceil(64);
+            let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
+            prefetch_into::<true>(row.wrapping_add(64 * from), 64 * (to - from));
         }
     }
 }

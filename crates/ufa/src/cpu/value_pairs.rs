@@ -118,9 +118,9 @@ unsafe fn heads_of<const NR: usize, const CW: usize>(
     let mut j = 0;
     while j < n {
         let nk = (n - j).min(KEYS);
-        for x in 0..nk {
-            ahead.ahead(j + x);
-        }
+        // The keys' hints shared out among the heads and their column steps ([`Ahead`]).
+        let steps = dv.div_ceil(32 * CW);
+        let parts = ps.len() * steps;
         for (h, (&p, &acc)) in ps.iter().zip(accs).enumerate() {
             let mut rows = [std::ptr::null::<u8>(); KEYS];
             for (x, row) in rows[..nk].iter_mut().enumerate() {
@@ -128,13 +128,23 @@ unsafe fn heads_of<const NR: usize, const CW: usize>(
             }
             let pp = probability_pairs::<NR>(p.add(j), ld, nk);
             let mut c = 0;
+            let mut step = 0;
+            let hint = |step: usize| {
+                for x in 0..nk {
+                    ahead.ahead_part(j + x, h * steps + step, parts);
+                }
+            };
             while c + 32 * CW <= dv {
+                hint(step);
                 add_chunks::<NR, CW>(&rows[..nk], &pp, acc.add(c), ldo, c);
                 c += 32 * CW;
+                step += 1;
             }
             while c < dv {
+                hint(step);
                 add_chunks::<NR, 1>(&rows[..nk], &pp, acc.add(c), ldo, c);
                 c += 32;
+                step += 1;
             }
         }
         j += nk;
