@@ -43,6 +43,18 @@ fn problems() -> Vec<Case> {
     let mut c = Case::new(1, 1, 515, 12, 80, DType::F32);
     c.heads_kv = 2;
     v.push(c);
+    // The same over [B, H, S, D] keys (PyTorch's layout), whose grouped-query rows interleave
+    // KV heads too: four rows a head in bf16 and f32, eight in f16 over odd keys.
+    for (dtype, heads_q, keys) in [
+        (DType::BF16, 16, 1024),
+        (DType::F32, 16, 777),
+        (DType::F16, 32, 333),
+    ] {
+        let mut c = Case::new(2, 1, keys, heads_q, 128, dtype);
+        c.heads_kv = 4;
+        c.placement = [ufa_testkit::Placement::HeadsFirst; 4];
+        v.push(c);
+    }
     v
 }
 

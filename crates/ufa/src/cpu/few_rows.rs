@@ -63,27 +63,24 @@ impl Row16 for F16 {
 /// always-inlined method rather than a closure, which is compiled apart, without the caller's
 /// AVX-512, unless the compiler inlines it (it did not: a call and a `vzeroupper` a key).
 ///
-/// A loop over a job's heads asks for part `h` of `heads` of each key's hints with head `h`'s
-/// work, so that the hints go out spread among the arithmetic. Issued all at once, a step's
+/// A loop over a job's heads asks for head `h`'s hints of its keys with head `h`'s work, so
+/// that the hints go out spread among the arithmetic. Issued all at once, a step's
 /// hints (up to a thousand cache lines before the V rows of 32 keys) filled the core's miss
 /// buffers and held its loads until they had drained, so that memory and arithmetic took
 /// turns: bf16 grouped-query decoding over 128 MiB, B8, 32/8 heads, 4k keys, 2-core Zen 4,
-/// from Python, 7.3 ms best before and 4.9 after (1.5x; 27.5 GB/s of a ~34 GB/s read).
+/// from Python, 7.3 ms best before and 4.9 after (1.5x; 27.5 GB/s of a ~34 GB/s read). A
+/// head's share is its row, an address away: cutting a key's span of every head into even
+/// shares took divisions a call, and at a call per key, head and column step they cost the
+/// KV-cache step (D1) 10-15%.
 pub trait Ahead {
-    /// Part `part` of `parts` (even shares, in address order) of what key `jj` hints.
-    fn ahead_part(&self, jj: usize, part: usize, parts: usize);
-
-    /// All of what key `jj` hints.
-    #[inline(always)]
-    fn ahead(&self, jj: usize) {
-        self.ahead_part(jj, 0, 1);
-    }
+    /// Key `jj`'s hints for head `head` of a job of KV heads (0 in a job of one).
+    fn ahead(&self, jj: usize, head: usize);
 }
 
 /// Nothing to do.
 impl Ahead for () {
     #[inline(always)]
-    fn ahead_part(&self, _: usize, _: usize, _: usize) {}
+    fn ahead(&self, _: usize, _: usize) {}
 }
 
 /// The K (or V) rows of a job's KV heads: `rows[jj]` addresses key `jj` of the first head;
@@ -191,7 +188,7 @@ unsafe fn scores_keys<L: Row16, const NR: usize, const KB: usize>(
 ) {
     for (h, (&q, &s)) in qs.iter().zip(ss).enumerate() {
         for x in 0..KB {
-            ahead.ahead_part(jj + x, h, qs.len());
+            ahead.ahead(jj + x, h);
         }
         let mut kh = [std::ptr::null::<u8>(); KB];
         for (x, row) in kh.iter_mut().enumerate() {
@@ -297,7 +294,7 @@ unsafe fn scores_pairs_keys<const NR: usize, const KB: usize>(
     let d2 = d / 2;
     for (h, (&q, &s)) in qs.iter().zip(ss).enumerate() {
         for x in 0..KB {
-            ahead.ahead_part(jj + x, h, qs.len());
+            ahead.ahead(jj + x, h);
         }
         let mut kh = [std::ptr::null::<u8>(); KB];
         for (x, row) in kh.iter_mut().enumerate() {
@@ -479,7 +476,7 @@ unsafe fn add_block<L: Row16, const NR: usize, const NV: usize>(
     }
     for (jj, &v) in v_rows.iter().enumerate() {
         if prefetch {
-            ahead.ahead(jj);
+            ahead.ahead(jj, 0);
         }
         let mut vv = [_mm512_setzero_ps(); NV];
         for (x, vv) in vv.iter_mut().enumerate() {
@@ -588,7 +585,7 @@ unsafe fn accumulate_keys<L: Row16, const NR: usize, const KB: usize>(
 ) {
     for (h, (&p, &acc)) in ps.iter().zip(accs).enumerate() {
         for x in 0..KB {
-            ahead.ahead_part(jj + x, h, ps.len());
+            ahead.ahead(jj + x, h);
         }
         let mut vh = [std::ptr::null::<u8>(); KB];
         for (x, row) in vh.iter_mut().enumerate() {

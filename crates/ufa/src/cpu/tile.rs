@@ -542,12 +542,15 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
             reorder(scs, PairOrder::Into);
         }
         let ahead = rows_ahead(p, t0.nrows);
-        // The bytes of a key's rows of every head of the job, hinted ahead (none without).
-        let span = |x: &Operand, len: usize| match ahead {
-            true => (ts.len() - 1) * step(x) + len * x.dtype.size_in_bytes(),
-            false => 0,
+        // The bytes of a key's row of a head, hinted ahead (none without).
+        let bytes = |x: &Operand, len: usize| {
+            if ahead {
+                len * x.dtype.size_in_bytes()
+            } else {
+                0
+            }
         };
-        let (v_span, k_span) = (span(&p.v, dv), span(&p.k, d));
+        let (v_bytes, k_bytes) = (bytes(&p.v, dv), bytes(&p.k, d));
         let mut j0 = keys.0;
         while j0 < keys.1 {
             let nk = (keys.1 - j0).min(BK);
@@ -560,11 +563,13 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
             key_rows(&p.k, &t0, j0 + nk, &mut k_next[..nk_next]);
             let v_ahead = SpanAhead {
                 rows: &v_rows[..nk],
-                bytes: v_span,
+                step: step(&p.v),
+                bytes: v_bytes,
             };
             let k_ahead = SpanAhead {
                 rows: &k_next[..nk_next],
-                bytes: k_span,
+                step: step(&p.k),
+                bytes: k_bytes,
             };
             qs.clear();
             qps.clear();
@@ -955,10 +960,8 @@ struct RowsAhead<'a> {
 #[cfg(target_arch = "x86_64")]
 impl super::few_rows::Ahead for RowsAhead<'_> {
     #[inline(always)]
-    fn ahead_part(&self, jj: usize, part: usize, _: usize) {
-        if part == 0 {
-            prefetch_ahead(self.t, jj, self.now, self.then, true);
-        }
+    fn ahead(&self, jj: usize, _: usize) {
+        prefetch_ahead(self.t, jj, self.now, self.then, true);
     }
 }
 
@@ -983,23 +986,21 @@ fn rows_ahead(p: &Problem, nrows: usize) -> bool {
 
 /// For a job of several KV heads: while it reads one operand's rows of a tile of keys, hints
 /// the cache to load the rows it reads next (the other operand's rows of the same keys, or the
-/// next tile's K), into L2: for key `jj`, the `bytes` from `rows[jj]` (every head's row), in
-/// whole cache lines shared out among the parts its callers ask for.
+/// next tile's K), into L2: for key `jj` and head `h`, the `bytes` at `rows[jj]` + `h · step`
+/// (none where `bytes` is 0).
 #[cfg(target_arch = "x86_64")]
 struct SpanAhead<'a> {
     rows: &'a [*const u8],
+    step: usize,
     bytes: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl super::few_rows::Ahead for SpanAhead<'_> {
     #[inline(always)]
-    fn ahead_part(&self, jj: usize, part: usize, parts: usize) {
-        // Nothing hinted (bytes 0) costs no division.
-        if let Some(&row) = self.rows.get(jj).filter(|_| self.bytes > 0) {
-            let lines = self.bytes.div_ceil(64);
-            let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
-            prefetch_into::<true>(row.wrapping_add(64 * from), 64 * (to - from));
+    fn ahead(&self, jj: usize, h: usize) {
+        if let Some(&row) = self.rows.get(jj) {
+            prefetch_into::<true>(row.wrapping_add(h * self.step), self.bytes);
         }
     }
 }

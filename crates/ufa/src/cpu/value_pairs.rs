@@ -118,9 +118,9 @@ unsafe fn heads_of<const NR: usize, const CW: usize>(
     let mut j = 0;
     while j < n {
         let nk = (n - j).min(KEYS);
-        // The keys' hints shared out among the heads and their column steps ([`Ahead`]).
-        let steps = dv.div_ceil(32 * CW);
-        let parts = ps.len() * steps;
+        // The keys' hints of a head shared out among its column steps ([`Ahead`]): `per` keys
+        // a step.
+        let per = nk.div_ceil(dv.div_ceil(32 * CW));
         for (h, (&p, &acc)) in ps.iter().zip(accs).enumerate() {
             let mut rows = [std::ptr::null::<u8>(); KEYS];
             for (x, row) in rows[..nk].iter_mut().enumerate() {
@@ -128,23 +128,22 @@ unsafe fn heads_of<const NR: usize, const CW: usize>(
             }
             let pp = probability_pairs::<NR>(p.add(j), ld, nk);
             let mut c = 0;
-            let mut step = 0;
-            let hint = |step: usize| {
-                for x in 0..nk {
-                    ahead.ahead_part(j + x, h * steps + step, parts);
+            let mut hinted = 0;
+            let mut hint = || {
+                for x in hinted..(hinted + per).min(nk) {
+                    ahead.ahead(j + x, h);
                 }
+                hinted += per;
             };
             while c + 32 * CW <= dv {
-                hint(step);
+                hint();
                 add_chunks::<NR, CW>(&rows[..nk], &pp, acc.add(c), ldo, c);
                 c += 32 * CW;
-                step += 1;
             }
             while c < dv {
-                hint(step);
+                hint();
                 add_chunks::<NR, 1>(&rows[..nk], &pp, acc.add(c), ldo, c);
                 c += 32;
-                step += 1;
             }
         }
         j += nk;
