@@ -215,7 +215,7 @@ fn check_probability_row(n: usize, pp: &[u32], lo: Option<&[u32]>) {
 /// # Safety
 /// Needs avx512f+avx512bf16; `pp` (and `lo`) hold 16 pairs from `c / 2`.
 #[inline(always)]
-unsafe fn store_probability_pairs(
+pub(super) unsafe fn store_probability_pairs(
     first: __m512,
     second: __m512,
     pp: &mut [u32],

@@ -75,14 +75,14 @@ fn heads_per_job(
     let scattered = [p.k, p.v]
         .iter()
         .any(|x| x.strides[1] > p.head_dim.max(p.head_dim_v));
-    let avx512 = isa.avx512();
-    let grouped_query = rows > 2 && few_rows_in_registers(p, rows, avx512);
+    let in_registers = few_rows_in_registers(p, rows, isa.avx512());
+    let grouped_query = rows > 2 && in_registers;
     if !one_block_per_head || !(scattered || grouped_query) {
         return 1;
     }
     let wanted = threads.saturating_mul(JOBS_PER_THREAD);
     let enough = |g: usize| p.heads_kv.is_multiple_of(g) && (items / g) * splits >= wanted;
-    if few_rows_in_registers(p, rows, avx512) && enough(p.heads_kv) {
+    if in_registers && enough(p.heads_kv) {
         return p.heads_kv;
     }
     (1..=MAX_GROUP).rev().find(|&g| enough(g)).unwrap_or(1)

@@ -534,8 +534,8 @@ pub fn attend_heads<M: MulAdd, const C: usize, const BF16: bool, const BF16_TILE
         let reorder = |scs: &mut [Scratch], order: PairOrder| {
             for sc in scs.iter_mut() {
                 // SAFETY: `pairs` holds only in families compiled with avx512f; each scratch
-                // holds the job's rows of `dvp` values.
-                unsafe { value_pairs::reorder(sc.acc.as_mut_ptr(), t0.nrows, dv, dvp, order) };
+                // holds the job's rows.
+                unsafe { reorder_pairs(sc, t0.nrows, dv, order) };
             }
         };
         if pairs {
@@ -711,14 +711,10 @@ pub fn attend<
     #[cfg(target_arch = "x86_64")]
     let pairs = registers && value_pairs::<BF16, BF16_TILES>(p, t.nrows);
     #[cfg(target_arch = "x86_64")]
-    let reorder = |acc: &mut [f32], order| {
-        // SAFETY: `pairs` holds only in families compiled with avx512f; `acc` holds the tile's
-        // rows of `dvp` values.
-        unsafe { super::value_pairs::reorder(acc.as_mut_ptr(), t.nrows, dv, dvp, order) };
-    };
-    #[cfg(target_arch = "x86_64")]
     if pairs {
-        reorder(&mut sc.acc, super::value_pairs::PairOrder::Into);
+        // SAFETY: `pairs` holds only in families compiled with avx512f; `sc` holds the tile's
+        // rows.
+        unsafe { reorder_pairs(sc, t.nrows, dv, super::value_pairs::PairOrder::Into) };
     }
     let mut j0 = keys.0;
     while j0 < keys.1 {
@@ -910,8 +906,25 @@ pub fn attend<
     }
     #[cfg(target_arch = "x86_64")]
     if pairs {
-        reorder(&mut sc.acc, super::value_pairs::PairOrder::Back);
+        // SAFETY: as at the start.
+        unsafe { reorder_pairs(sc, t.nrows, dv, super::value_pairs::PairOrder::Back) };
     }
+}
+
+/// The accumulators of `sc`'s first `nrows` rows (`dv` values each) into or out of the column
+/// order the pairs path ([`value_pairs`]) adds in.
+///
+/// # Safety
+/// Needs avx512f; `sc` holds `nrows` rows of `sc.dvp` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn reorder_pairs(
+    sc: &mut Scratch,
+    nrows: usize,
+    dv: usize,
+    order: super::value_pairs::PairOrder,
+) {
+    super::value_pairs::reorder(sc.acc.as_mut_ptr(), nrows, dv, sc.dvp, order);
 }
 
 /// How far ahead the row-by-row path asks for K and V rows. Decoding streams K and V once, and

@@ -164,9 +164,8 @@ unsafe fn probability_pairs<const NR: usize>(
         let row = p.add(r * ld);
         let first = _mm512_maskz_loadu_ps(m0, row);
         let second = _mm512_maskz_loadu_ps(m1, row.add(16));
-        // The second operand fills the low 16 bf16 values: keys stay in order.
-        let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(second, first));
-        _mm512_storeu_si512(pp.as_mut_ptr() as *mut _, b);
+        // Rounded and paired as the family's tiles pair theirs.
+        super::avx512_bf16::store_probability_pairs(first, second, pp, None, 0);
     }
     pp
 }
