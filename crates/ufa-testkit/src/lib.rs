@@ -1516,6 +1516,49 @@ pub fn padded_head_dim_cases() -> Vec<Case> {
     cases
 }
 
+/// Head dims above 256, which CUDA's mma.sync forward runs on its wide tiles (320, 384, 512:
+/// pairs of warps share the rows, each summing half of Q Kᵀ and owning half of O's columns):
+/// each tile, one between tiles (264 on 320), unequal pairs (Q/K or V the wider), causal with
+/// GQA, every score modifier, dropout, PyTorch's layout, sizes off every tile; 16-bit only.
+pub fn wide_head_dim_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, (dtype, d, dv)) in [
+        (DType::BF16, 512, 512),
+        (DType::F16, 320, 320),
+        (DType::BF16, 264, 264),
+        (DType::F16, 384, 256),
+        (DType::BF16, 128, 512),
+        (DType::BF16, 512, 512),
+        (DType::F16, 384, 384),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Case::new(2, 97 + 31 * i, 203 - 17 * i, 4, d, dtype);
+        c.head_dim_v = dv;
+        c.heads_kv = [4, 2, 1][i % 3];
+        c.causal = i % 2 == 1;
+        match i {
+            2 => {
+                c.softcap = 20.0;
+                c.alibi = Some(Alibi::PerHead);
+                c.window = (60, 5);
+            }
+            5 => {
+                c.dropout = Some(ufa::Dropout {
+                    p: 0.2,
+                    seed: 1234,
+                    offset: 7,
+                })
+            }
+            6 => c.placement = [Placement::HeadsFirst; 4],
+            _ => {}
+        }
+        cases.push(c);
+    }
+    cases
+}
+
 /// Q/K and V of different head dims (MLA's 192 and 128, the other way round, a padded pair),
 /// which CUDA's mma.sync kernels run on the tile of the larger one: plain, causal with GQA,
 /// with every score modifier, PyTorch's layout; 16-bit and fp32 in both precisions.

@@ -3,7 +3,8 @@
 // the opt-in TF32 mode; fwd_tile.cuh).
 //
 // One thread block owns BLOCK_M query rows of one (batch, head); each warp owns one or two
-// 16-row mma tiles of them.
+// 16-row mma tiles of them (above head dim 256, two warps share each tile, half of the
+// columns each: TileConfig).
 // K and V tiles of BLOCK_N keys stream through shared memory; S = Q Kᵀ and O += P V run on
 // tensor cores with fp32 accumulators, and the softmax is online (running max and sum per row)
 // in the log2 domain. Loads overlap compute the FA2 way: V[n] is fetched while S = Q K[n]ᵀ runs,
@@ -22,20 +23,34 @@
 // One tile configuration. The host picks the numbers (one table, with reasons, in src/cuda/tiles.rs);
 // the asserts reject combinations the code below cannot run.
 // ELEM_UNITS: 16-bit units an element takes (2 for fp32), which the shared loaders count in.
+//
+// Wide head dims (above 256) split the columns between two sets of warps: O's accumulators for
+// 16 rows of a 512-column head would take 256 registers a thread, so warp w and warp
+// w + WARPS / 2 own the same rows, each half of O's columns. Each sums S = Q Kᵀ over its half
+// of the head dim, the two partial sums meet in shared memory (exchange_partial_scores), and
+// both then hold the same S, run the same softmax and multiply P by their half of V.
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool Q_IN_REGS, int ELEM_UNITS = 1>
 struct TileConfig {
-    static_assert(BLOCK_M % (16 * WARPS) == 0, "each warp owns whole 16-row mma tiles");
-    static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16");
+    static constexpr int kHalves = HEAD_DIM > 256 ? 2 : 1;
+    static constexpr int kRowWarps = WARPS / kHalves;  // warps that own different rows
+    static_assert(WARPS % kHalves == 0, "a wide head dim pairs the warps");
+    static_assert(BLOCK_M % (16 * kRowWarps) == 0, "each warp owns whole 16-row mma tiles");
+    static_assert(HEAD_DIM % (16 * kHalves) == 0 && HEAD_DIM <= 512,
+                  "head_dim must be a multiple of 16 (of 32 above 256), at most 512");
     static_assert(ELEM_UNITS == 1 || (ELEM_UNITS == 2 && !Q_IN_REGS),
                   "fp32 Q is read from shared memory (its TF32 split would not fit registers)");
+    static_assert(kHalves == 1 || (ELEM_UNITS == 1 && !Q_IN_REGS),
+                  "wide head dims: 16-bit elements, Q read from shared memory");
     static_assert(BLOCK_N % 16 == 0, "key tiles are whole mma k-steps");
     static constexpr int kHeadDim = HEAD_DIM;
+    // Columns of a warp's share: of the sum over the head dim, and of O.
+    static constexpr int kSpanDim = HEAD_DIM / kHalves;
     static constexpr int kBlockM = BLOCK_M;
     static constexpr int kBlockN = BLOCK_N;
     static constexpr int kThreads = WARPS * 32;
     // 16-row tiles per warp: every K/V fragment read from shared memory feeds this many mmas,
     // so two halve the shared-memory traffic per flop (at the price of twice the accumulators).
-    static constexpr int kMTiles = BLOCK_M / (16 * WARPS);
+    static constexpr int kMTiles = BLOCK_M / (16 * kRowWarps);
     static constexpr bool kQInRegs = Q_IN_REGS;
     static constexpr int kElemUnits = ELEM_UNITS;
     // 16 bytes of padding per row put the 8 rows an ldmatrix phase reads on 8 different
@@ -44,13 +59,43 @@ struct TileConfig {
     static constexpr int kRowPitch = HEAD_DIM * ELEM_UNITS + 8;
     static constexpr int kChunksPerRow = HEAD_DIM * ELEM_UNITS / 8;  // 16-byte pieces of a row
     static constexpr int kSTiles = BLOCK_N / 8;         // n8 tiles of S per m-tile
-    static constexpr int kOTiles = HEAD_DIM / 8;        // n8 tiles of O per m-tile
-    static constexpr int kSmemElems = (BLOCK_M + 2 * BLOCK_N) * kRowPitch;
+    static constexpr int kOTiles = kSpanDim / 8;        // n8 tiles of O per m-tile
+    // The partial scores' exchange (wide head dims): each warp's S accumulators, lane-major.
+    static constexpr int kExchangeFloats = kHalves > 1 ? WARPS * kMTiles * kSTiles * 4 * 32 : 0;
+    static constexpr int kSmemElems = (BLOCK_M + 2 * BLOCK_N) * kRowPitch + 2 * kExchangeFloats;
 };
+
+// Adds the partner warp's partial scores to this warp's (wide head dims): each warp stores its
+// accumulators, lane-major so that a warp's stores and loads are conflict-free, and after a
+// block barrier adds the other half's. Both warps of a pair then hold the same sums (the
+// addition commutes exactly), so their softmax and row sums agree bit for bit. The buffer is
+// next written after the main loop's next barrier, which follows every read of this one.
+template <typename Cfg, int MT, int S_TILES>
+__device__ __forceinline__ void exchange_partial_scores(float (&s)[MT][S_TILES][4], float* buf,
+                                                        int warp, int lane) {
+    constexpr int kWarpFloats = MT * S_TILES * 4 * 32;
+    float* mine = buf + warp * kWarpFloats + lane;
+    const float* theirs =
+        buf + ((warp + Cfg::kRowWarps) % (2 * Cfg::kRowWarps)) * kWarpFloats + lane;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < S_TILES; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mine[((mt * S_TILES + t) * 4 + e) * 32] = s[mt][t][e];
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < S_TILES; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][t][e] += theirs[((mt * S_TILES + t) * 4 + e) * 32];
+}
 
 template <typename T, typename Cfg, bool SCORE_MOD, bool SEQS, bool DROPOUT>
 __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
-    constexpr int D = Cfg::kHeadDim;
+    // The MMAs' extent over the head dim: the whole tile, or a wide one's half (TileConfig).
+    constexpr int D = Cfg::kSpanDim;
     constexpr int BM = Cfg::kBlockM;
     constexpr int BN = Cfg::kBlockN;
     constexpr int PITCH = Cfg::kRowPitch;
@@ -58,8 +103,11 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
     uint16_t* sQ = smem;
     uint16_t* sK = sQ + BM * PITCH;
     uint16_t* sV = sK + BN * PITCH;
+    float* sX = (float*)(sV + BN * PITCH);  // partial scores (wide head dims)
 
     const int warp = threadIdx.x / 32;
+    const int row_warp = warp % Cfg::kRowWarps;
+    const int col0 = warp / Cfg::kRowWarps * D;  // the warp's first column of the head dim
     const int lane = threadIdx.x % 32;
     const int group = lane / 4;  // mma fragment row within 8
     const int quad = lane % 4;   // mma fragment column pair
@@ -93,7 +141,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
 
     // Rows this thread accumulates: `group` and `group + 8` of each of the warp's m-tiles.
     constexpr int MT = Cfg::kMTiles;
-    const int warp_row0 = warp * 16 * MT;
+    const int warp_row0 = row_warp * 16 * MT;
     const int row_a = m0 + warp_row0 + group;  // + 16 * mt + 8 * r
     float o[MT][Cfg::kOTiles][4];
     zero_tiles(o);
@@ -113,15 +161,18 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
         // (fwd_tile.cuh): Q's 4 matrices are rows 0-7 / 8-15 × floats 0-3 / 4-7, K's the 8 keys
         // × 4 runs of 4 floats, and V is read per float.
         constexpr int FPITCH = PITCH / 2;  // fp32 row pitch in floats
+        // (A wide head dim's second half of the warps starts col0 columns in; fp32 has none.)
         const uint32_t q_lane =
-            T::is_f32 ? smem_addr(sQ) + ((warp_row0 + lane % 16) * FPITCH + (lane / 16) * 4) * 4
-                      : smem_addr(sQ) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8) * 2;
-        const uint32_t k_lane =
             T::is_f32
-                ? smem_addr(sK) + ((lane % 8) * FPITCH + (lane / 8) * 4) * 4
-                : smem_addr(sK) + ((lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
+                ? smem_addr(sQ) + ((warp_row0 + lane % 16) * FPITCH + (lane / 16) * 4) * 4
+                : smem_addr(sQ) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8 + col0) * 2;
+        const uint32_t k_lane =
+            T::is_f32 ? smem_addr(sK) + ((lane % 8) * FPITCH + (lane / 8) * 4) * 4
+                      : smem_addr(sK) +
+                            ((lane % 8 + (lane / 16) * 8) * PITCH + ((lane / 8) % 2) * 8 + col0) * 2;
         const uint32_t v_lane =
-            smem_addr(sV) + ((lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 8) * 2;
+            smem_addr(sV) +
+            ((lane % 8 + ((lane / 8) % 2) * 8) * PITCH + (lane / 16) * 8 + col0) * 2;
         const float* v_lane_f32 = (const float*)sV + 2 * quad * FPITCH + group;
         if constexpr (Cfg::kQInRegs) {
             cp_async_wait<1>();
@@ -147,6 +198,7 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
             else
                 tile_qk<T, D, MT, Cfg::kSTiles, PaddedRows<PITCH>, Cfg::kQInRegs>(s, q_frag, {q_lane},
                                                                                   {k_lane});
+            if constexpr (Cfg::kHalves > 1) exchange_partial_scores<Cfg>(s, sX, warp, lane);
 
             // Scores to the log2 domain (modifiers) or raw; keys outside the band, past the
             // end, or masked are hidden.
@@ -195,5 +247,6 @@ __device__ __forceinline__ void fwd_sm80(const FwdParams& p) {
                                                    x *= p.dropout_scale;
                                                    y *= p.dropout_scale;
                                                }
-                                           });
+                                           },
+                                           col0);
 }

@@ -80,10 +80,13 @@ __device__ __forceinline__ void load_rows(const uint16_t* base, RowOff row_off, 
 // holds columns 8 t + 2 quad, +1 of every n8 tile t): adds up the quad's partial row sums,
 // writes O / sum (`pair(t, x, y)` gives the unnormalised pair of tile t) and the LSE. Rows that
 // saw no key get 0 and -inf; columns from head_dim_v on (a tile wider than the head) are not
-// written. Every lane must call it (the sum is shuffled across the quad).
+// written. Every lane must call it (the sum is shuffled across the quad). `col0`: the first
+// column of tile 0 (a wide head dim's second half of the columns starts past the first; that
+// half's warps leave the LSE to the first's).
 template <typename T, int O_TILES, typename Pair>
 __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock& w, int i,
-                                              int quad, const SoftmaxRow& row, Pair pair) {
+                                              int quad, const SoftmaxRow& row, Pair pair,
+                                              int col0 = 0) {
     float sum = row.sum;
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -94,14 +97,14 @@ __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock
     for (int t = 0; t < O_TILES; ++t) {
         float x, y;
         pair(t, x, y);
-        if (t * 8 + quad * 2 >= p.head_dim_v) continue;  // head dims are multiples of 2
+        const int c = col0 + t * 8 + quad * 2;
+        if (c >= p.head_dim_v) continue;  // head dims are multiples of 2
         if constexpr (T::is_f32)
-            *(float2*)((float*)p.out + at + t * 8 + quad * 2) = make_float2(x * inv, y * inv);
+            *(float2*)((float*)p.out + at + c) = make_float2(x * inv, y * inv);
         else
-            *(uint32_t*)((uint16_t*)p.out + at + t * 8 + quad * 2) =
-                Convert<T>::pack(x * inv, y * inv);
+            *(uint32_t*)((uint16_t*)p.out + at + c) = Convert<T>::pack(x * inv, y * inv);
     }
-    if (p.lse != nullptr && quad == 0) {
+    if (p.lse != nullptr && quad == 0 && col0 == 0) {
         p.lse[w.b * p.lse_stride[0] + w.h * p.lse_stride[1] + (w.s.q_row0 + i) * p.lse_stride[2]] =
             row.lse(sum);
     }

@@ -213,6 +213,37 @@ fn padded_head_dims_take_the_tensor_cores() {
     );
 }
 
+/// Head dims above 256 (to 512, 16-bit) run on the wide mma.sync tiles, where pairs of warps
+/// share the rows and exchange partial scores, not on the CUDA-core kernel.
+#[test]
+fn wide_head_dims_take_the_tensor_cores() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    run_suite_in(
+        &ctx,
+        &ufa_testkit::wide_head_dim_cases(),
+        |ctx, c, seed| check_case_cuda(ctx, c, seed, 0),
+        Comparison::passed,
+        Comparison::summary,
+    );
+    let kernels = loaded_kernels(&ctx);
+    for tile in ["d320", "d384", "d512"] {
+        assert!(
+            kernels
+                .iter()
+                .any(|k| k.starts_with(&format!("ufa_fwd_sm80_bf16_{tile}_"))
+                    || k.starts_with(&format!("ufa_fwd_sm80_f16_{tile}_"))),
+            "{tile}: {kernels:?}"
+        );
+    }
+    assert!(
+        !kernels.iter().any(|k| k.starts_with("ufa_fwd_simple")),
+        "{kernels:?}"
+    );
+}
+
 #[test]
 fn features_and_layouts_match_the_reference() {
     run_cases(&ufa_testkit::feature_cases());
@@ -399,5 +430,9 @@ fn sanitizer_case() {
     // over three key tiles so that it wraps).
     let mut h = a.clone();
     (h.head_dim, h.head_dim_v, h.seqlen_kv) = (192, 128, 300);
-    run_cases(&[a, b, c, d, e, f, g, h]);
+    // A wide head dim (512 on mma.sync): pairs of warps exchange partial scores through
+    // shared memory between two barriers (racecheck's case), over several key tiles.
+    let mut i = b.clone();
+    (i.head_dim, i.head_dim_v) = (512, 512);
+    run_cases(&[a, b, c, d, e, f, g, h, i]);
 }

@@ -72,6 +72,16 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         c.used_kv = Some(vec![555, 90]);
         cases.push(c);
     }
+    // Head dims above 256 (the wide mma.sync tiles, pairs of warps sharing the rows): packed
+    // and paged, with a one-query sequence (the decoding kernel stops at 256 and leaves such
+    // calls to them).
+    for (d, page) in [(512, None), (320, Some(16))] {
+        let mut f = Features::new(4, 2, d, DType::BF16);
+        f.causal = true;
+        let mut c = VarlenCase::new(&[150, 1, 70], &[600, 300, 90], f);
+        c.page_size = page;
+        cases.push(c);
+    }
     // fp32 on TF32 tensor cores over paged keys, in both precisions, one with score modifiers.
     for (precision, d) in [(Fp32Precision::Tf32, 128), (Fp32Precision::Ieee, 64)] {
         let mut f = Features::new(8, 2, d, DType::F32);

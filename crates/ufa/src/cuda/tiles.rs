@@ -4,6 +4,12 @@
 /// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
 pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
 
+/// Head dims above 256 that the mma.sync forward takes in fp16/bf16 (kernels/fwd_sm80.cu:
+/// pairs of warps share the rows, each half of the columns; see [`wide_tile`]). 320 and 384
+/// are there for the head dims between 256 and 512, so that one of 264 does not pay for 512.
+/// The backward, the decoding kernel and fp32 keep 256 as their limit.
+pub(crate) const WIDE_HEAD_DIMS: [usize; 3] = [320, 384, 512];
+
 /// The instantiated head dim whose tiles run a forward of `head_dim`: the smallest one at
 /// least as large, the columns past `head_dim` loaded as zeros and not stored (fwd_sm80.cu).
 /// Rows are copied in 16-byte pieces, so `head_dim` must fill whole pieces (a multiple of 8
@@ -28,6 +34,25 @@ pub(crate) fn mma_tile_head_dim_pair(
     mma_tile_head_dim(head_dim.max(head_dim_v), elem_bytes)
 }
 
+/// The forward's tile head dim for Q/K of `head_dim` and V of `head_dim_v`: that of
+/// [`mma_tile_head_dim_pair`], or for 16-bit pairs whose larger dim passes 256 (up to 512, both
+/// whole 16-byte pieces) the smallest of [`WIDE_HEAD_DIMS`] that holds it.
+pub(crate) fn fwd_tile_head_dim_pair(
+    head_dim: usize,
+    head_dim_v: usize,
+    elem_bytes: usize,
+) -> Option<usize> {
+    let widest = head_dim.max(head_dim_v);
+    if widest <= 256 {
+        return mma_tile_head_dim_pair(head_dim, head_dim_v, elem_bytes);
+    }
+    let pieces = |d: usize| d > 0 && (d * elem_bytes).is_multiple_of(16);
+    if elem_bytes != 2 || !pieces(head_dim) || !pieces(head_dim_v) {
+        return None;
+    }
+    WIDE_HEAD_DIMS.into_iter().find(|&d| d >= widest)
+}
+
 /// Tile sizes of one tensor-core variant; see [`tile_for`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Tile {
@@ -43,10 +68,75 @@ pub(crate) struct Tile {
 }
 
 impl Tile {
-    /// Dynamic shared memory: the Q tile and one K and one V tile, rows padded by 16 bytes.
+    /// Dynamic shared memory: the Q tile and one K and one V tile, rows padded by 16 bytes,
+    /// and for a wide head dim the exchange of partial scores (`TileConfig::kSmemElems`).
     pub fn smem_bytes(&self) -> u32 {
-        (self.block_m + 2 * self.block_n) * (self.head_dim * self.elem_bytes + 16)
+        let rows = (self.block_m + 2 * self.block_n) * (self.head_dim * self.elem_bytes + 16);
+        let exchange = if self.is_wide() {
+            // Each warp's S accumulators (fp32): its m-tiles × block_n keys × 16 rows.
+            let m_tiles = self.block_m / (16 * self.warps / 2);
+            self.warps * m_tiles * self.block_n * 16 * 4
+        } else {
+            0
+        };
+        rows + exchange
     }
+
+    /// Whether two warps share each row, each half of the columns (head dims above 256).
+    pub fn is_wide(&self) -> bool {
+        self.head_dim > 256
+    }
+}
+
+/// The tile of a wide head dim ([`WIDE_HEAD_DIMS`], 16-bit elements): 64 query rows a block,
+/// 8 warps in pairs (4 × 16 rows, two halves of the columns), one block an SM, and 64 keys a
+/// tile where shared memory holds them (Hopper: 232,448 bytes at head dim 512, all there is),
+/// else 32. A warp's half of O at head dim 512 is 128 registers a thread, as at 256's 8 warps.
+/// Measured (H100, bf16, 4 × 4096 × 16 heads, 2026-12-07, `UFA_CUDA_WIDE_TILE`): 64 keys
+/// against 32: d512 216 / 197 TFLOP/s, d384 182 / 170 (40 bytes spilled), d320 184 / 163;
+/// blocks of 32 rows and 4 warps, two an SM, 156 / 146 / 149; 16 keys 120-160. Devices with
+/// less shared memory (sm_86/89, 99 KB) take 32 rows, then 16 keys.
+fn wide_tile(head_dim: usize, max_smem: u32) -> Option<Tile> {
+    let shapes = [
+        (64, 64, 8, 1),
+        (64, 32, 8, 1),
+        (32, 32, 4, 1),
+        (32, 16, 4, 1),
+    ];
+    let overridden = wide_tile_override().map(|[m, n, w, b]| (m, n, w, b));
+    overridden
+        .into_iter()
+        .chain(shapes)
+        .map(|(block_m, block_n, warps, min_blocks)| Tile {
+            head_dim: head_dim as u32,
+            elem_bytes: 2,
+            block_m,
+            block_n,
+            warps,
+            q_in_regs: false,
+            min_blocks,
+        })
+        .find(|t| t.smem_bytes() <= max_smem)
+}
+
+/// Environment variable overriding the wide tiles for tuning experiments:
+/// `block_m,block_n,warps,min_blocks` (warps in pairs, whole 16-row m-tiles, at most two a
+/// warp, whole k-steps of keys), applied where it fits shared memory.
+pub const WIDE_TILE_ENV: &str = "UFA_CUDA_WIDE_TILE";
+
+fn wide_tile_override() -> Option<[u32; 4]> {
+    static OVERRIDE: std::sync::OnceLock<Option<[u32; 4]>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| {
+        let [m, n, w, b] = parse_numbers::<4>(&std::env::var(WIDE_TILE_ENV).ok()?)?;
+        let mt = m.checked_div(16 * (w / 2))?;
+        let ok = w >= 2
+            && w.is_multiple_of(2)
+            && (1..=2).contains(&mt)
+            && m == 16 * (w / 2) * mt
+            && n > 0
+            && n.is_multiple_of(16);
+        ok.then_some([m, n, w, b.max(1)])
+    })
 }
 
 /// Environment variable overriding the tile table for tuning experiments:
@@ -77,6 +167,10 @@ pub(crate) fn tile_for(
     score_mod: bool,
     max_smem: u32,
 ) -> Option<Tile> {
+    if WIDE_HEAD_DIMS.contains(&head_dim) && elem_bytes == 2 {
+        // Not overridden by UFA_CUDA_TILE: its shapes are those of one warp a row.
+        return wide_tile(head_dim, max_smem);
+    }
     if !MMA_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
@@ -343,5 +437,48 @@ mod tests {
                 "head_dim {d}, {bytes} bytes"
             );
         }
+    }
+
+    #[test]
+    fn wide_head_dims_take_the_wide_tiles_in_16_bit_only() {
+        for (d, dv, bytes, want) in [
+            (264, 264, 2, Some(320)),
+            (320, 320, 2, Some(320)),
+            (328, 328, 2, Some(384)),
+            (512, 512, 2, Some(512)),
+            (392, 512, 2, Some(512)),
+            (576, 512, 2, None), // above 512
+            (512, 512, 4, None), // fp32 stays on CUDA cores above 256
+            (300, 300, 2, None), // 600 bytes: not whole 16-byte pieces
+            (512, 100, 2, None), // V's 200 bytes likewise
+            (256, 256, 2, Some(256)),
+            (192, 128, 2, Some(192)),
+        ] {
+            assert_eq!(
+                fwd_tile_head_dim_pair(d, dv, bytes),
+                want,
+                "head dims {d}/{dv}, {bytes} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn wide_tiles_fit_each_device_class() {
+        // sm_90 (227 KB), sm_80 (163 KB) and sm_86/89 (99 KB) a block.
+        for (smem, want_m, want_n) in [(232_448, 64, 64), (166_912, 64, 32), (101_376, 32, 16)] {
+            for d in WIDE_HEAD_DIMS {
+                let t = tile_for(d, 2, false, smem).expect("a wide tile");
+                assert!(t.is_wide() && t.smem_bytes() <= smem, "{t:?}");
+                if d == 512 {
+                    assert_eq!((t.block_m, t.block_n), (want_m, want_n), "{t:?}");
+                }
+            }
+        }
+        // The 512 tile on Hopper: Q 64 rows, K and V 64 rows of 1040 bytes, 32 KB of exchange:
+        // a block's whole shared memory.
+        let t = tile_for(512, 2, false, 232_448).unwrap();
+        assert_eq!(t.smem_bytes(), 192 * 1040 + 32_768);
+        assert_eq!(tile_for(320, 2, false, 166_912).unwrap().block_n, 64);
+        assert!(tile_for(512, 4, false, 232_448).is_none());
     }
 }

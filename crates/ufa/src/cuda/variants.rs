@@ -9,7 +9,7 @@ use super::abi::{ROW_WARPS, SIMPLE_WARPS, STREAM_ROWS};
 use super::decode::DecodeTile;
 use super::sm90::{self, TmaFwdTile, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
-use super::tiles::{mma_tile_head_dim_pair, tile_for, BwdTile, Tile};
+use super::tiles::{fwd_tile_head_dim_pair, tile_for, BwdTile, Tile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::Fp32Precision;
@@ -243,7 +243,7 @@ impl Variant {
             }
         }
         let bytes = dtype.size_in_bytes();
-        let tile = mma_tile_head_dim_pair(p.head_dim, p.head_dim_v, bytes)
+        let tile = fwd_tile_head_dim_pair(p.head_dim, p.head_dim_v, bytes)
             .filter(|_| tensor_cores)
             .and_then(|d| tile_for(d, bytes as u32, score_mod, max_smem));
         match tile {
@@ -633,7 +633,7 @@ impl Variant {
     #[cfg(any(test, feature = "testkit"))]
     pub fn all(max_smem: u32, hopper: bool) -> Vec<Variant> {
         use super::decode::{decode_tile_for, m_tiles_for, DECODE_MAX_ROWS};
-        use super::tiles::{bwd_tile_for, MMA_HEAD_DIMS};
+        use super::tiles::{bwd_tile_for, MMA_HEAD_DIMS, WIDE_HEAD_DIMS};
         let mut v = Vec::new();
         // (score_mod, seqs): plain or general scores, dense batches or sequence metadata.
         let flag_sets = [(false, false), (true, false), (false, true), (true, true)];
@@ -702,7 +702,13 @@ impl Variant {
             (DType::F32, true),
         ];
         for (dtype, tf32) in mma_types {
-            for d in MMA_HEAD_DIMS {
+            // Head dims above 256 in 16-bit types only (tiles.rs, WIDE_HEAD_DIMS).
+            let wide = if dtype == DType::F32 {
+                &[][..]
+            } else {
+                &WIDE_HEAD_DIMS[..]
+            };
+            for d in MMA_HEAD_DIMS.into_iter().chain(wide.iter().copied()) {
                 for (score_mod, seqs) in flag_sets {
                     for dropout in [false, true] {
                         if let Some(tile) =
@@ -1049,6 +1055,32 @@ mod tests {
     }
 
     #[test]
+    fn head_dims_above_256_take_the_wide_mma_tiles() {
+        for hopper in [false, true] {
+            for (d, dv, tile_d) in [
+                (512, 512, 512),
+                (320, 320, 320),
+                (264, 264, 320),
+                (384, 256, 384),
+                (128, 512, 512),
+            ] {
+                match forward_with_v_dim(d, dv, hopper) {
+                    Variant::FwdSm80 { tile, .. } => {
+                        assert_eq!(tile.head_dim, tile_d, "{d}/{dv}");
+                        assert!(tile.is_wide() && tile.smem_bytes() <= 232_448, "{tile:?}");
+                    }
+                    other => panic!("{d}/{dv}: {other:?}"),
+                }
+            }
+            // Rows that are not whole 16-byte pieces keep the CUDA-core kernel.
+            assert!(matches!(
+                forward_with_v_dim(500, 500, hopper),
+                Variant::FwdSimple { .. }
+            ));
+        }
+    }
+
+    #[test]
     fn different_qk_and_v_head_dims_take_the_warp_specialised_forward_on_hopper() {
         // Each operand on its own wgmma tile width; the keys a tile follow V's width and the
         // shared memory the two rings take.
@@ -1112,7 +1144,8 @@ mod tests {
         // paged), and the warp-specialised one for dense batches (4 tile widths and MLA's
         // 192/128 with every flag, 4 head dims between the tiles plain, d64's long-problem
         // tile); sm_80 forward (f16, bf16,
-        // fp32 and its TF32 mode) 4 × 7 × 4; decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
+        // fp32 and its TF32 mode) 4 × 7 × 4, and the wide head dims (f16, bf16) 2 × 3 × 4;
+        // decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4,
         // and on wgmma 2 × (3 + 1 + 1 tiles) × 2; every prefill and backward one with and
         // without dropout; 4 row, 2 append and 1 merge kernels.
@@ -1121,6 +1154,7 @@ mod tests {
             2 * 4 * 6 * 2
                 + 2 * (5 * 2 * 2 + 4 + 1)
                 + 4 * 7 * 4 * 2
+                + 2 * 3 * 4 * 2
                 + 2 * 11 * 6
                 + 1
                 + 9
