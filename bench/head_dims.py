@@ -12,11 +12,12 @@ the backward alone: one forward, then `out.backward(dout, retain_graph=True)` ag
 ufa's output and gradients are checked against PyTorch's math backend in float64 on the first
 batch entry and head, so a fast wrong answer cannot pass. Writes head_dims_<date>_<card>.{md,csv}.
 
-Head dims above 256 (320, 384, 512: the mma.sync forward's wide tiles) are compared with 256;
-their backward is not timed (it runs on CUDA cores, issue #22), so their gradients are not
-checked either. `--dims 256,320,512` keeps the shapes whose head dim is listed.
+Head dims above 256 (320, 384, 512: the mma.sync kernels' wide tiles) are compared with 256.
+`--dims 256,320,512` keeps the shapes whose head dim is listed; `--forward-only` skips the
+backward (its time and its gradients' check).
 
 Usage: python3 bench/head_dims.py [--out DIR] [--iters N] [--seqlen S] [--dims D,...]
+                                 [--forward-only]
 """
 
 import argparse
@@ -62,6 +63,7 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--dims", default="", help="head dims to run (comma-separated; all if empty)")
+    ap.add_argument("--forward-only", action="store_true", help="time and check the forward alone")
     args = ap.parse_args()
     keep = {int(x) for x in args.dims.split(",") if x}
     card = torch.cuda.get_device_name()
@@ -74,7 +76,7 @@ def main():
     for d, dv, what, near in SHAPES:
         if keep and d not in keep:
             continue
-        backward = what != "wide"
+        backward = not args.forward_only
         torch.manual_seed(0)
         q, k = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         v = torch.randn(b, s, h, dv, device="cuda", dtype=torch.bfloat16)
@@ -109,7 +111,9 @@ def main():
     write_csv(base + ".csv", rows)
     with open(base + ".md", "w") as fh:
         fh.write(f"# Padded and unequal head dims, {card}, bf16\n\n"
-                 f"Command: `python3 bench/head_dims.py --iters {args.iters} --seqlen {s}`; "
+                 f"Command: `python3 bench/head_dims.py --iters {args.iters} --seqlen {s}"
+                 f"{' --dims ' + args.dims if args.dims else ''}"
+                 f"{' --forward-only' if args.forward_only else ''}`; "
                  f"torch {torch.__version__}; batch {b}, {h} heads, seqlen {s}. TFLOP/s with "
                  "the two head dims counted apart (forward 2·B·H·S²·(d + d_v), halved when "
                  "causal; backward 2.5 times that), median of the iterations; `sdpa` is "

@@ -42,9 +42,11 @@ __device__ __forceinline__ float* accum_rows(const BwdParams& bp, const Seq& s, 
 // same query block's turn at the start). Deterministic mode launches the key blocks in
 // descending order (see bwd_sm80.cu): with the descending turns, a block then only ever waits
 // for one launched before it.
+// `half`: which half of the gradients' columns the block computes (head dims above 256 split
+// them between the key blocks of grid rows y and y + heads_kv; 0 otherwise).
 struct KeyBlock {
     Seq s;
-    int b, hk, n_block, n0, m_first, m_count, total, first;
+    int b, hk, half, n_block, n0, m_first, m_count, total, first;
     const uint16_t *k, *v;
 
     // The item of step `it`, its query head head_at(it) and query block m_block_at(it).
@@ -64,7 +66,9 @@ __device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, 
     const FwdParams& p = bp.f;
     KeyBlock w;
     w.n_block = bp.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    w.hk = blockIdx.y;
+    const int heads_kv = p.heads_q / p.group;
+    w.hk = blockIdx.y % heads_kv;
+    w.half = blockIdx.y / heads_kv;
     w.b = blockIdx.z;
     w.s = seq_for<SEQS>(p, w.b);
     w.n0 = w.n_block * block_n;
@@ -92,21 +96,27 @@ __device__ __forceinline__ KeyBlock key_block(const BwdParams& bp, int block_m, 
 // whose walk starts at or last before the item (`lead`, the largest rank r with
 // first(r) = floor(r total / n) <= item), then the ranks below it, then from the last rank
 // down. A block waits only for blocks that reached the item at an earlier step of their walk
-// (or at the same step and are of higher rank), so the waits form no cycle.
+// (or at the same step and are of higher rank), so the waits form no cycle. The second half
+// of a wide head dim's columns (w.half, grid rows launched after the first half's) takes its
+// turns after every block of the first half has added: its turns count on from theirs.
 __device__ __forceinline__ int32_t* dq_turn(const BwdParams& bp, const KeyBlock& w, int it,
                                             int m0, int m_last, int block_n, int& my_turn) {
     if (!bp.deterministic) return nullptr;
     const int h = w.head_at(it, bp.f.group);
+    int blocks;  // key blocks that add into this query block
     if (bp.deterministic == DQ_ROTATED) {
         const int n = gridDim.x;
         const int lead = (int)(((int64_t)(w.item(it) + 1) * n - 1) / w.total);
         my_turn = lead - (int)blockIdx.x;
         if (my_turn < 0) my_turn += n;
+        blocks = n;
     } else {
         int key_lo, key_hi;
         band_of_rows(bp.f, w.s, m0, m_last, key_lo, key_hi);
         my_turn = (key_hi - 1) / block_n - w.n_block;
+        blocks = (key_hi - 1) / block_n - key_lo / block_n + 1;
     }
+    my_turn += w.half * blocks;
     return bp.order + ((int64_t)w.b * bp.f.heads_q + h) * bp.num_m_blocks + w.m_block_at(it);
 }
 

@@ -25,10 +25,19 @@
 #include "dropout.cuh"
 
 // ELEM_UNITS: 16-bit units an element takes (2 for fp32), which shared memory is counted in.
+//
+// Head dims above 256 split the gradients' columns in two halves, one a key block (the grid
+// has twice the KV heads' rows, KeyBlock::half): dK and dV of a 512-wide head would not fit a
+// block's registers. Each block computes Sᵀ and dPᵀ over the whole head dim (they need every
+// column) and dK, dV and its share of dQ over its half: 7 products' work for the 5 of one
+// block, a price the tensor cores pay easily against the CUDA-core kernel it replaces.
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int STAGES, int WN1, int WN2, int WQ3,
           int ELEM_UNITS = 1>
 struct BwdTileConfig {
     static constexpr int kHeadDim = HEAD_DIM;
+    static constexpr int kHalves = HEAD_DIM > 256 ? 2 : 1;
+    static constexpr int kSpan = HEAD_DIM / kHalves;  // the gradients' columns of a block
+    static_assert(kHalves == 1 || ELEM_UNITS == 1, "wide head dims: 16-bit elements");
     static constexpr int kBlockM = BLOCK_M;
     static constexpr int kBlockN = BLOCK_N;
     static constexpr int kThreads = WARPS * 32;
@@ -47,17 +56,17 @@ struct BwdTileConfig {
     static constexpr int kCols1 = BLOCK_M / (WARPS / WN1);
     // Phase 2, dK and dV [BLOCK_N x HEAD_DIM]: WN2 x (WARPS / WN2).
     static constexpr int kMT2 = BLOCK_N / WN2 / 16;
-    static constexpr int kCols2 = HEAD_DIM / (WARPS / WN2);
+    static constexpr int kCols2 = kSpan / (WARPS / WN2);
     // Phase 3, dQ [BLOCK_M x HEAD_DIM]: WQ3 x (WARPS / WQ3).
     static constexpr int kMT3 = BLOCK_M / WQ3 / 16;
-    static constexpr int kCols3 = HEAD_DIM / (WARPS / WQ3);
+    static constexpr int kCols3 = kSpan / (WARPS / WQ3);
     static_assert(WARPS % WN1 == 0 && WARPS % WN2 == 0 && WARPS % WQ3 == 0, "warp grids");
     static_assert(kMT1 * WN1 * 16 == BLOCK_N && kMT2 * WN2 * 16 == BLOCK_N &&
                       kMT3 * WQ3 * 16 == BLOCK_M && kMT1 > 0 && kMT2 > 0 && kMT3 > 0,
                   "warp rows are whole m-tiles");
     static_assert(kCols1 % 16 == 0 && kCols2 % 16 == 0 && kCols3 % 16 == 0 &&
-                      kCols1 * (WARPS / WN1) == BLOCK_M && kCols2 * (WARPS / WN2) == HEAD_DIM &&
-                      kCols3 * (WARPS / WQ3) == HEAD_DIM,
+                      kCols1 * (WARPS / WN1) == BLOCK_M && kCols2 * (WARPS / WN2) == kSpan &&
+                      kCols3 * (WARPS / WQ3) == kSpan,
                   "warp columns are pairs of n8 tiles");
     static_assert(STAGES == 1 || STAGES == 2, "one or two Q/dO buffers");
     static_assert(BLOCK_M / 2 <= kThreads, "the LSE and D loads take a thread per 16 bytes");
@@ -108,8 +117,10 @@ __device__ __forceinline__ void bwd_sm80(const BwdParams& bp) {
     constexpr int W2 = Cfg::kThreads / 32 / (Cfg::kBlockN / Cfg::kMT2 / 16);
     constexpr int W3 = Cfg::kThreads / 32 / (Cfg::kBlockM / Cfg::kMT3 / 16);
     const int kr1 = (warp / W1) * Cfg::kMT1 * 16, qc1 = (warp % W1) * Cfg::kCols1;
-    const int kr2 = (warp / W2) * Cfg::kMT2 * 16, dc2 = (warp % W2) * Cfg::kCols2;
-    const int qr3 = (warp / W3) * Cfg::kMT3 * 16, dc3 = (warp % W3) * Cfg::kCols3;
+    // Gradient columns start at the block's half (wide head dims; 0 otherwise).
+    const int half0 = w.half * Cfg::kSpan;
+    const int kr2 = (warp / W2) * Cfg::kMT2 * 16, dc2 = half0 + (warp % W2) * Cfg::kCols2;
+    const int qr3 = (warp / W3) * Cfg::kMT3 * 16, dc3 = half0 + (warp % W3) * Cfg::kCols3;
 
     constexpr int MT1 = Cfg::kMT1, MT2 = Cfg::kMT2, MT3 = Cfg::kMT3;
     constexpr int NT1 = Cfg::kCols1 / 8;

@@ -132,6 +132,36 @@ fn padded_and_unequal_head_dims_backward_take_the_tensor_cores() {
     );
 }
 
+/// Head dims above 256 (to 512, 16-bit): the mma.sync backward with two key blocks a key range,
+/// each half of the gradients' columns, against the reference, every other case deterministic
+/// (the second half's dQ turns count on from the first's); none on the CUDA-core row kernels.
+#[test]
+fn wide_head_dims_backward_take_the_tensor_cores() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let mut cases = ufa_testkit::wide_head_dim_cases();
+    for (i, c) in cases.iter_mut().enumerate() {
+        c.deterministic = i % 2 == 0;
+    }
+    run_suite_in(
+        &ctx,
+        &cases,
+        |ctx, c, seed| check_grads_cuda(ctx, c, seed, 0),
+        GradComparison::passed,
+        GradComparison::summary,
+    );
+    let kernels = loaded_kernels(&ctx);
+    assert!(
+        ["d320", "d384", "d512"].iter().all(|tile| kernels
+            .iter()
+            .any(|k| k.starts_with("ufa_bwd_sm80_") && k.contains(&format!("_{tile}_"))))
+            && !kernels.iter().any(|k| k.starts_with("ufa_bwd_rows")),
+        "{kernels:?}"
+    );
+}
+
 /// The forward suite's features and layouts, every other case in deterministic mode.
 #[test]
 fn features_and_layouts_backward_match_the_reference() {
@@ -167,6 +197,9 @@ fn deterministic_backward_is_bitwise_reproducible() {
         (64, false),
         (256, false),
         (256, true),
+        // Two key blocks a key range (each half of the columns): turns in both orders.
+        (512, false),
+        (512, true),
     ] {
         let mut c = Case::new(2, 1024, 1024, 8, d, DType::BF16);
         c.heads_kv = 2;
@@ -234,7 +267,11 @@ fn sanitizer_backward_case() {
     h.deterministic = true;
     let mut i = a.clone();
     (i.head_dim, i.head_dim_v) = (80, 80);
-    run_grad_cases(&[a, b, c, d, e, f, g, h, i]);
+    // A wide head dim (512): two key blocks a key range, each half of the columns, in
+    // deterministic mode with score modifiers.
+    let mut j = b.clone();
+    (j.head_dim, j.head_dim_v) = (512, 512);
+    run_grad_cases(&[a, b, c, d, e, f, g, h, i, j]);
 }
 
 /// NaN and ±inf planted in q, k, v, an additive mask, ALiBi slopes or dO reach exactly the

@@ -136,7 +136,13 @@ fn varlen_forward_matches_the_reference() {
 #[test]
 fn varlen_backward_matches_the_reference() {
     let mut cases = varlen_grad_cases();
-    for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (96, DType::BF16)] {
+    // 512: the wide backward, two key blocks a key range (each half of the columns).
+    for (d, dtype) in [
+        (64, DType::BF16),
+        (128, DType::F16),
+        (96, DType::BF16),
+        (512, DType::BF16),
+    ] {
         for deterministic in [false, true] {
             let mut f = Features::new(8, 2, d, dtype);
             f.causal = true;

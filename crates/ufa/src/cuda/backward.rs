@@ -7,7 +7,7 @@
 
 use super::abi::{BwdParams, DqOrder, FwdParams, SEQLEN_Q_PAD};
 use super::params::{bsh, dtype_kind};
-use super::tiles::{bwd_tile_for, mma_tile_head_dim_pair};
+use super::tiles::{bwd_column_halves, bwd_tile_for, fwd_tile_head_dim_pair};
 use super::variants::{
     grid, has_sequence_metadata, operands_aligned16, query_and_key_dims, rounds_to_tf32, RowKernel,
     Variant,
@@ -80,7 +80,7 @@ impl Plan {
         }
         let bytes = dtype.size_in_bytes();
         let eights = f.head_dim.is_multiple_of(8) && f.head_dim_v.is_multiple_of(8);
-        let tile = mma_tile_head_dim_pair(f.head_dim, f.head_dim_v, bytes)
+        let tile = fwd_tile_head_dim_pair(f.head_dim, f.head_dim_v, bytes)
             .filter(|_| tensor_cores && eights)
             .and_then(|d| bwd_tile_for(d, bytes as u32, max_smem));
         match tile {
@@ -311,9 +311,20 @@ pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> 
     let mut v = vec![rows(RowKernel::Preprocess, padded, f.heads_q)?];
     match plan {
         Plan::Mma(variant) => {
+            // A wide head dim's key blocks come in two, each half of the columns (grid rows
+            // heads_kv apart, the second half's launched after the first's).
+            let halves = match variant {
+                Variant::BwdSm80 { tile, .. } => bwd_column_halves(tile) as usize,
+                _ => 1,
+            };
             v.push(Launch {
                 variant: *variant,
-                grid: grid(f.seqlen_kv, variant.rows_per_block(), f.heads_kv, f.batch)?,
+                grid: grid(
+                    f.seqlen_kv,
+                    variant.rows_per_block(),
+                    f.heads_kv * halves,
+                    f.batch,
+                )?,
             });
             v.push(rows(RowKernel::ConvertDq, f.seqlen_q, f.heads_q)?);
         }
@@ -406,6 +417,27 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn wide_head_dims_take_two_key_blocks_a_key_range() {
+        let params = AttentionParams::default();
+        for (d, hopper) in [(512, true), (320, false), (264, true)] {
+            with_problem::<bf16, bf16>((2, 300, 1000, 8, 2, d), &params, |p| {
+                let plan = Plan::select_with(p, 232_448, hopper, true);
+                let Plan::Mma(Variant::BwdSm80 { tile, .. }) = plan else {
+                    panic!("bf16 d{d} takes the wide mma.sync backward: {plan:?}");
+                };
+                assert!(tile.head_dim > 256 && tile.is_valid(), "{tile:?}");
+                // Grid rows: the KV heads' first halves of the columns, then their second.
+                let l = launches(p, &plan).unwrap();
+                assert_eq!(l[1].grid, (1000u32.div_ceil(tile.block_n), 2 * 2, 2));
+            });
+        }
+        // fp32 above 256 keeps the CUDA-core row kernels.
+        with_problem::<f32, f32>((1, 30, 40, 2, 2, 512), &params, |p| {
+            assert!(matches!(Plan::select(p, 232_448, true), Plan::Rows));
+        });
     }
 
     #[test]

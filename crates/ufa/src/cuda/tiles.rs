@@ -288,7 +288,14 @@ impl BwdTile {
 
     /// Whether the kernel template's static_asserts accept this shape.
     pub fn is_valid(&self) -> bool {
-        let (m, n, w, d) = (self.block_m, self.block_n, self.warps, self.head_dim);
+        // A wide head dim's block computes half of the gradients' columns (bwd_sm80.cu).
+        let halves = if self.head_dim > 256 { 2 } else { 1 };
+        let (m, n, w, d) = (
+            self.block_m,
+            self.block_n,
+            self.warps,
+            self.head_dim / halves,
+        );
         // (rows of the output, columns, warp rows of its grid) per phase.
         let grids = [
             (n, m, self.grid_rows[0]),
@@ -330,6 +337,9 @@ pub const BWD_TILE_ENV: &str = "UFA_CUDA_BWD_TILE";
 /// block up to head_dim 64, 64 keys up to 160 (one Q/dO stage from 128 on), 32 keys above
 /// (dK and dV of 64 keys would take 128 registers a thread at head_dim 256).
 pub(crate) fn bwd_tile_for(head_dim: usize, elem_bytes: u32, max_smem: u32) -> Option<BwdTile> {
+    if WIDE_HEAD_DIMS.contains(&head_dim) && elem_bytes == 2 {
+        return wide_bwd_tile(head_dim, max_smem);
+    }
     if !MMA_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
@@ -391,6 +401,37 @@ pub(crate) fn bwd_tile_for(head_dim: usize, elem_bytes: u32, max_smem: u32) -> O
         tile = with_grid(tile)?;
     }
     Some(tile)
+}
+
+/// The backward tile of a wide head dim ([`WIDE_HEAD_DIMS`], 16-bit): each block takes half of
+/// the gradients' columns (two blocks a key block, kernels/bwd_sm80.cu), so its dK, dV and dQ
+/// registers are those of head dim 256's tiles, while K, V, Q and dO rows stay whole (Sᵀ and
+/// dPᵀ sum over every column). 32 keys and 64 query rows a step on 8 warps, one Q/dO stage:
+/// 209 KB of shared memory at 512; 4 warps where 8 cannot split the columns into whole n8
+/// pairs (320's halves of 160), and 32 rows where a block has less (sm_80's 163 KB at 512).
+fn wide_bwd_tile(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
+    [(64, 8), (64, 4), (32, 4)]
+        .into_iter()
+        .map(|(block_m, warps)| BwdTile {
+            head_dim: head_dim as u32,
+            elem_bytes: 2,
+            block_m,
+            block_n: 32,
+            warps,
+            stages: 1,
+            grid_rows: [2, 2, 2],
+            min_blocks: 1,
+        })
+        .find(|t| t.is_valid() && t.smem_bytes() <= max_smem)
+}
+
+/// Blocks a key block of `tile` takes: two for a wide head dim (each half of the columns).
+pub(crate) fn bwd_column_halves(tile: &BwdTile) -> u32 {
+    if tile.head_dim > 256 {
+        2
+    } else {
+        1
+    }
 }
 
 fn bwd_tile_override() -> Option<BwdTile> {
@@ -460,6 +501,32 @@ mod tests {
                 "head dims {d}/{dv}, {bytes} bytes"
             );
         }
+    }
+
+    #[test]
+    fn wide_backward_tiles_take_half_the_columns_and_fit() {
+        for smem in [232_448, 166_912] {
+            for d in WIDE_HEAD_DIMS {
+                let t = bwd_tile_for(d, 2, smem).expect("a wide backward tile");
+                assert!(t.is_valid() && t.smem_bytes() <= smem, "{t:?}");
+                assert_eq!(bwd_column_halves(&t), 2, "{t:?}");
+            }
+        }
+        let shape = |d, smem| {
+            let t = bwd_tile_for(d, 2, smem).unwrap();
+            (t.block_m, t.warps)
+        };
+        assert_eq!(shape(512, 232_448), (64, 8));
+        assert_eq!(shape(384, 232_448), (64, 8));
+        assert_eq!(shape(320, 232_448), (64, 4));
+        assert_eq!(shape(512, 166_912), (32, 4));
+        // sm_86/89 (99 KB): 512's rows alone outgrow it; fp32 stays off.
+        assert!(bwd_tile_for(512, 2, 101_376).is_none());
+        assert!(bwd_tile_for(512, 4, 232_448).is_none());
+        assert_eq!(
+            bwd_column_halves(&bwd_tile_for(256, 2, 232_448).unwrap()),
+            1
+        );
     }
 
     #[test]

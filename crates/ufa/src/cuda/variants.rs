@@ -754,7 +754,13 @@ impl Variant {
             }
         }
         for (dtype, tf32) in mma_types {
-            for d in MMA_HEAD_DIMS {
+            // Head dims above 256 in 16-bit types, as the forward's.
+            let wide = if dtype == DType::F32 {
+                &[][..]
+            } else {
+                &WIDE_HEAD_DIMS[..]
+            };
+            for d in MMA_HEAD_DIMS.into_iter().chain(wide.iter().copied()) {
                 for (score_mod, seqs) in flag_sets {
                     for dropout in [false, true] {
                         if let Some(tile) = bwd_tile_for(d, dtype.size_in_bytes() as u32, max_smem)
@@ -1146,8 +1152,8 @@ mod tests {
         // tile); sm_80 forward (f16, bf16,
         // fp32 and its TF32 mode) 4 × 7 × 4, and the wide head dims (f16, bf16) 2 × 3 × 4;
         // decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
-        // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4,
-        // and on wgmma 2 × (3 + 1 + 1 tiles) × 2; every prefill and backward one with and
+        // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4
+        // and 2 × 3 × 4, and on wgmma 2 × (3 + 1 + 1 tiles) × 2; every prefill and backward one with and
         // without dropout; 4 row, 2 append and 1 merge kernels.
         assert_eq!(
             all.len(),
@@ -1159,6 +1165,7 @@ mod tests {
                 + 1
                 + 9
                 + 4 * 7 * 4 * 2
+                + 2 * 3 * 4 * 2
                 + 2 * 5 * 2 * 2
                 + 4
                 + 2
