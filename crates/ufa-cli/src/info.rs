@@ -50,5 +50,9 @@ pub fn run(opts: &ComputeOpts) -> ufa::Result<ExitCode> {
         Ok(_) => println!("cuda:           no devices found"),
         Err(why) => println!("cuda:           unavailable ({why})"),
     }
+    println!(
+        "cuda kernels:   tensor cores for {}",
+        ufa::tensor_core_coverage()
+    );
     Ok(ExitCode::SUCCESS)
 }

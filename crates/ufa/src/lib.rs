@@ -49,6 +49,7 @@ pub use context::{kvcache_workspace_bytes, Context, ContextBuilder, CPU_ISA_ENV,
 pub use cpu::{
     amx, cpu_features, last_level_cache, rates, Amx, Isa, Rates, AMX_BY_DEFAULT, BF16_DOT_MIN_RATIO,
 };
+pub use cuda::tensor_core_coverage;
 pub use device::Device;
 pub use dropout::Dropout;
 pub use dtype::{DType, Element};

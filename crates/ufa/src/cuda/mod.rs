@@ -30,6 +30,8 @@ pub use driver::{release_scratch, synchronize, time_ms, DeviceBuffer};
 pub use nvrtc::NVRTC_PATH_ENV;
 #[cfg(feature = "testkit")]
 pub use sm90::{off_tile_enabled, tma_fwd_enabled};
+// What runs on tensor cores, in words (`ufa info`).
+pub use tiles::tensor_core_coverage;
 
 pub(crate) use decode::workspace_bound as decode_workspace_bound;
 

@@ -53,6 +53,29 @@ pub(crate) fn fwd_tile_head_dim_pair(
     WIDE_HEAD_DIMS.into_iter().find(|&d| d >= widest)
 }
 
+/// What runs on NVIDIA tensor cores and what does not, in words, from the tile tables here and
+/// in sm90.rs (`ufa info` prints it; the README's feature table says the same with numbers).
+pub fn tensor_core_coverage() -> String {
+    let list = |dims: &[usize]| {
+        dims.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    format!(
+        "fp16/bf16 head dims that are multiples of 8 up to {wide_max} (Hopper: wgmma at up to \
+         256, tiles {wgmma}; mma.sync tiles {mma} and, above 256, {wide}, in both passes); \
+         fp32 head dims that are multiples of 4 up to 256 on TF32 mma.sync (three TF32 \
+         products a product, or one with the TF32 precision); other head dims (fp32 above \
+         256, rows not of whole 16-byte pieces) and an output dtype other than the input's \
+         on CUDA cores; decoding's split-key kernel up to 256",
+        wide_max = WIDE_HEAD_DIMS[WIDE_HEAD_DIMS.len() - 1],
+        wgmma = list(&super::sm90::WGMMA_HEAD_DIMS),
+        mma = list(&MMA_HEAD_DIMS),
+        wide = list(&WIDE_HEAD_DIMS),
+    )
+}
+
 /// Tile sizes of one tensor-core variant; see [`tile_for`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Tile {
@@ -501,6 +524,16 @@ mod tests {
                 "head dims {d}/{dv}, {bytes} bytes"
             );
         }
+    }
+
+    #[test]
+    fn coverage_names_the_tables_limits() {
+        let c = tensor_core_coverage();
+        assert!(c.contains("up to 512") && c.contains("320/384/512"), "{c}");
+        assert!(
+            c.contains("32/64/96/128/160/192/256") && c.contains("64/128/192/256"),
+            "{c}"
+        );
     }
 
     #[test]
