@@ -80,6 +80,21 @@ fn fp32_backward_takes_the_tensor_core_kernel() {
     );
 }
 
+/// Runs the cases' gradients on `ctx` against the reference, every other case (those of index
+/// parity `parity`) in deterministic mode.
+fn run_grads_every_other_deterministic(ctx: &Context, cases: &mut [Case], parity: usize) {
+    for (i, c) in cases.iter_mut().enumerate() {
+        c.deterministic = i % 2 == parity;
+    }
+    run_suite_in(
+        ctx,
+        cases,
+        |ctx, c, seed| check_grads_cuda(ctx, c, seed, 0),
+        GradComparison::passed,
+        GradComparison::summary,
+    );
+}
+
 /// Head dims between the tensor-core tiles and Q/K and V of different head dims (MLA's 192
 /// and 128) against the reference, every other case deterministic; the 16-bit ones, and fp32
 /// head dims that are multiples of 8, come from the tensor-core kernel (on the tile of the
@@ -96,16 +111,7 @@ fn padded_and_unequal_head_dims_backward_take_the_tensor_cores() {
             .into_iter()
             .filter(|c| c.dtype != DType::F32),
     );
-    for (i, c) in cases.iter_mut().enumerate() {
-        c.deterministic = i % 2 == 1;
-    }
-    run_suite_in(
-        &ctx,
-        &cases,
-        |ctx, c, seed| check_grads_cuda(ctx, c, seed, 0),
-        GradComparison::passed,
-        GradComparison::summary,
-    );
+    run_grads_every_other_deterministic(&ctx, &mut cases, 1);
     let kernels = loaded_kernels(&ctx);
     // MLA's 192/128 on Hopper with off-tile head dims on (UFA_CUDA_OFF_TILE): the wgmma
     // backward's d256 tile (both zero-padded); elsewhere mma.sync's d192.
@@ -142,16 +148,7 @@ fn wide_head_dims_backward_take_the_tensor_cores() {
         return;
     }
     let mut cases = ufa_testkit::wide_head_dim_cases();
-    for (i, c) in cases.iter_mut().enumerate() {
-        c.deterministic = i % 2 == 0;
-    }
-    run_suite_in(
-        &ctx,
-        &cases,
-        |ctx, c, seed| check_grads_cuda(ctx, c, seed, 0),
-        GradComparison::passed,
-        GradComparison::summary,
-    );
+    run_grads_every_other_deterministic(&ctx, &mut cases, 0);
     let kernels = loaded_kernels(&ctx);
     assert!(
         ["d320", "d384", "d512"].iter().all(|tile| kernels
