@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--forward-only", action="store_true", help="time and check the forward alone")
     args = ap.parse_args()
     keep = {int(x) for x in args.dims.split(",") if x}
+    backward = not args.forward_only
     card = torch.cuda.get_device_name()
     b, h, s = 4, 16, args.seqlen
     print(f"card {card}, torch {torch.__version__}, bf16, batch {b}, heads {h}, seqlen {s}")
@@ -76,7 +77,6 @@ def main():
     for d, dv, what, near in SHAPES:
         if keep and d not in keep:
             continue
-        backward = not args.forward_only
         torch.manual_seed(0)
         q, k = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         v = torch.randn(b, s, h, dv, device="cuda", dtype=torch.bfloat16)

@@ -7,7 +7,7 @@
 
 use super::abi::{BwdParams, DqOrder, FwdParams, SEQLEN_Q_PAD};
 use super::params::{bsh, dtype_kind};
-use super::tiles::{bwd_column_halves, bwd_tile_for, fwd_tile_head_dim_pair};
+use super::tiles::{bwd_tile_for, mma_tile_head_dim_pair};
 use super::variants::{
     grid, has_sequence_metadata, operands_aligned16, query_and_key_dims, rounds_to_tf32, RowKernel,
     Variant,
@@ -80,7 +80,7 @@ impl Plan {
         }
         let bytes = dtype.size_in_bytes();
         let eights = f.head_dim.is_multiple_of(8) && f.head_dim_v.is_multiple_of(8);
-        let tile = fwd_tile_head_dim_pair(f.head_dim, f.head_dim_v, bytes)
+        let tile = mma_tile_head_dim_pair(f.head_dim, f.head_dim_v, bytes)
             .filter(|_| tensor_cores && eights)
             .and_then(|d| bwd_tile_for(d, bytes as u32, max_smem));
         match tile {
@@ -314,7 +314,7 @@ pub(crate) fn launches(p: &BackwardProblem, plan: &Plan) -> Result<Vec<Launch>> 
             // A wide head dim's key blocks come in two, each half of the columns (grid rows
             // heads_kv apart, the second half's launched after the first's).
             let halves = match variant {
-                Variant::BwdSm80 { tile, .. } => bwd_column_halves(tile) as usize,
+                Variant::BwdSm80 { tile, .. } => tile.column_halves() as usize,
                 _ => 1,
             };
             v.push(Launch {

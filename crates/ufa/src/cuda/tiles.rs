@@ -4,53 +4,70 @@
 /// Head dims the tensor-core kernel is instantiated for (head_dim_v must match).
 pub(crate) const MMA_HEAD_DIMS: [usize; 7] = [32, 64, 96, 128, 160, 192, 256];
 
-/// Head dims above 256 that the mma.sync forward takes in fp16/bf16 (kernels/fwd_sm80.cu:
-/// pairs of warps share the rows, each half of the columns; see [`wide_tile`]). 320 and 384
-/// are there for the head dims between 256 and 512, so that one of 264 does not pay for 512.
-/// The backward, the decoding kernel and fp32 keep 256 as their limit.
+/// Head dims above 256 that the mma.sync kernels take in fp16/bf16 (kernels/fwd_sm80.cu:
+/// pairs of warps share the rows, each half of the columns, see [`wide_tile`]; bwd_sm80.cu:
+/// two blocks a key range, each half of the gradients' columns, see [`wide_bwd_tile`]). 320
+/// and 384 are there for the head dims between 256 and 512, so that one of 264 does not pay
+/// for 512. The decoding kernel and fp32 keep 256 as their limit.
 pub(crate) const WIDE_HEAD_DIMS: [usize; 3] = [320, 384, 512];
 
-/// The instantiated head dim whose tiles run a forward of `head_dim`: the smallest one at
-/// least as large, the columns past `head_dim` loaded as zeros and not stored (fwd_sm80.cu).
-/// Rows are copied in 16-byte pieces, so `head_dim` must fill whole pieces (a multiple of 8
-/// 16-bit or 4 fp32 elements); other head dims, and those above 256, take the CUDA-core
-/// kernel. The padding costs compute, not memory traffic: head_dim 80 runs the 96 tile.
+/// The widest tile one warp (forward) or one block (backward) spans whole; the kernel
+/// templates split wider ones in two halves of the columns by the same rule
+/// (`HEAD_DIM > 256` in `TileConfig` and `BwdTileConfig`).
+const WHOLE_TILE_MAX: u32 = 256;
+
+/// Halves of the columns a tile of `head_dim` is split in: 2 for the wide tiles, else 1.
+fn column_halves(head_dim: u32) -> u32 {
+    if head_dim > WHOLE_TILE_MAX {
+        2
+    } else {
+        1
+    }
+}
+
+/// The tile head dims of the mma.sync kernels for elements of `elem_bytes`, ascending: the
+/// wide ones in 16-bit types only.
+pub(crate) fn mma_head_dims(elem_bytes: usize) -> impl Iterator<Item = usize> {
+    let wide: &[usize] = if elem_bytes == 2 {
+        &WIDE_HEAD_DIMS
+    } else {
+        &[]
+    };
+    MMA_HEAD_DIMS.into_iter().chain(wide.iter().copied())
+}
+
+/// Whether a row of `head_dim` elements of `elem_bytes` is whole 16-byte pieces, which the
+/// tensor-core kernels copy rows in (a multiple of 8 16-bit or 4 fp32 elements).
+fn whole_pieces(head_dim: usize, elem_bytes: usize) -> bool {
+    head_dim > 0 && (head_dim * elem_bytes).is_multiple_of(16)
+}
+
+/// The instantiated head dim whose tiles run a forward of `head_dim` up to 256 (the decoding
+/// kernel's tiles): the smallest one at least as large, the columns past `head_dim` loaded as
+/// zeros and not stored (fwd_sm80.cu). `head_dim` must fill whole 16-byte pieces; other head
+/// dims, and those above 256, take other kernels. The padding costs compute, not memory
+/// traffic: head_dim 80 runs the 96 tile.
 pub(crate) fn mma_tile_head_dim(head_dim: usize, elem_bytes: usize) -> Option<usize> {
-    if head_dim == 0 || !(head_dim * elem_bytes).is_multiple_of(16) {
+    if !whole_pieces(head_dim, elem_bytes) {
         return None;
     }
     MMA_HEAD_DIMS.into_iter().find(|&d| d >= head_dim)
 }
 
-/// The instantiated head dim whose mma.sync tiles run Q/K of `head_dim` and V of `head_dim_v`:
-/// that of the larger one ([`mma_tile_head_dim`]), the other's rows zero-padded up to it too
-/// (MLA's 192/128 runs on the 192 tile), so both must fill whole 16-byte pieces.
+/// The instantiated head dim whose mma.sync tiles run Q/K of `head_dim` and V of `head_dim_v`,
+/// forward and backward: the smallest of [`mma_head_dims`] that holds the larger one, the
+/// other's rows zero-padded up to it too (MLA's 192/128 runs on the 192 tile, 16-bit 264 on
+/// 320), so both must fill whole 16-byte pieces.
 pub(crate) fn mma_tile_head_dim_pair(
     head_dim: usize,
     head_dim_v: usize,
     elem_bytes: usize,
 ) -> Option<usize> {
-    mma_tile_head_dim(head_dim.min(head_dim_v), elem_bytes)?;
-    mma_tile_head_dim(head_dim.max(head_dim_v), elem_bytes)
-}
-
-/// The forward's tile head dim for Q/K of `head_dim` and V of `head_dim_v`: that of
-/// [`mma_tile_head_dim_pair`], or for 16-bit pairs whose larger dim passes 256 (up to 512, both
-/// whole 16-byte pieces) the smallest of [`WIDE_HEAD_DIMS`] that holds it.
-pub(crate) fn fwd_tile_head_dim_pair(
-    head_dim: usize,
-    head_dim_v: usize,
-    elem_bytes: usize,
-) -> Option<usize> {
-    let widest = head_dim.max(head_dim_v);
-    if widest <= 256 {
-        return mma_tile_head_dim_pair(head_dim, head_dim_v, elem_bytes);
-    }
-    let pieces = |d: usize| d > 0 && (d * elem_bytes).is_multiple_of(16);
-    if elem_bytes != 2 || !pieces(head_dim) || !pieces(head_dim_v) {
+    if !whole_pieces(head_dim, elem_bytes) || !whole_pieces(head_dim_v, elem_bytes) {
         return None;
     }
-    WIDE_HEAD_DIMS.into_iter().find(|&d| d >= widest)
+    let widest = head_dim.max(head_dim_v);
+    mma_head_dims(elem_bytes).find(|&d| d >= widest)
 }
 
 /// What runs on NVIDIA tensor cores and what does not, in words, from the tile tables here and
@@ -107,7 +124,7 @@ impl Tile {
 
     /// Whether two warps share each row, each half of the columns (head dims above 256).
     pub fn is_wide(&self) -> bool {
-        self.head_dim > 256
+        column_halves(self.head_dim) == 2
     }
 }
 
@@ -297,6 +314,11 @@ pub(crate) struct BwdTile {
 }
 
 impl BwdTile {
+    /// Blocks a key range takes: two for a wide head dim (each half of the columns).
+    pub fn column_halves(&self) -> u32 {
+        column_halves(self.head_dim)
+    }
+
     /// Dynamic shared memory: K, V, `stages` × (Q, dO), Pᵀ and dSᵀ (in the input dtype, rows
     /// padded by 16 bytes), then fp32 LSE and D per stage; `BwdTileConfig::kSmemElems` (16-bit
     /// units) in kernels/bwd_sm80.cu.
@@ -312,12 +334,11 @@ impl BwdTile {
     /// Whether the kernel template's static_asserts accept this shape.
     pub fn is_valid(&self) -> bool {
         // A wide head dim's block computes half of the gradients' columns (bwd_sm80.cu).
-        let halves = if self.head_dim > 256 { 2 } else { 1 };
         let (m, n, w, d) = (
             self.block_m,
             self.block_n,
             self.warps,
-            self.head_dim / halves,
+            self.head_dim / self.column_halves(),
         );
         // (rows of the output, columns, warp rows of its grid) per phase.
         let grids = [
@@ -448,15 +469,6 @@ fn wide_bwd_tile(head_dim: usize, max_smem: u32) -> Option<BwdTile> {
         .find(|t| t.is_valid() && t.smem_bytes() <= max_smem)
 }
 
-/// Blocks a key block of `tile` takes: two for a wide head dim (each half of the columns).
-pub(crate) fn bwd_column_halves(tile: &BwdTile) -> u32 {
-    if tile.head_dim > 256 {
-        2
-    } else {
-        1
-    }
-}
-
 fn bwd_tile_override() -> Option<BwdTile> {
     static OVERRIDE: std::sync::OnceLock<Option<BwdTile>> = std::sync::OnceLock::new();
     *OVERRIDE.get_or_init(|| parse_bwd_tile(&std::env::var(BWD_TILE_ENV).ok()?))
@@ -519,7 +531,7 @@ mod tests {
             (192, 128, 2, Some(192)),
         ] {
             assert_eq!(
-                fwd_tile_head_dim_pair(d, dv, bytes),
+                mma_tile_head_dim_pair(d, dv, bytes),
                 want,
                 "head dims {d}/{dv}, {bytes} bytes"
             );
@@ -542,7 +554,7 @@ mod tests {
             for d in WIDE_HEAD_DIMS {
                 let t = bwd_tile_for(d, 2, smem).expect("a wide backward tile");
                 assert!(t.is_valid() && t.smem_bytes() <= smem, "{t:?}");
-                assert_eq!(bwd_column_halves(&t), 2, "{t:?}");
+                assert_eq!(t.column_halves(), 2, "{t:?}");
             }
         }
         let shape = |d, smem| {
@@ -556,10 +568,7 @@ mod tests {
         // sm_86/89 (99 KB): 512's rows alone outgrow it; fp32 stays off.
         assert!(bwd_tile_for(512, 2, 101_376).is_none());
         assert!(bwd_tile_for(512, 4, 232_448).is_none());
-        assert_eq!(
-            bwd_column_halves(&bwd_tile_for(256, 2, 232_448).unwrap()),
-            1
-        );
+        assert_eq!(bwd_tile_for(256, 2, 232_448).unwrap().column_halves(), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::abi::{ROW_WARPS, SIMPLE_WARPS, STREAM_ROWS};
 use super::decode::DecodeTile;
 use super::sm90::{self, TmaFwdTile, WgmmaBwdTile, WgmmaTile};
 use super::sources::Program;
-use super::tiles::{fwd_tile_head_dim_pair, tile_for, BwdTile, Tile};
+use super::tiles::{mma_tile_head_dim_pair, tile_for, BwdTile, Tile};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::params::Fp32Precision;
@@ -243,7 +243,7 @@ impl Variant {
             }
         }
         let bytes = dtype.size_in_bytes();
-        let tile = fwd_tile_head_dim_pair(p.head_dim, p.head_dim_v, bytes)
+        let tile = mma_tile_head_dim_pair(p.head_dim, p.head_dim_v, bytes)
             .filter(|_| tensor_cores)
             .and_then(|d| tile_for(d, bytes as u32, score_mod, max_smem));
         match tile {
@@ -633,7 +633,7 @@ impl Variant {
     #[cfg(any(test, feature = "testkit"))]
     pub fn all(max_smem: u32, hopper: bool) -> Vec<Variant> {
         use super::decode::{decode_tile_for, m_tiles_for, DECODE_MAX_ROWS};
-        use super::tiles::{bwd_tile_for, MMA_HEAD_DIMS, WIDE_HEAD_DIMS};
+        use super::tiles::{bwd_tile_for, mma_head_dims, MMA_HEAD_DIMS};
         let mut v = Vec::new();
         // (score_mod, seqs): plain or general scores, dense batches or sequence metadata.
         let flag_sets = [(false, false), (true, false), (false, true), (true, true)];
@@ -702,13 +702,8 @@ impl Variant {
             (DType::F32, true),
         ];
         for (dtype, tf32) in mma_types {
-            // Head dims above 256 in 16-bit types only (tiles.rs, WIDE_HEAD_DIMS).
-            let wide = if dtype == DType::F32 {
-                &[][..]
-            } else {
-                &WIDE_HEAD_DIMS[..]
-            };
-            for d in MMA_HEAD_DIMS.into_iter().chain(wide.iter().copied()) {
+            // With the wide head dims in 16-bit types (tiles.rs, WIDE_HEAD_DIMS).
+            for d in mma_head_dims(dtype.size_in_bytes()) {
                 for (score_mod, seqs) in flag_sets {
                     for dropout in [false, true] {
                         if let Some(tile) =
@@ -754,13 +749,8 @@ impl Variant {
             }
         }
         for (dtype, tf32) in mma_types {
-            // Head dims above 256 in 16-bit types, as the forward's.
-            let wide = if dtype == DType::F32 {
-                &[][..]
-            } else {
-                &WIDE_HEAD_DIMS[..]
-            };
-            for d in MMA_HEAD_DIMS.into_iter().chain(wide.iter().copied()) {
+            // With the wide head dims in 16-bit types (tiles.rs, WIDE_HEAD_DIMS).
+            for d in mma_head_dims(dtype.size_in_bytes()) {
                 for (score_mod, seqs) in flag_sets {
                     for dropout in [false, true] {
                         if let Some(tile) = bwd_tile_for(d, dtype.size_in_bytes() as u32, max_smem)
