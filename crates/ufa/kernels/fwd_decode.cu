@@ -8,10 +8,15 @@
 //   (batch entry, KV head).
 // - Split keys. The keys the block's rows see are cut into `num_splits` ranges (the host
 //   chooses the count from the problem and the SM count), one block each, so that a handful of
-//   sequences still fills the GPU. With one split the block writes the output; otherwise each
-//   writes its normalised partial output and LSE (fp32) and decode_combine merges them by LSE
-//   in split order: the result depends only on the problem and the device. On sm_90 the
-//   combine is a programmatic dependent launch, resident while the splits finish.
+//   sequences still fills the GPU. With one split the block writes the output. On sm_90+ the
+//   splits of a (batch entry, KV head, row block) are one thread-block cluster (up to
+//   kDecodeClusterMax): each leaves its normalised partial output and LSE (fp32) in its shared
+//   memory, and the cluster merges them by LSE through distributed shared memory, each block
+//   finishing a share of the rows: one launch and no scratch memory. Otherwise (more splits,
+//   or before sm_90) each split writes its partial state to scratch and decode_combine, a
+//   second launch, merges them (on sm_90 as a programmatic dependent, resident while the
+//   splits finish). Either way the splits are merged in split order, so the result depends
+//   only on the problem and the device.
 // - Independent warps. Inside the block every warp streams its own key tiles (tile t goes to
 //   warp t mod WARPS) through its own ring of STAGES cp.async buffers, with no block-wide
 //   barrier until the end, where the warps' states are merged in shared memory. Each warp keeps
@@ -45,8 +50,9 @@ struct DecodeConfig {
     static constexpr int kOTiles = HEAD_DIM / 8;
     static constexpr int kStageElems = 2 * BLOCK_N * kRowPitch;  // one K and one V tile
     static constexpr int kSmemElems = kRows * kRowPitch + WARPS * STAGES * kStageElems;
-    // The closing merge reuses the buffers: each warp's O rows and its rows' max and sum.
-    static constexpr int kMergeFloats = WARPS * kRows * (HEAD_DIM + 2);
+    // The closing merge reuses the buffers: each warp's O rows and its rows' max and sum, then
+    // the block's rows' LSEs (read by the cluster's merge).
+    static constexpr int kMergeFloats = WARPS * kRows * (HEAD_DIM + 2) + kRows;
     static_assert(kMergeFloats * 4 <= kSmemElems * 2, "the warps' merge fits in the buffers");
 };
 
@@ -69,6 +75,59 @@ __device__ __forceinline__ PackedRow packed_row(const FwdParams& p, const Seq& s
     row.h = hk * p.group + r % p.group;
     row.valid = row.i < s.seqlen_q;
     return row;
+}
+
+// The splits of a cluster merged by LSE in split order (block rank = split), each block
+// finishing an equal share of the rows' 8-column chunks: every split's normalised rows (`sO`,
+// D floats apart) and LSEs (`sLse`) lie in its shared memory. The weights and sums are the
+// combine's (decode_combine), so a split that saw no key weighs exactly 0 and a NaN is kept.
+template <typename T, int D, int THREADS>
+__device__ __forceinline__ void merge_cluster_splits(const FwdParams& p, const Seq& s, int b,
+                                                     int hk, int r0, int rows_here,
+                                                     const float* sO, const float* sLse) {
+    cluster_sync();  // every split's rows written and visible
+    const int n = (int)cluster_blocks();
+    const int rank = (int)cluster_rank();
+    const int chunks = rows_here * (D / 8);
+    const int lo = rank * chunks / n, hi = (rank + 1) * chunks / n;
+    for (int c = lo + threadIdx.x; c < hi; c += THREADS) {
+        const int rr = c / (D / 8);
+        const int col = (c % (D / 8)) * 8;
+        float lse[kDecodeClusterMax];
+        LseMax mx;
+#pragma unroll
+        for (int k = 0; k < kDecodeClusterMax; ++k) {
+            lse[k] = k < n ? cluster_load(cluster_map(smem_addr(sLse + rr), k)) : -UFA_INF;
+            mx.add(lse[k]);
+        }
+        const float m = mx.value();
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < kDecodeClusterMax; ++k) {
+            const float w = lse_weight(lse[k], m);
+            if (k >= n || w == 0.f) continue;  // no split, or one that saw no key
+            sum += w;
+            const uint32_t at = cluster_map(smem_addr(sO + rr * D + col), k);
+            const float4 x0 = cluster_load4(at), x1 = cluster_load4(at + 16);
+            acc[0] += w * x0.x, acc[1] += w * x0.y, acc[2] += w * x0.z, acc[3] += w * x0.w;
+            acc[4] += w * x1.x, acc[5] += w * x1.y, acc[6] += w * x1.z, acc[7] += w * x1.w;
+        }
+        const bool none = m == -UFA_INF;
+        const float inv = none ? 0.f : 1.f / sum;
+        const PackedRow pr = packed_row(p, s, hk, r0 + rr);
+        uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, s.q_row0 + pr.i, pr.h);
+        uint4 v;
+        v.x = Convert<T>::pack(acc[0] * inv, acc[1] * inv);
+        v.y = Convert<T>::pack(acc[2] * inv, acc[3] * inv);
+        v.z = Convert<T>::pack(acc[4] * inv, acc[5] * inv);
+        v.w = Convert<T>::pack(acc[6] * inv, acc[7] * inv);
+        if (col < p.head_dim_v) *(uint4*)(out_row + col) = v;
+        if (col == 0 && p.lse != nullptr)
+            p.lse[b * p.lse_stride[0] + pr.h * p.lse_stride[1] + (s.q_row0 + pr.i) * p.lse_stride[2]] =
+                none ? -UFA_INF : m + logf(sum);
+    }
+    cluster_sync();  // no block leaves while another still reads its shared memory
 }
 
 // PAGED (with SEQS): K and V rows are found through a block table, a compile-time choice so that
@@ -318,6 +377,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
     float* sO = (float*)smem;                        // [W][kRows][D]
     float* sMax = sO + W * Cfg::kRows * D;           // [W][kRows]
     float* sSum = sMax + W * Cfg::kRows;             // [W][kRows]
+    float* sLse = sSum + W * Cfg::kRows;             // [kRows], a cluster merge's
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -338,6 +398,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
     __syncthreads();
 
     const bool one_split = dp.num_splits == 1;
+    const bool in_cluster = !one_split && dp.cluster_merge != 0;
     for (int c = threadIdx.x; c < rows_here * (D / 8); c += Cfg::kThreads) {
         const int rr = c / (D / 8);
         const int col = (c % (D / 8)) * 8;
@@ -381,6 +442,12 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
             if (col == 0 && p.lse != nullptr)
                 p.lse[b * p.lse_stride[0] + pr.h * p.lse_stride[1] + (s.q_row0 + pr.i) * p.lse_stride[2]] =
                     total.lse(sum);
+        } else if (in_cluster) {
+            // Over warp 0's copy of the same columns, which no other thread reads.
+            float* dst = sO + rr * D + col;
+            *(float4*)dst = make_float4(x[0], x[1], x[2], x[3]);
+            *(float4*)(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
+            if (col == 0) sLse[rr] = total.lse(sum);
         } else {
             const int64_t at = decode_partial_row(p, split, b, pr.h, pr.i);
             float* dst = dp.o_part + at * p.head_dim_v + col;
@@ -391,6 +458,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
             if (col == 0) dp.lse_part[at] = total.lse(sum);
         }
     }
+    if (in_cluster) merge_cluster_splits<T, D, W * 32>(p, s, b, hk, r0, rows_here, sO, sLse);
 }
 
 // The split partials merged by LSE: one warp per (batch, head, query row), the splits in

@@ -58,16 +58,44 @@ fn padded_head_dims_decode_on_the_decoding_kernel() {
     );
 }
 
+/// A short split call is one launch on sm_90+: its splits merge within their thread-block
+/// cluster, and the combine kernel is never loaded (before sm_90 it is the second launch). The
+/// modules a fresh context loaded name the kernels that ran.
+#[test]
+fn short_split_decoding_merges_in_clusters() {
+    let ctx = ufa::Context::new().unwrap();
+    if !ufa_testkit::cuda::gpu_present(&ctx) {
+        return;
+    }
+    // One sequence of 8 KV heads: 8 blocks, split to fill the device.
+    let mut c = ufa_testkit::Case::new(1, 1, 4000, 32, 128, ufa::DType::BF16);
+    c.heads_kv = 8;
+    let r = check_case_cuda(&ctx, &c, 3, 0).unwrap();
+    assert!(r.passed(), "{}: {}", c.describe(), r.summary());
+    let reports = ctx.cuda_module_reports();
+    let hopper_or_later = reports.iter().all(|m| m.arch.as_str() >= "sm_90");
+    let names: Vec<&str> = reports.iter().map(|m| m.kernel.as_str()).collect();
+    assert!(
+        names.iter().any(|k| k.starts_with("ufa_fwd_decode_")),
+        "{names:?}"
+    );
+    assert_eq!(
+        names.contains(&"ufa_decode_combine"),
+        !hopper_or_later,
+        "{reports:?}"
+    );
+}
+
 /// The split count and the merge order depend only on the problem and the device: ten runs of
-/// split decoding calls (one sequence, many splits; GQA over a paged-size cache) are bitwise
-/// equal.
+/// split decoding calls (one sequence, many splits; GQA over a paged-size cache; splits merged
+/// within a cluster on sm_90+) are bitwise equal.
 #[test]
 fn split_decoding_is_bitwise_reproducible() {
     let ctx = ufa::Context::new().unwrap();
     if !ufa_testkit::cuda::gpu_present(&ctx) {
         return;
     }
-    for (batch, heads_kv, skv) in [(1, 1, 30011), (2, 4, 8193)] {
+    for (batch, heads_kv, skv) in [(1, 1, 30011), (2, 4, 8193), (1, 2, 4097)] {
         let mut c = ufa_testkit::Case::new(batch, 1, skv, 32, 128, ufa::DType::BF16);
         c.heads_kv = heads_kv;
         let mut first = None;

@@ -170,6 +170,9 @@ kernel_consts! {
     MERGE_MAX_STATES: usize = 8 => "kMergeMaxStates";
     /// The most key splits of a decoding call (its combine kernel keeps a weight per split).
     DECODE_MAX_SPLITS: usize = 128 => "kDecodeMaxSplits";
+    /// The most key splits a decoding call merges within one thread-block cluster (sm_90+):
+    /// the portable cluster size, which every GPU with clusters schedules.
+    DECODE_CLUSTER_MAX: usize = 8 => "kDecodeClusterMax";
 }
 
 kernel_enum! {
@@ -300,7 +303,8 @@ kernel_struct! {
         pub f: FwdParams,
         /// Each split's normalised output, fp32 [num_splits, batch, heads_q, seqlen_q,
         /// head_dim_v], and its LSE (natural log, -inf: no visible key) [num_splits, batch,
-        /// heads_q, seqlen_q]; null with one split (the blocks write the output).
+        /// heads_q, seqlen_q]; null with one split (the blocks write the output) or a merge
+        /// within clusters.
         pub o_part: *mut f32,
         pub lse_part: *mut f32,
         pub num_splits: i32,
@@ -309,7 +313,9 @@ kernel_struct! {
         pub row_blocks: i32,
         /// DTypeKind of the output (the combine kernel's stores).
         pub dtype_out: i32,
-        pub _pad: i32,
+        /// Nonzero: the splits of a (batch entry, KV head, row block) are one thread-block
+        /// cluster and merge in distributed shared memory (o_part and lse_part unused).
+        pub cluster_merge: i32,
     }
 }
 

@@ -7,7 +7,7 @@
 //! query head and use a row or two of each tile. The decoding kernel packs the group's rows into
 //! one tile and splits the keys across blocks until the device is full.
 
-use super::abi::DECODE_MAX_SPLITS;
+use super::abi::{DECODE_CLUSTER_MAX, DECODE_MAX_SPLITS};
 use super::tiles::{mma_tile_head_dim, parse_numbers, MMA_HEAD_DIMS};
 use super::variants::rows_aligned16;
 use crate::dtype::DType;
@@ -26,11 +26,24 @@ const MIN_TILES_PER_WARP: usize = 2;
 /// ([`workspace_bound`]): a caller can size a workspace without knowing the device.
 const SPLIT_BUDGET: usize = 256;
 
+/// Below this many keys a call on a device with clusters keeps its splits within one cluster
+/// (at most [`DECODE_CLUSTER_MAX`]) even where more would fill the device, and however its
+/// clusters fit the GPCs: such a call is short, and the second launch of a combine costs more
+/// than the extra splits save (H100, bf16, d128, from Python: 16-17 µs a call against 22-24
+/// with the combine, at 1k keys; bench/results/decode_cluster_2026-12-07_h100.md). Longer
+/// calls merge within clusters only where all their clusters run at once
+/// ([`DecodePlan::needs_resident_clusters`]).
+const CLUSTER_ONLY_BELOW_KEYS: usize = 8192;
+
 /// Environment variable overriding the tile table for tuning: `warps,block_n,stages`.
 pub const DECODE_TILE_ENV: &str = "UFA_CUDA_DECODE_TILE";
 /// Environment variable forcing the number of key splits (clamped to what the call allows);
 /// `0` turns the decoding kernel off (the prefill kernels serve every call).
 pub const DECODE_SPLITS_ENV: &str = "UFA_CUDA_DECODE_SPLITS";
+/// Environment variable choosing how splits merge on devices with clusters: `cluster` (every
+/// call's splits within one cluster, at most [`DECODE_CLUSTER_MAX`]) or `combine` (the
+/// combine kernel, as before sm_90); unset, the rule of [`DecodePlan::new`].
+pub const DECODE_MERGE_ENV: &str = "UFA_CUDA_DECODE_MERGE";
 
 /// Tile sizes of one decoding variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,10 +85,10 @@ impl DecodeTile {
         (self.rows() + self.warps * self.stages * 2 * self.block_n) * self.row_pitch() * 2
     }
 
-    /// Whether the warps' closing merge (fp32 rows, maxima and sums) fits in the buffers, as
-    /// the template asserts.
+    /// Whether the warps' closing merge (fp32 rows, maxima and sums, then the block's LSEs
+    /// for a cluster's merge) fits in the buffers, as the template asserts (kMergeFloats).
     fn merge_fits(&self) -> bool {
-        self.warps * self.rows() * (self.head_dim + 2) * 4 <= self.smem_bytes()
+        (self.warps * self.rows() * (self.head_dim + 2) + self.rows()) * 4 <= self.smem_bytes()
     }
 }
 
@@ -138,25 +151,50 @@ fn tile_override() -> Option<(u32, u32, u32)> {
     })
 }
 
+fn merge_override() -> Option<SplitMerge> {
+    static OVERRIDE: std::sync::OnceLock<Option<SplitMerge>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| match std::env::var(DECODE_MERGE_ENV).ok()?.trim() {
+        "cluster" => Some(SplitMerge::Cluster),
+        "combine" => Some(SplitMerge::Combine),
+        _ => None,
+    })
+}
+
 fn splits_override() -> Option<usize> {
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *OVERRIDE.get_or_init(|| std::env::var(DECODE_SPLITS_ENV).ok()?.trim().parse().ok())
 }
 
-/// How a call decodes: its tile, key splits, and blocks of packed rows per (batch entry, KV
-/// head).
+/// How the key splits of a decoding call become its output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SplitMerge {
+    /// One split: its blocks write the output.
+    None,
+    /// The splits of a (batch entry, KV head, row block) are one thread-block cluster and
+    /// merge in distributed shared memory (sm_90+): one launch, no scratch memory.
+    Cluster,
+    /// The splits write partial states to scratch memory and the combine kernel, a second
+    /// launch, merges them.
+    Combine,
+}
+
+/// How a call decodes: its tile, key splits, how they merge, and blocks of packed rows per
+/// (batch entry, KV head).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DecodePlan {
     pub tile: DecodeTile,
     pub splits: usize,
+    pub merge: SplitMerge,
     pub row_blocks: usize,
+    /// Blocks of this tile the device runs at once, one by one (not in clusters).
+    pub slots: usize,
 }
 
 impl DecodePlan {
-    /// The plan for `p` on a device with `sms` multiprocessors and `max_smem` bytes of shared
-    /// memory a block; None when the prefill kernels serve it (more rows, dtypes or layouts
-    /// the tensor cores do not take).
-    pub fn new(p: &Problem, sms: u32, max_smem: u32) -> Option<DecodePlan> {
+    /// The plan for `p` on a device with `sms` multiprocessors, `max_smem` bytes of shared
+    /// memory a block and thread-block clusters or not (sm_90+); None when the prefill kernels
+    /// serve it (more rows, dtypes or layouts the tensor cores do not take).
+    pub fn new(p: &Problem, sms: u32, max_smem: u32, clusters: bool) -> Option<DecodePlan> {
         let half = matches!(p.q.dtype, DType::F16 | DType::BF16);
         let rows = p.seqlen_q * p.group_size();
         let eligible = half
@@ -179,20 +217,56 @@ impl DecodePlan {
         let slots = sms as usize * per_sm;
         let keys_per_split = (tile.warps * tile.block_n) as usize * MIN_TILES_PER_WARP;
         let cap = split_cap(p.batch).min(p.seqlen_kv.div_ceil(keys_per_split).max(1));
+        let clusters = clusters && merge_override() != Some(SplitMerge::Combine);
         let splits = match splits_override() {
             Some(n) => n.clamp(1, split_cap(p.batch)),
+            // Where a call's splits must all fit one cluster, fewer of them are chosen, as if
+            // the rest of the device were not there (the cluster's merge saves the combine's
+            // launch, which on a short call costs what the extra splits save).
+            None if clusters
+                && (merge_override() == Some(SplitMerge::Cluster)
+                    || p.seqlen_kv < CLUSTER_ONLY_BELOW_KEYS) =>
+            {
+                choose_splits(blocks, slots, cap.min(DECODE_CLUSTER_MAX))
+            }
             None => choose_splits(blocks, slots, cap),
+        };
+        let merge = match splits {
+            1 => SplitMerge::None,
+            n if clusters && n <= DECODE_CLUSTER_MAX => SplitMerge::Cluster,
+            _ => SplitMerge::Combine,
         };
         Some(DecodePlan {
             tile,
             splits,
+            merge,
             row_blocks,
+            slots,
         })
     }
 
-    /// Scratch bytes of the splits' partial states (0 with one split).
+    /// Blocks of the launch: one per (split, KV head and row block, batch entry).
+    pub fn grid_blocks(&self, p: &Problem) -> usize {
+        self.splits * p.heads_kv * self.row_blocks * p.batch
+    }
+
+    /// The blocks that must run at once for a merge within clusters to read as fast as single
+    /// blocks would, or None where the plan keeps its clusters regardless (no clusters, a
+    /// short call, or `UFA_CUDA_DECODE_MERGE=cluster`). A GPC holds whole clusters, so
+    /// clusters of 4 or 8 blocks an SM may leave SMs idle that single blocks fill: on an H100,
+    /// 128 blocks in clusters of 4 read 9-11% slower than with the combine (32 KV heads over
+    /// 8k and 32k keys; bench/results/decode_cluster_2026-12-07_h100.md). The caller asks the
+    /// driver how many clusters fit, and plans with the combine where these do not.
+    pub fn needs_resident_clusters(&self, p: &Problem) -> Option<usize> {
+        let keep =
+            p.seqlen_kv < CLUSTER_ONLY_BELOW_KEYS || merge_override() == Some(SplitMerge::Cluster);
+        (self.merge == SplitMerge::Cluster && !keep).then(|| self.grid_blocks(p).min(self.slots))
+    }
+
+    /// Scratch bytes of the splits' partial states (0 where none are written: one split, or a
+    /// merge within clusters).
     pub fn scratch_bytes(&self, p: &Problem) -> usize {
-        if self.splits == 1 {
+        if self.merge != SplitMerge::Combine {
             return 0;
         }
         self.scratch_layout(p).bytes
@@ -327,6 +401,59 @@ mod tests {
             assert_eq!(pitch(d), d as u32 + 8, "d{d}");
             assert_eq!(pitch(d) / 8 % 2, 1, "d{d}");
         }
+    }
+
+    /// A bf16 decoding step: one query row of 32 heads over `kv` keys of `heads_kv` heads,
+    /// head dim 128, batch `batch` (views of leaked zeros, so the problem may outlive this).
+    fn problem(batch: usize, kv: usize, heads_kv: usize) -> Problem {
+        use crate::problem::validate_forward;
+        use crate::{AttentionParams, TensorView, TensorViewMut};
+        use half::bf16;
+        let d = 128;
+        let q: &'static [bf16] = vec![bf16::ZERO; batch * 32 * d].leak();
+        let kvs: &'static [bf16] = vec![bf16::ZERO; batch * kv * heads_kv * d].leak();
+        let out: &'static mut [bf16] = vec![bf16::ZERO; batch * 32 * d].leak();
+        let qv = TensorView::new(q, &[batch, 1, 32, d]).unwrap();
+        let k = TensorView::new(kvs, &[batch, kv, heads_kv, d]).unwrap();
+        let o = TensorViewMut::new(out, &[batch, 1, 32, d]).unwrap();
+        validate_forward(&qv, &k, &k, &o, None, &AttentionParams::default()).unwrap()
+    }
+
+    /// The plan of [`problem`] on 132 SMs of 227 KiB.
+    fn plan(batch: usize, kv: usize, heads_kv: usize, clusters: bool) -> DecodePlan {
+        DecodePlan::new(&problem(batch, kv, heads_kv), 132, 232_448, clusters).unwrap()
+    }
+
+    #[test]
+    fn splits_merge_within_a_cluster_where_they_fit_one() {
+        // Short calls: every split within one cluster, however few blocks.
+        for (batch, kv, hkv) in [(1, 1024, 8), (1, 4096, 4), (1, 8191, 8), (2, 2048, 1)] {
+            let pl = plan(batch, kv, hkv, true);
+            assert!(pl.splits > 1 && pl.splits <= DECODE_CLUSTER_MAX, "{pl:?}");
+            assert_eq!(pl.merge, SplitMerge::Cluster, "{batch} {kv} {hkv}");
+            assert_eq!(pl.needs_resident_clusters(&problem(batch, kv, hkv)), None);
+            let before = plan(batch, kv, hkv, false);
+            assert_eq!(
+                before.merge,
+                SplitMerge::Combine,
+                "no clusters before sm_90"
+            );
+        }
+        // Long calls of few blocks take as many splits as fill the device, and the combine.
+        let long = plan(1, 32768, 8, true);
+        assert!(long.splits > DECODE_CLUSTER_MAX, "{long:?}");
+        assert_eq!(long.merge, SplitMerge::Combine);
+        // Long calls that need no more than a cluster's splits merge there, where all their
+        // clusters run at once (the caller asks the driver).
+        let wide = plan(1, 8192, 32, true);
+        assert!((2..=DECODE_CLUSTER_MAX).contains(&wide.splits), "{wide:?}");
+        assert_eq!(wide.merge, SplitMerge::Cluster);
+        assert_eq!(
+            wide.needs_resident_clusters(&problem(1, 8192, 32)),
+            Some(32 * wide.splits)
+        );
+        // Enough blocks: one split, no merge.
+        assert_eq!(plan(32, 8192, 8, true).merge, SplitMerge::None);
     }
 
     #[test]

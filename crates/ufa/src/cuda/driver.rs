@@ -41,6 +41,11 @@ impl DeviceInfo {
     pub fn arch(&self) -> String {
         arch_name(self.compute_capability)
     }
+
+    /// Whether kernels may run in thread-block clusters (sm_90+).
+    pub fn has_clusters(&self) -> bool {
+        self.compute_capability.0 >= 9
+    }
 }
 
 pub(crate) fn arch_name((major, minor): (i32, i32)) -> String {
@@ -502,8 +507,29 @@ pub(crate) unsafe fn launch<P>(
     params: &P,
     order: Order,
 ) -> Result<()> {
+    // SAFETY: the caller's contract, with clusters of one block.
+    unsafe { launch_clusters(kernel, grid, 1, threads, smem, stream, params, order) }
+}
+
+/// [`launch`] with the grid's blocks in thread-block clusters of `cluster_x` consecutive blocks
+/// along x (sm_90+; 1: no clusters), which run at once on one GPC and may read each other's
+/// shared memory.
+///
+/// # Safety
+/// As [`launch`]; `grid.0` must be a multiple of `cluster_x`, at most 8 (the portable size).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch_clusters<P>(
+    kernel: &Kernel,
+    grid: (u32, u32, u32),
+    cluster_x: u32,
+    threads: u32,
+    smem: u32,
+    stream: CUstream,
+    params: &P,
+    order: Order,
+) -> Result<()> {
     let mut args = [params as *const P as *mut c_void];
-    if order == Order::Stream {
+    if order == Order::Stream && cluster_x <= 1 {
         return cu::launch_kernel(
             kernel.function as CUfunction,
             grid,
@@ -515,9 +541,23 @@ pub(crate) unsafe fn launch<P>(
         .map_err(|e| driver_error("cuLaunchKernel", e));
     }
     // SAFETY: plain C structs, all-zero is a valid value of each.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut count = 0;
+    if order == Order::Programmatic {
+        let a = &mut attrs[count];
+        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        a.value.programmaticStreamSerializationAllowed = 1;
+        count += 1;
+    }
+    if cluster_x > 1 {
+        debug_assert!(grid.0.is_multiple_of(cluster_x) && cluster_x <= 8);
+        let a = &mut attrs[count];
+        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        a.value.clusterDim.x = cluster_x;
+        a.value.clusterDim.y = 1;
+        a.value.clusterDim.z = 1;
+        count += 1;
+    }
     let config = sys::CUlaunchConfig {
         gridDimX: grid.0,
         gridDimY: grid.1,
@@ -527,11 +567,11 @@ pub(crate) unsafe fn launch<P>(
         blockDimZ: 1,
         sharedMemBytes: smem,
         hStream: stream,
-        attrs: &mut attr,
-        numAttrs: 1,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: count as u32,
     };
-    // SAFETY: the configuration and its attribute outlive the call; the caller vouches for
-    // the kernel and its parameters.
+    // SAFETY: the configuration and its attributes outlive the call; the caller vouches for
+    // the kernel, its parameters and the cluster shape.
     unsafe {
         sys::cuLaunchKernelEx(
             &config,
@@ -542,6 +582,41 @@ pub(crate) unsafe fn launch<P>(
     }
     .result()
     .map_err(|e| driver_error("cuLaunchKernelEx", e))
+}
+
+/// How many clusters of `cluster_x` blocks of `kernel` (`threads` a block, `smem` bytes of
+/// dynamic shared memory) the device runs at once (cuOccupancyMaxActiveClusters): a GPC holds
+/// whole clusters, so their blocks may fill fewer SMs than single blocks do.
+pub(crate) fn max_active_clusters(
+    kernel: &Kernel,
+    cluster_x: u32,
+    threads: u32,
+    smem: u32,
+) -> Result<usize> {
+    // SAFETY: plain C structs, all-zero is a valid value of each.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = cluster_x;
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cluster_x,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: std::ptr::null_mut(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut n = 0;
+    // SAFETY: a live function, a configuration that outlives the call, an out-pointer.
+    unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, kernel.function as CUfunction, &config) }
+        .result()
+        .map_err(|e| driver_error("cuOccupancyMaxActiveClusters", e))?;
+    Ok(n.max(0) as usize)
 }
 
 /// Device memory owned by ufa's tests and benchmarks (the library itself never allocates).

@@ -42,7 +42,7 @@ use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
 use crate::sequences::{IntArray, KeyLengths, RowMap};
 use abi::{AppendParams, DecodeParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS};
-use decode::DecodePlan;
+use decode::{DecodePlan, SplitMerge};
 use driver::Order::Stream;
 use sm90::runs_wgmma;
 use std::collections::HashMap;
@@ -92,6 +92,9 @@ pub(crate) struct CudaBackend {
     modules: RwLock<HashMap<ModuleKey, driver::Kernel>>,
     loading: Mutex<HashMap<ModuleKey, Arc<Mutex<()>>>>,
     reports: RwLock<Vec<ModuleReport>>,
+    /// Blocks of a kernel the device runs at once in clusters of a size, as the driver says
+    /// (driver::max_active_clusters), per (device, variant, cluster size).
+    cluster_room: RwLock<HashMap<(ModuleKey, u32), usize>>,
 }
 
 impl CudaBackend {
@@ -100,6 +103,7 @@ impl CudaBackend {
             modules: RwLock::new(HashMap::new()),
             loading: Mutex::new(HashMap::new()),
             reports: RwLock::new(Vec::new()),
+            cluster_room: RwLock::new(HashMap::new()),
         }
     }
 
@@ -297,7 +301,7 @@ impl CudaBackend {
         stream: driver::CUstream,
     ) -> Result<()> {
         let sms = dev.multiprocessors.max(1) as u32;
-        if let Some(plan) = DecodePlan::new(p, sms, dev.max_smem_per_block) {
+        if let Some(plan) = self.decode_plan(ordinal, dev, p)? {
             return self.launch_decode(ordinal, dev, p, &plan, scratch, stream);
         }
         let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
@@ -322,7 +326,57 @@ impl CudaBackend {
         }
     }
 
-    /// Launches a decoding call: the split blocks, then (with more than one split) the combine.
+    /// The decoding plan of `p` on device `ordinal` (its context current), None where the
+    /// prefill kernels serve it. A plan whose clusters must all run at once to keep up
+    /// (DecodePlan::needs_resident_clusters) but do not fit the device's GPCs merges with the
+    /// combine instead.
+    fn decode_plan(
+        &self,
+        ordinal: u32,
+        dev: &driver::DeviceInfo,
+        p: &Problem,
+    ) -> Result<Option<DecodePlan>> {
+        let sms = dev.multiprocessors.max(1) as u32;
+        let smem = dev.max_smem_per_block;
+        let Some(plan) = DecodePlan::new(p, sms, smem, dev.has_clusters()) else {
+            return Ok(None);
+        };
+        let Some(needed) = plan.needs_resident_clusters(p) else {
+            return Ok(Some(plan));
+        };
+        let variant = decode_variant(p, &plan);
+        let c = plan.splits as u32;
+        let key = ((ordinal, variant), c);
+        let cached = self
+            .cluster_room
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        let room = match cached {
+            Some(r) => r,
+            None => {
+                let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
+                let (threads, smem) = (variant.threads(), variant.dynamic_smem());
+                // A driver that cannot say (an error) gets the combine, which runs anywhere.
+                let r = driver::max_active_clusters(&kernel, c, threads, smem).unwrap_or(0)
+                    * c as usize;
+                self.cluster_room
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, r);
+                r
+            }
+        };
+        Ok(if needed <= room {
+            Some(plan)
+        } else {
+            DecodePlan::new(p, sms, smem, false)
+        })
+    }
+
+    /// Launches a decoding call: the split blocks (in clusters where they merge there), then,
+    /// where they merge in scratch memory, the combine.
     fn launch_decode(
         &self,
         ordinal: u32,
@@ -367,21 +421,22 @@ impl CudaBackend {
             })
         };
         let params = DecodeParams::new(p, plan, o_part, lse_part)?;
-        let variant = Variant::FwdDecode {
-            dtype: p.q.dtype,
-            tile: plan.tile,
-            score_mod: variants::needs_score_mod(p),
-            seqs: variants::has_sequence_metadata(p),
-            paged: p.k.rows.is_paged(),
-        };
-        // One block per (split, KV head and row block, batch entry), within the grid's limits.
+        let variant = decode_variant(p, plan);
+        // One block per (split, KV head and row block, batch entry), within the grid's limits;
+        // a cluster merge's clusters are the splits of each.
         let blocks = grid(plan.splits, 1, p.heads_kv * plan.row_blocks, p.batch)?;
+        let cluster = match plan.merge {
+            SplitMerge::Cluster => plan.splits as u32,
+            _ => 1,
+        };
         let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
-        // SAFETY: as in the prefill launch below; the partials span `need` bytes of scratch.
+        // SAFETY: as in the prefill launch below; the partials span `need` bytes of scratch;
+        // the grid's x is the cluster's (at most DECODE_CLUSTER_MAX, on sm_90+: the plan's).
         unsafe {
-            driver::launch(
+            driver::launch_clusters(
                 &kernel,
                 blocks,
+                cluster,
                 variant.threads(),
                 variant.dynamic_smem(),
                 stream,
@@ -389,7 +444,7 @@ impl CudaBackend {
                 Stream,
             )?
         };
-        if plan.splits > 1 {
+        if plan.merge == SplitMerge::Combine {
             let g = grid(p.seqlen_q, ROW_WARPS, p.heads_q, p.batch)?;
             let v = Variant::DecodeCombine;
             let kernel = self.kernel(ordinal, &dev.arch(), v)?;
@@ -452,8 +507,8 @@ impl CudaBackend {
                 if kp.rotates_q() {
                     planned.use_rotated_q(w.ptr as *mut u8);
                 }
-                let sms = dev.multiprocessors.max(1) as u32;
-                let decode_need = DecodePlan::new(&planned.attn, sms, dev.max_smem_per_block)
+                let decode_need = self
+                    .decode_plan(ordinal, dev, &planned.attn)?
                     .map_or(0, |plan| plan.scratch_bytes(&planned.attn));
                 let need = rot_need + decode_need;
                 if w.bytes < need {
@@ -666,4 +721,15 @@ fn cubin_for(variant: &Variant, arch: &str) -> Result<(Vec<u8>, f64, bool)> {
     let secs = t.elapsed().as_secs_f64();
     cache::store(&path, &compiled.cubin);
     Ok((compiled.cubin, secs, false))
+}
+
+/// The decoding kernel of `p` under `plan`.
+fn decode_variant(p: &Problem, plan: &DecodePlan) -> Variant {
+    Variant::FwdDecode {
+        dtype: p.q.dtype,
+        tile: plan.tile,
+        score_mod: variants::needs_score_mod(p),
+        seqs: variants::has_sequence_metadata(p),
+        paged: p.k.rows.is_paged(),
+    }
 }

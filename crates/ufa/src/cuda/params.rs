@@ -6,7 +6,7 @@ use super::abi::MERGE_MAX_STATES;
 use super::abi::{
     AppendParams, DTypeKind, DecodeParams, FwdParams, MaskKind, MergeParams, MergeState,
 };
-use super::decode::DecodePlan;
+use super::decode::{DecodePlan, SplitMerge};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kvcache::KvCacheProblem;
@@ -171,7 +171,7 @@ impl FwdParams {
 
 impl DecodeParams {
     /// The decoding call of `p` under `plan`, its split partials at `o_part` and `lse_part`
-    /// (null with one split).
+    /// (null with one split or a merge within clusters).
     pub fn new(
         p: &Problem,
         plan: &DecodePlan,
@@ -185,7 +185,7 @@ impl DecodeParams {
             num_splits: plan.splits as i32,
             row_blocks: plan.row_blocks as i32,
             dtype_out: dtype_kind(p.out.dtype),
-            _pad: 0,
+            cluster_merge: (plan.merge == SplitMerge::Cluster) as i32,
         })
     }
 }
