@@ -27,13 +27,20 @@ const MIN_TILES_PER_WARP: usize = 2;
 const SPLIT_BUDGET: usize = 256;
 
 /// Below this many keys a call on a device with clusters keeps its splits within one cluster
-/// (at most [`DECODE_CLUSTER_MAX`]) even where more would fill the device, and however its
-/// clusters fit the GPCs: such a call is short, and the second launch of a combine costs more
-/// than the extra splits save (H100, bf16, d128, from Python: 16-17 µs a call against 22-24
-/// with the combine, at 1k keys; bench/results/decode_cluster_2026-12-07_h100.md). Longer
-/// calls merge within clusters only where all their clusters run at once
-/// ([`DecodePlan::needs_resident_clusters`]).
+/// (at most [`DECODE_CLUSTER_MAX`]) even where more would fill the device: such a call is
+/// short, and the second launch of a combine costs more than the extra splits save (H100,
+/// bf16, d128, from Python: 16-18 µs a call against 22-24 with the combine, at 1k keys;
+/// bench/results/decode_cluster_2026-12-07_h100.md). Longer calls merge within clusters of at
+/// most [`LONG_CALL_CLUSTER_MAX`] blocks.
 const CLUSTER_ONLY_BELOW_KEYS: usize = 8192;
+
+/// The largest cluster a call of [`CLUSTER_ONLY_BELOW_KEYS`] keys or more merges in. A GPC holds
+/// whole clusters, and these tiles run one block an SM, so clusters of 4 may leave SMs idle that
+/// single blocks fill and run the excess after the first wave: on an H100, 128 blocks in
+/// clusters of 4 (32 KV heads, one sequence, 8k and 32k keys) took 1.08-1.10x the combine's
+/// time, clusters of 2 at 128 blocks 0.97-0.99x (same run,
+/// bench/results/decode_cluster_2026-12-07_h100.md).
+const LONG_CALL_CLUSTER_MAX: usize = 2;
 
 /// Environment variable overriding the tile table for tuning: `warps,block_n,stages`.
 pub const DECODE_TILE_ENV: &str = "UFA_CUDA_DECODE_TILE";
@@ -186,8 +193,6 @@ pub(crate) struct DecodePlan {
     pub splits: usize,
     pub merge: SplitMerge,
     pub row_blocks: usize,
-    /// Blocks of this tile the device runs at once, one by one (not in clusters).
-    pub slots: usize,
 }
 
 impl DecodePlan {
@@ -231,9 +236,16 @@ impl DecodePlan {
             }
             None => choose_splits(blocks, slots, cap),
         };
+        let largest_cluster = if p.seqlen_kv < CLUSTER_ONLY_BELOW_KEYS
+            || merge_override() == Some(SplitMerge::Cluster)
+        {
+            DECODE_CLUSTER_MAX
+        } else {
+            LONG_CALL_CLUSTER_MAX
+        };
         let merge = match splits {
             1 => SplitMerge::None,
-            n if clusters && n <= DECODE_CLUSTER_MAX => SplitMerge::Cluster,
+            n if clusters && n <= largest_cluster => SplitMerge::Cluster,
             _ => SplitMerge::Combine,
         };
         Some(DecodePlan {
@@ -241,26 +253,7 @@ impl DecodePlan {
             splits,
             merge,
             row_blocks,
-            slots,
         })
-    }
-
-    /// Blocks of the launch: one per (split, KV head and row block, batch entry).
-    pub fn grid_blocks(&self, p: &Problem) -> usize {
-        self.splits * p.heads_kv * self.row_blocks * p.batch
-    }
-
-    /// The blocks that must run at once for a merge within clusters to read as fast as single
-    /// blocks would, or None where the plan keeps its clusters regardless (no clusters, a
-    /// short call, or `UFA_CUDA_DECODE_MERGE=cluster`). A GPC holds whole clusters, so
-    /// clusters of 4 or 8 blocks an SM may leave SMs idle that single blocks fill: on an H100,
-    /// 128 blocks in clusters of 4 read 9-11% slower than with the combine (32 KV heads over
-    /// 8k and 32k keys; bench/results/decode_cluster_2026-12-07_h100.md). The caller asks the
-    /// driver how many clusters fit, and plans with the combine where these do not.
-    pub fn needs_resident_clusters(&self, p: &Problem) -> Option<usize> {
-        let keep =
-            p.seqlen_kv < CLUSTER_ONLY_BELOW_KEYS || merge_override() == Some(SplitMerge::Cluster);
-        (self.merge == SplitMerge::Cluster && !keep).then(|| self.grid_blocks(p).min(self.slots))
     }
 
     /// Scratch bytes of the splits' partial states (0 where none are written: one split, or a
@@ -431,7 +424,6 @@ mod tests {
             let pl = plan(batch, kv, hkv, true);
             assert!(pl.splits > 1 && pl.splits <= DECODE_CLUSTER_MAX, "{pl:?}");
             assert_eq!(pl.merge, SplitMerge::Cluster, "{batch} {kv} {hkv}");
-            assert_eq!(pl.needs_resident_clusters(&problem(batch, kv, hkv)), None);
             let before = plan(batch, kv, hkv, false);
             assert_eq!(
                 before.merge,
@@ -443,14 +435,19 @@ mod tests {
         let long = plan(1, 32768, 8, true);
         assert!(long.splits > DECODE_CLUSTER_MAX, "{long:?}");
         assert_eq!(long.merge, SplitMerge::Combine);
-        // Long calls that need no more than a cluster's splits merge there, where all their
-        // clusters run at once (the caller asks the driver).
-        let wide = plan(1, 8192, 32, true);
-        assert!((2..=DECODE_CLUSTER_MAX).contains(&wide.splits), "{wide:?}");
-        assert_eq!(wide.merge, SplitMerge::Cluster);
+        // Long calls merge within clusters of 2 (32 KV heads over 8 sequences: 2 splits), and
+        // with the combine where they take more splits (32 KV heads of one sequence: 4).
+        let pair = plan(8, 8192, 8, true);
         assert_eq!(
-            wide.needs_resident_clusters(&problem(1, 8192, 32)),
-            Some(32 * wide.splits)
+            (pair.splits, pair.merge),
+            (2, SplitMerge::Cluster),
+            "{pair:?}"
+        );
+        let four = plan(1, 8192, 32, true);
+        assert_eq!(
+            (four.splits, four.merge),
+            (4, SplitMerge::Combine),
+            "{four:?}"
         );
         // Enough blocks: one split, no merge.
         assert_eq!(plan(32, 8192, 8, true).merge, SplitMerge::None);

@@ -584,41 +584,6 @@ pub(crate) unsafe fn launch_clusters<P>(
     .map_err(|e| driver_error("cuLaunchKernelEx", e))
 }
 
-/// How many clusters of `cluster_x` blocks of `kernel` (`threads` a block, `smem` bytes of
-/// dynamic shared memory) the device runs at once (cuOccupancyMaxActiveClusters): a GPC holds
-/// whole clusters, so their blocks may fill fewer SMs than single blocks do.
-pub(crate) fn max_active_clusters(
-    kernel: &Kernel,
-    cluster_x: u32,
-    threads: u32,
-    smem: u32,
-) -> Result<usize> {
-    // SAFETY: plain C structs, all-zero is a valid value of each.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    attr.value.clusterDim.x = cluster_x;
-    attr.value.clusterDim.y = 1;
-    attr.value.clusterDim.z = 1;
-    let config = sys::CUlaunchConfig {
-        gridDimX: cluster_x,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: threads,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem,
-        hStream: std::ptr::null_mut(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let mut n = 0;
-    // SAFETY: a live function, a configuration that outlives the call, an out-pointer.
-    unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, kernel.function as CUfunction, &config) }
-        .result()
-        .map_err(|e| driver_error("cuOccupancyMaxActiveClusters", e))?;
-    Ok(n.max(0) as usize)
-}
-
 /// Device memory owned by ufa's tests and benchmarks (the library itself never allocates).
 #[cfg(any(test, feature = "testkit"))]
 pub struct DeviceBuffer {

@@ -92,9 +92,6 @@ pub(crate) struct CudaBackend {
     modules: RwLock<HashMap<ModuleKey, driver::Kernel>>,
     loading: Mutex<HashMap<ModuleKey, Arc<Mutex<()>>>>,
     reports: RwLock<Vec<ModuleReport>>,
-    /// Blocks of a kernel the device runs at once in clusters of a size, as the driver says
-    /// (driver::max_active_clusters), per (device, variant, cluster size).
-    cluster_room: RwLock<HashMap<(ModuleKey, u32), usize>>,
 }
 
 impl CudaBackend {
@@ -103,7 +100,6 @@ impl CudaBackend {
             modules: RwLock::new(HashMap::new()),
             loading: Mutex::new(HashMap::new()),
             reports: RwLock::new(Vec::new()),
-            cluster_room: RwLock::new(HashMap::new()),
         }
     }
 
@@ -301,7 +297,7 @@ impl CudaBackend {
         stream: driver::CUstream,
     ) -> Result<()> {
         let sms = dev.multiprocessors.max(1) as u32;
-        if let Some(plan) = self.decode_plan(ordinal, dev, p)? {
+        if let Some(plan) = decode_plan(dev, p) {
             return self.launch_decode(ordinal, dev, p, &plan, scratch, stream);
         }
         let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
@@ -324,55 +320,6 @@ impl CudaBackend {
                 _ => driver::launch(&kernel, grid, threads, smem, stream, &params, Stream),
             }
         }
-    }
-
-    /// The decoding plan of `p` on device `ordinal` (its context current), None where the
-    /// prefill kernels serve it. A plan whose clusters must all run at once to keep up
-    /// (DecodePlan::needs_resident_clusters) but do not fit the device's GPCs merges with the
-    /// combine instead.
-    fn decode_plan(
-        &self,
-        ordinal: u32,
-        dev: &driver::DeviceInfo,
-        p: &Problem,
-    ) -> Result<Option<DecodePlan>> {
-        let sms = dev.multiprocessors.max(1) as u32;
-        let smem = dev.max_smem_per_block;
-        let Some(plan) = DecodePlan::new(p, sms, smem, dev.has_clusters()) else {
-            return Ok(None);
-        };
-        let Some(needed) = plan.needs_resident_clusters(p) else {
-            return Ok(Some(plan));
-        };
-        let variant = decode_variant(p, &plan);
-        let c = plan.splits as u32;
-        let key = ((ordinal, variant), c);
-        let cached = self
-            .cluster_room
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .copied();
-        let room = match cached {
-            Some(r) => r,
-            None => {
-                let kernel = self.kernel(ordinal, &dev.arch(), variant)?;
-                let (threads, smem) = (variant.threads(), variant.dynamic_smem());
-                // A driver that cannot say (an error) gets the combine, which runs anywhere.
-                let r = driver::max_active_clusters(&kernel, c, threads, smem).unwrap_or(0)
-                    * c as usize;
-                self.cluster_room
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, r);
-                r
-            }
-        };
-        Ok(if needed <= room {
-            Some(plan)
-        } else {
-            DecodePlan::new(p, sms, smem, false)
-        })
     }
 
     /// Launches a decoding call: the split blocks (in clusters where they merge there), then,
@@ -507,8 +454,7 @@ impl CudaBackend {
                 if kp.rotates_q() {
                     planned.use_rotated_q(w.ptr as *mut u8);
                 }
-                let decode_need = self
-                    .decode_plan(ordinal, dev, &planned.attn)?
+                let decode_need = decode_plan(dev, &planned.attn)
                     .map_or(0, |plan| plan.scratch_bytes(&planned.attn));
                 let need = rot_need + decode_need;
                 if w.bytes < need {
@@ -721,6 +667,12 @@ fn cubin_for(variant: &Variant, arch: &str) -> Result<(Vec<u8>, f64, bool)> {
     let secs = t.elapsed().as_secs_f64();
     cache::store(&path, &compiled.cubin);
     Ok((compiled.cubin, secs, false))
+}
+
+/// How `p` decodes on `dev`, None where the prefill kernels serve it.
+fn decode_plan(dev: &driver::DeviceInfo, p: &Problem) -> Option<DecodePlan> {
+    let sms = dev.multiprocessors.max(1) as u32;
+    DecodePlan::new(p, sms, dev.max_smem_per_block, dev.has_clusters())
 }
 
 /// The decoding kernel of `p` under `plan`.
