@@ -223,22 +223,17 @@ impl DecodePlan {
         let keys_per_split = (tile.warps * tile.block_n) as usize * MIN_TILES_PER_WARP;
         let cap = split_cap(p.batch).min(p.seqlen_kv.div_ceil(keys_per_split).max(1));
         let clusters = clusters && merge_override() != Some(SplitMerge::Combine);
+        // Whether the call keeps all its splits within one cluster: fewer of them are then
+        // chosen, as if the rest of the device were not there.
+        let one_cluster = clusters
+            && (p.seqlen_kv < CLUSTER_ONLY_BELOW_KEYS
+                || merge_override() == Some(SplitMerge::Cluster));
         let splits = match splits_override() {
             Some(n) => n.clamp(1, split_cap(p.batch)),
-            // Where a call's splits must all fit one cluster, fewer of them are chosen, as if
-            // the rest of the device were not there (the cluster's merge saves the combine's
-            // launch, which on a short call costs what the extra splits save).
-            None if clusters
-                && (merge_override() == Some(SplitMerge::Cluster)
-                    || p.seqlen_kv < CLUSTER_ONLY_BELOW_KEYS) =>
-            {
-                choose_splits(blocks, slots, cap.min(DECODE_CLUSTER_MAX))
-            }
+            None if one_cluster => choose_splits(blocks, slots, cap.min(DECODE_CLUSTER_MAX)),
             None => choose_splits(blocks, slots, cap),
         };
-        let largest_cluster = if p.seqlen_kv < CLUSTER_ONLY_BELOW_KEYS
-            || merge_override() == Some(SplitMerge::Cluster)
-        {
+        let largest_cluster = if one_cluster {
             DECODE_CLUSTER_MAX
         } else {
             LONG_CALL_CLUSTER_MAX
