@@ -9,12 +9,13 @@ use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 /// variant for both.
 ///
 /// - sm_90a, the mma.sync kernels (`_sm80_`, `_decode_`), compiled for sm_80 in full: their
-///   only sm_90 code (`#if __CUDA_ARCH__ >= 900` in mma.cuh, the backward's reductions of fp32
-///   sums) does not depend on the element type or on the flags, so the backward is compiled in
-///   bf16 and the forward as the bf16 prefill, each tile with no flags and with all of them
-///   ([`flag_extremes`]). fp32's TF32 forward and the decoding kernels were 40% of the sm_90a
-///   pass (2026-12-04); the backward's fp32 and TF32 builds, later, another 132 of its 1085
-///   compile-seconds (2026-12-06).
+///   only sm_90 code (`#if __CUDA_ARCH__ >= 900` in mma.cuh and common.cuh: the backward's
+///   reductions of fp32 sums, the decoding splits' merge within a thread-block cluster) does
+///   not depend on the element type or on the flags, so the backward is compiled in bf16, the
+///   forward as the bf16 prefill, and the decoding kernel in bf16 at head dim 64, each tile
+///   with no flags and with all of them ([`flag_extremes`]). fp32's TF32 forward and the
+///   decoding kernels were 40% of the sm_90a pass (2026-12-04); the backward's fp32 and TF32
+///   builds, later, another 132 of its 1085 compile-seconds (2026-12-06).
 /// - The f16 builds of kernels also built in bf16 (the mma.sync kernels on sm_80, the cp.async
 ///   Hopper forward on sm_90a): the two differ only in the element conversions and the MMA
 ///   type names, which no flag changes, so f16 is compiled for each tile with no flags and with
@@ -38,6 +39,9 @@ fn compiled(arch: &str, kernel: &str) -> bool {
             "ufa_fwd_sm80_tf32_",
             "ufa_bwd_sm80_tf32_",
         ]) || flag_extremes(kernel);
+    }
+    if kernel.starts_with("ufa_fwd_decode_bf16_d64_") {
+        return flag_extremes(kernel);
     }
     if starts(&[
         "ufa_fwd_sm80_f16_",
