@@ -391,25 +391,21 @@ mod tests {
         }
     }
 
-    /// A bf16 decoding step: one query row of 32 heads over `kv` keys of `heads_kv` heads,
-    /// head dim 128, batch `batch` (views of leaked zeros, so the problem may outlive this).
-    fn problem(batch: usize, kv: usize, heads_kv: usize) -> Problem {
+    /// The plan of a bf16 decoding step on 132 SMs of 227 KiB: one query row of 32 heads over
+    /// `kv` keys of `heads_kv` heads, head dim 128, batch `batch`.
+    fn plan(batch: usize, kv: usize, heads_kv: usize, clusters: bool) -> DecodePlan {
         use crate::problem::validate_forward;
         use crate::{AttentionParams, TensorView, TensorViewMut};
         use half::bf16;
         let d = 128;
-        let q: &'static [bf16] = vec![bf16::ZERO; batch * 32 * d].leak();
-        let kvs: &'static [bf16] = vec![bf16::ZERO; batch * kv * heads_kv * d].leak();
-        let out: &'static mut [bf16] = vec![bf16::ZERO; batch * 32 * d].leak();
-        let qv = TensorView::new(q, &[batch, 1, 32, d]).unwrap();
-        let k = TensorView::new(kvs, &[batch, kv, heads_kv, d]).unwrap();
-        let o = TensorViewMut::new(out, &[batch, 1, 32, d]).unwrap();
-        validate_forward(&qv, &k, &k, &o, None, &AttentionParams::default()).unwrap()
-    }
-
-    /// The plan of [`problem`] on 132 SMs of 227 KiB.
-    fn plan(batch: usize, kv: usize, heads_kv: usize, clusters: bool) -> DecodePlan {
-        DecodePlan::new(&problem(batch, kv, heads_kv), 132, 232_448, clusters).unwrap()
+        let q = vec![bf16::ZERO; batch * 32 * d];
+        let kvs = vec![bf16::ZERO; batch * kv * heads_kv * d];
+        let mut out = q.clone();
+        let qv = TensorView::new(&q, &[batch, 1, 32, d]).unwrap();
+        let k = TensorView::new(&kvs, &[batch, kv, heads_kv, d]).unwrap();
+        let o = TensorViewMut::new(&mut out, &[batch, 1, 32, d]).unwrap();
+        let p = validate_forward(&qv, &k, &k, &o, None, &AttentionParams::default()).unwrap();
+        DecodePlan::new(&p, 132, 232_448, clusters).unwrap()
     }
 
     #[test]
