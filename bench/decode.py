@@ -8,6 +8,9 @@ measures, in one run on one card (bf16, heads_q = 32, heads_kv = 32 / group):
 - the card's HBM read bandwidth, once, from a plain large reduction (the yardstick);
 - ufa dense      `ufa.torch.flash_attn_func(q, k, v, causal=True)`, k/v [b, kv, hkv, d];
 - ufa cache      `flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=kv)`, same layout;
+- ufa step       a whole decoding step of an inference engine: the same call appending the step's
+                 key and value (`k=, v=` of one row, `cache_seqlens=kv - 1`; they are the cache's
+                 last row, so the attention is the same);
 - ufa paged16/256 the same call with a paged cache [pages, page, hkv, d] and an int32 block
                  table holding a random permutation of the pages (scattered, as a real allocator
                  leaves them);
@@ -44,7 +47,7 @@ from pathlib import Path
 HEADS_Q = 32
 DTYPE_BYTES = 2  # bf16
 PAGES = {"paged16": 16, "paged256": 256}
-UFA = ("ufa_dense", "ufa_cache", *PAGES)
+UFA = ("ufa_dense", "ufa_cache", "ufa_step", *PAGES)
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
             "efficient": "EFFICIENT_ATTENTION"}  # SDPBackend members, looked up lazily
 VARIANTS = (*UFA, *BACKENDS)
@@ -248,6 +251,17 @@ def measure(p: dict, iters: int) -> tuple[dict, dict]:
                 notes.append(f"launch count: {first_line(e)}")
         run("ufa_cache", lambda: ut.flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens,
                                                              causal=True))
+        # The step appends the cache's last row over itself: same bits, same attention.
+        k_new, v_new = k[:, kv - 1:kv].clone(), v[:, kv - 1:kv].clone()
+        before = seqlens - 1
+        step = lambda: ut.flash_attn_with_kvcache(q, k, v, k=k_new, v=v_new,
+                                                  cache_seqlens=before, causal=True)
+        run("ufa_step", step)
+        if p["profile"] and "ufa_step" in times:
+            try:
+                extra["step_launches"], _ = count_launches(step)
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"step launch count: {first_line(e)}")
 
     def sdpa():
         # PyTorch SDPA on contiguous [b, h, s, d] (its native layout: no strided views). One
@@ -322,7 +336,8 @@ def make_row(p: dict, times: dict, extra: dict, bw: float) -> dict:
     ufa_us = times.get("ufa_dense")
     # Speed ratio: > 1 means ufa dense is faster than the best torch backend.
     row["ufa_over_best"] = row["best_torch_us"] / ufa_us if ufa_us and best else None
-    for key in ("ufa_launches", "ufa_memops", "max_diff", *(f"{n}_diff" for n in UFA[1:])):
+    for key in ("ufa_launches", "ufa_memops", "step_launches", "max_diff",
+                *(f"{n}_diff" for n in UFA[1:])):
         row[key] = extra.get(key)
     row["notes"] = "; ".join(extra.get("notes", []))
     return row
@@ -420,6 +435,11 @@ def goals(rows: list[dict]) -> list[str]:
                    f"{fmt_us(floor['ufa_dense_us'])} µs ({label(floor)}); kernel launches per "
                    f"call: {short_list(short) or 'not measured'}"
                    + (f"; at kv >= {BIG_KV}: {short_list(long_)}" if long_ else ""))
+        steps = [f"{label(r)}: {r['step_launches']}" for r in done
+                 if r["step_launches"] is not None]
+        if steps:
+            out.append(f"- (c) INFO: kernel launches of ufa step (the KV-cache call that "
+                       f"appends): {short_list(steps)}")
     else:
         out.append(f"- (c) INFO: no ufa dense time below kv {BIG_KV}")
     bad = [label(r) for r in done if "MISMATCH" in r["notes"]]
@@ -448,7 +468,8 @@ def markdown(rows: list[dict], meta: dict) -> list[str]:
         "- bytes per call: K and V read once, q read, out written; %BW = bytes / time / measured "
         "read bandwidth; ufa/best = best torch time / ufa dense time (> 1: ufa faster)",
         "- launches: ufa dense's kernels in one call (torch.profiler), at the first and last point "
-        "of each (dim, group); max diff: max |ufa dense - best SDPA backend|",
+        "of each (dim, group), and ufa step's (the KV-cache call that appends); max diff: "
+        "max |ufa dense - best SDPA backend|",
         "- † after kv: K+V fits in L2, so back-to-back calls may read it from there and %BW can "
         "exceed 100%",
         "",
@@ -456,9 +477,10 @@ def markdown(rows: list[dict], meta: dict) -> list[str]:
     if meta.get("interrupted"):
         lines[-1:-1] = [f"- **incomplete**: {meta['interrupted']}"]
     cols = ["batch", "kv", "group", "ufa dense µs", "ufa dense %BW", "ufa cache µs",
-            "paged16 µs", "paged16 %BW", "paged256 µs", "paged256 %BW",
+            "ufa step µs", "paged16 µs", "paged16 %BW", "paged256 µs", "paged256 %BW",
             "cudnn µs", "flash µs", "efficient µs",
-            "best torch", "ufa/best", "best torch %BW", "launches", "max diff"]
+            "best torch", "ufa/best", "best torch %BW", "launches", "step launches",
+            "max diff"]
     for dim in sorted({r["head_dim"] for r in rows}):
         sel = sorted((r for r in rows if r["head_dim"] == dim),
                      key=lambda r: (r["batch"], r["kv"], r["group"]))
@@ -470,11 +492,12 @@ def markdown(rows: list[dict], meta: dict) -> list[str]:
             l2 = " †" if r["kv_gb"] * 1e9 <= meta["l2"] else ""
             cells = [r["batch"], f"{r['kv']}{l2}", r["group"], fmt_us(r["ufa_dense_us"]),
                      fmt_pct(r["ufa_dense_bw"]), fmt_us(r["ufa_cache_us"]),
-                     fmt_us(r["paged16_us"]), fmt_pct(r["paged16_bw"]), fmt_us(r["paged256_us"]),
+                     fmt_us(r["ufa_step_us"]), fmt_us(r["paged16_us"]), fmt_pct(r["paged16_bw"]), fmt_us(r["paged256_us"]),
                      fmt_pct(r["paged256_bw"]), fmt_us(r["cudnn_us"]), fmt_us(r["flash_us"]),
                      fmt_us(r["efficient_us"]), r["best_torch"], fmt_x(r["ufa_over_best"]),
                      fmt_pct(r["best_torch_bw"]),
                      "" if r["ufa_launches"] is None else r["ufa_launches"],
+                     "" if r["step_launches"] is None else r["step_launches"],
                      fmt_diff(r["max_diff"])]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         notes = []
@@ -633,6 +656,7 @@ def run_points(points: list[dict], rows: list[dict], args, bw: float) -> None:
         print(f"{label(p):<26} " + " | ".join(cell(n) for n in VARIANTS)
               + f" | ufa/best {fmt_x(r['ufa_over_best']) or '-'}"
               + (f" | launches {r['ufa_launches']}" if r["ufa_launches"] is not None else "")
+              + (f" | step {r['step_launches']}" if r["step_launches"] is not None else "")
               + f" | diff {fmt_diff(r['max_diff']) or '-'}", file=sys.stderr, flush=True)
         if "MISMATCH" in r["notes"]:
             print(f"!! {label(p)}: {r['notes']}", file=sys.stderr, flush=True)

@@ -67,7 +67,7 @@ __device__ __forceinline__ void bwd_preprocess(const BwdParams& bp) {
     const bool real = i < s.seqlen_q;
     float lse = 0.f;
     if (sub == 0 && real)
-        lse = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (s.q_row0 + i) * p.lse_stride[2]];
+        lse = p.lse[lse_offset(p.lse_stride, b, h, s.q_row0 + i)];
     float acc = 0.f;
     if (real) {
         const int64_t o_at = row_offset(p.o_stride, b, s.q_row0 + i, h);

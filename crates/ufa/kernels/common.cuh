@@ -173,6 +173,12 @@ __device__ __forceinline__ int64_t row_offset(const int64_t (&st)[3], int64_t b,
     return b * st[0] + i * st[1] + h * st[2];
 }
 
+// Element offset of the LSE of row i of head h of batch entry b (LSE strides: batch, head, row).
+__device__ __forceinline__ int64_t lse_offset(const int64_t (&st)[3], int64_t b, int64_t h,
+                                              int64_t i) {
+    return b * st[0] + h * st[1] + i * st[2];
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -22,8 +22,16 @@
 //   barrier until the end, where the warps' states are merged in shared memory. Each warp keeps
 //   STAGES - 1 tiles in flight while it computes one, which is what covers HBM latency.
 //
+// - A KV-cache call's append in the same launch. Each block first writes the call's new rows
+//   that it will read (rotated keys, values: append.cuh) into the cache itself, so no block
+//   waits for another; blocks of the same KV head that read the same rows write the same bits
+//   there. The new rows that no block reads (outside every row's band) are shared out among
+//   the first row block's splits. q is rotated in shared memory as it is loaded. One launch
+//   where an append kernel, a q rotation kernel and a copy of q came first.
+//
 // The tile math (S = Q Kᵀ, online softmax, O += P V) is the prefill kernel's (fwd_tile.cuh);
 // here every key tile is one warp's BLOCK_N keys against all the block's packed rows.
+#include "append.cuh"
 #include "fwd_tile.cuh"
 
 template <int HEAD_DIM, int ROW_PITCH, int M_TILES, int WARPS, int BLOCK_N, int STAGES,
@@ -77,6 +85,60 @@ __device__ __forceinline__ PackedRow packed_row(const FwdParams& p, const Seq& s
     return row;
 }
 
+// Eight finished columns from `col` of packed row `pr` into the output (columns past
+// head_dim_v, a padded tile's, are not written), and the row's LSE with its first columns.
+template <typename T>
+__device__ __forceinline__ void store_decoded(const FwdParams& p, const Seq& s, int b,
+                                              const PackedRow& pr, int col, const float (&x)[8],
+                                              float lse) {
+    uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, s.q_row0 + pr.i, pr.h);
+    uint4 v;
+    v.x = Convert<T>::pack(x[0], x[1]);
+    v.y = Convert<T>::pack(x[2], x[3]);
+    v.z = Convert<T>::pack(x[4], x[5]);
+    v.w = Convert<T>::pack(x[6], x[7]);
+    if (col < p.head_dim_v) *(uint4*)(out_row + col) = v;
+    if (col == 0 && p.lse != nullptr) p.lse[lse_offset(p.lse_stride, b, pr.h, s.q_row0 + pr.i)] = lse;
+}
+
+// The new rows of a KV-cache call that no split of this row block reads (outside its keys
+// [skip_lo, skip_hi), as new-row indices: past every row's band, or all of them where the
+// sequence's q has no rows), shared out among the first row block's splits: every
+// `shares`-th from `share`, one warp a row. Nothing here is read by this block, so nothing
+// waits for these writes.
+template <int WARPS>
+__device__ __forceinline__ void append_unread_rows(const FwdParams& p, const AppendRows& a,
+                                                   int b, int hk, int skip_lo, int skip_hi,
+                                                   int share, int shares) {
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    for (int i = share + warp * shares; i < a.seqlen_new; i += WARPS * shares)
+        if (i < skip_lo || i >= skip_hi) append_row(p, a, b, i, hk, lane);
+}
+
+// The block's packed q rows rotated in place in shared memory (each thread one pair of
+// elements of a row), at their positions (q_position): the bits kv_rotate_q writes.
+template <typename T, typename Rows, int THREADS>
+__device__ __forceinline__ void rotate_packed_q(const FwdParams& p, const AppendRows& a,
+                                                const Seq& s, int b, int hk, int r0,
+                                                int rows_here, uint16_t* sQ) {
+    const int half = a.rotary_dim / 2;
+    for (int idx = threadIdx.x; idx < rows_here * half; idx += THREADS) {
+        const int r = idx / half;
+        const int j = idx % half;
+        // The pair's first element; its partner follows.
+        const int e = a.interleaved ? 2 * j : j;
+        const RotaryPair pr = rotary_pair(a, e);
+        const RotaryPair partner = rotary_pair(a, pr.partner);
+        uint16_t* x_at = (uint16_t*)((char*)sQ + Rows::offset(r, e / 8)) + e % 8;
+        uint16_t* y_at = (uint16_t*)((char*)sQ + Rows::offset(r, pr.partner / 8)) + pr.partner % 8;
+        const float x = Convert<T>::load(x_at, 0), y = Convert<T>::load(y_at, 0);
+        const int row = rotary_row(a, q_position(p, a, b, packed_row(p, s, hk, r0 + r).i));
+        Convert<T>::store(x_at, 0, rotated(a, x, y, pr, row));
+        Convert<T>::store(y_at, 0, rotated(a, y, x, partner, row));
+    }
+}
+
 // The splits of a cluster merged by LSE in split order (block rank = split), each block
 // finishing an equal share of the rows' 8-column chunks: every split's normalised rows (`sO`,
 // D floats apart) and LSEs (`sLse`) lie in its shared memory. The weights and sums are the
@@ -115,17 +177,10 @@ __device__ __forceinline__ void merge_cluster_splits(const FwdParams& p, const S
         }
         const bool none = m == -UFA_INF;
         const float inv = none ? 0.f : 1.f / sum;
-        const PackedRow pr = packed_row(p, s, hk, r0 + rr);
-        uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, s.q_row0 + pr.i, pr.h);
-        uint4 v;
-        v.x = Convert<T>::pack(acc[0] * inv, acc[1] * inv);
-        v.y = Convert<T>::pack(acc[2] * inv, acc[3] * inv);
-        v.z = Convert<T>::pack(acc[4] * inv, acc[5] * inv);
-        v.w = Convert<T>::pack(acc[6] * inv, acc[7] * inv);
-        if (col < p.head_dim_v) *(uint4*)(out_row + col) = v;
-        if (col == 0 && p.lse != nullptr)
-            p.lse[b * p.lse_stride[0] + pr.h * p.lse_stride[1] + (s.q_row0 + pr.i) * p.lse_stride[2]] =
-                none ? -UFA_INF : m + logf(sum);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] *= inv;
+        store_decoded<T>(p, s, b, packed_row(p, s, hk, r0 + rr), col, acc,
+                         none ? -UFA_INF : m + logf(sum));
     }
     cluster_sync();  // no block leaves while another still reads its shared memory
 }
@@ -158,7 +213,16 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
     const int b = blockIdx.z;
     const Seq s = seq_for<SEQS>(p, b);
     const int rows = s.seqlen_q * p.group;
-    if (r0 >= rows) return;  // rows past this sequence's end (the whole block leaves)
+    // A KV-cache call's new rows (append.cuh); only calls with sequence metadata append.
+    const bool appends = SEQS && dp.append.k_new != nullptr;
+    const bool first_row_block = blockIdx.y % dp.row_blocks == 0;
+    if (r0 >= rows) {
+        // Rows past this sequence's end (the whole block, or cluster, leaves), but the first
+        // row block's splits still write their share of the new rows.
+        if (appends && first_row_block)
+            append_unread_rows<W>(p, dp.append, b, hk, 0, 0, split, dp.num_splits);
+        return;
+    }
     const int rows_here = min(Cfg::kRows, rows - r0);
 
     // The keys some row of the block sees, cut into tiles of BN from key_lo; this split's
@@ -170,6 +234,31 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
     const int per_split = (tiles + dp.num_splits - 1) / dp.num_splits;
     const int t_begin = min(split * per_split, tiles);
     const int t_end = min(t_begin + per_split, tiles);
+
+    if (appends) {
+        // The new rows among this split's keys, as new-row indices, each written by the warp
+        // whose tile holds it, before that warp copies any tile (the copies read through L2;
+        // the fence and __syncwarp order the lanes' stores before them). The other warps do
+        // not wait: an append before the block's copies, behind a block barrier, took 8 µs a
+        // call over the call without one at 32 sequences of 1k keys, two waves of blocks
+        // (H100).
+        const int64_t base = append_base(p, b);
+        const int n = dp.append.seqlen_new;
+        const auto new_row = [&](int64_t key) {
+            return (int)min(max(key - base, (int64_t)0), (int64_t)n);
+        };
+        if (first_row_block)
+            append_unread_rows<W>(p, dp.append, b, hk, new_row(key_lo), new_row(key_hi), split,
+                                  dp.num_splits);
+        const int read_lo = new_row(key_lo + (int64_t)t_begin * BN);
+        const int read_hi = new_row(min((int64_t)key_lo + (int64_t)t_end * BN, (int64_t)key_hi));
+        for (int i = read_lo; i < read_hi; ++i) {
+            const int t = (int)((base + i - key_lo) / BN);  // the tile holding key base + i
+            if ((t - t_begin) % W == warp) append_row(p, dp.append, b, i, hk, lane);
+        }
+        __threadfence_block();
+        __syncwarp();
+    }
 
     // The thread's rows: `group` and `group + 8` of each m-tile.
     PackedRow prow[MT][2];
@@ -318,6 +407,10 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
         // Q landed (the oldest group) for every warp.
         cp_async_wait<STAGES - 1>();
         __syncthreads();
+        if (appends && dp.append.cos != nullptr) {
+            rotate_packed_q<T, Rows, Cfg::kThreads>(p, dp.append, s, b, hk, r0, rows_here, sQ);
+            __syncthreads();
+        }
 
         const typename Rows::Lane q_lane = Rows::lane(smem_addr(sQ), lane % 16, lane / 16);
         uint32_t q_frag[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
@@ -432,16 +525,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
         // floats long, as decode_combine reads them.
         const bool col_ok = col < p.head_dim_v;
         if (one_split) {
-            uint16_t* out_row = (uint16_t*)p.out + row_offset(p.o_stride, b, s.q_row0 + pr.i, pr.h);
-            uint4 v;
-            v.x = Convert<T>::pack(x[0], x[1]);
-            v.y = Convert<T>::pack(x[2], x[3]);
-            v.z = Convert<T>::pack(x[4], x[5]);
-            v.w = Convert<T>::pack(x[6], x[7]);
-            if (col_ok) *(uint4*)(out_row + col) = v;
-            if (col == 0 && p.lse != nullptr)
-                p.lse[b * p.lse_stride[0] + pr.h * p.lse_stride[1] + (s.q_row0 + pr.i) * p.lse_stride[2]] =
-                    total.lse(sum);
+            store_decoded<T>(p, s, b, pr, col, x, total.lse(sum));
         } else if (in_cluster) {
             // Over warp 0's copy of the same columns, which no other thread reads.
             float* dst = sO + rr * D + col;
@@ -514,6 +598,6 @@ __device__ __forceinline__ void decode_combine(const DecodeParams& dp) {
         for (int e = 0; e < 4; ++e) store_as(p.out, out_at + col + e, dp.dtype_out, acc[e] * inv);
     }
     if (lane == 0 && p.lse != nullptr)
-        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (s.q_row0 + i) * p.lse_stride[2]] =
+        p.lse[lse_offset(p.lse_stride, b, h, s.q_row0 + i)] =
             none ? -UFA_INF : m + logf(sum);
 }

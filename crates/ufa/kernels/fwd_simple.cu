@@ -80,7 +80,7 @@ __device__ __forceinline__ void fwd_simple(const FwdParams& p) {
         if (e < p.head_dim_v) Convert<TOut>::store(p.out, o_at + e, o[c] * inv);
     }
     if (p.lse != nullptr && lane == 0) {
-        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + (s.q_row0 + i) * p.lse_stride[2]] =
+        p.lse[lse_offset(p.lse_stride, b, h, s.q_row0 + i)] =
             row.lse(sum);
     }
 }

@@ -105,7 +105,7 @@ __device__ __forceinline__ void store_fwd_row(const FwdParams& p, const FwdBlock
             *(uint32_t*)((uint16_t*)p.out + at + c) = Convert<T>::pack(x * inv, y * inv);
     }
     if (p.lse != nullptr && quad == 0 && col0 == 0) {
-        p.lse[w.b * p.lse_stride[0] + w.h * p.lse_stride[1] + (w.s.q_row0 + i) * p.lse_stride[2]] =
+        p.lse[lse_offset(p.lse_stride, w.b, w.h, w.s.q_row0 + i)] =
             row.lse(sum);
     }
 }

@@ -13,7 +13,7 @@ __device__ __forceinline__ void merge_states(const MergeParams& m) {
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     if (i >= m.seqlen) return;
-    const int64_t lse_at = b * m.lse_stride[0] + h * m.lse_stride[1] + (int64_t)i * m.lse_stride[2];
+    const int64_t lse_at = lse_offset(m.lse_stride, b, h, i);
     const int64_t out_at = row_offset(m.out_stride, b, i, h);
     // States 0..n-1 are m.states; state n (when running) the output's current contents.
     const int n = m.num_states;
@@ -24,7 +24,7 @@ __device__ __forceinline__ void merge_states(const MergeParams& m) {
         lse[k] = -UFA_INF;
         if (k < n) {
             const MergeState& st = m.states[k];
-            lse[k] = st.lse[b * st.lse_stride[0] + h * st.lse_stride[1] + (int64_t)i * st.lse_stride[2]];
+            lse[k] = st.lse[lse_offset(st.lse_stride, b, h, i)];
         } else if (k == n && m.running) {
             lse[k] = m.lse[lse_at];
         }

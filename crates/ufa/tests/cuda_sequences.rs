@@ -118,6 +118,29 @@ fn tensor_core_kvcache_cases() -> Vec<KvCacheCase> {
     let mut c = KvCacheCase::new(1, &[2000, 513], 1, f);
     c.page_size = Some(256);
     cases.push(c);
+    // The decoding kernel's own append (one launch): 100 new keys over several key tiles and
+    // splits of one sequence, rotated (q too) and read back in the same launch.
+    let mut f = Features::new(8, 2, 128, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(1, &[3000, 5], 100, f);
+    c.rotary = Some((128, false));
+    cases.push(c);
+    // New keys that no block reads (the window ends before them): the first row block's
+    // splits still write each once; pages of 16, a partial rotary dim, interleaved.
+    let mut f = Features::new(4, 1, 64, DType::F16);
+    f.window = (10, -1);
+    let mut c = KvCacheCase::new(1, &[500, 0, 37], 60, f);
+    c.page_size = Some(16);
+    c.rotary = Some((32, true));
+    cases.push(c);
+    // Two row blocks of packed rows (6 queries x 8 heads) both reading the new keys, over a
+    // gathered cache, q rotated at each row's own position (causal).
+    let mut f = Features::new(16, 2, 64, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(6, &[700, 2], 6, f);
+    c.gathered = true;
+    c.rotary = Some((64, false));
+    cases.push(c);
     cases
 }
 
@@ -172,6 +195,38 @@ fn kvcache_matches_the_reference_and_appends_exactly() {
         Comparison::passed,
         Comparison::summary,
     );
+}
+
+/// A decoding KV-cache call that appends, with rotary embedding, is the decoding kernel alone:
+/// the append kernels are never loaded (and on sm_90+, with a short cache, the combine neither).
+/// The modules a fresh context loaded name the kernels that ran.
+#[test]
+fn decoding_kvcache_call_appends_in_its_one_launch() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    let mut f = Features::new(32, 8, 128, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(1, &[1000, 37], 1, f);
+    c.page_size = Some(16);
+    c.rotary = Some((128, false));
+    let cmp = check_kvcache_cuda(&ctx, &c, 4, 0).unwrap();
+    assert!(cmp.passed(), "{}: {}", c.describe(), cmp.summary());
+    let reports = ctx.cuda_module_reports();
+    let names: Vec<&str> = reports.iter().map(|m| m.kernel.as_str()).collect();
+    assert!(
+        names.iter().any(|k| k.starts_with("ufa_fwd_decode_")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|k| k.starts_with("ufa_kv_")), "{names:?}");
+    let arch_number = |arch: &str| -> u32 {
+        let digits: String = arch[3..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap()
+    };
+    if reports.iter().all(|m| arch_number(&m.arch) >= 90) {
+        assert!(!names.contains(&"ufa_decode_combine"), "{reports:?}");
+    }
 }
 
 #[test]

@@ -316,6 +316,10 @@ kernel_struct! {
         /// Nonzero: the splits of a (batch entry, KV head, row block) are one thread-block
         /// cluster and merge in distributed shared memory (o_part and lse_part unused).
         pub cluster_merge: i32,
+        /// A KV-cache call's new rows, written into the cache by the blocks that read them
+        /// (and q rotated as it is loaded) in the same launch (k_new null: none; kernels with
+        /// sequence metadata only).
+        pub append: AppendRows,
     }
 }
 
@@ -402,19 +406,15 @@ kernel_struct! {
 }
 
 kernel_struct! {
-    /// The KV cache's append: new keys (rotated) and values written at each sequence's
-    /// length, and q rotated into a contiguous copy. `f` describes the cache as the attention
-    /// reads it (k and v its cache, seqused_k its lengths, block_table or kv_batch_idx).
-    pub(crate) struct AppendParams {
-        pub f: FwdParams,
+    /// A KV-cache call's new keys and values (rotated when rotary tables are given), written
+    /// at each sequence's length, and the rotation of its q (kernels/append.cuh).
+    pub(crate) struct AppendRows {
         /// [batch, seqlen_new, heads_kv, dim]; null when nothing is appended.
         pub k_new: *const c_void,
         pub v_new: *const c_void,
         /// [seqlen_ro, rotary_dim / 2] (null: no rotary embedding).
         pub cos: *const c_void,
         pub sin: *const c_void,
-        /// Contiguous [batch, seqlen_q, heads_q, head_dim]: the rotated q (null: none).
-        pub q_rot: *mut c_void,
         /// Batch, row, head.
         pub k_new_stride: [i64; 3],
         pub v_new_stride: [i64; 3],
@@ -429,6 +429,19 @@ kernel_struct! {
         /// DTypeKind of the cache (and k_new, v_new, q) and of the tables.
         pub dtype: i32,
         pub dtype_rot: i32,
+        pub _pad: i32,
+    }
+}
+
+kernel_struct! {
+    /// The KV cache's append kernels (kernels/kvcache.cu), where the attention runs as a
+    /// second launch: `f` describes the cache as the attention reads it (k and v its cache,
+    /// seqused_k its lengths, block_table or kv_batch_idx).
+    pub(crate) struct AppendParams {
+        pub f: FwdParams,
+        pub rows: AppendRows,
+        /// Contiguous [batch, seqlen_q, heads_q, head_dim]: the rotated q (null: none).
+        pub q_rot: *mut c_void,
     }
 }
 
@@ -497,6 +510,7 @@ pub(crate) fn header() -> String {
         DTypeKind::c_definition(),
         DqOrder::c_definition(),
         FwdParams::c_definition(),
+        AppendRows::c_definition(),
         DecodeParams::c_definition(),
         BwdParams::c_definition(),
         TmaMap::c_definition(),
@@ -536,6 +550,7 @@ mod tests {
             ("BwdParams", BwdParams::FIELDS),
             ("BwdSm90Params", BwdSm90Params::FIELDS),
             ("FwdSm90Params", FwdSm90Params::FIELDS),
+            ("AppendRows", AppendRows::FIELDS),
             ("AppendParams", AppendParams::FIELDS),
             ("MergeParams", MergeParams::FIELDS),
         ] {

@@ -41,7 +41,9 @@ use crate::kvcache::{KvCacheProblem, Workspace};
 use crate::merge::MergeProblem;
 use crate::problem::{BackwardProblem, Problem};
 use crate::sequences::{IntArray, KeyLengths, RowMap};
-use abi::{AppendParams, DecodeParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS};
+use abi::{
+    AppendParams, AppendRows, DecodeParams, FwdParams, MergeParams, MERGE_MAX_STATES, ROW_WARPS,
+};
 use decode::{DecodePlan, SplitMerge};
 use driver::Order::Stream;
 use sm90::runs_wgmma;
@@ -298,7 +300,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let sms = dev.multiprocessors.max(1) as u32;
         if let Some(plan) = decode_plan(dev, p) {
-            return self.launch_decode(ordinal, dev, p, &plan, scratch, stream);
+            return self.launch_decode(ordinal, dev, p, &plan, scratch, None, stream);
         }
         let variant = Variant::select(p, dev.max_smem_per_block, runs_wgmma(&dev.arch()));
         let params = FwdParams::new(p, variant.rows_per_block())?;
@@ -322,8 +324,10 @@ impl CudaBackend {
         }
     }
 
-    /// Launches a decoding call: the split blocks (in clusters where they merge there), then,
-    /// where they merge in scratch memory, the combine.
+    /// Launches a decoding call: the split blocks (in clusters where they merge there, and
+    /// writing a KV-cache call's new rows where `append` has any), then, where they merge in
+    /// scratch memory, the combine.
+    #[allow(clippy::too_many_arguments)]
     fn launch_decode(
         &self,
         ordinal: u32,
@@ -331,6 +335,7 @@ impl CudaBackend {
         p: &Problem,
         plan: &DecodePlan,
         scratch: Option<(*mut c_void, usize)>,
+        append: Option<AppendRows>,
         stream: driver::CUstream,
     ) -> Result<()> {
         let need = plan.scratch_bytes(p);
@@ -367,7 +372,7 @@ impl CudaBackend {
                 base.add(plan.scratch_layout(p).lse_offset) as *mut f32
             })
         };
-        let params = DecodeParams::new(p, plan, o_part, lse_part)?;
+        let params = DecodeParams::new(p, plan, o_part, lse_part, append)?;
         let variant = decode_variant(p, plan);
         // One block per (split, KV head and row block, batch entry), within the grid's limits;
         // a cluster merge's clusters are the splits of each.
@@ -425,8 +430,10 @@ impl CudaBackend {
     }
 
     /// A KV-cache call: the append (with rotary embedding of the new keys and of q), then the
-    /// attention over the cache, all queued on `stream`. The rotated q lives in `workspace`,
-    /// or in memory allocated and freed in stream order.
+    /// attention over the cache, all queued on `stream`. A call the decoding kernel serves is
+    /// one launch (its blocks write the new rows they read, and rotate q as they load it);
+    /// otherwise the append kernels come first and the rotated q lives in `workspace`, or in
+    /// memory allocated and freed in stream order.
     pub fn forward_kvcache(
         &self,
         kp: &KvCacheProblem,
@@ -445,13 +452,19 @@ impl CudaBackend {
                 }
             }
             check_pointers(&tensors, ordinal)?;
+            // The decoding kernel appends itself (over the caller's q, which it rotates).
+            let fused = kp.append.as_ref().and_then(|_| decode_plan(dev, &kp.attn));
             let mut attn = *kp;
             // A workspace holds the rotated q, then the decoding splits' partials (planned on
             // the attention as it will run: over the rotated q, at the workspace's start).
-            let rot_need = kp.workspace_bytes();
+            let rot_need = if fused.is_some() {
+                0
+            } else {
+                kp.workspace_bytes()
+            };
             if let Some(w) = &workspace {
                 let mut planned = *kp;
-                if kp.rotates_q() {
+                if rot_need > 0 {
                     planned.use_rotated_q(w.ptr as *mut u8);
                 }
                 let decode_need = decode_plan(dev, &planned.attn)
@@ -473,6 +486,18 @@ impl CudaBackend {
                 let ptr = unsafe { (w.ptr as *mut u8).add(rot_need) };
                 (ptr as *mut c_void, w.bytes - rot_need)
             });
+            if let Some(plan) = fused {
+                let rows = AppendRows::new(kp);
+                return self.launch_decode(
+                    ordinal,
+                    dev,
+                    &kp.attn,
+                    &plan,
+                    scratch,
+                    Some(rows),
+                    stream,
+                );
+            }
             let mut owned = None;
             let q_rot: *mut c_void = match (&workspace, rot_need) {
                 (_, 0) => std::ptr::null_mut(),

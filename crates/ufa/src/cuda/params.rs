@@ -4,7 +4,7 @@
 
 use super::abi::MERGE_MAX_STATES;
 use super::abi::{
-    AppendParams, DTypeKind, DecodeParams, FwdParams, MaskKind, MergeParams, MergeState,
+    AppendParams, AppendRows, DTypeKind, DecodeParams, FwdParams, MaskKind, MergeParams, MergeState,
 };
 use super::decode::{DecodePlan, SplitMerge};
 use crate::dtype::DType;
@@ -171,12 +171,14 @@ impl FwdParams {
 
 impl DecodeParams {
     /// The decoding call of `p` under `plan`, its split partials at `o_part` and `lse_part`
-    /// (null with one split or a merge within clusters).
+    /// (null with one split or a merge within clusters), writing `append`'s new rows into the
+    /// cache first where given.
     pub fn new(
         p: &Problem,
         plan: &DecodePlan,
         o_part: *mut f32,
         lse_part: *mut f32,
+        append: Option<AppendRows>,
     ) -> Result<DecodeParams> {
         Ok(DecodeParams {
             f: FwdParams::new(p, plan.tile.rows())?,
@@ -186,7 +188,58 @@ impl DecodeParams {
             row_blocks: plan.row_blocks as i32,
             dtype_out: dtype_kind(p.out.dtype),
             cluster_merge: (plan.merge == SplitMerge::Cluster) as i32,
+            append: append.unwrap_or_else(AppendRows::none),
         })
+    }
+}
+
+impl AppendRows {
+    /// Nothing appended.
+    pub fn none() -> AppendRows {
+        AppendRows {
+            k_new: std::ptr::null(),
+            v_new: std::ptr::null(),
+            cos: std::ptr::null(),
+            sin: std::ptr::null(),
+            k_new_stride: [0; 3],
+            v_new_stride: [0; 3],
+            rot_stride: [0; 2],
+            seqlen_new: 0,
+            rotary_dim: 0,
+            seqlen_ro: 0,
+            interleaved: 0,
+            q_advances: 0,
+            dtype: 0,
+            dtype_rot: 0,
+            _pad: 0,
+        }
+    }
+
+    /// The new rows of `kp` (none when it appends nothing).
+    pub fn new(kp: &KvCacheProblem) -> AppendRows {
+        let Some(a) = &kp.append else {
+            return AppendRows::none();
+        };
+        let rot = a.rotary;
+        AppendRows {
+            k_new: a.k.ptr as *const c_void,
+            v_new: a.v.ptr as *const c_void,
+            cos: rot.map_or(std::ptr::null(), |r| r.cos.ptr as *const c_void),
+            sin: rot.map_or(std::ptr::null(), |r| r.sin.ptr as *const c_void),
+            k_new_stride: bsh(a.k.strides),
+            v_new_stride: bsh(a.v.strides),
+            rot_stride: rot.map_or([0; 2], |r| {
+                [r.cos.strides[0] as i64, r.cos.strides[1] as i64]
+            }),
+            seqlen_new: a.seqlen_new as i32,
+            rotary_dim: rot.map_or(0, |r| r.rotary_dim as i32),
+            seqlen_ro: rot.map_or(0, |r| r.seqlen_ro as i32),
+            interleaved: rot.is_some_and(|r| r.interleaved) as i32,
+            q_advances: rot.is_some_and(|r| r.q_advances) as i32,
+            dtype: dtype_kind(kp.attn.q.dtype),
+            dtype_rot: rot.map_or(0, |r| dtype_kind(r.cos.dtype)),
+            _pad: 0,
+        }
     }
 }
 
@@ -200,7 +253,6 @@ impl AppendParams {
                 "AppendParams of a call that appends nothing",
             ));
         };
-        let rot = a.rotary;
         Ok(AppendParams {
             // The cache as the attention reads it, and the caller's q (rotated into q_rot).
             f: FwdParams {
@@ -208,23 +260,8 @@ impl AppendParams {
                 v: a.v_cache.ptr as *const c_void,
                 ..f
             },
-            k_new: a.k.ptr as *const c_void,
-            v_new: a.v.ptr as *const c_void,
-            cos: rot.map_or(std::ptr::null(), |r| r.cos.ptr as *const c_void),
-            sin: rot.map_or(std::ptr::null(), |r| r.sin.ptr as *const c_void),
+            rows: AppendRows::new(kp),
             q_rot,
-            k_new_stride: bsh(a.k.strides),
-            v_new_stride: bsh(a.v.strides),
-            rot_stride: rot.map_or([0; 2], |r| {
-                [r.cos.strides[0] as i64, r.cos.strides[1] as i64]
-            }),
-            seqlen_new: a.seqlen_new as i32,
-            rotary_dim: rot.map_or(0, |r| r.rotary_dim as i32),
-            seqlen_ro: rot.map_or(0, |r| r.seqlen_ro as i32),
-            interleaved: rot.is_some_and(|r| r.interleaved) as i32,
-            q_advances: rot.is_some_and(|r| r.q_advances) as i32,
-            dtype: dtype_kind(kp.attn.q.dtype),
-            dtype_rot: rot.map_or(0, |r| dtype_kind(r.cos.dtype)),
         })
     }
 }

@@ -7,13 +7,14 @@
 use std::borrow::Cow;
 
 /// Every kernel source of `crates/ufa/kernels/` (a test checks that none is missing).
-pub(crate) const KERNEL_FILES: [(&str, &str); 23] = [
+pub(crate) const KERNEL_FILES: [(&str, &str); 24] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("sequence.cuh", include_str!("../../kernels/sequence.cuh")),
     ("mask.cuh", include_str!("../../kernels/mask.cuh")),
     ("softmax.cuh", include_str!("../../kernels/softmax.cuh")),
     ("mma.cuh", include_str!("../../kernels/mma.cuh")),
     ("smem_rows.cuh", include_str!("../../kernels/smem_rows.cuh")),
+    ("append.cuh", include_str!("../../kernels/append.cuh")),
     ("dropout.cuh", include_str!("../../kernels/dropout.cuh")),
     ("fwd_tile.cuh", include_str!("../../kernels/fwd_tile.cuh")),
     ("bwd_keys.cuh", include_str!("../../kernels/bwd_keys.cuh")),
