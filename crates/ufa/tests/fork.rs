@@ -46,6 +46,44 @@ fn forked_child_can_destroy_a_context_it_never_used() {
     wait_for_child(pid, "destroying the parent's context");
 }
 
+/// A fork() while another thread is inside a pool call of its own context: the locks that
+/// thread holds stay held in the child, where no thread will release them. The child's calls
+/// must not wait on them (the process's kept scratch, a lock that pool calls take briefly at
+/// their start and end, was one: a child forked inside that moment hung, once in ~100 forks
+/// on a 2-core VM, and once in CI beside forked_child_can_compute).
+#[test]
+fn fork_while_another_thread_computes() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let ctx = Context::builder().num_threads(2).build().unwrap();
+            let case = Case::new(1, 100, 300, 4, 64, DType::F32);
+            let mut inst = Instance::new(&case, 7);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                inst.run(&ctx).unwrap();
+            }
+        })
+    };
+    let ctx = Context::builder().num_threads(2).build().unwrap();
+    let case = Case::new(1, 100, 300, 4, 64, DType::F32);
+    for round in 0..400 {
+        // SAFETY: the child only computes with ufa and exits without unwinding.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let ok = Instance::new(&case, 3).run(&ctx).is_ok();
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        wait_for_child(
+            pid,
+            &format!("computing while another thread did (round {round})"),
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+}
+
 /// Waits up to 30 s for the child to exit with status 0.
 fn wait_for_child(pid: libc::pid_t, doing: &str) {
     let start = Instant::now();

@@ -11,7 +11,7 @@
 
 use super::parallel::Exec;
 use std::cell::RefCell;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, TryLockError};
 use std::thread::LocalKey;
 
 /// Most bytes one spare may hold, and the most bytes a thread's list keeps; the process's
@@ -41,16 +41,27 @@ impl<T: Kept> Spares<T> {
         }
     }
 
-    /// `f` on the list that calls run as `exec` use, and its budget.
-    fn with_list<R>(&self, exec: Exec, f: impl FnOnce(&mut Vec<T>, usize) -> R) -> R {
+    /// `f` on the list that calls run as `exec` use, and its budget; None where the process's
+    /// list is busy.
+    ///
+    /// The process's list is only tried, never waited for: a child forked while another
+    /// thread held it would wait forever (that thread does not exist in the child, and the
+    /// lock stays held there), and a spare is only worth what a wait would cost. A call that
+    /// finds the list busy makes its own scratch, or frees it.
+    fn with_list<R>(&self, exec: Exec, f: impl FnOnce(&mut Vec<T>, usize) -> R) -> Option<R> {
         match exec {
-            Exec::Inline => self
-                .local
-                .with(|list| f(&mut list.borrow_mut(), SPARE_BYTES)),
+            Exec::Inline => Some(
+                self.local
+                    .with(|list| f(&mut list.borrow_mut(), SPARE_BYTES)),
+            ),
             Exec::Pool => {
                 // A panic elsewhere while the lock was held leaves a list that is still whole.
-                let mut list = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-                f(&mut list, SPARE_BYTES * cores())
+                let mut list = match self.shared.try_lock() {
+                    Ok(list) => list,
+                    Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                    Err(TryLockError::WouldBlock) => return None,
+                };
+                Some(f(&mut list, SPARE_BYTES * cores()))
             }
         }
     }
@@ -62,6 +73,7 @@ impl<T: Kept> Spares<T> {
             let i = list.iter().rposition(|s| s.shape() == shape)?;
             Some(list.remove(i))
         })
+        .flatten()
     }
 
     /// Keeps `scratch` of a call run as `exec`, if it is at most [`SPARE_BYTES`]; the oldest
@@ -71,7 +83,9 @@ impl<T: Kept> Spares<T> {
         if bytes > SPARE_BYTES {
             return;
         }
-        // The spares dropped to make room are freed after the list is let go.
+        // The spares dropped to make room are freed after the list is let go (and `scratch`
+        // itself where the list was busy).
+        let mut scratch = Some(scratch);
         let dropped = self.with_list(exec, |list, budget| {
             let mut kept: usize = list.iter().map(T::bytes).sum();
             let mut dropped = Vec::new();
@@ -80,10 +94,10 @@ impl<T: Kept> Spares<T> {
                 kept -= old.bytes();
                 dropped.push(old);
             }
-            list.push(scratch);
+            list.extend(scratch.take());
             dropped
         });
-        drop(dropped);
+        drop((dropped, scratch));
     }
 
     /// A kept scratch of `shape`, else `make()`, kept again when the returned guard is dropped.
