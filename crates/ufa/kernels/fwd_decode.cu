@@ -235,14 +235,20 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
     const int t_begin = min(split * per_split, tiles);
     const int t_end = min(t_begin + per_split, tiles);
 
+    // A KV-cache call's new rows among this split's keys [read_lo, read_hi) (new-row indices
+    // from `base`, the sequence's cached keys): each is written by the warp whose tile holds
+    // it, before that warp copies the tile (the copies read through L2; the fence and
+    // __syncwarp order the lanes' stores before them). The other warps never wait for it, and
+    // the writer waits for its loads of the new rows while its ring fills where the tile is
+    // not among its first STAGES - 1 (a decoding step's new key is in the last tile). H100,
+    // bf16, d128, a step appending one key over the same call without an append: +1.4 to
+    // +5.8 µs at 8-32 sequences of 1k-8k keys; +2.5 to +6.2 with the writes ahead of the
+    // ring; +8 with every warp of the block waiting at a barrier for them; +6.4 to +7.2 with
+    // the append kernel launched first (bench/results/decode_kvcache_step_2026-12-07_h100.md).
+    int64_t base = 0;
+    int read_lo = 0, read_hi = 0;
     if (appends) {
-        // The new rows among this split's keys, as new-row indices, each written by the warp
-        // whose tile holds it, before that warp copies any tile (the copies read through L2;
-        // the fence and __syncwarp order the lanes' stores before them). The other warps do
-        // not wait: an append before the block's copies, behind a block barrier, took 8 µs a
-        // call over the call without one at 32 sequences of 1k keys, two waves of blocks
-        // (H100).
-        const int64_t base = append_base(p, b);
+        base = append_base(p, b);
         const int n = dp.append.seqlen_new;
         const auto new_row = [&](int64_t key) {
             return (int)min(max(key - base, (int64_t)0), (int64_t)n);
@@ -250,15 +256,20 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
         if (first_row_block)
             append_unread_rows<W>(p, dp.append, b, hk, new_row(key_lo), new_row(key_hi), split,
                                   dp.num_splits);
-        const int read_lo = new_row(key_lo + (int64_t)t_begin * BN);
-        const int read_hi = new_row(min((int64_t)key_lo + (int64_t)t_end * BN, (int64_t)key_hi));
+        read_lo = new_row(key_lo + (int64_t)t_begin * BN);
+        read_hi = new_row(min((int64_t)key_lo + (int64_t)t_end * BN, (int64_t)key_hi));
+    }
+    // This warp's new rows in its first STAGES - 1 tiles (`ring_fill`) or in the later ones.
+    const auto append_warp_rows = [&](bool ring_fill) {
         for (int i = read_lo; i < read_hi; ++i) {
-            const int t = (int)((base + i - key_lo) / BN);  // the tile holding key base + i
-            if ((t - t_begin) % W == warp) append_row(p, dp.append, b, i, hk, lane);
+            const int k = (int)((base + i - key_lo) / BN) - t_begin;  // tile k of the split
+            if (k % W == warp && (k / W < STAGES - 1) == ring_fill)
+                append_row(p, dp.append, b, i, hk, lane);
         }
         __threadfence_block();
         __syncwarp();
-    }
+    };
+    if (appends) append_warp_rows(true);
 
     // The thread's rows: `group` and `group + 8` of each m-tile.
     PackedRow prow[MT][2];
@@ -404,6 +415,7 @@ __device__ __forceinline__ void fwd_decode(const DecodeParams& dp) {
             if (st < my_tiles) load_kv(t_begin + warp + st * W, st);
             cp_async_commit();  // empty groups keep the count uniform for the waits below
         }
+        if (appends) append_warp_rows(false);  // while the ring fills
         // Q landed (the oldest group) for every warp.
         cp_async_wait<STAGES - 1>();
         __syncthreads();

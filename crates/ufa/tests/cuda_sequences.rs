@@ -125,6 +125,14 @@ fn tensor_core_kvcache_cases() -> Vec<KvCacheCase> {
     let mut c = KvCacheCase::new(1, &[3000, 5], 100, f);
     c.rotary = Some((128, false));
     cases.push(c);
+    // Every key new (a prompt appended by a one-row call): each warp writes new rows in the
+    // tiles of its ring's first fill and in later ones.
+    let mut f = Features::new(8, 2, 128, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(1, &[0, 40], 300, f);
+    c.page_size = Some(64);
+    c.rotary = Some((64, true));
+    cases.push(c);
     // New keys that no block reads (the window ends before them): the first row block's
     // splits still write each once; pages of 16, a partial rotary dim, interleaved.
     let mut f = Features::new(4, 1, 64, DType::F16);
@@ -295,7 +303,8 @@ fn checked_mode_reports_bad_device_metadata() {
 
 /// A small problem of each new kernel for compute-sanitizer (memcheck, racecheck): varlen
 /// forward and backward on tensor cores, a paged append with rotary embedding and the
-/// attention over it, decoding over pages, and a merge.
+/// attention over it, decoding over pages and over a dense cache (each appending in the
+/// decoding kernel), and a merge.
 #[test]
 #[ignore = "run under compute-sanitizer by scripts/gpu-check"]
 fn sanitizer_sequences_case() {
@@ -321,6 +330,14 @@ fn sanitizer_sequences_case() {
     f.causal = true;
     let mut c = KvCacheCase::new(1, &[100, 40], 1, f);
     c.page_size = Some(32);
+    let cmp = check_kvcache_cuda(&ctx, &c, 1, 0).unwrap();
+    assert!(cmp.passed(), "{cmp:?}");
+    // A decoding step over 3000 keys: the new key is in a split's late tile, written by its
+    // warp while the warp's ring fills (the cases above write theirs before).
+    let mut f = Features::new(8, 2, 128, DType::BF16);
+    f.causal = true;
+    let mut c = KvCacheCase::new(1, &[3000], 1, f);
+    c.rotary = Some((128, false));
     let cmp = check_kvcache_cuda(&ctx, &c, 1, 0).unwrap();
     assert!(cmp.passed(), "{cmp:?}");
     let cmp = check_merge_cuda(&ctx, &merge_cases()[1], 1, 0).unwrap();
