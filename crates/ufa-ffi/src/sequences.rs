@@ -356,9 +356,10 @@ pub unsafe extern "C" fn ufa_attention_forward_kvcache(
 }
 
 /// Writes to `*out` the bytes of scratch memory a CUDA `ufa_attention_forward_kvcache` call
-/// with this q and cache needs as `cache->workspace`, on any device: the rotated q (with rotary
-/// tables) and the partial states of the decoding kernel's key splits (f16/bf16 q of few rows).
-/// 0 when it needs none.
+/// with this q and cache needs as `cache->workspace`, on any device, at most: the rotated q
+/// (with rotary tables, where the decoding kernel does not serve the call: that one rotates q
+/// as it loads it) and the partial states of the decoding kernel's key splits (f16/bf16 q of
+/// few rows). 0 when it needs none.
 #[no_mangle]
 pub unsafe extern "C" fn ufa_kvcache_workspace_size(
     q: *const ufa_tensor,

@@ -425,7 +425,8 @@ impl Context {
 
 // Beside the dispatch, which knows the backends: the size depends on the CUDA decoding plan.
 /// Bytes of scratch memory a KV-cache call with this q and append needs on CUDA, at most: the
-/// rotated q (with rotary embedding) and the partial states of the decoding kernel's key splits
+/// rotated q (with rotary embedding, where the decoding kernel does not serve the call: that
+/// one rotates q as it loads it) and the partial states of the decoding kernel's key splits
 /// (f16/bf16 q of few rows), whatever the device. 0 when it needs none. The CPU backend
 /// allocates its own.
 pub fn kvcache_workspace_bytes(q: &TensorView<'_>, append: Option<&KvAppend<'_>>) -> usize {
