@@ -84,6 +84,40 @@ fn fork_while_another_thread_computes() {
     busy.join().unwrap();
 }
 
+/// The same with one context shared by both threads (as Python's calls share one): the
+/// child starts that context's pool anew while the parent's other thread may have been
+/// looking it up (a lookup under a lock would leave the lock held in the child).
+#[test]
+fn fork_while_another_thread_computes_on_the_same_context() {
+    let ctx = std::sync::Arc::new(Context::builder().num_threads(2).build().unwrap());
+    let case = Case::new(1, 100, 300, 4, 64, DType::F32);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (stop, ctx, case) = (stop.clone(), ctx.clone(), case.clone());
+        std::thread::spawn(move || {
+            let mut inst = Instance::new(&case, 7);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                inst.run(&ctx).unwrap();
+            }
+        })
+    };
+    for round in 0..400 {
+        // SAFETY: the child only computes with ufa and exits without unwinding.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let ok = Instance::new(&case, 3).run(&ctx).is_ok();
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        wait_for_child(
+            pid,
+            &format!("computing on a shared context (round {round})"),
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+}
+
 /// Waits up to 30 s for the child to exit with status 0.
 fn wait_for_child(pid: libc::pid_t, doing: &str) {
     let start = Instant::now();

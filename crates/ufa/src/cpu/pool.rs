@@ -6,8 +6,8 @@
 //! (valgrind, LeakSanitizer) see no worker memory still live at exit.
 
 use crate::error::{Error, ErrorKind, Result};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Workers of every pool that have started and not yet finished: counted in the worker itself,
@@ -27,37 +27,12 @@ struct Started {
     workers: Vec<JoinHandle<()>>,
 }
 
-/// A lazily started pool of `num_threads` workers. It is restarted in a forked child, whose
-/// copy of the parent's pool has no threads behind it.
-pub(super) struct WorkerPool {
-    num_threads: usize,
-    started: Mutex<Option<Started>>,
-}
-
-impl WorkerPool {
-    pub(super) fn new(num_threads: usize) -> Self {
-        WorkerPool {
-            num_threads,
-            started: Mutex::new(None),
-        }
-    }
-
-    pub(super) fn num_threads(&self) -> usize {
-        self.num_threads
-    }
-
-    /// The pool, started on the first call in this process.
-    pub(super) fn get(&self) -> Result<Arc<rayon::ThreadPool>> {
-        let pid = std::process::id();
-        let mut guard = self.started.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(started) = guard.as_ref() {
-            if started.pid == pid {
-                return Ok(started.pool.clone());
-            }
-        }
-        let mut workers = Vec::with_capacity(self.num_threads);
+impl Started {
+    /// A pool of `num_threads` workers for process `pid`.
+    fn new(num_threads: usize, pid: u32) -> Result<Started> {
+        let mut workers = Vec::with_capacity(num_threads);
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(self.num_threads)
+            .num_threads(num_threads)
             .thread_name(|i| format!("ufa-cpu-{i}"))
             .start_handler(|_| {
                 LIVE_WORKERS.fetch_add(1, Ordering::SeqCst);
@@ -75,44 +50,24 @@ impl WorkerPool {
             })
             .build()
             .map_err(|e| Error::new(ErrorKind::Backend, format!("cannot start CPU threads: {e}")));
-        let pool = match pool {
-            Ok(pool) => Arc::new(pool),
+        match pool {
+            Ok(pool) => Ok(Started {
+                pid,
+                pool: Arc::new(pool),
+                workers,
+            }),
             Err(e) => {
                 // rayon has told the workers it did start to exit (a failed build terminates
                 // its registry).
                 join(workers);
-                return Err(e);
+                Err(e)
             }
-        };
-        let fresh = Started {
-            pid,
-            pool: pool.clone(),
-            workers,
-        };
-        if let Some(old) = guard.replace(fresh) {
-            // The parent's pool, inherited through fork(): its threads do not exist here, and
-            // dropping it would wait for them forever.
-            std::mem::forget(old);
         }
-        Ok(pool)
     }
-}
 
-impl Drop for WorkerPool {
-    fn drop(&mut self) {
-        let Some(started) = self
-            .started
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        else {
-            return;
-        };
-        if started.pid != std::process::id() {
-            std::mem::forget(started);
-            return;
-        }
-        let Started { pool, workers, .. } = started;
+    /// Stops the workers and waits for them (this process's pool only).
+    fn shut_down(self) {
+        let Started { pool, workers, .. } = self;
         // Dropping the last reference tells the workers to exit. Were the pool still shared
         // (it is not: every call's clone ends with the call), or were this one of its own
         // workers (a context dropped inside its own pool), joining would wait forever. (Asked
@@ -129,6 +84,82 @@ impl Drop for WorkerPool {
         if is_last && !inside {
             join(workers);
         }
+    }
+}
+
+/// A lazily started pool of `num_threads` workers. It is restarted in a forked child, whose
+/// copy of the parent's pool has no threads behind it.
+///
+/// The started pool is found through an atomic pointer, never a lock: a process that forks
+/// while another of its threads is in [`WorkerPool::get`] would leave that lock held in the
+/// child, where no thread releases it, and the child's first call would wait forever (as
+/// the kept scratch's lock did: cpu/spare.rs).
+pub(super) struct WorkerPool {
+    num_threads: usize,
+    /// Null before the first call; else a `Box<Started>` this pool owns, of this process or
+    /// (in a forked child, until its first call) of the parent.
+    started: AtomicPtr<Started>,
+}
+
+impl WorkerPool {
+    pub(super) fn new(num_threads: usize) -> Self {
+        WorkerPool {
+            num_threads,
+            started: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    pub(super) fn num_threads(&self) -> usize {
+        self.num_threads
+    }
+
+    /// The pool, started on the first call in this process.
+    pub(super) fn get(&self) -> Result<Arc<rayon::ThreadPool>> {
+        let pid = std::process::id();
+        loop {
+            let current = self.started.load(Ordering::Acquire);
+            // SAFETY: a non-null pointer is a Box<Started> of this pool, freed only by Drop
+            // (which has the pool to itself); one replaced below is never freed.
+            if let Some(started) = unsafe { current.as_ref() } {
+                if started.pid == pid {
+                    return Ok(started.pool.clone());
+                }
+            }
+            let fresh = Box::into_raw(Box::new(Started::new(self.num_threads, pid)?));
+            match self
+                .started
+                .compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire)
+            {
+                // `current` is null, or the parent's pool, inherited through fork(): its
+                // threads do not exist here, and shutting it down would wait for them forever,
+                // so it is left as it is.
+                // SAFETY: `fresh` is now this pool's, as above.
+                Ok(_) => return Ok(unsafe { &*fresh }.pool.clone()),
+                Err(_) => {
+                    // Another thread started this process's pool first: ours goes, theirs
+                    // serves (the next turn of the loop finds it).
+                    // SAFETY: `fresh` was never published.
+                    unsafe { Box::from_raw(fresh) }.shut_down();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        let ptr = std::mem::replace(self.started.get_mut(), std::ptr::null_mut());
+        if ptr.is_null() {
+            return;
+        }
+        // SAFETY: a Box<Started> of this pool (see `started`), which no other thread can reach.
+        let started = unsafe { Box::from_raw(ptr) };
+        if started.pid != std::process::id() {
+            // The parent's, inherited through fork(): see `get`.
+            std::mem::forget(started);
+            return;
+        }
+        started.shut_down();
     }
 }
 
