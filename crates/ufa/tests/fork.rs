@@ -4,6 +4,8 @@
 
 #![cfg(unix)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ufa::{Context, DType};
 use ufa_testkit::{Case, Instance};
@@ -53,35 +55,9 @@ fn forked_child_can_destroy_a_context_it_never_used() {
 /// on a 2-core VM, and once in CI beside forked_child_can_compute).
 #[test]
 fn fork_while_another_thread_computes() {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let busy = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let ctx = Context::builder().num_threads(2).build().unwrap();
-            let case = Case::new(1, 100, 300, 4, 64, DType::F32);
-            let mut inst = Instance::new(&case, 7);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                inst.run(&ctx).unwrap();
-            }
-        })
-    };
-    let ctx = Context::builder().num_threads(2).build().unwrap();
-    let case = Case::new(1, 100, 300, 4, 64, DType::F32);
-    for round in 0..400 {
-        // SAFETY: the child only computes with ufa and exits without unwinding.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            let ok = Instance::new(&case, 3).run(&ctx).is_ok();
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-        }
-        wait_for_child(
-            pid,
-            &format!("computing while another thread did (round {round})"),
-        );
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    busy.join().unwrap();
+    let busy = Arc::new(Context::builder().num_threads(2).build().unwrap());
+    let ctx = Arc::new(Context::builder().num_threads(2).build().unwrap());
+    fork_beside_a_busy_thread(busy, ctx, "computing while another thread did");
 }
 
 /// The same with one context shared by both threads (as Python's calls share one): the
@@ -89,15 +65,21 @@ fn fork_while_another_thread_computes() {
 /// looking it up (a lookup under a lock would leave the lock held in the child).
 #[test]
 fn fork_while_another_thread_computes_on_the_same_context() {
-    let ctx = std::sync::Arc::new(Context::builder().num_threads(2).build().unwrap());
+    let ctx = Arc::new(Context::builder().num_threads(2).build().unwrap());
+    fork_beside_a_busy_thread(ctx.clone(), ctx, "computing on a shared context");
+}
+
+/// 400 forks, each child computing on `ctx`, while another thread computes on `busy` in a
+/// loop.
+fn fork_beside_a_busy_thread(busy: Arc<Context>, ctx: Arc<Context>, doing: &str) {
     let case = Case::new(1, 100, 300, 4, 64, DType::F32);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let busy = {
-        let (stop, ctx, case) = (stop.clone(), ctx.clone(), case.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (stop, case) = (stop.clone(), case.clone());
         std::thread::spawn(move || {
             let mut inst = Instance::new(&case, 7);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                inst.run(&ctx).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                inst.run(&busy).unwrap();
             }
         })
     };
@@ -109,13 +91,10 @@ fn fork_while_another_thread_computes_on_the_same_context() {
             let ok = Instance::new(&case, 3).run(&ctx).is_ok();
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
-        wait_for_child(
-            pid,
-            &format!("computing on a shared context (round {round})"),
-        );
+        wait_for_child(pid, &format!("{doing} (round {round})"));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    busy.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
 }
 
 /// Waits up to 30 s for the child to exit with status 0.
