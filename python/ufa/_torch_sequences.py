@@ -133,6 +133,14 @@ def _int32(x: Optional[Tensor], name: str) -> Optional[Tensor]:
     raise TypeError(f"{name}.dtype={x.dtype} but must be an integer dtype (int32)")
 
 
+def _out_bshd(q: Tensor, dv: int) -> Tensor:
+    """The ``[B, S, H, Dv]`` output of q: empty_like where that is the same tensor (q
+    contiguous, equal head dims), as it costs half of new_empty."""
+    if dv == q.shape[-1] and q.is_contiguous():
+        return torch.empty_like(q)
+    return q.new_empty(q.shape[:3] + (dv,))
+
+
 def _last_contiguous(t: Tensor) -> Tensor:
     """The core needs stride 1 in the last dimension; anything else (rare) is copied, as
     FlashAttention's own wrappers do."""
@@ -480,9 +488,7 @@ def flash_attn_with_kvcache(
             "its cache entry (cache_seqlens counts them)")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits={num_splits!r} must be an int >= 0")
-    # The _Scores record's fields as keywords directly: this is the decoding step, called once
-    # a token, where each microsecond of the wrapper counts (bench/python_overhead.py).
-    left, right = _window(window_size)
+    s = _scores(softmax_scale, causal, window_size, softcap, checked=checked)
     batch = q.shape[0]
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required: the keys already in the cache for each "
@@ -491,10 +497,7 @@ def flash_attn_with_kvcache(
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     cache_seqlens = _int32(cache_seqlens, "cache_seqlens")
     q = _last_contiguous(q)
-    dv = v_cache.shape[-1]
-    # empty_like costs half of new_empty; for a contiguous q it is the same tensor.
-    out = (torch.empty_like(q) if dv == q.shape[-1] and q.is_contiguous()
-           else q.new_empty(q.shape[:3] + (dv,)))
+    out = _out_bshd(q, v_cache.shape[-1])
     lse = (q.new_empty((batch, q.shape[2], q.shape[1]), dtype=torch.float32)
            if return_softmax_lse else None)
     _ufa.forward_kvcache(
@@ -502,7 +505,5 @@ def flash_attn_with_kvcache(
         block_table=_int32(block_table, "block_table"),
         cache_batch_idx=_int32(cache_batch_idx, "cache_batch_idx"), k=k, v=v,
         rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
-        alibi_slopes=alibi_slopes, tf32=_tf32(q),
-        scale=None if softmax_scale is None else float(softmax_scale), causal=bool(causal),
-        window_left=left, window_right=right, softcap=float(softcap), checked=bool(checked))
+        alibi_slopes=alibi_slopes, tf32=_tf32(q), **s.kwargs())
     return (out, lse) if return_softmax_lse else out

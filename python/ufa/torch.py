@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import _ufa
 from ._torch_sequences import (_dropout_refusal, _dropout_rng, _dropout_seed, _last_contiguous,
-                               _seed_offset, _split_rng, _tf32)
+                               _out_bshd, _seed_offset, _split_rng, _tf32)
 from ._torch_sequences import (  # noqa: F401  (re-exported: FlashAttention's other entry points)
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -418,12 +418,9 @@ def _attention(q, k, v, scale, causal, top_left, window_left, window_right, soft
     if v.dim() != 4:
         raise ValueError(f"v must have 4 dimensions [batch, seqlen, heads, head_dim_v], got "
                          f"{v.dim()} (shape {tuple(v.shape)})")
-    b, sq, hq, d = q.shape
+    b, sq, hq = q.shape[:3]
     if out is None:
-        dv = v.shape[-1]
-        # empty_like costs half of new_empty; for a contiguous q it is the same tensor.
-        out = (torch.empty_like(q) if dv == d and q.is_contiguous()
-               else q.new_empty((b, sq, hq, dv)))
+        out = _out_bshd(q, v.shape[-1])
     lse = q.new_empty((b, hq, sq), dtype=torch.float32) if return_lse else None
     _forward_into(q, k, v, out, lse, mask, alibi_slopes, scale, causal, top_left, window_left,
                   window_right, softcap, dropout_p, seed)
