@@ -22,12 +22,12 @@
 //   barrier until the end, where the warps' states are merged in shared memory. Each warp keeps
 //   STAGES - 1 tiles in flight while it computes one, which is what covers HBM latency.
 //
-// - A KV-cache call's append in the same launch. Each block first writes the call's new rows
-//   that it will read (rotated keys, values: append.cuh) into the cache itself, so no block
-//   waits for another; blocks of the same KV head that read the same rows write the same bits
-//   there. The new rows that no block reads (outside every row's band) are shared out among
-//   the first row block's splits. q is rotated in shared memory as it is loaded. One launch
-//   where an append kernel, a q rotation kernel and a copy of q came first.
+// - A KV-cache call's append in the same launch. The warp whose tile holds a new row writes
+//   it (rotated keys, values: append.cuh) into the cache before it copies that tile, so no
+//   block waits for another; blocks of the same KV head that read the same rows write the
+//   same bits there. The new rows that no block reads (outside every row's band) are shared
+//   out among the first row block's splits. q is rotated in shared memory as it is loaded.
+//   One launch where an append kernel, a q rotation kernel and a copy of q came first.
 //
 // The tile math (S = Q Kᵀ, online softmax, O += P V) is the prefill kernel's (fwd_tile.cuh);
 // here every key tile is one warp's BLOCK_N keys against all the block's packed rows.

@@ -467,7 +467,9 @@ impl CudaBackend {
                 if rot_need > 0 {
                     planned.use_rotated_q(w.ptr as *mut u8);
                 }
-                let decode_need = decode_plan(dev, &planned.attn)
+                // A fused call's plan is the one it runs (its q is the caller's).
+                let decode_need = fused
+                    .or_else(|| decode_plan(dev, &planned.attn))
                     .map_or(0, |plan| plan.scratch_bytes(&planned.attn));
                 let need = rot_need + decode_need;
                 if w.bytes < need {
