@@ -81,8 +81,8 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// N fp32 operand values as tensor-core inputs: `hi` rounded to TF32 and, with SPLIT, `lo` the
-// remainder rounded too, so that a·b = a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to about 2^-22
+// An fp32 value as tensor-core input: `hi` rounded to TF32 and, with SPLIT, `lo` the
+// remainder rounded too (0 without), so that a·b = a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to about 2^-22
 // relative (the 3xTF32 scheme, CUTLASS's "fast fp32"; a_lo·b_lo is below fp32 rounding).
 // Without SPLIT one TF32 product (2^-11 per operand), with IEEE infinities.
 //
@@ -96,20 +96,29 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
 // FLT_MAX keep their remainder instead of rounding to infinity. The clamp and the integer
 // rounding (round half away from zero, cvt.rna's rule, exact for finite clamped values) cost
 // the four instructions sm_80/sm_90 spend on cvt.rna.tf32 alone (cvt.rna.satfinite: six).
+template <bool SPLIT>
+__device__ __forceinline__ void tf32_pair(float x, uint32_t& hi, uint32_t& lo) {
+    if constexpr (SPLIT) {
+        const float max_tf32 = __uint_as_float(0x7f7fe000u);
+        const float c = fminf(fmaxf(x, -max_tf32), max_tf32);
+        hi = (__float_as_uint(c) + 0x1000u) & 0xffffe000u;
+        lo = to_tf32(x - __uint_as_float(hi));
+    } else {
+        hi = to_tf32(x);
+        lo = 0;
+    }
+}
+
+// `tf32_pair` for the N values of an mma.sync fragment.
 template <int N, bool SPLIT>
 struct Tf32Frag {
     uint32_t hi[N];
     uint32_t lo[SPLIT ? N : 1];
 
     __device__ __forceinline__ void set(int i, float x) {
-        if constexpr (SPLIT) {
-            const float max_tf32 = __uint_as_float(0x7f7fe000u);
-            const float c = fminf(fmaxf(x, -max_tf32), max_tf32);
-            hi[i] = (__float_as_uint(c) + 0x1000u) & 0xffffe000u;
-            lo[i] = to_tf32(x - __uint_as_float(hi[i]));
-        } else {
-            hi[i] = to_tf32(x);
-        }
+        uint32_t low;
+        tf32_pair<SPLIT>(x, hi[i], low);
+        if constexpr (SPLIT) lo[i] = low;
     }
     __device__ __forceinline__ void set_bits(int i, uint32_t bits) { set(i, __uint_as_float(bits)); }
 };

@@ -21,7 +21,8 @@ use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 ///   type names, which no flag changes, so f16 is compiled for each tile with no flags and with
 ///   all of them, and bf16 with every flag set. Likewise fp32's TF32 mode on sm_80 beside its
 ///   3xTF32 builds: one product instead of three, which no flag changes (44 compile-seconds
-///   saved, 2026-12-06, when CI's whole run took 1218 s of its 20 minutes). The
+///   saved, 2026-12-06, when CI's whole run took 1218 s of its 20 minutes), and so on sm_90a
+///   beside the Hopper fp32 kernel's 3xTF32 builds (fwd_sm90_f32.cu). The
 ///   warp-specialised Hopper forward is compiled in bf16 alone (its f16 conversions and wgmma
 ///   type names are those of the cp.async kernel's f16 builds).
 ///
@@ -60,6 +61,7 @@ fn compiled(arch: &str, kernel: &str) -> bool {
         "ufa_fwd_sm80_bf16_",
         "ufa_bwd_sm80_bf16_",
         "ufa_fwd_sm90_f16_",
+        "ufa_fwd_sm90_tf32_",
     ]) || flag_extremes(kernel)
 }
 
@@ -74,7 +76,9 @@ fn flag_extremes(kernel: &str) -> bool {
     let taken: Vec<&str> = FLAGS
         .into_iter()
         .filter(|&f| match f {
-            "paged" => kernel.starts_with("ufa_fwd_decode_") || kernel.starts_with("ufa_fwd_sm90_"),
+            "paged" => ["ufa_fwd_decode_", "ufa_fwd_sm90_f16_", "ufa_fwd_sm90_bf16_"]
+                .iter()
+                .any(|p| kernel.starts_with(p)),
             "drop" => !kernel.starts_with("ufa_fwd_decode_"),
             _ => true,
         })
@@ -138,6 +142,9 @@ fn flag_extremes_keep_no_flags_and_all_flags() {
             "ufa_fwd_sm90_f16_d64_m128_n128_s2_b1_mod_seqs_paged_drop",
             true,
         ),
+        ("ufa_fwd_sm90_tf32_d64_m128_n64_mod_seqs_drop", true),
+        ("ufa_fwd_sm90_tf32_d128_m128_n32", true),
+        ("ufa_fwd_sm90_tf32_d128_m128_n32_seqs", false),
         ("ufa_fwd_sm90_f16_d64_m128_n128_s2_b1_mod_seqs_drop", false),
         ("ufa_fwd_sm90_f16_d64_m128_n128_s2_b2", true),
     ] {

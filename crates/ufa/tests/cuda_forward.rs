@@ -54,17 +54,41 @@ fn fp32_takes_the_tensor_cores() {
         let r = check_case_cuda(&ctx, &c, 3, 0).unwrap();
         assert!(r.passed(), "{}: {}", c.describe(), r.summary());
     }
+    // Hopper's wgmma kernel (fwd_sm90_f32.cu), mma.sync's elsewhere.
     let kernels = loaded_kernels(&ctx);
+    let arch = if kernels.iter().any(|k| k.starts_with("ufa_fwd_sm90")) {
+        "sm90"
+    } else {
+        "sm80"
+    };
     assert!(
         kernels
             .iter()
-            .any(|k| k.starts_with("ufa_fwd_sm80_f32_d64"))
+            .any(|k| k.starts_with(&format!("ufa_fwd_{arch}_f32_d64")))
             && kernels
                 .iter()
-                .any(|k| k.starts_with("ufa_fwd_sm80_tf32_d64"))
+                .any(|k| k.starts_with(&format!("ufa_fwd_{arch}_tf32_d64")))
             && !kernels.iter().any(|k| k.starts_with("ufa_fwd_simple")),
         "{kernels:?}"
     );
+}
+
+/// Thousands of keys a row in fp32: tensor cores add into their accumulators truncating, so a
+/// sum that ran long in them would drift from the f64 reference with the key count (5.6e-5 at
+/// 8k keys on mma.sync before its sums were kept short, five times the bound).
+#[test]
+fn fp32_long_key_rows_stay_at_the_fp32_bound() {
+    let ctx = Context::new().unwrap();
+    if !gpu_present(&ctx) {
+        return;
+    }
+    for d in [64, 128] {
+        let mut c = Case::new(1, 80, 8192, 2, d, DType::F32);
+        c.heads_kv = 1;
+        let r = check_case_cuda(&ctx, &c, 11, 0).unwrap();
+        eprintln!("{}: {}", c.describe(), r.summary());
+        assert!(r.passed(), "{}: {}", c.describe(), r.summary());
+    }
 }
 
 /// Q/K and V of different head dims (MLA's 192 and 128, and the other way round) run on the
@@ -434,5 +458,10 @@ fn sanitizer_case() {
     // shared memory between two barriers (racecheck's case), over several key tiles.
     let mut i = b.clone();
     (i.head_dim, i.head_dim_v) = (512, 512);
-    run_cases(&[a, b, c, d, e, f, g, h, i]);
+    // fp32 at head dim 128 in the TF32 mode (on Hopper the wgmma kernel, whose tiles are
+    // rewritten in shared memory between barriers), over four key tiles.
+    let mut j = a.clone();
+    (j.head_dim, j.head_dim_v, j.dtype, j.out_dtype) = (128, 128, DType::F32, DType::F32);
+    j.fp32_precision = Fp32Precision::Tf32;
+    run_cases(&[a, b, c, d, e, f, g, h, i, j]);
 }

@@ -82,7 +82,8 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         c.page_size = page;
         cases.push(c);
     }
-    // fp32 on TF32 tensor cores over paged keys, in both precisions, one with score modifiers.
+    // fp32 on TF32 tensor cores over paged keys, in both precisions, one with score modifiers;
+    // and packed (on Hopper the wgmma kernel's sequence variants; paged keys stay on mma.sync).
     for (precision, d) in [(Fp32Precision::Tf32, 128), (Fp32Precision::Ieee, 64)] {
         let mut f = Features::new(8, 2, d, DType::F32);
         f.causal = true;
@@ -92,6 +93,10 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         c.page_size = Some(16);
         c.used_kv = Some(vec![555, 90]);
         cases.push(c);
+        let mut f = Features::new(8, 2, 192 - d, DType::F32);
+        f.fp32_precision = precision;
+        f.softcap = if d == 64 { 0.0 } else { 20.0 };
+        cases.push(VarlenCase::new(&[150, 1, 70], &[200, 333, 90], f));
     }
     cases
 }

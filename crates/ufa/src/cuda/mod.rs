@@ -11,6 +11,7 @@ mod driver;
 mod nvrtc;
 mod params;
 mod sm90;
+mod sm90_f32;
 mod sources;
 mod tiles;
 mod tma;

@@ -420,7 +420,7 @@ pub(crate) fn tma_call(
 
 /// How a wrapper takes its A operand.
 #[derive(Clone, Copy)]
-enum AOperand {
+pub(crate) enum AOperand {
     /// A shared-memory descriptor (`uint64_t desc_a`).
     Shared,
     /// Four registers of packed 16-bit pairs (`const uint32_t (&a)[4]`), the mma.sync A
@@ -428,10 +428,20 @@ enum AOperand {
     Registers,
 }
 
-/// `template <typename T> void NAME(float (&d)[n/2], A, uint64_t desc_b, int accumulate)`:
-/// one m64nNk16 wgmma with fp32 accumulators; `accumulate == 0` overwrites `d`.
-/// `trans_a`/`trans_b`: the shared operand is MN-major (read transposed); a register A never is.
-fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> String {
+impl AOperand {
+    /// The wrapper's parameter for A.
+    fn param(self) -> &'static str {
+        match self {
+            AOperand::Shared => "uint64_t desc_a",
+            AOperand::Registers => "const uint32_t (&a)[4]",
+        }
+    }
+}
+
+/// The asm statement of one m64nN wgmma with fp32 accumulators `d` (`shape_types`: the rest of
+/// the shape and the types, e.g. `k16.f32.bf16.bf16`), A as `a` says, B from `desc_b`, and the
+/// scale/transpose immediates `imms`; `accumulate == 0` overwrites `d`.
+fn wgmma_statement(n: u32, a: AOperand, shape_types: &str, imms: &str) -> String {
     let acc = n / 2;
     let regs = (0..acc)
         .map(|i| format!("%{i}"))
@@ -441,20 +451,29 @@ fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> Str
         .map(|i| format!("\"+f\"(d[{i}])"))
         .collect::<Vec<_>>()
         .join(", ");
-    let (a_param, a_text, a_inputs, next) = match a {
-        AOperand::Shared => (
-            "uint64_t desc_a",
-            format!("%{acc}"),
-            "\"l\"(desc_a)".to_string(),
-            acc + 1,
-        ),
+    let (a_text, a_inputs, next) = match a {
+        AOperand::Shared => (format!("%{acc}"), "\"l\"(desc_a)".to_string(), acc + 1),
         AOperand::Registers => (
-            "const uint32_t (&a)[4]",
             format!("{{%{}, %{}, %{}, %{}}}", acc, acc + 1, acc + 2, acc + 3),
             "\"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3])".to_string(),
             acc + 4,
         ),
     };
+    format!(
+        "asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc_flag}, 0;\\n\"\n\
+         \"wgmma.mma_async.sync.aligned.m64n{n}{shape_types} {{{regs}}}, {a_text}, \
+         %{desc_b}, p, {imms};\\n}}\\n\"\n        : {outputs}\n        : {a_inputs}, \
+         \"l\"(desc_b), \"r\"(accumulate));",
+        acc_flag = next + 1,
+        desc_b = next,
+    )
+}
+
+/// `template <typename T> void NAME(float (&d)[n/2], A, uint64_t desc_b, int accumulate)`:
+/// one m64nNk16 wgmma of f16 or bf16 operands (T::is_bf16) with fp32 accumulators;
+/// `accumulate == 0` overwrites `d`. `trans_a`/`trans_b`: the shared operand is MN-major (read
+/// transposed); a register A never is.
+fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> String {
     // Scale and transpose immediates (A and B unscaled); the register form has no A transpose.
     let imms = match a {
         AOperand::Shared => format!("1, 1, {}, {}", trans_a as u8, trans_b as u8),
@@ -463,22 +482,26 @@ fn wrapper(name: &str, n: u32, a: AOperand, trans_a: bool, trans_b: bool) -> Str
             format!("1, 1, {}", trans_b as u8)
         }
     };
-    let statement = |ty: &str| {
-        format!(
-            "asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc_flag}, 0;\\n\"\n\
-             \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{regs}}}, {a_text}, \
-             %{desc_b}, p, {imms};\\n}}\\n\"\n        : {outputs}\n        : {a_inputs}, \
-             \"l\"(desc_b), \"r\"(accumulate));",
-            acc_flag = next + 1,
-            desc_b = next,
-        )
-    };
     format!(
-        "template <typename T>\n__device__ __forceinline__ void {name}(float (&d)[{acc}], \
-         {a_param}, uint64_t desc_b, int accumulate) {{\n    if constexpr (T::is_bf16) {{\n        \
+        "template <typename T>\n__device__ __forceinline__ void {name}(float (&d)[{}], \
+         {}, uint64_t desc_b, int accumulate) {{\n    if constexpr (T::is_bf16) {{\n        \
          {}\n    }} else {{\n        {}\n    }}\n}}\n",
-        statement("bf16"),
-        statement("f16"),
+        n / 2,
+        a.param(),
+        wgmma_statement(n, a, "k16.f32.bf16.bf16", &imms),
+        wgmma_statement(n, a, "k16.f32.f16.f16", &imms),
+    )
+}
+
+/// `void NAME(float (&d)[n/2], A, uint64_t desc_b, int accumulate)`: one m64nNk8 wgmma of TF32
+/// operands, which have no transposed form (both K-major).
+pub(crate) fn tf32_wrapper(name: &str, n: u32, a: AOperand) -> String {
+    format!(
+        "__device__ __forceinline__ void {name}(float (&d)[{}], {}, uint64_t desc_b, int \
+         accumulate) {{\n    {}\n}}\n",
+        n / 2,
+        a.param(),
+        wgmma_statement(n, a, "k8.f32.tf32.tf32", "1, 1"),
     )
 }
 
@@ -737,7 +760,13 @@ pub(crate) fn bwd_wrappers(tile: &WgmmaBwdTile) -> String {
 
 /// The entry point's body: `function<type_tag, config, flags>(p)`, after a check that the
 /// config's shared-memory size is the `smem` bytes the host launches it with.
-fn entry_call(function: &str, config: String, smem: u32, flags: &str, type_tag: &str) -> String {
+pub(crate) fn entry_call(
+    function: &str,
+    config: String,
+    smem: u32,
+    flags: &str,
+    type_tag: &str,
+) -> String {
     format!(
         "using Cfg = {config};\n  static_assert(Cfg::kSmemBytes == {smem}, \"the host's \
          shared-memory size\");\n  {function}<{type_tag}, Cfg, {flags}>(p)"

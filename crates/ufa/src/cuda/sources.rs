@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 /// Every kernel source of `crates/ufa/kernels/` (a test checks that none is missing).
-pub(crate) const KERNEL_FILES: [(&str, &str); 24] = [
+pub(crate) const KERNEL_FILES: [(&str, &str); 25] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("sequence.cuh", include_str!("../../kernels/sequence.cuh")),
     ("mask.cuh", include_str!("../../kernels/mask.cuh")),
@@ -27,6 +27,10 @@ pub(crate) const KERNEL_FILES: [(&str, &str); 24] = [
         include_str!("../../kernels/fwd_sm90_tile.cuh"),
     ),
     ("fwd_sm90.cu", include_str!("../../kernels/fwd_sm90.cu")),
+    (
+        "fwd_sm90_f32.cu",
+        include_str!("../../kernels/fwd_sm90_f32.cu"),
+    ),
     (
         "fwd_sm90_tma.cu",
         include_str!("../../kernels/fwd_sm90_tma.cu"),

@@ -8,6 +8,7 @@
 use super::abi::{ROW_WARPS, SIMPLE_WARPS, STREAM_ROWS};
 use super::decode::DecodeTile;
 use super::sm90::{self, TmaFwdTile, WgmmaBwdTile, WgmmaTile};
+use super::sm90_f32::{self, F32WgmmaTile};
 use super::sources::Program;
 use super::tiles::{mma_tile_head_dim_pair, tile_for, BwdTile, Tile};
 use crate::dtype::DType;
@@ -42,6 +43,15 @@ pub(crate) enum Variant {
         score_mod: bool,
         seqs: bool,
         paged: bool,
+        dropout: bool,
+    },
+    /// The fp32 forward on Hopper tensor cores (wgmma TF32, kernels/fwd_sm90_f32.cu): three
+    /// products a product, or one with `tf32`; flags as for `FwdSm80` (no paged caches).
+    FwdSm90F32 {
+        tile: F32WgmmaTile,
+        tf32: bool,
+        score_mod: bool,
+        seqs: bool,
         dropout: bool,
     },
     /// The forward on Hopper for dense batches (kernels/fwd_sm90_tma.cu): warp-specialised, K
@@ -242,6 +252,19 @@ impl Variant {
                 };
             }
         }
+        if tensor_cores && dtype == DType::F32 && hopper && sm90::wgmma_enabled() && same_dims {
+            if let Some(tile) =
+                sm90_f32::f32_wgmma_tile_for(p.head_dim, max_smem).filter(|_| !p.k.rows.is_paged())
+            {
+                return Variant::FwdSm90F32 {
+                    tile,
+                    tf32: rounds_to_tf32(p),
+                    score_mod,
+                    seqs,
+                    dropout,
+                };
+            }
+        }
         let bytes = dtype.size_in_bytes();
         let tile = mma_tile_head_dim_pair(p.head_dim, p.head_dim_v, bytes)
             .filter(|_| tensor_cores)
@@ -311,6 +334,21 @@ impl Variant {
                 t.min_blocks,
                 flags(score_mod, seqs),
                 if paged { "_paged" } else { "" },
+                if dropout { "_drop" } else { "" }
+            ),
+            Variant::FwdSm90F32 {
+                tile: t,
+                tf32,
+                score_mod,
+                seqs,
+                dropout,
+            } => format!(
+                "ufa_fwd_sm90_{}_d{}_m{}_n{}{}{}",
+                if tf32 { "tf32" } else { "f32" },
+                t.head_dim,
+                t.block_m,
+                t.block_n,
+                flags(score_mod, seqs),
                 if dropout { "_drop" } else { "" }
             ),
             Variant::FwdSm90Tma {
@@ -403,6 +441,7 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.warps * 32,
             Variant::FwdSm90 { tile, .. } => tile.threads(),
+            Variant::FwdSm90F32 { tile, .. } => tile.threads(),
             Variant::FwdSm90Tma { tile, .. } => tile.threads(),
             Variant::FwdDecode { tile, .. } => tile.warps * 32,
             Variant::DecodeCombine => ROW_KERNEL_WARPS * 32,
@@ -418,6 +457,7 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.smem_bytes(),
             Variant::FwdSm90 { tile, .. } => tile.smem_bytes(),
+            Variant::FwdSm90F32 { tile, tf32, .. } => tile.smem_bytes(!tf32),
             Variant::FwdSm90Tma { tile, .. } => tile.smem_bytes(),
             Variant::FwdDecode { tile, .. } => tile.smem_bytes(),
             Variant::BwdSm80 { tile, .. } => tile.smem_bytes(),
@@ -436,6 +476,7 @@ impl Variant {
         match self {
             Variant::FwdSm80 { tile, .. } => tile.block_m,
             Variant::FwdSm90 { tile, .. } => tile.block_m,
+            Variant::FwdSm90F32 { tile, .. } => tile.block_m,
             Variant::FwdSm90Tma { tile, .. } => tile.block_m,
             Variant::FwdSimple { .. } => SIMPLE_WARPS,
             Variant::FwdDecode { tile, .. } => tile.rows(),
@@ -459,9 +500,10 @@ impl Variant {
     /// tensor maps, which the TMA reads from the parameter space (`__grid_constant__`).
     pub fn params_type(&self) -> &'static str {
         match self {
-            Variant::FwdSm80 { .. } | Variant::FwdSm90 { .. } | Variant::FwdSimple { .. } => {
-                "const FwdParams"
-            }
+            Variant::FwdSm80 { .. }
+            | Variant::FwdSm90 { .. }
+            | Variant::FwdSm90F32 { .. }
+            | Variant::FwdSimple { .. } => "const FwdParams",
             Variant::FwdDecode { .. } | Variant::DecodeCombine => "const DecodeParams",
             Variant::BwdSm80 { .. } | Variant::BwdRows(_) => "const BwdParams",
             Variant::FwdSm90Tma { .. } => "const __grid_constant__ FwdSm90Params",
@@ -521,6 +563,18 @@ impl Variant {
                 wgmma_ops(sm90::wrappers(t.head_dim, t.block_n)),
                 t.min_blocks,
                 sm90::call(&t, score_mod, seqs, paged, dropout, type_tag(dtype)),
+            ),
+            Variant::FwdSm90F32 {
+                tile: t,
+                tf32,
+                score_mod,
+                seqs,
+                dropout,
+            } => (
+                "fwd_sm90_f32.cu",
+                wgmma_ops(sm90_f32::wrappers(&t)),
+                1,
+                sm90_f32::call(&t, !tf32, score_mod, seqs, dropout),
             ),
             Variant::FwdSm90Tma {
                 dtype,
@@ -690,6 +744,26 @@ impl Variant {
                             score_mod,
                             dropout,
                         });
+                    }
+                }
+            }
+        }
+        // fp32 on Hopper, both precisions.
+        for d in sm90_f32::F32_WGMMA_HEAD_DIMS {
+            for (score_mod, seqs) in flag_sets {
+                for dropout in [false, true] {
+                    for tf32 in [false, true] {
+                        if let Some(tile) =
+                            sm90_f32::f32_wgmma_tile_for(d, max_smem).filter(|_| hopper)
+                        {
+                            v.push(Variant::FwdSm90F32 {
+                                tile,
+                                tf32,
+                                score_mod,
+                                seqs,
+                                dropout,
+                            });
+                        }
                     }
                 }
             }
@@ -942,6 +1016,49 @@ mod tests {
         assert_eq!(tile_of(2048, 128, &plain), (128, true));
     }
 
+    /// fp32 on Hopper takes the wgmma TF32 kernel at head dims 64 and 128 in both precisions,
+    /// dense or packed; other head dims and other devices take mma.sync.
+    #[test]
+    fn fp32_hopper_problems_take_the_wgmma_kernel() {
+        let select = |d: usize, precision: Fp32Precision, hopper: bool| {
+            let x = vec![0f32; 100 * 2 * d];
+            let mut out = x.clone();
+            let v = TensorView::new(&x, &[1, 100, 2, d]).unwrap();
+            let o = TensorViewMut::new(&mut out, &[1, 100, 2, d]).unwrap();
+            let params = AttentionParams::default().fp32_precision(precision);
+            let p = validate_forward(&v, &v, &v, &o, None, &params).unwrap();
+            Variant::select(&p, 232_448, hopper)
+        };
+        for d in [64, 128] {
+            for (precision, tf32_wanted) in
+                [(Fp32Precision::Ieee, false), (Fp32Precision::Tf32, true)]
+            {
+                match select(d, precision, true) {
+                    Variant::FwdSm90F32 { tile, tf32, .. } => {
+                        assert_eq!((tile.head_dim, tf32), (d as u32, tf32_wanted));
+                        let name = select(d, precision, true).kernel_name();
+                        let kind = if tf32_wanted { "tf32" } else { "f32" };
+                        assert!(
+                            name.starts_with(&format!("ufa_fwd_sm90_{kind}_d{d}_")),
+                            "{name}"
+                        );
+                    }
+                    other => panic!("d{d}: {other:?}"),
+                }
+                assert!(matches!(
+                    select(d, precision, false),
+                    Variant::FwdSm80 { .. }
+                ));
+            }
+        }
+        for d in [32, 96, 256] {
+            assert!(matches!(
+                select(d, Fp32Precision::Ieee, true),
+                Variant::FwdSm80 { .. }
+            ));
+        }
+    }
+
     #[test]
     fn dense_hopper_problems_take_the_warp_specialised_forward_where_maps_fit() {
         for d in sm90::WGMMA_HEAD_DIMS {
@@ -1139,7 +1256,7 @@ mod tests {
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
         // paged), and the warp-specialised one for dense batches (4 tile widths and MLA's
         // 192/128 with every flag, 4 head dims between the tiles plain, d64's long-problem
-        // tile); sm_80 forward (f16, bf16,
+        // tile), and fp32's 2 head dims × 2 precisions × 4 flag sets; sm_80 forward (f16, bf16,
         // fp32 and its TF32 mode) 4 × 7 × 4, and the wide head dims (f16, bf16) 2 × 3 × 4;
         // decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4
@@ -1149,6 +1266,7 @@ mod tests {
             all.len(),
             2 * 4 * 6 * 2
                 + 2 * (5 * 2 * 2 + 4 + 1)
+                + 2 * 2 * 4 * 2
                 + 4 * 7 * 4 * 2
                 + 2 * 3 * 4 * 2
                 + 2 * 11 * 6
@@ -1163,7 +1281,7 @@ mod tests {
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4 + 1) - 2 * 5 * 2 * 2
+            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4 + 1) - 2 * 2 * 4 * 2 - 2 * 5 * 2 * 2
         );
     }
 }
