@@ -1016,7 +1016,7 @@ mod tests {
         assert_eq!(tile_of(2048, 128, &plain), (128, true));
     }
 
-    /// fp32 on Hopper takes the wgmma TF32 kernel at head dims 64 and 128 in both precisions,
+    /// fp32 on Hopper takes the wgmma TF32 kernel at head dims 32-128 in both precisions,
     /// dense or packed; other head dims and other devices take mma.sync.
     #[test]
     fn fp32_hopper_problems_take_the_wgmma_kernel() {
@@ -1029,7 +1029,7 @@ mod tests {
             let p = validate_forward(&v, &v, &v, &o, None, &params).unwrap();
             Variant::select(&p, 232_448, hopper)
         };
-        for d in [64, 128] {
+        for d in [32, 64, 96, 128] {
             for (precision, tf32_wanted) in
                 [(Fp32Precision::Ieee, false), (Fp32Precision::Tf32, true)]
             {
@@ -1051,11 +1051,9 @@ mod tests {
                 ));
             }
         }
-        for d in [32, 96, 256] {
-            assert!(matches!(
-                select(d, Fp32Precision::Ieee, true),
-                Variant::FwdSm80 { .. }
-            ));
+        for d in [40, 160, 256] {
+            let v = select(d, Fp32Precision::Ieee, true);
+            assert!(matches!(v, Variant::FwdSm80 { .. }), "d{d}: {v:?}");
         }
     }
 
@@ -1256,7 +1254,7 @@ mod tests {
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
         // paged), and the warp-specialised one for dense batches (4 tile widths and MLA's
         // 192/128 with every flag, 4 head dims between the tiles plain, d64's long-problem
-        // tile), and fp32's 2 head dims × 2 precisions × 4 flag sets; sm_80 forward (f16, bf16,
+        // tile), and fp32's 4 head dims × 2 precisions × 4 flag sets; sm_80 forward (f16, bf16,
         // fp32 and its TF32 mode) 4 × 7 × 4, and the wide head dims (f16, bf16) 2 × 3 × 4;
         // decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4
@@ -1266,7 +1264,7 @@ mod tests {
             all.len(),
             2 * 4 * 6 * 2
                 + 2 * (5 * 2 * 2 + 4 + 1)
-                + 2 * 2 * 4 * 2
+                + 4 * 2 * 4 * 2
                 + 4 * 7 * 4 * 2
                 + 2 * 3 * 4 * 2
                 + 2 * 11 * 6
@@ -1281,7 +1279,7 @@ mod tests {
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4 + 1) - 2 * 2 * 4 * 2 - 2 * 5 * 2 * 2
+            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4 + 1) - 4 * 2 * 4 * 2 - 2 * 5 * 2 * 2
         );
     }
 }
