@@ -22,7 +22,11 @@ use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 ///   all of them, and bf16 with every flag set. Likewise fp32's TF32 mode on sm_80 beside its
 ///   3xTF32 builds: one product instead of three, which no flag changes (44 compile-seconds
 ///   saved, 2026-12-06, when CI's whole run took 1218 s of its 20 minutes), and so on sm_90a
-///   beside the Hopper fp32 kernel's 3xTF32 builds (fwd_sm90_f32.cu). The
+///   beside the Hopper fp32 kernel's 3xTF32 builds (fwd_sm90_f32.cu). The fp32 mma.sync
+///   kernels on sm_80 likewise (their flags' code is the bf16 builds', compiled with every
+///   flag; what is fp32's own, the TF32 tile products, no flag changes: 100 of the check's 570
+///   compile-seconds, 2026-12-07, when CI took 1237 s), and the Hopper fp32 kernel in full at
+///   head dim 128 only (the most registers), at its flag extremes below. The
 ///   warp-specialised Hopper forward is compiled in bf16 alone (its f16 conversions and wgmma
 ///   type names are those of the cp.async kernel's f16 builds).
 ///
@@ -37,6 +41,8 @@ fn compiled(arch: &str, kernel: &str) -> bool {
             "ufa_fwd_sm80_f16_",
             "ufa_bwd_sm80_f16_",
             "ufa_fwd_decode_f16_",
+            "ufa_fwd_sm80_f32_",
+            "ufa_bwd_sm80_f32_",
             "ufa_fwd_sm80_tf32_",
             "ufa_bwd_sm80_tf32_",
         ]) || flag_extremes(kernel);
@@ -62,6 +68,9 @@ fn compiled(arch: &str, kernel: &str) -> bool {
         "ufa_bwd_sm80_bf16_",
         "ufa_fwd_sm90_f16_",
         "ufa_fwd_sm90_tf32_",
+        "ufa_fwd_sm90_f32_d32_",
+        "ufa_fwd_sm90_f32_d64_",
+        "ufa_fwd_sm90_f32_d96_",
     ]) || flag_extremes(kernel)
 }
 
@@ -152,8 +161,18 @@ fn flag_extremes_keep_no_flags_and_all_flags() {
     }
     assert!(compiled(
         "sm_80",
-        "ufa_fwd_sm80_f32_d64_m128_n64_w4_b2_qreg_seqs"
+        "ufa_fwd_sm80_bf16_d64_m128_n64_w4_b2_qreg_seqs"
     ));
+    assert!(!compiled(
+        "sm_80",
+        "ufa_fwd_sm80_f32_d64_m64_n32_w4_b2_seqs"
+    ));
+    assert!(compiled(
+        "sm_80",
+        "ufa_fwd_sm80_f32_d64_m64_n32_w4_b2_mod_seqs_drop"
+    ));
+    assert!(compiled("sm_90a", "ufa_fwd_sm90_f32_d128_m128_n32_seqs"));
+    assert!(!compiled("sm_90a", "ufa_fwd_sm90_f32_d64_m128_n64_seqs"));
     assert!(!compiled(
         "sm_90a",
         "ufa_bwd_sm80_tf32_d64_m64_n128_w8_s2_g442_b1"
