@@ -83,7 +83,7 @@ fn tensor_core_varlen_cases() -> Vec<VarlenCase> {
         cases.push(c);
     }
     // fp32 on TF32 tensor cores over paged keys, in both precisions, one with score modifiers;
-    // and packed (on Hopper the wgmma kernel's sequence variants; paged keys stay on mma.sync).
+    // and packed.
     for (precision, d) in [(Fp32Precision::Tf32, 128), (Fp32Precision::Ieee, 64)] {
         let mut f = Features::new(8, 2, d, DType::F32);
         f.causal = true;

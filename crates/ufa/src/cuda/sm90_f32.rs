@@ -3,12 +3,12 @@
 
 use super::sm90::{entry_call, tf32_wrapper, AOperand};
 
-/// Head dims the kernel serves (whole 32-float swizzle rows). Wider ones stay on mma.sync: at
-/// 192 and 256 no tile of 128 query rows fits shared memory (Q, K and Vᵀ in high and low TF32
-/// parts beside the V tile as it lands, `smem_bytes`), and with 64 rows O and each tile's fresh
-/// P V sums spill 40-500 bytes at 160 and 192 (NVRTC 13.0, 2026-12-07); head dims between
-/// these (not whole rows) likewise.
-pub(crate) const F32_WGMMA_HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+/// Head dims the kernel serves: those it has run at on a GPU. The template takes any whole
+/// 32-float swizzle rows; 32 and 96 compile without spills (NVRTC 13.0, 2026-12-07) but have not
+/// run yet. Wider ones stay on mma.sync: at 192 and 256 no tile of 128 query rows fits shared
+/// memory (Q, K and Vᵀ in high and low TF32 parts beside the V tile as it lands, `smem_bytes`),
+/// and with 64 rows O and each tile's fresh P V sums spill 40-500 bytes at 160 and 192.
+pub(crate) const F32_WGMMA_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Tile sizes of one fp32 Hopper forward variant; see [`f32_wgmma_tile_for`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,8 +49,8 @@ impl F32WgmmaTile {
 pub const F32_WGMMA_TILE_ENV: &str = "UFA_CUDA_WGMMA_F32_TILE";
 
 /// The tile table: two warpgroups (128 query rows) a block share each K/V tile's split and
-/// transpose; 64 keys a tile up to head dim 64 (144 KiB at 64), 32 above (208 KiB at 128: 64
-/// keys would not fit beside 128 rows of Q in two parts). One block an SM.
+/// transpose; 64 keys a tile at head dim 64 (144 KiB), 32 at 128 (208 KiB: 64 keys would not
+/// fit beside 128 rows of Q in two parts). One block an SM.
 pub(crate) fn f32_wgmma_tile_for(head_dim: usize, max_smem: u32) -> Option<F32WgmmaTile> {
     if !F32_WGMMA_HEAD_DIMS.contains(&head_dim) {
         return None;
@@ -135,7 +135,7 @@ mod tests {
         );
         assert!(call(&t, false, false, false, false)
             .contains("static_assert(Cfg::kSmemBytes == 115712"));
-        for d in [16, 48, 80, 160, 192, 256] {
+        for d in [16, 32, 48, 80, 96, 160, 192, 256] {
             assert_eq!(f32_wgmma_tile_for(d, 232_448), None, "{d}");
         }
         assert_eq!(f32_wgmma_tile_for(128, 101_376), None);

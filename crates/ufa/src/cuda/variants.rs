@@ -46,7 +46,9 @@ pub(crate) enum Variant {
         dropout: bool,
     },
     /// The fp32 forward on Hopper tensor cores (wgmma TF32, kernels/fwd_sm90_f32.cu): three
-    /// products a product, or one with `tf32`; flags as for `FwdSm80` (no paged caches).
+    /// products a product, or one with `tf32`; flags as for `FwdSm80`. Selected for dense
+    /// batches without dropout: the template's sequence and dropout paths (the other Hopper
+    /// forwards' shared helpers) have not run on a GPU yet, so those calls keep mma.sync.
     FwdSm90F32 {
         tile: F32WgmmaTile,
         tf32: bool,
@@ -254,7 +256,7 @@ impl Variant {
         }
         if tensor_cores && dtype == DType::F32 && hopper && sm90::wgmma_enabled() && same_dims {
             if let Some(tile) =
-                sm90_f32::f32_wgmma_tile_for(p.head_dim, max_smem).filter(|_| !p.k.rows.is_paged())
+                sm90_f32::f32_wgmma_tile_for(p.head_dim, max_smem).filter(|_| !seqs && !dropout)
             {
                 return Variant::FwdSm90F32 {
                     tile,
@@ -748,22 +750,19 @@ impl Variant {
                 }
             }
         }
-        // fp32 on Hopper, both precisions.
+        // fp32 on Hopper, both precisions, dense batches without dropout.
         for d in sm90_f32::F32_WGMMA_HEAD_DIMS {
-            for (score_mod, seqs) in flag_sets {
-                for dropout in [false, true] {
-                    for tf32 in [false, true] {
-                        if let Some(tile) =
-                            sm90_f32::f32_wgmma_tile_for(d, max_smem).filter(|_| hopper)
-                        {
-                            v.push(Variant::FwdSm90F32 {
-                                tile,
-                                tf32,
-                                score_mod,
-                                seqs,
-                                dropout,
-                            });
-                        }
+            for score_mod in [false, true] {
+                for tf32 in [false, true] {
+                    if let Some(tile) = sm90_f32::f32_wgmma_tile_for(d, max_smem).filter(|_| hopper)
+                    {
+                        v.push(Variant::FwdSm90F32 {
+                            tile,
+                            tf32,
+                            score_mod,
+                            seqs: false,
+                            dropout: false,
+                        });
                     }
                 }
             }
@@ -1016,20 +1015,32 @@ mod tests {
         assert_eq!(tile_of(2048, 128, &plain), (128, true));
     }
 
-    /// fp32 on Hopper takes the wgmma TF32 kernel at head dims 32-128 in both precisions,
-    /// dense or packed; other head dims and other devices take mma.sync.
+    /// fp32 on Hopper takes the wgmma TF32 kernel at head dims 64 and 128 in both precisions;
+    /// other head dims and other devices take mma.sync.
     #[test]
     fn fp32_hopper_problems_take_the_wgmma_kernel() {
-        let select = |d: usize, precision: Fp32Precision, hopper: bool| {
+        let select_with = |d: usize, params: AttentionParams<'_>, hopper: bool| {
             let x = vec![0f32; 100 * 2 * d];
             let mut out = x.clone();
             let v = TensorView::new(&x, &[1, 100, 2, d]).unwrap();
             let o = TensorViewMut::new(&mut out, &[1, 100, 2, d]).unwrap();
-            let params = AttentionParams::default().fp32_precision(precision);
             let p = validate_forward(&v, &v, &v, &o, None, &params).unwrap();
             Variant::select(&p, 232_448, hopper)
         };
-        for d in [32, 64, 96, 128] {
+        let select = |d: usize, precision: Fp32Precision, hopper: bool| {
+            select_with(
+                d,
+                AttentionParams::default().fp32_precision(precision),
+                hopper,
+            )
+        };
+        // Dropout (and packed batches) keep mma.sync until the kernel's paths for them run.
+        let dropout = AttentionParams::default().dropout(0.1, 1, 0);
+        assert!(matches!(
+            select_with(64, dropout, true),
+            Variant::FwdSm80 { .. }
+        ));
+        for d in [64, 128] {
             for (precision, tf32_wanted) in
                 [(Fp32Precision::Ieee, false), (Fp32Precision::Tf32, true)]
             {
@@ -1051,7 +1062,7 @@ mod tests {
                 ));
             }
         }
-        for d in [40, 160, 256] {
+        for d in [32, 40, 96, 160, 256] {
             let v = select(d, Fp32Precision::Ieee, true);
             assert!(matches!(v, Variant::FwdSm80 { .. }), "d{d}: {v:?}");
         }
@@ -1254,7 +1265,7 @@ mod tests {
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
         // paged), and the warp-specialised one for dense batches (4 tile widths and MLA's
         // 192/128 with every flag, 4 head dims between the tiles plain, d64's long-problem
-        // tile), and fp32's 4 head dims × 2 precisions × 4 flag sets; sm_80 forward (f16, bf16,
+        // tile), and fp32's 2 head dims × 2 precisions × (plain, general); sm_80 forward (f16, bf16,
         // fp32 and its TF32 mode) 4 × 7 × 4, and the wide head dims (f16, bf16) 2 × 3 × 4;
         // decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4
@@ -1264,7 +1275,7 @@ mod tests {
             all.len(),
             2 * 4 * 6 * 2
                 + 2 * (5 * 2 * 2 + 4 + 1)
-                + 4 * 2 * 4 * 2
+                + 2 * 2 * 2
                 + 4 * 7 * 4 * 2
                 + 2 * 3 * 4 * 2
                 + 2 * 11 * 6
@@ -1279,7 +1290,7 @@ mod tests {
         );
         assert_eq!(
             Variant::all(232_448, false).len(),
-            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4 + 1) - 4 * 2 * 4 * 2 - 2 * 5 * 2 * 2
+            all.len() - 2 * 4 * 6 * 2 - 2 * (5 * 2 * 2 + 4 + 1) - 2 * 2 * 2 - 2 * 5 * 2 * 2
         );
     }
 }
