@@ -41,6 +41,8 @@ impl F32WgmmaTile {
             && self.block_n.is_multiple_of(32)
             && self.block_n <= 256
             && F32_WGMMA_HEAD_DIMS.contains(&(self.head_dim as usize))
+            // The K and V tiles' 16-byte pieces are split in whole rounds of the block.
+            && (self.block_n * self.head_dim / 4).is_multiple_of(self.threads())
     }
 }
 
@@ -135,6 +137,13 @@ mod tests {
         );
         assert!(call(&t, false, false, false, false)
             .contains("static_assert(Cfg::kSmemBytes == 115712"));
+        // Three warpgroups over 32 keys at d64: 512 pieces of K for 384 threads.
+        assert!(!F32WgmmaTile {
+            head_dim: 64,
+            block_m: 192,
+            block_n: 32
+        }
+        .is_valid());
         for d in [16, 32, 48, 80, 96, 160, 192, 256] {
             assert_eq!(f32_wgmma_tile_for(d, 232_448), None, "{d}");
         }
