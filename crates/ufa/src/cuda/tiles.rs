@@ -82,14 +82,16 @@ pub fn tensor_core_coverage() -> String {
     format!(
         "fp16/bf16 head dims that are multiples of 8 up to {wide_max} (Hopper: wgmma at up to \
          256, tiles {wgmma}; mma.sync tiles {mma} and, above 256, {wide}, in both passes); \
-         fp32 head dims that are multiples of 4 up to 256 on TF32 mma.sync (three TF32 \
-         products a product, or one with the TF32 precision); other head dims (fp32 above \
+         fp32 head dims that are multiples of 4 up to 256 on TF32 tensor cores (three TF32 \
+         products a product, or one with the TF32 precision; Hopper: wgmma at head dims \
+         {f32_wgmma} for dense batches without dropout, mma.sync otherwise); other head dims (fp32 above \
          256, rows not of whole 16-byte pieces) and an output dtype other than the input's \
          on CUDA cores; decoding's split-key kernel up to 256",
         wide_max = WIDE_HEAD_DIMS[WIDE_HEAD_DIMS.len() - 1],
         wgmma = list(&super::sm90::WGMMA_HEAD_DIMS),
         mma = list(&MMA_HEAD_DIMS),
         wide = list(&WIDE_HEAD_DIMS),
+        f32_wgmma = list(&super::sm90_f32::F32_WGMMA_HEAD_DIMS),
     )
 }
 
@@ -542,6 +544,7 @@ mod tests {
     fn coverage_names_the_tables_limits() {
         let c = tensor_core_coverage();
         assert!(c.contains("up to 512") && c.contains("320/384/512"), "{c}");
+        assert!(c.contains("wgmma at head dims 64/128 for dense"), "{c}");
         assert!(
             c.contains("32/64/96/128/160/192/256") && c.contains("64/128/192/256"),
             "{c}"
