@@ -50,11 +50,20 @@ impl F32WgmmaTile {
 /// applied to both head dims where it fits.
 pub const F32_WGMMA_TILE_ENV: &str = "UFA_CUDA_WGMMA_F32_TILE";
 
+/// The tile of a problem with these flags, where the kernel serves it. It serves dense batches
+/// without dropout: the template's sequence and dropout paths (the other Hopper forwards'
+/// shared helpers) have not run on a GPU yet, so those calls keep mma.sync.
+///
 /// The tile table: two warpgroups (128 query rows) a block share each K/V tile's split and
 /// transpose; 64 keys a tile at head dim 64 (144 KiB), 32 at 128 (208 KiB: 64 keys would not
 /// fit beside 128 rows of Q in two parts). One block an SM.
-pub(crate) fn f32_wgmma_tile_for(head_dim: usize, max_smem: u32) -> Option<F32WgmmaTile> {
-    if !F32_WGMMA_HEAD_DIMS.contains(&head_dim) {
+pub(crate) fn f32_wgmma_tile_for(
+    head_dim: usize,
+    seqs: bool,
+    dropout: bool,
+    max_smem: u32,
+) -> Option<F32WgmmaTile> {
+    if !F32_WGMMA_HEAD_DIMS.contains(&head_dim) || seqs || dropout {
         return None;
     }
     let default = F32WgmmaTile {
@@ -119,12 +128,14 @@ mod tests {
     #[test]
     fn tiles_fit_hopper_shared_memory() {
         for d in F32_WGMMA_HEAD_DIMS {
-            let t = f32_wgmma_tile_for(d, 232_448).expect("a tile");
+            let t = f32_wgmma_tile_for(d, false, false, 232_448).expect("a tile");
+            assert_eq!(f32_wgmma_tile_for(d, true, false, 232_448), None);
+            assert_eq!(f32_wgmma_tile_for(d, false, true, 232_448), None);
             assert!(t.is_valid());
             assert!(t.smem_bytes(true) <= 232_448 && t.smem_bytes(false) < t.smem_bytes(true));
         }
         // d128: Q 2 x 64 KiB, K 2 x 16 KiB, V 16 KiB, Vᵀ 2 x 16 KiB, alignment.
-        let t = f32_wgmma_tile_for(128, 232_448).unwrap();
+        let t = f32_wgmma_tile_for(128, false, false, 232_448).unwrap();
         assert_eq!(t.smem_bytes(true), 131_072 + 81_920 + 1024);
         let c = call(&t, true, false, true, false);
         assert!(
@@ -145,14 +156,14 @@ mod tests {
         }
         .is_valid());
         for d in [16, 32, 48, 80, 96, 160, 192, 256] {
-            assert_eq!(f32_wgmma_tile_for(d, 232_448), None, "{d}");
+            assert_eq!(f32_wgmma_tile_for(d, false, false, 232_448), None, "{d}");
         }
-        assert_eq!(f32_wgmma_tile_for(128, 101_376), None);
+        assert_eq!(f32_wgmma_tile_for(128, false, false, 101_376), None);
     }
 
     #[test]
     fn wrappers_take_tf32_k8_steps() {
-        let src = wrappers(&f32_wgmma_tile_for(128, 232_448).unwrap());
+        let src = wrappers(&f32_wgmma_tile_for(128, false, false, 232_448).unwrap());
         // qk: N = 32 keys, 16 accumulators, desc_a %16, desc_b %17, flag %18; no transposes.
         assert!(src.contains("void wgmma_qk_tf32(float (&d)[16], uint64_t desc_a"));
         assert!(src.contains("m64n32k8.f32.tf32.tf32 {%0,"));

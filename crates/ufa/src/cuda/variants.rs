@@ -46,9 +46,8 @@ pub(crate) enum Variant {
         dropout: bool,
     },
     /// The fp32 forward on Hopper tensor cores (wgmma TF32, kernels/fwd_sm90_f32.cu): three
-    /// products a product, or one with `tf32`; flags as for `FwdSm80`. Selected for dense
-    /// batches without dropout: the template's sequence and dropout paths (the other Hopper
-    /// forwards' shared helpers) have not run on a GPU yet, so those calls keep mma.sync.
+    /// products a product, or one with `tf32`; flags as for `FwdSm80` (which of them it serves:
+    /// [`sm90_f32::f32_wgmma_tile_for`]).
     FwdSm90F32 {
         tile: F32WgmmaTile,
         tf32: bool,
@@ -255,9 +254,7 @@ impl Variant {
             }
         }
         if tensor_cores && dtype == DType::F32 && hopper && sm90::wgmma_enabled() && same_dims {
-            if let Some(tile) =
-                sm90_f32::f32_wgmma_tile_for(p.head_dim, max_smem).filter(|_| !seqs && !dropout)
-            {
+            if let Some(tile) = sm90_f32::f32_wgmma_tile_for(p.head_dim, seqs, dropout, max_smem) {
                 return Variant::FwdSm90F32 {
                     tile,
                     tf32: rounds_to_tf32(p),
@@ -750,18 +747,20 @@ impl Variant {
                 }
             }
         }
-        // fp32 on Hopper, both precisions, dense batches without dropout.
+        // fp32 on Hopper, both precisions, with the flags it serves.
         for d in sm90_f32::F32_WGMMA_HEAD_DIMS {
-            for score_mod in [false, true] {
-                for tf32 in [false, true] {
-                    if let Some(tile) = sm90_f32::f32_wgmma_tile_for(d, max_smem).filter(|_| hopper)
+            for (score_mod, seqs) in flag_sets {
+                for (dropout, tf32) in [(false, false), (false, true), (true, false), (true, true)]
+                {
+                    if let Some(tile) =
+                        sm90_f32::f32_wgmma_tile_for(d, seqs, dropout, max_smem).filter(|_| hopper)
                     {
                         v.push(Variant::FwdSm90F32 {
                             tile,
                             tf32,
                             score_mod,
-                            seqs: false,
-                            dropout: false,
+                            seqs,
+                            dropout,
                         });
                     }
                 }
@@ -1265,8 +1264,9 @@ mod tests {
         // Hopper forward: 2 dtypes × 4 head dims × (plain, general) × (dense, sequences,
         // paged), and the warp-specialised one for dense batches (4 tile widths and MLA's
         // 192/128 with every flag, 4 head dims between the tiles plain, d64's long-problem
-        // tile), and fp32's 2 head dims × 2 precisions × (plain, general); sm_80 forward (f16, bf16,
-        // fp32 and its TF32 mode) 4 × 7 × 4, and the wide head dims (f16, bf16) 2 × 3 × 4;
+        // tile), and fp32's 2 head dims × 2 precisions × (plain, general); sm_80 forward
+        // (f16, bf16, fp32 and its TF32 mode) 4 × 7 × 4, and the wide head dims (f16, bf16)
+        // 2 × 3 × 4;
         // decoding 2 × (4 head dims × 2 m-tiles + 3 × 1) × 6
         // and its combine; CUDA cores 9; backward on mma.sync as the sm_80 forward, 4 × 7 × 4
         // and 2 × 3 × 4, and on wgmma 2 × (3 + 1 + 1 tiles) × 2; every prefill and backward one with and
