@@ -42,7 +42,7 @@ struct F32WgmmaConfig {
     // What the cp.async loaders (load_tile_sw128) see: rows of 16-bit units.
     struct Units {
         static constexpr int kHeadDim = 2 * HEAD_DIM;
-        static constexpr int kThreads = BLOCK_M / 64 * 128;
+        static constexpr int kThreads = F32WgmmaConfig::kThreads;
     };
 };
 

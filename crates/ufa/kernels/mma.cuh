@@ -82,8 +82,8 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
 }
 
 // An fp32 value as tensor-core input: `hi` rounded to TF32 and, with SPLIT, `lo` the
-// remainder rounded too (0 without), so that a·b = a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to about 2^-22
-// relative (the 3xTF32 scheme, CUTLASS's "fast fp32"; a_lo·b_lo is below fp32 rounding).
+// remainder rounded too (0 without), so that a·b = a_hi·b_hi + a_hi·b_lo + a_lo·b_hi to about
+// 2^-22 relative (the 3xTF32 scheme, CUTLASS's "fast fp32"; a_lo·b_lo is below fp32 rounding).
 // Without SPLIT one TF32 product (2^-11 per operand), with IEEE infinities.
 //
 // With SPLIT, x is clamped to ±MAX (the largest finite TF32, about 2^128) before hi is

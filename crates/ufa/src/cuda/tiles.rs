@@ -84,9 +84,9 @@ pub fn tensor_core_coverage() -> String {
          256, tiles {wgmma}; mma.sync tiles {mma} and, above 256, {wide}, in both passes); \
          fp32 head dims that are multiples of 4 up to 256 on TF32 tensor cores (three TF32 \
          products a product, or one with the TF32 precision; Hopper: wgmma at head dims \
-         {f32_wgmma} for dense batches without dropout, mma.sync otherwise); other head dims (fp32 above \
-         256, rows not of whole 16-byte pieces) and an output dtype other than the input's \
-         on CUDA cores; decoding's split-key kernel up to 256",
+         {f32_wgmma} for dense batches without dropout, mma.sync otherwise); other head dims \
+         (fp32 above 256, rows not of whole 16-byte pieces) and an output dtype other than the \
+         input's on CUDA cores; decoding's split-key kernel up to 256",
         wide_max = WIDE_HEAD_DIMS[WIDE_HEAD_DIMS.len() - 1],
         wgmma = list(&super::sm90::WGMMA_HEAD_DIMS),
         mma = list(&MMA_HEAD_DIMS),
