@@ -1,19 +1,20 @@
 //! What this machine's cores can do at most: the ceilings the CPU attention is measured against.
 //!
-//! - fp32 FMA peak: `vfmadd231ps` on 12 independent accumulators (zmm and ymm), no memory
-//!   operands, so nothing but the FMA units limits it;
+//! - fp32 FMA peak: `vfmadd231ps` on 12 independent accumulators (zmm where the CPU has
+//!   AVX-512, and ymm), no memory operands, so nothing but the FMA units limits it;
 //! - bf16 dot-product peak: `vdpbf16ps` (zmm) the same way, where the CPU has AVX-512 BF16;
 //! - AMX peak: bf16 tile products (`tdpbf16ps`) into four independent sums of tiles that
 //!   nothing reloads, where the CPU has AMX and the OS grants the tile data (the `amx-bf16`
 //!   family's products);
 //! - clock: a chain of dependent integer adds (one cycle each) gives the core clock while the
 //!   FMA loops would run (an estimate: turbo and the hypervisor can move it);
-//! - read bandwidth: sums of f32 with 512-bit loads over a buffer far larger than the L3
-//!   (1 GiB by default), each thread over its own half, first touched by the thread that reads it.
+//! - read bandwidth: sums of f32 with 512-bit loads (256-bit without AVX-512) over a buffer far
+//!   larger than the L3 (1 GiB by default), each thread over its own half, first touched by the
+//!   thread that reads it.
 //!
 //! Each measurement runs on 1 and on `--threads` threads (pinned to CPUs 0..n when the OS lets
-//! it), `--rounds` times; the table gives the median and the best round. x86-64 with AVX-512F
-//! only.
+//! it), `--rounds` times; the table gives the median and the best round. x86-64 with AVX2 and
+//! FMA (AMD Zen 1-3 and Intel client cores measure the ymm loops alone).
 //!
 //! Usage: cargo run --release -p ufa --example cpu_ceilings -- [--threads 2] [--rounds 7]
 //!        [--mib 1024]
@@ -133,17 +134,42 @@ mod x86 {
     }
 
     /// Σ of `x` (a multiple of 128 × `streams` elements), read as `streams` equal parts side by
-    /// side (each a sequential stream for the hardware prefetchers).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn sum_streams(x: &[f32], streams: usize) -> f32 {
+    /// side (each a sequential stream for the hardware prefetchers), with 512-bit loads where
+    /// `zmm`, else 256-bit ones.
+    ///
+    /// # Safety
+    /// avx512f where `zmm`, else avx2.
+    pub unsafe fn sum_streams(x: &[f32], streams: usize, zmm: bool) -> f32 {
         let part = x.len() / streams;
         let mut total = 0.0;
         for i in (0..part).step_by(1024) {
             for s in 0..streams {
-                total += sum(&x[s * part + i..][..1024.min(part - i)]);
+                let chunk = &x[s * part + i..][..1024.min(part - i)];
+                total += if zmm { sum(chunk) } else { sum_ymm(chunk) };
             }
         }
         total
+    }
+
+    /// Σ of `x` (a multiple of 128 elements) with 256-bit loads into 8 independent sums (the
+    /// AVX2 machines' widest loads).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sum_ymm(x: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let p = x.as_ptr();
+        for i in (0..x.len()).step_by(64) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(i + 8 * j)));
+            }
+        }
+        let mut s = _mm256_setzero_ps();
+        for a in acc {
+            s = _mm256_add_ps(s, a);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+        lanes.iter().sum()
     }
 
     /// Σ of `x` (a multiple of 128 elements) with 512-bit loads into 8 independent sums.
@@ -208,11 +234,14 @@ fn main() {
     let threads = arg("--threads", 2);
     let rounds = arg("--rounds", 7);
     let mib = arg("--mib", 1024);
-    if !std::arch::is_x86_feature_detected!("avx512f") {
-        eprintln!("cpu_ceilings needs AVX-512F");
+    if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+    {
+        eprintln!("cpu_ceilings needs AVX2 and FMA");
         std::process::exit(1);
     }
-    let bf16 = std::arch::is_x86_feature_detected!("avx512bf16");
+    // AVX2 machines (AMD Zen 1-3, Intel client cores) measure the ymm loops alone.
+    let zmm = std::arch::is_x86_feature_detected!("avx512f");
+    let bf16 = zmm && std::arch::is_x86_feature_detected!("avx512bf16");
     println!("load average at start: {}", loadavg());
     println!(
         "| measure | threads | median | best | unit | rounds kept |\n|---|---|---|---|---|---|"
@@ -221,11 +250,11 @@ fn main() {
     // Compute loops: 2.4e8 instructions a thread, ~0.1 s a round at one FMA a cycle.
     const ITERS: u64 = 20_000_000;
     let compute: Vec<Loop> = {
-        let mut v: Vec<Loop> = vec![
-            ("clock (dependent adds)", x86::add_chain, 8.0 / 1e9, "GHz"),
-            ("fp32 FMA, zmm", x86::fma_zmm, 12.0 * 32.0 / 1e9, "GFLOP/s"),
-            ("fp32 FMA, ymm", x86::fma_ymm, 12.0 * 16.0 / 1e9, "GFLOP/s"),
-        ];
+        let mut v: Vec<Loop> = vec![("clock (dependent adds)", x86::add_chain, 8.0 / 1e9, "GHz")];
+        if zmm {
+            v.push(("fp32 FMA, zmm", x86::fma_zmm, 12.0 * 32.0 / 1e9, "GFLOP/s"));
+        }
+        v.push(("fp32 FMA, ymm", x86::fma_ymm, 12.0 * 16.0 / 1e9, "GFLOP/s"));
         if bf16 {
             v.push((
                 "bf16 dot (vdpbf16ps), zmm",
@@ -280,8 +309,10 @@ fn main() {
             let bufs: Arc<Vec<Vec<f32>>> = Arc::new(bufs);
             let pass = |bufs: &Arc<Vec<Vec<f32>>>| {
                 let bufs = bufs.clone();
-                // SAFETY: avx512f was detected above.
-                on_threads(n, move |i| unsafe { x86::sum_streams(&bufs[i], streams) })
+                // SAFETY: avx512f (zmm) or avx2 was detected above.
+                on_threads(n, move |i| unsafe {
+                    x86::sum_streams(&bufs[i], streams, zmm)
+                })
             };
             pass(&bufs); // warm up
             let (rates, dropped) = undisturbed(rounds, || {
@@ -291,8 +322,9 @@ fn main() {
                 Some((n * per * 4) as f64 / secs / 1e9)
             });
             let name = format!(
-                "read {} MiB, f32 sum, zmm loads, {streams} stream(s) a thread",
-                (n * per * 4) >> 20
+                "read {} MiB, f32 sum, {} loads, {streams} stream(s) a thread",
+                (n * per * 4) >> 20,
+                if zmm { "zmm" } else { "ymm" }
             );
             report(&name, n, &rates, dropped, "GB/s");
         }
@@ -302,5 +334,5 @@ fn main() {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn main() {
-    eprintln!("cpu_ceilings measures x86-64 AVX-512 ceilings only");
+    eprintln!("cpu_ceilings measures x86-64 (AVX2 and AVX-512) ceilings only");
 }

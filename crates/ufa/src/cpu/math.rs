@@ -4,6 +4,9 @@
 /// inlines this must enable the `fma` target feature), separate otherwise, because `mul_add`
 /// without hardware FMA is a slow libm call.
 pub trait MulAdd: Copy {
+    /// Whether this is the hardware FMA: on x86-64 only the AVX2 and AVX-512 families
+    /// instantiate [`Fused`], inside functions compiled with avx2 and fma (isa.rs).
+    const FUSED: bool;
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
 
@@ -13,12 +16,14 @@ pub struct Fused;
 pub struct Separate;
 
 impl MulAdd for Fused {
+    const FUSED: bool = true;
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
 }
 impl MulAdd for Separate {
+    const FUSED: bool = false;
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a * b + c

@@ -172,8 +172,16 @@ pub fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
-/// Rows of scores computed and turned into probabilities together (16 KiB of scores).
-const SOFTMAX_ROWS: usize = 16;
+/// Rows of scores computed and turned into probabilities together (4-6 KiB of scores): 16,
+/// or 24 with 16-lane vectors, where the AVX2 family's products take rows six at a time
+/// (microkernel.rs; the portable family's four at a time divide 24 as well).
+const fn score_chunk_rows(lanes: usize) -> usize {
+    if lanes == 16 {
+        24
+    } else {
+        16
+    }
+}
 
 /// Rows of a chunk on the AMX path ([`amx_rows`]): two tile rows, the height of the 2 × 2
 /// tile blocks of [`super::amx::gemm`]; a chunk's scores stay in L1 between its steps.
@@ -801,8 +809,8 @@ pub fn attend<
                 },
                 BK,
             );
-            for r0 in (0..rows).step_by(SOFTMAX_ROWS) {
-                let n = SOFTMAX_ROWS.min(rows - r0);
+            for r0 in (0..rows).step_by(score_chunk_rows(C)) {
+                let n = score_chunk_rows(C).min(rows - r0);
                 let q = Strided::rows(&sc.q[r0 * d..], d);
                 gemm::<M, C, false>(q, kt, &mut sc.s[r0 * BK..], BK, [n, nkp, d], 1.0);
                 softmax_rows::<M, C>(p, t, (j0, nk), (r0, r0 + n), sc);
@@ -1121,7 +1129,7 @@ fn softmax_row<M: MulAdd, const C: usize>(
     (m, l, acc): (&mut f32, &mut [f32; LANES], &mut [f32]),
 ) {
     apply_score_mods::<M>(p, t, row, j0, nk, s, None);
-    let Some((m_new, corr)) = update_max::<M>(lane_max_of::<C>(s), s, m, acc) else {
+    let Some((m_new, corr)) = update_max::<M>(lane_max_of::<M, C>(s), s, m, acc) else {
         s.fill(0.0); // nothing visible yet: P = 0, state unchanged
         return;
     };
@@ -1165,13 +1173,19 @@ pub(super) fn update_max<M: MulAdd>(
 }
 
 /// [`lane_max`] of a row of scores; the AVX-512 families (`C` = 64) take it in 512-bit
-/// registers (the compiler's own version of the loop moved two lanes at a time).
+/// registers and the AVX2 family (16 lanes, hardware FMA) in two 256-bit ones (the compiler's
+/// own version of the loop moved two lanes at a time).
 #[inline(always)]
-pub(super) fn lane_max_of<const C: usize>(s: &[f32]) -> [f32; LANES] {
+pub(super) fn lane_max_of<M: MulAdd, const C: usize>(s: &[f32]) -> [f32; LANES] {
     #[cfg(target_arch = "x86_64")]
     if C == 64 {
         // SAFETY: C = 64 only in functions compiled with avx512f; `s` is read in bounds.
         return unsafe { x86::lane_max(s) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if C == 16 && M::FUSED {
+        // SAFETY: the AVX2 family alone (isa.rs's run_avx2, avx2 and fma); read in bounds.
+        return unsafe { x86::lane_max_avx2(s) };
     }
     lane_max(s)
 }
@@ -1193,6 +1207,22 @@ mod x86 {
             acc = _mm512_max_ps(_mm512_loadu_ps(chunk.as_ptr()), acc);
         }
         std::mem::transmute::<__m512, [f32; LANES]>(acc)
+    }
+
+    /// [`lane_max`] in two 256-bit halves (lanes 0-7 and 8-15 of each 16).
+    ///
+    /// # Safety
+    /// Needs avx2.
+    #[inline(always)]
+    pub unsafe fn lane_max_avx2(s: &[f32]) -> [f32; LANES] {
+        let mut acc = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+        for chunk in s.chunks_exact(LANES) {
+            for (h, a) in acc.iter_mut().enumerate() {
+                // As above: the new value where it is greater, else the running one.
+                *a = _mm256_max_ps(_mm256_loadu_ps(chunk.as_ptr().add(8 * h)), *a);
+            }
+        }
+        std::mem::transmute::<[__m256; 2], [f32; LANES]>(acc)
     }
 }
 

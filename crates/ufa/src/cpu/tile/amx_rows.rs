@@ -160,7 +160,7 @@ unsafe fn run<M: MulAdd, const C: usize, T: Tiles>(
                 for r in r0..r1.min(t.nrows) {
                     let s = &mut sc.s[(r - r0) * LD..][..nkp];
                     mask_outside(sc.rows[r].band, jc, nkc, s);
-                    let lanes = lane_max_of::<C>(s).map(|x| x * p.scale);
+                    let lanes = lane_max_of::<M, C>(s).map(|x| x * p.scale);
                     let acc = &mut sc.acc[r * dvp..][..dvp];
                     maxima[r - r0] = update_max::<M>(lanes, s, &mut sc.m[r], acc);
                 }
