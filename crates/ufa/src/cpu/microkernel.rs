@@ -228,53 +228,31 @@ mod avx2 {
     ) {
         // Six rows at a time while the rest stays a multiple of R (m is one).
         let six = m / (3 * R) * (3 * R);
-        let (ap, bp, op) = (a.data.as_ptr(), b.data.as_ptr(), out.as_mut_ptr());
+        let out = out.as_mut_ptr();
         for c0 in (0..n).step_by(16) {
             for r0 in (0..six).step_by(6) {
-                let at = ap.add(r0 * a.row);
-                block::<6, ACC>(
-                    at,
-                    a,
-                    bp.add(c0),
-                    b.row,
-                    kn,
-                    op.add(r0 * ldo + c0),
-                    ldo,
-                    scale,
-                );
+                block::<6, ACC>(a, b, out, ldo, (r0, c0), kn, scale);
             }
             for r0 in (six..m).step_by(R) {
-                let at = ap.add(r0 * a.row);
-                block::<R, ACC>(
-                    at,
-                    a,
-                    bp.add(c0),
-                    b.row,
-                    kn,
-                    op.add(r0 * ldo + c0),
-                    ldo,
-                    scale,
-                );
+                block::<R, ACC>(a, b, out, ldo, (r0, c0), kn, scale);
             }
         }
     }
 
-    /// Rows `0..ROWS` from `a0` (strides of `a`) by 16 columns from `b0` (`b_row` apart), into
-    /// `out` (`ldo` apart).
+    /// Rows `r0..r0+ROWS`, columns `c0..c0+16` of [`gemm`] (`out` row-major, `ldo` apart).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn block<const ROWS: usize, const ACC: bool>(
-        a0: *const f32,
         a: Strided<f32>,
-        b0: *const f32,
-        b_row: usize,
-        kn: usize,
+        b: Strided<f32>,
         out: *mut f32,
         ldo: usize,
+        (r0, c0): (usize, usize),
+        kn: usize,
         scale: f32,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
-        let (mut ak, mut bk) = (a0, b0);
+        let (mut ak, mut bk) = (a.data.as_ptr().add(r0 * a.row), b.data.as_ptr().add(c0));
+        let out = out.add(r0 * ldo + c0);
         // The second half of the rows from a base of its own: [base + i·row] for i < 3 is one
         // addressing mode each, with no multiply in the loop.
         let half = ROWS / 2;
@@ -290,7 +268,7 @@ mod avx2 {
                 }
             }
             ak = ak.add(a.col);
-            bk = bk.add(b_row);
+            bk = bk.add(b.row);
         }
         for (i, row) in acc.iter().enumerate() {
             for (h, &v) in row.iter().enumerate() {
