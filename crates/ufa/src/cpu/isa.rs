@@ -46,6 +46,13 @@ unsafe fn run_avx2<F: KernelFn>(f: F) -> F::Output {
     f.call::<Fused, 16, false, false, false>()
 }
 
+/// Whether code instantiated with `M` and `C` runs inside [`run_avx2`] (avx2 and fma): the one
+/// family that takes the hardware FMA with 16 lanes. Its intrinsic paths (microkernel.rs's
+/// products, tile.rs's row maxima) rely on this for their target features.
+pub const fn avx2_family<M: MulAdd, const C: usize>() -> bool {
+    C == 16 && M::FUSED
+}
+
 fn run_portable<F: KernelFn>(f: F) -> F::Output {
     f.call::<Separate, 16, false, false, false>()
 }

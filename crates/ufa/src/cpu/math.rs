@@ -5,7 +5,8 @@
 /// without hardware FMA is a slow libm call.
 pub trait MulAdd: Copy {
     /// Whether this is the hardware FMA: on x86-64 only the AVX2 and AVX-512 families
-    /// instantiate [`Fused`], inside functions compiled with avx2 and fma (isa.rs).
+    /// instantiate [`Fused`], inside functions compiled with avx2 and fma
+    /// (`isa::avx2_family` tells the first from the others by its lane count).
     const FUSED: bool;
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }

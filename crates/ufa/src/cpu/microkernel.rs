@@ -90,9 +90,9 @@ pub fn gemm<M: MulAdd, const C: usize, const ACC: bool>(
 ) {
     assert!(product_fits(a, b, out.len(), ldo, [m, n, kn]));
     #[cfg(target_arch = "x86_64")]
-    if C == 16 && M::FUSED {
-        // SAFETY: `product_fits` covers every access; 16 lanes with the hardware FMA is the
-        // AVX2 family alone, instantiated inside isa.rs's run_avx2 (avx2, fma).
+    if super::isa::avx2_family::<M, C>() {
+        // SAFETY: `product_fits` covers every access; the AVX2 family runs inside isa.rs's
+        // run_avx2 (avx2, fma).
         unsafe { avx2::gemm::<ACC>(a, b, out, ldo, [m, n, kn], scale) };
         return;
     }

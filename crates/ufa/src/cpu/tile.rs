@@ -1173,7 +1173,7 @@ pub(super) fn update_max<M: MulAdd>(
 }
 
 /// [`lane_max`] of a row of scores; the AVX-512 families (`C` = 64) take it in 512-bit
-/// registers and the AVX2 family (16 lanes, hardware FMA) in two 256-bit ones (the compiler's
+/// registers and the AVX2 family ([`super::isa::avx2_family`]) in two 256-bit ones (the compiler's
 /// own version of the loop moved two lanes at a time).
 #[inline(always)]
 pub(super) fn lane_max_of<M: MulAdd, const C: usize>(s: &[f32]) -> [f32; LANES] {
@@ -1183,8 +1183,8 @@ pub(super) fn lane_max_of<M: MulAdd, const C: usize>(s: &[f32]) -> [f32; LANES] 
         return unsafe { x86::lane_max(s) };
     }
     #[cfg(target_arch = "x86_64")]
-    if C == 16 && M::FUSED {
-        // SAFETY: the AVX2 family alone (isa.rs's run_avx2, avx2 and fma); read in bounds.
+    if super::isa::avx2_family::<M, C>() {
+        // SAFETY: the AVX2 family runs inside isa.rs's run_avx2 (avx2, fma); read in bounds.
         return unsafe { x86::lane_max_avx2(s) };
     }
     lane_max(s)
