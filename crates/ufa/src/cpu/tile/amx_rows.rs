@@ -27,7 +27,7 @@ use super::super::avx512_bf16::{
 use super::super::math::{MulAdd, LANES};
 use super::super::microkernel::Strided;
 use super::{
-    few_columns, lane_max_of, round_up, softmax_row, update_max, widen, Scratch, TileRows,
+    chunk_keys, few_columns, lane_max_of, round_up, softmax_row, update_max, Scratch, TileRows,
     AMX_CHUNK, AMX_KEYS, AMX_LD, AMX_PAD, R,
 };
 use crate::problem::Problem;
@@ -59,18 +59,6 @@ pub(super) unsafe fn attend<M: MulAdd, const C: usize>(
     } else {
         run::<M, C, _>(&mut Hw, p, t, keys, sc)
     }
-}
-
-/// The keys of `keys` that rows `r0..r1` see (empty where none).
-#[inline(always)]
-fn chunk_keys(
-    t: &TileRows,
-    sc: &Scratch,
-    (r0, r1): (usize, usize),
-    keys: (usize, usize),
-) -> (usize, usize) {
-    let band = (r0..r1.min(t.nrows)).fold((0, 0), |b, r| widen(b, sc.rows[r].band));
-    (band.0.max(keys.0), band.1.min(keys.1))
 }
 
 /// # Safety
