@@ -30,10 +30,11 @@ use ufa_testkit::cuda::{compile_variants, nvrtc_version};
 ///   type names are those of the cp.async kernel's f16 builds).
 ///
 /// - The bf16 mma.sync prefill and backward on sm_80 (10 tiles each, flags `mod`, `seqs`,
-///   `drop`): each tile with no flags, each flag alone and all of them ([`flag_singles`]). A
-///   pair of flags without the third is the union of the two flags' code, each compiled
-///   alone, and what only two flags together compile is compiled with all three (60 of the
-///   check's 700 compile-seconds, 2026-12-08, when CI took 1452 s). The warp-specialised
+///   `drop`) and the bf16 decoding kernel (11 tiles, `mod`, `seqs`, `paged`): each tile with
+///   no flags, each flag alone and all of them ([`flag_singles`]). A pair of flags without
+///   the third is the union of the two flags' code, each compiled alone, and what only two
+///   flags together compile is compiled with all three (~80 of the check's 700
+///   compile-seconds, 2026-12-08, when CI took 1452 s). The warp-specialised
 ///   backward's f16 builds on sm_90a, as the other f16 builds: no flags and all.
 ///
 /// CI has two cores: compiling everything took 415-455 s of a 20-minute budget (2026-12-05).
@@ -43,7 +44,11 @@ fn compiled(arch: &str, kernel: &str) -> bool {
     }
     let starts = |prefixes: &[&str]| prefixes.iter().any(|p| kernel.starts_with(p));
     if arch == "sm_80" {
-        if starts(&["ufa_fwd_sm80_bf16_", "ufa_bwd_sm80_bf16_"]) {
+        if starts(&[
+            "ufa_fwd_sm80_bf16_",
+            "ufa_bwd_sm80_bf16_",
+            "ufa_fwd_decode_bf16_",
+        ]) {
             return flag_singles(kernel);
         }
         return !starts(&[
@@ -109,12 +114,11 @@ fn flag_extremes(kernel: &str) -> bool {
 }
 
 /// Whether `kernel` carries no flag, one, or every flag its family takes: per tile, each flag's
-/// code path alone beside none and all of them.
+/// code path alone beside none and all of them. `paged` comes with `seqs` (a paged cache is
+/// read through the sequences' metadata), so the two together are `paged` alone.
 fn flag_singles(kernel: &str) -> bool {
-    let n = FLAGS
-        .iter()
-        .filter(|&&f| kernel.split('_').any(|part| part == f))
-        .count();
+    let has = |f: &str| kernel.split('_').any(|part| part == f);
+    let n = FLAGS.iter().filter(|f| has(f)).count() - usize::from(has("paged"));
     n <= 1 || flag_extremes(kernel)
 }
 
@@ -193,9 +197,17 @@ fn flag_extremes_keep_no_flags_and_all_flags() {
         "sm_80",
         "ufa_bwd_sm80_bf16_d64_m64_n128_w8_s2_g442_b1_mod_seqs_drop"
     ));
-    assert!(compiled(
+    assert!(!compiled(
         "sm_80",
         "ufa_fwd_decode_bf16_d64_m1_w8_n32_s2_qreg_mod_seqs"
+    ));
+    assert!(compiled(
+        "sm_80",
+        "ufa_fwd_decode_bf16_d64_m1_w8_n32_s2_qreg_seqs_paged"
+    ));
+    assert!(compiled(
+        "sm_80",
+        "ufa_fwd_decode_bf16_d64_m1_w8_n32_s2_qreg_mod_seqs_paged"
     ));
     assert!(!compiled("sm_90a", "ufa_bwd_sm90_f16_d64_m64_n64_b2_mod"));
     assert!(compiled("sm_90a", "ufa_bwd_sm90_bf16_d64_m64_n64_b2_mod"));
