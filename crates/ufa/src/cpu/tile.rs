@@ -937,10 +937,11 @@ fn scores_softmax_values_by_chunks<M: MulAdd, const C: usize>(
         }
         let off = (seen.0 - j0) / LANES * LANES;
         let (jc, nkc) = (j0 + off, seen.1 - j0 - off);
-        // Score columns: the keys rounded up to whole vectors, and to the family's widest
-        // block where the tile has them (a 64-column block of the AVX-512 families takes
-        // 16 sums in flight, a 16-column one 4: fewer columns would cost more).
-        let cols = round_up(nkc, C).min(nkp - off).max(round_up(nkc, LANES));
+        // Score columns: the keys rounded up to the family's widest block where the tile has
+        // them (a 64-column block of the AVX-512 families takes 16 sums in flight, a 16-column
+        // one 4: fewer columns would cost more), else to whole vectors, which it always has
+        // (`off` is a whole number of vectors and off + nkc <= nk).
+        let cols = round_up(nkc, C).min(nkp - off);
         let q = Strided::rows(&sc.q[r0 * d..], d);
         let k = Strided::rows(&kt[off..], BK);
         gemm::<M, C, false>(q, k, &mut sc.s[r0 * BK..], BK, [n, cols, d], 1.0);
